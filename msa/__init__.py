@@ -1,0 +1,1 @@
+"""MiniMax Sparse Attention: reference math and the attention modules."""
