@@ -1,0 +1,193 @@
+"""MSA index top-k: fused ``q_idx . k_idx``, causal block max-pool and a running top-k (exp-free).
+
+One program owns ``BLOCK_T`` consecutive query tokens of one document and all ``Hkv`` index-query
+heads of them (``BLOCK_T * Hkv`` rows, so each ``k_idx`` tile it loads serves every group). It walks
+the key blocks that lie wholly before its own block, takes each block's row-wise maximum of the raw
+scores in registers and keeps a running top-``(topk - 1)`` of ``(score, block id)`` per row. The own
+block needs no score: it always takes slot 0. Only ``block_idx`` is written; neither the ``N x N``
+scores nor the ``N x N/Bk`` block scores ever reach GPU memory.
+
+Semantics are ``msa.reference.select_blocks``: ranking on raw scores (the ``1/sqrt(Di)`` scale is
+positive and does not change the order), ties to the lower block id, ``-1`` in the slots left when
+fewer than ``topk`` blocks are visible, block ids relative to the query's document under
+``cu_seqlens``. Near-ties may order differently from the fp32 reference because the dot products are
+summed in another order (tf32/bf16 tensor-core products on GPU).
+
+Supports any ``Hkv``, ``Di <= 256`` (padded to a power of two), ``block_size`` a power of two >= 16,
+bf16/fp16/fp32 inputs with fp32 accumulation, int64 offsets. Measured on H100 (see
+``docs/benchmarks.md``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["select_blocks", "doc_tiles", "check_cu_seqlens"]
+
+
+@triton.jit
+def _topk_insert(b_s, b_i, b_new, blk, o_c, TOPK_RUN: tl.constexpr, TK: tl.constexpr):
+    """Offer ``(b_new[m], blk)`` to each row's running top-k; blocks arrive in ascending id order, so
+    a new block only enters on a strictly higher score and evicts the highest id among the minima."""
+    m_c = (o_c < TOPK_RUN)[None, :]
+    # [BLOCK_M]
+    cur_min = tl.min(tl.where(m_c, b_s, float("inf")), 1)
+    key = (b_i + 1) * TK + o_c[None, :]
+    evict = tl.max(tl.where(m_c & (b_s == cur_min[:, None]), key, -1), 1)
+    upd = (key == evict[:, None]) & (b_new > cur_min)[:, None]
+    b_s = tl.where(upd, b_new[:, None], b_s)
+    b_i = tl.where(upd, blk, b_i)
+    return b_s, b_i
+
+
+@triton.jit
+def select_blocks_fwd_kernel(
+    q_ptr, k_ptr, out_ptr, tile_q0_ptr, tile_ds_ptr, tile_de_ptr,
+    N, n_tiles, Di,
+    HKV: tl.constexpr, BK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TOPK: tl.constexpr, TK: tl.constexpr,
+    TKO: tl.constexpr, IEEE: tl.constexpr,
+):
+    # heaviest (latest) tiles first: the causal work grows with the tile index
+    i_t = n_tiles - 1 - tl.program_id(0)
+    i_b = tl.program_id(1).to(tl.int64)
+    q0 = tl.load(tile_q0_ptr + i_t)
+    if q0 < 0:
+        return
+    ds = tl.load(tile_ds_ptr + i_t)
+    de = tl.load(tile_de_ptr + i_t)
+    own = (q0 - ds) // BK
+
+    # row m is (token q0 + m // HKV, group m % HKV): consecutive rows are contiguous in q_idx
+    o_m = tl.arange(0, BLOCK_M)
+    o_tok = q0 + o_m // HKV
+    o_r = o_m % HKV
+    m_m = (o_m < BLOCK_T * HKV) & (o_tok < de)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < Di
+    p_q = q_ptr + ((i_b * N + o_tok.to(tl.int64)) * HKV + o_r) * Di
+    # [BLOCK_M, BLOCK_D]
+    b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
+
+    o_c = tl.arange(0, TK)
+    b_s = tl.full((BLOCK_M, TK), float("-inf"), tl.float32)
+    b_i = tl.full((BLOCK_M, TK), -1, tl.int32)
+    o_n = tl.arange(0, BLOCK_N)
+    for blk in range(0, own):
+        b_best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        for c in tl.static_range(0, BK, BLOCK_N):
+            # blocks before the own block are whole and visible to every row of the tile
+            o_key = (i_b * N + (ds + blk * BK + c + o_n).to(tl.int64)) * Di
+            b_k = tl.load(k_ptr + o_key[:, None] + o_d[None, :], mask=m_d[None, :], other=0.0)
+            # [BLOCK_M, BLOCK_N]
+            if IEEE:
+                b_sc = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+            else:
+                b_sc = tl.dot(b_q, tl.trans(b_k))
+            b_best = tl.maximum(b_best, tl.max(b_sc, 1))
+        b_s, b_i = _topk_insert(b_s, b_i, b_best, blk, o_c, TOPK - 1, TK)
+
+    # write out: own block, then the running set by descending score (ties to the lower id)
+    o_co = tl.arange(0, TKO)
+    b_out = tl.where(o_co[None, :] == 0, own, -1) + tl.zeros((BLOCK_M, TKO), tl.int32)
+    m_c = (o_c < TOPK - 1)[None, :]
+    for t in tl.static_range(1, TOPK):
+        mx = tl.max(tl.where(m_c, b_s, float("-inf")), 1)
+        hit = m_c & (b_s == mx[:, None]) & (b_i >= 0)
+        sel = tl.min(tl.where(hit, b_i, 2147483647), 1)
+        sel = tl.where(mx > float("-inf"), sel, -1)
+        b_out = tl.where(o_co[None, :] == t, sel[:, None], b_out)
+        b_s = tl.where(hit & (b_i == sel[:, None]), float("-inf"), b_s)
+    p_o = out_ptr + ((i_b * HKV + o_r) * N + o_tok.to(tl.int64)) * TOPK
+    tl.store(p_o[:, None] + o_co[None, :], b_out, mask=m_m[:, None] & (o_co < TOPK)[None, :])
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, N: int) -> None:
+    """Clear errors for a malformed ``cu_seqlens`` (one small device->host read)."""
+    if B != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got B={B}")
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be a 1-d int32 tensor [n_docs + 1], got "
+                         f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.long()
+    if bool(cu[0] != 0) or bool(cu[-1] != N) or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to N={N}, got {cu.tolist()}")
+
+
+def doc_tiles(N: int, tile: int, cu_seqlens: torch.Tensor | None, device) -> tuple[torch.Tensor, ...]:
+    """Query tiles aligned to document starts, built on the device without a host sync.
+
+    Returns int32 ``(q0, doc_start, doc_end)`` of length ``N // tile + n_docs`` (an upper bound on the
+    number of tiles); unused tiles have ``q0 = -1``. ``tile`` must divide the block size so that every
+    token of a tile shares its own block."""
+    if cu_seqlens is None:
+        q0 = torch.arange(0, N, tile, device=device, dtype=torch.int32)
+        return q0, torch.zeros_like(q0), torch.full_like(q0, N)
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    n_docs = cu.numel() - 1
+    n_t = (cu[1:] - cu[:-1] + tile - 1) // tile
+    cum = n_t.cumsum(0)
+    t = torch.arange(N // tile + n_docs, device=device)
+    doc = torch.searchsorted(cum, t, right=True)
+    valid = doc < n_docs
+    doc = doc.clamp(max=n_docs - 1)
+    ds = cu[doc]
+    q0 = torch.where(valid, ds + (t - (cum[doc] - n_t[doc])) * tile, -1)
+    return q0.to(torch.int32), ds.to(torch.int32), cu[doc + 1].to(torch.int32)
+
+
+def _check_block_size(block_size: int) -> None:
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"the Triton MSA kernels need attention.block_size to be a power of two >= 16, "
+                         f"got {block_size}")
+
+
+def select_blocks_fwd(q_idx, k_idx, block_size, topk, cu_seqlens=None, block_t=None, block_n=None,
+                      num_warps=None, num_stages=None):
+    B, N, Hkv, Di = q_idx.shape
+    hkv_p = triton.next_power_of_2(Hkv)
+    block_t = block_t or max(1, min(block_size, 128 // hkv_p))
+    block_n = block_n or min(block_size, 64)
+    if block_size % block_t or block_size % block_n:
+        raise ValueError(f"block_t={block_t} and block_n={block_n} must divide block_size={block_size}")
+    block_m = max(16, triton.next_power_of_2(block_t * Hkv))
+    q0, ds, de = doc_tiles(N, block_t, cu_seqlens, q_idx.device)
+    out = torch.empty(B, Hkv, N, topk, dtype=torch.int32, device=q_idx.device)
+    tk = triton.next_power_of_2(max(topk - 1, 1))
+    grid = (q0.numel(), B)
+    select_blocks_fwd_kernel[grid](
+        q_idx, k_idx, out, q0, ds, de, N, q0.numel(), Di,
+        HKV=Hkv, BK=block_size, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(Di)), TOPK=topk, TK=tk,
+        TKO=triton.next_power_of_2(topk), IEEE=q_idx.dtype == torch.float32,
+        num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=num_stages or 3,
+    )
+    return out
+
+
+@torch.no_grad()
+def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, topk: int,
+                  cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-k key blocks per (query, group) by raw max-pooled index score, in one fused pass.
+
+    ``q_idx [B, N, Hkv, Di]``, ``k_idx [B, N, Di]`` (bf16/fp16/fp32, same dtype) ->
+    ``block_idx`` int32 ``[B, Hkv, N, topk]``: own block in slot 0, the others by descending score,
+    ``-1`` padding. ``cu_seqlens`` int32 ``[n_docs + 1]`` (``B == 1``) makes block ids document-relative.
+    """
+    B, N, Hkv, Di = q_idx.shape
+    if k_idx.shape != (B, N, Di):
+        raise ValueError(f"k_idx must be [B, N, Di] = {(B, N, Di)}, got {tuple(k_idx.shape)}")
+    if k_idx.dtype != q_idx.dtype:
+        raise ValueError(f"q_idx and k_idx must share a dtype, got {q_idx.dtype} and {k_idx.dtype}")
+    if topk < 1:
+        raise ValueError(f"attention.topk must be >= 1, got {topk}")
+    if Di > 256:
+        raise ValueError(f"index head dim Di={Di} > 256 is not supported by the Triton index top-k; "
+                         f"lower attention.index_dim")
+    _check_block_size(block_size)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, B, N)
+    return select_blocks_fwd(q_idx.contiguous(), k_idx.contiguous(), block_size, topk, cu_seqlens)
+

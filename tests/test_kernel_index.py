@@ -1,0 +1,111 @@
+"""The index top-k and index-KL Triton kernels against ``msa/reference.py``.
+
+CPU: the interpreter (``TRITON_INTERPRET=1``, set by conftest) on small fp32 shapes. GPU (marked):
+real sizes in bf16. The top-k checks the selected set by its reference scores, so that near-ties
+which floating point may order either way do not fail it, and demands exact equality where the
+scores are well separated."""
+
+import math
+
+import pytest
+import torch
+
+from kernels.index_topk import select_blocks
+from msa import reference as ref
+from tests.utils import poison_empty
+
+CU_ONE_TOKEN_DOCS = [0, 1, 50, 51, 52, 140, 200]
+
+
+def _cu(cu):
+    return None if cu is None else torch.tensor(cu, dtype=torch.int32)
+
+
+def _ref_block_scores(q_idx, k_idx, block_size, cu_seqlens):
+    """``[B, Hkv, N, n_blocks]`` reference max-pooled scores (own block not forced)."""
+    B, N, Hkv, Di = q_idx.shape
+    doc, pos = ref.doc_layout(B, N, cu_seqlens, q_idx.device)
+    visible = ref._visible(doc, pos)[:, None]
+    s = torch.einsum("bird,bjd->brij", q_idx.double(), k_idx.double()) / math.sqrt(Di)
+    s = s.masked_fill(~visible, float("-inf"))
+    n_blocks = math.ceil(N / block_size)
+    m = torch.full((B, Hkv, N, n_blocks), float("-inf"), dtype=s.dtype)
+    blk = (pos // block_size)[:, None, None, :].expand(B, Hkv, N, N)
+    return m.scatter_reduce(-1, blk, s, reduce="amax"), pos // block_size
+
+
+def check_selection(out, q_idx, k_idx, block_size, topk, cu_seqlens, tol):
+    """Every rule of the contract, with near-ties allowed to order either way."""
+    B, N, Hkv, _ = q_idx.shape
+    assert out.dtype == torch.int32 and out.shape == (B, Hkv, N, topk)
+    score, own = _ref_block_scores(q_idx.float(), k_idx.float(), block_size, cu_seqlens)
+    out = out.long()
+    assert (out[..., 0] == own[:, None, :]).all(), "own block must take slot 0"
+    valid = out >= 0
+    # -1 only after the valid entries, and exactly as many valid as blocks visible (capped at topk)
+    assert (valid[..., 1:] <= valid[..., :-1]).all(), "-1 must only follow the valid entries"
+    n_visible = torch.isfinite(score).sum(-1)
+    assert (valid.sum(-1) == n_visible.clamp(max=topk)).all(), "wrong number of valid entries"
+    srt = out.masked_fill(~valid, -1).sort(-1).values
+    assert not ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any(), "duplicate block"
+    # the selected non-own blocks score at least the (topk-1)-th best of the others, minus tol
+    others = score.scatter(-1, own[:, None, :, None].expand(B, Hkv, N, 1), float("-inf"))
+    kth = None if topk == 1 else others.sort(-1, descending=True).values[..., min(topk - 2, others.shape[-1] - 1)]
+    if kth is not None:
+        got = others.gather(-1, out[..., 1:].clamp(min=0))
+        ok = ~valid[..., 1:] | (got >= kth[..., None] - tol)
+        assert ok.all(), f"selected a block below the k-th best: worst gap {(kth[..., None] - got)[~ok].max()}"
+        # valid entries in descending reference score, up to tol
+        g = got.masked_fill(~valid[..., 1:], float("-inf"))
+        assert (g[..., 1:] <= g[..., :-1] + tol).all(), "entries out of score order"
+
+
+@pytest.mark.parametrize("N,Hkv,Di,bs,topk,cu,B", [
+    (63, 1, 16, 16, 3, None, 2),
+    (111, 4, 16, 16, 20, None, 2),   # topk above the blocks available
+    (200, 2, 32, 16, 5, None, 1),
+    (200, 3, 16, 32, 4, CU_ONE_TOKEN_DOCS, 1),
+    (200, 2, 24, 16, 1, None, 1),    # own block only, Di padded
+])
+def test_select_blocks_matches_reference(monkeypatch, N, Hkv, Di, bs, topk, cu, B):
+    q_idx = torch.randn(B, N, Hkv, Di)
+    k_idx = torch.randn(B, N, Di)
+    cu = _cu(cu)
+    expected = ref.select_blocks(q_idx, k_idx, bs, topk, cu)
+    poison_empty(monkeypatch)
+    out = select_blocks(q_idx, k_idx, bs, topk, cu)
+    check_selection(out, q_idx, k_idx, bs, topk, cu, tol=1e-4)
+    # random fp32 scores are well separated at these sizes: the order must match exactly
+    assert torch.equal(out, expected), f"{(out != expected).sum()} of {out.numel()} slots differ"
+
+
+def test_select_blocks_ties_go_to_lower_block():
+    # every key equal: all block scores tie, so the reference order (lower id first) is forced
+    N, bs = 100, 16
+    q_idx = torch.randn(1, N, 2, 16)
+    k_idx = torch.ones(1, N, 16).expand(1, N, 16).contiguous()
+    out = select_blocks(q_idx, k_idx, bs, 4)
+    assert torch.equal(out, ref.select_blocks(q_idx, k_idx, bs, 4))
+
+
+def test_select_blocks_rejects_bad_config():
+    q_idx, k_idx = torch.randn(1, 64, 1, 16), torch.randn(1, 64, 16)
+    with pytest.raises(ValueError, match="attention.block_size"):
+        select_blocks(q_idx, k_idx, 24, 4)
+    with pytest.raises(ValueError, match="attention.topk"):
+        select_blocks(q_idx, k_idx, 16, 0)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        select_blocks(q_idx, k_idx, 16, 4, torch.tensor([0, 30, 40], dtype=torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,Hkv,cu", [(8192 + 77, 2, None), (16384, 4, [0, 1, 5000, 5001, 16384])])
+def test_select_blocks_gpu_bf16(N, Hkv, cu):
+    Di, bs, topk = 128, 128, 16
+    q_idx = torch.randn(1, N, Hkv, Di, device="cuda", dtype=torch.bfloat16)
+    k_idx = torch.randn(1, N, Di, device="cuda", dtype=torch.bfloat16)
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
+    out = select_blocks(q_idx, k_idx, bs, topk, cu)
+    # bf16 products summed in another order: scores agree to ~1e-2 of their spread
+    check_selection(out.cpu(), q_idx.float().cpu(), k_idx.float().cpu(), bs, topk,
+                    None if cu is None else cu.cpu(), tol=2e-2)
