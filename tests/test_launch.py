@@ -1,0 +1,147 @@
+"""Launch scripts: the commands each mode would run for 2 nodes x 8 GPUs, and bad input."""
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+import launch  # noqa: E402
+
+OVERRIDES = ["model=tiny", "train.steps=20", "parallel.sp_size=2", "run_dir=runs/two nodes"]
+
+
+def dry_run(capsys, *argv):
+    assert launch.main([*argv, "--dry-run", "--python", "python", *OVERRIDES]) == 0
+    out = capsys.readouterr().out
+    commands = [line for line in out.splitlines() if line.startswith("env ")]
+    assert len(commands) == 1, out
+    words = shlex.split(commands[0])[1:]
+    first = next(i for i, w in enumerate(words) if "=" not in w)  # env KEY=VALUE ... program args
+    env = dict(w.split("=", 1) for w in words[:first])
+    argv = words[first:]
+    return out, env, argv
+
+
+def assert_common(env, argv):
+    assert env["NCCL_NVLS_ENABLE"] == "0"
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert argv[-len(OVERRIDES):] == OVERRIDES  # overrides pass through unchanged (quoting kept)
+    assert "--local_rank" not in " ".join(argv)
+
+
+def flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+def test_local_deepspeed(capsys):
+    _, env, argv = dry_run(capsys, "local", "--gpus", "8")
+    assert_common(env, argv)
+    assert argv[:4] == ["python", "-u", "-m", "deepspeed.launcher.runner"]
+    assert flag(argv, "--num_gpus") == "8"
+    assert "--no_local_rank" in argv and flag(argv, "--module") == "train"
+
+
+def test_local_torchrun(capsys):
+    _, env, argv = dry_run(capsys, "local", "--gpus", "8", "--launcher", "torchrun")
+    assert_common(env, argv)
+    assert "--standalone" in argv and flag(argv, "--nproc-per-node") == "8"
+    assert flag(argv, "-m") == "torch.distributed.run"
+    assert argv[-len(OVERRIDES) - 2:-len(OVERRIDES)] == ["-m", "train"]
+
+
+def test_hostfile_two_nodes(capsys, tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two nodes\nnode-a slots=8\n\nnode-b slots=8   # spare\n")
+    env_file = tmp_path / "ds_env"
+    out, env, argv = dry_run(capsys, "hostfile", "--hostfile", str(hostfile), "--env-file", str(env_file),
+                             "--env", "NCCL_IB_HCA=mlx5")
+    assert_common(env, argv)
+    assert "16 ranks" in out
+    assert (flag(argv, "--num_nodes"), flag(argv, "--num_gpus")) == ("2", "8")
+    assert flag(argv, "--master_addr") == "node-a" and env["MASTER_ADDR"] == "node-a"
+    assert "--no_local_rank" in argv and flag(argv, "--launcher") == "pdsh"
+    # the env file reaches the remote nodes; the dry run shows it but does not write it
+    assert env["DS_ENV_FILE"] == str(env_file) and not env_file.exists()
+    for line in ("NCCL_NVLS_ENABLE=0", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "NCCL_IB_HCA=mlx5",
+                 "MASTER_PORT=29500"):
+        assert f"#   {line}" in out
+
+
+def test_torchrun_two_nodes(capsys):
+    out, env, argv = dry_run(capsys, "torchrun", "--nnodes", "2", "--gpus", "8", "--rdzv-endpoint",
+                             "node-a:29400", "--rdzv-id", "job7")
+    assert_common(env, argv)
+    assert "each node" in out
+    assert (flag(argv, "--nnodes"), flag(argv, "--nproc-per-node")) == ("2", "8")
+    assert (flag(argv, "--rdzv-backend"), flag(argv, "--rdzv-endpoint"), flag(argv, "--rdzv-id")) == (
+        "c10d", "node-a:29400", "job7")
+
+
+def test_slurm_sbatch_two_nodes():
+    """The sbatch script itself, run outside SLURM with the allocation's variables set."""
+    env = {**os.environ, "PYTHON": sys.executable, "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242",
+           "SLURM_GPUS_ON_NODE": "8", "MSA_REPO": str(ROOT)}
+    proc = subprocess.run(["bash", str(ROOT / "launch/slurm.sbatch"), "--dry-run", "--python", "python",
+                           "--srun-args=--container-image=msa.sqsh", *OVERRIDES],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("env "))
+    words = shlex.split(line)
+    argv = words[words.index("srun"):]
+    assert "NCCL_NVLS_ENABLE=0" in words and "MASTER_ADDR=gpu07" in words
+    assert flag(argv, "--nodes") == "2" and flag(argv, "--ntasks-per-node") == "1"
+    assert "--container-image=msa.sqsh" in argv
+    assert (flag(argv, "--nnodes"), flag(argv, "--nproc-per-node")) == ("2", "8")
+    assert flag(argv, "--rdzv-endpoint") == "gpu07:29500" and flag(argv, "--rdzv-id") == "4242"
+    assert argv[-len(OVERRIDES):] == OVERRIDES
+
+
+def test_shell_wrapper_single_node():
+    proc = subprocess.run([str(ROOT / "launch/single_node.sh"), "--gpus", "8", "--dry-run", "train.steps=3"],
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--no_local_rank --module train train.steps=3" in proc.stdout
+
+
+@pytest.mark.parametrize("text, lineno, what", [
+    ("node-a slots=8\n# ok\nnode-b slot=8\n", 3, "'node-b slot=8'"),
+    ("node-a slots=8\nnode-b\n", 2, "'node-b'"),
+    ("node-a slots=8\nnode-b slots=0\n", 2, "no slots"),
+    ("node-a slots=8\nnode-a slots=8\n", 2, "already listed on line 1"),
+])
+def test_malformed_hostfile_names_the_line(capsys, tmp_path, text, lineno, what):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(text)
+    assert launch.main(["hostfile", "--hostfile", str(hostfile), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"line {lineno}" in err and what in err, err
+
+
+def test_bad_requests_name_what_to_change(capsys, monkeypatch):
+    assert launch.main(["local", "--gpus", "8", "--dry-run", "parallel.sp_size=3"]) == 2
+    assert "parallel.sp_size" in capsys.readouterr().err
+    assert launch.main(["local", "--gpus", "8", "--dry-run", "--env", "NCCL_NVLS_ENABLE=1"]) == 2
+    assert "NCCL_NVLS_ENABLE" in capsys.readouterr().err
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")
+    assert launch.main(["local", "--gpus", "8", "--dry-run"]) == 2
+    monkeypatch.delenv("NCCL_NVLS_ENABLE")
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    assert launch.main(["slurm", "--gpus", "8", "--dry-run"]) == 2
+    assert "SLURM_JOB_NODELIST" in capsys.readouterr().err
+    bad_endpoint = ["torchrun", "--nnodes", "2", "--gpus", "8", "--rdzv-endpoint", "node-a", "--dry-run"]
+    assert launch.main(bad_endpoint) == 2
+    assert "--rdzv-endpoint" in capsys.readouterr().err
+
+
+def test_expand_nodelist():
+    assert launch.expand_nodelist("gpu[01-03,10],login1") == ["gpu01", "gpu02", "gpu03", "gpu10", "login1"]
+    assert launch.expand_nodelist("a[8-11]") == ["a8", "a9", "a10", "a11"]
+    assert launch.expand_nodelist("solo") == ["solo"]
+    with pytest.raises(launch.LaunchError, match="node list"):
+        launch.expand_nodelist("gpu[01-x]")

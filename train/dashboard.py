@@ -1,0 +1,128 @@
+"""Create the W&B workspace (dashboard) for training runs of this project.
+
+    python -m train.dashboard --entity E --project P [--name "MSA training"] [--layers 24] [--dry-run]
+
+Sections: losses, MSA health (index recall, sparsity), throughput, memory, schedule (seq_len, lr,
+skipped data and bad steps), and per-layer index KL / recall. Per-layer metrics are drawn with a
+metric regex, so one panel shows every layer whatever the model depth; `--layers N` adds one panel per
+layer as well. `--dry-run` prints the layout and builds the workspace object without touching the
+network; saving needs `WANDB_API_KEY` (or `wandb login`) and network access to W&B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+# Per-layer metric names the training loop logs; the dashboard draws them with these regexes.
+LAYER_KL_PREFIX = "layer_kl/"
+LAYER_RECALL_PREFIX = "layer_recall/"
+
+
+def layer_kl_key(layer: int) -> str:
+    return f"{LAYER_KL_PREFIX}{layer:02d}"
+
+
+def layer_recall_key(layer: int) -> str:
+    return f"{LAYER_RECALL_PREFIX}{layer:02d}"
+
+
+@dataclass(frozen=True)
+class PanelSpec:
+    title: str
+    metrics: tuple[str, ...] = ()
+    regex: str | None = None
+    log_y: bool = False
+
+
+@dataclass(frozen=True)
+class SectionSpec:
+    name: str
+    panels: tuple[PanelSpec, ...]
+    is_open: bool = True
+
+
+def layout(layers: int | None = None) -> list[SectionSpec]:
+    """The dashboard as plain data: sections of panels, each naming the metrics it plots."""
+    sections = [
+        SectionSpec("Loss", (
+            PanelSpec("LM loss", ("loss/lm",)),
+            PanelSpec("Index KL (sum over MSA layers)", ("loss/kl",), log_y=True),
+        )),
+        SectionSpec("MSA", (
+            PanelSpec("Index recall (teacher mass in selected blocks)", ("msa/index_recall",)),
+            PanelSpec("Sparsity (fraction of visible keys skipped)", ("msa/sparsity",)),
+        )),
+        SectionSpec("Throughput", (
+            PanelSpec("Tokens/s", ("perf/tokens_per_s",)),
+            PanelSpec("MFU", ("perf/mfu",)),
+            PanelSpec("Step time (s)", ("perf/step_s",)),
+        )),
+        SectionSpec("Memory", (PanelSpec("Max allocated (GB)", ("mem/max_allocated_gb",)),)),
+        SectionSpec("Schedule", (
+            PanelSpec("Sequence length", ("train/seq_len",)),
+            PanelSpec("Learning rate", ("train/lr",)),
+            PanelSpec("Skipped samples / bad steps", ("data/skipped", "train/bad_steps")),
+        )),
+    ]
+    for title, prefix, key in (("Per-layer index KL", LAYER_KL_PREFIX, layer_kl_key),
+                               ("Per-layer index recall", LAYER_RECALL_PREFIX, layer_recall_key)):
+        panels = [PanelSpec(f"{title}: all layers", regex=f"^{prefix}.*", log_y=prefix == LAYER_KL_PREFIX)]
+        panels += [PanelSpec(f"{title}: layer {i}", (key(i),)) for i in range(layers or 0)]
+        sections.append(SectionSpec(title, tuple(panels), is_open=False))
+    return sections
+
+
+def build_workspace(entity: str, project: str, name: str = "MSA training", layers: int | None = None):
+    """A `wandb_workspaces.workspaces.Workspace` for `layout(layers)`; nothing is sent until `.save()`."""
+    import wandb_workspaces.reports.v2 as wr
+    import wandb_workspaces.workspaces as ws
+
+    def panel(p: PanelSpec):
+        if p.regex is not None:
+            return wr.LinePlot(title=p.title, x="Step", metric_regex=p.regex, log_y=p.log_y or None)
+        return wr.LinePlot(title=p.title, x="Step", y=list(p.metrics), log_y=p.log_y or None)
+
+    sections = [ws.Section(name=s.name, panels=[panel(p) for p in s.panels], is_open=s.is_open)
+                for s in layout(layers)]
+    return ws.Workspace(entity=entity, project=project, name=name, sections=sections,
+                        settings=ws.WorkspaceSettings(x_axis="Step", max_runs=20))
+
+
+def format_layout(sections: list[SectionSpec]) -> str:
+    lines = []
+    for s in sections:
+        lines.append(f"[{s.name}]{'' if s.is_open else ' (collapsed)'}")
+        for p in s.panels:
+            what = f"regex {p.regex}" if p.regex else ", ".join(p.metrics)
+            lines.append(f"  {p.title}: {what}{' (log y)' if p.log_y else ''}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.dashboard", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--entity", required=True, help="W&B entity (user or team)")
+    parser.add_argument("--project", required=True, help="W&B project the runs log to")
+    parser.add_argument("--name", default="MSA training", help="workspace (view) name")
+    parser.add_argument("--layers", type=int, default=None, help="also one panel per layer for N layers")
+    parser.add_argument("--dry-run", action="store_true", help="print the layout; send nothing")
+    args = parser.parse_args(argv)
+    if args.layers is not None and args.layers < 0:
+        parser.error("--layers must be >= 0")
+
+    workspace = build_workspace(args.entity, args.project, args.name, args.layers)
+    model = workspace._to_model()  # validates the whole spec offline, before any network call
+    n_panels = sum(len(s.panels) for s in model.spec.section.panel_bank_config.sections)
+    print(f"workspace {args.name!r} for {args.entity}/{args.project}: "
+          f"{len(workspace.sections)} sections, {n_panels} panels")
+    print(format_layout(layout(args.layers)))
+    if args.dry_run:
+        return 0
+    workspace.save()
+    print(f"saved: {workspace.url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
