@@ -1,0 +1,43 @@
+"""Data configuration: one dataclass per concern; Hydra YAML (`conf/data/*.yaml`) only sets values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from train.data.tokenizer import TokenizerConfig
+
+
+@dataclass
+class ImageConfig:
+    patch_size: int = 16  # must equal model.vision.patch_size
+    max_patches: int = 256  # patch budget per image; bigger images are scaled down (aspect kept)
+
+
+@dataclass
+class CorpusConfig:
+    """Sizes of the embedded default corpus (`python -m train.data.build_corpus`)."""
+
+    seed: int = 0
+    n_text: int = 600  # standard-library source files as text documents
+    n_pairs: int = 1200  # rendered snippet images with their text as caption
+    n_interleaved: int = 200  # documents alternating text and rendered snippets
+    n_shards: int = 8
+    max_doc_bytes: int = 65536  # longer source files are cut at a line boundary
+
+
+@dataclass
+class DataConfig:
+    # A pattern or list of patterns: local paths, brace ranges ('d/{000..009}.tar'), globs, 'pipe:cmd'
+    # URLs; "default" = the embedded corpus in corpus_dir, built there when missing.
+    shards: str | list[str] = "default"
+    corpus_dir: str = "data/corpus"  # relative to the current directory
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    seq_len: int = 4096
+    batch_size: int = 1  # rows per micro-batch per data-parallel rank
+    num_workers: int = 1  # loader worker processes per rank (0 = in the training process)
+    shuffle_buffer: int = 256  # samples shuffled together (a block of the reader's stream)
+    shuffle_shards: bool = True
+    prefetch: int = 2  # rows prefetched per worker
+    max_sample_bytes: int = 16 * 2**20  # bigger samples are skipped (reason "oversize")
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)

@@ -1,0 +1,194 @@
+"""The training data loader: shards -> documents -> packed rows -> batches, resumable.
+
+`build_dataloader(...)` returns a Loader: an endless iterable of batches (dicts of CPU tensors):
+  input_ids     int64 [B, N]
+  labels        int64 [B, N]   next token of the same document piece; -100 at a piece's last
+                               position, padding, image patches and positions whose target is a patch
+  position_ids  int64 [B, N]   position inside its document piece (restarts at 0)
+  cu_seqlens    int32 [S + 1]  segment boundaries over the flattened B*N tokens (flash-attn
+                               convention; segments never cross rows; a row's padding is a segment)
+  image_patches float32 [P, 3*p*p] in [-1, 1], (row, col, channel) order inside a patch
+  image_slots   int64 [P]      flat index into B*N of each patch
+  image_sizes   int64 [I, 2]   (rows, cols) patch grid of each image, in slot order
+Rows come round-robin from the workers (torch DataLoader workers); each row carries its reader's
+position, so `state_dict()` after any batch resumes exactly after it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections import Counter
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from train.data.config import DataConfig, ImageConfig
+from train.data.packing import Packer
+from train.data.samples import decode_sample
+from train.data.shards import ShardReader, expand_shards
+
+log = logging.getLogger(__name__)
+
+
+def check_data(cfg: DataConfig, seq_len: int, batch_size: int, image_cfg: ImageConfig):
+    if seq_len < 2:
+        raise ValueError(f"data.seq_len={seq_len}: must be at least 2")
+    if batch_size < 1:
+        raise ValueError(f"data.batch_size={batch_size}: must be at least 1")
+    if cfg.num_workers < 0:
+        raise ValueError(f"data.num_workers={cfg.num_workers}: must be >= 0")
+    if image_cfg.max_patches + 2 > seq_len:
+        raise ValueError(
+            f"data.image.max_patches={image_cfg.max_patches} (+2 markers) exceeds seq_len={seq_len}: "
+            "lower data.image.max_patches"
+        )
+
+
+def resolve_shards(cfg: DataConfig) -> list[str]:
+    """Shard URLs of data.shards; "default" builds the embedded corpus into data.corpus_dir if missing."""
+    if cfg.shards == "default":
+        from train.data.build_corpus import ensure_corpus
+
+        return ensure_corpus(cfg.corpus_dir, cfg.corpus)
+    return expand_shards(cfg.shards)
+
+
+class _Rows(IterableDataset):
+    """Rows of the logical workers a torch DataLoader worker plays (one each; all of them in-process)."""
+
+    def __init__(self, urls, tokenizer, cfg, image_cfg, *, seq_len, dp_rank, n_workers, dp_world, seed,
+                 states, first):
+        self.urls, self.tokenizer, self.cfg, self.image_cfg = urls, tokenizer, cfg, image_cfg
+        self.seq_len, self.dp_rank, self.n_workers, self.dp_world = seq_len, dp_rank, n_workers, dp_world
+        self.seed, self.states, self.first = seed, states, first
+
+    def packer(self, worker: int) -> Packer:
+        decode = functools.partial(
+            decode_sample, tokenizer=self.tokenizer, image_cfg=self.image_cfg,
+            max_bytes=self.cfg.max_sample_bytes,
+        )
+        reader = ShardReader(
+            self.urls, reader=self.dp_rank * self.n_workers + worker, n_readers=self.dp_world * self.n_workers,
+            seed=self.seed, block_size=self.cfg.shuffle_buffer, shuffle_shards=self.cfg.shuffle_shards,
+            decode=decode,
+        )
+        p = self.image_cfg.patch_size
+        return Packer(reader, self.seq_len, self.tokenizer.pad, self.tokenizer.img_patch, 3 * p * p)
+
+    def __iter__(self):
+        info = get_worker_info()
+        order = [(self.first + i) % self.n_workers for i in range(self.n_workers)]
+        if info is not None:  # one logical worker per process, so the round-robin order is kept
+            order = [order[info.id]]
+        streams = [(w, self.packer(w).rows(self.states.get(w))) for w in order]
+        while True:
+            for w, rows in streams:
+                row = next(rows)
+                row.state["worker"] = w
+                yield row
+
+
+def _identity(x):
+    return x
+
+
+def collate(rows) -> dict:
+    N = len(rows[0].tokens)
+    seg = torch.tensor([0] + [n for r in rows for n in r.seg_lens], dtype=torch.int64)
+    patches = torch.cat([r.patches for r in rows])
+    return {
+        "input_ids": torch.stack([r.tokens for r in rows]).long(),
+        "labels": torch.stack([r.labels for r in rows]).long(),
+        "position_ids": torch.stack([r.positions for r in rows]).long(),
+        "cu_seqlens": seg.cumsum(0).to(torch.int32),
+        "image_patches": patches.float().div_(127.5).sub_(1.0),
+        "image_slots": torch.cat([r.slots + b * N for b, r in enumerate(rows)]),
+        "image_sizes": torch.tensor([g for r in rows for g in r.grids], dtype=torch.int64).reshape(-1, 2),
+    }
+
+
+class Loader:
+    """Endless batches for one data-parallel rank; `state_dict()` / `load_state_dict()` resume
+    exactly; `skipped` counts skipped input by reason."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, image_cfg: ImageConfig, urls, *, seq_len, batch_size,
+                 dp_rank, dp_world, seed):
+        self.cfg, self.tokenizer, self.image_cfg, self.urls = cfg, tokenizer, image_cfg, urls
+        self.seq_len, self.batch_size, self.dp_rank, self.dp_world = seq_len, batch_size, dp_rank, dp_world
+        self.seed = seed
+        self.n_workers = max(1, cfg.num_workers)
+        self._states: dict[int, dict] = {}
+        self._next = 0
+        self._it = None
+
+    def _fingerprint(self) -> dict:
+        return {"seq_len": self.seq_len, "dp_rank": self.dp_rank, "dp_world": self.dp_world,
+                "num_workers": self.n_workers, "seed": self.seed, "shards": self.urls}
+
+    def iter_rows(self):
+        ds = _Rows(self.urls, self.tokenizer, self.cfg, self.image_cfg, seq_len=self.seq_len,
+                   dp_rank=self.dp_rank, n_workers=self.n_workers, dp_world=self.dp_world, seed=self.seed,
+                   states=dict(self._states), first=self._next)
+        if self.cfg.num_workers == 0:
+            source = iter(ds)
+        else:
+            source = iter(DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
+                                     collate_fn=_identity, prefetch_factor=max(1, self.cfg.prefetch),
+                                     multiprocessing_context="fork" if os.name == "posix" else None))
+        for row in source:
+            w = row.state.pop("worker")
+            self._states[w], self._next = row.state, (w + 1) % self.n_workers
+            yield row
+
+    def __iter__(self):
+        rows = self.iter_rows()
+        self._it = rows
+        while True:
+            yield collate([next(rows) for _ in range(self.batch_size)])
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        total = Counter()
+        for s in self._states.values():
+            total.update(s["skipped"])
+        return dict(total)
+
+    def state_dict(self) -> dict:
+        return {**self._fingerprint(), "workers": {str(w): s for w, s in self._states.items()}, "next": self._next}
+
+    def load_state_dict(self, state: dict):
+        for key, cfg_key in [("seq_len", "data.seq_len"), ("dp_world", "the data-parallel size"),
+                             ("dp_rank", "the data-parallel rank"), ("num_workers", "data.num_workers"),
+                             ("seed", "the seed"), ("shards", "data.shards")]:
+            if state[key] != self._fingerprint()[key]:
+                raise ValueError(
+                    f"data loader state was saved with {key}={state[key]!r}, now {self._fingerprint()[key]!r}: "
+                    f"resume with the same {cfg_key} (or start this stage's data afresh)"
+                )
+        self._states = {int(w): s for w, s in state["workers"].items()}
+        self._next = state["next"]
+
+
+def build_dataloader(cfg: DataConfig, tokenizer, *, seq_len=None, batch_size=None, dp_rank=0, dp_world=1,
+                     seed=0, image_cfg=None) -> Loader:
+    """The loader of one data-parallel rank. seq_len / batch_size default to cfg's; image_cfg
+    defaults to cfg.image (a VisionConfig may be passed: its patch_size must match)."""
+    seq_len = seq_len or cfg.seq_len
+    batch_size = batch_size or cfg.batch_size
+    images = cfg.image
+    if image_cfg is not None and not isinstance(image_cfg, ImageConfig):
+        if image_cfg.patch_size != images.patch_size:
+            raise ValueError(
+                f"model.vision.patch_size={image_cfg.patch_size} differs from data.image.patch_size="
+                f"{images.patch_size}: set them equal"
+            )
+    elif image_cfg is not None:
+        images = image_cfg
+    check_data(cfg, seq_len, batch_size, images)
+    if not 0 <= dp_rank < dp_world:
+        raise ValueError(f"dp_rank={dp_rank} outside [0, dp_world={dp_world})")
+    urls = resolve_shards(cfg)
+    return Loader(cfg, tokenizer, images, urls, seq_len=seq_len, batch_size=batch_size, dp_rank=dp_rank,
+                  dp_world=dp_world, seed=seed)

@@ -1,0 +1,192 @@
+"""Shard lists and the resumable sample stream of one reader.
+
+A reader is one loader worker of one data-parallel rank: reader `r = dp_rank * W + worker` of
+`R = dp_world * W`. All sequence/context-parallel ranks of one data-parallel group pass the same
+dp_rank, so they read the same samples.
+
+Epoch `e` visits the shards in a permutation seeded by (seed, e), the same on every reader. With at
+least R shards, reader r reads shards r, r+R, ... of that order; with fewer, every reader reads all
+shards and keeps the samples whose index in the epoch's stream is r mod R. Either way the readers
+split the epoch into disjoint parts that cover it.
+
+Shuffling is block-wise so that a position is a handful of integers: the reader fills a block of
+`shuffle_buffer` samples, emits it in a permutation seeded by (seed, epoch, reader, block), and
+fills the next. A Position names the block's first raw sample (shard, offset) and how many of the
+block's samples were taken; resuming re-reads that block (one block, not the epoch) and skips the
+taken ones, so nothing is repeated or skipped. webdataset's rolling shuffle buffer would need its
+whole content in the checkpoint instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from train.data.samples import SampleError
+
+log = logging.getLogger(__name__)
+MAX_LOGGED_PER_REASON = 10
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
+def expand_shards(shards: str | list[str]) -> list[str]:
+    """Patterns -> shard URLs: `::`-separated lists, brace ranges, globs, `pipe:` URLs.
+
+    A pattern that matches no existing local file is an error that names `data.shards`."""
+    patterns = [shards] if isinstance(shards, str) else list(shards)
+    if not patterns:
+        raise ValueError("data.shards is empty: give a shard pattern, a list of them, or 'default'")
+    urls = []
+    for pattern in patterns:
+        matched = []
+        for url in expand_urls(str(pattern)):
+            if _is_remote(url):
+                matched.append(url)
+            elif any(c in url for c in "*?["):
+                matched.extend(sorted(glob.glob(url)))
+            elif os.path.exists(url):
+                matched.append(url)
+            else:
+                log.warning("data.shards: %s does not exist (pattern %r)", url, pattern)
+        if not matched:
+            raise ValueError(f"data.shards: pattern {pattern!r} matches no shard (cwd {os.getcwd()})")
+        urls.extend(matched)
+    return urls
+
+
+def iter_tar(url: str):
+    """Samples (dicts of member bytes, with __key__ and __url__) of one shard, in tar order."""
+    stream = gopen(url, "rb")
+    try:
+        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+        yield from group_by_keys(files)
+    finally:
+        stream.close()
+
+
+@dataclass
+class Position:
+    """Where a reader is: the block holding the next sample, and how much of it was taken."""
+
+    epoch: int = 0
+    shard: int = 0  # index into the reader's shard order of the epoch, at the block's first sample
+    offset: int = 0  # raw samples of that shard before the block's first sample
+    raw: int = 0  # raw samples of the epoch's stream before the block's first sample
+    block: int = 0  # block number within the epoch (seeds its permutation)
+    taken: int = 0  # samples of the block before the current one
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ShardReader:
+    """The decoded, shuffled, resumable document stream of reader `reader` of `n_readers`."""
+
+    def __init__(self, urls, *, reader, n_readers, seed, block_size, shuffle_shards, decode):
+        self.urls, self.reader, self.n_readers = list(urls), reader, n_readers
+        self.seed, self.block_size, self.shuffle_shards = seed, max(1, block_size), shuffle_shards
+        self.decode = decode  # raw sample -> Document, raises SampleError
+        self.skipped: Counter = Counter()
+        self._quiet = False  # while re-reading a block whose skips were already counted
+
+    def shards_for(self, epoch: int) -> tuple[list[str], bool]:
+        """This reader's shard order for an epoch, and whether samples are split by index."""
+        order = list(range(len(self.urls)))
+        if self.shuffle_shards:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls)).tolist()
+        if len(self.urls) >= self.n_readers:
+            return [self.urls[i] for i in order[self.reader :: self.n_readers]], False
+        return [self.urls[i] for i in order], True
+
+    def _skip(self, reason: str, url: str, key: str, detail: str = ""):
+        if self._quiet:
+            return
+        self.skipped[reason] += 1
+        n = self.skipped[reason]
+        if n <= MAX_LOGGED_PER_REASON:
+            more = " (further ones of this reason are counted, not logged)" if n == MAX_LOGGED_PER_REASON else ""
+            log.warning("data: skipped %s in shard %s key %s %s%s", reason, url, key, detail, more)
+
+    def _raw(self, epoch, shard, offset, raw):
+        """(shard, offset, raw, sample or None) after each raw sample of the epoch from a cursor;
+        the sample is None where another reader owns it."""
+        shards, by_index = self.shards_for(epoch)
+        for si in range(shard, len(shards)):
+            url, k = shards[si], offset if si == shard else 0
+            try:
+                for i, sample in enumerate(iter_tar(url)):
+                    if si == shard and i < offset:
+                        continue
+                    mine = not by_index or raw % self.n_readers == self.reader
+                    k, raw = k + 1, raw + 1
+                    yield si, k, raw, sample if mine else None
+            except Exception as e:  # unreadable URL, truncated or corrupt tar: the shard ends here
+                reason = "truncated_tar" if k > 0 else "unreadable_shard"
+                self._skip(reason, url, f"after sample {k}", f"({type(e).__name__}: {e})")
+
+    def _blocks(self, pos: Position):
+        """(Position of the block, permuted samples of the block), from pos's block onwards.
+
+        The first block is re-read on resume: its skips were counted before, so they are not again."""
+        epoch, block, cursor = pos.epoch, pos.block, (pos.shard, pos.offset, pos.raw)
+        self._quiet = pos.taken > 0
+        while True:
+            stream = self._raw(epoch, *cursor)
+            while True:
+                start, buf = Position(epoch, *cursor, block, 0), []
+                for item in stream:
+                    *cursor, sample = item
+                    if sample is not None:
+                        buf.append(sample)
+                        if len(buf) == self.block_size:
+                            break
+                self._quiet = False
+                perm = np.random.default_rng([self.seed, epoch, self.reader, block]).permutation(len(buf))
+                yield start, [buf[i] for i in perm]  # the epoch's last block may be short or empty
+                if len(buf) < self.block_size:
+                    break
+                block += 1
+            epoch, block, cursor = epoch + 1, 0, (0, 0, 0)
+
+    def documents(self, pos: Position | None = None):
+        """(Document, its Position) from pos on, forever (epochs roll over).
+
+        A whole epoch without one usable document is an error (the stream would never end)."""
+        pos = pos or Position()
+        epoch, good, whole = pos.epoch, 0, pos == Position(epoch=pos.epoch)
+        skip = pos.taken
+        for start, samples in self._blocks(pos):
+            if start.epoch != epoch:
+                if good == 0 and whole:
+                    self._fail(epoch)
+                epoch, good, whole = start.epoch, 0, start.epoch == epoch + 1
+            for j in range(skip, len(samples)):
+                sample = samples[j]
+                try:
+                    doc = self.decode(sample)
+                except SampleError as e:
+                    self._skip(e.reason, sample.get("__url__", "?"), sample.get("__key__", "?"), str(e))
+                    continue
+                good += 1
+                yield doc, Position(start.epoch, start.shard, start.offset, start.raw, start.block, j)
+            skip = 0
+
+    def _fail(self, epoch: int):
+        shards, by_index = self.shards_for(epoch)
+        raise RuntimeError(
+            f"data.shards: reader {self.reader} of {self.n_readers} found no usable sample in epoch {epoch} "
+            f"over {len(shards)} shards{' (split by sample index)' if by_index else ''}; skipped: "
+            f"{dict(self.skipped)}. Check the shards' format, or lower data.num_workers / the data-parallel "
+            "size if there are fewer samples than readers."
+        )
