@@ -145,3 +145,28 @@ def test_expand_nodelist():
     assert launch.expand_nodelist("solo") == ["solo"]
     with pytest.raises(launch.LaunchError, match="node list"):
         launch.expand_nodelist("gpu[01-x]")
+
+
+def test_docker_requirements_pin_every_dependency():
+    """docker/requirements.txt pins each pyproject dependency (torch/triton come from the base image)."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["tokenizers"]]
+    pins = {}
+    for line in (ROOT / "docker/requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", f"{line}: pin an exact version"
+            pins[req.name.lower()] = spec.version
+    for req in wanted:
+        if req.name in ("torch", "triton"):
+            assert req.name not in pins, f"{req.name} must come from the CUDA base image"
+            continue
+        assert req.name.lower() in pins, f"{req.name} is not pinned in docker/requirements.txt"
+        assert req.specifier.contains(pins[req.name.lower()]), f"{req.name}=={pins[req.name.lower()]} vs {req}"
+    dockerfile = (ROOT / "docker/Dockerfile").read_text()
+    assert "NCCL_NVLS_ENABLE=0" in dockerfile and "pip install --no-deps --no-build-isolation -e ." in dockerfile
