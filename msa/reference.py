@@ -14,7 +14,10 @@ contract is ``../shared/DESIGN.md`` section 2; shapes follow section 9:
   ``block_idx`` is relative to the query's document: block ``b`` of a query in the document that
   starts at ``s`` covers tokens ``[s + b*Bk, s + (b+1)*Bk)`` of that document.
 
-``lse`` is returned for the index-distillation teacher and carries no gradient (as in the kernels).
+Queries may be the last ``Nq <= N`` positions of the key sequence (``q [B, Nq, H, D]``, bottom-right
+aligned, as context parallelism needs: a rank's query chunk against the gathered keys before it);
+``cu_seqlens`` then describes the key sequence. ``lse`` is returned for the index-distillation teacher
+and carries no gradient (as in the kernels).
 """
 
 from __future__ import annotations
@@ -41,30 +44,33 @@ def doc_layout(B: int, N: int, cu_seqlens: torch.Tensor | None, device) -> tuple
     return doc[None], (arange - cu[doc])[None]
 
 
-def _visible(doc: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """``[B, N, N]`` bool: key ``j`` is visible to query ``i`` (same document, ``j <= i``)."""
-    same_doc = doc[:, :, None] == doc[:, None, :]
-    causal = pos[:, None, :] <= pos[:, :, None]
+def _visible(doc: torch.Tensor, pos: torch.Tensor, Nq: int) -> torch.Tensor:
+    """``[B, Nq, N]`` bool: key ``j`` is visible to query ``i`` (same document, ``j <= i``); the
+    queries are the last ``Nq`` positions."""
+    doc_q, pos_q = doc[:, -Nq:], pos[:, -Nq:]
+    same_doc = doc_q[:, :, None] == doc[:, None, :]
+    causal = pos[:, None, :] <= pos_q[:, :, None]
     return same_doc & causal
 
 
 def _selected_support(block_idx: torch.Tensor, blk: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """``[B, Hkv, N, N]`` bool: key ``j``'s block is among the blocks ``block_idx`` lists for query ``i``."""
-    B, Hkv, N, _ = block_idx.shape
+    """``[B, Hkv, Nq, N]`` bool: key ``j``'s block is among the blocks ``block_idx`` lists for query ``i``."""
+    B, Hkv, Nq, _ = block_idx.shape
+    N = blk.shape[1]
     idx = block_idx.long()
     if (idx < -1).any() or (idx >= n_blocks).any():
         raise ValueError(f"block_idx entries must lie in [-1, {n_blocks}), got {idx.min()}..{idx.max()}")
-    chosen = torch.zeros(B, Hkv, N, n_blocks + 1, dtype=torch.bool, device=idx.device)
+    chosen = torch.zeros(B, Hkv, Nq, n_blocks + 1, dtype=torch.bool, device=idx.device)
     chosen.scatter_(-1, torch.where(idx < 0, n_blocks, idx), True)  # column n_blocks soaks up -1
-    return chosen.gather(-1, blk[:, None, None, :].expand(B, Hkv, N, N))
+    return chosen.gather(-1, blk[:, None, None, :].expand(B, Hkv, Nq, N))
 
 
-def _support(B, N, Hkv, block_idx, block_size, cu_seqlens, device) -> torch.Tensor:
-    """``[B, Hkv, N, N]`` bool: the keys each (group, query) attends to."""
+def _support(B, Nq, N, Hkv, block_idx, block_size, cu_seqlens, device) -> torch.Tensor:
+    """``[B, Hkv, Nq, N]`` bool: the keys each (group, query) attends to."""
     doc, pos = doc_layout(B, N, cu_seqlens, device)
-    visible = _visible(doc, pos)[:, None]
+    visible = _visible(doc, pos, Nq)[:, None]
     if block_idx is None:
-        return visible.expand(B, Hkv, N, N)
+        return visible.expand(B, Hkv, Nq, N)
     n_blocks = math.ceil(N / block_size)
     return visible & _selected_support(block_idx, pos // block_size, n_blocks)
 
@@ -86,14 +92,14 @@ def _masked_log_softmax(s: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.T
 
 
 def _check(q, k, v=None):
-    B, N, H, D = q.shape
-    if k.ndim != 4 or k.shape[:2] != (B, N) or k.shape[-1] != D:
-        raise ValueError(f"k must be [B, N, Hkv, D] matching q {tuple(q.shape)}, got {tuple(k.shape)}")
+    B, Nq, H, D = q.shape
+    if k.ndim != 4 or k.shape[0] != B or k.shape[1] < Nq or k.shape[-1] != D:
+        raise ValueError(f"k must be [B, N >= Nq, Hkv, D] matching q {tuple(q.shape)}, got {tuple(k.shape)}")
     if v is not None and v.shape != k.shape:
         raise ValueError(f"v must match k {tuple(k.shape)}, got {tuple(v.shape)}")
     if H % k.shape[2]:
         raise ValueError(f"query heads H={H} must be a multiple of KV heads Hkv={k.shape[2]}")
-    return B, N, H, k.shape[2], D
+    return B, Nq, k.shape[1], H, k.shape[2], D
 
 
 @torch.no_grad()
@@ -107,26 +113,27 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, top
     first slot; the rest follow by descending score, ties to the lower block id; ``-1`` fills the slots
     left when fewer than ``topk`` blocks are visible.
     """
-    B, N, Hkv, Di = q_idx.shape
-    if k_idx.shape != (B, N, Di):
-        raise ValueError(f"k_idx must be [B, N, Di] = {(B, N, Di)}, got {tuple(k_idx.shape)}")
+    B, Nq, Hkv, Di = q_idx.shape
+    N = k_idx.shape[1]
+    if k_idx.ndim != 3 or k_idx.shape[0] != B or N < Nq or k_idx.shape[2] != Di:
+        raise ValueError(f"k_idx must be [B, N >= Nq, Di] for q_idx {tuple(q_idx.shape)}, got {tuple(k_idx.shape)}")
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
     doc, pos = doc_layout(B, N, cu_seqlens, q_idx.device)
-    visible = _visible(doc, pos)[:, None]  # [B, 1, N, N]
+    visible = _visible(doc, pos, Nq)[:, None]  # [B, 1, Nq, N]
     s = torch.einsum("bird,bjd->brij", q_idx.float(), k_idx.float()) / math.sqrt(Di)
     s = s.masked_fill(~visible, float("-inf"))
     n_blocks = math.ceil(N / block_size)
     blk = pos // block_size
-    m = torch.full((B, Hkv, N, n_blocks), float("-inf"), device=q_idx.device)
-    m = m.scatter_reduce(-1, blk[:, None, None, :].expand(B, Hkv, N, N), s, reduce="amax")
-    own = blk[:, None, :, None].expand(B, Hkv, N, 1)
+    m = torch.full((B, Hkv, Nq, n_blocks), float("-inf"), device=q_idx.device)
+    m = m.scatter_reduce(-1, blk[:, None, None, :].expand(B, Hkv, Nq, N), s, reduce="amax")
+    own = blk[:, None, -Nq:, None].expand(B, Hkv, Nq, 1)
     m = m.scatter(-1, own, float("inf"))
     score, order = torch.sort(m, dim=-1, descending=True, stable=True)
     kept = min(topk, n_blocks)
     out = torch.where(score[..., :kept] > float("-inf"), order[..., :kept], -1)
     if kept < topk:
-        out = torch.cat([out, out.new_full((B, Hkv, N, topk - kept), -1)], dim=-1)
+        out = torch.cat([out, out.new_full((B, Hkv, Nq, topk - kept), -1)], dim=-1)
     return out.to(torch.int32).contiguous()
 
 
@@ -140,11 +147,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     A query whose support is empty gets ``o = 0`` and ``lse = -inf``. ``scale`` defaults to
     ``1/sqrt(D)``.
     """
-    B, N, H, Hkv, D = _check(q, k, v)
+    B, Nq, N, H, Hkv, D = _check(q, k, v)
     G = H // Hkv
     scale = D ** -0.5 if scale is None else scale
-    allowed = _support(B, N, Hkv, block_idx, block_size, cu_seqlens, q.device)
-    allowed = allowed.repeat_interleave(G, dim=1)  # [B, H, N, N]
+    allowed = _support(B, Nq, N, Hkv, block_idx, block_size, cu_seqlens, q.device)
+    allowed = allowed.repeat_interleave(G, dim=1)  # [B, H, Nq, N]
     kh = k.float().repeat_interleave(G, dim=2)
     vh = v.float().repeat_interleave(G, dim=2)
     s = torch.einsum("bihd,bjhd->bhij", q.float(), kh) * scale
@@ -156,14 +163,14 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
 
 @torch.no_grad()
 def _teacher(q, k, allowed, scale):
-    """``[B, Hkv, N, N]``: the mean over each group's heads of the main softmax on the support."""
-    B, N, H, D = q.shape
-    Hkv = k.shape[2]
+    """``[B, Hkv, Nq, N]``: the mean over each group's heads of the main softmax on the support."""
+    B, Nq, H, D = q.shape
+    N, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
     s = torch.einsum("bihd,bjhd->bhij", q.float(), k.float().repeat_interleave(G, dim=2)) * scale
     logp, _ = _masked_log_softmax(s, allowed.repeat_interleave(G, dim=1))
     p = torch.exp(logp).masked_fill(~allowed.repeat_interleave(G, dim=1), 0.0)
-    return p.view(B, Hkv, G, N, N).mean(2)
+    return p.view(B, Hkv, G, Nq, N).mean(2)
 
 
 def index_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
@@ -174,17 +181,17 @@ def index_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: 
     Support ``T``: the visible tokens of the blocks in ``block_idx`` (sparse phase) or, with
     ``block_idx=None``, every visible token (dense warm-up). Teacher ``P``: mean over the group's ``G``
     heads of ``softmax_T(q . k / sqrt(D))``, detached. Student ``Q = softmax_T(q_idx . k_idx / sqrt(Di))``.
-    Gradients reach only ``q_idx`` and ``k_idx``. Returns a float32 scalar.
+    Gradients reach only ``q_idx`` and ``k_idx``. Returns a float32 scalar (``N``: the query count).
     """
-    B, N, H, Hkv, D = _check(q, k)
+    B, Nq, N, H, Hkv, D = _check(q, k)
     Di = q_idx.shape[-1]
-    allowed = _support(B, N, Hkv, block_idx, block_size, cu_seqlens, q.device)
+    allowed = _support(B, Nq, N, Hkv, block_idx, block_size, cu_seqlens, q.device)
     p = _teacher(q.detach(), k.detach(), allowed, D ** -0.5)
     s = torch.einsum("bird,bjd->brij", q_idx.float(), k_idx.float()) / math.sqrt(Di)
     logq, _ = _masked_log_softmax(s, allowed)
     cross = torch.where(allowed, p * logq, torch.zeros_like(logq))
     kl = torch.special.xlogy(p, p) - cross
-    return kl.sum() / (B * N * Hkv)
+    return kl.sum() / (B * Nq * Hkv)
 
 
 @torch.no_grad()
@@ -192,8 +199,8 @@ def index_recall(q: torch.Tensor, k: torch.Tensor, block_idx: torch.Tensor, bloc
                  cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over (batch, query, group) of the dense teacher's mass that falls in the selected blocks:
     the indexer's health metric (1.0 = the selection holds all the attention the group pays)."""
-    B, N, H, Hkv, D = _check(q, k)
-    dense = _support(B, N, Hkv, None, block_size, cu_seqlens, q.device)
+    B, Nq, N, H, Hkv, D = _check(q, k)
+    dense = _support(B, Nq, N, Hkv, None, block_size, cu_seqlens, q.device)
     p = _teacher(q, k, dense, D ** -0.5)
-    chosen = _support(B, N, Hkv, block_idx, block_size, cu_seqlens, q.device)
+    chosen = _support(B, Nq, N, Hkv, block_idx, block_size, cu_seqlens, q.device)
     return (p * chosen).sum(-1).mean()

@@ -173,3 +173,24 @@ def test_empty_support_is_zero_and_finite():
     assert (o[:, :10] == 0).all() and torch.isinf(lse[..., :10]).all()
     o.sum().backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_query_suffix_equals_full_sequence_rows():
+    """Queries given as the last Nq positions (context parallelism) reproduce those rows exactly."""
+    N, Nq, Bk = 90, 37, 16
+    cu = torch.tensor([0, 20, 21, 90], dtype=torch.int32)
+    q, k, v, q_idx, k_idx = _inputs(1, N, 4, 2, 16, 8)
+    full_idx = select_blocks(q_idx, k_idx, Bk, 3, cu_seqlens=cu)
+    tail_idx = select_blocks(q_idx[:, -Nq:], k_idx, Bk, 3, cu_seqlens=cu)
+    assert torch.equal(full_idx[:, :, -Nq:], tail_idx)
+    o, lse = sparse_attention(q, k, v, full_idx, Bk, cu_seqlens=cu)
+    o_tail, lse_tail = sparse_attention(q[:, -Nq:], k, v, tail_idx, Bk, cu_seqlens=cu)
+    assert rel_rms(o[:, -Nq:], o_tail) < 1e-6 and torch.allclose(lse[..., -Nq:], lse_tail)
+    # KL sums over rows: the prefix rows (keys before them only) plus the tail rows give the total
+    P = N - Nq
+    cu_prefix = torch.tensor([0, 20, 21, P], dtype=torch.int32)
+    total = index_kl_loss(q, k, q_idx, k_idx, full_idx, Bk, cu_seqlens=cu) * N
+    head = index_kl_loss(q[:, :P], k[:, :P], q_idx[:, :P], k_idx[:, :P], full_idx[:, :, :P], Bk,
+                         cu_seqlens=cu_prefix) * P
+    tail = index_kl_loss(q[:, -Nq:], k, q_idx[:, -Nq:], k_idx, tail_idx, Bk, cu_seqlens=cu) * Nq
+    assert torch.allclose(head + tail, total, rtol=1e-5)
