@@ -1,0 +1,437 @@
+"""MSA main branch: exact softmax attention of each query over the blocks its GQA group selected.
+
+Same signature and semantics as ``msa.reference.sparse_attention``: ``q [B, N, H, D]``,
+``k, v [B, N, Hkv, D]``, ``block_idx`` int32 ``[B, Hkv, N, topk]`` (block ids relative to the query's
+document under ``cu_seqlens``, ``-1`` for unused slots, no duplicates) -> ``o [B, N, H, D]`` and
+``lse [B, H, N]`` float32 without gradient; an empty support gives ``o = 0``, ``lse = -inf``.
+
+Supports G = H/Hkv of any size (KV-outer: powers of two), head dim 16/32/64/128, block sizes that
+are powers of two >= 16, bf16/fp16/fp32 inputs with fp32 accumulation, int64 offsets (``N*H*D``
+beyond 2^31). Two forward paths:
+
+- ``query``: one program per (query, group) runs an online softmax of its G heads over its blocks.
+- ``kv``: the reverse (block -> queries) CSR (``_sparse_csr``) lets one program hold a K/V block and
+  multiply it against tiles of gathered (query, head) rows (128 rows: 8 queries x 16 heads); each
+  (query, slot) gets a partial output and LSE, merged by a combine kernel (no atomics); hot blocks
+  are cut into several work items. Queries are processed in chunks that bound the partial buffer.
+
+Backward: dK/dV KV-outer over the CSR (each work item writes its own partial, a reduce kernel sums
+them per block in a fixed order) and dQ query-outer; no atomics, so it is deterministic.
+Measured on: see docs/kernels.md (section sparse_attention).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._sparse_csr import build_csr, build_layout, check_block_idx
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def sparse_attention_fwd_query_kernel(
+    q, k, v, idx, tok_start, o, lse, scale2, N,
+    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
+    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HKV
+    i_r = i_bh % HKV
+    o_g = tl.arange(0, BLOCK_G)
+    m_g = o_g < G
+    o_d = tl.arange(0, D)
+    row = i_b.to(tl.int64) * N + i_n
+    p_q = q + (row * H + i_r * G + o_g[:, None]) * D + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_g[:, None], other=0.0)
+    start = tl.load(tok_start + i_n)
+    b_m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_G], tl.float32)
+    b_acc = tl.zeros([BLOCK_G, D], tl.float32)
+    p_idx = idx + (i_bh.to(tl.int64) * N + i_n) * TOPK
+    for i_s in range(TOPK):
+        c = tl.load(p_idx + i_s)
+        k0 = start + c * BS
+        if (c >= 0) & (k0 <= i_n):
+            for j in range(0, BS, BLOCK_N):
+                o_k = k0 + j + tl.arange(0, BLOCK_N)
+                m_k = o_k <= i_n
+                p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
+                b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.0)
+                b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.0)
+                # [BLOCK_G, BLOCK_N]
+                b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
+                b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+                b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+                b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+                b_p = tl.exp2(b_s - b_ms[:, None])
+                b_alpha = tl.exp2(b_m - b_ms)
+                b_l = b_l * b_alpha + tl.sum(b_p, 1)
+                b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+                b_m = b_mn
+    nonempty = b_l > 0
+    b_acc = b_acc / tl.where(nonempty, b_l, 1.0)[:, None]
+    b_lse = tl.where(nonempty, (b_m + tl.log2(tl.where(nonempty, b_l, 1.0))) * 0.6931471805599453,
+                     float("-inf"))
+    tl.store(o + (row * H + i_r * G + o_g[:, None]) * D + o_d[None, :], b_acc.to(o.dtype.element_ty),
+             mask=m_g[:, None])
+    tl.store(lse + (i_b.to(tl.int64) * H + i_r * G + o_g) * N + i_n, b_lse, mask=m_g)
+
+
+@triton.jit
+def sparse_attention_fwd_kv_kernel(
+    q, k, v, entries, work_bucket, work_start, work_end, vb_start, vb_end, o_part, lse_part,
+    scale2, N, NV, NQ, q0,
+    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    i_w = tl.program_id(0)
+    u = tl.load(work_bucket + i_w)
+    e0 = tl.load(work_start + i_w)
+    e1 = tl.load(work_end + i_w)
+    i_br = u // NV
+    i_b = i_br // HKV
+    i_r = i_br % HKV
+    k0 = tl.load(vb_start + u % NV)
+    k1 = tl.load(vb_end + u % NV)
+    o_d = tl.arange(0, D)
+    o_k = k0 + tl.arange(0, BS)
+    m_k = o_k < k1
+    p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
+    b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.0)
+    b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.0)
+    o_m = tl.arange(0, BLOCK_M)
+    o_mq = o_m // G
+    h = i_r * G + o_m % G
+    for e in range(e0, e1, BLOCK_M // G):
+        m_row = e + o_mq < e1
+        ent = tl.load(entries + e + o_mq, mask=m_row, other=0).to(tl.int64)
+        i_q = q0 + (ent // TOPK) % NQ
+        p_q = ((i_b.to(tl.int64) * N + i_q) * H + h)[:, None] * D + o_d[None, :]
+        b_q = tl.load(q + p_q, mask=m_row[:, None], other=0.0)
+        # [BLOCK_M, BS]
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
+        m_s = m_k[None, :] & (o_k[None, :] <= i_q[:, None])
+        b_s = tl.where(m_s, b_s, float("-inf"))
+        b_mx = tl.max(b_s, 1)
+        b_mx = tl.where(b_mx == float("-inf"), 0.0, b_mx)
+        b_p = tl.exp2(b_s - b_mx[:, None])
+        b_l = tl.sum(b_p, 1)
+        b_o = tl.dot(b_p.to(b_v.dtype), b_v) / tl.where(b_l > 0, b_l, 1.0)[:, None]
+        p_out = ent * G + o_m % G
+        tl.store(o_part + p_out[:, None] * D + o_d[None, :], b_o.to(o_part.dtype.element_ty),
+                 mask=m_row[:, None])
+        tl.store(lse_part + p_out, b_mx + tl.log2(tl.where(b_l > 0, b_l, 1.0)), mask=m_row)
+
+
+@triton.jit
+def sparse_attention_combine_kernel(
+    o_part, lse_part, idx, tok_start, o, lse, N, NQ, q0,
+    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
+    D: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    i_nq = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HKV
+    i_r = i_bh % HKV
+    i_n = q0 + i_nq
+    o_g = tl.arange(0, BLOCK_G)
+    m_g = o_g < G
+    o_d = tl.arange(0, D)
+    pos = i_n - tl.load(tok_start + i_n)
+    e0 = (i_bh.to(tl.int64) * NQ + i_nq) * TOPK
+    b_m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_G], tl.float32)
+    b_acc = tl.zeros([BLOCK_G, D], tl.float32)
+    for i_s in range(TOPK):
+        c = tl.load(idx + (i_bh.to(tl.int64) * N + i_n) * TOPK + i_s)
+        if (c >= 0) & (c * BS <= pos):
+            p_e = (e0 + i_s) * G + o_g
+            b_ls = tl.load(lse_part + p_e, mask=m_g, other=0.0)
+            b_os = tl.load(o_part + p_e[:, None] * D + o_d[None, :], mask=m_g[:, None], other=0.0)
+            b_mn = tl.maximum(b_m, b_ls)
+            b_alpha = tl.exp2(b_m - b_mn)
+            b_w = tl.exp2(b_ls - b_mn)
+            b_l = b_l * b_alpha + b_w
+            b_acc = b_acc * b_alpha[:, None] + b_w[:, None] * b_os.to(tl.float32)
+            b_m = b_mn
+    nonempty = b_l > 0
+    b_acc = b_acc / tl.where(nonempty, b_l, 1.0)[:, None]
+    b_lse = tl.where(nonempty, (b_m + tl.log2(tl.where(nonempty, b_l, 1.0))) * 0.6931471805599453,
+                     float("-inf"))
+    row = i_b.to(tl.int64) * N + i_n
+    tl.store(o + (row * H + i_r * G + o_g[:, None]) * D + o_d[None, :], b_acc.to(o.dtype.element_ty),
+             mask=m_g[:, None])
+    tl.store(lse + (i_b.to(tl.int64) * H + i_r * G + o_g) * N + i_n, b_lse, mask=m_g)
+
+
+@triton.jit
+def sparse_attention_bwd_dq_kernel(
+    q, k, v, do, lse2, delta, idx, tok_start, dq, scale2, scale, N,
+    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
+    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HKV
+    i_r = i_bh % HKV
+    o_g = tl.arange(0, BLOCK_G)
+    m_g = o_g < G
+    o_d = tl.arange(0, D)
+    row = i_b.to(tl.int64) * N + i_n
+    p_q = (row * H + i_r * G + o_g[:, None]) * D + o_d[None, :]
+    b_q = tl.load(q + p_q, mask=m_g[:, None], other=0.0)
+    b_do = tl.load(do + p_q, mask=m_g[:, None], other=0.0)
+    p_row = (i_b.to(tl.int64) * H + i_r * G + o_g) * N + i_n
+    b_lse = tl.load(lse2 + p_row, mask=m_g, other=0.0)
+    b_delta = tl.load(delta + p_row, mask=m_g, other=0.0)
+    start = tl.load(tok_start + i_n)
+    b_dq = tl.zeros([BLOCK_G, D], tl.float32)
+    p_idx = idx + (i_bh.to(tl.int64) * N + i_n) * TOPK
+    for i_s in range(TOPK):
+        c = tl.load(p_idx + i_s)
+        k0 = start + c * BS
+        if (c >= 0) & (k0 <= i_n):
+            for j in range(0, BS, BLOCK_N):
+                o_k = k0 + j + tl.arange(0, BLOCK_N)
+                m_k = o_k <= i_n
+                p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
+                b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.0)
+                b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.0)
+                # [BLOCK_G, BLOCK_N]
+                b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
+                b_p = tl.where(m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
+                b_dp = tl.dot(b_do, tl.trans(b_v))
+                b_ds = b_p * (b_dp - b_delta[:, None])
+                b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+    tl.store(dq + p_q, (b_dq * scale).to(dq.dtype.element_ty), mask=m_g[:, None])
+
+
+@triton.jit
+def sparse_attention_bwd_dkdv_kernel(
+    q, k, v, do, lse2, delta, entries, work_bucket, work_start, work_end, vb_start, vb_end,
+    dk_part, dv_part, scale2, scale, N, NV,
+    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_w = tl.program_id(0)
+    i_t = tl.program_id(1)
+    u = tl.load(work_bucket + i_w)
+    e0 = tl.load(work_start + i_w)
+    e1 = tl.load(work_end + i_w)
+    i_br = u // NV
+    i_b = i_br // HKV
+    i_r = i_br % HKV
+    k0 = tl.load(vb_start + u % NV) + i_t * BLOCK_N
+    k1 = tl.load(vb_end + u % NV)
+    o_d = tl.arange(0, D)
+    o_k = k0 + tl.arange(0, BLOCK_N)
+    m_k = o_k < k1
+    p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
+    b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.0)
+    b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.0)
+    b_dk = tl.zeros([BLOCK_N, D], tl.float32)
+    b_dv = tl.zeros([BLOCK_N, D], tl.float32)
+    o_m = tl.arange(0, BLOCK_M)
+    o_mq = o_m // G
+    h = i_r * G + o_m % G
+    for e in range(e0, e1, BLOCK_M // G):
+        m_row = e + o_mq < e1
+        ent = tl.load(entries + e + o_mq, mask=m_row, other=0).to(tl.int64)
+        i_q = (ent // TOPK) % N
+        p_q = ((i_b.to(tl.int64) * N + i_q) * H + h)[:, None] * D + o_d[None, :]
+        b_q = tl.load(q + p_q, mask=m_row[:, None], other=0.0)
+        b_do = tl.load(do + p_q, mask=m_row[:, None], other=0.0)
+        p_row = (i_b.to(tl.int64) * H + h) * N + i_q
+        b_lse = tl.load(lse2 + p_row, mask=m_row, other=0.0)
+        b_delta = tl.load(delta + p_row, mask=m_row, other=0.0)
+        # [BLOCK_M, BLOCK_N]
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
+        m_s = m_row[:, None] & m_k[None, :] & (o_k[None, :] <= i_q[:, None])
+        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v))
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
+        b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
+    p_out = (i_w.to(tl.int64) * BS + i_t * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * D + o_d[None, :]
+    tl.store(dk_part + p_out, b_dk * scale)
+    tl.store(dv_part + p_out, b_dv)
+
+
+@triton.jit
+def sparse_attention_bwd_reduce_kernel(
+    dk_part, dv_part, bucket_work, vb_start, vb_end, dk, dv, N, NV,
+    HKV: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    u = tl.program_id(0)
+    i_t = tl.program_id(1)
+    i_br = u // NV
+    i_b = i_br // HKV
+    i_r = i_br % HKV
+    k0 = tl.load(vb_start + u % NV) + i_t * BLOCK_N
+    k1 = tl.load(vb_end + u % NV)
+    o_d = tl.arange(0, D)
+    o_t = i_t * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_k = k0 + tl.arange(0, BLOCK_N)
+    m_k = o_k < k1
+    w0 = tl.load(bucket_work + u)
+    w1 = tl.load(bucket_work + u + 1)
+    b_dk = tl.zeros([BLOCK_N, D], tl.float32)
+    b_dv = tl.zeros([BLOCK_N, D], tl.float32)
+    p_w = (w0.to(tl.int64) * BS + o_t)[:, None] * D + o_d[None, :]
+    for _ in range(w0, w1):
+        b_dk += tl.load(dk_part + p_w)
+        b_dv += tl.load(dv_part + p_w)
+        p_w += BS * D
+    p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
+    tl.store(dk + p_kv, b_dk.to(dk.dtype.element_ty), mask=m_k[:, None])
+    tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_k[:, None])
+
+
+def _tiles(G: int, D: int, block_size: int) -> dict:
+    """Tile sizes: rows of G heads padded to 16 for the tensor cores, key sub-tiles of <= 64."""
+    return dict(BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=min(block_size, 64),
+                BLOCK_M=max(128, G), CHUNK=int(os.environ.get("MSA_KV_CHUNK", 256)),
+                PART_BYTES=int(os.environ.get("MSA_KV_PART_BYTES", 2**31)))
+
+
+def _check_inputs(q, k, v, block_idx, block_size):
+    if q.ndim != 4 or k.ndim != 4 or k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q must be [B, N, H, D] and k [B, N, Hkv, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must match k {tuple(k.shape)}, got {tuple(v.shape)}")
+    B, N, H, D = q.shape
+    Hkv = k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"query heads H={H} must be a multiple of KV heads Hkv={Hkv}")
+    if D not in (16, 32, 64, 128):
+        raise ValueError(f"sparse_attention kernels support head dim 16, 32, 64 or 128, got D={D}: "
+                         "change the model's head_dim or use attention.backend=reference")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16 for the kernels, got {block_size} "
+                         "(attention.block_size)")
+    if block_idx.shape[:3] != (B, Hkv, N) or block_idx.ndim != 4:
+        raise ValueError(f"block_idx must be [B, Hkv, N, topk] = [{B}, {Hkv}, {N}, topk], "
+                         f"got {tuple(block_idx.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    return B, N, H, Hkv, D
+
+
+def _pick_path(path: str, G: int, block_size: int) -> str:
+    kv_ok = G & (G - 1) == 0 and block_size <= 128
+    if path == "auto":
+        return "query"
+    if path == "kv" and not kv_ok:
+        raise ValueError(f"path='kv' needs G = H/Hkv a power of two and block_size <= 128, got G={G}, "
+                         f"block_size={block_size}")
+    if path not in ("query", "kv"):
+        raise ValueError(f"path must be 'auto', 'query' or 'kv', got {path!r}")
+    return path
+
+
+def sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, path):
+    B, N, H, D = q.shape
+    Hkv, topk = k.shape[2], block_idx.shape[-1]
+    G = H // Hkv
+    t = _tiles(G, D, block_size)
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    consts = dict(H=H, HKV=Hkv, G=G, TOPK=topk, BS=block_size, D=D)
+    if path == "query":
+        sparse_attention_fwd_query_kernel[(N, B * Hkv)](
+            q, k, v, block_idx, layout.tok_start, o, lse, scale * LOG2E, N,
+            BLOCK_G=t["BLOCK_G"], BLOCK_N=t["BLOCK_N"], **consts)
+        return o, lse
+    part_dtype = torch.float32
+    per_query = B * H * topk * (D + 1) * 4
+    NQ = max(1, min(N, t["PART_BYTES"] // per_query))
+    for q0 in range(0, N, NQ):
+        nq = min(NQ, N - q0)
+        csr = build_csr(block_idx[:, :, q0:q0 + nq], layout, block_size, q0, t["CHUNK"])
+        o_part = torch.empty(B * Hkv * nq * topk * G, D, dtype=part_dtype, device=q.device)
+        lse_part = torch.empty(B * Hkv * nq * topk * G, dtype=torch.float32, device=q.device)
+        if csr.n_work:
+            sparse_attention_fwd_kv_kernel[(csr.n_work,)](
+                q, k, v, csr.entries, csr.work_bucket, csr.work_start, csr.work_end, layout.vb_start,
+                layout.vb_end, o_part, lse_part, scale * LOG2E, N, layout.vb_start.numel(), nq, q0,
+                BLOCK_M=t["BLOCK_M"], **consts)
+        sparse_attention_combine_kernel[(nq, B * Hkv)](
+            o_part, lse_part, block_idx, layout.tok_start, o, lse, N, nq, q0,
+            BLOCK_G=t["BLOCK_G"], **consts)
+    return o, lse
+
+
+def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, scale):
+    B, N, H, D = q.shape
+    Hkv, topk = k.shape[2], block_idx.shape[-1]
+    G = H // Hkv
+    t = _tiles(G, D, block_size)
+    consts = dict(H=H, HKV=Hkv, G=G, TOPK=topk, BS=block_size, D=D)
+    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, N]
+    lse2 = (lse * LOG2E).contiguous()
+    dq = torch.empty_like(q)
+    sparse_attention_bwd_dq_kernel[(N, B * Hkv)](
+        q, k, v, do, lse2, delta, block_idx, layout.tok_start, dq, scale * LOG2E, scale, N,
+        BLOCK_G=t["BLOCK_G"], BLOCK_N=t["BLOCK_N"], **consts)
+    csr = build_csr(block_idx, layout, block_size, 0, t["CHUNK"])
+    NV = layout.vb_start.numel()
+    n_sub = block_size // t["BLOCK_N"]
+    dk_part = torch.empty(max(csr.n_work, 1) * block_size, D, dtype=torch.float32, device=q.device)
+    dv_part = torch.empty_like(dk_part)
+    if csr.n_work:
+        sparse_attention_bwd_dkdv_kernel[(csr.n_work, n_sub)](
+            q, k, v, do, lse2, delta, csr.entries, csr.work_bucket, csr.work_start, csr.work_end,
+            layout.vb_start, layout.vb_end, dk_part, dv_part, scale * LOG2E, scale, N, NV,
+            BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"], **consts)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    sparse_attention_bwd_reduce_kernel[(B * Hkv * NV, n_sub)](
+        dk_part, dv_part, csr.bucket_work, layout.vb_start, layout.vb_end, dk, dv, N, NV,
+        HKV=Hkv, BS=block_size, D=D, BLOCK_N=t["BLOCK_N"])
+    return dq, dk, dv
+
+
+class SparseAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, block_size, cu_seqlens, scale, path):
+        q, k, v, block_idx = (x.contiguous() for x in (q, k, v, block_idx))
+        layout = build_layout(q.shape[1], block_size, cu_seqlens, q.device)
+        check_block_idx(block_idx, layout.n_blocks)
+        o, lse = sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, path)
+        ctx.save_for_backward(q, k, v, o, lse, block_idx)
+        ctx.layout, ctx.block_size, ctx.scale = layout, block_size, scale
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, block_idx = ctx.saved_tensors
+        dq, dk, dv = sparse_attention_bwd(q, k, v, o, lse, do.contiguous(), block_idx, ctx.block_size,
+                                          ctx.layout, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
+                     block_size: int, cu_seqlens: torch.Tensor | None = None, scale: float | None = None,
+                     path: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax attention of each query over the visible tokens of its group's selected blocks.
+
+    ``q [B, N, H, D]``, ``k, v [B, N, Hkv, D]``, ``block_idx`` int32 ``[B, Hkv, N, topk]``,
+    ``cu_seqlens`` int32 ``[n_docs + 1]`` (``B == 1``) -> ``o [B, N, H, D]`` (dtype of ``q``) and
+    ``lse [B, H, N]`` float32 (natural log, no gradient). ``scale`` defaults to ``1/sqrt(D)``;
+    ``path`` is ``"auto"``, ``"query"`` (query-outer forward) or ``"kv"`` (KV-outer forward).
+    """
+    B, N, H, Hkv, D = _check_inputs(q, k, v, block_idx, block_size)
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got B={B}")
+    path = _pick_path(path, H // Hkv, block_size)
+    scale = D ** -0.5 if scale is None else float(scale)
+    return SparseAttentionFunction.apply(q, k, v, block_idx.to(torch.int32), block_size, cu_seqlens,
+                                         scale, path)
