@@ -26,6 +26,7 @@ def _fix_interpreter_scalar_index() -> None:
 
 _fix_interpreter_scalar_index()
 
+from kernels.index_kl import index_kl_loss  # noqa: E402
 from kernels.index_topk import select_blocks  # noqa: E402
 
-__all__ = ["select_blocks"]
+__all__ = ["select_blocks", "index_kl_loss"]

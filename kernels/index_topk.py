@@ -45,7 +45,7 @@ def _topk_insert(b_s, b_i, b_new, blk, o_c, TOPK_RUN: tl.constexpr, TK: tl.const
 @triton.jit
 def select_blocks_fwd_kernel(
     q_ptr, k_ptr, out_ptr, tile_q0_ptr, tile_ds_ptr, tile_de_ptr,
-    N, n_tiles, Di,
+    N, Nq, n_tiles, Di,
     HKV: tl.constexpr, BK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TOPK: tl.constexpr, TK: tl.constexpr,
     TKO: tl.constexpr, IEEE: tl.constexpr,
@@ -53,8 +53,10 @@ def select_blocks_fwd_kernel(
     # heaviest (latest) tiles first: the causal work grows with the tile index
     i_t = n_tiles - 1 - tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
+    # queries are the last Nq key positions; tiles wholly before them have no work
+    off = N - Nq
     q0 = tl.load(tile_q0_ptr + i_t)
-    if q0 < 0:
+    if (q0 < 0) | (q0 + BLOCK_T <= off):
         return
     ds = tl.load(tile_ds_ptr + i_t)
     de = tl.load(tile_de_ptr + i_t)
@@ -64,10 +66,11 @@ def select_blocks_fwd_kernel(
     o_m = tl.arange(0, BLOCK_M)
     o_tok = q0 + o_m // HKV
     o_r = o_m % HKV
-    m_m = (o_m < BLOCK_T * HKV) & (o_tok < de)
+    m_m = (o_m < BLOCK_T * HKV) & (o_tok < de) & (o_tok >= off)
+    o_tq = tl.where(m_m, o_tok - off, 0).to(tl.int64)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < Di
-    p_q = q_ptr + ((i_b * N + o_tok.to(tl.int64)) * HKV + o_r) * Di
+    p_q = q_ptr + ((i_b * Nq + o_tq) * HKV + o_r) * Di
     # [BLOCK_M, BLOCK_D]
     b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
 
@@ -100,7 +103,7 @@ def select_blocks_fwd_kernel(
         sel = tl.where(mx > float("-inf"), sel, -1)
         b_out = tl.where(o_co[None, :] == t, sel[:, None], b_out)
         b_s = tl.where(hit & (b_i == sel[:, None]), float("-inf"), b_s)
-    p_o = out_ptr + ((i_b * HKV + o_r) * N + o_tok.to(tl.int64)) * TOPK
+    p_o = out_ptr + ((i_b * HKV + o_r) * Nq + o_tq) * TOPK
     tl.store(p_o[:, None] + o_co[None, :], b_out, mask=m_m[:, None] & (o_co < TOPK)[None, :])
 
 
@@ -146,7 +149,8 @@ def _check_block_size(block_size: int) -> None:
 
 def select_blocks_fwd(q_idx, k_idx, block_size, topk, cu_seqlens=None, block_t=None, block_n=None,
                       num_warps=None, num_stages=None):
-    B, N, Hkv, Di = q_idx.shape
+    B, Nq, Hkv, Di = q_idx.shape
+    N = k_idx.shape[1]
     hkv_p = triton.next_power_of_2(Hkv)
     block_t = block_t or max(1, min(block_size, 128 // hkv_p))
     block_n = block_n or min(block_size, 64)
@@ -154,11 +158,11 @@ def select_blocks_fwd(q_idx, k_idx, block_size, topk, cu_seqlens=None, block_t=N
         raise ValueError(f"block_t={block_t} and block_n={block_n} must divide block_size={block_size}")
     block_m = max(16, triton.next_power_of_2(block_t * Hkv))
     q0, ds, de = doc_tiles(N, block_t, cu_seqlens, q_idx.device)
-    out = torch.empty(B, Hkv, N, topk, dtype=torch.int32, device=q_idx.device)
+    out = torch.empty(B, Hkv, Nq, topk, dtype=torch.int32, device=q_idx.device)
     tk = triton.next_power_of_2(max(topk - 1, 1))
     grid = (q0.numel(), B)
     select_blocks_fwd_kernel[grid](
-        q_idx, k_idx, out, q0, ds, de, N, q0.numel(), Di,
+        q_idx, k_idx, out, q0, ds, de, N, Nq, q0.numel(), Di,
         HKV=Hkv, BK=block_size, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(Di)), TOPK=topk, TK=tk,
         TKO=triton.next_power_of_2(topk), IEEE=q_idx.dtype == torch.float32,
@@ -172,13 +176,16 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, top
                   cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k key blocks per (query, group) by raw max-pooled index score, in one fused pass.
 
-    ``q_idx [B, N, Hkv, Di]``, ``k_idx [B, N, Di]`` (bf16/fp16/fp32, same dtype) ->
-    ``block_idx`` int32 ``[B, Hkv, N, topk]``: own block in slot 0, the others by descending score,
-    ``-1`` padding. ``cu_seqlens`` int32 ``[n_docs + 1]`` (``B == 1``) makes block ids document-relative.
+    ``q_idx [B, Nq, Hkv, Di]``, ``k_idx [B, N, Di]`` (bf16/fp16/fp32, same dtype; the queries are the
+    last ``Nq <= N`` positions, ``Nq = N`` but for context parallelism) -> ``block_idx`` int32
+    ``[B, Hkv, Nq, topk]``: own block in slot 0, the others by descending score, ``-1`` padding.
+    ``cu_seqlens`` int32 ``[n_docs + 1]`` over the keys (``B == 1``) makes block ids document-relative.
     """
-    B, N, Hkv, Di = q_idx.shape
-    if k_idx.shape != (B, N, Di):
-        raise ValueError(f"k_idx must be [B, N, Di] = {(B, N, Di)}, got {tuple(k_idx.shape)}")
+    B, Nq, Hkv, Di = q_idx.shape
+    N = k_idx.shape[1]
+    if k_idx.ndim != 3 or k_idx.shape[0] != B or N < Nq or k_idx.shape[2] != Di:
+        raise ValueError(f"k_idx must be [B, N >= Nq, Di] for q_idx {tuple(q_idx.shape)}, "
+                         f"got {tuple(k_idx.shape)}")
     if k_idx.dtype != q_idx.dtype:
         raise ValueError(f"q_idx and k_idx must share a dtype, got {q_idx.dtype} and {k_idx.dtype}")
     if topk < 1:

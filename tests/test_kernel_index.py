@@ -10,9 +10,10 @@ import math
 import pytest
 import torch
 
+from kernels.index_kl import index_kl_loss
 from kernels.index_topk import select_blocks
 from msa import reference as ref
-from tests.utils import poison_empty
+from tests.utils import poison_empty, rel_rms
 
 CU_ONE_TOKEN_DOCS = [0, 1, 50, 51, 52, 140, 200]
 
@@ -22,22 +23,23 @@ def _cu(cu):
 
 
 def _ref_block_scores(q_idx, k_idx, block_size, cu_seqlens):
-    """``[B, Hkv, N, n_blocks]`` reference max-pooled scores (own block not forced)."""
-    B, N, Hkv, Di = q_idx.shape
+    """``[B, Hkv, Nq, n_blocks]`` reference max-pooled scores (own block not forced), own blocks."""
+    B, Nq, Hkv, Di = q_idx.shape
+    N = k_idx.shape[1]
     doc, pos = ref.doc_layout(B, N, cu_seqlens, q_idx.device)
-    visible = ref._visible(doc, pos)[:, None]
+    visible = ref._visible(doc, pos, Nq)[:, None]
     s = torch.einsum("bird,bjd->brij", q_idx.double(), k_idx.double()) / math.sqrt(Di)
     s = s.masked_fill(~visible, float("-inf"))
     n_blocks = math.ceil(N / block_size)
-    m = torch.full((B, Hkv, N, n_blocks), float("-inf"), dtype=s.dtype)
-    blk = (pos // block_size)[:, None, None, :].expand(B, Hkv, N, N)
-    return m.scatter_reduce(-1, blk, s, reduce="amax"), pos // block_size
+    m = torch.full((B, Hkv, Nq, n_blocks), float("-inf"), dtype=s.dtype)
+    blk = (pos // block_size)[:, None, None, :].expand(B, Hkv, Nq, N)
+    return m.scatter_reduce(-1, blk, s, reduce="amax"), (pos // block_size)[:, -Nq:]
 
 
 def check_selection(out, q_idx, k_idx, block_size, topk, cu_seqlens, tol):
     """Every rule of the contract, with near-ties allowed to order either way."""
-    B, N, Hkv, _ = q_idx.shape
-    assert out.dtype == torch.int32 and out.shape == (B, Hkv, N, topk)
+    B, Nq, Hkv, _ = q_idx.shape
+    assert out.dtype == torch.int32 and out.shape == (B, Hkv, Nq, topk)
     score, own = _ref_block_scores(q_idx.float(), k_idx.float(), block_size, cu_seqlens)
     out = out.long()
     assert (out[..., 0] == own[:, None, :]).all(), "own block must take slot 0"
@@ -49,7 +51,7 @@ def check_selection(out, q_idx, k_idx, block_size, topk, cu_seqlens, tol):
     srt = out.masked_fill(~valid, -1).sort(-1).values
     assert not ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any(), "duplicate block"
     # the selected non-own blocks score at least the (topk-1)-th best of the others, minus tol
-    others = score.scatter(-1, own[:, None, :, None].expand(B, Hkv, N, 1), float("-inf"))
+    others = score.scatter(-1, own[:, None, :, None].expand(B, Hkv, Nq, 1), float("-inf"))
     kth = None if topk == 1 else others.sort(-1, descending=True).values[..., min(topk - 2, others.shape[-1] - 1)]
     if kth is not None:
         got = others.gather(-1, out[..., 1:].clamp(min=0))
@@ -60,15 +62,16 @@ def check_selection(out, q_idx, k_idx, block_size, topk, cu_seqlens, tol):
         assert (g[..., 1:] <= g[..., :-1] + tol).all(), "entries out of score order"
 
 
-@pytest.mark.parametrize("N,Hkv,Di,bs,topk,cu,B", [
-    (63, 1, 16, 16, 3, None, 2),
-    (111, 4, 16, 16, 20, None, 2),   # topk above the blocks available
-    (200, 2, 32, 16, 5, None, 1),
-    (200, 3, 16, 32, 4, CU_ONE_TOKEN_DOCS, 1),
-    (200, 2, 24, 16, 1, None, 1),    # own block only, Di padded
+@pytest.mark.parametrize("Nq,N,Hkv,Di,bs,topk,cu,B", [
+    (63, 63, 1, 16, 16, 3, None, 2),
+    (111, 111, 4, 16, 16, 20, None, 2),   # topk above the blocks available
+    (200, 200, 2, 32, 16, 5, None, 1),
+    (200, 200, 3, 16, 32, 4, CU_ONE_TOKEN_DOCS, 1),
+    (200, 200, 2, 24, 16, 1, None, 1),    # own block only, Di padded
+    (77, 200, 2, 16, 16, 4, CU_ONE_TOKEN_DOCS, 1),  # queries are the last Nq keys (context parallel)
 ])
-def test_select_blocks_matches_reference(monkeypatch, N, Hkv, Di, bs, topk, cu, B):
-    q_idx = torch.randn(B, N, Hkv, Di)
+def test_select_blocks_matches_reference(monkeypatch, Nq, N, Hkv, Di, bs, topk, cu, B):
+    q_idx = torch.randn(B, Nq, Hkv, Di)
     k_idx = torch.randn(B, N, Di)
     cu = _cu(cu)
     expected = ref.select_blocks(q_idx, k_idx, bs, topk, cu)
@@ -109,3 +112,68 @@ def test_select_blocks_gpu_bf16(N, Hkv, cu):
     # bf16 products summed in another order: scores agree to ~1e-2 of their spread
     check_selection(out.cpu(), q_idx.float().cpu(), k_idx.float().cpu(), bs, topk,
                     None if cu is None else cu.cpu(), tol=2e-2)
+
+
+def _kl_inputs(B, Nq, N, H, Hkv, D, Di, device="cpu", dtype=torch.float32):
+    q = torch.randn(B, Nq, H, D, device=device, dtype=dtype)
+    k = torch.randn(B, N, Hkv, D, device=device, dtype=dtype)
+    v = torch.randn(B, N, Hkv, D, device=device, dtype=dtype)
+    q_idx = torch.randn(B, Nq, Hkv, Di, device=device, dtype=dtype, requires_grad=True)
+    k_idx = torch.randn(B, N, Di, device=device, dtype=dtype, requires_grad=True)
+    return q, k, v, q_idx, k_idx
+
+
+def _kl_and_grads(fn, q, k, q_idx, k_idx, *args, **kwargs):
+    q_idx.grad = k_idx.grad = None
+    loss = fn(q, k, q_idx, k_idx, *args, **kwargs)
+    loss.backward()
+    return loss.detach(), q_idx.grad.clone(), k_idx.grad.clone()
+
+
+@pytest.mark.parametrize("B,Nq,N,H,Hkv,bs,topk,cu,phase", [
+    (2, 63, 63, 2, 1, 16, 3, None, "sparse"),
+    (2, 111, 111, 4, 2, 16, 20, None, "sparse"),          # topk above the blocks available
+    (1, 200, 200, 4, 2, 16, 5, CU_ONE_TOKEN_DOCS, "sparse+lse"),
+    (1, 111, 111, 4, 1, 16, 4, None, "dense"),
+    (1, 200, 200, 8, 2, 32, 4, CU_ONE_TOKEN_DOCS, "dense+lse"),
+    (1, 90, 200, 4, 2, 16, 5, CU_ONE_TOKEN_DOCS, "sparse"),  # last Nq queries
+])
+def test_index_kl_matches_reference(monkeypatch, B, Nq, N, H, Hkv, bs, topk, cu, phase):
+    q, k, v, q_idx, k_idx = _kl_inputs(B, Nq, N, H, Hkv, 16, 16)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    cu = _cu(cu)
+    block_idx = ref.select_blocks(q_idx.detach(), k_idx.detach(), bs, topk, cu) if "sparse" in phase else None
+    lse = ref.sparse_attention(q.detach(), k, v, block_idx, bs, cu)[1] if "lse" in phase else None
+    want = _kl_and_grads(ref.index_kl_loss, q, k, q_idx, k_idx, block_idx, bs, cu)
+    poison_empty(monkeypatch)
+    got = _kl_and_grads(index_kl_loss, q, k, q_idx, k_idx, block_idx, bs, cu, lse=lse)
+    assert q.grad is None and k.grad is None, "the teacher must get no gradient"
+    for name, w, g in zip(("loss", "dq_idx", "dk_idx"), want, got):
+        err = rel_rms(w, g)
+        assert err < 1e-5, f"{name}: rel rms {err:.2e}, max abs {(w - g).abs().max():.2e}"
+
+
+def test_index_kl_grad_scales_with_upstream():
+    q, k, _, q_idx, k_idx = _kl_inputs(1, 40, 40, 2, 1, 16, 16)
+    block_idx = ref.select_blocks(q_idx.detach(), k_idx.detach(), 16, 2)
+    _, dq1, dk1 = _kl_and_grads(index_kl_loss, q, k, q_idx, k_idx, block_idx, 16)
+    q_idx.grad = k_idx.grad = None
+    (3.0 * index_kl_loss(q, k, q_idx, k_idx, block_idx, 16)).backward()
+    assert rel_rms(3 * dq1, q_idx.grad) < 1e-6 and rel_rms(3 * dk1, k_idx.grad) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("phase", ["sparse", "dense"])
+def test_index_kl_gpu_bf16(phase):
+    B, N, H, Hkv, D, Di, bs, topk = 1, 4096 + 77, 16, 2, 128, 128, 128, 8
+    q, k, v, q_idx, k_idx = _kl_inputs(B, N, N, H, Hkv, D, Di, "cuda", torch.bfloat16)
+    block_idx = select_blocks(q_idx.detach(), k_idx.detach(), bs, topk) if phase == "sparse" else None
+    want = _kl_and_grads(ref.index_kl_loss, q.float(), k.float(), q_idx, k_idx, block_idx, bs)
+    got = _kl_and_grads(index_kl_loss, q, k, q_idx, k_idx, block_idx, bs)
+    for name, w, g in zip(("loss", "dq_idx", "dk_idx"), want, got):
+        err = rel_rms(w.float(), g.float())
+        assert err < 1e-2, f"{name}: rel rms {err:.2e}"
+    # dk_idx sums per-program partials with fp32 atomics: reruns differ by rounding only
+    again = _kl_and_grads(index_kl_loss, q, k, q_idx, k_idx, block_idx, bs)
+    assert rel_rms(got[2].float(), again[2].float()) < 1e-3
