@@ -1,0 +1,171 @@
+"""Atomic training checkpoints on top of DeepSpeed's save/load.
+
+Layout under ``run_dir/checkpoints``::
+
+    step_00000120/            one complete checkpoint: `step` optimizer steps done
+      state/                  DeepSpeed's files (model, optimizer, scheduler; ZeRO partitions per rank)
+      ranks/rank_00003.pt     each rank's RNG states and data-loader position
+      meta.json               written last: step, stage, world size; its presence marks the copy complete
+    latest                    name of the newest complete checkpoint (a pointer for people and tools)
+    .tmp-step_00000140/       a save in progress, or one killed half-way: never read, removed later
+
+A save writes everything into ``.tmp-<tag>``, renames it to ``<tag>`` (atomic on one file system) and
+only then rewrites ``latest`` (through a rename as well), so a run killed at any moment leaves either
+the old set of checkpoints or the new one. ``resume=auto`` picks the newest directory with a
+``meta.json``; a half-written one is ignored. The run directory must be on a file system every rank
+sees (each rank writes its own files into the same directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+DS_TAG = "state"
+PREFIX = "step_"
+TMP = ".tmp-"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return path.name.startswith(PREFIX) and (path / "meta.json").is_file()
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (by step)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: read_meta(p)["step"])
+
+
+def read_meta(path: str | Path) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def find_resume(run_dir: str | Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: ``never`` -> None; ``auto`` -> the newest complete one in
+    ``run_dir`` (None if there is none); anything else is a checkpoint directory that must be complete."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not is_complete(path):
+        raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a complete checkpoint (a {PREFIX}* "
+                                f"directory with meta.json): use auto, never or such a directory")
+    return path
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write(path: Path, write) -> None:
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(engine, run_dir: str | Path, step: int, *, rank: int, world_size: int, keep_last: int,
+                    loader_state: dict | None = None, meta: dict | None = None) -> Path:
+    """Save a checkpoint after ``step`` optimizer steps; every rank must call it. Returns its path."""
+    root, tag = checkpoint_dir(run_dir), tag_for(step)
+    final, tmp = root / tag, root / f"{TMP}{tag}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"{TMP}*"):  # a save killed half-way, or this one's earlier attempt
+            shutil.rmtree(stale, ignore_errors=True)
+        (tmp / "ranks").mkdir(parents=True)
+    _barrier()
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+    own = {"rng": rng_state(), "loader": loader_state, "rank": rank}
+    _atomic_write(tmp / "ranks" / f"rank_{rank:05d}.pt", lambda f: torch.save(own, f))
+    _barrier()
+    if rank == 0:
+        info = {"step": step, "world_size": world_size, "time": time.time(), **(meta or {})}
+        _atomic_write(tmp / "meta.json", lambda f: f.write(json.dumps(info, indent=1).encode()))
+        replaced = final.with_name(f"{TMP}replaced-{tag}")
+        if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
+            os.rename(final, replaced)
+        os.rename(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
+        _atomic_write(root / "latest", lambda f: f.write(tag.encode()))
+        _fsync_dir(root)
+        prune(run_dir, keep_last)
+    _barrier()
+    return final
+
+
+def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints (0 keeps all). Returns the deleted."""
+    if keep_last <= 0:
+        return []
+    old = complete_checkpoints(run_dir)[:-keep_last]
+    for path in old:
+        # rename first, so a kill during rmtree leaves a .tmp- directory (ignored), not a damaged step_
+        doomed = path.with_name(f"{TMP}deleted-{path.name}")
+        os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return old
+
+
+def load_checkpoint(engine, path: str | Path, *, rank: int, world_size: int) -> dict:
+    """Restore DeepSpeed's state and this rank's RNG states from ``path``; returns the checkpoint's
+    meta dict with this rank's data-loader state under ``"loader"``."""
+    path = Path(path)
+    meta = read_meta(path)
+    if meta["world_size"] != world_size:
+        raise ValueError(f"checkpoint {path} was saved by {meta['world_size']} ranks, this run has {world_size}: "
+                         f"relaunch with {meta['world_size']} ranks, or start afresh with checkpoint.resume=never")
+    load_path, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load {path / DS_TAG}")
+    own = torch.load(path / "ranks" / f"rank_{rank:05d}.pt", weights_only=False)
+    set_rng_state(own["rng"])
+    return {**meta, "loader": own["loader"]}
