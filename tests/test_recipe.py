@@ -1,0 +1,53 @@
+"""Recipe stages: resolution from config, lookup by step, and errors that name the key."""
+
+import pytest
+
+from train.config import TrainConfig
+from train.recipe import RecipeConfig, StageConfig, build_recipe, describe, stage_at, stage_config
+
+
+def make_cfg(stages=(), steps=30, warmup=0):
+    cfg = TrainConfig()
+    cfg.recipe = RecipeConfig(stages=list(stages))
+    cfg.train.steps, cfg.attention.warmup_steps = steps, warmup
+    cfg.data.seq_len, cfg.data.batch_size, cfg.model.rope_base = 512, 2, 1e4
+    return cfg
+
+
+def test_default_recipe_from_warmup_steps():
+    warm, sparse = build_recipe(make_cfg(steps=30, warmup=10))
+    assert (warm.phase, warm.start, warm.end) == ("warmup", 0, 10)
+    assert (sparse.phase, sparse.start, sparse.end) == ("sparse", 10, 30)
+    assert warm.data_epoch == sparse.data_epoch == 0  # same data shape: one loader for both
+    (only,) = build_recipe(make_cfg(steps=30, warmup=0))
+    assert (only.phase, only.end) == ("sparse", 30)
+
+
+def test_stages_resolve_and_inherit():
+    cfg = make_cfg([StageConfig(name="warm", steps=4, phase="warmup", kl_weight=2.0),
+                    StageConfig(steps=6),
+                    StageConfig(name="long", steps=10, seq_len=1024, batch_size=1, rope_base=5e6, sp_size=2)],
+                   steps=18)
+    stages = build_recipe(cfg)
+    assert [(s.start, s.end) for s in stages] == [(0, 4), (4, 10), (10, 20)]
+    assert [s.phase for s in stages] == ["warmup", "sparse", "sparse"]
+    assert [s.seq_len for s in stages] == [512, 512, 1024]
+    assert [s.kl_weight for s in stages] == [2.0, cfg.attention.kl_weight, cfg.attention.kl_weight]
+    assert stages[1].name == "stage1" and stages[2].rope_base == 5e6 and stages[2].layout() == (2, 1)
+    assert [s.data_epoch for s in stages] == [0, 0, 2]
+    assert [stage_at(stages, i).index for i in (0, 3, 4, 9, 10, 19, 25)] == [0, 0, 1, 1, 2, 2, 2]
+    eff = stage_config(cfg, stages[2])
+    assert (eff.data.seq_len, eff.data.batch_size, eff.parallel.sp_size, eff.model.rope_base) == (1024, 1, 2, 5e6)
+    assert cfg.data.seq_len == 512  # the base config is left alone
+    text = describe(stages, 18)
+    assert "[2] long: steps 10-17 sparse seq_len=1024" in text
+
+
+@pytest.mark.parametrize("stages, steps, message", [
+    ([StageConfig(steps=0)], 5, r"recipe.stages\[0\].steps=0"),
+    ([StageConfig(steps=5), StageConfig(steps=5, phase="dense")], 10, r"recipe.stages\[1\].phase='dense'"),
+    ([StageConfig(steps=5), StageConfig(steps=5)], 11, r"train.steps=11 runs past the recipe's 10 steps"),
+])
+def test_bad_recipe_names_the_key(stages, steps, message):
+    with pytest.raises(ValueError, match=message):
+        build_recipe(make_cfg(stages, steps=steps))
