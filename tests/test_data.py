@@ -53,6 +53,7 @@ def text_samples(n: int, rng, prefix: str = "t", lo: int = 1, hi: int = 400) -> 
 
 def data_cfg(shards, **kw) -> DataConfig:
     kw.setdefault("num_workers", 0)
+    kw.setdefault("image", ImageConfig(max_patches=16))
     return DataConfig(shards=shards, **kw)
 
 
@@ -254,7 +255,7 @@ def test_images_are_never_split_across_rows(tmp_path):
 def test_config_errors_name_the_key(tmp_path):
     shard, _ = formats_shard(tmp_path, np.random.default_rng(0))
     with pytest.raises(ValueError, match="data.image.max_patches"):
-        build_dataloader(data_cfg(shard), TOK, seq_len=64)
+        build_dataloader(data_cfg(shard, image=ImageConfig(max_patches=256)), TOK, seq_len=64)
     with pytest.raises(ValueError, match="data.shards"):
         build_dataloader(data_cfg(str(tmp_path / "nothing-{000..003}.tar")), TOK, seq_len=512)
     with pytest.raises(ValueError, match="data.shards"):

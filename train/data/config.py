@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from train.data.tokenizer import TokenizerConfig
 
@@ -29,7 +30,7 @@ class CorpusConfig:
 class DataConfig:
     # A pattern or list of patterns: local paths, brace ranges ('d/{000..009}.tar'), globs, 'pipe:cmd'
     # URLs; "default" = the embedded corpus in corpus_dir, built there when missing.
-    shards: str | list[str] = "default"
+    shards: Any = "default"  # str or list[str]; OmegaConf 2.3 cannot type a union with a list
     corpus_dir: str = "data/corpus"  # relative to the current directory
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     seq_len: int = 4096

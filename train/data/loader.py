@@ -138,8 +138,9 @@ class Loader:
                                      collate_fn=_identity, prefetch_factor=max(1, self.cfg.prefetch),
                                      multiprocessing_context="fork" if os.name == "posix" else None))
         for row in source:
-            w = row.state.pop("worker")
-            self._states[w], self._next = row.state, (w + 1) % self.n_workers
+            w = row.state["worker"]
+            self._states[w] = {k: v for k, v in row.state.items() if k != "worker"}
+            self._next = (w + 1) % self.n_workers
             yield row
 
     def __iter__(self):

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from train.data.samples import SampleError
 
@@ -43,7 +43,8 @@ def _is_remote(url: str) -> bool:
 def expand_shards(shards: str | list[str]) -> list[str]:
     """Patterns -> shard URLs: `::`-separated lists, brace ranges, globs, `pipe:` URLs.
 
-    A pattern that matches no existing local file is an error that names `data.shards`."""
+    A pattern none of whose local files exists is an error that names `data.shards`; single missing
+    files of a pattern stay in the list and are skipped (and counted) as unreadable when read."""
     patterns = [shards] if isinstance(shards, str) else list(shards)
     if not patterns:
         raise ValueError("data.shards is empty: give a shard pattern, a list of them, or 'default'")
@@ -51,26 +52,44 @@ def expand_shards(shards: str | list[str]) -> list[str]:
     for pattern in patterns:
         matched = []
         for url in expand_urls(str(pattern)):
-            if _is_remote(url):
-                matched.append(url)
-            elif any(c in url for c in "*?["):
-                matched.extend(sorted(glob.glob(url)))
-            elif os.path.exists(url):
-                matched.append(url)
-            else:
-                log.warning("data.shards: %s does not exist (pattern %r)", url, pattern)
-        if not matched:
+            matched.extend(sorted(glob.glob(url)) if not _is_remote(url) and any(c in url for c in "*?[") else [url])
+        if not any(_is_remote(u) or os.path.exists(u) for u in matched):
             raise ValueError(f"data.shards: pattern {pattern!r} matches no shard (cwd {os.getcwd()})")
+        missing = [u for u in matched if not _is_remote(u) and not os.path.exists(u)]
+        if missing:
+            log.warning("data.shards: %d of %d shards of %r do not exist, e.g. %s", len(missing), len(matched),
+                        pattern, missing[0])
         urls.extend(matched)
     return urls
 
 
 def iter_tar(url: str):
-    """Samples (dicts of member bytes, with __key__ and __url__) of one shard, in tar order."""
+    """Samples (dicts of member bytes, with __key__ and __url__) of one shard, in tar order.
+
+    A read error (unreadable URL, truncated or corrupt tar) is raised after the samples before it;
+    the sample that was being read when it happened is dropped unless the failing member belongs to
+    the next sample."""
     stream = gopen(url, "rb")
+    member, error = {}, []
+
+    def note(name):  # tar_file_iterator calls this before reading each member's data
+        member["name"] = name
+        return name
+
+    def files():
+        try:
+            for f in tar_file_iterator(stream, rename_files=note):
+                yield {**f, "__url__": url}
+        except Exception as e:
+            error.append(e)
+
     try:
-        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-        yield from group_by_keys(files)
+        for sample in group_by_keys(files()):
+            if error and "name" in member and base_plus_ext(member["name"])[0] == sample["__key__"]:
+                break  # incomplete: its last member is the one that failed
+            yield sample
+        if error:
+            raise error[0]
     finally:
         stream.close()
 
