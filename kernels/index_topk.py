@@ -153,7 +153,7 @@ def select_blocks_fwd(q_idx, k_idx, block_size, topk, cu_seqlens=None, block_t=N
     N = k_idx.shape[1]
     hkv_p = triton.next_power_of_2(Hkv)
     block_t = block_t or max(1, min(block_size, 128 // hkv_p))
-    block_n = block_n or min(block_size, 64)
+    block_n = block_n or min(block_size, 128)
     if block_size % block_t or block_size % block_n:
         raise ValueError(f"block_t={block_t} and block_n={block_n} must divide block_size={block_size}")
     block_m = max(16, triton.next_power_of_2(block_t * Hkv))
@@ -166,7 +166,7 @@ def select_blocks_fwd(q_idx, k_idx, block_size, topk, cu_seqlens=None, block_t=N
         HKV=Hkv, BK=block_size, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(Di)), TOPK=topk, TK=tk,
         TKO=triton.next_power_of_2(topk), IEEE=q_idx.dtype == torch.float32,
-        num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=num_stages or 3,
+        num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=num_stages or 2,
     )
     return out
 
