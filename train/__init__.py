@@ -1,0 +1,1 @@
+"""Training: model, data, parallelism, loop, checkpoints and logging for MSA decoders."""

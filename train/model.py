@@ -1,0 +1,188 @@
+"""The decoder: token (and image-patch) embeddings, ``n_dense_layers`` dense GQA blocks, then MSA
+blocks, RMSNorm, SwiGLU MLPs and a chunked cross-entropy that never holds ``N x vocab`` logits.
+
+Plain modules, no ranks: parallelism is applied from outside (``train/parallel.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from msa.layer import (
+    Attention,
+    AttentionConfig,
+    MSAAttention,
+    MSACore,
+    attention_flops_per_token,
+    check_attention,
+    mean_context,
+)
+from msa.rope import Rotary
+from train.vision import VisionConfig, build_vision
+
+
+@dataclass
+class ModelConfig:
+    """``model.*``: decoder shape. ``model=tiny|small|base|1b`` picks a preset in conf/model/."""
+
+    name: str = "tiny"
+    vocab_size: int = 384
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    ffn_dim: int = 0  # 0: 8/3 * dim rounded up to a multiple of 64
+    rope_dim: int = 16  # partial RoPE: rotary on the first rope_dim dims of each head
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    ce_chunk_tokens: int = 8192  # cross-entropy chunk: logits exist for this many tokens at a time
+    init_std: float = 0.02
+    vision: VisionConfig = field(default_factory=VisionConfig)
+
+
+def check_model(cfg: ModelConfig, attn: AttentionConfig) -> None:
+    """Reject model shapes that cannot work, naming the key to change."""
+    for key in ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "ce_chunk_tokens"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"model.{key}={getattr(cfg, key)} must be >= 1")
+    if cfg.rope_dim % 2 or not 0 <= cfg.rope_dim <= cfg.head_dim:
+        raise ValueError(f"model.rope_dim={cfg.rope_dim} must be even and <= model.head_dim={cfg.head_dim}")
+    check_attention(attn, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn_cfg: AttentionConfig, sparse: bool):
+        super().__init__()
+        args = (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_dim)
+        self.attn = MSAAttention(*args, attn_cfg, cfg.norm_eps) if sparse else Attention(*args, cfg.norm_eps)
+        self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        hidden = cfg.ffn_dim or 64 * math.ceil(8 * cfg.dim / 3 / 64)
+        self.mlp = SwiGLU(cfg.dim, hidden)
+
+    def forward(self, x, rotary: Rotary, cu_seqlens=None):
+        a, kl = self.attn(self.attn_norm(x), rotary, cu_seqlens)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), kl
+
+
+def _ce_sum(h, weight, labels):
+    return F.cross_entropy((h @ weight.t()).float(), labels, ignore_index=-100, reduction="sum")
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Summed cross-entropy of ``h [T, dim] @ weight.T`` against ``labels [T]`` (-100 ignored).
+
+    Each chunk's logits are recomputed in backward (checkpointed), so at most ``chunk x vocab`` logits
+    exist at any time."""
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk):
+        lab = labels[s:s + chunk]
+        if (lab != -100).any():
+            total = total + checkpoint(_ce_sum, h[s:s + chunk], weight, lab, use_reentrant=False)
+    return total
+
+
+class Decoder(nn.Module):
+    """Mixed text-image decoder. ``forward(batch)`` takes the data pipeline's packed batch and
+    returns ``{"lm_sum", "n_tokens", "kl"}``: summed LM loss over text targets, their count, and the
+    sum over MSA layers of the index KL (each averaged over tokens and groups)."""
+
+    def __init__(self, cfg: ModelConfig, attn_cfg: AttentionConfig):
+        super().__init__()
+        check_model(cfg, attn_cfg)
+        self.cfg, self.attn_cfg = cfg, attn_cfg
+        self.rope_base = cfg.rope_base
+        n_dense = cfg.n_layers if attn_cfg.backend == "dense" else attn_cfg.n_dense_layers
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.vision = build_vision(cfg.vision, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, attn_cfg, sparse=i >= n_dense) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.ndim < 2:
+                continue
+            # residual-branch outputs shrink with depth so the residual stream keeps its scale
+            scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w_down.weight")) else 1
+            nn.init.normal_(p, std=std * scale)
+
+    def msa_cores(self) -> list[MSACore]:
+        return [m for m in self.modules() if isinstance(m, MSACore)]
+
+    def set_phase(self, phase: str) -> None:
+        """``warmup``: dense main attention, KL on the dense support; ``sparse``: top-k selection."""
+        if phase not in ("warmup", "sparse"):
+            raise ValueError(f"attention phase must be warmup or sparse, got {phase!r}")
+        for core in self.msa_cores():
+            core.phase = phase
+
+    def track_stats(self, on: bool) -> None:
+        for core in self.msa_cores():
+            core.track_stats = on
+
+    def embed_inputs(self, batch: dict) -> torch.Tensor:
+        x = self.embed(batch["input_ids"])
+        patches = batch.get("image_patches")
+        if patches is not None and patches.shape[0] > 0:
+            flat = x.reshape(-1, x.shape[-1])
+            flat = flat.index_copy(0, batch["image_slots"], self.vision(patches.to(x.dtype), batch.get("image_sizes")))
+            x = flat.view_as(x)
+        return x
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        cu_seqlens = batch.get("cu_seqlens")
+        x = self.embed_inputs(batch)
+        positions, labels = batch["position_ids"], batch["labels"]
+        if cu_seqlens is not None and x.shape[0] > 1:  # packed rows: one sequence of B*N tokens
+            x, positions, labels = x.reshape(1, -1, x.shape[-1]), positions.reshape(1, -1), labels.reshape(1, -1)
+        rotary = Rotary(positions, self.rope_base)
+        kl = x.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            x, layer_kl = layer(x, rotary, cu_seqlens)
+            kl = kl + layer_kl
+        h = self.norm(x).reshape(-1, x.shape[-1])
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        lm_sum = chunked_cross_entropy(h, weight, labels.reshape(-1), self.cfg.ce_chunk_tokens)
+        return {"lm_sum": lm_sum, "n_tokens": (labels != -100).sum(), "kl": kl}
+
+    def num_params(self, exclude_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if exclude_embedding else n
+
+    def flops_per_token(self, seq_len: int, sparse: bool) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward): 6 per weight, plus attention."""
+        cfg = self.cfg
+        n_dense = sum(not isinstance(b.attn, MSAAttention) for b in self.layers)
+        dense_ctx = mean_context(seq_len, self.attn_cfg, sparse=False)
+        sparse_ctx = mean_context(seq_len, self.attn_cfg, sparse=sparse)
+        attn = n_dense * attention_flops_per_token(cfg.n_heads, cfg.head_dim, dense_ctx)
+        attn += (cfg.n_layers - n_dense) * attention_flops_per_token(cfg.n_heads, cfg.head_dim, sparse_ctx)
+        head = cfg.vocab_size * cfg.dim if cfg.tie_embeddings else 0  # tied head: a matmul, not a weight
+        return 6.0 * (self.num_params() + head) + 3.0 * attn
+
+
+def build_model(cfg: ModelConfig, attn_cfg: AttentionConfig) -> Decoder:
+    return Decoder(cfg, attn_cfg)
