@@ -15,6 +15,7 @@ from msa.layer import AttentionConfig
 from train.data import DataConfig
 from train.model import ModelConfig, check_model
 from train.parallel import ParallelConfig, check_parallel
+from train.recipe import RecipeConfig
 
 
 @dataclass
@@ -74,6 +75,15 @@ class TrainConfig:
     train: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)  # stages; empty: warm-up then sparse
+
+
+def register_schema() -> None:
+    """Make the dataclasses the schema under conf/train.yaml (its defaults list names train_schema):
+    every field is then overridable from the command line and type-checked."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
