@@ -44,6 +44,7 @@ def measure(cfg: DataConfig, seq_len: int, seconds: float) -> dict:
         n += 1
         patches += len(batch["image_slots"])
     dt = time.perf_counter() - t0
+    loader.close()
     return {"batches": n, "seconds": round(dt, 2), "first_batch_s": round(first, 2),
             "tokens_per_s": round(n * seq_len / dt), "image_token_fraction": round(patches / (n * seq_len), 3),
             "skipped": loader.skipped}

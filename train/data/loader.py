@@ -137,17 +137,27 @@ class Loader:
             source = iter(DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
                                      collate_fn=_identity, prefetch_factor=max(1, self.cfg.prefetch),
                                      multiprocessing_context="fork" if os.name == "posix" else None))
-        for row in source:
-            w = row.state["worker"]
-            self._states[w] = {k: v for k, v in row.state.items() if k != "worker"}
-            self._next = (w + 1) % self.n_workers
-            yield row
+        try:
+            for row in source:
+                w = row.state["worker"]
+                self._states[w] = {k: v for k, v in row.state.items() if k != "worker"}
+                self._next = (w + 1) % self.n_workers
+                yield row
+        finally:
+            if hasattr(source, "_shutdown_workers"):
+                source._shutdown_workers()
 
     def __iter__(self):
-        rows = self.iter_rows()
-        self._it = rows
+        self.close()  # one live iteration at a time: a new one continues from the current state
+        rows = self._it = self.iter_rows()
         while True:
             yield collate([next(rows) for _ in range(self.batch_size)])
+
+    def close(self):
+        """Stop the worker processes (a later iteration starts them again from the current state)."""
+        if self._it is not None:
+            self._it.close()
+            self._it = None
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -168,6 +178,7 @@ class Loader:
                     f"data loader state was saved with {key}={state[key]!r}, now {self._fingerprint()[key]!r}: "
                     f"resume with the same {cfg_key} (or start this stage's data afresh)"
                 )
+        self.close()
         self._states = {int(w): s for w, s in state["workers"].items()}
         self._next = state["next"]
 
