@@ -4,24 +4,37 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+
+def _causal_sdpa(q, k, v, scale, gqa):
+    """Causal SDPA of ``q [B, H, nq, D]`` over ``k, v [B, Hkv, nk, D]``, queries the last ``nq`` keys."""
+    nq, nk = q.shape[2], k.shape[2]
+    if nq == nk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(nq, nk), scale=scale,
+                                          enable_gqa=gqa)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cu_seqlens: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """Causal attention of ``q [B, N, H, D]`` over ``k, v [B, N, Hkv, D]`` -> ``o [B, N, H, D]``.
+    """Causal attention of ``q [B, Nq, H, D]`` over ``k, v [B, N, Hkv, D]`` -> ``o [B, Nq, H, D]``.
 
-    With ``cu_seqlens`` (``B == 1``) each document attends only to itself: SDPA runs once per
-    document, so memory stays linear in ``N`` (no ``N x N`` block-diagonal mask).
+    The queries are the last ``Nq <= N`` key positions (bottom-right aligned, as a context-parallel
+    rank's query chunk against the gathered keys before it). With ``cu_seqlens`` over the keys
+    (``B == 1``) each document attends only to itself: SDPA runs once per document, so memory stays
+    linear in ``N`` (no ``N x N`` block-diagonal mask).
     """
+    Nq, N = q.shape[1], k.shape[1]
+    if Nq > N:
+        raise ValueError(f"q has {Nq} positions but k only {N}: queries must be the last Nq <= N keys")
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.shape[2] != k.shape[2]
     if cu_seqlens is None:
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
-        return o.transpose(1, 2)
-    bounds = cu_seqlens.tolist()
+        return _causal_sdpa(qt, kt, vt, scale, gqa).transpose(1, 2)
+    bounds, first = cu_seqlens.tolist(), N - Nq
     parts = [
-        F.scaled_dot_product_attention(qt[:, :, s:e], kt[:, :, s:e], vt[:, :, s:e], is_causal=True,
-                                       scale=scale, enable_gqa=gqa)
-        for s, e in zip(bounds[:-1], bounds[1:]) if e > s
+        _causal_sdpa(qt[:, :, max(s, first) - first:e - first], kt[:, :, s:e], vt[:, :, s:e], scale, gqa)
+        for s, e in zip(bounds[:-1], bounds[1:]) if e > max(s, first)
     ]
     return torch.cat(parts, dim=2).transpose(1, 2)

@@ -107,20 +107,22 @@ class MSACore(nn.Module):
 @torch.no_grad()
 def selection_stats(q, k, block_idx, block_size, cu_seqlens=None, n_queries: int = 16) -> dict[str, float]:
     """Index recall (dense teacher mass inside the selection) on ``n_queries`` evenly spaced query
-    positions, and sparsity (share of visible query-key pairs the selection skips) over all queries."""
-    B, N, H, D = q.shape
-    Hkv, G = k.shape[2], q.shape[2] // k.shape[2]
+    positions, and sparsity (share of visible query-key pairs the selection skips) over all queries.
+    The queries ``q [B, Nq, H, D]`` may be the last ``Nq <= N`` positions of ``k [B, N, Hkv, D]``."""
+    B, Nq, H, D = q.shape
+    N, Hkv, G = k.shape[1], k.shape[2], q.shape[2] // k.shape[2]
     doc, pos = reference.doc_layout(B, N, cu_seqlens, q.device)
+    doc_q, pos_q = doc[:, -Nq:], pos[:, -Nq:]
     idx = block_idx.long()
     start = idx * block_size  # first doc-relative position of each selected block
-    kept = (pos[:, None, :, None] - start + 1).clamp(0, block_size) * (idx >= 0)
-    sparsity = 1.0 - kept.sum().item() / ((pos + 1).sum().item() * Hkv)
-    rows = torch.linspace(0, N - 1, min(n_queries, N), device=q.device).long()
+    kept = (pos_q[:, None, :, None] - start + 1).clamp(0, block_size) * (idx >= 0)
+    sparsity = 1.0 - kept.sum().item() / ((pos_q + 1).sum().item() * Hkv)
+    rows = torch.linspace(0, Nq - 1, min(n_queries, Nq), device=q.device).long()
     recall = 0.0
     for r in range(Hkv):
         # [B, G, n, N] scores of the sampled queries over every key, masked to what they may see
         s = torch.einsum("bqgd,bjd->bgqj", q[:, rows, r * G:(r + 1) * G].float(), k[:, :, r].float()) * D ** -0.5
-        visible = (doc[:, rows, None] == doc[:, None, :]) & (pos[:, None, :] <= pos[:, rows, None])
+        visible = (doc_q[:, rows, None] == doc[:, None, :]) & (pos[:, None, :] <= pos_q[:, rows, None])
         p = torch.softmax(s.masked_fill(~visible[:, None], float("-inf")), dim=-1).mean(1)  # [B, n, N]
         blk = pos // block_size
         chosen = (blk[:, None, :, None] == idx[:, r, rows][:, :, None, :]).any(-1) & visible
