@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -169,3 +170,35 @@ def load_checkpoint(engine, path: str | Path, *, rank: int, world_size: int) -> 
     own = torch.load(path / "ranks" / f"rank_{rank:05d}.pt", weights_only=False)
     set_rng_state(own["rng"])
     return {**meta, "loader": own["loader"]}
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any (so all ranks take the same branch)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    backend = dist.get_backend()
+    t = torch.tensor([int(flag)], device="cuda" if backend == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class StopSignal:
+    """SIGTERM/SIGINT ask the run to stop: the loop saves a checkpoint at the next step boundary and
+    exits cleanly. A second signal while the first is being handled stops at once, as by default."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -1,20 +1,24 @@
-"""The training loop: set up, then step until ``train.steps``. Reads top to bottom."""
+"""The training loop: set up, resume if there is a checkpoint, then step through the recipe's stages
+until ``train.steps``. Reads top to bottom."""
 
 from __future__ import annotations
 
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from train.checkpoint import StopSignal, any_rank, find_resume, load_checkpoint, read_meta, save_checkpoint
 from train.config import TrainConfig, check_config
 from train.data import build_dataloader, build_tokenizer
-from train.metrics import MetricsLogger, max_memory_gb, peak_tflops
+from train.metrics import LayerStats, MetricsLogger, max_memory_gb, peak_tflops
 from train.model import build_model
 from train.parallel import build_engine, init_distributed
+from train.recipe import Stage, build_recipe, describe, stage_at, stage_config
 
 
 def seed_everything(seed: int) -> None:
@@ -28,79 +32,166 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run the configured training; returns the last step's metrics."""
+    """Run the configured recipe; returns the last logged metrics."""
     env = init_distributed(cfg.parallel)
-    seed_everything(cfg.train.seed)
     run_dir = Path(cfg.run_dir)
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    stages = build_recipe(cfg)
+    for s in stages:  # every stage must be able to run: fail now, not hours in
+        check_config(stage_config(cfg, s), env.world_size, tokenizer.vocab_size)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     if env.rank == 0:
         OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
 
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
-    check_config(cfg, env.world_size, tokenizer.vocab_size)
-    model = build_model(cfg.model, cfg.attention)
-    engine, _, scheduler = build_engine(model, cfg, env, run_dir)
-    dp_world = env.world_size // (cfg.parallel.sp_size * cfg.parallel.cp_size)
-    dp_rank = env.rank // (cfg.parallel.sp_size * cfg.parallel.cp_size)
-    loader = build_dataloader(cfg.data, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-                              dp_rank=dp_rank, dp_world=dp_world, seed=cfg.train.seed,
-                              image_cfg=cfg.model.vision)
+    resume = find_resume(run_dir, cfg.checkpoint.resume)
+    start_step = read_meta(resume)["step"] if resume else 0
+    stage = stage_at(stages, start_step)
+    scfg = stage_config(cfg, stage)
+    seed_everything(cfg.train.seed)
+    model = build_model(scfg.model, scfg.attention)
+    engine, _, scheduler = build_engine(model, scfg, env, run_dir)
+    loader = build_stage_loader(cfg, stage, tokenizer, env)
+    bad_steps = 0
+    if resume:
+        state = load_checkpoint(engine, resume, rank=env.rank, world_size=env.world_size)
+        if state["data_epoch"] == stage.data_epoch:  # else the checkpoint closed the previous stage's data
+            loader.load_state_dict(state["loader"])
+        bad_steps = state["bad_steps"]
     batches = iter(loader)
 
-    start_step = 0
     logger = MetricsLogger(cfg.logging, run_dir, env.rank, cfg.train.steps, start_step, resolved)
+    logger.message(describe(stages, cfg.train.steps) + (f"\nresumed from {resume}" if resume else ""))
+    layer_stats = LayerStats(model)
+    stop = StopSignal()
     peak = peak_tflops(env.device, cfg.logging.peak_tflops)
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum * dp_world
-    bad_steps, metrics = 0, {}
-    for step in range(start_step, cfg.train.steps):
-        phase = "warmup" if step < cfg.attention.warmup_steps else "sparse"
-        model.set_phase(phase)
-        want_stats = cfg.attention.backend != "dense" and step % cfg.logging.stats_every == 0
-        model.track_stats(want_stats)
-        t0 = time.perf_counter()
-        lm_sum = kl_sum = 0.0
-        n_tokens = 0
-        finite = True
-        for _ in range(cfg.train.grad_accum):
-            out = engine(to_device(next(batches), env.device))
-            lm = out["lm_sum"] / out["n_tokens"].clamp_min(1)
-            loss = lm + cfg.attention.kl_weight * out["kl"]
-            finite = finite and bool(torch.isfinite(loss))
-            engine.backward(loss if finite else loss.detach().nan_to_num(0.0).requires_grad_())
-            engine.step()
-            lm_sum += out["lm_sum"].item()
-            n_tokens += int(out["n_tokens"])
-            kl_sum += out["kl"].item()
-        if not finite:
-            bad_steps += 1
-            logger.message(f"step {step}: non-finite loss, update skipped ({bad_steps}/{cfg.train.max_bad_steps})")
+
+    def save(done: int) -> None:
+        save_checkpoint(engine, run_dir, done, rank=env.rank, world_size=env.world_size,
+                        keep_last=cfg.checkpoint.keep_last, loader_state=loader.state_dict(),
+                        meta={"stage": stage.index, "data_epoch": stage.data_epoch, "bad_steps": bad_steps})
+
+    metrics = {}
+    try:
+        for step in range(start_step, cfg.train.steps):
+            upcoming = stage_at(stages, step)
+            if upcoming is not stage:
+                if upcoming.layout() != stage.layout():  # new process groups: a relaunch builds them
+                    save(step)
+                    logger.message(f"step {step}: stage {upcoming.name} runs with parallel.sp_size="
+                                   f"{upcoming.sp_size}, parallel.cp_size={upcoming.cp_size}; checkpoint "
+                                   f"saved, relaunch the same command to continue")
+                    break
+                if upcoming.data_epoch != stage.data_epoch:
+                    loader = build_stage_loader(cfg, upcoming, tokenizer, env)
+                    batches = iter(loader)
+                stage = upcoming
+                logger.message(f"step {step}: stage {stage.index} ({stage.name}), {stage.phase}, "
+                               f"seq_len={stage.seq_len}")
+            model.rope_base = stage.rope_base
+            model.set_phase(stage.phase)
+            want_stats = cfg.attention.backend != "dense" and step % cfg.logging.stats_every == 0
+            model.track_stats(want_stats)
+
+            t0 = time.perf_counter()
+            out = train_step(engine, model, batches, cfg, stage, env, layer_stats)
+            if out["bad"]:
+                bad_steps += 1
+                logger.message(f"step {step}: non-finite loss, update skipped "
+                               f"({bad_steps}/{cfg.train.max_bad_steps} train.max_bad_steps)")
+            if env.device.type == "cuda":
+                torch.cuda.synchronize()
+            step_s = time.perf_counter() - t0
+
+            if step % cfg.logging.every == 0 or step == cfg.train.steps - 1 or out["bad"]:
+                dp_world = env.world_size // (stage.sp_size * stage.cp_size)
+                tokens_per_s = stage.batch_size * stage.seq_len * cfg.train.grad_accum * dp_world / step_s
+                metrics = {
+                    "loss/lm": out["lm"],
+                    "loss/kl": out["kl"],
+                    "msa/index_recall": _mean_stat(model, "index_recall") if want_stats else None,
+                    "msa/sparsity": _mean_stat(model, "sparsity") if want_stats else None,
+                    "perf/tokens_per_s": tokens_per_s,
+                    "perf/step_s": step_s,
+                    "perf/mfu": (model.flops_per_token(stage.seq_len, stage.phase == "sparse") * tokens_per_s
+                                 / env.world_size / (peak * 1e12)) if peak else None,
+                    "mem/max_allocated_gb": max_memory_gb(env.device),
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/seq_len": stage.seq_len,
+                    "train/stage": stage.index,
+                    "train/phase_sparse": int(stage.phase == "sparse"),
+                    "train/bad_steps": bad_steps,
+                    "data/skipped": sum(loader.skipped.values()),
+                    **layer_stats.metrics(want_stats),
+                }
+                logger.log(step, metrics)
             if bad_steps >= cfg.train.max_bad_steps:
-                raise RuntimeError(f"{bad_steps} non-finite losses: stopping (train.max_bad_steps)")
-        if env.device.type == "cuda":
-            torch.cuda.synchronize()
-        step_s = time.perf_counter() - t0
-        tokens_per_s = tokens_per_step / step_s
-        if step % cfg.logging.every == 0 or step == cfg.train.steps - 1:
-            metrics = {
-                "loss/lm": lm_sum / max(n_tokens, 1),
-                "loss/kl": kl_sum / cfg.train.grad_accum,
-                "msa/index_recall": _mean_stat(model, "index_recall") if want_stats else None,
-                "msa/sparsity": _mean_stat(model, "sparsity") if want_stats else None,
-                "perf/tokens_per_s": tokens_per_s,
-                "perf/step_s": step_s,
-                "perf/mfu": (model.flops_per_token(cfg.data.seq_len, phase == "sparse") * tokens_per_s
-                             / env.world_size / (peak * 1e12)) if peak else None,
-                "mem/max_allocated_gb": max_memory_gb(env.device),
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/seq_len": cfg.data.seq_len,
-                "train/phase_sparse": int(phase == "sparse"),
-                "train/bad_steps": bad_steps,
-                "data/skipped": sum(loader.skipped.values()),
-            }
-            logger.log(step, metrics)
-    logger.close()
+                raise RuntimeError(f"{bad_steps} steps with a non-finite loss: stopping (raise "
+                                   f"train.max_bad_steps to tolerate more)")
+
+            done = step + 1
+            stopping = any_rank(stop.received is not None)
+            if stopping or done == cfg.train.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+                save(done)
+            if stopping:
+                logger.message(f"{stop.received or 'stop signal on another rank'}: saved a checkpoint after "
+                               f"step {step}; run the same command to resume")
+                break
+    finally:
+        stop.restore()
+        layer_stats.close()
+        logger.close()
     return metrics
+
+
+def build_stage_loader(cfg: TrainConfig, stage: Stage, tokenizer, env):
+    """The data of one data-parallel rank for ``stage``; stages sharing a data shape share a loader
+    (and its seed), a new shape starts a new pass with a new seed."""
+    group = stage.sp_size * stage.cp_size
+    return build_dataloader(cfg.data, tokenizer, seq_len=stage.seq_len, batch_size=stage.batch_size,
+                            dp_rank=env.rank // group, dp_world=env.world_size // group,
+                            seed=cfg.train.seed + stage.data_epoch, image_cfg=cfg.model.vision)
+
+
+def train_step(engine, model, batches, cfg: TrainConfig, stage: Stage, env, layer_stats) -> dict:
+    """One optimizer step over ``train.grad_accum`` micro-batches. A non-finite loss on any rank skips
+    the update on every rank: that micro-batch's backward is a zero loss (no NaN reaches the gradients)
+    and the step runs with learning rate 0, so the weights stay as they were."""
+    lm_sum = kl_sum = 0.0
+    n_tokens, bad = 0, False
+    for micro in range(cfg.train.grad_accum):
+        layer_stats.start()
+        out = engine(to_device(next(batches), env.device))
+        layer_stats.stop()
+        lm = out["lm_sum"] / out["n_tokens"].clamp_min(1)
+        loss = lm + stage.kl_weight * out["kl"]
+        finite = bool(torch.isfinite(loss))
+        bad = bad or not finite
+        engine.backward(loss if finite else sum(p.sum() for p in model.parameters()) * 0.0)
+        if micro == cfg.train.grad_accum - 1 and any_rank(bad):
+            bad = True
+            with zero_lr(engine.optimizer):
+                engine.step()
+        else:
+            engine.step()
+        lm_sum += out["lm_sum"].item()
+        n_tokens += int(out["n_tokens"])
+        kl_sum += out["kl"].item()
+    return {"lm": lm_sum / max(n_tokens, 1), "kl": kl_sum / cfg.train.grad_accum, "bad": bad}
+
+
+@contextmanager
+def zero_lr(optimizer):
+    """Learning rate 0 for one step; the scheduler (or, if it did not step, this) sets it back."""
+    saved = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    try:
+        yield
+    finally:
+        for g, lr in zip(optimizer.param_groups, saved):
+            if g["lr"] == 0.0:
+                g["lr"] = lr
 
 
 def _mean_stat(model, key: str) -> float | None:
@@ -108,4 +199,4 @@ def _mean_stat(model, key: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-__all__ = ["train", "seed_everything", "to_device"]
+__all__ = ["train", "train_step", "seed_everything", "to_device", "build_stage_loader"]

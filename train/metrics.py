@@ -38,7 +38,10 @@ class MetricsLogger:
         self.bar = None
         if not self.active:
             return
-        self.file = open(Path(run_dir) / "metrics.jsonl", "a")
+        path = Path(run_dir) / "metrics.jsonl"
+        if path.exists():  # a resumed run: drop rows past the checkpoint, which it logs again
+            path.write_text("".join(_rows_before(path, start_step)))
+        self.file = open(path, "a")
         if cfg.wandb.mode != "disabled":
             import wandb
 
@@ -61,7 +64,8 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.n = step + 1
             self.bar.set_postfix(loss=f"{metrics.get('loss/lm', float('nan')):.4f}",
-                                 tok_s=f"{metrics.get('perf/tokens_per_s', 0):.0f}", refresh=False)
+                                 tok_s=f"{metrics.get('perf/tokens_per_s', 0):.0f}",
+                                 stage=metrics.get("train/stage", 0), refresh=False)
             self.bar.refresh()
 
     def message(self, text: str) -> None:
@@ -78,6 +82,18 @@ class MetricsLogger:
             self.wandb_run.finish()
 
 
+def _rows_before(path: Path, step: int) -> list[str]:
+    """The complete rows of metrics.jsonl logged before ``step`` (a killed writer may leave half a line)."""
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] < step:
+                keep.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return keep
+
+
 def _run_id(run_dir: Path) -> str:
     """A W&B run id kept in the run directory, so a resumed run continues the same W&B run."""
     path = run_dir / "wandb_id"
@@ -86,3 +102,48 @@ def _run_id(run_dir: Path) -> str:
 
         path.write_text(wandb.util.generate_id())
     return path.read_text().strip()
+
+
+class LayerStats:
+    """Per-layer index KL (``layer_kl/NN``, every step) and index recall (``layer_recall/NN``, on steps
+    that track stats) of the MSA layers, numbered by their place in ``model.layers``. KL is taken from
+    each MSA attention's forward output between ``start()`` and ``stop()``, so the recomputation of
+    activation checkpointing in backward is not counted twice."""
+
+    def __init__(self, model):
+        from msa.layer import MSAAttention
+        from train.dashboard import layer_kl_key, layer_recall_key
+
+        self.kl_key, self.recall_key = layer_kl_key, layer_recall_key
+        self.layers = {i: block.attn for i, block in enumerate(model.layers) if isinstance(block.attn, MSAAttention)}
+        self.handles = [attn.register_forward_hook(self._hook(i)) for i, attn in self.layers.items()]
+        self.kl: dict[int, torch.Tensor] = {}
+        self.calls, self.active = 0, False
+
+    def _hook(self, i: int):
+        def hook(module, args, output):
+            if self.active:
+                self.kl[i] = self.kl.get(i, 0.0) + output[1].detach().float()
+        return hook
+
+    def start(self) -> None:
+        self.active = True
+
+    def stop(self) -> None:
+        self.active = False
+        self.calls += 1
+
+    def metrics(self, with_recall: bool) -> dict[str, float]:
+        """The values since the last call (KL averaged over micro-batches), then reset."""
+        out = {self.kl_key(i): float(v) / max(self.calls, 1) for i, v in sorted(self.kl.items())}
+        if with_recall:
+            for i, attn in self.layers.items():
+                stats = getattr(attn.core, "stats", {})
+                if "index_recall" in stats:
+                    out[self.recall_key(i)] = float(stats["index_recall"])
+        self.kl, self.calls = {}, 0
+        return out
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
