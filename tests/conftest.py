@@ -29,3 +29,14 @@ def _seed():
     torch.manual_seed(0)
     yield
 
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    """The embedded default corpus, built once per test session (about 15 s on 2 cores)."""
+    from train.data.build_corpus import ensure_corpus
+    from train.data.config import CorpusConfig
+
+    path = tmp_path_factory.mktemp("corpus") / "default"
+    ensure_corpus(str(path), CorpusConfig())
+    return path

@@ -1,5 +1,7 @@
 """Helpers shared by the tests."""
 
+from pathlib import Path
+
 import torch
 
 
@@ -24,3 +26,15 @@ def poison_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+
+
+def compose_train_config(overrides: list[str]):
+    """The typed TrainConfig that `python -m train <overrides>` would run with."""
+    from hydra import compose, initialize_config_dir
+
+    from train.config import register_schema, to_train_config
+
+    register_schema()
+    conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        return to_train_config(compose("train", overrides=overrides))

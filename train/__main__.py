@@ -6,14 +6,12 @@ launcher use ``--no_local_rank``: Hydra rejects ``--local_rank``; the rank comes
 """
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from train.config import TrainConfig, to_train_config
+from train.config import register_schema, to_train_config
 from train.loop import train
 
-# The dataclasses are the schema under conf/train.yaml: every field is overridable and type-checked.
-ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+register_schema()
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
