@@ -68,7 +68,8 @@ def check_block_idx(block_idx: torch.Tensor, n_blocks: int) -> None:
 
 
 def build_csr(block_idx: torch.Tensor, layout: Layout, block_size: int, q0: int, chunk: int) -> CSR:
-    """Reverse CSR of ``block_idx [B, Hkv, NQ, topk]`` for the queries ``q0 .. q0+NQ``."""
+    """Reverse CSR of ``block_idx [B, Hkv, NQ, topk]`` whose queries sit at key positions ``q0 .. q0+NQ``;
+    the entries index ``block_idx`` itself (flat, from 0)."""
     B, Hkv, NQ, topk = block_idx.shape
     device = block_idx.device
     NV = layout.vb_start.numel()

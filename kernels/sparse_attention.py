@@ -35,59 +35,77 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _fwd_query_step(k, v, b_q, b_m, b_l, b_acc, o_k, m_k, i_b, i_r, N, scale2,
+                    HKV: tl.constexpr, D: tl.constexpr):
+    """One key tile of the query-outer online softmax: ``o_k`` keys (``m_k`` visible)."""
+    o_d = tl.arange(0, D)
+    p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
+    b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.0)
+    b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.0)
+    # [BLOCK_G, BLOCK_N]
+    b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
+    b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+    b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+    b_p = tl.exp2(b_s - b_ms[:, None])
+    b_alpha = tl.exp2(b_m - b_ms)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+    return b_mn, b_l, b_acc
+
+
+@triton.jit
 def sparse_attention_fwd_query_kernel(
-    q, k, v, idx, tok_start, o, lse, scale2, N,
+    q, k, v, idx, tok_start, o, lse, scale2, N, NQ,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
-    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, FLAT: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
+    i_q = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // HKV
     i_r = i_bh % HKV
+    i_n = N - NQ + i_q
     o_g = tl.arange(0, BLOCK_G)
     m_g = o_g < G
     o_d = tl.arange(0, D)
-    row = i_b.to(tl.int64) * N + i_n
+    row = i_b.to(tl.int64) * NQ + i_q
     p_q = q + (row * H + i_r * G + o_g[:, None]) * D + o_d[None, :]
     b_q = tl.load(p_q, mask=m_g[:, None], other=0.0)
     start = tl.load(tok_start + i_n)
     b_m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_G], tl.float32)
     b_acc = tl.zeros([BLOCK_G, D], tl.float32)
-    p_idx = idx + (i_bh.to(tl.int64) * N + i_n) * TOPK
-    for i_s in range(TOPK):
-        c = tl.load(p_idx + i_s)
-        k0 = start + c * BS
-        if (c >= 0) & (k0 <= i_n):
-            for j in range(0, BS, BLOCK_N):
-                o_k = k0 + j + tl.arange(0, BLOCK_N)
-                m_k = o_k <= i_n
-                p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
-                b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.0)
-                b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.0)
-                # [BLOCK_G, BLOCK_N]
-                b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
-                b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-                b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-                b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-                b_p = tl.exp2(b_s - b_ms[:, None])
-                b_alpha = tl.exp2(b_m - b_ms)
-                b_l = b_l * b_alpha + tl.sum(b_p, 1)
-                b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-                b_m = b_mn
+    p_idx = idx + (i_bh.to(tl.int64) * NQ + i_q) * TOPK
+    if FLAT:
+        # one loop over (slot, key tile), invalid slots masked: the loads pipeline across slots
+        for it in range(TOPK * (BS // BLOCK_N)):
+            c = tl.load(p_idx + it // (BS // BLOCK_N))
+            o_k = start + c * BS + (it % (BS // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_k = (o_k <= i_n) & (c >= 0)
+            b_m, b_l, b_acc = _fwd_query_step(k, v, b_q, b_m, b_l, b_acc, o_k, m_k, i_b, i_r, N,
+                                              scale2, HKV, D)
+    else:
+        for i_s in range(TOPK):
+            c = tl.load(p_idx + i_s)
+            k0 = start + c * BS
+            if (c >= 0) & (k0 <= i_n):
+                for j in range(0, BS, BLOCK_N):
+                    o_k = k0 + j + tl.arange(0, BLOCK_N)
+                    b_m, b_l, b_acc = _fwd_query_step(k, v, b_q, b_m, b_l, b_acc, o_k, o_k <= i_n,
+                                                      i_b, i_r, N, scale2, HKV, D)
     nonempty = b_l > 0
     b_acc = b_acc / tl.where(nonempty, b_l, 1.0)[:, None]
     b_lse = tl.where(nonempty, (b_m + tl.log2(tl.where(nonempty, b_l, 1.0))) * 0.6931471805599453,
                      float("-inf"))
     tl.store(o + (row * H + i_r * G + o_g[:, None]) * D + o_d[None, :], b_acc.to(o.dtype.element_ty),
              mask=m_g[:, None])
-    tl.store(lse + (i_b.to(tl.int64) * H + i_r * G + o_g) * N + i_n, b_lse, mask=m_g)
+    tl.store(lse + (i_b.to(tl.int64) * H + i_r * G + o_g) * NQ + i_q, b_lse, mask=m_g)
 
 
 @triton.jit
 def sparse_attention_fwd_kv_kernel(
     q, k, v, entries, work_bucket, work_start, work_end, vb_start, vb_end, o_part, lse_part,
-    scale2, N, NV, NQ, q0,
+    scale2, N, NQ, NV, NC, q0,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -112,12 +130,12 @@ def sparse_attention_fwd_kv_kernel(
     for e in range(e0, e1, BLOCK_M // G):
         m_row = e + o_mq < e1
         ent = tl.load(entries + e + o_mq, mask=m_row, other=0).to(tl.int64)
-        i_q = q0 + (ent // TOPK) % NQ
-        p_q = ((i_b.to(tl.int64) * N + i_q) * H + h)[:, None] * D + o_d[None, :]
+        i_q = q0 + (ent // TOPK) % NC
+        p_q = ((i_b.to(tl.int64) * NQ + i_q) * H + h)[:, None] * D + o_d[None, :]
         b_q = tl.load(q + p_q, mask=m_row[:, None], other=0.0)
         # [BLOCK_M, BS]
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
-        m_s = m_k[None, :] & (o_k[None, :] <= i_q[:, None])
+        m_s = m_k[None, :] & (o_k[None, :] <= (N - NQ + i_q)[:, None])
         b_s = tl.where(m_s, b_s, float("-inf"))
         b_mx = tl.max(b_s, 1)
         b_mx = tl.where(b_mx == float("-inf"), 0.0, b_mx)
@@ -132,25 +150,26 @@ def sparse_attention_fwd_kv_kernel(
 
 @triton.jit
 def sparse_attention_combine_kernel(
-    o_part, lse_part, idx, tok_start, o, lse, N, NQ, q0,
+    o_part, lse_part, idx, tok_start, o, lse, N, NQ, NC, q0,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    i_nq = tl.program_id(0)
+    i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // HKV
     i_r = i_bh % HKV
-    i_n = q0 + i_nq
+    i_q = q0 + i_c
+    i_n = N - NQ + i_q
     o_g = tl.arange(0, BLOCK_G)
     m_g = o_g < G
     o_d = tl.arange(0, D)
     pos = i_n - tl.load(tok_start + i_n)
-    e0 = (i_bh.to(tl.int64) * NQ + i_nq) * TOPK
+    e0 = (i_bh.to(tl.int64) * NC + i_c) * TOPK
     b_m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_G], tl.float32)
     b_acc = tl.zeros([BLOCK_G, D], tl.float32)
     for i_s in range(TOPK):
-        c = tl.load(idx + (i_bh.to(tl.int64) * N + i_n) * TOPK + i_s)
+        c = tl.load(idx + (i_bh.to(tl.int64) * NQ + i_q) * TOPK + i_s)
         if (c >= 0) & (c * BS <= pos):
             p_e = (e0 + i_s) * G + o_g
             b_ls = tl.load(lse_part + p_e, mask=m_g, other=0.0)
@@ -165,58 +184,75 @@ def sparse_attention_combine_kernel(
     b_acc = b_acc / tl.where(nonempty, b_l, 1.0)[:, None]
     b_lse = tl.where(nonempty, (b_m + tl.log2(tl.where(nonempty, b_l, 1.0))) * 0.6931471805599453,
                      float("-inf"))
-    row = i_b.to(tl.int64) * N + i_n
+    row = i_b.to(tl.int64) * NQ + i_q
     tl.store(o + (row * H + i_r * G + o_g[:, None]) * D + o_d[None, :], b_acc.to(o.dtype.element_ty),
              mask=m_g[:, None])
-    tl.store(lse + (i_b.to(tl.int64) * H + i_r * G + o_g) * N + i_n, b_lse, mask=m_g)
+    tl.store(lse + (i_b.to(tl.int64) * H + i_r * G + o_g) * NQ + i_q, b_lse, mask=m_g)
+
+
+@triton.jit
+def _bwd_dq_step(k, v, b_q, b_do, b_lse, b_delta, b_dq, o_k, m_k, i_b, i_r, N, scale2,
+                 HKV: tl.constexpr, D: tl.constexpr):
+    o_d = tl.arange(0, D)
+    p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
+    b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.0)
+    b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.0)
+    # [BLOCK_G, BLOCK_N]
+    b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
+    b_p = tl.where(m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
+    b_dp = tl.dot(b_do, tl.trans(b_v))
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    return b_dq + tl.dot(b_ds.to(b_k.dtype), b_k)
 
 
 @triton.jit
 def sparse_attention_bwd_dq_kernel(
-    q, k, v, do, lse2, delta, idx, tok_start, dq, scale2, scale, N,
+    q, k, v, o, do, lse, delta, idx, tok_start, dq, scale2, scale, N, NQ,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
-    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, FLAT: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
+    """dQ of a query's G heads over its blocks; also writes ``delta = rowsum(dO * O)`` for dK/dV."""
+    i_q = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // HKV
     i_r = i_bh % HKV
+    i_n = N - NQ + i_q
     o_g = tl.arange(0, BLOCK_G)
     m_g = o_g < G
     o_d = tl.arange(0, D)
-    row = i_b.to(tl.int64) * N + i_n
+    row = i_b.to(tl.int64) * NQ + i_q
     p_q = (row * H + i_r * G + o_g[:, None]) * D + o_d[None, :]
     b_q = tl.load(q + p_q, mask=m_g[:, None], other=0.0)
     b_do = tl.load(do + p_q, mask=m_g[:, None], other=0.0)
-    p_row = (i_b.to(tl.int64) * H + i_r * G + o_g) * N + i_n
-    b_lse = tl.load(lse2 + p_row, mask=m_g, other=0.0)
-    b_delta = tl.load(delta + p_row, mask=m_g, other=0.0)
+    b_delta = tl.sum(b_do.to(tl.float32) * tl.load(o + p_q, mask=m_g[:, None], other=0.0).to(tl.float32), 1)
+    p_row = (i_b.to(tl.int64) * H + i_r * G + o_g) * NQ + i_q
+    tl.store(delta + p_row, b_delta, mask=m_g)
+    b_lse = tl.load(lse + p_row, mask=m_g, other=0.0) * 1.4426950408889634
     start = tl.load(tok_start + i_n)
     b_dq = tl.zeros([BLOCK_G, D], tl.float32)
-    p_idx = idx + (i_bh.to(tl.int64) * N + i_n) * TOPK
-    for i_s in range(TOPK):
-        c = tl.load(p_idx + i_s)
-        k0 = start + c * BS
-        if (c >= 0) & (k0 <= i_n):
-            for j in range(0, BS, BLOCK_N):
-                o_k = k0 + j + tl.arange(0, BLOCK_N)
-                m_k = o_k <= i_n
-                p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
-                b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.0)
-                b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.0)
-                # [BLOCK_G, BLOCK_N]
-                b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
-                b_p = tl.where(m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
-                b_dp = tl.dot(b_do, tl.trans(b_v))
-                b_ds = b_p * (b_dp - b_delta[:, None])
-                b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+    p_idx = idx + (i_bh.to(tl.int64) * NQ + i_q) * TOPK
+    if FLAT:
+        for it in range(TOPK * (BS // BLOCK_N)):
+            c = tl.load(p_idx + it // (BS // BLOCK_N))
+            o_k = start + c * BS + (it % (BS // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_k = (o_k <= i_n) & (c >= 0)
+            b_dq = _bwd_dq_step(k, v, b_q, b_do, b_lse, b_delta, b_dq, o_k, m_k, i_b, i_r, N, scale2, HKV, D)
+    else:
+        for i_s in range(TOPK):
+            c = tl.load(p_idx + i_s)
+            k0 = start + c * BS
+            if (c >= 0) & (k0 <= i_n):
+                for j in range(0, BS, BLOCK_N):
+                    o_k = k0 + j + tl.arange(0, BLOCK_N)
+                    b_dq = _bwd_dq_step(k, v, b_q, b_do, b_lse, b_delta, b_dq, o_k, o_k <= i_n, i_b, i_r, N,
+                                        scale2, HKV, D)
     tl.store(dq + p_q, (b_dq * scale).to(dq.dtype.element_ty), mask=m_g[:, None])
 
 
 @triton.jit
 def sparse_attention_bwd_dkdv_kernel(
-    q, k, v, do, lse2, delta, entries, work_bucket, work_start, work_end, vb_start, vb_end,
-    dk_part, dv_part, scale2, scale, N, NV,
+    q, k, v, do, lse, delta, entries, work_bucket, work_start, work_end, vb_start, vb_end,
+    dk_part, dv_part, scale2, scale, N, NQ, NV,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -244,16 +280,16 @@ def sparse_attention_bwd_dkdv_kernel(
     for e in range(e0, e1, BLOCK_M // G):
         m_row = e + o_mq < e1
         ent = tl.load(entries + e + o_mq, mask=m_row, other=0).to(tl.int64)
-        i_q = (ent // TOPK) % N
-        p_q = ((i_b.to(tl.int64) * N + i_q) * H + h)[:, None] * D + o_d[None, :]
+        i_q = (ent // TOPK) % NQ
+        p_q = ((i_b.to(tl.int64) * NQ + i_q) * H + h)[:, None] * D + o_d[None, :]
         b_q = tl.load(q + p_q, mask=m_row[:, None], other=0.0)
         b_do = tl.load(do + p_q, mask=m_row[:, None], other=0.0)
-        p_row = (i_b.to(tl.int64) * H + h) * N + i_q
-        b_lse = tl.load(lse2 + p_row, mask=m_row, other=0.0)
+        p_row = (i_b.to(tl.int64) * H + h) * NQ + i_q
+        b_lse = tl.load(lse + p_row, mask=m_row, other=0.0) * 1.4426950408889634
         b_delta = tl.load(delta + p_row, mask=m_row, other=0.0)
         # [BLOCK_M, BLOCK_N]
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
-        m_s = m_row[:, None] & m_k[None, :] & (o_k[None, :] <= i_q[:, None])
+        m_s = m_row[:, None] & m_k[None, :] & (o_k[None, :] <= (N - NQ + i_q)[:, None])
         b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v))
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -294,19 +330,46 @@ def sparse_attention_bwd_reduce_kernel(
     tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_k[:, None])
 
 
-def _tiles(G: int, D: int, block_size: int) -> dict:
-    """Tile sizes: rows of G heads padded to 16 for the tensor cores, key sub-tiles of <= 64."""
-    return dict(BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=min(block_size, 64),
-                BLOCK_M=max(128, G), CHUNK=int(os.environ.get("MSA_KV_CHUNK", 256)),
-                PART_BYTES=int(os.environ.get("MSA_KV_PART_BYTES", 2**31)))
+# Launch settings, per kernel; bench/tune_sparse_attention.py sweeps them (docs/kernels.md has the
+# numbers behind the defaults). CHUNK: entries per KV-outer work item (hot blocks get several);
+# PART_BYTES: memory for the KV-outer forward's partial outputs (queries go in chunks that fit).
+CONFIG = {
+    "fwd_query": dict(BLOCK_N=64, FLAT=True, num_warps=4, num_stages=3),
+    "fwd_kv": dict(BLOCK_M=64, num_warps=4, num_stages=1),
+    "combine": dict(num_warps=4, num_stages=1),
+    "bwd_dq": dict(BLOCK_N=64, FLAT=True, num_warps=4, num_stages=3),
+    "bwd_dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
+    "reduce": dict(num_warps=4, num_stages=1),
+    "CHUNK": 256,
+    "PART_BYTES": 2**32,
+}
+
+
+def _setting(name: str) -> int:
+    """CHUNK or PART_BYTES; the environment (MSA_KV_CHUNK, MSA_KV_PART_BYTES) overrides CONFIG."""
+    return int(os.environ.get(f"MSA_KV_{name}", CONFIG[name]))
+
+
+def _launch(name: str, G: int, block_size: int) -> dict:
+    """Launch settings of kernel ``name``: tiles clipped to the block, rows padded to 16 (tensor cores)."""
+    cfg = dict(CONFIG[name])
+    if "BLOCK_N" in cfg:
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_size)
+    if "BLOCK_M" in cfg:
+        cfg["BLOCK_M"] = max(cfg["BLOCK_M"], 16, G)
+    if name in ("fwd_query", "combine", "bwd_dq"):
+        cfg["BLOCK_G"] = max(16, triton.next_power_of_2(G))
+    return cfg
 
 
 def _check_inputs(q, k, v, block_idx, block_size):
-    if q.ndim != 4 or k.ndim != 4 or k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"q must be [B, N, H, D] and k [B, N, Hkv, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+    if q.ndim != 4 or k.ndim != 4 or k.shape[0] != q.shape[0] or k.shape[1] < q.shape[1] \
+            or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q must be [B, Nq, H, D] and k [B, N >= Nq, Hkv, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"v must match k {tuple(k.shape)}, got {tuple(v.shape)}")
-    B, N, H, D = q.shape
+    B, NQ, H, D = q.shape
     Hkv = k.shape[2]
     if H % Hkv:
         raise ValueError(f"query heads H={H} must be a multiple of KV heads Hkv={Hkv}")
@@ -316,12 +379,12 @@ def _check_inputs(q, k, v, block_idx, block_size):
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16 for the kernels, got {block_size} "
                          "(attention.block_size)")
-    if block_idx.shape[:3] != (B, Hkv, N) or block_idx.ndim != 4:
-        raise ValueError(f"block_idx must be [B, Hkv, N, topk] = [{B}, {Hkv}, {N}, topk], "
+    if block_idx.ndim != 4 or block_idx.shape[:3] != (B, Hkv, NQ):
+        raise ValueError(f"block_idx must be [B, Hkv, Nq, topk] = [{B}, {Hkv}, {NQ}, topk], "
                          f"got {tuple(block_idx.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    return B, N, H, Hkv, D
+    return B, H, Hkv, D
 
 
 def _pick_path(path: str, G: int, block_size: int) -> str:
@@ -337,64 +400,63 @@ def _pick_path(path: str, G: int, block_size: int) -> str:
 
 
 def sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, path):
-    B, N, H, D = q.shape
-    Hkv, topk = k.shape[2], block_idx.shape[-1]
+    B, NQ, H, D = q.shape
+    N, Hkv, topk = k.shape[1], k.shape[2], block_idx.shape[-1]
     G = H // Hkv
-    t = _tiles(G, D, block_size)
     o = torch.empty_like(q)
-    lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, H, NQ, dtype=torch.float32, device=q.device)
     consts = dict(H=H, HKV=Hkv, G=G, TOPK=topk, BS=block_size, D=D)
     if path == "query":
-        sparse_attention_fwd_query_kernel[(N, B * Hkv)](
-            q, k, v, block_idx, layout.tok_start, o, lse, scale * LOG2E, N,
-            BLOCK_G=t["BLOCK_G"], BLOCK_N=t["BLOCK_N"], **consts)
+        sparse_attention_fwd_query_kernel[(NQ, B * Hkv)](
+            q, k, v, block_idx, layout.tok_start, o, lse, scale * LOG2E, N, NQ,
+            **_launch("fwd_query", G, block_size), **consts)
         return o, lse
-    part_dtype = torch.float32
-    per_query = B * H * topk * (D + 1) * 4
-    NQ = max(1, min(N, t["PART_BYTES"] // per_query))
-    for q0 in range(0, N, NQ):
-        nq = min(NQ, N - q0)
-        csr = build_csr(block_idx[:, :, q0:q0 + nq], layout, block_size, q0, t["CHUNK"])
-        o_part = torch.empty(B * Hkv * nq * topk * G, D, dtype=part_dtype, device=q.device)
-        lse_part = torch.empty(B * Hkv * nq * topk * G, dtype=torch.float32, device=q.device)
+    # partial outputs in the input's precision (bf16/fp16 halve the bytes the combine moves)
+    part_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+    per_query = B * H * topk * (D * part_dtype.itemsize + 4)
+    NC = max(1, min(NQ, _setting("PART_BYTES") // per_query))
+    for q0 in range(0, NQ, NC):
+        nc = min(NC, NQ - q0)
+        csr = build_csr(block_idx[:, :, q0:q0 + nc], layout, block_size, N - NQ + q0, _setting("CHUNK"))
+        o_part = torch.empty(B * Hkv * nc * topk * G, D, dtype=part_dtype, device=q.device)
+        lse_part = torch.empty(B * Hkv * nc * topk * G, dtype=torch.float32, device=q.device)
         if csr.n_work:
             sparse_attention_fwd_kv_kernel[(csr.n_work,)](
                 q, k, v, csr.entries, csr.work_bucket, csr.work_start, csr.work_end, layout.vb_start,
-                layout.vb_end, o_part, lse_part, scale * LOG2E, N, layout.vb_start.numel(), nq, q0,
-                BLOCK_M=t["BLOCK_M"], **consts)
-        sparse_attention_combine_kernel[(nq, B * Hkv)](
-            o_part, lse_part, block_idx, layout.tok_start, o, lse, N, nq, q0,
-            BLOCK_G=t["BLOCK_G"], **consts)
+                layout.vb_end, o_part, lse_part, scale * LOG2E, N, NQ, layout.vb_start.numel(), nc, q0,
+                **_launch("fwd_kv", G, block_size), **consts)
+        sparse_attention_combine_kernel[(nc, B * Hkv)](
+            o_part, lse_part, block_idx, layout.tok_start, o, lse, N, NQ, nc, q0,
+            **_launch("combine", G, block_size), **consts)
     return o, lse
 
 
 def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, scale):
-    B, N, H, D = q.shape
-    Hkv, topk = k.shape[2], block_idx.shape[-1]
+    B, NQ, H, D = q.shape
+    N, Hkv, topk = k.shape[1], k.shape[2], block_idx.shape[-1]
     G = H // Hkv
-    t = _tiles(G, D, block_size)
     consts = dict(H=H, HKV=Hkv, G=G, TOPK=topk, BS=block_size, D=D)
-    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, N]
-    lse2 = (lse * LOG2E).contiguous()
+    delta = torch.empty_like(lse)  # [B, H, Nq]: rowsum(dO * O), written by the dQ kernel
     dq = torch.empty_like(q)
-    sparse_attention_bwd_dq_kernel[(N, B * Hkv)](
-        q, k, v, do, lse2, delta, block_idx, layout.tok_start, dq, scale * LOG2E, scale, N,
-        BLOCK_G=t["BLOCK_G"], BLOCK_N=t["BLOCK_N"], **consts)
-    csr = build_csr(block_idx, layout, block_size, 0, t["CHUNK"])
+    sparse_attention_bwd_dq_kernel[(NQ, B * Hkv)](
+        q, k, v, o, do, lse, delta, block_idx, layout.tok_start, dq, scale * LOG2E, scale, N, NQ,
+        **_launch("bwd_dq", G, block_size), **consts)
+    csr = build_csr(block_idx, layout, block_size, N - NQ, _setting("CHUNK"))
+    dkdv = _launch("bwd_dkdv", G, block_size)
     NV = layout.vb_start.numel()
-    n_sub = block_size // t["BLOCK_N"]
+    n_sub = block_size // dkdv["BLOCK_N"]
     dk_part = torch.empty(max(csr.n_work, 1) * block_size, D, dtype=torch.float32, device=q.device)
     dv_part = torch.empty_like(dk_part)
     if csr.n_work:
         sparse_attention_bwd_dkdv_kernel[(csr.n_work, n_sub)](
-            q, k, v, do, lse2, delta, csr.entries, csr.work_bucket, csr.work_start, csr.work_end,
-            layout.vb_start, layout.vb_end, dk_part, dv_part, scale * LOG2E, scale, N, NV,
-            BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"], **consts)
+            q, k, v, do, lse, delta, csr.entries, csr.work_bucket, csr.work_start, csr.work_end,
+            layout.vb_start, layout.vb_end, dk_part, dv_part, scale * LOG2E, scale, N, NQ, NV,
+            **dkdv, **consts)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     sparse_attention_bwd_reduce_kernel[(B * Hkv * NV, n_sub)](
         dk_part, dv_part, csr.bucket_work, layout.vb_start, layout.vb_end, dk, dv, N, NV,
-        HKV=Hkv, BS=block_size, D=D, BLOCK_N=t["BLOCK_N"])
+        HKV=Hkv, BS=block_size, D=D, BLOCK_N=dkdv["BLOCK_N"], **_launch("reduce", G, block_size))
     return dq, dk, dv
 
 
@@ -402,7 +464,7 @@ class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_idx, block_size, cu_seqlens, scale, path):
         q, k, v, block_idx = (x.contiguous() for x in (q, k, v, block_idx))
-        layout = build_layout(q.shape[1], block_size, cu_seqlens, q.device)
+        layout = build_layout(k.shape[1], block_size, cu_seqlens, q.device)
         check_block_idx(block_idx, layout.n_blocks)
         o, lse = sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, path)
         ctx.save_for_backward(q, k, v, o, lse, block_idx)
@@ -423,12 +485,13 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
                      path: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention of each query over the visible tokens of its group's selected blocks.
 
-    ``q [B, N, H, D]``, ``k, v [B, N, Hkv, D]``, ``block_idx`` int32 ``[B, Hkv, N, topk]``,
-    ``cu_seqlens`` int32 ``[n_docs + 1]`` (``B == 1``) -> ``o [B, N, H, D]`` (dtype of ``q``) and
-    ``lse [B, H, N]`` float32 (natural log, no gradient). ``scale`` defaults to ``1/sqrt(D)``;
-    ``path`` is ``"auto"``, ``"query"`` (query-outer forward) or ``"kv"`` (KV-outer forward).
+    ``q [B, Nq, H, D]``, ``k, v [B, N, Hkv, D]`` (``Nq <= N``: the queries are the last ``Nq``
+    positions), ``block_idx`` int32 ``[B, Hkv, Nq, topk]``, ``cu_seqlens`` int32 ``[n_docs + 1]`` over
+    the keys (``B == 1``) -> ``o [B, Nq, H, D]`` (dtype of ``q``) and ``lse [B, H, Nq]`` float32
+    (natural log, no gradient). ``scale`` defaults to ``1/sqrt(D)``; ``path`` is ``"auto"``,
+    ``"query"`` (query-outer forward) or ``"kv"`` (KV-outer forward).
     """
-    B, N, H, Hkv, D = _check_inputs(q, k, v, block_idx, block_size)
+    B, H, Hkv, D = _check_inputs(q, k, v, block_idx, block_size)
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got B={B}")
     path = _pick_path(path, H // Hkv, block_size)
