@@ -177,3 +177,11 @@ def test_index_kl_gpu_bf16(phase):
     # dk_idx sums per-program partials with fp32 atomics: reruns differ by rounding only
     again = _kl_and_grads(index_kl_loss, q, k, q_idx, k_idx, block_idx, bs)
     assert rel_rms(got[2].float(), again[2].float()) < 1e-3
+    # the training path: the teacher normaliser from the main forward on the same support
+    from kernels import sparse_attention
+
+    lse = sparse_attention(q, k, v, block_idx, bs)[1] if phase == "sparse" else None
+    with_lse = _kl_and_grads(index_kl_loss, q, k, q_idx, k_idx, block_idx, bs, lse=lse)
+    for name, w, g in zip(("loss", "dq_idx", "dk_idx"), want, with_lse):
+        err = rel_rms(w.float(), g.float())
+        assert err < 1e-2, f"{name} with the main forward's lse: rel rms {err:.2e}"
