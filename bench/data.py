@@ -1,7 +1,7 @@
 """Data loader throughput (CPU): packed tokens/s at a long sequence length, text only and with images,
 for several worker counts, next to what one GPU consumes for the base model at that length.
 
-The GPU figure is an estimate unless a measured tokens/s is passed (--gpu-tokens-per-s): FLOPs per
+The GPU figure is an estimate, not a measurement: FLOPs per
 token from the model's own count (train/model.py `flops_per_token`: 6 x params + attention, MSA
 context capped at topk x block_size) at an assumed MFU of the bf16 dense peak.
 
@@ -18,7 +18,6 @@ import subprocess
 import time
 
 import torch
-from omegaconf import OmegaConf
 
 from train.data import CorpusConfig, DataConfig, build_dataloader, build_tokenizer
 from train.data.build_corpus import ensure_corpus
@@ -51,6 +50,8 @@ def measure(cfg: DataConfig, seq_len: int, seconds: float) -> dict:
 
 
 def gpu_tokens_per_s(seq_len: int, mfu: float) -> dict:
+    from omegaconf import OmegaConf
+
     from msa.layer import AttentionConfig
     from train.model import ModelConfig, build_model
 
@@ -73,6 +74,7 @@ def main():
     parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds per case")
     parser.add_argument("--corpus-root", default="data/bench")
     parser.add_argument("--mfu", type=float, default=0.4)
+    parser.add_argument("--no-gpu-estimate", action="store_true", help="loader numbers only")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -86,10 +88,11 @@ def main():
             print(f"{corpus:7s} workers={workers}  {res['tokens_per_s']:>10,d} tokens/s  "
                   f"(image tokens {res['image_token_fraction']:.1%}, {res['batches']} rows of {args.seq_len} "
                   f"in {res['seconds']} s, first row {res['first_batch_s']} s)", flush=True)
-    gpu = gpu_tokens_per_s(args.seq_len, args.mfu)
-    print(f"base model at {args.seq_len}: {gpu['msa_flops_per_token'] / 1e9:.2f} GFLOP/token with MSA -> "
-          f"~{gpu['msa_tokens_per_s_estimate']:,d} tokens/s per GPU at {args.mfu:.0%} MFU (estimate); dense "
-          f"attention: ~{gpu['dense_tokens_per_s_estimate']:,d} tokens/s")
+    gpu = None if args.no_gpu_estimate else gpu_tokens_per_s(args.seq_len, args.mfu)
+    if gpu:
+        print(f"base model at {args.seq_len}: {gpu['msa_flops_per_token'] / 1e9:.2f} GFLOP/token with MSA -> "
+              f"~{gpu['msa_tokens_per_s_estimate']:,d} tokens/s per GPU at {args.mfu:.0%} MFU (estimate); dense "
+              f"attention: ~{gpu['dense_tokens_per_s_estimate']:,d} tokens/s")
     if args.out:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
