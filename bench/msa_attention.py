@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -202,8 +203,13 @@ def bench_shape(bench: Bench, N: int, Hkv: int, backward: bool, flex_limit_n: in
     q = torch.randn(1, N, H, D, device=dev, dtype=dt)
     k = torch.randn(1, N, Hkv, D, device=dev, dtype=dt)
     v = torch.randn(1, N, Hkv, D, device=dev, dtype=dt)
-    q_idx = torch.randn(1, N, Hkv, DI, device=dev, dtype=dt)
-    k_idx = torch.randn(1, N, DI, device=dev, dtype=dt)
+    # random index projections plus a shared direction that block 0's keys carry: every query then
+    # selects block 0 (an attention sink, as trained indexers show), the hot-block case of the kernels
+    sink = torch.randn(DI, device=dev)
+    q_idx = (torch.randn(1, N, Hkv, DI, device=dev) + 0.5 * sink).to(dt)
+    k_idx = torch.randn(1, N, DI, device=dev)
+    k_idx[:, :BK] += 0.5 * sink
+    k_idx = k_idx.to(dt)
     block_idx = select_blocks(q_idx, k_idx, BK, TOPK)
     do = torch.randn_like(q) if backward else None
     T = support_sizes(block_idx, BK)
@@ -366,6 +372,48 @@ def print_table(rows, speedups):
         print(f"{s['what']:42s} {s['mode']:8s} {s['N']:8d} {s['Hkv']:3d} {s['speedup']:7.2f}")
 
 
+def render_markdown(path: str) -> str:
+    """The tables of ``docs/benchmarks.md`` from a results JSON."""
+    with open(path) as f:
+        res = json.load(f)
+    m = res["meta"]
+    lines = [f"GPU {m['gpu']} ({m['sms']} SMs), torch {m['torch']}, triton {m['triton']}, CUDA {m['cuda']}; "
+             f"commit `{m['git_commit']}`; {m['date_utc']}; command `{m['command']}`; measured peaks: bf16 "
+             f"matmul {m['peaks']['bf16_matmul_tflops']:.0f} TFLOP/s, copy {m['peaks']['copy_tb_per_s']:.2f} TB/s.",
+             ""]
+    for Hkv in sorted({r["Hkv"] for r in res["results"]}):
+        Ns = sorted({r["N"] for r in res["results"]})
+        head = "| {} | mode | " + " | ".join(f"{n // 1024}K" for n in Ns) + " |"
+        lines += [f"**Hkv = {Hkv}** (ms; useful TFLOP/s in brackets)", "", head.format("case"),
+                  "|---|---|" + "---|" * len(Ns)]
+        keys = []
+        for r in res["results"]:
+            if r["Hkv"] == Hkv and (r["case"], r["mode"]) not in keys and r["case"] != "inputs":
+                keys.append((r["case"], r["mode"]))
+        for case, mode in keys:
+            cells = []
+            for n in Ns:
+                r = next((r for r in res["results"]
+                          if (r["case"], r["mode"], r["N"], r["Hkv"]) == (case, mode, n, Hkv)), None)
+                if r is None:
+                    cells.append("")
+                elif "ms" in r:
+                    cells.append(f"{r['ms']:.2f}" + (f" ({r['tflops']:.0f})" if "tflops" in r else ""))
+                else:
+                    cells.append(re.sub(r"estimated (\d+ s) per call from N=\d+ > (\d+ s) limit",
+                                        r"est. \1 > \2", r["status"]))
+            lines.append(f"| {case} | {mode} | " + " | ".join(cells) + " |")
+        lines.append("")
+        sp = [s for s in res["speedups"] if s["Hkv"] == Hkv]
+        lines += [head.format("speedup (same run)"), "|---|---|" + "---|" * len(Ns)]
+        for what, mode in dict.fromkeys((s["what"], s["mode"]) for s in sp):
+            cells = [next((f"{s['speedup']:.2f}" for s in sp if (s["what"], s["mode"], s["N"]) == (what, mode, n)), "")
+                     for n in Ns]
+            lines.append(f"| {what} | {mode} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small smoke run (N = 4K, 8K; Hkv = 2)")
@@ -374,7 +422,11 @@ def main():
     p.add_argument("--time-budget", type=float, default=450.0, help="stop timing new cases after this many s")
     p.add_argument("--flex-max-n", type=int, default=1 << 20, help="largest N for FlexAttention")
     p.add_argument("--hkv", type=int, nargs="*", default=None)
+    p.add_argument("--render", default=None, help="print the markdown tables of a results JSON and exit")
     args = p.parse_args()
+    if args.render:
+        print(render_markdown(args.render))
+        return
     if not torch.cuda.is_available():
         sys.exit("bench/msa_attention.py needs a CUDA GPU")
     sizes, hkvs = (QUICK_SIZES, [2]) if args.quick else (FULL_SIZES, [2, 4])
