@@ -115,14 +115,15 @@ def test_resume_continues_exactly(tmp_path, num_workers):
     assert resumed.skipped == full.skipped
 
 
-def test_resume_yields_exactly_the_rest_of_the_epoch(tmp_path):
+@pytest.mark.parametrize("next_seq_len", [64, 160])
+def test_resume_yields_exactly_the_rest_of_the_epoch(tmp_path, next_seq_len):
+    """Also across a change of seq_len (a curriculum stage continues the same document stream)."""
     urls, keys = text_shards(tmp_path, 2, 10)
     cfg = data_cfg(urls, shuffle_buffer=6)
-    make = lambda: build_dataloader(cfg, TOK, seq_len=64, seed=7)
-    first = make()
+    first = build_dataloader(cfg, TOK, seq_len=64, seed=7)
     rows = first.iter_rows()
     before = [p for _ in range(4) for p in next(rows).pieces]
-    second = make()
+    second = build_dataloader(cfg, TOK, seq_len=next_seq_len, batch_size=3, seed=7)
     second.load_state_dict(first.state_dict())
     after = [p for r in rows_of_epoch(second) for p in r.pieces if p[1] == 0]
     covered = {}

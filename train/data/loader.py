@@ -124,8 +124,11 @@ class Loader:
         self._it = None
 
     def _fingerprint(self) -> dict:
-        return {"seq_len": self.seq_len, "dp_rank": self.dp_rank, "dp_world": self.dp_world,
-                "num_workers": self.n_workers, "seed": self.seed, "shards": self.urls}
+        """What a saved position depends on. seq_len and batch_size are not in it: a position is a
+        document and a token offset, so a later curriculum stage can continue the same stream."""
+        return {"dp_rank": self.dp_rank, "dp_world": self.dp_world, "num_workers": self.n_workers,
+                "seed": self.seed, "shards": self.urls, "vocab_size": self.tokenizer.vocab_size,
+                "image": [self.image_cfg.patch_size, self.image_cfg.max_patches]}
 
     def iter_rows(self):
         ds = _Rows(self.urls, self.tokenizer, self.cfg, self.image_cfg, seq_len=self.seq_len,
@@ -170,12 +173,14 @@ class Loader:
         return {**self._fingerprint(), "workers": {str(w): s for w, s in self._states.items()}, "next": self._next}
 
     def load_state_dict(self, state: dict):
-        for key, cfg_key in [("seq_len", "data.seq_len"), ("dp_world", "the data-parallel size"),
-                             ("dp_rank", "the data-parallel rank"), ("num_workers", "data.num_workers"),
-                             ("seed", "the seed"), ("shards", "data.shards")]:
-            if state[key] != self._fingerprint()[key]:
+        keys = {"dp_world": "the data-parallel size", "dp_rank": "the data-parallel rank",
+                "num_workers": "data.num_workers", "seed": "train.seed", "shards": "data.shards",
+                "vocab_size": "data.tokenizer", "image": "data.image.patch_size / data.image.max_patches"}
+        now = self._fingerprint()
+        for key, cfg_key in keys.items():
+            if state.get(key) != now[key]:
                 raise ValueError(
-                    f"data loader state was saved with {key}={state[key]!r}, now {self._fingerprint()[key]!r}: "
+                    f"data loader state was saved with {key}={state.get(key)!r}, now {now[key]!r}: "
                     f"resume with the same {cfg_key} (or start this stage's data afresh)"
                 )
         self.close()
