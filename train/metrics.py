@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import uuid
 from pathlib import Path
 
 import torch
@@ -97,10 +98,8 @@ def _rows_before(path: Path, step: int) -> list[str]:
 def _run_id(run_dir: Path) -> str:
     """A W&B run id kept in the run directory, so a resumed run continues the same W&B run."""
     path = run_dir / "wandb_id"
-    if not path.exists():
-        import wandb
-
-        path.write_text(wandb.util.generate_id())
+    if not path.exists():  # wandb 0.31 has no public id generator; any [a-z0-9] string of 8 will do
+        path.write_text(uuid.uuid4().hex[:8])
     return path.read_text().strip()
 
 

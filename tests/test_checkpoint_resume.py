@@ -1,0 +1,225 @@
+"""Run management end to end on CPU with a small model: recipe stages, exact resume after SIGKILL,
+SIGTERM saves and exits, non-finite losses, a dead rank, and what W&B offline/disabled write."""
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.utils import compose_train_config
+from train import checkpoint as ckpt
+from train.wandb_reader import find_run_files, read_run
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model.n_layers=3", "model.dim=64", "data.seq_len=256", "data.batch_size=1", "attention.block_size=16",
+         "attention.topk=2", "data.image.max_patches=64", "logging.progress=false", "logging.stats_every=2"]
+# dense warm-up, sparse, then a longer sequence: the stage change happens inside the run
+RECIPE = ["recipe.stages=[{name:warm,steps:2,phase:warmup},{name:sparse,steps:2},{name:long,steps:3,seq_len:512}]",
+          "train.steps=7"]
+STEPS = 7
+
+
+def command(run_dir, corpus_dir, *extra):
+    return [sys.executable, "-m", "train", *SMALL, *RECIPE, f"run_dir={run_dir}", f"data.corpus_dir={corpus_dir}",
+            "checkpoint.every=1", "checkpoint.keep_last=2", *extra]
+
+
+def clean_env(**extra):
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "WANDB_MODE")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+
+
+def rows(run_dir) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # the writer is mid-line
+            pass
+    return out
+
+
+def wait_for_step(proc, run_dir, step, timeout=240):
+    """Block until metrics.jsonl holds ``step`` (the process is then working on a later one)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if any(r["step"] >= step for r in rows(run_dir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited with {proc.returncode} before step {step}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, corpus_dir):
+    """The uninterrupted run, with W&B offline."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    wandb = ["logging.wandb.mode=offline", "logging.wandb.name=ref", "logging.wandb.group=resume-test",
+             "logging.wandb.tags=[ci,cpu]", "logging.wandb.project=msa-tests"]
+    proc = subprocess.run(command(run_dir, corpus_dir, *wandb), cwd=ROOT, env=clean_env(), capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_stages_change_at_their_step(reference_run):
+    got = rows(reference_run)
+    assert [r["step"] for r in got] == list(range(STEPS))
+    assert [r["train/stage"] for r in got] == [0, 0, 1, 1, 2, 2, 2]
+    assert [r["train/phase_sparse"] for r in got] == [0, 0, 1, 1, 1, 1, 1]
+    assert [r["train/seq_len"] for r in got] == [256] * 4 + [512] * 3
+    # per-layer index KL for the MSA layers (layer 0 is dense), recall on the stats steps
+    assert {"layer_kl/01", "layer_kl/02"} <= set(got[3]) and "layer_kl/00" not in got[3]
+    assert 0 < got[2]["layer_recall/01"] <= 1
+    # keep_last=2 with a checkpoint every step
+    assert [p.name for p in ckpt.complete_checkpoints(reference_run)] == ["step_00000006", "step_00000007"]
+    assert (ckpt.checkpoint_dir(reference_run) / "latest").read_text() == "step_00000007"
+
+
+def test_wandb_offline_files_hold_the_metrics(reference_run):
+    (path,) = find_run_files(reference_run)
+    run = read_run(path)
+    assert (run.name, run.group, run.project, run.tags) == ("ref", "resume-test", "msa-tests", ["ci", "cpu"])
+    assert run.config["model"]["dim"] == 64 and run.config["train"]["steps"] == STEPS
+    logged = {r["step"]: r for r in rows(reference_run)}
+    for key in ("loss/lm", "loss/kl", "train/seq_len", "perf/tokens_per_s", "layer_kl/02"):
+        series = run.series(key)
+        assert sorted(series) == sorted(s for s in logged if logged[s].get(key) is not None), key
+        assert all(series[s] == pytest.approx(logged[s][key], rel=1e-12) for s in series), key
+    assert run.exit_code == 0
+
+
+def test_sigkill_at_a_random_step_then_resume_matches(reference_run, tmp_path, corpus_dir):
+    seed = random.randrange(10**6)
+    kill_after = random.Random(seed).randrange(1, STEPS - 2)
+    run_dir = tmp_path / "killed"
+    cmd = command(run_dir, corpus_dir, "logging.wandb.mode=disabled")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_step(proc, run_dir, kill_after)
+    proc.send_signal(signal.SIGKILL)  # possibly in the middle of writing a checkpoint
+    proc.wait(timeout=60)
+    survivors = ckpt.complete_checkpoints(run_dir)
+    assert survivors, f"seed {seed}: no complete checkpoint after step {kill_after}"
+
+    resumed = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {survivors[-1]}" in resumed.stdout + resumed.stderr
+    expected, got = rows(reference_run), rows(run_dir)
+    assert [r["step"] for r in got] == list(range(STEPS)), f"seed {seed}"
+    for want, have in zip(expected, got):
+        for key in ("loss/lm", "loss/kl", "train/lr", "train/seq_len"):
+            assert have[key] == want[key], f"seed {seed}, killed after step {kill_after}: step {want['step']} {key}"
+    # W&B disabled: nothing of it in the run directory
+    assert not (run_dir / "wandb").exists() and not (run_dir / "wandb_id").exists()
+
+
+def text_shards(root: Path, n: int = 4) -> str:
+    """Plain-text webdataset shards (standard-library sources), as a brace pattern."""
+    sources = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]
+    for s in range(n):
+        with tarfile.open(root / f"text-{s}.tar", "w") as tar:
+            for i, src in enumerate(sources[s::n]):
+                data = src.read_bytes()[:20000]
+                info = tarfile.TarInfo(f"doc{s}_{i:04d}.txt")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return f"'{root}/text-{{0..{n - 1}}}.tar'"
+
+
+def test_dead_rank_makes_the_others_exit(tmp_path, corpus_dir):
+    """Two ranks without a launcher (as on two nodes): SIGKILL rank 1; rank 0 must fail, not hang.
+    Text-only shards: with image samples on one rank only, the ranks' gradient reductions differ."""
+    run_dir = tmp_path / "two"
+    cmd = command(run_dir, corpus_dir, "logging.wandb.mode=disabled", "parallel.timeout_s=60", "checkpoint.every=0",
+                  f"data.shards={text_shards(tmp_path)}")
+    port = str(29500 + random.randrange(1000))
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=clean_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                            MASTER_PORT=port))
+             for r in range(2)]
+    try:
+        wait_for_step(procs[0], run_dir, 1)
+        procs[1].send_signal(signal.SIGKILL)
+        t0 = time.time()
+        code = procs[0].wait(timeout=120)
+        assert code != 0, "rank 0 finished as if nothing happened"
+        assert time.time() - t0 < 90
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def in_process_cfg(tmp_path, corpus_dir, *extra):
+    return compose_train_config([*SMALL, "train.steps=4", "attention.warmup_steps=0", f"run_dir={tmp_path}",
+                                 f"data.corpus_dir={corpus_dir}", "logging.wandb.mode=disabled", *extra])
+
+
+def test_sigterm_saves_and_exits(tmp_path, corpus_dir, monkeypatch):
+    from train import loop
+
+    real_step = loop.train_step
+    calls = []
+
+    def step_then_signal(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)  # as the launcher or SLURM would send it
+        return out
+
+    monkeypatch.setattr(loop, "train_step", step_then_signal)
+    loop.train(in_process_cfg(tmp_path, corpus_dir))
+    assert len(calls) == 2  # stopped after the step that was running
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step_00000002"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers put back
+
+
+def test_non_finite_loss_skips_the_update_then_stops(tmp_path, corpus_dir, monkeypatch):
+    from train import loop
+
+    real_build = loop.build_model
+    poisoned_steps = {1, 2}
+    seen = {"forward": 0}
+    snapshots = []
+
+    def build_poisoned(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        forward = model.forward
+
+        def poisoned(batch):
+            out = forward(batch)
+            snapshots.append([p.detach().clone() for p in model.parameters()])
+            step = seen["forward"]
+            seen["forward"] += 1
+            if step in poisoned_steps:
+                out["lm_sum"] = out["lm_sum"] * float("nan")
+            return out
+
+        model.forward = poisoned
+        return model
+
+    monkeypatch.setattr(loop, "build_model", build_poisoned)
+    with pytest.raises(RuntimeError, match="train.max_bad_steps"):
+        loop.train(in_process_cfg(tmp_path, corpus_dir, "train.max_bad_steps=2", "checkpoint.resume=never"))
+    got = rows(tmp_path)
+    assert [r["train/bad_steps"] for r in got] == [0, 1, 2]
+    # the weights after the skipped step 1 are those it started with; step 0 did change them
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2]))
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))
