@@ -38,9 +38,10 @@ def decode_image(data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, tuple[int, 
     Raises on a corrupt or truncated image (the caller skips the sample)."""
     p = cfg.patch_size
     with Image.open(io.BytesIO(data)) as im:
+        rows, cols = fit_grid(im.width, im.height, cfg)  # from the header: nothing decoded yet
+        im.draft("RGB", (cols * p, rows * p))  # JPEG: decode at a reduced scale when that suffices
         im.load()  # decode fully now: a truncated file fails here, not later
         im = im.convert("RGB")
-        rows, cols = fit_grid(im.width, im.height, cfg)
         if (cols * p, rows * p) != im.size:
             im = im.resize((cols * p, rows * p), Image.BICUBIC)
         pixels = np.asarray(im, dtype=np.uint8)  # [rows*p, cols*p, 3]
