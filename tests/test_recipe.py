@@ -18,7 +18,7 @@ def test_default_recipe_from_warmup_steps():
     warm, sparse = build_recipe(make_cfg(steps=30, warmup=10))
     assert (warm.phase, warm.start, warm.end) == ("warmup", 0, 10)
     assert (sparse.phase, sparse.start, sparse.end) == ("sparse", 10, 30)
-    assert warm.data_epoch == sparse.data_epoch == 0  # same data shape: one loader for both
+    assert warm.data_epoch == sparse.data_epoch == 0  # same sp/cp layout: one data stream
     (only,) = build_recipe(make_cfg(steps=30, warmup=0))
     assert (only.phase, only.end) == ("sparse", 30)
 
@@ -26,16 +26,20 @@ def test_default_recipe_from_warmup_steps():
 def test_stages_resolve_and_inherit():
     cfg = make_cfg([StageConfig(name="warm", steps=4, phase="warmup", kl_weight=2.0),
                     StageConfig(steps=6),
-                    StageConfig(name="long", steps=10, seq_len=1024, batch_size=1, rope_base=5e6, sp_size=2)],
+                    StageConfig(name="long", steps=10, seq_len=1024, batch_size=1, rope_base=5e6, sp_size=2),
+                    StageConfig(name="longer", steps=5, seq_len=2048)],
                    steps=18)
     stages = build_recipe(cfg)
-    assert [(s.start, s.end) for s in stages] == [(0, 4), (4, 10), (10, 20)]
-    assert [s.phase for s in stages] == ["warmup", "sparse", "sparse"]
-    assert [s.seq_len for s in stages] == [512, 512, 1024]
-    assert [s.kl_weight for s in stages] == [2.0, cfg.attention.kl_weight, cfg.attention.kl_weight]
+    assert [(s.start, s.end) for s in stages] == [(0, 4), (4, 10), (10, 20), (20, 25)]
+    assert [s.phase for s in stages] == ["warmup", "sparse", "sparse", "sparse"]
+    assert [s.seq_len for s in stages] == [512, 512, 1024, 2048]
+    assert [s.kl_weight for s in stages][:3] == [2.0, cfg.attention.kl_weight, cfg.attention.kl_weight]
     assert stages[1].name == "stage1" and stages[2].rope_base == 5e6 and stages[2].layout() == (2, 1)
-    assert [s.data_epoch for s in stages] == [0, 0, 2]
-    assert [stage_at(stages, i).index for i in (0, 3, 4, 9, 10, 19, 25)] == [0, 0, 1, 1, 2, 2, 2]
+    # a new sp/cp layout starts a new data stream; "longer" falls back to parallel.sp_size=1 again
+    assert [s.data_epoch for s in stages] == [0, 0, 2, 3]
+    assert [stage_at(stages, i).index for i in (0, 3, 4, 9, 10, 19, 25)] == [0, 0, 1, 1, 2, 2, 3]
+    same_layout = build_recipe(make_cfg([StageConfig(steps=2), StageConfig(steps=2, seq_len=1024)], steps=4))
+    assert [s.data_epoch for s in same_layout] == [0, 0]  # a longer sequence continues the stream
     eff = stage_config(cfg, stages[2])
     assert (eff.data.seq_len, eff.data.batch_size, eff.parallel.sp_size, eff.model.rope_base) == (1024, 1, 2, 5e6)
     assert cfg.data.seq_len == 512  # the base config is left alone

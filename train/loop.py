@@ -55,7 +55,7 @@ def train(cfg: TrainConfig) -> dict:
     bad_steps = 0
     if resume:
         state = load_checkpoint(engine, resume, rank=env.rank, world_size=env.world_size)
-        if state["data_epoch"] == stage.data_epoch:  # else the checkpoint closed the previous stage's data
+        if state["data_epoch"] == stage.data_epoch:  # else a new sp/cp layout starts a new stream
             loader.load_state_dict(state["loader"])
         bad_steps = state["bad_steps"]
     batches = iter(loader)
@@ -82,8 +82,11 @@ def train(cfg: TrainConfig) -> dict:
                                    f"{upcoming.sp_size}, parallel.cp_size={upcoming.cp_size}; checkpoint "
                                    f"saved, relaunch the same command to continue")
                     break
-                if upcoming.data_epoch != stage.data_epoch:
+                if upcoming.seq_len != stage.seq_len or upcoming.batch_size != stage.batch_size:
+                    position = loader.state_dict()  # the new shape continues the same document stream
+                    loader.close()
                     loader = build_stage_loader(cfg, upcoming, tokenizer, env)
+                    loader.load_state_dict(position)
                     batches = iter(loader)
                 stage = upcoming
                 logger.message(f"step {step}: stage {stage.index} ({stage.name}), {stage.phase}, "
@@ -145,8 +148,8 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def build_stage_loader(cfg: TrainConfig, stage: Stage, tokenizer, env):
-    """The data of one data-parallel rank for ``stage``; stages sharing a data shape share a loader
-    (and its seed), a new shape starts a new pass with a new seed."""
+    """The data of one data-parallel rank for ``stage``. Stages of one sp/cp layout continue one
+    document stream (same seed); a new layout splits the data anew, with a new seed."""
     group = stage.sp_size * stage.cp_size
     return build_dataloader(cfg.data, tokenizer, seq_len=stage.seq_len, batch_size=stage.batch_size,
                             dp_rank=env.rank // group, dp_world=env.world_size // group,

@@ -64,13 +64,10 @@ class Stage:
     cp_size: int
     rope_base: float
     kl_weight: float
-    data_epoch: int  # first stage of the run of stages with this data shape: they share one loader
+    data_epoch: int  # first stage of the run of stages with this sp/cp layout: they share one data stream
 
     def layout(self) -> tuple[int, int]:
         return self.sp_size, self.cp_size
-
-    def data_shape(self) -> tuple[int, int]:
-        return self.seq_len, self.batch_size
 
 
 def _entries(cfg) -> list[StageConfig]:
@@ -100,7 +97,7 @@ def build_recipe(cfg) -> list[Stage]:
             sp_size=pick(s.sp_size, cfg.parallel.sp_size), cp_size=pick(s.cp_size, cfg.parallel.cp_size),
             rope_base=float(pick(s.rope_base, cfg.model.rope_base)),
             kl_weight=float(pick(s.kl_weight, cfg.attention.kl_weight)), data_epoch=i)
-        if stages and stages[-1].data_shape() == stage.data_shape():
+        if stages and stages[-1].layout() == stage.layout():
             stage = replace(stage, data_epoch=stages[-1].data_epoch)
         stages.append(stage)
         start = stage.end
