@@ -45,7 +45,8 @@ def train(cfg: TrainConfig) -> dict:
         OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
 
     resume = find_resume(run_dir, cfg.checkpoint.resume)
-    start_step = read_meta(resume)["step"] if resume else 0
+    saved = read_meta(resume) if resume else {"step": 0}
+    start_step = saved["step"]
     stage = stage_at(stages, start_step)
     scfg = stage_config(cfg, stage)
     seed_everything(cfg.train.seed)
@@ -54,7 +55,13 @@ def train(cfg: TrainConfig) -> dict:
     loader = build_stage_loader(cfg, stage, tokenizer, env)
     bad_steps = 0
     if resume:
-        state = load_checkpoint(engine, resume, rank=env.rank, world_size=env.world_size)
+        # ZeRO partitions the optimizer state over data-parallel ranks; a new sp/cp layout re-partitions
+        # it, so the first stage of a new layout keeps the weights and schedule but restarts the moments
+        same_layout = saved.get("layout", list(stage.layout())) == list(stage.layout())
+        keep_optimizer = same_layout or scfg.parallel.zero_stage == 0
+        if not keep_optimizer:
+            print(f"rank {env.rank}: sp/cp layout changed to {stage.layout()}: optimizer state starts afresh")
+        state = load_checkpoint(engine, resume, rank=env.rank, world_size=env.world_size, optimizer=keep_optimizer)
         if state["data_epoch"] == stage.data_epoch:  # else a new sp/cp layout starts a new stream
             loader.load_state_dict(state["loader"])
         bad_steps = state["bad_steps"]
@@ -69,7 +76,8 @@ def train(cfg: TrainConfig) -> dict:
     def save(done: int) -> None:
         save_checkpoint(engine, run_dir, done, rank=env.rank, world_size=env.world_size,
                         keep_last=cfg.checkpoint.keep_last, loader_state=loader.state_dict(),
-                        meta={"stage": stage.index, "data_epoch": stage.data_epoch, "bad_steps": bad_steps})
+                        meta={"stage": stage.index, "data_epoch": stage.data_epoch, "bad_steps": bad_steps,
+                              "layout": list(stage.layout())})
 
     metrics = {}
     try:
