@@ -148,7 +148,10 @@ class Decoder(nn.Module):
         patches = batch.get("image_patches")
         if patches is not None and patches.shape[0] > 0:
             flat = x.reshape(-1, x.shape[-1])
-            flat = flat.index_copy(0, batch["image_slots"], self.vision(patches.to(x.dtype), batch.get("image_sizes")))
+            emb = self.vision(patches.to(x.dtype), batch.get("image_sizes"))
+            if batch.get("image_keep") is not None:  # a sequence shard: the patches whose slots it holds
+                emb = emb[batch["image_keep"]]
+            flat = flat.index_copy(0, batch["image_slots"], emb)
             x = flat.view_as(x)
         return x
 

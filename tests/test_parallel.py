@@ -1,0 +1,215 @@
+"""Sequence (Ulysses) and context parallelism: sharded runs equal the single-process run.
+
+Each test spawns its processes (gloo, CPU). Every rank first computes the single-process result
+itself (same seed: same weights and inputs everywhere), then its shard of the sharded run; outputs are
+compared on the rank's tokens, parameter gradients after summing over the ranks (as DeepSpeed sums
+them over the sequence/context ranks), input gradients on the rank's tokens. fp32, relative RMS.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from msa.layer import Attention, AttentionConfig, MSAAttention
+from msa.rope import Rotary
+from tests.utils import rel_rms
+from train.model import Decoder, ModelConfig
+from train.parallel import ParallelConfig, build_mesh, init_distributed, parallelize, shard_batch, shard_sum
+from train.sequence_parallel import local_token_index, truncate_cu_seqlens, zigzag_ranges
+
+TOL = 1e-5
+DIM, H, HKV, D, ROPE = 64, 4, 2, 16, 8
+CU = [0, 13, 50, 51, 75, 96]  # packed documents of awkward lengths (one of a single token)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, world: int, *args):
+    port = _free_port()
+    mp.spawn(_entry, args=(world, port, fn, args), nprocs=world, join=True)
+
+
+def _entry(rank, world, port, fn, args):
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    init_distributed(ParallelConfig(dist_backend="gloo", timeout_s=120))
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _check(name, ref, out, errors):
+    err = rel_rms(ref, out)
+    if not err < TOL:
+        errors.append(f"{name}: rel RMS {err:.3g} (max abs {(ref - out).abs().max().item():.3g})")
+
+
+def _sum_grads(module, group):
+    grads = {}
+    for n, p in module.named_parameters():
+        g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(g, group=group)
+        grads[n] = g
+    return grads
+
+
+def _compare_grads(ref_module, grads, errors, prefix):
+    for n, p in ref_module.named_parameters():
+        if p.grad is None:
+            if grads[n].abs().max() > 0:
+                errors.append(f"{prefix}{n}: gradient only in the sharded run")
+            continue
+        _check(f"{prefix}{n}.grad", p.grad, grads[n], errors)
+
+
+def _worker(rank, world, sp, cp):
+    """Every check of one layout in one set of processes (starting them is the slow part)."""
+    errors = _layer_checks(rank, world, sp, cp) + _model_checks(rank, world, sp, cp, memory_savers=sp * cp == 4)
+    assert not errors, "\n".join(errors)
+
+
+def _layer_checks(rank, world, sp, cp):
+    mesh = build_mesh(ParallelConfig(sp_size=sp, cp_size=cp), world, rank)
+    cu = torch.tensor(CU, dtype=torch.int32)
+    T = CU[-1]
+    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])
+    pos = (torch.arange(T) - starts)[None]
+    idx = local_token_index(T, sp, cp, mesh.sp_rank, mesh.cp_rank)
+    errors = []
+    attn_cfg = AttentionConfig(backend="reference", block_size=8, topk=3, index_dim=16)
+    for kind, phase in (("msa", "sparse"), ("msa", "warmup"), ("dense", None)):
+        make = (lambda: MSAAttention(DIM, H, HKV, D, ROPE, attn_cfg)) if kind == "msa" else \
+            (lambda: Attention(DIM, H, HKV, D, ROPE))
+        layer, twin = make(), make()
+        torch.manual_seed(0)
+        layer.apply(_reinit)
+        twin.load_state_dict(layer.state_dict())
+        if phase:
+            layer.core.phase = twin.core.phase = phase
+        sharded = parallelize(_Holder(twin), mesh, ParallelConfig(sp_size=sp, cp_size=cp)).layers[0]
+        x = torch.randn(1, T, DIM, requires_grad=True)
+        g = torch.randn(1, T, DIM)
+        y, kl = layer(x, Rotary(pos, 1e4), cu)
+        ((y * g).sum() + 3.0 * kl).backward()
+
+        x_l = x.detach()[:, idx].requires_grad_()
+        y_l, kl_l = sharded(x_l, Rotary(pos[:, idx], 1e4), cu)
+        ((y_l * g[:, idx]).sum() + 3.0 * kl_l).backward()
+        tag = f"{kind}/{phase} rank {rank}: "
+        _check(tag + "output", y.detach()[:, idx], y_l.detach(), errors)
+        if kind == "msa":
+            _check(tag + "kl", kl.detach(), shard_sum(kl_l, mesh), errors)
+        _check(tag + "x.grad", x.grad[:, idx], x_l.grad, errors)
+        _compare_grads(layer, _sum_grads(sharded.attn, mesh.shard_group), errors, tag)
+    return errors
+
+
+def _reinit(m):
+    if isinstance(m, torch.nn.Linear):
+        torch.nn.init.normal_(m.weight, std=0.2)
+
+
+class _Holder(torch.nn.Module):
+    """One attention layer where ``parallelize`` looks for blocks (``.layers[i].attn``)."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Block(attn)])
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, attn):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, *args):
+        return self.attn(*args)
+
+
+def _tiny_batch(B=2, N=96):
+    """A packed batch with documents crossing shard edges and two images (one straddling shards)."""
+    torch.manual_seed(1)
+    lengths = [[30, 1, 40, 25], [96]]
+    input_ids = torch.randint(0, 300, (B, N))
+    labels = torch.roll(input_ids, -1, dims=1)
+    position_ids = torch.cat([torch.cat([torch.arange(n) for n in row])[None] for row in lengths])
+    seg = torch.tensor([0] + [n for row in lengths for n in row])
+    slots = torch.cat([torch.arange(20, 26), N + torch.arange(44, 52)])  # 2x3 and 2x4 patch grids
+    labels.view(-1)[slots] = -100
+    labels.view(-1)[seg.cumsum(0)[1:] - 1] = -100
+    return {
+        "input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+        "cu_seqlens": seg.cumsum(0).to(torch.int32),
+        "image_patches": torch.randn(len(slots), 3 * 4 * 4), "image_slots": slots,
+        "image_sizes": torch.tensor([[2, 3], [2, 4]]),
+    }
+
+
+def _model_checks(rank, world, sp, cp, memory_savers):
+    par = ParallelConfig(sp_size=sp, cp_size=cp, activation_checkpointing=memory_savers,
+                         mlp_tile_tokens=16 if memory_savers else 0)
+    mesh = build_mesh(par, world, rank)
+    if memory_savers:
+        import deepspeed
+
+        # no cpu_checkpointing here: on a CPU device DeepSpeed's "copy to CPU" is the tensor itself,
+        # which it then empties (deepspeed 0.19.8), so offload can only run on a GPU
+        deepspeed.checkpointing.configure(None, deepspeed_config={
+            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1})
+    cfg = ModelConfig(vocab_size=320, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, rope_dim=8,
+                      ce_chunk_tokens=40)
+    cfg.vision.patch_size = 4
+    attn = AttentionConfig(backend="reference", block_size=8, topk=3, index_dim=16, n_dense_layers=1)
+    batch = _tiny_batch()
+    errors = []
+    for phase in ("sparse", "warmup"):
+        model, twin = Decoder(cfg, attn), Decoder(cfg, attn)
+        twin.load_state_dict(model.state_dict())
+        model.set_phase(phase)
+        twin.set_phase(phase)
+        sharded = parallelize(twin, mesh, par)
+        out = model(batch)
+        (out["lm_sum"] / out["n_tokens"] + 0.5 * out["kl"]).backward()
+
+        out_l = sharded(shard_batch(batch, mesh))
+        n_tokens = shard_sum(out_l["n_tokens"], mesh)
+        (out_l["lm_sum"] / n_tokens + 0.5 * out_l["kl"]).backward()
+        tag = f"model/{phase} rank {rank}: "
+        if int(n_tokens) != int(out["n_tokens"]):
+            errors.append(f"{tag}target count {int(n_tokens)} != {int(out['n_tokens'])}")
+        _check(tag + "lm_sum", out["lm_sum"].detach(), shard_sum(out_l["lm_sum"], mesh), errors)
+        _check(tag + "kl", out["kl"].detach(), shard_sum(out_l["kl"], mesh), errors)
+        _compare_grads(model, _sum_grads(sharded, mesh.shard_group), errors, tag)
+    return errors
+
+
+@pytest.mark.parametrize("sp,cp", [pytest.param(2, 1, id="sp2"), pytest.param(1, 2, id="cp2"),
+                                   pytest.param(2, 2, id="sp2xcp2")])
+def test_parity_with_single_process(sp, cp):
+    """One MSA layer (sparse and warm-up phase), one dense layer and the tiny model (with packed
+    documents and images straddling shards; with 4 ranks also TiledMLP and activation checkpointing)."""
+    _spawn(_worker, sp * cp, sp, cp)
+
+
+def test_zigzag_layout_covers_every_token_once():
+    T, sp, cp = 96, 2, 3
+    held = torch.cat([local_token_index(T, sp, cp, s, c) for c in range(cp) for s in range(sp)])
+    assert torch.equal(held.sort().values, torch.arange(T))
+    assert zigzag_ranges(96, 3, 0) == [(0, 16), (80, 96)]
+    # causal work per context rank (sum of key counts of its queries) is balanced
+    work = [sum((e * (e + 1) - s * (s + 1)) // 2 for s, e in zigzag_ranges(T, cp, c)) for c in range(cp)]
+    assert max(work) == min(work)
+    assert truncate_cu_seqlens(torch.tensor([0, 13, 50, 96]), 50).tolist() == [0, 13, 50]
+    assert truncate_cu_seqlens(torch.tensor([0, 13, 50, 96]), 40).tolist() == [0, 13, 40]
