@@ -55,3 +55,18 @@ def test_stages_resolve_and_inherit():
 def test_bad_recipe_names_the_key(stages, steps, message):
     with pytest.raises(ValueError, match=message):
         build_recipe(make_cfg(stages, steps=steps))
+
+
+def test_shipped_long_context_recipe_passes_every_stage_check():
+    """conf/recipe/long_context.yaml composes and each stage passes the start-up checks on 64 ranks."""
+    from tests.utils import compose_train_config
+    from train.config import check_config
+
+    cfg = compose_train_config(["model=1b", "+recipe=long_context"])
+    stages = build_recipe(cfg)
+    assert [s.seq_len for s in stages] == [8192, 8192, 32768, 131072, 524288, 1048576]
+    assert stages[0].phase == "warmup" and stages[-1].end == cfg.train.steps
+    for stage in stages:
+        check_config(stage_config(cfg, stage), world_size=64, vocab_size=261)
+    with pytest.raises(ValueError, match="parallel.sp_size"):  # 48 ranks do not split into sp*cp=32
+        check_config(stage_config(cfg, stages[-1]), world_size=48, vocab_size=261)

@@ -92,7 +92,7 @@ def test_dashboard_workspace_offline(capsys):
     sections = model.spec.section.panel_bank_config.sections
     metrics = {m for s in sections for p in s.panels for m in (p.config.metrics or [])}
     required = {"loss/lm", "loss/kl", "msa/index_recall", "msa/sparsity", "perf/tokens_per_s", "perf/mfu",
-                "mem/max_allocated_gb", "train/seq_len", "layer_kl/02", "layer_recall/00"}
+                "mem/max_allocated_gb", "train/seq_len", "train/stage", "layer_kl/02", "layer_recall/00"}
     assert required <= metrics, required - metrics
     regexes = {p.config.metric_regex for s in sections for p in s.panels if p.config.use_metric_regex}
     assert regexes == {"^layer_kl/.*", "^layer_recall/.*"}
@@ -100,5 +100,5 @@ def test_dashboard_workspace_offline(capsys):
 
     assert dashboard.main(["--entity", "ent", "--project", "proj", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "7 sections, 13 panels" in out.splitlines()[0]
+    assert "7 sections, 14 panels" in out.splitlines()[0]
     assert "[Per-layer index KL] (collapsed)" in out and "  MFU: perf/mfu" in out

@@ -2,8 +2,8 @@
 
     python -m train.dashboard --entity E --project P [--name "MSA training"] [--layers 24] [--dry-run]
 
-Sections: losses, MSA health (index recall, sparsity), throughput, memory, schedule (seq_len, lr,
-skipped data and bad steps), and per-layer index KL / recall. Per-layer metrics are drawn with a
+Sections: losses, MSA health (index recall, sparsity), throughput, memory, schedule (seq_len, stage,
+lr, skipped data and bad steps), and per-layer index KL / recall. Per-layer metrics are drawn with a
 metric regex, so one panel shows every layer whatever the model depth; `--layers N` adds one panel per
 layer as well. `--dry-run` prints the layout and builds the workspace object without touching the
 network; saving needs `WANDB_API_KEY` (or `wandb login`) and network access to W&B.
@@ -62,6 +62,7 @@ def layout(layers: int | None = None) -> list[SectionSpec]:
         SectionSpec("Memory", (PanelSpec("Max allocated (GB)", ("mem/max_allocated_gb",)),)),
         SectionSpec("Schedule", (
             PanelSpec("Sequence length", ("train/seq_len",)),
+            PanelSpec("Recipe stage / sparse phase", ("train/stage", "train/phase_sparse")),
             PanelSpec("Learning rate", ("train/lr",)),
             PanelSpec("Skipped samples / bad steps", ("data/skipped", "train/bad_steps")),
         )),
