@@ -18,9 +18,19 @@ import torch.multiprocessing as mp
 
 from msa.layer import Attention, AttentionConfig, MSAAttention
 from msa.rope import Rotary
-from tests.utils import rel_rms
+from tests.utils import compose_train_config, rel_rms
+from train.config import check_config
 from train.model import Decoder, ModelConfig
-from train.parallel import ParallelConfig, build_mesh, init_distributed, parallelize, shard_batch, shard_sum
+from train.parallel import (
+    DistEnv,
+    ParallelConfig,
+    build_engine,
+    build_mesh,
+    init_distributed,
+    parallelize,
+    shard_batch,
+    shard_sum,
+)
 from train.sequence_parallel import local_token_index, truncate_cu_seqlens, zigzag_ranges
 
 TOL = 1e-5
@@ -213,3 +223,26 @@ def test_zigzag_layout_covers_every_token_once():
     assert max(work) == min(work)
     assert truncate_cu_seqlens(torch.tensor([0, 13, 50, 96]), 50).tolist() == [0, 13, 50]
     assert truncate_cu_seqlens(torch.tensor([0, 13, 50, 96]), 40).tolist() == [0, 13, 40]
+
+
+@pytest.mark.parametrize("overrides,world,keys", [
+    (["parallel.sp_size=2"], 3, ["parallel.sp_size", "parallel.cp_size"]),  # world not a multiple of sp*cp
+    (["parallel.sp_size=4"], 4, ["parallel.sp_size", "model.n_kv_heads"]),  # more sp ranks than KV heads
+    (["parallel.cp_size=2", "data.seq_len=192"], 2, ["data.seq_len"]),  # 192 % (2*2*32)
+    (["parallel.checkpoint_offload=true"], 1, ["parallel.activation_checkpointing"]),
+    (["parallel.mlp_tile_tokens=-1"], 1, ["parallel.mlp_tile_tokens"]),
+])
+def test_start_up_checks_name_the_keys(overrides, world, keys):
+    cfg = compose_train_config(overrides)
+    with pytest.raises(ValueError) as err:
+        check_config(cfg, world_size=world, vocab_size=261)
+    for key in keys:
+        assert key in str(err.value), str(err.value)
+
+
+def test_checkpoint_offload_needs_a_gpu():
+    cfg = compose_train_config(["parallel.activation_checkpointing=true", "parallel.checkpoint_offload=true"])
+    check_config(cfg, world_size=1, vocab_size=261)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"parallel\.checkpoint_offload"):
+        build_engine(Decoder(cfg.model, cfg.attention), cfg, env)

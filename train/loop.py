@@ -17,7 +17,7 @@ from train.config import TrainConfig, check_config
 from train.data import build_dataloader, build_tokenizer
 from train.metrics import LayerStats, MetricsLogger, max_memory_gb, peak_tflops
 from train.model import build_model
-from train.parallel import build_engine, init_distributed
+from train.parallel import build_engine, init_distributed, shard_batch, shard_sum
 from train.recipe import Stage, build_recipe, describe, stage_at, stage_config
 
 
@@ -172,9 +172,12 @@ def train_step(engine, model, batches, cfg: TrainConfig, stage: Stage, env, laye
     n_tokens, bad = 0, False
     for micro in range(cfg.train.grad_accum):
         layer_stats.start()
-        out = engine(to_device(next(batches), env.device))
+        out = engine(shard_batch(to_device(next(batches), env.device), env.mesh))
         layer_stats.stop()
-        lm = out["lm_sum"] / out["n_tokens"].clamp_min(1)
+        # with sequence/context shards each rank's loss is its share: LM over the whole sequence's
+        # target count, KL as the cores scale it; DeepSpeed sums the shares' gradients
+        n_targets = shard_sum(out["n_tokens"], env.mesh)
+        lm = out["lm_sum"] / n_targets.clamp_min(1)
         loss = lm + stage.kl_weight * out["kl"]
         finite = bool(torch.isfinite(loss))
         bad = bad or not finite
@@ -185,9 +188,9 @@ def train_step(engine, model, batches, cfg: TrainConfig, stage: Stage, env, laye
                 engine.step()
         else:
             engine.step()
-        lm_sum += out["lm_sum"].item()
-        n_tokens += int(out["n_tokens"])
-        kl_sum += out["kl"].item()
+        lm_sum += shard_sum(out["lm_sum"], env.mesh).item()
+        n_tokens += int(n_targets)
+        kl_sum += shard_sum(out["kl"], env.mesh).item()
     return {"lm": lm_sum / max(n_tokens, 1), "kl": kl_sum / cfg.train.grad_accum, "bad": bad}
 
 
