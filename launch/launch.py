@@ -18,6 +18,8 @@ import argparse
 import os
 import re
 import shlex
+import signal
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -300,7 +302,25 @@ def main(argv: list[str] | None = None) -> int:
         with open(path, "w") as f:
             f.write(text)
     print(command.render(), file=sys.stderr, flush=True)
-    os.execvpe(command.argv[0], command.argv, {**os.environ, **command.env})
+    return run_forwarding_signals(command.argv, {**os.environ, **command.env})
+
+
+def run_forwarding_signals(argv: list[str], env: dict[str, str]) -> int:
+    """Run the launcher in its own process group and pass SIGTERM/SIGINT/SIGUSR1 to the whole group.
+    The deepspeed runner dies on SIGTERM without telling its children, so signalling only it would
+    leave the ranks training; the ranks get the signal directly and save a checkpoint before exiting."""
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+
+    def forward(signum, frame):
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, forward)
+    code = proc.wait()
+    return 128 - code if code < 0 else code
 
 
 if __name__ == "__main__":

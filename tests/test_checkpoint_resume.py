@@ -180,8 +180,9 @@ def test_sigterm_saves_and_exits(tmp_path, corpus_dir, monkeypatch):
     def step_then_signal(*args, **kwargs):
         out = real_step(*args, **kwargs)
         calls.append(1)
-        if len(calls) == 2:
-            signal.raise_signal(signal.SIGTERM)  # as the launcher or SLURM would send it
+        if len(calls) == 2:  # as SLURM would send it, then the launcher forwarding it again
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
         return out
 
     monkeypatch.setattr(loop, "train_step", step_then_signal)

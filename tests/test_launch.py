@@ -2,8 +2,10 @@
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -170,3 +172,24 @@ def test_docker_requirements_pin_every_dependency():
         assert req.specifier.contains(pins[req.name.lower()]), f"{req.name}=={pins[req.name.lower()]} vs {req}"
     dockerfile = (ROOT / "docker/Dockerfile").read_text()
     assert "NCCL_NVLS_ENABLE=0" in dockerfile and "pip install --no-deps --no-build-isolation -e ." in dockerfile
+
+
+def test_signal_reaches_ranks_whose_runner_does_not_forward(tmp_path):
+    """The deepspeed runner dies on SIGTERM without passing it on; launch.py signals the whole group."""
+    marker = tmp_path / "rank_got_sigterm"
+    rank = (f"import signal, time, pathlib\n"
+            f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(marker)!r}).touch(), exit(0)))\n"
+            f"print('ready', flush=True)\n"
+            f"time.sleep(60)\n")
+    runner = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {rank!r}])\ntime.sleep(60)\n"
+    parent = (f"import sys; sys.path.insert(0, {str(ROOT / 'launch')!r}); import launch, os\n"
+              f"sys.exit(launch.run_forwarding_signals([sys.executable, '-c', {runner!r}], dict(os.environ)))\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM  # the runner died of it
+    for _ in range(100):
+        if marker.exists():
+            break
+        time.sleep(0.05)
+    assert marker.exists(), "the rank never saw the SIGTERM"

@@ -185,7 +185,11 @@ def any_rank(flag: bool) -> bool:
 
 class StopSignal:
     """SIGTERM/SIGINT ask the run to stop: the loop saves a checkpoint at the next step boundary and
-    exits cleanly. A second signal while the first is being handled stops at once, as by default."""
+    exits cleanly. Repeated SIGTERMs are expected (a launcher forwards the signal the whole process
+    group also got) and change nothing; launchers follow up with SIGKILL after their grace period, and
+    the atomic checkpoint survives that. A second SIGINT (Ctrl-C twice) stops at once, as by default.
+    Data-loader workers forked after this is installed inherit it, so a signal sent to the process
+    group leaves them running until the rank shuts them down."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -194,11 +198,11 @@ class StopSignal:
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        if self.received is not None:
+        if self.received is not None and signum == signal.SIGINT:
             self.restore()
             signal.raise_signal(signum)
             return
-        self.received = signal.Signals(signum).name
+        self.received = self.received or signal.Signals(signum).name
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
