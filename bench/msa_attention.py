@@ -245,6 +245,16 @@ def bench_shape(bench: Bench, N: int, Hkv: int, backward: bool, flex_limit_n: in
     bench.run("index_triton", "fwd", N, Hkv, lambda: select_blocks(q_idx, k_idx, BK, TOPK), fl["index"])
     whole = lambda: sparse_attention(q, k, v, select_blocks(q_idx, k_idx, BK, TOPK), BK)[0]
     bench.run("msa_whole", "fwd", N, Hkv, whole, fl["index"] + fl["sparse"], power=1.5)
+    if torch.cuda.get_device_capability() >= (8, 9):
+        bench.run("index_triton[fp8]", "fwd", N, Hkv, lambda: select_blocks(q_idx, k_idx, BK, TOPK, fp8=True),
+                  fl["index"])
+        sel8 = select_blocks(q_idx, k_idx, BK, TOPK, fp8=True)
+        a, c = block_idx[..., 1:].long(), sel8[..., 1:].long()
+        kept = ((a[..., :, None] == c[..., None, :]).any(-1) & (a >= 0)).sum() / (a >= 0).sum()
+        bench.rows[-1]["kept_of_exact_selection"] = kept.item()
+        del sel8, a, c
+        whole8 = lambda: sparse_attention(q, k, v, select_blocks(q_idx, k_idx, BK, TOPK, fp8=True), BK)[0]
+        bench.run("msa_whole[fp8]", "fwd", N, Hkv, whole8, fl["index"] + fl["sparse"], power=1.5)
     if not backward:
         return
     lse = sparse_attention(q, k, v, block_idx, BK)[1]
@@ -314,8 +324,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     """Speedups against the targets of issue 3, from rows measured in this run."""
     ms = {(r["case"], r["mode"], r["N"], r["Hkv"]): r.get("ms") for r in rows}
     tf = {(r["case"], r["mode"], r["N"], r["Hkv"]): r.get("tflops") for r in rows}
-    pairs = [("msa_whole", "dense_sdpa"), ("msa_main", "dense_sdpa"), ("msa_main", "flex_msa"),
-             ("index_triton", "index_torch")]
+    pairs = [("msa_whole", "dense_sdpa"), ("msa_whole[fp8]", "dense_sdpa"), ("msa_main", "dense_sdpa"),
+             ("msa_main", "flex_msa"), ("index_triton", "index_torch"), ("index_triton[fp8]", "index_torch")]
     out = []
     for (N, Hkv, mode) in sorted({(r["N"], r["Hkv"], r["mode"]) for r in rows}, key=lambda x: (x[1], x[0])):
         for a, b in pairs:

@@ -44,11 +44,11 @@ def _topk_insert(b_s, b_i, b_new, blk, o_c, TOPK_RUN: tl.constexpr, TK: tl.const
 
 @triton.jit
 def select_blocks_fwd_kernel(
-    q_ptr, k_ptr, out_ptr, tile_q0_ptr, tile_ds_ptr, tile_de_ptr,
+    q_ptr, k_ptr, k_scale_ptr, out_ptr, tile_q0_ptr, tile_ds_ptr, tile_de_ptr,
     N, Nq, n_tiles, Di,
     HKV: tl.constexpr, BK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TOPK: tl.constexpr, TK: tl.constexpr,
-    TKO: tl.constexpr, IEEE: tl.constexpr,
+    TKO: tl.constexpr, IEEE: tl.constexpr, K_SCALE: tl.constexpr,
 ):
     # heaviest (latest) tiles first: the causal work grows with the tile index
     i_t = n_tiles - 1 - tl.program_id(0)
@@ -89,6 +89,9 @@ def select_blocks_fwd_kernel(
                 b_sc = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
             else:
                 b_sc = tl.dot(b_q, tl.trans(b_k))
+            if K_SCALE:
+                # fp8 keys carry a per-token scale; the per-row query scale does not change the order
+                b_sc *= tl.load(k_scale_ptr + i_b * N + ds + blk * BK + c + o_n)[None, :]
             b_best = tl.maximum(b_best, tl.max(b_sc, 1))
         b_s, b_i = _topk_insert(b_s, b_i, b_best, blk, o_c, TOPK - 1, TK)
 
@@ -147,10 +150,20 @@ def _check_block_size(block_size: int) -> None:
                          f"got {block_size}")
 
 
-def select_blocks_fwd(q_idx, k_idx, block_size, topk, cu_seqlens=None, block_t=None, block_n=None,
+def _to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (last dim) e4m3 quantisation: ``x ~= x8 * scale``."""
+    scale = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448.0
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale.squeeze(-1)
+
+
+def select_blocks_fwd(q_idx, k_idx, block_size, topk, cu_seqlens=None, fp8=False, block_t=None, block_n=None,
                       num_warps=None, num_stages=None):
     B, Nq, Hkv, Di = q_idx.shape
     N = k_idx.shape[1]
+    k_scale = None
+    if fp8:
+        q_idx, _ = _to_fp8(q_idx)
+        k_idx, k_scale = _to_fp8(k_idx)
     hkv_p = triton.next_power_of_2(Hkv)
     block_t = block_t or max(1, min(block_size, 128 // hkv_p))
     block_n = block_n or min(block_size, 128)
@@ -162,10 +175,10 @@ def select_blocks_fwd(q_idx, k_idx, block_size, topk, cu_seqlens=None, block_t=N
     tk = triton.next_power_of_2(max(topk - 1, 1))
     grid = (q0.numel(), B)
     select_blocks_fwd_kernel[grid](
-        q_idx, k_idx, out, q0, ds, de, N, Nq, q0.numel(), Di,
+        q_idx, k_idx, k_scale, out, q0, ds, de, N, Nq, q0.numel(), Di,
         HKV=Hkv, BK=block_size, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(Di)), TOPK=topk, TK=tk,
-        TKO=triton.next_power_of_2(topk), IEEE=q_idx.dtype == torch.float32,
+        BLOCK_D=max(32 if fp8 else 16, triton.next_power_of_2(Di)), TOPK=topk, TK=tk,
+        TKO=triton.next_power_of_2(topk), IEEE=q_idx.dtype == torch.float32, K_SCALE=fp8,
         num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=num_stages or 2,
     )
     return out
@@ -173,13 +186,15 @@ def select_blocks_fwd(q_idx, k_idx, block_size, topk, cu_seqlens=None, block_t=N
 
 @torch.no_grad()
 def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, topk: int,
-                  cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                  cu_seqlens: torch.Tensor | None = None, *, fp8: bool = False) -> torch.Tensor:
     """Top-k key blocks per (query, group) by raw max-pooled index score, in one fused pass.
 
     ``q_idx [B, Nq, Hkv, Di]``, ``k_idx [B, N, Di]`` (bf16/fp16/fp32, same dtype; the queries are the
     last ``Nq <= N`` positions, ``Nq = N`` but for context parallelism) -> ``block_idx`` int32
     ``[B, Hkv, Nq, topk]``: own block in slot 0, the others by descending score, ``-1`` padding.
     ``cu_seqlens`` int32 ``[n_docs + 1]`` over the keys (``B == 1``) makes block ids document-relative.
+    ``fp8=True`` (Hopper and newer) scores with e4m3 operands, per-token scaled: about twice the matmul
+    rate, and a selection that differs from the exact one on near-ties.
     """
     B, Nq, Hkv, Di = q_idx.shape
     N = k_idx.shape[1]
@@ -196,5 +211,8 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, top
     _check_block_size(block_size)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, N)
-    return select_blocks_fwd(q_idx.contiguous(), k_idx.contiguous(), block_size, topk, cu_seqlens)
+    if fp8 and (not q_idx.is_cuda or torch.cuda.get_device_capability(q_idx.device) < (8, 9)):
+        raise ValueError("select_blocks(fp8=True) needs a GPU with fp8 matmuls (sm_89+); call it with "
+                         "fp8=False here")
+    return select_blocks_fwd(q_idx.contiguous(), k_idx.contiguous(), block_size, topk, cu_seqlens, fp8)
 
