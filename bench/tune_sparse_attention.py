@@ -25,7 +25,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels._sparse_csr import build_csr, build_layout  # noqa: E402
+from kernels._sparse_csr import build_layout  # noqa: E402
 
 # the module, not the function of that name that kernels/__init__.py exports
 sa = importlib.import_module("kernels.sparse_attention")
@@ -142,7 +142,7 @@ def time_one(N, Hkv):
         r[f"msa_fwd_{path}"] = ms(lambda a=attn: a(q, k, v))
         r[f"msa_fwdbwd_{path}"] = ms(fwd_bwd(attn, q, k, v, do))
     layout = build_layout(N, BK, None, "cuda")
-    r["csr_build"] = ms(lambda: build_csr(block_idx, layout, BK, 0, sa.CONFIG["CHUNK"]))
+    r["csr_build"] = ms(lambda: sa._reverse_index(q, block_idx, BK, layout))
     tf = lambda f, t: f / t / 1e9
     print(f"N={N:>7} Hkv={Hkv} dense fwd {r['dense_fwd']:8.2f} ms ({tf(f_dense, r['dense_fwd']):5.0f} TF/s) "
           f"fwd+bwd {r['dense_fwdbwd']:8.2f} ({tf(3.5 * f_dense, r['dense_fwdbwd']):5.0f}) | MSA fwd query "
@@ -175,17 +175,15 @@ def profile_breakdown(N=32768):
 
 
 SWEEP = {
-    "fwd_query": [dict(BLOCK_N=64, FLAT=True, num_warps=4, num_stages=3),
-                  dict(BLOCK_N=64, FLAT=False, num_warps=4, num_stages=2),
-                  dict(BLOCK_N=64, FLAT=True, num_warps=4, num_stages=4),
-                  dict(BLOCK_N=128, FLAT=True, num_warps=4, num_stages=3),
-                  dict(BLOCK_N=64, FLAT=True, num_warps=2, num_stages=3)],
+    "fwd_query": [dict(BLOCK_N=64, num_warps=4, num_stages=3),
+                  dict(BLOCK_N=64, num_warps=4, num_stages=4),
+                  dict(BLOCK_N=128, num_warps=4, num_stages=3),
+                  dict(BLOCK_N=64, num_warps=2, num_stages=3)],
     "fwd_kv": [dict(BLOCK_M=64, num_warps=4, num_stages=1), dict(BLOCK_M=128, num_warps=8, num_stages=1),
                dict(BLOCK_M=64, num_warps=4, num_stages=2), dict(BLOCK_M=32, num_warps=4, num_stages=2)],
-    "bwd_dq": [dict(BLOCK_N=64, FLAT=True, num_warps=4, num_stages=3),
-               dict(BLOCK_N=64, FLAT=False, num_warps=4, num_stages=2),
-               dict(BLOCK_N=64, FLAT=True, num_warps=4, num_stages=4),
-               dict(BLOCK_N=32, FLAT=True, num_warps=4, num_stages=3)],
+    "bwd_dq": [dict(BLOCK_N=64, num_warps=4, num_stages=3),
+               dict(BLOCK_N=64, num_warps=4, num_stages=4),
+               dict(BLOCK_N=32, num_warps=4, num_stages=3)],
     "bwd_dkdv": [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
                  dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
                  dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=1),
@@ -235,9 +233,9 @@ def main():
         res["sweep"] = sweep()
         res["config_after_sweep"] = {k: v for k, v in sa.CONFIG.items()}
     res["determinism"] = check_determinism()
-    res["breakdown"] = profile_breakdown()
+    res["breakdown"] = profile_breakdown(int(os.environ.get("BREAKDOWN_N", 32768)))
     sizes = [int(s) for s in os.environ.get("SIZES", "8192,32768,131072").split(",")]
-    res["timings"] = time_sizes(sizes)
+    res["timings"] = [r for hkv in os.environ.get("HKVS", "2").split(",") for r in time_sizes(sizes, int(hkv))]
     with open(os.path.join(out_dir, "tune_sparse_attention.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
 

@@ -30,12 +30,14 @@ class Layout:
 
 @dataclass
 class CSR:
-    entries: torch.Tensor  # [E] int32: flat index ((b*Hkv + r)*NQ + i)*topk + slot, by bucket
+    entries: torch.Tensor  # [E] int32: flat index (((b*Hkv + r)*Nq + i)*topk + slot) into block_idx
     work_bucket: torch.Tensor  # [W] int32: bucket (b*Hkv + r)*NV + vb of each work item
     work_start: torch.Tensor  # [W] int32: its first entry
     work_end: torch.Tensor  # [W] int32: one past its last entry
-    bucket_work: torch.Tensor  # [B*Hkv*NV + 1] int32: work items of bucket u are [bw[u], bw[u+1])
-    n_work: int
+    bucket_work: torch.Tensor  # [n_chunks*NB + 1] int32: chunk c's work items of bucket u are
+    #                            [bw[c*NB + u], bw[c*NB + u + 1])
+    chunk_work: list  # [n_chunks + 1]: the work items of query chunk c are [cw[c], cw[c+1])
+    q_chunk: int  # queries per chunk
 
 
 def build_layout(N: int, block_size: int, cu_seqlens: torch.Tensor | None, device) -> Layout:
@@ -67,33 +69,36 @@ def check_block_idx(block_idx: torch.Tensor, n_blocks: int) -> None:
         raise ValueError(f"block_idx entries must lie in [-1, {n_blocks}), got {lo}..{hi}")
 
 
-def build_csr(block_idx: torch.Tensor, layout: Layout, block_size: int, q0: int, chunk: int) -> CSR:
-    """Reverse CSR of ``block_idx [B, Hkv, NQ, topk]`` whose queries sit at key positions ``q0 .. q0+NQ``;
-    the entries index ``block_idx`` itself (flat, from 0)."""
+def build_csr(block_idx: torch.Tensor, layout: Layout, block_size: int, q_off: int, chunk: int,
+              q_chunk: int) -> CSR:
+    """Reverse CSR of ``block_idx [B, Hkv, Nq, topk]`` whose queries sit at key positions ``q_off ..``,
+    for query chunks of ``q_chunk`` queries: one stable sort by (query chunk, bucket) gives each chunk
+    its own bucket-sorted run of entries (the KV-outer forward works chunk by chunk; the backward
+    takes all chunks at once)."""
     B, Hkv, NQ, topk = block_idx.shape
     device = block_idx.device
-    NV = layout.vb_start.numel()
-    n_buckets = B * Hkv * NV
+    NB = B * Hkv * layout.vb_start.numel()
+    n_chunks = max(1, -(-NQ // q_chunk))
     if B * Hkv * NQ * topk >= 2**31:
-        raise ValueError(f"B*Hkv*N*topk = {B * Hkv * NQ * topk} entries overflow int32 indices")
-    pos = torch.arange(q0, q0 + NQ, device=device) - layout.tok_start[q0:q0 + NQ]
+        raise ValueError(f"B*Hkv*Nq*topk = {B * Hkv * NQ * topk} entries overflow int32 indices")
+    pos = torch.arange(q_off, q_off + NQ, device=device) - layout.tok_start[q_off:q_off + NQ]
     idx = block_idx.long()
     valid = (idx >= 0) & (idx * block_size <= pos[:, None])
-    br = torch.arange(B * Hkv, device=device).view(B, Hkv, 1, 1)
-    bucket = br * NV + layout.tok_vb[q0:q0 + NQ, None] + idx
-    bucket = torch.where(valid, bucket, n_buckets).flatten()
-    order = torch.sort(bucket, stable=True).indices
-    counts = torch.bincount(bucket, minlength=n_buckets + 1)[:n_buckets]
+    br = torch.arange(B * Hkv, device=device).view(B, Hkv, 1, 1) * layout.vb_start.numel()
+    qc = (torch.arange(NQ, device=device) // q_chunk)[:, None] * NB
+    key = torch.where(valid, qc + br + layout.tok_vb[q_off:q_off + NQ, None] + idx, n_chunks * NB).flatten()
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=n_chunks * NB + 1)[:n_chunks * NB]
     offsets = torch.cumsum(counts, 0) - counts
     splits = (counts + chunk - 1) // chunk
-    split_off = torch.cumsum(splits, 0)
-    W = int(split_off[-1]) if n_buckets else 0
-    split_off = split_off - splits
-    work_bucket = torch.repeat_interleave(torch.arange(n_buckets, device=device), splits, output_size=W)
-    k_in = torch.arange(W, device=device) - split_off[work_bucket]
-    work_start = offsets[work_bucket] + k_in * chunk
-    work_end = torch.minimum(work_start + chunk, offsets[work_bucket] + counts[work_bucket])
-    bucket_work = torch.cat([split_off, split_off.new_full((1,), W)])
+    split_end = torch.cumsum(splits, 0)
+    bucket_work = torch.cat([split_end.new_zeros(1), split_end])
+    chunk_work = bucket_work[::NB].tolist()  # the one host sync: the grid sizes
+    W = chunk_work[-1]
+    work_key = torch.repeat_interleave(torch.arange(n_chunks * NB, device=device), splits, output_size=W)
+    k_in = torch.arange(W, device=device) - bucket_work[work_key]
+    work_start = offsets[work_key] + k_in * chunk
+    work_end = torch.minimum(work_start + chunk, offsets[work_key] + counts[work_key])
     i32 = torch.int32
-    return CSR(order.to(i32), work_bucket.to(i32), work_start.to(i32), work_end.to(i32),
-               bucket_work.to(i32), W)
+    return CSR(order.to(i32), (work_key % NB).to(i32), work_start.to(i32), work_end.to(i32),
+               bucket_work.to(i32), chunk_work, q_chunk)

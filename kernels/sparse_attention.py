@@ -58,7 +58,7 @@ def _fwd_query_step(k, v, b_q, b_m, b_l, b_acc, o_k, m_k, i_b, i_r, N, scale2,
 def sparse_attention_fwd_query_kernel(
     q, k, v, idx, tok_start, o, lse, scale2, N, NQ,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
-    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, FLAT: tl.constexpr,
+    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_q = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -76,23 +76,12 @@ def sparse_attention_fwd_query_kernel(
     b_l = tl.zeros([BLOCK_G], tl.float32)
     b_acc = tl.zeros([BLOCK_G, D], tl.float32)
     p_idx = idx + (i_bh.to(tl.int64) * NQ + i_q) * TOPK
-    if FLAT:
-        # one loop over (slot, key tile), invalid slots masked: the loads pipeline across slots
-        for it in range(TOPK * (BS // BLOCK_N)):
-            c = tl.load(p_idx + it // (BS // BLOCK_N))
-            o_k = start + c * BS + (it % (BS // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
-            m_k = (o_k <= i_n) & (c >= 0)
-            b_m, b_l, b_acc = _fwd_query_step(k, v, b_q, b_m, b_l, b_acc, o_k, m_k, i_b, i_r, N,
-                                              scale2, HKV, D)
-    else:
-        for i_s in range(TOPK):
-            c = tl.load(p_idx + i_s)
-            k0 = start + c * BS
-            if (c >= 0) & (k0 <= i_n):
-                for j in range(0, BS, BLOCK_N):
-                    o_k = k0 + j + tl.arange(0, BLOCK_N)
-                    b_m, b_l, b_acc = _fwd_query_step(k, v, b_q, b_m, b_l, b_acc, o_k, o_k <= i_n,
-                                                      i_b, i_r, N, scale2, HKV, D)
+    # one loop over (slot, key tile) with invalid slots masked, not branched: loads pipeline across slots
+    for it in range(TOPK * (BS // BLOCK_N)):
+        c = tl.load(p_idx + it // (BS // BLOCK_N))
+        o_k = start + c * BS + (it % (BS // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_k = (o_k <= i_n) & (c >= 0)
+        b_m, b_l, b_acc = _fwd_query_step(k, v, b_q, b_m, b_l, b_acc, o_k, m_k, i_b, i_r, N, scale2, HKV, D)
     nonempty = b_l > 0
     b_acc = b_acc / tl.where(nonempty, b_l, 1.0)[:, None]
     b_lse = tl.where(nonempty, (b_m + tl.log2(tl.where(nonempty, b_l, 1.0))) * 0.6931471805599453,
@@ -105,11 +94,13 @@ def sparse_attention_fwd_query_kernel(
 @triton.jit
 def sparse_attention_fwd_kv_kernel(
     q, k, v, entries, work_bucket, work_start, work_end, vb_start, vb_end, o_part, lse_part,
-    scale2, N, NQ, NV, NC, q0,
+    scale2, N, NQ, NV, NC, q0, w0,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    i_w = tl.program_id(0)
+    """Work item ``w0 + program_id`` of the query chunk ``q0 .. q0+NC``: one K/V block against its
+    entries; partials go to the chunk's ``o_part [B*Hkv*NC*topk*G, D]``."""
+    i_w = w0 + tl.program_id(0)
     u = tl.load(work_bucket + i_w)
     e0 = tl.load(work_start + i_w)
     e1 = tl.load(work_end + i_w)
@@ -130,7 +121,7 @@ def sparse_attention_fwd_kv_kernel(
     for e in range(e0, e1, BLOCK_M // G):
         m_row = e + o_mq < e1
         ent = tl.load(entries + e + o_mq, mask=m_row, other=0).to(tl.int64)
-        i_q = q0 + (ent // TOPK) % NC
+        i_q = (ent // TOPK) % NQ
         p_q = ((i_b.to(tl.int64) * NQ + i_q) * H + h)[:, None] * D + o_d[None, :]
         b_q = tl.load(q + p_q, mask=m_row[:, None], other=0.0)
         # [BLOCK_M, BS]
@@ -142,7 +133,7 @@ def sparse_attention_fwd_kv_kernel(
         b_p = tl.exp2(b_s - b_mx[:, None])
         b_l = tl.sum(b_p, 1)
         b_o = tl.dot(b_p.to(b_v.dtype), b_v) / tl.where(b_l > 0, b_l, 1.0)[:, None]
-        p_out = ent * G + o_m % G
+        p_out = (((ent // (NQ * TOPK)) * NC + i_q - q0) * TOPK + ent % TOPK) * G + o_m % G
         tl.store(o_part + p_out[:, None] * D + o_d[None, :], b_o.to(o_part.dtype.element_ty),
                  mask=m_row[:, None])
         tl.store(lse_part + p_out, b_mx + tl.log2(tl.where(b_l > 0, b_l, 1.0)), mask=m_row)
@@ -209,7 +200,7 @@ def _bwd_dq_step(k, v, b_q, b_do, b_lse, b_delta, b_dq, o_k, m_k, i_b, i_r, N, s
 def sparse_attention_bwd_dq_kernel(
     q, k, v, o, do, lse, delta, idx, tok_start, dq, scale2, scale, N, NQ,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
-    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, FLAT: tl.constexpr,
+    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of a query's G heads over its blocks; also writes ``delta = rowsum(dO * O)`` for dK/dV."""
     i_q = tl.program_id(0)
@@ -231,21 +222,11 @@ def sparse_attention_bwd_dq_kernel(
     start = tl.load(tok_start + i_n)
     b_dq = tl.zeros([BLOCK_G, D], tl.float32)
     p_idx = idx + (i_bh.to(tl.int64) * NQ + i_q) * TOPK
-    if FLAT:
-        for it in range(TOPK * (BS // BLOCK_N)):
-            c = tl.load(p_idx + it // (BS // BLOCK_N))
-            o_k = start + c * BS + (it % (BS // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
-            m_k = (o_k <= i_n) & (c >= 0)
-            b_dq = _bwd_dq_step(k, v, b_q, b_do, b_lse, b_delta, b_dq, o_k, m_k, i_b, i_r, N, scale2, HKV, D)
-    else:
-        for i_s in range(TOPK):
-            c = tl.load(p_idx + i_s)
-            k0 = start + c * BS
-            if (c >= 0) & (k0 <= i_n):
-                for j in range(0, BS, BLOCK_N):
-                    o_k = k0 + j + tl.arange(0, BLOCK_N)
-                    b_dq = _bwd_dq_step(k, v, b_q, b_do, b_lse, b_delta, b_dq, o_k, o_k <= i_n, i_b, i_r, N,
-                                        scale2, HKV, D)
+    for it in range(TOPK * (BS // BLOCK_N)):
+        c = tl.load(p_idx + it // (BS // BLOCK_N))
+        o_k = start + c * BS + (it % (BS // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_k = (o_k <= i_n) & (c >= 0)
+        b_dq = _bwd_dq_step(k, v, b_q, b_do, b_lse, b_delta, b_dq, o_k, m_k, i_b, i_r, N, scale2, HKV, D)
     tl.store(dq + p_q, (b_dq * scale).to(dq.dtype.element_ty), mask=m_g[:, None])
 
 
@@ -302,9 +283,10 @@ def sparse_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def sparse_attention_bwd_reduce_kernel(
-    dk_part, dv_part, bucket_work, vb_start, vb_end, dk, dv, N, NV,
+    dk_part, dv_part, bucket_work, vb_start, vb_end, dk, dv, N, NV, NB, n_chunks,
     HKV: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """dK/dV of one key tile: the sum, in a fixed order, of its work items' partials."""
     u = tl.program_id(0)
     i_t = tl.program_id(1)
     i_br = u // NV
@@ -316,15 +298,16 @@ def sparse_attention_bwd_reduce_kernel(
     o_t = i_t * BLOCK_N + tl.arange(0, BLOCK_N)
     o_k = k0 + tl.arange(0, BLOCK_N)
     m_k = o_k < k1
-    w0 = tl.load(bucket_work + u)
-    w1 = tl.load(bucket_work + u + 1)
     b_dk = tl.zeros([BLOCK_N, D], tl.float32)
     b_dv = tl.zeros([BLOCK_N, D], tl.float32)
-    p_w = (w0.to(tl.int64) * BS + o_t)[:, None] * D + o_d[None, :]
-    for _ in range(w0, w1):
-        b_dk += tl.load(dk_part + p_w)
-        b_dv += tl.load(dv_part + p_w)
-        p_w += BS * D
+    for c in range(n_chunks):
+        w0 = tl.load(bucket_work + c * NB + u)
+        w1 = tl.load(bucket_work + c * NB + u + 1)
+        p_w = (w0.to(tl.int64) * BS + o_t)[:, None] * D + o_d[None, :]
+        for _ in range(w0, w1):
+            b_dk += tl.load(dk_part + p_w)
+            b_dv += tl.load(dv_part + p_w)
+            p_w += BS * D
     p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
     tl.store(dk + p_kv, b_dk.to(dk.dtype.element_ty), mask=m_k[:, None])
     tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_k[:, None])
@@ -334,10 +317,10 @@ def sparse_attention_bwd_reduce_kernel(
 # numbers behind the defaults). CHUNK: entries per KV-outer work item (hot blocks get several);
 # PART_BYTES: memory for the KV-outer forward's partial outputs (queries go in chunks that fit).
 CONFIG = {
-    "fwd_query": dict(BLOCK_N=64, FLAT=True, num_warps=4, num_stages=3),
+    "fwd_query": dict(BLOCK_N=64, num_warps=4, num_stages=3),
     "fwd_kv": dict(BLOCK_M=64, num_warps=4, num_stages=1),
     "combine": dict(num_warps=4, num_stages=1),
-    "bwd_dq": dict(BLOCK_N=64, FLAT=True, num_warps=4, num_stages=3),
+    "bwd_dq": dict(BLOCK_N=64, num_warps=4, num_stages=3),
     "bwd_dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
     "reduce": dict(num_warps=4, num_stages=1),
     "CHUNK": 256,
@@ -387,10 +370,12 @@ def _check_inputs(q, k, v, block_idx, block_size):
     return B, H, Hkv, D
 
 
-def _pick_path(path: str, G: int, block_size: int) -> str:
+def _pick_path(path: str, G: int, block_size: int, NQ: int) -> str:
+    """``auto``: KV-outer from 16K queries on (H200 measurements in docs/kernels.md: query-outer wins
+    at 8K, KV-outer from 32K), query-outer below or where KV-outer does not apply."""
     kv_ok = G & (G - 1) == 0 and block_size <= 128
     if path == "auto":
-        return "query"
+        return "kv" if kv_ok and NQ >= 16384 else "query"
     if path == "kv" and not kv_ok:
         raise ValueError(f"path='kv' needs G = H/Hkv a power of two and block_size <= 128, got G={G}, "
                          f"block_size={block_size}")
@@ -399,7 +384,17 @@ def _pick_path(path: str, G: int, block_size: int) -> str:
     return path
 
 
-def sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, path):
+def _reverse_index(q, block_idx, block_size, layout, q_chunk=None):
+    """The reverse CSR; query chunks sized so the KV-outer forward's partials fit PART_BYTES."""
+    B, NQ, H, D = q.shape
+    if q_chunk is None:
+        part = torch.float32 if q.dtype == torch.float32 else q.dtype
+        per_query = B * H * block_idx.shape[-1] * (D * part.itemsize + 4)
+        q_chunk = max(1, min(NQ, _setting("PART_BYTES") // per_query))
+    return build_csr(block_idx, layout, block_size, layout.tok_start.numel() - NQ, _setting("CHUNK"), q_chunk)
+
+
+def sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, path, csr=None):
     B, NQ, H, D = q.shape
     N, Hkv, topk = k.shape[1], k.shape[2], block_idx.shape[-1]
     G = H // Hkv
@@ -411,19 +406,19 @@ def sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, path):
             q, k, v, block_idx, layout.tok_start, o, lse, scale * LOG2E, N, NQ,
             **_launch("fwd_query", G, block_size), **consts)
         return o, lse
+    csr = _reverse_index(q, block_idx, block_size, layout) if csr is None else csr
     # partial outputs in the input's precision (bf16/fp16 halve the bytes the combine moves)
     part_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
-    per_query = B * H * topk * (D * part_dtype.itemsize + 4)
-    NC = max(1, min(NQ, _setting("PART_BYTES") // per_query))
-    for q0 in range(0, NQ, NC):
+    NC = csr.q_chunk
+    for c, q0 in enumerate(range(0, NQ, NC)):
         nc = min(NC, NQ - q0)
-        csr = build_csr(block_idx[:, :, q0:q0 + nc], layout, block_size, N - NQ + q0, _setting("CHUNK"))
         o_part = torch.empty(B * Hkv * nc * topk * G, D, dtype=part_dtype, device=q.device)
         lse_part = torch.empty(B * Hkv * nc * topk * G, dtype=torch.float32, device=q.device)
-        if csr.n_work:
-            sparse_attention_fwd_kv_kernel[(csr.n_work,)](
+        w0, w1 = csr.chunk_work[c], csr.chunk_work[c + 1]
+        if w1 > w0:
+            sparse_attention_fwd_kv_kernel[(w1 - w0,)](
                 q, k, v, csr.entries, csr.work_bucket, csr.work_start, csr.work_end, layout.vb_start,
-                layout.vb_end, o_part, lse_part, scale * LOG2E, N, NQ, layout.vb_start.numel(), nc, q0,
+                layout.vb_end, o_part, lse_part, scale * LOG2E, N, NQ, layout.vb_start.numel(), nc, q0, w0,
                 **_launch("fwd_kv", G, block_size), **consts)
         sparse_attention_combine_kernel[(nc, B * Hkv)](
             o_part, lse_part, block_idx, layout.tok_start, o, lse, N, NQ, nc, q0,
@@ -431,7 +426,7 @@ def sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, path):
     return o, lse
 
 
-def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, scale):
+def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, scale, csr=None):
     B, NQ, H, D = q.shape
     N, Hkv, topk = k.shape[1], k.shape[2], block_idx.shape[-1]
     G = H // Hkv
@@ -441,22 +436,24 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
     sparse_attention_bwd_dq_kernel[(NQ, B * Hkv)](
         q, k, v, o, do, lse, delta, block_idx, layout.tok_start, dq, scale * LOG2E, scale, N, NQ,
         **_launch("bwd_dq", G, block_size), **consts)
-    csr = build_csr(block_idx, layout, block_size, N - NQ, _setting("CHUNK"))
+    csr = _reverse_index(q, block_idx, block_size, layout, NQ) if csr is None else csr
+    W = csr.chunk_work[-1]
     dkdv = _launch("bwd_dkdv", G, block_size)
     NV = layout.vb_start.numel()
     n_sub = block_size // dkdv["BLOCK_N"]
-    dk_part = torch.empty(max(csr.n_work, 1) * block_size, D, dtype=torch.float32, device=q.device)
+    dk_part = torch.empty(max(W, 1) * block_size, D, dtype=torch.float32, device=q.device)
     dv_part = torch.empty_like(dk_part)
-    if csr.n_work:
-        sparse_attention_bwd_dkdv_kernel[(csr.n_work, n_sub)](
+    if W:
+        sparse_attention_bwd_dkdv_kernel[(W, n_sub)](
             q, k, v, do, lse, delta, csr.entries, csr.work_bucket, csr.work_start, csr.work_end,
             layout.vb_start, layout.vb_end, dk_part, dv_part, scale * LOG2E, scale, N, NQ, NV,
             **dkdv, **consts)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     sparse_attention_bwd_reduce_kernel[(B * Hkv * NV, n_sub)](
-        dk_part, dv_part, csr.bucket_work, layout.vb_start, layout.vb_end, dk, dv, N, NV,
-        HKV=Hkv, BS=block_size, D=D, BLOCK_N=dkdv["BLOCK_N"], **_launch("reduce", G, block_size))
+        dk_part, dv_part, csr.bucket_work, layout.vb_start, layout.vb_end, dk, dv, N, NV, B * Hkv * NV,
+        len(csr.chunk_work) - 1, HKV=Hkv, BS=block_size, D=D, BLOCK_N=dkdv["BLOCK_N"],
+        **_launch("reduce", G, block_size))
     return dq, dk, dv
 
 
@@ -466,9 +463,10 @@ class SparseAttentionFunction(torch.autograd.Function):
         q, k, v, block_idx = (x.contiguous() for x in (q, k, v, block_idx))
         layout = build_layout(k.shape[1], block_size, cu_seqlens, q.device)
         check_block_idx(block_idx, layout.n_blocks)
-        o, lse = sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, path)
+        csr = _reverse_index(q, block_idx, block_size, layout) if path == "kv" else None
+        o, lse = sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, path, csr)
         ctx.save_for_backward(q, k, v, o, lse, block_idx)
-        ctx.layout, ctx.block_size, ctx.scale = layout, block_size, scale
+        ctx.layout, ctx.csr, ctx.block_size, ctx.scale = layout, csr, block_size, scale
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -476,7 +474,7 @@ class SparseAttentionFunction(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse, block_idx = ctx.saved_tensors
         dq, dk, dv = sparse_attention_bwd(q, k, v, o, lse, do.contiguous(), block_idx, ctx.block_size,
-                                          ctx.layout, ctx.scale)
+                                          ctx.layout, ctx.scale, ctx.csr)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -494,7 +492,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     B, H, Hkv, D = _check_inputs(q, k, v, block_idx, block_size)
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got B={B}")
-    path = _pick_path(path, H // Hkv, block_size)
+    path = _pick_path(path, H // Hkv, block_size, q.shape[1])
     scale = D ** -0.5 if scale is None else float(scale)
     return SparseAttentionFunction.apply(q, k, v, block_idx.to(torch.int32), block_size, cu_seqlens,
                                          scale, path)
