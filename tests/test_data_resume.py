@@ -77,10 +77,23 @@ def test_data_parallel_ranks_with_worker_processes(tmp_path):
     assert not rank0 & rank1 and rank0 | rank1 == set(keys)
 
 
+def truncated_shard(tmp_path, rng, lo=2000, hi=3000) -> tuple[str, list[str]]:
+    samples = text_samples(6, rng, prefix="trunc", lo=lo, hi=hi)
+    path = write_shard(tmp_path / "full.tar", samples)
+    with tarfile.open(path) as tf:
+        last = tf.getmembers()[-1]
+    data = open(path, "rb").read()[: last.offset_data + last.size // 2]  # cut inside the last member
+    (tmp_path / "trunc.tar").write_bytes(data)
+    return str(tmp_path / "trunc.tar"), [s["__key__"] for s in samples[:-1]]
+
+
 def mixed_shards(tmp_path) -> list[str]:
+    """Text, all sample layouts, and input that is skipped (so resumed skip counts are checked too)."""
     fmt, _ = formats_shard(tmp_path, np.random.default_rng(3))
     urls, _ = text_shards(tmp_path, 3, 5, seed=4)
-    return [fmt] + urls
+    trunc, _ = truncated_shard(tmp_path, np.random.default_rng(9), lo=50, hi=120)
+    bad = write_shard(tmp_path / "bad.tar", [{"__key__": "empty", "txt": b""}, {"__key__": "j", "json": b"{"}])
+    return [fmt, trunc, bad, "pipe:false"] + urls
 
 
 def take(it, n):
@@ -112,7 +125,23 @@ def test_resume_continues_exactly(tmp_path, num_workers):
     resumed = make()
     resumed.load_state_dict(copy.deepcopy(state))
     assert_batches_equal(take(iter(resumed), 30), expected)
+    assert resumed.skipped == full.skipped and full.skipped["truncated_tar"] >= 1
+
+
+def test_resume_does_not_count_skips_twice(tmp_path):
+    """A block spanning the whole epoch holds the shard errors; re-reading it on resume must not count
+    them again."""
+    cfg = data_cfg(mixed_shards(tmp_path), shuffle_buffer=1000)
+    full = build_dataloader(cfg, TOK, seq_len=40, seed=5)
+    it = iter(full)
+    take(it, 2)
+    state = full.state_dict()
+    expected = take(it, 3)
+    resumed = build_dataloader(cfg, TOK, seq_len=40, seed=5)
+    resumed.load_state_dict(state)
+    assert_batches_equal(take(iter(resumed), 3), expected)
     assert resumed.skipped == full.skipped
+    assert full.skipped["truncated_tar"] == full.skipped["unreadable_shard"] == 1
 
 
 @pytest.mark.parametrize("next_seq_len", [64, 160])
@@ -141,16 +170,6 @@ def test_load_state_rejects_other_settings(tmp_path):
     b = build_dataloader(data_cfg(urls, num_workers=2, image=ImageConfig(max_patches=16)), TOK, seq_len=32)
     with pytest.raises(ValueError, match="data.num_workers"):
         b.load_state_dict(a.state_dict())
-
-
-def truncated_shard(tmp_path, rng) -> tuple[str, list[str]]:
-    samples = text_samples(6, rng, prefix="trunc", lo=2000, hi=3000)
-    path = write_shard(tmp_path / "full.tar", samples)
-    with tarfile.open(path) as tf:
-        last = tf.getmembers()[-1]
-    data = open(path, "rb").read()[: last.offset_data + last.size // 2]  # cut inside the last member
-    (tmp_path / "trunc.tar").write_bytes(data)
-    return str(tmp_path / "trunc.tar"), [s["__key__"] for s in samples[:-1]]
 
 
 def test_bad_input_is_skipped_counted_and_logged(tmp_path, caplog):

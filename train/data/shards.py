@@ -154,12 +154,12 @@ class ShardReader:
                 reason = "truncated_tar" if k > 0 else "unreadable_shard"
                 self._skip(reason, url, f"after sample {k}", f"({type(e).__name__}: {e})")
 
-    def _blocks(self, pos: Position):
+    def _blocks(self, pos: Position, resumed: bool):
         """(Position of the block, permuted samples of the block), from pos's block onwards.
 
-        The first block is re-read on resume: its skips were counted before, so they are not again."""
+        On resume the first block is re-read: its reading skips were counted before, not again."""
         epoch, block, cursor = pos.epoch, pos.block, (pos.shard, pos.offset, pos.raw)
-        self._quiet = pos.taken > 0
+        self._quiet = resumed
         while True:
             stream = self._raw(epoch, *cursor)
             while True:
@@ -182,10 +182,10 @@ class ShardReader:
         """(Document, its Position) from pos on, forever (epochs roll over).
 
         A whole epoch without one usable document is an error (the stream would never end)."""
-        pos = pos or Position()
+        resumed, pos = pos is not None, pos or Position()
         epoch, good, whole = pos.epoch, 0, pos == Position(epoch=pos.epoch)
         skip = pos.taken
-        for start, samples in self._blocks(pos):
+        for start, samples in self._blocks(pos, resumed):
             if start.epoch != epoch:
                 if good == 0 and whole:
                     self._fail(epoch)
