@@ -197,6 +197,10 @@ def test_ensure_corpus_builds_once_and_rejects_other_settings(tmp_path):
     assert ensure_corpus(root, TINY_CORPUS) == paths and [open(p, "rb").read() for p in paths] == mtimes
     with pytest.raises(ValueError, match="data.corpus_dir"):
         ensure_corpus(root, CorpusConfig(**{**TINY_CORPUS.__dict__, "n_text": 7}))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a corpus")
+    with pytest.raises(ValueError, match="data.corpus_dir"):
+        ensure_corpus(str(tmp_path / "other"), TINY_CORPUS)
 
 
 def rows_of_epoch(loader, epoch: int = 0, limit: int = 10000):

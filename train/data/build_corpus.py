@@ -152,6 +152,9 @@ def ensure_corpus(corpus_dir: str, cfg: CorpusConfig) -> list[str]:
     call this at once: each builds into its own temporary folder and the first rename wins."""
     root = Path(corpus_dir)
     manifest = root / MANIFEST
+    if root.exists() and not manifest.exists() and any(root.iterdir()):
+        raise ValueError(f"data.corpus_dir={corpus_dir} exists but holds no {MANIFEST}: delete it or point "
+                         "data.corpus_dir elsewhere")
     if not manifest.exists():
         tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
         t0 = time.time()
