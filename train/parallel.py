@@ -22,7 +22,7 @@ import functools
 import json
 import math
 import os
-import socket
+import tempfile
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,19 +78,17 @@ class DistEnv:
     mesh: Mesh | None = None  # the layout the engine was built for (build_engine sets it)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(cfg: ParallelConfig) -> DistEnv:
     """Join (or, run alone, create) the default process group; read ranks from the launcher's env."""
     import deepspeed
 
+    init_method = None
     if "RANK" not in os.environ:
+        # Alone: rendezvous through a file, not a port, so concurrent single-process runs never race
+        # for a free port (seen as EADDRINUSE with several test runs on one machine).
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", "0")
+        init_method = "file://" + os.path.join(tempfile.mkdtemp(prefix="msa-rdzv-"), "store")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -101,7 +99,7 @@ def init_distributed(cfg: ParallelConfig) -> DistEnv:
     backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
-                                   verbose=False)
+                                   verbose=False, init_method=init_method, rank=rank, world_size=world)
     return DistEnv(rank, world, local_rank, device)
 
 
