@@ -133,6 +133,7 @@ def train(cfg: TrainConfig) -> dict:
                     "train/phase_sparse": int(stage.phase == "sparse"),
                     "train/bad_steps": bad_steps,
                     "data/skipped": sum(loader.skipped.values()),
+                    **{f"data/skipped/{reason}": n for reason, n in loader.skipped.items()},
                     **layer_stats.metrics(want_stats),
                 }
                 logger.log(step, metrics)
