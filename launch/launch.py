@@ -22,9 +22,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 
 DEFAULT_PORT = 29500
+GROUP_GRACE_S = 120.0  # after the launcher exits, how long its ranks may take to finish a save
 # NVLink multicast (NCCL NVLS) stays off on every node: it is not available on the lent machines and
 # pins extra memory per communicator where it is.
 FORCED_ENV = {"NCCL_NVLS_ENABLE": "0"}
@@ -320,7 +322,25 @@ def run_forwarding_signals(argv: list[str], env: dict[str, str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, forward)
     code = proc.wait()
+    wait_for_group(proc.pid, grace_s=GROUP_GRACE_S)
     return 128 - code if code < 0 else code
+
+
+def wait_for_group(pgid: int, grace_s: float) -> None:
+    """Return once every process of the group has exited (SIGKILL the rest after ``grace_s``), so the
+    next job cannot meet ranks still saving or holding the rendezvous port."""
+    end = time.monotonic() + grace_s
+    while time.monotonic() < end:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.2)
+    print(f"launch: processes of group {pgid} still running after {grace_s:.0f} s; killing them", file=sys.stderr)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 if __name__ == "__main__":

@@ -188,8 +188,9 @@ class StopSignal:
     exits cleanly. Repeated SIGTERMs are expected (a launcher forwards the signal the whole process
     group also got) and change nothing; launchers follow up with SIGKILL after their grace period, and
     the atomic checkpoint survives that. A second SIGINT (Ctrl-C twice) stops at once, as by default.
-    Data-loader workers forked after this is installed inherit it, so a signal sent to the process
-    group leaves them running until the rank shuts them down."""
+    PyTorch's data-loader workers die on a SIGTERM sent to the whole process group (their own C handler,
+    torch 2.11-2.13), and the loader's SIGCHLD handler would then raise in the middle of the save; the
+    save needs no more data, so the first stop signal turns that check off."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -202,6 +203,8 @@ class StopSignal:
             self.restore()
             signal.raise_signal(signum)
             return
+        if self.received is None:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.received = self.received or signal.Signals(signum).name
 
     def restore(self) -> None:
