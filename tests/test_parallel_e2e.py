@@ -1,5 +1,7 @@
 """End to end: ``python -m train`` with SP=2 and with CP=2 logs the same first 5 step losses as SP=1
-(same seed and data; the tiny model, reference attention, warm-up then sparse steps)."""
+(same seed and data; the tiny model, reference attention, warm-up then sparse steps). The sharded runs
+also vary what must not change the losses: SP=2 runs ZeRO-2, CP=2 ZeRO-3 with per-block activation
+checkpointing and DeepSpeed's TiledMLP."""
 
 from __future__ import annotations
 
@@ -20,13 +22,14 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(run_dir: Path, sp: int, cp: int) -> subprocess.Popen:
+def _launch(run_dir: Path, sp: int, cp: int, extra: list[str]) -> subprocess.Popen:
     n = sp * cp
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}",
                 f"--master-port={_port()}"] if n > 1 else [sys.executable]
     overrides = [f"run_dir={run_dir}", f"train.steps={STEPS}", "logging.wandb.mode=disabled",
                  "logging.progress=false", "attention.backend=reference", "attention.warmup_steps=2",
-                 "train.lr_warmup_steps=1", "data.seq_len=128", f"parallel.sp_size={sp}", f"parallel.cp_size={cp}"]
+                 "train.lr_warmup_steps=1", "data.seq_len=128", f"parallel.sp_size={sp}",
+                 f"parallel.cp_size={cp}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     log = open(run_dir.with_suffix(".log"), "w")
     return subprocess.Popen([*launcher, "-m", "train", *overrides], cwd=ROOT, env=env, stdout=log,
@@ -39,7 +42,9 @@ def _losses(run_dir: Path) -> list[tuple[float, float]]:
 
 
 def test_sp2_and_cp2_step_losses_equal_sp1(tmp_path):
-    layouts = {"sp1": (1, 1), "sp2": (2, 1), "cp2": (1, 2)}
+    layouts = {"sp1": (1, 1, []), "sp2": (2, 1, ["parallel.zero_stage=2"]),
+               "cp2": (1, 2, ["parallel.zero_stage=3", "parallel.activation_checkpointing=true",
+                              "parallel.mlp_tile_tokens=48"])}
     procs = {name: _launch(tmp_path / name, *lay) for name, lay in layouts.items()}  # all at once: start-up dominates
     for name, p in procs.items():
         assert p.wait(timeout=300) == 0, (tmp_path / name).with_suffix(".log").read_text()[-3000:]
@@ -51,5 +56,7 @@ def test_sp2_and_cp2_step_losses_equal_sp1(tmp_path):
         for step, ((lm0, kl0), (lm, kl)) in enumerate(zip(base, got)):
             assert abs(lm - lm0) <= 1e-5 * abs(lm0) and abs(kl - kl0) <= 1e-5 * abs(kl0), \
                 f"{name} step {step}: lm {lm} vs {lm0}, kl {kl} vs {kl0}"
+    for name, stage in (("sp1", 1), ("sp2", 2), ("cp2", 3)):  # the generated DeepSpeed JSON, saved
         ds = json.loads((tmp_path / name / "deepspeed.json").read_text())
-        assert ds["zero_optimization"]["stage"] == 1 and ds["gradient_clipping"] == 1.0
+        assert ds["zero_optimization"]["stage"] == stage and ds["gradient_clipping"] == 1.0
+    assert "activation_checkpointing" in json.loads((tmp_path / "cp2" / "deepspeed.json").read_text())
