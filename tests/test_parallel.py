@@ -90,7 +90,13 @@ def _worker(rank, world, sp, cp):
     assert not errors, "\n".join(errors)
 
 
-def _layer_checks(rank, world, sp, cp):
+def _triton_worker(rank, world, sp, cp):
+    errors = _layer_checks(rank, world, sp, cp, backend="triton", block_size=16, cases=(("msa", "sparse"),))
+    assert not errors, "\n".join(errors)
+
+
+def _layer_checks(rank, world, sp, cp, backend="reference", block_size=8,
+                  cases=(("msa", "sparse"), ("msa", "warmup"), ("dense", None))):
     mesh = build_mesh(ParallelConfig(sp_size=sp, cp_size=cp), world, rank)
     cu = torch.tensor(CU, dtype=torch.int32)
     T = CU[-1]
@@ -98,8 +104,8 @@ def _layer_checks(rank, world, sp, cp):
     pos = (torch.arange(T) - starts)[None]
     idx = local_token_index(T, sp, cp, mesh.sp_rank, mesh.cp_rank)
     errors = []
-    attn_cfg = AttentionConfig(backend="reference", block_size=8, topk=3, index_dim=16)
-    for kind, phase in (("msa", "sparse"), ("msa", "warmup"), ("dense", None)):
+    attn_cfg = AttentionConfig(backend=backend, block_size=block_size, topk=3, index_dim=16)
+    for kind, phase in cases:
         make = (lambda: MSAAttention(DIM, H, HKV, D, ROPE, attn_cfg)) if kind == "msa" else \
             (lambda: Attention(DIM, H, HKV, D, ROPE))
         layer, twin = make(), make()
@@ -211,6 +217,12 @@ def test_parity_with_single_process(sp, cp):
     """One MSA layer (sparse and warm-up phase), one dense layer and the tiny model (with packed
     documents and images straddling shards; with 4 ranks also TiledMLP and activation checkpointing)."""
     _spawn(_worker, sp * cp, sp, cp)
+
+
+def test_context_parallel_with_triton_kernels():
+    """The Triton kernels (interpreted on CPU) take the CP query chunks against the gathered keys
+    (queries the last Nq <= N keys) and give the single-process result."""
+    _spawn(_triton_worker, 2, 1, 2)
 
 
 def test_zigzag_layout_covers_every_token_once():
