@@ -15,7 +15,7 @@ from kernels.index_topk import select_blocks
 from msa import reference as ref
 from tests.utils import poison_empty, rel_rms
 
-CU_ONE_TOKEN_DOCS = [0, 1, 50, 51, 52, 140, 200]
+CU_ONE_TOKEN_DOCS = [0, 1, 1, 50, 51, 52, 140, 140, 200]  # 1-token and empty documents
 
 
 def _cu(cu):
@@ -152,6 +152,7 @@ def _kl_and_grads(fn, q, k, q_idx, k_idx, *args, **kwargs):
     (2, 111, 111, 4, 2, 16, 20, None, "sparse"),          # topk above the blocks available
     (1, 200, 200, 4, 2, 16, 5, CU_ONE_TOKEN_DOCS, "sparse+lse"),
     (1, 111, 111, 4, 1, 16, 4, None, "dense"),
+    (1, 100, 100, 2, 2, 16, 3, None, "sparse"),             # G = 1
     (1, 200, 200, 8, 2, 32, 4, CU_ONE_TOKEN_DOCS, "dense+lse"),
     (1, 90, 200, 4, 2, 16, 5, CU_ONE_TOKEN_DOCS, "sparse"),  # last Nq queries
 ])
