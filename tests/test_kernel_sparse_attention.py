@@ -139,40 +139,40 @@ def test_bad_input_names_the_problem():
 # ---------------------------------------------------------------- GPU, real sizes, bf16
 
 
-def _torch_bf16_errors(q, k, v, block_idx, block_size, refs, do):
-    """Errors of PyTorch's own bf16 attention (SDPA on the same support) against the fp32 reference:
-    max error of o, rel RMS of o and of each gradient."""
+def _torch_low_precision_errors(q, k, v, block_idx, block_size, refs, do):
+    """Errors of PyTorch's own attention in q's dtype (SDPA on the same support) against the fp32
+    reference: max error of o, rel RMS of o and of each gradient."""
     B, Nq, H, D = q.shape
     G = H // k.shape[2]
     allowed = ref._support(B, Nq, k.shape[1], k.shape[2], block_idx, block_size, None, q.device)
     allowed = allowed.repeat_interleave(G, dim=1)
-    qb, kb, vb = (x.detach().bfloat16().requires_grad_() for x in (q, k, v))
+    qb, kb, vb = (x.detach().clone().requires_grad_() for x in (q, k, v))
     o = torch.nn.functional.scaled_dot_product_attention(
         qb.transpose(1, 2), kb.repeat_interleave(G, 2).transpose(1, 2), vb.repeat_interleave(G, 2).transpose(1, 2),
         attn_mask=allowed).transpose(1, 2)
     rows = allowed.any(-1).transpose(1, 2)[..., None]  # [B, Nq, H, 1]: SDPA gives NaN on empty rows
     o = torch.where(rows, o, 0.0)
-    grads = torch.autograd.grad(o, (qb, kb, vb), do.bfloat16())
+    grads = torch.autograd.grad(o, (qb, kb, vb), do.to(q.dtype))
     errs = [rel_rms(r, x.float()) for r, x in zip((refs[0], *refs[2:]), (o, *grads))]
     return (o.float() - refs[0]).abs().max().item(), errs
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["query", "kv"])
-@pytest.mark.parametrize("G,D", [(16, 128), (2, 64), (8, 128)])
-def test_gpu_bf16_matches_reference(path, G, D):
+@pytest.mark.parametrize("G,D,dtype", [(16, 128, torch.bfloat16), (2, 64, torch.bfloat16), (8, 128, torch.float16)])
+def test_gpu_low_precision_matches_reference(path, G, D, dtype):
     B, N, Hkv, block_size, topk = 1, 2000, 2, 128, 8
-    q, k, v = make_inputs(B, N, G * Hkv, Hkv, D, torch.bfloat16, "cuda")
+    q, k, v = make_inputs(B, N, G * Hkv, Hkv, D, dtype, "cuda")
     block_idx = random_block_idx(B, Hkv, N, topk, block_size, device="cuda")
     torch.manual_seed(1)
     refs, outs = run_both(q, k, v, block_idx, block_size, path=path)
     torch.manual_seed(1)
     do = torch.randn_like(q)
-    max_torch, errs_torch = _torch_bf16_errors(q, k, v, block_idx, block_size, refs, do.float())
+    max_torch, errs_torch = _torch_low_precision_errors(q, k, v, block_idx, block_size, refs, do.float())
     names = ("o", "lse", "dq", "dk", "dv")
     errs = {n: rel_rms(r[torch.isfinite(r)], x.float()[torch.isfinite(r)]) for n, r, x in zip(names, refs, outs)}
     max_err = (outs[0].float() - refs[0]).abs().max().item()
-    msg = f"rel RMS {errs}, torch bf16 {errs_torch}; o max err {max_err:.2e}, torch bf16 {max_torch:.2e}"
+    msg = f"rel RMS {errs}, torch {dtype} {errs_torch}; o max err {max_err:.2e}, torch {max_torch:.2e}"
     print(msg)
     assert all(e < 5e-3 for e in errs.values()), msg
     assert max_err <= 2 * max_torch, msg
