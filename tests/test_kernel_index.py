@@ -195,6 +195,7 @@ def test_index_kl_gpu_bf16(phase):
     # dk_idx sums per-program partials with fp32 atomics: reruns differ by rounding only
     again = _kl_and_grads(index_kl_loss, q, k, q_idx, k_idx, block_idx, bs)
     assert rel_rms(got[2].float(), again[2].float()) < 1e-3
+    assert torch.equal(got[1], again[1]), "dq_idx has no atomics: reruns must agree exactly"
     # the training path: the teacher normaliser from the main forward on the same support
     from kernels import sparse_attention
 
