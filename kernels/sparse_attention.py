@@ -464,7 +464,6 @@ class SparseAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, block_idx, block_size, cu_seqlens, scale, path):
         q, k, v, block_idx = (x.contiguous() for x in (q, k, v, block_idx))
         layout = build_layout(k.shape[1], block_size, cu_seqlens, q.device)
-        check_block_idx(block_idx, layout.n_blocks)
         csr = _reverse_index(q, block_idx, block_size, layout) if path == "kv" else None
         o, lse = sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, path, csr)
         ctx.save_for_backward(q, k, v, o, lse, block_idx)
@@ -496,5 +495,6 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
         raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got B={B}")
     path = _pick_path(path, H // Hkv, block_size)
     scale = D ** -0.5 if scale is None else float(scale)
+    check_block_idx(block_idx, -(-k.shape[1] // block_size))  # before the int32 cast can wrap
     return SparseAttentionFunction.apply(q, k, v, block_idx.to(torch.int32), block_size, cu_seqlens,
                                          scale, path)
