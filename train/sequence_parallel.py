@@ -114,14 +114,28 @@ class UlyssesCore(nn.Module):
         if k.shape[2] % self.world:
             raise ValueError(f"{k.shape[2]} KV heads do not split over parallel.sp_size={self.world}: "
                              "change parallel.sp_size (it must divide model.n_kv_heads)")
-        q, k, v = (seq_to_heads(t, self.group) for t in (q, k, v))
+        q, k, v, *q_idx = self._exchange([q, k, v, *index[:1]])
         if not index:
             return heads_to_seq(self.inner(q, k, v, cu_seqlens), self.group)
-        q_idx, k_idx = index
-        q_idx = seq_to_heads(q_idx, self.group)
-        k_idx = gather_seq(k_idx, self.group)
-        o, kl = self.inner(q, k, v, q_idx, k_idx, cu_seqlens)
+        k_idx = gather_seq(index[1], self.group)
+        o, kl = self.inner(q, k, v, q_idx[0], k_idx, cu_seqlens)
         return heads_to_seq(o, self.group), kl / self.world  # this rank holds 1/sp of the groups
+
+    def _exchange(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sequence shard -> head shard for ``q [B, n, H, D]`` and the per-group tensors (``k``, ``v``,
+        ``q_idx``: ``[B, n, Hkv, d]``) in one all-to-all: each group's slices side by side in the last
+        dim, so splitting the group dim hands every rank whole groups."""
+        q = tensors[0]
+        B, n, H, D = q.shape
+        Hkv = tensors[1].shape[2]
+        if len({t.dtype for t in tensors}) > 1:
+            return [seq_to_heads(t, self.group) for t in tensors]
+        parts = [q.reshape(B, n, Hkv, H // Hkv * D), *tensors[1:]]
+        widths = [t.shape[-1] for t in parts]
+        packed = seq_to_heads(torch.cat(parts, dim=-1), self.group)  # [B, n*sp, Hkv/sp, sum(widths)]
+        out = [t.contiguous() for t in packed.split(widths, dim=-1)]
+        out[0] = out[0].view(B, n * self.world, H // self.world, D)
+        return out
 
 
 class ContextParallelCore(nn.Module):
