@@ -248,7 +248,7 @@ def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, gra
     # pass 1: log-normalisers over the support, merged across slots and slot chunks
     lse_s = torch.full((B, Hkv, Nq), float("-inf"), device=dev)
     lse_t = None if lse is None else lse.float().contiguous()
-    lse_t_acc = torch.full((B, Hkv, Nq, G), float("-inf"), device=dev)
+    lse_t_acc = torch.full((B, Hkv, Nq, G), float("-inf"), device=dev) if lse is None else None
     for blocks, (ent, pkey, pc0, pnc) in zip(chunk_list, csrs):
         S = blocks.shape[-1]
         part_s = torch.full((B, Hkv, Nq, S), float("-inf"), device=dev)
