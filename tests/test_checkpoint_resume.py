@@ -91,6 +91,22 @@ def test_stages_change_at_their_step(reference_run):
     assert (ckpt.checkpoint_dir(reference_run) / "latest").read_text() == "step_00000007"
 
 
+def test_resume_lands_in_the_right_stage(reference_run, tmp_path, corpus_dir):
+    """From the step-6 checkpoint (inside the 512-token stage), step 6 repeats the reference's."""
+    import shutil
+
+    from train import loop
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(reference_run, run_dir, ignore=shutil.ignore_patterns("wandb", "step_00000007"))
+    cfg = compose_train_config([*SMALL, *RECIPE, f"run_dir={run_dir}", f"data.corpus_dir={corpus_dir}",
+                                "logging.wandb.mode=disabled"])
+    loop.train(cfg)
+    want, got = rows(reference_run)[6], rows(run_dir)[6]
+    assert (got["step"], got["train/stage"], got["train/seq_len"]) == (6, 2, 512)
+    assert (got["loss/lm"], got["loss/kl"], got["train/lr"]) == (want["loss/lm"], want["loss/kl"], want["train/lr"])
+
+
 def test_wandb_offline_files_hold_the_metrics(reference_run):
     (path,) = find_run_files(reference_run)
     run = read_run(path)
