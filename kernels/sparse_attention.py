@@ -327,11 +327,12 @@ CONFIG = {
     "reduce": dict(num_warps=4, num_stages=1),
     "CHUNK": 256,
     "PART_BYTES": 2**32,
+    "DKDV_BYTES": 2**32,
 }
 
 
 def _setting(name: str) -> int:
-    """CHUNK or PART_BYTES; the environment (MSA_KV_CHUNK, MSA_KV_PART_BYTES) overrides CONFIG."""
+    """CHUNK, PART_BYTES or DKDV_BYTES; the environment (MSA_KV_<name>) overrides CONFIG."""
     return int(os.environ.get(f"MSA_KV_{name}", CONFIG[name]))
 
 
@@ -387,13 +388,18 @@ def _pick_path(path: str, G: int, block_size: int) -> str:
 
 
 def _reverse_index(q, block_idx, block_size, layout, q_chunk=None):
-    """The reverse CSR; query chunks sized so the KV-outer forward's partials fit PART_BYTES."""
+    """The reverse CSR; query chunks sized so the KV-outer forward's partials fit PART_BYTES, work items
+    of CHUNK entries, or more where the backward's fp32 dK/dV partials (one per work item, at most
+    ``entries/chunk + buckets`` of them) would pass DKDV_BYTES (at 1M tokens, not at 128K)."""
     B, NQ, H, D = q.shape
     if q_chunk is None:
         part = torch.float32 if q.dtype == torch.float32 else q.dtype
         per_query = B * H * block_idx.shape[-1] * (D * part.itemsize + 4)
         q_chunk = max(1, min(NQ, _setting("PART_BYTES") // per_query))
-    return build_csr(block_idx, layout, block_size, layout.tok_start.numel() - NQ, _setting("CHUNK"), q_chunk)
+    NB = B * block_idx.shape[1] * layout.vb_start.numel()
+    max_work = max(2 * NB, _setting("DKDV_BYTES") // (block_size * D * 8))
+    chunk = max(_setting("CHUNK"), -(-block_idx.numel() // (max_work - NB)))
+    return build_csr(block_idx, layout, block_size, layout.tok_start.numel() - NQ, chunk, q_chunk)
 
 
 def sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, path, csr=None):
