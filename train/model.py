@@ -146,7 +146,14 @@ class Decoder(nn.Module):
     def embed_inputs(self, batch: dict) -> torch.Tensor:
         x = self.embed(batch["input_ids"])
         patches = batch.get("image_patches")
-        if patches is not None and patches.shape[0] > 0:
+        if patches is not None and patches.shape[0] == 0:
+            # no image in this batch: still run the vision weights, at zero weight, so every
+            # data-parallel rank has their gradients (ZeRO 1/2 reduce gradients parameter by parameter)
+            sizes = batch.get("image_sizes")
+            probe = self.vision(patches.new_zeros(1, patches.shape[1]).to(x.dtype),
+                                None if sizes is None else sizes.new_ones(1, 2))
+            return x + 0.0 * probe.sum()
+        if patches is not None:
             flat = x.reshape(-1, x.shape[-1])
             emb = self.vision(patches.to(x.dtype), batch.get("image_sizes"))
             if batch.get("image_keep") is not None:  # a sequence shard: the patches whose slots it holds
