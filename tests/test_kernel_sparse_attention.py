@@ -95,7 +95,8 @@ def test_cu_seqlens_with_one_token_documents(monkeypatch, path):
 @pytest.mark.parametrize("path", ["query", "kv"])
 def test_queries_are_the_last_positions(monkeypatch, path):
     """Context parallelism's case: Nq < N queries, bottom-right aligned, cu_seqlens over the keys."""
-    monkeypatch.setenv("MSA_KV_DKDV_BYTES", "1")  # dK/dV partials over budget: work items grow
+    monkeypatch.setenv("MSA_KV_CHUNK", "8")
+    monkeypatch.setenv("MSA_KV_DKDV_BYTES", "1")  # dK/dV partials over budget: work items grow past 8
     N, Nq, H, Hkv, D, block_size, topk = 111, 45, 4, 2, 16, 16, 5
     cu = torch.tensor([0, 30, 70, 71, 111], dtype=torch.int32)
     q, k, v = make_inputs(1, N, H, Hkv, D, Nq=Nq)
