@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from train.config import register_schema, to_train_config
+from train.config import check_config, register_schema, to_train_config
 from train.loop import train_step
 from train.metrics import LayerStats
 from train.model import build_model
@@ -145,6 +145,7 @@ def main() -> None:
                        f"data.seq_len={seq_len}", f"parallel.sp_size={args.sp}", f"parallel.cp_size={args.cp}",
                        *args.overrides])
         env = env or init_distributed(cfg.parallel)
+        check_config(cfg, env.world_size, vocab_size=cfg.model.vocab_size)
         try:
             row = measure(cfg, env, seq_len, args.steps)
         except torch.cuda.OutOfMemoryError as e:  # a fact worth recording; the larger lengths would fail too
