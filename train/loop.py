@@ -69,6 +69,8 @@ def train(cfg: TrainConfig) -> dict:
 
     logger = MetricsLogger(cfg.logging, run_dir, env.rank, cfg.train.steps, start_step, resolved)
     logger.message(describe(stages, cfg.train.steps) + (f"\nresumed from {resume}" if resume else ""))
+    if start_step >= cfg.train.steps:
+        logger.message(f"nothing to do: the checkpoint is at step {start_step}, train.steps={cfg.train.steps}")
     layer_stats = LayerStats(model)
     stop = StopSignal()
     peak = peak_tflops(env.device, cfg.logging.peak_tflops)
