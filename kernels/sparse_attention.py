@@ -82,7 +82,8 @@ def sparse_attention_fwd_query_kernel(
     for it in range(TOPK * (BS // BLOCK_N)):
         c = tl.load(p_idx + it // (BS // BLOCK_N))
         o_k = start + c * BS + (it % (BS // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_k = (o_k <= i_n) & (c >= 0)
+        # the slot's validity broadcast to the tile: Triton 3.9's interpreter rejects tile & scalar masks
+        m_k = (o_k <= i_n) & (tl.zeros_like(o_k) + c >= 0)
         b_m, b_l, b_acc = _fwd_query_step(k, v, b_q, b_m, b_l, b_acc, o_k, m_k, i_b, i_r, N, scale2, HKV, D)
     nonempty = b_l > 0
     b_acc = b_acc / tl.where(nonempty, b_l, 1.0)[:, None]
@@ -227,7 +228,8 @@ def sparse_attention_bwd_dq_kernel(
     for it in range(TOPK * (BS // BLOCK_N)):
         c = tl.load(p_idx + it // (BS // BLOCK_N))
         o_k = start + c * BS + (it % (BS // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_k = (o_k <= i_n) & (c >= 0)
+        # the slot's validity broadcast to the tile: Triton 3.9's interpreter rejects tile & scalar masks
+        m_k = (o_k <= i_n) & (tl.zeros_like(o_k) + c >= 0)
         b_dq = _bwd_dq_step(k, v, b_q, b_do, b_lse, b_delta, b_dq, o_k, m_k, i_b, i_r, N, scale2, HKV, D)
     tl.store(dq + p_q, (b_dq * scale).to(dq.dtype.element_ty), mask=m_g[:, None])
 
