@@ -40,3 +40,17 @@ def corpus_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "default"
     ensure_corpus(str(path), CorpusConfig())
     return path
+
+
+@pytest.fixture
+def restore_dist_env():
+    """In-process training sets RANK/MASTER_PORT...; put them back so later subprocesses do not
+    inherit this process's rendezvous."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

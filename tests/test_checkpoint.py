@@ -2,7 +2,6 @@
 optimizer, scheduler and RNG; keep-last-N; half-written checkpoints are ignored."""
 
 import json
-import os
 import random
 
 import pytest
@@ -16,18 +15,7 @@ DS_CONFIG = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps":
              "steps_per_print": 2**31 - 1}
 
 
-@pytest.fixture(autouse=True)
-def _restore_dist_env():
-    """In-process runs set RANK/MASTER_PORT...; later subprocesses must not inherit the port that
-    this process's store listens on."""
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = pytest.mark.usefixtures("restore_dist_env")
 
 
 def make_engine(seed=0):

@@ -29,18 +29,7 @@ RECIPE = ["recipe.stages=[{name:warm,steps:2,phase:warmup},{name:sparse,steps:2}
 STEPS = 7
 
 
-@pytest.fixture(autouse=True)
-def _restore_dist_env():
-    """In-process runs set RANK/MASTER_PORT...; later subprocesses must not inherit the port that
-    this process's store listens on."""
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = pytest.mark.usefixtures("restore_dist_env")
 
 
 def command(run_dir, corpus_dir, *extra):
