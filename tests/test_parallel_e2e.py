@@ -36,9 +36,13 @@ def _launch(run_dir: Path, sp: int, cp: int, extra: list[str]) -> subprocess.Pop
                             stderr=subprocess.STDOUT)
 
 
-def _losses(run_dir: Path) -> list[tuple[float, float]]:
+def _rows(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["loss/lm"], r["loss/kl"]) for r in rows if "loss/lm" in r]
+    return [r for r in rows if "loss/lm" in r]
+
+
+def _losses(run_dir: Path) -> list[tuple[float, float]]:
+    return [(r["loss/lm"], r["loss/kl"]) for r in _rows(run_dir)]
 
 
 def test_sp2_and_cp2_step_losses_equal_sp1(tmp_path):
@@ -56,6 +60,17 @@ def test_sp2_and_cp2_step_losses_equal_sp1(tmp_path):
         for step, ((lm0, kl0), (lm, kl)) in enumerate(zip(base, got)):
             assert abs(lm - lm0) <= 1e-5 * abs(lm0) and abs(kl - kl0) <= 1e-5 * abs(kl0), \
                 f"{name} step {step}: lm {lm} vs {lm0}, kl {kl} vs {kl0}"
+    # per-layer KL is each rank's share, summed over the ranks of a sequence: it matches too; recall
+    # is averaged over the shares (SP splits the groups, so its sampled queries are the same as SP=1's)
+    base_rows = _rows(tmp_path / "sp1")
+    for name in ("sp2", "cp2"):
+        for r0, r in zip(base_rows, _rows(tmp_path / name)):
+            layer_keys = [k for k in r0 if k.startswith("layer_kl/")]
+            assert layer_keys and all(abs(r[k] - r0[k]) <= 1e-5 * abs(r0[k]) for k in layer_keys), (name, r, r0)
+            if r0["msa/index_recall"] is not None:
+                assert 0 < r["msa/index_recall"] <= 1
+                if name == "sp2":
+                    assert abs(r["msa/index_recall"] - r0["msa/index_recall"]) < 1e-5
     for name, stage in (("sp1", 1), ("sp2", 2), ("cp2", 3)):  # the generated DeepSpeed JSON, saved
         ds = json.loads((tmp_path / name / "deepspeed.json").read_text())
         assert ds["zero_optimization"]["stage"] == stage and ds["gradient_clipping"] == 1.0

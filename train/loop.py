@@ -122,8 +122,8 @@ def train(cfg: TrainConfig) -> dict:
                 metrics = {
                     "loss/lm": out["lm"],
                     "loss/kl": out["kl"],
-                    "msa/index_recall": _mean_stat(model, "index_recall") if want_stats else None,
-                    "msa/sparsity": _mean_stat(model, "sparsity") if want_stats else None,
+                    "msa/index_recall": _mean_stat(model, "index_recall", env) if want_stats else None,
+                    "msa/sparsity": _mean_stat(model, "sparsity", env) if want_stats else None,
                     "perf/tokens_per_s": tokens_per_s,
                     "perf/step_s": step_s,
                     "perf/mfu": (model.flops_per_token(stage.seq_len, stage.phase == "sparse") * tokens_per_s
@@ -136,7 +136,7 @@ def train(cfg: TrainConfig) -> dict:
                     "train/bad_steps": bad_steps,
                     "data/skipped": sum(loader.skipped.values()),
                     **{f"data/skipped/{reason}": n for reason, n in loader.skipped.items()},
-                    **layer_stats.metrics(want_stats),
+                    **layer_stats.metrics(want_stats, env.mesh),
                 }
                 logger.log(step, metrics)
             if bad_steps >= cfg.train.max_bad_steps:
@@ -211,9 +211,14 @@ def zero_lr(optimizer):
                 g["lr"] = lr
 
 
-def _mean_stat(model, key: str) -> float | None:
+def _mean_stat(model, key: str, env) -> float | None:
+    """Mean over the MSA layers and over the ranks of a sequence (each holds an equal share: its GQA
+    groups under SP, its zig-zag chunks under CP). Called on every rank alike: it is a collective."""
     values = [core.stats[key] for core in model.msa_cores() if key in core.stats]
-    return float(np.mean(values)) if values else None
+    if not values:
+        return None
+    shards = env.mesh.shards if env.mesh is not None else 1
+    return float(shard_sum(torch.tensor(float(np.mean(values)), device=env.device), env.mesh)) / shards
 
 
 __all__ = ["train", "train_step", "seed_everything", "to_device", "build_stage_loader"]

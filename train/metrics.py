@@ -132,14 +132,26 @@ class LayerStats:
         self.active = False
         self.calls += 1
 
-    def metrics(self, with_recall: bool) -> dict[str, float]:
-        """The values since the last call (KL averaged over micro-batches), then reset."""
-        out = {self.kl_key(i): float(v) / max(self.calls, 1) for i, v in sorted(self.kl.items())}
-        if with_recall:
-            for i, attn in self.layers.items():
-                stats = getattr(attn.core, "stats", {})
-                if "index_recall" in stats:
-                    out[self.recall_key(i)] = float(stats["index_recall"])
+    def metrics(self, with_recall: bool, mesh=None) -> dict[str, float]:
+        """The values since the last call (KL averaged over micro-batches), then reset. Under sequence
+        or context parallelism each rank of a sequence holds a share of every layer's KL (summed here)
+        and of its recall (averaged): a collective, so every rank calls this alike."""
+        from train.parallel import shard_sum
+
+        layers = sorted(self.kl)
+        out = {}
+        if layers:
+            kl = shard_sum(torch.stack([self.kl[i] for i in layers]) / max(self.calls, 1), mesh)
+            out.update({self.kl_key(i): float(v) for i, v in zip(layers, kl)})
+        recall_layers = [i for i, attn in self.layers.items()
+                         if with_recall and "index_recall" in getattr(attn.core, "stats", {})]
+        if recall_layers:
+            device = next(iter(self.layers.values())).wo.weight.device
+            recall = torch.tensor([float(self.layers[i].core.stats["index_recall"]) for i in recall_layers],
+                                  device=device)
+            shards = mesh.shards if mesh is not None else 1
+            out.update({self.recall_key(i): float(v) / shards
+                        for i, v in zip(recall_layers, shard_sum(recall, mesh))})
         self.kl, self.calls = {}, 0
         return out
 
