@@ -103,8 +103,10 @@ def train(cfg: TrainConfig) -> dict:
                                f"seq_len={stage.seq_len}")
             model.rope_base = stage.rope_base
             model.set_phase(stage.phase)
-            want_stats = cfg.attention.backend != "dense" and step % cfg.logging.stats_every == 0
+            logged = step % cfg.logging.every == 0 or step == cfg.train.steps - 1
+            want_stats = logged and cfg.attention.backend != "dense" and step % cfg.logging.stats_every == 0
             model.track_stats(want_stats)
+            lr = scheduler.get_last_lr()[0]  # the rate this step trains with (engine.step advances it)
 
             t0 = time.perf_counter()
             out = train_step(engine, model, batches, cfg, stage, env, layer_stats)
@@ -116,7 +118,7 @@ def train(cfg: TrainConfig) -> dict:
                 torch.cuda.synchronize()
             step_s = time.perf_counter() - t0
 
-            if step % cfg.logging.every == 0 or step == cfg.train.steps - 1 or out["bad"]:
+            if logged or out["bad"]:
                 dp_world = env.world_size // (stage.sp_size * stage.cp_size)
                 tokens_per_s = stage.batch_size * stage.seq_len * cfg.train.grad_accum * dp_world / step_s
                 metrics = {
@@ -129,7 +131,7 @@ def train(cfg: TrainConfig) -> dict:
                     "perf/mfu": (model.flops_per_token(stage.seq_len, stage.phase == "sparse") * tokens_per_s
                                  / env.world_size / (peak * 1e12)) if peak else None,
                     "mem/max_allocated_gb": max_memory_gb(env.device),
-                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/lr": lr,
                     "train/seq_len": stage.seq_len,
                     "train/stage": stage.index,
                     "train/phase_sparse": int(stage.phase == "sparse"),
