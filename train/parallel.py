@@ -250,11 +250,14 @@ def deepspeed_config(cfg, device: torch.device) -> dict:
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (norms, gains and embeddings are left alone)."""
+    """AdamW; weight decay on projection matrices only: embedding tables (tokens, image rows/columns),
+    norms and other vectors are left alone. Decided by module type, not by parameter name."""
+    keep = (torch.nn.Embedding, torch.nn.RMSNorm, torch.nn.LayerNorm)
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                (no_decay if isinstance(module, keep) or p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=1e-8)
 
