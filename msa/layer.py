@@ -50,11 +50,29 @@ def check_attention(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, n_layer
         raise ValueError(f"attention.n_dense_layers={cfg.n_dense_layers} must lie in [0, model.n_layers={n_layers}]")
 
 
+def resolve_backend(backend: str) -> str:
+    """``auto`` means the Triton kernels where CUDA is present, else the reference."""
+    if backend == "auto":
+        return "triton" if torch.cuda.is_available() else "reference"
+    return backend
+
+
+def check_kernel_limits(cfg: AttentionConfig, head_dim: int) -> None:
+    """What the Triton kernels support, checked at start rather than at the first forward."""
+    if resolve_backend(cfg.backend) != "triton":
+        return
+    if cfg.block_size < 16:
+        raise ValueError(f"attention.block_size={cfg.block_size}: the Triton kernels need >= 16")
+    if head_dim not in (16, 32, 64, 128):
+        raise ValueError(f"model.head_dim={head_dim}: the Triton kernels support 16, 32, 64 and 128 "
+                         "(or use attention.backend=reference)")
+    if cfg.index_dim > 256:
+        raise ValueError(f"attention.index_dim={cfg.index_dim}: the Triton kernels support up to 256")
+
+
 def resolve_ops(backend: str):
     """The module providing ``select_blocks``, ``sparse_attention`` and ``index_kl_loss``."""
-    if backend == "auto":
-        backend = "triton" if torch.cuda.is_available() else "reference"
-    if backend == "triton":
+    if resolve_backend(backend) == "triton":
         import kernels
 
         return kernels
@@ -80,7 +98,6 @@ class MSACore(nn.Module):
     def __init__(self, cfg: AttentionConfig):
         super().__init__()
         self.block_size, self.topk = cfg.block_size, cfg.topk
-        self.backend = cfg.backend
         self.ops = resolve_ops(cfg.backend)
         self.phase: Phase = "sparse"
         self.track_stats = False
@@ -97,8 +114,7 @@ class MSACore(nn.Module):
         else:
             block_idx = ops.select_blocks(q_idx.detach(), k_idx.detach(), Bk, self.topk, cu_seqlens)
             o, lse = ops.sparse_attention(q, k, v, block_idx, Bk, cu_seqlens)
-            extra = {"lse": lse} if ops is not reference else {}
-            kl = ops.index_kl_loss(q.detach(), k.detach(), q_idx, k_idx, block_idx, Bk, cu_seqlens, **extra)
+            kl = ops.index_kl_loss(q.detach(), k.detach(), q_idx, k_idx, block_idx, Bk, cu_seqlens, lse=lse)
         if self.track_stats:
             self.stats = selection_stats(q.detach(), k.detach(), block_idx, Bk, cu_seqlens)
         return o, kl

@@ -63,6 +63,19 @@ def test_config_checks_name_the_key(override, key):
         check_config(cfg, world_size=world, vocab_size=261)
 
 
+def test_triton_limits_are_checked_at_start():
+    cfg = compose_train_config(["attention.backend=triton", "model.head_dim=96", "model.rope_dim=16"])
+    with pytest.raises(ValueError, match=r"model\.head_dim"):
+        check_config(cfg, world_size=1, vocab_size=261)
+
+
+def test_logging_intervals_and_per_stage_data_are_checked():
+    with pytest.raises(ValueError, match=r"logging\.every"):
+        check_config(compose_train_config(["logging.stats_every=0"]), world_size=1, vocab_size=261)
+    with pytest.raises(ValueError, match=r"data\.image\.max_patches"):
+        check_config(compose_train_config(["data.seq_len=64", "attention.topk=2"]), world_size=1, vocab_size=261)
+
+
 def test_unknown_key_is_rejected():
     with pytest.raises(Exception, match="attention.top_k"):
         compose_train_config(["attention.top_k=4"])

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from msa.layer import AttentionConfig
 from train.data import DataConfig
+from train.data.loader import check_data
 from train.model import ModelConfig, check_model
 from train.parallel import ParallelConfig, check_parallel
 from train.recipe import RecipeConfig
@@ -130,3 +131,9 @@ def check_config(cfg: TrainConfig, world_size: int, vocab_size: int) -> None:
                          f"raise model.vocab_size to at least {vocab_size}")
     if cfg.logging.wandb.mode not in ("offline", "online", "disabled"):
         raise ValueError(f"logging.wandb.mode={cfg.logging.wandb.mode!r}: use offline, online or disabled")
+    if cfg.logging.every < 1 or cfg.logging.stats_every < 1:
+        raise ValueError("logging.every and logging.stats_every must be >= 1 (steps between logs)")
+    check_data(cfg.data, cfg.data.seq_len, cfg.data.batch_size, cfg.data.image)
+    if cfg.model.vision.patch_size != cfg.data.image.patch_size:
+        raise ValueError(f"model.vision.patch_size={cfg.model.vision.patch_size} differs from "
+                         f"data.image.patch_size={cfg.data.image.patch_size}: set them equal")

@@ -21,6 +21,7 @@ from msa.layer import (
     MSACore,
     attention_flops_per_token,
     check_attention,
+    check_kernel_limits,
     mean_context,
 )
 from msa.rope import Rotary
@@ -56,6 +57,8 @@ def check_model(cfg: ModelConfig, attn: AttentionConfig) -> None:
     if cfg.rope_dim % 2 or not 0 <= cfg.rope_dim <= cfg.head_dim:
         raise ValueError(f"model.rope_dim={cfg.rope_dim} must be even and <= model.head_dim={cfg.head_dim}")
     check_attention(attn, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers)
+    if attn.backend != "dense":
+        check_kernel_limits(attn, cfg.head_dim)
 
 
 class SwiGLU(nn.Module):
