@@ -162,31 +162,36 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
 
 
 @torch.no_grad()
-def _teacher(q, k, allowed, scale):
-    """``[B, Hkv, Nq, N]``: the mean over each group's heads of the main softmax on the support."""
+def _teacher(q, k, allowed, scale, lse=None):
+    """``[B, Hkv, Nq, N]``: the mean over each group's heads of the main softmax on the support,
+    normalised by ``lse [B, H, Nq]`` when given (the main forward's), else computed here."""
     B, Nq, H, D = q.shape
     N, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
     s = torch.einsum("bihd,bjhd->bhij", q.float(), k.float().repeat_interleave(G, dim=2)) * scale
     logp, _ = _masked_log_softmax(s, allowed.repeat_interleave(G, dim=1))
+    if lse is not None:
+        logp = s - lse.float().nan_to_num(neginf=0.0)[..., None]
     p = torch.exp(logp).masked_fill(~allowed.repeat_interleave(G, dim=1), 0.0)
     return p.view(B, Hkv, G, Nq, N).mean(2)
 
 
 def index_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
                   block_idx: torch.Tensor | None, block_size: int,
-                  cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                  cu_seqlens: torch.Tensor | None = None, *, lse: torch.Tensor | None = None) -> torch.Tensor:
     """Index distillation loss ``1/(B*N*Hkv) * sum_{b,i,r} KL(P[r,i,:] || Q[r,i,:])``.
 
     Support ``T``: the visible tokens of the blocks in ``block_idx`` (sparse phase) or, with
     ``block_idx=None``, every visible token (dense warm-up). Teacher ``P``: mean over the group's ``G``
     heads of ``softmax_T(q . k / sqrt(D))``, detached. Student ``Q = softmax_T(q_idx . k_idx / sqrt(Di))``.
     Gradients reach only ``q_idx`` and ``k_idx``. Returns a float32 scalar (``N``: the query count).
+    ``lse [B, H, Nq]``, the main forward's log-normaliser on the same support, may stand in for the
+    teacher's own (the sparse phase needs no second pass over the keys).
     """
     B, Nq, N, H, Hkv, D = _check(q, k)
     Di = q_idx.shape[-1]
     allowed = _support(B, Nq, N, Hkv, block_idx, block_size, cu_seqlens, q.device)
-    p = _teacher(q.detach(), k.detach(), allowed, D ** -0.5)
+    p = _teacher(q.detach(), k.detach(), allowed, D ** -0.5, lse)
     s = torch.einsum("bird,bjd->brij", q_idx.float(), k_idx.float()) / math.sqrt(Di)
     logq, _ = _masked_log_softmax(s, allowed)
     cross = torch.where(allowed, p * logq, torch.zeros_like(logq))

@@ -194,3 +194,16 @@ def test_query_suffix_equals_full_sequence_rows():
                          cu_seqlens=cu_prefix) * P
     tail = index_kl_loss(q[:, -Nq:], k, q_idx[:, -Nq:], k_idx, tail_idx, Bk, cu_seqlens=cu) * Nq
     assert torch.allclose(head + tail, total, rtol=1e-5)
+
+
+def test_kl_with_the_main_forward_lse_equals_recomputed_teacher():
+    N, Bk = 77, 16
+    cu = torch.tensor([0, 1, 40, 77], dtype=torch.int32)
+    q, k, v, q_idx, k_idx = _inputs(1, N, 4, 2, 16, 8)
+    block_idx = select_blocks(q_idx, k_idx, Bk, 2, cu_seqlens=cu)
+    _, lse = sparse_attention(q, k, v, block_idx, Bk, cu_seqlens=cu)
+    own = index_kl_loss(q, k, q_idx, k_idx, block_idx, Bk, cu_seqlens=cu)
+    given = index_kl_loss(q, k, q_idx, k_idx, block_idx, Bk, cu_seqlens=cu, lse=lse)
+    assert torch.allclose(own, given, rtol=1e-5)
+    shifted = index_kl_loss(q, k, q_idx, k_idx, block_idx, Bk, cu_seqlens=cu, lse=lse + 1.0)
+    assert not torch.allclose(own, shifted, rtol=1e-3)  # the lse is really used
