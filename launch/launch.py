@@ -293,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be at least 1")
     try:
         commands = BUILDERS[args.mode](args)
+        if not any(o.startswith("run_dir=") for o in args.overrides):
+            # the default run_dir is a timestamp each process takes for itself: ranks would disagree
+            raise LaunchError("pass run_dir=<path>: every rank (and a relaunch that resumes) must use the "
+                              "same run directory")
     except LaunchError as e:
         print(f"launch: {e}", file=sys.stderr)
         return 2

@@ -104,11 +104,12 @@ def test_slurm_sbatch_two_nodes():
 
 
 def test_shell_wrapper_single_node():
-    proc = subprocess.run([str(ROOT / "launch/single_node.sh"), "--gpus", "8", "--dry-run", "train.steps=3"],
+    proc = subprocess.run([str(ROOT / "launch/single_node.sh"), "--gpus", "8", "--dry-run", "train.steps=3",
+                           "run_dir=runs/x"],
                           env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "--no_local_rank --module train train.steps=3" in proc.stdout
+    assert "--no_local_rank --module train train.steps=3 run_dir=runs/x" in proc.stdout
 
 
 @pytest.mark.parametrize("text, lineno, what", [
@@ -136,6 +137,8 @@ def test_bad_requests_name_what_to_change(capsys, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
     assert launch.main(["slurm", "--gpus", "8", "--dry-run"]) == 2
     assert "SLURM_JOB_NODELIST" in capsys.readouterr().err
+    assert launch.main(["local", "--gpus", "8", "--dry-run", "train.steps=3"]) == 2
+    assert "run_dir" in capsys.readouterr().err
     bad_endpoint = ["torchrun", "--nnodes", "2", "--gpus", "8", "--rdzv-endpoint", "node-a", "--dry-run"]
     assert launch.main(bad_endpoint) == 2
     assert "--rdzv-endpoint" in capsys.readouterr().err
