@@ -1,6 +1,6 @@
 """MSA attention on one GPU against dense SDPA, FlexAttention and the torch index path, in one run.
 
-Shapes (issue 3): B = 1, H = 32 query heads, Hkv in {2, 4}, D = Di = 128, Bk = 128, k = 16, bf16;
+Shapes: B = 1, H = 32 query heads, Hkv in {2, 4}, D = Di = 128, Bk = 128, k = 16, bf16;
 N in {8K, 32K, 128K, 512K} forward and forward+backward, 1M forward (and forward+backward for the MSA
 kernels where it fits). Inputs are random normal; the selection comes from ``select_blocks`` on random
 index projections and is shared by every sparse case.
@@ -321,7 +321,7 @@ def bench_flex(bench, mode, N, Hkv, q, k, v, do, block_idx, flops, flex_limit_n,
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Speedups against the targets of issue 3, from rows measured in this run."""
+    """Speedups against the project's targets, from rows measured in this run."""
     ms = {(r["case"], r["mode"], r["N"], r["Hkv"]): r.get("ms") for r in rows}
     tf = {(r["case"], r["mode"], r["N"], r["Hkv"]): r.get("tflops") for r in rows}
     pairs = [("msa_whole", "dense_sdpa"), ("msa_whole[fp8]", "dense_sdpa"), ("msa_main", "dense_sdpa"),

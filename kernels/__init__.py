@@ -1,4 +1,4 @@
-"""Triton kernels for MSA, with the signatures of ``msa.reference`` (see ``../shared/DESIGN.md`` s.3)."""
+"""Triton kernels for MSA, with the signatures of ``msa.reference`` (the contract is in ``msa/reference.py``)."""
 
 import os
 

@@ -1,7 +1,7 @@
 """MiniMax Sparse Attention (MSA), the reference math: the oracle every kernel is tested against.
 
 Plain PyTorch, fp32 arithmetic, dense ``N x N`` intermediates: obviously correct, not fast. The
-contract is ``../shared/DESIGN.md`` section 2; shapes follow section 9:
+contract, with these shapes:
 
 - ``q [B, N, H, D]``, ``k, v [B, N, Hkv, D]``; query head ``h`` belongs to GQA group ``h // G``
   with ``G = H // Hkv``.

@@ -1,16 +1,17 @@
-"""The training recipe: stages the run moves through by itself (DESIGN.md section 6).
+"""The training recipe: stages the run moves through by itself (dense warm-up with the index KL,
+sparse training, a context curriculum).
 
 Each stage sets its number of steps, the attention phase (``warmup``: dense main branch with the index
 KL on all visible tokens; ``sparse``: top-k selection with the KL on the selected support), and
 optionally its sequence length, batch, ``sp/cp`` sizes, RoPE base and KL weight; an unset value keeps
 the base config's (``data.seq_len``, ``data.batch_size``, ``parallel.*``, ``model.rope_base``,
-``attention.kl_weight``). Example (``conf/recipe/long_context.yaml``)::
+``attention.kl_weight``). Example (abridged from ``conf/recipe/long_context.yaml``)::
 
     recipe:
       stages:
-        - {name: warmup, steps: 1000, phase: warmup, seq_len: 8192}
-        - {name: 8k, steps: 20000, seq_len: 8192}
-        - {name: 128k, steps: 2000, seq_len: 131072, sp_size: 8, rope_base: 5.0e6}
+        - {name: warmup-8k, steps: 500, phase: warmup, seq_len: 8192, rope_base: 5.0e5}
+        - {name: sparse-8k, steps: 10000, seq_len: 8192, rope_base: 5.0e5}
+        - {name: 128k, steps: 1000, seq_len: 131072, sp_size: 2, cp_size: 2, rope_base: 2.0e6}
 
 With no stages the recipe is the base config with ``attention.warmup_steps`` of dense warm-up then
 sparse training. The run ends at ``train.steps``, which may cut the recipe short but not exceed it.

@@ -1,4 +1,4 @@
-"""Data configuration: one dataclass per concern; Hydra YAML (`conf/data/*.yaml`) only sets values."""
+"""Data configuration: one dataclass per concern; the Hydra YAML under `conf/` only sets values."""
 
 from __future__ import annotations
 
