@@ -134,13 +134,14 @@ def selection_stats(q, k, block_idx, block_size, cu_seqlens=None, n_queries: int
     kept = (pos_q[:, None, :, None] - start + 1).clamp(0, block_size) * (idx >= 0)
     sparsity = 1.0 - kept.sum().item() / ((pos_q + 1).sum().item() * Hkv)
     rows = torch.linspace(0, Nq - 1, min(n_queries, Nq), device=q.device).long()
+    # [B, n, N] the keys each sampled query may see, and each key's block (the same for every group)
+    visible = (doc_q[:, rows, None] == doc[:, None, :]) & (pos[:, None, :] <= pos_q[:, rows, None])
+    blk = pos // block_size
     recall = 0.0
     for r in range(Hkv):
         # [B, G, n, N] scores of the sampled queries over every key, masked to what they may see
         s = torch.einsum("bqgd,bjd->bgqj", q[:, rows, r * G:(r + 1) * G].float(), k[:, :, r].float()) * D ** -0.5
-        visible = (doc_q[:, rows, None] == doc[:, None, :]) & (pos[:, None, :] <= pos_q[:, rows, None])
         p = torch.softmax(s.masked_fill(~visible[:, None], float("-inf")), dim=-1).mean(1)  # [B, n, N]
-        blk = pos // block_size
         chosen = (blk[:, None, :, None] == idx[:, r, rows][:, :, None, :]).any(-1) & visible
         recall += (p * chosen).sum(-1).mean().item() / Hkv
     return {"index_recall": recall, "sparsity": sparsity}
