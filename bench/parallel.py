@@ -24,6 +24,7 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import time
 import types
 from pathlib import Path
@@ -128,6 +129,16 @@ def measure(cfg, env, seq_len: int, steps: int) -> dict:
             "loss": round(first["lm"] + cfg.attention.kl_weight * first["kl"], 5)}
 
 
+def git_commit() -> str:
+    """HEAD of the checkout, or ``MSA_GIT_COMMIT`` where the tree was copied without its .git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1], timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return out if len(out) == 40 else os.environ.get("MSA_GIT_COMMIT", "unknown")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sp", type=int, default=1)
@@ -158,7 +169,8 @@ def main() -> None:
                 with args.out.open("a") as f:
                     gpu = torch.cuda.get_device_name() if env.device.type == "cuda" else "cpu"
                     f.write(json.dumps({**row, "gpu": gpu, "torch": torch.__version__,
-                                        "host": os.uname().nodename}) + "\n")
+                                        "host": os.uname().nodename, "commit": git_commit(),
+                                        "overrides": args.overrides}) + "\n")
         if "error" in row:
             break
     if env is not None and env.rank == 0:
