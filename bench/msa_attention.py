@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from functools import partial
@@ -47,6 +46,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.meta import git_commit  # noqa: E402
 from kernels import index_kl_loss, select_blocks, sparse_attention  # noqa: E402
 
 H, D, DI, BK, TOPK = 32, 128, 128, 128, 16
@@ -354,18 +354,11 @@ def _compiled_flex(flex_attention):
 
 
 def metadata(args) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        commit = ""
-    if len(commit) != 40:  # a copy of the tree without its .git: take what the caller says
-        commit = os.environ.get("MSA_GIT_COMMIT", "unknown")
     props = torch.cuda.get_device_properties(0)
     return {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
             "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-            "git_commit": commit,
+            "git_commit": git_commit(),
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "shapes": {"B": 1, "H": H, "D": D, "Di": DI, "block_size": BK, "topk": TOPK, "dtype": "bf16"},
             "case_limit_s": args.case_limit, "time_budget_s": args.time_budget}

@@ -24,7 +24,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import time
 import types
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bench.meta import git_commit
 from train.config import check_config, register_schema, to_train_config
 from train.loop import train_step
 from train.metrics import LayerStats
@@ -127,16 +127,6 @@ def measure(cfg, env, seq_len: int, steps: int) -> dict:
             "peak_gb": round(float(peak), 2), "leftover_gb": round(leftover, 2),
             "comm_share": round(comm / wall, 3) if wall else 0.0,
             "loss": round(first["lm"] + cfg.attention.kl_weight * first["kl"], 5)}
-
-
-def git_commit() -> str:
-    """HEAD of the checkout, or ``MSA_GIT_COMMIT`` where the tree was copied without its .git."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parents[1], timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    return out if len(out) == 40 else os.environ.get("MSA_GIT_COMMIT", "unknown")
 
 
 def main() -> None:
