@@ -4,6 +4,8 @@ Shards are written by the tests themselves (webdataset's TarWriter) into tmp_pat
 
 import io
 import json
+import multiprocessing as mp
+import os
 
 import numpy as np
 import pytest
@@ -201,6 +203,38 @@ def test_ensure_corpus_builds_once_and_rejects_other_settings(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("not a corpus")
     with pytest.raises(ValueError, match="data.corpus_dir"):
         ensure_corpus(str(tmp_path / "other"), TINY_CORPUS)
+
+
+def _ensure_in_child(root, log_path, out):
+    import train.data.build_corpus as bc
+
+    build = bc.build_corpus
+
+    def counted(path, cfg):
+        with open(log_path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return build(path, cfg)
+
+    bc.build_corpus = counted
+    out.put(bc.ensure_corpus(root, TINY_CORPUS))
+
+
+def test_ensure_corpus_concurrent_callers_build_once(tmp_path):
+    """Every rank of a job calls ensure_corpus at start: one builds, the others wait and reuse it."""
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    log_path = tmp_path / "builds.txt"
+    procs = [ctx.Process(target=_ensure_in_child, args=(str(tmp_path / "corpus"), str(log_path), out))
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert len(log_path.read_text().split()) == 1
+    assert all(r == results[0] for r in results) and all(os.path.exists(p) for p in results[0])
+    assert not list(tmp_path.glob("corpus.tmp-*"))
 
 
 def rows_of_epoch(loader, epoch: int = 0, limit: int = 10000):

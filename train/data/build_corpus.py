@@ -16,6 +16,7 @@ them).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import io
 import json
 import logging
@@ -149,23 +150,23 @@ def build_corpus(out: str | Path, cfg: CorpusConfig) -> list[str]:
 
 def ensure_corpus(corpus_dir: str, cfg: CorpusConfig) -> list[str]:
     """Shard paths of the corpus in corpus_dir, building it first if missing. Several processes may
-    call this at once: each builds into its own temporary folder and the first rename wins."""
+    call this at once (every rank of a job): one builds while the others wait on a lock file beside
+    the corpus; where the file system cannot lock, each builds into its own temporary folder and the
+    first rename wins."""
     root = Path(corpus_dir)
     manifest = root / MANIFEST
     if root.exists() and not manifest.exists() and any(root.iterdir()):
         raise ValueError(f"data.corpus_dir={corpus_dir} exists but holds no {MANIFEST}: delete it or point "
                          "data.corpus_dir elsewhere")
     if not manifest.exists():
-        tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-        t0 = time.time()
-        build_corpus(tmp, cfg)
-        try:
-            os.rename(tmp, root)
-            log.info("built the default corpus in %s (%.1f s)", root, time.time() - t0)
-        except OSError:  # another process got there first
-            shutil.rmtree(tmp, ignore_errors=True)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with open(root.with_name(f"{root.name}.lock"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError:  # no locks on this file system: the rename below still keeps one build
+                pass
             if not manifest.exists():
-                raise
+                _build_atomically(root, cfg)
     meta = json.loads(manifest.read_text())
     if meta["config"] != asdict(cfg):
         raise ValueError(
@@ -173,6 +174,20 @@ def ensure_corpus(corpus_dir: str, cfg: CorpusConfig) -> list[str]:
             "delete it or point data.corpus_dir elsewhere"
         )
     return [str(root / name) for name in meta["shards"]]
+
+
+def _build_atomically(root: Path, cfg: CorpusConfig) -> None:
+    """Build into a temporary sibling folder, then rename it into place (never a half-built corpus)."""
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    t0 = time.time()
+    build_corpus(tmp, cfg)
+    try:
+        os.rename(tmp, root)
+        log.info("built the default corpus in %s (%.1f s)", root, time.time() - t0)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / MANIFEST).exists():
+            raise
 
 
 def main(argv=None):
