@@ -8,10 +8,14 @@ and random other visible blocks.
 FLOPs: useful forward FLOPs = 4 * D * (sum over query heads and queries of the visible keys in the
 support) (QK^T and PV); forward+backward = 3.5x that (backward: 5 matmuls, QK^T recomputed). Dense
 causal SDPA counts the same way with the whole causal prefix as support, so the TFLOP/s compare.
+
+The backward's dQ paths (``MSA_KV_DQ_PATH``: kv, fused, query) are timed side by side in one process;
+``DQ_PATHS=kv,query`` picks which (default: all three).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -31,6 +35,21 @@ from kernels._sparse_csr import build_layout  # noqa: E402
 sa = importlib.import_module("kernels.sparse_attention")
 
 H, HKV, D, BK, TOPK = 32, 2, 128, 128, 16
+DQ_PATHS = os.environ.get("DQ_PATHS", "kv,fused,query").split(",")
+
+
+@contextlib.contextmanager
+def dq_path(name):
+    """The backward's dQ path ``name`` for the calls inside (the environment variable the kernels read)."""
+    old = os.environ.get("MSA_KV_DQ_PATH")
+    os.environ["MSA_KV_DQ_PATH"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MSA_KV_DQ_PATH"]
+        else:
+            os.environ["MSA_KV_DQ_PATH"] = old
 
 
 def make_block_idx(N, Hkv, topk, block_size, device="cuda", chunk=8192):
@@ -86,7 +105,8 @@ def fwd_bwd(attn, q, k, v, do):
 
 
 def check_full_selection_equals_dense():
-    """Every block selected == dense causal attention: forward and gradients, both paths."""
+    """Every block selected == dense causal attention: forward and gradients, both forward paths (query
+    with the query-outer dQ) and the KV-outer forward with each dQ path."""
     N = 4096
     q, k, v = inputs(N)
     nb = N // BK
@@ -96,14 +116,15 @@ def check_full_selection_equals_dense():
     o_ref = dense(qr, kr, vr)
     g_ref = torch.autograd.grad(o_ref, (qr, kr, vr), do)
     rows = []
-    for path in ("query", "kv"):
+    for path, dq in [("query", "query")] + [("kv", dq) for dq in DQ_PATHS]:
         qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
-        o, _ = sa.sparse_attention(qs, ks, vs, block_idx, BK, path=path)
-        g = torch.autograd.grad(o, (qs, ks, vs), do)
+        with dq_path(dq):
+            o, _ = sa.sparse_attention(qs, ks, vs, block_idx, BK, path=path)
+            g = torch.autograd.grad(o, (qs, ks, vs), do)
         errs = [(a.float() - b.float()).norm().item() / a.float().norm().item()
                 for a, b in zip((o_ref, *g_ref), (o, *g))]
-        rows.append((path, errs))
-        print(f"full selection vs dense SDPA, {path}: rel err o/dq/dk/dv = "
+        rows.append((path, dq, errs))
+        print(f"full selection vs dense SDPA, fwd {path}, dQ {dq}: rel err o/dq/dk/dv = "
               + " ".join(f"{e:.2e}" for e in errs), flush=True)
     return rows
 
@@ -112,11 +133,14 @@ def check_determinism(N=32768):
     q, k, v = inputs(N)
     block_idx = make_block_idx(N, HKV, TOPK, BK)
     do = torch.randn_like(q)
-    res = [fwd_bwd(lambda a, b, c: sa.sparse_attention(a, b, c, block_idx, BK, path="kv")[0], q, k, v, do)()
-           for _ in range(2)]
-    same = all(torch.equal(a, b) for a, b in zip(*res))
-    print(f"backward bitwise identical over two runs at N={N}: {same}", flush=True)
-    return same
+    out = {}
+    for dq in DQ_PATHS:
+        with dq_path(dq):
+            res = [fwd_bwd(lambda a, b, c: sa.sparse_attention(a, b, c, block_idx, BK, path="kv")[0], q, k, v, do)()
+                   for _ in range(2)]
+        out[dq] = all(torch.equal(a, b) for a, b in zip(*res))
+        print(f"backward (dQ {dq}) bitwise identical over two runs at N={N}: {out[dq]}", flush=True)
+    return out
 
 
 def time_sizes(sizes, Hkv=HKV):
@@ -140,7 +164,11 @@ def time_one(N, Hkv):
     for path in ("query", "kv"):
         attn = lambda a, b, c, p=path: sa.sparse_attention(a, b, c, block_idx, BK, path=p)[0]
         r[f"msa_fwd_{path}"] = ms(lambda a=attn: a(q, k, v))
-        r[f"msa_fwdbwd_{path}"] = ms(fwd_bwd(attn, q, k, v, do))
+        r[f"msa_fwdbwd_{path}"] = ms(fwd_bwd(attn, q, k, v, do))  # the default dQ path
+    attn = lambda a, b, c: sa.sparse_attention(a, b, c, block_idx, BK, path="kv")[0]
+    for dq in DQ_PATHS:
+        with dq_path(dq):
+            r[f"msa_fwdbwd_kv_dq_{dq}"] = ms(fwd_bwd(attn, q, k, v, do))
     layout = build_layout(N, BK, None, "cuda")
     r["csr_build"] = ms(lambda: sa._reverse_index(q, block_idx, BK, layout))
     tf = lambda f, t: f / t / 1e9
@@ -150,6 +178,9 @@ def time_one(N, Hkv):
           f"({tf(f_msa, r['msa_fwd_kv']):4.0f}) fwd+bwd query {r['msa_fwdbwd_query']:7.2f} "
           f"({tf(3.5 * f_msa, r['msa_fwdbwd_query']):4.0f}) kv {r['msa_fwdbwd_kv']:7.2f} "
           f"({tf(3.5 * f_msa, r['msa_fwdbwd_kv']):4.0f}) | csr {r['csr_build']:.2f}", flush=True)
+    print("    fwd kv + bwd by dQ path: " + " ".join(
+        f"{dq} {r[f'msa_fwdbwd_kv_dq_{dq}']:.2f} ({tf(3.5 * f_msa, r[f'msa_fwdbwd_kv_dq_{dq}']):.0f})"
+        for dq in DQ_PATHS), flush=True)
     return r
 
 
@@ -158,18 +189,19 @@ def profile_breakdown(N=32768):
     do = torch.randn_like(q)
     block_idx = make_block_idx(N, HKV, TOPK, BK)
     out = {}
-    for path in ("query", "kv"):
+    for path, dq in [("query", DQ_PATHS[0])] + [("kv", dq) for dq in DQ_PATHS]:
         fn = fwd_bwd(lambda a, b, c, p=path: sa.sparse_attention(a, b, c, block_idx, BK, path=p)[0], q, k, v, do)
-        fn()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                fn()
+        with dq_path(dq):
+            fn()
             torch.cuda.synchronize()
-        ev = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]
-        out[path] = {e.key[:60]: e.device_time_total / 3e3 for e in ev}
-        print(f"kernel breakdown (ms per fwd+bwd, N={N}, fwd path {path}):", flush=True)
-        for name, t in out[path].items():
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    fn()
+                torch.cuda.synchronize()
+        ev = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]
+        out[f"{path}/{dq}"] = {e.key[:60]: e.device_time_total / 3e3 for e in ev}
+        print(f"kernel breakdown (ms per fwd+bwd, N={N}, fwd path {path}, dQ path {dq}):", flush=True)
+        for name, t in out[f"{path}/{dq}"].items():
             print(f"   {t:8.3f}  {name}")
     return out
 
@@ -184,12 +216,21 @@ SWEEP = {
     "bwd_dq": [dict(BLOCK_N=64, num_warps=4, num_stages=3),
                dict(BLOCK_N=64, num_warps=4, num_stages=4),
                dict(BLOCK_N=32, num_warps=4, num_stages=3)],
+    "bwd_dq_kv": [dict(BLOCK_M=64, num_warps=4, num_stages=1), dict(BLOCK_M=64, num_warps=8, num_stages=1),
+                  dict(BLOCK_M=128, num_warps=8, num_stages=1), dict(BLOCK_M=64, num_warps=4, num_stages=2),
+                  dict(BLOCK_M=32, num_warps=4, num_stages=2)],
+    "bwd_dkdv_fused": [dict(BLOCK_M=64, num_warps=8, num_stages=1), dict(BLOCK_M=64, num_warps=4, num_stages=1),
+                       dict(BLOCK_M=32, num_warps=4, num_stages=1), dict(BLOCK_M=32, num_warps=8, num_stages=2)],
     "bwd_dkdv": [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
                  dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
                  dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=1),
                  dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
                  dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)],
 }
+
+
+# the dQ path each backward kernel's sweep runs under
+SWEEP_DQ = {"bwd_dq": "query", "bwd_dq_kv": "kv", "bwd_dkdv_fused": "fused", "bwd_dkdv": "kv"}
 
 
 def sweep(N=32768):
@@ -209,7 +250,8 @@ def sweep(N=32768):
                     path = name.split("_")[1]
                     t = ms(lambda p=path: sa.sparse_attention_fwd(q, k, v, block_idx, BK, layout, scale, p))
                 else:
-                    t = ms(lambda: sa.sparse_attention_bwd(q, k, v, o, lse, do, block_idx, BK, layout, scale))
+                    with dq_path(SWEEP_DQ[name]):
+                        t = ms(lambda: sa.sparse_attention_bwd(q, k, v, o, lse, do, block_idx, BK, layout, scale))
             except Exception as e:  # a variant that does not compile (shared memory) is reported, not fatal
                 t = float("nan")
                 print(f"   {name} {cfg}: {type(e).__name__}: {str(e)[:120]}")

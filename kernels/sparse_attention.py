@@ -5,21 +5,28 @@ Same signature and semantics as ``msa.reference.sparse_attention``: ``q [B, N, H
 document under ``cu_seqlens``, ``-1`` for unused slots, no duplicates) -> ``o [B, N, H, D]`` and
 ``lse [B, H, N]`` float32 without gradient; an empty support gives ``o = 0``, ``lse = -inf``.
 
-Supports G = H/Hkv of any size (KV-outer: powers of two), head dim 16/32/64/128, block sizes that
-are powers of two >= 16, bf16/fp16/fp32 inputs with fp32 accumulation, int64 offsets (``N*H*D``
-beyond 2^31). Two forward paths:
+Supports G = H/Hkv of any size, head dim 16/32/64/128, block sizes that are powers of two >= 16
+(KV-outer: <= 128), bf16/fp16/fp32 inputs with fp32 accumulation, int64 offsets (``N*H*D`` beyond
+2^31). Two forward paths:
 
 - ``query``: one program per (query, group) runs an online softmax of its G heads over its blocks.
 - ``kv``: the reverse (block -> queries) CSR (``_sparse_csr``) lets one program hold a K/V block and
-  multiply it against tiles of gathered (query, head) rows (128 rows: 8 queries x 16 heads); each
-  (query, slot) gets a partial output and LSE, merged by a combine kernel (no atomics); hot blocks
-  are cut into several work items. Queries are processed in chunks that bound the partial buffer.
+  multiply it against tiles of gathered (query, head) rows (64 rows: 4 queries x 16 heads; whole
+  queries only, so 63 rows at G = 3); each (query, slot) gets a partial output and LSE, merged by a
+  combine kernel (no atomics); hot blocks are cut into several work items. Queries are processed in
+  chunks that bound the partial buffer.
 
-Backward: dK/dV KV-outer over the CSR (each work item writes its own partial, a reduce kernel sums
-them per block in a fixed order) and dQ query-outer; no atomics, so it is deterministic.
-Measured on an H200 (torch 2.11, Triton 3.6): at 128K tokens, 32/2 heads, D=128, Bk=128, k=16, the
-KV-outer forward runs at 158 TFLOP/s and forward+backward at 150 (dense SDPA: 531 and 534); numbers and
-method in docs/kernels.md, section sparse_attention.
+Backward, after ``delta = rowsum(dO * O)``: dK/dV KV-outer over the CSR (each work item writes its own
+partial, a reduce kernel sums them per block in a fixed order). dQ (``CONFIG["DQ_PATH"]``, environment
+``MSA_KV_DQ_PATH``): ``kv`` (default) is KV-outer too, over the forward's CSR and query chunks: a
+program holds a whole K/V block, recomputes P and dS for its tiles of gathered rows and writes one dQ
+partial per (query, slot, head); a reduce kernel sums a query's valid slots in slot order. ``fused``
+makes the dK/dV kernel (with whole-block key tiles) write those partials itself; ``query`` is the
+query-outer kernel (one program per (query, group) over its blocks; it also writes delta). No atomics
+anywhere, so the backward is deterministic.
+Measured on an H200 (torch 2.11, Triton 3.6), with the query-outer dQ: at 128K tokens, 32/2 heads,
+D=128, Bk=128, k=16, the KV-outer forward runs at 158 TFLOP/s and forward+backward at 150 (dense SDPA:
+531 and 534); numbers and method in docs/kernels.md, section sparse_attention.
 """
 
 from __future__ import annotations
@@ -122,7 +129,8 @@ def sparse_attention_fwd_kv_kernel(
     o_mq = o_m // G
     h = i_r * G + o_m % G
     for e in range(e0, e1, BLOCK_M // G):
-        m_row = e + o_mq < e1
+        # rows past the last whole entry (G not dividing BLOCK_M) belong to the next tile
+        m_row = (e + o_mq < e1) & (o_m < (BLOCK_M // G) * G)
         ent = tl.load(entries + e + o_mq, mask=m_row, other=0).to(tl.int64)
         i_q = (ent // TOPK) % NQ
         p_q = ((i_b.to(tl.int64) * NQ + i_q) * H + h)[:, None] * D + o_d[None, :]
@@ -235,13 +243,129 @@ def sparse_attention_bwd_dq_kernel(
 
 
 @triton.jit
+def sparse_attention_bwd_delta_kernel(o, do, delta, NQ, H: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """``delta = rowsum(dO * O)`` (fp32, ``[B, H, Nq]``) of ``BLOCK_Q`` queries of one (batch, head)."""
+    i_bh = tl.program_id(1)
+    o_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    m_q = o_q < NQ
+    o_d = tl.arange(0, D)
+    p = (((i_bh // H).to(tl.int64) * NQ + o_q) * H + i_bh % H)[:, None] * D + o_d[None, :]
+    b_o = tl.load(o + p, mask=m_q[:, None], other=0.0).to(tl.float32)
+    b_do = tl.load(do + p, mask=m_q[:, None], other=0.0).to(tl.float32)
+    tl.store(delta + i_bh.to(tl.int64) * NQ + o_q, tl.sum(b_o * b_do, 1), mask=m_q)
+
+
+@triton.jit
+def _bwd_kv_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1, i_b, i_r, scale2, N, NQ,
+                 H: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The KV-outer backward's tile: rows ``(entry e + m // G, head m % G)`` of a work item ending at
+    ``e1`` against the keys ``o_k`` (``m_k`` in the block): gathered q and dO, ``P`` and
+    ``dS = P * (dP - delta)`` ``[BLOCK_M, keys]``, each row's entry and query, and the row mask."""
+    o_d = tl.arange(0, D)
+    o_m = tl.arange(0, BLOCK_M)
+    o_mq = o_m // G
+    h = i_r * G + o_m % G
+    # rows past the last whole entry (G not dividing BLOCK_M) belong to the next tile
+    m_row = (e + o_mq < e1) & (o_m < (BLOCK_M // G) * G)
+    ent = tl.load(entries + e + o_mq, mask=m_row, other=0).to(tl.int64)
+    i_q = (ent // TOPK) % NQ
+    p_q = ((i_b.to(tl.int64) * NQ + i_q) * H + h)[:, None] * D + o_d[None, :]
+    b_q = tl.load(q + p_q, mask=m_row[:, None], other=0.0)
+    b_do = tl.load(do + p_q, mask=m_row[:, None], other=0.0)
+    p_row = (i_b.to(tl.int64) * H + h) * NQ + i_q
+    b_lse = tl.load(lse + p_row, mask=m_row, other=0.0) * 1.4426950408889634
+    b_delta = tl.load(delta + p_row, mask=m_row, other=0.0)
+    b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
+    m_s = m_row[:, None] & m_k[None, :] & (o_k[None, :] <= (N - NQ + i_q)[:, None])
+    b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
+    b_dp = tl.dot(b_do, tl.trans(b_v))
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    return b_q, b_do, b_p, b_ds, ent, i_q, m_row
+
+
+@triton.jit
+def _store_dq_part(dq_part, b_ds, b_k, ent, i_q, m_row, NQ, NC, q0,
+                   G: tl.constexpr, TOPK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``dS K`` (without the softmax scale) of each (entry, head) row of the tile, over the whole block,
+    to the chunk's ``dq_part [B*Hkv*NC*topk*G, D]`` (laid out like the forward's ``o_part``)."""
+    o_d = tl.arange(0, D)
+    o_m = tl.arange(0, BLOCK_M)
+    b_dq = tl.dot(b_ds.to(b_k.dtype), b_k)
+    p_out = (((ent // (NQ * TOPK)) * NC + i_q - q0) * TOPK + ent % TOPK) * G + o_m % G
+    tl.store(dq_part + p_out[:, None] * D + o_d[None, :], b_dq.to(dq_part.dtype.element_ty), mask=m_row[:, None])
+
+
+@triton.jit
+def sparse_attention_bwd_dq_kv_kernel(
+    q, k, v, do, lse, delta, entries, work_bucket, work_start, work_end, vb_start, vb_end, dq_part,
+    scale2, N, NQ, NV, NC, q0, w0,
+    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """KV-outer dQ, work item ``w0 + program_id`` of the query chunk ``q0 .. q0+NC``: one K/V block
+    against its entries (P, dP, dS recomputed), one dQ partial per (entry, head)."""
+    i_w = w0 + tl.program_id(0)
+    u = tl.load(work_bucket + i_w)
+    e0 = tl.load(work_start + i_w)
+    e1 = tl.load(work_end + i_w)
+    i_br = u // NV
+    i_b = i_br // HKV
+    i_r = i_br % HKV
+    k0 = tl.load(vb_start + u % NV)
+    k1 = tl.load(vb_end + u % NV)
+    o_d = tl.arange(0, D)
+    o_k = k0 + tl.arange(0, BS)
+    m_k = o_k < k1
+    p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
+    b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.0)
+    b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.0)
+    for e in range(e0, e1, BLOCK_M // G):
+        _, _, _, b_ds, ent, i_q, m_row = _bwd_kv_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1, i_b,
+                                                      i_r, scale2, N, NQ, H, G, TOPK, D, BLOCK_M)
+        _store_dq_part(dq_part, b_ds, b_k, ent, i_q, m_row, NQ, NC, q0, G, TOPK, D, BLOCK_M)
+
+
+@triton.jit
+def sparse_attention_bwd_dq_reduce_kernel(
+    dq_part, idx, tok_start, dq, scale, N, NQ, NC, q0,
+    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
+    D: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """dQ of a query's G heads: the sum of its valid slots' partials in slot order (0 if none)."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HKV
+    i_r = i_bh % HKV
+    i_q = q0 + i_c
+    i_n = N - NQ + i_q
+    o_g = tl.arange(0, BLOCK_G)
+    m_g = o_g < G
+    o_d = tl.arange(0, D)
+    pos = i_n - tl.load(tok_start + i_n)
+    e0 = (i_bh.to(tl.int64) * NC + i_c) * TOPK
+    b_dq = tl.zeros([BLOCK_G, D], tl.float32)
+    for i_s in range(TOPK):
+        c = tl.load(idx + (i_bh.to(tl.int64) * NQ + i_q) * TOPK + i_s)
+        # the CSR's validity test: exactly the slots the dQ kernel wrote
+        if (c >= 0) & (c * BS <= pos):
+            p_e = (e0 + i_s) * G + o_g
+            b_dq += tl.load(dq_part + p_e[:, None] * D + o_d[None, :], mask=m_g[:, None], other=0.0).to(tl.float32)
+    row = i_b.to(tl.int64) * NQ + i_q
+    tl.store(dq + (row * H + i_r * G + o_g[:, None]) * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty),
+             mask=m_g[:, None])
+
+
+@triton.jit
 def sparse_attention_bwd_dkdv_kernel(
     q, k, v, do, lse, delta, entries, work_bucket, work_start, work_end, vb_start, vb_end,
-    dk_part, dv_part, scale2, scale, N, NQ, NV,
+    dk_part, dv_part, dq_part, scale2, scale, N, NQ, NV, NC, q0, w0,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQ: tl.constexpr,
 ):
-    i_w = tl.program_id(0)
+    """dK/dV partials of work item ``w0 + program_id(0)``, key tile ``program_id(1)``. With ``DQ``
+    (``BLOCK_N == BS``, work items of the query chunk ``q0 .. q0+NC``) it also writes the dQ
+    partials, as ``sparse_attention_bwd_dq_kv_kernel`` does (``dq_part`` is unused otherwise)."""
+    i_w = w0 + tl.program_id(0)
     i_t = tl.program_id(1)
     u = tl.load(work_bucket + i_w)
     e0 = tl.load(work_start + i_w)
@@ -259,27 +383,13 @@ def sparse_attention_bwd_dkdv_kernel(
     b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.0)
     b_dk = tl.zeros([BLOCK_N, D], tl.float32)
     b_dv = tl.zeros([BLOCK_N, D], tl.float32)
-    o_m = tl.arange(0, BLOCK_M)
-    o_mq = o_m // G
-    h = i_r * G + o_m % G
     for e in range(e0, e1, BLOCK_M // G):
-        m_row = e + o_mq < e1
-        ent = tl.load(entries + e + o_mq, mask=m_row, other=0).to(tl.int64)
-        i_q = (ent // TOPK) % NQ
-        p_q = ((i_b.to(tl.int64) * NQ + i_q) * H + h)[:, None] * D + o_d[None, :]
-        b_q = tl.load(q + p_q, mask=m_row[:, None], other=0.0)
-        b_do = tl.load(do + p_q, mask=m_row[:, None], other=0.0)
-        p_row = (i_b.to(tl.int64) * H + h) * NQ + i_q
-        b_lse = tl.load(lse + p_row, mask=m_row, other=0.0) * 1.4426950408889634
-        b_delta = tl.load(delta + p_row, mask=m_row, other=0.0)
-        # [BLOCK_M, BLOCK_N]
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
-        m_s = m_row[:, None] & m_k[None, :] & (o_k[None, :] <= (N - NQ + i_q)[:, None])
-        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v))
-        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_q, b_do, b_p, b_ds, ent, i_q, m_row = _bwd_kv_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1,
+                                                             i_b, i_r, scale2, N, NQ, H, G, TOPK, D, BLOCK_M)
         b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
         b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
+        if DQ:
+            _store_dq_part(dq_part, b_ds, b_k, ent, i_q, m_row, NQ, NC, q0, G, TOPK, D, BLOCK_M)
     p_out = (i_w.to(tl.int64) * BS + i_t * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * D + o_d[None, :]
     tl.store(dk_part + p_out, b_dk * scale)
     tl.store(dv_part + p_out, b_dv)
@@ -319,23 +429,31 @@ def sparse_attention_bwd_reduce_kernel(
 
 # Launch settings, per kernel; bench/tune_sparse_attention.py sweeps them (docs/kernels.md has the
 # numbers behind the defaults). CHUNK: entries per KV-outer work item (hot blocks get several);
-# PART_BYTES: memory for the KV-outer forward's partial outputs (queries go in chunks that fit).
+# PART_BYTES: memory for the KV-outer forward's partial outputs and the KV-outer dQ's (queries go in
+# chunks that fit). DQ_PATH: the backward's dQ, "kv" (KV-outer kernel + reduce), "fused" (the dK/dV
+# kernel with whole-block key tiles also writes the dQ partials) or "query" (query-outer kernel); block
+# sizes above 128 take "query".
 CONFIG = {
     "fwd_query": dict(BLOCK_N=64, num_warps=4, num_stages=3),
     "fwd_kv": dict(BLOCK_M=64, num_warps=4, num_stages=1),
     "combine": dict(num_warps=4, num_stages=1),
     "bwd_dq": dict(BLOCK_N=64, num_warps=4, num_stages=3),
+    "bwd_delta": dict(BLOCK_Q=64, num_warps=4, num_stages=1),
+    "bwd_dq_kv": dict(BLOCK_M=64, num_warps=4, num_stages=1),
+    "bwd_dq_reduce": dict(num_warps=4, num_stages=1),
     "bwd_dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
+    "bwd_dkdv_fused": dict(BLOCK_M=64, num_warps=8, num_stages=1),
     "reduce": dict(num_warps=4, num_stages=1),
     "CHUNK": 256,
     "PART_BYTES": 2**32,
     "DKDV_BYTES": 2**32,
+    "DQ_PATH": "kv",
 }
 
 
-def _setting(name: str) -> int:
-    """CHUNK, PART_BYTES or DKDV_BYTES; the environment (MSA_KV_<name>) overrides CONFIG."""
-    return int(os.environ.get(f"MSA_KV_{name}", CONFIG[name]))
+def _setting(name: str):
+    """CHUNK, PART_BYTES, DKDV_BYTES or DQ_PATH; the environment (MSA_KV_<name>) overrides CONFIG."""
+    return type(CONFIG[name])(os.environ.get(f"MSA_KV_{name}", CONFIG[name]))
 
 
 def _launch(name: str, G: int, block_size: int) -> dict:
@@ -344,8 +462,8 @@ def _launch(name: str, G: int, block_size: int) -> dict:
     if "BLOCK_N" in cfg:
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], block_size)
     if "BLOCK_M" in cfg:
-        cfg["BLOCK_M"] = max(cfg["BLOCK_M"], 16, G)
-    if name in ("fwd_query", "combine", "bwd_dq"):
+        cfg["BLOCK_M"] = max(cfg["BLOCK_M"], 16, triton.next_power_of_2(G))
+    if name in ("fwd_query", "combine", "bwd_dq", "bwd_dq_reduce"):
         cfg["BLOCK_G"] = max(16, triton.next_power_of_2(G))
     return cfg
 
@@ -376,21 +494,27 @@ def _check_inputs(q, k, v, block_idx, block_size):
 
 
 def _pick_path(path: str, G: int, block_size: int) -> str:
-    """``auto``: KV-outer wherever it applies. On the H200 (docs/kernels.md) it won forward+backward at
-    every measured shape (8K-128K, G = 8 and 16); query-outer won only the 8K forward alone at G = 16."""
-    kv_ok = G & (G - 1) == 0 and block_size <= 128
+    """``auto``: KV-outer for G a power of two and ``block_size <= 128``. On the H200 (docs/kernels.md)
+    it won forward+backward at every measured shape (8K-128K, G = 8 and 16); query-outer won only the
+    8K forward alone at G = 16. Other G (tiles of ``BLOCK_M // G`` whole queries) are unmeasured."""
     if path == "auto":
-        return "kv" if kv_ok else "query"
-    if path == "kv" and not kv_ok:
-        raise ValueError(f"path='kv' needs G = H/Hkv a power of two and block_size <= 128, got G={G}, "
-                         f"block_size={block_size}")
+        return "kv" if G & (G - 1) == 0 and block_size <= 128 else "query"
+    if path == "kv" and block_size > 128:
+        raise ValueError(f"path='kv' needs block_size <= 128, got {block_size}")
     if path not in ("query", "kv"):
         raise ValueError(f"path must be 'auto', 'query' or 'kv', got {path!r}")
     return path
 
 
+def _dq_path(block_size: int) -> str:
+    path = _setting("DQ_PATH")
+    if path not in ("kv", "fused", "query"):
+        raise ValueError(f"MSA_KV_DQ_PATH / CONFIG['DQ_PATH'] must be 'kv', 'fused' or 'query', got {path!r}")
+    return path if block_size <= 128 else "query"  # the KV-outer dQ holds a whole block per program
+
+
 def _reverse_index(q, block_idx, block_size, layout, q_chunk=None):
-    """The reverse CSR; query chunks sized so the KV-outer forward's partials fit PART_BYTES, work items
+    """The reverse CSR; query chunks sized so the KV-outer partials (forward, dQ) fit PART_BYTES, work items
     of CHUNK entries, or more where the backward's fp32 dK/dV partials (one per work item, at most
     ``entries/chunk + buckets`` of them) would pass DKDV_BYTES (at 1M tokens, not at 128K)."""
     B, NQ, H, D = q.shape
@@ -440,24 +564,52 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
     B, NQ, H, D = q.shape
     N, Hkv, topk = k.shape[1], k.shape[2], block_idx.shape[-1]
     G = H // Hkv
-    consts = dict(H=H, HKV=Hkv, G=G, TOPK=topk, BS=block_size, D=D)
-    delta = torch.empty_like(lse)  # [B, H, Nq]: rowsum(dO * O), written by the dQ kernel
-    dq = torch.empty_like(q)
-    sparse_attention_bwd_dq_kernel[(NQ, B * Hkv)](
-        q, k, v, o, do, lse, delta, block_idx, layout.tok_start, dq, scale * LOG2E, scale, N, NQ,
-        **_launch("bwd_dq", G, block_size), **consts)
-    csr = _reverse_index(q, block_idx, block_size, layout, NQ) if csr is None else csr
-    W = csr.chunk_work[-1]
-    dkdv = _launch("bwd_dkdv", G, block_size)
     NV = layout.vb_start.numel()
+    consts = dict(H=H, HKV=Hkv, G=G, TOPK=topk, BS=block_size, D=D)
+    dq_path = _dq_path(block_size)
+    delta = torch.empty_like(lse)  # [B, H, Nq]: rowsum(dO * O)
+    dq = torch.empty_like(q)
+    if dq_path == "query":  # the query-outer dQ kernel also writes delta
+        sparse_attention_bwd_dq_kernel[(NQ, B * Hkv)](
+            q, k, v, o, do, lse, delta, block_idx, layout.tok_start, dq, scale * LOG2E, scale, N, NQ,
+            **_launch("bwd_dq", G, block_size), **consts)
+        # dK/dV alone needs no query chunks
+        csr = _reverse_index(q, block_idx, block_size, layout, NQ) if csr is None else csr
+    else:
+        cfg = _launch("bwd_delta", G, block_size)
+        sparse_attention_bwd_delta_kernel[(triton.cdiv(NQ, cfg["BLOCK_Q"]), B * H)](o, do, delta, NQ, H=H, D=D, **cfg)
+        csr = _reverse_index(q, block_idx, block_size, layout) if csr is None else csr
+    W = csr.chunk_work[-1]
+    if dq_path == "fused":  # one key tile per work item, so one dQ partial per (entry, head)
+        dkdv = dict(_launch("bwd_dkdv_fused", G, block_size), BLOCK_N=block_size)
+    else:
+        dkdv = _launch("bwd_dkdv", G, block_size)
     n_sub = block_size // dkdv["BLOCK_N"]
     dk_part = torch.empty(max(W, 1) * block_size, D, dtype=torch.float32, device=q.device)
     dv_part = torch.empty_like(dk_part)
-    if W:
+    dkdv_args = (q, k, v, do, lse, delta, csr.entries, csr.work_bucket, csr.work_start, csr.work_end,
+                 layout.vb_start, layout.vb_end, dk_part, dv_part)
+    if dq_path != "fused" and W:
         sparse_attention_bwd_dkdv_kernel[(W, n_sub)](
-            q, k, v, do, lse, delta, csr.entries, csr.work_bucket, csr.work_start, csr.work_end,
-            layout.vb_start, layout.vb_end, dk_part, dv_part, scale * LOG2E, scale, N, NQ, NV,
-            **dkdv, **consts)
+            *dkdv_args, dk_part, scale * LOG2E, scale, N, NQ, NV, 1, 0, 0, DQ=False, **dkdv, **consts)
+    if dq_path != "query":
+        # KV-outer dQ chunk by chunk, as the KV-outer forward: partials in the input's precision
+        part_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+        NC = csr.q_chunk
+        for c, q0 in enumerate(range(0, NQ, NC)):
+            nc = min(NC, NQ - q0)
+            dq_part = torch.empty(B * Hkv * nc * topk * G, D, dtype=part_dtype, device=q.device)
+            w0, w1 = csr.chunk_work[c], csr.chunk_work[c + 1]
+            if w1 > w0 and dq_path == "fused":
+                sparse_attention_bwd_dkdv_kernel[(w1 - w0, 1)](
+                    *dkdv_args, dq_part, scale * LOG2E, scale, N, NQ, NV, nc, q0, w0, DQ=True, **dkdv, **consts)
+            elif w1 > w0:
+                sparse_attention_bwd_dq_kv_kernel[(w1 - w0,)](
+                    *dkdv_args[:-2], dq_part, scale * LOG2E, N, NQ, NV, nc, q0, w0,
+                    **_launch("bwd_dq_kv", G, block_size), **consts)
+            sparse_attention_bwd_dq_reduce_kernel[(nc, B * Hkv)](
+                dq_part, block_idx, layout.tok_start, dq, scale, N, NQ, nc, q0,
+                **_launch("bwd_dq_reduce", G, block_size), **consts)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     sparse_attention_bwd_reduce_kernel[(B * Hkv * NV, n_sub)](
@@ -496,7 +648,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     positions), ``block_idx`` int32 ``[B, Hkv, Nq, topk]``, ``cu_seqlens`` int32 ``[n_docs + 1]`` over
     the keys (``B == 1``) -> ``o [B, Nq, H, D]`` (dtype of ``q``) and ``lse [B, H, Nq]`` float32
     (natural log, no gradient). ``scale`` defaults to ``1/sqrt(D)``; ``path`` is ``"auto"``,
-    ``"query"`` (query-outer forward) or ``"kv"`` (KV-outer forward).
+    ``"query"`` (query-outer forward) or ``"kv"`` (KV-outer forward). The backward's dQ path is a module
+    setting (``CONFIG["DQ_PATH"]``, environment ``MSA_KV_DQ_PATH``), read when the backward runs.
     """
     B, H, Hkv, D = _check_inputs(q, k, v, block_idx, block_size)
     if cu_seqlens is not None and B != 1:

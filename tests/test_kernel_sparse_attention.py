@@ -1,7 +1,8 @@
 """kernels.sparse_attention against msa.reference.sparse_attention: output, lse and every gradient.
 
 CPU: the Triton interpreter on small fp32 shapes. GPU (marked): real sizes in bf16 with the STYLE.md
-tolerance rule, a determinism rerun of the backward, and one case with N*H*D > 2^31.
+tolerance rule, a determinism rerun of the backward, and one case with N*H*D > 2^31. The backward's dQ
+path (``MSA_KV_DQ_PATH``) is the default KV-outer one unless a test names others (``DQ_PATHS``).
 """
 
 import math
@@ -62,6 +63,9 @@ def assert_close(refs, outs, tol):
         assert err < tol, f"{name}: rel RMS {err:.2e} >= {tol:.0e}, max err {(r - x.float()).abs().max():.2e}"
 
 
+# (forward path, dQ path) pairs for the tests that cover the backward's dQ variants
+DQ_PATHS = [("query", "query"), ("query", "kv"), ("kv", "kv"), ("kv", "fused")]
+
 CPU_CASES = [  # B, N, H, Hkv, D, block_size, topk
     (1, 63, 2, 2, 16, 16, 3),  # G = 1
     (2, 111, 4, 1, 32, 16, 4),  # G = 4, batch > 1
@@ -92,9 +96,10 @@ def test_cu_seqlens_with_one_token_documents(monkeypatch, path):
     assert_close(refs, outs, 1e-5)
 
 
-@pytest.mark.parametrize("path", ["query", "kv"])
-def test_queries_are_the_last_positions(monkeypatch, path):
+@pytest.mark.parametrize("path,dq", [("query", "kv"), ("kv", "kv"), ("kv", "query")])
+def test_queries_are_the_last_positions(monkeypatch, path, dq):
     """Context parallelism's case: Nq < N queries, bottom-right aligned, cu_seqlens over the keys."""
+    monkeypatch.setenv("MSA_KV_DQ_PATH", dq)
     monkeypatch.setenv("MSA_KV_CHUNK", "8")
     monkeypatch.setenv("MSA_KV_DKDV_BYTES", "1")  # dK/dV partials over budget: work items grow past 8
     N, Nq, H, Hkv, D, block_size, topk = 111, 45, 4, 2, 16, 16, 5
@@ -116,14 +121,34 @@ def test_selection_from_reference_select_blocks(monkeypatch, path):
     assert_close(refs, outs, 1e-5)
 
 
-def test_all_slots_empty_give_zero_and_minus_inf():
+@pytest.mark.parametrize("path,dq", DQ_PATHS)
+def test_g_not_dividing_the_row_tile(monkeypatch, path, dq):
+    """G = 3: a KV-outer tile holds 21 whole queries (63 of 64 rows); with Nq < N, documents and
+    several query chunks (the KV-outer dQ works chunk by chunk)."""
+    monkeypatch.setenv("MSA_KV_DQ_PATH", dq)
+    monkeypatch.setenv("MSA_KV_CHUNK", "40")  # > 21 entries: several tiles per work item
+    N, Nq, H, Hkv, D, block_size, topk = 90, 70, 6, 2, 16, 16, 4
+    monkeypatch.setenv("MSA_KV_PART_BYTES", str(H * topk * (D + 1) * 4 * 30))  # query chunks of 30
+    cu = torch.tensor([0, 25, 26, 90], dtype=torch.int32)
+    q, k, v = make_inputs(1, N, H, Hkv, D, Nq=Nq)
+    block_idx = random_block_idx(1, Hkv, N, topk, block_size, cu, Nq=Nq)
+    poison_empty(monkeypatch)
+    refs, outs = run_both(q, k, v, block_idx, block_size, cu, path=path)
+    assert_close(refs, outs, 1e-5)
+
+
+def test_all_slots_empty_give_zero_and_minus_inf(monkeypatch):
     q, k, v = make_inputs(1, 40, 2, 1, 16)
     block_idx = torch.full((1, 1, 40, 2), -1, dtype=torch.int32)
     block_idx[0, 0, 20:, 0] = 1  # queries 20.. see block 1 ([16, 32)); 0..19 see nothing
-    for path in ("query", "kv"):
+    poison_empty(monkeypatch)
+    for path, dq in DQ_PATHS:
+        monkeypatch.setenv("MSA_KV_DQ_PATH", dq)
         o, lse = sparse_attention(q, k, v, block_idx, 16, path=path)
         assert torch.equal(o[0, :16], torch.zeros_like(o[0, :16]))
         assert torch.isneginf(lse[0, :, :20]).all() and torch.isfinite(lse[0, :, 20:]).all()
+        (dq_,) = torch.autograd.grad(o, q, torch.randn_like(o))
+        assert torch.equal(dq_[0, :20], torch.zeros_like(dq_[0, :20])) and torch.isfinite(dq_).all()
 
 
 def test_bad_input_names_the_problem():
@@ -160,9 +185,10 @@ def _torch_low_precision_errors(q, k, v, block_idx, block_size, refs, do):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["query", "kv"])
+@pytest.mark.parametrize("path,dq", DQ_PATHS)
 @pytest.mark.parametrize("G,D,dtype", [(16, 128, torch.bfloat16), (2, 64, torch.bfloat16), (8, 128, torch.float16)])
-def test_gpu_low_precision_matches_reference(path, G, D, dtype):
+def test_gpu_low_precision_matches_reference(monkeypatch, path, dq, G, D, dtype):
+    monkeypatch.setenv("MSA_KV_DQ_PATH", dq)
     B, N, Hkv, block_size, topk = 1, 2000, 2, 128, 8
     q, k, v = make_inputs(B, N, G * Hkv, Hkv, D, dtype, "cuda")
     block_idx = random_block_idx(B, Hkv, N, topk, block_size, device="cuda")
@@ -181,7 +207,9 @@ def test_gpu_low_precision_matches_reference(path, G, D, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_backward_is_deterministic():
+@pytest.mark.parametrize("dq", ["kv", "fused", "query"])
+def test_gpu_backward_is_deterministic(monkeypatch, dq):
+    monkeypatch.setenv("MSA_KV_DQ_PATH", dq)
     B, N, H, Hkv, D, block_size, topk = 1, 8192, 32, 2, 128, 128, 16
     q, k, v = make_inputs(B, N, H, Hkv, D, torch.bfloat16, "cuda")
     block_idx = random_block_idx(B, Hkv, N, topk, block_size, device="cuda", drop=0.0)
