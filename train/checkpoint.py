@@ -155,16 +155,16 @@ def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
     return old
 
 
-def load_checkpoint(engine, path: str | Path, *, rank: int, world_size: int, optimizer: bool = True) -> dict:
+def load_checkpoint(engine, path: str | Path, *, rank: int, world_size: int) -> dict:
     """Restore DeepSpeed's state and this rank's RNG states from ``path``; returns the checkpoint's
-    meta dict with this rank's data-loader state under ``"loader"``. ``optimizer=False`` restores the
-    weights (fp32 masters rebuilt from them) and scheduler but starts the optimizer state afresh."""
+    meta dict with this rank's data-loader state under ``"loader"``. The optimizer state loads whatever
+    the sp/cp layout (ZeRO partitions it over all ranks); the world size must match."""
     path = Path(path)
     meta = read_meta(path)
     if meta["world_size"] != world_size:
         raise ValueError(f"checkpoint {path} was saved by {meta['world_size']} ranks, this run has {world_size}: "
                          f"relaunch with {meta['world_size']} ranks, or start afresh with checkpoint.resume=never")
-    load_path, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=optimizer,
+    load_path, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {path / DS_TAG}")

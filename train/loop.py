@@ -55,13 +55,9 @@ def train(cfg: TrainConfig) -> dict:
     loader = build_stage_loader(cfg, stage, tokenizer, env)
     bad_steps = 0
     if resume:
-        # ZeRO partitions the optimizer state over data-parallel ranks; a new sp/cp layout re-partitions
-        # it, so the first stage of a new layout keeps the weights and schedule but restarts the moments
-        same_layout = saved.get("layout", list(stage.layout())) == list(stage.layout())
-        keep_optimizer = same_layout or scfg.parallel.zero_stage == 0
-        if not keep_optimizer:
-            print(f"rank {env.rank}: sp/cp layout changed to {stage.layout()}: optimizer state starts afresh")
-        state = load_checkpoint(engine, resume, rank=env.rank, world_size=env.world_size, optimizer=keep_optimizer)
+        # a new sp/cp layout keeps the optimizer state too: ZeRO partitions it over every rank that holds
+        # the parameters, which is all of them whatever sp/cp is (tests/test_parallel.py checks ZeRO-1 and 3)
+        state = load_checkpoint(engine, resume, rank=env.rank, world_size=env.world_size)
         if state["data_epoch"] == stage.data_epoch:  # else a new sp/cp layout starts a new stream
             loader.load_state_dict(state["loader"])
         bad_steps = state["bad_steps"]
