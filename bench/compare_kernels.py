@@ -5,6 +5,8 @@ Prepare the baseline's ``kernels`` package in a folder, then run from the reposi
     mkdir -p .baseline && git archive <commit> kernels | tar -x -C .baseline
     python3 bench/compare_kernels.py --baseline .baseline --json out.json [--sizes 131072] [--hkv 2 4]
 
+(``--this <folder>`` times a kernels package prepared the same way instead of this tree's.)
+
 For each shape (B=1, H=32, D=Di=128, Bk=128, k=16, bf16; inputs as in ``bench/msa_attention.py``:
 random, with a sink direction in block 0) it times, for both trees: ``select_blocks`` (bf16 and fp8),
 ``sparse_attention`` forward and forward+backward, ``index_kl_loss`` forward+backward with the main
@@ -179,12 +181,13 @@ def compare_shape(N, Hkv, trees, env_variants, rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", required=True, help="folder holding the baseline's kernels/ package")
+    ap.add_argument("--this", default=None, help="folder holding the kernels/ package to time (default: this tree's)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[131072])
     ap.add_argument("--hkv", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--env", nargs="*", default=[], help="NAME=VALUE settings to time this tree with as well")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    trees = {"base": load_kernels(args.baseline)[0], "this": load_kernels(None)[0]}
+    trees = {"base": load_kernels(args.baseline)[0], "this": load_kernels(args.this)[0]}
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "commit": git_commit(), "command": " ".join(["python3"] + sys.argv),
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **measure_peaks()}
