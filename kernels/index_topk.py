@@ -3,9 +3,11 @@
 One program owns ``BLOCK_T`` consecutive query tokens of one document and all ``Hkv`` index-query
 heads of them (``BLOCK_T * Hkv`` rows, so each ``k_idx`` tile it loads serves every group). It walks
 the key blocks that lie wholly before its own block, takes each block's row-wise maximum of the raw
-scores in registers and keeps a running top-``(topk - 1)`` of ``(score, block id)`` per row. The own
-block needs no score: it always takes slot 0. Only ``block_idx`` is written; neither the ``N x N``
-scores nor the ``N x N/Bk`` block scores ever reach GPU memory.
+scores in registers and keeps a running top-``(topk - 1)`` of ``(score, block id)`` per row with its
+minimum; from key block ``gate_from`` on, a tile runs the insertion only when some row's block maximum
+beats that minimum (one tile-wide reduction). The own block needs no score: it always takes slot 0.
+Only ``block_idx`` is written; neither the ``N x N`` scores nor the ``N x N/Bk`` block scores ever
+reach GPU memory.
 
 Semantics are ``msa.reference.select_blocks``: ranking on raw scores (the ``1/sqrt(Di)`` scale is
 positive and does not change the order), ties to the lower block id, ``-1`` in the slots left when
@@ -14,39 +16,68 @@ fewer than ``topk`` blocks are visible, block ids relative to the query's docume
 summed in another order (tf32/bf16 tensor-core products on GPU).
 
 Supports any ``Hkv``, ``Di <= 256`` (padded to a power of two), ``block_size`` a power of two >= 16,
-bf16/fp16/fp32 inputs with fp32 accumulation (or e4m3 operands with ``fp8=True``), int64 offsets.
-Measured on H100 and H200: 8.1 ms at N = 128K, Hkv = 2, Di = 128 on H200, 69% of its measured bf16
-matmul rate (``docs/kernels.md``, ``docs/benchmarks.md``).
+bf16/fp16/fp32 inputs with fp32 accumulation (or e4m3 operands with ``fp8=True``, keys with one scale
+per key block by default), int64 offsets. Launch knobs and their defaults: ``select_blocks_fwd`` and
+``CONFIG``. Measured on H100 and H200 before the lean insertion, the gate and the fp8 block scales:
+8.1 ms at N = 128K, Hkv = 2, Di = 128 on H200, 69% of its measured bf16 matmul rate; the predicted
+effect of those changes (fewer instructions per key block, not yet timed) is in ``docs/kernels.md``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["select_blocks", "doc_tiles", "check_cu_seqlens"]
+__all__ = ["CONFIG", "select_blocks", "doc_tiles", "check_cu_seqlens"]
 
 
 @triton.jit
-def _topk_insert(b_s, b_i, b_new, blk, o_c, TOPK_RUN: tl.constexpr, TK: tl.constexpr):
-    """Offer ``(b_new[m], blk)`` to each row's running top-k; blocks arrive in ascending id order, so
-    a new block only enters on a strictly higher score and evicts the highest id among the minima."""
-    m_c = (o_c < TOPK_RUN)[None, :]
-    # [BLOCK_M]
-    cur_min = tl.min(tl.where(m_c, b_s, float("inf")), 1)
-    key = (b_i + 1) * TK + o_c[None, :]
-    evict = tl.max(tl.where(m_c & (b_s == cur_min[:, None]), key, -1), 1)
-    upd = (key == evict[:, None]) & (b_new > cur_min)[:, None]
+def _block_max(b_q, p_k, p_ks, blk, o_kd, m_kd, o_n, Di, BK: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, IEEE: tl.constexpr, K_SCALE: tl.constexpr):
+    """Row maxima ``[BLOCK_M]`` of ``b_q . k^T`` over the keys of whole block ``blk`` of the document whose
+    keys start at ``p_k`` (scales at ``p_ks``)."""
+    p_k += tl.cast(blk, tl.int64) * (BK * Di)
+    for c in tl.static_range(0, BK, BLOCK_N):
+        b_k = tl.load(p_k + c * Di + o_kd, mask=m_kd, other=0.0)
+        # [BLOCK_M, BLOCK_N]
+        if IEEE:
+            b_sc = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+        else:
+            b_sc = tl.dot(b_q, tl.trans(b_k))
+        if K_SCALE == 1:
+            # fp8 keys with a per-token scale; the per-row query scale does not change the order
+            b_sc *= tl.load(p_ks + blk * BK + c + o_n)[None, :]
+        if c == 0:
+            b_best = tl.max(b_sc, 1)
+        else:
+            b_best = tl.maximum(b_best, tl.max(b_sc, 1))
+    if K_SCALE == 2:
+        # one scale per key block (positive): it factors out of the block max, one multiply per row
+        b_best *= tl.load(p_ks + blk * BK)
+    return b_best
+
+
+@triton.jit
+def _topk_insert(b_s, b_i, thr, b_new, hit, blk):
+    """Offer ``(b_new[m], blk)`` to each row's running top-(k-1) ``(b_s, b_i)``, whose minimum is ``thr``.
+
+    Blocks arrive in ascending id order, so a new block enters only on a strictly higher score
+    (``hit = b_new > thr``) and replaces the highest id among the row's minima; ids are distinct (empty
+    slots hold -1, -2, ...), so exactly one slot changes. Returns the new set and its minimum."""
+    evict = tl.max(tl.where(b_s == thr[:, None], b_i, -2147483647 - 1), 1)
+    upd = (b_i == evict[:, None]) & hit[:, None]
     b_s = tl.where(upd, b_new[:, None], b_s)
     b_i = tl.where(upd, blk, b_i)
-    return b_s, b_i
+    return b_s, b_i, tl.min(b_s, 1)
 
 
 @triton.jit
 def select_blocks_fwd_kernel(
     q_ptr, k_ptr, k_scale_ptr, out_ptr, tile_q0_ptr, tile_ds_ptr, tile_de_ptr,
-    N, Nq, n_tiles, Di,
+    N, Nq, n_tiles, Di, gate_from,
     HKV: tl.constexpr, BK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TOPK: tl.constexpr, TK: tl.constexpr,
     TKO: tl.constexpr, IEEE: tl.constexpr, K_SCALE: tl.constexpr,
@@ -75,31 +106,40 @@ def select_blocks_fwd_kernel(
     # [BLOCK_M, BLOCK_D]
     b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
 
+    # running top-(k-1) per row: slots past TOPK - 1 (TK is a power of two) hold +inf, never the minimum;
+    # empty slots -inf with distinct negative ids. thr: each row's minimum, its (k-1)-th best so far
     o_c = tl.arange(0, TK)
-    b_s = tl.full((BLOCK_M, TK), float("-inf"), tl.float32)
-    b_i = tl.full((BLOCK_M, TK), -1, tl.int32)
+    m_c = (o_c < TOPK - 1)[None, :]
+    b_s = tl.where(m_c, float("-inf"), float("inf")) + tl.zeros((BLOCK_M, TK), tl.float32)
+    b_i = -1 - o_c[None, :] + tl.zeros((BLOCK_M, TK), tl.int32)
+    thr = tl.min(b_s, 1)
+    # blocks before the own block are whole and visible to every row of the tile: one scalar base
+    # pointer per block plus int32 offsets inside it
     o_n = tl.arange(0, BLOCK_N)
-    for blk in range(0, own):
-        b_best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        for c in tl.static_range(0, BK, BLOCK_N):
-            # blocks before the own block are whole and visible to every row of the tile
-            o_key = (i_b * N + (ds + blk * BK + c + o_n).to(tl.int64)) * Di
-            b_k = tl.load(k_ptr + o_key[:, None] + o_d[None, :], mask=m_d[None, :], other=0.0)
-            # [BLOCK_M, BLOCK_N]
-            if IEEE:
-                b_sc = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
-            else:
-                b_sc = tl.dot(b_q, tl.trans(b_k))
-            if K_SCALE:
-                # fp8 keys carry a per-token scale; the per-row query scale does not change the order
-                b_sc *= tl.load(k_scale_ptr + i_b * N + ds + blk * BK + c + o_n)[None, :]
-            b_best = tl.maximum(b_best, tl.max(b_sc, 1))
-        b_s, b_i = _topk_insert(b_s, b_i, b_best, blk, o_c, TOPK - 1, TK)
+    o_kd = o_n[:, None] * Di + o_d[None, :]
+    p_k = k_ptr + (i_b * N + ds) * Di
+    p_ks = k_scale_ptr
+    if K_SCALE:
+        p_ks += i_b * N + ds
+    if TOPK > 1:
+        # early blocks almost always enter some row: insert unconditionally up to gate_from
+        n_all = tl.minimum(own, gate_from)
+        for blk in range(0, n_all):
+            b_best = _block_max(b_q, p_k, p_ks, blk, o_kd, m_d[None, :], o_n, Di,
+                                BK, BLOCK_M, BLOCK_N, IEEE, K_SCALE)
+            b_s, b_i, thr = _topk_insert(b_s, b_i, thr, b_best, b_best > thr, blk)
+        # later blocks: skip the insertion (two row reductions and the updates) unless some row of the
+        # tile beats its running (k-1)-th best; one tile-wide reduction decides
+        for blk in range(n_all, own):
+            b_best = _block_max(b_q, p_k, p_ks, blk, o_kd, m_d[None, :], o_n, Di,
+                                BK, BLOCK_M, BLOCK_N, IEEE, K_SCALE)
+            hit = b_best > thr
+            if tl.max(hit.to(tl.int32), 0) > 0:
+                b_s, b_i, thr = _topk_insert(b_s, b_i, thr, b_best, hit, blk)
 
     # write out: own block, then the running set by descending score (ties to the lower id)
     o_co = tl.arange(0, TKO)
     b_out = tl.where(o_co[None, :] == 0, own, -1) + tl.zeros((BLOCK_M, TKO), tl.int32)
-    m_c = (o_c < TOPK - 1)[None, :]
     for t in tl.static_range(1, TOPK):
         mx = tl.max(tl.where(m_c, b_s, float("-inf")), 1)
         hit = m_c & (b_s == mx[:, None]) & (b_i >= 0)
@@ -157,29 +197,67 @@ def _to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).to(torch.float8_e4m3fn), scale.squeeze(-1)
 
 
+def _keys_to_fp8_blocks(k: torch.Tensor, block_size: int, cu_seqlens) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 keys with one scale per (document-relative) key block: ``k [B, N, Di] ~= k8 * scale[..., None]``,
+    every token carrying its block's scale (the kernel reads the block's first). e4m3 is a float format,
+    so a token whose values are smaller than its block's largest loses precision only below ~2^-15 of it."""
+    B, N, _ = k.shape
+    pos = torch.arange(N, device=k.device)
+    ds = 0
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=k.device, dtype=torch.int64)
+        ds = cu[torch.searchsorted(cu, pos, right=True) - 1]
+    start = (pos - (pos - ds) % block_size).expand(B, N)
+    amax = k.float().abs().amax(-1)
+    amax = torch.zeros_like(amax).scatter_reduce(1, start, amax, "amax").gather(1, start)
+    scale = amax.clamp_min(1e-12) / 448.0
+    return (k.float() / scale[..., None]).to(torch.float8_e4m3fn), scale
+
+
+# Defaults of select_blocks_fwd's knobs of the same names (docs/kernels.md has the reasoning).
+# gate_from: first key block (document-relative id) from which a tile runs the top-k insertion only when
+# some row beats its running (k-1)-th best; None: where a tile of independent random rows would skip
+# half the time, (topk - 1) * rows / ln 2 (the gate's tile-wide reduction costs about half an insertion);
+# 2**31 - 1: never skip.
+# fp8_key_scale: "block" (one e4m3 scale per key block, out of the block max) or "token" (one per key).
+CONFIG = {
+    "gate_from": None,
+    "fp8_key_scale": "block",
+}
+
+
 def select_blocks_fwd(q_idx, k_idx, block_size, topk, cu_seqlens=None, fp8=False, block_t=None, block_n=None,
-                      num_warps=None, num_stages=None):
+                      num_warps=None, num_stages=None, gate_from=None, fp8_key_scale=None):
     B, Nq, Hkv, Di = q_idx.shape
     N = k_idx.shape[1]
+    fp8_key_scale = fp8_key_scale or CONFIG["fp8_key_scale"]
     k_scale = None
     if fp8:
+        if fp8_key_scale not in ("block", "token"):
+            raise ValueError(f"fp8_key_scale must be 'block' or 'token', got {fp8_key_scale!r}")
         q_idx, _ = _to_fp8(q_idx)
-        k_idx, k_scale = _to_fp8(k_idx)
+        k_idx, k_scale = _keys_to_fp8_blocks(k_idx, block_size, cu_seqlens) if fp8_key_scale == "block" \
+            else _to_fp8(k_idx)
     hkv_p = triton.next_power_of_2(Hkv)
     block_t = block_t or max(1, min(block_size, 128 // hkv_p))
     block_n = block_n or min(block_size, 128)
     if block_size % block_t or block_size % block_n:
         raise ValueError(f"block_t={block_t} and block_n={block_n} must divide block_size={block_size}")
     block_m = max(16, triton.next_power_of_2(block_t * Hkv))
+    gate_from = CONFIG["gate_from"] if gate_from is None else gate_from
+    if gate_from is None:
+        gate_from = int((topk - 1) * block_t * Hkv / math.log(2))
     q0, ds, de = doc_tiles(N, block_t, cu_seqlens, q_idx.device)
     out = torch.empty(B, Hkv, Nq, topk, dtype=torch.int32, device=q_idx.device)
     tk = triton.next_power_of_2(max(topk - 1, 1))
     grid = (q0.numel(), B)
     select_blocks_fwd_kernel[grid](
         q_idx, k_idx, k_scale, out, q0, ds, de, N, Nq, q0.numel(), Di,
+        min(max(gate_from, 0), 2**31 - 1),
         HKV=Hkv, BK=block_size, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(32 if fp8 else 16, triton.next_power_of_2(Di)), TOPK=topk, TK=tk,
-        TKO=triton.next_power_of_2(topk), IEEE=q_idx.dtype == torch.float32, K_SCALE=fp8,
+        TKO=triton.next_power_of_2(topk), IEEE=q_idx.dtype == torch.float32,
+        K_SCALE=0 if not fp8 else 2 if fp8_key_scale == "block" else 1,
         num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=num_stages or 2,
     )
     return out
@@ -194,8 +272,9 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, top
     last ``Nq <= N`` positions, ``Nq = N`` but for context parallelism) -> ``block_idx`` int32
     ``[B, Hkv, Nq, topk]``: own block in slot 0, the others by descending score, ``-1`` padding.
     ``cu_seqlens`` int32 ``[n_docs + 1]`` over the keys (``B == 1``) makes block ids document-relative.
-    ``fp8=True`` (Hopper and newer) scores with e4m3 operands, per-token scaled: about twice the matmul
-    rate, and a selection that differs from the exact one on near-ties.
+    ``fp8=True`` (Hopper and newer) scores with e4m3 operands, the keys scaled per key block
+    (``CONFIG["fp8_key_scale"]``): about twice the matmul rate, and a selection that differs from the
+    exact one on near-ties.
     """
     B, Nq, Hkv, Di = q_idx.shape
     N = k_idx.shape[1]

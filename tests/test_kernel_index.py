@@ -101,6 +101,78 @@ def test_select_blocks_rejects_bad_config():
         select_blocks(q_idx, k_idx, 16, 4, torch.tensor([0, 30, 40], dtype=torch.int32))
 
 
+def _tiles_skipped(q_idx, k_idx, block_size, topk, block_t):
+    """Share of (query tile, key block) steps at which no row of the tile beats its running (k-1)-th best
+    (the kernel's gated insertion skips them); whole sequence, no documents."""
+    score, own = _ref_block_scores(q_idx, k_idx, block_size, None)
+    score = score[0].transpose(0, 1)  # [N, Hkv, n_blocks]
+    steps = skips = 0
+    for j in range(1, score.shape[-1]):
+        kth = score[..., :j].topk(min(topk - 1, j), -1).values[..., -1] if j >= topk - 1 else float("-inf")
+        beats = (score[..., j] > kth).any(-1)  # [N]
+        later = own[0] > j
+        for t0 in range(0, q_idx.shape[1], block_t):
+            if later[t0]:
+                steps += 1
+                skips += int(not beats[t0:t0 + block_t].any())
+    return skips / steps
+
+
+@pytest.mark.parametrize("Nq,N,Hkv,topk,cu,gate_from", [
+    (480, 480, 1, 2, None, 0),                   # running max only: 18% of the steps skip
+    (480, 480, 2, 4, None, 7),
+    (480, 480, 2, 4, None, 2**31 - 1),            # never gated
+    (480, 480, 2, 3, [0, 7, 300, 301, 480], 0),  # documents: the gate counts document-relative blocks
+    (300, 480, 1, 5, [0, 7, 300, 301, 480], 3),  # queries are the last Nq keys
+])
+def test_select_blocks_gated_insertion(monkeypatch, Nq, N, Hkv, topk, cu, gate_from):
+    # 30 blocks of 16 keys: late blocks enter no row of many 16-token tiles, so the gate skips them
+    from kernels.index_topk import select_blocks_fwd
+
+    q_idx, k_idx = torch.randn(1, Nq, Hkv, 16), torch.randn(1, N, 16)
+    cu = _cu(cu)
+    if cu is None and gate_from == 0:
+        assert _tiles_skipped(q_idx, k_idx, 16, topk, 16) > 0.1, "the data must exercise the skip path"
+    expected = ref.select_blocks(q_idx, k_idx, 16, topk, cu)
+    poison_empty(monkeypatch)
+    out = select_blocks_fwd(q_idx, k_idx, 16, topk, cu, gate_from=gate_from)
+    assert torch.equal(out, expected), f"{(out != expected).sum()} of {out.numel()} slots differ"
+
+
+@pytest.mark.parametrize("gate_from", [0, 2**31 - 1])
+def test_select_blocks_gated_ties(gate_from):
+    # integer scores (exact in fp32): every key of a block is level[block] * ones and the query rows are
+    # small integers, so a row scores level[block] * sum(q_row) and many blocks tie exactly, in and out of
+    # the running set; rows summing to 0 tie everywhere. Lower ids must win, skipped or not.
+    from kernels.index_topk import select_blocks_fwd
+
+    N, bs, Di = 400, 16, 16
+    level = torch.tensor([1.0, 2.0, 4.0])[torch.randint(0, 3, (N // bs,))]
+    k_idx = level.repeat_interleave(bs)[None, :, None].expand(1, N, Di).contiguous()
+    q_idx = torch.randint(-2, 3, (1, N, 2, Di)).float()
+    for topk in (2, 4):
+        out = select_blocks_fwd(q_idx, k_idx, bs, topk, gate_from=gate_from)
+        assert torch.equal(out, ref.select_blocks(q_idx, k_idx, bs, topk))
+
+
+def test_fp8_block_key_scales():
+    # one scale per document-relative key block (its amax / 448), e4m3 rounding only (3 mantissa bits)
+    from kernels.index_topk import _keys_to_fp8_blocks
+
+    cu = _cu([0, 5, 40, 40, 100])
+    k = torch.randn(1, 100, 16) * torch.rand(1, 100, 1) * 10
+    k8, scale = _keys_to_fp8_blocks(k, 16, cu)
+    assert k8.dtype == torch.float8_e4m3fn and scale.shape == (1, 100)
+    doc, pos = ref.doc_layout(1, 100, cu, "cpu")
+    blk = (doc * 100 + pos // 16)[0]
+    for b in blk.unique():
+        m = blk == b
+        assert (scale[0, m] == scale[0, m][0]).all()
+        torch.testing.assert_close(scale[0, m][0], k[0, m].abs().max() / 448)
+    err = (k8.float() * scale[..., None] - k).abs()
+    assert (err <= k.abs() / 16 + 2**-9 * scale[..., None]).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("N,Hkv,cu", [(8192 + 77, 2, None), (16384, 4, [0, 1, 5000, 5001, 16384])])
 def test_select_blocks_gpu_bf16(N, Hkv, cu):
@@ -115,9 +187,13 @@ def test_select_blocks_gpu_bf16(N, Hkv, cu):
 
 
 @pytest.mark.gpu
-def test_select_blocks_gpu_fp8():
+@pytest.mark.parametrize("key_scale", ["block", "token"])
+def test_select_blocks_gpu_fp8(monkeypatch, key_scale):
+    from kernels import index_topk
+
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 matmuls need sm_89+")
+    monkeypatch.setitem(index_topk.CONFIG, "fp8_key_scale", key_scale)
     N, Hkv, Di, bs, topk = 8192 + 77, 2, 128, 128, 16
     q_idx = torch.randn(1, N, Hkv, Di, device="cuda", dtype=torch.bfloat16)
     k_idx = torch.randn(1, N, Di, device="cuda", dtype=torch.bfloat16)
