@@ -9,7 +9,7 @@ FLOPs: useful forward FLOPs = 4 * D * (sum over query heads and queries of the v
 support) (QK^T and PV); forward+backward = 3.5x that (backward: 5 matmuls, QK^T recomputed). Dense
 causal SDPA counts the same way with the whole causal prefix as support, so the TFLOP/s compare.
 
-The backward's dQ paths (``MSA_KV_DQ_PATH``: kv, fused, query) are timed side by side in one process;
+The backward's dQ paths (``MSA_KV_DQ_PATH``: kv, query) are timed side by side in one process;
 ``DQ_PATHS=kv,query`` picks which (default: all three).
 """
 
@@ -35,7 +35,7 @@ from kernels._sparse_csr import build_layout  # noqa: E402
 sa = importlib.import_module("kernels.sparse_attention")
 
 H, HKV, D, BK, TOPK = 32, 2, 128, 128, 16
-DQ_PATHS = os.environ.get("DQ_PATHS", "kv,fused,query").split(",")
+DQ_PATHS = os.environ.get("DQ_PATHS", "kv,query").split(",")
 
 
 @contextlib.contextmanager
@@ -219,8 +219,6 @@ SWEEP = {
     "bwd_dq_kv": [dict(BLOCK_M=64, num_warps=4, num_stages=1), dict(BLOCK_M=64, num_warps=8, num_stages=1),
                   dict(BLOCK_M=128, num_warps=8, num_stages=1), dict(BLOCK_M=64, num_warps=4, num_stages=2),
                   dict(BLOCK_M=32, num_warps=4, num_stages=2)],
-    "bwd_dkdv_fused": [dict(BLOCK_M=64, num_warps=8, num_stages=1), dict(BLOCK_M=64, num_warps=4, num_stages=1),
-                       dict(BLOCK_M=32, num_warps=4, num_stages=1), dict(BLOCK_M=32, num_warps=8, num_stages=2)],
     "bwd_dkdv": [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
                  dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
                  dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=1),
@@ -230,7 +228,7 @@ SWEEP = {
 
 
 # the dQ path each backward kernel's sweep runs under
-SWEEP_DQ = {"bwd_dq": "query", "bwd_dq_kv": "kv", "bwd_dkdv_fused": "fused", "bwd_dkdv": "kv"}
+SWEEP_DQ = {"bwd_dq": "query", "bwd_dq_kv": "kv", "bwd_dkdv": "kv"}
 
 
 def sweep(N=32768):

@@ -20,13 +20,12 @@ Backward, after ``delta = rowsum(dO * O)``: dK/dV KV-outer over the CSR (each wo
 partial, a reduce kernel sums them per block in a fixed order). dQ (``CONFIG["DQ_PATH"]``, environment
 ``MSA_KV_DQ_PATH``): ``kv`` (default) is KV-outer too, over the forward's CSR and query chunks: a
 program holds a whole K/V block, recomputes P and dS for its tiles of gathered rows and writes one dQ
-partial per (query, slot, head); a reduce kernel sums a query's valid slots in slot order. ``fused``
-makes the dK/dV kernel (with whole-block key tiles) write those partials itself; ``query`` is the
-query-outer kernel (one program per (query, group) over its blocks; it also writes delta). No atomics
+partial per (query, slot, head); a reduce kernel sums a query's valid slots in slot order. ``query`` is
+the query-outer kernel (one program per (query, group) over its blocks; it also writes delta). No atomics
 anywhere, so the backward is deterministic.
-Measured on an H200 (torch 2.11, Triton 3.6), with the query-outer dQ: at 128K tokens, 32/2 heads,
-D=128, Bk=128, k=16, the KV-outer forward runs at 158 TFLOP/s and forward+backward at 150 (dense SDPA:
-531 and 534); numbers and method in docs/kernels.md, section sparse_attention.
+Measured on an H200 (torch 2.11, Triton 3.6) at 128K tokens, 32 heads, D=128, Bk=128, k=16: forward
+27 ms, forward+backward 94 ms (Hkv=2) and 115 ms (Hkv=4), against 907 ms for dense SDPA's
+forward+backward; numbers and method in docs/kernels.md, section sparse_attention.
 """
 
 from __future__ import annotations
@@ -358,14 +357,12 @@ def sparse_attention_bwd_dq_reduce_kernel(
 @triton.jit
 def sparse_attention_bwd_dkdv_kernel(
     q, k, v, do, lse, delta, entries, work_bucket, work_start, work_end, vb_start, vb_end,
-    dk_part, dv_part, dq_part, scale2, scale, N, NQ, NV, NC, q0, w0,
+    dk_part, dv_part, scale2, scale, N, NQ, NV,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQ: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK/dV partials of work item ``w0 + program_id(0)``, key tile ``program_id(1)``. With ``DQ``
-    (``BLOCK_N == BS``, work items of the query chunk ``q0 .. q0+NC``) it also writes the dQ
-    partials, as ``sparse_attention_bwd_dq_kv_kernel`` does (``dq_part`` is unused otherwise)."""
-    i_w = w0 + tl.program_id(0)
+    """dK/dV partials of work item ``program_id(0)``, key tile ``program_id(1)``."""
+    i_w = tl.program_id(0)
     i_t = tl.program_id(1)
     u = tl.load(work_bucket + i_w)
     e0 = tl.load(work_start + i_w)
@@ -384,12 +381,10 @@ def sparse_attention_bwd_dkdv_kernel(
     b_dk = tl.zeros([BLOCK_N, D], tl.float32)
     b_dv = tl.zeros([BLOCK_N, D], tl.float32)
     for e in range(e0, e1, BLOCK_M // G):
-        b_q, b_do, b_p, b_ds, ent, i_q, m_row = _bwd_kv_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1,
-                                                             i_b, i_r, scale2, N, NQ, H, G, TOPK, D, BLOCK_M)
+        b_q, b_do, b_p, b_ds, _, _, _ = _bwd_kv_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1,
+                                                     i_b, i_r, scale2, N, NQ, H, G, TOPK, D, BLOCK_M)
         b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
         b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
-        if DQ:
-            _store_dq_part(dq_part, b_ds, b_k, ent, i_q, m_row, NQ, NC, q0, G, TOPK, D, BLOCK_M)
     p_out = (i_w.to(tl.int64) * BS + i_t * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * D + o_d[None, :]
     tl.store(dk_part + p_out, b_dk * scale)
     tl.store(dv_part + p_out, b_dv)
@@ -430,9 +425,8 @@ def sparse_attention_bwd_reduce_kernel(
 # Launch settings, per kernel; bench/tune_sparse_attention.py sweeps them (docs/kernels.md has the
 # numbers behind the defaults). CHUNK: entries per KV-outer work item (hot blocks get several);
 # PART_BYTES: memory for the KV-outer forward's partial outputs and the KV-outer dQ's (queries go in
-# chunks that fit). DQ_PATH: the backward's dQ, "kv" (KV-outer kernel + reduce), "fused" (the dK/dV
-# kernel with whole-block key tiles also writes the dQ partials) or "query" (query-outer kernel); block
-# sizes above 128 take "query".
+# chunks that fit). DQ_PATH: the backward's dQ, "kv" (KV-outer kernel + reduce) or "query" (query-outer
+# kernel); block sizes above 128 take "query".
 CONFIG = {
     "fwd_query": dict(BLOCK_N=64, num_warps=4, num_stages=3),
     "fwd_kv": dict(BLOCK_M=64, num_warps=4, num_stages=1),
@@ -442,7 +436,6 @@ CONFIG = {
     "bwd_dq_kv": dict(BLOCK_M=64, num_warps=4, num_stages=1),
     "bwd_dq_reduce": dict(num_warps=4, num_stages=1),
     "bwd_dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
-    "bwd_dkdv_fused": dict(BLOCK_M=64, num_warps=8, num_stages=1),
     "reduce": dict(num_warps=4, num_stages=1),
     "CHUNK": 256,
     "PART_BYTES": 2**32,
@@ -508,8 +501,8 @@ def _pick_path(path: str, G: int, block_size: int) -> str:
 
 def _dq_path(block_size: int) -> str:
     path = _setting("DQ_PATH")
-    if path not in ("kv", "fused", "query"):
-        raise ValueError(f"MSA_KV_DQ_PATH / CONFIG['DQ_PATH'] must be 'kv', 'fused' or 'query', got {path!r}")
+    if path not in ("kv", "query"):
+        raise ValueError(f"MSA_KV_DQ_PATH / CONFIG['DQ_PATH'] must be 'kv' or 'query', got {path!r}")
     return path if block_size <= 128 else "query"  # the KV-outer dQ holds a whole block per program
 
 
@@ -580,19 +573,15 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
         sparse_attention_bwd_delta_kernel[(triton.cdiv(NQ, cfg["BLOCK_Q"]), B * H)](o, do, delta, NQ, H=H, D=D, **cfg)
         csr = _reverse_index(q, block_idx, block_size, layout) if csr is None else csr
     W = csr.chunk_work[-1]
-    if dq_path == "fused":  # one key tile per work item, so one dQ partial per (entry, head)
-        dkdv = dict(_launch("bwd_dkdv_fused", G, block_size), BLOCK_N=block_size)
-    else:
-        dkdv = _launch("bwd_dkdv", G, block_size)
+    dkdv = _launch("bwd_dkdv", G, block_size)
     n_sub = block_size // dkdv["BLOCK_N"]
     dk_part = torch.empty(max(W, 1) * block_size, D, dtype=torch.float32, device=q.device)
     dv_part = torch.empty_like(dk_part)
     dkdv_args = (q, k, v, do, lse, delta, csr.entries, csr.work_bucket, csr.work_start, csr.work_end,
                  layout.vb_start, layout.vb_end, dk_part, dv_part)
-    if dq_path != "fused" and W:
-        sparse_attention_bwd_dkdv_kernel[(W, n_sub)](
-            *dkdv_args, dk_part, scale * LOG2E, scale, N, NQ, NV, 1, 0, 0, DQ=False, **dkdv, **consts)
-    if dq_path != "query":
+    if W:
+        sparse_attention_bwd_dkdv_kernel[(W, n_sub)](*dkdv_args, scale * LOG2E, scale, N, NQ, NV, **dkdv, **consts)
+    if dq_path == "kv":
         # KV-outer dQ chunk by chunk, as the KV-outer forward: partials in the input's precision
         part_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
         NC = csr.q_chunk
@@ -600,10 +589,7 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
             nc = min(NC, NQ - q0)
             dq_part = torch.empty(B * Hkv * nc * topk * G, D, dtype=part_dtype, device=q.device)
             w0, w1 = csr.chunk_work[c], csr.chunk_work[c + 1]
-            if w1 > w0 and dq_path == "fused":
-                sparse_attention_bwd_dkdv_kernel[(w1 - w0, 1)](
-                    *dkdv_args, dq_part, scale * LOG2E, scale, N, NQ, NV, nc, q0, w0, DQ=True, **dkdv, **consts)
-            elif w1 > w0:
+            if w1 > w0:
                 sparse_attention_bwd_dq_kv_kernel[(w1 - w0,)](
                     *dkdv_args[:-2], dq_part, scale * LOG2E, N, NQ, NV, nc, q0, w0,
                     **_launch("bwd_dq_kv", G, block_size), **consts)
