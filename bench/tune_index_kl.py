@@ -1,0 +1,92 @@
+"""Sweep the launch settings of the index KL loss (``kernels/index_kl.py`` ``CONFIG``) on a GPU.
+
+Run from the repository root on the GPU machine: ``python3 bench/tune_index_kl.py [--json out.json]``.
+Inputs as in ``bench/msa_attention.py`` (random q, k; index projections with a sink direction in block 0;
+selection by ``select_blocks``; the main forward's ``lse``), B = 1, H = 32, D = Di = 128, block 128,
+k = 16, bf16. Each variant is ``index_kl_fwd`` with the gradient (the whole forward+backward: the
+backward only scales the gradients it returns), timed by ``measure`` of ``bench/msa_attention.py``;
+the loss and gradients of each variant are compared with the default's. The default's CUDA kernel
+breakdown is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.compare_kernels import breakdown, make_inputs, rel_rms  # noqa: E402
+from bench.meta import git_commit  # noqa: E402
+from bench.msa_attention import measure  # noqa: E402
+from kernels import select_blocks, sparse_attention  # noqa: E402
+from kernels.index_kl import CONFIG, index_kl_fwd  # noqa: E402
+
+BK, TOPK = 128, 16
+VARIANTS = [
+    {},
+    {"TEACHER_ROWS": 64},
+    {"TEACHER_ROWS": 64, "TEACHER_WARPS": 4},
+    {"TEACHER_STAGES": 3},
+    {"TEACHER_WARPS": 4},
+    {"HEAD_SUM": "dot"},
+    {"STUDENT_WARPS": 4},
+    {"STUDENT_STAGES": 3},
+    {"STUDENT_ROWS": 32},
+    {"CHUNKS": 2},
+    {"CHUNKS": 8},
+    {"BLOCK_M": 64},
+]
+
+
+def sweep_shape(N, Hkv, rows):
+    q, k, v, q_idx, k_idx, _ = make_inputs(N, Hkv)
+    block_idx = select_blocks(q_idx, k_idx, BK, TOPK)
+    lse = sparse_attention(q, k, v, block_idx, BK)[1]
+
+    def run(cfg):
+        return index_kl_fwd(q, k, q_idx, k_idx, block_idx, BK, None, lse, True, config=cfg)
+
+    ref = run({})
+    for cfg in VARIANTS:
+        try:
+            ms, how = measure(lambda cfg=cfg: run(cfg), True)
+            err = {n: rel_rms(a, b) for n, a, b in zip(("loss", "dq_idx", "dk_idx"), ref, run(cfg))}
+        except Exception as e:  # a setting that does not launch (shared memory) is reported, not fatal
+            ms, how, err = float("nan"), f"{type(e).__name__}: {str(e)[:100]}", {}
+        row = {"N": N, "Hkv": Hkv, "config": cfg, "ms": round(ms, 3), "timing": how, "rel_vs_default": err}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    row = {"N": N, "Hkv": Hkv, "breakdown_default": breakdown(lambda: run({}))}
+    rows.append(row)
+    print(json.dumps(row, indent=1), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[131072])
+    ap.add_argument("--hkv", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "commit": git_commit(), "command": " ".join(["python3"] + sys.argv), "default": dict(CONFIG),
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    print(json.dumps(meta), flush=True)
+    rows = []
+    for N in args.sizes:
+        for Hkv in args.hkv:
+            sweep_shape(N, Hkv, rows)
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
