@@ -1,4 +1,4 @@
-"""Sweep the launch settings of the index KL loss (``kernels/index_kl.py`` ``CONFIG``) on a GPU.
+"""Sweep the launch settings of the index KL loss (``kernels/index_kl.py`` ``index_kl_fwd``) on a GPU.
 
 Run from the repository root on the GPU machine: ``python3 bench/tune_index_kl.py [--json out.json]``.
 Inputs as in ``bench/msa_attention.py`` (random q, k; index projections with a sink direction in block 0;
@@ -26,22 +26,17 @@ from bench.compare_kernels import breakdown, make_inputs, rel_rms  # noqa: E402
 from bench.meta import git_commit  # noqa: E402
 from bench.msa_attention import measure  # noqa: E402
 from kernels import select_blocks, sparse_attention  # noqa: E402
-from kernels.index_kl import CONFIG, index_kl_fwd  # noqa: E402
+from kernels.index_kl import index_kl_fwd  # noqa: E402
 
 BK, TOPK = 128, 16
-VARIANTS = [
+VARIANTS = [  # keyword arguments of index_kl_fwd; {} is its default (128-row chunks, 4 a program, 8 warps, 2 stages)
     {},
-    {"TEACHER_ROWS": 64},
-    {"TEACHER_ROWS": 64, "TEACHER_WARPS": 4},
-    {"TEACHER_STAGES": 3},
-    {"TEACHER_WARPS": 4},
-    {"HEAD_SUM": "dot"},
-    {"STUDENT_WARPS": 4},
-    {"STUDENT_STAGES": 3},
-    {"STUDENT_ROWS": 32},
-    {"CHUNKS": 2},
-    {"CHUNKS": 8},
-    {"BLOCK_M": 64},
+    {"num_stages": 3},
+    {"num_stages": 1},
+    {"chunks": 2},
+    {"chunks": 8},
+    {"block_m": 64},
+    {"block_m": 64, "num_warps": 4},
 ]
 
 
@@ -51,7 +46,7 @@ def sweep_shape(N, Hkv, rows):
     lse = sparse_attention(q, k, v, block_idx, BK)[1]
 
     def run(cfg):
-        return index_kl_fwd(q, k, q_idx, k_idx, block_idx, BK, None, lse, True, config=cfg)
+        return index_kl_fwd(q, k, q_idx, k_idx, block_idx, BK, None, lse, True, **cfg)
 
     ref = run({})
     for cfg in VARIANTS:
@@ -75,7 +70,7 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "commit": git_commit(), "command": " ".join(["python3"] + sys.argv), "default": dict(CONFIG),
+            "commit": git_commit(), "command": " ".join(["python3"] + sys.argv),
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print(json.dumps(meta), flush=True)
     rows = []

@@ -3,40 +3,22 @@
 The support of query ``i`` in group ``r`` is the visible tokens of the blocks in ``block_idx[r, i]``
 (sparse phase) or every visible token (``block_idx=None``, dense warm-up). The teacher is the mean
 over the group's ``G`` heads of ``softmax(q . k / sqrt(D))`` on the support, recomputed tile by tile
-from ``q``, ``k`` and its log-normaliser ``lse [B, H, Nq]``: the main forward's, or one computed here
+from ``q``, ``k`` and its log-normaliser ``lse [B, H, N]``: the main forward's, or one computed here
 over the same support when ``lse`` is None. The student is ``softmax(q_idx . k_idx / sqrt(Di))`` on
-the same support. Per row, with ``P`` summing to one on the support and ``log Q = S - lse_S``::
+the same support. Per row, with ``P`` summing to one on the support::
 
-    KL = sum_j P_j log P_j - sum_j P_j log Q_j,     dKL/dS_j = Q_j - P_j
+    KL = sum_j P_j log P_j - sum_j P_j S_j + lse_S,     dKL/dS_j = Q_j - P_j
 
 Work is KV-outer: each (query, slot) entry names one key block; the entries are sorted by key block
-(a CSR built on the device by ``torch.sort``), padded per block to ``BLOCK_M``-entry chunks, and one
-program owns one key block and up to ``CHUNKS`` consecutive chunks of it, i.e. one contiguous run of
-CSR positions (hot blocks such as the sinks are split across programs). Two kernels walk that run:
-
-- ``index_kl_teacher_kernel`` loads the block's ``k`` tile once and multiplies it against tiles of
-  (entry x head) rows: ``TEACHER_ROWS // G_PAD`` entries x ``G_PAD`` heads (``G`` rounded up to a
-  power of two, the extra rows masked), so an entry's ``G`` query heads are one contiguous
-  ``G * D``-element load. It writes either per-(entry, head) partial teacher log-normalisers (when
-  ``lse`` is None, a first pass) or the teacher distribution ``P = mean_h exp(q_h . k * scale - lse_h)``
-  summed over each entry's head rows, stored per CSR position to a ``[positions, BK]`` buffer (fp32
-  for fp32 inputs, else bf16 by default), plus a per-program ``sum P log P`` computed in fp32. With
-  ``STUDENT_LSE`` it also writes the per-entry partial student log-normalisers (a separate loop over
-  ``STUDENT_ROWS``-entry tiles against the block's ``k_idx``).
-- ``index_kl_student_kernel`` loads the block's ``k_idx`` once and, per ``STUDENT_ROWS``-entry tile
-  held transposed (keys x entries: the accumulators have ``BK`` or ``Di`` rows, not ``STUDENT_ROWS``),
-  scores ``S``, reads ``P`` from the buffer, and writes the per-program ``-sum P log Q``, per-entry
-  ``dq_idx`` partials (summed over slots afterwards, no atomics) and ``dk_idx`` with one fp32 atomic
-  add per program, so ``dk_idx`` is reproducible only up to fp32 summation order.
-
-The student log-normaliser needs every slot of a row before ``dS = Q - P`` can be formed, so it is
-merged (``logsumexp`` over per-entry partials) before the student kernel; with ``lse`` given and one
-slot chunk it comes out of the teacher kernel's launch, otherwise out of an earlier teacher-kernel
-pass. The gradients are computed in the forward (the loss is a scalar) and scaled by the incoming
-gradient in the backward; ``q`` and ``k`` get none. Nothing ``N x N`` is stored: the dense warm-up
-walks its blocks in slot chunks sized so the ``P`` buffer and ``dq_idx`` partials fit ``BUDGET``.
-Launch settings live in ``CONFIG`` (``index_kl_fwd(..., config=...)`` overrides them per call).
-Speed on the GPU is a prediction until measured (``docs/kernels.md``).
+(a CSR built on the device by ``torch.sort``), padded per block to ``BLOCK_M``-row chunks, and one
+program loads a block's ``k_idx`` and ``k`` tiles once and runs over up to ``CHUNKS`` chunks of gathered
+queries (hot blocks such as the sinks are split across programs). Pass 1 writes per-entry partial
+log-normalisers; pass 2 writes per-chunk loss partials, per-entry ``dq_idx`` partials (summed over
+slots afterwards, no atomics) and ``dk_idx`` per program with one fp32 atomic add per program, so
+``dk_idx`` is reproducible only up to fp32 summation order. The gradients are computed in the forward
+(the loss is a scalar) and scaled by the incoming gradient in the backward; ``q`` and ``k`` get none.
+Nothing ``N x N`` is stored: the dense warm-up walks its blocks in slot chunks of the same kernels.
+Measured on H200: 28.8 ms forward+backward at N = 128K, Hkv = 2, G = 16 (``docs/kernels.md``).
 """
 
 from __future__ import annotations
@@ -47,34 +29,18 @@ import triton.language as tl
 
 from kernels.index_topk import _check_block_size, check_cu_seqlens
 
-__all__ = ["index_kl_loss", "CONFIG"]
-
-# Launch settings, swept on the GPU; ``index_kl_fwd(..., config={...})`` overrides them for one call.
-CONFIG = dict(
-    BLOCK_M=128,         # CSR chunk (>= 16): a key block's entries are padded to a multiple of this
-    CHUNKS=4,            # chunks per program at most, so a hot block spreads over several programs
-    TEACHER_ROWS=128,    # (entry x head) rows per teacher tile: TEACHER_ROWS // G_PAD entries
-    TEACHER_WARPS=8,
-    TEACHER_STAGES=2,
-    STUDENT_ROWS=64,     # entries per student tile (and per tile of the teacher kernel's student lse loop)
-    STUDENT_WARPS=8,
-    STUDENT_STAGES=2,
-    HEAD_SUM="reshape",  # sum an entry's head rows by tl.reshape + tl.sum, or "dot" (a 0/1 selection matmul)
-    P_DTYPE=None,        # teacher buffer: None = float32 for float32 inputs, else bfloat16
-    BUDGET=4 << 30,      # bytes per slot chunk for the P buffer, the dq_idx partials and the lse partials
-)
+__all__ = ["index_kl_loss"]
 
 
 @triton.jit
-def _entries(ent_ptr, pos, N, Nq, S, key0):
-    """CSR positions -> entries (flat indices into ``[B, Hkv, Nq, S]``, 0 for padding), validity, query,
-    and the query's last visible key counted from the block's first key ``key0`` (int32, -1 for padding:
-    ``arange(BK) <= lim`` is the support mask, computed in int32 so no int64 ``[rows, BK]`` tile lives)."""
-    e = tl.load(ent_ptr + pos)
+def _entry_rows(ent_ptr, c, Nq, S, BLOCK_M: tl.constexpr):
+    """Decode a chunk's entries (flat indices into ``[B, Hkv, Nq, S]``) into query coordinates."""
+    e = tl.load(ent_ptr + c * BLOCK_M + tl.arange(0, BLOCK_M))
     m_e = e >= 0
     e = tl.where(m_e, e, 0)
-    i = (e // S) % Nq
-    return e, m_e, i, tl.where(m_e, (N - Nq + i - key0).to(tl.int32), -1)
+    row = e // S  # (bat * Hkv + r) * Nq + i
+    i = row % Nq
+    return e, m_e, row, i
 
 
 @triton.jit
@@ -86,6 +52,49 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def index_kl_fwd_lse_kernel(
+    q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, pkey_ptr, pc0_ptr, pnc_ptr, lse_s_ptr, lse_t_ptr,
+    N, Nq, S, D, Di, scale_t, scale_s,
+    HKV: tl.constexpr, G: tl.constexpr, TEACHER: tl.constexpr, BLOCK_M: tl.constexpr,
+    BK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, IEEE: tl.constexpr,
+):
+    i_p = tl.program_id(0)
+    key = tl.load(pkey_ptr + i_p).to(tl.int64)
+    if key < 0:
+        return
+    bat_r = key // N
+    bat = bat_r // HKV
+    r = bat_r % HKV
+    o_j = key % N + tl.arange(0, BK)
+    m_j = o_j < N
+    o_di = tl.arange(0, BLOCK_DI)
+    o_d = tl.arange(0, BLOCK_D)
+    # [BK, BLOCK_DI], [BK, BLOCK_D]: loaded once, used by every chunk of this program
+    b_ki = tl.load(ki_ptr + (bat * N + o_j)[:, None] * Di + o_di[None, :],
+                   mask=m_j[:, None] & (o_di < Di)[None, :], other=0.0)
+    if TEACHER:
+        b_k = tl.load(k_ptr + ((bat * N + o_j) * HKV + r)[:, None] * D + o_d[None, :],
+                      mask=m_j[:, None] & (o_d < D)[None, :], other=0.0)
+    c0 = tl.load(pc0_ptr + i_p)
+    nc = tl.load(pnc_ptr + i_p)
+    for c in range(c0, c0 + nc):
+        e, m_e, row, i = _entry_rows(ent_ptr, c, Nq, S, BLOCK_M)
+        b_qi = tl.load(qi_ptr + ((bat * Nq + i) * HKV + r)[:, None] * Di + o_di[None, :],
+                       mask=m_e[:, None] & (o_di < Di)[None, :], other=0.0)
+        # [BLOCK_M, BK]
+        m_s = m_e[:, None] & (o_j[None, :] <= (N - Nq + i)[:, None])
+        b_s = tl.where(m_s, _dot(b_qi, tl.trans(b_ki), IEEE) * scale_s, float("-inf"))
+        tl.store(lse_s_ptr + e, _row_lse(b_s), mask=m_e)
+        if TEACHER:
+            for g in range(G):
+                h = r * G + g
+                b_q = tl.load(q_ptr + ((bat * Nq + i) * (HKV * G) + h)[:, None] * D + o_d[None, :],
+                              mask=m_e[:, None] & (o_d < D)[None, :], other=0.0)
+                b_st = tl.where(m_s, _dot(b_q, tl.trans(b_k), IEEE) * scale_t, float("-inf"))
+                tl.store(lse_t_ptr + e * G + g, _row_lse(b_st), mask=m_e)
+
+
+@triton.jit
 def _row_lse(b_s):
     """Row log-sum-exp of a tile; ``-inf`` for a row with no finite entry (never NaN)."""
     mx = tl.max(b_s, 1)
@@ -94,17 +103,13 @@ def _row_lse(b_s):
 
 
 @triton.jit
-def index_kl_teacher_kernel(
-    q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, pkey_ptr, pc0_ptr, pnc_ptr, lse_t_ptr, lse_s_ptr, out_ptr, loss_ptr,
+def index_kl_fwd_kernel(
+    q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, pkey_ptr, pc0_ptr, pnc_ptr, lse_s_ptr, lse_t_ptr,
+    loss_ptr, dq_ptr, dk_ptr,
     N, Nq, S, D, Di, scale_t, scale_s,
-    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, MODE: tl.constexpr, STUDENT_LSE: tl.constexpr,
-    HEAD_SUM_DOT: tl.constexpr, BLOCK_M: tl.constexpr, ES: tl.constexpr, EP: tl.constexpr, SM: tl.constexpr,
+    HKV: tl.constexpr, G: tl.constexpr, GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """One program: one key block, CSR positions ``[c0, c0 + nc) * BLOCK_M``. ``MODE`` 0: nothing from
-    the teacher; 1: per-(entry, head) partial teacher log-normalisers to ``out [.., S, G]``; 2: the
-    teacher distribution per position to ``out [positions, BK]`` and the program's ``sum P log P`` to
-    ``loss``. ``STUDENT_LSE``: per-entry partial student log-normalisers to ``lse_s``."""
     i_p = tl.program_id(0)
     key = tl.load(pkey_ptr + i_p).to(tl.int64)
     if key < 0:
@@ -112,115 +117,45 @@ def index_kl_teacher_kernel(
     bat_r = key // N
     bat = bat_r // HKV
     r = bat_r % HKV
-    key0 = key % N
-    o_k = tl.arange(0, BK)
-    o_j = key0 + o_k
-    m_j = o_j < N
-    c0 = tl.load(pc0_ptr + i_p)
-    nc = tl.load(pnc_ptr + i_p)
-    if STUDENT_LSE:
-        o_di = tl.arange(0, BLOCK_DI)
-        m_di = o_di < Di
-        b_ki = tl.load(ki_ptr + (bat * N + o_j)[:, None] * Di + o_di[None, :],
-                       mask=m_j[:, None] & m_di[None, :], other=0.0)
-        for t in range(c0 * (BLOCK_M // SM), (c0 + nc) * (BLOCK_M // SM)):
-            e, m_e, i, lim = _entries(ent_ptr, t * SM + tl.arange(0, SM), N, Nq, S, key0)
-            b_qi = tl.load(qi_ptr + ((bat * Nq + i) * HKV + r)[:, None] * Di + o_di[None, :],
-                           mask=m_e[:, None] & m_di[None, :], other=0.0)
-            b_s = tl.where(o_k[None, :] <= lim[:, None], _dot(b_qi, tl.trans(b_ki), IEEE) * scale_s, float("-inf"))
-            tl.store(lse_s_ptr + e, _row_lse(b_s), mask=m_e)
-    if MODE > 0:
-        o_d = tl.arange(0, BLOCK_D)
-        m_d = o_d < D
-        # [BK, BLOCK_D]: loaded once, used by every tile of this program
-        b_k = tl.load(k_ptr + ((bat * N + o_j) * HKV + r)[:, None] * D + o_d[None, :],
-                      mask=m_j[:, None] & m_d[None, :], other=0.0)
-        o_r = tl.arange(0, ES * G_PAD)  # tile row = entry * G_PAD + head; rows of heads >= G are masked
-        g = o_r % G_PAD
-        o_e = tl.arange(0, EP)
-        b_ent = tl.zeros((BK,), tl.float32)
-        for t in range(c0 * (BLOCK_M // ES), (c0 + nc) * (BLOCK_M // ES)):
-            e, m_e, i, lim = _entries(ent_ptr, t * ES + o_r // G_PAD, N, Nq, S, key0)
-            m_r = m_e & (g < G)
-            lim = tl.where(g < G, lim, -1)
-            # row of q viewed as [B * Nq * H, D], also the index into lse_t [B, Nq, H]: an entry's G
-            # heads are consecutive rows, one contiguous G * D run
-            row = (bat * Nq + i) * (HKV * G) + r * G + g
-            b_q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
-            m_s = o_k[None, :] <= lim[:, None]
-            b_s = _dot(b_q, tl.trans(b_k), IEEE) * scale_t  # [ES * G_PAD, BK]
-            if MODE == 1:
-                tl.store(out_ptr + e * G + g, _row_lse(tl.where(m_s, b_s, float("-inf"))), mask=m_r)
-            else:
-                b_lt = tl.load(lse_t_ptr + row, mask=m_r, other=float("inf"))
-                # an empty teacher row (lse = -inf) contributes nothing
-                b_lt = tl.where(b_lt > float("-inf"), b_lt, float("inf"))
-                b_x = tl.where(m_s, tl.exp(b_s - b_lt[:, None]), 0.0)
-                if HEAD_SUM_DOT:
-                    # [EP, ES * G_PAD] 0/1: row e picks its entry's head rows (EP >= 16 rows for tl.dot)
-                    b_sel = ((o_r // G_PAD)[None, :] == o_e[:, None]).to(b_q.dtype)
-                    b_p = _dot(b_sel, b_x.to(b_q.dtype), IEEE) / G
-                else:
-                    b_p = tl.sum(tl.reshape(b_x, (ES, G_PAD, BK)), 1) / G
-                b_ent += tl.sum(tl.where(b_p > 0, b_p * tl.log(tl.where(b_p > 0, b_p, 1.0)), 0.0), 0)
-                pos = (t * ES + o_e).to(tl.int64)
-                tl.store(out_ptr + pos[:, None] * BK + o_k[None, :], b_p.to(out_ptr.dtype.element_ty),
-                         mask=(o_e < ES)[:, None] & (o_k < BK)[None, :])
-        if MODE == 2:
-            tl.store(loss_ptr + i_p, tl.sum(b_ent, 0))
-
-
-@triton.jit
-def index_kl_student_kernel(
-    qi_ptr, ki_ptr, ent_ptr, pkey_ptr, pc0_ptr, pnc_ptr, lse_s_ptr, p_ptr, loss_ptr, dq_ptr, dk_ptr,
-    N, Nq, S, Di, scale_s,
-    HKV: tl.constexpr, GRAD: tl.constexpr, BLOCK_M: tl.constexpr, SM: tl.constexpr, BK: tl.constexpr,
-    BLOCK_DI: tl.constexpr, IEEE: tl.constexpr,
-):
-    """One program: one key block, the same CSR positions as the teacher kernel's program. Writes the
-    program's ``-sum P log Q`` to ``loss`` and, with ``GRAD``, per-entry ``dq_idx`` partials and one
-    atomic add of the block's ``dk_idx``."""
-    i_p = tl.program_id(0)
-    key = tl.load(pkey_ptr + i_p).to(tl.int64)
-    if key < 0:
-        return
-    bat_r = key // N
-    bat = bat_r // HKV
-    r = bat_r % HKV
-    key0 = key % N
-    o_k = tl.arange(0, BK)
-    o_j = key0 + o_k
+    o_j = key % N + tl.arange(0, BK)
     m_j = o_j < N
     o_di = tl.arange(0, BLOCK_DI)
+    o_d = tl.arange(0, BLOCK_D)
     m_di = o_di < Di
     b_ki = tl.load(ki_ptr + (bat * N + o_j)[:, None] * Di + o_di[None, :],
                    mask=m_j[:, None] & m_di[None, :], other=0.0)
+    b_k = tl.load(k_ptr + ((bat * N + o_j) * HKV + r)[:, None] * D + o_d[None, :],
+                  mask=m_j[:, None] & (o_d < D)[None, :], other=0.0)
     b_dk = tl.zeros((BK, BLOCK_DI), tl.float32)
-    b_loss = tl.zeros((SM,), tl.float32)
     c0 = tl.load(pc0_ptr + i_p)
     nc = tl.load(pnc_ptr + i_p)
-    # transposed tiles, keys x entries: every accumulator has BK or BLOCK_DI rows (one warpgroup per 64
-    # rows, no duplicated 64-row tiles), and dS^T is the register operand of the dk_idx matmul as it stands;
-    # untransposed, the tile loop spilled (docs/kernels.md)
-    for t in range(c0 * (BLOCK_M // SM), (c0 + nc) * (BLOCK_M // SM)):
-        pos = t * SM + tl.arange(0, SM)
-        e, m_e, i, lim = _entries(ent_ptr, pos, N, Nq, S, key0)
+    for c in range(c0, c0 + nc):
+        e, m_e, row, i = _entry_rows(ent_ptr, c, Nq, S, BLOCK_M)
         b_qi = tl.load(qi_ptr + ((bat * Nq + i) * HKV + r)[:, None] * Di + o_di[None, :],
                        mask=m_e[:, None] & m_di[None, :], other=0.0)
-        m_s = o_k[:, None] <= lim[None, :]
-        b_s = _dot(b_ki, tl.trans(b_qi), IEEE) * scale_s  # [BK, SM]
-        # unmasked: the teacher kernel wrote every position of this program (zeros off the support)
-        b_p = tl.load(p_ptr + pos.to(tl.int64)[None, :] * BK + o_k[:, None]).to(tl.float32)
-        # the merged student log-normaliser of the entry's row; finite wherever m_s holds
-        b_ls = tl.load(lse_s_ptr + e // S, mask=m_e, other=0.0)
-        b_loss += tl.sum(tl.where(m_s, b_p * (b_ls[None, :] - b_s), 0.0), 0)
+        # [BLOCK_M, BK]
+        m_s = m_e[:, None] & (o_j[None, :] <= (N - Nq + i)[:, None])
+        b_s = _dot(b_qi, tl.trans(b_ki), IEEE) * scale_s
+        b_p = tl.zeros((BLOCK_M, BK), tl.float32)
+        for g in range(G):
+            h = r * G + g
+            b_q = tl.load(q_ptr + ((bat * Nq + i) * (HKV * G) + h)[:, None] * D + o_d[None, :],
+                          mask=m_e[:, None] & (o_d < D)[None, :], other=0.0)
+            b_lt = tl.load(lse_t_ptr + (bat * HKV * G + h) * Nq + i, mask=m_e, other=float("inf"))
+            # an empty teacher row (lse = -inf) contributes nothing
+            b_lt = tl.where(b_lt > float("-inf"), b_lt, float("inf"))
+            b_p += tl.exp(_dot(b_q, tl.trans(b_k), IEEE) * scale_t - b_lt[:, None])
+        b_p = tl.where(m_s, b_p / G, 0.0)
+        b_plogp = tl.where(b_p > 0, b_p * tl.log(tl.where(b_p > 0, b_p, 1.0)), 0.0)
+        tl.store(loss_ptr + c, tl.sum(tl.sum(b_plogp - b_p * tl.where(m_s, b_s, 0.0), 1), 0))
         if GRAD:
-            b_ds = (tl.where(m_s, tl.exp(b_s - b_ls[None, :]) - b_p, 0.0) * scale_s).to(b_qi.dtype)
-            b_dk += _dot(b_ds, b_qi, IEEE)
-            # [BLOCK_DI, SM]: each entry's share of dq_idx (transposed), summed over slots on the host
-            b_dq = _dot(tl.trans(b_ki), b_ds, IEEE)
-            tl.store(dq_ptr + e[None, :] * Di + o_di[:, None], b_dq, mask=m_e[None, :] & m_di[:, None])
-    tl.store(loss_ptr + i_p, tl.sum(b_loss, 0))
+            b_ls = tl.load(lse_s_ptr + row, mask=m_e, other=float("inf"))
+            b_ls = tl.where(b_ls > float("-inf"), b_ls, float("inf"))
+            b_ds = tl.where(m_s, tl.exp(b_s - b_ls[:, None]) - b_p, 0.0) * scale_s
+            # [BLOCK_M, BLOCK_DI]: this entry's share of dq_idx, summed over slots on the host
+            b_dq = _dot(b_ds.to(b_ki.dtype), b_ki, IEEE)
+            tl.store(dq_ptr + e[:, None] * Di + o_di[None, :], b_dq, mask=m_e[:, None] & m_di[None, :])
+            b_dk += _dot(tl.trans(b_ds.to(b_qi.dtype)), b_qi, IEEE)
     if GRAD:
         tl.atomic_add(dk_ptr + (bat * N + o_j)[:, None] * Di + o_di[None, :], b_dk,
                       mask=m_j[:, None] & m_di[None, :])
@@ -271,11 +206,10 @@ def _build_csr(blocks, N, doc_start, n_docs, block_size, block_m, chunks):
     return ent[:-1], torch.where(ok, k, -1), c0.to(torch.int32), torch.where(ok, nc, 0).to(torch.int32)
 
 
-def _slot_chunks(block_idx, B, Hkv, Nq, block_size, doc_start, entry_bytes, budget):
-    """Yield ``[B, Hkv, Nq, S]`` block lists of at most ``budget`` bytes at ``entry_bytes`` per entry
-    (P buffer, ``dq_idx`` partials, lse partials): slices of ``block_idx``, or for the dense warm-up
-    (``block_idx=None``) every visible block."""
-    S = max(1, budget // (B * Hkv * Nq * entry_bytes))
+def _slot_chunks(block_idx, B, Hkv, Nq, block_size, doc_start, Di, budget):
+    """Yield ``[B, Hkv, Nq, S]`` block lists whose per-entry ``dq_idx`` partials fit in ``budget`` bytes:
+    slices of ``block_idx``, or for the dense warm-up (``block_idx=None``) every visible block."""
+    S = max(1, budget // (B * Hkv * Nq * Di * 4))
     if block_idx is not None:
         yield from torch.split(block_idx, S, dim=-1)
         return
@@ -288,76 +222,58 @@ def _slot_chunks(block_idx, B, Hkv, Nq, block_size, doc_start, entry_bytes, budg
         yield blocks.expand(B, Hkv, Nq, b.numel())
 
 
-def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad, config=None):
-    """Loss (float32 scalar) and, with ``grad``, float32 ``dq_idx [B, Nq, Hkv, Di]``, ``dk_idx [B, N, Di]``.
-    ``config``: overrides of ``CONFIG`` for this call."""
-    cfg = CONFIG if config is None else {**CONFIG, **config}
+def _launch_args(q, k, q_idx, block_m):
+    D, Di = q.shape[-1], q_idx.shape[-1]
+    return dict(HKV=k.shape[2], G=q.shape[2] // k.shape[2], BLOCK_M=block_m,
+                BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DI=max(16, triton.next_power_of_2(Di)),
+                IEEE=q.dtype == torch.float32 and q_idx.dtype == torch.float32)
+
+
+def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad,
+                 block_m=128, chunks=4, budget=4 << 30, num_warps=8, num_stages=2):
+    """Loss (float32 scalar) and, with ``grad``, float32 ``dq_idx [B, Nq, Hkv, Di]``, ``dk_idx [B, N, Di]``."""
     B, Nq, H, D = q.shape
     N, Hkv, Di = k.shape[1], k.shape[2], q_idx.shape[-1]
     G = H // Hkv
-    G_PAD = triton.next_power_of_2(G)
     dev = q.device
-    ieee = q.dtype == torch.float32 and q_idx.dtype == torch.float32
-    p_dtype = cfg["P_DTYPE"] or (torch.float32 if ieee else torch.bfloat16)
-    bm = cfg["BLOCK_M"]
-    tm = min(max(cfg["TEACHER_ROWS"], G_PAD, 16), bm * G_PAD)  # >= 16 rows for tl.dot, <= BLOCK_M entries
-    dot_sum = cfg["HEAD_SUM"] == "dot"
-    meta = dict(HKV=Hkv, BLOCK_M=bm, BK=block_size, BLOCK_DI=max(16, triton.next_power_of_2(Di)), IEEE=ieee,
-                SM=min(max(cfg["STUDENT_ROWS"], 16), bm))
-    t_meta = dict(meta, G=G, G_PAD=G_PAD, ES=tm // G_PAD, EP=max(16, tm // G_PAD) if dot_sum else tm // G_PAD,
-                  HEAD_SUM_DOT=dot_sum, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                  num_warps=cfg["TEACHER_WARPS"], num_stages=cfg["TEACHER_STAGES"])
-    s_meta = dict(meta, GRAD=grad, num_warps=cfg["STUDENT_WARPS"], num_stages=cfg["STUDENT_STAGES"])
     doc_start = _doc_start(N, cu_seqlens, dev)
     n_docs = 1 if cu_seqlens is None else cu_seqlens.numel() - 1
-    p_bytes = p_dtype.itemsize * block_size
-    entry_bytes = p_bytes + 4 + (4 * Di if grad else 0) + (4 * G if lse is None else 0)
-    pad_bytes = B * Hkv * (triton.cdiv(N, block_size) + n_docs) * bm * p_bytes  # chunk padding of the P buffer
-    chunk_list = list(_slot_chunks(block_idx, B, Hkv, Nq, block_size, doc_start, entry_bytes,
-                                   cfg["BUDGET"] - pad_bytes))
-    csrs = [_build_csr(c, N, doc_start, n_docs, block_size, bm, cfg["CHUNKS"]) for c in chunk_list]
     args = (N, Nq)
     scales = (D ** -0.5, Di ** -0.5)
+    meta = dict(_launch_args(q, k, q_idx, block_m), BK=block_size, num_warps=num_warps,
+                num_stages=num_stages)
+    chunk_list = list(_slot_chunks(block_idx, B, Hkv, Nq, block_size, doc_start, Di, budget))
+    csrs = [_build_csr(c, N, doc_start, n_docs, block_size, block_m, chunks) for c in chunk_list]
 
-    # pass 1: log-normalisers over the support, merged across slots and slot chunks; skipped when the
-    # teacher's is given and one slot chunk holds every slot (the P pass then computes the student's)
-    fuse = lse is not None and len(chunk_list) == 1
+    # pass 1: log-normalisers over the support, merged across slots and slot chunks
     lse_s = torch.full((B, Hkv, Nq), float("-inf"), device=dev)
+    lse_t = None if lse is None else lse.float().contiguous()
     lse_t_acc = torch.full((B, Hkv, Nq, G), float("-inf"), device=dev) if lse is None else None
-    for blocks, (ent, pkey, pc0, pnc) in [] if fuse else zip(chunk_list, csrs):
+    for blocks, (ent, pkey, pc0, pnc) in zip(chunk_list, csrs):
         S = blocks.shape[-1]
         part_s = torch.full((B, Hkv, Nq, S), float("-inf"), device=dev)
         part_t = torch.full((B, Hkv, Nq, S, G), float("-inf"), device=dev) if lse is None else part_s
-        index_kl_teacher_kernel[(pkey.numel(),)](
-            q, k, q_idx, k_idx, ent, pkey, pc0, pnc, part_s, part_s, part_t, part_s, *args, S, D, Di, *scales,
-            MODE=1 if lse is None else 0, STUDENT_LSE=True, **t_meta)
+        index_kl_fwd_lse_kernel[(pkey.numel(),)](
+            q, k, q_idx, k_idx, ent, pkey, pc0, pnc, part_s, part_t, *args, S, D, Di, *scales,
+            TEACHER=lse is None, **meta)
         lse_s = torch.logaddexp(lse_s, part_s.logsumexp(-1))
         if lse is None:
             lse_t_acc = torch.logaddexp(lse_t_acc, part_t.logsumexp(-2))
-    # [B, Nq, H]: an entry's G normalisers side by side, like its G query heads
-    lse_t = (lse.float().transpose(1, 2) if lse is not None
-             else lse_t_acc.permute(0, 2, 1, 3).reshape(B, Nq, H)).contiguous()
+    if lse is None:
+        lse_t = lse_t_acc.permute(0, 1, 3, 2).reshape(B, H, Nq).contiguous()
 
-    # pass 2, per slot chunk: teacher distribution into the P buffer, then the student's loss and gradients
-    loss = torch.zeros((), device=dev)
+    # pass 2: loss partials and gradients (the lse_S term of each row is added here, once)
+    loss = torch.where(torch.isfinite(lse_s), lse_s, 0.0).sum()
     dq = torch.zeros(B, Hkv, Nq, Di, device=dev) if grad else None
     dk = torch.zeros(B, N, Di, device=dev) if grad else None
     for blocks, (ent, pkey, pc0, pnc) in zip(chunk_list, csrs):
         S = blocks.shape[-1]
-        p_buf = torch.empty(ent.numel(), block_size, dtype=p_dtype, device=dev)
-        loss_t = torch.zeros(pkey.numel(), device=dev)
-        loss_s = torch.zeros(pkey.numel(), device=dev)
-        part_s = torch.full((B, Hkv, Nq, S), float("-inf"), device=dev) if fuse else loss_s
-        index_kl_teacher_kernel[(pkey.numel(),)](
-            q, k, q_idx, k_idx, ent, pkey, pc0, pnc, lse_t, part_s, p_buf, loss_t, *args, S, D, Di, *scales,
-            MODE=2, STUDENT_LSE=fuse, **t_meta)
-        if fuse:
-            lse_s = part_s.logsumexp(-1)
-        dq_part = torch.zeros(B, Hkv, Nq, S, Di, device=dev) if grad else loss_s
-        index_kl_student_kernel[(pkey.numel(),)](
-            q_idx, k_idx, ent, pkey, pc0, pnc, lse_s, p_buf, loss_s, dq_part, dk if grad else loss_s,
-            *args, S, Di, scales[1], **s_meta)
-        loss = loss + loss_t.sum() + loss_s.sum()
+        loss_part = torch.zeros(ent.numel() // block_m, device=dev)
+        dq_part = torch.zeros(B, Hkv, Nq, S, Di, device=dev) if grad else loss_part
+        index_kl_fwd_kernel[(pkey.numel(),)](
+            q, k, q_idx, k_idx, ent, pkey, pc0, pnc, lse_s, lse_t, loss_part, dq_part,
+            dk if grad else loss_part, *args, S, D, Di, *scales, GRAD=grad, **meta)
+        loss = loss + loss_part.sum()
         if grad:
             dq += dq_part.sum(3)
     norm = 1.0 / (B * Nq * Hkv)

@@ -248,40 +248,27 @@ def test_index_kl_matches_reference(monkeypatch, B, Nq, N, H, Hkv, bs, topk, cu,
         assert err < 1e-5, f"{name}: rel rms {err:.2e}, max abs {(w - g).abs().max():.2e}"
 
 
-# launch settings and phases the default config does not reach at test sizes: G not a power of two
-# (padded head rows), G above the tile rows (one entry per tile), several tiles per chunk, the 0/1-matmul
-# head sum, several slot chunks (the separate student-lse pass), the bf16 teacher buffer
-SMALL_TILES = dict(BLOCK_M=32, CHUNKS=2, TEACHER_ROWS=16, STUDENT_ROWS=16)
 CU_120 = [0, 1, 1, 50, 51, 52, 90, 90, 120]  # 1-token and empty documents over 120 keys
 
 
-@pytest.mark.parametrize("H,Hkv,topk,cu,phase,config,tol", [
-    (6, 2, 5, CU_120, "sparse", {}, 1e-5),                                 # G = 3
-    (6, 2, 5, None, "sparse+lse", SMALL_TILES, 1e-5),
-    (6, 2, 4, CU_120, "dense", dict(SMALL_TILES, HEAD_SUM="dot"), 1e-5),
-    (12, 1, 4, None, "sparse+lse", dict(SMALL_TILES, HEAD_SUM="dot"), 1e-5),  # G = 12 -> 16 rows, 1 entry
-    (2, 2, 5, None, "sparse", dict(SMALL_TILES, TEACHER_ROWS=128), 1e-5),  # G = 1, rows capped at BLOCK_M
-    (4, 2, 5, CU_120, "sparse+lse", dict(BUDGET=1), 1e-5),                 # one slot per slot chunk
-    (6, 2, 3, None, "dense", dict(SMALL_TILES, BUDGET=1), 1e-5),
-    # the interpreter truncates float32 -> bfloat16 (the GPU rounds to nearest): P is biased low by ~2^-9,
-    # and so is the loss's cross term (~2e-2 of the loss here); rounded, the bias is gone (docs/kernels.md)
-    (4, 2, 5, None, "sparse+lse", dict(P_DTYPE=torch.bfloat16), 3e-2),
+@pytest.mark.parametrize("H,Hkv,topk,cu,phase", [
+    (6, 2, 5, CU_120, "sparse"),      # G = 3: not a power of two
+    (6, 2, 5, None, "sparse+lse"),
+    (6, 2, 4, CU_120, "dense"),
+    (12, 1, 4, None, "sparse+lse"),   # G = 12
+    (2, 2, 5, None, "sparse"),        # G = 1
 ])
-def test_index_kl_launch_settings(monkeypatch, H, Hkv, topk, cu, phase, config, tol):
-    from kernels import index_kl
-
+def test_index_kl_group_sizes(monkeypatch, H, Hkv, topk, cu, phase):
     q, k, v, q_idx, k_idx = _kl_inputs(1, 90, 120, H, Hkv, 16, 16)
     cu = _cu(cu)
     block_idx = ref.select_blocks(q_idx.detach(), k_idx.detach(), 16, topk, cu) if "sparse" in phase else None
     lse = ref.sparse_attention(q, k, v, block_idx, 16, cu)[1] if "lse" in phase else None
     want = _kl_and_grads(ref.index_kl_loss, q, k, q_idx, k_idx, block_idx, 16, cu)
     poison_empty(monkeypatch)
-    for name, value in config.items():
-        monkeypatch.setitem(index_kl.CONFIG, name, value)
     got = _kl_and_grads(index_kl_loss, q, k, q_idx, k_idx, block_idx, 16, cu, lse=lse)
     for name, w, g in zip(("loss", "dq_idx", "dk_idx"), want, got):
         err = rel_rms(w, g)
-        assert err < tol, f"{name}: rel rms {err:.2e}, max abs {(w - g).abs().max():.2e}"
+        assert err < 1e-5, f"{name}: rel rms {err:.2e}, max abs {(w - g).abs().max():.2e}"
 
 
 def test_index_kl_grad_scales_with_upstream():
