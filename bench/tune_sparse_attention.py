@@ -223,7 +223,9 @@ SWEEP = {
                  dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
                  dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=1),
                  dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-                 dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)],
+                 dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+                 dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=1),
+                 dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=1)],
 }
 
 
