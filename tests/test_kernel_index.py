@@ -199,9 +199,11 @@ def test_select_blocks_gpu_fp8(monkeypatch, key_scale):
     k_idx = torch.randn(1, N, Di, device="cuda", dtype=torch.bfloat16)
     exact = select_blocks(q_idx, k_idx, bs, topk)
     out = select_blocks(q_idx, k_idx, bs, topk, fp8=True)
-    # e4m3 operands (3 mantissa bits): a unit-variance score is off by ~0.04 rms, so near-ties flip and
-    # a selected block may trail the k-th best by a few of those; the structure rules hold exactly
-    check_selection(out.cpu(), q_idx.float().cpu(), k_idx.float().cpu(), bs, topk, None, tol=0.25)
+    # e4m3 operands (3 mantissa bits): a unit-variance block score is off by ~0.04 rms (up to 0.22 over
+    # these 1M block scores, emulated on CPU for both key scalings), so near-ties flip; ~230K adjacent
+    # pairs are compared and a swap needs two errors apart by tol: 0.5 is 9 rms of that difference
+    # (0.25 failed once in a GPU run). The structure rules hold exactly
+    check_selection(out.cpu(), q_idx.float().cpu(), k_idx.float().cpu(), bs, topk, None, tol=0.5)
     a, c = exact[..., 1:].long(), out[..., 1:].long()
     kept = ((a[..., :, None] == c[..., None, :]).any(-1) & (a >= 0)).sum() / (a >= 0).sum()
     assert kept > 0.8, f"fp8 keeps only {kept:.3f} of the exact selection"
