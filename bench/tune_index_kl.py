@@ -35,8 +35,12 @@ VARIANTS = [  # keyword arguments of index_kl_fwd; {} is its default (128-row ch
     {"num_stages": 1},
     {"chunks": 2},
     {"chunks": 8},
+    {"chunks": 1},
     {"block_m": 64},
+    {"block_m": 64, "num_stages": 1},
+    {"block_m": 64, "chunks": 8},
     {"block_m": 64, "num_warps": 4},
+    {"block_m": 32, "num_warps": 4},
 ]
 
 
