@@ -230,7 +230,7 @@ def _launch_args(q, k, q_idx, block_m):
 
 
 def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad,
-                 block_m=128, chunks=4, budget=4 << 30, num_warps=8, num_stages=2):
+                 block_m=128, chunks=8, budget=4 << 30, num_warps=8, num_stages=2):
     """Loss (float32 scalar) and, with ``grad``, float32 ``dq_idx [B, Nq, Hkv, Di]``, ``dk_idx [B, N, Di]``."""
     B, Nq, H, D = q.shape
     N, Hkv, Di = k.shape[1], k.shape[2], q_idx.shape[-1]
