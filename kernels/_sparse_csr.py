@@ -47,10 +47,9 @@ def build_layout(N: int, block_size: int, cu_seqlens: torch.Tensor | None, devic
         return Layout(torch.zeros(N, dtype=torch.int32, device=device),
                       torch.zeros(N, dtype=torch.long, device=device),
                       vb_start, (vb_start + block_size).clamp_max(N), n_blocks)
+    check_cu_seqlens(cu_seqlens, 1, N)
     cu = cu_seqlens.to(device=device, dtype=torch.long)
     lengths = cu[1:] - cu[:-1]
-    if cu.ndim != 1 or len(cu) < 2 or cu[0] != 0 or cu[-1] != N or (lengths < 0).any():
-        raise ValueError(f"cu_seqlens must rise from 0 to N={N}, got {cu.tolist()}")
     doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=N)
     doc_nvb = (lengths + block_size - 1) // block_size
     doc_vb_off = torch.cumsum(doc_nvb, 0) - doc_nvb
@@ -60,6 +59,18 @@ def build_layout(N: int, block_size: int, cu_seqlens: torch.Tensor | None, devic
     vb_end = torch.minimum(vb_start + block_size, cu[vb_doc + 1])
     return Layout(cu[doc].to(torch.int32), doc_vb_off[doc], vb_start.to(torch.int32),
                   vb_end.to(torch.int32), n_blocks)
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, N: int) -> None:
+    """Clear errors for a malformed ``cu_seqlens`` (one small device->host read)."""
+    if B != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got B={B}")
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be a 1-d int32 tensor [n_docs + 1], got "
+                         f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.long()
+    if bool(cu[0] != 0) or bool(cu[-1] != N) or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to N={N}, got {cu.tolist()}")
 
 
 def check_block_idx(block_idx: torch.Tensor, n_blocks: int) -> None:

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.index_topk import _check_block_size, check_cu_seqlens
+from kernels._sparse_csr import build_layout, check_cu_seqlens
+from kernels.index_topk import _check_block_size
 
 __all__ = ["index_kl_loss"]
 
@@ -161,15 +162,6 @@ def index_kl_fwd_kernel(
                       mask=m_j[:, None] & m_di[None, :])
 
 
-def _doc_start(N, cu_seqlens, device):
-    """``[N]`` int64: the first token of each token's document."""
-    if cu_seqlens is None:
-        return torch.zeros(N, dtype=torch.long, device=device)
-    cu = cu_seqlens.to(device=device, dtype=torch.long)
-    doc = torch.searchsorted(cu, torch.arange(N, device=device), right=True) - 1
-    return cu[doc]
-
-
 def _build_csr(blocks, N, doc_start, n_docs, block_size, block_m, chunks):
     """Entries of ``blocks [B, Hkv, Nq, S]`` grouped by key block, padded to ``block_m`` rows per chunk.
 
@@ -236,7 +228,7 @@ def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, gra
     N, Hkv, Di = k.shape[1], k.shape[2], q_idx.shape[-1]
     G = H // Hkv
     dev = q.device
-    doc_start = _doc_start(N, cu_seqlens, dev)
+    doc_start = build_layout(N, block_size, cu_seqlens, dev).tok_start.long()  # [N]: each token's document start
     n_docs = 1 if cu_seqlens is None else cu_seqlens.numel() - 1
     args = (N, Nq)
     scales = (D ** -0.5, Di ** -0.5)

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._sparse_csr import check_cu_seqlens
+
 __all__ = ["CONFIG", "select_blocks", "doc_tiles", "check_cu_seqlens"]
 
 
@@ -146,18 +148,6 @@ def select_blocks_fwd_kernel(
         b_s = tl.where(hit & (b_i == sel[:, None]), float("-inf"), b_s)
     p_o = out_ptr + ((i_b * HKV + o_r) * Nq + o_tq) * TOPK
     tl.store(p_o[:, None] + o_co[None, :], b_out, mask=m_m[:, None] & (o_co < TOPK)[None, :])
-
-
-def check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, N: int) -> None:
-    """Clear errors for a malformed ``cu_seqlens`` (one small device->host read)."""
-    if B != 1:
-        raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got B={B}")
-    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be a 1-d int32 tensor [n_docs + 1], got "
-                         f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-    cu = cu_seqlens.long()
-    if bool(cu[0] != 0) or bool(cu[-1] != N) or bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(f"cu_seqlens must rise from 0 to N={N}, got {cu.tolist()}")
 
 
 def doc_tiles(N: int, tile: int, cu_seqlens: torch.Tensor | None, device) -> tuple[torch.Tensor, ...]:
