@@ -53,6 +53,20 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _key_block(key, ki_ptr, N, Di, HKV: tl.constexpr, BK: tl.constexpr, BLOCK_DI: tl.constexpr):
+    """A program's key block from its table entry ``key = (bat * Hkv + r) * N + first key``: batch,
+    group, key positions and mask, and the ``[BK, BLOCK_DI]`` ``k_idx`` tile every chunk of it uses."""
+    bat = key // N // HKV
+    r = key // N % HKV
+    o_j = key % N + tl.arange(0, BK)
+    m_j = o_j < N
+    o_di = tl.arange(0, BLOCK_DI)
+    b_ki = tl.load(ki_ptr + (bat * N + o_j)[:, None] * Di + o_di[None, :],
+                   mask=m_j[:, None] & (o_di < Di)[None, :], other=0.0)
+    return bat, r, o_j, m_j, b_ki
+
+
+@triton.jit
 def index_kl_fwd_lse_kernel(
     q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, pkey_ptr, pc0_ptr, pnc_ptr, lse_s_ptr, lse_t_ptr,
     N, Nq, S, D, Di, scale_t, scale_s,
@@ -63,16 +77,9 @@ def index_kl_fwd_lse_kernel(
     key = tl.load(pkey_ptr + i_p).to(tl.int64)
     if key < 0:
         return
-    bat_r = key // N
-    bat = bat_r // HKV
-    r = bat_r % HKV
-    o_j = key % N + tl.arange(0, BK)
-    m_j = o_j < N
+    bat, r, o_j, m_j, b_ki = _key_block(key, ki_ptr, N, Di, HKV, BK, BLOCK_DI)
     o_di = tl.arange(0, BLOCK_DI)
     o_d = tl.arange(0, BLOCK_D)
-    # [BK, BLOCK_DI], [BK, BLOCK_D]: loaded once, used by every chunk of this program
-    b_ki = tl.load(ki_ptr + (bat * N + o_j)[:, None] * Di + o_di[None, :],
-                   mask=m_j[:, None] & (o_di < Di)[None, :], other=0.0)
     if TEACHER:
         b_k = tl.load(k_ptr + ((bat * N + o_j) * HKV + r)[:, None] * D + o_d[None, :],
                       mask=m_j[:, None] & (o_d < D)[None, :], other=0.0)
@@ -115,16 +122,10 @@ def index_kl_fwd_kernel(
     key = tl.load(pkey_ptr + i_p).to(tl.int64)
     if key < 0:
         return
-    bat_r = key // N
-    bat = bat_r // HKV
-    r = bat_r % HKV
-    o_j = key % N + tl.arange(0, BK)
-    m_j = o_j < N
+    bat, r, o_j, m_j, b_ki = _key_block(key, ki_ptr, N, Di, HKV, BK, BLOCK_DI)
     o_di = tl.arange(0, BLOCK_DI)
     o_d = tl.arange(0, BLOCK_D)
     m_di = o_di < Di
-    b_ki = tl.load(ki_ptr + (bat * N + o_j)[:, None] * Di + o_di[None, :],
-                   mask=m_j[:, None] & m_di[None, :], other=0.0)
     b_k = tl.load(k_ptr + ((bat * N + o_j) * HKV + r)[:, None] * D + o_d[None, :],
                   mask=m_j[:, None] & (o_d < D)[None, :], other=0.0)
     b_dk = tl.zeros((BK, BLOCK_DI), tl.float32)

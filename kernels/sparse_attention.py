@@ -101,6 +101,26 @@ def sparse_attention_fwd_query_kernel(
 
 
 @triton.jit
+def _kv_work_item(k, v, work_bucket, work_start, work_end, vb_start, vb_end, i_w, t0, N, NV,
+                  HKV: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Work item ``i_w`` of the reverse CSR: its entries ``[e0, e1)``, batch, group, and the K/V tile of
+    ``BLOCK_N`` keys from key ``t0`` of its block (``o_k`` positions, ``m_k`` inside the block)."""
+    u = tl.load(work_bucket + i_w)
+    e0 = tl.load(work_start + i_w)
+    e1 = tl.load(work_end + i_w)
+    i_br = u // NV
+    i_b = i_br // HKV
+    i_r = i_br % HKV
+    o_k = tl.load(vb_start + u % NV) + t0 + tl.arange(0, BLOCK_N)
+    m_k = o_k < tl.load(vb_end + u % NV)
+    o_d = tl.arange(0, D)
+    p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
+    b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.0)
+    b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.0)
+    return e0, e1, i_b, i_r, o_k, m_k, b_k, b_v
+
+
+@triton.jit
 def sparse_attention_fwd_kv_kernel(
     q, k, v, entries, work_bucket, work_start, work_end, vb_start, vb_end, o_part, lse_part,
     scale2, N, NQ, NV, NC, q0, w0,
@@ -109,21 +129,9 @@ def sparse_attention_fwd_kv_kernel(
 ):
     """Work item ``w0 + program_id`` of the query chunk ``q0 .. q0+NC``: one K/V block against its
     entries; partials go to the chunk's ``o_part [B*Hkv*NC*topk*G, D]``."""
-    i_w = w0 + tl.program_id(0)
-    u = tl.load(work_bucket + i_w)
-    e0 = tl.load(work_start + i_w)
-    e1 = tl.load(work_end + i_w)
-    i_br = u // NV
-    i_b = i_br // HKV
-    i_r = i_br % HKV
-    k0 = tl.load(vb_start + u % NV)
-    k1 = tl.load(vb_end + u % NV)
+    e0, e1, i_b, i_r, o_k, m_k, b_k, b_v = _kv_work_item(k, v, work_bucket, work_start, work_end, vb_start,
+                                                        vb_end, w0 + tl.program_id(0), 0, N, NV, HKV, D, BS)
     o_d = tl.arange(0, D)
-    o_k = k0 + tl.arange(0, BS)
-    m_k = o_k < k1
-    p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
-    b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.0)
-    b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.0)
     o_m = tl.arange(0, BLOCK_M)
     o_mq = o_m // G
     h = i_r * G + o_m % G
@@ -303,21 +311,8 @@ def sparse_attention_bwd_dq_kv_kernel(
 ):
     """KV-outer dQ, work item ``w0 + program_id`` of the query chunk ``q0 .. q0+NC``: one K/V block
     against its entries (P, dP, dS recomputed), one dQ partial per (entry, head)."""
-    i_w = w0 + tl.program_id(0)
-    u = tl.load(work_bucket + i_w)
-    e0 = tl.load(work_start + i_w)
-    e1 = tl.load(work_end + i_w)
-    i_br = u // NV
-    i_b = i_br // HKV
-    i_r = i_br % HKV
-    k0 = tl.load(vb_start + u % NV)
-    k1 = tl.load(vb_end + u % NV)
-    o_d = tl.arange(0, D)
-    o_k = k0 + tl.arange(0, BS)
-    m_k = o_k < k1
-    p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
-    b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.0)
-    b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.0)
+    e0, e1, i_b, i_r, o_k, m_k, b_k, b_v = _kv_work_item(k, v, work_bucket, work_start, work_end, vb_start,
+                                                        vb_end, w0 + tl.program_id(0), 0, N, NV, HKV, D, BS)
     for e in range(e0, e1, BLOCK_M // G):
         _, _, _, b_ds, ent, i_q, m_row = _bwd_kv_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1, i_b,
                                                       i_r, scale2, N, NQ, H, G, TOPK, D, BLOCK_M)
@@ -364,20 +359,9 @@ def sparse_attention_bwd_dkdv_kernel(
     """dK/dV partials of work item ``program_id(0)``, key tile ``program_id(1)``."""
     i_w = tl.program_id(0)
     i_t = tl.program_id(1)
-    u = tl.load(work_bucket + i_w)
-    e0 = tl.load(work_start + i_w)
-    e1 = tl.load(work_end + i_w)
-    i_br = u // NV
-    i_b = i_br // HKV
-    i_r = i_br % HKV
-    k0 = tl.load(vb_start + u % NV) + i_t * BLOCK_N
-    k1 = tl.load(vb_end + u % NV)
+    e0, e1, i_b, i_r, o_k, m_k, b_k, b_v = _kv_work_item(k, v, work_bucket, work_start, work_end, vb_start,
+                                                        vb_end, i_w, i_t * BLOCK_N, N, NV, HKV, D, BLOCK_N)
     o_d = tl.arange(0, D)
-    o_k = k0 + tl.arange(0, BLOCK_N)
-    m_k = o_k < k1
-    p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
-    b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.0)
-    b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.0)
     b_dk = tl.zeros([BLOCK_N, D], tl.float32)
     b_dv = tl.zeros([BLOCK_N, D], tl.float32)
     for e in range(e0, e1, BLOCK_M // G):
