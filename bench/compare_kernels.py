@@ -33,9 +33,9 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.meta import git_commit  # noqa: E402
-from bench.msa_attention import measure, measure_peaks  # noqa: E402
+from bench.msa_attention import make_inputs, measure, measure_peaks  # noqa: E402
 
-H, D, DI, BK, TOPK = 32, 128, 128, 128, 16
+BK, TOPK = 128, 16
 
 
 def load_kernels(root: str | None):
@@ -60,19 +60,6 @@ def load_kernels(root: str | None):
 def rel_rms(a, b):
     a, b = a.float(), b.float()
     return ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
-
-
-def make_inputs(N, Hkv, seed=0):
-    torch.manual_seed(seed)
-    dev, dt = "cuda", torch.bfloat16
-    q = torch.randn(1, N, H, D, device=dev, dtype=dt)
-    k = torch.randn(1, N, Hkv, D, device=dev, dtype=dt)
-    v = torch.randn(1, N, Hkv, D, device=dev, dtype=dt)
-    sink = torch.randn(DI, device=dev)
-    q_idx = (torch.randn(1, N, Hkv, DI, device=dev) + 0.5 * sink).to(dt)
-    k_idx = torch.randn(1, N, DI, device=dev)
-    k_idx[:, :BK] += 0.5 * sink
-    return q, k, v, q_idx, k_idx.to(dt), torch.randn_like(q)
 
 
 def train_step(kp, q, k, v, q_idx, k_idx, do):
@@ -125,6 +112,7 @@ def breakdown(fn, top=12):
 
 
 def compare_shape(N, Hkv, trees, env_variants, rows):
+    torch.manual_seed(0)
     q, k, v, q_idx, k_idx, do = make_inputs(N, Hkv)
     res = {"N": N, "Hkv": Hkv, "times": {}, "checks": {}}
     sel = {name: kp.select_blocks(q_idx, k_idx, BK, TOPK) for name, kp in trees.items()}

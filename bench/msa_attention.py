@@ -197,21 +197,31 @@ def _main(q, k, v, block_idx, path=None):
     return sparse_attention(q, k, v, block_idx, BK, **({"path": path} if path else {}))[0]
 
 
-def bench_shape(bench: Bench, N: int, Hkv: int, backward: bool, flex_limit_n: int):
-    dev, dt = "cuda", torch.bfloat16
-    G = H // Hkv
-    q = torch.randn(1, N, H, D, device=dev, dtype=dt)
-    k = torch.randn(1, N, Hkv, D, device=dev, dtype=dt)
-    v = torch.randn(1, N, Hkv, D, device=dev, dtype=dt)
-    # random index projections plus a shared direction that block 0's keys carry: every query then
-    # selects block 0 (an attention sink, as trained indexers show), the hot-block case of the kernels
-    sink = torch.randn(DI, device=dev)
-    q_idx = (torch.randn(1, N, Hkv, DI, device=dev) + 0.5 * sink).to(dt)
-    k_idx = torch.randn(1, N, DI, device=dev)
+def index_inputs(N: int, Hkv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 ``q_idx [1, N, Hkv, DI]``, ``k_idx [1, N, DI]``: random index projections plus a shared
+    direction that block 0's keys carry, so every query selects block 0 (an attention sink, as trained
+    indexers show): the hot-block case of the kernels."""
+    sink = torch.randn(DI, device="cuda")
+    q_idx = (torch.randn(1, N, Hkv, DI, device="cuda") + 0.5 * sink).bfloat16()
+    k_idx = torch.randn(1, N, DI, device="cuda")
     k_idx[:, :BK] += 0.5 * sink
-    k_idx = k_idx.to(dt)
+    return q_idx, k_idx.bfloat16()
+
+
+def make_inputs(N: int, Hkv: int, backward: bool = True):
+    """bf16 ``q [1, N, H, D]``, ``k, v [1, N, Hkv, D]``, the index inputs, and ``do`` (None without
+    ``backward``); every benchmark script draws its inputs here."""
+    q = torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, N, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, N, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    q_idx, k_idx = index_inputs(N, Hkv)
+    return q, k, v, q_idx, k_idx, torch.randn_like(q) if backward else None
+
+
+def bench_shape(bench: Bench, N: int, Hkv: int, backward: bool, flex_limit_n: int):
+    G = H // Hkv
+    q, k, v, q_idx, k_idx, do = make_inputs(N, Hkv, backward)
     block_idx = select_blocks(q_idx, k_idx, BK, TOPK)
-    do = torch.randn_like(q) if backward else None
     T = support_sizes(block_idx, BK)
     fl = {"dense": 4 * H * D * N * (N + 1) / 2, "sparse": 4 * D * G * T, "index": Hkv * DI * N * (N + 1),
           "kl": T * (2 * D * G + 6 * DI)}

@@ -23,20 +23,11 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.meta import git_commit  # noqa: E402
-from bench.msa_attention import measure  # noqa: E402
+from bench.msa_attention import index_inputs, measure  # noqa: E402
 from kernels.index_topk import select_blocks_fwd  # noqa: E402
 
 DI, BK, TOPK = 128, 128, 16
 OFF = 2**31 - 1
-
-
-def inputs(N, Hkv):
-    torch.manual_seed(0)
-    sink = torch.randn(DI, device="cuda")
-    q_idx = (torch.randn(1, N, Hkv, DI, device="cuda") + 0.5 * sink).bfloat16()
-    k_idx = torch.randn(1, N, DI, device="cuda")
-    k_idx[:, :BK] += 0.5 * sink
-    return q_idx, k_idx.bfloat16()
 
 
 def kept(exact, other):
@@ -69,7 +60,8 @@ def main():
     rows = []
     for N in args.sizes:
         for Hkv in args.hkv:
-            q_idx, k_idx = inputs(N, Hkv)
+            torch.manual_seed(0)
+            q_idx, k_idx = index_inputs(N, Hkv)
             exact = select_blocks_fwd(q_idx, k_idx, BK, TOPK)
             flops = Hkv * DI * N * (N + 1)
             for name, kw in VARIANTS.items():
