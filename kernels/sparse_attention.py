@@ -43,13 +43,17 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _load_kv(k, v, i_b, i_r, o_k, m_k, N, HKV: tl.constexpr, D: tl.constexpr):
+    """The K and V rows ``o_k`` (``m_k``: inside the sequence) of batch ``i_b``, KV head ``i_r``."""
+    p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + tl.arange(0, D)[None, :]
+    return tl.load(k + p_kv, mask=m_k[:, None], other=0.0), tl.load(v + p_kv, mask=m_k[:, None], other=0.0)
+
+
+@triton.jit
 def _fwd_query_step(k, v, b_q, b_m, b_l, b_acc, o_k, m_k, i_b, i_r, N, scale2,
                     HKV: tl.constexpr, D: tl.constexpr):
     """One key tile of the query-outer online softmax: ``o_k`` keys (``m_k`` visible)."""
-    o_d = tl.arange(0, D)
-    p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
-    b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.0)
-    b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.0)
+    b_k, b_v = _load_kv(k, v, i_b, i_r, o_k, m_k, N, HKV, D)
     # [BLOCK_G, BLOCK_N]
     b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
     b_s = tl.where(m_k[None, :], b_s, float("-inf"))
@@ -63,40 +67,51 @@ def _fwd_query_step(k, v, b_q, b_m, b_l, b_acc, o_k, m_k, i_b, i_r, N, scale2,
 
 
 @triton.jit
+def _query_group(N, NQ, H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                 BLOCK_G: tl.constexpr):
+    """Program ``(query, batch * Hkv + group)`` of a query-outer kernel: its ids, its key position
+    ``i_n``, the group's head rows (``m_g``: real heads) and their offsets into ``[B, Nq, H, D]``."""
+    i_q = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HKV
+    i_r = i_bh % HKV
+    o_g = tl.arange(0, BLOCK_G)
+    row = i_b.to(tl.int64) * NQ + i_q
+    p_q = (row * H + i_r * G + o_g[:, None]) * D + tl.arange(0, D)[None, :]
+    return i_q, i_bh, i_b, i_r, N - NQ + i_q, o_g, o_g < G, p_q
+
+
+@triton.jit
+def _slot_tile(p_idx, it, start, i_n, BS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tile ``it`` of the flat (slot, key tile) loop: positions and visibility (invalid slots
+    masked, not branched, so the loads pipeline across slots)."""
+    c = tl.load(p_idx + it // (BS // BLOCK_N))
+    o_k = start + c * BS + (it % (BS // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # the slot's validity broadcast to the tile: Triton 3.9's interpreter rejects tile & scalar masks
+    return o_k, (o_k <= i_n) & (tl.zeros_like(o_k) + c >= 0)
+
+
+@triton.jit
 def sparse_attention_fwd_query_kernel(
     q, k, v, idx, tok_start, o, lse, scale2, N, NQ,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    i_q = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // HKV
-    i_r = i_bh % HKV
-    i_n = N - NQ + i_q
-    o_g = tl.arange(0, BLOCK_G)
-    m_g = o_g < G
-    o_d = tl.arange(0, D)
-    row = i_b.to(tl.int64) * NQ + i_q
-    p_q = q + (row * H + i_r * G + o_g[:, None]) * D + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_g[:, None], other=0.0)
+    i_q, i_bh, i_b, i_r, i_n, o_g, m_g, p_q = _query_group(N, NQ, H, HKV, G, D, BLOCK_G)
+    b_q = tl.load(q + p_q, mask=m_g[:, None], other=0.0)
     start = tl.load(tok_start + i_n)
     b_m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_G], tl.float32)
     b_acc = tl.zeros([BLOCK_G, D], tl.float32)
     p_idx = idx + (i_bh.to(tl.int64) * NQ + i_q) * TOPK
-    # one loop over (slot, key tile) with invalid slots masked, not branched: loads pipeline across slots
     for it in range(TOPK * (BS // BLOCK_N)):
-        c = tl.load(p_idx + it // (BS // BLOCK_N))
-        o_k = start + c * BS + (it % (BS // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
-        # the slot's validity broadcast to the tile: Triton 3.9's interpreter rejects tile & scalar masks
-        m_k = (o_k <= i_n) & (tl.zeros_like(o_k) + c >= 0)
+        o_k, m_k = _slot_tile(p_idx, it, start, i_n, BS, BLOCK_N)
         b_m, b_l, b_acc = _fwd_query_step(k, v, b_q, b_m, b_l, b_acc, o_k, m_k, i_b, i_r, N, scale2, HKV, D)
     nonempty = b_l > 0
     b_acc = b_acc / tl.where(nonempty, b_l, 1.0)[:, None]
     b_lse = tl.where(nonempty, (b_m + tl.log2(tl.where(nonempty, b_l, 1.0))) * 0.6931471805599453,
                      float("-inf"))
-    tl.store(o + (row * H + i_r * G + o_g[:, None]) * D + o_d[None, :], b_acc.to(o.dtype.element_ty),
-             mask=m_g[:, None])
+    tl.store(o + p_q, b_acc.to(o.dtype.element_ty), mask=m_g[:, None])
     tl.store(lse + (i_b.to(tl.int64) * H + i_r * G + o_g) * NQ + i_q, b_lse, mask=m_g)
 
 
@@ -113,10 +128,7 @@ def _kv_work_item(k, v, work_bucket, work_start, work_end, vb_start, vb_end, i_w
     i_r = i_br % HKV
     o_k = tl.load(vb_start + u % NV) + t0 + tl.arange(0, BLOCK_N)
     m_k = o_k < tl.load(vb_end + u % NV)
-    o_d = tl.arange(0, D)
-    p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
-    b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.0)
-    b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.0)
+    b_k, b_v = _load_kv(k, v, i_b, i_r, o_k, m_k, N, HKV, D)
     return e0, e1, i_b, i_r, o_k, m_k, b_k, b_v
 
 
@@ -158,22 +170,27 @@ def sparse_attention_fwd_kv_kernel(
 
 
 @triton.jit
+def _query_slots(tok_start, N, NQ, NC, q0, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr,
+                 D: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Where the merge of one (query, group)'s slot partials starts (combine, dQ reduce): program
+    ``(query - q0, batch * Hkv + group)``, the query's position in its document and its first partial."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_q = q0 + i_c
+    i_n = N - NQ + i_q
+    o_g = tl.arange(0, BLOCK_G)
+    pos = i_n - tl.load(tok_start + i_n)
+    e0 = (i_bh.to(tl.int64) * NC + i_c) * TOPK
+    return i_bh, i_bh // HKV, i_bh % HKV, i_q, o_g, o_g < G, tl.arange(0, D), pos, e0
+
+
+@triton.jit
 def sparse_attention_combine_kernel(
     o_part, lse_part, idx, tok_start, o, lse, N, NQ, NC, q0,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    i_c = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // HKV
-    i_r = i_bh % HKV
-    i_q = q0 + i_c
-    i_n = N - NQ + i_q
-    o_g = tl.arange(0, BLOCK_G)
-    m_g = o_g < G
-    o_d = tl.arange(0, D)
-    pos = i_n - tl.load(tok_start + i_n)
-    e0 = (i_bh.to(tl.int64) * NC + i_c) * TOPK
+    i_bh, i_b, i_r, i_q, o_g, m_g, o_d, pos, e0 = _query_slots(tok_start, N, NQ, NC, q0, HKV, G, TOPK, D, BLOCK_G)
     b_m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_G], tl.float32)
     b_acc = tl.zeros([BLOCK_G, D], tl.float32)
@@ -202,10 +219,7 @@ def sparse_attention_combine_kernel(
 @triton.jit
 def _bwd_dq_step(k, v, b_q, b_do, b_lse, b_delta, b_dq, o_k, m_k, i_b, i_r, N, scale2,
                  HKV: tl.constexpr, D: tl.constexpr):
-    o_d = tl.arange(0, D)
-    p_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
-    b_k = tl.load(k + p_kv, mask=m_k[:, None], other=0.0)
-    b_v = tl.load(v + p_kv, mask=m_k[:, None], other=0.0)
+    b_k, b_v = _load_kv(k, v, i_b, i_r, o_k, m_k, N, HKV, D)
     # [BLOCK_G, BLOCK_N]
     b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
     b_p = tl.where(m_k[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
@@ -221,16 +235,7 @@ def sparse_attention_bwd_dq_kernel(
     D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of a query's G heads over its blocks; also writes ``delta = rowsum(dO * O)`` for dK/dV."""
-    i_q = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // HKV
-    i_r = i_bh % HKV
-    i_n = N - NQ + i_q
-    o_g = tl.arange(0, BLOCK_G)
-    m_g = o_g < G
-    o_d = tl.arange(0, D)
-    row = i_b.to(tl.int64) * NQ + i_q
-    p_q = (row * H + i_r * G + o_g[:, None]) * D + o_d[None, :]
+    i_q, i_bh, i_b, i_r, i_n, o_g, m_g, p_q = _query_group(N, NQ, H, HKV, G, D, BLOCK_G)
     b_q = tl.load(q + p_q, mask=m_g[:, None], other=0.0)
     b_do = tl.load(do + p_q, mask=m_g[:, None], other=0.0)
     b_delta = tl.sum(b_do.to(tl.float32) * tl.load(o + p_q, mask=m_g[:, None], other=0.0).to(tl.float32), 1)
@@ -241,10 +246,7 @@ def sparse_attention_bwd_dq_kernel(
     b_dq = tl.zeros([BLOCK_G, D], tl.float32)
     p_idx = idx + (i_bh.to(tl.int64) * NQ + i_q) * TOPK
     for it in range(TOPK * (BS // BLOCK_N)):
-        c = tl.load(p_idx + it // (BS // BLOCK_N))
-        o_k = start + c * BS + (it % (BS // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
-        # the slot's validity broadcast to the tile: Triton 3.9's interpreter rejects tile & scalar masks
-        m_k = (o_k <= i_n) & (tl.zeros_like(o_k) + c >= 0)
+        o_k, m_k = _slot_tile(p_idx, it, start, i_n, BS, BLOCK_N)
         b_dq = _bwd_dq_step(k, v, b_q, b_do, b_lse, b_delta, b_dq, o_k, m_k, i_b, i_r, N, scale2, HKV, D)
     tl.store(dq + p_q, (b_dq * scale).to(dq.dtype.element_ty), mask=m_g[:, None])
 
@@ -326,17 +328,7 @@ def sparse_attention_bwd_dq_reduce_kernel(
     D: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     """dQ of a query's G heads: the sum of its valid slots' partials in slot order (0 if none)."""
-    i_c = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // HKV
-    i_r = i_bh % HKV
-    i_q = q0 + i_c
-    i_n = N - NQ + i_q
-    o_g = tl.arange(0, BLOCK_G)
-    m_g = o_g < G
-    o_d = tl.arange(0, D)
-    pos = i_n - tl.load(tok_start + i_n)
-    e0 = (i_bh.to(tl.int64) * NC + i_c) * TOPK
+    i_bh, i_b, i_r, i_q, o_g, m_g, o_d, pos, e0 = _query_slots(tok_start, N, NQ, NC, q0, HKV, G, TOPK, D, BLOCK_G)
     b_dq = tl.zeros([BLOCK_G, D], tl.float32)
     for i_s in range(TOPK):
         c = tl.load(idx + (i_bh.to(tl.int64) * NQ + i_q) * TOPK + i_s)
