@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._sparse_csr import check_cu_seqlens
+from kernels._sparse_csr import build_layout, check_cu_seqlens
 
 __all__ = ["CONFIG", "select_blocks", "doc_tiles", "check_cu_seqlens"]
 
@@ -190,10 +190,7 @@ def _keys_to_fp8_blocks(k: torch.Tensor, block_size: int, cu_seqlens) -> tuple[t
     so a token whose values are smaller than its block's largest loses precision only below ~2^-15 of it."""
     B, N, _ = k.shape
     pos = torch.arange(N, device=k.device)
-    ds = 0
-    if cu_seqlens is not None:
-        cu = cu_seqlens.to(device=k.device, dtype=torch.int64)
-        ds = cu[torch.searchsorted(cu, pos, right=True) - 1]
+    ds = build_layout(N, block_size, cu_seqlens, k.device).tok_start  # each token's document start
     start = (pos - (pos - ds) % block_size).expand(B, N)
     amax = k.float().abs().amax(-1)
     amax = torch.zeros_like(amax).scatter_reduce(1, start, amax, "amax").gather(1, start)
