@@ -25,14 +25,12 @@ import importlib
 import json
 import os
 import sys
-import time
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.meta import git_commit  # noqa: E402
+from bench.meta import run_meta  # noqa: E402
 from bench.msa_attention import make_inputs, measure, measure_peaks  # noqa: E402
 
 BK, TOPK = 128, 16
@@ -176,9 +174,7 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     trees = {"base": load_kernels(args.baseline)[0], "this": load_kernels(args.this)[0]}
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "commit": git_commit(), "command": " ".join(["python3"] + sys.argv),
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **measure_peaks()}
+    meta = {**run_meta(), **measure_peaks()}
     print(json.dumps(meta), flush=True)
     rows = []
     for N in args.sizes:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 
@@ -18,3 +20,13 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         out = ""
     return out if len(out) == 40 else "unknown"
+
+
+def run_meta() -> dict:
+    """GPU, versions, commit, command line and UTC time of this run."""
+    import torch
+    import triton
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "commit": git_commit(), "command": " ".join(["python3"] + sys.argv),
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

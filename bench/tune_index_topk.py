@@ -15,14 +15,13 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.meta import git_commit  # noqa: E402
+from bench.meta import run_meta  # noqa: E402
 from bench.msa_attention import index_inputs, measure  # noqa: E402
 from kernels.index_topk import select_blocks_fwd  # noqa: E402
 
@@ -53,9 +52,7 @@ def main():
     ap.add_argument("--hkv", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "commit": git_commit(), "command": " ".join(["python3"] + sys.argv),
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = run_meta()
     print(json.dumps(meta), flush=True)
     rows = []
     for N in args.sizes:
