@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.meta import run_meta  # noqa: E402
+from bench.meta import env_setting, run_meta  # noqa: E402
 from bench.msa_attention import make_inputs, measure, measure_peaks  # noqa: E402
 
 BK, TOPK = 128, 16
@@ -145,18 +145,11 @@ def compare_shape(N, Hkv, trees, env_variants, rows):
                                                  for n in ga}
         for env in env_variants:
             name, _, value = env.partition("=")
-            old = os.environ.get(name)
-            os.environ[name] = value
-            try:
+            with env_setting(name, value):
                 res["times"]["this"][f"train_step[{env}]"] = measure(
                     train_step(trees["this"], q, k, v, q_idx, k_idx, do), True)[0]
                 res["times"]["this"][f"main_fwd_bwd[{env}]"] = measure(
                     main_fwd_bwd(trees["this"], q, k, v, do, block_idx), True)[0]
-            finally:
-                if old is None:
-                    del os.environ[name]
-                else:
-                    os.environ[name] = old
         res["breakdown_this"] = breakdown(train_step(trees["this"], q, k, v, q_idx, k_idx, do))
         for x in (q, k, v, q_idx, k_idx):
             x.requires_grad_(False)

@@ -10,12 +10,11 @@ support) (QK^T and PV); forward+backward = 3.5x that (backward: 5 matmuls, QK^T 
 causal SDPA counts the same way with the whole causal prefix as support, so the TFLOP/s compare.
 
 The backward's dQ paths (``MSA_KV_DQ_PATH``: kv, query) are timed side by side in one process;
-``DQ_PATHS=kv,query`` picks which (default: all three).
+``DQ_PATHS=kv`` or ``query`` picks one (default: both).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import math
@@ -29,6 +28,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.meta import env_setting  # noqa: E402
 from kernels._sparse_csr import build_layout  # noqa: E402
 
 # the module, not the function of that name that kernels/__init__.py exports
@@ -38,18 +38,9 @@ H, HKV, D, BK, TOPK = 32, 2, 128, 128, 16
 DQ_PATHS = os.environ.get("DQ_PATHS", "kv,query").split(",")
 
 
-@contextlib.contextmanager
 def dq_path(name):
     """The backward's dQ path ``name`` for the calls inside (the environment variable the kernels read)."""
-    old = os.environ.get("MSA_KV_DQ_PATH")
-    os.environ["MSA_KV_DQ_PATH"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["MSA_KV_DQ_PATH"]
-        else:
-            os.environ["MSA_KV_DQ_PATH"] = old
+    return env_setting("MSA_KV_DQ_PATH", name)
 
 
 def make_block_idx(N, Hkv, topk, block_size, device="cuda", chunk=8192):
