@@ -553,10 +553,17 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
     n_sub = block_size // dkdv["BLOCK_N"]
     dk_part = torch.empty(max(W, 1) * block_size, D, dtype=torch.float32, device=q.device)
     dv_part = torch.empty_like(dk_part)
-    dkdv_args = (q, k, v, do, lse, delta, csr.entries, csr.work_bucket, csr.work_start, csr.work_end,
-                 layout.vb_start, layout.vb_end, dk_part, dv_part)
     if W:
-        sparse_attention_bwd_dkdv_kernel[(W, n_sub)](*dkdv_args, scale * LOG2E, scale, N, NQ, NV, **dkdv, **consts)
+        sparse_attention_bwd_dkdv_kernel[(W, n_sub)](
+            q, k, v, do, lse, delta, csr.entries, csr.work_bucket, csr.work_start, csr.work_end,
+            layout.vb_start, layout.vb_end, dk_part, dv_part, scale * LOG2E, scale, N, NQ, NV, **dkdv, **consts)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    sparse_attention_bwd_reduce_kernel[(B * Hkv * NV, n_sub)](
+        dk_part, dv_part, csr.bucket_work, layout.vb_start, layout.vb_end, dk, dv, N, NV, B * Hkv * NV,
+        len(csr.chunk_work) - 1, HKV=Hkv, BS=block_size, D=D, BLOCK_N=dkdv["BLOCK_N"],
+        **_launch("reduce", G, block_size))
+    del dk_part, dv_part  # up to 2 x DKDV_BYTES, freed before the dQ partials are allocated
     if dq_path == "kv":
         # KV-outer dQ chunk by chunk, as the KV-outer forward: partials in the input's precision
         part_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
@@ -567,17 +574,12 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
             w0, w1 = csr.chunk_work[c], csr.chunk_work[c + 1]
             if w1 > w0:
                 sparse_attention_bwd_dq_kv_kernel[(w1 - w0,)](
-                    *dkdv_args[:-2], dq_part, scale * LOG2E, N, NQ, NV, nc, q0, w0,
+                    q, k, v, do, lse, delta, csr.entries, csr.work_bucket, csr.work_start, csr.work_end,
+                    layout.vb_start, layout.vb_end, dq_part, scale * LOG2E, N, NQ, NV, nc, q0, w0,
                     **_launch("bwd_dq_kv", G, block_size), **consts)
             sparse_attention_bwd_dq_reduce_kernel[(nc, B * Hkv)](
                 dq_part, block_idx, layout.tok_start, dq, scale, N, NQ, nc, q0,
                 **_launch("bwd_dq_reduce", G, block_size), **consts)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    sparse_attention_bwd_reduce_kernel[(B * Hkv * NV, n_sub)](
-        dk_part, dv_part, csr.bucket_work, layout.vb_start, layout.vb_end, dk, dv, N, NV, B * Hkv * NV,
-        len(csr.chunk_work) - 1, HKV=Hkv, BS=block_size, D=D, BLOCK_N=dkdv["BLOCK_N"],
-        **_launch("reduce", G, block_size))
     return dq, dk, dv
 
 
