@@ -283,7 +283,7 @@ def _moments_worker(rank, world, sp, zero, ckpt_dir, phase):
         stats = LayerStats(model)
         out = [train_step(engine, model, iter([batch]), cfg, stage, env, stats) for _ in range(n)]
         stats.close()
-        return [o["lm"] + 0.5 * o["kl"] for o in out]
+        return [o["lm"] + stage.kl_weight * o["kl"] for o in out]
 
     def fresh(seed):
         torch.manual_seed(seed)
