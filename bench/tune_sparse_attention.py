@@ -9,8 +9,9 @@ FLOPs: useful forward FLOPs = 4 * D * (sum over query heads and queries of the v
 support) (QK^T and PV); forward+backward = 3.5x that (backward: 5 matmuls, QK^T recomputed). Dense
 causal SDPA counts the same way with the whole causal prefix as support, so the TFLOP/s compare.
 
-The backward's dQ paths (``MSA_KV_DQ_PATH``: kv, query) are timed side by side in one process;
-``DQ_PATHS=kv`` or ``query`` picks one (default: both).
+The backward's dQ paths (``MSA_KV_DQ_PATH``: kv, dkdv, query) are timed side by side in one process;
+``DQ_PATHS=kv,dkdv`` picks some (default: all three). ``sweep`` tries the launch settings of every kernel
+in ``SWEEP`` (``SWEEP_KERNELS=bwd_dkdv_dq,...`` limits it) at ``SWEEP_N`` tokens (default 32768).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from kernels._sparse_csr import build_layout  # noqa: E402
 sa = importlib.import_module("kernels.sparse_attention")
 
 H, HKV, D, BK, TOPK = 32, 2, 128, 128, 16
-DQ_PATHS = os.environ.get("DQ_PATHS", "kv,query").split(",")
+DQ_PATHS = os.environ.get("DQ_PATHS", "kv,dkdv,query").split(",")
 
 
 def dq_path(name):
@@ -217,11 +218,17 @@ SWEEP = {
                  dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
                  dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=1),
                  dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=1)],
+    "bwd_dkdv_dq": [dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1),
+                    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
+                    dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1),
+                    dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+                    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=1),
+                    dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=1)],
 }
 
 
 # the dQ path each backward kernel's sweep runs under
-SWEEP_DQ = {"bwd_dq": "query", "bwd_dq_kv": "kv", "bwd_dkdv": "kv"}
+SWEEP_DQ = {"bwd_dq": "query", "bwd_dq_kv": "kv", "bwd_dkdv": "kv", "bwd_dkdv_dq": "dkdv"}
 
 
 def sweep(N=32768):
@@ -232,7 +239,10 @@ def sweep(N=32768):
     scale = D ** -0.5
     o, lse = sa.sparse_attention_fwd(q, k, v, block_idx, BK, layout, scale, "query")
     result = {}
+    only = os.environ.get("SWEEP_KERNELS")
     for name, variants in SWEEP.items():
+        if only and name not in only.split(","):
+            continue
         base = dict(sa.CONFIG[name])
         for cfg in variants:
             sa.CONFIG[name] = cfg
@@ -263,7 +273,7 @@ def main():
     print(res, flush=True)
     res["full_selection_vs_dense"] = check_full_selection_equals_dense()
     if "sweep" in sys.argv[1:]:
-        res["sweep"] = sweep()
+        res["sweep"] = sweep(int(os.environ.get("SWEEP_N", 32768)))
         res["config_after_sweep"] = {k: v for k, v in sa.CONFIG.items()}
     res["determinism"] = check_determinism()
     res["breakdown"] = profile_breakdown(int(os.environ.get("BREAKDOWN_N", 32768)))

@@ -293,14 +293,16 @@ def _bwd_kv_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1, i_b, i_r
 
 
 @triton.jit
-def _store_dq_part(dq_part, b_ds, b_k, ent, i_q, m_row, NQ, NC, q0,
-                   G: tl.constexpr, TOPK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """``dS K`` (without the softmax scale) of each (entry, head) row of the tile, over the whole block,
-    to the chunk's ``dq_part [B*Hkv*NC*topk*G, D]`` (laid out like the forward's ``o_part``)."""
+def _store_dq_part(dq_part, b_ds, b_k, ent, i_q, m_row, i_t, NQ, NC, q0,
+                   G: tl.constexpr, TOPK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   NSUB: tl.constexpr):
+    """``dS K`` (without the softmax scale) of each (entry, head) row of the tile over the keys of
+    ``b_k`` (key tile ``i_t`` of ``NSUB`` in the block), to the chunk's
+    ``dq_part [B*Hkv*NC*topk*NSUB*G, D]`` (laid out like the forward's ``o_part``, key tiles inside a slot)."""
     o_d = tl.arange(0, D)
     o_m = tl.arange(0, BLOCK_M)
     b_dq = tl.dot(b_ds.to(b_k.dtype), b_k)
-    p_out = (((ent // (NQ * TOPK)) * NC + i_q - q0) * TOPK + ent % TOPK) * G + o_m % G
+    p_out = ((((ent // (NQ * TOPK)) * NC + i_q - q0) * TOPK + ent % TOPK) * NSUB + i_t) * G + o_m % G
     tl.store(dq_part + p_out[:, None] * D + o_d[None, :], b_dq.to(dq_part.dtype.element_ty), mask=m_row[:, None])
 
 
@@ -318,24 +320,27 @@ def sparse_attention_bwd_dq_kv_kernel(
     for e in range(e0, e1, BLOCK_M // G):
         _, _, _, b_ds, ent, i_q, m_row = _bwd_kv_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1, i_b,
                                                       i_r, scale2, N, NQ, H, G, TOPK, D, BLOCK_M)
-        _store_dq_part(dq_part, b_ds, b_k, ent, i_q, m_row, NQ, NC, q0, G, TOPK, D, BLOCK_M)
+        _store_dq_part(dq_part, b_ds, b_k, ent, i_q, m_row, 0, NQ, NC, q0, G, TOPK, D, BLOCK_M, 1)
 
 
 @triton.jit
 def sparse_attention_bwd_dq_reduce_kernel(
     dq_part, idx, tok_start, dq, scale, N, NQ, NC, q0,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
-    D: tl.constexpr, BLOCK_G: tl.constexpr,
+    D: tl.constexpr, BLOCK_G: tl.constexpr, NSUB: tl.constexpr,
 ):
-    """dQ of a query's G heads: the sum of its valid slots' partials in slot order (0 if none)."""
+    """dQ of a query's G heads: the sum of its valid slots' partials (``NSUB`` key tiles each) in slot
+    order (0 if none)."""
     i_bh, i_b, i_r, i_q, o_g, m_g, o_d, pos, e0 = _query_slots(tok_start, N, NQ, NC, q0, HKV, G, TOPK, D, BLOCK_G)
     b_dq = tl.zeros([BLOCK_G, D], tl.float32)
     for i_s in range(TOPK):
         c = tl.load(idx + (i_bh.to(tl.int64) * NQ + i_q) * TOPK + i_s)
         # the CSR's validity test: exactly the slots the dQ kernel wrote
         if (c >= 0) & (c * BS <= pos):
-            p_e = (e0 + i_s) * G + o_g
-            b_dq += tl.load(dq_part + p_e[:, None] * D + o_d[None, :], mask=m_g[:, None], other=0.0).to(tl.float32)
+            for i_t in tl.static_range(NSUB):
+                p_e = ((e0 + i_s) * NSUB + i_t) * G + o_g
+                b_dq += tl.load(dq_part + p_e[:, None] * D + o_d[None, :], mask=m_g[:, None],
+                                other=0.0).to(tl.float32)
     row = i_b.to(tl.int64) * NQ + i_q
     tl.store(dq + (row * H + i_r * G + o_g[:, None]) * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty),
              mask=m_g[:, None])
@@ -344,12 +349,13 @@ def sparse_attention_bwd_dq_reduce_kernel(
 @triton.jit
 def sparse_attention_bwd_dkdv_kernel(
     q, k, v, do, lse, delta, entries, work_bucket, work_start, work_end, vb_start, vb_end,
-    dk_part, dv_part, scale2, scale, N, NQ, NV,
+    dk_part, dv_part, dq_part, scale2, scale, N, NQ, NV, NC, q0, w0,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_DQ: tl.constexpr,
 ):
-    """dK/dV partials of work item ``program_id(0)``, key tile ``program_id(1)``."""
-    i_w = tl.program_id(0)
+    """dK/dV partials of work item ``w0 + program_id(0)``, key tile ``program_id(1)``; with ``WRITE_DQ``
+    also each tile's ``dS K`` over this key tile to the dQ partials of the query chunk ``q0 .. q0+NC``."""
+    i_w = w0 + tl.program_id(0)
     i_t = tl.program_id(1)
     e0, e1, i_b, i_r, o_k, m_k, b_k, b_v = _kv_work_item(k, v, work_bucket, work_start, work_end, vb_start,
                                                         vb_end, i_w, i_t * BLOCK_N, N, NV, HKV, D, BLOCK_N)
@@ -357,10 +363,13 @@ def sparse_attention_bwd_dkdv_kernel(
     b_dk = tl.zeros([BLOCK_N, D], tl.float32)
     b_dv = tl.zeros([BLOCK_N, D], tl.float32)
     for e in range(e0, e1, BLOCK_M // G):
-        b_q, b_do, b_p, b_ds, _, _, _ = _bwd_kv_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1,
-                                                     i_b, i_r, scale2, N, NQ, H, G, TOPK, D, BLOCK_M)
+        b_q, b_do, b_p, b_ds, ent, i_q, m_row = _bwd_kv_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1,
+                                                             i_b, i_r, scale2, N, NQ, H, G, TOPK, D, BLOCK_M)
         b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
         b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
+        if WRITE_DQ:
+            _store_dq_part(dq_part, b_ds, b_k, ent, i_q, m_row, i_t, NQ, NC, q0, G, TOPK, D, BLOCK_M,
+                           BS // BLOCK_N)
     p_out = (i_w.to(tl.int64) * BS + i_t * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * D + o_d[None, :]
     tl.store(dk_part + p_out, b_dk * scale)
     tl.store(dv_part + p_out, b_dv)
@@ -412,6 +421,7 @@ CONFIG = {
     "bwd_dq_kv": dict(BLOCK_M=64, num_warps=4, num_stages=1),
     "bwd_dq_reduce": dict(num_warps=4, num_stages=1),
     "bwd_dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
+    "bwd_dkdv_dq": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1),
     "reduce": dict(num_warps=4, num_stages=1),
     "CHUNK": 256,
     "PART_BYTES": 2**32,
@@ -477,9 +487,9 @@ def _pick_path(path: str, G: int, block_size: int) -> str:
 
 def _dq_path(block_size: int) -> str:
     path = _setting("DQ_PATH")
-    if path not in ("kv", "query"):
-        raise ValueError(f"MSA_KV_DQ_PATH / CONFIG['DQ_PATH'] must be 'kv' or 'query', got {path!r}")
-    return path if block_size <= 128 else "query"  # the KV-outer dQ holds a whole block per program
+    if path not in ("kv", "dkdv", "query"):
+        raise ValueError(f"MSA_KV_DQ_PATH / CONFIG['DQ_PATH'] must be 'kv', 'dkdv' or 'query', got {path!r}")
+    return path if block_size <= 128 else "query"  # the KV-outer dQ paths hold a whole block per program
 
 
 def _reverse_index(q, block_idx, block_size, layout, q_chunk=None):
@@ -489,7 +499,9 @@ def _reverse_index(q, block_idx, block_size, layout, q_chunk=None):
     B, NQ, H, D = q.shape
     if q_chunk is None:
         part = torch.float32 if q.dtype == torch.float32 else q.dtype
-        per_query = B * H * block_idx.shape[-1] * (D * part.itemsize + 4)
+        # the forward's o/lse partials, or the dkdv dQ path's partials (one per key tile of a block)
+        n_sub = block_size // _launch("bwd_dkdv_dq", 1, block_size)["BLOCK_N"] if _dq_path(block_size) == "dkdv" else 1
+        per_query = B * H * block_idx.shape[-1] * max(D * part.itemsize + 4, n_sub * D * part.itemsize)
         q_chunk = max(1, min(NQ, _setting("PART_BYTES") // per_query))
     NB = B * block_idx.shape[1] * layout.vb_start.numel()
     max_work = max(2 * NB, _setting("DKDV_BYTES") // (block_size * D * 8))
@@ -549,14 +561,26 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
         sparse_attention_bwd_delta_kernel[(triton.cdiv(NQ, cfg["BLOCK_Q"]), B * H)](o, do, delta, NQ, H=H, D=D, **cfg)
         csr = _reverse_index(q, block_idx, block_size, layout) if csr is None else csr
     W = csr.chunk_work[-1]
-    dkdv = _launch("bwd_dkdv", G, block_size)
+    dkdv = _launch("bwd_dkdv_dq" if dq_path == "dkdv" else "bwd_dkdv", G, block_size)
     n_sub = block_size // dkdv["BLOCK_N"]
     dk_part = torch.empty(max(W, 1) * block_size, D, dtype=torch.float32, device=q.device)
     dv_part = torch.empty_like(dk_part)
-    if W:
+    kv_args = (csr.entries, csr.work_bucket, csr.work_start, csr.work_end, layout.vb_start, layout.vb_end)
+    if dq_path == "dkdv":
+        # dK/dV and dQ from one kernel, chunk by chunk: dQ partials per (query, slot, key tile, head)
+        for c, q0, nc, dq_part in _dq_chunks(q, csr, Hkv, topk, n_sub):
+            w0, w1 = csr.chunk_work[c], csr.chunk_work[c + 1]
+            if w1 > w0:
+                sparse_attention_bwd_dkdv_kernel[(w1 - w0, n_sub)](
+                    q, k, v, do, lse, delta, *kv_args, dk_part, dv_part, dq_part, scale * LOG2E, scale, N, NQ, NV,
+                    nc, q0, w0, WRITE_DQ=True, **dkdv, **consts)
+            sparse_attention_bwd_dq_reduce_kernel[(nc, B * Hkv)](
+                dq_part, block_idx, layout.tok_start, dq, scale, N, NQ, nc, q0, NSUB=n_sub,
+                **_launch("bwd_dq_reduce", G, block_size), **consts)
+    elif W:
         sparse_attention_bwd_dkdv_kernel[(W, n_sub)](
-            q, k, v, do, lse, delta, csr.entries, csr.work_bucket, csr.work_start, csr.work_end,
-            layout.vb_start, layout.vb_end, dk_part, dv_part, scale * LOG2E, scale, N, NQ, NV, **dkdv, **consts)
+            q, k, v, do, lse, delta, *kv_args, dk_part, dv_part, dk_part, scale * LOG2E, scale, N, NQ, NV,
+            1, 0, 0, WRITE_DQ=False, **dkdv, **consts)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     sparse_attention_bwd_reduce_kernel[(B * Hkv * NV, n_sub)](
@@ -565,22 +589,27 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
         **_launch("reduce", G, block_size))
     del dk_part, dv_part  # up to 2 x DKDV_BYTES, freed before the dQ partials are allocated
     if dq_path == "kv":
-        # KV-outer dQ chunk by chunk, as the KV-outer forward: partials in the input's precision
-        part_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
-        NC = csr.q_chunk
-        for c, q0 in enumerate(range(0, NQ, NC)):
-            nc = min(NC, NQ - q0)
-            dq_part = torch.empty(B * Hkv * nc * topk * G, D, dtype=part_dtype, device=q.device)
+        # KV-outer dQ chunk by chunk, as the KV-outer forward
+        for c, q0, nc, dq_part in _dq_chunks(q, csr, Hkv, topk, 1):
             w0, w1 = csr.chunk_work[c], csr.chunk_work[c + 1]
             if w1 > w0:
                 sparse_attention_bwd_dq_kv_kernel[(w1 - w0,)](
-                    q, k, v, do, lse, delta, csr.entries, csr.work_bucket, csr.work_start, csr.work_end,
-                    layout.vb_start, layout.vb_end, dq_part, scale * LOG2E, N, NQ, NV, nc, q0, w0,
+                    q, k, v, do, lse, delta, *kv_args, dq_part, scale * LOG2E, N, NQ, NV, nc, q0, w0,
                     **_launch("bwd_dq_kv", G, block_size), **consts)
             sparse_attention_bwd_dq_reduce_kernel[(nc, B * Hkv)](
-                dq_part, block_idx, layout.tok_start, dq, scale, N, NQ, nc, q0,
+                dq_part, block_idx, layout.tok_start, dq, scale, N, NQ, nc, q0, NSUB=1,
                 **_launch("bwd_dq_reduce", G, block_size), **consts)
     return dq, dk, dv
+
+
+def _dq_chunks(q, csr, Hkv, topk, n_sub):
+    """The query chunks of the CSR, each with a fresh dQ partial buffer ``[B*Hkv*nc*topk*n_sub*G, D]``
+    in the input's precision (fp32 for fp32 inputs): ``(chunk, q0, nc, dq_part)``."""
+    B, NQ, H, D = q.shape
+    part_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+    for c, q0 in enumerate(range(0, NQ, csr.q_chunk)):
+        nc = min(csr.q_chunk, NQ - q0)
+        yield c, q0, nc, torch.empty(B * H * nc * topk * n_sub, D, dtype=part_dtype, device=q.device)
 
 
 class SparseAttentionFunction(torch.autograd.Function):

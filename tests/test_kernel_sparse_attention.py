@@ -5,6 +5,7 @@ tolerance rule, a determinism rerun of the backward, and one case with N*H*D > 2
 path (``MSA_KV_DQ_PATH``) is the default KV-outer one unless a test names others (``DQ_PATHS``).
 """
 
+import importlib
 import math
 
 import pytest
@@ -13,6 +14,9 @@ import torch
 from kernels.sparse_attention import sparse_attention
 from msa import reference as ref
 from tests.utils import poison_empty, rel_rms
+
+# the module (kernels/__init__.py exports the function of the same name)
+sa = importlib.import_module("kernels.sparse_attention")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -64,7 +68,7 @@ def assert_close(refs, outs, tol):
 
 
 # (forward path, dQ path) pairs for the tests that cover the backward's dQ variants
-DQ_PATHS = [("query", "query"), ("query", "kv"), ("kv", "kv"), ("kv", "query")]
+DQ_PATHS = [("query", "query"), ("query", "kv"), ("kv", "kv"), ("kv", "query"), ("kv", "dkdv"), ("query", "dkdv")]
 
 CPU_CASES = [  # B, N, H, Hkv, D, block_size, topk
     (1, 63, 2, 2, 16, 16, 3),  # G = 1
@@ -130,6 +134,23 @@ def test_g_not_dividing_the_row_tile(monkeypatch, path, dq):
     N, Nq, H, Hkv, D, block_size, topk = 90, 70, 6, 2, 16, 16, 4
     monkeypatch.setenv("MSA_KV_PART_BYTES", str(H * topk * (D + 1) * 4 * 30))  # query chunks of 30
     cu = torch.tensor([0, 25, 26, 90], dtype=torch.int32)
+    q, k, v = make_inputs(1, N, H, Hkv, D, Nq=Nq)
+    block_idx = random_block_idx(1, Hkv, N, topk, block_size, cu, Nq=Nq)
+    poison_empty(monkeypatch)
+    refs, outs = run_both(q, k, v, block_idx, block_size, cu, path=path)
+    assert_close(refs, outs, 1e-5)
+
+
+@pytest.mark.parametrize("path", ["query", "kv"])
+def test_dkdv_dq_path_with_several_key_tiles_per_block(monkeypatch, path):
+    """The ``dkdv`` dQ path writes one dQ partial per key tile of a block: 32-key blocks in 16-key tiles
+    (two partials per slot), G = 2, Nq < N, documents, hot blocks split and several query chunks."""
+    monkeypatch.setenv("MSA_KV_DQ_PATH", "dkdv")
+    monkeypatch.setenv("MSA_KV_CHUNK", "12")
+    monkeypatch.setitem(sa.CONFIG, "bwd_dkdv_dq", dict(sa.CONFIG["bwd_dkdv_dq"], BLOCK_N=16))
+    N, Nq, H, Hkv, D, block_size, topk = 150, 101, 4, 2, 16, 32, 3
+    monkeypatch.setenv("MSA_KV_PART_BYTES", str(H * topk * 2 * D * 4 * 40))  # query chunks of 40
+    cu = torch.tensor([0, 60, 61, 150], dtype=torch.int32)
     q, k, v = make_inputs(1, N, H, Hkv, D, Nq=Nq)
     block_idx = random_block_idx(1, Hkv, N, topk, block_size, cu, Nq=Nq)
     poison_empty(monkeypatch)
@@ -207,7 +228,7 @@ def test_gpu_low_precision_matches_reference(monkeypatch, path, dq, G, D, dtype)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dq", ["kv", "query"])
+@pytest.mark.parametrize("dq", ["kv", "dkdv", "query"])
 def test_gpu_backward_is_deterministic(monkeypatch, dq):
     monkeypatch.setenv("MSA_KV_DQ_PATH", dq)
     B, N, H, Hkv, D, block_size, topk = 1, 8192, 32, 2, 128, 128, 16

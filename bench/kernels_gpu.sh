@@ -1,0 +1,33 @@
+#!/bin/bash
+# One GPU call for kernel work: the GPU kernel tests, a launch-setting sweep and the timings of
+# bench/tune_sparse_attention.py, and bench/compare_kernels.py against a baseline tree's kernels.
+# Run from the repository root on the GPU machine (results and logs to $OUT):
+#   mkdir -p .base && git archive <commit> kernels | tar -x -C .base     # here, before the call
+#   MSA_GIT_COMMIT=<sha> STAGES="test tune compare" bash bench/kernels_gpu.sh
+# Settings (environment): STAGES; TUNE_ENV (e.g. "SWEEP_KERNELS=bwd_dkdv_dq SWEEP_N=131072");
+# COMPARE_ARGS (default "--sizes 131072 --hkv 2 4"); LIMITS (seconds for test, tune, compare).
+set -uo pipefail
+OUT=${OUT:-runs/kernels_gpu}
+mkdir -p "$OUT"
+STAGES=${STAGES:-test tune compare}
+read -r -a LIM <<< "${LIMITS:-200 240 240}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+run() {  # name, limit, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "   rc=$? in $((SECONDS - t0))s"
+}
+for stage in $STAGES; do
+  case $stage in
+    test) run test "${LIM[0]}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_sparse_attention.py \
+            tests/test_kernel_index.py
+          tail -n 3 "$OUT/test.log" ;;
+    tune) run tune "${LIM[1]}" env ${TUNE_ENV:-} python3 bench/tune_sparse_attention.py sweep
+          grep -E "sweep N|N= |fwd kv \+ bwd|bitwise|rel err|^ +[0-9.]+ " "$OUT/tune.log" | head -n 80 ;;
+    compare) run compare "${LIM[2]}" python3 bench/compare_kernels.py --baseline .base ${COMPARE_ARGS:---sizes 131072 --hkv 2 4} \
+               --env MSA_KV_DQ_PATH=dkdv --json "$OUT/compare_kernels.json"
+             tail -n 60 "$OUT/compare.log" ;;
+  esac
+done
