@@ -11,7 +11,8 @@ causal SDPA counts the same way with the whole causal prefix as support, so the 
 
 The backward's dQ paths (``MSA_KV_DQ_PATH``: kv, dkdv, query) are timed side by side in one process;
 ``DQ_PATHS=kv,dkdv`` picks some (default: all three). ``sweep`` tries the launch settings of every kernel
-in ``SWEEP`` (``SWEEP_KERNELS=bwd_dkdv_dq,...`` limits it) at ``SWEEP_N`` tokens (default 32768).
+in ``SWEEP`` (``SWEEP_KERNELS=bwd_dkdv_dq,...`` limits it) at ``SWEEP_N`` tokens (default 32768) and
+``SWEEP_HKV`` KV heads (default 2).
 """
 
 from __future__ import annotations
@@ -218,8 +219,9 @@ SWEEP = {
                  dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
                  dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=1),
                  dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=1)],
-    "bwd_dkdv_dq": [dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1),
-                    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
+    "bwd_dkdv_dq": [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
+                    dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1),
+                    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
                     dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1),
                     dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
                     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=1),
@@ -231,10 +233,10 @@ SWEEP = {
 SWEEP_DQ = {"bwd_dq": "query", "bwd_dq_kv": "kv", "bwd_dkdv": "kv", "bwd_dkdv_dq": "dkdv"}
 
 
-def sweep(N=32768):
-    q, k, v = inputs(N)
+def sweep(N=32768, Hkv=HKV):
+    q, k, v = inputs(N, Hkv)
     do = torch.randn_like(q)
-    block_idx = make_block_idx(N, HKV, TOPK, BK)
+    block_idx = make_block_idx(N, Hkv, TOPK, BK)
     layout = build_layout(N, BK, None, "cuda")
     scale = D ** -0.5
     o, lse = sa.sparse_attention_fwd(q, k, v, block_idx, BK, layout, scale, "query")
@@ -257,7 +259,7 @@ def sweep(N=32768):
                 t = float("nan")
                 print(f"   {name} {cfg}: {type(e).__name__}: {str(e)[:120]}")
             result.setdefault(name, []).append((cfg, t))
-            print(f"sweep N={N} {name:9s} {cfg} -> {t:.3f} ms", flush=True)
+            print(f"sweep N={N} Hkv={Hkv} {name:9s} {cfg} -> {t:.3f} ms", flush=True)
         best = min((c for c in result[name] if c[1] == c[1]), key=lambda c: c[1], default=(base, 0))
         sa.CONFIG[name] = best[0]
     return result
@@ -273,7 +275,7 @@ def main():
     print(res, flush=True)
     res["full_selection_vs_dense"] = check_full_selection_equals_dense()
     if "sweep" in sys.argv[1:]:
-        res["sweep"] = sweep(int(os.environ.get("SWEEP_N", 32768)))
+        res["sweep"] = sweep(int(os.environ.get("SWEEP_N", 32768)), int(os.environ.get("SWEEP_HKV", HKV)))
         res["config_after_sweep"] = {k: v for k, v in sa.CONFIG.items()}
     res["determinism"] = check_determinism()
     res["breakdown"] = profile_breakdown(int(os.environ.get("BREAKDOWN_N", 32768)))

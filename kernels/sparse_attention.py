@@ -421,7 +421,7 @@ CONFIG = {
     "bwd_dq_kv": dict(BLOCK_M=64, num_warps=4, num_stages=1),
     "bwd_dq_reduce": dict(num_warps=4, num_stages=1),
     "bwd_dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
-    "bwd_dkdv_dq": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1),
+    "bwd_dkdv_dq": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
     "reduce": dict(num_warps=4, num_stages=1),
     "CHUNK": 256,
     "PART_BYTES": 2**32,
