@@ -22,7 +22,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.meta import env_setting  # noqa: E402
+from bench.meta import env_setting, run_meta  # noqa: E402
 from kernels._sparse_csr import build_layout  # noqa: E402
 
 # the module, not the function of that name that kernels/__init__.py exports
@@ -268,10 +267,7 @@ def sweep(N=32768, Hkv=HKV):
 def main():
     out_dir = os.environ.get("OUT", "runs")
     os.makedirs(out_dir, exist_ok=True)
-    props = torch.cuda.get_device_properties(0)
-    res = dict(gpu=props.name, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    import triton
-    res["triton"] = triton.__version__
+    res = run_meta()
     print(res, flush=True)
     res["full_selection_vs_dense"] = check_full_selection_equals_dense()
     if "sweep" in sys.argv[1:]:

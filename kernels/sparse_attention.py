@@ -20,9 +20,11 @@ Backward, after ``delta = rowsum(dO * O)``: dK/dV KV-outer over the CSR (each wo
 partial, a reduce kernel sums them per block in a fixed order). dQ (``CONFIG["DQ_PATH"]``, environment
 ``MSA_KV_DQ_PATH``): ``kv`` (default) is KV-outer too, over the forward's CSR and query chunks: a
 program holds a whole K/V block, recomputes P and dS for its tiles of gathered rows and writes one dQ
-partial per (query, slot, head); a reduce kernel sums a query's valid slots in slot order. ``query`` is
-the query-outer kernel (one program per (query, group) over its blocks; it also writes delta). No atomics
-anywhere, so the backward is deterministic.
+partial per (query, slot, head); a reduce kernel sums a query's valid slots in slot order. ``dkdv``: the
+dK/dV kernel itself writes ``dS K`` over its key tile as dQ partials (one per key tile), summed by the
+same reduce, so nothing re-gathers q and dO. ``query`` is the query-outer kernel (one program per
+(query, group) over its blocks; it also writes delta). No atomics anywhere, so the backward is
+deterministic.
 Measured on an H200 (torch 2.11, Triton 3.6) at 128K tokens, 32 heads, D=128, Bk=128, k=16: forward
 27 ms, forward+backward 94 ms (Hkv=2) and 115 ms (Hkv=4), against 907 ms for dense SDPA's
 forward+backward; numbers and method in docs/kernels.md, section sparse_attention.
@@ -410,8 +412,9 @@ def sparse_attention_bwd_reduce_kernel(
 # Launch settings, per kernel; bench/tune_sparse_attention.py sweeps them (docs/kernels.md has the
 # numbers behind the defaults). CHUNK: entries per KV-outer work item (hot blocks get several);
 # PART_BYTES: memory for the KV-outer forward's partial outputs and the KV-outer dQ's (queries go in
-# chunks that fit). DQ_PATH: the backward's dQ, "kv" (KV-outer kernel + reduce) or "query" (query-outer
-# kernel); block sizes above 128 take "query".
+# chunks that fit). DQ_PATH: the backward's dQ, "kv" (KV-outer kernel + reduce), "dkdv" (the dK/dV kernel
+# writes dQ partials per key tile, then a reduce) or "query" (query-outer kernel); block sizes above 128
+# take "query". "kv" stays the default: "dkdv" was faster only at G = 16, 128K (docs/kernels.md).
 CONFIG = {
     "fwd_query": dict(BLOCK_N=64, num_warps=4, num_stages=3),
     "fwd_kv": dict(BLOCK_M=64, num_warps=4, num_stages=1),
@@ -420,7 +423,7 @@ CONFIG = {
     "bwd_delta": dict(BLOCK_Q=64, num_warps=4, num_stages=1),
     "bwd_dq_kv": dict(BLOCK_M=64, num_warps=4, num_stages=1),
     "bwd_dq_reduce": dict(num_warps=4, num_stages=1),
-    "bwd_dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
+    "bwd_dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     "bwd_dkdv_dq": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1),
     "reduce": dict(num_warps=4, num_stages=1),
     "CHUNK": 256,
