@@ -135,20 +135,6 @@ def _kv_work_item(k, v, work_bucket, work_start, work_end, vb_start, vb_end, i_w
 
 
 @triton.jit
-def _kv_rows(entries, e, e1, i_b, i_r, NQ, H: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr,
-             BLOCK_M: tl.constexpr):
-    """The rows ``(entry e + m // G, head m % G)`` of a KV-outer tile in a work item ending at ``e1``:
-    each row's entry, query, mask (``m_row``) and row of ``q [B*Nq*H, D]``. Rows past the last whole
-    entry (G not dividing BLOCK_M) belong to the next tile."""
-    o_m = tl.arange(0, BLOCK_M)
-    o_mq = o_m // G
-    m_row = (e + o_mq < e1) & (o_m < (BLOCK_M // G) * G)
-    ent = tl.load(entries + e + o_mq, mask=m_row, other=0).to(tl.int64)
-    i_q = (ent // TOPK) % NQ
-    return ent, i_q, m_row, (i_b.to(tl.int64) * NQ + i_q) * H + i_r * G + o_m % G
-
-
-@triton.jit
 def sparse_attention_fwd_kv_kernel(
     q, k, v, entries, work_bucket, work_start, work_end, vb_start, vb_end, o_part, lse_part,
     scale2, N, NQ, NV, NC, q0, w0,
@@ -156,17 +142,20 @@ def sparse_attention_fwd_kv_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Work item ``w0 + program_id`` of the query chunk ``q0 .. q0+NC``: one K/V block against its
-    entries; partials go to the chunk's ``o_part [B*Hkv*NC*topk*G, D]``. Each tile's gathered q rows are
-    loaded one iteration ahead, so the gather overlaps the previous tile's matmuls."""
+    entries; partials go to the chunk's ``o_part [B*Hkv*NC*topk*G, D]``."""
     e0, e1, i_b, i_r, o_k, m_k, b_k, b_v = _kv_work_item(k, v, work_bucket, work_start, work_end, vb_start,
                                                         vb_end, w0 + tl.program_id(0), 0, N, NV, HKV, D, BS)
     o_d = tl.arange(0, D)
     o_m = tl.arange(0, BLOCK_M)
-    ent, i_q, m_row, row = _kv_rows(entries, e0, e1, i_b, i_r, NQ, H, G, TOPK, BLOCK_M)
-    b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.0)
+    o_mq = o_m // G
+    h = i_r * G + o_m % G
     for e in range(e0, e1, BLOCK_M // G):
-        ent_n, i_q_n, m_row_n, row_n = _kv_rows(entries, e + BLOCK_M // G, e1, i_b, i_r, NQ, H, G, TOPK, BLOCK_M)
-        b_q_n = tl.load(q + row_n[:, None] * D + o_d[None, :], mask=m_row_n[:, None], other=0.0)
+        # rows past the last whole entry (G not dividing BLOCK_M) belong to the next tile
+        m_row = (e + o_mq < e1) & (o_m < (BLOCK_M // G) * G)
+        ent = tl.load(entries + e + o_mq, mask=m_row, other=0).to(tl.int64)
+        i_q = (ent // TOPK) % NQ
+        p_q = ((i_b.to(tl.int64) * NQ + i_q) * H + h)[:, None] * D + o_d[None, :]
+        b_q = tl.load(q + p_q, mask=m_row[:, None], other=0.0)
         # [BLOCK_M, BS]
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
         m_s = m_k[None, :] & (o_k[None, :] <= (N - NQ + i_q)[:, None])
@@ -180,7 +169,6 @@ def sparse_attention_fwd_kv_kernel(
         tl.store(o_part + p_out[:, None] * D + o_d[None, :], b_o.to(o_part.dtype.element_ty),
                  mask=m_row[:, None])
         tl.store(lse_part + p_out, b_mx + tl.log2(tl.where(b_l > 0, b_l, 1.0)), mask=m_row)
-        ent, i_q, m_row, b_q = ent_n, i_q_n, m_row_n, b_q_n
 
 
 @triton.jit
@@ -279,29 +267,31 @@ def sparse_attention_bwd_delta_kernel(o, do, delta, NQ, H: tl.constexpr, D: tl.c
 
 
 @triton.jit
-def _bwd_kv_load(q, do, lse, delta, entries, e, e1, i_b, i_r, NQ, H: tl.constexpr, G: tl.constexpr,
-                 TOPK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """What the KV-outer backward gathers for the tile of rows ``(entry e + m // G, head m % G)``: q, dO,
-    lse (log2 units) and delta of each row, its entry and query, and the row mask."""
-    ent, i_q, m_row, row = _kv_rows(entries, e, e1, i_b, i_r, NQ, H, G, TOPK, BLOCK_M)
-    p_q = row[:, None] * D + tl.arange(0, D)[None, :]
+def _bwd_kv_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1, i_b, i_r, scale2, N, NQ,
+                 H: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The KV-outer backward's tile: rows ``(entry e + m // G, head m % G)`` of a work item ending at
+    ``e1`` against the keys ``o_k`` (``m_k`` in the block): gathered q and dO, ``P`` and
+    ``dS = P * (dP - delta)`` ``[BLOCK_M, keys]``, each row's entry and query, and the row mask."""
+    o_d = tl.arange(0, D)
+    o_m = tl.arange(0, BLOCK_M)
+    o_mq = o_m // G
+    h = i_r * G + o_m % G
+    # rows past the last whole entry (G not dividing BLOCK_M) belong to the next tile
+    m_row = (e + o_mq < e1) & (o_m < (BLOCK_M // G) * G)
+    ent = tl.load(entries + e + o_mq, mask=m_row, other=0).to(tl.int64)
+    i_q = (ent // TOPK) % NQ
+    p_q = ((i_b.to(tl.int64) * NQ + i_q) * H + h)[:, None] * D + o_d[None, :]
     b_q = tl.load(q + p_q, mask=m_row[:, None], other=0.0)
     b_do = tl.load(do + p_q, mask=m_row[:, None], other=0.0)
-    p_row = (i_b.to(tl.int64) * H + row % H) * NQ + i_q
+    p_row = (i_b.to(tl.int64) * H + h) * NQ + i_q
     b_lse = tl.load(lse + p_row, mask=m_row, other=0.0) * 1.4426950408889634
     b_delta = tl.load(delta + p_row, mask=m_row, other=0.0)
-    return b_q, b_do, b_lse, b_delta, ent, i_q, m_row
-
-
-@triton.jit
-def _bwd_kv_math(b_q, b_do, b_lse, b_delta, b_k, b_v, o_k, m_k, i_q, m_row, scale2, N, NQ):
-    """``P`` and ``dS = P * (dP - delta)`` ``[rows, keys]`` of a gathered tile against the keys ``o_k``
-    (``m_k``: in the block)."""
     b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
     m_s = m_row[:, None] & m_k[None, :] & (o_k[None, :] <= (N - NQ + i_q)[:, None])
     b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
     b_dp = tl.dot(b_do, tl.trans(b_v))
-    return b_p, b_p * (b_dp - b_delta[:, None])
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    return b_q, b_do, b_p, b_ds, ent, i_q, m_row
 
 
 @triton.jit
@@ -329,15 +319,10 @@ def sparse_attention_bwd_dq_kv_kernel(
     against its entries (P, dP, dS recomputed), one dQ partial per (entry, head)."""
     e0, e1, i_b, i_r, o_k, m_k, b_k, b_v = _kv_work_item(k, v, work_bucket, work_start, work_end, vb_start,
                                                         vb_end, w0 + tl.program_id(0), 0, N, NV, HKV, D, BS)
-    # each tile's gathered rows are loaded one iteration ahead (the gather overlaps the matmuls)
-    b_q, b_do, b_lse, b_delta, ent, i_q, m_row = _bwd_kv_load(q, do, lse, delta, entries, e0, e1, i_b, i_r, NQ,
-                                                              H, G, TOPK, D, BLOCK_M)
     for e in range(e0, e1, BLOCK_M // G):
-        b_q_n, b_do_n, b_lse_n, b_delta_n, ent_n, i_q_n, m_row_n = _bwd_kv_load(
-            q, do, lse, delta, entries, e + BLOCK_M // G, e1, i_b, i_r, NQ, H, G, TOPK, D, BLOCK_M)
-        _, b_ds = _bwd_kv_math(b_q, b_do, b_lse, b_delta, b_k, b_v, o_k, m_k, i_q, m_row, scale2, N, NQ)
+        _, _, _, b_ds, ent, i_q, m_row = _bwd_kv_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1, i_b,
+                                                      i_r, scale2, N, NQ, H, G, TOPK, D, BLOCK_M)
         _store_dq_part(dq_part, b_ds, b_k, ent, i_q, m_row, 0, NQ, NC, q0, G, TOPK, D, BLOCK_M, 1)
-        b_q, b_do, b_lse, b_delta, ent, i_q, m_row = b_q_n, b_do_n, b_lse_n, b_delta_n, ent_n, i_q_n, m_row_n
 
 
 @triton.jit
@@ -380,9 +365,8 @@ def sparse_attention_bwd_dkdv_kernel(
     b_dk = tl.zeros([BLOCK_N, D], tl.float32)
     b_dv = tl.zeros([BLOCK_N, D], tl.float32)
     for e in range(e0, e1, BLOCK_M // G):
-        b_q, b_do, b_lse, b_delta, ent, i_q, m_row = _bwd_kv_load(q, do, lse, delta, entries, e, e1, i_b, i_r, NQ,
-                                                                  H, G, TOPK, D, BLOCK_M)
-        b_p, b_ds = _bwd_kv_math(b_q, b_do, b_lse, b_delta, b_k, b_v, o_k, m_k, i_q, m_row, scale2, N, NQ)
+        b_q, b_do, b_p, b_ds, ent, i_q, m_row = _bwd_kv_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1,
+                                                             i_b, i_r, scale2, N, NQ, H, G, TOPK, D, BLOCK_M)
         b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
         b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
         if WRITE_DQ:
