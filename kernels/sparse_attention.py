@@ -18,15 +18,16 @@ Supports G = H/Hkv of any size, head dim 16/32/64/128, block sizes that are powe
 
 Backward, after ``delta = rowsum(dO * O)``: dK/dV KV-outer over the CSR (each work item writes its own
 partial, a reduce kernel sums them per block in a fixed order). dQ (``CONFIG["DQ_PATH"]``, environment
-``MSA_KV_DQ_PATH``): ``kv`` (default) is KV-outer too, over the forward's CSR and query chunks: a
-program holds a whole K/V block, recomputes P and dS for its tiles of gathered rows and writes one dQ
-partial per (query, slot, head); a reduce kernel sums a query's valid slots in slot order. ``dkdv``: the
-dK/dV kernel itself writes ``dS K`` over its key tile as dQ partials (one per key tile), summed by the
-same reduce, so nothing re-gathers q and dO. ``query`` is the query-outer kernel (one program per
-(query, group) over its blocks; it also writes delta). No atomics anywhere, so the backward is
-deterministic.
+``MSA_KV_DQ_PATH``; ``auto``, the default, takes ``dkdv`` for G >= 16 and ``kv`` otherwise):
+- ``kv``: KV-outer too, over the forward's CSR and query chunks: a program holds a whole K/V block,
+  recomputes P and dS for its tiles of gathered rows and writes one dQ partial per (query, slot, head);
+  a reduce kernel sums a query's valid slots in slot order.
+- ``dkdv``: the dK/dV kernel itself writes ``dS K`` over its key tile as dQ partials (one per key tile),
+  summed by the same reduce, so nothing re-gathers q and dO.
+- ``query``: the query-outer kernel (one program per (query, group) over its blocks; it also writes delta).
+No atomics anywhere, so the backward is deterministic.
 Measured on an H200 (torch 2.11, Triton 3.6) at 128K tokens, 32 heads, D=128, Bk=128, k=16: forward
-27 ms, forward+backward 94 ms (Hkv=2) and 115 ms (Hkv=4), against 907 ms for dense SDPA's
+27 ms, forward+backward 91 ms (Hkv=2) and 109 ms (Hkv=4), against 907 ms for dense SDPA's
 forward+backward; numbers and method in docs/kernels.md, section sparse_attention.
 """
 
@@ -413,8 +414,9 @@ def sparse_attention_bwd_reduce_kernel(
 # numbers behind the defaults). CHUNK: entries per KV-outer work item (hot blocks get several);
 # PART_BYTES: memory for the KV-outer forward's partial outputs and the KV-outer dQ's (queries go in
 # chunks that fit). DQ_PATH: the backward's dQ, "kv" (KV-outer kernel + reduce), "dkdv" (the dK/dV kernel
-# writes dQ partials per key tile, then a reduce) or "query" (query-outer kernel); block sizes above 128
-# take "query". "kv" stays the default: "dkdv" was faster only at G = 16, 128K (docs/kernels.md).
+# writes dQ partials per key tile, then a reduce), "query" (query-outer kernel) or "auto": "dkdv" for
+# G >= 16, where it was faster (32K and 128K on the H200), else "kv" (faster at G = 8; docs/kernels.md);
+# block sizes above 128 take "query".
 CONFIG = {
     "fwd_query": dict(BLOCK_N=64, num_warps=4, num_stages=3),
     "fwd_kv": dict(BLOCK_M=64, num_warps=4, num_stages=1),
@@ -429,7 +431,7 @@ CONFIG = {
     "CHUNK": 256,
     "PART_BYTES": 2**32,
     "DKDV_BYTES": 2**32,
-    "DQ_PATH": "kv",
+    "DQ_PATH": "auto",
 }
 
 
@@ -488,11 +490,15 @@ def _pick_path(path: str, G: int, block_size: int) -> str:
     return path
 
 
-def _dq_path(block_size: int) -> str:
+def _dq_path(G: int, block_size: int) -> str:
     path = _setting("DQ_PATH")
-    if path not in ("kv", "dkdv", "query"):
-        raise ValueError(f"MSA_KV_DQ_PATH / CONFIG['DQ_PATH'] must be 'kv', 'dkdv' or 'query', got {path!r}")
-    return path if block_size <= 128 else "query"  # the KV-outer dQ paths hold a whole block per program
+    if path not in ("auto", "kv", "dkdv", "query"):
+        raise ValueError(f"MSA_KV_DQ_PATH / CONFIG['DQ_PATH'] must be 'auto', 'kv', 'dkdv' or 'query', got {path!r}")
+    if block_size > 128:
+        return "query"  # the KV-outer dQ paths hold a whole block per program
+    if path == "auto":
+        return "dkdv" if G >= 16 else "kv"
+    return path
 
 
 def _reverse_index(q, block_idx, block_size, layout, q_chunk=None):
@@ -503,7 +509,10 @@ def _reverse_index(q, block_idx, block_size, layout, q_chunk=None):
     if q_chunk is None:
         part = torch.float32 if q.dtype == torch.float32 else q.dtype
         # the forward's o/lse partials, or the dkdv dQ path's partials (one per key tile of a block)
-        n_sub = block_size // _launch("bwd_dkdv_dq", 1, block_size)["BLOCK_N"] if _dq_path(block_size) == "dkdv" else 1
+        G = H // block_idx.shape[1]
+        n_sub = 1
+        if _dq_path(G, block_size) == "dkdv":
+            n_sub = block_size // _launch("bwd_dkdv_dq", G, block_size)["BLOCK_N"]
         per_query = B * H * block_idx.shape[-1] * max(D * part.itemsize + 4, n_sub * D * part.itemsize)
         q_chunk = max(1, min(NQ, _setting("PART_BYTES") // per_query))
     NB = B * block_idx.shape[1] * layout.vb_start.numel()
@@ -550,7 +559,7 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
     G = H // Hkv
     NV = layout.vb_start.numel()
     consts = dict(H=H, HKV=Hkv, G=G, TOPK=topk, BS=block_size, D=D)
-    dq_path = _dq_path(block_size)
+    dq_path = _dq_path(G, block_size)
     delta = torch.empty_like(lse)  # [B, H, Nq]: rowsum(dO * O)
     dq = torch.empty_like(q)
     if dq_path == "query":  # the query-outer dQ kernel also writes delta

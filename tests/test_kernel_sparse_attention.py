@@ -2,7 +2,8 @@
 
 CPU: the Triton interpreter on small fp32 shapes. GPU (marked): real sizes in bf16 with the STYLE.md
 tolerance rule, a determinism rerun of the backward, and one case with N*H*D > 2^31. The backward's dQ
-path (``MSA_KV_DQ_PATH``) is the default KV-outer one unless a test names others (``DQ_PATHS``).
+path (``MSA_KV_DQ_PATH``) is the default (``auto``: ``dkdv`` for G >= 16, else ``kv``) unless a test names
+others (``DQ_PATHS``).
 """
 
 import importlib
