@@ -1,16 +1,18 @@
 #!/bin/bash
 # One GPU call for kernel work: the GPU kernel tests, a launch-setting sweep and the timings of
-# bench/tune_sparse_attention.py, and bench/compare_kernels.py against a baseline tree's kernels.
+# bench/tune_sparse_attention.py, bench/compare_kernels.py against a baseline tree's kernels, and the
+# full benchmark bench/msa_attention.py.
 # Run from the repository root on the GPU machine (results and logs to $OUT):
 #   mkdir -p .base && git archive <commit> kernels | tar -x -C .base     # here, before the call
-#   MSA_GIT_COMMIT=<sha> STAGES="test tune compare" bash bench/kernels_gpu.sh
+#   MSA_GIT_COMMIT=<sha> STAGES="test tune compare bench" bash bench/kernels_gpu.sh
 # Settings (environment): STAGES; TUNE_ENV (e.g. "SWEEP_KERNELS=bwd_dkdv_dq SWEEP_N=131072");
-# COMPARE_ARGS (default "--sizes 131072 --hkv 2 4"); LIMITS (seconds for test, tune, compare).
+# COMPARE_ARGS (default "--sizes 131072 --hkv 2 4"); LIMITS (seconds for test, tune, compare, bench);
+# BENCH_BUDGET (msa_attention.py's --time-budget, default 430).
 set -uo pipefail
 OUT=${OUT:-runs/kernels_gpu}
 mkdir -p "$OUT"
 STAGES=${STAGES:-test tune compare}
-read -r -a LIM <<< "${LIMITS:-200 240 240}"
+read -r -a LIM <<< "${LIMITS:-200 240 240 500}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 run() {  # name, limit, command...
   local name=$1 limit=$2; shift 2
@@ -29,5 +31,8 @@ for stage in $STAGES; do
     compare) run compare "${LIM[2]}" python3 bench/compare_kernels.py --baseline .base ${COMPARE_ARGS:---sizes 131072 --hkv 2 4} \
                --env MSA_KV_DQ_PATH=dkdv --json "$OUT/compare_kernels.json"
              tail -n 60 "$OUT/compare.log" ;;
+    bench) run bench "${LIM[3]}" python3 bench/msa_attention.py --time-budget "${BENCH_BUDGET:-430}" \
+             --json "$OUT/msa_attention_h200.json"
+           tail -n 80 "$OUT/bench.log" ;;
   esac
 done
