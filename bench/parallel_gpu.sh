@@ -1,7 +1,9 @@
 #!/bin/bash
-# bench/parallel.py for the three layouts on a 2-GPU machine, each under its own time limit, results
-# appended to $OUT/parallel.jsonl (logs beside it). Run from the repository root on the GPU machine:
+# bench/parallel.py for several layouts, each under its own time limit, results appended to
+# $OUT/parallel.jsonl (logs beside it). Run from the repository root on the GPU machine:
 #   SEQ_LENS="524288" LIMITS="240 170 170" bash bench/parallel_gpu.sh
+# LAYOUTS picks them (default "sp1 sp2 cp2", for 2 GPUs; "sp2cp2" and "cp4" need 4), LIMITS their
+# time limits in seconds, in the same order.
 # DeepSpeed, Hydra and webdataset come from wheels in .whl/ (../shared/tools/device-wheels .whl).
 set -uo pipefail
 OUT=${OUT:-runs/parallel}
@@ -21,9 +23,24 @@ run() {  # name, limit, command...
   timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "   rc=$? in $((SECONDS - t0))s"; tail -n 4 "$OUT/$name.log"
 }
-run sp1 "${LIM[0]}" python3 -m bench.parallel --sp 1 --seq-lens $SEQ_LENS --out "$OUT/parallel.jsonl" -- $COMMON
-run sp2 "${LIM[1]}" python3 -m torch.distributed.run --nproc-per-node 2 -m bench.parallel --sp 2 \
-  --seq-lens $SEQ_LENS --out "$OUT/parallel.jsonl" -- $COMMON
-run cp2 "${LIM[2]}" python3 -m torch.distributed.run --nproc-per-node 2 -m bench.parallel --cp 2 \
-  --seq-lens $SEQ_LENS --out "$OUT/parallel.jsonl" -- $COMMON
+LAYOUTS=${LAYOUTS:-sp1 sp2 cp2}
+i=0
+for layout in $LAYOUTS; do
+  case $layout in
+    sp1) args=(--sp 1); n=1 ;;
+    sp2) args=(--sp 2); n=2 ;;
+    cp2) args=(--cp 2); n=2 ;;
+    sp2cp2) args=(--sp 2 --cp 2); n=4 ;;
+    cp4) args=(--cp 4); n=4 ;;
+    *) echo "unknown layout $layout"; exit 2 ;;
+  esac
+  if [ "$n" = 1 ]; then
+    run "$layout" "${LIM[$i]:-300}" python3 -m bench.parallel "${args[@]}" --seq-lens $SEQ_LENS \
+      --out "$OUT/parallel.jsonl" -- $COMMON
+  else
+    run "$layout" "${LIM[$i]:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" -m bench.parallel \
+      "${args[@]}" --seq-lens $SEQ_LENS --out "$OUT/parallel.jsonl" -- $COMMON
+  fi
+  i=$((i + 1))
+done
 cat "$OUT/parallel.jsonl"
