@@ -550,6 +550,7 @@ def sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, path, cs
         sparse_attention_combine_kernel[(nc, B * Hkv)](
             o_part, lse_part, block_idx, layout.tok_start, o, lse, N, NQ, nc, q0,
             **_launch("combine", G, block_size), **consts)
+        del o_part, lse_part  # free before the next chunk's allocation: one chunk's partials at a time
     return o, lse
 
 
@@ -580,7 +581,7 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
     kv_args = (csr.entries, csr.work_bucket, csr.work_start, csr.work_end, layout.vb_start, layout.vb_end)
     if dq_path == "dkdv":
         # dK/dV and dQ from one kernel, chunk by chunk: dQ partials per (query, slot, key tile, head)
-        for c, q0, nc, dq_part in _dq_chunks(q, csr, Hkv, topk, n_sub):
+        for c, q0, nc, dq_part in _dq_chunks(q, csr, topk, n_sub):
             w0, w1 = csr.chunk_work[c], csr.chunk_work[c + 1]
             if w1 > w0:
                 sparse_attention_bwd_dkdv_kernel[(w1 - w0, n_sub)](
@@ -589,6 +590,7 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
             sparse_attention_bwd_dq_reduce_kernel[(nc, B * Hkv)](
                 dq_part, block_idx, layout.tok_start, dq, scale, N, NQ, nc, q0, NSUB=n_sub,
                 **_launch("bwd_dq_reduce", G, block_size), **consts)
+            del dq_part  # one chunk's partials at a time
     elif W:
         sparse_attention_bwd_dkdv_kernel[(W, n_sub)](
             q, k, v, do, lse, delta, *kv_args, dk_part, dv_part, dk_part, scale * LOG2E, scale, N, NQ, NV,
@@ -602,7 +604,7 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
     del dk_part, dv_part  # up to 2 x DKDV_BYTES, freed before the dQ partials are allocated
     if dq_path == "kv":
         # KV-outer dQ chunk by chunk, as the KV-outer forward
-        for c, q0, nc, dq_part in _dq_chunks(q, csr, Hkv, topk, 1):
+        for c, q0, nc, dq_part in _dq_chunks(q, csr, topk, 1):
             w0, w1 = csr.chunk_work[c], csr.chunk_work[c + 1]
             if w1 > w0:
                 sparse_attention_bwd_dq_kv_kernel[(w1 - w0,)](
@@ -611,11 +613,12 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
             sparse_attention_bwd_dq_reduce_kernel[(nc, B * Hkv)](
                 dq_part, block_idx, layout.tok_start, dq, scale, N, NQ, nc, q0, NSUB=1,
                 **_launch("bwd_dq_reduce", G, block_size), **consts)
+            del dq_part  # one chunk's partials at a time
     return dq, dk, dv
 
 
-def _dq_chunks(q, csr, Hkv, topk, n_sub):
-    """The query chunks of the CSR, each with a fresh dQ partial buffer ``[B*Hkv*nc*topk*n_sub*G, D]``
+def _dq_chunks(q, csr, topk, n_sub):
+    """The query chunks of the CSR, each with a fresh dQ partial buffer ``[B*H*nc*topk*n_sub, D]``
     in the input's precision (fp32 for fp32 inputs): ``(chunk, q0, nc, dq_part)``."""
     B, NQ, H, D = q.shape
     part_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
