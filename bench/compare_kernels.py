@@ -12,7 +12,8 @@ random, with a sink direction in block 0) it times, for both trees: ``select_blo
 ``sparse_attention`` forward and forward+backward, ``index_kl_loss`` forward+backward with the main
 forward's ``lse``, and one attention training step (index + main fwd+bwd + KL); it checks that the two
 trees' outputs agree (selections: share of equal blocks; attention: rel. RMS of o and every gradient)
-and prints the CUDA kernel breakdown of this tree's training step. ``--env NAME=VALUE`` pairs time
+and prints the CUDA kernel breakdown of this tree's training step and the peak GPU memory of the main
+branch's forward and forward+backward (beyond the inputs) for both trees. ``--env NAME=VALUE`` pairs time
 this tree's step again with each setting (e.g. ``MSA_KV_DQ_PATH=query``). Timing: ``measure`` of
 ``bench/msa_attention.py`` (``do_bench`` median under 50 ms a call, else the median of 3 CUDA-event
 timed calls).
@@ -94,6 +95,17 @@ def grads_of(kp, q, k, v, q_idx, k_idx, do, block_idx):
     return out
 
 
+def peak_gb(fn):
+    """GPU memory ``fn`` allocates at its peak beyond what was allocated before it, GB."""
+    fn()  # compiled and warm: the measured call allocates only what a call needs
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - before) / 1e9, 3)
+
+
 def selection_overlap(a, b):
     a, b = a[..., 1:].long(), b[..., 1:].long()
     return (((a[..., :, None] == b[..., None, :]).any(-1) & (a >= 0)).sum() / (a >= 0).sum().clamp_min(1)).item()
@@ -112,7 +124,7 @@ def breakdown(fn, top=12):
 def compare_shape(N, Hkv, trees, env_variants, rows):
     torch.manual_seed(0)
     q, k, v, q_idx, k_idx, do = make_inputs(N, Hkv)
-    res = {"N": N, "Hkv": Hkv, "times": {}, "checks": {}}
+    res = {"N": N, "Hkv": Hkv, "times": {}, "checks": {}, "peak_gb": {}}
     sel = {name: kp.select_blocks(q_idx, k_idx, BK, TOPK) for name, kp in trees.items()}
     res["checks"]["selection_equal_share"] = selection_overlap(sel["base"], sel["this"])
     block_idx = sel["this"]
@@ -120,13 +132,15 @@ def compare_shape(N, Hkv, trees, env_variants, rows):
         t = res["times"].setdefault(name, {})
         t["select_blocks"] = measure(lambda kp=kp: kp.select_blocks(q_idx, k_idx, BK, TOPK), True)[0]
         t["select_blocks[fp8]"] = measure(lambda kp=kp: kp.select_blocks(q_idx, k_idx, BK, TOPK, fp8=True), True)[0]
-        if N > 2**19:  # the forward-only long shapes: selection plus main forward
-            t["main_fwd"] = measure(lambda kp=kp: kp.sparse_attention(q, k, v, block_idx, BK), True)[0]
-            continue
+        mem = res["peak_gb"].setdefault(name, {})
         t["main_fwd"] = measure(lambda kp=kp: kp.sparse_attention(q, k, v, block_idx, BK), True)[0]
+        mem["main_fwd"] = peak_gb(lambda kp=kp: kp.sparse_attention(q, k, v, block_idx, BK))
+        if N > 2**19:  # the forward-only long shapes: selection plus main forward
+            continue
         for x in (q, k, v, q_idx, k_idx):
             x.requires_grad_(True)
         t["main_fwd_bwd"] = measure(main_fwd_bwd(kp, q, k, v, do, block_idx), True)[0]
+        mem["main_fwd_bwd"] = peak_gb(main_fwd_bwd(kp, q, k, v, do, block_idx))
         lse = kp.sparse_attention(q, k, v, block_idx, BK)[1]
 
         def kl_fb(kp=kp, lse=lse):
@@ -183,6 +197,8 @@ def main():
             b = r["times"]["base"].get(case)
             print(f"{r['N']:>8} {r['Hkv']:>3} {case:<24} {b if b else float('nan'):>9.2f} {t:>9.2f} "
                   f"{(b / t) if b else float('nan'):>8.2f}")
+        for case, gb in r["peak_gb"]["this"].items():
+            print(f"{r['N']:>8} {r['Hkv']:>3} peak GB {case:<16} {r['peak_gb']['base'][case]:>9.2f} {gb:>9.2f}")
 
 
 if __name__ == "__main__":
