@@ -13,14 +13,7 @@ OUT=${OUT:-runs/kernels_gpu}
 mkdir -p "$OUT"
 STAGES=${STAGES:-test tune compare}
 read -r -a LIM <<< "${LIMITS:-200 240 240 500}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-run() {  # name, limit, command...
-  local name=$1 limit=$2; shift 2
-  echo "== $name (limit ${limit}s): $*"
-  local t0=$SECONDS
-  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "   rc=$? in $((SECONDS - t0))s"
-}
+source "$(dirname "$0")/gpu_run.sh" gpu.txt
 for stage in $STAGES; do
   case $stage in
     test) run test "${LIM[0]}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_sparse_attention.py \

@@ -15,14 +15,7 @@ fi
 SEQ_LENS=${SEQ_LENS:-32768 131072 524288}
 read -r -a LIM <<< "${LIMITS:-300 200 200}"
 COMMON="parallel.activation_checkpointing=true parallel.mlp_tile_tokens=32768"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpus.txt"
-run() {  # name, limit, command...
-  local name=$1 limit=$2; shift 2
-  echo "== $name (limit ${limit}s): $*"
-  local t0=$SECONDS
-  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "   rc=$? in $((SECONDS - t0))s"; tail -n 4 "$OUT/$name.log"
-}
+source "$(dirname "$0")/gpu_run.sh" gpus.txt
 LAYOUTS=${LAYOUTS:-sp1 sp2 cp2}
 i=0
 for layout in $LAYOUTS; do
@@ -41,6 +34,7 @@ for layout in $LAYOUTS; do
     run "$layout" "${LIM[$i]:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" -m bench.parallel \
       "${args[@]}" --seq-lens $SEQ_LENS --out "$OUT/parallel.jsonl" -- $COMMON
   fi
+  tail -n 4 "$OUT/$layout.log"
   i=$((i + 1))
 done
 cat "$OUT/parallel.jsonl"
