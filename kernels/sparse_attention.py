@@ -601,7 +601,7 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
         dk_part, dv_part, csr.bucket_work, layout.vb_start, layout.vb_end, dk, dv, N, NV, B * Hkv * NV,
         len(csr.chunk_work) - 1, HKV=Hkv, BS=block_size, D=D, BLOCK_N=dkdv["BLOCK_N"],
         **_launch("reduce", G, block_size))
-    del dk_part, dv_part  # up to 2 x DKDV_BYTES, freed before the dQ partials are allocated
+    del dk_part, dv_part  # up to 2 x DKDV_BYTES, freed before the kv path allocates its dQ partials
     if dq_path == "kv":
         # KV-outer dQ chunk by chunk, as the KV-outer forward
         for c, q0, nc, dq_part in _dq_chunks(q, csr, topk, 1):
