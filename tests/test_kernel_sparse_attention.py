@@ -68,6 +68,16 @@ def assert_close(refs, outs, tol):
         assert err < tol, f"{name}: rel RMS {err:.2e} >= {tol:.0e}, max err {(r - x.float()).abs().max():.2e}"
 
 
+def check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, path):
+    """One packed row (``cu_seqlens`` over the keys, the last ``Nq`` positions as queries), random inputs
+    and selection, empty outputs NaN-poisoned: the kernels equal the reference (fp32) in every output."""
+    q, k, v = make_inputs(1, N, H, Hkv, D, Nq=Nq)
+    block_idx = random_block_idx(1, Hkv, N, topk, block_size, cu, Nq=Nq)
+    poison_empty(monkeypatch)
+    refs, outs = run_both(q, k, v, block_idx, block_size, cu, path=path)
+    assert_close(refs, outs, 1e-5)
+
+
 # (forward path, dQ path) pairs for the tests that cover the backward's dQ variants
 DQ_PATHS = [("query", "query"), ("query", "kv"), ("kv", "kv"), ("kv", "query"), ("kv", "dkdv"), ("query", "dkdv")]
 
@@ -94,11 +104,7 @@ def test_matches_reference(monkeypatch, path, B, N, H, Hkv, D, block_size, topk)
 def test_cu_seqlens_with_one_token_documents(monkeypatch, path):
     N, H, Hkv, D, block_size, topk = 111, 4, 2, 16, 16, 4
     cu = torch.tensor([0, 1, 40, 41, 42, 90, 111], dtype=torch.int32)
-    q, k, v = make_inputs(1, N, H, Hkv, D)
-    block_idx = random_block_idx(1, Hkv, N, topk, block_size, cu)
-    poison_empty(monkeypatch)
-    refs, outs = run_both(q, k, v, block_idx, block_size, cu, path=path)
-    assert_close(refs, outs, 1e-5)
+    check_packed(monkeypatch, N, N, H, Hkv, D, block_size, topk, cu, path)
 
 
 @pytest.mark.parametrize("path,dq", [("query", "kv"), ("kv", "kv"), ("kv", "query")])
@@ -109,11 +115,7 @@ def test_queries_are_the_last_positions(monkeypatch, path, dq):
     monkeypatch.setenv("MSA_KV_DKDV_BYTES", "1")  # dK/dV partials over budget: work items grow past 8
     N, Nq, H, Hkv, D, block_size, topk = 111, 45, 4, 2, 16, 16, 5
     cu = torch.tensor([0, 30, 70, 71, 111], dtype=torch.int32)
-    q, k, v = make_inputs(1, N, H, Hkv, D, Nq=Nq)
-    block_idx = random_block_idx(1, Hkv, N, topk, block_size, cu, Nq=Nq)
-    poison_empty(monkeypatch)
-    refs, outs = run_both(q, k, v, block_idx, block_size, cu, path=path)
-    assert_close(refs, outs, 1e-5)
+    check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, path)
 
 
 @pytest.mark.parametrize("path", ["query", "kv"])
@@ -135,11 +137,7 @@ def test_g_not_dividing_the_row_tile(monkeypatch, path, dq):
     N, Nq, H, Hkv, D, block_size, topk = 90, 70, 6, 2, 16, 16, 4
     monkeypatch.setenv("MSA_KV_PART_BYTES", str(H * topk * (D + 1) * 4 * 30))  # query chunks of 30
     cu = torch.tensor([0, 25, 26, 90], dtype=torch.int32)
-    q, k, v = make_inputs(1, N, H, Hkv, D, Nq=Nq)
-    block_idx = random_block_idx(1, Hkv, N, topk, block_size, cu, Nq=Nq)
-    poison_empty(monkeypatch)
-    refs, outs = run_both(q, k, v, block_idx, block_size, cu, path=path)
-    assert_close(refs, outs, 1e-5)
+    check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, path)
 
 
 @pytest.mark.parametrize("path", ["query", "kv"])
@@ -152,11 +150,7 @@ def test_dkdv_dq_path_with_several_key_tiles_per_block(monkeypatch, path):
     N, Nq, H, Hkv, D, block_size, topk = 150, 101, 4, 2, 16, 32, 3
     monkeypatch.setenv("MSA_KV_PART_BYTES", str(H * topk * 2 * D * 4 * 40))  # query chunks of 40
     cu = torch.tensor([0, 60, 61, 150], dtype=torch.int32)
-    q, k, v = make_inputs(1, N, H, Hkv, D, Nq=Nq)
-    block_idx = random_block_idx(1, Hkv, N, topk, block_size, cu, Nq=Nq)
-    poison_empty(monkeypatch)
-    refs, outs = run_both(q, k, v, block_idx, block_size, cu, path=path)
-    assert_close(refs, outs, 1e-5)
+    check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, path)
 
 
 def test_all_slots_empty_give_zero_and_minus_inf(monkeypatch):
