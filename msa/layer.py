@@ -1,15 +1,21 @@
 """Attention modules: dense GQA attention and MiniMax Sparse Attention (MSA).
 
-Both are plain ``nn.Module``s that know nothing of ranks. The math that needs the whole sequence
-lives in a parameter-free ``core`` submodule (``DenseCore``, ``MSACore``) called with projected
-tensors, so sequence/context parallelism can wrap or replace ``module.core`` from outside
-(``train/parallel.py``) while projections, norms and RoPE stay token-local.
+Both are plain ``nn.Module``s that know nothing of ranks. Projections, norms and RoPE are token-local;
+the math that needs the whole sequence lives in a parameter-free ``core`` (``DenseCore``, ``MSACore``)
+that returns a ``CoreOut(o, kl, stats)``. Sequence and context parallelism wrap the core from outside
+(``Attention.wrap_core``, used by ``train/parallel/parallelize.py``); the wrappers take and return the
+same things on a rank's shard.
+
+The attention phase (``warmup``: dense main attention, index KL on every visible key; ``sparse``:
+top-k selection, sparse attention, KL on the selected support) and whether to measure the selection
+(``stats_queries``: how many queries to sample for the index recall; 0 = no stats) are arguments of
+every forward, not module state.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -17,27 +23,30 @@ import torch.nn as nn
 from msa import reference
 from msa.dense import dense_attention
 from msa.rope import Rotary
+from msa.stats import SelectionStats, selection_stats
 
 Phase = Literal["warmup", "sparse"]
+PHASES = ("warmup", "sparse")
 
 
 @dataclass
 class AttentionConfig:
     """``attention.*``: which attention the model uses and how MSA selects."""
 
-    backend: str = "auto"  # "auto" (triton on CUDA, else reference) | "triton" | "reference" | "dense"
+    kind: str = "msa"  # msa | dense (every layer ordinary GQA attention: the baseline)
+    impl: str = "auto"  # auto (Triton kernels on CUDA, else the reference) | triton | reference
     block_size: int = 128  # Bk: key block length
     topk: int = 16  # k: blocks kept per (query, GQA group), own block included
     index_dim: int = 64  # Di: index query/key head dim
     n_dense_layers: int = 1  # the first layers use ordinary dense GQA attention
-    kl_weight: float = 1.0  # lambda in L = L_lm + lambda * sum_layers L_kl
-    warmup_steps: int = 0  # dense main attention while the indexer learns; then top-k
 
 
-def check_attention(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, n_layers: int) -> None:
+def check_attention(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_dim: int, n_layers: int) -> None:
     """Reject attention settings that cannot work, naming the key to change."""
-    if cfg.backend not in ("auto", "triton", "reference", "dense"):
-        raise ValueError(f"attention.backend={cfg.backend!r}: use auto, triton, reference or dense")
+    if cfg.kind not in ("msa", "dense"):
+        raise ValueError(f"attention.kind={cfg.kind!r}: use msa or dense")
+    if cfg.impl not in ("auto", "triton", "reference"):
+        raise ValueError(f"attention.impl={cfg.impl!r}: use auto, triton or reference")
     if cfg.topk < 1:
         raise ValueError(f"attention.topk={cfg.topk} must be >= 1 (blocks kept per query and group)")
     if cfg.block_size < 1 or cfg.block_size & (cfg.block_size - 1):
@@ -48,103 +57,73 @@ def check_attention(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, n_layer
         raise ValueError(f"model.n_kv_heads={n_kv_heads} must divide model.n_heads={n_heads} (GQA groups)")
     if not 0 <= cfg.n_dense_layers <= n_layers:
         raise ValueError(f"attention.n_dense_layers={cfg.n_dense_layers} must lie in [0, model.n_layers={n_layers}]")
+    if cfg.kind == "msa" and resolve_impl(cfg.impl) == "triton":
+        from kernels.common import check_limits
+
+        check_limits(head_dim=head_dim, block_size=cfg.block_size, index_dim=cfg.index_dim)
 
 
-def resolve_backend(backend: str) -> str:
+def resolve_impl(impl: str) -> str:
     """``auto`` means the Triton kernels where CUDA is present, else the reference."""
-    if backend == "auto":
+    if impl == "auto":
         return "triton" if torch.cuda.is_available() else "reference"
-    return backend
+    return impl
 
 
-def check_kernel_limits(cfg: AttentionConfig, head_dim: int) -> None:
-    """What the Triton kernels support, checked at start rather than at the first forward."""
-    if resolve_backend(cfg.backend) != "triton":
-        return
-    if cfg.block_size < 16:
-        raise ValueError(f"attention.block_size={cfg.block_size}: the Triton kernels need >= 16")
-    if head_dim not in (16, 32, 64, 128):
-        raise ValueError(f"model.head_dim={head_dim}: the Triton kernels support 16, 32, 64 and 128 "
-                         "(or use attention.backend=reference)")
-    if cfg.index_dim > 256:
-        raise ValueError(f"attention.index_dim={cfg.index_dim}: the Triton kernels support up to 256")
-
-
-def resolve_ops(backend: str):
+def resolve_ops(impl: str):
     """The module providing ``select_blocks``, ``sparse_attention`` and ``index_kl_loss``."""
-    if resolve_backend(backend) == "triton":
+    if resolve_impl(impl) == "triton":
         import kernels
 
         return kernels
     return reference
 
 
+class CoreOut(NamedTuple):
+    """What an attention core computed: ``o [B, Nq, H, D]``, the index KL (this shard's share; None
+    for dense attention) and the selection stats (None unless asked for)."""
+
+    o: torch.Tensor
+    kl: torch.Tensor | None = None
+    stats: SelectionStats | None = None
+
+
 class DenseCore(nn.Module):
     """Causal GQA attention over the whole (packed) sequence; no index branch."""
 
-    def forward(self, q, k, v, cu_seqlens=None):
-        return dense_attention(q, k, v, cu_seqlens)
+    def forward(self, q, k, v, cu_seqlens=None, index=None, phase: Phase = "sparse", stats_queries: int = 0):
+        return CoreOut(dense_attention(q, k, v, cu_seqlens))
 
 
 class MSACore(nn.Module):
     """MSA's sequence-wide math: block selection, main attention, index distillation loss.
 
-    Returns ``(o [B, N, H, D], kl)``. The phase is set by the training loop: ``warmup`` runs dense
-    main attention with the KL on the dense support; ``sparse`` runs top-k selection and sparse
-    attention with the KL on the selected support, its teacher normalised by the main forward's lse.
-    With ``track_stats`` set, ``stats`` receives index recall and sparsity for the last call.
-    """
+    ``index = (q_idx [B, Nq, Hkv, Di], k_idx [B, N, Di])``. ``warmup`` runs dense main attention with the
+    KL on the dense support; ``sparse`` runs top-k selection and sparse attention with the KL on the
+    selected support, its teacher normalised by the main forward's lse. With ``stats_queries > 0`` it
+    also measures the selection (in warm-up: the one the sparse phase would use)."""
 
     def __init__(self, cfg: AttentionConfig):
         super().__init__()
         self.block_size, self.topk = cfg.block_size, cfg.topk
-        self.ops = resolve_ops(cfg.backend)
-        self.phase: Phase = "sparse"
-        self.track_stats = False
-        self.stats: dict[str, float] = {}
+        self.ops = resolve_ops(cfg.impl)
 
-    def forward(self, q, k, v, q_idx, k_idx, cu_seqlens=None):
+    def forward(self, q, k, v, cu_seqlens=None, index=None, phase: Phase = "sparse", stats_queries: int = 0):
         ops, Bk = self.ops, self.block_size
-        if self.phase == "warmup":
+        q_idx, k_idx = index
+        block_idx = None
+        if phase == "sparse" or stats_queries:
+            block_idx = ops.select_blocks(q_idx.detach(), k_idx.detach(), Bk, self.topk, cu_seqlens)
+        if phase == "warmup":
             o = dense_attention(q, k, v, cu_seqlens)
             kl = ops.index_kl_loss(q.detach(), k.detach(), q_idx, k_idx, None, Bk, cu_seqlens)
-            block_idx = None
-            if self.track_stats:
-                block_idx = ops.select_blocks(q_idx.detach(), k_idx.detach(), Bk, self.topk, cu_seqlens)
         else:
-            block_idx = ops.select_blocks(q_idx.detach(), k_idx.detach(), Bk, self.topk, cu_seqlens)
             o, lse = ops.sparse_attention(q, k, v, block_idx, Bk, cu_seqlens)
             kl = ops.index_kl_loss(q.detach(), k.detach(), q_idx, k_idx, block_idx, Bk, cu_seqlens, lse=lse)
-        if self.track_stats:
-            self.stats = selection_stats(q.detach(), k.detach(), block_idx, Bk, cu_seqlens)
-        return o, kl
-
-
-@torch.no_grad()
-def selection_stats(q, k, block_idx, block_size, cu_seqlens=None, n_queries: int = 16) -> dict[str, float]:
-    """Index recall (dense teacher mass inside the selection) on ``n_queries`` evenly spaced query
-    positions, and sparsity (share of visible query-key pairs the selection skips) over all queries.
-    The queries ``q [B, Nq, H, D]`` may be the last ``Nq <= N`` positions of ``k [B, N, Hkv, D]``."""
-    B, Nq, H, D = q.shape
-    N, Hkv, G = k.shape[1], k.shape[2], q.shape[2] // k.shape[2]
-    doc, pos = reference.doc_layout(B, N, cu_seqlens, q.device)
-    doc_q, pos_q = doc[:, -Nq:], pos[:, -Nq:]
-    idx = block_idx.long()
-    start = idx * block_size  # first doc-relative position of each selected block
-    kept = (pos_q[:, None, :, None] - start + 1).clamp(0, block_size) * (idx >= 0)
-    sparsity = 1.0 - kept.sum().item() / ((pos_q + 1).sum().item() * Hkv)
-    rows = torch.linspace(0, Nq - 1, min(n_queries, Nq), device=q.device).long()
-    # [B, n, N] the keys each sampled query may see, and each key's block (the same for every group)
-    visible = (doc_q[:, rows, None] == doc[:, None, :]) & (pos[:, None, :] <= pos_q[:, rows, None])
-    blk = pos // block_size
-    recall = 0.0
-    for r in range(Hkv):
-        # [B, G, n, N] scores of the sampled queries over every key, masked to what they may see
-        s = torch.einsum("bqgd,bjd->bgqj", q[:, rows, r * G:(r + 1) * G].float(), k[:, :, r].float()) * D ** -0.5
-        p = torch.softmax(s.masked_fill(~visible[:, None], float("-inf")), dim=-1).mean(1)  # [B, n, N]
-        chosen = (blk[:, None, :, None] == idx[:, r, rows][:, :, None, :]).any(-1) & visible
-        recall += (p * chosen).sum(-1).mean().item() / Hkv
-    return {"index_recall": recall, "sparsity": sparsity}
+        stats = None
+        if stats_queries:
+            stats = selection_stats(q.detach(), k.detach(), block_idx, Bk, self.topk, cu_seqlens, stats_queries)
+        return CoreOut(o, kl, stats)
 
 
 class Attention(nn.Module):
@@ -162,6 +141,10 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps)
         self.core: nn.Module = DenseCore()
 
+    def wrap_core(self, wrap) -> None:
+        """Replace the core by ``wrap(core)`` (a module with the same call and ``CoreOut`` result)."""
+        self.core = wrap(self.core)
+
     def project(self, x: torch.Tensor, rotary: Rotary):
         B, N, _ = x.shape
         q = self.q_norm(self.wq(x).view(B, N, self.n_heads, self.head_dim))
@@ -169,11 +152,15 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, N, self.n_kv_heads, self.head_dim)
         return rotary.apply(q, self.rope_dim), rotary.apply(k, self.rope_dim), v
 
-    def forward(self, x, rotary: Rotary, cu_seqlens=None):
-        """``x [B, N, dim]`` -> ``(y [B, N, dim], kl)``; ``kl`` is 0 for dense attention."""
+    def index_inputs(self, x: torch.Tensor, rotary: Rotary):
+        return None
+
+    def forward(self, x, rotary: Rotary, cu_seqlens=None, phase: Phase = "sparse", stats_queries: int = 0):
+        """``x [B, N, dim]`` -> ``(y [B, N, dim], kl, stats)``; ``kl`` and ``stats`` are None for dense
+        attention."""
         q, k, v = self.project(x, rotary)
-        o = self.core(q, k, v, cu_seqlens)
-        return self.wo(o.reshape(*x.shape[:2], -1)), x.new_zeros((), dtype=torch.float32)
+        out = self.core(q, k, v, cu_seqlens, self.index_inputs(x, rotary), phase, stats_queries)
+        return self.wo(out.o.reshape(*x.shape[:2], -1)), out.kl, out.stats
 
 
 class MSAAttention(Attention):
@@ -200,34 +187,16 @@ class MSAAttention(Attention):
         return [*self.wq_idx.parameters(), *self.wk_idx.parameters(),
                 *self.q_idx_norm.parameters(), *self.k_idx_norm.parameters()]
 
-    def forward(self, x, rotary: Rotary, cu_seqlens=None):
+    def index_inputs(self, x: torch.Tensor, rotary: Rotary):
+        """``(q_idx [B, N, Hkv, Di], k_idx [B, N, Di])`` from ``x.detach()``."""
         B, N, _ = x.shape
-        q, k, v = self.project(x, rotary)
         xd = x.detach()
         q_idx = self.q_idx_norm(self.wq_idx(xd).view(B, N, self.n_kv_heads, self.index_dim))
         k_idx = self.k_idx_norm(self.wk_idx(xd).view(B, N, 1, self.index_dim))
-        q_idx = rotary.apply(q_idx, self.index_rope_dim)
-        k_idx = rotary.apply(k_idx, self.index_rope_dim).squeeze(2)
-        o, kl = self.core(q, k, v, q_idx, k_idx, cu_seqlens)
-        return self.wo(o.reshape(B, N, -1)), kl
-
-
-def attention_flops_per_token(n_heads: int, head_dim: int, context: float) -> float:
-    """Forward FLOPs of ``q k^T`` and ``p v`` for one token attending to ``context`` keys."""
-    return 4.0 * n_heads * head_dim * context
-
-
-def mean_context(seq_len: int, cfg: AttentionConfig, sparse: bool) -> float:
-    """Average keys a causal query sees in a ``seq_len`` sequence, capped at ``topk * block_size``."""
-    if not sparse:
-        return (seq_len + 1) / 2
-    cap = cfg.topk * cfg.block_size
-    if seq_len <= cap:
-        return (seq_len + 1) / 2
-    return (cap * (cap + 1) / 2 + (seq_len - cap) * cap) / seq_len
+        return rotary.apply(q_idx, self.index_rope_dim), rotary.apply(k_idx, self.index_rope_dim).squeeze(2)
 
 
 __all__ = [
-    "AttentionConfig", "check_attention", "Attention", "MSAAttention", "DenseCore", "MSACore",
-    "selection_stats", "attention_flops_per_token", "mean_context",
+    "AttentionConfig", "check_attention", "resolve_impl", "Attention", "MSAAttention", "DenseCore", "MSACore",
+    "CoreOut", "PHASES", "Phase",
 ]

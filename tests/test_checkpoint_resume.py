@@ -17,15 +17,15 @@ import pytest
 import torch
 
 from tests.utils import compose_train_config
+from tests.wandb_reader import find_run_files, read_run
 from train import checkpoint as ckpt
-from train.wandb_reader import find_run_files, read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.n_layers=3", "model.dim=64", "data.seq_len=256", "data.batch_size=1", "attention.block_size=16",
          "attention.topk=2", "data.image.max_patches=64", "logging.progress=false", "logging.stats_every=2"]
 # dense warm-up, sparse, then a longer sequence: the stage change happens inside the run
 RECIPE = ["recipe.stages=[{name:warm,steps:2,phase:warmup},{name:sparse,steps:2},{name:long,steps:3,seq_len:512}]",
-          "train.steps=7"]
+          "recipe.warmup_steps=0", "run.steps=7"]
 STEPS = 7
 
 
@@ -114,7 +114,7 @@ def test_wandb_offline_files_hold_the_metrics(reference_run):
     (path,) = find_run_files(reference_run)
     run = read_run(path)
     assert (run.name, run.group, run.project, run.tags) == ("ref", "resume-test", "msa-tests", ["ci", "cpu"])
-    assert run.config["model"]["dim"] == 64 and run.config["train"]["steps"] == STEPS
+    assert run.config["model"]["dim"] == 64 and run.config["run"]["steps"] == STEPS
     logged = {r["step"]: r for r in rows(reference_run)}
     for key in ("loss/lm", "loss/kl", "train/seq_len", "perf/tokens_per_s", "layer_kl/02"):
         series = run.series(key)
@@ -186,7 +186,7 @@ def test_dead_rank_makes_the_others_exit(tmp_path, corpus_dir):
 
 
 def in_process_cfg(tmp_path, corpus_dir, *extra):
-    return compose_train_config([*SMALL, "train.steps=4", "attention.warmup_steps=0", f"run_dir={tmp_path}",
+    return compose_train_config([*SMALL, "run.steps=4", "recipe.warmup_steps=0", f"run_dir={tmp_path}",
                                  f"data.corpus_dir={corpus_dir}", "logging.wandb.mode=disabled", *extra])
 
 
@@ -223,8 +223,8 @@ def test_non_finite_loss_skips_the_update_then_stops(tmp_path, corpus_dir, monke
         model = real_build(*args, **kwargs)
         forward = model.forward
 
-        def poisoned(batch):
-            out = forward(batch)
+        def poisoned(batch, **kwargs):
+            out = forward(batch, **kwargs)
             snapshots.append([p.detach().clone() for p in model.parameters()])
             step = seen["forward"]
             seen["forward"] += 1
@@ -236,8 +236,8 @@ def test_non_finite_loss_skips_the_update_then_stops(tmp_path, corpus_dir, monke
         return model
 
     monkeypatch.setattr(loop, "build_model", build_poisoned)
-    with pytest.raises(RuntimeError, match="train.max_bad_steps"):
-        loop.train(in_process_cfg(tmp_path, corpus_dir, "train.max_bad_steps=2", "checkpoint.resume=never"))
+    with pytest.raises(RuntimeError, match="run.max_bad_steps"):
+        loop.train(in_process_cfg(tmp_path, corpus_dir, "run.max_bad_steps=2", "checkpoint.resume=never"))
     got = rows(tmp_path)
     assert [r["train/bad_steps"] for r in got] == [0, 1, 2]
     # the weights after the skipped step 1 are those it started with; step 0 did change them

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_tiny_training_run_with_images_loss_falls(tmp_path):
     corpus_dir = str(tmp_path / "corpus")
     overrides = [f"data.corpus.{k}={v}" for k, v in CORPUS.items()] + [
-        "model=tiny", "train.steps=8", "train.lr_warmup_steps=2", "data.seq_len=128",
+        "model=tiny", "run.steps=8", "optim.warmup_steps=2", "data.seq_len=128",
         "data.image.max_patches=32", "data.num_workers=0", "logging.wandb.mode=disabled",
         f"run_dir={tmp_path / 'run'}", f"data.corpus_dir={corpus_dir}", "checkpoint.every=0",
     ]

@@ -3,38 +3,38 @@
 import pytest
 import torch
 
-from msa.layer import Attention, AttentionConfig, MSAAttention, check_attention, selection_stats
-from msa.reference import index_recall, select_blocks
+from msa.layer import Attention, AttentionConfig, MSAAttention, check_attention
+from msa.reference import select_blocks
 from msa.rope import Rotary
+from msa.stats import selection_stats
 from tests.utils import rel_rms
 
 DIM, H, HKV, D, ROPE = 64, 4, 2, 16, 8
 
 
 def _layers(topk=2, block_size=16):
-    cfg = AttentionConfig(backend="reference", block_size=block_size, topk=topk, index_dim=8)
+    cfg = AttentionConfig(impl="reference", block_size=block_size, topk=topk, index_dim=8)
     msa = MSAAttention(DIM, H, HKV, D, ROPE, cfg)
     dense = Attention(DIM, H, HKV, D, ROPE)
     dense.load_state_dict(msa.state_dict(), strict=False)  # same main-branch weights
     return msa, dense
 
 
-def _run(layer, N=70, cu_seqlens=None, B=1):
+def _run(layer, N=70, cu_seqlens=None, B=1, phase="sparse"):
     x = torch.randn(B, N, DIM, requires_grad=True)
     positions = torch.arange(N).expand(B, N)
     if cu_seqlens is not None:
         starts = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens[1:] - cu_seqlens[:-1])
         positions = (torch.arange(N) - starts)[None]
-    y, kl = layer(x, Rotary(positions, 10000.0), cu_seqlens)
+    y, kl, _ = layer(x, Rotary(positions, 10000.0), cu_seqlens, phase)
     return x, y, kl
 
 
 @pytest.mark.parametrize("cu", [None, torch.tensor([0, 1, 33, 70], dtype=torch.int32)])
 def test_warmup_equals_dense_attention(cu):
     msa, dense = _layers()
-    msa.core.phase = "warmup"
     torch.manual_seed(1)
-    _, y, kl = _run(msa, cu_seqlens=cu)
+    _, y, kl = _run(msa, cu_seqlens=cu, phase="warmup")
     torch.manual_seed(1)
     _, y_dense, _ = _run(dense, cu_seqlens=cu)
     assert rel_rms(y_dense, y) < 1e-6
@@ -62,8 +62,7 @@ def test_sparse_with_small_topk_differs_from_dense():
 @pytest.mark.parametrize("phase", ["warmup", "sparse"])
 def test_gradient_routing(phase):
     msa, _ = _layers()
-    msa.core.phase = phase
-    x, y, kl = _run(msa)
+    x, y, kl = _run(msa, phase=phase)
     index = set(map(id, msa.index_params()))
     main = [p for p in msa.parameters() if id(p) not in index]
 
@@ -77,26 +76,55 @@ def test_gradient_routing(phase):
     assert all(g is not None and g.abs().sum() > 0 for g in kl_grads[n_main:])
 
 
-def test_selection_stats_match_reference_recall():
-    B, N, Bk = 1, 64, 16
-    q, k = torch.randn(B, N, H, D), torch.randn(B, N, HKV, D)
-    block_idx = select_blocks(torch.randn(B, N, HKV, 8), torch.randn(B, N, 8), Bk, 2)
-    stats = selection_stats(q, k, block_idx, Bk, n_queries=N)
-    assert stats["index_recall"] == pytest.approx(index_recall(q, k, block_idx, Bk).item(), abs=1e-5)
-    # queries past the second block keep 2 of their blocks: sparsity strictly between 0 and 1
-    assert 0 < stats["sparsity"] < 1
+def _hand_recall(q, k, block_idx, Bk, rows):
+    """Teacher mass in the selection for query ``rows`` of one sequence, by brute force: softmax of each
+    head over the visible keys, the selected blocks' share of it, averaged over the group's heads."""
+    H, Hkv = q.shape[2], k.shape[2]
+    G = H // Hkv
+    total = 0.0
+    for i in rows:
+        for r in range(Hkv):
+            keys = torch.arange(i + 1)
+            chosen = torch.isin(keys // Bk, block_idx[0, r, i].long())
+            for h in range(r * G, (r + 1) * G):
+                p = torch.softmax(q[0, i, h].double() @ k[0, :i + 1, r].double().T * D ** -0.5, dim=0)
+                total += p[chosen].sum().item() / G
+    return total / (len(rows) * Hkv)
+
+
+def test_selection_stats_against_a_hand_computation():
+    """Recall averages only queries with more than topk visible blocks (the others keep every block,
+    recall 1 by construction); sparsity is the share of visible (query, group, key) triples skipped."""
+    N, Bk, topk = 64, 8, 2
+    q, k = torch.randn(1, N, H, D), torch.randn(1, N, HKV, D)
+    block_idx = select_blocks(torch.randn(1, N, HKV, 8), torch.randn(1, N, 8), Bk, topk)
+    stats = selection_stats(q, k, block_idx, Bk, topk, n_recall=N, key_chunk=24).ratios()
+    nontrivial = [i for i in range(N) if i // Bk + 1 > topk]
+    assert stats["index_recall"] == pytest.approx(_hand_recall(q, k, block_idx, Bk, nontrivial), abs=1e-6)
+    assert stats["nontrivial_share"] == pytest.approx(len(nontrivial) / N)
+    kept = sum(min(Bk, i - b * Bk + 1) for i in range(N) for r in range(HKV)
+               for b in block_idx[0, r, i].tolist() if b >= 0)
+    assert stats["sparsity"] == pytest.approx(1 - kept / (HKV * N * (N + 1) / 2))
+    # sampled: the evenly spaced subset of the non-trivial queries
+    few = selection_stats(q, k, block_idx, Bk, topk, n_recall=5).ratios()["index_recall"]
+    picked = [nontrivial[j] for j in torch.linspace(0, len(nontrivial) - 1, 5).long().tolist()]
+    assert few == pytest.approx(_hand_recall(q, k, block_idx, Bk, picked), abs=1e-6)
+    # no query beyond topk blocks: no recall (not a 1.0 that reads as a perfect indexer)
+    short = selection_stats(q[:, :16], k[:, :16], block_idx[:, :, :16], Bk, topk).ratios()
+    assert short["index_recall"] is None and short["nontrivial_share"] == 0
 
 
 @pytest.mark.parametrize("change,key", [
     ({"topk": 0}, "attention.topk"),
     ({"block_size": 48}, "attention.block_size"),
-    ({"backend": "cuda"}, "attention.backend"),
+    ({"impl": "cuda"}, "attention.impl"),
+    ({"kind": "sparse"}, "attention.kind"),
 ])
 def test_bad_attention_config_names_the_key(change, key):
     with pytest.raises(ValueError, match=key):
-        check_attention(AttentionConfig(**change), n_heads=4, n_kv_heads=2, n_layers=2)
+        check_attention(AttentionConfig(**change), n_heads=4, n_kv_heads=2, head_dim=16, n_layers=2)
 
 
 def test_kv_heads_must_divide_heads():
     with pytest.raises(ValueError, match="model.n_kv_heads"):
-        check_attention(AttentionConfig(), n_heads=6, n_kv_heads=4, n_layers=2)
+        check_attention(AttentionConfig(), n_heads=6, n_kv_heads=4, head_dim=16, n_layers=2)

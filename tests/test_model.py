@@ -11,7 +11,7 @@ from train.vision import VisionConfig
 def _model(**kw):
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, rope_dim=4,
                       vision=VisionConfig(kind="linear", patch_size=2), **kw)
-    return build_model(cfg, AttentionConfig(backend="reference", block_size=8, topk=2, index_dim=8))
+    return build_model(cfg, AttentionConfig(impl="reference", block_size=8, topk=2, index_dim=8))
 
 
 def _batch(N=24, patches=0):
@@ -53,8 +53,7 @@ def test_every_parameter_gets_a_gradient_without_images():
     """A data-parallel rank whose batch has no image must still reduce the vision gradients (as zeros),
     or ranks disagree on what to reduce (seen as a gloo collective mismatch with 2 ranks)."""
     model = _model()
-    model.set_phase("sparse")
-    out = model(_batch(patches=0))
+    out = model(_batch(patches=0), phase="sparse")
     (out["lm_sum"] / out["n_tokens"] + out["kl"]).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing

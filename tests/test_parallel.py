@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from msa.layer import Attention, AttentionConfig, MSAAttention
 from msa.rope import Rotary
-from tests.utils import compose_train_config, rel_rms
+from tests.utils import check_every_stage, compose_train_config, rel_rms
 from train.config import check_config
 from train.model import Decoder, ModelConfig
 from train.parallel import (
@@ -27,11 +27,14 @@ from train.parallel import (
     build_engine,
     build_mesh,
     init_distributed,
+    local_token_index,
     parallelize,
     shard_batch,
     shard_sum,
+    truncate_cu_seqlens,
+    zigzag_ranges,
 )
-from train.sequence_parallel import local_token_index, truncate_cu_seqlens, zigzag_ranges
+from train.recipe import build_recipe
 
 TOL = 1e-5
 DIM, H, HKV, D, ROPE = 64, 4, 2, 16, 8
@@ -95,16 +98,20 @@ def _triton_worker(rank, world, sp, cp):
     assert not errors, "\n".join(errors)
 
 
+def _env(rank, world):
+    return DistEnv(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+
+
 def _layer_checks(rank, world, sp, cp, backend="reference", block_size=8,
-                  cases=(("msa", "sparse"), ("msa", "warmup"), ("dense", None))):
-    mesh = build_mesh(ParallelConfig(sp_size=sp, cp_size=cp), world, rank)
+                  cases=(("msa", "sparse"), ("msa", "warmup"), ("dense", "sparse"))):
+    mesh = build_mesh(sp, cp, _env(rank, world))
     cu = torch.tensor(CU, dtype=torch.int32)
     T = CU[-1]
     starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])
     pos = (torch.arange(T) - starts)[None]
     idx = local_token_index(T, sp, cp, mesh.sp_rank, mesh.cp_rank)
     errors = []
-    attn_cfg = AttentionConfig(backend=backend, block_size=block_size, topk=3, index_dim=16)
+    attn_cfg = AttentionConfig(impl=backend, block_size=block_size, topk=3, index_dim=16)
     for kind, phase in cases:
         make = (lambda: MSAAttention(DIM, H, HKV, D, ROPE, attn_cfg)) if kind == "msa" else \
             (lambda: Attention(DIM, H, HKV, D, ROPE))
@@ -112,21 +119,21 @@ def _layer_checks(rank, world, sp, cp, backend="reference", block_size=8,
         torch.manual_seed(0)
         layer.apply(_reinit)
         twin.load_state_dict(layer.state_dict())
-        if phase:
-            layer.core.phase = twin.core.phase = phase
         sharded = parallelize(_Holder(twin), mesh, ParallelConfig(sp_size=sp, cp_size=cp)).layers[0]
         x = torch.randn(1, T, DIM, requires_grad=True)
         g = torch.randn(1, T, DIM)
-        y, kl = layer(x, Rotary(pos, 1e4), cu)
-        ((y * g).sum() + 3.0 * kl).backward()
+        stats_queries = T if kind == "msa" else 0  # every non-trivial query: the shards' sums must add up
+        y, kl, stats = layer(x, Rotary(pos, 1e4), cu, phase, stats_queries)
+        ((y * g).sum() + (3.0 * kl if kl is not None else 0)).backward()
 
         x_l = x.detach()[:, idx].requires_grad_()
-        y_l, kl_l = sharded(x_l, Rotary(pos[:, idx], 1e4), cu)
-        ((y_l * g[:, idx]).sum() + 3.0 * kl_l).backward()
+        y_l, kl_l, stats_l = sharded(x_l, Rotary(pos[:, idx], 1e4), cu, phase, stats_queries)
+        ((y_l * g[:, idx]).sum() + (3.0 * kl_l if kl_l is not None else 0)).backward()
         tag = f"{kind}/{phase} rank {rank}: "
         _check(tag + "output", y.detach()[:, idx], y_l.detach(), errors)
         if kind == "msa":
             _check(tag + "kl", kl.detach(), shard_sum(kl_l, mesh), errors)
+            _check(tag + "stats", stats.sums, shard_sum(stats_l.sums, mesh), errors)
         _check(tag + "x.grad", x.grad[:, idx], x_l.grad, errors)
         _compare_grads(layer, _sum_grads(sharded.attn, mesh.shard_group), errors, tag)
     return errors
@@ -138,11 +145,14 @@ def _reinit(m):
 
 
 class _Holder(torch.nn.Module):
-    """One attention layer where ``parallelize`` looks for blocks (``.layers[i].attn``)."""
+    """One attention layer where ``parallelize`` looks for blocks (``blocks()[i].attn``)."""
 
     def __init__(self, attn):
         super().__init__()
         self.layers = torch.nn.ModuleList([_Block(attn)])
+
+    def blocks(self):
+        return list(self.layers)
 
 
 class _Block(torch.nn.Module):
@@ -176,7 +186,7 @@ def _tiny_batch(B=2, N=96):
 def _model_checks(rank, world, sp, cp, memory_savers):
     par = ParallelConfig(sp_size=sp, cp_size=cp, activation_checkpointing=memory_savers,
                          mlp_tile_tokens=16 if memory_savers else 0)
-    mesh = build_mesh(par, world, rank)
+    mesh = build_mesh(sp, cp, _env(rank, world))
     if memory_savers:
         import deepspeed
 
@@ -187,19 +197,17 @@ def _model_checks(rank, world, sp, cp, memory_savers):
     cfg = ModelConfig(vocab_size=320, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, rope_dim=8,
                       ce_chunk_tokens=40)
     cfg.vision.patch_size = 4
-    attn = AttentionConfig(backend="reference", block_size=8, topk=3, index_dim=16, n_dense_layers=1)
+    attn = AttentionConfig(impl="reference", block_size=8, topk=3, index_dim=16, n_dense_layers=1)
     batch = _tiny_batch()
     errors = []
     for phase in ("sparse", "warmup"):
         model, twin = Decoder(cfg, attn), Decoder(cfg, attn)
         twin.load_state_dict(model.state_dict())
-        model.set_phase(phase)
-        twin.set_phase(phase)
         sharded = parallelize(twin, mesh, par)
-        out = model(batch)
+        out = model(batch, phase=phase)
         (out["lm_sum"] / out["n_tokens"] + 0.5 * out["kl"]).backward()
 
-        out_l = sharded(shard_batch(batch, mesh))
+        out_l = sharded(shard_batch(batch, mesh), phase=phase)
         n_tokens = shard_sum(out_l["n_tokens"], mesh)
         (out_l["lm_sum"] / n_tokens + 0.5 * out_l["kl"]).backward()
         tag = f"model/{phase} rank {rank}: "
@@ -207,6 +215,7 @@ def _model_checks(rank, world, sp, cp, memory_savers):
             errors.append(f"{tag}target count {int(n_tokens)} != {int(out['n_tokens'])}")
         _check(tag + "lm_sum", out["lm_sum"].detach(), shard_sum(out_l["lm_sum"], mesh), errors)
         _check(tag + "kl", out["kl"].detach(), shard_sum(out_l["kl"], mesh), errors)
+        _check(tag + "layer_kl", out["layer_kl"], shard_sum(out_l["layer_kl"], mesh), errors)
         _compare_grads(model, _sum_grads(sharded, mesh.shard_group), errors, tag)
     return errors
 
@@ -247,68 +256,67 @@ def test_zigzag_layout_covers_every_token_once():
 def test_start_up_checks_name_the_keys(overrides, world, keys):
     cfg = compose_train_config(overrides)
     with pytest.raises(ValueError) as err:
-        check_config(cfg, world_size=world, vocab_size=261)
+        check_every_stage(cfg, world_size=world)
     for key in keys:
         assert key in str(err.value), str(err.value)
 
 
 def test_checkpoint_offload_needs_a_gpu():
     cfg = compose_train_config(["parallel.activation_checkpointing=true", "parallel.checkpoint_offload=true"])
-    check_config(cfg, world_size=1, vocab_size=261)
-    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    (stage,) = build_recipe(cfg)[-1:]
+    check_config(cfg, stage, world_size=1, vocab_size=261, device_type="cuda")
     with pytest.raises(ValueError, match=r"parallel\.checkpoint_offload"):
-        build_engine(Decoder(cfg.model, cfg.attention), cfg, env)
+        check_config(cfg, stage, world_size=1, vocab_size=261, device_type="cpu")
 
 
 def _moments_worker(rank, world, sp, zero, ckpt_dir, phase):
     """Phase "save": 2 steps under parallel.sp_size=sp, a checkpoint, 2 more steps (their losses are
     written beside it). Phase "load": under sp_size=sp, from the checkpoint, 2 steps with the saved
     optimizer state must give those losses; 2 steps with fresh Adam moments must not."""
-    import types
+    import itertools
 
     from train import checkpoint as ckpt
-    from train.loop import train_step
-    from train.metrics import LayerStats
+    from train.loop import Run, train_step
 
-    cfg = compose_train_config(["model=tiny", "attention.backend=reference", "data.seq_len=256",
+    cfg = compose_train_config(["model=tiny", "attention.impl=reference", "data.seq_len=256", "recipe.kl_weight=0.5",
                                 f"parallel.sp_size={sp}", f"parallel.zero_stage={zero}", "logging.wandb.mode=disabled"])
-    env = DistEnv(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+    env = _env(rank, world)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.model.vocab_size, (1, 256), generator=g)
     batch = {"input_ids": ids, "labels": torch.roll(ids, -1, 1), "cu_seqlens": torch.tensor([0, 100, 256]).int(),
              "position_ids": torch.cat([torch.arange(100), torch.arange(156)])[None]}
-    stage = types.SimpleNamespace(kl_weight=0.5)
+    stage = build_recipe(cfg)[-1]  # the sparse stage
+    assert stage.phase == "sparse" and stage.kl_weight == 0.5
 
-    def steps(engine, model, n):
-        stats = LayerStats(model)
-        out = [train_step(engine, model, iter([batch]), cfg, stage, env, stats) for _ in range(n)]
-        stats.close()
-        return [o["lm"] + stage.kl_weight * o["kl"] for o in out]
+    def steps(run, n):
+        return [o["lm"] + stage.kl_weight * o["kl"] for o in (train_step(run) for _ in range(n))]
 
     def fresh(seed):
         torch.manual_seed(seed)
         model = Decoder(cfg.model, cfg.attention)
-        model.set_phase("sparse")
-        return build_engine(model, cfg, env)[0], model
+        mesh = build_mesh(sp, 1, env)
+        parallelize(model, mesh, cfg.parallel)
+        engine, scheduler = build_engine(model, cfg, stage, mesh, env)
+        return Run(cfg, env, [stage], stage, model, mesh, engine, scheduler, None, itertools.repeat(batch), None)
 
     losses = ckpt_dir / "losses.pt"
     if phase == "save":
-        engine, model = fresh(0)
-        steps(engine, model, 2)
-        ckpt.save_checkpoint(engine, ckpt_dir, 2, rank=rank, world_size=world, keep_last=1)
-        after = steps(engine, model, 2)
+        run = fresh(0)
+        steps(run, 2)
+        ckpt.save_checkpoint(run.engine, ckpt_dir, 2, rank=rank, world_size=world, keep_last=1)
+        after = steps(run, 2)
         if rank == 0:
             torch.save(after, losses)
         return
     path, expected = ckpt.find_resume(ckpt_dir, "auto"), torch.load(losses)
     runs = {}
     for keep in (True, False) if zero == 1 else (True,):
-        engine, model = fresh(1)  # other weights until the checkpoint loads
+        run = fresh(1)  # other weights until the checkpoint loads
         if keep:
-            ckpt.load_checkpoint(engine, path, rank=rank, world_size=world)
+            ckpt.load_checkpoint(run.engine, path, rank=rank, world_size=world)
         else:  # the negative control: weights and schedule only, fresh Adam moments
-            engine.load_checkpoint(str(path), tag=ckpt.DS_TAG, load_optimizer_states=False)
-        runs[keep] = steps(engine, model, 2)
+            run.engine.load_checkpoint(str(path), tag=ckpt.DS_TAG, load_optimizer_states=False)
+        runs[keep] = steps(run, 2)
     assert torch.allclose(torch.tensor(runs[True]), torch.tensor(expected), rtol=1e-5, atol=0), (runs, expected)
     if False in runs:  # the check can fail: fresh moments take another second step
         assert abs(runs[False][1] - expected[1]) > 1e-4 * abs(expected[1]), (runs, expected)

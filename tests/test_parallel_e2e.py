@@ -26,9 +26,9 @@ def _launch(run_dir: Path, sp: int, cp: int, extra: list[str]) -> subprocess.Pop
     n = sp * cp
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}",
                 f"--master-port={_port()}"] if n > 1 else [sys.executable]
-    overrides = [f"run_dir={run_dir}", f"train.steps={STEPS}", "logging.wandb.mode=disabled",
-                 "logging.progress=false", "attention.backend=reference", "attention.warmup_steps=2",
-                 "train.lr_warmup_steps=1", "data.seq_len=128", f"parallel.sp_size={sp}",
+    overrides = [f"run_dir={run_dir}", f"run.steps={STEPS}", "logging.wandb.mode=disabled",
+                 "logging.progress=false", "attention.impl=reference", "recipe.warmup_steps=2",
+                 "optim.warmup_steps=1", "data.seq_len=128", f"parallel.sp_size={sp}",
                  f"parallel.cp_size={cp}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     log = open(run_dir.with_suffix(".log"), "w")
@@ -61,7 +61,7 @@ def test_sp2_and_cp2_step_losses_equal_sp1(tmp_path):
             assert abs(lm - lm0) <= 1e-5 * abs(lm0) and abs(kl - kl0) <= 1e-5 * abs(kl0), \
                 f"{name} step {step}: lm {lm} vs {lm0}, kl {kl} vs {kl0}"
     # per-layer KL is each rank's share, summed over the ranks of a sequence: it matches too; recall
-    # is averaged over the shares (SP splits the groups, so its sampled queries are the same as SP=1's)
+    # sums add over the shares (SP splits the groups, so its sampled queries are the same as SP=1's)
     base_rows = _rows(tmp_path / "sp1")
     for name in ("sp2", "cp2"):
         for r0, r in zip(base_rows, _rows(tmp_path / name)):

@@ -7,9 +7,9 @@ import textwrap
 import zlib
 
 import pytest
+from tests.wandb_reader import BLOCK, WandbFileError, find_run_files, read_run
 
 from train import dashboard
-from train.wandb_reader import BLOCK, WandbFileError, find_run_files, read_run
 
 WRITE_RUN = textwrap.dedent("""
     import sys, wandb
@@ -92,13 +92,16 @@ def test_dashboard_workspace_offline(capsys):
     sections = model.spec.section.panel_bank_config.sections
     metrics = {m for s in sections for p in s.panels for m in (p.config.metrics or [])}
     required = {"loss/lm", "loss/kl", "msa/index_recall", "msa/sparsity", "perf/tokens_per_s", "perf/mfu",
-                "mem/max_allocated_gb", "train/seq_len", "train/stage", "layer_kl/02", "layer_recall/00"}
+                "mem/max_allocated_gb", "train/seq_len", "train/stage", "layer_kl/02", "layer_recall/01",
+                "opt/grad_norm", "opt/grad_norm_index", "perf/attn_tflops", "perf/index_tflops"}
     assert required <= metrics, required - metrics
+    # layer 0 is dense (attention.n_dense_layers=1): it logs no index metrics, so it gets no panel
+    assert not {"layer_kl/00", "layer_recall/00"} & metrics
     regexes = {p.config.metric_regex for s in sections for p in s.panels if p.config.use_metric_regex}
-    assert regexes == {"^layer_kl/.*", "^layer_recall/.*"}
+    assert regexes == {"^layer_kl/.*", "^layer_recall/.*", "^train/lr/.*"}
     assert (model.entity, model.project) == ("ent", "proj")
 
     assert dashboard.main(["--entity", "ent", "--project", "proj", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "7 sections, 14 panels" in out.splitlines()[0]
+    assert "8 sections, 18 panels" in out.splitlines()[0]
     assert "[Per-layer index KL] (collapsed)" in out and "  MFU: perf/mfu" in out

@@ -32,9 +32,19 @@ def compose_train_config(overrides: list[str]):
     """The typed TrainConfig that `python -m train <overrides>` would run with."""
     from hydra import compose, initialize_config_dir
 
-    from train.config import register_schema, to_train_config
+    from train.config import check_moved_keys, register_schema, to_train_config
 
+    check_moved_keys(overrides)
     register_schema()
     conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
         return to_train_config(compose("train", overrides=overrides))
+
+
+def check_every_stage(cfg, world_size: int, vocab_size: int = 261) -> None:
+    """The start-up checks of ``python -m train`` for each stage of ``cfg``'s recipe."""
+    from train.config import check_config
+    from train.recipe import build_recipe
+
+    for stage in build_recipe(cfg):
+        check_config(cfg, stage, world_size, vocab_size)

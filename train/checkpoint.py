@@ -4,7 +4,7 @@ Layout under ``run_dir/checkpoints``::
 
     step_00000120/            one complete checkpoint: `step` optimizer steps done
       state/                  DeepSpeed's files (model, optimizer, scheduler; ZeRO partitions per rank)
-      ranks/rank_00003.pt     each rank's RNG states and data-loader position
+      ranks/rank_00003.json   each rank's RNG states and data-loader position (JSON)
       meta.json               written last: step, stage, world size; its presence marks the copy complete
     latest                    name of the newest complete checkpoint (a pointer for people and tools)
     .tmp-step_00000140/       a save in progress, or one killed half-way: never read, removed later
@@ -14,10 +14,15 @@ only then rewrites ``latest`` (through a rename as well), so a run killed at any
 the old set of checkpoints or the new one. ``resume=auto`` picks the newest directory with a
 ``meta.json``; a half-written one is ignored. The run directory must be on a file system every rank
 sees (each rank writes its own files into the same directory).
+
+What we write ourselves (``meta.json``, ``ranks/*.json``) is plain JSON. DeepSpeed's own files under
+``state/`` are pickles that ``torch.load`` reads with ``weights_only=False``: load checkpoints only
+from a source you trust, as you would any pickle.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -76,18 +81,33 @@ def find_resume(run_dir: str | Path, resume: str) -> Path | None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG the run draws from, as plain JSON values (nothing in a checkpoint we write can execute
+    code when it is read)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+             "torch": _b64(torch.get_rng_state())}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
 def _barrier() -> None:
@@ -125,7 +145,7 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, *, rank: int, world_
     _barrier()
     engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
     own = {"rng": rng_state(), "loader": loader_state, "rank": rank}
-    _atomic_write(tmp / "ranks" / f"rank_{rank:05d}.pt", lambda f: torch.save(own, f))
+    _atomic_write(tmp / "ranks" / f"rank_{rank:05d}.json", lambda f: f.write(json.dumps(own).encode()))
     _barrier()
     if rank == 0:
         info = {"step": step, "world_size": world_size, "time": time.time(), **(meta or {})}
@@ -168,7 +188,7 @@ def load_checkpoint(engine, path: str | Path, *, rank: int, world_size: int) -> 
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {path / DS_TAG}")
-    own = torch.load(path / "ranks" / f"rank_{rank:05d}.pt", weights_only=False)
+    own = json.loads((path / "ranks" / f"rank_{rank:05d}.json").read_text())
     set_rng_state(own["rng"])
     return {**meta, "loader": own["loader"]}
 
@@ -210,3 +230,35 @@ class StopSignal:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+# Settings a resumed run may change (an explicit override such as run.steps=... or optim.lr=...): what
+# the checkpoint holds stays valid under them. Anything else under these sections must match.
+MUST_MATCH = ("model", "attention", "data")
+MAY_DIFFER = ("data.num_workers", "data.prefetch")
+
+
+def check_resume_config(saved: dict | None, now: dict, path: Path) -> None:
+    """Refuse to resume a checkpoint of a different model, attention or data config (e.g. a --multirun
+    job pointed at another job's run directory), naming the keys that differ."""
+    if saved is None:  # a checkpoint from before the config was recorded
+        return
+    before, after = _flatten(saved), _flatten(now)
+    keys = sorted(k for k in set(before) | set(after)
+                  if k.split(".")[0] in MUST_MATCH and k not in MAY_DIFFER and before.get(k) != after.get(k))
+    if keys:
+        diff = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in keys[:8])
+        more = ", ..." if len(keys) > 8 else ""
+        raise ValueError(f"{path} holds a checkpoint of another configuration ({diff}{more}): point run_dir "
+                         f"elsewhere, or set checkpoint.resume=never to start afresh in it")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,6 +1,6 @@
 """Create the W&B workspace (dashboard) for training runs of this project.
 
-    python -m train.dashboard --entity E --project P [--name "MSA training"] [--layers 24] [--dry-run]
+    python -m train.dashboard --entity E --project P [--name "MSA training"] [--layers 24 --dense-layers 1] [--dry-run]
 
 Sections: losses, MSA health (index recall, sparsity), throughput, memory, schedule (seq_len, stage,
 lr, skipped data and bad steps), and per-layer index KL / recall. Per-layer metrics are drawn with a
@@ -15,17 +15,8 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-# Per-layer metric names the training loop logs; the dashboard draws them with these regexes.
-LAYER_KL_PREFIX = "layer_kl/"
-LAYER_RECALL_PREFIX = "layer_recall/"
-
-
-def layer_kl_key(layer: int) -> str:
-    return f"{LAYER_KL_PREFIX}{layer:02d}"
-
-
-def layer_recall_key(layer: int) -> str:
-    return f"{LAYER_RECALL_PREFIX}{layer:02d}"
+from train import metrics as M
+from train.metrics import LAYER_KL_PREFIX, LAYER_RECALL_PREFIX, layer_kl_key, layer_recall_key
 
 
 @dataclass(frozen=True)
@@ -43,40 +34,50 @@ class SectionSpec:
     is_open: bool = True
 
 
-def layout(layers: int | None = None) -> list[SectionSpec]:
-    """The dashboard as plain data: sections of panels, each naming the metrics it plots."""
+def layout(layers: int | None = None, dense_layers: int = 1) -> list[SectionSpec]:
+    """The dashboard as plain data: sections of panels, each naming the metrics it plots. Per-layer
+    panels (``layers`` given) start at the first MSA layer: the ``dense_layers`` before it log no
+    index metrics."""
     sections = [
         SectionSpec("Loss", (
-            PanelSpec("LM loss", ("loss/lm",)),
-            PanelSpec("Index KL (sum over MSA layers)", ("loss/kl",), log_y=True),
+            PanelSpec("LM loss", (M.LOSS_LM,)),
+            PanelSpec("Index KL (sum over MSA layers)", (M.LOSS_KL,), log_y=True),
         )),
         SectionSpec("MSA", (
-            PanelSpec("Index recall (teacher mass in selected blocks)", ("msa/index_recall",)),
-            PanelSpec("Sparsity (fraction of visible keys skipped)", ("msa/sparsity",)),
+            PanelSpec("Index recall (teacher mass in selected blocks, queries with > topk blocks)",
+                      (M.INDEX_RECALL,)),
+            PanelSpec("Sparsity (fraction of visible keys skipped)", (M.SPARSITY,)),
+            PanelSpec("Share of queries with more than topk visible blocks", (M.NONTRIVIAL,)),
         )),
         SectionSpec("Throughput", (
-            PanelSpec("Tokens/s", ("perf/tokens_per_s",)),
-            PanelSpec("MFU", ("perf/mfu",)),
-            PanelSpec("Step time (s)", ("perf/step_s",)),
+            PanelSpec("Tokens/s", (M.TOKENS_PER_S,)),
+            PanelSpec("MFU", (M.MFU,)),
+            PanelSpec("Attention / index TFLOP/s", (M.ATTN_TFLOPS, M.INDEX_TFLOPS)),
+            PanelSpec("Step time (s)", (M.STEP_S,)),
         )),
-        SectionSpec("Memory", (PanelSpec("Max allocated (GB)", ("mem/max_allocated_gb",)),)),
+        SectionSpec("Memory", (PanelSpec("Max allocated (GB)", (M.MAX_MEMORY,)),)),
+        SectionSpec("Optimizer", (
+            PanelSpec("Gradient norm (total, index branch)", (M.GRAD_NORM, M.GRAD_NORM_INDEX), log_y=True),
+            PanelSpec("Learning rate per parameter group", regex=f"^{M.LR_GROUP_PREFIX}.*"),
+        )),
         SectionSpec("Schedule", (
-            PanelSpec("Sequence length", ("train/seq_len",)),
-            PanelSpec("Recipe stage / sparse phase", ("train/stage", "train/phase_sparse")),
-            PanelSpec("Learning rate", ("train/lr",)),
-            PanelSpec("Skipped samples / bad steps", ("data/skipped", "train/bad_steps")),
+            PanelSpec("Sequence length", (M.SEQ_LEN,)),
+            PanelSpec("Recipe stage / sparse phase", (M.STAGE, M.PHASE_SPARSE)),
+            PanelSpec("Learning rate", (M.LR,)),
+            PanelSpec("Skipped samples / bad steps", (M.SKIPPED, M.BAD_STEPS)),
         )),
     ]
     for title, prefix, key in (("Per-layer index KL", LAYER_KL_PREFIX, layer_kl_key),
                                ("Per-layer index recall", LAYER_RECALL_PREFIX, layer_recall_key)):
         panels = [PanelSpec(f"{title}: all layers", regex=f"^{prefix}.*", log_y=prefix == LAYER_KL_PREFIX)]
-        panels += [PanelSpec(f"{title}: layer {i}", (key(i),)) for i in range(layers or 0)]
+        panels += [PanelSpec(f"{title}: layer {i}", (key(i),)) for i in range(dense_layers, layers or 0)]
         sections.append(SectionSpec(title, tuple(panels), is_open=False))
     return sections
 
 
-def build_workspace(entity: str, project: str, name: str = "MSA training", layers: int | None = None):
-    """A `wandb_workspaces.workspaces.Workspace` for `layout(layers)`; nothing is sent until `.save()`."""
+def build_workspace(entity: str, project: str, name: str = "MSA training", layers: int | None = None,
+                    dense_layers: int = 1):
+    """A `wandb_workspaces.workspaces.Workspace` for `layout(...)`; nothing is sent until `.save()`."""
     import wandb_workspaces.reports.v2 as wr
     import wandb_workspaces.workspaces as ws
 
@@ -86,7 +87,7 @@ def build_workspace(entity: str, project: str, name: str = "MSA training", layer
         return wr.LinePlot(title=p.title, x="Step", y=list(p.metrics), log_y=p.log_y or None)
 
     sections = [ws.Section(name=s.name, panels=[panel(p) for p in s.panels], is_open=s.is_open)
-                for s in layout(layers)]
+                for s in layout(layers, dense_layers)]
     return ws.Workspace(entity=entity, project=project, name=name, sections=sections,
                         settings=ws.WorkspaceSettings(x_axis="Step", max_runs=20))
 
@@ -106,18 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entity", required=True, help="W&B entity (user or team)")
     parser.add_argument("--project", required=True, help="W&B project the runs log to")
     parser.add_argument("--name", default="MSA training", help="workspace (view) name")
-    parser.add_argument("--layers", type=int, default=None, help="also one panel per layer for N layers")
+    parser.add_argument("--layers", type=int, default=None, help="also one panel per MSA layer of an N-layer model")
+    parser.add_argument("--dense-layers", type=int, default=1,
+                        help="attention.n_dense_layers of the model: per-layer panels start after them")
     parser.add_argument("--dry-run", action="store_true", help="print the layout; send nothing")
     args = parser.parse_args(argv)
-    if args.layers is not None and args.layers < 0:
-        parser.error("--layers must be >= 0")
+    if (args.layers is not None and args.layers < 0) or args.dense_layers < 0:
+        parser.error("--layers and --dense-layers must be >= 0")
 
-    workspace = build_workspace(args.entity, args.project, args.name, args.layers)
+    workspace = build_workspace(args.entity, args.project, args.name, args.layers, args.dense_layers)
     model = workspace._to_model()  # validates the whole spec offline, before any network call
     n_panels = sum(len(s.panels) for s in model.spec.section.panel_bank_config.sections)
     print(f"workspace {args.name!r} for {args.entity}/{args.project}: "
           f"{len(workspace.sections)} sections, {n_panels} panels")
-    print(format_layout(layout(args.layers)))
+    print(format_layout(layout(args.layers, args.dense_layers)))
     if args.dry_run:
         return 0
     workspace.save()

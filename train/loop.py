@@ -1,24 +1,118 @@
 """The training loop: set up, resume if there is a checkpoint, then step through the recipe's stages
-until ``train.steps``. Reads top to bottom."""
+until ``run.steps``. ``train`` reads top to bottom; each helper below it does one thing."""
 
 from __future__ import annotations
 
 import random
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from train.checkpoint import StopSignal, any_rank, find_resume, load_checkpoint, read_meta, save_checkpoint
+from train import metrics as M
+from train.checkpoint import (
+    StopSignal,
+    any_rank,
+    check_resume_config,
+    find_resume,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 from train.config import TrainConfig, check_config
 from train.data import build_dataloader, build_tokenizer
-from train.metrics import LayerStats, MetricsLogger, max_memory_gb, peak_tflops
 from train.model import build_model
-from train.parallel import build_engine, init_distributed, shard_batch, shard_sum
-from train.recipe import Stage, build_recipe, describe, stage_at, stage_config
+from train.parallel import (
+    DistEnv,
+    Mesh,
+    build_engine,
+    build_mesh,
+    deepspeed_config,
+    init_distributed,
+    parallelize,
+    shard_batch,
+    shard_sum,
+    write_deepspeed_json,
+)
+from train.recipe import Stage, build_recipe, describe, stage_at
+
+
+@dataclass
+class Run:
+    """What the loop holds between steps."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    stages: list[Stage]
+    stage: Stage
+    model: torch.nn.Module
+    mesh: Mesh
+    engine: object
+    scheduler: object
+    loader: object
+    batches: object
+    tokenizer: object
+    bad_steps: int = 0
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the configured recipe; returns the last logged metrics."""
+    env = init_distributed(cfg.parallel)
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    stages = build_recipe(cfg)
+    for stage in stages:  # every stage must be able to run: fail now, not hours in
+        check_config(cfg, stage, env.world_size, tokenizer.vocab_size, env.device.type)
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+    resume = find_resume(cfg.run_dir, cfg.checkpoint.resume)
+    saved = read_meta(resume) if resume else {"step": 0}
+    if resume:
+        check_resume_config(saved.get("config"), resolved, resume)
+    if env.rank == 0:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(resolved), Path(cfg.run_dir) / "config.yaml")
+    run = start(cfg, env, stages, stage_at(stages, saved["step"]), tokenizer)
+    if resume:
+        restore(run, resume)
+    logger = M.MetricsLogger(cfg.logging, Path(cfg.run_dir), env.rank, cfg.run.steps, saved["step"], resolved)
+    logger.message(describe(stages, cfg.run.steps) + (f"\nresumed from {resume}" if resume else ""))
+    peak, note = M.peak_tflops(env.device, cfg.logging.peak_tflops)
+    logger.message(note)
+    if saved["step"] >= cfg.run.steps:
+        logger.message(f"nothing to do: the checkpoint is at step {saved['step']}, run.steps={cfg.run.steps}")
+    stop, metrics = StopSignal(), {}
+    try:
+        for step in range(saved["step"], cfg.run.steps):
+            if not enter_stage(run, stage_at(stages, step), step, logger, resolved):
+                break
+            logged = step % cfg.logging.every == 0 or step == cfg.run.steps - 1
+            stats_queries = cfg.logging.recall_queries if logged and step % cfg.logging.stats_every == 0 else 0
+            lr = run.scheduler.get_last_lr()  # per group: what this step trains with (engine.step advances it)
+            t0 = time.perf_counter()
+            out = train_step(run, stats_queries, with_grad_norms=logged)
+            if env.device.type == "cuda":
+                torch.cuda.synchronize()
+            step_s = time.perf_counter() - t0
+            if out["bad"]:
+                run.bad_steps += 1
+                logger.message(f"step {step}: non-finite loss, update skipped "
+                               f"({run.bad_steps}/{cfg.run.max_bad_steps} run.max_bad_steps)")
+            if logged or out["bad"]:
+                metrics = step_metrics(run, out, step_s, lr, peak)
+                logger.log(step, metrics)
+            if run.bad_steps >= cfg.run.max_bad_steps:
+                raise RuntimeError(f"{run.bad_steps} steps with a non-finite loss: stopping (raise "
+                                   f"run.max_bad_steps to tolerate more)")
+            if maybe_save(run, step + 1, stop, logger, resolved):
+                break
+    finally:
+        stop.restore()
+        logger.close()
+    return metrics
 
 
 def seed_everything(seed: int) -> None:
@@ -27,172 +121,119 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def train(cfg: TrainConfig) -> dict:
-    """Run the configured recipe; returns the last logged metrics."""
-    env = init_distributed(cfg.parallel)
-    run_dir = Path(cfg.run_dir)
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
-    stages = build_recipe(cfg)
-    for s in stages:  # every stage must be able to run: fail now, not hours in
-        check_config(stage_config(cfg, s), env.world_size, tokenizer.vocab_size)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+def start(cfg: TrainConfig, env: DistEnv, stages: list[Stage], stage: Stage, tokenizer) -> Run:
+    """Model, mesh, engine and loader for the stage the run starts (or resumes) in."""
+    seed_everything(cfg.run.seed)
+    model = build_model(cfg.model, cfg.attention)
+    model.set_rope_base(stage.rope_base)
+    mesh = build_mesh(stage.sp_size, stage.cp_size, env)
+    parallelize(model, mesh, cfg.parallel)
+    engine, scheduler = build_engine(model, cfg, stage, mesh, env)
     if env.rank == 0:
-        OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
-
-    resume = find_resume(run_dir, cfg.checkpoint.resume)
-    saved = read_meta(resume) if resume else {"step": 0}
-    start_step = saved["step"]
-    stage = stage_at(stages, start_step)
-    scfg = stage_config(cfg, stage)
-    seed_everything(cfg.train.seed)
-    model = build_model(scfg.model, scfg.attention)
-    engine, _, scheduler = build_engine(model, scfg, env, run_dir)
+        write_deepspeed_json(deepspeed_config(cfg, stage, env.device), cfg.run_dir)
     loader = build_stage_loader(cfg, stage, tokenizer, env)
-    bad_steps = 0
-    if resume:
-        # a new sp/cp layout keeps the optimizer state too: ZeRO partitions it over every rank that holds
-        # the parameters, which is all of them whatever sp/cp is (tests/test_parallel.py checks ZeRO-1 and 3)
-        state = load_checkpoint(engine, resume, rank=env.rank, world_size=env.world_size)
-        if state["data_epoch"] == stage.data_epoch:  # else a new sp/cp layout starts a new stream
-            loader.load_state_dict(state["loader"])
-        bad_steps = state["bad_steps"]
-    batches = iter(loader)
-
-    logger = MetricsLogger(cfg.logging, run_dir, env.rank, cfg.train.steps, start_step, resolved)
-    logger.message(describe(stages, cfg.train.steps) + (f"\nresumed from {resume}" if resume else ""))
-    if start_step >= cfg.train.steps:
-        logger.message(f"nothing to do: the checkpoint is at step {start_step}, train.steps={cfg.train.steps}")
-    layer_stats = LayerStats(model)
-    stop = StopSignal()
-    peak = peak_tflops(env.device, cfg.logging.peak_tflops)
-
-    def save(done: int) -> None:
-        save_checkpoint(engine, run_dir, done, rank=env.rank, world_size=env.world_size,
-                        keep_last=cfg.checkpoint.keep_last, loader_state=loader.state_dict(),
-                        meta={"stage": stage.index, "data_epoch": stage.data_epoch, "bad_steps": bad_steps,
-                              "layout": list(stage.layout())})
-
-    metrics = {}
-    try:
-        for step in range(start_step, cfg.train.steps):
-            upcoming = stage_at(stages, step)
-            if upcoming is not stage:
-                if upcoming.layout() != stage.layout():  # new process groups: a relaunch builds them
-                    save(step)
-                    logger.message(f"step {step}: stage {upcoming.name} runs with parallel.sp_size="
-                                   f"{upcoming.sp_size}, parallel.cp_size={upcoming.cp_size}; checkpoint "
-                                   f"saved, relaunch the same command to continue")
-                    break
-                if upcoming.seq_len != stage.seq_len or upcoming.batch_size != stage.batch_size:
-                    position = loader.state_dict()  # the new shape continues the same document stream
-                    loader.close()
-                    loader = build_stage_loader(cfg, upcoming, tokenizer, env)
-                    loader.load_state_dict(position)
-                    batches = iter(loader)
-                stage = upcoming
-                logger.message(f"step {step}: stage {stage.index} ({stage.name}), {stage.phase}, "
-                               f"seq_len={stage.seq_len}")
-            model.rope_base = stage.rope_base
-            model.set_phase(stage.phase)
-            logged = step % cfg.logging.every == 0 or step == cfg.train.steps - 1
-            want_stats = logged and cfg.attention.backend != "dense" and step % cfg.logging.stats_every == 0
-            model.track_stats(want_stats)
-            lr = scheduler.get_last_lr()[0]  # the rate this step trains with (engine.step advances it)
-
-            t0 = time.perf_counter()
-            out = train_step(engine, model, batches, cfg, stage, env, layer_stats)
-            if out["bad"]:
-                bad_steps += 1
-                logger.message(f"step {step}: non-finite loss, update skipped "
-                               f"({bad_steps}/{cfg.train.max_bad_steps} train.max_bad_steps)")
-            if env.device.type == "cuda":
-                torch.cuda.synchronize()
-            step_s = time.perf_counter() - t0
-
-            if logged or out["bad"]:
-                dp_world = env.world_size // (stage.sp_size * stage.cp_size)
-                tokens_per_s = stage.batch_size * stage.seq_len * cfg.train.grad_accum * dp_world / step_s
-                metrics = {
-                    "loss/lm": out["lm"],
-                    "loss/kl": out["kl"],
-                    "msa/index_recall": _mean_stat(model, "index_recall", env) if want_stats else None,
-                    "msa/sparsity": _mean_stat(model, "sparsity", env) if want_stats else None,
-                    "perf/tokens_per_s": tokens_per_s,
-                    "perf/step_s": step_s,
-                    "perf/mfu": (model.flops_per_token(stage.seq_len, stage.phase == "sparse") * tokens_per_s
-                                 / env.world_size / (peak * 1e12)) if peak else None,
-                    "mem/max_allocated_gb": max_memory_gb(env.device),
-                    "train/lr": lr,
-                    "train/seq_len": stage.seq_len,
-                    "train/stage": stage.index,
-                    "train/phase_sparse": int(stage.phase == "sparse"),
-                    "train/bad_steps": bad_steps,
-                    "data/skipped": sum(loader.skipped.values()),
-                    **{f"data/skipped/{reason}": n for reason, n in loader.skipped.items()},
-                    **layer_stats.metrics(want_stats, env.mesh),
-                }
-                logger.log(step, metrics)
-            if bad_steps >= cfg.train.max_bad_steps:
-                raise RuntimeError(f"{bad_steps} steps with a non-finite loss: stopping (raise "
-                                   f"train.max_bad_steps to tolerate more)")
-
-            done = step + 1
-            stopping = any_rank(stop.received is not None)
-            if stopping or done == cfg.train.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
-                save(done)
-            if stopping:
-                logger.message(f"{stop.received or 'stop signal on another rank'}: saved a checkpoint after "
-                               f"step {step}; run the same command to resume")
-                break
-    finally:
-        stop.restore()
-        layer_stats.close()
-        logger.close()
-    return metrics
+    return Run(cfg, env, stages, stage, model, mesh, engine, scheduler, loader, iter(loader), tokenizer)
 
 
-def build_stage_loader(cfg: TrainConfig, stage: Stage, tokenizer, env):
+def restore(run: Run, path: Path) -> None:
+    """Weights, optimizer, schedule, RNG and (within one data stream) the loader position."""
+    state = load_checkpoint(run.engine, path, rank=run.env.rank, world_size=run.env.world_size)
+    if state["data_epoch"] == run.stage.data_epoch:  # else a new sp/cp layout starts a new stream
+        run.loader.load_state_dict(state["loader"])
+        run.batches = iter(run.loader)
+    run.bad_steps = state["bad_steps"]
+
+
+def build_stage_loader(cfg: TrainConfig, stage: Stage, tokenizer, env: DistEnv):
     """The data of one data-parallel rank for ``stage``. Stages of one sp/cp layout continue one
     document stream (same seed); a new layout splits the data anew, with a new seed."""
     group = stage.sp_size * stage.cp_size
     return build_dataloader(cfg.data, tokenizer, seq_len=stage.seq_len, batch_size=stage.batch_size,
                             dp_rank=env.rank // group, dp_world=env.world_size // group,
-                            seed=cfg.train.seed + stage.data_epoch, image_cfg=cfg.model.vision)
+                            seed=cfg.run.seed + stage.data_epoch)
 
 
-def train_step(engine, model, batches, cfg: TrainConfig, stage: Stage, env, layer_stats) -> dict:
-    """One optimizer step over ``train.grad_accum`` micro-batches. A non-finite loss on any rank skips
+def enter_stage(run: Run, upcoming: Stage, step: int, logger, resolved: dict) -> bool:
+    """Move to ``upcoming`` if it is a new stage. A new sp/cp layout needs new process groups: save and
+    return False (the relaunched command continues there). A new sequence length or batch continues
+    the same document stream in the new shape."""
+    old = run.stage
+    if upcoming is old:
+        return True
+    if upcoming.layout() != old.layout():
+        save(run, step, resolved)
+        logger.message(f"step {step}: stage {upcoming.name} runs with sp_size={upcoming.sp_size}, cp_size="
+                       f"{upcoming.cp_size}; checkpoint saved, relaunch the same command to continue")
+        return False
+    if (upcoming.seq_len, upcoming.batch_size) != (old.seq_len, old.batch_size):
+        position = run.loader.state_dict()
+        run.loader.close()
+        run.loader = build_stage_loader(run.cfg, upcoming, run.tokenizer, run.env)
+        run.loader.load_state_dict(position)
+        run.batches = iter(run.loader)
+        if run.env.rank == 0:
+            write_deepspeed_json(deepspeed_config(run.cfg, upcoming, run.env.device), run.cfg.run_dir)
+    run.model.set_rope_base(upcoming.rope_base)
+    run.stage = upcoming
+    logger.message(f"step {step}: stage {upcoming.index} ({upcoming.name}), {upcoming.phase}, "
+                   f"seq_len={upcoming.seq_len}")
+    return True
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def train_step(run: Run, stats_queries: int = 0, with_grad_norms: bool = False) -> dict:
+    """One optimizer step over ``optim.grad_accum`` micro-batches. A non-finite loss on any rank skips
     the update on every rank: that micro-batch's backward is a zero loss (no NaN reaches the gradients)
     and the step runs with learning rate 0, so the weights stay as they were."""
+    engine, mesh, stage, accum = run.engine, run.mesh, run.stage, run.cfg.optim.grad_accum
     lm_sum = kl_sum = 0.0
-    n_tokens, bad = 0, False
-    for micro in range(cfg.train.grad_accum):
-        layer_stats.start()
-        out = engine(shard_batch(to_device(next(batches), env.device), env.mesh))
-        layer_stats.stop()
+    n_tokens, bad, lengths, layer_kl, stats = 0, False, [], 0.0, None
+    for micro in range(accum):
+        batch = to_device(next(run.batches), run.env.device)
+        lengths.append(M.doc_lengths(batch))
+        out = engine(shard_batch(batch, mesh), phase=stage.phase, stats_queries=stats_queries)
         # with sequence/context shards each rank's loss is its share: LM over the whole sequence's
         # target count, KL as the cores scale it; DeepSpeed sums the shares' gradients
-        n_targets = shard_sum(out["n_tokens"], env.mesh)
-        lm = out["lm_sum"] / n_targets.clamp_min(1)
-        loss = lm + stage.kl_weight * out["kl"]
+        n_targets = shard_sum(out["n_tokens"], mesh)
+        loss = out["lm_sum"] / n_targets.clamp_min(1) + stage.kl_weight * out["kl"]
         finite = bool(torch.isfinite(loss))
         bad = bad or not finite
-        engine.backward(loss if finite else sum(p.sum() for p in model.parameters()) * 0.0)
-        if micro == cfg.train.grad_accum - 1 and any_rank(bad):
+        engine.backward(loss if finite else sum(p.sum() for p in run.model.parameters()) * 0.0)
+        last = micro == accum - 1
+        norms = grad_norms(run) if last and with_grad_norms else {}
+        if last and any_rank(bad):
             bad = True
             with zero_lr(engine.optimizer):
                 engine.step()
         else:
             engine.step()
-        lm_sum += shard_sum(out["lm_sum"], env.mesh).item()
+        lm_sum += shard_sum(out["lm_sum"], mesh).item()
         n_tokens += int(n_targets)
-        kl_sum += shard_sum(out["kl"], env.mesh).item()
-    return {"lm": lm_sum / max(n_tokens, 1), "kl": kl_sum / cfg.train.grad_accum, "bad": bad}
+        kl_sum += shard_sum(out["kl"], mesh).item()
+        layer_kl = layer_kl + out["layer_kl"]
+        if stats_queries:
+            stats = out["layer_stats"] if stats is None else [a + b for a, b in zip(stats, out["layer_stats"])]
+    if with_grad_norms:
+        norms[M.GRAD_NORM] = _float(engine.get_global_grad_norm())
+    return {"lm": lm_sum / max(n_tokens, 1), "kl": kl_sum / accum, "bad": bad, "lengths": lengths,
+            "layer_kl": layer_kl, "layer_stats": stats, "norms": norms}
+
+
+def grad_norms(run: Run) -> dict:
+    """The index branch's gradient norm, read after backward and before the step (a collective under
+    ZeRO-3: every rank calls it alike)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    squares = [safe_get_full_grad(p).float().pow(2).sum() for b in run.model.blocks()
+               if hasattr(b.attn, "index_params") for p in b.attn.index_params()]
+    return {M.GRAD_NORM_INDEX: float(torch.stack(squares).sum().sqrt()) if squares else None}
+
+
+def _float(x) -> float | None:
+    return None if x is None else float(x)
 
 
 @contextmanager
@@ -209,14 +250,57 @@ def zero_lr(optimizer):
                 g["lr"] = lr
 
 
-def _mean_stat(model, key: str, env) -> float | None:
-    """Mean over the MSA layers and over the ranks of a sequence (each holds an equal share: its GQA
-    groups under SP, its zig-zag chunks under CP). Called on every rank alike: it is a collective."""
-    values = [core.stats[key] for core in model.msa_cores() if key in core.stats]
-    if not values:
-        return None
-    shards = env.mesh.shards if env.mesh is not None else 1
-    return float(shard_sum(torch.tensor(float(np.mean(values)), device=env.device), env.mesh)) / shards
+def step_metrics(run: Run, out: dict, step_s: float, lr: list[float], peak: float | None) -> dict:
+    """The logged numbers of one step (a collective where the mesh or the world must be summed)."""
+    cfg, stage, env = run.cfg, run.stage, run.env
+    dp_world = env.world_size // (stage.sp_size * stage.cp_size)
+    flops = {"model": 0.0, "attn": 0.0, "index": 0.0}
+    for lengths in out["lengths"]:
+        for key, value in M.step_flops(cfg.model, cfg.attention, run.model.num_params(), lengths,
+                                       stage.phase).items():
+            flops[key] += value / run.mesh.shards  # the ranks of a sequence share its work
+    if env.world_size > 1:
+        total = torch.tensor(list(flops.values()), dtype=torch.float64,
+                             device=env.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(total)
+        flops = dict(zip(flops, total.tolist()))
+    groups = run.engine.optimizer.param_groups
+    return {
+        M.LOSS_LM: out["lm"], M.LOSS_KL: out["kl"],
+        M.TOKENS_PER_S: stage.batch_size * stage.seq_len * cfg.optim.grad_accum * dp_world / step_s,
+        M.STEP_S: step_s,
+        M.MFU: flops["model"] / step_s / env.world_size / (peak * 1e12) if peak else None,
+        M.ATTN_TFLOPS: flops["attn"] / step_s / env.world_size / 1e12,
+        M.INDEX_TFLOPS: flops["index"] / step_s / env.world_size / 1e12,
+        M.MAX_MEMORY: M.max_memory_gb(env.device),
+        M.LR: lr[0], **{M.LR_GROUP_PREFIX + g.get("name", str(i)): v for i, (g, v) in enumerate(zip(groups, lr))},
+        M.SEQ_LEN: stage.seq_len, M.STAGE: stage.index, M.PHASE_SPARSE: int(stage.phase == "sparse"),
+        M.BAD_STEPS: run.bad_steps, **out["norms"],
+        M.SKIPPED: sum(run.loader.skipped.values()),
+        **{f"{M.SKIPPED}/{reason}": n for reason, n in run.loader.skipped.items()},
+        **M.layer_metrics(run.model.msa_layers(), out["layer_kl"], cfg.optim.grad_accum, out["layer_stats"],
+                          run.mesh),
+    }
 
 
-__all__ = ["train", "train_step", "seed_everything", "to_device", "build_stage_loader"]
+def save(run: Run, done: int, resolved: dict) -> None:
+    cfg, stage = run.cfg, run.stage
+    save_checkpoint(run.engine, cfg.run_dir, done, rank=run.env.rank, world_size=run.env.world_size,
+                    keep_last=cfg.checkpoint.keep_last, loader_state=run.loader.state_dict(),
+                    meta={"stage": stage.index, "data_epoch": stage.data_epoch, "bad_steps": run.bad_steps,
+                          "layout": list(stage.layout()), "config": resolved})
+
+
+def maybe_save(run: Run, done: int, stop: StopSignal, logger, resolved: dict) -> bool:
+    """Save at ``checkpoint.every``, at the end and on a stop signal; True when the run must stop."""
+    every = run.cfg.checkpoint.every
+    stopping = any_rank(stop.received is not None)
+    if stopping or done == run.cfg.run.steps or (every and done % every == 0):
+        save(run, done, resolved)
+    if stopping:
+        logger.message(f"{stop.received or 'stop signal on another rank'}: saved a checkpoint after "
+                       f"step {done - 1}; run the same command to resume")
+    return stopping
+
+
+__all__ = ["train", "train_step", "seed_everything", "to_device", "build_stage_loader", "Run", "start"]

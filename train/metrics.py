@@ -1,28 +1,70 @@
-"""Where metrics go: ``run_dir/metrics.jsonl`` (always), Weights & Biases (offline by default), and a
-rank-0 progress bar. Other ranks log nothing."""
+"""Metric names, the numbers behind them, and where they go.
+
+Names live here (the W&B dashboard, ``train/dashboard.py``, imports them). ``layer_metrics`` is the
+one place that turns the model's per-layer outputs (index KL shares, selection-stat sums) into
+numbers across layers and across the ranks of a sequence. ``step_flops`` counts a step's work from the
+batch's document lengths, for ``perf/mfu``, ``perf/attn_tflops`` and ``perf/index_tflops``.
+``MetricsLogger`` writes ``run_dir/metrics.jsonl`` (always), Weights & Biases (offline by default) and
+a rank-0 progress bar. Other ranks log nothing.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-# Dense bf16 tensor-core peaks from the vendors' datasheets, for perf/mfu.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+from msa.stats import SelectionStats
+from train.parallel.shard import shard_sum
+
+LOSS_LM, LOSS_KL = "loss/lm", "loss/kl"
+INDEX_RECALL, SPARSITY, NONTRIVIAL = "msa/index_recall", "msa/sparsity", "msa/nontrivial_share"
+TOKENS_PER_S, STEP_S, MFU = "perf/tokens_per_s", "perf/step_s", "perf/mfu"
+ATTN_TFLOPS, INDEX_TFLOPS = "perf/attn_tflops", "perf/index_tflops"
+MAX_MEMORY = "mem/max_allocated_gb"
+LR, SEQ_LEN, STAGE, PHASE_SPARSE, BAD_STEPS = "train/lr", "train/seq_len", "train/stage", "train/phase_sparse", \
+    "train/bad_steps"
+LR_GROUP_PREFIX = "train/lr/"
+GRAD_NORM, GRAD_NORM_INDEX = "opt/grad_norm", "opt/grad_norm_index"
+SKIPPED = "data/skipped"
+LAYER_KL_PREFIX, LAYER_RECALL_PREFIX = "layer_kl/", "layer_recall/"
 
 
-def peak_tflops(device: torch.device, configured: float | None) -> float | None:
+def layer_kl_key(layer: int) -> str:
+    return f"{LAYER_KL_PREFIX}{layer:02d}"
+
+
+def layer_recall_key(layer: int) -> str:
+    return f"{LAYER_RECALL_PREFIX}{layer:02d}"
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' datasheets, by the exact name
+# torch.cuda.get_device_name reports: the SXM, PCIe and NVL boards of one chip differ.
+PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H200": 989.4, "NVIDIA H200 NVL": 835.0, "NVIDIA GH200 480GB": 989.4,
+    "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100-SXM4-40GB": 312.0, "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0, "NVIDIA B200": 2250.0,
+}
+
+
+def peak_tflops(device: torch.device, configured: float | None) -> tuple[float | None, str]:
+    """The peak for ``perf/mfu`` and where it came from (a line for the log)."""
     if configured:
-        return configured
+        return configured, f"perf/mfu against logging.peak_tflops={configured:g}"
     if device.type != "cuda":
-        return None
+        return None, "perf/mfu off on CPU"
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    if name in PEAK_TFLOPS:
+        return PEAK_TFLOPS[name], f"perf/mfu against {PEAK_TFLOPS[name]:g} TFLOP/s ({name}, dense bf16)"
+    return None, f"perf/mfu off: no peak known for {name!r}; set logging.peak_tflops"
 
 
 def max_memory_gb(device: torch.device) -> float:
@@ -32,7 +74,75 @@ def max_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def doc_lengths(batch: dict) -> np.ndarray:
+    """Lengths of the attention segments of a (global, unsharded) batch: its documents and padding."""
+    cu = batch.get("cu_seqlens")
+    if cu is None:
+        B, N = batch["input_ids"].shape
+        return np.full(B, N, dtype=np.int64)
+    return np.diff(cu.cpu().numpy().astype(np.int64))
+
+
+def attended_pairs(lengths: np.ndarray, block_size: int | None = None, topk: int | None = None) -> float:
+    """Causal (query, key) pairs of documents of ``lengths``; with ``block_size``/``topk``, only the keys
+    of the selected blocks: the query's own block up to it plus ``topk - 1`` full earlier blocks."""
+    lengths = lengths[lengths > 0]
+    if block_size is None:
+        return float((lengths * (lengths + 1) // 2).sum())
+    p = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths]) if len(lengths) else np.zeros(0, np.int64)
+    return float((p % block_size + 1 + block_size * np.minimum(topk - 1, p // block_size)).sum())
+
+
+def step_flops(model_cfg, attn_cfg, n_params: int, lengths: np.ndarray, phase: str) -> dict[str, float]:
+    """Training FLOPs of one sequence (forward + backward = 3x forward; recomputation under activation
+    checkpointing is not counted).
+
+    - ``model``: 6 per weight per token (the tied LM head counted as a matmul) plus the main attention;
+    - ``attn``: the main attention alone, ``4 H D`` per attended (query, key) pair forward, dense
+      layers over every causal pair, MSA layers over the selected keys (warm-up: every causal pair);
+    - ``index``: MSA's extra work, not in ``model``: the block scoring ``2 Hkv Di`` per causal pair
+      (forward only) and the index KL ``2 H D + 6 Hkv Di`` per support pair (teacher scores, student
+      scores and their two gradients)."""
+    tokens = float(lengths.sum())
+    H, D, Hkv, Di = model_cfg.n_heads, model_cfg.head_dim, model_cfg.n_kv_heads, attn_cfg.index_dim
+    n_msa = 0 if attn_cfg.kind == "dense" else model_cfg.n_layers - attn_cfg.n_dense_layers
+    causal = attended_pairs(lengths)
+    support = causal if phase == "warmup" else attended_pairs(lengths, attn_cfg.block_size, attn_cfg.topk)
+    attn = 3.0 * 4 * H * D * ((model_cfg.n_layers - n_msa) * causal + n_msa * support)
+    head = model_cfg.vocab_size * model_cfg.dim if model_cfg.tie_embeddings else 0
+    index = n_msa * (2.0 * Hkv * Di * causal + (2.0 * H * D + 6.0 * Hkv * Di) * support)
+    return {"model": 6.0 * (n_params + head) * tokens + attn, "attn": attn, "index": index}
+
+
+def layer_metrics(layer_ids: list[int], kl_sum: torch.Tensor, n_micro: int, stats: list[SelectionStats | None],
+                  mesh) -> dict[str, float]:
+    """Per-layer index KL (``layer_kl_sum [n_msa]``, summed over ``n_micro`` micro-batches: averaged
+    here) and, where ``stats`` were taken, per-layer and overall index recall, sparsity and the share of
+    queries with more than ``topk`` visible blocks. Each rank of a sequence holds a share of both (its
+    GQA groups, its query chunks); they are summed over the shard group: a collective, so every rank
+    calls this alike."""
+    out = {INDEX_RECALL: None, SPARSITY: None, NONTRIVIAL: None}  # every row names them (None: not measured)
+    if layer_ids:
+        kl = shard_sum(kl_sum / max(n_micro, 1), mesh)
+        out.update({layer_kl_key(i): float(v) for i, v in zip(layer_ids, kl)})
+    if stats and all(s is not None for s in stats):
+        sums = shard_sum(torch.stack([s.sums for s in stats]), mesh)  # [n_msa, fields]
+        per_layer = [SelectionStats(row) for row in sums]
+        out.update({layer_recall_key(i): s.ratios()["index_recall"] for i, s in zip(layer_ids, per_layer)})
+        total = SelectionStats(sums.sum(0)).ratios()
+        out.update({INDEX_RECALL: total["index_recall"], SPARSITY: total["sparsity"],
+                    NONTRIVIAL: total["nontrivial_share"]})
+    return out
+
+
 class MetricsLogger:
+    """``metrics.jsonl`` rows, W&B and the progress bar, on rank 0. W&B settings a user put in the
+    environment (``WANDB_MODE``, ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_NAME``, ``WANDB_RUN_GROUP``,
+    ``WANDB_TAGS``) win over ``logging.wandb.*``; the log says which."""
+
+    ENV = {"mode": "WANDB_MODE", "project": "WANDB_PROJECT", "entity": "WANDB_ENTITY", "name": "WANDB_NAME",
+           "group": "WANDB_RUN_GROUP", "tags": "WANDB_TAGS"}
+
     def __init__(self, cfg, run_dir: Path, rank: int, total_steps: int, start_step: int, config: dict):
         self.active = rank == 0
         self.wandb_run = None
@@ -43,16 +153,25 @@ class MetricsLogger:
         if path.exists():  # a resumed run: drop rows past the checkpoint, which it logs again
             path.write_text("".join(_rows_before(path, start_step)))
         self.file = open(path, "a")
-        if cfg.wandb.mode != "disabled":
-            import wandb
-
-            w = cfg.wandb
-            self.wandb_run = wandb.init(
-                mode=w.mode, project=w.project, entity=w.entity, name=w.name, group=w.group,
-                tags=list(w.tags), config=config, dir=str(run_dir), resume="allow",
-                id=_run_id(Path(run_dir)))
         if cfg.progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        settings, source = self.wandb_settings(cfg.wandb)
+        self.message(f"W&B mode {settings['mode']} (from {source})")
+        if settings["mode"] != "disabled":
+            import wandb
+
+            self.wandb_run = wandb.init(**settings, config=config, dir=str(run_dir), resume="allow",
+                                        id=_run_id(Path(run_dir)))
+
+    @classmethod
+    def wandb_settings(cls, cfg) -> tuple[dict, str]:
+        """``wandb.init`` arguments: a setting whose WANDB_* variable is set is left to wandb (None), so the
+        environment wins; and where the mode came from."""
+        settings = {k: (None if os.environ.get(var) else getattr(cfg, k)) for k, var in cls.ENV.items()}
+        settings["tags"] = None if settings["tags"] is None else list(settings["tags"])
+        mode_env = os.environ.get("WANDB_MODE")
+        settings["mode"] = mode_env or cfg.mode
+        return settings, ("WANDB_MODE" if mode_env else "logging.wandb.mode")
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.active:
@@ -64,9 +183,9 @@ class MetricsLogger:
             self.wandb_run.log({k: v for k, v in clean.items() if v is not None}, step=step)
         if self.bar is not None:
             self.bar.n = step + 1
-            self.bar.set_postfix(loss=f"{metrics.get('loss/lm', float('nan')):.4f}",
-                                 tok_s=f"{metrics.get('perf/tokens_per_s', 0):.0f}",
-                                 stage=metrics.get("train/stage", 0), refresh=False)
+            self.bar.set_postfix(loss=f"{metrics.get(LOSS_LM, float('nan')):.4f}",
+                                 tok_s=f"{metrics.get(TOKENS_PER_S, 0):.0f}", stage=metrics.get(STAGE, 0),
+                                 refresh=False)
             self.bar.refresh()
 
     def message(self, text: str) -> None:
@@ -101,60 +220,3 @@ def _run_id(run_dir: Path) -> str:
     if not path.exists():  # wandb 0.31 has no public id generator; any [a-z0-9] string of 8 will do
         path.write_text(uuid.uuid4().hex[:8])
     return path.read_text().strip()
-
-
-class LayerStats:
-    """Per-layer index KL (``layer_kl/NN``, every step) and index recall (``layer_recall/NN``, on steps
-    that track stats) of the MSA layers, numbered by their place in ``model.layers``. KL is taken from
-    each MSA attention's forward output between ``start()`` and ``stop()``, so the recomputation of
-    activation checkpointing in backward is not counted twice."""
-
-    def __init__(self, model):
-        from msa.layer import MSAAttention
-        from train.dashboard import layer_kl_key, layer_recall_key
-
-        self.kl_key, self.recall_key = layer_kl_key, layer_recall_key
-        self.layers = {i: block.attn for i, block in enumerate(model.layers) if isinstance(block.attn, MSAAttention)}
-        self.handles = [attn.register_forward_hook(self._hook(i)) for i, attn in self.layers.items()]
-        self.kl: dict[int, torch.Tensor] = {}
-        self.calls, self.active = 0, False
-
-    def _hook(self, i: int):
-        def hook(module, args, output):
-            if self.active:
-                self.kl[i] = self.kl.get(i, 0.0) + output[1].detach().float()
-        return hook
-
-    def start(self) -> None:
-        self.active = True
-
-    def stop(self) -> None:
-        self.active = False
-        self.calls += 1
-
-    def metrics(self, with_recall: bool, mesh=None) -> dict[str, float]:
-        """The values since the last call (KL averaged over micro-batches), then reset. Under sequence
-        or context parallelism each rank of a sequence holds a share of every layer's KL (summed here)
-        and of its recall (averaged): a collective, so every rank calls this alike."""
-        from train.parallel import shard_sum
-
-        layers = sorted(self.kl)
-        out = {}
-        if layers:
-            kl = shard_sum(torch.stack([self.kl[i] for i in layers]) / max(self.calls, 1), mesh)
-            out.update({self.kl_key(i): float(v) for i, v in zip(layers, kl)})
-        recall_layers = [i for i, attn in self.layers.items()
-                         if with_recall and "index_recall" in getattr(attn.core, "stats", {})]
-        if recall_layers:
-            device = next(iter(self.layers.values())).wo.weight.device
-            recall = torch.tensor([float(self.layers[i].core.stats["index_recall"]) for i in recall_layers],
-                                  device=device)
-            shards = mesh.shards if mesh is not None else 1
-            out.update({self.recall_key(i): float(v) / shards
-                        for i, v in zip(recall_layers, shard_sum(recall, mesh))})
-        self.kl, self.calls = {}, 0
-        return out
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()

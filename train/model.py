@@ -1,7 +1,9 @@
-"""The decoder: token (and image-patch) embeddings, ``n_dense_layers`` dense GQA blocks, then MSA
-blocks, RMSNorm, SwiGLU MLPs and a chunked cross-entropy that never holds ``N x vocab`` logits.
+"""The decoder: token (and image-patch) embeddings, ``attention.n_dense_layers`` dense GQA blocks, then
+MSA blocks, RMSNorm, SwiGLU MLPs and a chunked cross-entropy that never holds ``N x vocab`` logits.
 
-Plain modules, no ranks: parallelism is applied from outside (``train/parallel.py``).
+Plain modules, no ranks. What is applied from outside (``train/parallel/parallelize.py``) goes through
+three small hooks: ``Block.attn.wrap_core`` (sequence/context parallelism), ``Block.wrap_mlp`` (tiled
+MLP) and ``Decoder.set_block_runner`` (activation checkpointing).
 """
 
 from __future__ import annotations
@@ -14,16 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from msa.layer import (
-    Attention,
-    AttentionConfig,
-    MSAAttention,
-    MSACore,
-    attention_flops_per_token,
-    check_attention,
-    check_kernel_limits,
-    mean_context,
-)
+from msa.layer import PHASES, Attention, AttentionConfig, MSAAttention, Phase, check_attention
 from msa.rope import Rotary
 from train.vision import VisionConfig, build_vision
 
@@ -41,7 +34,7 @@ class ModelConfig:
     head_dim: int = 32
     ffn_dim: int = 0  # 0: 8/3 * dim rounded up to a multiple of 64
     rope_dim: int = 16  # partial RoPE: rotary on the first rope_dim dims of each head
-    rope_base: float = 10000.0
+    rope_base: float = 10000.0  # a recipe stage may set its own
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     ce_chunk_tokens: int = 8192  # cross-entropy chunk: logits exist for this many tokens at a time
@@ -56,9 +49,7 @@ def check_model(cfg: ModelConfig, attn: AttentionConfig) -> None:
             raise ValueError(f"model.{key}={getattr(cfg, key)} must be >= 1")
     if cfg.rope_dim % 2 or not 0 <= cfg.rope_dim <= cfg.head_dim:
         raise ValueError(f"model.rope_dim={cfg.rope_dim} must be even and <= model.head_dim={cfg.head_dim}")
-    check_attention(attn, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers)
-    if attn.backend != "dense":
-        check_kernel_limits(attn, cfg.head_dim)
+    check_attention(attn, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers)
 
 
 class SwiGLU(nn.Module):
@@ -81,11 +72,18 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         hidden = cfg.ffn_dim or 64 * math.ceil(8 * cfg.dim / 3 / 64)
         self.mlp = SwiGLU(cfg.dim, hidden)
+        self._mlp_call = None
 
-    def forward(self, x, rotary: Rotary, cu_seqlens=None):
-        a, kl = self.attn(self.attn_norm(x), rotary, cu_seqlens)
+    def wrap_mlp(self, wrap) -> None:
+        """Run the MLP as ``wrap(mlp)(x)`` (the MLP module and its parameter names stay as they are)."""
+        self._mlp_call = wrap(self.mlp)
+
+    def forward(self, x, rotary: Rotary, cu_seqlens=None, phase: Phase = "sparse", stats_queries: int = 0):
+        """``x [B, N, dim]`` -> ``(x, kl, stats)`` (kl and stats None in a dense block)."""
+        a, kl, stats = self.attn(self.attn_norm(x), rotary, cu_seqlens, phase, stats_queries)
         x = x + a
-        return x + self.mlp(self.mlp_norm(x)), kl
+        h = self.mlp_norm(x)
+        return x + (self._mlp_call or self.mlp)(h), kl, stats
 
 
 def _ce_sum(h, weight, labels):
@@ -106,21 +104,24 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.T
 
 
 class Decoder(nn.Module):
-    """Mixed text-image decoder. ``forward(batch)`` takes the data pipeline's packed batch and
-    returns ``{"lm_sum", "n_tokens", "kl"}``: summed LM loss over text targets, their count, and the
-    sum over MSA layers of the index KL (each averaged over tokens and groups)."""
+    """Mixed text-image decoder. ``forward(batch, phase, stats_queries)`` takes the data pipeline's
+    packed batch and returns ``{"lm_sum", "n_tokens", "kl", "layer_kl", "layer_stats"}``: summed LM loss
+    over text targets, their count, the sum over MSA layers of the index KL (each averaged over tokens
+    and groups), the per-layer KL (detached, ``[n_msa_layers]``) and per-layer selection stats (a list,
+    None entries unless ``stats_queries > 0``)."""
 
     def __init__(self, cfg: ModelConfig, attn_cfg: AttentionConfig):
         super().__init__()
         check_model(cfg, attn_cfg)
         self.cfg, self.attn_cfg = cfg, attn_cfg
         self.rope_base = cfg.rope_base
-        n_dense = cfg.n_layers if attn_cfg.backend == "dense" else attn_cfg.n_dense_layers
+        n_dense = cfg.n_layers if attn_cfg.kind == "dense" else attn_cfg.n_dense_layers
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.vision = build_vision(cfg.vision, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, attn_cfg, sparse=i >= n_dense) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self._block_runner = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -132,19 +133,20 @@ class Decoder(nn.Module):
             scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w_down.weight")) else 1
             nn.init.normal_(p, std=std * scale)
 
-    def msa_cores(self) -> list[MSACore]:
-        return [m for m in self.modules() if isinstance(m, MSACore)]
+    def blocks(self) -> list[Block]:
+        return list(self.layers)
 
-    def set_phase(self, phase: str) -> None:
-        """``warmup``: dense main attention, KL on the dense support; ``sparse``: top-k selection."""
-        if phase not in ("warmup", "sparse"):
-            raise ValueError(f"attention phase must be warmup or sparse, got {phase!r}")
-        for core in self.msa_cores():
-            core.phase = phase
+    def msa_layers(self) -> list[int]:
+        """Indices (in ``layers``) of the MSA blocks."""
+        return [i for i, b in enumerate(self.layers) if isinstance(b.attn, MSAAttention)]
 
-    def track_stats(self, on: bool) -> None:
-        for core in self.msa_cores():
-            core.track_stats = on
+    def set_block_runner(self, runner) -> None:
+        """Run each block as ``runner(block, *args)`` instead of ``block(*args)`` (e.g. checkpointed)."""
+        self._block_runner = runner
+
+    def set_rope_base(self, base: float) -> None:
+        """A recipe stage's RoPE base (set when the stage starts)."""
+        self.rope_base = float(base)
 
     def embed_inputs(self, batch: dict) -> torch.Tensor:
         x = self.embed(batch["input_ids"])
@@ -165,36 +167,32 @@ class Decoder(nn.Module):
             x = flat.view_as(x)
         return x
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, phase: Phase = "sparse", stats_queries: int = 0) -> dict:
+        if phase not in PHASES:
+            raise ValueError(f"attention phase must be warmup or sparse, got {phase!r}")
         cu_seqlens = batch.get("cu_seqlens")
         x = self.embed_inputs(batch)
         positions, labels = batch["position_ids"], batch["labels"]
         if cu_seqlens is not None and x.shape[0] > 1:  # packed rows: one sequence of B*N tokens
             x, positions, labels = x.reshape(1, -1, x.shape[-1]), positions.reshape(1, -1), labels.reshape(1, -1)
         rotary = Rotary(positions, self.rope_base)
-        kl = x.new_zeros((), dtype=torch.float32)
-        for layer in self.layers:
-            x, layer_kl = layer(x, rotary, cu_seqlens)
-            kl = kl + layer_kl
+        kl, layer_kl, layer_stats = x.new_zeros((), dtype=torch.float32), [], []
+        for block in self.layers:
+            args = (x, rotary, cu_seqlens, phase, stats_queries)
+            x, block_kl, stats = self._block_runner(block, *args) if self._block_runner else block(*args)
+            if block_kl is not None:
+                kl = kl + block_kl
+                layer_kl.append(block_kl.detach())
+                layer_stats.append(stats)
         h = self.norm(x).reshape(-1, x.shape[-1])
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         lm_sum = chunked_cross_entropy(h, weight, labels.reshape(-1), self.cfg.ce_chunk_tokens)
-        return {"lm_sum": lm_sum, "n_tokens": (labels != -100).sum(), "kl": kl}
+        return {"lm_sum": lm_sum, "n_tokens": (labels != -100).sum(), "kl": kl,
+                "layer_kl": torch.stack(layer_kl) if layer_kl else kl.new_zeros(0), "layer_stats": layer_stats}
 
     def num_params(self, exclude_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if exclude_embedding else n
-
-    def flops_per_token(self, seq_len: int, sparse: bool) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward): 6 per weight, plus attention."""
-        cfg = self.cfg
-        n_dense = sum(not isinstance(b.attn, MSAAttention) for b in self.layers)
-        dense_ctx = mean_context(seq_len, self.attn_cfg, sparse=False)
-        sparse_ctx = mean_context(seq_len, self.attn_cfg, sparse=sparse)
-        attn = n_dense * attention_flops_per_token(cfg.n_heads, cfg.head_dim, dense_ctx)
-        attn += (cfg.n_layers - n_dense) * attention_flops_per_token(cfg.n_heads, cfg.head_dim, sparse_ctx)
-        head = cfg.vocab_size * cfg.dim if cfg.tie_embeddings else 0  # tied head: a matmul, not a weight
-        return 6.0 * (self.num_params() + head) + 3.0 * attn
 
 
 def build_model(cfg: ModelConfig, attn_cfg: AttentionConfig) -> Decoder:

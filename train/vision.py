@@ -29,7 +29,7 @@ class VisionConfig:
     vit_heads: int = 4
 
 
-def patch_grid_positions(sizes: torch.Tensor, n_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
+def patch_grid_positions(sizes: torch.Tensor, n_patches: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(image index, row, col) of every patch, from the per-image grids [I, 2]; patches of an
     image are contiguous and in raster order."""
     counts = sizes[:, 0] * sizes[:, 1]

@@ -24,7 +24,7 @@ from collections import Counter
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from train.data.config import DataConfig, ImageConfig
+from train.data.config import DataConfig
 from train.data.packing import Packer
 from train.data.samples import decode_sample
 from train.data.shards import ShardReader, expand_shards
@@ -32,18 +32,17 @@ from train.data.shards import ShardReader, expand_shards
 log = logging.getLogger(__name__)
 
 
-def check_data(cfg: DataConfig, seq_len: int, batch_size: int, image_cfg: ImageConfig):
+def check_data(cfg: DataConfig, seq_len: int, batch_size: int, seq_key: str = "data.seq_len") -> None:
+    """The loader's settings for rows of ``seq_len`` tokens (``seq_key`` names where that length is set)."""
     if seq_len < 2:
-        raise ValueError(f"data.seq_len={seq_len}: must be at least 2")
+        raise ValueError(f"{seq_key}={seq_len}: must be at least 2")
     if batch_size < 1:
         raise ValueError(f"data.batch_size={batch_size}: must be at least 1")
     if cfg.num_workers < 0:
         raise ValueError(f"data.num_workers={cfg.num_workers}: must be >= 0")
-    if image_cfg.max_patches + 2 > seq_len:
-        raise ValueError(
-            f"data.image.max_patches={image_cfg.max_patches} (+2 markers) exceeds seq_len={seq_len}: "
-            "lower data.image.max_patches"
-        )
+    if cfg.image.max_patches + 2 > seq_len:
+        raise ValueError(f"data.image.max_patches={cfg.image.max_patches} (+2 markers) exceeds {seq_key}={seq_len}: "
+                         "lower data.image.max_patches")
 
 
 def resolve_shards(cfg: DataConfig) -> list[str]:
@@ -58,15 +57,14 @@ def resolve_shards(cfg: DataConfig) -> list[str]:
 class _Rows(IterableDataset):
     """Rows of the logical workers a torch DataLoader worker plays (one each; all of them in-process)."""
 
-    def __init__(self, urls, tokenizer, cfg, image_cfg, *, seq_len, dp_rank, n_workers, dp_world, seed,
-                 states, first):
-        self.urls, self.tokenizer, self.cfg, self.image_cfg = urls, tokenizer, cfg, image_cfg
+    def __init__(self, urls, tokenizer, cfg, *, seq_len, dp_rank, n_workers, dp_world, seed, states, first):
+        self.urls, self.tokenizer, self.cfg = urls, tokenizer, cfg
         self.seq_len, self.dp_rank, self.n_workers, self.dp_world = seq_len, dp_rank, n_workers, dp_world
         self.seed, self.states, self.first = seed, states, first
 
     def packer(self, worker: int) -> Packer:
         decode = functools.partial(
-            decode_sample, tokenizer=self.tokenizer, image_cfg=self.image_cfg,
+            decode_sample, tokenizer=self.tokenizer, image_cfg=self.cfg.image,
             max_bytes=self.cfg.max_sample_bytes,
         )
         reader = ShardReader(
@@ -74,7 +72,7 @@ class _Rows(IterableDataset):
             seed=self.seed, block_size=self.cfg.shuffle_buffer, shuffle_shards=self.cfg.shuffle_shards,
             decode=decode,
         )
-        p = self.image_cfg.patch_size
+        p = self.cfg.image.patch_size
         return Packer(reader, self.seq_len, self.tokenizer.pad, self.tokenizer.img_patch, 3 * p * p)
 
     def __iter__(self):
@@ -113,9 +111,8 @@ class Loader:
     """Endless batches for one data-parallel rank; `state_dict()` / `load_state_dict()` resume
     exactly; `skipped` counts skipped input by reason."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, image_cfg: ImageConfig, urls, *, seq_len, batch_size,
-                 dp_rank, dp_world, seed):
-        self.cfg, self.tokenizer, self.image_cfg, self.urls = cfg, tokenizer, image_cfg, urls
+    def __init__(self, cfg: DataConfig, tokenizer, urls, *, seq_len, batch_size, dp_rank, dp_world, seed):
+        self.cfg, self.tokenizer, self.urls = cfg, tokenizer, urls
         self.seq_len, self.batch_size, self.dp_rank, self.dp_world = seq_len, batch_size, dp_rank, dp_world
         self.seed = seed
         self.n_workers = max(1, cfg.num_workers)
@@ -128,10 +125,10 @@ class Loader:
         document and a token offset, so a later curriculum stage can continue the same stream."""
         return {"dp_rank": self.dp_rank, "dp_world": self.dp_world, "num_workers": self.n_workers,
                 "seed": self.seed, "shards": self.urls, "vocab_size": self.tokenizer.vocab_size,
-                "image": [self.image_cfg.patch_size, self.image_cfg.max_patches]}
+                "image": [self.cfg.image.patch_size, self.cfg.image.max_patches]}
 
     def iter_rows(self):
-        ds = _Rows(self.urls, self.tokenizer, self.cfg, self.image_cfg, seq_len=self.seq_len,
+        ds = _Rows(self.urls, self.tokenizer, self.cfg, seq_len=self.seq_len,
                    dp_rank=self.dp_rank, n_workers=self.n_workers, dp_world=self.dp_world, seed=self.seed,
                    states=dict(self._states), first=self._next)
         if self.cfg.num_workers == 0:
@@ -189,23 +186,13 @@ class Loader:
 
 
 def build_dataloader(cfg: DataConfig, tokenizer, *, seq_len=None, batch_size=None, dp_rank=0, dp_world=1,
-                     seed=0, image_cfg=None) -> Loader:
-    """The loader of one data-parallel rank. seq_len / batch_size default to cfg's; image_cfg
-    defaults to cfg.image (a VisionConfig may be passed: its patch_size must match)."""
+                     seed=0) -> Loader:
+    """The loader of one data-parallel rank; ``seq_len`` / ``batch_size`` default to cfg's (a recipe
+    stage passes its own)."""
     seq_len = seq_len or cfg.seq_len
     batch_size = batch_size or cfg.batch_size
-    images = cfg.image
-    if image_cfg is not None and not isinstance(image_cfg, ImageConfig):
-        if image_cfg.patch_size != images.patch_size:
-            raise ValueError(
-                f"model.vision.patch_size={image_cfg.patch_size} differs from data.image.patch_size="
-                f"{images.patch_size}: set them equal"
-            )
-    elif image_cfg is not None:
-        images = image_cfg
-    check_data(cfg, seq_len, batch_size, images)
+    check_data(cfg, seq_len, batch_size)
     if not 0 <= dp_rank < dp_world:
         raise ValueError(f"dp_rank={dp_rank} outside [0, dp_world={dp_world})")
-    urls = resolve_shards(cfg)
-    return Loader(cfg, tokenizer, images, urls, seq_len=seq_len, batch_size=batch_size, dp_rank=dp_rank,
-                  dp_world=dp_world, seed=seed)
+    return Loader(cfg, tokenizer, resolve_shards(cfg), seq_len=seq_len, batch_size=batch_size,
+                  dp_rank=dp_rank, dp_world=dp_world, seed=seed)

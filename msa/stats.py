@@ -1,0 +1,108 @@
+"""Selection statistics of an MSA layer: how much of the dense attention the indexer's blocks hold
+(index recall) and how many visible keys they skip (sparsity).
+
+Both are kept as sums over (query, group) pairs, so the shards of a sequence (Ulysses groups,
+context-parallel chunks), the micro-batches of a step and the layers of a model combine by addition;
+the ratios are taken once, at the end (``train/metrics.py``).
+
+Index recall is measured only on queries with more than ``topk`` visible blocks: a query that sees
+at most ``topk`` blocks keeps all of them, so its recall is 1 by construction and would only dilute
+the number. For a sampled query ``i`` of group ``r`` the recall is the teacher's mass in the selection,
+``mean_h sum_{j in selected blocks} softmax_{j visible}(q[i,h] . k[j] / sqrt(D))``, computed exactly
+as ``mean_h exp(lse_selected - lse_visible)`` over key chunks (no ``N x N`` scores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from msa import reference
+
+FIELDS = ("recall_mass", "recall_rows", "kept", "visible", "nontrivial", "rows")
+
+
+@dataclass
+class SelectionStats:
+    """``sums [6]`` float64, in ``FIELDS`` order: teacher mass in the selection summed over the sampled
+    non-trivial (query, group) pairs, how many were sampled; visible (query, group, key) triples kept by
+    the selection, all visible triples; (query, group) pairs with more than ``topk`` visible blocks,
+    all (query, group) pairs."""
+
+    sums: torch.Tensor
+
+    def __add__(self, other: SelectionStats) -> SelectionStats:
+        return SelectionStats(self.sums + other.sums.to(self.sums.device))
+
+    def ratios(self) -> dict[str, float | None]:
+        """``index_recall``, ``sparsity`` and ``nontrivial_share`` (None where nothing was counted)."""
+        s = dict(zip(FIELDS, self.sums.tolist()))
+        return {
+            "index_recall": s["recall_mass"] / s["recall_rows"] if s["recall_rows"] else None,
+            "sparsity": 1.0 - s["kept"] / s["visible"] if s["visible"] else None,
+            "nontrivial_share": s["nontrivial"] / s["rows"] if s["rows"] else None,
+        }
+
+
+@torch.no_grad()
+def selection_stats(q: torch.Tensor, k: torch.Tensor, block_idx: torch.Tensor, block_size: int, topk: int,
+                    cu_seqlens: torch.Tensor | None = None, n_recall: int = 256,
+                    key_chunk: int = 8192) -> SelectionStats:
+    """Stats of the selection ``block_idx [B, Hkv, Nq, topk]`` for ``q [B, Nq, H, D]`` against
+    ``k [B, N, Hkv, D]`` (the queries are the last ``Nq <= N`` positions).
+
+    Recall is measured on up to ``n_recall`` evenly spaced non-trivial queries (per batch row and
+    group); sparsity counts every query."""
+    B, Nq, H, D = q.shape
+    N, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    doc, pos = reference.doc_layout(B, N, cu_seqlens, q.device)
+    pos_q = pos[:, -Nq:]
+    idx = block_idx.long()
+    # visible keys of each selected block: the whole block, or up to the query for its own block
+    kept = ((pos_q[:, None, :, None] - idx * block_size + 1).clamp(0, block_size) * (idx >= 0)).sum()
+    visible = (pos_q + 1).sum() * Hkv
+    nontrivial = pos_q // block_size + 1 > topk  # [B, Nq]
+    mass = torch.zeros((), dtype=torch.float64, device=q.device)
+    sampled = 0
+    for b in range(B):
+        rows = nontrivial[b].nonzero().squeeze(1)
+        if len(rows) > n_recall:
+            rows = rows[torch.linspace(0, len(rows) - 1, n_recall, device=q.device).long()]
+        if len(rows) == 0:
+            continue
+        lse_all, lse_sel = _row_lse(q[b, rows], k[b], doc[b], pos[b], N - Nq + rows, idx[b][:, rows], block_size,
+                                    key_chunk)
+        # [n, H] -> mean over each group's G heads, summed over rows and groups
+        mass += torch.exp(lse_sel - lse_all).view(len(rows), Hkv, G).mean(-1).sum().double()
+        sampled += len(rows) * Hkv
+    sums = torch.stack([mass, torch.tensor(float(sampled), dtype=torch.float64, device=q.device),
+                        kept.double(), visible.double(), nontrivial.sum().double() * Hkv,
+                        torch.tensor(float(B * Nq * Hkv), dtype=torch.float64, device=q.device)])
+    return SelectionStats(sums)
+
+
+def _row_lse(q, k, doc, pos, at, idx, block_size, key_chunk):
+    """Log-normalisers of rows ``q [n, H, D]`` (key positions ``at [n]``) over their visible keys and
+    over the visible keys of their group's selected blocks ``idx [Hkv, n, topk]``: ``[n, H]`` each."""
+    n, H, D = q.shape
+    N, Hkv = k.shape[0], k.shape[1]
+    G = H // Hkv
+    lse_all = q.new_full((n, H), float("-inf"), dtype=torch.float32)
+    lse_sel = lse_all.clone()
+    head_group = torch.arange(H, device=q.device) // G
+    for j0 in range(0, N, key_chunk):
+        j = torch.arange(j0, min(j0 + key_chunk, N), device=q.device)
+        # [n, c] keys each row may see; [Hkv, n, c] those of them in the group's selected blocks
+        vis = (doc[j][None] == doc[at][:, None]) & (pos[j][None] <= pos[at][:, None]) & (j[None] <= at[:, None])
+        chosen = (pos[j] // block_size == idx[..., None]).any(-2) & vis
+        # [n, H, c] scores of every head against its group's keys
+        s = torch.einsum("nhd,chd->nhc", q.float(), k[j].float()[:, head_group]) * D ** -0.5
+        lse_all = torch.logaddexp(lse_all, s.masked_fill(~vis[:, None], float("-inf")).logsumexp(-1))
+        sel = chosen.permute(1, 0, 2)[:, head_group]  # [n, H, c]
+        lse_sel = torch.logaddexp(lse_sel, s.masked_fill(~sel, float("-inf")).logsumexp(-1))
+    return lse_all, lse_sel
+
+
+__all__ = ["FIELDS", "SelectionStats", "selection_stats"]

@@ -1,0 +1,154 @@
+"""Process groups: join the job, and split the world into ``dp x cp x sp``.
+
+``init_distributed`` brings up the default process group (one process works too: it plays rank 0 of
+1). ``build_mesh`` lays the ranks out as ``rank = (dp_rank * cp + cp_rank) * sp + sp_rank`` (sp
+innermost, so Ulysses' all-to-all stays on the fastest links) with ``torch.distributed.device_mesh``,
+and returns a ``Mesh``: every rank and size, the groups, and the object DeepSpeed is given as ``mpu``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelConfig:
+    """``parallel.*``: how the world is split, which memory savers run, and DeepSpeed's settings."""
+
+    sp_size: int = 1  # Ulysses sequence parallel (heads <-> sequence all-to-all); a stage may set its own
+    cp_size: int = 1  # context parallel (K/V all-gather along the sequence); a stage may set its own
+    zero_stage: int = 1  # ZeRO stage 0-3
+    activation_checkpointing: bool = False  # recompute each block in backward
+    checkpoint_offload: bool = False  # keep the checkpointed block inputs in CPU memory (GPU only)
+    mlp_tile_tokens: int = 0  # >0: DeepSpeed's TiledMLP over tiles of this many tokens (recomputed in backward)
+    dist_backend: str = "auto"  # auto: nccl with CUDA, else gloo
+    timeout_s: int = 600  # a collective that waits longer fails instead of hanging on a dead rank
+    # merged last into the generated DeepSpeed JSON (validated by DeepSpeed's config classes), e.g.
+    # {zero_optimization: {offload_optimizer: {device: cpu}, overlap_comm: true}}
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DistEnv:
+    """This process in the job: global rank, world size, local rank and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def init_distributed(cfg: ParallelConfig) -> DistEnv:
+    """Join (or, run alone, create) the default process group; ranks come from the launcher's env."""
+    import deepspeed
+
+    init_method = None
+    if "RANK" not in os.environ:
+        # Alone: rendezvous through a file, not a port, so concurrent single-process runs never race
+        # for a free port (seen as EADDRINUSE with several test runs on one machine).
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "0")
+        init_method = "file://" + os.path.join(tempfile.mkdtemp(prefix="msa-rdzv-"), "store")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
+                                   verbose=False, init_method=init_method, rank=rank, world_size=world)
+    return DistEnv(rank, world, local_rank, device)
+
+
+@dataclass
+class Mesh:
+    """This rank's place in ``dp x cp x sp`` and the groups it talks in (None for a size-1 axis)."""
+
+    sp_size: int = 1
+    cp_size: int = 1
+    dp_size: int = 1
+    sp_rank: int = 0
+    cp_rank: int = 0
+    dp_rank: int = 0
+    sp_group: object = None
+    cp_group: object = None
+    shard_group: object = None  # the sp*cp ranks that split one sequence
+
+    @property
+    def shards(self) -> int:
+        return self.sp_size * self.cp_size
+
+    @property
+    def mpu(self):
+        """What DeepSpeed is told about the layout (None without sharding)."""
+        return _SequenceParallelMPU(self.shard_group) if self.shards > 1 else None
+
+
+def build_mesh(sp_size: int, cp_size: int, env: DistEnv) -> Mesh:
+    """Every rank must call this alike (group creation is collective)."""
+    world = env.world_size
+    if world % (sp_size * cp_size):
+        raise ValueError(f"world size {world} is not a multiple of parallel.sp_size*parallel.cp_size="
+                         f"{sp_size * cp_size}: change parallel.sp_size/parallel.cp_size or the launch")
+    dp_size = world // (sp_size * cp_size)
+    if sp_size * cp_size == 1:
+        return Mesh(dp_size=dp_size, dp_rank=env.rank)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(env.device.type, (dp_size, cp_size, sp_size), mesh_dim_names=("dp", "cp", "sp"))
+    return Mesh(sp_size, cp_size, dp_size, mesh.get_local_rank("sp"), mesh.get_local_rank("cp"),
+                mesh.get_local_rank("dp"),
+                sp_group=mesh.get_group("sp") if sp_size > 1 else None,
+                cp_group=mesh.get_group("cp") if cp_size > 1 else None,
+                shard_group=mesh["cp", "sp"]._flatten("shard").get_group())
+
+
+class _SequenceParallelMPU:
+    """The interface of ``deepspeed.runtime.sequence_parallel.parallel_state_sp`` over our groups: its
+    "sequence parallel" group is the whole token-sharding group (``sp * cp`` ranks), its
+    "sequence-data parallel" group every rank (all hold the same parameters). DeepSpeed's own module
+    keeps these in module globals that can be set once per process; this holds them per mesh."""
+
+    def __init__(self, shard_group):
+        self.group = shard_group
+
+    def get_sequence_parallel_group(self):
+        return self.group
+
+    def get_sequence_parallel_world_size(self):
+        return dist.get_world_size(self.group)
+
+    def get_sequence_parallel_rank(self):
+        return dist.get_rank(self.group)
+
+    def get_sequence_data_parallel_group(self):
+        return dist.group.WORLD
+
+    def get_sequence_data_parallel_world_size(self):
+        return dist.get_world_size()
+
+    def get_sequence_data_parallel_rank(self):
+        return dist.get_rank()
+
+    def initialize_sequence_parallel(self, size: int):
+        """Never called: DeepSpeed recognises a sequence-parallel mpu by this method's presence (and then
+        takes its data-parallel groups from the sequence-data-parallel ones; deepspeed/utils/groups.py,
+        0.19.8). The groups come from ``build_mesh``."""
+        raise RuntimeError("the sequence-parallel groups are built by train.parallel.build_mesh")
+
+    get_model_parallel_group = get_sequence_parallel_group
+    get_model_parallel_world_size = get_sequence_parallel_world_size
+    get_model_parallel_rank = get_sequence_parallel_rank
+
+
+__all__ = ["ParallelConfig", "DistEnv", "Mesh", "init_distributed", "build_mesh"]
