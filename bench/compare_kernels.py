@@ -3,26 +3,36 @@
 Prepare the baseline's ``kernels`` package in a folder, then run from the repository root:
 
     mkdir -p .baseline && git archive <commit> kernels | tar -x -C .baseline
-    python3 bench/compare_kernels.py --baseline .baseline --json out.json [--sizes 131072] [--hkv 2 4]
+    python3 bench/compare_kernels.py --baseline .baseline --json out.json [--sizes 32768 131072]
+        [--shapes 32x2 32x4 8x2] [--dq-path kv dkdv]
 
 (``--this <folder>`` times a kernels package prepared the same way instead of this tree's.)
 
-For each shape (B=1, H=32, D=Di=128, Bk=128, k=16, bf16; inputs as in ``bench/msa_attention.py``:
-random, with a sink direction in block 0) it times, for both trees: ``select_blocks`` (bf16 and fp8),
+Shapes are ``HxHkv`` (query heads x KV heads; default 32x2, 32x4 and 8x2, the ``small`` model's G = 4),
+each at every ``--sizes`` N; B=1, D=Di=128, Bk=128, k=16, bf16, inputs as in ``bench/msa_attention.py``
+(random, with a sink direction in block 0). For both trees it times ``select_blocks`` (bf16 and fp8),
 ``sparse_attention`` forward and forward+backward, ``index_kl_loss`` forward+backward with the main
-forward's ``lse``, and one attention training step (index + main fwd+bwd + KL); it checks that the two
-trees' outputs agree (selections: share of equal blocks; attention: rel. RMS of o and every gradient)
-and prints the CUDA kernel breakdown of this tree's training step and the peak GPU memory of the main
-branch's forward and forward+backward (beyond the inputs) for both trees. ``--env NAME=VALUE`` pairs time
-this tree's step again with each setting (e.g. ``MSA_KV_DQ_PATH=query``). Timing: ``measure`` of
+forward's ``lse``, and one attention training step (index + main fwd+bwd + KL). It checks the two trees'
+outputs: ``bitwise_equal`` (``torch.equal``) of ``block_idx`` (exact and fp8), ``o``, ``lse``, ``kl`` and
+every gradient (``dq``, ``dk``, ``dv``, ``dq_idx``, ``dk_idx``) on the same selection, and
+``base_rerun_bitwise_equal``, the baseline against a second run of itself (``dk_idx`` is summed with
+fp32 atomics, so it may differ between any two runs); ``rel_rms_this_vs_base`` gives the size of any
+difference. Each ``--dq-path`` is timed and checked as well (main branch forward+backward, both trees).
+It prints the CUDA kernel breakdown of this tree's training step and the peak GPU memory of the main
+branch's forward and forward+backward (beyond the inputs) for both trees. Timing: ``measure`` of
 ``bench/msa_attention.py`` (``do_bench`` median under 50 ms a call, else the median of 3 CUDA-event
 timed calls).
+
+Trees before the launch settings became arguments read the dQ path from the environment variable
+``MSA_KV_DQ_PATH`` while they run; ``Tree`` sets it for them and passes ``dq_path=`` to newer trees.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -31,10 +41,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.meta import env_setting, run_meta  # noqa: E402
+from bench.meta import run_meta  # noqa: E402
 from bench.msa_attention import make_inputs, measure, measure_peaks  # noqa: E402
 
 BK, TOPK = 128, 16
+GRAD_NAMES = ("o", "lse", "dq", "dk", "dv", "kl", "dq_idx", "dk_idx")
 
 
 def load_kernels(root: str | None):
@@ -56,43 +67,86 @@ def load_kernels(root: str | None):
     return pkg, mods
 
 
+class Tree:
+    """One tree's kernels behind one calling convention: the dQ path as an argument (trees from the
+    renovation on) or as the environment variable ``MSA_KV_DQ_PATH`` (earlier trees read it in the
+    forward and the backward, so ``setting`` must enclose both)."""
+
+    def __init__(self, pkg):
+        self.select_blocks, self.index_kl_loss = pkg.select_blocks, pkg.index_kl_loss
+        self._attn = pkg.sparse_attention
+        self.takes_args = "dq_path" in inspect.signature(pkg.sparse_attention).parameters
+
+    def sparse_attention(self, q, k, v, block_idx, dq_path="auto"):
+        if self.takes_args:
+            return self._attn(q, k, v, block_idx, BK, dq_path=dq_path)
+        return self._attn(q, k, v, block_idx, BK)
+
+    @contextlib.contextmanager
+    def setting(self, dq_path="auto"):
+        if self.takes_args or dq_path == "auto":
+            yield
+            return
+        old = os.environ.get("MSA_KV_DQ_PATH")
+        os.environ["MSA_KV_DQ_PATH"] = dq_path
+        try:
+            yield
+        finally:
+            if old is None:
+                del os.environ["MSA_KV_DQ_PATH"]
+            else:
+                os.environ["MSA_KV_DQ_PATH"] = old
+
+
 def rel_rms(a, b):
     a, b = a.float(), b.float()
     return ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
 
 
-def train_step(kp, q, k, v, q_idx, k_idx, do):
+def train_step(tree, q, k, v, q_idx, k_idx, do):
     """One attention training step: selection, main forward+backward, index KL forward+backward."""
     def step():
-        sel = kp.select_blocks(q_idx.detach(), k_idx.detach(), BK, TOPK)
-        o, lse = kp.sparse_attention(q, k, v, sel, BK)
+        sel = tree.select_blocks(q_idx.detach(), k_idx.detach(), BK, TOPK)
+        o, lse = tree.sparse_attention(q, k, v, sel)
         o.backward(do)
-        kp.index_kl_loss(q, k, q_idx, k_idx, sel, BK, lse=lse).backward()
+        tree.index_kl_loss(q, k, q_idx, k_idx, sel, BK, lse=lse).backward()
         for t in (q, k, v, q_idx, k_idx):
             t.grad = None
     return step
 
 
-def main_fwd_bwd(kp, q, k, v, do, block_idx):
+def main_fwd_bwd(tree, q, k, v, do, block_idx, dq_path="auto"):
     def step():
-        o, _ = kp.sparse_attention(q, k, v, block_idx, BK)
+        o, _ = tree.sparse_attention(q, k, v, block_idx, dq_path)
         o.backward(do)
         q.grad = k.grad = v.grad = None
     return step
 
 
-def grads_of(kp, q, k, v, q_idx, k_idx, do, block_idx):
+def grads_of(tree, q, k, v, q_idx, k_idx, do, block_idx, dq_path="auto"):
+    """Outputs and gradients of the main branch (``dq_path``) and, with the default path, the index KL."""
     for t in (q, k, v, q_idx, k_idx):
         t.grad = None
-    o, lse = kp.sparse_attention(q, k, v, block_idx, BK)
-    o.backward(do)
-    loss = kp.index_kl_loss(q, k, q_idx, k_idx, block_idx, BK, lse=lse)
-    loss.backward()
-    out = {"o": o.detach(), "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad, "kl": loss.detach(),
-           "dq_idx": q_idx.grad, "dk_idx": k_idx.grad}
+    with tree.setting(dq_path):
+        o, lse = tree.sparse_attention(q, k, v, block_idx, dq_path)
+        o.backward(do)
+    out = {"o": o.detach(), "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    if dq_path == "auto":
+        loss = tree.index_kl_loss(q, k, q_idx, k_idx, block_idx, BK, lse=lse)
+        loss.backward()
+        out.update(kl=loss.detach(), dq_idx=q_idx.grad, dk_idx=k_idx.grad)
     for t in (q, k, v, q_idx, k_idx):
         t.grad = None
     return out
+
+
+def compare_outputs(ga, gb, ga2):
+    """Bitwise equality and rel. RMS of this tree's outputs ``gb`` against the baseline's ``ga``, and the
+    baseline's rerun ``ga2`` against ``ga``."""
+    fin = {n: torch.isfinite(ga[n]) for n in ga}
+    return {"bitwise_equal": {n: torch.equal(ga[n], gb[n]) for n in ga},
+            "base_rerun_bitwise_equal": {n: torch.equal(ga[n], ga2[n]) for n in ga},
+            "rel_rms_this_vs_base": {n: rel_rms(ga[n][fin[n]], gb[n][fin[n]]) for n in ga}}
 
 
 def peak_gb(fn):
@@ -121,49 +175,60 @@ def breakdown(fn, top=12):
     return {e.key[:70]: round(e.device_time_total / 1e3, 3) for e in ev}
 
 
-def compare_shape(N, Hkv, trees, env_variants, rows):
-    torch.manual_seed(0)
-    q, k, v, q_idx, k_idx, do = make_inputs(N, Hkv)
-    res = {"N": N, "Hkv": Hkv, "times": {}, "checks": {}, "peak_gb": {}}
-    sel = {name: kp.select_blocks(q_idx, k_idx, BK, TOPK) for name, kp in trees.items()}
+def check_selection(res, trees, q_idx, k_idx):
+    sel = {name: tree.select_blocks(q_idx, k_idx, BK, TOPK) for name, tree in trees.items()}
     res["checks"]["selection_equal_share"] = selection_overlap(sel["base"], sel["this"])
-    block_idx = sel["this"]
-    for name, kp in trees.items():
+    bits = {"block_idx": torch.equal(sel["base"], sel["this"])}
+    if torch.cuda.get_device_capability() >= (8, 9):
+        sel8 = {name: tree.select_blocks(q_idx, k_idx, BK, TOPK, fp8=True) for name, tree in trees.items()}
+        bits["block_idx[fp8]"] = torch.equal(sel8["base"], sel8["this"])
+    res["checks"]["selection_bitwise_equal"] = bits
+    return sel["this"]
+
+
+def compare_shape(N, H, Hkv, trees, dq_paths, rows):
+    torch.manual_seed(0)
+    q, k, v, q_idx, k_idx, do = make_inputs(N, Hkv, n_heads=H)
+    res = {"N": N, "H": H, "Hkv": Hkv, "times": {}, "checks": {}, "peak_gb": {}}
+    block_idx = check_selection(res, trees, q_idx, k_idx)
+    for name, tree in trees.items():
         t = res["times"].setdefault(name, {})
-        t["select_blocks"] = measure(lambda kp=kp: kp.select_blocks(q_idx, k_idx, BK, TOPK), True)[0]
-        t["select_blocks[fp8]"] = measure(lambda kp=kp: kp.select_blocks(q_idx, k_idx, BK, TOPK, fp8=True), True)[0]
+        t["select_blocks"] = measure(lambda tree=tree: tree.select_blocks(q_idx, k_idx, BK, TOPK), True)[0]
+        t["select_blocks[fp8]"] = measure(lambda tree=tree: tree.select_blocks(q_idx, k_idx, BK, TOPK, fp8=True),
+                                          True)[0]
         mem = res["peak_gb"].setdefault(name, {})
-        t["main_fwd"] = measure(lambda kp=kp: kp.sparse_attention(q, k, v, block_idx, BK), True)[0]
-        mem["main_fwd"] = peak_gb(lambda kp=kp: kp.sparse_attention(q, k, v, block_idx, BK))
+        t["main_fwd"] = measure(lambda tree=tree: tree.sparse_attention(q, k, v, block_idx), True)[0]
+        mem["main_fwd"] = peak_gb(lambda tree=tree: tree.sparse_attention(q, k, v, block_idx))
         if N > 2**19:  # the forward-only long shapes: selection plus main forward
             continue
         for x in (q, k, v, q_idx, k_idx):
             x.requires_grad_(True)
-        t["main_fwd_bwd"] = measure(main_fwd_bwd(kp, q, k, v, do, block_idx), True)[0]
-        mem["main_fwd_bwd"] = peak_gb(main_fwd_bwd(kp, q, k, v, do, block_idx))
-        lse = kp.sparse_attention(q, k, v, block_idx, BK)[1]
+        t["main_fwd_bwd"] = measure(main_fwd_bwd(tree, q, k, v, do, block_idx), True)[0]
+        mem["main_fwd_bwd"] = peak_gb(main_fwd_bwd(tree, q, k, v, do, block_idx))
+        lse = tree.sparse_attention(q, k, v, block_idx)[1]
 
-        def kl_fb(kp=kp, lse=lse):
-            kp.index_kl_loss(q, k, q_idx, k_idx, block_idx, BK, lse=lse).backward()
+        def kl_fb(tree=tree, lse=lse):
+            tree.index_kl_loss(q, k, q_idx, k_idx, block_idx, BK, lse=lse).backward()
             q_idx.grad = k_idx.grad = None
         t["kl_fwd_bwd"] = measure(kl_fb, True)[0]
-        t["train_step"] = measure(train_step(kp, q, k, v, q_idx, k_idx, do), True)[0]
+        t["train_step"] = measure(train_step(tree, q, k, v, q_idx, k_idx, do), True)[0]
+        for dq in dq_paths:
+            with tree.setting(dq):
+                t[f"main_fwd_bwd[dq={dq}]"] = measure(main_fwd_bwd(tree, q, k, v, do, block_idx, dq), True)[0]
         for x in (q, k, v, q_idx, k_idx):
             x.requires_grad_(False)
-    if N <= 2**19:
+    if N > 2**19:
+        fwd = {name: tree.sparse_attention(q, k, v, block_idx) for name, tree in trees.items()}
+        res["checks"]["main_fwd_bitwise_equal"] = {n: torch.equal(a, b) for n, a, b in
+                                                   zip(("o", "lse"), fwd["base"], fwd["this"])}
+    else:
         for x in (q, k, v, q_idx, k_idx):
             x.requires_grad_(True)
-        ga = grads_of(trees["base"], q, k, v, q_idx, k_idx, do, block_idx)
-        gb = grads_of(trees["this"], q, k, v, q_idx, k_idx, do, block_idx)
-        res["checks"]["rel_rms_this_vs_base"] = {n: rel_rms(ga[n][torch.isfinite(ga[n])], gb[n][torch.isfinite(ga[n])])
-                                                 for n in ga}
-        for env in env_variants:
-            name, _, value = env.partition("=")
-            with env_setting(name, value):
-                res["times"]["this"][f"train_step[{env}]"] = measure(
-                    train_step(trees["this"], q, k, v, q_idx, k_idx, do), True)[0]
-                res["times"]["this"][f"main_fwd_bwd[{env}]"] = measure(
-                    main_fwd_bwd(trees["this"], q, k, v, do, block_idx), True)[0]
+        for dq in ["auto", *dq_paths]:
+            ga, gb, ga2 = (grads_of(trees[name], q, k, v, q_idx, k_idx, do, block_idx, dq)
+                           for name in ("base", "this", "base"))
+            res["checks"]["default" if dq == "auto" else f"dq={dq}"] = compare_outputs(ga, gb, ga2)
+            del ga, gb, ga2
         res["breakdown_this"] = breakdown(train_step(trees["this"], q, k, v, q_idx, k_idx, do))
         for x in (q, k, v, q_idx, k_idx):
             x.requires_grad_(False)
@@ -171,34 +236,53 @@ def compare_shape(N, Hkv, trees, env_variants, rows):
     rows.append(res)
 
 
+def print_summary(rows):
+    print(f"{'N':>8} {'H':>3} {'Hkv':>3} {'case':<24} {'base ms':>9} {'this ms':>9} {'speed-up':>8}")
+    for r in rows:
+        for case, t in r["times"]["this"].items():
+            b = r["times"]["base"].get(case)
+            print(f"{r['N']:>8} {r['H']:>3} {r['Hkv']:>3} {case:<24} {b if b else float('nan'):>9.2f} {t:>9.2f} "
+                  f"{(b / t) if b else float('nan'):>8.2f}")
+        for case, gb in r["peak_gb"]["this"].items():
+            print(f"{r['N']:>8} {r['H']:>3} {r['Hkv']:>3} peak GB {case:<16} {r['peak_gb']['base'][case]:>9.2f} "
+                  f"{gb:>9.2f}")
+    print("\nbitwise equal to the baseline (this vs base; base vs its own rerun where they differ)")
+    for r in rows:
+        c = r["checks"]
+        items = dict(c["selection_bitwise_equal"])
+        items.update(c.get("main_fwd_bitwise_equal", {}))
+        for case in [k for k in c if k == "default" or k.startswith("dq=")]:
+            for n, eq in c[case]["bitwise_equal"].items():
+                rerun = c[case]["base_rerun_bitwise_equal"][n]
+                items[f"{n}[{case}]"] = eq if eq or rerun else f"{eq} (base rerun also differs)"
+        bad = {n: eq for n, eq in items.items() if eq is not True}
+        print(f"{r['N']:>8} H={r['H']:<3} Hkv={r['Hkv']}: {len(items) - len(bad)}/{len(items)} equal"
+              + (f"; differ: {bad}" if bad else ""))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", required=True, help="folder holding the baseline's kernels/ package")
     ap.add_argument("--this", default=None, help="folder holding the kernels/ package to time (default: this tree's)")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[131072])
-    ap.add_argument("--hkv", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--env", nargs="*", default=[], help="NAME=VALUE settings to time this tree with as well")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--shapes", nargs="+", default=["32x2", "32x4", "8x2"], help="HxHkv: query heads x KV heads")
+    ap.add_argument("--dq-path", nargs="*", default=[], choices=["kv", "dkdv"],
+                    help="dQ paths to time and check beside the default (auto)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    trees = {"base": load_kernels(args.baseline)[0], "this": load_kernels(args.this)[0]}
+    trees = {"base": Tree(load_kernels(args.baseline)[0]), "this": Tree(load_kernels(args.this)[0])}
     meta = {**run_meta(), **measure_peaks()}
     print(json.dumps(meta), flush=True)
     rows = []
     for N in args.sizes:
-        for Hkv in args.hkv:
-            compare_shape(N, Hkv, trees, args.env, rows)
+        for shape in args.shapes:
+            H, Hkv = (int(x) for x in shape.split("x"))
+            compare_shape(N, H, Hkv, trees, args.dq_path, rows)
             torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"{'N':>8} {'Hkv':>3} {'case':<24} {'base ms':>9} {'this ms':>9} {'speed-up':>8}")
-    for r in rows:
-        for case, t in r["times"]["this"].items():
-            b = r["times"]["base"].get(case)
-            print(f"{r['N']:>8} {r['Hkv']:>3} {case:<24} {b if b else float('nan'):>9.2f} {t:>9.2f} "
-                  f"{(b / t) if b else float('nan'):>8.2f}")
-        for case, gb in r["peak_gb"]["this"].items():
-            print(f"{r['N']:>8} {r['Hkv']:>3} peak GB {case:<16} {r['peak_gb']['base'][case]:>9.2f} {gb:>9.2f}")
+    print_summary(rows)
 
 
 if __name__ == "__main__":

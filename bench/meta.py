@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -31,18 +30,3 @@ def run_meta() -> dict:
     return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "commit": git_commit(), "command": " ".join(["python3"] + sys.argv),
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-@contextlib.contextmanager
-def env_setting(name: str, value: str):
-    """The environment variable ``name`` set to ``value`` inside the block (kernel settings such as
-    ``MSA_KV_DQ_PATH`` are read from it at call time), restored after."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old

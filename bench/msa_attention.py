@@ -12,7 +12,7 @@ Cases, timed by ``triton.testing.do_bench`` (median) when a call takes < 50 ms, 
   ``block_idx`` row (per-token selection), block mask from the per-128-query-tile union of blocks.
 - ``index_torch``: the torch index path (chunked ``q_idx k_idx^T`` matmul, block max-pool, topk).
 - ``index_triton``: ``kernels.select_blocks``.
-- ``msa_main`` (default path) and ``msa_main[query|kv]`` (forward paths): ``kernels.sparse_attention``.
+- ``msa_main``: ``kernels.sparse_attention`` (its default launch settings and dQ path).
 - ``index_kl``: ``kernels.index_kl_loss`` on the selected support with the main forward's ``lse``.
 - ``msa_whole``: ``select_blocks`` + ``sparse_attention`` (forward); in ``fwd+bwd`` mode also
   ``index_kl_loss`` forward+backward (the training step's attention work).
@@ -53,7 +53,6 @@ H, D, DI, BK, TOPK = 32, 128, 128, 128, 16
 # (N, forward+backward too); at 1M the estimate rule leaves fwd+bwd to the cases fast enough for it
 FULL_SIZES = [(8192, True), (32768, True), (131072, True), (524288, True), (1048576, True)]
 QUICK_SIZES = [(4096, True), (8192, True)]
-SPARSE_CASES = ("index_triton", "msa_main", "msa_main[query]", "msa_main[kv]", "index_kl", "msa_whole")
 
 
 def measure(fn, warm: bool) -> tuple[float, str]:
@@ -193,8 +192,8 @@ def _dense(q, k, v):
     return o.transpose(1, 2)
 
 
-def _main(q, k, v, block_idx, path=None):
-    return sparse_attention(q, k, v, block_idx, BK, **({"path": path} if path else {}))[0]
+def _main(q, k, v, block_idx):
+    return sparse_attention(q, k, v, block_idx, BK)[0]
 
 
 def index_inputs(N: int, Hkv: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,10 +207,10 @@ def index_inputs(N: int, Hkv: int) -> tuple[torch.Tensor, torch.Tensor]:
     return q_idx, k_idx.bfloat16()
 
 
-def make_inputs(N: int, Hkv: int, backward: bool = True):
-    """bf16 ``q [1, N, H, D]``, ``k, v [1, N, Hkv, D]``, the index inputs, and ``do`` (None without
+def make_inputs(N: int, Hkv: int, backward: bool = True, n_heads: int = H):
+    """bf16 ``q [1, N, n_heads, D]``, ``k, v [1, N, Hkv, D]``, the index inputs, and ``do`` (None without
     ``backward``); every benchmark script draws its inputs here."""
-    q = torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(1, N, n_heads, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, N, Hkv, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(1, N, Hkv, D, device="cuda", dtype=torch.bfloat16)
     q_idx, k_idx = index_inputs(N, Hkv)
@@ -245,9 +244,6 @@ def bench_shape(bench: Bench, N: int, Hkv: int, backward: bool, flex_limit_n: in
         bench.run("dense_sdpa", mode, N, Hkv, fwd_bwd(dense) if train else dense, fl["dense"] * mult)
         main = partial(_main, q, k, v, block_idx)
         bench.run("msa_main", mode, N, Hkv, fwd_bwd(main) if train else main, fl["sparse"] * mult, power=1)
-        if not train:
-            for path in ("query", "kv"):
-                bench.run(f"msa_main[{path}]", mode, N, Hkv, partial(main, path), fl["sparse"], power=1)
         bench_flex(bench, mode, N, Hkv, q, k, v, do, block_idx, fl["sparse"] * mult, flex_limit_n, train)
     for t in grads:
         t.requires_grad_(False)

@@ -27,7 +27,7 @@ from kernels import select_blocks, sparse_attention  # noqa: E402
 from kernels.index_kl import index_kl_fwd  # noqa: E402
 
 BK, TOPK = 128, 16
-VARIANTS = [  # keyword arguments of index_kl_fwd; {} is its default (128-row chunks, 4 a program, 8 warps, 2 stages)
+VARIANTS = [  # keyword arguments of index_kl_fwd; {} is its default (128-row chunks, 8 a program, 8 warps, 2 stages)
     {},
     {"num_stages": 3},
     {"num_stages": 1},

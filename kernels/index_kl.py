@@ -11,14 +11,18 @@ the same support. Per row, with ``P`` summing to one on the support::
 
 Work is KV-outer: each (query, slot) entry names one key block; the entries are sorted by key block
 (a CSR built on the device by ``torch.sort``), padded per block to ``BLOCK_M``-row chunks, and one
-program loads a block's ``k_idx`` and ``k`` tiles once and runs over up to ``CHUNKS`` chunks of gathered
+program loads a block's ``k_idx`` and ``k`` tiles once and runs over up to ``chunks`` chunks of gathered
 queries (hot blocks such as the sinks are split across programs). Pass 1 writes per-entry partial
 log-normalisers; pass 2 writes per-chunk loss partials, per-entry ``dq_idx`` partials (summed over
 slots afterwards, no atomics) and ``dk_idx`` per program with one fp32 atomic add per program, so
 ``dk_idx`` is reproducible only up to fp32 summation order. The gradients are computed in the forward
 (the loss is a scalar) and scaled by the incoming gradient in the backward; ``q`` and ``k`` get none.
 Nothing ``N x N`` is stored: the dense warm-up walks its blocks in slot chunks of the same kernels.
-Measured on H200: 28.8 ms forward+backward at N = 128K, Hkv = 2, G = 16 (``docs/kernels.md``).
+
+Supports any G and Hkv, the head dims, index dims and block sizes of ``kernels.common.LIMITS``,
+bf16/fp16/fp32 inputs with fp32 accumulation, packed documents (``cu_seqlens``) and queries that are
+the last ``Nq`` of ``N`` keys. Launch settings are arguments of ``index_kl_fwd``. Measured on H200:
+28.8 ms forward+backward at N = 128K, Hkv = 2, G = 16 (``docs/kernels.md``).
 """
 
 from __future__ import annotations
@@ -27,21 +31,21 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._sparse_csr import build_layout
-from kernels.index_topk import _check_block_size
+from kernels.common import build_kl_csr, build_layout, check_cu_seqlens, check_limits
 
 __all__ = ["index_kl_loss"]
 
 
 @triton.jit
-def _entry_rows(ent_ptr, c, Nq, S, BLOCK_M: tl.constexpr):
-    """Decode a chunk's entries (flat indices into ``[B, Hkv, Nq, S]``) into query coordinates."""
-    e = tl.load(ent_ptr + c * BLOCK_M + tl.arange(0, BLOCK_M))
-    m_e = e >= 0
-    e = tl.where(m_e, e, 0)
-    row = e // S  # (bat * Hkv + r) * Nq + i
-    i = row % Nq
-    return e, m_e, row, i
+def _entry_rows(entries, c, NQ, S, BLOCK_M: tl.constexpr):
+    """Decode chunk ``c``'s entries (flat indices into ``[B, Hkv, NQ, S]``; -1 padding, ``m_e`` false)
+    into their offsets ``o_e``, rows ``(b * Hkv + r) * NQ + i`` and queries ``i``."""
+    o_e = tl.load(entries + c * BLOCK_M + tl.arange(0, BLOCK_M))
+    m_e = o_e >= 0
+    o_e = tl.where(m_e, o_e, 0)
+    o_row = o_e // S
+    o_q = o_row % NQ
+    return o_e, m_e, o_row, o_q
 
 
 @triton.jit
@@ -53,223 +57,193 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _key_block(key, ki_ptr, N, Di, HKV: tl.constexpr, BK: tl.constexpr, BLOCK_DI: tl.constexpr):
-    """A program's key block from its table entry ``key = (bat * Hkv + r) * N + first key``: batch,
+def _key_block(key, k_idx, N, DI, HKV: tl.constexpr, BK: tl.constexpr, BLOCK_DI: tl.constexpr):
+    """A program's key block from its table entry ``key = (b * Hkv + r) * N + first key``: batch,
     group, key positions and mask, and the ``[BK, BLOCK_DI]`` ``k_idx`` tile every chunk of it uses."""
-    bat = key // N // HKV
-    r = key // N % HKV
+    i_b = key // N // HKV
+    i_r = key // N % HKV
     o_j = key % N + tl.arange(0, BK)
     m_j = o_j < N
     o_di = tl.arange(0, BLOCK_DI)
-    b_ki = tl.load(ki_ptr + (bat * N + o_j)[:, None] * Di + o_di[None, :],
-                   mask=m_j[:, None] & (o_di < Di)[None, :], other=0.0)
-    return bat, r, o_j, m_j, b_ki
+    b_ki = tl.load(k_idx + (i_b * N + o_j)[:, None] * DI + o_di[None, :],
+                   mask=m_j[:, None] & (o_di < DI)[None, :], other=0.0)
+    return i_b, i_r, o_j, m_j, b_ki
 
 
 @triton.jit
 def index_kl_fwd_lse_kernel(
-    q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, pkey_ptr, pc0_ptr, pnc_ptr, lse_s_ptr, lse_t_ptr,
-    N, Nq, S, D, Di, scale_t, scale_s,
+    q, k, q_idx, k_idx, entries, prog_key, prog_c0, prog_nc, lse_s, lse_t,
+    N, NQ, S, D, DI, scale_t, scale_s,
     HKV: tl.constexpr, G: tl.constexpr, TEACHER: tl.constexpr, BLOCK_M: tl.constexpr,
     BK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """Pass 1: per-entry partial log-normalisers of the student (and of the teacher's G heads with
+    ``TEACHER``) over one key block."""
     i_p = tl.program_id(0)
-    key = tl.load(pkey_ptr + i_p).to(tl.int64)
+    key = tl.load(prog_key + i_p).to(tl.int64)
     if key < 0:
         return
-    bat, r, o_j, m_j, b_ki = _key_block(key, ki_ptr, N, Di, HKV, BK, BLOCK_DI)
+    i_b, i_r, o_j, m_j, b_ki = _key_block(key, k_idx, N, DI, HKV, BK, BLOCK_DI)
     o_di = tl.arange(0, BLOCK_DI)
     o_d = tl.arange(0, BLOCK_D)
     if TEACHER:
-        b_k = tl.load(k_ptr + ((bat * N + o_j) * HKV + r)[:, None] * D + o_d[None, :],
+        b_k = tl.load(k + ((i_b * N + o_j) * HKV + i_r)[:, None] * D + o_d[None, :],
                       mask=m_j[:, None] & (o_d < D)[None, :], other=0.0)
-    c0 = tl.load(pc0_ptr + i_p)
-    nc = tl.load(pnc_ptr + i_p)
+    c0 = tl.load(prog_c0 + i_p)
+    nc = tl.load(prog_nc + i_p)
     for c in range(c0, c0 + nc):
-        e, m_e, row, i = _entry_rows(ent_ptr, c, Nq, S, BLOCK_M)
-        b_qi = tl.load(qi_ptr + ((bat * Nq + i) * HKV + r)[:, None] * Di + o_di[None, :],
-                       mask=m_e[:, None] & (o_di < Di)[None, :], other=0.0)
+        o_e, m_e, o_row, o_q = _entry_rows(entries, c, NQ, S, BLOCK_M)
+        b_qi = tl.load(q_idx + ((i_b * NQ + o_q) * HKV + i_r)[:, None] * DI + o_di[None, :],
+                       mask=m_e[:, None] & (o_di < DI)[None, :], other=0.0)
         # [BLOCK_M, BK]
-        m_s = m_e[:, None] & (o_j[None, :] <= (N - Nq + i)[:, None])
+        m_s = m_e[:, None] & (o_j[None, :] <= (N - NQ + o_q)[:, None])
         b_s = tl.where(m_s, _dot(b_qi, tl.trans(b_ki), IEEE) * scale_s, float("-inf"))
-        tl.store(lse_s_ptr + e, _row_lse(b_s), mask=m_e)
+        tl.store(lse_s + o_e, _row_lse(b_s), mask=m_e)
         if TEACHER:
             for g in range(G):
-                h = r * G + g
-                b_q = tl.load(q_ptr + ((bat * Nq + i) * (HKV * G) + h)[:, None] * D + o_d[None, :],
+                i_h = i_r * G + g
+                b_q = tl.load(q + ((i_b * NQ + o_q) * (HKV * G) + i_h)[:, None] * D + o_d[None, :],
                               mask=m_e[:, None] & (o_d < D)[None, :], other=0.0)
                 b_st = tl.where(m_s, _dot(b_q, tl.trans(b_k), IEEE) * scale_t, float("-inf"))
-                tl.store(lse_t_ptr + e * G + g, _row_lse(b_st), mask=m_e)
+                tl.store(lse_t + o_e * G + g, _row_lse(b_st), mask=m_e)
 
 
 @triton.jit
 def _row_lse(b_s):
     """Row log-sum-exp of a tile; ``-inf`` for a row with no finite entry (never NaN)."""
-    mx = tl.max(b_s, 1)
-    mx_safe = tl.where(mx > float("-inf"), mx, 0.0)
-    return mx_safe + tl.log(tl.sum(tl.exp(b_s - mx_safe[:, None]), 1))
+    b_mx = tl.max(b_s, 1)
+    b_mx_safe = tl.where(b_mx > float("-inf"), b_mx, 0.0)
+    return b_mx_safe + tl.log(tl.sum(tl.exp(b_s - b_mx_safe[:, None]), 1))
 
 
 @triton.jit
 def index_kl_fwd_kernel(
-    q_ptr, k_ptr, qi_ptr, ki_ptr, ent_ptr, pkey_ptr, pc0_ptr, pnc_ptr, lse_s_ptr, lse_t_ptr,
-    loss_ptr, dq_ptr, dk_ptr,
-    N, Nq, S, D, Di, scale_t, scale_s,
+    q, k, q_idx, k_idx, entries, prog_key, prog_c0, prog_nc, lse_s, lse_t,
+    loss, dq_idx, dk_idx,
+    N, NQ, S, D, DI, scale_t, scale_s,
     HKV: tl.constexpr, G: tl.constexpr, GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """Pass 2 over one key block: per-chunk loss partials; with ``GRAD`` per-entry ``dq_idx`` partials
+    and one atomic add of the block's ``dk_idx``."""
     i_p = tl.program_id(0)
-    key = tl.load(pkey_ptr + i_p).to(tl.int64)
+    key = tl.load(prog_key + i_p).to(tl.int64)
     if key < 0:
         return
-    bat, r, o_j, m_j, b_ki = _key_block(key, ki_ptr, N, Di, HKV, BK, BLOCK_DI)
+    i_b, i_r, o_j, m_j, b_ki = _key_block(key, k_idx, N, DI, HKV, BK, BLOCK_DI)
     o_di = tl.arange(0, BLOCK_DI)
     o_d = tl.arange(0, BLOCK_D)
-    m_di = o_di < Di
-    b_k = tl.load(k_ptr + ((bat * N + o_j) * HKV + r)[:, None] * D + o_d[None, :],
+    m_di = o_di < DI
+    b_k = tl.load(k + ((i_b * N + o_j) * HKV + i_r)[:, None] * D + o_d[None, :],
                   mask=m_j[:, None] & (o_d < D)[None, :], other=0.0)
     b_dk = tl.zeros((BK, BLOCK_DI), tl.float32)
-    c0 = tl.load(pc0_ptr + i_p)
-    nc = tl.load(pnc_ptr + i_p)
+    c0 = tl.load(prog_c0 + i_p)
+    nc = tl.load(prog_nc + i_p)
     for c in range(c0, c0 + nc):
-        e, m_e, row, i = _entry_rows(ent_ptr, c, Nq, S, BLOCK_M)
-        b_qi = tl.load(qi_ptr + ((bat * Nq + i) * HKV + r)[:, None] * Di + o_di[None, :],
+        o_e, m_e, o_row, o_q = _entry_rows(entries, c, NQ, S, BLOCK_M)
+        b_qi = tl.load(q_idx + ((i_b * NQ + o_q) * HKV + i_r)[:, None] * DI + o_di[None, :],
                        mask=m_e[:, None] & m_di[None, :], other=0.0)
         # [BLOCK_M, BK]
-        m_s = m_e[:, None] & (o_j[None, :] <= (N - Nq + i)[:, None])
+        m_s = m_e[:, None] & (o_j[None, :] <= (N - NQ + o_q)[:, None])
         b_s = _dot(b_qi, tl.trans(b_ki), IEEE) * scale_s
         b_p = tl.zeros((BLOCK_M, BK), tl.float32)
         for g in range(G):
-            h = r * G + g
-            b_q = tl.load(q_ptr + ((bat * Nq + i) * (HKV * G) + h)[:, None] * D + o_d[None, :],
+            i_h = i_r * G + g
+            b_q = tl.load(q + ((i_b * NQ + o_q) * (HKV * G) + i_h)[:, None] * D + o_d[None, :],
                           mask=m_e[:, None] & (o_d < D)[None, :], other=0.0)
-            b_lt = tl.load(lse_t_ptr + (bat * HKV * G + h) * Nq + i, mask=m_e, other=float("inf"))
+            b_lt = tl.load(lse_t + (i_b * HKV * G + i_h) * NQ + o_q, mask=m_e, other=float("inf"))
             # an empty teacher row (lse = -inf) contributes nothing
             b_lt = tl.where(b_lt > float("-inf"), b_lt, float("inf"))
             b_p += tl.exp(_dot(b_q, tl.trans(b_k), IEEE) * scale_t - b_lt[:, None])
         b_p = tl.where(m_s, b_p / G, 0.0)
         b_plogp = tl.where(b_p > 0, b_p * tl.log(tl.where(b_p > 0, b_p, 1.0)), 0.0)
-        tl.store(loss_ptr + c, tl.sum(tl.sum(b_plogp - b_p * tl.where(m_s, b_s, 0.0), 1), 0))
+        tl.store(loss + c, tl.sum(tl.sum(b_plogp - b_p * tl.where(m_s, b_s, 0.0), 1), 0))
         if GRAD:
-            b_ls = tl.load(lse_s_ptr + row, mask=m_e, other=float("inf"))
+            b_ls = tl.load(lse_s + o_row, mask=m_e, other=float("inf"))
             b_ls = tl.where(b_ls > float("-inf"), b_ls, float("inf"))
             b_ds = tl.where(m_s, tl.exp(b_s - b_ls[:, None]) - b_p, 0.0) * scale_s
             # [BLOCK_M, BLOCK_DI]: this entry's share of dq_idx, summed over slots on the host
             b_dq = _dot(b_ds.to(b_ki.dtype), b_ki, IEEE)
-            tl.store(dq_ptr + e[:, None] * Di + o_di[None, :], b_dq, mask=m_e[:, None] & m_di[None, :])
+            tl.store(dq_idx + o_e[:, None] * DI + o_di[None, :], b_dq, mask=m_e[:, None] & m_di[None, :])
             b_dk += _dot(tl.trans(b_ds.to(b_qi.dtype)), b_qi, IEEE)
     if GRAD:
-        tl.atomic_add(dk_ptr + (bat * N + o_j)[:, None] * Di + o_di[None, :], b_dk,
+        tl.atomic_add(dk_idx + (i_b * N + o_j)[:, None] * DI + o_di[None, :], b_dk,
                       mask=m_j[:, None] & m_di[None, :])
 
 
-def _build_csr(blocks, N, doc_start, n_docs, block_size, block_m, chunks):
-    """Entries of ``blocks [B, Hkv, Nq, S]`` grouped by key block, padded to ``block_m`` rows per chunk.
-
-    Returns ``ent`` (flat entry ids, -1 padding) and the program table ``(key, first chunk, n chunks)``
-    with ``key = (bat * Hkv + r) * N + first key token`` (-1: an idle program). Sizes are upper bounds
-    known on the host, so nothing waits for the device."""
-    B, Hkv, Nq, S = blocks.shape
-    dev = blocks.device
-    flat = blocks.reshape(-1).long()
-    E = flat.numel()
-    e = torch.arange(E, device=dev)
-    n_keys = B * Hkv * N
-    first = doc_start[N - Nq + (e // S) % Nq] + flat * block_size
-    key = torch.where(flat >= 0, (e // (S * Nq)) * N + first, n_keys)
-    key, order = torch.sort(key, stable=True)
-    counts = torch.bincount(key, minlength=n_keys + 1)[:n_keys]
-    n_chunk = (counts + block_m - 1) // block_m
-    chunk_start = n_chunk.cumsum(0) - n_chunk
-    seg_start = counts.cumsum(0) - counts
-    n_seg_max = B * Hkv * (triton.cdiv(N, block_size) + n_docs)
-    c_max = E // block_m + n_seg_max
-    k_ = key.clamp(max=n_keys - 1)
-    pos = torch.where(key < n_keys, chunk_start[k_] * block_m + e - seg_start[k_], c_max * block_m)
-    ent = torch.full((c_max * block_m + 1,), -1, dtype=torch.long, device=dev).scatter_(0, pos, order)
-    n_piece = (n_chunk + chunks - 1) // chunks
-    piece_cum = n_piece.cumsum(0)
-    p = torch.arange(c_max // chunks + n_seg_max + 1, device=dev)
-    k = torch.searchsorted(piece_cum, p, right=True)
-    ok = k < n_keys
-    k = k.clamp(max=n_keys - 1)
-    local = p - (piece_cum[k] - n_piece[k])
-    c0 = chunk_start[k] + local * chunks
-    nc = torch.clamp(n_chunk[k] - local * chunks, max=chunks)
-    return ent[:-1], torch.where(ok, k, -1), c0.to(torch.int32), torch.where(ok, nc, 0).to(torch.int32)
-
-
-def _slot_chunks(block_idx, B, Hkv, Nq, block_size, doc_start, Di, budget):
-    """Yield ``[B, Hkv, Nq, S]`` block lists whose per-entry ``dq_idx`` partials fit in ``budget`` bytes:
+def _slot_chunks(block_idx, B, Hkv, NQ, block_size, doc_start, DI, budget):
+    """Yield ``[B, Hkv, NQ, S]`` block lists whose per-entry ``dq_idx`` partials fit in ``budget`` bytes:
     slices of ``block_idx``, or for the dense warm-up (``block_idx=None``) every visible block."""
-    S = max(1, budget // (B * Hkv * Nq * Di * 4))
+    S = max(1, budget // (B * Hkv * NQ * DI * 4))
     if block_idx is not None:
         yield from torch.split(block_idx, S, dim=-1)
         return
     N = doc_start.numel()
-    own = (torch.arange(N - Nq, N, device=doc_start.device) - doc_start[N - Nq:]) // block_size  # [Nq]
-    n_blocks = int(own.max()) + 1 if Nq else 0
+    own = (torch.arange(N - NQ, N, device=doc_start.device) - doc_start[N - NQ:]) // block_size  # [NQ]
+    n_blocks = int(own.max()) + 1 if NQ else 0
     for b0 in range(0, n_blocks, S):
         b = torch.arange(b0, min(b0 + S, n_blocks), device=doc_start.device, dtype=torch.int32)
-        blocks = torch.where(b[None, :] <= own[:, None], b[None, :], -1)  # [Nq, S]
-        yield blocks.expand(B, Hkv, Nq, b.numel())
+        blocks = torch.where(b[None, :] <= own[:, None], b[None, :], -1)  # [NQ, S]
+        yield blocks.expand(B, Hkv, NQ, b.numel())
 
 
 def _launch_args(q, k, q_idx, block_m):
-    D, Di = q.shape[-1], q_idx.shape[-1]
+    D, DI = q.shape[-1], q_idx.shape[-1]
     return dict(HKV=k.shape[2], G=q.shape[2] // k.shape[2], BLOCK_M=block_m,
-                BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DI=max(16, triton.next_power_of_2(Di)),
+                BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DI=max(16, triton.next_power_of_2(DI)),
                 IEEE=q.dtype == torch.float32 and q_idx.dtype == torch.float32)
 
 
 def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad,
                  block_m=128, chunks=8, budget=4 << 30, num_warps=8, num_stages=2):
-    """Loss (float32 scalar) and, with ``grad``, float32 ``dq_idx [B, Nq, Hkv, Di]``, ``dk_idx [B, N, Di]``."""
-    B, Nq, H, D = q.shape
-    N, Hkv, Di = k.shape[1], k.shape[2], q_idx.shape[-1]
+    """Loss (float32 scalar) and, with ``grad``, float32 ``dq_idx [B, Nq, Hkv, Di]``, ``dk_idx [B, N, Di]``.
+    Launch settings: ``block_m`` gathered queries per chunk, ``chunks`` chunks per program, ``budget``
+    bytes of ``dq_idx`` partials per slot chunk, warps, stages (defaults: the H200 sweep)."""
+    B, NQ, H, D = q.shape
+    N, Hkv, DI = k.shape[1], k.shape[2], q_idx.shape[-1]
     G = H // Hkv
     dev = q.device
     doc_start = build_layout(N, block_size, cu_seqlens, dev).tok_start.long()  # [N]: each token's document start
     n_docs = 1 if cu_seqlens is None else cu_seqlens.numel() - 1
-    args = (N, Nq)
-    scales = (D ** -0.5, Di ** -0.5)
+    args = (N, NQ)
+    scales = (D ** -0.5, DI ** -0.5)
     meta = dict(_launch_args(q, k, q_idx, block_m), BK=block_size, num_warps=num_warps,
                 num_stages=num_stages)
-    chunk_list = list(_slot_chunks(block_idx, B, Hkv, Nq, block_size, doc_start, Di, budget))
-    csrs = [_build_csr(c, N, doc_start, n_docs, block_size, block_m, chunks) for c in chunk_list]
+    chunk_list = list(_slot_chunks(block_idx, B, Hkv, NQ, block_size, doc_start, DI, budget))
+    csrs = [build_kl_csr(c, N, doc_start, n_docs, block_size, block_m, chunks) for c in chunk_list]
 
     # pass 1: log-normalisers over the support, merged across slots and slot chunks
-    lse_s = torch.full((B, Hkv, Nq), float("-inf"), device=dev)
+    lse_s = torch.full((B, Hkv, NQ), float("-inf"), device=dev)
     lse_t = None if lse is None else lse.float().contiguous()
-    lse_t_acc = torch.full((B, Hkv, Nq, G), float("-inf"), device=dev) if lse is None else None
+    lse_t_acc = torch.full((B, Hkv, NQ, G), float("-inf"), device=dev) if lse is None else None
     for blocks, (ent, pkey, pc0, pnc) in zip(chunk_list, csrs):
         S = blocks.shape[-1]
-        part_s = torch.full((B, Hkv, Nq, S), float("-inf"), device=dev)
-        part_t = torch.full((B, Hkv, Nq, S, G), float("-inf"), device=dev) if lse is None else part_s
+        part_s = torch.full((B, Hkv, NQ, S), float("-inf"), device=dev)
+        part_t = torch.full((B, Hkv, NQ, S, G), float("-inf"), device=dev) if lse is None else part_s
         index_kl_fwd_lse_kernel[(pkey.numel(),)](
-            q, k, q_idx, k_idx, ent, pkey, pc0, pnc, part_s, part_t, *args, S, D, Di, *scales,
+            q, k, q_idx, k_idx, ent, pkey, pc0, pnc, part_s, part_t, *args, S, D, DI, *scales,
             TEACHER=lse is None, **meta)
         lse_s = torch.logaddexp(lse_s, part_s.logsumexp(-1))
         if lse is None:
             lse_t_acc = torch.logaddexp(lse_t_acc, part_t.logsumexp(-2))
     if lse is None:
-        lse_t = lse_t_acc.permute(0, 1, 3, 2).reshape(B, H, Nq).contiguous()
+        lse_t = lse_t_acc.permute(0, 1, 3, 2).reshape(B, H, NQ).contiguous()
 
     # pass 2: loss partials and gradients (the lse_S term of each row is added here, once)
     loss = torch.where(torch.isfinite(lse_s), lse_s, 0.0).sum()
-    dq = torch.zeros(B, Hkv, Nq, Di, device=dev) if grad else None
-    dk = torch.zeros(B, N, Di, device=dev) if grad else None
+    dq = torch.zeros(B, Hkv, NQ, DI, device=dev) if grad else None
+    dk = torch.zeros(B, N, DI, device=dev) if grad else None
     for blocks, (ent, pkey, pc0, pnc) in zip(chunk_list, csrs):
         S = blocks.shape[-1]
         loss_part = torch.zeros(ent.numel() // block_m, device=dev)
-        dq_part = torch.zeros(B, Hkv, Nq, S, Di, device=dev) if grad else loss_part
+        dq_part = torch.zeros(B, Hkv, NQ, S, DI, device=dev) if grad else loss_part
         index_kl_fwd_kernel[(pkey.numel(),)](
             q, k, q_idx, k_idx, ent, pkey, pc0, pnc, lse_s, lse_t, loss_part, dq_part,
-            dk if grad else loss_part, *args, S, D, Di, *scales, GRAD=grad, **meta)
+            dk if grad else loss_part, *args, S, D, DI, *scales, GRAD=grad, **meta)
         loss = loss + loss_part.sum()
         if grad:
             dq += dq_part.sum(3)
-    norm = 1.0 / (B * Nq * Hkv)
+    norm = 1.0 / (B * NQ * Hkv)
     if not grad:
         return loss * norm, None, None
     return loss * norm, dq.permute(0, 2, 1, 3).mul_(norm).contiguous(), dk.mul_(norm)
@@ -303,25 +277,23 @@ def index_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: 
     ``sparse_attention`` returns for this ``block_idx``); None computes it here. ``cu_seqlens`` is over
     the keys (``B == 1``).
     """
-    B, Nq, H, D = q.shape
-    if k.ndim != 4 or k.shape[0] != B or k.shape[1] < Nq or k.shape[-1] != D or H % k.shape[2]:
+    B, NQ, H, D = q.shape
+    if k.ndim != 4 or k.shape[0] != B or k.shape[1] < NQ or k.shape[-1] != D or H % k.shape[2]:
         raise ValueError(f"k must be [B, N >= Nq, Hkv, D] with Hkv dividing H, q is {tuple(q.shape)}, "
                          f"k is {tuple(k.shape)}")
     N, Hkv = k.shape[1], k.shape[2]
-    if q_idx.ndim != 4 or q_idx.shape[:3] != (B, Nq, Hkv) or k_idx.shape != (B, N, q_idx.shape[-1]):
+    if q_idx.ndim != 4 or q_idx.shape[:3] != (B, NQ, Hkv) or k_idx.shape != (B, N, q_idx.shape[-1]):
         raise ValueError(f"q_idx must be [B, Nq, Hkv, Di] and k_idx [B, N, Di], got {tuple(q_idx.shape)} "
                          f"and {tuple(k_idx.shape)}")
-    if block_idx is not None and (block_idx.shape[:3] != (B, Hkv, Nq) or block_idx.dtype != torch.int32):
-        raise ValueError(f"block_idx must be int32 [B, Hkv, Nq, topk] = [{B}, {Hkv}, {Nq}, k], got "
+    if block_idx is not None and (block_idx.shape[:3] != (B, Hkv, NQ) or block_idx.dtype != torch.int32):
+        raise ValueError(f"block_idx must be int32 [B, Hkv, Nq, topk] = [{B}, {Hkv}, {NQ}, k], got "
                          f"{block_idx.dtype} {tuple(block_idx.shape)}")
-    if lse is not None and lse.shape != (B, H, Nq):
-        raise ValueError(f"lse must be [B, H, Nq] = {(B, H, Nq)}, got {tuple(lse.shape)}")
-    if max(D, q_idx.shape[-1]) > 256:
-        raise ValueError(f"head dims above 256 (D={D}, Di={q_idx.shape[-1]}) are not supported by the "
-                         f"Triton index KL; lower model.head_dim or attention.index_dim")
-    _check_block_size(block_size)
-    if cu_seqlens is not None and B != 1:  # the rest of cu_seqlens is checked by build_layout
-        raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got B={B}")
+    if lse is not None and lse.shape != (B, H, NQ):
+        raise ValueError(f"lse must be [B, H, Nq] = {(B, H, NQ)}, got {tuple(lse.shape)}")
+    check_limits(head_dim=D, block_size=block_size, index_dim=q_idx.shape[-1], dtype=q.dtype)
+    check_limits(dtype=q_idx.dtype)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, B, N)
     q, k = q.detach().contiguous(), k.detach().contiguous()
     return IndexKLLoss.apply(q, k, q_idx.contiguous(), k_idx.to(q_idx.dtype).contiguous(),
                              None if block_idx is None else block_idx.contiguous(), block_size,

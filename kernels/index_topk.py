@@ -15,11 +15,12 @@ fewer than ``topk`` blocks are visible, block ids relative to the query's docume
 ``cu_seqlens``. Near-ties may order differently from the fp32 reference because the dot products are
 summed in another order (tf32/bf16 tensor-core products on GPU).
 
-Supports any ``Hkv``, ``Di <= 256`` (padded to a power of two), ``block_size`` a power of two >= 16,
-bf16/fp16/fp32 inputs with fp32 accumulation (or e4m3 operands with ``fp8=True``, keys with one scale
-per key block by default), int64 offsets. Launch knobs and their defaults: ``select_blocks_fwd`` and
-``CONFIG``. Measured on an H200: 7.0 ms at N = 128K, Hkv = 2, Di = 128 (626 TFLOP/s useful, 80% of its
-measured bf16 matmul rate), 5.2 ms with fp8 operands; 936 ms at 1M tokens, Hkv = 4 (``docs/kernels.md``).
+Supports any ``Hkv``, the index dims and block sizes of ``kernels.common.LIMITS`` (``Di <= 256``,
+padded to a power of two; block 16..128), bf16/fp16/fp32 inputs with fp32 accumulation (or e4m3
+operands with ``fp8=True``, keys with one scale per key block by default), int64 offsets. Launch
+settings and knobs are arguments of ``select_blocks_fwd`` with the measured defaults. Measured on an
+H200: 7.0 ms at N = 128K, Hkv = 2, Di = 128 (626 TFLOP/s useful, 80% of its measured bf16 matmul rate),
+5.2 ms with fp8 operands; 937 ms at 1M tokens, Hkv = 4 (``docs/kernels.md``).
 """
 
 from __future__ import annotations
@@ -28,19 +29,19 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._sparse_csr import build_layout, check_cu_seqlens
+from kernels.common import build_layout, check_cu_seqlens, check_limits
 
-__all__ = ["CONFIG", "select_blocks", "doc_tiles", "check_cu_seqlens"]
+__all__ = ["select_blocks", "select_blocks_fwd", "doc_tiles"]
 
 
 @triton.jit
-def _block_max(b_q, p_k, p_ks, blk, o_kd, m_kd, o_n, Di, BK: tl.constexpr, BLOCK_M: tl.constexpr,
+def _block_max(b_q, p_k, p_ks, blk, o_kd, m_kd, o_n, DI, BK: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, IEEE: tl.constexpr, K_SCALE: tl.constexpr):
     """Row maxima ``[BLOCK_M]`` of ``b_q . k^T`` over the keys of whole block ``blk`` of the document whose
     keys start at ``p_k`` (scales at ``p_ks``)."""
-    p_k += tl.cast(blk, tl.int64) * (BK * Di)
+    p_k += tl.cast(blk, tl.int64) * (BK * DI)
     for c in tl.static_range(0, BK, BLOCK_N):
-        b_k = tl.load(p_k + c * Di + o_kd, mask=m_kd, other=0.0)
+        b_k = tl.load(p_k + c * DI + o_kd, mask=m_kd, other=0.0)
         # [BLOCK_M, BLOCK_N]
         if IEEE:
             b_sc = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
@@ -75,8 +76,8 @@ def _topk_insert(b_s, b_i, thr, b_new, hit, blk):
 
 @triton.jit
 def select_blocks_fwd_kernel(
-    q_ptr, k_ptr, k_scale_ptr, out_ptr, tile_q0_ptr, tile_ds_ptr, tile_de_ptr,
-    N, Nq, n_tiles, Di, gate_from,
+    q, k, k_scale, block_idx, tile_q0, tile_ds, tile_de,
+    N, NQ, n_tiles, DI, gate_from,
     HKV: tl.constexpr, BK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TOPK: tl.constexpr, TK: tl.constexpr,
     TKO: tl.constexpr, IEEE: tl.constexpr, K_SCALE: tl.constexpr,
@@ -84,13 +85,13 @@ def select_blocks_fwd_kernel(
     # heaviest (latest) tiles first: the causal work grows with the tile index
     i_t = n_tiles - 1 - tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
-    # queries are the last Nq key positions; tiles wholly before them have no work
-    off = N - Nq
-    q0 = tl.load(tile_q0_ptr + i_t)
+    # queries are the last NQ key positions; tiles wholly before them have no work
+    off = N - NQ
+    q0 = tl.load(tile_q0 + i_t)
     if (q0 < 0) | (q0 + BLOCK_T <= off):
         return
-    ds = tl.load(tile_ds_ptr + i_t)
-    de = tl.load(tile_de_ptr + i_t)
+    ds = tl.load(tile_ds + i_t)
+    de = tl.load(tile_de + i_t)
     own = (q0 - ds) // BK
 
     # row m is (token q0 + m // HKV, group m % HKV): consecutive rows are contiguous in q_idx
@@ -100,8 +101,8 @@ def select_blocks_fwd_kernel(
     m_m = (o_m < BLOCK_T * HKV) & (o_tok < de) & (o_tok >= off)
     o_tq = tl.where(m_m, o_tok - off, 0).to(tl.int64)
     o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < Di
-    p_q = q_ptr + ((i_b * Nq + o_tq) * HKV + o_r) * Di
+    m_d = o_d < DI
+    p_q = q + ((i_b * NQ + o_tq) * HKV + o_r) * DI
     # [BLOCK_M, BLOCK_D]
     b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
 
@@ -115,22 +116,22 @@ def select_blocks_fwd_kernel(
     # blocks before the own block are whole and visible to every row of the tile: one scalar base
     # pointer per block plus int32 offsets inside it
     o_n = tl.arange(0, BLOCK_N)
-    o_kd = o_n[:, None] * Di + o_d[None, :]
-    p_k = k_ptr + (i_b * N + ds) * Di
-    p_ks = k_scale_ptr
+    o_kd = o_n[:, None] * DI + o_d[None, :]
+    p_k = k + (i_b * N + ds) * DI
+    p_ks = k_scale
     if K_SCALE:
         p_ks += i_b * N + ds
     if TOPK > 1:
         # early blocks almost always enter some row: insert unconditionally up to gate_from
         n_all = tl.minimum(own, gate_from)
         for blk in range(0, n_all):
-            b_best = _block_max(b_q, p_k, p_ks, blk, o_kd, m_d[None, :], o_n, Di,
+            b_best = _block_max(b_q, p_k, p_ks, blk, o_kd, m_d[None, :], o_n, DI,
                                 BK, BLOCK_M, BLOCK_N, IEEE, K_SCALE)
             b_s, b_i, thr = _topk_insert(b_s, b_i, thr, b_best, b_best > thr, blk)
         # later blocks: skip the insertion (two row reductions and the updates) unless some row of the
         # tile beats its running (k-1)-th best; one tile-wide reduction decides
         for blk in range(n_all, own):
-            b_best = _block_max(b_q, p_k, p_ks, blk, o_kd, m_d[None, :], o_n, Di,
+            b_best = _block_max(b_q, p_k, p_ks, blk, o_kd, m_d[None, :], o_n, DI,
                                 BK, BLOCK_M, BLOCK_N, IEEE, K_SCALE)
             hit = b_best > thr
             if tl.max(hit.to(tl.int32), 0) > 0:
@@ -146,8 +147,8 @@ def select_blocks_fwd_kernel(
         sel = tl.where(mx > float("-inf"), sel, -1)
         b_out = tl.where(o_co[None, :] == t, sel[:, None], b_out)
         b_s = tl.where(hit & (b_i == sel[:, None]), float("-inf"), b_s)
-    p_o = out_ptr + ((i_b * HKV + o_r) * Nq + o_tq) * TOPK
-    tl.store(p_o[:, None] + o_co[None, :], b_out, mask=m_m[:, None] & (o_co < TOPK)[None, :])
+    p_out = block_idx + ((i_b * HKV + o_r) * NQ + o_tq) * TOPK
+    tl.store(p_out[:, None] + o_co[None, :], b_out, mask=m_m[:, None] & (o_co < TOPK)[None, :])
 
 
 def doc_tiles(N: int, tile: int, cu_seqlens: torch.Tensor | None, device) -> tuple[torch.Tensor, ...]:
@@ -172,12 +173,6 @@ def doc_tiles(N: int, tile: int, cu_seqlens: torch.Tensor | None, device) -> tup
     return q0.to(torch.int32), ds.to(torch.int32), cu[doc + 1].to(torch.int32)
 
 
-def _check_block_size(block_size: int) -> None:
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"the Triton MSA kernels need attention.block_size to be a power of two >= 16, "
-                         f"got {block_size}")
-
-
 def _to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (last dim) e4m3 quantisation: ``x ~= x8 * scale``."""
     scale = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448.0
@@ -198,23 +193,21 @@ def _keys_to_fp8_blocks(k: torch.Tensor, block_size: int, cu_seqlens) -> tuple[t
     return (k.float() / scale[..., None]).to(torch.float8_e4m3fn), scale
 
 
-# Defaults of select_blocks_fwd's knobs of the same names (docs/kernels.md has the reasoning).
-# gate_from: first key block (document-relative id) from which a tile runs the top-k insertion only when
-# some row beats its running (k-1)-th best; 2**31 - 1: never skip. Off by default: on the benchmark's
-# random scores it never paid (H200, 1M tokens: 480 ms gated from block 2770, 490 from block 0, 462 off
-# at Hkv = 2); scores of a trained indexer, which settle on few blocks early, may skip far more often.
-# fp8_key_scale: "block" (one e4m3 scale per key block, out of the block max) or "token" (one per key).
-CONFIG = {
-    "gate_from": 2**31 - 1,
-    "fp8_key_scale": "block",
-}
+# gate_from's value that never skips. Off by default: on the benchmark's random scores the gate never paid
+# (H200, 1M tokens, Hkv = 2: 480 ms gated from block 2770, 490 from block 0, 462 off); scores of a
+# trained indexer, which settle on few blocks early, may skip far more often (docs/kernels.md).
+GATE_OFF = 2**31 - 1
 
 
 def select_blocks_fwd(q_idx, k_idx, block_size, topk, cu_seqlens=None, fp8=False, block_t=None, block_n=None,
-                      num_warps=None, num_stages=None, gate_from=None, fp8_key_scale=None):
-    B, Nq, Hkv, Di = q_idx.shape
+                      num_warps=None, num_stages=None, gate_from=GATE_OFF, fp8_key_scale="block"):
+    """Launch settings as arguments: ``block_t`` query tokens per program (default ``128 / Hkv``
+    rounded to a power of two), ``block_n`` keys per tile, warps and stages; ``gate_from``: first key
+    block (document-relative id) from which a tile runs the top-k insertion only when some row beats its
+    running (k-1)-th best; ``fp8_key_scale``: ``"block"`` (one e4m3 scale per key block, out of the block
+    max) or ``"token"`` (one per key)."""
+    B, NQ, Hkv, DI = q_idx.shape
     N = k_idx.shape[1]
-    fp8_key_scale = fp8_key_scale or CONFIG["fp8_key_scale"]
     k_scale = None
     if fp8:
         if fp8_key_scale not in ("block", "token"):
@@ -228,26 +221,26 @@ def select_blocks_fwd(q_idx, k_idx, block_size, topk, cu_seqlens=None, fp8=False
     if block_size % block_t or block_size % block_n:
         raise ValueError(f"block_t={block_t} and block_n={block_n} must divide block_size={block_size}")
     block_m = max(16, triton.next_power_of_2(block_t * Hkv))
-    gate_from = CONFIG["gate_from"] if gate_from is None else gate_from
     q0, ds, de = doc_tiles(N, block_t, cu_seqlens, q_idx.device)
-    out = torch.empty(B, Hkv, Nq, topk, dtype=torch.int32, device=q_idx.device)
+    block_idx = torch.empty(B, Hkv, NQ, topk, dtype=torch.int32, device=q_idx.device)
     tk = triton.next_power_of_2(max(topk - 1, 1))
     grid = (q0.numel(), B)
     select_blocks_fwd_kernel[grid](
-        q_idx, k_idx, k_scale, out, q0, ds, de, N, Nq, q0.numel(), Di,
+        q_idx, k_idx, k_scale, block_idx, q0, ds, de, N, NQ, q0.numel(), DI,
         min(max(gate_from, 0), 2**31 - 1),
         HKV=Hkv, BK=block_size, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(32 if fp8 else 16, triton.next_power_of_2(Di)), TOPK=topk, TK=tk,
+        BLOCK_D=max(32 if fp8 else 16, triton.next_power_of_2(DI)), TOPK=topk, TK=tk,
         TKO=triton.next_power_of_2(topk), IEEE=q_idx.dtype == torch.float32,
         K_SCALE=0 if not fp8 else 2 if fp8_key_scale == "block" else 1,
         num_warps=num_warps or (8 if block_m >= 128 else 4), num_stages=num_stages or 2,
     )
-    return out
+    return block_idx
 
 
 @torch.no_grad()
 def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, topk: int,
-                  cu_seqlens: torch.Tensor | None = None, *, fp8: bool = False) -> torch.Tensor:
+                  cu_seqlens: torch.Tensor | None = None, *, fp8: bool = False, fp8_key_scale: str = "block",
+                  gate_from: int = GATE_OFF) -> torch.Tensor:
     """Top-k key blocks per (query, group) by raw max-pooled index score, in one fused pass.
 
     ``q_idx [B, Nq, Hkv, Di]``, ``k_idx [B, N, Di]`` (bf16/fp16/fp32, same dtype; the queries are the
@@ -255,26 +248,23 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, top
     ``[B, Hkv, Nq, topk]``: own block in slot 0, the others by descending score, ``-1`` padding.
     ``cu_seqlens`` int32 ``[n_docs + 1]`` over the keys (``B == 1``) makes block ids document-relative.
     ``fp8=True`` (Hopper and newer) scores with e4m3 operands, the keys scaled per key block
-    (``CONFIG["fp8_key_scale"]``): about twice the matmul rate, and a selection that differs from the
-    exact one on near-ties.
+    (``fp8_key_scale="block"``, or ``"token"``: per key): about twice the matmul rate, and a selection
+    that differs from the exact one on near-ties. ``gate_from``: see ``select_blocks_fwd`` (off by default).
     """
-    B, Nq, Hkv, Di = q_idx.shape
+    B, NQ, Hkv, DI = q_idx.shape
     N = k_idx.shape[1]
-    if k_idx.ndim != 3 or k_idx.shape[0] != B or N < Nq or k_idx.shape[2] != Di:
+    if k_idx.ndim != 3 or k_idx.shape[0] != B or N < NQ or k_idx.shape[2] != DI:
         raise ValueError(f"k_idx must be [B, N >= Nq, Di] for q_idx {tuple(q_idx.shape)}, "
                          f"got {tuple(k_idx.shape)}")
     if k_idx.dtype != q_idx.dtype:
         raise ValueError(f"q_idx and k_idx must share a dtype, got {q_idx.dtype} and {k_idx.dtype}")
     if topk < 1:
         raise ValueError(f"attention.topk must be >= 1, got {topk}")
-    if Di > 256:
-        raise ValueError(f"index head dim Di={Di} > 256 is not supported by the Triton index top-k; "
-                         f"lower attention.index_dim")
-    _check_block_size(block_size)
+    check_limits(block_size=block_size, index_dim=DI, dtype=q_idx.dtype)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, N)
     if fp8 and (not q_idx.is_cuda or torch.cuda.get_device_capability(q_idx.device) < (8, 9)):
         raise ValueError("select_blocks(fp8=True) needs a GPU with fp8 matmuls (sm_89+); call it with "
                          "fp8=False here")
-    return select_blocks_fwd(q_idx.contiguous(), k_idx.contiguous(), block_size, topk, cu_seqlens, fp8)
-
+    return select_blocks_fwd(q_idx.contiguous(), k_idx.contiguous(), block_size, topk, cu_seqlens, fp8,
+                             gate_from=gate_from, fp8_key_scale=fp8_key_scale)

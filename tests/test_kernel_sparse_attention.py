@@ -2,22 +2,19 @@
 
 CPU: the Triton interpreter on small fp32 shapes. GPU (marked): real sizes in bf16 with the STYLE.md
 tolerance rule, a determinism rerun of the backward, and one case with N*H*D > 2^31. The backward's dQ
-path (``MSA_KV_DQ_PATH``) is the default (``auto``: ``dkdv`` for G >= 16, else ``kv``) unless a test names
-others (``DQ_PATHS``).
+path (the ``dq_path`` argument) is the default (``auto``: ``dkdv`` for G >= 16, else ``kv``) unless a test
+names others (``DQ_PATHS``); small launch settings (``launch``) exercise hot-block splits and query chunks.
 """
 
-import importlib
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from kernels.sparse_attention import sparse_attention
+from kernels.sparse_attention import LAUNCH, sparse_attention
 from msa import reference as ref
 from tests.utils import poison_empty, rel_rms
-
-# the module (kernels/__init__.py exports the function of the same name)
-sa = importlib.import_module("kernels.sparse_attention")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -45,13 +42,13 @@ def make_inputs(B, N, H, Hkv, D, dtype=torch.float32, device="cpu", Nq=None):
     return q, k, v
 
 
-def run_both(q, k, v, block_idx, block_size, cu_seqlens=None, path="query"):
+def run_both(q, k, v, block_idx, block_size, cu_seqlens=None, dq_path="auto", launch=LAUNCH):
     """Reference (fp32) and kernel outputs, lse and gradients under one random upstream gradient."""
     do = torch.randn_like(q)
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     o_ref, lse_ref = ref.sparse_attention(q32, k32, v32, block_idx, block_size, cu_seqlens)
     g_ref = torch.autograd.grad(o_ref, (q32, k32, v32), do.float())
-    o, lse = sparse_attention(q, k, v, block_idx, block_size, cu_seqlens, path=path)
+    o, lse = sparse_attention(q, k, v, block_idx, block_size, cu_seqlens, dq_path=dq_path, launch=launch)
     g = torch.autograd.grad(o, (q, k, v), do)
     return (o_ref, lse_ref, *g_ref), (o, lse, *g)
 
@@ -68,89 +65,81 @@ def assert_close(refs, outs, tol):
         assert err < tol, f"{name}: rel RMS {err:.2e} >= {tol:.0e}, max err {(r - x.float()).abs().max():.2e}"
 
 
-def check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, path):
+def check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, dq_path="auto", launch=LAUNCH):
     """One packed row (``cu_seqlens`` over the keys, the last ``Nq`` positions as queries), random inputs
     and selection, empty outputs NaN-poisoned: the kernels equal the reference (fp32) in every output."""
     q, k, v = make_inputs(1, N, H, Hkv, D, Nq=Nq)
     block_idx = random_block_idx(1, Hkv, N, topk, block_size, cu, Nq=Nq)
     poison_empty(monkeypatch)
-    refs, outs = run_both(q, k, v, block_idx, block_size, cu, path=path)
+    refs, outs = run_both(q, k, v, block_idx, block_size, cu, dq_path, launch)
     assert_close(refs, outs, 1e-5)
 
 
-# (forward path, dQ path) pairs for the tests that cover the backward's dQ variants
-DQ_PATHS = [("query", "query"), ("query", "kv"), ("kv", "kv"), ("kv", "query"), ("kv", "dkdv"), ("query", "dkdv")]
+DQ_PATHS = ["kv", "dkdv"]
 
 CPU_CASES = [  # B, N, H, Hkv, D, block_size, topk
     (1, 63, 2, 2, 16, 16, 3),  # G = 1
     (2, 111, 4, 1, 32, 16, 4),  # G = 4, batch > 1
     (1, 200, 4, 1, 16, 32, 8),  # G = 4, topk above the 7 blocks available
+    (2, 111, 6, 2, 16, 16, 4),  # G = 3 (not a power of two), batch > 1
 ]
 
 
-@pytest.mark.parametrize("path", ["query", "kv"])
 @pytest.mark.parametrize("B,N,H,Hkv,D,block_size,topk", CPU_CASES)
-def test_matches_reference(monkeypatch, path, B, N, H, Hkv, D, block_size, topk):
-    monkeypatch.setenv("MSA_KV_CHUNK", "24")  # split blocks picked by > 24 queries: hot-block path
-    monkeypatch.setenv("MSA_KV_PART_BYTES", str(B * H * topk * (D + 1) * 4 * 50))  # query chunks of 50
+def test_matches_reference(monkeypatch, B, N, H, Hkv, D, block_size, topk):
+    # split blocks picked by > 24 queries (hot-block path), query chunks of 50
+    launch = replace(LAUNCH, chunk=24, part_bytes=B * H * topk * (D + 1) * 4 * 50)
     q, k, v = make_inputs(B, N, H, Hkv, D)
     block_idx = random_block_idx(B, Hkv, N, topk, block_size)
     poison_empty(monkeypatch)
-    refs, outs = run_both(q, k, v, block_idx, block_size, path=path)
+    refs, outs = run_both(q, k, v, block_idx, block_size, launch=launch)
     assert_close(refs, outs, 1e-5)
 
 
-@pytest.mark.parametrize("path", ["query", "kv"])
-def test_cu_seqlens_with_one_token_documents(monkeypatch, path):
+def test_cu_seqlens_with_one_token_documents(monkeypatch):
     N, H, Hkv, D, block_size, topk = 111, 4, 2, 16, 16, 4
     cu = torch.tensor([0, 1, 40, 41, 42, 90, 111], dtype=torch.int32)
-    check_packed(monkeypatch, N, N, H, Hkv, D, block_size, topk, cu, path)
+    check_packed(monkeypatch, N, N, H, Hkv, D, block_size, topk, cu)
 
 
-@pytest.mark.parametrize("path,dq", [("query", "kv"), ("kv", "kv"), ("kv", "query")])
-def test_queries_are_the_last_positions(monkeypatch, path, dq):
+@pytest.mark.parametrize("dq", DQ_PATHS)
+def test_queries_are_the_last_positions(monkeypatch, dq):
     """Context parallelism's case: Nq < N queries, bottom-right aligned, cu_seqlens over the keys."""
-    monkeypatch.setenv("MSA_KV_DQ_PATH", dq)
-    monkeypatch.setenv("MSA_KV_CHUNK", "8")
-    monkeypatch.setenv("MSA_KV_DKDV_BYTES", "1")  # dK/dV partials over budget: work items grow past 8
+    launch = replace(LAUNCH, chunk=8, dkdv_bytes=1)  # dK/dV partials over budget: work items grow past 8
     N, Nq, H, Hkv, D, block_size, topk = 111, 45, 4, 2, 16, 16, 5
     cu = torch.tensor([0, 30, 70, 71, 111], dtype=torch.int32)
-    check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, path)
+    check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, dq, launch)
 
 
-@pytest.mark.parametrize("path", ["query", "kv"])
-def test_selection_from_reference_select_blocks(monkeypatch, path):
+def test_selection_from_reference_select_blocks(monkeypatch):
     B, N, H, Hkv, D, Di, block_size, topk = 1, 111, 16, 1, 16, 8, 16, 5  # G = 16
     q, k, v = make_inputs(B, N, H, Hkv, D)
     block_idx = ref.select_blocks(torch.randn(B, N, Hkv, Di), torch.randn(B, N, Di), block_size, topk)
     poison_empty(monkeypatch)
-    refs, outs = run_both(q, k, v, block_idx, block_size, path=path)
+    refs, outs = run_both(q, k, v, block_idx, block_size)
     assert_close(refs, outs, 1e-5)
 
 
-@pytest.mark.parametrize("path,dq", DQ_PATHS)
-def test_g_not_dividing_the_row_tile(monkeypatch, path, dq):
-    """G = 3: a KV-outer tile holds 21 whole queries (63 of 64 rows); with Nq < N, documents and
-    several query chunks (the KV-outer dQ works chunk by chunk)."""
-    monkeypatch.setenv("MSA_KV_DQ_PATH", dq)
-    monkeypatch.setenv("MSA_KV_CHUNK", "40")  # > 21 entries: several tiles per work item
-    N, Nq, H, Hkv, D, block_size, topk = 90, 70, 6, 2, 16, 16, 4
-    monkeypatch.setenv("MSA_KV_PART_BYTES", str(H * topk * (D + 1) * 4 * 30))  # query chunks of 30
+@pytest.mark.parametrize("dq", DQ_PATHS)
+@pytest.mark.parametrize("H", [6, 10, 12])
+def test_g_not_dividing_the_row_tile(monkeypatch, dq, H):
+    """G = 3, 5, 6 (Hkv = 2): a KV-outer tile holds 21, 12, 10 whole queries (63, 60, 60 of 64 rows);
+    with Nq < N, documents and several query chunks (the forward and dQ work chunk by chunk)."""
+    N, Nq, Hkv, D, block_size, topk = 90, 70, 2, 16, 16, 4
+    # > 21 entries per work item: several tiles each; query chunks of 30
+    launch = replace(LAUNCH, chunk=40, part_bytes=H * topk * (D + 1) * 4 * 30)
     cu = torch.tensor([0, 25, 26, 90], dtype=torch.int32)
-    check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, path)
+    check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, dq, launch)
 
 
-@pytest.mark.parametrize("path", ["query", "kv"])
-def test_dkdv_dq_path_with_several_key_tiles_per_block(monkeypatch, path):
+def test_dkdv_dq_path_with_several_key_tiles_per_block(monkeypatch):
     """The ``dkdv`` dQ path writes one dQ partial per key tile of a block: 32-key blocks in 16-key tiles
     (two partials per slot), G = 2, Nq < N, documents, hot blocks split and several query chunks."""
-    monkeypatch.setenv("MSA_KV_DQ_PATH", "dkdv")
-    monkeypatch.setenv("MSA_KV_CHUNK", "12")
-    monkeypatch.setitem(sa.CONFIG, "bwd_dkdv_dq", dict(sa.CONFIG["bwd_dkdv_dq"], BLOCK_N=16))
     N, Nq, H, Hkv, D, block_size, topk = 150, 101, 4, 2, 16, 32, 3
-    monkeypatch.setenv("MSA_KV_PART_BYTES", str(H * topk * 2 * D * 4 * 40))  # query chunks of 40
+    launch = replace(LAUNCH, chunk=12, dkdv_dq=replace(LAUNCH.dkdv_dq, block_n=16),
+                     part_bytes=H * topk * 2 * D * 4 * 40)  # query chunks of 40
     cu = torch.tensor([0, 60, 61, 150], dtype=torch.int32)
-    check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, path)
+    check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, "dkdv", launch)
 
 
 def test_all_slots_empty_give_zero_and_minus_inf(monkeypatch):
@@ -158,9 +147,8 @@ def test_all_slots_empty_give_zero_and_minus_inf(monkeypatch):
     block_idx = torch.full((1, 1, 40, 2), -1, dtype=torch.int32)
     block_idx[0, 0, 20:, 0] = 1  # queries 20.. see block 1 ([16, 32)); 0..19 see nothing
     poison_empty(monkeypatch)
-    for path, dq in DQ_PATHS:
-        monkeypatch.setenv("MSA_KV_DQ_PATH", dq)
-        o, lse = sparse_attention(q, k, v, block_idx, 16, path=path)
+    for dq in DQ_PATHS:
+        o, lse = sparse_attention(q, k, v, block_idx, 16, dq_path=dq)
         assert torch.equal(o[0, :16], torch.zeros_like(o[0, :16]))
         assert torch.isneginf(lse[0, :, :20]).all() and torch.isfinite(lse[0, :, 20:]).all()
         (dq_,) = torch.autograd.grad(o, q, torch.randn_like(o))
@@ -201,15 +189,14 @@ def _torch_low_precision_errors(q, k, v, block_idx, block_size, refs, do):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path,dq", DQ_PATHS)
+@pytest.mark.parametrize("dq", DQ_PATHS)
 @pytest.mark.parametrize("G,D,dtype", [(16, 128, torch.bfloat16), (2, 64, torch.bfloat16), (8, 128, torch.float16)])
-def test_gpu_low_precision_matches_reference(monkeypatch, path, dq, G, D, dtype):
-    monkeypatch.setenv("MSA_KV_DQ_PATH", dq)
+def test_gpu_low_precision_matches_reference(dq, G, D, dtype):
     B, N, Hkv, block_size, topk = 1, 2000, 2, 128, 8
     q, k, v = make_inputs(B, N, G * Hkv, Hkv, D, dtype, "cuda")
     block_idx = random_block_idx(B, Hkv, N, topk, block_size, device="cuda")
     torch.manual_seed(1)
-    refs, outs = run_both(q, k, v, block_idx, block_size, path=path)
+    refs, outs = run_both(q, k, v, block_idx, block_size, dq_path=dq)
     torch.manual_seed(1)
     do = torch.randn_like(q)
     max_torch, errs_torch = _torch_low_precision_errors(q, k, v, block_idx, block_size, refs, do.float())
@@ -223,9 +210,8 @@ def test_gpu_low_precision_matches_reference(monkeypatch, path, dq, G, D, dtype)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dq", ["kv", "dkdv", "query"])
-def test_gpu_backward_is_deterministic(monkeypatch, dq):
-    monkeypatch.setenv("MSA_KV_DQ_PATH", dq)
+@pytest.mark.parametrize("dq", DQ_PATHS)
+def test_gpu_backward_is_deterministic(dq):
     B, N, H, Hkv, D, block_size, topk = 1, 8192, 32, 2, 128, 128, 16
     q, k, v = make_inputs(B, N, H, Hkv, D, torch.bfloat16, "cuda")
     block_idx = random_block_idx(B, Hkv, N, topk, block_size, device="cuda", drop=0.0)
@@ -233,7 +219,7 @@ def test_gpu_backward_is_deterministic(monkeypatch, dq):
     do = torch.randn_like(q)
     grads = []
     for _ in range(2):
-        o, _ = sparse_attention(q, k, v, block_idx, block_size, path="kv")
+        o, _ = sparse_attention(q, k, v, block_idx, block_size, dq_path=dq)
         grads.append(torch.autograd.grad(o, (q, k, v), do))
     for a, b in zip(*grads):
         assert torch.equal(a, b)
@@ -254,23 +240,22 @@ def test_gpu_int64_offsets():
     dup = block_idx[..., 1:] == block_idx[..., :-1]
     block_idx[..., 1:][dup] = -1
     tail = slice(N - 300, N)
-    for path in ("query", "kv"):
-        o, lse = sparse_attention(q, k, v, block_idx, block_size, path=path)
-        # reference on the tail only: keys restricted to the blocks the tail uses would change ids, so
-        # compare against an explicit gather of each tail query's support
-        qt = q[0, tail].float()
-        idx = block_idx[0, :, tail].long()  # [Hkv, T, topk]
-        G = H // Hkv
-        pos = torch.arange(N - 300, N, device="cuda")
-        keys = idx[..., None] * block_size + torch.arange(block_size, device="cuda")  # [Hkv, T, topk, Bk]
-        ok = (idx[..., None] >= 0) & (keys <= pos[None, :, None, None])
-        keys = keys.clamp(0, N - 1).flatten(2)
-        ok = ok.flatten(2)
-        kk = k[0].float().permute(1, 0, 2)[torch.arange(Hkv, device="cuda")[:, None, None], keys]
-        vv = v[0].float().permute(1, 0, 2)[torch.arange(Hkv, device="cuda")[:, None, None], keys]
-        s = torch.einsum("thd,htjd->htj", qt, kk.repeat_interleave(G, 0)) * D ** -0.5
-        s = s.masked_fill(~ok.repeat_interleave(G, 0), float("-inf"))
-        o_ref = torch.einsum("htj,htjd->thd", s.softmax(-1), vv.repeat_interleave(G, 0))
-        err = rel_rms(o_ref, o[0, tail].float())
-        assert err < 6e-3, f"{path}: rel RMS {err:.2e}"
-        assert rel_rms(torch.logsumexp(s, -1), lse[0, :, tail]) < 1e-3
+    o, lse = sparse_attention(q, k, v, block_idx, block_size)
+    # reference on the tail only: keys restricted to the blocks the tail uses would change ids, so
+    # compare against an explicit gather of each tail query's support
+    qt = q[0, tail].float()
+    idx = block_idx[0, :, tail].long()  # [Hkv, T, topk]
+    G = H // Hkv
+    pos = torch.arange(N - 300, N, device="cuda")
+    keys = idx[..., None] * block_size + torch.arange(block_size, device="cuda")  # [Hkv, T, topk, Bk]
+    ok = (idx[..., None] >= 0) & (keys <= pos[None, :, None, None])
+    keys = keys.clamp(0, N - 1).flatten(2)
+    ok = ok.flatten(2)
+    kk = k[0].float().permute(1, 0, 2)[torch.arange(Hkv, device="cuda")[:, None, None], keys]
+    vv = v[0].float().permute(1, 0, 2)[torch.arange(Hkv, device="cuda")[:, None, None], keys]
+    s = torch.einsum("thd,htjd->htj", qt, kk.repeat_interleave(G, 0)) * D ** -0.5
+    s = s.masked_fill(~ok.repeat_interleave(G, 0), float("-inf"))
+    o_ref = torch.einsum("htj,htjd->thd", s.softmax(-1), vv.repeat_interleave(G, 0))
+    err = rel_rms(o_ref, o[0, tail].float())
+    assert err < 6e-3, f"rel RMS {err:.2e}"
+    assert rel_rms(torch.logsumexp(s, -1), lse[0, :, tail]) < 1e-3
