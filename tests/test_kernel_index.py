@@ -5,6 +5,7 @@ real sizes in bf16. The top-k checks the selected set by its reference scores, s
 which floating point may order either way do not fail it, and demands exact equality where the
 scores are well separated."""
 
+import inspect
 import math
 
 import pytest
@@ -221,13 +222,17 @@ def test_select_blocks_gpu_fp8_packed_matches_emulation(monkeypatch, key_scale):
 
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 matmuls need sm_89+")
-    monkeypatch.setitem(index_topk.CONFIG, "fp8_key_scale", key_scale)
+    kwargs = {}
+    if "fp8_key_scale" in inspect.signature(select_blocks).parameters:
+        kwargs["fp8_key_scale"] = key_scale
+    else:  # before the kernels' renovation: a module setting
+        monkeypatch.setitem(index_topk.CONFIG, "fp8_key_scale", key_scale)
     N, Hkv, Di, bs, topk = 8192 + 77, 2, 128, 128, 16
     cu = torch.tensor([0, 1, 1, 3000, 3001, 3100, N], dtype=torch.int32, device="cuda")
     # rows and key blocks of different magnitudes, so that the scales matter
     q_idx = (torch.randn(1, N, Hkv, Di, device="cuda") * torch.rand(1, N, Hkv, 1, device="cuda") * 4).bfloat16()
     k_idx = (torch.randn(1, N, Di, device="cuda") * (0.1 + 10 * torch.rand(1, N, 1, device="cuda"))).bfloat16()
-    out = select_blocks(q_idx, k_idx, bs, topk, cu, fp8=True)
+    out = select_blocks(q_idx, k_idx, bs, topk, cu, fp8=True, **kwargs)
     k_emu = fp8_key_blocks(k_idx, bs, cu) if key_scale == "block" else fp8_rows(k_idx)
     # e4m3 products are exact in fp32, but sm_90's fp8 wgmma accumulates with ~14-bit precision (Triton
     # keeps all of K in it there: max_num_imprecise_acc = 2^30): truncating 32 products per instruction

@@ -390,26 +390,32 @@ FP8_SEAM = ("kernels.select_blocks(fp8=True) refuses CPU tensors and the launche
 
 def fp8_select(monkeypatch, q_idx, k_idx, block_size, topk, cu_seqlens, key_scale):
     """``kernels.select_blocks(..., fp8=True)`` on CPU tensors under the interpreter, keys scaled per
-    ``key_scale`` ("block" or "token").
+    ``key_scale`` ("block" or "token": the ``fp8_key_scale`` argument, or ``CONFIG["fp8_key_scale"]``
+    before the kernels' renovation).
 
     Seam: select_blocks refuses fp8 without an sm_89+ GPU, also under the interpreter (which can run
     it). Until it accepts CPU tensors there (FP8_SEAM), this goes through the launcher behind it,
     ``select_blocks_fwd(..., fp8=True)``, which skips only that device check; if neither is available
     the test skips with FP8_SEAM as the reason."""
-    config = _kernels_attr("CONFIG")
-    if config is not None and "fp8_key_scale" in config:
+    kwargs = {}
+    if "fp8_key_scale" in inspect.signature(kernels.select_blocks).parameters:
+        kwargs["fp8_key_scale"] = key_scale
+    else:
+        config = _kernels_attr("CONFIG")
+        if config is None or "fp8_key_scale" not in config:
+            pytest.skip("the kernels take no fp8_key_scale (argument or CONFIG)")
         monkeypatch.setitem(config, "fp8_key_scale", key_scale)
-    elif key_scale != "block":
-        pytest.skip("no CONFIG['fp8_key_scale'] setting in the kernels: only the default block scales")
     try:
-        return kernels.select_blocks(q_idx, k_idx, block_size, topk, cu_seqlens, fp8=True)
+        return kernels.select_blocks(q_idx, k_idx, block_size, topk, cu_seqlens, fp8=True, **kwargs)
     except ValueError as e:
         if "fp8" not in str(e):
             raise
     fwd = _kernels_attr("select_blocks_fwd")
-    if fwd is None or "fp8" not in inspect.signature(fwd).parameters:
+    params = {} if fwd is None else inspect.signature(fwd).parameters
+    if "fp8" not in params or "fp8_key_scale" not in params:
         pytest.skip(FP8_SEAM)
-    return fwd(q_idx.contiguous(), k_idx.contiguous(), block_size, topk, cu_seqlens, fp8=True)
+    return fwd(q_idx.contiguous(), k_idx.contiguous(), block_size, topk, cu_seqlens, fp8=True,
+               fp8_key_scale=key_scale)
 
 
 @pytest.mark.parametrize("key_scale", ["block", "token"])
