@@ -22,6 +22,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass
 
@@ -68,9 +69,18 @@ def iter_tar(url: str):
 
     A read error (unreadable URL, truncated or corrupt tar) is raised after the samples before it;
     the sample that was being read when it happened is dropped unless the failing member belongs to
-    the next sample."""
+    the next sample. A member name that comes twice in a sample (also `a.JPG` beside `a.jpg`: suffixes
+    are lower-cased) is listed in the sample's `__duplicates__` (decode_sample skips it) instead of
+    ending the shard as webdataset's grouping would."""
     stream = gopen(url, "rb")
-    member, error = {}, []
+    member, error, duplicates = {}, [], {}
+
+    def duplicate(e):  # group_by_keys' handler: True drops the member and goes on
+        if "duplicate file name" not in str(e.args[0] if e.args else ""):
+            raise e
+        key, suffix = base_plus_ext(member["name"])
+        duplicates.setdefault(key, []).append(suffix)
+        return True
 
     def note(name):  # tar_file_iterator calls this before reading each member's data
         member["name"] = name
@@ -84,14 +94,22 @@ def iter_tar(url: str):
             error.append(e)
 
     try:
-        for sample in group_by_keys(files()):
+        for sample in group_by_keys(files(), handler=duplicate):
             if error and "name" in member and base_plus_ext(member["name"])[0] == sample["__key__"]:
                 break  # incomplete: its last member is the one that failed
+            if sample["__key__"] in duplicates:
+                sample["__duplicates__"] = duplicates.pop(sample["__key__"])
             yield sample
         if error:
             raise error[0]
     finally:
         stream.close()
+
+
+def _where(e: Exception, depth: int = 4) -> str:
+    """The innermost frames of an exception's traceback, innermost first, on one line."""
+    frames = traceback.extract_tb(e.__traceback__)[-depth:]
+    return " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}" for f in reversed(frames))
 
 
 @dataclass
@@ -192,10 +210,14 @@ class ShardReader:
                 epoch, good, whole = start.epoch, 0, start.epoch == epoch + 1
             for j in range(skip, len(samples)):
                 sample = samples[j]
+                url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
                 try:
                     doc = self.decode(sample)
                 except SampleError as e:
-                    self._skip(e.reason, sample.get("__url__", "?"), sample.get("__key__", "?"), str(e))
+                    self._skip(e.reason, url, key, str(e))
+                    continue
+                except Exception as e:  # a decoder bug: one sample must not end the run, nor hide it
+                    self._skip("decode_error", url, key, f"({type(e).__name__}: {e}) at {_where(e)}")
                     continue
                 good += 1
                 yield doc, Position(start.epoch, start.shard, start.offset, start.raw, start.block, j)
