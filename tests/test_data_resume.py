@@ -3,6 +3,7 @@
 import copy
 import json
 import logging
+import os
 import tarfile
 
 import numpy as np
@@ -19,6 +20,7 @@ from tests.test_data import (
     text_samples,
     write_shard,
 )
+from tests.utils import compose_train_config
 from train.data import ImageConfig, build_dataloader
 from train.data.shards import ShardReader, expand_shards
 
@@ -126,6 +128,8 @@ def test_resume_continues_exactly(tmp_path, num_workers):
     resumed.load_state_dict(copy.deepcopy(state))
     assert_batches_equal(take(iter(resumed), 30), expected)
     assert resumed.skipped == full.skipped and full.skipped["truncated_tar"] >= 1
+    for loader in (full, resumed):  # left to the garbage collector, the workers took ~20 s to stop
+        loader.close()
 
 
 def test_resume_does_not_count_skips_twice(tmp_path):
@@ -220,3 +224,43 @@ def test_shard_patterns_braces_globs_lists_and_pipes(tmp_path):
                              TOK, seq_len=32, seed=1)
     local = build_dataloader(data_cfg(urls, image=ImageConfig(max_patches=16)), TOK, seq_len=32, seed=1)
     assert_batches_equal(take(iter(piped), 6), take(iter(local), 6))
+
+
+def test_shard_directories_and_list_files(tmp_path, monkeypatch):
+    urls, _ = text_shards(tmp_path, 3, 4)
+    (tmp_path / "notes.txt").write_text("not a shard")
+    assert expand_shards(str(tmp_path)) == urls  # its *.tar, sorted
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.txt").write_text("# train shards\n\n../shard-000.tar\n  ../shard-{001..002}.tar  \n# end\n")
+    (lists / "mixed.txt").write_text(f"{urls[0]}\npipe:cat ../x.tar\nhttps://host/x.tar\n..\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # relative lines are relative to the list, not the cwd
+    assert expand_shards(f"@{lists / 'train.txt'}") == urls
+    assert expand_shards(f"@{lists / 'mixed.txt'}") == [urls[0], "pipe:cat ../x.tar", "https://host/x.tar", *urls]
+    assert expand_shards([f"@{lists / 'train.txt'}", str(tmp_path)]) == urls + urls
+    assert expand_shards(f"{urls[2]}::@{lists / 'train.txt'}") == [urls[2], *urls]
+    monkeypatch.chdir(tmp_path)
+    assert expand_shards("@lists/train.txt") == [os.path.relpath(u, tmp_path) for u in urls]
+    listed, direct = (build_dataloader(data_cfg(s), TOK, seq_len=32, seed=1) for s in ("@lists/train.txt", urls))
+    assert_batches_equal(take(iter(listed), 3), take(iter(direct), 3))
+    assert compose_train_config(["data.shards=@lists/train.txt"]).data.shards == "@lists/train.txt"
+
+
+def test_shard_directory_and_list_errors_name_the_key(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.tar.gz").write_bytes(b"")
+    (tmp_path / "comments.txt").write_text("# nothing here\n\n   \n")
+    (tmp_path / "nested.txt").write_text("@comments.txt\n")
+    (tmp_path / "nomatch.txt").write_text("# ok\nnothing-*.tar\n")
+    cases = [
+        (str(tmp_path / "empty"), "holds no \\*.tar"),
+        (f"@{tmp_path / 'missing.txt'}", "cannot read the shard list"),
+        (f"@{tmp_path / 'empty'}", "cannot read the shard list"),
+        (f"@{tmp_path / 'comments.txt'}", "names no shard"),
+        (f"@{tmp_path / 'nested.txt'}", "cannot name another list"),
+        (f"@{tmp_path / 'nomatch.txt'}", "nomatch.txt:2.*matches no shard"),
+    ]
+    for shards, message in cases:
+        with pytest.raises(ValueError, match="^data.shards.*" + message):
+            expand_shards(shards)

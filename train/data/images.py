@@ -16,6 +16,9 @@ from PIL import Image
 from train.data.config import ImageConfig
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Pillow sniffs the format from the bytes, whatever the member's name: without this list a `.png` member
+# could be opened as any of its ~40 formats (EPS even runs Ghostscript on it).
+FORMATS = ("JPEG", "PNG", "WEBP")
 
 
 def fit_grid(width: int, height: int, cfg: ImageConfig) -> tuple[int, int]:
@@ -35,9 +38,10 @@ def fit_grid(width: int, height: int, cfg: ImageConfig) -> tuple[int, int]:
 def decode_image(data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, tuple[int, int]]:
     """Encoded image bytes -> (patches uint8 [rows*cols, p*p*3], (rows, cols)).
 
-    Raises on a corrupt or truncated image (the caller skips the sample)."""
+    Raises on a corrupt or truncated image, another format than FORMATS, or one past Pillow's
+    decompression-bomb limit (`Image.MAX_IMAGE_PIXELS` x 2); the caller skips the sample."""
     p = cfg.patch_size
-    with Image.open(io.BytesIO(data)) as im:
+    with Image.open(io.BytesIO(data), formats=FORMATS) as im:
         rows, cols = fit_grid(im.width, im.height, cfg)  # from the header: nothing decoded yet
         im.draft("RGB", (cols * p, rows * p))  # JPEG: decode at a reduced scale when that suffices
         im.load()  # decode fully now: a truncated file fails here, not later

@@ -22,8 +22,10 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from webdataset.gopen import gopen
@@ -41,26 +43,69 @@ def _is_remote(url: str) -> bool:
 
 
 def expand_shards(shards: str | list[str]) -> list[str]:
-    """Patterns -> shard URLs: `::`-separated lists, brace ranges, globs, `pipe:` URLs.
+    """data.shards -> shard URLs. One entry or a list of them (also `::`-separated), each one of:
+    - a path or URL pattern: brace ranges (`d/{000..009}.tar`), globs, `pipe:` commands;
+    - a directory: its `*.tar` files, sorted;
+    - `@list.txt`: a text file with one of the above per line (blank lines and `#` comment lines are
+      skipped; relative paths are relative to the list file's folder, `pipe:` commands run as given).
 
-    A pattern none of whose local files exists is an error that names `data.shards`; single missing
-    files of a pattern stay in the list and are skipped (and counted) as unreadable when read."""
-    patterns = [shards] if isinstance(shards, str) else list(shards)
-    if not patterns:
-        raise ValueError("data.shards is empty: give a shard pattern, a list of them, or 'default'")
+    An entry none of whose local files exists, an empty directory and an unreadable or empty list are
+    errors that name `data.shards`; single missing files of a pattern stay in the list and are skipped
+    (and counted) as unreadable when read."""
+    entries = [shards] if isinstance(shards, str) else list(shards)
+    if not entries:
+        raise ValueError("data.shards is empty: give a shard pattern, a directory, an @list file, a list of "
+                         "them, or 'default'")
     urls = []
-    for pattern in patterns:
-        matched = []
-        for url in expand_urls(str(pattern)):
-            matched.extend(sorted(glob.glob(url)) if not _is_remote(url) and any(c in url for c in "*?[") else [url])
-        if not any(_is_remote(u) or os.path.exists(u) for u in matched):
-            raise ValueError(f"data.shards: pattern {pattern!r} matches no shard (cwd {os.getcwd()})")
-        missing = [u for u in matched if not _is_remote(u) and not os.path.exists(u)]
-        if missing:
-            log.warning("data.shards: %d of %d shards of %r do not exist, e.g. %s", len(missing), len(matched),
-                        pattern, missing[0])
-        urls.extend(matched)
+    for entry in entries:
+        for part in str(entry).split("::"):
+            urls.extend(_expand_list(part[1:]) if part.startswith("@") else _expand(part, repr(part)))
     return urls
+
+
+def _expand_list(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"data.shards: cannot read the shard list @{path} ({e}; cwd {os.getcwd()})") from e
+    urls, base, n = [], os.path.dirname(path), 0
+    for lineno, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("@"):
+            raise ValueError(f"data.shards: {path}:{lineno}: a shard list cannot name another list ({line})")
+        if not _is_remote(line):
+            line = os.path.normpath(os.path.join(base, line))  # unchanged where line is absolute
+        urls.extend(_expand(line, f"{line!r} ({path}:{lineno})"))
+        n += 1
+    if n == 0:
+        raise ValueError(f"data.shards: the shard list @{path} names no shard (only blank or # lines)")
+    return urls
+
+
+def _expand(pattern: str, where: str) -> list[str]:
+    matched = []
+    for url in expand_urls(pattern):
+        if _is_remote(url):
+            matched.append(url)
+        elif os.path.isdir(url):
+            tars = sorted(glob.glob(os.path.join(glob.escape(url), "*.tar")))
+            if not tars:
+                raise ValueError(f"data.shards: directory {url!r} from {where} holds no *.tar file (for other "
+                                 "names give a glob such as 'dir/*.tar.gz')")
+            matched.extend(tars)
+        elif any(c in url for c in "*?["):
+            matched.extend(sorted(glob.glob(url)))
+        else:
+            matched.append(url)
+    if not any(_is_remote(u) or os.path.exists(u) for u in matched):
+        raise ValueError(f"data.shards: {where} matches no shard (cwd {os.getcwd()})")
+    missing = [u for u in matched if not _is_remote(u) and not os.path.exists(u)]
+    if missing:
+        log.warning("data.shards: %d of %d shards of %s do not exist, e.g. %s", len(missing), len(matched), where,
+                    missing[0])
+    return matched
 
 
 def iter_tar(url: str):
@@ -68,9 +113,18 @@ def iter_tar(url: str):
 
     A read error (unreadable URL, truncated or corrupt tar) is raised after the samples before it;
     the sample that was being read when it happened is dropped unless the failing member belongs to
-    the next sample."""
+    the next sample. A member name that comes twice in a sample (also `a.JPG` beside `a.jpg`: suffixes
+    are lower-cased) is listed in the sample's `__duplicates__` (decode_sample skips it) instead of
+    ending the shard as webdataset's grouping would."""
     stream = gopen(url, "rb")
-    member, error = {}, []
+    member, error, duplicates = {}, [], {}
+
+    def duplicate(e):  # group_by_keys' handler: True drops the member and goes on
+        if "duplicate file name" not in str(e.args[0] if e.args else ""):
+            raise e
+        key, suffix = base_plus_ext(member["name"])
+        duplicates.setdefault(key, []).append(suffix)
+        return True
 
     def note(name):  # tar_file_iterator calls this before reading each member's data
         member["name"] = name
@@ -84,14 +138,22 @@ def iter_tar(url: str):
             error.append(e)
 
     try:
-        for sample in group_by_keys(files()):
+        for sample in group_by_keys(files(), handler=duplicate):
             if error and "name" in member and base_plus_ext(member["name"])[0] == sample["__key__"]:
                 break  # incomplete: its last member is the one that failed
+            if sample["__key__"] in duplicates:
+                sample["__duplicates__"] = duplicates.pop(sample["__key__"])
             yield sample
         if error:
             raise error[0]
     finally:
         stream.close()
+
+
+def _where(e: Exception, depth: int = 4) -> str:
+    """The innermost frames of an exception's traceback, innermost first, on one line."""
+    frames = traceback.extract_tb(e.__traceback__)[-depth:]
+    return " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}" for f in reversed(frames))
 
 
 @dataclass
@@ -192,10 +254,14 @@ class ShardReader:
                 epoch, good, whole = start.epoch, 0, start.epoch == epoch + 1
             for j in range(skip, len(samples)):
                 sample = samples[j]
+                url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
                 try:
                     doc = self.decode(sample)
                 except SampleError as e:
-                    self._skip(e.reason, sample.get("__url__", "?"), sample.get("__key__", "?"), str(e))
+                    self._skip(e.reason, url, key, str(e))
+                    continue
+                except Exception as e:  # a decoder bug: one sample must not end the run, nor hide it
+                    self._skip("decode_error", url, key, f"({type(e).__name__}: {e}) at {_where(e)}")
                     continue
                 good += 1
                 yield doc, Position(start.epoch, start.shard, start.offset, start.raw, start.block, j)
