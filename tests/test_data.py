@@ -298,8 +298,6 @@ def test_config_errors_name_the_key(tmp_path):
         build_dataloader(data_cfg(str(tmp_path / "nothing-{000..003}.tar")), TOK, seq_len=512)
     with pytest.raises(ValueError, match="data.shards"):
         build_dataloader(data_cfg(str(tmp_path / "*.nomatch")), TOK, seq_len=512)
-    with pytest.raises(ValueError, match="patch_size"):
-        build_dataloader(data_cfg(shard), TOK, seq_len=512, image_cfg=VisionConfig(patch_size=14))
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp", "vit"])

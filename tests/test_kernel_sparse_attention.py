@@ -267,4 +267,5 @@ def test_gpu_int64_offsets():
     o_ref = torch.einsum("htj,htjd->thd", s.softmax(-1), vv.repeat_interleave(G, 0))
     err = rel_rms(o_ref, o[0, tail].float())
     assert err < 6e-3, f"rel RMS {err:.2e}"
-    assert rel_rms(torch.logsumexp(s, -1), lse[0, :, tail]) < 1e-3
+    lse_err = (torch.logsumexp(s, -1) - lse[0, :, tail]).abs().max().item()
+    assert lse_err < 1e-4, f"lse max err {lse_err:.2e}"

@@ -30,8 +30,6 @@ included.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 
 import pytest
@@ -337,19 +335,6 @@ def test_e4m3_emulation_matches_torch_float8():
     assert torch.equal(got, want), f"{(got != want).sum()} values differ, e.g. {x[got != want][:4].tolist()}"
 
 
-def _kernels_attr(name):
-    """``name`` from wherever the kernels keep it now (kernels.common after the renovation,
-    kernels.index_topk before), or None."""
-    for mod in ("kernels.common", "kernels.index_topk"):
-        try:
-            obj = getattr(importlib.import_module(mod), name, None)
-        except ImportError:
-            continue
-        if obj is not None:
-            return obj
-    return None
-
-
 CU_FP8 = [0, 13, 70, 70, 71, 120]  # a short, an empty and a one-token document
 
 
@@ -365,10 +350,9 @@ def _fp8_inputs(B, N, Hkv, Di, seed):
 def test_fp8_quantisers_match_emulation():
     """``_to_fp8`` (per-row scale) and ``_keys_to_fp8_blocks`` (one scale per document-relative key
     block) dequantise to the float64 emulation's values (a different e4m3 code would be >= 6% off)."""
-    to_fp8, keys_to_fp8 = _kernels_attr("_to_fp8"), _kernels_attr("_keys_to_fp8_blocks")
-    if to_fp8 is None or keys_to_fp8 is None:
-        pytest.skip("the fp8 quantisers _to_fp8/_keys_to_fp8_blocks are in neither kernels.common nor "
-                    "kernels.index_topk")
+    from kernels.index_topk import _keys_to_fp8_blocks as keys_to_fp8
+    from kernels.index_topk import _to_fp8 as to_fp8
+
     q_idx, k_idx = _fp8_inputs(1, 120, 2, 16, seed=11)
     cu = torch.tensor(CU_FP8, dtype=torch.int32)
     for x, (x8, scale), want in [
@@ -383,39 +367,10 @@ def test_fp8_quantisers_match_emulation():
     assert keys_to_fp8(k_idx, 16, cu)[1].unique().numel() > 6
 
 
-FP8_SEAM = ("kernels.select_blocks(fp8=True) refuses CPU tensors and the launcher it calls is gone: "
-            "let select_blocks accept fp8=True on CPU tensors when os.environ['TRITON_INTERPRET'] == '1' "
-            "(the interpreter runs the e4m3 dot exactly), then this test runs")
-
-
-def fp8_select(monkeypatch, q_idx, k_idx, block_size, topk, cu_seqlens, key_scale):
-    """``kernels.select_blocks(..., fp8=True)`` on CPU tensors under the interpreter, keys scaled per
-    ``key_scale`` ("block" or "token": the ``fp8_key_scale`` argument, or ``CONFIG["fp8_key_scale"]``
-    before the kernels' renovation).
-
-    Seam: select_blocks refuses fp8 without an sm_89+ GPU, also under the interpreter (which can run
-    it). Until it accepts CPU tensors there (FP8_SEAM), this goes through the launcher behind it,
-    ``select_blocks_fwd(..., fp8=True)``, which skips only that device check; if neither is available
-    the test skips with FP8_SEAM as the reason."""
-    kwargs = {}
-    if "fp8_key_scale" in inspect.signature(kernels.select_blocks).parameters:
-        kwargs["fp8_key_scale"] = key_scale
-    else:
-        config = _kernels_attr("CONFIG")
-        if config is None or "fp8_key_scale" not in config:
-            pytest.skip("the kernels take no fp8_key_scale (argument or CONFIG)")
-        monkeypatch.setitem(config, "fp8_key_scale", key_scale)
-    try:
-        return kernels.select_blocks(q_idx, k_idx, block_size, topk, cu_seqlens, fp8=True, **kwargs)
-    except ValueError as e:
-        if "fp8" not in str(e):
-            raise
-    fwd = _kernels_attr("select_blocks_fwd")
-    params = {} if fwd is None else inspect.signature(fwd).parameters
-    if "fp8" not in params or "fp8_key_scale" not in params:
-        pytest.skip(FP8_SEAM)
-    return fwd(q_idx.contiguous(), k_idx.contiguous(), block_size, topk, cu_seqlens, fp8=True,
-               fp8_key_scale=key_scale)
+def fp8_select(q_idx, k_idx, block_size, topk, cu_seqlens, key_scale):
+    """``kernels.select_blocks(..., fp8=True)`` on CPU tensors (the interpreter runs the fp8 kernel),
+    keys scaled per ``key_scale`` ("block" or "token")."""
+    return kernels.select_blocks(q_idx, k_idx, block_size, topk, cu_seqlens, fp8=True, fp8_key_scale=key_scale)
 
 
 @pytest.mark.parametrize("key_scale", ["block", "token"])
@@ -440,5 +395,5 @@ def test_fp8_selection_matches_emulated_oracle(monkeypatch, key_scale, B, N, Nq,
                              fp8_key_blocks(k_idx, bs, cu), bs, topk, cu)
     assert not torch.equal(want, exact) and not torch.equal(want, other), "the data must tell them apart"
     poison_empty(monkeypatch)
-    out = fp8_select(monkeypatch, q_idx, k_idx, bs, topk, cu, key_scale)
+    out = fp8_select(q_idx, k_idx, bs, topk, cu, key_scale)
     assert torch.equal(out, want), f"{(out != want).sum()} of {out.numel()} slots differ from the emulation"

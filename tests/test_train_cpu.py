@@ -62,6 +62,9 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path, corpus_dir):
     ("attention.topk=64", "data.seq_len"),  # k * Bk longer than the sequence
     ("parallel.sp_size=4", "parallel.sp_size"),
     ("model.vocab_size=100", "model.vocab_size"),
+    ("model.vision.patch_size=14", "data.image.patch_size"),
+    ("optim.grad_accum=0", "optim.grad_accum"),
+    ("run.precision=fp16", "run.precision"),
 ])
 def test_config_checks_name_the_key(override, key):
     cfg = compose_train_config([override])

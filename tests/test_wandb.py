@@ -7,8 +7,8 @@ import textwrap
 import zlib
 
 import pytest
-from tests.wandb_reader import BLOCK, WandbFileError, find_run_files, read_run
 
+from tests.wandb_reader import BLOCK, WandbFileError, find_run_files, read_run
 from train import dashboard
 
 WRITE_RUN = textwrap.dedent("""

@@ -111,6 +111,7 @@ def train(cfg: TrainConfig) -> dict:
                 break
     finally:
         stop.restore()
+        run.loader.close()  # its worker processes, now rather than at garbage collection
         logger.close()
     return metrics
 

@@ -29,7 +29,8 @@ class CorpusConfig:
 @dataclass
 class DataConfig:
     # A pattern or list of patterns: local paths, brace ranges ('d/{000..009}.tar'), globs, 'pipe:cmd'
-    # URLs; "default" = the embedded corpus in corpus_dir, built there when missing.
+    # URLs, a directory (its *.tar, sorted), '@list.txt' (one of these per line); "default" = the
+    # embedded corpus in corpus_dir, built there when missing.
     shards: Any = "default"  # str or list[str]; OmegaConf 2.3 cannot type a union with a list
     corpus_dir: str = "data/corpus"  # relative to the current directory
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
