@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.utils import compose_train_config
+from tests.run_helpers import free_port, steps_override, write_text_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SBIN = "/usr/sbin:/sbin:/usr/local/sbin"  # sshd is not on a normal user's PATH
@@ -33,21 +32,10 @@ N_SHARDS, STEPS = 4, 2
 LAUNCH_TIMEOUT_S = 170
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def missing_programs() -> list[str]:
     wanted = {"sshd": "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh-client", "pdsh": "pdsh"}
     path = f"{os.environ.get('PATH', '')}{os.pathsep}{SBIN}"
     return [f"{prog} ({pkg})" for prog, pkg in wanted.items() if shutil.which(prog, path=path) is None]
-
-
-def steps_override(n: int) -> str:
-    """`run.steps=n` once the config has a `run` section (DESIGN.md section 9), `train.steps=n` before."""
-    return f"run.steps={n}" if hasattr(getattr(compose_train_config([]), "run", None), "steps") else f"train.steps={n}"
 
 
 def kill_processes_mentioning(marker: str) -> None:
@@ -116,23 +104,9 @@ def ssh_to_localhost(tmp_path):
         log.close()
 
 
-def write_text_shards(directory: Path) -> None:
-    import io
-    import tarfile
-
-    directory.mkdir()
-    for s in range(N_SHARDS):
-        with tarfile.open(directory / f"part-{s}.tar", "w") as tar:
-            for i in range(24):
-                data = f"shard {s} document {i}: {'the quick brown fox jumps over the lazy dog ' * 12}".encode()
-                info = tarfile.TarInfo(f"doc{s}_{i:03d}.txt")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 def test_hostfile_launch_ranks_read_every_shard(tmp_path, ssh_to_localhost):
     bin_dir, ssh_port = ssh_to_localhost
-    write_text_shards(tmp_path / "shards")
+    write_text_shards(tmp_path / "shards", N_SHARDS)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     # a space and a pdsh token (%h) in the run directory: both must reach the ranks as written
