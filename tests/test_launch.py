@@ -240,6 +240,25 @@ def test_docker_requirements_pin_every_dependency():
     assert "NCCL_NVLS_ENABLE=0" in dockerfile and "pip install --no-deps --no-build-isolation -e ." in dockerfile
 
 
+def test_docker_base_is_the_tested_pair():
+    """The image's base, the build's version check and the versions the kernels were measured with
+    (docs/benchmarks.md) name one torch/Triton/CUDA set."""
+    import re
+
+    dockerfile = (ROOT / "docker/Dockerfile").read_text()
+    base = re.search(r"^ARG BASE_IMAGE=pytorch/pytorch:([\d.]+)-cuda([\d.]+)-cudnn\d+-devel$", dockerfile, re.M)
+    torch_arg = re.search(r"^ARG TORCH_VERSION=(\S+)$", dockerfile, re.M)
+    triton_arg = re.search(r"^ARG TRITON_VERSION=(\S+)$", dockerfile, re.M)
+    assert base and torch_arg and triton_arg, "BASE_IMAGE, TORCH_VERSION or TRITON_VERSION not found"
+    assert "set TORCH_VERSION and TRITON_VERSION" in dockerfile  # the build checks the base against them
+    measured = re.search(r"torch ([\d.]+)\+cu(\d+)\d, triton ([\d.]+), CUDA ([\d.]+)",
+                         (ROOT / "docs/benchmarks.md").read_text())
+    assert measured, "docs/benchmarks.md no longer states torch/triton/CUDA"
+    torch_v, cu_major, triton_v, cuda = measured.groups()
+    assert (base[1], torch_arg[1], triton_arg[1]) == (torch_v, torch_v, triton_v)
+    assert base[2] == cuda and cuda.split(".")[0] == cu_major
+
+
 def test_signal_reaches_ranks_whose_runner_does_not_forward(tmp_path):
     """The deepspeed runner dies on SIGTERM without passing it on; launch.py signals the whole group."""
     marker = tmp_path / "rank_got_sigterm"
