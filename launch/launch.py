@@ -1,12 +1,13 @@
 """Build and run the command lines that start `python -m train` on one or many GPU nodes.
 
     python launch/launch.py [--dry-run] local    --gpus 8 [--launcher deepspeed|torchrun] [overrides]
-    python launch/launch.py [--dry-run] hostfile --hostfile hosts.txt [--gpus 8] [overrides]
+    python launch/launch.py [--dry-run] hostfile --hostfile hosts.txt [--gpus 8] [--ssh-port 22] [overrides]
     python launch/launch.py [--dry-run] torchrun --nnodes 2 --gpus 8 --rdzv-endpoint host:29500 [overrides]
-    python launch/launch.py [--dry-run] slurm    [--gpus 8] [overrides]     (inside an allocation)
+    python launch/launch.py [--dry-run] slurm    [--gpus 8] [--cpus-per-task N] [overrides]  (in an allocation)
 
-Everything that is not an option of this script is a Hydra override and goes to `python -m train`
-unchanged (`train.steps=100 parallel.sp_size=2 run_dir=runs/x`). DeepSpeed is started with
+Everything that is not an option of this script is a Hydra override and reaches `python -m train`
+unchanged (`train.steps=100 parallel.sp_size=2 run_dir=runs/x`); this script does not read them. Where
+pdsh passes them through a remote shell they are quoted for it. DeepSpeed is started with
 `--no_local_rank` (Hydra rejects `--local_rank`; the app reads LOCAL_RANK from the environment). Every
 mode sets the NCCL environment a multi-node run needs and keeps NVLink multicast (NVLS) off.
 `--dry-run` prints the environment and commands instead of running them.
