@@ -1,12 +1,13 @@
 """Build and run the command lines that start `python -m train` on one or many GPU nodes.
 
     python launch/launch.py [--dry-run] local    --gpus 8 [--launcher deepspeed|torchrun] [overrides]
-    python launch/launch.py [--dry-run] hostfile --hostfile hosts.txt [--gpus 8] [overrides]
+    python launch/launch.py [--dry-run] hostfile --hostfile hosts.txt [--gpus 8] [--ssh-port 22] [overrides]
     python launch/launch.py [--dry-run] torchrun --nnodes 2 --gpus 8 --rdzv-endpoint host:29500 [overrides]
-    python launch/launch.py [--dry-run] slurm    [--gpus 8] [overrides]     (inside an allocation)
+    python launch/launch.py [--dry-run] slurm    [--gpus 8] [--cpus-per-task N] [overrides]  (in an allocation)
 
-Everything that is not an option of this script is a Hydra override and goes to `python -m train`
-unchanged (`train.steps=100 parallel.sp_size=2 run_dir=runs/x`). DeepSpeed is started with
+Everything that is not an option of this script is a Hydra override and reaches `python -m train`
+unchanged (`train.steps=100 parallel.sp_size=2 run_dir=runs/x`); this script does not read them. Where
+pdsh passes them through a remote shell they are quoted for it. DeepSpeed is started with
 `--no_local_rank` (Hydra rejects `--local_rank`; the app reads LOCAL_RANK from the environment). Every
 mode sets the NCCL environment a multi-node run needs and keeps NVLink multicast (NVLS) off.
 `--dry-run` prints the environment and commands instead of running them.
@@ -18,6 +19,7 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,25 +92,49 @@ def parse_hostfile(path: str) -> list[tuple[str, int]]:
     return hosts
 
 
-def expand_nodelist(nodelist: str) -> list[str]:
-    """SLURM's compressed host list (`gpu[01-03,07],login1`) as host names, without `scontrol`."""
-    hosts, pos = [], 0
-    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?(?:,|$)", nodelist):
-        if m.start() != pos or not m.group(0):
-            break
-        pos = m.end()
-        prefix, ranges = m.group(1), m.group(2)
-        if ranges is None:
-            hosts.append(prefix)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not lo.isdigit() or (hi and not hi.isdigit()):
-                raise LaunchError(f"SLURM node list {nodelist!r}: cannot read range {part!r}")
-            hosts += [f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
-    if pos != len(nodelist) or not hosts:
-        raise LaunchError(f"SLURM node list {nodelist!r} is not a host list like 'gpu[01-02],login1'")
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Host names of a SLURM node list: `scontrol show hostnames` where SLURM is installed (it knows every
+    form the site uses), else `expand_nodelist` (dry runs off the cluster)."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return expand_nodelist(nodelist)
+    proc = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True)
+    hosts = proc.stdout.split()
+    if proc.returncode or not hosts:
+        raise LaunchError(f"scontrol show hostnames {nodelist!r} failed: {proc.stderr.strip() or 'no hosts'}")
     return hosts
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list without `scontrol`: comma-separated names, each any mix of text and
+    bracketed ranges (`gpu[01-03,07]`, `gpu[01-02]-ib`, `rack[1-2]-n[01-04]`, `login1`)."""
+    bad = LaunchError(f"SLURM node list {nodelist!r} is not a host list like 'gpu[01-02]-ib,login1'")
+    hosts: list[str] = []
+    names = [""]
+    for piece in re.findall(r"\[[^\[\]]*\]|[^,\[\]]+|,|.", nodelist) + [","]:
+        if piece == ",":
+            if names == [""]:
+                raise bad
+            hosts += names
+            names = [""]
+        elif piece.startswith("[") and piece.endswith("]"):
+            names = [name + value for name in names for value in _expand_ranges(nodelist, piece[1:-1])]
+        elif piece in "[]":
+            raise bad
+        else:
+            names = [name + piece for name in names]
+    return hosts
+
+
+def _expand_ranges(nodelist: str, ranges: str) -> list[str]:
+    """`01-03,10` -> 01 02 03 10 (the width of the lower bound is kept)."""
+    values = []
+    for part in ranges.split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or int(hi or lo) < int(lo):
+            raise LaunchError(f"SLURM node list {nodelist!r}: cannot read range {part!r}")
+        values += [f"{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
+    return values
 
 
 def launch_env(args) -> dict[str, str]:
@@ -129,24 +155,14 @@ def launch_env(args) -> dict[str, str]:
     return env
 
 
-def _int_override(overrides: list[str], key: str, default: int = 1) -> int:
-    for item in overrides:
-        name, _, value = item.lstrip("+").partition("=")
-        if name == key:
-            try:
-                return int(value)
-            except ValueError as e:
-                raise LaunchError(f"override {item!r}: {key} must be an integer") from e
-    return default
-
-
-def check_world(world: int, overrides: list[str]) -> None:
-    """The ranks must split into data-parallel groups of sp_size * cp_size ranks."""
-    sp = _int_override(overrides, "parallel.sp_size")
-    cp = _int_override(overrides, "parallel.cp_size")
-    if sp < 1 or cp < 1 or world % (sp * cp):
-        raise LaunchError(f"{world} ranks do not split into groups of parallel.sp_size * parallel.cp_size = "
-                          f"{sp} * {cp}; change parallel.sp_size/parallel.cp_size or the GPU count")
+def pdsh_quote(arg: str) -> str:
+    """An override as the deepspeed runner's pdsh backend must receive it for the rank to get ``arg``.
+    pdsh joins the command into one line that the remote login shell parses again (unquoted, a brace
+    pattern `data.shards='d/{0..9}.tar'` becomes ten `data.shards=` overrides and Hydra keeps the last)
+    and replaces %n/%h/%u in it (%% is a literal %). The runner (DeepSpeed 0.19.8) wraps an argument
+    holding a space in double quotes and escapes only its `"`; inside those \\ $ ` are still special."""
+    quoted = re.sub(r"([\\$`])", r"\\\1", arg) if " " in arg else shlex.quote(arg)
+    return quoted.replace("%", "%%")
 
 
 def train_args(args) -> list[str]:
@@ -162,7 +178,6 @@ def torchrun(args) -> list[str]:
 
 
 def local_commands(args) -> list[Command]:
-    check_world(args.gpus, args.overrides)
     env = launch_env(args)
     where = f"this node, {args.gpus} GPUs, {args.launcher}"
     if args.launcher == "deepspeed":
@@ -182,7 +197,6 @@ def hostfile_commands(args) -> list[Command]:
     if short:
         raise LaunchError(f"--gpus {gpus} but hostfile {args.hostfile} gives fewer slots to "
                           f"{', '.join(short)}")
-    check_world(gpus * len(hosts), args.overrides)
     master = args.master_addr or hosts[0][0]
     env = launch_env(args)
     env.update(MASTER_ADDR=master, MASTER_PORT=str(args.master_port))
@@ -191,17 +205,19 @@ def hostfile_commands(args) -> list[Command]:
     env_file = args.env_file or os.path.join(tempfile.gettempdir(), f"msa-deepspeed-env-{os.getpid()}")
     env["DS_ENV_FILE"] = env_file
     file_text = "".join(f"{k}={v}\n" for k, v in sorted(env.items()) if k != "DS_ENV_FILE")
+    # the other backends (openmpi, slurm...) hand the ranks argv as it is; pdsh goes through a shell
+    overrides = [pdsh_quote(o) for o in args.overrides] if args.backend == "pdsh" else args.overrides
     argv = deepspeed_runner(args) + [
         "--hostfile", args.hostfile, "--num_nodes", str(len(hosts)), "--num_gpus", str(gpus),
         "--master_addr", master, "--master_port", str(args.master_port), "--launcher", args.backend,
-        "--no_local_rank", "--module", "train", *args.overrides]
+        *(["--ssh_port", str(args.ssh_port)] if args.ssh_port else []),
+        "--no_local_rank", "--module", "train", *overrides]
     where = (f"{len(hosts)} nodes x {gpus} GPUs = {len(hosts) * gpus} ranks through the deepspeed launcher "
              f"({args.backend}); run once, on {master}")
     return [Command(argv, env, where, {env_file: file_text})]
 
 
 def torchrun_commands(args) -> list[Command]:
-    check_world(args.nnodes * args.gpus, args.overrides)
     host, _, port = args.rdzv_endpoint.rpartition(":")
     if not host or not port.isdigit():
         raise LaunchError(f"--rdzv-endpoint {args.rdzv_endpoint!r}: expected host:port")
@@ -220,22 +236,28 @@ def slurm_commands(args) -> list[Command]:
     if not nodelist:
         raise LaunchError("slurm mode runs inside an allocation (SLURM_JOB_NODELIST unset); submit "
                           "launch/slurm.sbatch with sbatch, or pass --nodelist for a dry run")
-    hosts = expand_nodelist(nodelist)
+    hosts = slurm_hostnames(nodelist)
     gpus = args.gpus or int(os.environ.get("SLURM_GPUS_ON_NODE", "0") or 0)
     if gpus < 1:
         raise LaunchError("GPUs per node unknown: pass --gpus N or allocate with --gpus-per-node")
-    check_world(len(hosts) * gpus, args.overrides)
+    # A task gets one CPU unless it asks for more, and srun (Slurm >= 22.05) does not inherit sbatch's
+    # --cpus-per-task: the node's ranks and their loader workers would share one core.
+    cpus = args.cpus_per_task or int(os.environ.get("SLURM_CPUS_ON_NODE", "0") or 0)
+    if cpus < 1:
+        raise LaunchError("CPUs per node unknown: pass --cpus-per-task N or run inside an allocation "
+                          "(SLURM_CPUS_ON_NODE)")
     job = args.job_id or os.environ.get("SLURM_JOB_ID", "msa")
     endpoint = f"{hosts[0]}:{args.master_port}"
     env = launch_env(args)
     env.update(MASTER_ADDR=hosts[0], MASTER_PORT=str(args.master_port))
-    srun = ["srun", "--nodes", str(len(hosts)), "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
+    srun = ["srun", "--nodes", str(len(hosts)), "--ntasks-per-node", "1", "--cpus-per-task", str(cpus),
+            "--kill-on-bad-exit=1",
             *shlex.split(args.srun_args)]
     node = shlex.split(args.exec_prefix) + torchrun(args) + [
         "--nnodes", str(len(hosts)), "--nproc-per-node", str(gpus), "--rdzv-backend", "c10d",
         "--rdzv-endpoint", endpoint, "--rdzv-id", job, "--max-restarts", "0", *train_args(args)]
     where = (f"{len(hosts)} nodes x {gpus} GPUs = {len(hosts) * gpus} ranks under SLURM job {job}: one "
-             f"torchrun per node ({', '.join(hosts)}), rendezvous at {endpoint}")
+             f"torchrun per node ({', '.join(hosts)}) with {cpus} CPUs, rendezvous at {endpoint}")
     return [Command(srun + node, env, where)]
 
 
@@ -262,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-addr", help="rendezvous host (default: the first host)")
     p.add_argument("--backend", default="pdsh", help="deepspeed --launcher: pdsh, openmpi, mvapich, slurm")
     p.add_argument("--env-file", help="where to write the environment the runner exports to every node")
+    p.add_argument("--ssh-port", type=int, help="sshd port on the nodes (pdsh and the runner's ssh check)")
 
     p = modes.add_parser("torchrun", parents=[common], help="torchrun c10d rendezvous, run on each node")
     p.add_argument("--nnodes", type=int, required=True)
@@ -273,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=0, help="GPUs per node (default: SLURM_GPUS_ON_NODE)")
     p.add_argument("--nodelist", help="default: SLURM_JOB_NODELIST")
     p.add_argument("--job-id", help="rendezvous id (default: SLURM_JOB_ID)")
+    p.add_argument("--cpus-per-task", type=int, default=0,
+                   help="CPUs for each node's torchrun and its ranks (default: SLURM_CPUS_ON_NODE)")
     p.add_argument("--srun-args", default="", help="extra srun options, e.g. pyxis --container-image=...")
     p.add_argument("--exec-prefix", default="", help="wraps each node's command: 'apptainer exec --nv x.sif'")
     return parser

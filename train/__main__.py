@@ -7,6 +7,7 @@ each job trains in its own ``run_dir/<job number>``. Under the deepspeed launche
 """
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -17,9 +18,12 @@ from train.config import check_moved_keys, register_schema, to_train_config
 from train.loop import train
 
 register_schema()
+# A wheel carries conf/ as the package train.conf (setup.py); a checkout has it beside train/.
+_HERE = Path(__file__).resolve().parent
+CONFIG_DIR = str(_HERE / "conf" if (_HERE / "conf" / "train.yaml").is_file() else _HERE.parent / "conf")
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     config = to_train_config(cfg)
     hydra_cfg = HydraConfig.get()

@@ -194,5 +194,7 @@ def build_dataloader(cfg: DataConfig, tokenizer, *, seq_len=None, batch_size=Non
     check_data(cfg, seq_len, batch_size)
     if not 0 <= dp_rank < dp_world:
         raise ValueError(f"dp_rank={dp_rank} outside [0, dp_world={dp_world})")
-    return Loader(cfg, tokenizer, resolve_shards(cfg), seq_len=seq_len, batch_size=batch_size,
-                  dp_rank=dp_rank, dp_world=dp_world, seed=seed)
+    urls = resolve_shards(cfg)
+    log.info("data: data-parallel rank %d of %d reads %d shards", dp_rank, dp_world, len(urls))
+    return Loader(cfg, tokenizer, urls, seq_len=seq_len, batch_size=batch_size, dp_rank=dp_rank,
+                  dp_world=dp_world, seed=seed)
