@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import statistics
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -33,10 +33,9 @@ import torch.distributed as dist
 
 from bench.meta import git_commit
 from train.config import check_config, register_schema, to_train_config
-from train.loop import train_step
-from train.metrics import LayerStats
-from train.model import build_model
-from train.parallel import build_engine, init_distributed
+from train.loop import start, train_step
+from train.parallel import init_distributed
+from train.recipe import build_recipe
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -92,16 +91,13 @@ def measure(cfg, env, seq_len: int, steps: int) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     leftover = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0  # from an earlier length, if any
-    torch.manual_seed(cfg.train.seed)  # the same weights in every layout
-    model = build_model(cfg.model, cfg.attention)
-    engine, _, _ = build_engine(model, cfg, env)
-    model.set_phase("sparse")
-    stats = LayerStats(model)
+    stage = build_recipe(cfg)[-1]  # the sparse phase
+    torch.manual_seed(cfg.run.seed)  # the same weights in every layout
     batch = synthetic_batch(seq_len, cfg.model.vocab_size, seed=seq_len, device=env.device)
-    stage = types.SimpleNamespace(kl_weight=cfg.attention.kl_weight)
+    run = start(cfg, env, [stage], stage, None, batches=itertools.repeat(batch))
 
     def step():
-        return train_step(engine, model, iter([batch] * cfg.train.grad_accum), cfg, stage, env, stats)
+        return train_step(run)
 
     first = step()  # warm-up: Triton compiles, allocator grows
     sync(env.device)
@@ -117,7 +113,6 @@ def measure(cfg, env, seq_len: int, steps: int) -> dict:
     comm, wall = nccl_seconds(step) if env.world_size > 1 and cuda else (0.0, 0.0)
     if env.world_size > 1:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    stats.close()
     step_s = statistics.median(times)
     dp = env.world_size // (cfg.parallel.sp_size * cfg.parallel.cp_size)
     tokens_per_s = seq_len * dp / step_s
@@ -126,7 +121,7 @@ def measure(cfg, env, seq_len: int, steps: int) -> dict:
             "tokens_per_s": round(tokens_per_s), "tokens_per_s_per_gpu": round(tokens_per_s / env.world_size),
             "peak_gb": round(float(peak), 2), "leftover_gb": round(leftover, 2),
             "comm_share": round(comm / wall, 3) if wall else 0.0,
-            "loss": round(first["lm"] + cfg.attention.kl_weight * first["kl"], 5)}
+            "loss": round(first["lm"] + stage.kl_weight * first["kl"], 5)}
 
 
 def main() -> None:
@@ -143,10 +138,11 @@ def main() -> None:
     env = None
     for seq_len in args.seq_lens:
         cfg = compose([f"model={args.model}", "logging.wandb.mode=disabled", "data.batch_size=1",
-                       f"data.seq_len={seq_len}", f"parallel.sp_size={args.sp}", f"parallel.cp_size={args.cp}",
+                       "recipe.warmup_steps=0", f"data.seq_len={seq_len}", f"parallel.sp_size={args.sp}", f"parallel.cp_size={args.cp}",
                        *args.overrides])
         env = env or init_distributed(cfg.parallel)
-        check_config(cfg, env.world_size, vocab_size=cfg.model.vocab_size)
+        for stage in build_recipe(cfg):
+            check_config(cfg, stage, env.world_size, cfg.model.vocab_size, env.device.type)
         try:
             row = measure(cfg, env, seq_len, args.steps)
         except torch.cuda.OutOfMemoryError as e:  # a fact worth recording; the larger lengths would fail too

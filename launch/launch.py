@@ -6,7 +6,7 @@
     python launch/launch.py [--dry-run] slurm    [--gpus 8] [--cpus-per-task N] [overrides]  (in an allocation)
 
 Everything that is not an option of this script is a Hydra override and reaches `python -m train`
-unchanged (`train.steps=100 parallel.sp_size=2 run_dir=runs/x`); this script does not read them. Where
+unchanged (`run.steps=100 parallel.sp_size=2 run_dir=runs/x`); this script does not read them. Where
 pdsh passes them through a remote shell they are quoted for it. DeepSpeed is started with
 `--no_local_rank` (Hydra rejects `--local_rank`; the app reads LOCAL_RANK from the environment). Every
 mode sets the NCCL environment a multi-node run needs and keeps NVLink multicast (NVLS) off.

@@ -17,8 +17,8 @@ for s in range(4):
 PY
 RUN=$OUT/run
 ARGS=(model.n_layers=3 model.dim=64 data.seq_len=256 data.batch_size=1 attention.block_size=16 attention.topk=2
-      attention.backend=reference attention.warmup_steps=2 data.image.max_patches=64 logging.progress=false
-      logging.wandb.mode=disabled train.steps=40 checkpoint.every=5 checkpoint.keep_last=2 "run_dir=$RUN"
+      attention.impl=reference recipe.warmup_steps=2 data.image.max_patches=64 logging.progress=false
+      logging.wandb.mode=disabled run.steps=40 checkpoint.every=5 checkpoint.keep_last=2 "run_dir=$RUN"
       "data.shards='/tmp/txt/text-{0..3}.tar'")
 python3 launch/launch.py local --gpus 2 --python python3 --dry-run "${ARGS[@]}"
 wait_steps() {  # wait until metrics.jsonl has $1 rows

@@ -7,8 +7,6 @@ import socket
 import tarfile
 from pathlib import Path
 
-from tests.utils import compose_train_config
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -17,8 +15,7 @@ def free_port() -> int:
 
 
 def steps_override(n: int) -> str:
-    """`run.steps=n` once the config has a `run` section (DESIGN.md section 9), `train.steps=n` before."""
-    return f"run.steps={n}" if hasattr(getattr(compose_train_config([]), "run", None), "steps") else f"train.steps={n}"
+    return f"run.steps={n}"
 
 
 def write_text_shards(directory: Path, n_shards: int, docs_per_shard: int = 24) -> None:

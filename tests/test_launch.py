@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "launch"))
 import launch  # noqa: E402
 
 # launch.py does not read the overrides; these only have to arrive intact (a space, a brace pattern, a %)
-OVERRIDES = ["model=tiny", "train.steps=20", "parallel.sp_size=2", "run_dir=runs/two nodes",
+OVERRIDES = ["model=tiny", "run.steps=20", "parallel.sp_size=2", "run_dir=runs/two nodes",
              "data.shards='/data/{000..009}.tar'", "logging.wandb.name=run%h"]
 
 
@@ -135,12 +135,12 @@ def test_slurm_sbatch_two_nodes():
 
 
 def test_shell_wrapper_single_node():
-    proc = subprocess.run([str(ROOT / "launch/single_node.sh"), "--gpus", "8", "--dry-run", "train.steps=3",
+    proc = subprocess.run([str(ROOT / "launch/single_node.sh"), "--gpus", "8", "--dry-run", "run.steps=3",
                            "run_dir=runs/x"],
                           env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "--no_local_rank --module train train.steps=3 run_dir=runs/x" in proc.stdout
+    assert "--no_local_rank --module train run.steps=3 run_dir=runs/x" in proc.stdout
 
 
 @pytest.mark.parametrize("text, lineno, what", [
@@ -169,7 +169,7 @@ def test_bad_requests_name_what_to_change(capsys, monkeypatch):
     monkeypatch.delenv("SLURM_CPUS_ON_NODE", raising=False)
     assert launch.main(["slurm", "--nodelist", "gpu[01-02]", "--gpus", "8", "--dry-run", "run_dir=x"]) == 2
     assert "--cpus-per-task" in capsys.readouterr().err
-    assert launch.main(["local", "--gpus", "8", "--dry-run", "train.steps=3"]) == 2
+    assert launch.main(["local", "--gpus", "8", "--dry-run", "run.steps=3"]) == 2
     assert "run_dir" in capsys.readouterr().err
     bad_endpoint = ["torchrun", "--nnodes", "2", "--gpus", "8", "--rdzv-endpoint", "node-a", "--dry-run"]
     assert launch.main(bad_endpoint) == 2

@@ -122,14 +122,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start(cfg: TrainConfig, env: DistEnv, stages: list[Stage], stage: Stage, tokenizer) -> Run:
-    """Model, mesh, engine and loader for the stage the run starts (or resumes) in."""
+def start(cfg: TrainConfig, env: DistEnv, stages: list[Stage], stage: Stage, tokenizer, batches=None) -> Run:
+    """Model, mesh, engine and loader for the stage the run starts (or resumes) in. Given ``batches``
+    (an iterator of global batches, e.g. a benchmark's synthetic ones) it builds no loader."""
     seed_everything(cfg.run.seed)
     model = build_model(cfg.model, cfg.attention)
     model.set_rope_base(stage.rope_base)
     mesh = build_mesh(stage.sp_size, stage.cp_size, env)
     parallelize(model, mesh, cfg.parallel)
     engine, scheduler = build_engine(model, cfg, stage, mesh, env)
+    if batches is not None:
+        return Run(cfg, env, stages, stage, model, mesh, engine, scheduler, None, batches, tokenizer)
     if env.rank == 0:
         write_deepspeed_json(deepspeed_config(cfg, stage, env.device), cfg.run_dir)
     loader = build_stage_loader(cfg, stage, tokenizer, env)

@@ -167,7 +167,10 @@ class Decoder(nn.Module):
             x = flat.view_as(x)
         return x
 
-    def forward(self, batch: dict, phase: Phase = "sparse", stats_queries: int = 0) -> dict:
+    def hidden_states(self, batch: dict, phase: Phase = "sparse", stats_queries: int = 0) -> tuple:
+        """The final-norm hidden states ``[B', N', dim]`` (packed rows flattened to one row when
+        ``cu_seqlens`` is given), the labels in the same layout, and the per-layer MSA outputs
+        ``(kl, layer_kl, layer_stats)``."""
         if phase not in PHASES:
             raise ValueError(f"attention phase must be warmup or sparse, got {phase!r}")
         cu_seqlens = batch.get("cu_seqlens")
@@ -184,11 +187,19 @@ class Decoder(nn.Module):
                 kl = kl + block_kl
                 layer_kl.append(block_kl.detach())
                 layer_stats.append(stats)
-        h = self.norm(x).reshape(-1, x.shape[-1])
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        lm_sum = chunked_cross_entropy(h, weight, labels.reshape(-1), self.cfg.ce_chunk_tokens)
-        return {"lm_sum": lm_sum, "n_tokens": (labels != -100).sum(), "kl": kl,
-                "layer_kl": torch.stack(layer_kl) if layer_kl else kl.new_zeros(0), "layer_stats": layer_stats}
+        layer_kl = torch.stack(layer_kl) if layer_kl else kl.new_zeros(0)
+        return self.norm(x), labels, (kl, layer_kl, layer_stats)
+
+    def output_weight(self) -> torch.Tensor:
+        """``[vocab, dim]``: the LM head (the token embedding when tied)."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, batch: dict, phase: Phase = "sparse", stats_queries: int = 0) -> dict:
+        h, labels, (kl, layer_kl, layer_stats) = self.hidden_states(batch, phase, stats_queries)
+        lm_sum = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight(), labels.reshape(-1),
+                                       self.cfg.ce_chunk_tokens)
+        return {"lm_sum": lm_sum, "n_tokens": (labels != -100).sum(), "kl": kl, "layer_kl": layer_kl,
+                "layer_stats": layer_stats}
 
     def num_params(self, exclude_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

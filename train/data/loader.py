@@ -171,7 +171,7 @@ class Loader:
 
     def load_state_dict(self, state: dict):
         keys = {"dp_world": "the data-parallel size", "dp_rank": "the data-parallel rank",
-                "num_workers": "data.num_workers", "seed": "train.seed", "shards": "data.shards",
+                "num_workers": "data.num_workers", "seed": "run.seed", "shards": "data.shards",
                 "vocab_size": "data.tokenizer", "image": "data.image.patch_size / data.image.max_patches"}
         now = self._fingerprint()
         for key, cfg_key in keys.items():
