@@ -138,7 +138,8 @@ def main() -> None:
     env = None
     for seq_len in args.seq_lens:
         cfg = compose([f"model={args.model}", "logging.wandb.mode=disabled", "data.batch_size=1",
-                       "recipe.warmup_steps=0", f"data.seq_len={seq_len}", f"parallel.sp_size={args.sp}", f"parallel.cp_size={args.cp}",
+                       "recipe.warmup_steps=0", f"data.seq_len={seq_len}", f"parallel.sp_size={args.sp}",
+                       f"parallel.cp_size={args.cp}",
                        *args.overrides])
         env = env or init_distributed(cfg.parallel)
         for stage in build_recipe(cfg):
