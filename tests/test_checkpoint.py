@@ -96,3 +96,38 @@ def test_world_size_change_is_refused(tmp_path):
     path = ckpt.save_checkpoint(engine, tmp_path, 1, rank=0, world_size=1, keep_last=1)
     with pytest.raises(ValueError, match="saved by 1 ranks, this run has 2"):
         ckpt.load_checkpoint(engine, path, rank=0, world_size=2)
+
+
+def test_our_per_rank_state_cannot_execute_code(tmp_path, monkeypatch):
+    """RNG states and the loader position are JSON: loading them never unpickles (a tampered checkpoint
+    directory cannot run code through our files; DeepSpeed's own state/ files are pickles, see the docs)."""
+    engine = make_engine()
+    path = ckpt.save_checkpoint(engine, tmp_path, 1, rank=0, world_size=1, keep_last=1,
+                                loader_state={"workers": {"0": {"used": 3}}, "next": 0})
+    (rank_file,) = (path / "ranks").iterdir()
+    assert rank_file.name == "rank_00000.json"
+    state = json.loads(rank_file.read_text())  # plain JSON all the way down
+    assert set(state) == {"rng", "loader", "rank"} and state["loader"]["workers"]["0"]["used"] == 3
+    real_load = torch.load
+    ours = []
+
+    def watched(f, *args, **kwargs):
+        ours.append(str(f))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", watched)
+    ckpt.load_checkpoint(make_engine(seed=1), path, rank=0, world_size=1)
+    assert ours and all("/state/" in f for f in ours), ours  # only DeepSpeed's files go through torch.load
+
+
+def test_resume_with_another_model_or_data_config_is_refused(tmp_path):
+    """A --multirun sweep over attention=msa,dense pointed at one run_dir must not load the first job's
+    checkpoint into the second: the differing keys are named. Steps and lr may change on resume."""
+    saved = {"model": {"dim": 64, "n_layers": 3}, "attention": {"kind": "msa"}, "data": {"seq_len": 256,
+             "num_workers": 1}, "run": {"steps": 10}, "optim": {"lr": 1e-3}}
+    same_but_longer = {**saved, "run": {"steps": 20}, "optim": {"lr": 3e-3}, "data": {**saved["data"], "num_workers": 2}}
+    ckpt.check_resume_config(saved, same_but_longer, tmp_path)
+    other = {**saved, "attention": {"kind": "dense"}, "model": {"dim": 128, "n_layers": 3}}
+    with pytest.raises(ValueError, match=r"attention\.kind: 'msa' -> 'dense', model\.dim: 64 -> 128") as err:
+        ckpt.check_resume_config(saved, other, tmp_path)
+    assert "checkpoint.resume=never" in str(err.value)
