@@ -125,7 +125,8 @@ def test_resume_with_another_model_or_data_config_is_refused(tmp_path):
     checkpoint into the second: the differing keys are named. Steps and lr may change on resume."""
     saved = {"model": {"dim": 64, "n_layers": 3}, "attention": {"kind": "msa"}, "data": {"seq_len": 256,
              "num_workers": 1}, "run": {"steps": 10}, "optim": {"lr": 1e-3}}
-    same_but_longer = {**saved, "run": {"steps": 20}, "optim": {"lr": 3e-3}, "data": {**saved["data"], "num_workers": 2}}
+    same_but_longer = {**saved, "run": {"steps": 20}, "optim": {"lr": 3e-3},
+                       "data": {**saved["data"], "num_workers": 2}}
     ckpt.check_resume_config(saved, same_but_longer, tmp_path)
     other = {**saved, "attention": {"kind": "dense"}, "model": {"dim": 128, "n_layers": 3}}
     with pytest.raises(ValueError, match=r"attention\.kind: 'msa' -> 'dense', model\.dim: 64 -> 128") as err:

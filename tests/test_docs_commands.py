@@ -241,21 +241,33 @@ def collect() -> list[tuple[Command, Invocation]]:
 
 
 def app_overrides(args: list[str]) -> list[str]:
-    """The overrides Hydra's own command-line parser finds among the app's arguments."""
+    """The overrides Hydra's own command-line parser finds among the app's arguments; under
+    ``--multirun``, the overrides of each job the sweep expands to (every job must compose)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        return get_args_parser().parse_args(args).overrides
+        parsed = get_args_parser().parse_args(args)
     except SystemExit as e:
         raise AssertionError(f"Hydra's command line rejects {shlex.join(args)}") from e
+    if not parsed.multirun:
+        return parsed.overrides
+    jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(parsed.overrides), None)
+    return [job for batch in jobs for job in batch]
 
 
-def check_overrides(overrides: list[str]) -> None:
-    """Hydra's override parser accepts each override and they compose against conf/ into the typed config."""
+def check_overrides(overrides: list) -> None:
+    """Hydra's override parser accepts each override and they compose against conf/ into the typed
+    config; a list of lists is a sweep's jobs, each checked."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from tests.utils import compose_train_config
 
+    if overrides and isinstance(overrides[0], list):
+        for job in overrides:
+            check_overrides(job)
+        return
     OverridesParser.create().parse_overrides(overrides)
     compose_train_config(overrides)
 
