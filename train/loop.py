@@ -67,14 +67,7 @@ def train(cfg: TrainConfig) -> dict:
     stages = build_recipe(cfg)
     for stage in stages:  # every stage must be able to run: fail now, not hours in
         check_config(cfg, stage, env.world_size, tokenizer.vocab_size, env.device.type)
-    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
-    resume = find_resume(cfg.run_dir, cfg.checkpoint.resume)
-    saved = read_meta(resume) if resume else {"step": 0}
-    if resume:
-        check_resume_config(saved.get("config"), resolved, resume)
-    if env.rank == 0:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(resolved), Path(cfg.run_dir) / "config.yaml")
+    resolved, resume, saved = open_run_dir(cfg, env)
     run = start(cfg, env, stages, stage_at(stages, saved["step"]), tokenizer)
     if resume:
         restore(run, resume)
@@ -114,6 +107,20 @@ def train(cfg: TrainConfig) -> dict:
         run.loader.close()  # its worker processes, now rather than at garbage collection
         logger.close()
     return metrics
+
+
+def open_run_dir(cfg: TrainConfig, env: DistEnv) -> tuple[dict, Path | None, dict]:
+    """The resolved config, the checkpoint to resume from (if any) and its meta. A checkpoint of another
+    configuration is refused before ``config.yaml`` is written over."""
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+    resume = find_resume(cfg.run_dir, cfg.checkpoint.resume)
+    saved = read_meta(resume) if resume else {"step": 0}
+    if resume:
+        check_resume_config(saved.get("config"), resolved, resume)
+    if env.rank == 0:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(resolved), Path(cfg.run_dir) / "config.yaml")
+    return resolved, resume, saved
 
 
 def seed_everything(seed: int) -> None:
