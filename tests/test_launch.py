@@ -179,12 +179,12 @@ def test_bad_requests_name_what_to_change(capsys, monkeypatch):
 def test_world_size_is_left_to_the_app(capsys):
     """launch.py does not read overrides (sp/cp may come from YAML or a recipe stage); the app refuses a
     world size that does not split into sp*cp groups at start, naming the keys."""
-    from train.parallel import ParallelConfig, check_parallel
+    from tests.utils import check_every_stage, compose_train_config
 
     assert launch.main(["local", "--gpus", "8", "--dry-run", "parallel.sp_size=3", "run_dir=x"]) == 0
     assert "parallel.sp_size=3" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"parallel\.sp_size.*parallel\.cp_size"):
-        check_parallel(ParallelConfig(sp_size=3), world_size=8)
+    with pytest.raises(ValueError, match=r"parallel\.sp_size/parallel\.cp_size"):
+        check_every_stage(compose_train_config(["parallel.sp_size=3"]), world_size=8)
 
 
 @pytest.mark.parametrize("nodelist, hosts", [

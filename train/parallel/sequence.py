@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from deepspeed.sequence.layer import _SeqAllToAll
 
 from msa.layer import CoreOut
 from train.parallel.shard import truncate_cu_seqlens, zigzag_ranges
@@ -62,11 +61,15 @@ def gather_seq(x: torch.Tensor, group) -> torch.Tensor:
 
 def seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
     """``[B, n, heads, d]`` sequence shard -> ``[B, world*n, heads/world, d]`` head shard."""
+    from deepspeed.sequence.layer import _SeqAllToAll  # on use: importing deepspeed prints to stdout
+
     return _SeqAllToAll.apply(group, x, 2, 1, 0)
 
 
 def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     """``[B, world*n, heads/world, d]`` head shard -> ``[B, n, heads, d]`` sequence shard."""
+    from deepspeed.sequence.layer import _SeqAllToAll
+
     return _SeqAllToAll.apply(group, x, 1, 2, 0)
 
 
