@@ -91,7 +91,8 @@ class CoreOut(NamedTuple):
 class DenseCore(nn.Module):
     """Causal GQA attention over the whole (packed) sequence; no index branch."""
 
-    def forward(self, q, k, v, cu_seqlens=None, index=None, phase: Phase = "sparse", stats_queries: int = 0):
+    def forward(self, q, k, v, cu_seqlens=None, index=None, phase: Phase = "sparse", stats_queries: int = 0,
+                teacher=None):
         return CoreOut(dense_attention(q, k, v, cu_seqlens))
 
 
@@ -101,28 +102,34 @@ class MSACore(nn.Module):
     ``index = (q_idx [B, Nq, Hkv, Di], k_idx [B, N, Di])``. ``warmup`` runs dense main attention with the
     KL on the dense support; ``sparse`` runs top-k selection and sparse attention with the KL on the
     selected support, its teacher normalised by the main forward's lse. With ``stats_queries > 0`` it
-    also measures the selection (in warm-up: the one the sparse phase would use)."""
+    also measures the selection (in warm-up: the one the sparse phase would use).
+
+    ``teacher(q, lse) -> (q, lse)`` supplies the teacher's heads when this core holds only some of a
+    group's query heads (Ulysses beyond the KV-head count): the KL and the recall need all ``G`` heads
+    of the group, the attention only its own."""
 
     def __init__(self, cfg: AttentionConfig):
         super().__init__()
         self.block_size, self.topk = cfg.block_size, cfg.topk
         self.ops = resolve_ops(cfg.impl)
 
-    def forward(self, q, k, v, cu_seqlens=None, index=None, phase: Phase = "sparse", stats_queries: int = 0):
+    def forward(self, q, k, v, cu_seqlens=None, index=None, phase: Phase = "sparse", stats_queries: int = 0,
+                teacher=None):
         ops, Bk = self.ops, self.block_size
         q_idx, k_idx = index
         block_idx = None
         if phase == "sparse" or stats_queries:
             block_idx = ops.select_blocks(q_idx.detach(), k_idx.detach(), Bk, self.topk, cu_seqlens)
         if phase == "warmup":
-            o = dense_attention(q, k, v, cu_seqlens)
-            kl = ops.index_kl_loss(q.detach(), k.detach(), q_idx, k_idx, None, Bk, cu_seqlens)
+            o, lse = dense_attention(q, k, v, cu_seqlens), None
         else:
             o, lse = ops.sparse_attention(q, k, v, block_idx, Bk, cu_seqlens)
-            kl = ops.index_kl_loss(q.detach(), k.detach(), q_idx, k_idx, block_idx, Bk, cu_seqlens, lse=lse)
+        q_t, lse_t = teacher(q.detach(), lse) if teacher is not None else (q.detach(), lse)
+        support = None if phase == "warmup" else block_idx
+        kl = ops.index_kl_loss(q_t, k.detach(), q_idx, k_idx, support, Bk, cu_seqlens, lse=lse_t)
         stats = None
         if stats_queries:
-            stats = selection_stats(q.detach(), k.detach(), block_idx, Bk, self.topk, cu_seqlens, stats_queries)
+            stats = selection_stats(q_t, k.detach(), block_idx, Bk, self.topk, cu_seqlens, stats_queries)
         return CoreOut(o, kl, stats)
 
 

@@ -27,6 +27,7 @@ from train.parallel import (
     build_engine,
     build_mesh,
     init_distributed,
+    kv_replicas,
     local_token_index,
     parallelize,
     shard_batch,
@@ -93,6 +94,11 @@ def _worker(rank, world, sp, cp):
     assert not errors, "\n".join(errors)
 
 
+def _layer_worker(rank, world, sp, cp):
+    errors = _layer_checks(rank, world, sp, cp)
+    assert not errors, "\n".join(errors)
+
+
 def _triton_worker(rank, world, sp, cp):
     errors = _layer_checks(rank, world, sp, cp, backend="triton", block_size=16, cases=(("msa", "sparse"),))
     assert not errors, "\n".join(errors)
@@ -104,7 +110,7 @@ def _env(rank, world):
 
 def _layer_checks(rank, world, sp, cp, backend="reference", block_size=8,
                   cases=(("msa", "sparse"), ("msa", "warmup"), ("dense", "sparse"))):
-    mesh = build_mesh(sp, cp, _env(rank, world))
+    mesh = build_mesh(sp, cp, _env(rank, world), kv_replicas(sp, HKV))
     cu = torch.tensor(CU, dtype=torch.int32)
     T = CU[-1]
     starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])
@@ -186,7 +192,7 @@ def _tiny_batch(B=2, N=96):
 def _model_checks(rank, world, sp, cp, memory_savers):
     par = ParallelConfig(sp_size=sp, cp_size=cp, activation_checkpointing=memory_savers,
                          mlp_tile_tokens=16 if memory_savers else 0)
-    mesh = build_mesh(sp, cp, _env(rank, world))
+    mesh = build_mesh(sp, cp, _env(rank, world), kv_replicas(sp, 2))
     if memory_savers:
         import deepspeed
 
@@ -221,11 +227,18 @@ def _model_checks(rank, world, sp, cp, memory_savers):
 
 
 @pytest.mark.parametrize("sp,cp", [pytest.param(2, 1, id="sp2"), pytest.param(1, 2, id="cp2"),
-                                   pytest.param(2, 2, id="sp2xcp2")])
+                                   pytest.param(2, 2, id="sp2xcp2"), pytest.param(4, 1, id="sp4-kv-replicated")])
 def test_parity_with_single_process(sp, cp):
     """One MSA layer (sparse and warm-up phase), one dense layer and the tiny model (with packed
-    documents and images straddling shards; with 4 ranks also TiledMLP and activation checkpointing)."""
+    documents and images straddling shards; with 4 ranks also TiledMLP and activation checkpointing).
+    sp4: more sequence ranks than the 2 KV heads, which are replicated over pairs of ranks that each
+    hold one of the group's two query heads (outputs, KL, stats and every gradient as one process)."""
     _spawn(_worker, sp * cp, sp, cp)
+
+
+def test_kv_replicated_ulysses_with_context_parallel():
+    """sp=4 over 2 KV heads (replicated) times cp=2: 8 processes, the layer checks."""
+    _spawn(_layer_worker, 8, 4, 2)
 
 
 def test_context_parallel_with_triton_kernels():
@@ -248,7 +261,7 @@ def test_zigzag_layout_covers_every_token_once():
 
 @pytest.mark.parametrize("overrides,world,keys", [
     (["parallel.sp_size=2"], 3, ["parallel.sp_size", "parallel.cp_size"]),  # world not a multiple of sp*cp
-    (["parallel.sp_size=4"], 4, ["parallel.sp_size", "model.n_kv_heads"]),  # more sp ranks than KV heads
+    (["parallel.sp_size=3"], 3, ["parallel.sp_size", "model.n_kv_heads"]),  # neither divides the other
     (["parallel.cp_size=2", "data.seq_len=192"], 2, ["data.seq_len"]),  # 192 % (2*2*32)
     (["parallel.checkpoint_offload=true"], 1, ["parallel.activation_checkpointing"]),
     (["parallel.mlp_tile_tokens=-1"], 1, ["parallel.mlp_tile_tokens"]),

@@ -60,7 +60,7 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path, corpus_dir):
     ("attention.block_size=48", "attention.block_size"),
     ("model.n_kv_heads=3", "model.n_kv_heads"),
     ("attention.topk=64", "data.seq_len"),  # k * Bk longer than the sequence
-    ("parallel.sp_size=4", "parallel.sp_size"),
+    ("parallel.sp_size=3", "parallel.sp_size"),
     ("model.vocab_size=100", "model.vocab_size"),
     ("model.vision.patch_size=14", "data.image.patch_size"),
     ("optim.grad_accum=0", "optim.grad_accum"),

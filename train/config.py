@@ -139,6 +139,10 @@ def check_stage(cfg: TrainConfig, stage: Stage, world_size: int) -> None:
     if world_size % (stage.sp_size * stage.cp_size):
         raise ValueError(f"world size {world_size} is not a multiple of sp_size*cp_size="
                          f"{stage.sp_size * stage.cp_size}: change {layout_keys} or the launch")
+    H, Hkv = cfg.model.n_heads, cfg.model.n_kv_heads
+    if Hkv % stage.sp_size and (stage.sp_size % Hkv or H % stage.sp_size):
+        raise ValueError(f"{sp_key}={stage.sp_size} must divide model.n_kv_heads={Hkv}, or be a multiple of it "
+                         f"that divides model.n_heads={H} (the KV heads are then replicated)")
     if attn.kind == "msa" and attn.topk * attn.block_size > seq:
         raise ValueError(f"attention.topk*attention.block_size={attn.topk * attn.block_size} exceeds "
                          f"{seq_key}={seq}: lower attention.topk/attention.block_size or raise {seq_key}")
@@ -146,8 +150,6 @@ def check_stage(cfg: TrainConfig, stage: Stage, world_size: int) -> None:
     if shards > 1 and seq % (shards * 2 * attn.block_size):
         raise ValueError(f"{seq_key}={seq} must be divisible by sp_size*cp_size*2*attention.block_size="
                          f"{shards * 2 * attn.block_size}: change {seq_key}")
-    if cfg.model.n_kv_heads % stage.sp_size:
-        raise ValueError(f"{sp_key}={stage.sp_size} must divide model.n_kv_heads={cfg.model.n_kv_heads}")
     check_data(cfg.data, seq, stage.batch_size, seq_key=seq_key)
 
 

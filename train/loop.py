@@ -34,6 +34,7 @@ from train.parallel import (
     build_mesh,
     deepspeed_config,
     init_distributed,
+    kv_replicas,
     parallelize,
     shard_batch,
     shard_sum,
@@ -135,7 +136,7 @@ def start(cfg: TrainConfig, env: DistEnv, stages: list[Stage], stage: Stage, tok
     seed_everything(cfg.run.seed)
     model = build_model(cfg.model, cfg.attention)
     model.set_rope_base(stage.rope_base)
-    mesh = build_mesh(stage.sp_size, stage.cp_size, env)
+    mesh = build_mesh(stage.sp_size, stage.cp_size, env, kv_replicas(stage.sp_size, cfg.model.n_kv_heads))
     parallelize(model, mesh, cfg.parallel)
     engine, scheduler = build_engine(model, cfg, stage, mesh, env)
     if batches is not None:

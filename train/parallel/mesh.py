@@ -83,6 +83,8 @@ class Mesh:
     sp_group: object = None
     cp_group: object = None
     shard_group: object = None  # the sp*cp ranks that split one sequence
+    kv_replicas: int = 1  # sp ranks that share one GQA group (sp_size > n_kv_heads: KV heads replicated)
+    replica_group: object = None  # those ranks (consecutive sp ranks)
 
     @property
     def shards(self) -> int:
@@ -94,23 +96,35 @@ class Mesh:
         return _SequenceParallelMPU(self.shard_group) if self.shards > 1 else None
 
 
-def build_mesh(sp_size: int, cp_size: int, env: DistEnv) -> Mesh:
-    """Every rank must call this alike (group creation is collective)."""
+def build_mesh(sp_size: int, cp_size: int, env: DistEnv, kv_replicas: int = 1) -> Mesh:
+    """Every rank must call this alike (group creation is collective). ``kv_replicas > 1`` when
+    ``sp_size`` exceeds the model's KV heads: then each run of ``kv_replicas`` consecutive sp ranks
+    shares one GQA group and gets a group of its own (``replica_group``)."""
     world = env.world_size
     if world % (sp_size * cp_size):
         raise ValueError(f"world size {world} is not a multiple of parallel.sp_size*parallel.cp_size="
                          f"{sp_size * cp_size}: change parallel.sp_size/parallel.cp_size or the launch")
+    if sp_size % kv_replicas:
+        raise ValueError(f"{kv_replicas} KV-head replicas do not divide parallel.sp_size={sp_size}")
     dp_size = world // (sp_size * cp_size)
     if sp_size * cp_size == 1:
         return Mesh(dp_size=dp_size, dp_rank=env.rank)
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(env.device.type, (dp_size, cp_size, sp_size), mesh_dim_names=("dp", "cp", "sp"))
-    return Mesh(sp_size, cp_size, dp_size, mesh.get_local_rank("sp"), mesh.get_local_rank("cp"),
-                mesh.get_local_rank("dp"),
-                sp_group=mesh.get_group("sp") if sp_size > 1 else None,
+    shape = (dp_size, cp_size, sp_size // kv_replicas, kv_replicas)
+    mesh = init_device_mesh(env.device.type, shape, mesh_dim_names=("dp", "cp", "spg", "spr"))
+    sp = mesh["spg", "spr"]._flatten("sp")
+    return Mesh(sp_size, cp_size, dp_size, sp.get_local_rank(), mesh.get_local_rank("cp"), mesh.get_local_rank("dp"),
+                sp_group=sp.get_group() if sp_size > 1 else None,
                 cp_group=mesh.get_group("cp") if cp_size > 1 else None,
-                shard_group=mesh["cp", "sp"]._flatten("shard").get_group())
+                shard_group=mesh["cp", "spg", "spr"]._flatten("shard").get_group(), kv_replicas=kv_replicas,
+                replica_group=mesh.get_group("spr") if kv_replicas > 1 else None)
+
+
+def kv_replicas(sp_size: int, n_kv_heads: int) -> int:
+    """How many sp ranks share one GQA group: 1 while ``sp_size`` divides the KV heads, else
+    ``sp_size / n_kv_heads`` (the KV heads are then replicated over them)."""
+    return 1 if n_kv_heads % sp_size == 0 else sp_size // n_kv_heads
 
 
 class _SequenceParallelMPU:
@@ -151,4 +165,4 @@ class _SequenceParallelMPU:
     get_model_parallel_rank = get_sequence_parallel_rank
 
 
-__all__ = ["ParallelConfig", "DistEnv", "Mesh", "init_distributed", "build_mesh"]
+__all__ = ["ParallelConfig", "DistEnv", "Mesh", "init_distributed", "build_mesh", "kv_replicas"]

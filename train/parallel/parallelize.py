@@ -22,7 +22,7 @@ def parallelize(model, mesh: Mesh, cfg: ParallelConfig):
         if mesh.cp_size > 1:
             block.attn.wrap_core(lambda core: ContextParallelCore(core, mesh.cp_group))
         if mesh.sp_size > 1:
-            block.attn.wrap_core(lambda core: UlyssesCore(core, mesh.sp_group))
+            block.attn.wrap_core(lambda core: UlyssesCore(core, mesh.sp_group, mesh.kv_replicas, mesh.replica_group))
         if cfg.mlp_tile_tokens:
             block.wrap_mlp(lambda mlp: functools.partial(tiled_mlp, mlp, tile=cfg.mlp_tile_tokens))
     if cfg.activation_checkpointing:

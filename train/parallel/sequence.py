@@ -75,25 +75,52 @@ def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
 
 class UlyssesCore(nn.Module):
     """Ulysses sequence parallelism around an attention core: each rank computes whole-sequence
-    attention for ``1/sp`` of the GQA groups (its query heads, their K/V heads and index queries)."""
+    attention for ``1/sp`` of the query heads.
 
-    def __init__(self, inner: nn.Module, group):
+    With ``sp <= Hkv`` a rank holds whole GQA groups (their query heads, K/V heads and index queries).
+    Beyond that (``replicas = sp / Hkv > 1``, as DeepSpeed's ALST Ulysses does for dense attention) the
+    K/V heads and index queries are replicated over the ``replicas`` consecutive ranks that split a
+    group's query heads; the replicas' gradients are summed back (``repeat_interleave``'s backward).
+    The selection is the same on those ranks (same index inputs); the KL teacher and the recall need all
+    of the group's heads, so the inner core gathers them over ``replica_group`` (queries, detached, and
+    the attention's lse), and each replica's KL and stats count ``1/replicas``."""
+
+    def __init__(self, inner: nn.Module, group, replicas: int = 1, replica_group=None):
         super().__init__()
         self.inner, self.group = inner, group
         self.world = dist.get_world_size(group)
+        self.replicas, self.replica_group = replicas, replica_group
 
-    def forward(self, q, k, v, cu_seqlens=None, index=None, phase="sparse", stats_queries=0):
-        q, k, v, *q_idx = self._exchange([q, k, v, *index[:1]] if index else [q, k, v])
+    def forward(self, q, k, v, cu_seqlens=None, index=None, phase="sparse", stats_queries=0, teacher=None):
+        per_group = [k, v, *index[:1]] if index else [k, v]
+        if self.replicas > 1:
+            per_group = [t.repeat_interleave(self.replicas, dim=2) for t in per_group]
+        q, k, v, *q_idx = self._exchange([q, *per_group])
         if index:
             index = (q_idx[0], gather_seq(index[1], self.group))
-        out = self.inner(q, k, v, cu_seqlens, index, phase, stats_queries)
-        kl = None if out.kl is None else out.kl / self.world  # this rank holds 1/sp of the groups
-        return CoreOut(heads_to_seq(out.o, self.group), kl, out.stats)
+        teacher = self._group_heads if self.replicas > 1 else None
+        out = self.inner(q, k, v, cu_seqlens, index, phase, stats_queries, teacher)
+        # a rank's KL is the mean over its groups: Hkv/sp of them, or (replicated) one group of Hkv that
+        # `replicas` ranks each compute; either way 1/sp of the sum over ranks
+        kl = None if out.kl is None else out.kl / self.world
+        stats = out.stats
+        if stats is not None and self.replicas > 1:
+            stats = type(stats)(stats.sums / self.replicas)
+        return CoreOut(heads_to_seq(out.o, self.group), kl, stats)
+
+    def _group_heads(self, q: torch.Tensor, lse: torch.Tensor | None):
+        """All of the group's query heads (``q [B, N, H/sp, D]`` -> ``[B, N, G, D]``) and their lse
+        (``[B, H/sp, N]`` -> ``[B, G, N]``), gathered over the ranks that split the group."""
+        q = torch.cat(_all_gather(q.contiguous(), self.replica_group), dim=2)
+        if lse is not None:
+            lse = torch.cat(_all_gather(lse.contiguous(), self.replica_group), dim=1)
+        return q, lse
 
     def _exchange(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Sequence shard -> head shard for ``q [B, n, H, D]`` and the per-group tensors (``k``, ``v``,
-        ``q_idx``: ``[B, n, Hkv, d]``) in one all-to-all: each group's slices side by side in the last
-        dim, so splitting the group dim hands every rank whole groups."""
+        ``q_idx``: ``[B, n, Hkv, d]``, replicated where ``replicas > 1``) in one all-to-all: each group's
+        slices side by side in the last dim, so splitting the group dim hands every rank whole groups (or
+        one group's replica with its share of the query heads)."""
         q = tensors[0]
         B, n, H, D = q.shape
         Hkv = tensors[1].shape[2]
@@ -105,6 +132,12 @@ class UlyssesCore(nn.Module):
         out = [t.contiguous() for t in packed.split(widths, dim=-1)]
         out[0] = out[0].view(B, n * self.world, H // self.world, D)
         return out
+
+
+def _all_gather(x: torch.Tensor, group) -> list[torch.Tensor]:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x, group=group)
+    return parts
 
 
 class ContextParallelCore(nn.Module):
@@ -124,7 +157,7 @@ class ContextParallelCore(nn.Module):
         # rank r holds chunks r and 2*cp-1-r: first halves in rank order, second halves reversed
         return torch.cat([g[:, :, 0], g[:, :, 1].flip(1)], dim=1).reshape(B, 2 * self.world * L, *x.shape[2:])
 
-    def forward(self, q, k, v, cu_seqlens=None, index=None, phase="sparse", stats_queries=0):
+    def forward(self, q, k, v, cu_seqlens=None, index=None, phase="sparse", stats_queries=0, teacher=None):
         n_local = q.shape[1]
         n_total = n_local * self.world
         if cu_seqlens is None:
@@ -136,7 +169,7 @@ class ContextParallelCore(nn.Module):
             rows = slice(half * (n_local // 2), (half + 1) * (n_local // 2))
             chunk_index = (index[0][:, rows], k_idx[:, :end]) if index else None
             outs.append(self.inner(q[:, rows], k[:, :end], v[:, :end], truncate_cu_seqlens(cu_seqlens, end),
-                                   chunk_index, phase, stats_queries))
+                                   chunk_index, phase, stats_queries, teacher))
         o = torch.cat([out.o for out in outs], dim=1)
         kl = None
         if index:
