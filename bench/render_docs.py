@@ -1,0 +1,197 @@
+"""Markdown tables for the docs from benchmark JSONs, and the marked blocks of the docs they fill.
+
+    python3 -m bench.render_docs            # print every block from the JSONs in docs/results/
+    python3 -m bench.render_docs --write    # and replace the marked blocks in docs/*.md and README.md
+
+A block in a markdown file sits between ``<!-- begin: NAME -->`` and ``<!-- end: NAME -->``; ``BLOCKS``
+says which JSON (a glob under docs/results/) renders it with which function. A block whose JSON is
+missing is left as it is (with ``--write``) and reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+
+
+def _k(n: int) -> str:
+    return f"{n // 2**20}M" if n >= 2**20 and n % 2**20 == 0 else f"{n // 1024}K" if n >= 1024 else str(n)
+
+
+def _num(x, fmt="{:,.0f}") -> str:
+    return "" if x is None else fmt.format(x)
+
+
+def header(meta: dict) -> str:
+    return (f"{meta.get('gpu')}, torch {meta.get('torch')}, Triton {meta.get('triton')}, DeepSpeed "
+            f"{meta.get('deepspeed')}; commit `{meta.get('commit')}`; {meta.get('date_utc')}; command "
+            f"`{meta.get('command')}`" + (f" -- {' '.join(meta['overrides'])}" if meta.get("overrides") else ""))
+
+
+def render_train_step(results: list[dict]) -> str:
+    """Throughput, dense-vs-MSA, profile and memory tables of ``bench/train_step.py`` results."""
+    out = []
+    for res in results:
+        out += [f"**{res['meta']['model']}**: " + header(res["meta"]), ""]
+    out += ["| model | attention | row | tokens | step s (timed steps) | tokens/s | MFU | model TFLOP/s | peak GB |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for p in res["points"]:
+            if p["status"] != "ok":
+                continue
+            mem = p.get("memory", {})
+            out.append(f"| {res['meta']['model']} | {p['attention']} | {p['layout']}"
+                       f"{' (' + str(p['docs']) + ' docs)' if p['layout'] == 'packed' else ''} | {_k(p['seq_len'])} | "
+                       f"{p['step_s']:.3f} ({', '.join(f'{t:.3f}' for t in p['step_s_all'])}) | "
+                       f"{p['tokens_per_s']:,} | {_num(p.get('mfu'), '{:.1%}')} | {p['model_tflops']:.0f} | "
+                       f"{_num(mem.get('peak_gb'), '{:.1f}')} |")
+    out += ["", "| model | row | tokens | dense tokens/s | MSA tokens/s | MSA / dense |", "|---|---|---|---|---|---|"]
+    for res in results:
+        got = {(p["attention"], p["layout"], p["seq_len"]): p for p in res["points"]}
+        for layout, n in dict.fromkeys((p["layout"], p["seq_len"]) for p in res["points"]):
+            d, m = got.get(("dense", layout, n)), got.get(("msa", layout, n))
+            dv = d["tokens_per_s"] if d and d["status"] == "ok" else None
+            mv = m["tokens_per_s"] if m and m["status"] == "ok" else None
+            out.append(f"| {res['meta']['model']} | {layout} | {_k(n)} | {_num(dv) or _why(d)} | {_num(mv) or _why(m)} "
+                       f"| {f'{mv / dv:.2f}x' if dv and mv else ''} |")
+    out += ["", "Profiled step, GPU time by kernel bucket (ms; `idle`: step wall time with no kernel running):", "",
+            "| model | attention | row | tokens | step ms | msa | attention | gemm | elementwise | communication "
+            "| other | idle | largest kernel |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for p in res["points"]:
+            prof = p.get("profile")
+            if not prof:
+                continue
+            ms = prof["ms"]
+            top = max((k for ks in prof["top"].values() for k in ks), key=lambda k: k["ms"], default=None)
+            largest = f"{top['name'][:50]} ({top['ms']:.0f})" if top else ""
+            buckets = " | ".join(f"{ms[b]:.0f}" for b in ("msa", "attention", "gemm", "elementwise", "communication",
+                                                         "other"))
+            out.append(f"| {res['meta']['model']} | {p['attention']} | {p['layout']} | {_k(p['seq_len'])} | "
+                       f"{prof['wall_ms']:.0f} | {buckets} | {prof['idle_ms']:.0f} | {largest} |")
+    out += ["", "Memory (GB): weights and optimizer state counted from the tensors that hold them; `other` = "
+            "allocated after a step minus those two (gradient buffers); `transient` = the timed steps' peak minus "
+            "that; `MSA layer alone` = one layer's selection, sparse attention and index KL forward+backward "
+            "measured by itself; `block inputs` = layers x tokens x dim x 2 bytes (computed, not measured):", "",
+            "| model | attention | row | tokens | weights | optimizer | other | transient | peak | reserved peak "
+            "| MSA layer alone | block inputs |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for p in res["points"]:
+            mem = p.get("memory")
+            if not mem or "peak_gb" not in mem:
+                continue
+            out.append(f"| {res['meta']['model']} | {p['attention']} | {p['layout']} | {_k(p['seq_len'])} | "
+                       + " | ".join(_num(mem.get(k), "{:.2f}") if not isinstance(mem.get(k), str) else mem[k][:40]
+                                    for k in ("weights_gb", "optimizer_gb", "other_persistent_gb",
+                                              "step_transient_gb", "peak_gb", "reserved_peak_gb", "msa_layer_gb",
+                                              "checkpointed_inputs_gb_computed")) + " |")
+    stops = [(res["meta"]["model"], p) for res in results for p in res["points"] if p["status"] != "ok"]
+    if stops:
+        out += ["", "Not measured, and why:", ""]
+        out += [f"- {m} {p['attention']} {p['layout']} {_k(p['seq_len'])}: {p['status']}" for m, p in stops]
+    return "\n".join(out)
+
+
+def _why(p) -> str:
+    if p is None:
+        return "not in the run"
+    s = p["status"]
+    return "OOM" if s.startswith("OOM") else "skipped (time)" if s.startswith("skipped") else s[:30]
+
+
+def render_compare(res: dict) -> str:
+    """``bench/compare_kernels.py``: times of both trees per case and the bitwise-equality checks."""
+    m = res["meta"]
+    out = [f"{m.get('gpu')}, torch {m.get('torch')}, Triton {m.get('triton')}; commit `{m.get('commit')}`; "
+           f"{m.get('date_utc')}; command `{m.get('command')}`", "",
+           "| N | H x Hkv | case | baseline ms | this tree ms | baseline / this |", "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        for case, t in r["times"]["this"].items():
+            b = r["times"]["base"].get(case)
+            out.append(f"| {_k(r['N'])} | {r['H']}x{r['Hkv']} | {case} | {_num(b, '{:.2f}')} | {t:.2f} | "
+                       f"{_num(b / t if b else None, '{:.3f}')} |")
+    out += ["", "| N | H x Hkv | bitwise equal to the baseline | differ |", "|---|---|---|---|"]
+    for r in res["rows"]:
+        c, items = r["checks"], {}
+        items.update(c["selection_bitwise_equal"])
+        items.update(c.get("main_fwd_bitwise_equal", {}))
+        for case in [k for k in c if k == "default" or k.startswith("dq=")]:
+            for n, eq in c[case]["bitwise_equal"].items():
+                rerun = c[case]["base_rerun_bitwise_equal"][n]
+                items[f"{n}[{case}]"] = eq if eq or rerun else "no (the baseline's own rerun differs too)"
+        bad = {n: v for n, v in items.items() if v is not True}
+        out.append(f"| {_k(r['N'])} | {r['H']}x{r['Hkv']} | {len(items) - len(bad)} of {len(items)} | "
+                   f"{', '.join(f'{n}: {v}' for n, v in bad.items())} |")
+    if m.get("not_run"):
+        out += ["", "Not run (time budget): " + ", ".join(f"{_k(x['N'])} {x['shape']}" for x in m["not_run"])]
+    return "\n".join(out)
+
+
+def render_old_new(res: dict) -> str:
+    from bench.step_time_old_new import render
+
+    return render(res)
+
+
+def render_patterns(path: str) -> str:
+    from bench.msa_attention import render_markdown
+
+    return render_markdown(path)
+
+
+# block name -> (glob under docs/results, renderer taking the list of matching paths)
+BLOCKS = {
+    "train_step": ("train_step_*.json", lambda ps: render_train_step([json.loads(Path(p).read_text()) for p in ps])),
+    "renovation_compare": ("compare_kernels_renovation_*.json",
+                           lambda ps: "\n\n".join(render_compare(json.loads(Path(p).read_text())) for p in ps)),
+    "renovation_step": ("step_time_old_new_*.json",
+                        lambda ps: "\n\n".join(render_old_new(json.loads(Path(p).read_text())) for p in ps)),
+    "selection_patterns": ("msa_patterns_*.json", lambda ps: "\n\n".join(render_patterns(p) for p in ps)),
+}
+
+
+def replace_block(text: str, name: str, content: str) -> tuple[str, bool]:
+    """``text`` with the block ``name`` replaced by ``content``; False if the markers are not there."""
+    pattern = re.compile(rf"(<!-- begin: {re.escape(name)} -->\n).*?(<!-- end: {re.escape(name)} -->)", re.S)
+    if not pattern.search(text):
+        return text, False
+    return pattern.sub(lambda m: m.group(1) + content.rstrip("\n") + "\n" + m.group(2), text), True
+
+
+def render_all(results: Path = RESULTS) -> dict[str, str | None]:
+    out = {}
+    for name, (pattern, fn) in BLOCKS.items():
+        paths = sorted(glob.glob(str(results / pattern)))
+        out[name] = fn(paths) if paths else None
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write", action="store_true", help="replace the marked blocks in docs/*.md and README.md")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    blocks = render_all(args.results)
+    for name, content in blocks.items():
+        print(f"<!-- {name} -->\n{content if content is not None else '(no JSON yet: ' + BLOCKS[name][0] + ')'}\n")
+    if not args.write:
+        return
+    for md in [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]:
+        text = md.read_text()
+        new = text
+        for name, content in blocks.items():
+            if content is not None:
+                new, _ = replace_block(new, name, content)
+        if new != text:
+            md.write_text(new)
+            print(f"wrote {md.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
