@@ -411,8 +411,9 @@ def print_table(rows, speedups, slowdowns):
 def _cell(r) -> str:
     if r is None:
         return ""
-    if "ms" in r:
-        return f"{r['ms']:.2f}" + (f" ({r['tflops']:.0f})" if "tflops" in r else "")
+    if "ms" in r:  # "*": one timed call (the rule before every case took a warm-up and >= 3 calls)
+        return (f"{r['ms']:.2f}" + (f" ({r['tflops']:.0f})" if "tflops" in r else "")
+                + (" *" if r.get("timing") == "1 call" else ""))
     return re.sub(r"estimated (\d+ s) per call from N=\d+ > (\d+ s) limit", r"est. \1 > \2", r["status"])
 
 

@@ -2,6 +2,7 @@
 
     python3 -m bench.render_docs            # print every block from the JSONs in docs/results/
     python3 -m bench.render_docs --write    # and replace the marked blocks in docs/*.md and README.md
+    python3 -m bench.render_docs --collect <folder> --write   # first copy a GPU call's JSONs in
 
 A block in a markdown file sits between ``<!-- begin: NAME -->`` and ``<!-- end: NAME -->``; ``BLOCKS``
 says which JSON (a glob under docs/results/) renders it with which function. A block whose JSON is
@@ -147,6 +148,7 @@ def render_patterns(path: str) -> str:
 
 # block name -> (glob under docs/results, renderer taking the list of matching paths)
 BLOCKS = {
+    "msa_attention": ("msa_attention_h200.json", lambda ps: render_patterns(ps[0])),
     "train_step": ("train_step_*.json", lambda ps: render_train_step([json.loads(Path(p).read_text()) for p in ps])),
     "renovation_compare": ("compare_kernels_renovation_*.json",
                            lambda ps: "\n\n".join(render_compare(json.loads(Path(p).read_text())) for p in ps)),
@@ -154,6 +156,38 @@ BLOCKS = {
                         lambda ps: "\n\n".join(render_old_new(json.loads(Path(p).read_text())) for p in ps)),
     "selection_patterns": ("msa_patterns_*.json", lambda ps: "\n\n".join(render_patterns(p) for p in ps)),
 }
+
+
+COLLECT = {  # file a GPU script writes to $OUT -> its name under docs/results ({gpu}: e.g. h200)
+    "compare_kernels.json": "compare_kernels_renovation_{gpu}.json",
+    "step_time_old_new.json": "step_time_old_new_{gpu}.json",
+    "msa_patterns.json": "msa_patterns_{gpu}.json",
+    "msa_attention.json": "msa_attention_{gpu}.json",
+    "train_step_small.json": "train_step_small_{gpu}.json",
+    "train_step_base.json": "train_step_base_{gpu}.json",
+    "train_step_base_1m.json": "train_step_base_1m_{gpu}.json",
+    "train_step_base_1m_tiled.json": "train_step_base_1m_tiled_{gpu}.json",
+}
+
+
+def results_name(filename: str, gpu: str) -> str | None:
+    """The docs/results name of a GPU script's output file (None: not a result file), ``gpu`` as the JSON
+    names it (``NVIDIA H200`` -> ``h200``)."""
+    slug = gpu.lower().replace("nvidia", "").split()[0] if gpu.strip() else "gpu"
+    pattern = COLLECT.get(filename)
+    return pattern.format(gpu=slug) if pattern else None
+
+
+def collect(folder: Path, results: Path = RESULTS) -> list[Path]:
+    """Copy the result JSONs a GPU call brought back (``files_at``) into docs/results under their names."""
+    done = []
+    for path in sorted(folder.rglob("*.json")):
+        data = json.loads(path.read_text())
+        name = results_name(path.name, data.get("meta", {}).get("gpu", ""))
+        if name:
+            (results / name).write_text(path.read_text())
+            done.append(results / name)
+    return done
 
 
 def replace_block(text: str, name: str, content: str) -> tuple[str, bool]:
@@ -176,7 +210,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true", help="replace the marked blocks in docs/*.md and README.md")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--collect", type=Path, default=None,
+                    help="first copy the result JSONs under this folder (a GPU call's files) into --results")
     args = ap.parse_args()
+    if args.collect:
+        for path in collect(args.collect, args.results):
+            print(f"collected {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     blocks = render_all(args.results)
     for name, content in blocks.items():
         print(f"<!-- {name} -->\n{content if content is not None else '(no JSON yet: ' + BLOCKS[name][0] + ')'}\n")

@@ -236,6 +236,12 @@ def measure_point(series: Series, env, lengths: list[int], packed: bool, args, d
     if cuda:
         memory.update(start_gb=round(start_gb, 3), after_step_gb=round(torch.cuda.memory_allocated() / 2**30, 3),
                       warmup_peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 3))
+    # before the timed steps, which a long point (1M tokens) may not finish inside its budget
+    if cuda and series.kind == "msa" and args.memory_breakdown:
+        try:
+            memory["msa_layer_gb"] = msa_layer_gb(cfg, n, dev)
+        except torch.cuda.OutOfMemoryError as e:
+            memory["msa_layer_gb"] = f"OOM: {str(e).splitlines()[0][:200]}"
     progress({"status": f"running (warm-up step done in {warm_s:.1f} s)", "warmup_s": round(warm_s, 4),
               "memory": memory})
     if cuda:
@@ -282,11 +288,6 @@ def measure_point(series: Series, env, lengths: list[int], packed: bool, args, d
         row["profile_note"] = "not profiled: no time left in the budget for one more step"
     else:
         row["profile"] = profile_step(lambda: train_step(run), dev.type)
-    if cuda and series.kind == "msa" and args.memory_breakdown:
-        try:
-            row["memory"]["msa_layer_gb"] = msa_layer_gb(cfg, n, dev)
-        except torch.cuda.OutOfMemoryError as e:
-            row["memory"]["msa_layer_gb"] = f"OOM: {str(e).splitlines()[0][:200]}"
     return row
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.profile_buckets import BUCKETS, classify, merged_us, summarize
-from bench.render_docs import render_train_step, replace_block
+from bench.render_docs import render_train_step, replace_block, results_name
 from bench.step_time_old_new import summarize as summarize_old_new
 from bench.timing import measure, sdpa_backend, sdpa_backends_of
 from bench.train_step import make_batch, packed_lengths, project_step_s, storage_bytes
@@ -188,3 +188,9 @@ def test_train_step_tables_render_measured_points_and_reasons():
     assert "| small | one-doc | 128K | OOM | 87,381 |  |" in md
     assert "| small | one-doc | 32K | 65,536 | not in the run |  |" in md
     assert "- small dense one-doc 128K: OOM: x" in md
+
+
+def test_result_files_get_their_docs_names():
+    assert results_name("compare_kernels.json", "NVIDIA H200") == "compare_kernels_renovation_h200.json"
+    assert results_name("train_step_base_1m.json", "NVIDIA H100 80GB HBM3") == "train_step_base_1m_h100.json"
+    assert results_name("notes.json", "NVIDIA H200") is None
