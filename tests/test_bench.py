@@ -194,3 +194,20 @@ def test_result_files_get_their_docs_names():
     assert results_name("compare_kernels.json", "NVIDIA H200") == "compare_kernels_renovation_h200.json"
     assert results_name("train_step_base_1m.json", "NVIDIA H100 80GB HBM3") == "train_step_base_1m_h100.json"
     assert results_name("notes.json", "NVIDIA H200") is None
+
+
+def test_an_out_of_memory_point_is_recorded_and_frees_the_engine(monkeypatch):
+    from types import SimpleNamespace
+
+    import bench.train_step as ts
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(ts, "measure_point", oom)
+    series = ts.Series("msa", [])
+    series.run, series.build_s = object(), 1.0  # built: measure_or_record goes straight to the point
+    env = SimpleNamespace(device=torch.device("cpu"))
+    row = ts.measure_or_record(series, env, [1024], "one-doc", None, 1024, 0.0, lambda partial: None)
+    assert row["status"] == "OOM: CUDA out of memory. Tried to allocate 20.00 GiB"
+    assert series.run is None and set(row["memory_at_oom"]) == {"peak_gb", "reserved_peak_gb"}
