@@ -134,6 +134,34 @@ def render_compare(res: dict) -> str:
     return "\n".join(out)
 
 
+def _ms(r) -> str:
+    if r is None:
+        return ""
+    if "ms" not in r:
+        return re.sub(r"skipped \(estimated (\d+ s) per call.*", r"not run (est. \1)", r["status"])
+    ms = r["ms"]
+    return (f"{ms:,.1f}" if ms < 1000 else f"{ms:,.0f}") + (" *" if r.get("timing") == "1 call" else "")
+
+
+def render_headline(res: dict, Hkv: int = 2) -> str:
+    """README's headline table: dense SDPA against the whole MSA attention (index, sparse attention and,
+    forward+backward, the index KL), ms per call, Hkv = 2, from 32K on; ``*`` marks a one-call cell."""
+    at = {(r["case"], r["mode"], r["N"]): r for r in res["results"] if r["Hkv"] == Hkv}
+    out = ["| N | dense SDPA fwd+bwd | MSA fwd+bwd (index + sparse attention + index KL) | speedup | dense SDPA fwd "
+           "| MSA fwd (index + sparse attention) | speedup |", "|---|---|---|---|---|---|---|"]
+    for n in sorted({n for _, _, n in at if n >= 32768}):
+        cells = []
+        for mode in ("fwd+bwd", "fwd"):
+            d, m = at.get(("dense_sdpa", mode, n)), at.get(("msa_whole", mode, n))
+            ratio = ""
+            if d and m and "ms" in d and "ms" in m:
+                cold = " *" if "1 call" in (d.get("timing"), m.get("timing")) else ""
+                ratio = f"{d['ms'] / m['ms']:.1f}x{cold}"
+            cells += [_ms(d), _ms(m), ratio]
+        out.append(f"| {_k(n)} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def render_old_new(res: dict) -> str:
     from bench.step_time_old_new import render
 
@@ -147,7 +175,14 @@ def render_patterns(path: str) -> str:
 
 
 # block name -> (glob under docs/results, renderer taking the list of matching paths)
+def _headline(paths: list[str]) -> str:
+    """From the headline rerun's JSON where there is one, else the full benchmark run's."""
+    rerun = [p for p in paths if "headline" in Path(p).name]
+    return render_headline(json.loads(Path((rerun or paths)[-1]).read_text()))
+
+
 BLOCKS = {
+    "headline": ("msa_attention_*h200.json", _headline),
     "msa_attention": ("msa_attention_h200.json", lambda ps: render_patterns(ps[0])),
     "train_step": ("train_step_*.json", lambda ps: render_train_step([json.loads(Path(p).read_text()) for p in ps])),
     "renovation_compare": ("compare_kernels_renovation_*.json",
@@ -163,6 +198,7 @@ COLLECT = {  # file a GPU script writes to $OUT -> its name under docs/results (
     "step_time_old_new.json": "step_time_old_new_{gpu}.json",
     "msa_patterns.json": "msa_patterns_{gpu}.json",
     "msa_attention.json": "msa_attention_{gpu}.json",
+    "msa_attention_headline.json": "msa_attention_headline_{gpu}.json",
     "train_step_small.json": "train_step_small_{gpu}.json",
     "train_step_base.json": "train_step_base_{gpu}.json",
     "train_step_base_1m.json": "train_step_base_1m_{gpu}.json",

@@ -211,3 +211,16 @@ def test_an_out_of_memory_point_is_recorded_and_frees_the_engine(monkeypatch):
     row = ts.measure_or_record(series, env, [1024], "one-doc", None, 1024, 0.0, lambda partial: None)
     assert row["status"] == "OOM: CUDA out of memory. Tried to allocate 20.00 GiB"
     assert series.run is None and set(row["memory_at_oom"]) == {"peak_gb", "reserved_peak_gb"}
+
+
+def test_headline_table_renders_from_the_benchmark_json():
+    import json
+
+    from bench.render_docs import render_headline
+
+    res = json.loads((ROOT / "docs" / "results" / "msa_attention_h200.json").read_text())
+    lines = render_headline(res).splitlines()
+    assert lines[2] == "| 32K | 57.3 | 31.3 | 1.8x | 15.2 | 7.6 | 2.0x |"
+    # the dense 512K cells were one cold call: they and the ratios built on them carry the mark
+    assert lines[4] == "| 512K | 15,584 * | 606.8 | 25.7x * | 4,796 * | 229.1 | 20.9x * |"
+    assert lines[5].startswith("| 1M | not run (est. 62 s) | 1,583 |")
