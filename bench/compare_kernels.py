@@ -36,15 +36,34 @@ import inspect
 import json
 import os
 import sys
+import time
+from dataclasses import dataclass
 
 import torch
+
+if not torch.cuda.is_available():  # --device cpu: the kernels run in the Triton interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.meta import run_meta  # noqa: E402
-from bench.msa_attention import make_inputs, measure, measure_peaks  # noqa: E402
+from bench.msa_attention import make_inputs  # noqa: E402
+from bench.timing import measure, measure_peaks  # noqa: E402
 
-BK, TOPK = 128, 16
+
+@dataclass(frozen=True)
+class Sizes:
+    block_size: int = 128
+    topk: int = 16
+    head_dim: int = 128
+    index_dim: int = 128
+    device: str = "cuda"
+    dtype: torch.dtype = torch.bfloat16
+
+
+# --device cpu: toy sizes in fp32 under the Triton interpreter, to check the script, not to time anything
+TOY = Sizes(block_size=16, topk=4, head_dim=32, index_dim=32, device="cpu", dtype=torch.float32)
+SZ = Sizes()  # main() switches it to TOY for --device cpu
 GRAD_NAMES = ("o", "lse", "dq", "dk", "dv", "kl", "dq_idx", "dk_idx")
 
 
@@ -79,8 +98,8 @@ class Tree:
 
     def sparse_attention(self, q, k, v, block_idx, dq_path="auto"):
         if self.takes_args:
-            return self._attn(q, k, v, block_idx, BK, dq_path=dq_path)
-        return self._attn(q, k, v, block_idx, BK)
+            return self._attn(q, k, v, block_idx, SZ.block_size, dq_path=dq_path)
+        return self._attn(q, k, v, block_idx, SZ.block_size)
 
     @contextlib.contextmanager
     def setting(self, dq_path="auto"):
@@ -106,10 +125,10 @@ def rel_rms(a, b):
 def train_step(tree, q, k, v, q_idx, k_idx, do):
     """One attention training step: selection, main forward+backward, index KL forward+backward."""
     def step():
-        sel = tree.select_blocks(q_idx.detach(), k_idx.detach(), BK, TOPK)
+        sel = tree.select_blocks(q_idx.detach(), k_idx.detach(), SZ.block_size, SZ.topk)
         o, lse = tree.sparse_attention(q, k, v, sel)
         o.backward(do)
-        tree.index_kl_loss(q, k, q_idx, k_idx, sel, BK, lse=lse).backward()
+        tree.index_kl_loss(q, k, q_idx, k_idx, sel, SZ.block_size, lse=lse).backward()
         for t in (q, k, v, q_idx, k_idx):
             t.grad = None
     return step
@@ -132,7 +151,7 @@ def grads_of(tree, q, k, v, q_idx, k_idx, do, block_idx, dq_path="auto"):
         o.backward(do)
     out = {"o": o.detach(), "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
     if dq_path == "auto":
-        loss = tree.index_kl_loss(q, k, q_idx, k_idx, block_idx, BK, lse=lse)
+        loss = tree.index_kl_loss(q, k, q_idx, k_idx, block_idx, SZ.block_size, lse=lse)
         loss.backward()
         out.update(kl=loss.detach(), dq_idx=q_idx.grad, dk_idx=k_idx.grad)
     for t in (q, k, v, q_idx, k_idx):
@@ -150,7 +169,9 @@ def compare_outputs(ga, gb, ga2):
 
 
 def peak_gb(fn):
-    """GPU memory ``fn`` allocates at its peak beyond what was allocated before it, GB."""
+    """GPU memory ``fn`` allocates at its peak beyond what was allocated before it, GB (None on the CPU)."""
+    if SZ.device != "cuda":
+        return None
     fn()  # compiled and warm: the measured call allocates only what a call needs
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -166,6 +187,8 @@ def selection_overlap(a, b):
 
 
 def breakdown(fn, top=12):
+    if SZ.device != "cuda":
+        return {}
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -175,12 +198,17 @@ def breakdown(fn, top=12):
     return {e.key[:70]: round(e.device_time_total / 1e3, 3) for e in ev}
 
 
+def has_fp8() -> bool:
+    return SZ.device == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
+
+
 def check_selection(res, trees, q_idx, k_idx):
-    sel = {name: tree.select_blocks(q_idx, k_idx, BK, TOPK) for name, tree in trees.items()}
+    sel = {name: tree.select_blocks(q_idx, k_idx, SZ.block_size, SZ.topk) for name, tree in trees.items()}
     res["checks"]["selection_equal_share"] = selection_overlap(sel["base"], sel["this"])
     bits = {"block_idx": torch.equal(sel["base"], sel["this"])}
-    if torch.cuda.get_device_capability() >= (8, 9):
-        sel8 = {name: tree.select_blocks(q_idx, k_idx, BK, TOPK, fp8=True) for name, tree in trees.items()}
+    if has_fp8():
+        sel8 = {name: tree.select_blocks(q_idx, k_idx, SZ.block_size, SZ.topk, fp8=True)
+                for name, tree in trees.items()}
         bits["block_idx[fp8]"] = torch.equal(sel8["base"], sel8["this"])
     res["checks"]["selection_bitwise_equal"] = bits
     return sel["this"]
@@ -188,33 +216,36 @@ def check_selection(res, trees, q_idx, k_idx):
 
 def compare_shape(N, H, Hkv, trees, dq_paths, rows):
     torch.manual_seed(0)
-    q, k, v, q_idx, k_idx, do = make_inputs(N, Hkv, n_heads=H)
+    q, k, v, q_idx, k_idx, do = make_inputs(N, Hkv, n_heads=H, device=SZ.device, head_dim=SZ.head_dim,
+                                            index_dim=SZ.index_dim, block_size=SZ.block_size, dtype=SZ.dtype)
     res = {"N": N, "H": H, "Hkv": Hkv, "times": {}, "checks": {}, "peak_gb": {}}
     block_idx = check_selection(res, trees, q_idx, k_idx)
+    bk, topk = SZ.block_size, SZ.topk
+    measure_ms = lambda fn: measure(fn, device=SZ.device)[0]  # noqa: E731
     for name, tree in trees.items():
         t = res["times"].setdefault(name, {})
-        t["select_blocks"] = measure(lambda tree=tree: tree.select_blocks(q_idx, k_idx, BK, TOPK), True)[0]
-        t["select_blocks[fp8]"] = measure(lambda tree=tree: tree.select_blocks(q_idx, k_idx, BK, TOPK, fp8=True),
-                                          True)[0]
+        t["select_blocks"] = measure_ms(lambda tree=tree: tree.select_blocks(q_idx, k_idx, bk, topk))
+        if has_fp8():
+            t["select_blocks[fp8]"] = measure_ms(lambda tree=tree: tree.select_blocks(q_idx, k_idx, bk, topk, fp8=True))
         mem = res["peak_gb"].setdefault(name, {})
-        t["main_fwd"] = measure(lambda tree=tree: tree.sparse_attention(q, k, v, block_idx), True)[0]
+        t["main_fwd"] = measure_ms(lambda tree=tree: tree.sparse_attention(q, k, v, block_idx))
         mem["main_fwd"] = peak_gb(lambda tree=tree: tree.sparse_attention(q, k, v, block_idx))
         if N > 2**19:  # the forward-only long shapes: selection plus main forward
             continue
         for x in (q, k, v, q_idx, k_idx):
             x.requires_grad_(True)
-        t["main_fwd_bwd"] = measure(main_fwd_bwd(tree, q, k, v, do, block_idx), True)[0]
+        t["main_fwd_bwd"] = measure_ms(main_fwd_bwd(tree, q, k, v, do, block_idx))
         mem["main_fwd_bwd"] = peak_gb(main_fwd_bwd(tree, q, k, v, do, block_idx))
         lse = tree.sparse_attention(q, k, v, block_idx)[1]
 
         def kl_fb(tree=tree, lse=lse):
-            tree.index_kl_loss(q, k, q_idx, k_idx, block_idx, BK, lse=lse).backward()
+            tree.index_kl_loss(q, k, q_idx, k_idx, block_idx, bk, lse=lse).backward()
             q_idx.grad = k_idx.grad = None
-        t["kl_fwd_bwd"] = measure(kl_fb, True)[0]
-        t["train_step"] = measure(train_step(tree, q, k, v, q_idx, k_idx, do), True)[0]
+        t["kl_fwd_bwd"] = measure_ms(kl_fb)
+        t["train_step"] = measure_ms(train_step(tree, q, k, v, q_idx, k_idx, do))
         for dq in dq_paths:
             with tree.setting(dq):
-                t[f"main_fwd_bwd[dq={dq}]"] = measure(main_fwd_bwd(tree, q, k, v, do, block_idx, dq), True)[0]
+                t[f"main_fwd_bwd[dq={dq}]"] = measure_ms(main_fwd_bwd(tree, q, k, v, do, block_idx, dq))
         for x in (q, k, v, q_idx, k_idx):
             x.requires_grad_(False)
     if N > 2**19:
@@ -244,6 +275,8 @@ def print_summary(rows):
             print(f"{r['N']:>8} {r['H']:>3} {r['Hkv']:>3} {case:<24} {b if b else float('nan'):>9.2f} {t:>9.2f} "
                   f"{(b / t) if b else float('nan'):>8.2f}")
         for case, gb in r["peak_gb"]["this"].items():
+            if gb is None:
+                continue
             print(f"{r['N']:>8} {r['H']:>3} {r['Hkv']:>3} peak GB {case:<16} {r['peak_gb']['base'][case]:>9.2f} "
                   f"{gb:>9.2f}")
     print("\nbitwise equal to the baseline (this vs base; base vs its own rerun where they differ)")
@@ -261,6 +294,7 @@ def print_summary(rows):
 
 
 def main():
+    global SZ
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", required=True, help="folder holding the baseline's kernels/ package")
     ap.add_argument("--this", default=None, help="folder holding the kernels/ package to time (default: this tree's)")
@@ -268,22 +302,37 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["32x2", "32x4", "8x2"], help="HxHkv: query heads x KV heads")
     ap.add_argument("--dq-path", nargs="*", default=[], choices=["kv", "dkdv"],
                     help="dQ paths to time and check beside the default (auto)")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="start no new (N, shape) after this many seconds (the JSON keeps what was done)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: toy sizes (Bk=16, k=4, D=Di=32, fp32) in the Triton interpreter, to check the script")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.device == "cpu":
+        SZ = TOY
+    elif not torch.cuda.is_available():
+        sys.exit("bench/compare_kernels.py needs a CUDA GPU (or --device cpu)")
     trees = {"base": Tree(load_kernels(args.baseline)[0]), "this": Tree(load_kernels(args.this)[0])}
-    meta = {**run_meta(), **measure_peaks()}
+    meta = {**run_meta(), **(measure_peaks() if SZ.device == "cuda" else {}),
+            "sizes": {**vars(SZ), "dtype": str(SZ.dtype)}}
     print(json.dumps(meta), flush=True)
-    rows = []
+    rows, t0 = [], time.perf_counter()
     for N in args.sizes:
         for shape in args.shapes:
+            if args.time_budget is not None and time.perf_counter() - t0 > args.time_budget:
+                meta.setdefault("not_run", []).append({"N": N, "shape": shape, "why": "--time-budget spent"})
+                continue
             H, Hkv = (int(x) for x in shape.split("x"))
             compare_shape(N, H, Hkv, trees, args.dq_path, rows)
-            torch.cuda.empty_cache()
+            if SZ.device == "cuda":
+                torch.cuda.empty_cache()
+            if args.json:  # after every shape, so a run stopped from outside keeps what it compared
+                with open(args.json, "w") as f:
+                    json.dump({"meta": meta, "rows": rows}, f, indent=1)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print_summary(rows)
-
 
 if __name__ == "__main__":
     main()

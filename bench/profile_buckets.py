@@ -1,0 +1,117 @@
+"""Where a training step's GPU time goes: kernels from ``torch.profiler`` sorted into buckets by name.
+
+Buckets, checked in this order (the first match wins):
+- ``msa``: the Triton kernels of ``kernels/`` (``select_blocks_*``, ``sparse_attention_*``, ``index_kl_*``
+  and the older ``index_topk_*`` names);
+- ``communication``: NCCL kernels;
+- ``attention``: dense attention (PyTorch's flash and memory-efficient kernels, cuDNN SDPA, FlexAttention);
+- ``other``: copies, memsets, sorts, scans and top-k (the CSR builds and selection bookkeeping that
+  ``kernels/`` runs through torch), and every name no rule knows;
+- ``gemm``: cuBLAS/cuBLASLt/CUTLASS matrix products (``*gemm*``, ``nvjet_*``, ``*xmma*``, ``gemv*``);
+- ``elementwise``: elementwise, reduction, normalisation, softmax/cross-entropy, indexing, embedding,
+  the optimizer's multi-tensor kernels, Inductor's ``triton_poi/red/per`` kernels.
+On the CPU (no kernels) the same rules sort the aten ops (``aten::mm`` is a GEMM, and so on) by self time.
+"""
+
+from __future__ import annotations
+
+import re
+
+BUCKETS = ("msa", "attention", "gemm", "elementwise", "communication", "other")
+
+_RULES = [
+    ("msa", re.compile(r"(^|[^a-z0-9])(select_blocks|sparse_attention|index_kl|index_topk)\w*kernel")),
+    ("communication", re.compile(r"nccl|all_?reduce|all_?gather|reduce_?scatter|all_?to_?all|sendrecv", re.I)),
+    ("attention", re.compile(r"flash|fmha|sdpa|attention|flex_attention|_attn_", re.I)),
+    ("other", re.compile(r"memcpy|memset|radix|sort|scan|topk|bincount|histogram|unique", re.I)),
+    ("gemm", re.compile(r"gemm|gemv|nvjet|xmma|cublas|cutlass|s16816|s1688|wgmma|hmma|splitkreduce|"
+                        r"aten::(add|b|baddb|add_?b)?mm$|aten::matmul$|aten::linear$|aten::_?addmm", re.I)),
+    ("elementwise", re.compile(r"elementwise|reduce|reduction|softmax|norm|multi_tensor|triton_(poi|red|per)_|"
+                               r"cunn_|nll_loss|cross_entropy|index|scatter|gather|copy|cat|fill|embedding|"
+                               r"silu|sigmoid|gelu|where|pow|sum|mean|amax|max|min|arange|adam|unrolled|"
+                               r"vectorized|distribution|clamp|compare|rsqrt|exp|mul|add|div|sub|neg|"
+                               r"masked|tanh|abs|sqrt|cumsum|lerp|foreach|zero|ones|empty_strided|to_copy", re.I)),
+]
+
+
+def classify(name: str) -> str:
+    """The bucket of a kernel (or aten op) name; ``other`` when no rule matches."""
+    for bucket, pattern in _RULES:
+        if pattern.search(name):
+            return bucket
+    return "other"
+
+
+def merged_us(intervals) -> float:
+    """Microseconds covered by the union of ``(start, end)`` intervals (kernels on several streams may
+    overlap; the union is the time the GPU was busy)."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def summarize(kernels, wall_ms: float, top: int = 5) -> dict:
+    """Buckets of ``kernels`` (an iterable of ``(name, start_us, end_us)``) over one step of ``wall_ms``:
+    milliseconds and share of kernel time per bucket, the top kernels of each bucket, the busy time
+    (union of the kernels' intervals) and the step's idle time (wall minus busy)."""
+    kernels = list(kernels)
+    per_bucket = {b: 0.0 for b in BUCKETS}
+    by_name: dict[str, list] = {}
+    for name, s, e in kernels:
+        per_bucket[classify(name)] += e - s
+        entry = by_name.setdefault(name, [0.0, 0])
+        entry[0] += e - s
+        entry[1] += 1
+    total = sum(per_bucket.values())
+    busy_ms = merged_us((s, e) for _, s, e in kernels) / 1e3
+    tops = {b: [] for b in BUCKETS}
+    for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0]):
+        b = classify(name)
+        if len(tops[b]) < top:
+            tops[b].append({"name": name[:160], "ms": round(us / 1e3, 3), "calls": n})
+    return {"wall_ms": round(wall_ms, 3), "kernel_ms": round(total / 1e3, 3), "busy_ms": round(busy_ms, 3),
+            "idle_ms": round(max(wall_ms - busy_ms, 0.0), 3), "n_kernels": len(kernels),
+            "ms": {b: round(v / 1e3, 3) for b, v in per_bucket.items()},
+            "share": {b: round(v / total, 4) if total else 0.0 for b, v in per_bucket.items()}, "top": tops}
+
+
+def kernels_of(prof, device_type: str) -> list[tuple[str, float, float]]:
+    """``(name, start_us, end_us)`` of what ran: the GPU kernels, memcpys and memsets of a CUDA profile,
+    or on the CPU every aten op's self time (placed at its start, so busy time is not meaningful there)."""
+    from torch.autograd import DeviceType
+
+    out = []
+    for e in prof.events():
+        if device_type == "cuda":
+            if e.device_type == DeviceType.CUDA:
+                out.append((e.name, e.time_range.start, e.time_range.end))
+        elif e.device_type == DeviceType.CPU and e.name.startswith("aten::"):
+            out.append((e.name, e.time_range.start, e.time_range.start + e.self_cpu_time_total))
+    return out
+
+
+def profile_step(fn, device_type: str) -> dict:
+    """Run ``fn`` (one training step) once under ``torch.profiler`` and return ``summarize`` of it."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device_type == "cuda"
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    return summarize(kernels_of(prof, device_type), wall_ms)
+
+
+__all__ = ["BUCKETS", "classify", "merged_us", "summarize", "kernels_of", "profile_step"]

@@ -1,0 +1,272 @@
+"""Markdown tables for the docs from benchmark JSONs, and the marked blocks of the docs they fill.
+
+    python3 -m bench.render_docs            # print every block from the JSONs in docs/results/
+    python3 -m bench.render_docs --write    # and replace the marked blocks in docs/*.md and README.md
+    python3 -m bench.render_docs --collect <folder> --write   # first copy a GPU call's JSONs in
+
+A block in a markdown file sits between ``<!-- begin: NAME -->`` and ``<!-- end: NAME -->``; ``BLOCKS``
+says which JSON (a glob under docs/results/) renders it with which function. A block whose JSON is
+missing is left as it is (with ``--write``) and reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+
+
+def _k(n: int) -> str:
+    return f"{n // 2**20}M" if n >= 2**20 and n % 2**20 == 0 else f"{n // 1024}K" if n >= 1024 else str(n)
+
+
+def _num(x, fmt="{:,.0f}") -> str:
+    return "" if x is None else fmt.format(x)
+
+
+def header(meta: dict) -> str:
+    return (f"{meta.get('gpu')}, torch {meta.get('torch')}, Triton {meta.get('triton')}, DeepSpeed "
+            f"{meta.get('deepspeed')}; commit `{meta.get('commit')}`; {meta.get('date_utc')}; command "
+            f"`{meta.get('command')}`" + (f" -- {' '.join(meta['overrides'])}" if meta.get("overrides") else ""))
+
+
+def render_train_step(results: list[dict]) -> str:
+    """Throughput, dense-vs-MSA, profile and memory tables of ``bench/train_step.py`` results."""
+    out = []
+    for res in results:
+        out += [f"**{res['meta']['model']}**: " + header(res["meta"]), ""]
+    out += ["| model | attention | row | tokens | step s (timed steps) | tokens/s | MFU | model TFLOP/s | peak GB |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for p in res["points"]:
+            if p["status"] != "ok":
+                continue
+            mem = p.get("memory", {})
+            out.append(f"| {res['meta']['model']} | {p['attention']} | {p['layout']}"
+                       f"{' (' + str(p['docs']) + ' docs)' if p['layout'] == 'packed' else ''} | {_k(p['seq_len'])} | "
+                       f"{p['step_s']:.3f} ({', '.join(f'{t:.3f}' for t in p['step_s_all'])}) | "
+                       f"{p['tokens_per_s']:,} | {_num(p.get('mfu'), '{:.1%}')} | {p['model_tflops']:.0f} | "
+                       f"{_num(mem.get('peak_gb'), '{:.1f}')} |")
+    out += ["", "| model | row | tokens | dense tokens/s | MSA tokens/s | MSA / dense |", "|---|---|---|---|---|---|"]
+    for res in results:
+        got = {(p["attention"], p["layout"], p["seq_len"]): p for p in res["points"]}
+        for layout, n in dict.fromkeys((p["layout"], p["seq_len"]) for p in res["points"]):
+            d, m = got.get(("dense", layout, n)), got.get(("msa", layout, n))
+            dv = d["tokens_per_s"] if d and d["status"] == "ok" else None
+            mv = m["tokens_per_s"] if m and m["status"] == "ok" else None
+            out.append(f"| {res['meta']['model']} | {layout} | {_k(n)} | {_num(dv) or _why(d)} | {_num(mv) or _why(m)} "
+                       f"| {f'{mv / dv:.2f}x' if dv and mv else ''} |")
+    out += ["", "Profiled step, GPU time by kernel bucket (ms; `idle`: step wall time with no kernel running):", "",
+            "| model | attention | row | tokens | step ms | msa | attention | gemm | elementwise | communication "
+            "| other | idle | largest kernel |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for p in res["points"]:
+            prof = p.get("profile")
+            if not prof:
+                continue
+            ms = prof["ms"]
+            top = max((k for ks in prof["top"].values() for k in ks), key=lambda k: k["ms"], default=None)
+            largest = f"{top['name'][:50]} ({top['ms']:.0f})" if top else ""
+            buckets = " | ".join(f"{ms[b]:.0f}" for b in ("msa", "attention", "gemm", "elementwise", "communication",
+                                                         "other"))
+            out.append(f"| {res['meta']['model']} | {p['attention']} | {p['layout']} | {_k(p['seq_len'])} | "
+                       f"{prof['wall_ms']:.0f} | {buckets} | {prof['idle_ms']:.0f} | {largest} |")
+    out += ["", "Memory (GB): weights and optimizer state counted from the tensors that hold them; `other` = "
+            "allocated after a step minus those two (gradient buffers); `transient` = the timed steps' peak minus "
+            "that; `MSA layer alone` = one layer's selection, sparse attention and index KL forward+backward "
+            "measured by itself; `block inputs` = layers x tokens x dim x 2 bytes (computed, not measured):", "",
+            "| model | attention | row | tokens | weights | optimizer | other | transient | peak | reserved peak "
+            "| MSA layer alone | block inputs |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for p in res["points"]:
+            mem = p.get("memory")
+            if not mem or "peak_gb" not in mem:
+                continue
+            out.append(f"| {res['meta']['model']} | {p['attention']} | {p['layout']} | {_k(p['seq_len'])} | "
+                       + " | ".join(_num(mem.get(k), "{:.2f}") if not isinstance(mem.get(k), str) else mem[k][:40]
+                                    for k in ("weights_gb", "optimizer_gb", "other_persistent_gb",
+                                              "step_transient_gb", "peak_gb", "reserved_peak_gb", "msa_layer_gb",
+                                              "checkpointed_inputs_gb_computed")) + " |")
+    stops = [(res["meta"]["model"], p) for res in results for p in res["points"] if p["status"] != "ok"]
+    if stops:
+        out += ["", "Not measured, and why:", ""]
+        out += [f"- {m} {p['attention']} {p['layout']} {_k(p['seq_len'])}: {p['status']}" for m, p in stops]
+    return "\n".join(out)
+
+
+def _why(p) -> str:
+    if p is None:
+        return "not in the run"
+    s = p["status"]
+    return "OOM" if s.startswith("OOM") else "skipped (time)" if s.startswith("skipped") else s[:30]
+
+
+def render_compare(res: dict) -> str:
+    """``bench/compare_kernels.py``: times of both trees per case and the bitwise-equality checks."""
+    m = res["meta"]
+    out = [f"{m.get('gpu')}, torch {m.get('torch')}, Triton {m.get('triton')}; commit `{m.get('commit')}`; "
+           f"{m.get('date_utc')}; command `{m.get('command')}`", "",
+           "| N | H x Hkv | case | baseline ms | this tree ms | baseline / this |", "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        for case, t in r["times"]["this"].items():
+            b = r["times"]["base"].get(case)
+            out.append(f"| {_k(r['N'])} | {r['H']}x{r['Hkv']} | {case} | {_num(b, '{:.2f}')} | {t:.2f} | "
+                       f"{_num(b / t if b else None, '{:.3f}')} |")
+    out += ["", "| N | H x Hkv | bitwise equal to the baseline | differ |", "|---|---|---|---|"]
+    for r in res["rows"]:
+        c, items = r["checks"], {}
+        items.update(c["selection_bitwise_equal"])
+        items.update(c.get("main_fwd_bitwise_equal", {}))
+        for case in [k for k in c if k == "default" or k.startswith("dq=")]:
+            for n, eq in c[case]["bitwise_equal"].items():
+                rerun = c[case]["base_rerun_bitwise_equal"][n]
+                items[f"{n}[{case}]"] = eq if eq or rerun else "no (the baseline's own rerun differs too)"
+        bad = {n: v for n, v in items.items() if v is not True}
+        out.append(f"| {_k(r['N'])} | {r['H']}x{r['Hkv']} | {len(items) - len(bad)} of {len(items)} | "
+                   f"{', '.join(f'{n}: {v}' for n, v in bad.items())} |")
+    if m.get("not_run"):
+        out += ["", "Not run (time budget): " + ", ".join(f"{_k(x['N'])} {x['shape']}" for x in m["not_run"])]
+    return "\n".join(out)
+
+
+def _ms(r) -> str:
+    if r is None:
+        return ""
+    if "ms" not in r:
+        return re.sub(r"skipped \(estimated (\d+ s) per call.*", r"not run (est. \1)", r["status"])
+    ms = r["ms"]
+    return (f"{ms:,.1f}" if ms < 1000 else f"{ms:,.0f}") + (" *" if r.get("timing") == "1 call" else "")
+
+
+def render_headline(res: dict, Hkv: int = 2) -> str:
+    """README's headline table: dense SDPA against the whole MSA attention (index, sparse attention and,
+    forward+backward, the index KL), ms per call, Hkv = 2, from 32K on; ``*`` marks a one-call cell."""
+    at = {(r["case"], r["mode"], r["N"]): r for r in res["results"] if r["Hkv"] == Hkv}
+    out = ["| N | dense SDPA fwd+bwd | MSA fwd+bwd (index + sparse attention + index KL) | speedup | dense SDPA fwd "
+           "| MSA fwd (index + sparse attention) | speedup |", "|---|---|---|---|---|---|---|"]
+    for n in sorted({n for _, _, n in at if n >= 32768}):
+        cells = []
+        for mode in ("fwd+bwd", "fwd"):
+            d, m = at.get(("dense_sdpa", mode, n)), at.get(("msa_whole", mode, n))
+            ratio = ""
+            if d and m and "ms" in d and "ms" in m:
+                cold = " *" if "1 call" in (d.get("timing"), m.get("timing")) else ""
+                ratio = f"{d['ms'] / m['ms']:.1f}x{cold}"
+            cells += [_ms(d), _ms(m), ratio]
+        out.append(f"| {_k(n)} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def render_old_new(res: dict) -> str:
+    from bench.step_time_old_new import render
+
+    return render(res)
+
+
+def render_patterns(path: str) -> str:
+    from bench.msa_attention import render_markdown
+
+    return render_markdown(path)
+
+
+# block name -> (glob under docs/results, renderer taking the list of matching paths)
+def _headline(paths: list[str]) -> str:
+    """From the headline rerun's JSON where there is one, else the full benchmark run's."""
+    rerun = [p for p in paths if "headline" in Path(p).name]
+    return render_headline(json.loads(Path((rerun or paths)[-1]).read_text()))
+
+
+BLOCKS = {
+    "headline": ("msa_attention_*h200.json", _headline),
+    "msa_attention": ("msa_attention_h200.json", lambda ps: render_patterns(ps[0])),
+    "train_step": ("train_step_*.json", lambda ps: render_train_step([json.loads(Path(p).read_text()) for p in ps])),
+    "renovation_compare": ("compare_kernels_renovation_*.json",
+                           lambda ps: "\n\n".join(render_compare(json.loads(Path(p).read_text())) for p in ps)),
+    "renovation_step": ("step_time_old_new_*.json",
+                        lambda ps: "\n\n".join(render_old_new(json.loads(Path(p).read_text())) for p in ps)),
+    "selection_patterns": ("msa_patterns_*.json", lambda ps: "\n\n".join(render_patterns(p) for p in ps)),
+}
+
+
+COLLECT = {  # file a GPU script writes to $OUT -> its name under docs/results ({gpu}: e.g. h200)
+    "compare_kernels.json": "compare_kernels_renovation_{gpu}.json",
+    "step_time_old_new.json": "step_time_old_new_{gpu}.json",
+    "msa_patterns.json": "msa_patterns_{gpu}.json",
+    "msa_attention.json": "msa_attention_{gpu}.json",
+    "msa_attention_headline.json": "msa_attention_headline_{gpu}.json",
+    "train_step_small.json": "train_step_small_{gpu}.json",
+    "train_step_base.json": "train_step_base_{gpu}.json",
+    "train_step_base_1m.json": "train_step_base_1m_{gpu}.json",
+    "train_step_base_1m_tiled.json": "train_step_base_1m_tiled_{gpu}.json",
+}
+
+
+def results_name(filename: str, gpu: str) -> str | None:
+    """The docs/results name of a GPU script's output file (None: not a result file), ``gpu`` as the JSON
+    names it (``NVIDIA H200`` -> ``h200``)."""
+    slug = gpu.lower().replace("nvidia", "").split()[0] if gpu.strip() else "gpu"
+    pattern = COLLECT.get(filename)
+    return pattern.format(gpu=slug) if pattern else None
+
+
+def collect(folder: Path, results: Path = RESULTS) -> list[Path]:
+    """Copy the result JSONs a GPU call brought back (``files_at``) into docs/results under their names."""
+    done = []
+    for path in sorted(folder.rglob("*.json")):
+        data = json.loads(path.read_text())
+        name = results_name(path.name, data.get("meta", {}).get("gpu", ""))
+        if name:
+            (results / name).write_text(path.read_text())
+            done.append(results / name)
+    return done
+
+
+def replace_block(text: str, name: str, content: str) -> tuple[str, bool]:
+    """``text`` with the block ``name`` replaced by ``content``; False if the markers are not there."""
+    pattern = re.compile(rf"(<!-- begin: {re.escape(name)} -->\n).*?(<!-- end: {re.escape(name)} -->)", re.S)
+    if not pattern.search(text):
+        return text, False
+    return pattern.sub(lambda m: m.group(1) + content.rstrip("\n") + "\n" + m.group(2), text), True
+
+
+def render_all(results: Path = RESULTS) -> dict[str, str | None]:
+    out = {}
+    for name, (pattern, fn) in BLOCKS.items():
+        paths = sorted(glob.glob(str(results / pattern)))
+        out[name] = fn(paths) if paths else None
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write", action="store_true", help="replace the marked blocks in docs/*.md and README.md")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--collect", type=Path, default=None,
+                    help="first copy the result JSONs under this folder (a GPU call's files) into --results")
+    args = ap.parse_args()
+    if args.collect:
+        for path in collect(args.collect, args.results):
+            print(f"collected {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    blocks = render_all(args.results)
+    for name, content in blocks.items():
+        print(f"<!-- {name} -->\n{content if content is not None else '(no JSON yet: ' + BLOCKS[name][0] + ')'}\n")
+    if not args.write:
+        return
+    for md in [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]:
+        text = md.read_text()
+        new = text
+        for name, content in blocks.items():
+            if content is not None:
+                new, _ = replace_block(new, name, content)
+        if new != text:
+            md.write_text(new)
+            print(f"wrote {md.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+#!/bin/bash
+# Training-step throughput of MSA against dense attention (issue 15, item 1) in one GPU call of at most ~9.5
+# minutes (DEADLINE=555 s; every stage has its own time limit and bench/train_step.py its own --time-budget
+# inside it, so a stage ends by itself with what fitted and says what it skipped and why):
+#   1. setup: DeepSpeed/Hydra/webdataset wheels from .whl/ into /tmp/site, GPU and versions;
+#   2. small: one-document rows 16K, 32K, 128K, 512K, 1M and a packed 192K row, MSA first, then dense as far
+#      as the budget allows;
+#   3. base: one-document rows 16K, 128K, 512K and the packed 192K row, MSA then dense;
+#   4. base_1m: one MSA step of model=base at 1M with the memory breakdown; after an out-of-memory, the
+#      same with the MLP tiled over 64K tokens (parallel.mlp_tile_tokens) if time is left.
+# Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration), sparse phase.
+# Run from the repository root:  MSA_GIT_COMMIT=<sha of this tree> bash bench/train_step_gpu.sh
+# Results in $OUT: train_step_small.json, train_step_base.json, train_step_base_1m.json (and
+# train_step_base_1m_tiled.json after an OOM), train_step.log.
+set -uo pipefail
+OUT=${OUT:-runs/train_step_gpu}
+LOG=$OUT/train_step.log
+DEADLINE=${DEADLINE:-555}
+source "$(dirname "$0")/gpu_stages.sh"
+AC=parallel.activation_checkpointing=true
+# CPU_CHECK=1: a rehearsal of this script on a machine without a GPU (tiny model, toy rows, same stages)
+SMALL=(--model small --lengths 16384 32768 131072 524288 1048576 --packed 196608 --time-budget 200)
+BASE=(--model base --lengths 16384 131072 524288 --packed 196608 --time-budget 165)
+BIG=(--model base --lengths 1048576)
+if [ "${CPU_CHECK:-0}" = 1 ]; then
+  SMALL=(--device cpu --model tiny --lengths 128 256 --packed 256 --time-budget 60)
+  BASE=(--device cpu --model tiny --lengths 128 --packed --time-budget 30); BIG=(--device cpu --model tiny --lengths 512)
+  AC="$AC model.n_layers=2"
+fi
+setup
+TAIL=14 stage small 225 python3 -m bench.train_step "${SMALL[@]}" --dense-reserve 35 --memory-breakdown \
+  --json "$OUT/train_step_small.json" -- $AC
+TAIL=12 stage base 190 python3 -m bench.train_step "${BASE[@]}" --dense-reserve 50 --memory-breakdown \
+  --json "$OUT/train_step_base.json" -- $AC
+budget=$(( $(left) - 25 ))
+TAIL=6 stage base_1m 600 python3 -m bench.train_step "${BIG[@]}" --attention msa --packed --time-budget "$budget" \
+  --memory-breakdown --json "$OUT/train_step_base_1m.json" -- $AC
+if grep -q '"status": "OOM' "$OUT/train_step_base_1m.json" 2>/dev/null; then
+  budget=$(( $(left) - 20 ))
+  TAIL=6 stage base_1m_tiled 600 python3 -m bench.train_step "${BIG[@]}" --attention msa --packed \
+    --time-budget "$budget" --memory-breakdown --json "$OUT/train_step_base_1m_tiled.json" -- $AC \
+    parallel.mlp_tile_tokens=65536
+fi
+ls -l "$OUT"

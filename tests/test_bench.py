@@ -1,0 +1,226 @@
+"""CPU tests of the benchmark helpers: kernel-name buckets, the SDPA backend record, the train-step
+bench's rows, step-time projection and memory accounting, the old/new summary, and the docs blocks."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.profile_buckets import BUCKETS, classify, merged_us, summarize
+from bench.render_docs import render_train_step, replace_block, results_name
+from bench.step_time_old_new import summarize as summarize_old_new
+from bench.timing import measure, sdpa_backend, sdpa_backends_of
+from bench.train_step import make_batch, packed_lengths, project_step_s, storage_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Names as the profiler reports them: Triton kernels by their function name, the rest demangled
+# (PyTorch 2.x CUDA kernels, cuBLAS/cuBLASLt on Hopper, flash/memory-efficient/cuDNN attention, NCCL)
+KERNELS = {
+    "select_blocks_fwd_kernel": "msa",
+    "sparse_attention_fwd_kernel": "msa",
+    "sparse_attention_fwd_kv_kernel": "msa",  # the name before the renovation
+    "sparse_attention_bwd_dkdv_reduce_kernel": "msa",
+    "index_kl_fwd_lse_kernel": "msa",
+    "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false, "
+    "cutlass::bfloat16_t, Flash_kernel_traits<128, 128, 64, 4, cutlass::bfloat16_t> >, false, true, false, "
+    "false, true, true, false, false>(FLASH_FWD_params)": "attention",
+    "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<128, 64, 128, 8, "
+    "2, 4, 2, false, false, cutlass::bfloat16_t>, true, false, false, false, false, true, false>"
+    "(FLASH_BWD_params)": "attention",
+    "fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::bfloat16_t, "
+    "cutlass::arch::Sm80, true, 64, 128, 128, true, true>::Params)": "attention",
+    "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128_4x1x1_kernel0_0": "attention",
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off"
+    "_kernel__5x_cublas": "gemm",
+    "nvjet_tst_192x192_64x4_2x1_v_bz_coopA_NTN": "gemm",
+    "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>"
+    "(cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8::Params)": "gemm",
+    "void splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float, __nv_bfloat16, true, false, false>"
+    "(cublasSplitKParams<float>, float const*, __nv_bfloat16 const*, __nv_bfloat16*, float const*, "
+    "float const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, void*, long, float*, int*)": "gemm",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>, "
+    "std::array<char*, 3ul> >(int, at::native::CUDAFunctor_add<c10::BFloat16>, std::array<char*, 3ul>)":
+        "elementwise",
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t<float, "
+    "at::native::sum_functor<float, float, float>::operator()(at::TensorIterator&)::{lambda(float, float)#1}>, "
+    "unsigned int, float, 4, 4> >(at::native::ReduceOp<float, at::native::func_wrapper_t<float, "
+    "at::native::sum_functor<float, float, float>::operator()(at::TensorIterator&)::{lambda(float, float)#1}>, "
+    "unsigned int, float, 4, 4>)": "elementwise",
+    "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, "
+    "at::native::(anonymous namespace)::LogSoftMaxForwardEpilogue>(float*, float const*, int)": "elementwise",
+    "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+    "TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4, "
+    "(at::native::ADAM_MODE)1, false>, bool, float, float, float, float, float, float, double*, float*, float*>"
+    "(at::native::(anonymous namespace)::TensorListMetadata<4>, ...)": "elementwise",
+    "void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::(anonymous namespace)::"
+    "OpaqueType<2u>, unsigned int, 3, 128, 1>(...)": "elementwise",
+    "void at::native::indexSelectLargeIndex<c10::BFloat16, long, unsigned int, 2, 2, -2, true>(...)":
+        "elementwise",
+    "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "communication",
+    "void cub::CUB_200700_900_NS::DeviceRadixSortOnesweepKernel<cub::CUB_200700_900_NS::"
+    "DeviceRadixSortPolicy<long, int, unsigned int>::Policy900, false, long, int, unsigned int, int, int>"
+    "(...)": "other",
+    "void at::native::tensor_kernel_scan_innermost_dim<long, std::plus<long> >(long*, long const*, unsigned "
+    "int, unsigned int, unsigned int, long, std::plus<long>)": "other",
+    "Memcpy DtoD (Device -> Device)": "other",
+    "Memset (Device)": "other",
+    "aten::mm": "gemm",
+    "aten::addmm": "gemm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    "aten::mul": "elementwise",
+    "aten::sort": "other",
+}
+
+
+@pytest.mark.parametrize("name,bucket", list(KERNELS.items()))
+def test_kernel_names_fall_in_their_bucket(name, bucket):
+    assert classify(name) == bucket
+
+
+def test_every_triton_kernel_of_kernels_is_an_msa_kernel():
+    launched = []
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        launched += re.findall(r"@triton\.jit\s*\ndef (\w+_kernel)\(", path.read_text())
+    assert len(launched) >= 10
+    assert {n: classify(n) for n in launched} == {n: "msa" for n in launched}
+
+
+def test_bucket_summary_adds_up_and_finds_idle_time():
+    kernels = [("sparse_attention_fwd_kernel", 0.0, 400.0), ("nvjet_tst_64x8_64x16_4x1_v_bz_TNT", 300.0, 700.0),
+               ("Memset (Device)", 1000.0, 1100.0), ("an_unknown_kernel", 1100.0, 1200.0)]
+    s = summarize(kernels, wall_ms=2.0)
+    assert s["ms"] == {"msa": 0.4, "attention": 0.0, "gemm": 0.4, "elementwise": 0.0, "communication": 0.0,
+                       "other": 0.2}
+    assert s["kernel_ms"] == 1.0 and s["busy_ms"] == 0.9  # the first two overlap by 100 us
+    assert s["idle_ms"] == 1.1 and s["n_kernels"] == 4
+    assert abs(sum(s["share"].values()) - 1) < 1e-3 and set(s["share"]) == set(BUCKETS)
+    assert sorted(k["name"] for k in s["top"]["other"]) == ["Memset (Device)", "an_unknown_kernel"]
+    assert s["top"]["gemm"] == [{"name": "nvjet_tst_64x8_64x16_4x1_v_bz_TNT", "ms": 0.4, "calls": 1}]
+    assert merged_us([(0, 10), (2, 3), (5, 12), (20, 21)]) == 13
+
+
+def test_sdpa_backend_names_the_op_that_ran():
+    assert sdpa_backends_of(["aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention",
+                             "aten::_scaled_dot_product_flash_attention_backward"]) == ["flash"]
+    assert sdpa_backends_of(["aten::_scaled_dot_product_efficient_attention"]) == ["efficient"]
+    assert sdpa_backends_of(["aten::_scaled_dot_product_cudnn_attention"]) == ["cudnn"]
+    assert sdpa_backends_of(["aten::add"]) == []
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16)
+    call = lambda: F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)  # noqa: E731
+    with sdpa_kernel([SDPBackend.MATH]):
+        assert sdpa_backend(call) == "math"
+    assert sdpa_backend(call) in ("flash (cpu)", "math")  # what this CPU build dispatches to by default
+
+
+def test_measure_warms_up_then_takes_three_calls():
+    calls = []
+    ms, how = measure(lambda: calls.append(1), device="cpu", warmup_fn=lambda: calls.append(0))
+    assert calls == [0, 1, 1, 1] and how == "warm-up + median of 3 calls" and ms >= 0
+
+
+def test_packed_rows_are_deterministic_and_fill_the_row():
+    a, b = packed_lengths(196608, seed=3), packed_lengths(196608, seed=3)
+    assert a == b and sum(a) == 196608 and len(a) > 2
+    assert all(256 <= n <= 196608 // 2 for n in a[:-1]) and a[-1] >= 1
+    batch = make_batch([5, 3, 4], vocab=50, seed=0, packed=True)
+    assert batch["cu_seqlens"].tolist() == [0, 5, 8, 12] and batch["cu_seqlens"].dtype == torch.int32
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]]
+    assert batch["labels"][0, [4, 7, 11]].tolist() == [-100] * 3
+    assert torch.equal(batch["labels"][0, :4], batch["input_ids"][0, 1:5])
+    one = make_batch([12], vocab=50, seed=0, packed=False)
+    assert "cu_seqlens" not in one and one["labels"][0, -1] == -100
+
+
+def test_step_time_projection():
+    assert project_step_s([], 1000, 1e6)[0] is None
+    pts = [{"tokens": n, "pairs": n * (n + 1) / 2, "step_s": 2e-3 * n + 1e-7 * n * (n + 1) / 2}
+           for n in (1000, 4000, 16000)]
+    est, how = project_step_s(pts, 64000, 64000 * 64001 / 2)
+    assert how == "fit over 3 points" and est == pytest.approx(2e-3 * 64000 + 1e-7 * 64000 * 64001 / 2)
+    # one point: the larger of the token and pair scalings (quadratic here: x16 for 4x the tokens)
+    est, _ = project_step_s(pts[:1], 4000, 4000 * 4001 / 2)
+    assert est == pytest.approx(pts[0]["step_s"] * (4000 * 4001) / (1000 * 1001))
+
+
+def test_storage_bytes_counts_views_once():
+    flat = torch.zeros(100)
+    views = [flat[:50], flat[50:], flat.view(10, 10)]
+    total, ptrs = storage_bytes(views)
+    assert total == 400 and len(ptrs) == 1
+    other = torch.zeros(10, dtype=torch.float64)
+    assert storage_bytes([other, flat], skip=ptrs)[0] == 80
+
+
+def test_old_new_summary():
+    res = {"ready": {"old": {"loss_first": 8.0, "lm_first": 6.0, "kl_first": 2.0},
+                     "new": {"loss_first": 8.004, "lm_first": 6.004, "kl_first": 2.0}},
+           "rounds": [{"old": {"step_s": [1.0, 1.1]}, "new": {"step_s": [1.05, 1.0]}},
+                      {"old": {"step_s": [1.0, 1.0]}, "new": {"step_s": [1.0, 1.1]}}]}
+    s = summarize_old_new(res)
+    assert s["old"]["median_s"] == 1.0 and s["new"]["median_s"] == 1.025 and s["new_over_old"] == 1.025
+    assert s["within_spread"]  # 2.5% apart, each tree's steps spread over 10%
+    assert s["loss_first"]["rel_diff"] == pytest.approx(0.0005)
+
+
+def test_docs_blocks_are_replaced_between_their_markers():
+    text = "a\n<!-- begin: t -->\nold\n<!-- end: t -->\nb\n"
+    new, found = replace_block(text, "t", "| x |\n")
+    assert found and new == "a\n<!-- begin: t -->\n| x |\n<!-- end: t -->\nb\n"
+    assert replace_block(text, "other", "y") == (text, False)
+
+
+def test_train_step_tables_render_measured_points_and_reasons():
+    res = {"meta": {"model": "small", "gpu": "g", "commit": "c", "overrides": []},
+           "points": [{"attention": "msa", "layout": "one-doc", "seq_len": 131072, "docs": 1, "status": "ok",
+                       "step_s": 1.5, "step_s_all": [1.5, 1.6], "tokens_per_s": 87381, "mfu": 0.12,
+                       "model_tflops": 118.0, "memory": {"peak_gb": 13.2, "weights_gb": 0.3}},
+                      {"attention": "dense", "layout": "one-doc", "seq_len": 131072, "status": "OOM: x"},
+                      {"attention": "dense", "layout": "one-doc", "seq_len": 32768, "docs": 1, "status": "ok",
+                       "step_s": 0.5, "step_s_all": [0.5, 0.5], "tokens_per_s": 65536, "mfu": None,
+                       "model_tflops": 50.0}]}
+    md = render_train_step([res])
+    assert "| small | msa | one-doc | 128K | 1.500 (1.500, 1.600) | 87,381 | 12.0% | 118 | 13.2 |" in md
+    assert "| small | one-doc | 128K | OOM | 87,381 |  |" in md
+    assert "| small | one-doc | 32K | 65,536 | not in the run |  |" in md
+    assert "- small dense one-doc 128K: OOM: x" in md
+
+
+def test_result_files_get_their_docs_names():
+    assert results_name("compare_kernels.json", "NVIDIA H200") == "compare_kernels_renovation_h200.json"
+    assert results_name("train_step_base_1m.json", "NVIDIA H100 80GB HBM3") == "train_step_base_1m_h100.json"
+    assert results_name("notes.json", "NVIDIA H200") is None
+
+
+def test_an_out_of_memory_point_is_recorded_and_frees_the_engine(monkeypatch):
+    from types import SimpleNamespace
+
+    import bench.train_step as ts
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(ts, "measure_point", oom)
+    series = ts.Series("msa", [])
+    series.run, series.build_s = object(), 1.0  # built: measure_or_record goes straight to the point
+    env = SimpleNamespace(device=torch.device("cpu"))
+    row = ts.measure_or_record(series, env, [1024], "one-doc", None, 1024, 0.0, lambda partial: None)
+    assert row["status"] == "OOM: CUDA out of memory. Tried to allocate 20.00 GiB"
+    assert series.run is None and set(row["memory_at_oom"]) == {"peak_gb", "reserved_peak_gb"}
+
+
+def test_headline_table_renders_from_the_benchmark_json():
+    import json
+
+    from bench.render_docs import render_headline
+
+    res = json.loads((ROOT / "docs" / "results" / "msa_attention_h200.json").read_text())
+    lines = render_headline(res).splitlines()
+    assert lines[2] == "| 32K | 57.3 | 31.3 | 1.8x | 15.2 | 7.6 | 2.0x |"
+    # the dense 512K cells were one cold call: they and the ratios built on them carry the mark
+    assert lines[4] == "| 512K | 15,584 * | 606.8 | 25.7x * | 4,796 * | 229.1 | 20.9x * |"
+    assert lines[5].startswith("| 1M | not run (est. 62 s) | 1,583 |")
