@@ -146,6 +146,12 @@ def check_stage(cfg: TrainConfig, stage: Stage, world_size: int) -> None:
     if shards > 1 and seq % (shards * 2 * attn.block_size):
         raise ValueError(f"{seq_key}={seq} must be divisible by sp_size*cp_size*2*attention.block_size="
                          f"{shards * 2 * attn.block_size}: change {seq_key}")
+    if stage.rope_scaling.type == "dynamic" and shards > 1:
+        raise ValueError(f"{stage.key('rope_scaling', 'model.rope_scaling')}.type=dynamic scales RoPE by the longest "
+                         f"document, which a sequence shard cannot see: use yarn, linear or llama3, or {layout_keys}=1")
+    if stage.freeze_main and (attn.kind != "msa" or attn.n_dense_layers >= cfg.model.n_layers):
+        raise ValueError(f"{stage.key('freeze_main', 'recipe.freeze_main_in_warmup')}: with the main weights frozen "
+                         f"only an MSA index branch learns, and attention.kind={attn.kind} has none")
     if cfg.model.n_kv_heads % stage.sp_size:
         raise ValueError(f"{sp_key}={stage.sp_size} must divide model.n_kv_heads={cfg.model.n_kv_heads}")
     check_data(cfg.data, seq, stage.batch_size, seq_key=seq_key)

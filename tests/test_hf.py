@@ -1,0 +1,176 @@
+"""Hugging Face import and export (train/hf.py, train/convert.py) against transformers itself, on tiny
+random checkpoints built here with transformers' own classes and ``save_pretrained`` (no network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from msa.layer import AttentionConfig
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 320  # above the tokenizers' 300 ids + 3 image markers, as checkpoints pad their vocabulary
+SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-5)
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "llama3-rope": ("LlamaConfig", {"attention_bias": True, "rope_theta": 5e5, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}}),
+    "mistral": ("MistralConfig", {"sliding_window": 7, "max_position_embeddings": 24,
+                                  "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
+    "qwen2": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 9, "max_window_layers": 1,
+                              "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    "qwen3": ("Qwen3Config", {}),
+    "qwen3-tied": ("Qwen3Config", {"tie_word_embeddings": True, "rope_theta": 1e6, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}}),
+}
+CORPUS = [f"the quick brown fox jumps over the lazy dog {i}" for i in range(200)]
+
+
+def make_tokenizer(directory: Path, bos: bool):
+    """A byte-level BPE of 300 ids trained here: Llama-style (``<s>`` BOS added to every text, ``</s>``
+    EOS) or Qwen-style (no BOS, ``<|endoftext|>`` EOS and pad, chat markers)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "</s>"] if bos else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+        kw = {"bos_token": "<s>", "eos_token": "</s>"}
+    else:
+        kw = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    PreTrainedTokenizerFast(tokenizer_object=tok, **kw).save_pretrained(str(directory))
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Weights big enough that a mistake shows in the logits (transformers' init gives logits near 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.2 * noise if name.endswith("norm.weight") else 0.2 * noise)
+
+
+def make_checkpoint(directory: Path, family: str, vocab: int = VOCAB, seed: int = 0, **save_kw) -> Path:
+    cls, extra = FAMILIES[family]
+    kw = {**SHAPE, "vocab_size": vocab, **extra}
+    if "rope_theta" in kw or "rope_scaling" in kw:  # the config form transformers 5 writes
+        kw["rope_parameters"] = {"rope_theta": kw.pop("rope_theta", 1e4), **kw.pop("rope_scaling", {})}
+    config = getattr(transformers, cls)(**kw)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    randomize(model, seed)
+    model.save_pretrained(str(directory), **save_kw)
+    make_tokenizer(directory, bos=family.startswith(("llama", "mistral")))
+    return directory
+
+
+def load_hf(path: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                             local_files_only=True).eval()
+
+
+def import_model(path: Path, attn: AttentionConfig | None = None):
+    from train.data.tokenizer import PretrainedTokenizer
+    from train.hf import resolve_model_config
+    from train.model import ModelConfig, build_model
+
+    tokenizer = PretrainedTokenizer(str(path))
+    cfg = resolve_model_config(ModelConfig(path=str(path)), tokenizer.vocab_size)
+    return build_model(cfg, attn or AttentionConfig(block_size=8, topk=2, index_dim=16)).eval(), tokenizer
+
+
+def packed_inputs(n: int = 40, cut: int = 15, vocab: int = 300, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (1, n), generator=gen)
+    pos = torch.cat([torch.arange(cut), torch.arange(n - cut)])[None]
+    return ids, pos, torch.tensor([0, cut, n], dtype=torch.int32)
+
+
+def assert_logits_match(model, hf_model) -> None:
+    from train.hf import hf_logits, our_logits
+
+    ids, pos, cu = packed_inputs()
+    for args, hf_args in (((ids,), (ids,)), ((ids, pos, cu), (ids, pos))):
+        ours, theirs = our_logits(model, *args), hf_logits(hf_model, *hf_args)
+        assert theirs.abs().max() > 1.0  # a real signal, not logits near zero
+        err = (ours - theirs).abs().max().item()
+        assert err <= 1e-5, f"max |logit difference| {err:.3g} (packed={len(args) > 1})"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {family: make_checkpoint(root / family, family, seed=i) for i, family in enumerate(FAMILIES)}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_import_export_round_trip(family, checkpoints, tmp_path):
+    """Our logits equal transformers' (packed and unpacked); the export loads in transformers with the
+    same logits; every original tensor comes back bitwise; the index weights and settings are there."""
+    from safetensors.torch import load_file
+
+    from train.hf import write_hf
+
+    path = checkpoints[family]
+    model, tokenizer = import_model(path)
+    hf_model = load_hf(path)
+    assert type(hf_model).__name__ == FAMILIES[family][0].replace("Config", "ForCausalLM")
+    assert_logits_match(model, hf_model)
+    # the exported directory, as to-hf writes it (the run's last stage keeps the checkpoint's RoPE)
+    out = write_hf(model, model.state_dict(), path, tmp_path / "out", (model.rope_base, model.rope_scaling),
+                   torch.float32, tokenizer)
+    again = load_hf(out)
+    assert type(again) is type(hf_model)
+    assert_logits_match(model, again)
+    before, after = load_file(str(path / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert json.loads((out / "config.json").read_text())["rope_parameters"] == again.config.rope_parameters
+    meta = json.loads((out / "msa_config.json").read_text())
+    index = load_file(str(out / "msa_index.safetensors"))
+    assert meta["msa_layers"] == model.msa_layers() and meta["block_size"] == 8 and meta["topk"] == 2
+    for i in model.msa_layers():
+        assert torch.equal(index[f"model.layers.{i}.self_attn.indexer.q_proj.weight"],
+                           model.layers[i].attn.wq_idx.weight)
+
+
+def test_families_map_their_options(checkpoints):
+    """What each family's config turns into: biases, QK-norm, sliding layers (kept dense), RoPE, tying."""
+    from train.hf import model_fields, read_hf_config
+
+    f = {name: model_fields(read_hf_config(path)) for name, path in checkpoints.items()}
+    assert (f["qwen2"]["qkv_bias"], f["qwen2"]["out_bias"], f["qwen2"]["qk_norm"]) == (True, False, False)
+    assert (f["llama3-rope"]["qkv_bias"], f["llama3-rope"]["out_bias"]) == (True, True)
+    assert f["qwen3"]["qk_norm"] and not f["llama"]["qk_norm"]
+    assert (f["mistral"]["sliding_window"], f["mistral"]["sliding_layers"]) == (7, None)
+    assert (f["qwen2"]["sliding_window"], f["qwen2"]["sliding_layers"]) == (9, [1, 2])
+    assert f["qwen3-tied"]["tie_embeddings"] and f["qwen3-tied"]["rope_scaling"].type == "yarn"
+    assert f["llama3-rope"]["rope_scaling"].original_max_len == 16 and f["llama3-rope"]["rope_base"] == 5e5
+    model, _ = import_model(checkpoints["qwen2"], AttentionConfig(block_size=8, topk=2, index_dim=16,
+                                                                 n_dense_layers=0))
+    assert model.msa_layers() == [0]  # layers 1 and 2 slide: they stay dense, windowed
+
+
+def test_tokenizer_as_the_checkpoint_expects(checkpoints):
+    """BOS where the checkpoint's tokenizer adds one, its EOS ends documents, chat markers in text are
+    single ids, and the image markers are new special ids below the checkpoint's padded vocabulary."""
+    from train.data.tokenizer import PretrainedTokenizer
+
+    llama, qwen = PretrainedTokenizer(str(checkpoints["llama"])), PretrainedTokenizer(str(checkpoints["qwen3"]))
+    assert llama.doc_prefix == [0] and qwen.doc_prefix == []
+    assert (llama.eod, qwen.eod, qwen.pad) == (1, 0, 0) and llama.pad == llama.eod
+    assert qwen.encode("<|im_start|>user hi<|im_end|>")[0] == 1 and qwen.encode("x<|im_end|>")[-1] == 2
+    assert [qwen.img_start, qwen.img_end, qwen.img_patch] == [300, 301, 302] and qwen.vocab_size == 303
+    assert qwen.decode(qwen.encode("the fox <img>")) == "the fox <img>"
