@@ -174,3 +174,123 @@ def test_tokenizer_as_the_checkpoint_expects(checkpoints):
     assert qwen.encode("<|im_start|>user hi<|im_end|>")[0] == 1 and qwen.encode("x<|im_end|>")[-1] == 2
     assert [qwen.img_start, qwen.img_end, qwen.img_patch] == [300, 301, 302] and qwen.vocab_size == 303
     assert qwen.decode(qwen.encode("the fox <img>")) == "the fox <img>"
+
+
+def test_sharded_checkpoint_with_index_loads(tmp_path):
+    path = make_checkpoint(tmp_path / "sharded", "qwen3", max_shard_size="40KB")
+    shards = sorted(p.name for p in path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (path / "model.safetensors.index.json").is_file(), shards
+    model, _ = import_model(path)
+    assert_logits_match(model, load_hf(path))
+
+
+def test_vocabulary_grows_for_the_image_markers(tmp_path):
+    """A checkpoint whose vocabulary is exactly its tokenizer's: the three markers get new rows (the
+    mean of the checkpoint's rows, in the embedding and the untied head); the old rows' logits stay."""
+    path = make_checkpoint(tmp_path / "exact", "llama", vocab=300)
+    model, tokenizer = import_model(path)
+    assert model.cfg.vocab_size == tokenizer.vocab_size == 303
+    hf_model = load_hf(path)
+    for table, hf_table in ((model.embed.weight, hf_model.model.embed_tokens.weight),
+                            (model.lm_head.weight, hf_model.lm_head.weight)):
+        assert torch.equal(table[:300], hf_table)
+        assert torch.allclose(table[300:], hf_table.mean(0, keepdim=True).expand(3, -1))
+    from train.hf import hf_logits, our_logits
+
+    ids = packed_inputs()[0]
+    assert (our_logits(model, ids)[..., :300] - hf_logits(hf_model, ids)).abs().max() <= 1e-5
+
+
+def _edit_config(path: Path, **changes) -> Path:
+    config = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_local_experts": 4, "num_experts_per_tok": 2}, "mixture of experts"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "'longrope'"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"model_type": "gemma"}, "model_type 'gemma'"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
+])
+def test_unsupported_feature_is_named(change, message, checkpoints, tmp_path):
+    import shutil
+
+    from train.hf import resolve_model_config
+    from train.model import ModelConfig
+
+    path = _edit_config(Path(shutil.copytree(checkpoints["llama"], tmp_path / "ckpt")), **change)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        resolve_model_config(ModelConfig(path=str(path)), 0)
+
+
+def test_pickle_weights_are_refused(checkpoints, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from train.hf import weight_files
+
+    path = Path(shutil.copytree(checkpoints["llama"], tmp_path / "ckpt"))
+    torch.save(load_file(str(path / "model.safetensors")), path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="safetensors only"):
+        weight_files(path)
+
+
+def _text_batch(vocab: int, n: int = 48, cut: int = 20):
+    ids, pos, cu = packed_inputs(n, cut, vocab)
+    labels = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], 1)
+    labels[0, cut - 1] = -100
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "cu_seqlens": cu}
+
+
+def test_converted_model_warmup_is_the_dense_model_and_index_learns_only_from_the_kl(checkpoints):
+    """At step 0 of the warm-up a converted model computes exactly what the imported dense model does;
+    the LM loss reaches no index weight, the KL reaches nothing but the index weights."""
+    attn = AttentionConfig(block_size=8, topk=2, index_dim=16)
+    msa, _ = import_model(checkpoints["qwen3"], attn)
+    dense, _ = import_model(checkpoints["qwen3"], AttentionConfig(kind="dense"))
+    batch = _text_batch(300)
+    out, ref = msa(batch, phase="warmup"), dense(batch, phase="warmup")
+    assert torch.equal(out["lm_sum"], ref["lm_sum"]) and out["kl"] > 0
+    index = [p for i in msa.msa_layers() for p in msa.layers[i].attn.index_params()]
+    main = [p for n, p in msa.named_parameters() if "_idx" not in n and not n.startswith("vision.")]
+    assert all(g is None for g in torch.autograd.grad(out["lm_sum"], index, retain_graph=True, allow_unused=True))
+    assert all(g is None for g in torch.autograd.grad(out["kl"], main, retain_graph=True, allow_unused=True))
+    assert all(g is not None and g.abs().sum() > 0 for g in torch.autograd.grad(out["kl"], index))
+
+
+def test_hf_config_composes_and_checks(checkpoints):
+    """model=hf recipe=msa_cpt composes (the tokenizer follows model.path), its stages resolve (frozen
+    warm-up, YaRN in the last stage), and settings that cannot work name their key."""
+    from tests.utils import compose_train_config
+    from train.config import check_config
+    from train.hf import resolve_model_config
+    from train.recipe import build_recipe
+
+    path = str(checkpoints["llama"])
+    cfg = compose_train_config(["model=hf", f"model.path={path}", "recipe=msa_cpt"])
+    assert (cfg.data.tokenizer.kind, cfg.data.tokenizer.path) == ("pretrained", path)
+    stages = build_recipe(cfg)
+    assert [s.freeze_main for s in stages] == [True, False, False, False]
+    assert stages[-1].rope_scaling.type == "yarn" and stages[0].rope_scaling.type == "none"
+    model = resolve_model_config(cfg.model, 303)
+    assert (model.dim, model.n_layers, model.vocab_size, model.qk_norm) == (64, 3, 320, False)
+    with pytest.raises(ValueError, match=r"model\.dim=256"):
+        resolve_model_config(compose_train_config(["model=hf", f"model.path={path}", "model.dim=256"]).model, 0)
+    dense = compose_train_config(["model=hf", f"model.path={path}", "recipe=msa_cpt", "attention=dense"])
+    dense.model = model
+    with pytest.raises(ValueError, match=r"recipe\.freeze_main_in_warmup"):
+        check_config(dense, build_recipe(dense)[0], 1, 303)
+    stage = "recipe.stages=[{steps:60,rope_scaling:{type:dynamic,factor:2.0,original_max_len:64}}]"
+    dyn = compose_train_config(["model=hf", f"model.path={path}", "parallel.sp_size=2", stage])
+    dyn.model = model
+    with pytest.raises(ValueError, match=r"recipe\.stages\[0\]\.rope_scaling\.type=dynamic"):
+        check_config(dyn, build_recipe(dyn)[0], 2, 303)
