@@ -294,3 +294,26 @@ def test_hf_config_composes_and_checks(checkpoints):
     dyn.model = model
     with pytest.raises(ValueError, match=r"recipe\.stages\[0\]\.rope_scaling\.type=dynamic"):
         check_config(dyn, build_recipe(dyn)[0], 2, 303)
+
+
+def test_convert_commands_in_the_docs_compose():
+    """Every `python -m train.convert <command> ...` in docs/hf.md composes against that command's Hydra
+    config into its typed config (unknown keys, wrong types and missing required keys fail)."""
+    from hydra import compose, initialize
+    from omegaconf import OmegaConf
+
+    from tests.test_docs_commands import ROOT, extract_commands, invocations
+    from train.convert import COMMANDS, register
+
+    found = [(cmd, inv) for cmd, inv in invocations(extract_commands("docs/hf.md", (ROOT / "docs/hf.md").read_text()))
+             if inv.kind == "module" and inv.module == "train.convert"]
+    assert {inv.args[0] for _, inv in found} == set(COMMANDS), found
+    register()
+    for cmd, inv in found:
+        name, node, _ = COMMANDS[inv.args[0]]
+        try:
+            with initialize(version_base="1.3", config_path=None):
+                conf = compose(config_name=name, overrides=inv.args[1:])
+            OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(node), conf))
+        except Exception as e:
+            raise AssertionError(f"{cmd.where}: `{cmd.text}` does not compose: {e}") from e

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -132,7 +132,8 @@ def to_hf(cfg: ToHFConfig) -> dict:
         raise ValueError(f"dtype={cfg.dtype!r}: use source, {', '.join(DTYPES)}")
     source_dtype = AutoConfig.from_pretrained(str(source), local_files_only=True).dtype
     dtype = DTYPES[cfg.dtype] if cfg.dtype != "source" else _as_dtype(source_dtype)
-    model = Decoder(train_cfg.model, train_cfg.attention)
+    # the check runs on the CPU: the reference MSA ops, whatever the run used
+    model = Decoder(train_cfg.model, replace(train_cfg.attention, impl="reference"))
     model.load_state_dict(consolidated_state(checkpoint))
     stage = stage_at(build_recipe(train_cfg), max(step - 1, 0))
     model.set_rope(stage.rope_base, stage.rope_scaling)
@@ -169,7 +170,7 @@ def from_hf(cfg: FromHFConfig) -> dict:
     tokenizer = PretrainedTokenizer(str(path)) if has_tokenizer else None
     hf = read_hf_config(path)
     model_cfg = resolve_model_config(ModelConfig(path=str(path)), tokenizer.vocab_size if tokenizer else 0)
-    model = build_model(model_cfg, cfg.attention)
+    model = build_model(model_cfg, replace(cfg.attention, impl="reference"))  # checked on the CPU
     report = {"path": str(path), "model_type": hf.model_type, "model": OmegaConf.to_container(
         OmegaConf.structured(model_cfg)), "msa_layers": model.msa_layers(),
         "vocab_grown_by": model_cfg.vocab_size - hf.vocab_size,

@@ -65,12 +65,7 @@ def train(cfg: TrainConfig) -> dict:
     """Run the configured recipe; returns the last logged metrics."""
     env = init_distributed(cfg.parallel)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    if cfg.model.path:  # a Hugging Face checkpoint: its config.json sets the decoder's shape (train/hf.py)
-        from train.hf import copy_source_files, resolve_model_config
-
-        cfg = replace(cfg, model=resolve_model_config(cfg.model, tokenizer.vocab_size))
-        if env.rank == 0:  # its config and tokenizer files, so that an export needs only the run directory
-            copy_source_files(cfg.model.path, Path(cfg.run_dir) / "hf_source")
+    cfg = from_pretrained(cfg, tokenizer.vocab_size, env.rank)
     stages = build_recipe(cfg)
     for stage in stages:  # every stage must be able to run: fail now, not hours in
         check_config(cfg, stage, env.world_size, tokenizer.vocab_size, env.device.type)
@@ -121,6 +116,20 @@ def train(cfg: TrainConfig) -> dict:
         run.loader.close()  # its worker processes, now rather than at garbage collection
         logger.close()
     return metrics
+
+
+def from_pretrained(cfg: TrainConfig, vocab_size: int, rank: int) -> TrainConfig:
+    """With ``model.path`` (a Hugging Face checkpoint) its config.json sets the decoder's options
+    (``train/hf.py``), and its config and tokenizer files go to ``run_dir/hf_source`` so an export
+    needs only the run directory."""
+    if not cfg.model.path:
+        return cfg
+    from train.hf import copy_source_files, resolve_model_config
+
+    cfg = replace(cfg, model=resolve_model_config(cfg.model, vocab_size))
+    if rank == 0:
+        copy_source_files(cfg.model.path, Path(cfg.run_dir) / "hf_source")
+    return cfg
 
 
 def seed_everything(seed: int) -> None:
