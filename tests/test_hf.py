@@ -82,12 +82,14 @@ def load_hf(path: Path):
 
 def import_model(path: Path, attn: AttentionConfig | None = None):
     from train.data.tokenizer import PretrainedTokenizer
-    from train.hf import resolve_model_config
+    from train.hf import load_weights, resolve_model_config
     from train.model import ModelConfig, build_model
 
     tokenizer = PretrainedTokenizer(str(path))
     cfg = resolve_model_config(ModelConfig(path=str(path)), tokenizer.vocab_size)
-    return build_model(cfg, attn or AttentionConfig(block_size=8, topk=2, index_dim=16)).eval(), tokenizer
+    model = build_model(cfg, attn or AttentionConfig(block_size=8, topk=2, index_dim=16))
+    load_weights(model, path)
+    return model.eval(), tokenizer
 
 
 def packed_inputs(n: int = 40, cut: int = 15, vocab: int = 300, seed: int = 1):

@@ -135,12 +135,14 @@ def to_hf(cfg: ToHFConfig) -> dict:
     # the check runs on the CPU: the reference MSA ops, whatever the run used
     model = Decoder(train_cfg.model, replace(train_cfg.attention, impl="reference"))
     model.load_state_dict(consolidated_state(checkpoint))
-    stage = stage_at(build_recipe(train_cfg), max(step - 1, 0))
+    stages = build_recipe(train_cfg)
+    stage = stage_at(stages, max(step - 1, 0))
+    trained_len = max(s.seq_len for s in stages if s.start < max(step, 1))
     model.set_rope(stage.rope_base, stage.rope_scaling)
     tokenizer = PretrainedTokenizer(str(source)) if train_cfg.data.tokenizer.kind == "pretrained" else None
     rounded = {k: v.to(dtype) for k, v in model.state_dict().items()}
     write_hf(model, rounded, source, cfg.out, (stage.rope_base, stage.rope_scaling), dtype, tokenizer,
-             max_shard_bytes=int(cfg.max_shard_gb * 2**30))
+             trained_len=trained_len, max_shard_bytes=int(cfg.max_shard_gb * 2**30))
     report = {"checkpoint": str(checkpoint), "step": step, "out": cfg.out, "dtype": str(dtype), "stage": stage.name,
               "msa_layers": model.msa_layers()}
     if cfg.check:
@@ -162,7 +164,7 @@ def _as_dtype(value) -> torch.dtype:
 
 def from_hf(cfg: FromHFConfig) -> dict:
     from train.data.tokenizer import PretrainedTokenizer
-    from train.hf import read_hf_config, resolve_model_config
+    from train.hf import load_weights, read_hf_config, resolve_model_config
     from train.model import ModelConfig, build_model
 
     path = Path(cfg.path)
@@ -171,6 +173,7 @@ def from_hf(cfg: FromHFConfig) -> dict:
     hf = read_hf_config(path)
     model_cfg = resolve_model_config(ModelConfig(path=str(path)), tokenizer.vocab_size if tokenizer else 0)
     model = build_model(model_cfg, replace(cfg.attention, impl="reference"))  # checked on the CPU
+    load_weights(model, path)
     report = {"path": str(path), "model_type": hf.model_type, "model": OmegaConf.to_container(
         OmegaConf.structured(model_cfg)), "msa_layers": model.msa_layers(),
         "vocab_grown_by": model_cfg.vocab_size - hf.vocab_size,

@@ -314,12 +314,13 @@ def msa_config(model: Decoder, dtype: torch.dtype) -> dict:
 
 
 def write_hf(model: Decoder, state: dict[str, torch.Tensor], source: str | Path, out: str | Path,
-             rope: tuple[float, RopeScaling], dtype: torch.dtype, tokenizer=None,
+             rope: tuple[float, RopeScaling], dtype: torch.dtype, tokenizer=None, trained_len: int = 0,
              max_shard_bytes: int = 5 * 2**30) -> Path:
     """A directory that transformers loads with the checkpoint's original architecture, plus the MSA
     index weights, the vision embedding and msa_config.json. ``source`` holds the original config files
-    (``copy_source_files``); ``rope`` is the last stage's RoPE; ``tokenizer`` (a ``PretrainedTokenizer``,
-    with the image markers it added) is saved beside them."""
+    (``copy_source_files``); ``rope`` is the last stage's RoPE; ``trained_len`` the longest sequence
+    trained (``max_position_embeddings`` grows to it); ``tokenizer`` (a ``PretrainedTokenizer``, with
+    the image markers it added) is saved beside them."""
     from transformers import AutoConfig
 
     out = Path(out)
@@ -327,7 +328,7 @@ def write_hf(model: Decoder, state: dict[str, torch.Tensor], source: str | Path,
     cfg = model.cfg
     hf = AutoConfig.from_pretrained(str(source), local_files_only=True)
     hf.vocab_size = cfg.vocab_size
-    hf.rope_parameters, hf.max_position_embeddings = rope_to_hf(*rope, hf.max_position_embeddings)
+    hf.rope_parameters, hf.max_position_embeddings = rope_to_hf(*rope, max(hf.max_position_embeddings, trained_len))
     hf.dtype = dtype
     hf.save_pretrained(str(out))
     for name in ("generation_config.json",):

@@ -143,6 +143,10 @@ def start(cfg: TrainConfig, env: DistEnv, stages: list[Stage], stage: Stage, tok
     (an iterator of global batches, e.g. a benchmark's synthetic ones) it builds no loader."""
     seed_everything(cfg.run.seed)
     model = build_model(cfg.model, cfg.attention)
+    if cfg.model.path:  # the checkpoint's weights; what it lacks (index branch, vision) keep their fresh init
+        from train.hf import load_weights
+
+        load_weights(model, cfg.model.path)
     model.set_rope(stage.rope_base, stage.rope_scaling)
     mesh = build_mesh(stage.sp_size, stage.cp_size, env)
     parallelize(model, mesh, cfg.parallel)

@@ -241,11 +241,6 @@ class Decoder(nn.Module):
 
 
 def build_model(cfg: ModelConfig, attn_cfg: AttentionConfig) -> Decoder:
-    """A fresh decoder; with ``model.path`` (options already read from it by ``train.hf.resolve_model_config``)
-    the checkpoint's weights replace the fresh ones, and what it lacks (index branch, vision) stays new."""
-    model = Decoder(cfg, attn_cfg)
-    if cfg.path:
-        from train.hf import load_weights
-
-        load_weights(model, cfg.path)
-    return model
+    """A freshly initialised decoder (a run that starts from ``model.path`` loads the checkpoint's weights
+    into it: ``train.loop.start``; evals and exports load their own)."""
+    return Decoder(cfg, attn_cfg)
