@@ -291,6 +291,10 @@ def test_hf_config_composes_and_checks(checkpoints):
     dense.model = model
     with pytest.raises(ValueError, match=r"recipe\.freeze_main_in_warmup"):
         check_config(dense, build_recipe(dense)[0], 1, 303)
+    sliding = compose_train_config(["model=hf", f"model.path={checkpoints['qwen2']}", "recipe=msa_cpt"])
+    sliding.model = resolve_model_config(sliding.model, 303)  # layer 0 dense, layers 1-2 slide: no MSA layer
+    with pytest.raises(ValueError, match=r"recipe\.freeze_main_in_warmup.*sliding-window layers stay dense"):
+        check_config(sliding, build_recipe(sliding)[0], 1, 303)
     stage = "recipe.stages=[{steps:60,rope_scaling:{type:dynamic,factor:2.0,original_max_len:64}}]"
     dyn = compose_train_config(["model=hf", f"model.path={path}", "parallel.sp_size=2", stage])
     dyn.model = model
@@ -319,3 +323,33 @@ def test_convert_commands_in_the_docs_compose():
             OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(node), conf))
         except Exception as e:
             raise AssertionError(f"{cmd.where}: `{cmd.text}` does not compose: {e}") from e
+
+
+@pytest.mark.parametrize("nq, cu", [(700, None), (300, [0, 250, 640, 700])])
+def test_sliding_window_attention_in_chunks(nq, cu):
+    """Windowed SDPA in query chunks (a 700-key row with window 100 takes three) against one explicit
+    mask, for packed documents and for queries that are the last Nq keys (a context-parallel chunk)."""
+    from msa.dense import dense_attention
+
+    N, W = 700, 100
+    q, k, v = torch.randn(1, nq, 4, 16), torch.randn(1, N, 2, 16), torch.randn(1, N, 2, 16)
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    out = dense_attention(q, k, v, cu_t, window=W)
+    i, j = torch.arange(N - nq, N)[:, None], torch.arange(N)[None, :]
+    doc = torch.zeros(N, dtype=torch.long) if cu is None else torch.bucketize(torch.arange(N), cu_t[1:], right=True)
+    mask = (j <= i) & (i - j < W) & (doc[i] == doc[j])
+    ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_from_hf_preflight(checkpoints, tmp_path):
+    """`python -m train.convert from-hf`'s work: the import, its parity with transformers, the report."""
+    from train.convert import FromHFConfig, from_hf
+
+    report = from_hf(FromHFConfig(path=str(checkpoints["qwen2"]), out=str(tmp_path),
+                                  attention=AttentionConfig(block_size=8, topk=2, index_dim=16)))
+    saved = json.loads((tmp_path / "import_report.json").read_text())
+    assert saved["parity"] == report["parity"] and report["parity"]["max_abs_diff"] <= 1e-5
+    assert saved["msa_layers"] == [] and saved["model"]["sliding_layers"] == [1, 2]  # layer 0 dense, 1-2 slide
+    assert saved["tokenizer"]["img_start"] == 300 and saved["vocab_grown_by"] == 0

@@ -85,11 +85,11 @@ def test_msa_cpt_warmup_sparse_export_reload(trained, tmp_path):
     assert tokenizer.convert_tokens_to_ids("<img>") == 300 and len(tokenizer) == 303
 
 
-def test_unsupported_checkpoint_fails_at_start(tmp_path, corpus_dir):
+def test_unsupported_checkpoint_fails_at_start(tmp_path):
     ckpt = make_checkpoint(tmp_path / "moe", "qwen3")
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "num_experts": 8, "num_experts_per_tok": 2}))
     proc = run("train", ["model=hf", f"model.path={ckpt}", "logging.wandb.mode=disabled",
-                         f"data.corpus_dir={corpus_dir}", f"run_dir={tmp_path / 'run'}"], timeout=120)
+                         f"data.corpus_dir={tmp_path / 'corpus'}", f"run_dir={tmp_path / 'run'}"], timeout=120)
     assert proc.returncode != 0 and "mixture of experts (num_experts, num_experts_per_tok)" in proc.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "corpus").exists()
