@@ -74,10 +74,12 @@ def test_msa_cpt_warmup_sparse_export_reload(trained, tmp_path):
     hf_model = load_hf(out)
     ids = torch.randint(0, 300, (1, 50), generator=torch.Generator().manual_seed(3))
     assert (our_logits(model, ids) - hf_logits(hf_model, ids)).abs().max() <= 1e-5
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 256  # trained length
     msa = json.loads((out / "msa_config.json").read_text())
     index = load_file(str(out / "msa_index.safetensors"))
     assert msa["msa_layers"] == [1, 2] and msa["layer_types"] == ["dense", "msa", "msa"]
     assert (msa["block_size"], msa["topk"], msa["index_dim"]) == (32, 4, 32)
+    assert msa["image_tokens"] == {"img_start": 300, "img_end": 301, "img_patch": 302}
     for name, (key, part) in parts.items():
         if part == "index":
             assert torch.equal(index[key], final[name]), name

@@ -340,7 +340,10 @@ def write_hf(model: Decoder, state: dict[str, torch.Tensor], source: str | Path,
     save_safetensors(parts["main"], out, "model", max_shard_bytes)
     for part, stem in (("index", "msa_index"), ("vision", "vision_embed")):
         save_safetensors(parts[part], out, stem, max_shard_bytes)
-    (out / "msa_config.json").write_text(json.dumps(msa_config(model, dtype), indent=2))
+    meta = msa_config(model, dtype)
+    if tokenizer is not None:  # where the vision embedding's outputs go in the token stream
+        meta["image_tokens"] = {name: getattr(tokenizer, name) for name in ("img_start", "img_end", "img_patch")}
+    (out / "msa_config.json").write_text(json.dumps(meta, indent=2))
     return out
 
 

@@ -108,9 +108,7 @@ class PretrainedTokenizer:
         self.eod = tok.eos_token_id
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eod
         self.vocab_size = len(tok)
-        plain, full = tok("a", add_special_tokens=False).input_ids, tok("a").input_ids
-        added = len(full) - len(plain)
-        self.doc_prefix = [int(i) for i in full[:added]] if added > 0 and full[added:] == plain else []
+        self.doc_prefix = _added_prefix(tok)
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
@@ -121,6 +119,16 @@ class PretrainedTokenizer:
     def save(self, directory: str) -> None:
         """The tokenizer files, with the added markers, as transformers reads them."""
         self._tok.save_pretrained(directory)
+
+
+def _added_prefix(tok) -> list[int]:
+    """The ids a tokenizer puts before a text of its own accord (e.g. ``[bos]``; an appended EOS is
+    not needed: documents end with ``eod``)."""
+    plain, full = list(tok("a", add_special_tokens=False).input_ids), list(tok("a").input_ids)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return [int(i) for i in full[:start]]
+    return []
 
 
 def build_tokenizer(cfg: TokenizerConfig):
