@@ -89,11 +89,16 @@ class CoreOut(NamedTuple):
 
 
 class DenseCore(nn.Module):
-    """Causal GQA attention over the whole (packed) sequence; no index branch."""
+    """Causal GQA attention over the whole (packed) sequence, or over the last ``window`` keys of each
+    query (a pretrained checkpoint's sliding-window layers); no index branch."""
+
+    def __init__(self, window: int = 0):
+        super().__init__()
+        self.window = window
 
     def forward(self, q, k, v, cu_seqlens=None, index=None, phase: Phase = "sparse", stats_queries: int = 0,
                 teacher=None):
-        return CoreOut(dense_attention(q, k, v, cu_seqlens))
+        return CoreOut(dense_attention(q, k, v, cu_seqlens, window=self.window))
 
 
 class MSACore(nn.Module):
@@ -134,19 +139,24 @@ class MSACore(nn.Module):
 
 
 class Attention(nn.Module):
-    """GQA attention with per-head RMS QK-norm and partial RoPE (dense core)."""
+    """GQA attention with per-head RMS QK-norm and partial RoPE (dense core).
+
+    The options cover the pretrained families we import (``train/hf.py``): ``qkv_bias`` (Qwen2),
+    ``out_bias`` (Llama's ``attention_bias`` biases all four projections), ``qk_norm=False`` (Llama,
+    Mistral, Qwen2 have none) and a sliding ``window`` (Mistral, Qwen2/3 window layers)."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_dim: int,
-                 norm_eps: float = 1e-5):
+                 norm_eps: float = 1e-5, *, qkv_bias: bool = False, out_bias: bool = False, qk_norm: bool = True,
+                 window: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim, self.rope_dim = n_heads, n_kv_heads, head_dim, rope_dim
-        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
-        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
-        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
-        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
-        self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps)
-        self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps)
-        self.core: nn.Module = DenseCore()
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
+        self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.core: nn.Module = DenseCore(window)
 
     def wrap_core(self, wrap) -> None:
         """Replace the core by ``wrap(core)`` (a module with the same call and ``CoreOut`` result)."""
@@ -180,8 +190,10 @@ class MSAAttention(Attention):
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_dim: int,
-                 cfg: AttentionConfig, norm_eps: float = 1e-5):
-        super().__init__(dim, n_heads, n_kv_heads, head_dim, rope_dim, norm_eps)
+                 cfg: AttentionConfig, norm_eps: float = 1e-5, *, qkv_bias: bool = False, out_bias: bool = False,
+                 qk_norm: bool = True):
+        super().__init__(dim, n_heads, n_kv_heads, head_dim, rope_dim, norm_eps, qkv_bias=qkv_bias,
+                         out_bias=out_bias, qk_norm=qk_norm)
         self.index_dim = cfg.index_dim
         self.index_rope_dim = min(rope_dim, cfg.index_dim)
         self.wq_idx = nn.Linear(dim, n_kv_heads * cfg.index_dim, bias=False)

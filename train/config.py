@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from msa.layer import AttentionConfig
 from train.data import DataConfig
 from train.data.loader import check_data
-from train.model import ModelConfig, check_model
+from train.model import ModelConfig, check_model, sliding_layers
 from train.optim import OptimConfig, check_optim
 from train.parallel import ParallelConfig, check_deepspeed, deepspeed_config
 from train.recipe import RecipeConfig, Stage
@@ -150,6 +150,14 @@ def check_stage(cfg: TrainConfig, stage: Stage, world_size: int) -> None:
     if shards > 1 and seq % (shards * 2 * attn.block_size):
         raise ValueError(f"{seq_key}={seq} must be divisible by sp_size*cp_size*2*attention.block_size="
                          f"{shards * 2 * attn.block_size}: change {seq_key}")
+    if stage.rope_scaling.type == "dynamic" and shards > 1:
+        raise ValueError(f"{stage.key('rope_scaling', 'model.rope_scaling')}.type=dynamic scales RoPE by the longest "
+                         f"document, which a sequence shard cannot see: use yarn, linear or llama3, or {layout_keys}=1")
+    msa_layers = set(range(attn.n_dense_layers, cfg.model.n_layers)) - sliding_layers(cfg.model)
+    if stage.freeze_main and (attn.kind != "msa" or not msa_layers):
+        raise ValueError(f"{stage.key('freeze_main', 'recipe.freeze_main_in_warmup')}: with the main weights frozen "
+                         f"only an MSA index branch learns, and this model has none (attention.kind={attn.kind}, "
+                         f"attention.n_dense_layers={attn.n_dense_layers}, sliding-window layers stay dense)")
     check_data(cfg.data, seq, stage.batch_size, seq_key=seq_key)
 
 

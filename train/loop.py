@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from train.checkpoint import (
 from train.config import TrainConfig, check_config
 from train.data import build_dataloader, build_tokenizer
 from train.model import build_model
+from train.optim import INDEX_PREFIX
 from train.parallel import (
     DistEnv,
     Mesh,
@@ -65,6 +66,7 @@ def train(cfg: TrainConfig) -> dict:
     """Run the configured recipe; returns the last logged metrics."""
     env = init_distributed(cfg.parallel)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
+    cfg = from_pretrained(cfg, tokenizer.vocab_size, env.rank)
     stages = build_recipe(cfg)
     for stage in stages:  # every stage must be able to run: fail now, not hours in
         check_config(cfg, stage, env.world_size, tokenizer.vocab_size, env.device.type)
@@ -124,6 +126,20 @@ def open_run_dir(cfg: TrainConfig, env: DistEnv) -> tuple[dict, Path | None, dic
     return resolved, resume, saved
 
 
+def from_pretrained(cfg: TrainConfig, vocab_size: int, rank: int) -> TrainConfig:
+    """With ``model.path`` (a Hugging Face checkpoint) its config.json sets the decoder's options
+    (``train/hf.py``), and its config and tokenizer files go to ``run_dir/hf_source`` so an export
+    needs only the run directory."""
+    if not cfg.model.path:
+        return cfg
+    from train.hf import copy_source_files, resolve_model_config
+
+    cfg = replace(cfg, model=resolve_model_config(cfg.model, vocab_size))
+    if rank == 0:
+        copy_source_files(cfg.model.path, Path(cfg.run_dir) / "hf_source")
+    return cfg
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -135,7 +151,11 @@ def start(cfg: TrainConfig, env: DistEnv, stages: list[Stage], stage: Stage, tok
     (an iterator of global batches, e.g. a benchmark's synthetic ones) it builds no loader."""
     seed_everything(cfg.run.seed)
     model = build_model(cfg.model, cfg.attention)
-    model.set_rope_base(stage.rope_base)
+    if cfg.model.path:  # the checkpoint's weights; what it lacks (index branch, vision) keep their fresh init
+        from train.hf import load_weights
+
+        load_weights(model, cfg.model.path)
+    model.set_rope(stage.rope_base, stage.rope_scaling)
     mesh = build_mesh(stage.sp_size, stage.cp_size, env, kv_replicas(stage.sp_size, cfg.model.n_kv_heads))
     parallelize(model, mesh, cfg.parallel)
     engine, scheduler = build_engine(model, cfg, stage, mesh, env)
@@ -185,7 +205,7 @@ def enter_stage(run: Run, upcoming: Stage, step: int, logger, resolved: dict) ->
         run.batches = iter(run.loader)
         if run.env.rank == 0:
             write_deepspeed_json(deepspeed_config(run.cfg, upcoming, run.env.device), run.cfg.run_dir)
-    run.model.set_rope_base(upcoming.rope_base)
+    run.model.set_rope(upcoming.rope_base, upcoming.rope_scaling)
     run.stage = upcoming
     logger.message(f"step {step}: stage {upcoming.index} ({upcoming.name}), {upcoming.phase}, "
                    f"seq_len={upcoming.seq_len}")
@@ -199,7 +219,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def train_step(run: Run, stats_queries: int = 0, with_grad_norms: bool = False) -> dict:
     """One optimizer step over ``optim.grad_accum`` micro-batches. A non-finite loss on any rank skips
     the update on every rank: that micro-batch's backward is a zero loss (no NaN reaches the gradients)
-    and the step runs with learning rate 0, so the weights stay as they were."""
+    and the step runs with learning rate 0, so the weights stay as they were. A stage with frozen main
+    weights back-propagates only the KL (the LM loss never reaches the index branch) and steps only the
+    index branch's groups."""
     engine, mesh, stage, accum = run.engine, run.mesh, run.stage, run.cfg.optim.grad_accum
     lm_sum = kl_sum = 0.0
     n_tokens, bad, lengths, layer_kl, stats = 0, False, [], 0.0, None
@@ -210,7 +232,8 @@ def train_step(run: Run, stats_queries: int = 0, with_grad_norms: bool = False) 
         # with sequence/context shards each rank's loss is its share: LM over the whole sequence's
         # target count, KL as the cores scale it; DeepSpeed sums the shares' gradients
         n_targets = shard_sum(out["n_tokens"], mesh)
-        loss = out["lm_sum"] / n_targets.clamp_min(1) + stage.kl_weight * out["kl"]
+        lm = out["lm_sum"] / n_targets.clamp_min(1)
+        loss = (lm.detach() if stage.freeze_main else lm) + stage.kl_weight * out["kl"]
         finite = bool(torch.isfinite(loss))
         bad = bad or not finite
         engine.backward(loss if finite else sum(p.sum() for p in run.model.parameters()) * 0.0)
@@ -221,7 +244,8 @@ def train_step(run: Run, stats_queries: int = 0, with_grad_norms: bool = False) 
             with zero_lr(engine.optimizer):
                 engine.step()
         else:
-            engine.step()
+            with zero_lr(engine.optimizer, frozen_groups(engine.optimizer, stage)):
+                engine.step()
         lm_sum += shard_sum(out["lm_sum"], mesh).item()
         n_tokens += int(n_targets)
         kl_sum += shard_sum(out["kl"], mesh).item()
@@ -248,16 +272,25 @@ def _float(x) -> float | None:
     return None if x is None else float(x)
 
 
+def frozen_groups(optimizer, stage: Stage) -> list[int]:
+    """The parameter groups a stage with frozen main weights does not train: all but the index branch's."""
+    if not stage.freeze_main:
+        return []
+    return [i for i, g in enumerate(optimizer.param_groups) if not g.get("name", "").startswith(INDEX_PREFIX)]
+
+
 @contextmanager
-def zero_lr(optimizer):
-    """Learning rate 0 for one step; the scheduler (or, if it did not step, this) sets it back."""
-    saved = [g["lr"] for g in optimizer.param_groups]
-    for g in optimizer.param_groups:
+def zero_lr(optimizer, groups: list[int] | None = None):
+    """Learning rate 0 for one step (for ``groups``, default all; with AdamW that also stops the decay);
+    the scheduler (or, if it did not step, this) sets it back."""
+    chosen = [g for i, g in enumerate(optimizer.param_groups) if groups is None or i in groups]
+    saved = [g["lr"] for g in chosen]
+    for g in chosen:
         g["lr"] = 0.0
     try:
         yield
     finally:
-        for g, lr in zip(optimizer.param_groups, saved):
+        for g, lr in zip(chosen, saved):
             if g["lr"] == 0.0:
                 g["lr"] = lr
 
@@ -277,6 +310,8 @@ def step_metrics(run: Run, out: dict, step_s: float, lr: list[float], peak: floa
         dist.all_reduce(total)
         flops = dict(zip(flops, total.tolist()))
     groups = run.engine.optimizer.param_groups
+    frozen = frozen_groups(run.engine.optimizer, stage)
+    lr = [0.0 if i in frozen else v for i, v in enumerate(lr)]
     return {
         M.LOSS_LM: out["lm"], M.LOSS_KL: out["kl"],
         M.TOKENS_PER_S: stage.batch_size * stage.seq_len * cfg.optim.grad_accum * dp_world / step_s,

@@ -17,15 +17,18 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from msa.layer import PHASES, Attention, AttentionConfig, MSAAttention, Phase, check_attention
-from msa.rope import Rotary
+from msa.rope import RopeScaling, Rotary, check_rope_scaling
 from train.vision import VisionConfig, build_vision
 
 
 @dataclass
 class ModelConfig:
-    """``model.*``: decoder shape. ``model=tiny|small|base|1b`` picks a preset in conf/model/."""
+    """``model.*``: decoder shape. ``model=tiny|small|base|1b`` picks a preset in conf/model/;
+    ``model=hf model.path=DIR`` imports a Hugging Face checkpoint (``train/hf.py`` reads the shape and
+    the options below from its config.json at start)."""
 
     name: str = "tiny"
+    path: str | None = None  # a local Hugging Face checkpoint directory (model=hf)
     vocab_size: int = 384
     dim: int = 128
     n_layers: int = 4
@@ -35,8 +38,14 @@ class ModelConfig:
     ffn_dim: int = 0  # 0: 8/3 * dim rounded up to a multiple of 64
     rope_dim: int = 16  # partial RoPE: rotary on the first rope_dim dims of each head
     rope_base: float = 10000.0  # a recipe stage may set its own
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # a recipe stage may set its own
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    qk_norm: bool = True  # per-head RMS QK-norm (pretrained Llama/Mistral/Qwen2 have none)
+    qkv_bias: bool = False  # biases in the q/k/v projections (Qwen2)
+    out_bias: bool = False  # a bias in the output projection (Llama's attention_bias)
+    sliding_window: int = 0  # > 0: sliding layers attend to the last sliding_window keys (Mistral, Qwen)
+    sliding_layers: list[int] | None = None  # None: every layer, when sliding_window > 0; they stay dense
     ce_chunk_tokens: int = 8192  # cross-entropy chunk: logits exist for this many tokens at a time
     init_std: float = 0.02
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -49,7 +58,20 @@ def check_model(cfg: ModelConfig, attn: AttentionConfig) -> None:
             raise ValueError(f"model.{key}={getattr(cfg, key)} must be >= 1")
     if cfg.rope_dim % 2 or not 0 <= cfg.rope_dim <= cfg.head_dim:
         raise ValueError(f"model.rope_dim={cfg.rope_dim} must be even and <= model.head_dim={cfg.head_dim}")
+    if cfg.sliding_window < 0:
+        raise ValueError(f"model.sliding_window={cfg.sliding_window} must be >= 0 (0: no sliding window)")
+    bad = [i for i in cfg.sliding_layers or [] if not 0 <= i < cfg.n_layers]
+    if bad:
+        raise ValueError(f"model.sliding_layers={cfg.sliding_layers}: {bad} outside [0, model.n_layers={cfg.n_layers})")
+    check_rope_scaling(cfg.rope_scaling)
     check_attention(attn, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers)
+
+
+def sliding_layers(cfg: ModelConfig) -> set[int]:
+    """The layers with a sliding window: they keep dense (windowed) attention, never MSA."""
+    if cfg.sliding_window <= 0:
+        return set()
+    return set(range(cfg.n_layers)) if cfg.sliding_layers is None else set(cfg.sliding_layers)
 
 
 class SwiGLU(nn.Module):
@@ -64,10 +86,14 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, attn_cfg: AttentionConfig, sparse: bool):
+    def __init__(self, cfg: ModelConfig, attn_cfg: AttentionConfig, sparse: bool, window: int = 0):
         super().__init__()
         args = (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_dim)
-        self.attn = MSAAttention(*args, attn_cfg, cfg.norm_eps) if sparse else Attention(*args, cfg.norm_eps)
+        opts = {"qkv_bias": cfg.qkv_bias, "out_bias": cfg.out_bias, "qk_norm": cfg.qk_norm}
+        if sparse:
+            self.attn = MSAAttention(*args, attn_cfg, cfg.norm_eps, **opts)
+        else:
+            self.attn = Attention(*args, cfg.norm_eps, **opts, window=window)
         self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         hidden = cfg.ffn_dim or 64 * math.ceil(8 * cfg.dim / 3 / 64)
@@ -114,11 +140,15 @@ class Decoder(nn.Module):
         super().__init__()
         check_model(cfg, attn_cfg)
         self.cfg, self.attn_cfg = cfg, attn_cfg
-        self.rope_base = cfg.rope_base
+        self.rope_base, self.rope_scaling = cfg.rope_base, cfg.rope_scaling
         n_dense = cfg.n_layers if attn_cfg.kind == "dense" else attn_cfg.n_dense_layers
+        window = sliding_layers(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.vision = build_vision(cfg.vision, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, attn_cfg, sparse=i >= n_dense) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(
+            Block(cfg, attn_cfg, sparse=i >= n_dense and i not in window,
+                  window=cfg.sliding_window if i in window else 0)
+            for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self._block_runner = None
@@ -144,9 +174,9 @@ class Decoder(nn.Module):
         """Run each block as ``runner(block, *args)`` instead of ``block(*args)`` (e.g. checkpointed)."""
         self._block_runner = runner
 
-    def set_rope_base(self, base: float) -> None:
-        """A recipe stage's RoPE base (set when the stage starts)."""
-        self.rope_base = float(base)
+    def set_rope(self, base: float, scaling: RopeScaling) -> None:
+        """A recipe stage's RoPE base and frequency scaling (set when the stage starts)."""
+        self.rope_base, self.rope_scaling = float(base), scaling
 
     def embed_inputs(self, batch: dict) -> torch.Tensor:
         x = self.embed(batch["input_ids"])
@@ -178,7 +208,7 @@ class Decoder(nn.Module):
         positions, labels = batch["position_ids"], batch["labels"]
         if cu_seqlens is not None and x.shape[0] > 1:  # packed rows: one sequence of B*N tokens
             x, positions, labels = x.reshape(1, -1, x.shape[-1]), positions.reshape(1, -1), labels.reshape(1, -1)
-        rotary = Rotary(positions, self.rope_base)
+        rotary = Rotary(positions, self.rope_base, self.rope_scaling)
         kl, layer_kl, layer_stats = x.new_zeros((), dtype=torch.float32), [], []
         for block in self.layers:
             args = (x, rotary, cu_seqlens, phase, stats_queries)
@@ -207,4 +237,6 @@ class Decoder(nn.Module):
 
 
 def build_model(cfg: ModelConfig, attn_cfg: AttentionConfig) -> Decoder:
+    """A freshly initialised decoder (a run that starts from ``model.path`` loads the checkpoint's weights
+    into it: ``train.loop.start``; evals and exports load their own)."""
     return Decoder(cfg, attn_cfg)

@@ -14,6 +14,8 @@ class OptimConfig:
 
     name: str = "adamw"  # adamw (torch) | cpu_adam (DeepSpeed's, needed when ZeRO offloads the optimizer to CPU)
     lr: float = 3e-3
+    index_lr: float | None = None  # the MSA index branch's learning rate (None: optim.lr); a fresh branch
+    # on a pretrained model wants more than the main weights' continued-pretraining rate
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 10  # linear learning-rate warm-up (not the attention warm-up: recipe.warmup_steps)
     weight_decay: float = 0.1
@@ -30,22 +32,38 @@ def check_optim(cfg: OptimConfig) -> None:
         raise ValueError(f"optim.grad_accum={cfg.grad_accum} must be >= 1")
     if cfg.lr <= 0 or not 0 <= cfg.min_lr_ratio <= 1:
         raise ValueError(f"optim.lr={cfg.lr} must be > 0 and optim.min_lr_ratio={cfg.min_lr_ratio} in [0, 1]")
+    if cfg.index_lr is not None and cfg.index_lr <= 0:
+        raise ValueError(f"optim.index_lr={cfg.index_lr} must be > 0 (or null: optim.lr)")
     if len(cfg.betas) != 2:
         raise ValueError(f"optim.betas={cfg.betas} must be two numbers, e.g. [0.9, 0.95]")
+
+
+INDEX_PREFIX = "index_"  # the MSA index branch's groups: their own learning rate, and they learn in a frozen stage
 
 
 def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     """Weight decay on projection matrices only: embedding tables (tokens, image rows/columns), norms and
     other vectors are left alone. Decided by module type, not by parameter name. Groups are named
-    (``decay``, ``no_decay``) so their learning rates can be logged."""
+    (``decay``, ``no_decay``, and for the MSA index branch ``index_decay``, ``index_no_decay`` at
+    ``optim.index_lr``) so their learning rates can be logged and a stage can freeze the others."""
     keep = (torch.nn.Embedding, torch.nn.RMSNorm, torch.nn.LayerNorm)
-    decay, no_decay = [], []
+    index = {id(p) for m in model.modules() if hasattr(m, "index_params") for p in m.index_params()}
+    groups: dict[str, list] = {"decay": [], "no_decay": [], "index_decay": [], "index_no_decay": []}
     for module in model.modules():
         for p in module.parameters(recurse=False):
             if p.requires_grad:
-                (no_decay if isinstance(module, keep) or p.ndim < 2 else decay).append(p)
-    return [{"name": "decay", "params": decay, "weight_decay": cfg.weight_decay},
-            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+                name = "no_decay" if isinstance(module, keep) or p.ndim < 2 else "decay"
+                groups[INDEX_PREFIX + name if id(p) in index else name].append(p)
+    out = []
+    for name, params in groups.items():
+        is_index = name.startswith(INDEX_PREFIX)
+        if is_index and not params:
+            continue
+        group = {"name": name, "params": params, "weight_decay": 0.0 if name.endswith("no_decay") else cfg.weight_decay}
+        if is_index:
+            group["lr"] = cfg.index_lr or cfg.lr
+        out.append(group)
+    return out
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -71,4 +89,4 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-__all__ = ["OptimConfig", "check_optim", "param_groups", "build_optimizer", "build_scheduler"]
+__all__ = ["OptimConfig", "INDEX_PREFIX", "check_optim", "param_groups", "build_optimizer", "build_scheduler"]

@@ -1,12 +1,17 @@
 """The training recipe: the stages a run moves through by itself (dense warm-up with the index KL,
 sparse training, a context curriculum). After ``build_recipe`` a ``Stage`` is the one source of every
-per-stage setting: phase, sequence length, batch, ``sp/cp`` sizes, RoPE base and KL weight.
+per-stage setting: phase, sequence length, batch, ``sp/cp`` sizes, RoPE base and scaling, KL weight and
+whether the main weights learn.
 
 Each entry of ``recipe.stages`` sets its number of steps and phase (``warmup``: dense main branch
 with the index KL on all visible tokens; ``sparse``: top-k selection with the KL on the selected
-support) and optionally its sequence length, batch, ``sp/cp`` sizes, RoPE base and KL weight; an unset
-value keeps the base config's (``data.seq_len``, ``data.batch_size``, ``parallel.sp_size/cp_size``,
-``model.rope_base``, ``recipe.kl_weight``). Example (abridged from ``conf/recipe/long_context.yaml``)::
+support) and optionally its sequence length, batch, ``sp/cp`` sizes, RoPE base and scaling, KL weight
+and whether the main weights are frozen; an unset value keeps the base config's (``data.seq_len``,
+``data.batch_size``, ``parallel.sp_size/cp_size``, ``model.rope_base``, ``model.rope_scaling``,
+``recipe.kl_weight``; frozen: ``recipe.freeze_main_in_warmup`` for warm-up stages, else not).
+A frozen stage trains only the index branch (the LM loss is logged but not back-propagated, the other
+parameter groups run at learning rate 0): the warm-up of a pretrained model converted to MSA.
+Example (abridged from ``conf/recipe/long_context.yaml``)::
 
     recipe:
       stages:
@@ -26,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from msa.layer import PHASES
+from msa.rope import RopeScaling, check_rope_scaling
 
 
 @dataclass
@@ -40,7 +46,9 @@ class StageConfig:
     sp_size: int | None = None
     cp_size: int | None = None
     rope_base: float | None = None
+    rope_scaling: RopeScaling | None = None
     kl_weight: float | None = None
+    freeze_main: bool | None = None  # only the index branch learns in this stage
 
 
 @dataclass
@@ -48,6 +56,7 @@ class RecipeConfig:
     """``recipe.*``: the index KL weight, and either a warm-up length or explicit stages."""
 
     kl_weight: float = 1.0  # lambda in L = L_lm + lambda * sum_layers L_kl (a stage may set its own)
+    freeze_main_in_warmup: bool = False  # warm-up stages train only the index branch (a pretrained model's)
     warmup_steps: int = 0  # with no stages: this many steps of dense warm-up, then sparse to run.steps
     stages: list[StageConfig] = field(default_factory=list)
 
@@ -67,7 +76,9 @@ class Stage:
     sp_size: int
     cp_size: int
     rope_base: float
+    rope_scaling: RopeScaling
     kl_weight: float
+    freeze_main: bool
     data_epoch: int  # first stage of the run of stages with this sp/cp layout: they share one data stream
     explicit: tuple[str, ...] = ()  # the settings this stage's entry sets itself
 
@@ -96,7 +107,8 @@ def build_recipe(cfg) -> list[Stage]:
     stages: list[Stage] = []
     start = 0
     base = {"seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size, "sp_size": cfg.parallel.sp_size,
-            "cp_size": cfg.parallel.cp_size, "rope_base": cfg.model.rope_base, "kl_weight": cfg.recipe.kl_weight}
+            "cp_size": cfg.parallel.cp_size, "rope_base": cfg.model.rope_base, "rope_scaling": cfg.model.rope_scaling,
+            "kl_weight": cfg.recipe.kl_weight}
     for i, s in enumerate(_entries(cfg)):
         if s.steps < 1:
             raise ValueError(f"recipe.stages[{i}].steps={s.steps} must be >= 1")
@@ -104,11 +116,16 @@ def build_recipe(cfg) -> list[Stage]:
             raise ValueError(f"recipe.stages[{i}].phase={s.phase!r}: use warmup or sparse")
         explicit = tuple(k for k in base if getattr(s, k) is not None)
         values = {k: (getattr(s, k) if k in explicit else v) for k, v in base.items()}
+        if "rope_scaling" in explicit:
+            check_rope_scaling(s.rope_scaling, f"recipe.stages[{i}].rope_scaling")
+        frozen = s.freeze_main if s.freeze_main is not None else (
+            cfg.recipe.freeze_main_in_warmup and s.phase == "warmup")
         stage = Stage(index=i, name=s.name or f"stage{i}", start=start, end=start + s.steps, phase=s.phase,
                       seq_len=int(values["seq_len"]), batch_size=int(values["batch_size"]),
                       sp_size=int(values["sp_size"]), cp_size=int(values["cp_size"]),
-                      rope_base=float(values["rope_base"]), kl_weight=float(values["kl_weight"]), data_epoch=i,
-                      explicit=explicit)
+                      rope_base=float(values["rope_base"]), rope_scaling=values["rope_scaling"],
+                      kl_weight=float(values["kl_weight"]), freeze_main=bool(frozen), data_epoch=i,
+                      explicit=explicit + (("freeze_main",) if s.freeze_main is not None else ()))
         if stages and stages[-1].layout() == stage.layout():
             stage = replace(stage, data_epoch=stages[-1].data_epoch)
         stages.append(stage)
@@ -127,6 +144,10 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
     return stages[-1]
 
 
+def _scaling(s: RopeScaling) -> str:
+    return "" if s.type == "none" else f" rope_scaling={s.type} x{s.factor:g}"
+
+
 def describe(stages: list[Stage], total_steps: int) -> str:
     lines = []
     for s in stages:
@@ -135,7 +156,8 @@ def describe(stages: list[Stage], total_steps: int) -> str:
             continue
         lines.append(f"  [{s.index}] {s.name}: steps {s.start}-{min(s.end, total_steps) - 1} {s.phase} "
                      f"seq_len={s.seq_len} batch={s.batch_size} sp={s.sp_size} cp={s.cp_size} "
-                     f"rope_base={s.rope_base:g} kl_weight={s.kl_weight:g}")
+                     f"rope_base={s.rope_base:g}{_scaling(s.rope_scaling)} kl_weight={s.kl_weight:g}"
+                     f"{' main weights frozen' if s.freeze_main else ''}")
     return "recipe:\n" + "\n".join(lines)
 
 

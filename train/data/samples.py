@@ -132,7 +132,8 @@ def decode_sample(sample: dict, tokenizer, image_cfg: ImageConfig, max_bytes: in
     size = sum(len(v) for k, v in sample.items() if not k.startswith("__") and isinstance(v, bytes))
     if size > max_bytes:
         raise SampleError("oversize", f"{size} bytes > data.max_sample_bytes={max_bytes}")
-    pieces, images, decoded, n = [], [], {}, 0
+    prefix = list(tokenizer.doc_prefix)  # e.g. a pretrained tokenizer's BOS
+    pieces, images, decoded, n = [np.asarray(prefix, dtype=np.int32)], [], {}, len(prefix)
     has_text = False
     for kind, value in _segments(sample):
         if kind == "text":

@@ -1,0 +1,98 @@
+#!/bin/bash
+# A random 0.5B-shaped Qwen3 checkpoint (Qwen3-0.6B's config, random weights, a BPE tokenizer trained
+# here: nothing downloaded) imported with model=hf, trained at 32K with recipe=msa_cpt (frozen warm-up,
+# then sparse CPT), exported with train.convert to-hf (reloaded with transformers, logits compared),
+# and the same model trained dense at 32K for the tokens/s comparison. About 6-7 minutes on one H200
+# (the steps' time limits add up to 560 s).
+# Run from the repository root on the GPU machine:
+#   OUT=runs/hf_gpu bash bench/hf_gpu.sh
+# WARMUP_STEPS, SPARSE_STEPS and DENSE_STEPS set the step counts (default 10, 30, 30); WORK holds the
+# checkpoint, runs and export (several GB: not under $OUT); $OUT gets the logs and hf_gpu.json.
+# DeepSpeed, Hydra and webdataset come from wheels in .whl/ (../shared/tools/device-wheels .whl), and
+# so must transformers, safetensors and the packages they import (docs/hf.md lists them).
+set -uo pipefail
+OUT=${OUT:-runs/hf_gpu}
+WORK=${WORK:-/tmp/hf_gpu}
+mkdir -p "$OUT" "$WORK"
+if [ -d .whl ] && ! python3 -c "import deepspeed, hydra, webdataset, transformers, safetensors" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl
+  export PYTHONPATH=$PWD/.site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -c "import transformers, safetensors" || { echo "transformers/safetensors missing: add their wheels"; exit 2; }
+source "$(dirname "$0")/gpu_run.sh" gpus.txt
+W=${WARMUP_STEPS:-10} S=${SPARSE_STEPS:-30} D=${DENSE_STEPS:-30}
+CK=$WORK/qwen3-0.6b-random
+COMMON=(model=hf "model.path=$CK" data.seq_len=32768 logging.wandb.mode=disabled logging.progress=false
+        logging.stats_every=1000 parallel.activation_checkpointing=true checkpoint.resume=never)
+
+run checkpoint 90 python3 - "$CK" <<'EOF'
+import sys
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
+from train.data.build_corpus import read_source, stdlib_files  # the text the default corpus is made of
+
+path = sys.argv[1]
+tok = Tokenizer(models.BPE())
+tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+texts = [read_source(p, 65536) for p in stdlib_files()[:400]]
+tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8192, show_progress=False,
+                        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>").save_pretrained(path)
+config = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                     num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=True,
+                     rms_norm_eps=1e-6, dtype=torch.bfloat16)
+torch.manual_seed(0)
+with torch.device("cuda"):
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+model.save_pretrained(path)
+print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters in {path}")
+EOF
+tail -n 2 "$OUT/checkpoint.log"
+
+run msa 210 python3 -m train "${COMMON[@]}" recipe=msa_cpt "run.steps=$((W + S))" "recipe.stages.0.steps=$W" \
+  "recipe.stages.1.steps=$S" "run_dir=$WORK/msa"
+tail -n 3 "$OUT/msa.log"
+run dense 150 python3 -m train "${COMMON[@]}" attention=dense optim.lr=2e-5 "run.steps=$D" "run_dir=$WORK/dense"
+tail -n 3 "$OUT/dense.log"
+run export 110 python3 -m train.convert to-hf "run_dir=$WORK/msa" "out=$WORK/export"
+tail -n 12 "$OUT/export.log"
+cp "$WORK/msa/metrics.jsonl" "$OUT/msa_metrics.jsonl" 2>/dev/null
+cp "$WORK/dense/metrics.jsonl" "$OUT/dense_metrics.jsonl" 2>/dev/null
+cp "$WORK/export/msa_config.json" "$OUT/" 2>/dev/null
+
+python3 - "$OUT" <<'EOF'
+import json, statistics, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+
+def rows(name):
+    p = out / f"{name}_metrics.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+
+def tokens_per_s(rs, skip=3):  # median after the first steps (compilation, autotuning)
+    v = [r["perf/tokens_per_s"] for r in rs[skip:]]
+    return (statistics.median(v), len(v)) if v else (None, 0)
+
+msa, dense = rows("msa"), rows("dense")
+result = {"seq_len": 32768, "model": "Qwen3-0.6B shape, random weights"}
+for name, rs in (("msa_warmup", [r for r in msa if not r["train/phase_sparse"]]),
+                 ("msa_sparse", [r for r in msa if r["train/phase_sparse"]]), ("dense", dense)):
+    result[name] = dict(zip(("tokens_per_s", "steps"), tokens_per_s(rs)))
+    if rs:
+        result[name]["max_allocated_gb"] = max(r["mem/max_allocated_gb"] or 0 for r in rs)
+        result[name]["last_loss_lm"] = rs[-1]["loss/lm"]
+text = (out / "export.log").read_text() if (out / "export.log").exists() else ""
+start = text.find("{\n")
+result["export"] = json.loads(text[start:text.rfind("}") + 1]) if start >= 0 else "failed: see export.log"
+(out / "hf_gpu.json").write_text(json.dumps(result, indent=1))
+print(f"{'arm':<12} {'tokens/s':>10} {'steps':>6} {'max GB':>7}")
+for name in ("msa_warmup", "msa_sparse", "dense"):
+    r = result[name]
+    tps = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"
+    print(f"{name:<12} {tps:>10} {r.get('steps', 0):>6} {r.get('max_allocated_gb', 0):>7.1f}")
+print("export:", json.dumps(result["export"].get("parity") if isinstance(result["export"], dict) else result["export"]))
+EOF
