@@ -24,6 +24,7 @@ class CorpusConfig:
     n_interleaved: int = 200  # documents alternating text and rendered snippets
     n_shards: int = 8
     max_doc_bytes: int = 65536  # longer source files are cut at a line boundary
+    heldout_every: int = 20  # every Nth standard-library file (by a hash of its path) stays out, for evals
 
 
 @dataclass
