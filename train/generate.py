@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from omegaconf import MISSING, OmegaConf
 
-from msa.layer import DenseCore, MSACore
+from msa.layer import PHASES, DenseCore, MSACore
 from msa.rope import Rotary
 from train.data.loader import collate
 from train.data.packing import IGNORE, Row
@@ -312,7 +312,13 @@ def make_prompt(text: str, image_files: list[str], tokenizer, image_cfg) -> Prom
     return Prompt(np.concatenate(parts).astype(np.int32), images)
 
 
+def check_phase(phase: str | None) -> None:
+    if phase not in (None, *PHASES):
+        raise ValueError(f"phase={phase!r}: use warmup or sparse (or leave it unset: the checkpoint's)")
+
+
 def run_generate(cfg: GenerateConfig) -> list[dict]:
+    check_phase(cfg.phase)
     loaded = load_model(cfg.checkpoint, cfg.device, cfg.impl, cfg.precision)
     model, tok = loaded.model, loaded.tokenizer
     if cfg.rope_base:

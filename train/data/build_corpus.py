@@ -1,14 +1,15 @@
 """The embedded default corpus, built from what every machine has.
 
-- text documents: the Python standard library's source files;
+- text documents: the Python standard library's source files, less about one in `heldout_every` (by
+  a hash of the path) that no corpus holds: the evals' held-out text (train/data/text_stream.py);
 - image-caption pairs: snippets of those files rendered with Pillow's built-in font; the caption
   is the snippet, so the text has to be read off the image (png, jpg and webp, as img2dataset
   writes them: `key.<ext>`, `key.txt`, `key.json`);
 - interleaved documents: a file cut into chunks, some given as text and some as rendered images
   (`key.json` with `segments`, images in `key.<i>.png`).
-Samples of the three kinds are shuffled together and dealt into shards. The output is
-deterministic for a seed (on one Python and Pillow version: the source files and font come from
-them).
+Snippets come from the same files, never the held-out ones. Samples of the three kinds are shuffled
+together and dealt into shards. The output is deterministic for a seed (on one Python and Pillow
+version: the source files and font come from them).
 
     python -m train.data.build_corpus --out data/corpus --seed 0
 """

@@ -16,11 +16,12 @@ from train.__main__ import CONFIG_DIR
 from train.eval.config import EvalAppConfig, check_eval
 from train.eval.report import write_report
 from train.eval.runner import evaluate, flatten
-from train.generate import load_model
+from train.generate import check_phase, load_model
 
 
 def run_eval(cfg: EvalAppConfig) -> tuple[dict, Path]:
     """Evaluate the checkpoint; returns the results and the folder they were written to."""
+    check_phase(cfg.phase)
     loaded = load_model(cfg.checkpoint, cfg.device, cfg.impl, cfg.precision)
     if cfg.rope_base:
         loaded.model.set_rope_base(cfg.rope_base)
