@@ -301,15 +301,14 @@ def run_evals(run: Run, step: int, logger) -> dict:
     """The evals after optimizer step ``step`` (``eval.*``): every rank runs them alike (no rank waits at a
     collective meanwhile); rank 0 writes ``run_dir/eval/step_<N>`` and logs the plots and tables to W&B.
     Returns the ``eval/...`` metrics."""
-    from train.eval.report import tables, write_report
+    from train.eval.report import write_report
     from train.eval.runner import evaluate, flatten
 
     cfg, done = run.cfg, step + 1
     results = evaluate(run.model, run.tokenizer, cfg.eval, train_len=run.stage.seq_len, phase=run.stage.phase,
                        image_cfg=cfg.data.image, heldout_every=cfg.data.corpus.heldout_every, step=done)
     if run.env.rank == 0:
-        images = write_report(results, Path(cfg.run_dir) / "eval" / f"step_{done:08d}")
-        logger.log_media(step, images, tables(results))
+        logger.log_media(step, *write_report(results, Path(cfg.run_dir) / "eval" / f"step_{done:08d}"))
         logger.message(f"step {step}: evals in {results['seconds']:.1f} s, written to eval/step_{done:08d}")
     return flatten(results)
 

@@ -111,13 +111,14 @@ def plot_layers(results: dict, path: Path) -> bool:
     return True
 
 
-def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
-    """``results.json``, the tables as JSON and the PNG plots in ``out_dir``; returns ``{W&B name: png}``."""
+def write_report(results: dict, out_dir: str | Path) -> tuple[dict[str, Path], dict]:
+    """``results.json``, the tables as JSON and the PNG plots in ``out_dir``; returns ``{W&B name: png}``
+    and the tables (``{W&B name: (columns, rows)}``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    named = {name: {"columns": cols, "rows": rows} for name, (cols, rows) in tables(results).items()}
-    (out / "tables.json").write_text(json.dumps(named))
+    named = tables(results)
+    (out / "tables.json").write_text(json.dumps({k: {"columns": c, "rows": r} for k, (c, r) in named.items()}))
     images = {}
     for score in ("choice", "exact"):
         if plot_retrieval(results, score, out / f"retrieval_{score}.png"):
@@ -126,7 +127,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
         images["eval/plots/bpb_by_position"] = out / "bpb_by_position.png"
     if plot_layers(results, out / "layer_recall.png"):
         images["eval/plots/layer_recall"] = out / "layer_recall.png"
-    return images
+    return images, named
 
 
 __all__ = ["write_report", "tables", "plot_retrieval", "plot_bpb", "plot_layers"]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from msa.stats import SelectionStats
+from train.data.text_stream import TextStream, encode
 from train.eval.config import BPB, EvalSpec
 from train.eval.tasks import choice_correct, eval_item, exact_match
 from train.generate import KVCache, Prompt, decode, extend, logits_of, patch_dim, prompt_batch
@@ -43,8 +44,6 @@ def fmt_tokens(n: int) -> str:
 
 def heldout_stream(spec_heldout, tokenizer, heldout_every: int):
     """The held-out text (cached per process: the evals of one run read it once)."""
-    from train.data.text_stream import TextStream
-
     key = (str(spec_heldout), id(tokenizer), heldout_every)
     if key not in _STREAMS:
         _STREAMS[key] = (TextStream.stdlib(tokenizer, heldout_every, heldout=True) if spec_heldout == "default"
@@ -172,8 +171,6 @@ def _candidate_logliks(model, cache: KVCache, first: torch.Tensor, candidates: l
 @torch.no_grad()
 def retrieval(model, tokenizer, spec: EvalSpec, task: str, length: int, stream, phase: str, image_cfg) -> dict:
     """Scores of ``task`` at ``length``: per depth and overall, plus the needle recall per MSA layer."""
-    from train.data.text_stream import encode
-
     device = next(model.parameters()).device
     items = [(d, eval_item(task, length, di, d, i, spec.seed, tokenizer, stream, image_cfg, spec.choices))
              for di, d in enumerate(spec.depths) for i in range(spec.items)]
