@@ -16,12 +16,8 @@ if [ -d .whl ] && ! python3 -c "import deepspeed, hydra, webdataset" 2>/dev/null
 fi
 export PYTHONUNBUFFERED=1
 export MSA_GIT_COMMIT=${MSA_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpus.txt"
-t0=$SECONDS
+source "$(dirname "$0")/gpu_run.sh" gpus.txt
 # shellcheck disable=SC2086  # QUALITY_ARGS is a list of words
-timeout -k 10 "${LIMIT_S:-520}" python3 -m bench.quality --budget-s "${BUDGET_S:-470}" --out "$OUT" \
-  --work "${WORK:-/tmp/msa-quality}" ${QUALITY_ARGS:-} > "$OUT/quality.log" 2>&1
-rc=$?
-grep -E "^(probe|plan|skip|dense|msa|done)" "$OUT/quality.log"
-[ "$rc" -eq 0 ] || tail -n 40 "$OUT/quality.log"
-echo "rc=$rc in $((SECONDS - t0)) s"
+run quality "${LIMIT_S:-520}" python3 -m bench.quality --budget-s "${BUDGET_S:-470}" --out "$OUT" \
+  --work "${WORK:-/tmp/msa-quality}" ${QUALITY_ARGS:-}
+grep -E "^(probe|plan|skip|dense|msa|done|Traceback|[A-Za-z]+Error)" "$OUT/quality.log"
