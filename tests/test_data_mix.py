@@ -94,3 +94,13 @@ def test_source_settings_are_checked():
             check_data(DataConfig(**{**base, "sources": [src]}), 1024, 1)
     with pytest.raises(ValueError, match="repeat"):
         check_data(DataConfig(**{**base, "sources": [SourceConfig(name="x"), SourceConfig(name="x")]}), 1024, 1)
+
+
+def test_a_longer_stage_continues_the_mixed_stream(tmp_path):
+    """A curriculum stage with longer rows loads the position of the shorter ones (as enter_stage does)."""
+    cfg = sources_cfg(tmp_path)
+    short = build_dataloader(cfg, TOK, seq_len=200, batch_size=1, seed=3)
+    take(iter(short), 3)
+    longer = build_dataloader(cfg, TOK, seq_len=400, batch_size=1, seed=3)
+    longer.load_state_dict(short.state_dict())
+    assert next(iter(longer))["input_ids"].shape == (1, 400)

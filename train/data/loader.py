@@ -183,11 +183,12 @@ class Loader:
                 "image": [self.cfg.image.patch_size, self.cfg.image.max_patches], "sources": self._sources_key()}
 
     def _sources_key(self) -> list | None:
-        """What a mixed stream depends on (None without data.sources, as in states saved before them)."""
+        """What a mixed stream depends on (None without data.sources, as in states saved before them). A
+        synthetic source's ``max_len`` 0 stays 0: a later stage's longer rows continue its stream."""
         if not self.sources:
             return None
         return [[name, src.kind, src.weight, urls if urls is not None else
-                 [list(src.tasks), src.min_len, src.max_len or self.seq_len, src.seed, src.haystack]]
+                 [list(src.tasks), src.min_len, src.max_len, src.seed, src.haystack]]
                 for name, src, urls in self.sources]
 
     def iter_rows(self):
