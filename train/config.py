@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from msa.layer import AttentionConfig
 from train.data import DataConfig
 from train.data.loader import check_data
+from train.eval.config import EvalConfig, check_train_eval
 from train.model import ModelConfig, check_model, sliding_layers
 from train.optim import OptimConfig, check_optim
 from train.parallel import ParallelConfig, check_deepspeed, deepspeed_config
@@ -77,6 +78,7 @@ class TrainConfig:
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Keys that moved: a command line that still uses one gets the new name instead of Hydra's "not in struct".
@@ -193,6 +195,7 @@ def check_config(cfg: TrainConfig, stage: Stage, world_size: int, vocab_size: in
         raise ValueError(f"model.vision.patch_size={cfg.model.vision.patch_size} differs from "
                          f"data.image.patch_size={cfg.data.image.patch_size}: set them equal")
     check_deepspeed(deepspeed_config(cfg, stage, torch.device(device_type)))
+    check_train_eval(cfg.eval, stage, cfg.parallel.zero_stage, cfg.data)
 
 
 __all__ = ["TrainConfig", "RunConfig", "LoggingConfig", "WandbConfig", "CheckpointConfig", "MOVED_KEYS",

@@ -3,7 +3,9 @@
     python -m train.dashboard --entity E --project P [--name "MSA training"] [--layers 24 --dense-layers 1] [--dry-run]
 
 Sections: losses, MSA health (index recall, sparsity), throughput, memory, schedule (seq_len, stage,
-lr, skipped data and bad steps), and per-layer index KL / recall. Per-layer metrics are drawn with a
+lr, skipped data and bad steps), evals (bits per byte, retrieval accuracy, index and needle recall by
+eval length; their plots and tables appear in W&B's media and table panels), and per-layer index KL /
+recall. Per-layer metrics are drawn with a
 metric regex, so one panel shows every layer whatever the model depth; `--layers N` adds one panel per
 layer as well. `--dry-run` prints the layout and builds the workspace object without touching the
 network; saving needs `WANDB_API_KEY` (or `wandb login`) and network access to W&B.
@@ -67,6 +69,16 @@ def layout(layers: int | None = None, dense_layers: int = 1) -> list[SectionSpec
             PanelSpec("Skipped samples / bad steps", (M.SKIPPED, M.BAD_STEPS)),
         )),
     ]
+    e = M.EVAL_PREFIX  # eval/<task>/<length>[/<score>]: lines per length and task, by regex (docs/evals.md)
+    sections.append(SectionSpec("Evals", (
+        PanelSpec("Held-out bits per byte, by eval length", regex=f"^{e}bpb/[^/]+$"),
+        PanelSpec("Held-out bits per byte by token position", regex=f"^{e}bpb/[^/]+/.+"),
+        PanelSpec("Retrieval accuracy, log-likelihood choice (chance 1/eval.choices)", regex=f"^{e}.+/choice$"),
+        PanelSpec("Retrieval exact match, greedy generation", regex=f"^{e}.+/exact$"),
+        PanelSpec("Answer NLL per token (nats)", regex=f"^{e}.+/nll$"),
+        PanelSpec("Index recall on held-out rows, by eval length", regex=f"^{e}index_recall/.*"),
+        PanelSpec("Needle recall of the indexer (needle blocks the question selects)", regex=f"^{e}needle_recall/.*"),
+    )))
     for title, prefix, key in (("Per-layer index KL", LAYER_KL_PREFIX, layer_kl_key),
                                ("Per-layer index recall", LAYER_RECALL_PREFIX, layer_recall_key)):
         panels = [PanelSpec(f"{title}: all layers", regex=f"^{prefix}.*", log_y=prefix == LAYER_KL_PREFIX)]

@@ -26,6 +26,7 @@ from train.checkpoint import (
 )
 from train.config import TrainConfig, check_config
 from train.data import build_dataloader, build_tokenizer
+from train.eval.config import eval_due
 from train.model import build_model
 from train.optim import INDEX_PREFIX
 from train.parallel import (
@@ -85,7 +86,8 @@ def train(cfg: TrainConfig) -> dict:
         for step in range(saved["step"], cfg.run.steps):
             if not enter_stage(run, stage_at(stages, step), step, logger, resolved):
                 break
-            logged = step % cfg.logging.every == 0 or step == cfg.run.steps - 1
+            evals = eval_due(cfg.eval.every, step, cfg.run.steps)
+            logged = step % cfg.logging.every == 0 or step == cfg.run.steps - 1 or evals
             stats_queries = cfg.logging.recall_queries if logged and step % cfg.logging.stats_every == 0 else 0
             lr = run.scheduler.get_last_lr()  # per group: what this step trains with (engine.step advances it)
             t0 = time.perf_counter()
@@ -98,7 +100,7 @@ def train(cfg: TrainConfig) -> dict:
                 logger.message(f"step {step}: non-finite loss, update skipped "
                                f"({run.bad_steps}/{cfg.run.max_bad_steps} run.max_bad_steps)")
             if logged or out["bad"]:
-                metrics = step_metrics(run, out, step_s, lr, peak)
+                metrics = step_metrics(run, out, step_s, lr, peak) | (run_evals(run, step, logger) if evals else {})
                 logger.log(step, metrics)
             if run.bad_steps >= cfg.run.max_bad_steps:
                 raise RuntimeError(f"{run.bad_steps} steps with a non-finite loss: stopping (raise "
@@ -328,6 +330,22 @@ def step_metrics(run: Run, out: dict, step_s: float, lr: list[float], peak: floa
         **M.layer_metrics(run.model.msa_layers(), out["layer_kl"], cfg.optim.grad_accum, out["layer_stats"],
                           run.mesh),
     }
+
+
+def run_evals(run: Run, step: int, logger) -> dict:
+    """The evals after optimizer step ``step`` (``eval.*``): every rank runs them alike (no rank waits at a
+    collective meanwhile); rank 0 writes ``run_dir/eval/step_<N>`` and logs the plots and tables to W&B.
+    Returns the ``eval/...`` metrics."""
+    from train.eval.report import write_report
+    from train.eval.runner import evaluate, flatten
+
+    cfg, done = run.cfg, step + 1
+    results = evaluate(run.model, run.tokenizer, cfg.eval, train_len=run.stage.seq_len, phase=run.stage.phase,
+                       image_cfg=cfg.data.image, heldout_every=cfg.data.corpus.heldout_every, step=done)
+    if run.env.rank == 0:
+        logger.log_media(step, *write_report(results, Path(cfg.run_dir) / "eval" / f"step_{done:08d}"))
+        logger.message(f"step {step}: evals in {results['seconds']:.1f} s, written to eval/step_{done:08d}")
+    return flatten(results)
 
 
 def save(run: Run, done: int, resolved: dict) -> None:

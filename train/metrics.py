@@ -35,6 +35,13 @@ LR_GROUP_PREFIX = "train/lr/"
 GRAD_NORM, GRAD_NORM_INDEX = "opt/grad_norm", "opt/grad_norm_index"
 SKIPPED = "data/skipped"
 LAYER_KL_PREFIX, LAYER_RECALL_PREFIX = "layer_kl/", "layer_recall/"
+EVAL_PREFIX = "eval/"  # periodic evals (train/eval): eval/<task>/<length>[/<score>], see docs/evals.md
+EVAL_SECONDS = "eval/seconds"
+
+
+def eval_key(*parts: str) -> str:
+    """``eval/bpb/8K``, ``eval/bpb/8K/0-1K``, ``eval/passkey/8K/choice``, ``eval/needle_recall/passkey/8K``..."""
+    return EVAL_PREFIX + "/".join(parts)
 
 
 def layer_kl_key(layer: int) -> str:
@@ -187,6 +194,17 @@ class MetricsLogger:
                                  tok_s=f"{metrics.get(TOKENS_PER_S, 0):.0f}", stage=metrics.get(STAGE, 0),
                                  refresh=False)
             self.bar.refresh()
+
+    def log_media(self, step: int, images: dict[str, Path], tables: dict[str, tuple[list[str], list[list]]]) -> None:
+        """PNG files and tables (columns, rows) to W&B at ``step`` (they are already files on disk, so
+        metrics.jsonl gets nothing); wandb is imported only when a W&B run is active."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        media = {name: wandb.Image(str(path)) for name, path in images.items()}
+        media.update({name: wandb.Table(columns=cols, data=rows) for name, (cols, rows) in tables.items()})
+        self.wandb_run.log(media, step=step)
 
     def message(self, text: str) -> None:
         if self.active:

@@ -1,14 +1,15 @@
 """The embedded default corpus, built from what every machine has.
 
-- text documents: the Python standard library's source files;
+- text documents: the Python standard library's source files, less about one in `heldout_every` (by
+  a hash of the path) that no corpus holds: the evals' held-out text (train/data/text_stream.py);
 - image-caption pairs: snippets of those files rendered with Pillow's built-in font; the caption
   is the snippet, so the text has to be read off the image (png, jpg and webp, as img2dataset
   writes them: `key.<ext>`, `key.txt`, `key.json`);
 - interleaved documents: a file cut into chunks, some given as text and some as rendered images
   (`key.json` with `segments`, images in `key.<i>.png`).
-Samples of the three kinds are shuffled together and dealt into shards. The output is
-deterministic for a seed (on one Python and Pillow version: the source files and font come from
-them).
+Snippets come from the same files, never the held-out ones. Samples of the three kinds are shuffled
+together and dealt into shards. The output is deterministic for a seed (on one Python and Pillow
+version: the source files and font come from them).
 
     python -m train.data.build_corpus --out data/corpus --seed 0
 """
@@ -25,6 +26,7 @@ import shutil
 import sys
 import sysconfig
 import time
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,11 +41,17 @@ FORMATS = ("png", "jpg", "webp")
 MANIFEST = "manifest.json"
 
 
-def stdlib_files() -> list[Path]:
+def stdlib_files(heldout_every: int = 0, heldout: bool = False) -> list[Path]:
+    """The standard library's source files, sorted. With ``heldout_every = n > 0`` the files split by a
+    hash of their path into the held-out set (about one in n: ``heldout=True``) and the rest: the corpus
+    is built from the rest only, so evals can measure on text no training run saw."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts]
     if not files:
         raise RuntimeError(f"no Python source files under {root}: cannot build the default corpus")
+    if heldout_every > 0:
+        files = [p for p in files if (zlib.crc32(p.relative_to(root).as_posix().encode()) % heldout_every == 0)
+                 == heldout]
     return files
 
 
@@ -139,7 +147,7 @@ def build_corpus(out: str | Path, cfg: CorpusConfig) -> list[str]:
     paths = [out / f"corpus-{i:05d}.tar" for i in range(cfg.n_shards)]
     writers = [TarWriter(str(p), mtime=0) for p in paths]
     try:
-        for j, sample in enumerate(make_samples(cfg, stdlib_files())):
+        for j, sample in enumerate(make_samples(cfg, stdlib_files(cfg.heldout_every))):
             writers[j % cfg.n_shards].write(sample)
     finally:
         for w in writers:
@@ -194,11 +202,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="data/corpus")
     parser.add_argument("--seed", type=int, default=0)
-    for name in ("n_text", "n_pairs", "n_interleaved", "n_shards", "max_doc_bytes"):
+    for name in ("n_text", "n_pairs", "n_interleaved", "n_shards", "max_doc_bytes", "heldout_every"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(CorpusConfig, name))
     args = parser.parse_args(argv)
-    cfg = CorpusConfig(seed=args.seed, n_text=args.n_text, n_pairs=args.n_pairs,
-                       n_interleaved=args.n_interleaved, n_shards=args.n_shards, max_doc_bytes=args.max_doc_bytes)
+    cfg = CorpusConfig(seed=args.seed, n_text=args.n_text, n_pairs=args.n_pairs, n_interleaved=args.n_interleaved,
+                       n_shards=args.n_shards, max_doc_bytes=args.max_doc_bytes, heldout_every=args.heldout_every)
     t0 = time.time()
     paths = build_corpus(args.out, cfg)
     size = sum(os.path.getsize(p) for p in paths)

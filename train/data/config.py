@@ -24,6 +24,23 @@ class CorpusConfig:
     n_interleaved: int = 200  # documents alternating text and rendered snippets
     n_shards: int = 8
     max_doc_bytes: int = 65536  # longer source files are cut at a line boundary
+    heldout_every: int = 20  # every Nth standard-library file (by a hash of its path) stays out, for evals
+
+
+@dataclass
+class SourceConfig:
+    """One entry of ``data.sources``: a stream of documents and its share of the training tokens."""
+
+    name: str = ""  # shown in logs and kept in the loader state; default: <kind><index>
+    kind: str = "shards"  # shards | synthetic (the retrieval tasks of train/eval/tasks.py)
+    weight: float = 1.0  # share of tokens, normalised over the sources
+    shards: Any = "default"  # kind=shards: as data.shards ("default": the embedded corpus)
+    tasks: list[str] = field(default_factory=lambda: ["passkey", "multikey", "multivalue", "vartrack",
+                                                      "image_needle"])  # kind=synthetic
+    min_len: int = 256  # kind=synthetic: document lengths in tokens, uniform in [min_len, max_len]
+    max_len: int = 0  # 0: the row length (a synthetic document is never split across rows)
+    seed: int = 0  # kind=synthetic: its own stream (never an eval item's: train/eval/tasks.py)
+    haystack: Any = "default"  # kind=synthetic: filler text; default: the corpus' standard-library files
 
 
 @dataclass
@@ -32,6 +49,9 @@ class DataConfig:
     # URLs, a directory (its *.tar, sorted), '@list.txt' (one of these per line); "default" = the
     # embedded corpus in corpus_dir, built there when missing.
     shards: Any = "default"  # str or list[str]; OmegaConf 2.3 cannot type a union with a list
+    # Several weighted sources instead of data.shards (which is then not read), e.g.
+    # [{kind: shards, weight: 0.8}, {kind: synthetic, weight: 0.2, tasks: [passkey]}]
+    sources: list[SourceConfig] = field(default_factory=list)
     corpus_dir: str = "data/corpus"  # relative to the current directory
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     seq_len: int = 4096

@@ -24,7 +24,8 @@ from collections import Counter
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from train.data.config import DataConfig
+from train.data.config import DataConfig, SourceConfig
+from train.data.mix import MixedReader, SyntheticReader
 from train.data.packing import Packer
 from train.data.samples import decode_sample
 from train.data.shards import ShardReader, expand_shards
@@ -43,35 +44,88 @@ def check_data(cfg: DataConfig, seq_len: int, batch_size: int, seq_key: str = "d
     if cfg.image.max_patches + 2 > seq_len:
         raise ValueError(f"data.image.max_patches={cfg.image.max_patches} (+2 markers) exceeds {seq_key}={seq_len}: "
                          "lower data.image.max_patches")
+    names = [source_name(s, i) for i, s in enumerate(cfg.sources)]
+    if len(set(names)) < len(names):
+        raise ValueError(f"data.sources: names {names} repeat: give each source its own name")
+    for i, src in enumerate(cfg.sources):
+        check_source(src, f"data.sources[{i}]", seq_len, seq_key, cfg)
 
 
-def resolve_shards(cfg: DataConfig) -> list[str]:
-    """Shard URLs of data.shards; "default" builds the embedded corpus into data.corpus_dir if missing."""
-    if cfg.shards == "default":
+def source_name(src: SourceConfig, index: int) -> str:
+    return src.name or f"{src.kind}{index}"
+
+
+def check_source(src: SourceConfig, key: str, seq_len: int, seq_key: str, cfg: DataConfig) -> None:
+    if src.kind not in ("shards", "synthetic"):
+        raise ValueError(f"{key}.kind={src.kind!r}: use shards or synthetic")
+    if not src.weight > 0:
+        raise ValueError(f"{key}.weight={src.weight} must be > 0")
+    if src.kind == "shards":
+        return
+    from train.data.tokenizer import build_tokenizer
+    from train.eval.tasks import TASKS, fixed_tokens
+
+    unknown = [t for t in src.tasks if t not in TASKS]
+    if not src.tasks or unknown:
+        raise ValueError(f"{key}.tasks={list(src.tasks)}: name one or more of {', '.join(TASKS)}")
+    max_len = src.max_len or seq_len
+    if max_len > seq_len:
+        raise ValueError(f"{key}.max_len={src.max_len} exceeds {seq_key}={seq_len}: a synthetic document must fit "
+                         f"in a row")
+    if cfg.tokenizer.kind == "bytes":  # other tokenizers are checked when a document is made
+        tokenizer = build_tokenizer(cfg.tokenizer)
+        need = max(fixed_tokens(t, tokenizer, cfg.image) for t in src.tasks) + 2  # + end of document, a filler
+        if not need <= src.min_len <= max_len:
+            raise ValueError(f"{key}.min_len={src.min_len} must lie in [{need}, {max_len}] (the longest question "
+                             f"of {list(src.tasks)} and its needles take {need - 2} tokens; the row is {max_len})")
+
+
+def resolve_shards(cfg: DataConfig, shards=None) -> list[str]:
+    """Shard URLs of ``shards`` (default data.shards); "default" builds the embedded corpus into
+    data.corpus_dir if missing."""
+    shards = cfg.shards if shards is None else shards
+    if shards == "default":
         from train.data.build_corpus import ensure_corpus
 
         return ensure_corpus(cfg.corpus_dir, cfg.corpus)
-    return expand_shards(cfg.shards)
+    return expand_shards(shards)
+
+
+def resolve_sources(cfg: DataConfig) -> list[tuple[str, SourceConfig, list[str] | None]]:
+    """(name, config, shard URLs or None for a synthetic source) of each entry of data.sources."""
+    return [(source_name(src, i), src, resolve_shards(cfg, src.shards) if src.kind == "shards" else None)
+            for i, src in enumerate(cfg.sources)]
 
 
 class _Rows(IterableDataset):
     """Rows of the logical workers a torch DataLoader worker plays (one each; all of them in-process)."""
 
-    def __init__(self, urls, tokenizer, cfg, *, seq_len, dp_rank, n_workers, dp_world, seed, states, first):
-        self.urls, self.tokenizer, self.cfg = urls, tokenizer, cfg
+    def __init__(self, urls, tokenizer, cfg, *, seq_len, dp_rank, n_workers, dp_world, seed, states, first,
+                 sources=()):
+        self.urls, self.tokenizer, self.cfg, self.sources = urls, tokenizer, cfg, list(sources)
         self.seq_len, self.dp_rank, self.n_workers, self.dp_world = seq_len, dp_rank, n_workers, dp_world
         self.seed, self.states, self.first = seed, states, first
 
-    def packer(self, worker: int) -> Packer:
+    def shard_reader(self, urls, reader: int, seed: int) -> ShardReader:
         decode = functools.partial(
             decode_sample, tokenizer=self.tokenizer, image_cfg=self.cfg.image,
             max_bytes=self.cfg.max_sample_bytes,
         )
-        reader = ShardReader(
-            self.urls, reader=self.dp_rank * self.n_workers + worker, n_readers=self.dp_world * self.n_workers,
-            seed=self.seed, block_size=self.cfg.shuffle_buffer, shuffle_shards=self.cfg.shuffle_shards,
-            decode=decode,
+        return ShardReader(
+            urls, reader=reader, n_readers=self.dp_world * self.n_workers, seed=seed,
+            block_size=self.cfg.shuffle_buffer, shuffle_shards=self.cfg.shuffle_shards, decode=decode,
         )
+
+    def packer(self, worker: int) -> Packer:
+        index = self.dp_rank * self.n_workers + worker
+        if not self.sources:
+            reader = self.shard_reader(self.urls, index, self.seed)
+        else:  # each source its own stream; a second source of the same shards is shuffled differently
+            reader = MixedReader([
+                self.shard_reader(urls, index, self.seed + 7919 * i) if src.kind == "shards" else
+                SyntheticReader(src, name, self.tokenizer, self.cfg.image, self.seq_len, self.seed, index,
+                                self.cfg.corpus.heldout_every)
+                for i, (name, src, urls) in enumerate(self.sources)], [src.weight for _, src, _ in self.sources])
         p = self.cfg.image.patch_size
         return Packer(reader, self.seq_len, self.tokenizer.pad, self.tokenizer.img_patch, 3 * p * p)
 
@@ -111,8 +165,9 @@ class Loader:
     """Endless batches for one data-parallel rank; `state_dict()` / `load_state_dict()` resume
     exactly; `skipped` counts skipped input by reason."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, urls, *, seq_len, batch_size, dp_rank, dp_world, seed):
-        self.cfg, self.tokenizer, self.urls = cfg, tokenizer, urls
+    def __init__(self, cfg: DataConfig, tokenizer, urls, *, seq_len, batch_size, dp_rank, dp_world, seed,
+                 sources=()):
+        self.cfg, self.tokenizer, self.urls, self.sources = cfg, tokenizer, urls, list(sources)
         self.seq_len, self.batch_size, self.dp_rank, self.dp_world = seq_len, batch_size, dp_rank, dp_world
         self.seed = seed
         self.n_workers = max(1, cfg.num_workers)
@@ -125,12 +180,21 @@ class Loader:
         document and a token offset, so a later curriculum stage can continue the same stream."""
         return {"dp_rank": self.dp_rank, "dp_world": self.dp_world, "num_workers": self.n_workers,
                 "seed": self.seed, "shards": self.urls, "vocab_size": self.tokenizer.vocab_size,
-                "image": [self.cfg.image.patch_size, self.cfg.image.max_patches]}
+                "image": [self.cfg.image.patch_size, self.cfg.image.max_patches], "sources": self._sources_key()}
+
+    def _sources_key(self) -> list | None:
+        """What a mixed stream depends on (None without data.sources, as in states saved before them). A
+        synthetic source's ``max_len`` 0 stays 0: a later stage's longer rows continue its stream."""
+        if not self.sources:
+            return None
+        return [[name, src.kind, src.weight, urls if urls is not None else
+                 [list(src.tasks), src.min_len, src.max_len, src.seed, src.haystack]]
+                for name, src, urls in self.sources]
 
     def iter_rows(self):
         ds = _Rows(self.urls, self.tokenizer, self.cfg, seq_len=self.seq_len,
                    dp_rank=self.dp_rank, n_workers=self.n_workers, dp_world=self.dp_world, seed=self.seed,
-                   states=dict(self._states), first=self._next)
+                   states=dict(self._states), first=self._next, sources=self.sources)
         if self.cfg.num_workers == 0:
             source = iter(ds)
         else:
@@ -172,6 +236,7 @@ class Loader:
     def load_state_dict(self, state: dict):
         keys = {"dp_world": "the data-parallel size", "dp_rank": "the data-parallel rank",
                 "num_workers": "data.num_workers", "seed": "run.seed", "shards": "data.shards",
+                "sources": "data.sources",
                 "vocab_size": "data.tokenizer", "image": "data.image.patch_size / data.image.max_patches"}
         now = self._fingerprint()
         for key, cfg_key in keys.items():
@@ -194,7 +259,12 @@ def build_dataloader(cfg: DataConfig, tokenizer, *, seq_len=None, batch_size=Non
     check_data(cfg, seq_len, batch_size)
     if not 0 <= dp_rank < dp_world:
         raise ValueError(f"dp_rank={dp_rank} outside [0, dp_world={dp_world})")
-    urls = resolve_shards(cfg)
-    log.info("data: data-parallel rank %d of %d reads %d shards", dp_rank, dp_world, len(urls))
+    sources = resolve_sources(cfg)
+    urls = [] if sources else resolve_shards(cfg)
+    if sources:
+        log.info("data: data-parallel rank %d of %d mixes %s", dp_rank, dp_world, ", ".join(
+            f"{name} (weight {src.weight:g}{'' if u is None else f', {len(u)} shards'})" for name, src, u in sources))
+    else:
+        log.info("data: data-parallel rank %d of %d reads %d shards", dp_rank, dp_world, len(urls))
     return Loader(cfg, tokenizer, urls, seq_len=seq_len, batch_size=batch_size, dp_rank=dp_rank,
-                  dp_world=dp_world, seed=seed)
+                  dp_world=dp_world, seed=seed, sources=sources)

@@ -2,10 +2,12 @@
 
 Documents are laid end to end; one that does not fit the rest of a row is split and continues at
 the start of the next row (a split never cuts through an image: it moves before the image's `<img>`
-and the row is padded instead). Each piece of a document is its own attention segment: position ids
-restart at 0, its last position has no target, and it never sees another piece. Padding at the end
-of a row is one more segment. A row remembers where its reader was (the document being packed, how
-many of its tokens are used, the skip counters) so that a resume continues exactly after it.
+and the row is padded instead). A document marked `whole` (a synthetic retrieval item: its question
+is useless without its needles) that fits in a row is never split: it starts the next row instead.
+Each piece of a document is its own attention segment: position ids restart at 0, its last position
+has no target, and it never sees another piece. Padding at the end of a row is one more segment. A row
+remembers where its reader was (the document being packed, how many of its tokens are used, the skip
+counters) so that a resume continues exactly after it.
 """
 
 from __future__ import annotations
@@ -56,12 +58,10 @@ class Packer:
         self.pad_id, self.img_patch, self.patch_dim = pad_id, img_patch, patch_dim
 
     def rows(self, state: dict | None = None):
-        from train.data.shards import Position
-
         state = state or {}
         if "skipped" in state:
             self.reader.skipped.update(state["skipped"])
-        docs = self.reader.documents(Position(**state["pos"]) if "pos" in state else None)
+        docs = self.reader.documents(state.get("pos"))
         doc, pos = next(docs)
         used = state.get("used", 0)
         while True:
@@ -77,6 +77,8 @@ class Packer:
             if used >= len(doc.tokens):
                 doc, pos = next(docs)
                 used = 0
+            if doc.whole and used == 0 and 0 < N - fill < len(doc.tokens) <= N:
+                break  # a document that must stay whole starts the next row; this one is padded
             end = _cut(doc, used, min(len(doc.tokens), used + N - fill))
             if end == used:  # the next image does not fit in this row: pad and start it in the next
                 if fill == 0:

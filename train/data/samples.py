@@ -49,6 +49,7 @@ class Document:
     tokens: np.ndarray  # int32 [L], image patches hold tokenizer.img_patch
     images: list[tuple[int, np.ndarray, tuple[int, int]]] = field(default_factory=list)
     # (index in tokens of the image's first patch, patches uint8 [n, p*p*3], (rows, cols))
+    whole: bool = False  # never split across rows when it fits in one (packing.py)
 
 
 def _text(value: bytes, member: str) -> str:

@@ -240,10 +240,11 @@ class ShardReader:
                 block += 1
             epoch, block, cursor = epoch + 1, 0, (0, 0, 0)
 
-    def documents(self, pos: Position | None = None):
-        """(Document, its Position) from pos on, forever (epochs roll over).
+    def documents(self, pos: Position | dict | None = None):
+        """(Document, its Position) from pos (a Position or its dict) on, forever (epochs roll over).
 
         A whole epoch without one usable document is an error (the stream would never end)."""
+        pos = Position(**pos) if isinstance(pos, dict) else pos
         resumed, pos = pos is not None, pos or Position()
         epoch, good, whole = pos.epoch, 0, pos == Position(epoch=pos.epoch)
         skip = pos.taken

@@ -1,0 +1,382 @@
+"""The quality run (issue 13): does MSA train on par with dense GQA, and does its indexer find the blocks
+that matter? The same model is trained dense and MSA (dense warm-up, then top-k) on the same data and
+tokens, for several seeds, and each run is evaluated at 1x, 2x, 4x and 8x its training length.
+
+    python3 -m bench.quality --budget-s 480 --out runs/quality          # model=small, 8K rows, seeds 0 1 2
+    python3 -m bench.quality --model tiny --seq-len 512 --budget-s 300 --out /tmp/q -- attention.block_size=32
+
+Time-budgeted: a probe builds each arm, times its training steps (after a step that compiles) per
+attention phase and runs the evals once on that model (timing them, and compiling what they need); the
+number of steps N is then the largest that fits every run (set-up + N steps + evals + the final
+checkpoint save, ``--save-s``) into what is left of ``--budget-s``, and every arm and seed trains
+exactly N steps of the same batches (``run.seed`` fixes the data order; the MSA arm's first
+``--warmup-frac`` of them are the dense warm-up).
+Runs go seed by seed, dense then MSA, so if time runs out the finished ones are complete pairs; a run
+that would not fit is skipped and listed. Both arms use the same RoPE base (``--rope-base``, the
+long_context recipe's base for 8K stages) in training and at every eval length.
+
+Data: the embedded corpus mixed with the synthetic retrieval source (``--mix`` of the tokens), so a small
+model can learn retrieval in a short run. Evals (train/eval): held-out bits per byte by position and
+index recall, retrieval accuracy (log-likelihood choice; ``--generate`` adds greedy exact match) per
+task, length and depth, the indexer's needle recall; the same items for every run.
+
+Writes to ``--out``: ``quality.json`` (settings, probe, steps and tokens, each run's loss curve, final
+loss and eval results, and mean / std / min / max over seeds per arm; rewritten after every run) and
+``quality_loss.png``, ``quality_bpb.png``, ``quality_retrieval.png``, ``quality_recall.png``. Hydra
+overrides after ``--`` apply to both arms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.meta import git_commit
+from bench.parallel import compose
+from train.config import check_config
+from train.data import build_tokenizer
+from train.data.build_corpus import ensure_corpus
+from train.eval.runner import evaluate, flatten, fmt_tokens
+from train.loop import start, train, train_step
+from train.parallel import init_distributed
+from train.recipe import build_recipe
+
+ARMS = ("dense", "msa")
+TASKS = ("passkey", "multikey", "vartrack", "image_needle")
+PROBE_STEPS = 3
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget-s", type=float, default=480.0, help="wall seconds for everything, start-up included")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=None, help="run directories (default: <out>/work, removed)")
+    ap.add_argument("--model", default="small")
+    ap.add_argument("--seq-len", type=int, default=8192)
+    ap.add_argument("--batch", type=int, default=2, help="rows per step")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup-frac", type=float, default=0.15, help="MSA arm: dense warm-up share of the steps")
+    ap.add_argument("--rope-base", type=float, default=5e5)
+    ap.add_argument("--mix", type=float, default=0.25, help="share of tokens from the synthetic retrieval source")
+    ap.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4, 8], help="eval lengths / training length")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS))
+    ap.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    ap.add_argument("--items", type=int, default=2, help="items per (task, length, depth)")
+    ap.add_argument("--rows", type=int, default=2, help="held-out rows per length for bits per byte")
+    ap.add_argument("--generate", action="store_true", help="also score greedy exact match (decode steps)")
+    ap.add_argument("--save-s", type=float, default=8.0, help="planned seconds of a run's final checkpoint save")
+    ap.add_argument("--min-steps", type=int, default=20)
+    ap.add_argument("--max-steps", type=int, default=100000)
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for both arms (after --)")
+    return ap.parse_args(argv)
+
+
+def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool) -> list[str]:
+    synthetic = (f"{{kind:synthetic,weight:{args.mix},tasks:[{','.join(args.tasks)}],"
+                 f"min_len:{min(1024, args.seq_len)},seed:{seed}}}")
+    out = [f"model={args.model}", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch}",
+           f"model.rope_base={args.rope_base}", f"optim.lr={args.lr}", f"optim.warmup_steps={max(1, steps // 20)}",
+           f"data.sources=[{{kind:shards,weight:{1 - args.mix}}},{synthetic}]", "data.num_workers=2",
+           "logging.wandb.mode=disabled", "logging.progress=false", "logging.stats_every=10",
+           "checkpoint.every=0", "checkpoint.keep_last=1", f"run.steps={steps}", f"run.seed={seed}",
+           f"run_dir={run_dir}"]
+    if arm == "dense":
+        out.append("attention=dense")
+    else:
+        out += ["attention=msa", f"recipe.warmup_steps={max(1, round(args.warmup_frac * steps))}"]
+    if evals:  # once, after the last step, inside the run (the model is still on the GPU)
+        lengths = [m * args.seq_len for m in args.multiples]
+        out += [f"eval.every={steps}", f"eval.lengths=[{','.join(map(str, lengths))}]",
+                f"eval.tasks=[bpb,{','.join(args.tasks)}]", f"eval.depths=[{','.join(map(str, args.depths))}]",
+                f"eval.items={args.items}", f"eval.rows={args.rows}", f"eval.generate={str(args.generate).lower()}",
+                f"eval.batch_tokens={max(lengths)}"]
+    return out + list(args.overrides)
+
+
+def sync(env) -> None:
+    if env.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(env) -> None:
+    gc.collect()
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def probe(args, env, tokenizer, work: Path) -> dict:
+    """Seconds per training step of each arm and attention phase (median of PROBE_STEPS after one that
+    compiles), the set-up time of a run (model, engine, loader) and of its evals (on the probe's model)."""
+    out = {}
+    for arm in ARMS:
+        steps = 4 * PROBE_STEPS
+        run_dir = work / f"probe-{arm}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = compose(overrides(args, arm, 0, steps, run_dir, evals=True))
+        stages = build_recipe(cfg)
+        for stage in stages:
+            check_config(cfg, stage, env.world_size, tokenizer.vocab_size, env.device.type)
+        t0 = time.perf_counter()
+        run = start(cfg, env, stages, stages[0], tokenizer)
+        out[arm] = {"setup_s": time.perf_counter() - t0}
+        for stage in stages:  # dense: one stage; MSA: warm-up, then sparse
+            run.stage = stage
+            t0 = time.perf_counter()
+            train_step(run)
+            sync(env)
+            out[arm][f"first_{stage.phase}_s"] = time.perf_counter() - t0  # compiles
+            times = []
+            for _ in range(PROBE_STEPS):
+                t0 = time.perf_counter()
+                train_step(run)
+                sync(env)
+                times.append(time.perf_counter() - t0)
+            out[arm][f"{stage.phase}_step_s"] = statistics.median(times)
+        t0 = time.perf_counter()
+        evaluate(run.model, tokenizer, cfg.eval, train_len=args.seq_len, phase=run.stage.phase,
+                 image_cfg=cfg.data.image, heldout_every=cfg.data.corpus.heldout_every)
+        sync(env)
+        out[arm]["eval_s"] = time.perf_counter() - t0
+        run.loader.close()
+        del run
+        free(env)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"probe {arm}: {json.dumps({k: round(v, 3) for k, v in out[arm].items()})}", flush=True)
+    return out
+
+
+def plan(args, timing: dict, left_s: float) -> tuple[int, dict]:
+    """Steps per run so that every run fits ``left_s``, and the per-run estimate it used."""
+    w = args.warmup_frac
+    step_s = {"dense": timing["dense"]["sparse_step_s"],
+              "msa": w * timing["msa"]["warmup_step_s"] + (1 - w) * timing["msa"]["sparse_step_s"]}
+    fixed = {arm: timing[arm]["setup_s"] + timing[arm]["eval_s"] + args.save_s for arm in ARMS}
+    n_runs = len(args.seeds)
+    steps = int((left_s - n_runs * sum(fixed.values())) / (n_runs * sum(step_s.values())))
+    steps = max(args.min_steps, min(args.max_steps, steps))
+    return steps, {arm: fixed[arm] + steps * step_s[arm] for arm in ARMS}
+
+
+def loss_curve(rows: list[dict]) -> list[list[float]]:
+    return [[r["step"], r["loss/lm"]] for r in rows if r.get("loss/lm") is not None]
+
+
+def run_one(args, arm: str, seed: int, steps: int, work: Path) -> dict:
+    run_dir = work / f"{arm}-s{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = compose(overrides(args, arm, seed, steps, run_dir, evals=True))
+    t0 = time.perf_counter()
+    train(cfg)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    results = json.loads((run_dir / "eval" / f"step_{steps:08d}" / "results.json").read_text())
+    curve = loss_curve(rows)
+    tail = [loss for _, loss in curve[-max(1, len(curve) // 10):]]
+    recall = [r["msa/index_recall"] for r in rows if r.get("msa/index_recall") is not None]
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    tokens = steps * cfg.data.batch_size * cfg.data.seq_len
+    scalars = {"final_loss": float(np.mean(tail)), "train/index_recall": recall[-1] if recall else None,
+               **{k: v for k, v in flatten(results).items() if k != "eval/seconds"}}
+    for task, by_length in results["retrieval"].items():
+        for length, r in by_length.items():
+            for depth, d in r["depths"].items():
+                scalars[f"depth/{task}/{fmt_tokens(int(length))}/{depth}/choice"] = d["choice"]
+                scalars[f"depth/{task}/{fmt_tokens(int(length))}/{depth}/exact"] = d["exact"]
+    for length, r in results["bpb"].items():
+        for layer, v in r.get("index_recall", {}).get("layers", {}).items():
+            scalars[f"layer/index_recall/{fmt_tokens(int(length))}/{layer}"] = v
+    return {"arm": arm, "seed": seed, "steps": steps, "tokens": tokens, "wall_s": wall,
+            "eval_s": results["seconds"], "train_s": wall - results["seconds"], "loss_curve": curve,
+            "scalars": scalars, "eval": results}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per arm and scalar: mean, standard deviation over seeds (n - 1), min, max, n (None values left out)."""
+    out = {}
+    for arm in ARMS:
+        mine = [r["scalars"] for r in runs if r["arm"] == arm]
+        keys = sorted({k for s in mine for k in s})
+        stats = {}
+        for k in keys:
+            vals = [s[k] for s in mine if s.get(k) is not None]
+            if vals:
+                stats[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                            "min": float(min(vals)), "max": float(max(vals)), "n": len(vals)}
+        out[arm] = stats
+    return out
+
+
+# ---- plots
+
+
+def _figure(w, h):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(w, h), dpi=110, layout="constrained")
+
+
+def plot_loss(report: dict, path: Path) -> None:
+    fig = _figure(7, 4)
+    ax = fig.subplots()
+    for arm in ARMS:
+        curves = [r["loss_curve"] for r in report["runs"] if r["arm"] == arm]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        y = np.array([[v for _, v in c[:n]] for c in curves])
+        k = max(1, n // 50)  # a moving average over ~2% of the run
+        kernel = np.ones(k) / k
+        smooth = np.array([np.convolve(row, kernel, mode="valid") for row in y])
+        x = (np.arange(smooth.shape[1]) + k) * report["tokens_per_step"] / 1e6
+        ax.plot(x, smooth.mean(0), label=f"{arm} (mean of {len(curves)})")
+        ax.fill_between(x, smooth.min(0), smooth.max(0), alpha=0.25)
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("LM loss (nats/token)")
+    ax.legend()
+    ax.set_title("training loss, band: min-max over seeds", fontsize=10)
+    fig.savefig(path)
+
+
+def plot_bpb(report: dict, path: Path) -> None:
+    lengths = report["eval_lengths"]
+    fig = _figure(3.2 * len(lengths), 3.2)
+    axes = np.atleast_1d(fig.subplots(1, len(lengths)))
+    for ax, L in zip(axes, lengths):
+        name = fmt_tokens(L)
+        order = list(report["runs"][0]["eval"]["bpb"][str(L)]["buckets"])  # by position, as evaluated
+        for arm in ARMS:
+            stats = report["summary"].get(arm, {})
+            keys = [f"eval/bpb/{name}/{b}" for b in order if f"eval/bpb/{name}/{b}" in stats]
+            if not keys:
+                continue
+            ax.errorbar(range(len(keys)), [stats[k]["mean"] for k in keys], [stats[k]["std"] for k in keys],
+                        marker="o", capsize=3, label=arm)
+            ax.set_xticks(range(len(keys)), [k.rsplit("/", 1)[1] for k in keys], fontsize=7)
+        ax.set_title(f"eval length {name}", fontsize=9)
+        ax.set_xlabel("token positions")
+    axes[0].set_ylabel("held-out bits per byte")
+    axes[0].legend()
+    fig.savefig(path)
+
+
+def plot_retrieval(report: dict, path: Path) -> None:
+    tasks, lengths, depths = report["settings"]["tasks"], report["eval_lengths"], report["settings"]["depths"]
+    fig = _figure(2.2 + 1.0 * len(lengths) * len(tasks), 1.5 + 1.3 * len(ARMS))
+    axes = np.atleast_2d(fig.subplots(len(ARMS), len(tasks), squeeze=False))
+    image = None
+    for i, arm in enumerate(ARMS):
+        stats = report["summary"].get(arm, {})
+        for j, task in enumerate(tasks):
+            ax = axes[i, j]
+            grid = np.array([[stats.get(f"depth/{task}/{fmt_tokens(L)}/{d}/choice", {}).get("mean", np.nan)
+                              for L in lengths] for d in depths])
+            image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            for (a, b), v in np.ndenumerate(grid):
+                ax.text(b, a, "-" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(lengths)), [fmt_tokens(L) for L in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+            ax.set_title(f"{arm}: {task}", fontsize=8)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.7,
+                 label=f"choice accuracy, mean over seeds (chance {1 / report['settings']['choices']:.2f})")
+    fig.supxlabel("eval length")
+    fig.supylabel("needle depth")
+    fig.savefig(path)
+
+
+def plot_recall(report: dict, path: Path) -> None:
+    stats = report["summary"].get("msa", {})
+    lengths = [fmt_tokens(L) for L in report["eval_lengths"]]
+    fig = _figure(11, 3.5)
+    left, right = fig.subplots(1, 2)
+    layers = sorted({int(k.rsplit("/", 1)[1]) for k in stats if k.startswith("layer/index_recall/")})
+    width = 0.8 / max(1, len(lengths))
+    for i, name in enumerate(lengths):
+        ys = [stats.get(f"layer/index_recall/{name}/{layer}", {}).get("mean", np.nan) for layer in layers]
+        left.bar(np.arange(len(layers)) + i * width, ys, width, label=name)
+    left.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, [str(x) for x in layers])
+    left.set(xlabel="MSA layer", ylabel="index recall (teacher mass in selection)", ylim=(0, 1.05))
+    left.legend(title="eval length", fontsize=7)
+    for task in report["settings"]["tasks"]:
+        ys = [stats.get(f"eval/needle_recall/{task}/{name}", {}).get("mean", np.nan) for name in lengths]
+        errs = [stats.get(f"eval/needle_recall/{task}/{name}", {}).get("std", 0.0) for name in lengths]
+        right.errorbar(range(len(lengths)), ys, errs, marker="o", capsize=3, label=task)
+    right.set_xticks(range(len(lengths)), lengths)
+    right.set(xlabel="eval length", ylabel="needle blocks selected by the question", ylim=(0, 1.05))
+    right.legend(fontsize=7)
+    fig.suptitle("MSA indexer, mean over seeds", fontsize=10)
+    fig.savefig(path)
+
+
+def write(report: dict, out: Path, plots: bool) -> None:
+    report["summary"] = summarise(report["runs"])
+    (out / "quality.json").write_text(json.dumps(report, indent=1))
+    if plots and report["runs"]:
+        for name, fn in (("loss", plot_loss), ("bpb", plot_bpb), ("retrieval", plot_retrieval),
+                         ("recall", plot_recall)):
+            fn(report, out / f"quality_{name}.png")
+
+
+def main(argv=None) -> None:
+    t_start = time.perf_counter()
+    args = parse(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.work or args.out / "work"
+    cfg = compose(overrides(args, "msa", 0, 100, work / "check", evals=True))  # fail now on a bad setting
+    env = init_distributed(cfg.parallel)
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    for stage in build_recipe(cfg):
+        check_config(cfg, stage, env.world_size, tokenizer.vocab_size, env.device.type)
+    gpu = torch.cuda.get_device_name() if env.device.type == "cuda" else "cpu"
+    report = {"settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                           "choices": cfg.eval.choices},
+              "gpu": gpu, "torch": torch.__version__, "commit": git_commit(), "command": " ".join(sys.argv),
+              "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "eval_lengths": [m * args.seq_len for m in args.multiples], "runs": [], "skipped": []}
+    ensure_corpus(cfg.data.corpus_dir, cfg.data.corpus)  # built once, before anything is timed
+    report["probe"] = probe(args, env, tokenizer, work)
+    left = args.budget_s - (time.perf_counter() - t_start) - 10.0  # 10 s: the report and plots
+    steps, estimate = plan(args, report["probe"], left)
+    report.update(steps=steps, tokens_per_step=args.batch * args.seq_len, tokens_per_run=steps * args.batch *
+                  args.seq_len, estimate_s=estimate, startup_s=time.perf_counter() - t_start)
+    print(f"plan: {steps} steps x {args.batch} x {args.seq_len} tokens = {report['tokens_per_run'] / 1e6:.2f} M "
+          f"tokens per run; estimated run seconds {json.dumps({k: round(v) for k, v in estimate.items()})}",
+          flush=True)
+    try:
+        for seed in args.seeds:
+            paired = True
+            for arm in ARMS:
+                left = args.budget_s - (time.perf_counter() - t_start) - 10.0
+                need = sum(estimate.values()) if arm == ARMS[0] else estimate[arm]  # a seed starts only as a pair
+                paired = paired and left >= need
+                if not paired:
+                    report["skipped"].append({"arm": arm, "seed": seed, "left_s": left, "needed_s": need})
+                    print(f"skip {arm} seed {seed}: {left:.0f} s left, about {need:.0f} s needed", flush=True)
+                    continue
+                r = run_one(args, arm, seed, steps, work)
+                report["runs"].append(r)
+                print(f"{arm} seed {seed}: final loss {r['scalars']['final_loss']:.4f}, train {r['train_s']:.0f} s, "
+                      f"eval {r['eval_s']:.0f} s", flush=True)
+                free(env)
+                write(report, args.out, plots=True)  # a run cut short by a time limit leaves these behind
+    finally:
+        report["total_s"] = time.perf_counter() - t_start
+        write(report, args.out, plots=True)
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"done in {report['total_s']:.0f} s: {len(report['runs'])} runs, {len(report['skipped'])} skipped; "
+          f"{args.out}/quality.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Each eval metric against a hand computation, and the eval's forward against the training path."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from msa.layer import AttentionConfig
+from train.data.text_stream import TextStream
+from train.data.tokenizer import ByteTokenizer
+from train.eval.config import EvalSpec, check_eval, eval_due
+from train.eval.runner import (
+    bits_per_byte,
+    bucket_bpb,
+    buckets,
+    fmt_tokens,
+    needle_recall,
+    perplexity,
+    summarise,
+    token_bytes,
+)
+from train.model import ModelConfig, build_model
+
+TOK = ByteTokenizer()
+
+
+def test_bits_per_byte_by_hand():
+    # 3 targets of 1 byte with NLLs of 1, 2 and 3 bits, one special target (0 bytes) with NLL 5 bits
+    nll = np.array([1.0, 2.0, 3.0, 5.0]) * math.log(2)
+    nbytes = np.array([1, 1, 1, 0])
+    assert bits_per_byte(nll, nbytes) == pytest.approx((1 + 2 + 3 + 5) / 3)
+    assert bits_per_byte(nll[3:], nbytes[3:]) is None
+    assert token_bytes(TOK)[[65, 255, TOK.eod, TOK.img_patch]].tolist() == [1, 1, 0, 0]
+
+
+def test_bucketed_bits_per_byte_by_hand():
+    # 2 rows of 10 positions; position i of row r has NLL (r + 1) * i bits, one byte each
+    bits = np.array([[i for i in range(10)], [2 * i for i in range(10)]], dtype=float)
+    out = bucket_bpb(bits * math.log(2), np.ones_like(bits), [4, 8, 16])
+    assert list(out) == ["0-4", "4-8", "8-10"]
+    assert out["0-4"] == pytest.approx((0 + 1 + 2 + 3) * 3 / 8)  # both rows: 6 + 12 bits over 8 bytes
+    assert out["4-8"] == pytest.approx((4 + 5 + 6 + 7) * 3 / 8)
+    assert out["8-10"] == pytest.approx((8 + 9) * 3 / 4)
+    assert buckets(8192, [1024, 4096, 16384]) == [(0, 1024), (1024, 4096), (4096, 8192)]
+    assert [fmt_tokens(n) for n in (300, 1024, 6144, 65536, 2**20)] == ["300", "1K", "6K", "64K", "1M"]
+
+
+def test_accuracy_by_depth_by_hand():
+    scores = [{"depth": 0.0, "choice": True, "nll": 1.0, "exact": True},
+              {"depth": 0.0, "choice": False, "nll": 3.0, "exact": False},
+              {"depth": 1.0, "choice": True, "nll": 2.0, "exact": False},
+              {"depth": 1.0, "choice": True, "nll": 4.0, "exact": None}]  # not generated: not counted
+    out = summarise(scores, {2: [0.5, 1.0], 3: [0.0]}, [0.0, 1.0])
+    assert out["choice"] == 0.75 and out["nll"] == 2.5 and out["exact"] == pytest.approx(1 / 3)
+    assert out["depths"]["0.0"]["choice"] == 0.5 and out["depths"]["1.0"]["choice"] == 1.0
+    assert out["depths"]["1.0"]["exact"] == 0.0 and out["depths"]["1.0"]["items"] == 2
+    assert out["needle_recall"] == {"all": pytest.approx(0.5), "layers": {"2": 0.75, "3": 0.0}}
+
+
+def test_needle_recall_by_hand():
+    # row 0: needle tokens 10..25 with 8-token blocks -> blocks 1, 2, 3; row 1: one needle in block 0
+    selected = torch.tensor([
+        [[[1, 2, 7, -1], [1, 5, 6, 7]], [[3, 2, 1, 0], [-1, -1, -1, -1]]],
+        [[[0, 4, 5, 6], [4, 5, 6, 7]], [[0, 1, 2, 3], [0, 9, 8, 7]]],
+    ], dtype=torch.int32)  # [B=2, Hkv=2, q=2, topk=4]
+    out = needle_recall(selected, [[(10, 26)], [(3, 5)]], 8)
+    assert out[0] == pytest.approx((2 / 3 + 1 / 3 + 1 + 0) / 4)
+    assert out[1] == pytest.approx((1 + 0 + 1 + 1) / 4)
+
+
+def test_eval_due_and_checks():
+    assert [s for s in range(10) if eval_due(4, s, 10)] == [3, 7, 9]
+    assert not any(eval_due(0, s, 10) for s in range(10))
+    with pytest.raises(ValueError, match=r"eval\.tasks"):
+        check_eval(EvalSpec(tasks=["bpb", "needle"]), 512)
+    with pytest.raises(ValueError, match=r"eval\.lengths: multikey needs"):
+        check_eval(EvalSpec(tasks=["multikey"], lengths=[256]), 512, tokenizer=TOK,
+                   image_cfg=__import__("train.data.config", fromlist=["ImageConfig"]).ImageConfig())
+    with pytest.raises(ValueError, match=r"^depths"):
+        check_eval(EvalSpec(depths=[1.5]), 512, key="")
+
+
+def tiny(kind="msa"):
+    cfg = ModelConfig(vocab_size=TOK.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, rope_dim=4)
+    return build_model(cfg, AttentionConfig(kind=kind, impl="reference", block_size=16, topk=2, index_dim=8)).eval()
+
+
+def test_eval_forward_matches_the_training_loss_and_recall():
+    """bits per byte of one held-out row = the training path's summed LM loss over ln 2 x bytes; the
+    index recall = the training forward's selection stats on the same row."""
+    model = tiny()
+    stream = TextStream(np.frombuffer(b"def f(x):\n    return x * 2  # twice\n" * 40, dtype=np.uint8), "t")
+    spec = EvalSpec(rows=2, buckets=[64], recall_queries=64, batch_tokens=200)
+    got = perplexity(model, TOK, spec, 200, stream, "sparse")
+    starts = np.linspace(0, len(stream) - 201, 2).round().astype(int)
+    lm, recall = 0.0, []
+    for s in starts:
+        ids = torch.as_tensor(stream.window(s, 201), dtype=torch.long)[None]
+        batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": torch.arange(200)[None]}
+        with torch.no_grad():
+            out = model(batch, "sparse", stats_queries=64)
+        lm += float(out["lm_sum"])
+        recall.append(out["layer_stats"][0])
+    assert got["bpb"] == pytest.approx(lm / math.log(2) / 400, rel=1e-5)
+    assert got["index_recall"]["layers"]["1"] == pytest.approx((recall[0] + recall[1]).ratios()["index_recall"],
+                                                               rel=1e-5)
+    assert list(got["buckets"]) == ["0-64", "64-200"]
