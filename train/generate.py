@@ -87,7 +87,7 @@ def extend(model, cache: KVCache, batch: dict, phase: str = "sparse", stats_quer
     if B != cache.batch or n1 > cache.max_len:
         raise ValueError(f"{B} rows of {m} tokens do not fit a cache of {cache.batch} rows at {n0}/{cache.max_len}")
     x = model.embed_inputs(batch)
-    rotary = Rotary(torch.arange(n0, n1, device=x.device).expand(B, m), model.rope_base)
+    rotary = Rotary(torch.arange(n0, n1, device=x.device).expand(B, m), model.rope_base, model.rope_scaling)
     stats, selected = [], []
     for i, block in enumerate(model.layers):
         attn, core = block.attn, _core(block.attn)
@@ -266,7 +266,7 @@ def load_model(checkpoint: str | Path, device: str = "auto", impl: str = "auto",
     model = build_model(cfg.model, cfg.attention)
     model.load_state_dict(model_state(path, cfg))
     stage = stage_at(build_recipe(cfg), max(meta["step"] - 1, 0))
-    model.set_rope_base(stage.rope_base)
+    model.set_rope(stage.rope_base, stage.rope_scaling)
     bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda" and cfg.run.precision == "bf16")
     model.to(device=dev, dtype=torch.bfloat16 if bf16 else torch.float32).eval()
     return Loaded(model, cfg, stage, meta["step"], path, build_tokenizer(cfg.data.tokenizer))
@@ -322,7 +322,7 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
     loaded = load_model(cfg.checkpoint, cfg.device, cfg.impl, cfg.precision)
     model, tok = loaded.model, loaded.tokenizer
     if cfg.rope_base:
-        model.set_rope_base(cfg.rope_base)
+        model.set_rope(cfg.rope_base, model.rope_scaling)
     texts = [cfg.prompt] if isinstance(cfg.prompt, str) else list(cfg.prompt)
     prompts = [make_prompt(t, cfg.images, tok, loaded.cfg.data.image) for t in texts]
     if any(len(p.ids) == 0 for p in prompts):

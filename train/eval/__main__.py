@@ -24,7 +24,7 @@ def run_eval(cfg: EvalAppConfig) -> tuple[dict, Path]:
     check_phase(cfg.phase)
     loaded = load_model(cfg.checkpoint, cfg.device, cfg.impl, cfg.precision)
     if cfg.rope_base:
-        loaded.model.set_rope_base(cfg.rope_base)
+        loaded.model.set_rope(cfg.rope_base, loaded.model.rope_scaling)
     data = loaded.cfg.data
     check_eval(cfg, loaded.stage.seq_len, "", loaded.tokenizer, data.image)
     results = evaluate(loaded.model, loaded.tokenizer, cfg, train_len=loaded.stage.seq_len,
