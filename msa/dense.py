@@ -3,6 +3,8 @@ optional sliding window (the layers of pretrained checkpoints that attend only t
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
@@ -35,27 +37,66 @@ def _causal_sdpa(q, k, v, scale, gqa, window=0):
                                           enable_gqa=gqa)
 
 
+def document_lengths(cu_seqlens: torch.Tensor, N: int, Nq: int) -> tuple[list[int], list[int]]:
+    """Per document of ``cu_seqlens`` (over ``N`` keys): its queries (of the last ``Nq`` positions) and its
+    keys. One device-to-host read."""
+    bounds, first = cu_seqlens.tolist(), N - Nq
+    starts, ends = bounds[:-1], bounds[1:]
+    return [max(0, e - max(s, first)) for s, e in zip(starts, ends)], [e - s for s, e in zip(starts, ends)]
+
+
+def varlen_args(q_len: list[int], k_len: list[int], device) -> tuple[int, torch.Tensor, torch.Tensor, int, int]:
+    """What one varlen kernel call takes for the documents that have queries: the first key it reads (the
+    documents before it have no query), ``cu_seq_q``, ``cu_seq_k`` (int32) and the longest query and key
+    runs. Each document's queries are the last of its keys (bottom-right causal alignment)."""
+    docs = [(nq, nk) for nq, nk in zip(q_len, k_len) if nq]
+    k0 = sum(k_len) - sum(nk for _, nk in docs)
+
+    def cumulative(lengths):
+        return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+    return (k0, cumulative(nq for nq, _ in docs), cumulative(nk for _, nk in docs),
+            max(nq for nq, _ in docs), max(nk for _, nk in docs))
+
+
+def _flash_varlen(q, k, v, q_len, k_len, scale):
+    """One FlashAttention-2 varlen call (``aten::_flash_attention_forward``, GQA, bottom-right causal) over
+    the documents of a packed row, ``B == 1``."""
+    k0, cu_q, cu_k, max_q, max_k = varlen_args(q_len, k_len, q.device)
+    o = torch.ops.aten._flash_attention_forward(q[0], k[0, k0:], v[0, k0:], cu_q, cu_k, max_q, max_k, 0.0, True,
+                                                False, scale=scale)[0]
+    return o.unsqueeze(0)
+
+
+def can_run_varlen(q: torch.Tensor) -> bool:
+    """FlashAttention's varlen kernel runs on CUDA in fp16/bf16."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cu_seqlens: torch.Tensor | None = None, scale: float | None = None,
-                    window: int = 0) -> torch.Tensor:
+                    window: int = 0, varlen: bool = False) -> torch.Tensor:
     """Causal attention of ``q [B, Nq, H, D]`` over ``k, v [B, N, Hkv, D]`` -> ``o [B, Nq, H, D]``.
 
     The queries are the last ``Nq <= N`` key positions (bottom-right aligned, as a context-parallel
     rank's query chunk against the gathered keys before it). With ``cu_seqlens`` over the keys
-    (``B == 1``) each document attends only to itself: SDPA runs once per document, so memory stays
-    linear in ``N`` (no ``N x N`` block-diagonal mask). ``window > 0``: query ``i`` sees only the keys
+    (``B == 1``) each document attends only to itself, without an ``N x N`` mask: SDPA runs once per
+    document on views split off the packed tensors (so backward writes each gradient once, not one
+    zero-padded copy per document), or, with ``varlen`` where ``can_run_varlen`` and no window applies,
+    all documents go to one FlashAttention varlen call. ``window > 0``: query ``i`` sees only the keys
     ``i - window < j <= i`` (transformers' sliding window: ``window`` keys including its own).
     """
     Nq, N = q.shape[1], k.shape[1]
     if Nq > N:
         raise ValueError(f"q has {Nq} positions but k only {N}: queries must be the last Nq <= N keys")
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.shape[2] != k.shape[2]
     if cu_seqlens is None:
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         return _causal_sdpa(qt, kt, vt, scale, gqa, window).transpose(1, 2)
-    bounds, first = cu_seqlens.tolist(), N - Nq
-    parts = [
-        _causal_sdpa(qt[:, :, max(s, first) - first:e - first], kt[:, :, s:e], vt[:, :, s:e], scale, gqa, window)
-        for s, e in zip(bounds[:-1], bounds[1:]) if e > max(s, first)
-    ]
+    q_len, k_len = document_lengths(cu_seqlens, N, Nq)
+    if varlen and can_run_varlen(q) and (not window or max(k_len) <= window):
+        return _flash_varlen(q, k, v, q_len, k_len, scale)
+    qs, ks, vs = q.split(q_len, dim=1), k.split(k_len, dim=1), v.split(k_len, dim=1)
+    parts = [_causal_sdpa(qd.transpose(1, 2), kd.transpose(1, 2), vd.transpose(1, 2), scale, gqa, window)
+             for qd, kd, vd, n in zip(qs, ks, vs, q_len) if n]
     return torch.cat(parts, dim=2).transpose(1, 2)

@@ -93,7 +93,7 @@ class Block(nn.Module):
         if sparse:
             self.attn = MSAAttention(*args, attn_cfg, cfg.norm_eps, **opts)
         else:
-            self.attn = Attention(*args, cfg.norm_eps, **opts, window=window)
+            self.attn = Attention(*args, cfg.norm_eps, **opts, window=window, varlen=attn_cfg.dense_varlen)
         self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         hidden = cfg.ffn_dim or 64 * math.ceil(8 * cfg.dim / 3 / 64)
