@@ -6,6 +6,9 @@
   ``full`` (DeepSpeed's: the block's whole forward runs again in backward) or ``selective`` (PyTorch's
   non-reentrant checkpoint keeping the outputs of the attention ops in ``SAVED_OPS``, so block selection,
   sparse attention, the index KL and dense SDPA run once per step; the rest is recomputed).
+- ``parallel.compile_blocks``: ``torch.compile`` of each block with its sequence-wide attention core left
+  eager (``EagerCore``), so the token-local work on either side of it (norms, projections with RoPE,
+  residual adds, SwiGLU) becomes two fused graphs.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import functools
 import math
 
 import torch
+import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from train.parallel.mesh import Mesh, ParallelConfig
@@ -29,9 +33,30 @@ def parallelize(model, mesh: Mesh, cfg: ParallelConfig):
             block.attn.wrap_core(lambda core: UlyssesCore(core, mesh.sp_group, mesh.kv_replicas, mesh.replica_group))
         if cfg.mlp_tile_tokens:
             block.wrap_mlp(lambda mlp: functools.partial(tiled_mlp, mlp, tile=cfg.mlp_tile_tokens))
+        if cfg.compile_blocks:
+            compile_block(block)
     if cfg.activation_checkpointing:
         model.set_block_runner(selective_checkpointed if cfg.checkpoint_policy == "selective" else checkpointed)
     return model
+
+
+class EagerCore(nn.Module):
+    """An attention core that ``torch.compile`` leaves alone: its work is sequence-wide (Triton kernels,
+    host-side index building, collectives), the compiled graphs end before it and resume after it."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    @torch.compiler.disable
+    def forward(self, *args):
+        return self.inner(*args)
+
+
+def compile_block(block, backend: str = "inductor") -> None:
+    """``torch.compile`` the block (``nn.Module.compile``) around an eager attention core."""
+    block.attn.wrap_core(EagerCore)
+    block.compile(backend=backend)
 
 
 def tiled_mlp(mlp, x: torch.Tensor, tile: int) -> torch.Tensor:
@@ -77,4 +102,5 @@ def selective_checkpointed(block, x, *args):
                       context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_attention))
 
 
-__all__ = ["parallelize", "tiled_mlp", "checkpointed", "selective_checkpointed", "SAVED_OPS"]
+__all__ = ["parallelize", "tiled_mlp", "checkpointed", "selective_checkpointed", "SAVED_OPS", "compile_block",
+           "EagerCore"]
