@@ -9,11 +9,11 @@ from tests.test_checkpointing import _batch, _check_same, _checkpointed, _model,
 from train.parallel.parallelize import EagerCore, compile_block
 
 
-def _compare(backend: str, policies: tuple[str, ...]):
+def _compare(backend: str, policies: tuple[str, ...], n_layers: int):
     batch = _batch()
     for policy in policies:
-        ref = _step(_model("reference"), batch, "sparse")
-        model = _model("reference")
+        ref = _step(_model("reference", n_layers, n_dense_layers=n_layers - 1), batch, "sparse")
+        model = _model("reference", n_layers, n_dense_layers=n_layers - 1)
         if policy != "none":
             model = _checkpointed(model, policy)
         for block in model.blocks():
@@ -24,11 +24,11 @@ def _compare(backend: str, policies: tuple[str, ...]):
 
 
 def test_compiled_blocks_give_the_plain_gradients():
-    """Under selective checkpointing: the compiled forward, its recompute and the backward."""
-    _compare("aot_eager", ("selective",))
+    """One MSA block under selective checkpointing: the compiled forward, its recompute and the backward."""
+    _compare("aot_eager", ("selective",), n_layers=1)
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("restore_dist_env")
 def test_inductor_blocks_give_the_plain_gradients():
-    _compare("inductor", ("none", "selective", "full"))
+    _compare("inductor", ("none", "selective", "full"), n_layers=2)

@@ -9,12 +9,12 @@ from kernels.ops import index_kl_fwd_op, select_blocks_op, sparse_attention_fwd_
 from kernels.sparse_attention import LAUNCH, reverse_index
 
 CHECKS = ("test_schema", "test_faketensor")
-N, H, HKV, D, DI, BK, TOPK = 40, 4, 2, 16, 16, 16, 2
+N, H, HKV, D, DI, BK, TOPK = 36, 4, 2, 16, 16, 16, 2
 
 
 def _inputs():
     torch.manual_seed(0)
-    cu = torch.tensor([0, 33, N], dtype=torch.int32)
+    cu = torch.tensor([0, 34, N], dtype=torch.int32)
     q, k, v = torch.randn(1, N, H, D), torch.randn(1, N, HKV, D), torch.randn(1, N, HKV, D)
     q_idx, k_idx = torch.randn(1, N, HKV, DI), torch.randn(1, N, DI)
     return cu, q, k, v, q_idx, k_idx
