@@ -8,6 +8,15 @@ import itertools
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
+from torch.utils._python_dispatch import _disable_current_modes
+
+
+def _lower_right(nq: int, nk: int):
+    """``causal_lower_right(nq, nk)`` built outside any dispatch mode: the ``CausalBias`` tensor subclass
+    cannot be created under one (selective checkpointing's: "Creating a new Tensor subclass CausalBias but
+    the raw Tensor object is already associated to a python object", torch 2.13); it holds no data."""
+    with _disable_current_modes():
+        return causal_lower_right(nq, nk)
 
 
 def _window_sdpa(q, k, v, scale, gqa, window):
@@ -33,8 +42,7 @@ def _causal_sdpa(q, k, v, scale, gqa, window=0):
         return _window_sdpa(q, k, v, scale, gqa, window)
     if nq == nk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(nq, nk), scale=scale,
-                                          enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_lower_right(nq, nk), scale=scale, enable_gqa=gqa)
 
 
 def document_lengths(cu_seqlens: torch.Tensor, N: int, Nq: int) -> tuple[list[int], list[int]]:

@@ -126,3 +126,19 @@ def test_unknown_checkpoint_policy_names_the_key():
                                 "parallel.checkpoint_offload=true"])
     with pytest.raises(ValueError, match="parallel.checkpoint_policy=full"):
         check_parallel(cfg, "cuda")
+
+
+def test_selective_takes_a_context_parallel_query_chunk():
+    """Dense attention of queries that are the last of their keys (a context-parallel rank's chunk: a
+    lower-right causal bias, a tensor subclass) inside a selective checkpoint, against no checkpointing."""
+    from msa.dense import dense_attention
+    from train.parallel.parallelize import selective_checkpointed
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 20, 4, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, 48, 2, 16, generator=g, requires_grad=True) for _ in range(2))
+    cu = torch.tensor([0, 30, 48], dtype=torch.int32)
+    ref = torch.autograd.grad(dense_attention(q, k, v, cu).square().sum(), (q, k, v))
+    out = torch.autograd.grad(selective_checkpointed(dense_attention, q, k, v, cu).square().sum(), (q, k, v))
+    for a, b in zip(ref, out):
+        assert rel_rms(a, b) < 1e-6
