@@ -5,8 +5,9 @@
 #   MSA_GIT_COMMIT=<sha> bash bench/step_speed_gpu.sh
 # Stages (STAGES): test (the gpu tests of the varlen path), small (32K and 128K single-document rows: dense,
 # MSA full and selective checkpointing, one profiled step each at 32K), packed (a 192K row of documents
-# under 6K tokens: the same plus dense varlen and the warm-up phase with and without varlen), compile
-# (MSA selective with compiled blocks, 32K and 128K), base (the base model, if BASE_MIN seconds are left).
+# under 6K tokens: the same plus dense varlen and the warm-up phase with and without varlen, each profiled),
+# compile (MSA selective with compiled blocks, 128K then 32K), base (the base model, if BASE_MIN seconds
+# are left).
 # A CPU dry run at toy sizes (the model, rows and EXTRA Hydra overrides are the only differences):
 #   MODEL=tiny BASE=tiny ONE="one:256" PACKED="packed:512:128" EXTRA="model.n_layers=2" TOTAL=2000 \
 #     STAGES="small packed compile base" bash bench/step_speed_gpu.sh
@@ -26,6 +27,7 @@ BASE=${BASE:-base}
 ONE=${ONE:-one:32768 one:131072}
 PACKED=${PACKED:-packed:196608:6144}
 read -r -a ONE_ROWS <<< "$ONE"
+LONGEST_FIRST=$(printf '%s\n' "${ONE_ROWS[@]}" | tac | tr '\n' ' ')  # compile: the longest row first
 JSON="$OUT/step_speed.jsonl"
 source "$(dirname "$0")/gpu_run.sh" gpu.txt
 bench() {  # name, limit, bench/step_speed.py arguments...
@@ -40,8 +42,8 @@ for stage in $STAGES; do
     small) bench small 150 --model "$MODEL" --rows "${ONE_ROWS[@]}" --points dense msa_full msa_selective \
              --profile-rows "${ONE_ROWS[0]}" ;;
     packed) bench packed 120 --model "$MODEL" --rows "$PACKED" --points msa_full msa_selective dense \
-              dense_varlen warmup_loop warmup_varlen ;;
-    compile) bench compile 150 --model "$MODEL" --rows "${ONE_ROWS[@]}" --points msa_selective_compile ;;
+              dense_varlen warmup_loop warmup_varlen --profile-rows "$PACKED" ;;
+    compile) bench compile 150 --model "$MODEL" --rows $LONGEST_FIRST --points msa_selective_compile ;;
     base) left=$((TOTAL - SECONDS - 10))
           if [ "$left" -lt "$BASE_MIN" ]; then echo "== base skipped: ${left}s left"; continue; fi
           bench base "$left" --model "$BASE" --rows "${ONE_ROWS[@]}" --points msa_full msa_selective dense ;;
