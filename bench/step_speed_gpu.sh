@@ -39,7 +39,7 @@ for stage in $STAGES; do
   case $stage in
     test) run test 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_dense.py
           tail -n 3 "$OUT/test.log" ;;
-    small) bench small 150 --model "$MODEL" --rows "${ONE_ROWS[@]}" --points dense msa_full msa_selective \
+    small) bench small 150 --model "$MODEL" --rows "${ONE_ROWS[@]}" --points msa_full msa_selective dense \
              --profile-rows "${ONE_ROWS[0]}" ;;
     packed) bench packed 120 --model "$MODEL" --rows "$PACKED" --points msa_full msa_selective dense \
               dense_varlen warmup_loop warmup_varlen --profile-rows "$PACKED" ;;
