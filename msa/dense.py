@@ -21,17 +21,26 @@ def _lower_right(nq: int, nk: int):
 
 def _window_sdpa(q, k, v, scale, gqa, window):
     """Causal SDPA where query ``i`` sees keys ``i - window < j <= i``. Queries go in chunks of about
-    ``window`` so each mask is ``chunk x (chunk + window)``: memory stays linear in the length."""
+    ``window`` so each mask is ``chunk x (chunk + window)``: memory stays linear in the length. The chunks
+    are split off ``q`` and each chunk's keys are joined from pieces split off ``k, v`` at the chunks' key
+    bounds, so backward writes each gradient once (a slice's backward writes a zero-filled copy of its
+    whole input: one per chunk)."""
     nq, nk = q.shape[2], k.shape[2]
-    first, chunk, parts = nk - nq, min(max(window, 256), 4096), []
-    for a in range(0, nq, chunk):
-        b = min(a + chunk, nq)
-        lo, hi = max(0, first + a - window + 1), first + b
+    first, chunk = nk - nq, min(max(window, 256), 4096)
+    starts = range(0, nq, chunk)
+    spans = [(max(0, first + a - window + 1), first + min(a + chunk, nq)) for a in starts]  # each chunk's keys
+    cuts = sorted({0, nk, *(bound for span in spans for bound in span)})
+    piece = {cut: n for n, cut in enumerate(cuts)}
+    sizes = [b - a for a, b in zip(cuts[:-1], cuts[1:])]
+    k_pieces, v_pieces = k.split(sizes, dim=2), v.split(sizes, dim=2)
+    parts = []
+    for a, q_chunk, (lo, hi) in zip(starts, q.split(chunk, dim=2), spans):
         i = torch.arange(first + a, hi, device=q.device)[:, None]
         j = torch.arange(lo, hi, device=q.device)[None, :]
-        mask = (j <= i) & (i - j < window)  # [b - a, hi - lo]
-        parts.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask,
-                                                    scale=scale, enable_gqa=gqa))
+        mask = (j <= i) & (i - j < window)  # [chunk, hi - lo]
+        k_chunk, v_chunk = (torch.cat(p[piece[lo]:piece[hi]], dim=2) for p in (k_pieces, v_pieces))
+        parts.append(F.scaled_dot_product_attention(q_chunk, k_chunk, v_chunk, attn_mask=mask, scale=scale,
+                                                    enable_gqa=gqa))
     return torch.cat(parts, dim=2)
 
 

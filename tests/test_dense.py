@@ -28,11 +28,19 @@ def _inputs(N, Nq, cu, device="cpu", dtype=torch.float32):
     return q, k, v, torch.tensor(cu, dtype=torch.int32, device=device)
 
 
+def _window_mask(N, Nq, window):
+    i, j = torch.arange(N - Nq, N)[:, None], torch.arange(N)[None, :]
+    return (i - j < window) if window else torch.ones(Nq, N, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("window", [0, 20])
 @pytest.mark.parametrize("N,Nq,cu", CASES)
-def test_per_document_calls_against_a_masked_softmax(N, Nq, cu):
+def test_per_document_calls_against_a_masked_softmax(N, Nq, cu, window):
+    """Output and gradients; ``window``: a sliding window (query chunks of 256 keys: one per document
+    here, several in the unpacked case of test_backward_writes_each_gradient_once)."""
     q, k, v, cu = _inputs(N, Nq, cu)
-    o = dense_attention(q, k, v, cu)
-    ref = _masked_attention(q[0], k[0], v[0], visible_mask(N, Nq, cu))[None]
+    o = dense_attention(q, k, v, cu, window=window)
+    ref = _masked_attention(q[0], k[0], v[0], visible_mask(N, Nq, cu) & _window_mask(N, Nq, window))[None]
     assert rel_rms(ref, o) < 1e-6
     do = torch.randn_like(o)
     grads = torch.autograd.grad(o, (q, k, v), do)
@@ -53,12 +61,22 @@ def _backward_nodes(t):
 
 
 def test_backward_writes_each_gradient_once():
-    """Documents are split off q, k, v (one backward concatenation each), not sliced (one zero-filled
-    full-size gradient per document and slice, summed: seen as 77% of a CPU backward at 128 documents)."""
+    """Documents (and a sliding window's query chunks and their keys) are split off q, k, v (one backward
+    concatenation each), not sliced (one zero-filled full-size gradient per document and slice, summed:
+    seen as 77% of a CPU backward at 128 documents)."""
     q, k, v, cu = _inputs(*CASES[0])
     names = _backward_nodes(dense_attention(q, k, v, cu))
     assert "SliceBackward0" not in names
     assert names.count("SplitWithSizesBackward0") == 3
+    N, Nq, W = 1100, 900, 100  # 4 query chunks of 256 with overlapping key spans
+    q, k, v, _ = _inputs(N, Nq, [0, N])
+    o = dense_attention(q, k, v, window=W)
+    assert "SliceBackward0" not in _backward_nodes(o)
+    ref = _masked_attention(q[0], k[0], v[0], visible_mask(N, Nq, None) & _window_mask(N, Nq, W))[None]
+    do = torch.randn_like(o)
+    for name, g, g_ref in zip("qkv", torch.autograd.grad(o, (q, k, v), do),
+                              torch.autograd.grad(ref, (q, k, v), do.double())):
+        assert rel_rms(g_ref, g) < 1e-6, name
 
 
 @pytest.mark.parametrize("N,Nq,cu", CASES)
