@@ -1,8 +1,9 @@
 """Training-step speed of the step options side by side in one process: tokens/s, step time and peak
 memory of real steps of the DeepSpeed engine (``train.loop.train_step``: forward, backward, optimizer
-step, bf16 on a GPU) on synthetic rows, and from one profiled step the launches per step of each kernel
-(on a GPU; on a CPU the dispatcher's ``msa::`` op records), which shows the attention forward running
-once per layer under ``parallel.checkpoint_policy=selective`` and twice under ``full``.
+step, bf16 on a GPU) on synthetic rows, and from one profiled step the time per kernel bucket
+(``bench/profile_buckets.py``) and the launches per step of each kernel (aten op on a CPU), which show the
+attention forward running once per layer under ``parallel.checkpoint_policy=selective`` and twice under
+``full``.
 
 Rows: ``one:N`` (one document of N tokens), ``packed:N:L`` (documents of uniformly random length in
 [L/16, L) filling N tokens, seeded). Points (``POINTS``): ``dense`` (every layer dense), ``dense_varlen``,
@@ -81,23 +82,30 @@ def make_row(spec: str, vocab: int, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def launches(step, cuda: bool, top: int = 40) -> dict:
-    """One profiled call of ``step``: per kernel name (CUDA) or per ``msa::`` op record (CPU, where each
-    dispatcher level records one), the count and total milliseconds, the ``top`` longest first."""
-    from torch.autograd import DeviceType
+def profiled_step(step, device_type: str, top: int = 40) -> dict:
+    """One step under ``torch.profiler``: ``bench.profile_buckets.summarize`` of it (milliseconds per bucket,
+    idle time) and ``launches``: per kernel name (aten op on a CPU) the calls and milliseconds, the ``top``
+    longest first, which counts what ran once or twice per layer."""
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
+    from bench.profile_buckets import kernels_of, summarize
+
+    cuda = device_type == "cuda"
+    sync(torch.device(device_type))
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
         step()
-        sync(torch.device("cuda" if cuda else "cpu"))
-    if cuda:
-        rows = [(e.key, e.count, e.self_device_time_total / 1e3) for e in prof.key_averages()
-                if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
-    else:
-        rows = [(e.key, e.count, e.cpu_time_total / 1e3) for e in prof.key_averages() if e.key.startswith("msa::")]
-    rows.sort(key=lambda r: -r[2])
-    return {name: {"count": n, "ms": round(ms, 3)} for name, n, ms in rows[:top]}
+        sync(torch.device(device_type))
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    kernels = kernels_of(prof, device_type)
+    per_name: dict[str, list] = {}
+    for name, k0, k1 in kernels:
+        entry = per_name.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += (k1 - k0) / 1e3
+    longest = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return {**summarize(kernels, wall_ms),
+            "launches": {name[:160]: {"count": n, "ms": round(ms, 3)} for name, (n, ms) in longest}}
 
 
 def measure(cfg, env, stage, batch, steps: int, profile: bool) -> dict:
@@ -127,7 +135,7 @@ def measure(cfg, env, stage, batch, steps: int, profile: bool) -> dict:
            "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
            "loss": round(first["lm"] + stage.kl_weight * first["kl"], 5)}
     if profile:
-        row["launches"] = launches(lambda: train_step(run), cuda)
+        row["profile"] = profiled_step(lambda: train_step(run), env.device.type)
     return row
 
 
@@ -166,7 +174,7 @@ def main() -> None:
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             traceback.print_exc()
         results.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "launches"}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
         if args.out:
             with args.out.open("a") as f:
                 f.write(json.dumps({**row, **meta(env.device)}) + "\n")
