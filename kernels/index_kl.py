@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from kernels.common import build_kl_csr, build_layout, check_cu_seqlens, check_limits
+from kernels.ops import index_kl_fwd_op
 
 __all__ = ["index_kl_loss"]
 
@@ -253,7 +254,8 @@ class IndexKLLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse):
         grad = q_idx.requires_grad or k_idx.requires_grad
-        loss, dq, dk = index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad)
+        # the gradients too, in one op (msa::index_kl_fwd) whose outputs selective checkpointing keeps
+        loss, dq, dk = index_kl_fwd_op(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad)
         ctx.save_for_backward(dq, dk)
         ctx.dtypes = (q_idx.dtype, k_idx.dtype)
         return loss

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels.common import build_layout, check_cu_seqlens, check_limits
+from kernels.ops import select_blocks_op
 
 __all__ = ["select_blocks", "select_blocks_fwd", "doc_tiles"]
 
@@ -267,5 +268,5 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, top
     if fp8 and q_idx.is_cuda and torch.cuda.get_device_capability(q_idx.device) < (8, 9):
         raise ValueError("select_blocks(fp8=True) needs a GPU with fp8 matmuls (sm_89+); call it with "
                          "fp8=False here")
-    return select_blocks_fwd(q_idx.contiguous(), k_idx.contiguous(), block_size, topk, cu_seqlens, fp8,
-                             gate_from=gate_from, fp8_key_scale=fp8_key_scale)
+    return select_blocks_op(q_idx.contiguous(), k_idx.contiguous(), block_size, topk, cu_seqlens, fp8,
+                            fp8_key_scale, gate_from)

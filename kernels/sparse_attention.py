@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from kernels.common import build_csr, build_layout, check_block_idx, check_cu_seqlens, check_limits
+from kernels.ops import sparse_attention_fwd_args, sparse_attention_fwd_op
 
 LOG2E = 1.4426950408889634
 
@@ -508,7 +509,9 @@ class SparseAttentionFunction(torch.autograd.Function):
         q, k, v, block_idx = (x.contiguous() for x in (q, k, v, block_idx))
         layout = build_layout(k.shape[1], block_size, cu_seqlens, q.device)
         csr = reverse_index(q, block_idx, block_size, layout, dq_path, launch)
-        o, lse = sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, csr, launch)
+        # through the dispatcher (msa::sparse_attention_fwd), where selective checkpointing can keep (o, lse)
+        o, lse = sparse_attention_fwd_op(q, k, v, block_idx, *sparse_attention_fwd_args(layout, csr, launch),
+                                         block_size, scale)
         ctx.save_for_backward(q, k, v, o, lse, block_idx)
         ctx.layout, ctx.csr, ctx.block_size, ctx.scale = layout, csr, block_size, scale
         ctx.dq_path, ctx.launch = dq_path, launch

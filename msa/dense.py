@@ -3,24 +3,44 @@ optional sliding window (the layers of pretrained checkpoints that attend only t
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
+from torch.utils._python_dispatch import _disable_current_modes
+
+
+def _lower_right(nq: int, nk: int):
+    """``causal_lower_right(nq, nk)`` built outside any dispatch mode: the ``CausalBias`` tensor subclass
+    cannot be created under one (selective checkpointing's: "Creating a new Tensor subclass CausalBias but
+    the raw Tensor object is already associated to a python object", torch 2.13); it holds no data."""
+    with _disable_current_modes():
+        return causal_lower_right(nq, nk)
 
 
 def _window_sdpa(q, k, v, scale, gqa, window):
     """Causal SDPA where query ``i`` sees keys ``i - window < j <= i``. Queries go in chunks of about
-    ``window`` so each mask is ``chunk x (chunk + window)``: memory stays linear in the length."""
+    ``window`` so each mask is ``chunk x (chunk + window)``: memory stays linear in the length. The chunks
+    are split off ``q`` and each chunk's keys are joined from pieces split off ``k, v`` at the chunks' key
+    bounds, so backward writes each gradient once (a slice's backward writes a zero-filled copy of its
+    whole input: one per chunk)."""
     nq, nk = q.shape[2], k.shape[2]
-    first, chunk, parts = nk - nq, min(max(window, 256), 4096), []
-    for a in range(0, nq, chunk):
-        b = min(a + chunk, nq)
-        lo, hi = max(0, first + a - window + 1), first + b
+    first, chunk = nk - nq, min(max(window, 256), 4096)
+    starts = range(0, nq, chunk)
+    spans = [(max(0, first + a - window + 1), first + min(a + chunk, nq)) for a in starts]  # each chunk's keys
+    cuts = sorted({0, nk, *(bound for span in spans for bound in span)})
+    piece = {cut: n for n, cut in enumerate(cuts)}
+    sizes = [b - a for a, b in zip(cuts[:-1], cuts[1:])]
+    k_pieces, v_pieces = k.split(sizes, dim=2), v.split(sizes, dim=2)
+    parts = []
+    for a, q_chunk, (lo, hi) in zip(starts, q.split(chunk, dim=2), spans):
         i = torch.arange(first + a, hi, device=q.device)[:, None]
         j = torch.arange(lo, hi, device=q.device)[None, :]
-        mask = (j <= i) & (i - j < window)  # [b - a, hi - lo]
-        parts.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask,
-                                                    scale=scale, enable_gqa=gqa))
+        mask = (j <= i) & (i - j < window)  # [chunk, hi - lo]
+        k_chunk, v_chunk = (torch.cat(p[piece[lo]:piece[hi]], dim=2) for p in (k_pieces, v_pieces))
+        parts.append(F.scaled_dot_product_attention(q_chunk, k_chunk, v_chunk, attn_mask=mask, scale=scale,
+                                                    enable_gqa=gqa))
     return torch.cat(parts, dim=2)
 
 
@@ -31,31 +51,69 @@ def _causal_sdpa(q, k, v, scale, gqa, window=0):
         return _window_sdpa(q, k, v, scale, gqa, window)
     if nq == nk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(nq, nk), scale=scale,
-                                          enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_lower_right(nq, nk), scale=scale, enable_gqa=gqa)
+
+
+def document_lengths(cu_seqlens: torch.Tensor, N: int, Nq: int) -> tuple[list[int], list[int]]:
+    """Per document of ``cu_seqlens`` (over ``N`` keys): its queries (of the last ``Nq`` positions) and its
+    keys. One device-to-host read."""
+    bounds, first = cu_seqlens.tolist(), N - Nq
+    starts, ends = bounds[:-1], bounds[1:]
+    return [max(0, e - max(s, first)) for s, e in zip(starts, ends)], [e - s for s, e in zip(starts, ends)]
+
+
+def varlen_args(q_len: list[int], k_len: list[int], device) -> tuple[int, torch.Tensor, torch.Tensor, int, int]:
+    """What one varlen kernel call takes for the documents that have queries: the first key it reads (the
+    documents before it have no query), ``cu_seq_q``, ``cu_seq_k`` (int32) and the longest query and key
+    runs. Each document's queries are the last of its keys (bottom-right causal alignment)."""
+    docs = [(nq, nk) for nq, nk in zip(q_len, k_len) if nq]
+    k0 = sum(k_len) - sum(nk for _, nk in docs)
+
+    def cumulative(lengths):
+        return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+    return (k0, cumulative(nq for nq, _ in docs), cumulative(nk for _, nk in docs),
+            max(nq for nq, _ in docs), max(nk for _, nk in docs))
+
+
+def _flash_varlen(q, k, v, q_len, k_len, scale):
+    """One FlashAttention-2 varlen call (``aten::_flash_attention_forward``, GQA, bottom-right causal) over
+    the documents of a packed row, ``B == 1``."""
+    k0, cu_q, cu_k, max_q, max_k = varlen_args(q_len, k_len, q.device)
+    o = torch.ops.aten._flash_attention_forward(q[0], k[0, k0:], v[0, k0:], cu_q, cu_k, max_q, max_k, 0.0, True,
+                                                False, scale=scale)[0]
+    return o.unsqueeze(0)
+
+
+def can_run_varlen(q: torch.Tensor) -> bool:
+    """FlashAttention's varlen kernel runs on CUDA in fp16/bf16."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cu_seqlens: torch.Tensor | None = None, scale: float | None = None,
-                    window: int = 0) -> torch.Tensor:
+                    window: int = 0, varlen: bool = False) -> torch.Tensor:
     """Causal attention of ``q [B, Nq, H, D]`` over ``k, v [B, N, Hkv, D]`` -> ``o [B, Nq, H, D]``.
 
     The queries are the last ``Nq <= N`` key positions (bottom-right aligned, as a context-parallel
     rank's query chunk against the gathered keys before it). With ``cu_seqlens`` over the keys
-    (``B == 1``) each document attends only to itself: SDPA runs once per document, so memory stays
-    linear in ``N`` (no ``N x N`` block-diagonal mask). ``window > 0``: query ``i`` sees only the keys
+    (``B == 1``) each document attends only to itself, without an ``N x N`` mask: SDPA runs once per
+    document on views split off the packed tensors (so backward writes each gradient once, not one
+    zero-padded copy per document), or, with ``varlen`` where ``can_run_varlen`` and no window applies,
+    all documents go to one FlashAttention varlen call. ``window > 0``: query ``i`` sees only the keys
     ``i - window < j <= i`` (transformers' sliding window: ``window`` keys including its own).
     """
     Nq, N = q.shape[1], k.shape[1]
     if Nq > N:
         raise ValueError(f"q has {Nq} positions but k only {N}: queries must be the last Nq <= N keys")
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.shape[2] != k.shape[2]
     if cu_seqlens is None:
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         return _causal_sdpa(qt, kt, vt, scale, gqa, window).transpose(1, 2)
-    bounds, first = cu_seqlens.tolist(), N - Nq
-    parts = [
-        _causal_sdpa(qt[:, :, max(s, first) - first:e - first], kt[:, :, s:e], vt[:, :, s:e], scale, gqa, window)
-        for s, e in zip(bounds[:-1], bounds[1:]) if e > max(s, first)
-    ]
+    q_len, k_len = document_lengths(cu_seqlens, N, Nq)
+    if varlen and can_run_varlen(q) and (not window or max(k_len) <= window):
+        return _flash_varlen(q, k, v, q_len, k_len, scale)
+    qs, ks, vs = q.split(q_len, dim=1), k.split(k_len, dim=1), v.split(k_len, dim=1)
+    parts = [_causal_sdpa(qd.transpose(1, 2), kd.transpose(1, 2), vd.transpose(1, 2), scale, gqa, window)
+             for qd, kd, vd, n in zip(qs, ks, vs, q_len) if n]
     return torch.cat(parts, dim=2).transpose(1, 2)

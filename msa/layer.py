@@ -39,6 +39,9 @@ class AttentionConfig:
     topk: int = 16  # k: blocks kept per (query, GQA group), own block included
     index_dim: int = 64  # Di: index query/key head dim
     n_dense_layers: int = 1  # the first layers use ordinary dense GQA attention
+    # dense attention (dense layers, warm-up) on packed rows: one FlashAttention varlen call (CUDA, bf16/fp16)
+    # instead of one SDPA call per document; elsewhere the per-document calls (msa/dense.py)
+    dense_varlen: bool = False
 
 
 def check_attention(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_dim: int, n_layers: int) -> None:
@@ -90,15 +93,16 @@ class CoreOut(NamedTuple):
 
 class DenseCore(nn.Module):
     """Causal GQA attention over the whole (packed) sequence, or over the last ``window`` keys of each
-    query (a pretrained checkpoint's sliding-window layers); no index branch."""
+    query (a pretrained checkpoint's sliding-window layers); no index branch. ``varlen``: see
+    ``AttentionConfig.dense_varlen``."""
 
-    def __init__(self, window: int = 0):
+    def __init__(self, window: int = 0, varlen: bool = False):
         super().__init__()
-        self.window = window
+        self.window, self.varlen = window, varlen
 
     def forward(self, q, k, v, cu_seqlens=None, index=None, phase: Phase = "sparse", stats_queries: int = 0,
                 teacher=None):
-        return CoreOut(dense_attention(q, k, v, cu_seqlens, window=self.window))
+        return CoreOut(dense_attention(q, k, v, cu_seqlens, window=self.window, varlen=self.varlen))
 
 
 class MSACore(nn.Module):
@@ -116,6 +120,7 @@ class MSACore(nn.Module):
     def __init__(self, cfg: AttentionConfig):
         super().__init__()
         self.block_size, self.topk = cfg.block_size, cfg.topk
+        self.dense_varlen = cfg.dense_varlen
         self.ops = resolve_ops(cfg.impl)
 
     def forward(self, q, k, v, cu_seqlens=None, index=None, phase: Phase = "sparse", stats_queries: int = 0,
@@ -126,7 +131,7 @@ class MSACore(nn.Module):
         if phase == "sparse" or stats_queries:
             block_idx = ops.select_blocks(q_idx.detach(), k_idx.detach(), Bk, self.topk, cu_seqlens)
         if phase == "warmup":
-            o, lse = dense_attention(q, k, v, cu_seqlens), None
+            o, lse = dense_attention(q, k, v, cu_seqlens, varlen=self.dense_varlen), None
         else:
             o, lse = ops.sparse_attention(q, k, v, block_idx, Bk, cu_seqlens)
         q_t, lse_t = teacher(q.detach(), lse) if teacher is not None else (q.detach(), lse)
@@ -147,7 +152,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_dim: int,
                  norm_eps: float = 1e-5, *, qkv_bias: bool = False, out_bias: bool = False, qk_norm: bool = True,
-                 window: int = 0):
+                 window: int = 0, varlen: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim, self.rope_dim = n_heads, n_kv_heads, head_dim, rope_dim
         self.wq = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
@@ -156,7 +161,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
         self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else nn.Identity()
-        self.core: nn.Module = DenseCore(window)
+        self.core: nn.Module = DenseCore(window, varlen)
 
     def wrap_core(self, wrap) -> None:
         """Replace the core by ``wrap(core)`` (a module with the same call and ``CoreOut`` result)."""

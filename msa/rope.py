@@ -145,6 +145,14 @@ class Rotary:
             inv[lengths == n] = inv_freq(rot_dim, self.base, self.scaling, n)[0].to(pos.device)
         return inv, 1.0
 
+    def build(self, *rot_dims: int) -> Rotary:
+        """Build the tables of ``rot_dims`` now, before the blocks run: a checkpointed block's recompute
+        then finds the state its forward found (under ``torch.compile`` it would run another graph)."""
+        for rot_dim in rot_dims:
+            if rot_dim:
+                self._table(rot_dim)
+        return self
+
     def apply(self, x: torch.Tensor, rot_dim: int) -> torch.Tensor:
         """Rotate the first ``rot_dim`` dims of ``x [B, N, heads, dim]`` (halves convention)."""
         if rot_dim == 0:

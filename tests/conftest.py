@@ -16,12 +16,15 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    # slow cases run when asked for by marker (pytest -m slow), as pyproject.toml's marker says
+    skip_slow = pytest.mark.skip(reason="slow: covered by a faster test; run with -m slow")
+    asked = "slow" in (config.getoption("-m") or "")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not asked:
+            item.add_marker(skip_slow)
 
 
 @pytest.fixture(autouse=True)

@@ -90,7 +90,8 @@ def _compare_grads(ref_module, grads, errors, prefix):
 
 def _worker(rank, world, sp, cp):
     """Every check of one layout in one set of processes (starting them is the slow part)."""
-    errors = _layer_checks(rank, world, sp, cp) + _model_checks(rank, world, sp, cp, memory_savers=sp * cp == 4)
+    errors = _layer_checks(rank, world, sp, cp) + _model_checks(rank, world, sp, cp,
+                                                                 "full" if sp * cp == 4 else "selective")
     assert not errors, "\n".join(errors)
 
 
@@ -189,11 +190,14 @@ def _tiny_batch(B=2, N=96):
     }
 
 
-def _model_checks(rank, world, sp, cp, memory_savers):
-    par = ParallelConfig(sp_size=sp, cp_size=cp, activation_checkpointing=memory_savers,
-                         mlp_tile_tokens=16 if memory_savers else 0)
+def _model_checks(rank, world, sp, cp, policy):
+    """``policy``: activation checkpointing, ``full`` (DeepSpeed's, with TiledMLP) or ``selective``
+    (PyTorch's, whose recompute runs the all-to-alls and all-gathers again)."""
+    full = policy == "full"
+    par = ParallelConfig(sp_size=sp, cp_size=cp, activation_checkpointing=True, checkpoint_policy=policy,
+                         mlp_tile_tokens=16 if full else 0)
     mesh = build_mesh(sp, cp, _env(rank, world), kv_replicas(sp, 2))
-    if memory_savers:
+    if full:
         import deepspeed
 
         # no cpu_checkpointing here: on a CPU device DeepSpeed's "copy to CPU" is the tensor itself,
@@ -230,7 +234,8 @@ def _model_checks(rank, world, sp, cp, memory_savers):
                                    pytest.param(2, 2, id="sp2xcp2"), pytest.param(4, 1, id="sp4-kv-replicated")])
 def test_parity_with_single_process(sp, cp):
     """One MSA layer (sparse and warm-up phase), one dense layer and the tiny model (with packed
-    documents and images straddling shards; with 4 ranks also TiledMLP and activation checkpointing).
+    documents and images straddling shards; the model under selective activation checkpointing with 2
+    ranks, DeepSpeed's full checkpointing and TiledMLP with 4).
     sp4: more sequence ranks than the 2 KV heads, which are replicated over pairs of ranks that each
     hold one of the group's two query heads (outputs, KL, stats and every gradient as one process)."""
     _spawn(_worker, sp * cp, sp, cp)

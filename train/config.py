@@ -169,6 +169,11 @@ def check_parallel(cfg: TrainConfig, device_type: str) -> None:
         raise ValueError(f"parallel.zero_stage={par.zero_stage} must be 0, 1, 2 or 3")
     if par.mlp_tile_tokens < 0:
         raise ValueError(f"parallel.mlp_tile_tokens={par.mlp_tile_tokens} must be >= 0 (0: no tiling)")
+    if par.checkpoint_policy not in ("full", "selective"):
+        raise ValueError(f"parallel.checkpoint_policy={par.checkpoint_policy!r}: use full or selective")
+    if par.checkpoint_offload and par.checkpoint_policy != "full":
+        raise ValueError("parallel.checkpoint_offload=true is DeepSpeed's (parallel.checkpoint_policy=full): set "
+                         "parallel.checkpoint_policy=full or parallel.checkpoint_offload=false")
     if par.checkpoint_offload and not par.activation_checkpointing:
         raise ValueError("parallel.checkpoint_offload=true needs parallel.activation_checkpointing=true")
     if par.checkpoint_offload and device_type != "cuda":

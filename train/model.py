@@ -93,7 +93,7 @@ class Block(nn.Module):
         if sparse:
             self.attn = MSAAttention(*args, attn_cfg, cfg.norm_eps, **opts)
         else:
-            self.attn = Attention(*args, cfg.norm_eps, **opts, window=window)
+            self.attn = Attention(*args, cfg.norm_eps, **opts, window=window, varlen=attn_cfg.dense_varlen)
         self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         hidden = cfg.ffn_dim or 64 * math.ceil(8 * cfg.dim / 3 / 64)
@@ -208,7 +208,8 @@ class Decoder(nn.Module):
         positions, labels = batch["position_ids"], batch["labels"]
         if cu_seqlens is not None and x.shape[0] > 1:  # packed rows: one sequence of B*N tokens
             x, positions, labels = x.reshape(1, -1, x.shape[-1]), positions.reshape(1, -1), labels.reshape(1, -1)
-        rotary = Rotary(positions, self.rope_base, self.rope_scaling)
+        widths = {w for b in self.layers for w in (b.attn.rope_dim, getattr(b.attn, "index_rope_dim", 0))}
+        rotary = Rotary(positions, self.rope_base, self.rope_scaling).build(*widths)
         kl, layer_kl, layer_stats = x.new_zeros((), dtype=torch.float32), [], []
         for block in self.layers:
             args = (x, rotary, cu_seqlens, phase, stats_queries)

@@ -2,7 +2,13 @@
 
 - ``Attention.wrap_core``: context-parallel, then Ulysses wrappers around every attention core;
 - ``Block.wrap_mlp``: DeepSpeed's TiledMLP over ``parallel.mlp_tile_tokens`` tokens at a time;
-- ``Decoder.set_block_runner``: DeepSpeed's per-block activation checkpointing.
+- ``Decoder.set_block_runner``: per-block activation checkpointing, ``parallel.checkpoint_policy``:
+  ``full`` (DeepSpeed's: the block's whole forward runs again in backward) or ``selective`` (PyTorch's
+  non-reentrant checkpoint keeping the outputs of the attention ops in ``SAVED_OPS``, so block selection,
+  sparse attention, the index KL and dense SDPA run once per step; the rest is recomputed).
+- ``parallel.compile_blocks``: ``torch.compile`` of each block with its sequence-wide attention core left
+  eager (``EagerCore``), so the token-local work on either side of it (norms, projections with RoPE,
+  residual adds, SwiGLU) becomes two fused graphs.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import functools
 import math
 
 import torch
+import torch.nn as nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from train.parallel.mesh import Mesh, ParallelConfig
 from train.parallel.sequence import ContextParallelCore, UlyssesCore
@@ -25,9 +33,30 @@ def parallelize(model, mesh: Mesh, cfg: ParallelConfig):
             block.attn.wrap_core(lambda core: UlyssesCore(core, mesh.sp_group, mesh.kv_replicas, mesh.replica_group))
         if cfg.mlp_tile_tokens:
             block.wrap_mlp(lambda mlp: functools.partial(tiled_mlp, mlp, tile=cfg.mlp_tile_tokens))
+        if cfg.compile_blocks:
+            compile_block(block)
     if cfg.activation_checkpointing:
-        model.set_block_runner(checkpointed)
+        model.set_block_runner(selective_checkpointed if cfg.checkpoint_policy == "selective" else checkpointed)
     return model
+
+
+class EagerCore(nn.Module):
+    """An attention core that ``torch.compile`` leaves alone: its work is sequence-wide (Triton kernels,
+    host-side index building, collectives), the compiled graphs end before it and resume after it."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    @torch.compiler.disable
+    def forward(self, *args):
+        return self.inner(*args)
+
+
+def compile_block(block, backend: str = "inductor") -> None:
+    """``torch.compile`` the block (``nn.Module.compile``) around an eager attention core."""
+    block.attn.wrap_core(EagerCore)
+    block.compile(backend=backend)
 
 
 def tiled_mlp(mlp, x: torch.Tensor, tile: int) -> torch.Tensor:
@@ -48,4 +77,30 @@ def checkpointed(block, x, *args):
     return deepspeed.checkpointing.checkpoint(block, x, *args)
 
 
-__all__ = ["parallelize", "tiled_mlp", "checkpointed"]
+# What selective checkpointing keeps: per token and layer a few KB (``o`` and its lse, ``block_idx``, the
+# index KL's gradients) against a whole sequence-wide pass each (top-k over every earlier key, sparse
+# attention, the KL's two passes, dense SDPA). Everything else (norms, projections, RoPE, MLP) is recomputed.
+SAVED_OPS = frozenset({
+    "msa::select_blocks", "msa::sparse_attention_fwd", "msa::index_kl_fwd",
+    "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_flash_attention_forward", "aten::_efficient_attention_forward",
+})
+
+
+def _keep_attention(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op.name() in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_checkpointed(block, x, *args):
+    """One block under PyTorch's selective activation checkpointing: the outputs of ``SAVED_OPS`` are
+    kept from the forward, everything else runs again in backward. The Triton path's ops are
+    ``kernels/ops.py``'s; the reference's are plain torch code, so there it recomputes as ``full`` does."""
+    if not torch.is_grad_enabled():
+        return block(x, *args)
+    return checkpoint(block, x, *args, use_reentrant=False,
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_attention))
+
+
+__all__ = ["parallelize", "tiled_mlp", "checkpointed", "selective_checkpointed", "SAVED_OPS", "compile_block",
+           "EagerCore"]

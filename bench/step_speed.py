@@ -1,0 +1,204 @@
+"""Training-step speed of the step options side by side in one process: tokens/s, step time and peak
+memory of real steps of the DeepSpeed engine (``train.loop.train_step``: forward, backward, optimizer
+step, bf16 on a GPU) on synthetic rows, and from one profiled step the time per kernel bucket
+(``bench/profile_buckets.py``) and the launches per step of each kernel (aten op on a CPU), which show the
+attention forward running once per layer under ``parallel.checkpoint_policy=selective`` and twice under
+``full``.
+
+Rows: ``one:N`` (one document of N tokens), ``packed:N:L`` (documents of uniformly random length in
+[L/16, L) filling N tokens, seeded). Points (``POINTS``): ``dense`` (every layer dense), ``dense_varlen``,
+``msa_full`` (MSA, DeepSpeed's full checkpointing), ``msa_selective``, ``msa_selective_compile``,
+``msa_full_compile``, ``warmup_loop`` / ``warmup_varlen`` (MSA in the warm-up phase: dense attention with
+the index KL, one SDPA call per document or one varlen call). Every point checkpoints activations.
+
+    python3 -m bench.step_speed --model small --rows one:32768 one:131072 --points dense msa_full \\
+        msa_selective --profile-rows one:32768 --out runs/step_speed.jsonl -- <hydra overrides>
+
+``tokens_per_s`` = row tokens over the median time of ``--steps`` steps after one warm-up step (which
+also compiles); ``peak_gb`` = ``torch.cuda.max_memory_allocated`` over the timed steps; ``loss`` = the
+first step's loss (``lm + kl_weight * kl``): it should agree across points of one row and phase.
+Each point's JSON line is appended as soon as it is measured, so a stage cut by a time limit keeps what
+it finished; an error (out of memory, a compile failure) is recorded and the next point runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from bench.meta import git_commit
+from bench.parallel import compose, sync
+from train.config import check_config
+from train.loop import start, train_step
+from train.parallel import init_distributed
+from train.recipe import build_recipe
+
+CHECKPOINTING = ["parallel.activation_checkpointing=true"]
+SELECTIVE = ["parallel.checkpoint_policy=selective"]
+COMPILE = ["parallel.compile_blocks=true"]
+POINTS = {  # name: (Hydra overrides, attention phase)
+    "dense": (["attention=dense"], "sparse"),
+    "dense_varlen": (["attention=dense", "attention.dense_varlen=true"], "sparse"),
+    "msa_full": ([], "sparse"),
+    "msa_selective": (SELECTIVE, "sparse"),
+    "msa_selective_compile": (SELECTIVE + COMPILE, "sparse"),
+    "msa_full_compile": (COMPILE, "sparse"),
+    "warmup_loop": ([], "warmup"),
+    "warmup_varlen": (["attention.dense_varlen=true"], "warmup"),
+}
+
+
+def make_row(spec: str, vocab: int, device) -> dict:
+    """The batch of a row spec (``one:N`` or ``packed:N:L``): one packed row with ``cu_seqlens``."""
+    kind, *sizes = spec.split(":")
+    N = int(sizes[0])
+    if kind == "one":
+        lengths = [N]
+    elif kind == "packed":
+        longest = int(sizes[1])
+        g = torch.Generator().manual_seed(N)
+        lengths, left = [], N
+        while left > 0:
+            lengths.append(min(left, int(torch.randint(max(1, longest // 16), longest, (1,), generator=g))))
+            left -= lengths[-1]
+    else:
+        raise ValueError(f"row {spec!r}: use one:N or packed:N:L")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, N), generator=g)
+    labels = torch.roll(ids, -1, 1)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)])
+    labels[0, cu[1:] - 1] = -100
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "cu_seqlens": cu.to(torch.int32)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def profiled_step(step, device_type: str, top: int = 40) -> dict:
+    """One step under ``torch.profiler``: ``bench.profile_buckets.summarize`` of it (milliseconds per bucket,
+    idle time) and ``launches``: per kernel name (aten op on a CPU) the calls and milliseconds, the ``top``
+    longest first, which counts what ran once or twice per layer."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.profile_buckets import kernels_of, summarize
+
+    cuda = device_type == "cuda"
+    sync(torch.device(device_type))
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        sync(torch.device(device_type))
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    kernels = kernels_of(prof, device_type)
+    per_name: dict[str, list] = {}
+    for name, k0, k1 in kernels:
+        entry = per_name.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += (k1 - k0) / 1e3
+    longest = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return {**summarize(kernels, wall_ms),
+            "launches": {name[:160]: {"count": n, "ms": round(ms, 3)} for name, (n, ms) in longest}}
+
+
+def measure(cfg, env, stage, batch, steps: int, profile: bool) -> dict:
+    cuda = env.device.type == "cuda"
+    gc.collect()  # the previous point's engine
+    if cuda:
+        torch.cuda.empty_cache()
+    if cfg.parallel.compile_blocks:
+        torch._dynamo.reset()  # a fresh compile per point: no recompile limit reached, no shapes made dynamic
+    torch.manual_seed(cfg.run.seed)
+    run = start(cfg, env, [stage], stage, None, batches=itertools.repeat(batch))
+    t0 = time.perf_counter()
+    first = train_step(run)  # warm-up: Triton and torch.compile compile, the allocator grows
+    sync(env.device)
+    warmup_s = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        train_step(run)
+        sync(env.device)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    row = {"step_s": round(step_s, 4), "step_s_all": [round(t, 4) for t in times], "warmup_step_s": round(warmup_s, 2),
+           "tokens_per_s": round(batch["input_ids"].numel() / step_s),
+           "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+           "loss": round(first["lm"] + stage.kl_weight * first["kl"], 5)}
+    if profile:
+        row["profile"] = profiled_step(lambda: train_step(run), env.device.type)
+    return row
+
+
+def point_config(model: str, spec: str, point: str, overrides: list[str]):
+    extra, phase = POINTS[point]
+    seq_len = int(spec.split(":")[1])
+    # with the warm-up phase the recipe's first stage is one warm-up step, else the only stage is sparse
+    return compose([f"model={model}", "logging.wandb.mode=disabled", "data.batch_size=1", f"data.seq_len={seq_len}",
+                    "run.steps=2", f"recipe.warmup_steps={int(phase == 'warmup')}", *CHECKPOINTING, *extra,
+                    *overrides]), phase
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="small")
+    ap.add_argument("--rows", nargs="+", default=["one:32768", "one:131072", "packed:196608:6144"])
+    ap.add_argument("--points", nargs="+", default=["dense", "msa_full", "msa_selective"], choices=list(POINTS))
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per point, after one warm-up step")
+    ap.add_argument("--profile-rows", nargs="*", default=[], help="rows whose points also get a profiled step")
+    ap.add_argument("--out", type=Path, default=None, help="JSON lines, appended point by point")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every point, e.g. attention.impl=triton")
+    args = ap.parse_args()
+    env, results = None, []
+    for spec, point in itertools.product(args.rows, args.points):
+        cfg, phase = point_config(args.model, spec, point, args.overrides)
+        env = env or init_distributed(cfg.parallel)
+        stage = build_recipe(cfg)[0]
+        assert stage.phase == phase or cfg.attention.kind == "dense", (point, stage.phase)
+        check_config(cfg, stage, env.world_size, cfg.model.vocab_size, env.device.type)
+        row = {"model": args.model, "row": spec, "point": point, "phase": stage.phase}
+        try:
+            batch = make_row(spec, cfg.model.vocab_size, env.device)
+            row["docs"] = batch["cu_seqlens"].numel() - 1
+            row.update(measure(cfg, env, stage, batch, args.steps, spec in args.profile_rows))
+        except Exception as e:  # noqa: BLE001  (an OOM or a compile failure is a result; the next point runs)
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            traceback.print_exc()
+        results.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+        if args.out:
+            with args.out.open("a") as f:
+                f.write(json.dumps({**row, **meta(env.device)}) + "\n")
+    print_table(results)
+
+
+def meta(device) -> dict:
+    import triton
+
+    return {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "triton": triton.__version__, "commit": git_commit(), "command": " ".join(["python3"] + sys.argv),
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"{'row':>20} {'point':>22} {'docs':>5} {'step_s':>8} {'tok/s':>9} {'peak_GB':>8} {'loss':>9}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['row']:>20} {r['point']:>22}  {r['error'][:70]}")
+            continue
+        peak = "-" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
+        print(f"{r['row']:>20} {r['point']:>22} {r['docs']:>5} {r['step_s']:>8.3f} {r['tokens_per_s']:>9} "
+              f"{peak:>8} {r['loss']:>9.4f}")
+
+
+if __name__ == "__main__":
+    main()

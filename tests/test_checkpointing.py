@@ -1,0 +1,144 @@
+"""Activation checkpointing policies: selective checkpointing gives the gradients of no checkpointing and
+runs the attention ops (block selection, sparse forward, index KL forward) once per layer and step, where
+full checkpointing runs them twice."""
+
+import collections
+import importlib
+
+import pytest
+import torch
+
+from msa.layer import AttentionConfig
+from tests.utils import rel_rms
+from train.model import Decoder, ModelConfig
+from train.parallel import Mesh, ParallelConfig, init_distributed, parallelize
+from train.vision import VisionConfig
+
+# the host functions behind kernels/ops.py's ops: what a launch count counts
+HOSTS = (("kernels.index_topk", "select_blocks_fwd"), ("kernels.sparse_attention", "sparse_attention_fwd"),
+         ("kernels.index_kl", "index_kl_fwd"))
+OPS = [name for _, name in HOSTS]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts of the kernels' forward host functions, called through their ops."""
+    counts = collections.Counter()
+
+    def counting(name, run):
+        def counted(*args, **kwargs):
+            counts[name] += 1
+            return run(*args, **kwargs)
+        return counted
+
+    for module_name, name in HOSTS:
+        module = importlib.import_module(module_name)  # kernels.sparse_attention is also a function's name
+        monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
+    return counts
+
+
+def _model(impl: str, n_layers: int = 2, n_dense_layers: int = 1) -> Decoder:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, head_dim=16, rope_dim=8,
+                      vision=VisionConfig(kind="linear", patch_size=2))
+    # dense layers first, then MSA; 16-key blocks and topk 2, so the 36-token document's last block chooses
+    return Decoder(cfg, AttentionConfig(impl=impl, block_size=16, topk=2, index_dim=16,
+                                        n_dense_layers=n_dense_layers))
+
+
+def _batch(N: int = 48) -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (1, N), generator=g)
+    cu = torch.tensor([0, 36, 37, N], dtype=torch.int32)
+    pos = torch.cat([torch.arange(int(e - s)) for s, e in zip(cu[:-1], cu[1:])])[None]
+    labels = torch.roll(ids, -1, 1)
+    labels[0, cu[1:] - 1] = -100
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "cu_seqlens": cu}
+
+
+def _step(model: Decoder, batch: dict, phase: str, launches=None):
+    """Loss, every parameter's gradient and the launches of each of ``OPS`` in one forward and backward."""
+    model.zero_grad(set_to_none=True)
+    before = dict(launches or {})
+    out = model(batch, phase=phase)
+    loss = out["lm_sum"] / out["n_tokens"] + 0.5 * out["kl"]
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    ran = {op: (launches or {}).get(op, 0) - before.get(op, 0) for op in OPS}
+    return loss.detach(), grads, ran
+
+
+def _checkpointed(model: Decoder, policy: str) -> Decoder:
+    if policy == "full":
+        import deepspeed
+
+        init_distributed(ParallelConfig())  # DeepSpeed's checkpoint asks the process group for ranks
+        deepspeed.checkpointing.configure(None, deepspeed_config={"train_micro_batch_size_per_gpu": 1,
+                                                                  "gradient_accumulation_steps": 1})
+    return parallelize(model, Mesh(), ParallelConfig(activation_checkpointing=True, checkpoint_policy=policy))
+
+
+def _check_same(ref, out, what):
+    (loss, grads, _), (loss_c, grads_c, _) = ref, out
+    assert torch.equal(loss, loss_c), what
+    assert grads.keys() == grads_c.keys(), what
+    index_grads = [n for n in grads if "_idx" in n]
+    assert index_grads and all(grads[n].abs().sum() > 0 for n in index_grads)  # the KL reached the indexer
+    for name, g in grads.items():
+        err = rel_rms(g, grads_c[name])
+        assert err < 1e-5, f"{what}, {name}: rel RMS {err:.2e}"
+
+
+@pytest.mark.usefixtures("restore_dist_env")
+def test_selective_keeps_the_kernels_outputs(launches):
+    """Triton kernels (interpreted): the gradients of no checkpointing under both policies; the block
+    selection, sparse forward and index-KL forward (with its gradients) run once per MSA layer under the
+    selective policy, as without checkpointing, and twice under full checkpointing."""
+    batch = _batch()
+    ref = _step(_model("triton"), batch, "sparse", launches)
+    assert ref[2] == dict.fromkeys(OPS, 1), ref[2]
+    for policy, runs in (("selective", 1), ("full", 2)):
+        out = _step(_checkpointed(_model("triton"), policy), batch, "sparse", launches)
+        _check_same(ref, out, policy)
+        assert out[2] == dict.fromkeys(OPS, runs), (policy, out[2])
+
+
+@pytest.mark.parametrize("impl,phase", [("reference", "sparse"), ("reference", "warmup"), ("triton", "warmup")])
+def test_selective_gives_the_gradients_of_no_checkpointing(impl, phase, launches):
+    """The reference (plain torch: everything recomputed) and the warm-up phase (dense attention kept,
+    index KL over every visible block)."""
+    batch = _batch()
+    ref = _step(_model(impl), batch, phase, launches)
+    out = _step(_checkpointed(_model(impl), "selective"), batch, phase, launches)
+    _check_same(ref, out, f"{impl} {phase}")
+    if impl == "triton":  # warm-up: dense attention and the KL on the dense support, once
+        assert out[2] == {"select_blocks_fwd": 0, "sparse_attention_fwd": 0, "index_kl_fwd": 1}, out[2]
+
+
+def test_unknown_checkpoint_policy_names_the_key():
+    from tests.utils import compose_train_config
+    from train.config import check_parallel
+
+    cfg = compose_train_config(["parallel.checkpoint_policy=some"])
+    with pytest.raises(ValueError, match="parallel.checkpoint_policy"):
+        check_parallel(cfg, "cpu")
+    cfg = compose_train_config(["parallel.checkpoint_policy=selective", "parallel.activation_checkpointing=true",
+                                "parallel.checkpoint_offload=true"])
+    with pytest.raises(ValueError, match="parallel.checkpoint_policy=full"):
+        check_parallel(cfg, "cuda")
+
+
+def test_selective_takes_a_context_parallel_query_chunk():
+    """Dense attention of queries that are the last of their keys (a context-parallel rank's chunk: a
+    lower-right causal bias, a tensor subclass) inside a selective checkpoint, against no checkpointing."""
+    from msa.dense import dense_attention
+    from train.parallel.parallelize import selective_checkpointed
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 20, 4, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, 48, 2, 16, generator=g, requires_grad=True) for _ in range(2))
+    cu = torch.tensor([0, 30, 48], dtype=torch.int32)
+    ref = torch.autograd.grad(dense_attention(q, k, v, cu).square().sum(), (q, k, v))
+    out = torch.autograd.grad(selective_checkpointed(dense_attention, q, k, v, cu).square().sum(), (q, k, v))
+    for a, b in zip(ref, out):
+        assert rel_rms(a, b) < 1e-6

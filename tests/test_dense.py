@@ -1,0 +1,122 @@
+"""Dense attention on packed rows (msa/dense.py): the per-document calls and the varlen path's arguments
+against a masked softmax built from the contract, and the varlen kernel against the per-document calls on
+a GPU."""
+
+import pytest
+import torch
+
+from msa.dense import can_run_varlen, dense_attention, document_lengths, varlen_args
+from tests.utils import rel_rms, visible_mask
+
+H, HKV, D = 4, 2, 16
+# documents of awkward lengths, an empty one in the middle; Nq < N is a context-parallel rank's query chunk
+CASES = [(70, 70, [0, 1, 33, 33, 70]), (70, 29, [0, 1, 33, 33, 70]), (96, 48, [0, 30, 31, 77, 96])]
+
+
+def _masked_attention(q, k, v, mask):
+    """Softmax attention of ``q [Nq, H, D]`` over ``k, v [N, Hkv, D]`` where ``mask [Nq, N]``, in float64."""
+    kk, vv = (t.double().repeat_interleave(H // HKV, dim=1) for t in (k, v))
+    s = torch.einsum("qhd,khd->hqk", q.double(), kk) * D ** -0.5
+    p = s.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", p, vv)
+
+
+def _inputs(N, Nq, cu, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, h, D, generator=g).to(device, dtype).requires_grad_()
+               for n, h in ((Nq, H), (N, HKV), (N, HKV)))
+    return q, k, v, torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+def _window_mask(N, Nq, window):
+    i, j = torch.arange(N - Nq, N)[:, None], torch.arange(N)[None, :]
+    return (i - j < window) if window else torch.ones(Nq, N, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("window", [0, 20])
+@pytest.mark.parametrize("N,Nq,cu", CASES)
+def test_per_document_calls_against_a_masked_softmax(N, Nq, cu, window):
+    """Output and gradients; ``window``: a sliding window (query chunks of 256 keys: one per document
+    here, several in the unpacked case of test_backward_writes_each_gradient_once)."""
+    q, k, v, cu = _inputs(N, Nq, cu)
+    o = dense_attention(q, k, v, cu, window=window)
+    ref = _masked_attention(q[0], k[0], v[0], visible_mask(N, Nq, cu) & _window_mask(N, Nq, window))[None]
+    assert rel_rms(ref, o) < 1e-6
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), do.double())
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        assert rel_rms(g_ref, g) < 1e-6, name
+
+
+def _backward_nodes(t):
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(n for n, _ in node.next_functions)
+    return [type(n).__name__ for n in seen]
+
+
+def test_backward_writes_each_gradient_once():
+    """Documents (and a sliding window's query chunks and their keys) are split off q, k, v (one backward
+    concatenation each), not sliced (one zero-filled full-size gradient per document and slice, summed:
+    seen as 77% of a CPU backward at 128 documents)."""
+    q, k, v, cu = _inputs(*CASES[0])
+    names = _backward_nodes(dense_attention(q, k, v, cu))
+    assert "SliceBackward0" not in names
+    assert names.count("SplitWithSizesBackward0") == 3
+    N, Nq, W = 1100, 900, 100  # 4 query chunks of 256 with overlapping key spans
+    q, k, v, _ = _inputs(N, Nq, [0, N])
+    o = dense_attention(q, k, v, window=W)
+    assert "SliceBackward0" not in _backward_nodes(o)
+    ref = _masked_attention(q[0], k[0], v[0], visible_mask(N, Nq, None) & _window_mask(N, Nq, W))[None]
+    do = torch.randn_like(o)
+    for name, g, g_ref in zip("qkv", torch.autograd.grad(o, (q, k, v), do),
+                              torch.autograd.grad(ref, (q, k, v), do.double())):
+        assert rel_rms(g_ref, g) < 1e-6, name
+
+
+@pytest.mark.parametrize("N,Nq,cu", CASES)
+def test_varlen_arguments_describe_the_documents(N, Nq, cu):
+    """``varlen_args`` as the varlen kernel reads them (each document's queries are the last of its keys,
+    bottom-right causal), evaluated by a masked softmax, give the per-document result."""
+    q, k, v, cu = _inputs(N, Nq, cu)
+    k0, cu_q, cu_k, max_q, max_k = varlen_args(*document_lengths(cu, N, Nq), "cpu")
+    assert k0 == N - (cu_k[-1].item()) and cu_q[-1].item() == Nq
+    doc_q = torch.searchsorted(cu_q, torch.arange(Nq), right=True) - 1
+    doc_k = torch.searchsorted(cu_k, torch.arange(N - k0), right=True) - 1
+    # query t of document d sits at key position (its index in d) + (keys of d - queries of d)
+    shift = (cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1])
+    at_q = torch.arange(Nq) - cu_q[doc_q] + shift[doc_q]
+    at_k = torch.arange(N - k0) - cu_k[doc_k]
+    mask = (doc_q[:, None] == doc_k[None, :]) & (at_k[None, :] <= at_q[:, None])
+    assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
+    o = _masked_attention(q[0], k[0, k0:], v[0, k0:], mask)
+    assert rel_rms(o, dense_attention(q, k, v, cu)[0]) < 1e-6
+
+
+def test_varlen_falls_back_to_the_per_document_calls_off_gpu():
+    q, k, v, cu = _inputs(*CASES[1])
+    assert not can_run_varlen(q)
+    assert torch.equal(dense_attention(q, k, v, cu, varlen=True), dense_attention(q, k, v, cu))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,Nq,cu", CASES + [(8192, 8192, [0, 5000, 5001, 8000, 8192])])
+def test_varlen_matches_the_per_document_calls_on_gpu(N, Nq, cu):
+    """bf16: output and gradients of the varlen call and of the per-document SDPA calls against fp32."""
+    ref_in = _inputs(N, Nq, cu, "cuda", torch.float32)
+    ins = _inputs(N, Nq, cu, "cuda", torch.bfloat16)
+    do = torch.randn(1, Nq, H, D, device="cuda")
+    ref = dense_attention(*ref_in)
+    ref_grads = torch.autograd.grad(ref, ref_in[:3], do)
+    errors = {}
+    for varlen in (False, True):
+        o = dense_attention(*ins, varlen=varlen)
+        grads = torch.autograd.grad(o, ins[:3], do.bfloat16())
+        errors[varlen] = [rel_rms(ref, o)] + [rel_rms(r, g) for r, g in zip(ref_grads, grads)]
+    assert all(e < 5e-3 for e in errors[True]), errors
+    assert all(e <= 2 * max(e_loop, 1e-3) for e, e_loop in zip(errors[True], errors[False])), errors
