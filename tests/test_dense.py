@@ -118,5 +118,7 @@ def test_varlen_matches_the_per_document_calls_on_gpu(N, Nq, cu):
         o = dense_attention(*ins, varlen=varlen)
         grads = torch.autograd.grad(o, ins[:3], do.bfloat16())
         errors[varlen] = [rel_rms(ref, o)] + [rel_rms(r, g) for r, g in zip(ref_grads, grads)]
-    assert all(e < 5e-3 for e in errors[True]), errors
+    # bf16 against fp32: PyTorch's own per-document SDPA reaches 5.2e-3 on dk here (H200, torch 2.11), so
+    # the bound that matters is the relative one: varlen within 2x of the per-document calls' error
+    assert all(e < 1e-2 for e in errors[True]), errors
     assert all(e <= 2 * max(e_loop, 1e-3) for e, e_loop in zip(errors[True], errors[False])), errors

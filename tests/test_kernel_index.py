@@ -210,6 +210,11 @@ def test_select_blocks_gpu_fp8(key_scale):
 
 
 @pytest.mark.gpu
+@pytest.mark.xfail(strict=True, reason="seen on an H200 (torch 2.11, Triton 3.6, 2026-12-03): the fp8 selection "
+                   "picks blocks 1.18 (block scales) and 1.56 (token scales) score units below the k-th best of the "
+                   "emulated e4m3 operands, far above the ~3e-2 the fp8 accumulation was expected to cost; the "
+                   "interpreter matches the emulation exactly (tests/test_oracle.py), so the GPU arithmetic is not "
+                   "yet understood. strict: a pass means this bound holds and the mark must go")
 @pytest.mark.parametrize("key_scale", ["block", "token"])
 def test_select_blocks_gpu_fp8_packed_matches_emulation(monkeypatch, key_scale):
     """Packed documents (block scales restart at each document start; 1-token and empty documents) and

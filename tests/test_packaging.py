@@ -70,7 +70,7 @@ def test_installed_wheel_trains_outside_the_checkout(wheel_install, tmp_path):
     proc = run([sys.executable, "-m", "train", "--help"], elsewhere, site)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("train is powered by Hydra."), proc.stdout[:500]
-    assert "model: 1b, base, small, tiny" in proc.stdout  # the config groups were found in the wheel
+    assert "model: 1b, base, hf, small, tiny" in proc.stdout  # the config groups were found in the wheel
 
     write_text_shards(tmp_path / "shards", 2)
     run_dir = tmp_path / "run"
