@@ -268,7 +268,9 @@ def test_zigzag_layout_covers_every_token_once():
     (["parallel.sp_size=2"], 3, ["parallel.sp_size", "parallel.cp_size"]),  # world not a multiple of sp*cp
     (["parallel.sp_size=3"], 3, ["parallel.sp_size", "model.n_kv_heads"]),  # neither divides the other
     (["parallel.cp_size=2", "data.seq_len=192"], 2, ["data.seq_len"]),  # 192 % (2*2*32)
-    (["parallel.checkpoint_offload=true"], 1, ["parallel.activation_checkpointing"]),
+    (["parallel.checkpoint_offload=true", "parallel.checkpoint_policy=full"], 1, ["parallel.activation_checkpointing"]),
+    (["parallel.checkpoint_offload=true", "parallel.activation_checkpointing=true"], 1,
+     ["parallel.checkpoint_policy=full"]),  # offload is DeepSpeed's checkpointing; selective is the default
     (["parallel.mlp_tile_tokens=-1"], 1, ["parallel.mlp_tile_tokens"]),
 ])
 def test_start_up_checks_name_the_keys(overrides, world, keys):
@@ -280,7 +282,8 @@ def test_start_up_checks_name_the_keys(overrides, world, keys):
 
 
 def test_checkpoint_offload_needs_a_gpu():
-    cfg = compose_train_config(["parallel.activation_checkpointing=true", "parallel.checkpoint_offload=true"])
+    cfg = compose_train_config(["parallel.activation_checkpointing=true", "parallel.checkpoint_offload=true",
+                                "parallel.checkpoint_policy=full"])
     (stage,) = build_recipe(cfg)[-1:]
     check_config(cfg, stage, world_size=1, vocab_size=261, device_type="cuda")
     with pytest.raises(ValueError, match=r"parallel\.checkpoint_offload"):

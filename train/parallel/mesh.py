@@ -28,7 +28,7 @@ class ParallelConfig:
     activation_checkpointing: bool = False  # recompute each block in backward
     # full: DeepSpeed's, the whole block again | selective: keep the attention ops' outputs (select_blocks, sparse
     # attention, index KL, SDPA), recompute the rest (train/parallel/parallelize.py)
-    checkpoint_policy: str = "full"
+    checkpoint_policy: str = "selective"
     compile_blocks: bool = False  # torch.compile the token-local work of each block (attention core left eager)
     checkpoint_offload: bool = False  # keep the checkpointed block inputs in CPU memory (GPU only)
     mlp_tile_tokens: int = 0  # >0: DeepSpeed's TiledMLP over tiles of this many tokens (recomputed in backward)
