@@ -8,10 +8,6 @@
 set -uo pipefail
 OUT=${OUT:-runs/parallel}
 mkdir -p "$OUT"
-if [ -d .whl ] && ! python3 -c "import deepspeed, hydra, webdataset" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl
-  export PYTHONPATH=$PWD/.site${PYTHONPATH:+:$PYTHONPATH}
-fi
 SEQ_LENS=${SEQ_LENS:-32768 131072 524288}
 read -r -a LIM <<< "${LIMITS:-300 200 200}"
 COMMON="parallel.activation_checkpointing=true parallel.mlp_tile_tokens=32768"

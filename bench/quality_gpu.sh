@@ -10,10 +10,6 @@
 set -uo pipefail
 OUT=${OUT:-runs/quality}
 mkdir -p "$OUT"
-if [ -d .whl ] && ! python3 -c "import deepspeed, hydra, webdataset" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl
-  export PYTHONPATH=$PWD/.site${PYTHONPATH:+:$PYTHONPATH}
-fi
 export PYTHONUNBUFFERED=1
 export MSA_GIT_COMMIT=${MSA_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 source "$(dirname "$0")/gpu_run.sh" gpus.txt
