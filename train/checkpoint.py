@@ -80,6 +80,34 @@ def find_resume(run_dir: str | Path, resume: str) -> Path | None:
     return path
 
 
+def find_checkpoint(path: str | Path) -> Path:
+    """``path`` if it is a complete checkpoint, else the newest complete checkpoint of the run directory
+    ``path`` (for the apps that read a trained model: eval, generate, convert)."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    found = complete_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"checkpoint={path}: neither a complete checkpoint (a {PREFIX}* directory with "
+                                "meta.json) nor a run directory holding one")
+    return found[-1]
+
+
+def consolidated_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a checkpoint's model. ZeRO (and DeepSpeed's bf16 optimizer) keep the
+    fp32 weights partitioned in ``*optim_states.pt``: DeepSpeed's own consolidation gathers them. Without
+    ZeRO the module state in ``mp_rank_00_model_states.pt`` is complete. Both are pickles DeepSpeed wrote:
+    read only checkpoints you trust."""
+    state_dir = Path(checkpoint) / DS_TAG
+    if any(state_dir.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG)
+    else:
+        state = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in state.items()}
+
+
 def rng_state() -> dict:
     """Every RNG the run draws from, as plain JSON values (nothing in a checkpoint we write can execute
     code when it is read)."""

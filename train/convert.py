@@ -23,6 +23,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 
 from msa.layer import AttentionConfig
+from train.checkpoint import consolidated_state
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,34 +53,13 @@ class FromHFConfig:
 
 
 def find_checkpoint(run_dir: str, which: str) -> Path:
-    from train.checkpoint import complete_checkpoints, is_complete
+    """``checkpoint=latest``: the run's newest complete checkpoint; else the one named (a step_* name under
+    run_dir/checkpoints, or a path)."""
+    from train.checkpoint import find_checkpoint as find
 
-    if which != "latest":
-        path = Path(which) if Path(which).is_absolute() else Path(run_dir) / "checkpoints" / which
-        if not is_complete(path):
-            raise FileNotFoundError(f"checkpoint={which!r}: {path} is not a complete checkpoint")
-        return path
-    found = complete_checkpoints(run_dir)
-    if not found:
-        raise FileNotFoundError(f"run_dir={run_dir!r} has no complete checkpoint under checkpoints/")
-    return found[-1]
-
-
-def consolidated_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of a DeepSpeed checkpoint. ZeRO (and DeepSpeed's bf16 optimizer) keep
-    the fp32 weights partitioned in ``*optim_states.pt``: DeepSpeed's own consolidation gathers them.
-    Without ZeRO the module state in ``mp_rank_00_model_states.pt`` is complete. Both are pickles
-    DeepSpeed wrote for this run (``train/checkpoint.py``): read only checkpoints you trust."""
-    from train.checkpoint import DS_TAG
-
-    state_dir = checkpoint / DS_TAG
-    if any(state_dir.glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG)
-    else:
-        state = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in state.items()}
+    if which == "latest":
+        return find(run_dir)
+    return find(Path(which) if Path(which).is_absolute() else Path(run_dir) / "checkpoints" / which)
 
 
 def run_config(checkpoint: Path):

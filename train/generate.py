@@ -221,36 +221,11 @@ class Loaded:
     tokenizer: Any
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """``path`` if it is a complete checkpoint, else the newest complete checkpoint of the run directory."""
-    from train.checkpoint import complete_checkpoints, is_complete
-
-    path = Path(path)
-    if is_complete(path):
-        return path
-    found = complete_checkpoints(path)
-    if not found:
-        raise FileNotFoundError(f"checkpoint={path}: neither a complete checkpoint (a step_* directory with "
-                                "meta.json) nor a run directory holding one")
-    return found[-1]
-
-
-def model_state(path: Path, cfg) -> dict:
-    """The module's weights from a checkpoint: DeepSpeed's model file holds them whole below ZeRO-3; under
-    ZeRO-3 they are gathered from the partitions with DeepSpeed's zero_to_fp32."""
-    state = torch.load(path / "state" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    if cfg.parallel.zero_stage < 3:
-        return state["module"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="state")
-
-
 def load_model(checkpoint: str | Path, device: str = "auto", impl: str = "auto", precision: str = "auto") -> Loaded:
     """The model of a run directory (its newest checkpoint) or checkpoint, with the RoPE base of the
     stage that ran its last step, on ``device`` (auto: CUDA if present), in the run's precision
     (``auto``: bf16 on CUDA when the run trained in bf16, else fp32)."""
-    from train.checkpoint import read_meta
+    from train.checkpoint import consolidated_state, find_checkpoint, read_meta
     from train.config import TrainConfig
     from train.data import build_tokenizer
     from train.model import build_model
@@ -264,7 +239,7 @@ def load_model(checkpoint: str | Path, device: str = "auto", impl: str = "auto",
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     model = build_model(cfg.model, cfg.attention)
-    model.load_state_dict(model_state(path, cfg))
+    model.load_state_dict(consolidated_state(path))
     stage = stage_at(build_recipe(cfg), max(meta["step"] - 1, 0))
     model.set_rope(stage.rope_base, stage.rope_scaling)
     bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda" and cfg.run.precision == "bf16")
