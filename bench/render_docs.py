@@ -145,7 +145,8 @@ def _ms(r) -> str:
 
 def render_headline(res: dict, Hkv: int = 2) -> str:
     """README's headline table: dense SDPA against the whole MSA attention (index, sparse attention and,
-    forward+backward, the index KL), ms per call, Hkv = 2, from 32K on; ``*`` marks a one-call cell."""
+    forward+backward, the index KL), ms per call, Hkv = 2, from 32K on; ``*`` marks a one-call cell, and no
+    speedup is shown from one."""
     at = {(r["case"], r["mode"], r["N"]): r for r in res["results"] if r["Hkv"] == Hkv}
     out = ["| N | dense SDPA fwd+bwd | MSA fwd+bwd (index + sparse attention + index KL) | speedup | dense SDPA fwd "
            "| MSA fwd (index + sparse attention) | speedup |", "|---|---|---|---|---|---|---|"]
@@ -155,8 +156,9 @@ def render_headline(res: dict, Hkv: int = 2) -> str:
             d, m = at.get(("dense_sdpa", mode, n)), at.get(("msa_whole", mode, n))
             ratio = ""
             if d and m and "ms" in d and "ms" in m:
-                cold = " *" if "1 call" in (d.get("timing"), m.get("timing")) else ""
-                ratio = f"{d['ms'] / m['ms']:.1f}x{cold}"
+                # no ratio from a one-call cell (issue 12, item 17): it waits for a rerun
+                cold = "1 call" in (d.get("timing"), m.get("timing"))
+                ratio = "not shown *" if cold else f"{d['ms'] / m['ms']:.1f}x"
             cells += [_ms(d), _ms(m), ratio]
         out.append(f"| {_k(n)} | " + " | ".join(cells) + " |")
     return "\n".join(out)
