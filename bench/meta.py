@@ -8,6 +8,20 @@ import sys
 import time
 from pathlib import Path
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose(overrides: list[str]):
+    """The typed TrainConfig that ``python -m train <overrides>`` runs with (this tree's conf/)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from train.config import register_schema, to_train_config
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return to_train_config(hydra_compose("train", overrides=overrides))
+
 
 def git_commit() -> str:
     """``MSA_GIT_COMMIT`` where the caller sets it (a tree copied to a GPU machine, whose .git may be absent

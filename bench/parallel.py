@@ -31,22 +31,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.meta import git_commit
-from train.config import check_config, register_schema, to_train_config
+from bench.meta import compose, git_commit
+from bench.timing import sync
+from train.config import check_config
 from train.loop import start, train_step
 from train.parallel import init_distributed
 from train.recipe import build_recipe
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    register_schema()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_train_config(hydra_compose("train", overrides=overrides))
 
 
 def synthetic_batch(seq_len: int, vocab: int, seed: int, device) -> dict:
@@ -64,11 +54,6 @@ def synthetic_batch(seq_len: int, vocab: int, seed: int, device) -> dict:
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "cu_seqlens": cu.to(torch.int32)}
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def nccl_seconds(fn) -> tuple[float, float]:

@@ -40,8 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.meta import git_commit
-from bench.parallel import compose
+from bench.meta import compose, git_commit
 from train.config import check_config
 from train.data import build_tokenizer
 from train.data.build_corpus import ensure_corpus

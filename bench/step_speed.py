@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from bench.meta import git_commit
-from bench.parallel import compose, sync
+from bench.meta import compose, git_commit
+from bench.timing import sync
 from train.config import check_config
 from train.loop import start, train_step
 from train.parallel import init_distributed

@@ -52,21 +52,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.meta import git_commit
+from bench.meta import compose, git_commit
 from bench.profile_buckets import BUCKETS, profile_step
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from train.config import register_schema, to_train_config
-
-    register_schema()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_train_config(hydra_compose("train", overrides=overrides))
+from bench.timing import sync
 
 
 def packed_lengths(total: int, seed: int, shortest: int = 256) -> list[int]:
@@ -201,11 +189,6 @@ class Series:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, device) -> tuple[float, dict]:
