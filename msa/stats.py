@@ -35,6 +35,11 @@ class SelectionStats:
     def __add__(self, other: SelectionStats) -> SelectionStats:
         return SelectionStats(self.sums + other.sums.to(self.sums.device))
 
+    @staticmethod
+    def pooled(stats: list[SelectionStats]) -> SelectionStats:
+        """The sums over several layers (or shards): what an overall ratio is taken from."""
+        return SelectionStats(torch.stack([s.sums for s in stats]).sum(0))
+
     def ratios(self) -> dict[str, float | None]:
         """``index_recall``, ``sparsity`` and ``nontrivial_share`` (None where nothing was counted)."""
         s = dict(zip(FIELDS, self.sums.tolist()))

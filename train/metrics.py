@@ -136,7 +136,7 @@ def layer_metrics(layer_ids: list[int], kl_sum: torch.Tensor, n_micro: int, stat
         sums = shard_sum(torch.stack([s.sums for s in stats]), mesh)  # [n_msa, fields]
         per_layer = [SelectionStats(row) for row in sums]
         out.update({layer_recall_key(i): s.ratios()["index_recall"] for i, s in zip(layer_ids, per_layer)})
-        total = SelectionStats(sums.sum(0)).ratios()
+        total = SelectionStats.pooled(per_layer).ratios()
         out.update({INDEX_RECALL: total["index_recall"], SPARSITY: total["sparsity"],
                     NONTRIVIAL: total["nontrivial_share"]})
     return out

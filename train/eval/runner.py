@@ -109,7 +109,7 @@ def token_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 8
 
 def _recall_table(stats: list[SelectionStats], layer_ids: list[int]) -> dict:
     ratios = [s.ratios() for s in stats]
-    total = SelectionStats(torch.stack([s.sums for s in stats]).sum(0)).ratios()
+    total = SelectionStats.pooled(stats).ratios()
     return {"all": total["index_recall"], "sparsity": total["sparsity"],
             "layers": {str(i): r["index_recall"] for i, r in zip(layer_ids, ratios)}}
 
