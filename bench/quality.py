@@ -12,7 +12,11 @@ checkpoint save, ``--save-s``) into what is left of ``--budget-s``, and every ar
 exactly N steps of the same batches (``run.seed`` fixes the data order; the MSA arm's first
 ``--warmup-frac`` of them are the dense warm-up).
 Runs go seed by seed, dense then MSA, so if time runs out the finished ones are complete pairs; a run
-that would not fit is skipped and listed. Both arms use the same RoPE base (``--rope-base``, the
+that would not fit is skipped and listed. ``--jobs J`` runs J of them at once, each in its own process on
+the same GPU: a small model at 8K tokens is bound by kernel launches on the host, so several runs share
+one GPU at a higher total rate. The probe then runs J-fold concurrently too (its step times are those
+of a loaded GPU), and the plan fits every wave of J runs into the budget; the tokens/s of a run are not
+a speed measurement then, only its losses and evals are results. Both arms use the same RoPE base (``--rope-base``, the
 long_context recipe's base for 8K stages) in training and at every eval length.
 
 Data: the embedded corpus mixed with the synthetic retrieval source (``--mix`` of the tokens), so a small
@@ -31,8 +35,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,7 +57,9 @@ from train.recipe import build_recipe
 
 ARMS = ("dense", "msa")
 TASKS = ("passkey", "multikey", "vartrack", "image_needle")
-PROBE_STEPS = 3
+PROBE_STEPS = 4  # timed steps per phase, after COMPILE_STEPS that compile and autotune
+COMPILE_STEPS = 2
+MARGIN = 0.9  # the share of the time left that a plan fills (the rest absorbs timing noise)
 
 
 def parse(argv=None):
@@ -77,6 +85,8 @@ def parse(argv=None):
     ap.add_argument("--save-s", type=float, default=8.0, help="planned seconds of a run's final checkpoint save")
     ap.add_argument("--min-steps", type=int, default=20)
     ap.add_argument("--max-steps", type=int, default=100000)
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (one GPU)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # probe:ARM:I or run:ARM:SEED:STEPS
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for both arms (after --)")
     return ap.parse_args(argv)
 
@@ -114,55 +124,67 @@ def free(env) -> None:
         torch.cuda.empty_cache()
 
 
-def probe(args, env, tokenizer, work: Path) -> dict:
-    """Seconds per training step of each arm and attention phase (median of PROBE_STEPS after one that
-    compiles), the set-up time of a run (model, engine, loader) and of its evals (on the probe's model)."""
-    out = {}
-    for arm in ARMS:
-        steps = 4 * PROBE_STEPS
-        run_dir = work / f"probe-{arm}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg = compose(overrides(args, arm, 0, steps, run_dir, evals=True))
-        stages = build_recipe(cfg)
-        for stage in stages:
-            check_config(cfg, stage, env.world_size, tokenizer.vocab_size, env.device.type)
+def probe_arm(args, env, tokenizer, arm: str, run_dir: Path) -> dict:
+    """Seconds per training step of one arm per attention phase (median of PROBE_STEPS after COMPILE_STEPS
+    that compile and autotune), the set-up time of a run (model, engine, loader) and of its evals."""
+    steps = 4 * (COMPILE_STEPS + PROBE_STEPS)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = compose(overrides(args, arm, 0, steps, run_dir, evals=True))
+    stages = build_recipe(cfg)
+    for stage in stages:
+        check_config(cfg, stage, env.world_size, tokenizer.vocab_size, env.device.type)
+    t0 = time.perf_counter()
+    run = start(cfg, env, stages, stages[0], tokenizer)
+    out = {"setup_s": time.perf_counter() - t0}
+    for stage in stages:  # dense: one stage; MSA: warm-up, then sparse
+        run.stage = stage
         t0 = time.perf_counter()
-        run = start(cfg, env, stages, stages[0], tokenizer)
-        out[arm] = {"setup_s": time.perf_counter() - t0}
-        for stage in stages:  # dense: one stage; MSA: warm-up, then sparse
-            run.stage = stage
+        for _ in range(COMPILE_STEPS):
+            train_step(run)
+        sync(env)
+        out[f"first_{stage.phase}_s"] = time.perf_counter() - t0
+        times = []
+        for _ in range(PROBE_STEPS):
             t0 = time.perf_counter()
             train_step(run)
             sync(env)
-            out[arm][f"first_{stage.phase}_s"] = time.perf_counter() - t0  # compiles
-            times = []
-            for _ in range(PROBE_STEPS):
-                t0 = time.perf_counter()
-                train_step(run)
-                sync(env)
-                times.append(time.perf_counter() - t0)
-            out[arm][f"{stage.phase}_step_s"] = statistics.median(times)
-        t0 = time.perf_counter()
-        evaluate(run.model, tokenizer, cfg.eval, train_len=args.seq_len, phase=run.stage.phase,
-                 image_cfg=cfg.data.image, heldout_every=cfg.data.corpus.heldout_every)
-        sync(env)
-        out[arm]["eval_s"] = time.perf_counter() - t0
-        run.loader.close()
-        del run
-        free(env)
-        shutil.rmtree(run_dir, ignore_errors=True)
+            times.append(time.perf_counter() - t0)
+        out[f"{stage.phase}_step_s"] = statistics.median(times)
+    t0 = time.perf_counter()
+    evaluate(run.model, tokenizer, cfg.eval, train_len=args.seq_len, phase=run.stage.phase,
+             image_cfg=cfg.data.image, heldout_every=cfg.data.corpus.heldout_every)
+    sync(env)
+    out["eval_s"] = time.perf_counter() - t0
+    run.loader.close()
+    del run
+    free(env)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return out
+
+
+def probe(args, env, tokenizer, work: Path) -> dict:
+    """Each arm's timings (probe_arm), one arm after the other."""
+    out = {}
+    for arm in ARMS:
+        out[arm] = probe_arm(args, env, tokenizer, arm, work / f"probe-{arm}")
         print(f"probe {arm}: {json.dumps({k: round(v, 3) for k, v in out[arm].items()})}", flush=True)
     return out
 
 
 def plan(args, timing: dict, left_s: float) -> tuple[int, dict]:
-    """Steps per run so that every run fits ``left_s``, and the per-run estimate it used."""
+    """Steps per run so that every run fits ``left_s``, and the per-run estimate it used. One job: the
+    runs one after the other. ``--jobs J``: waves of J runs at once, each wave as long as its slowest run
+    (the timings come from a probe that loaded the GPU alike)."""
     w = args.warmup_frac
     step_s = {"dense": timing["dense"]["sparse_step_s"],
               "msa": w * timing["msa"]["warmup_step_s"] + (1 - w) * timing["msa"]["sparse_step_s"]}
     fixed = {arm: timing[arm]["setup_s"] + timing[arm]["eval_s"] + args.save_s for arm in ARMS}
     n_runs = len(args.seeds)
-    steps = int((left_s - n_runs * sum(fixed.values())) / (n_runs * sum(step_s.values())))
+    if args.jobs <= 1:
+        steps = int((left_s - n_runs * sum(fixed.values())) / (n_runs * sum(step_s.values())))
+    else:
+        waves = -(-len(ARMS) * n_runs // args.jobs)
+        steps = int((MARGIN * left_s - waves * max(fixed.values())) / (waves * max(step_s.values())))
     steps = max(args.min_steps, min(args.max_steps, steps))
     return steps, {arm: fixed[arm] + steps * step_s[arm] for arm in ARMS}
 
@@ -326,55 +348,161 @@ def write(report: dict, out: Path, plots: bool) -> None:
             fn(report, out / f"quality_{name}.png")
 
 
+def worker(args, spec: str) -> None:
+    """One probe or run in its own process (``--jobs``): its result as JSON in the work folder."""
+    kind, arm, *rest = spec.split(":")
+    work = args.work or args.out / "work"
+    if kind == "probe":
+        cfg = compose(overrides(args, arm, 0, 1, work / "check", evals=False))
+        env, tokenizer = init_distributed(cfg.parallel), build_tokenizer(cfg.data.tokenizer)
+        result = probe_arm(args, env, tokenizer, arm, work / f"probe-{arm}-{rest[0]}")
+    else:
+        seed, steps = map(int, rest)
+        result = run_one(args, arm, seed, steps, work)
+    (work / f"{spec.replace(':', '-')}.json").write_text(json.dumps(result))
+
+
+class Pool:
+    """Worker processes of this script (``--worker SPEC`` plus the main process's arguments), at most
+    ``--jobs`` at once, each with its output in ``<out>/logs/<spec>.log``."""
+
+    def __init__(self, args, argv: list[str]):
+        self.args, self.argv, self.logs, self.running = args, argv, args.out / "logs", {}
+        self.logs.mkdir(parents=True, exist_ok=True)
+        # alone, each worker makes its own process group (init_distributed), not the one of this process
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+
+    def log(self, spec: str) -> Path:
+        return self.logs / f"{spec.replace(':', '-')}.log"
+
+    def start(self, spec: str) -> None:
+        with open(self.log(spec), "w") as log:
+            self.running[spec] = subprocess.Popen(
+                [sys.executable, "-m", "bench.quality", "--worker", spec, *self.argv],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env)
+
+    def wait(self, deadline: float) -> list[tuple[str, int]]:
+        """The workers that ended, with their exit status, as soon as one has; past the deadline every
+        running worker is killed and reported with -9."""
+        while True:
+            ended = [(spec, p.returncode) for spec, p in self.running.items() if p.poll() is not None]
+            if not ended and time.perf_counter() > deadline:
+                for p in self.running.values():
+                    p.kill()
+                    p.wait()
+                ended = [(spec, -9) for spec in self.running]
+            if ended:
+                for spec, _ in ended:
+                    del self.running[spec]
+                return ended
+            time.sleep(0.5)
+
+    def tail(self, spec: str, n: int = 5) -> str:
+        return "\n".join(self.log(spec).read_text(errors="replace").splitlines()[-n:])
+
+
+def run_all(args, argv: list[str], specs: list[str], work: Path, deadline: float, on_result) -> list[str]:
+    """Runs the worker ``specs`` J at a time; ``on_result(spec, result)`` for each that finished; returns
+    the specs that failed or were stopped at the deadline (the last lines of their logs printed)."""
+    pool, queue, failed = Pool(args, argv), list(specs), []
+    while queue or pool.running:
+        while queue and len(pool.running) < args.jobs:
+            pool.start(queue.pop(0))
+        for spec, rc in pool.wait(deadline):
+            path = work / f"{spec.replace(':', '-')}.json"
+            if rc == 0 and path.exists():
+                on_result(spec, json.loads(path.read_text()))
+                continue
+            failed.append(spec)
+            print(f"failed {spec} (exit {rc}{', stopped at the deadline' if rc == -9 else ''}):\n"
+                  f"{pool.tail(spec)}", flush=True)
+            if rc == -9:
+                queue.clear()
+    return failed
+
+
+def probe_jobs(args, argv: list[str], work: Path, deadline: float) -> dict:
+    """The probe under the load of the runs: J probes at once (arms alternating, as the runs will be),
+    each arm's timing the slowest of its probes."""
+    n = min(args.jobs, len(ARMS) * len(args.seeds))
+    got = {arm: [] for arm in ARMS}
+    failed = run_all(args, argv, [f"probe:{ARMS[i % 2]}:{i}" for i in range(n)], work, deadline,
+                     lambda spec, r: got[spec.split(":")[1]].append(r))
+    if failed or not all(got.values()):
+        raise SystemExit(f"probe failed: {failed}; logs in {args.out / 'logs'}")
+    out = {arm: {k: max(r[k] for r in rs) for k in rs[0]} for arm, rs in got.items()}
+    for arm in ARMS:
+        print(f"probe {arm} (slowest of {len(got[arm])} at once): "
+              f"{json.dumps({k: round(v, 3) for k, v in out[arm].items()})}", flush=True)
+    return out
+
+
+def run_serial(args, env, steps: int, work: Path, report: dict, t_start: float) -> None:
+    for seed in args.seeds:
+        paired = True
+        for arm in ARMS:
+            left = args.budget_s - (time.perf_counter() - t_start) - 10.0
+            need = sum(report["estimate_s"].values()) if arm == ARMS[0] else report["estimate_s"][arm]
+            paired = paired and left >= need  # a seed starts only as a pair
+            if not paired:
+                report["skipped"].append({"arm": arm, "seed": seed, "left_s": left, "needed_s": need})
+                print(f"skip {arm} seed {seed}: {left:.0f} s left, about {need:.0f} s needed", flush=True)
+                continue
+            add_run(args, report, run_one(args, arm, seed, steps, work))
+            free(env)
+
+
+def add_run(args, report: dict, r: dict) -> None:
+    report["runs"].append(r)
+    print(f"{r['arm']} seed {r['seed']}: final loss {r['scalars']['final_loss']:.4f}, train {r['train_s']:.0f} s, "
+          f"eval {r['eval_s']:.0f} s", flush=True)
+    write(report, args.out, plots=True)  # a run cut short by a time limit leaves these behind
+
+
 def main(argv=None) -> None:
     t_start = time.perf_counter()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
+    if args.worker:
+        return worker(args, args.worker)
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or args.out / "work"
+    work.mkdir(parents=True, exist_ok=True)
     cfg = compose(overrides(args, "msa", 0, 100, work / "check", evals=True))  # fail now on a bad setting
-    env = init_distributed(cfg.parallel)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     for stage in build_recipe(cfg):
-        check_config(cfg, stage, env.world_size, tokenizer.vocab_size, env.device.type)
-    gpu = torch.cuda.get_device_name() if env.device.type == "cuda" else "cpu"
+        check_config(cfg, stage, 1, tokenizer.vocab_size, device)
+    env = init_distributed(cfg.parallel) if args.jobs <= 1 else None  # --jobs: only the workers use the GPU
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     report = {"settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                            "choices": cfg.eval.choices},
               "gpu": gpu, "torch": torch.__version__, "commit": git_commit(), "command": " ".join(sys.argv),
               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "eval_lengths": [m * args.seq_len for m in args.multiples], "runs": [], "skipped": []}
+              "eval_lengths": [m * args.seq_len for m in args.multiples], "runs": [], "skipped": [], "failed": []}
     ensure_corpus(cfg.data.corpus_dir, cfg.data.corpus)  # built once, before anything is timed
-    report["probe"] = probe(args, env, tokenizer, work)
-    left = args.budget_s - (time.perf_counter() - t_start) - 10.0  # 10 s: the report and plots
-    steps, estimate = plan(args, report["probe"], left)
+    deadline = t_start + args.budget_s - 10.0  # 10 s: the report and plots
+    report["probe"] = probe(args, env, tokenizer, work) if env else probe_jobs(args, argv, work, deadline)
+    steps, estimate = plan(args, report["probe"], deadline - time.perf_counter())
     report.update(steps=steps, tokens_per_step=args.batch * args.seq_len, tokens_per_run=steps * args.batch *
                   args.seq_len, estimate_s=estimate, startup_s=time.perf_counter() - t_start)
     print(f"plan: {steps} steps x {args.batch} x {args.seq_len} tokens = {report['tokens_per_run'] / 1e6:.2f} M "
-          f"tokens per run; estimated run seconds {json.dumps({k: round(v) for k, v in estimate.items()})}",
-          flush=True)
+          f"tokens per run{f', {args.jobs} at once' if args.jobs > 1 else ''}; estimated run seconds "
+          f"{json.dumps({k: round(v) for k, v in estimate.items()})}", flush=True)
     try:
-        for seed in args.seeds:
-            paired = True
-            for arm in ARMS:
-                left = args.budget_s - (time.perf_counter() - t_start) - 10.0
-                need = sum(estimate.values()) if arm == ARMS[0] else estimate[arm]  # a seed starts only as a pair
-                paired = paired and left >= need
-                if not paired:
-                    report["skipped"].append({"arm": arm, "seed": seed, "left_s": left, "needed_s": need})
-                    print(f"skip {arm} seed {seed}: {left:.0f} s left, about {need:.0f} s needed", flush=True)
-                    continue
-                r = run_one(args, arm, seed, steps, work)
-                report["runs"].append(r)
-                print(f"{arm} seed {seed}: final loss {r['scalars']['final_loss']:.4f}, train {r['train_s']:.0f} s, "
-                      f"eval {r['eval_s']:.0f} s", flush=True)
-                free(env)
-                write(report, args.out, plots=True)  # a run cut short by a time limit leaves these behind
+        if env:
+            run_serial(args, env, steps, work, report, t_start)
+        else:
+            specs = [f"run:{arm}:{seed}:{steps}" for seed in args.seeds for arm in ARMS]
+            report["failed"] = run_all(args, argv, specs, work, deadline, lambda spec, r: add_run(args, report, r))
     finally:
         report["total_s"] = time.perf_counter() - t_start
         write(report, args.out, plots=True)
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"done in {report['total_s']:.0f} s: {len(report['runs'])} runs, {len(report['skipped'])} skipped; "
-          f"{args.out}/quality.json")
+    print(f"done in {report['total_s']:.0f} s: {len(report['runs'])} runs, {len(report['skipped'])} skipped, "
+          f"{len(report['failed'])} failed; {args.out}/quality.json")
 
 
 if __name__ == "__main__":

@@ -224,3 +224,20 @@ def test_headline_table_renders_from_the_benchmark_json():
     # the dense 512K cells were one cold call: they carry the mark, and no speedup is built on them
     assert lines[4] == "| 512K | 15,584 * | 606.8 | not shown * | 4,796 * | 229.1 | not shown * |"
     assert lines[5].startswith("| 1M | not run (est. 62 s) | 1,583 |")
+
+
+def test_quality_plan_fits_the_runs_serial_and_in_waves():
+    from argparse import Namespace
+
+    from bench.quality import plan
+
+    timing = {"dense": {"setup_s": 5.0, "eval_s": 10.0, "sparse_step_s": 0.5},
+              "msa": {"setup_s": 5.0, "eval_s": 20.0, "warmup_step_s": 0.2, "sparse_step_s": 0.4}}
+    args = Namespace(warmup_frac=0.25, save_s=5.0, seeds=[0, 1, 2], jobs=1, min_steps=1, max_steps=10**6)
+    # one after the other: 3 x (20 + 30) s fixed, 3 x (0.5 + 0.25 x 0.2 + 0.75 x 0.4) s per step
+    steps, estimate = plan(args, timing, 400.0)
+    assert steps == 98 and estimate == pytest.approx({"dense": 20 + 98 * 0.5, "msa": 30 + 98 * 0.35})
+    # all 6 runs at once: one wave of 90% of the time, as long as the slowest set-up and step
+    assert plan(Namespace(**{**vars(args), "jobs": 6}), timing, 400.0)[0] == 660  # (360 - 30) / 0.5
+    assert plan(Namespace(**{**vars(args), "jobs": 4}), timing, 400.0)[0] == 300  # 2 waves: (360 - 60) / 1.0
+    assert plan(Namespace(**{**vars(args), "min_steps": 700, "jobs": 4}), timing, 400.0)[0] == 700
