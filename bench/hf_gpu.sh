@@ -2,30 +2,49 @@
 # A random 0.5B-shaped Qwen3 checkpoint (Qwen3-0.6B's config, random weights, a BPE tokenizer trained
 # here: nothing downloaded) imported with model=hf, trained at 32K with recipe=msa_cpt (frozen warm-up,
 # then sparse CPT), exported with train.convert to-hf (reloaded with transformers, logits compared),
-# and the same model trained dense at 32K for the tokens/s comparison. About 6-7 minutes on one H200
-# (the steps' time limits add up to 560 s).
+# and the same model trained dense at 32K for the tokens/s comparison.
 # Run from the repository root on the GPU machine:
 #   OUT=runs/hf_gpu bash bench/hf_gpu.sh
-# WARMUP_STEPS, SPARSE_STEPS and DENSE_STEPS set the step counts (default 10, 30, 30); WORK holds the
-# checkpoint, runs and export (several GB: not under $OUT); $OUT gets the logs and hf_gpu.json.
+# WARMUP_STEPS, SPARSE_STEPS and DENSE_STEPS set the step counts (default 20, 180, 15); DEADLINE (default
+# 560) is the script's wall-time budget in seconds. The script resumes: when the budget runs out in the
+# middle of a training run, that run gets SIGTERM, saves its checkpoint and stops; the same command run
+# again on the same machine (WORK kept) resumes it exactly and goes on with the next steps, so a run
+# longer than one device call spans several. WORK (default runs/hf_work: several GB, not under $OUT)
+# holds the checkpoint, the runs and the export; $OUT gets the logs and hf_gpu.json.
 # DeepSpeed, Hydra and webdataset come from wheels in .whl/ (../shared/tools/device-wheels .whl), and
 # so must transformers, safetensors and the packages they import (docs/hf.md lists them).
 set -uo pipefail
 OUT=${OUT:-runs/hf_gpu}
-WORK=${WORK:-/tmp/hf_gpu}
+WORK=${WORK:-runs/hf_work}
 mkdir -p "$OUT" "$WORK"
+T0=$SECONDS
+DEADLINE=${DEADLINE:-560}
 if [ -d .whl ] && ! python3 -c "import deepspeed, hydra, webdataset, transformers, safetensors" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl
   export PYTHONPATH=$PWD/.site${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 -c "import transformers, safetensors" || { echo "transformers/safetensors missing: add their wheels"; exit 2; }
 source "$(dirname "$0")/gpu_run.sh" gpus.txt
-W=${WARMUP_STEPS:-10} S=${SPARSE_STEPS:-30} D=${DENSE_STEPS:-30}
+W=${WARMUP_STEPS:-20} S=${SPARSE_STEPS:-180} D=${DENSE_STEPS:-15}
 CK=$WORK/qwen3-0.6b-random
 COMMON=(model=hf "model.path=$CK" data.seq_len=32768 logging.wandb.mode=disabled logging.progress=false
-        logging.stats_every=1000 parallel.activation_checkpointing=true checkpoint.resume=never)
+        logging.stats_every=1000 parallel.activation_checkpointing=true checkpoint.keep_last=1)
 
-run checkpoint 90 python3 - "$CK" <<'EOF'
+step() {  # name, command...: skipped once done; stopped by SIGTERM (a checkpoint, 90 s to save it) at the deadline
+  local name=$1; shift
+  if [ -e "$WORK/$name.done" ]; then echo "== $name: done in an earlier call"; return 0; fi
+  local left=$(( DEADLINE - (SECONDS - T0) - 90 ))
+  if [ "$left" -lt 30 ]; then echo "== $name: not started, $left s left before the deadline"; return 1; fi
+  echo "== $name (limit ${left}s): $*"
+  local t=$SECONDS
+  timeout -s TERM -k 90 "$left" "$@" >> "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "   rc=$rc in $((SECONDS - t))s$([ $rc = 124 ] && echo ': stopped at the deadline, run the script again to resume')"
+  [ $rc = 0 ] && touch "$WORK/$name.done"
+  return $rc
+}
+
+step checkpoint python3 - "$CK" <<'EOF'
 import sys
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -50,15 +69,19 @@ with torch.device("cuda"):
 model.save_pretrained(path)
 print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters in {path}")
 EOF
-tail -n 2 "$OUT/checkpoint.log"
+tail -n 2 "$OUT/checkpoint.log" 2>/dev/null
 
-run msa 210 python3 -m train "${COMMON[@]}" recipe=msa_cpt "run.steps=$((W + S))" "recipe.stages.0.steps=$W" \
-  "recipe.stages.1.steps=$S" "run_dir=$WORK/msa"
-tail -n 3 "$OUT/msa.log"
-run dense 150 python3 -m train "${COMMON[@]}" attention=dense optim.lr=2e-5 "run.steps=$D" "run_dir=$WORK/dense"
-tail -n 3 "$OUT/dense.log"
-run export 110 python3 -m train.convert to-hf "run_dir=$WORK/msa" "out=$WORK/export"
-tail -n 12 "$OUT/export.log"
+if [ -e "$WORK/checkpoint.done" ]; then
+  step msa python3 -m train "${COMMON[@]}" recipe=msa_cpt "run.steps=$((W + S))" "recipe.stages.0.steps=$W" \
+    "recipe.stages.1.steps=$S" "run_dir=$WORK/msa"
+  tail -n 3 "$OUT/msa.log" 2>/dev/null
+fi
+if [ -e "$WORK/msa.done" ]; then
+  step dense python3 -m train "${COMMON[@]}" attention=dense optim.lr=2e-5 "run.steps=$D" "run_dir=$WORK/dense"
+  tail -n 3 "$OUT/dense.log" 2>/dev/null
+  step export python3 -m train.convert to-hf "run_dir=$WORK/msa" "out=$WORK/export"
+  tail -n 12 "$OUT/export.log" 2>/dev/null
+fi
 cp "$WORK/msa/metrics.jsonl" "$OUT/msa_metrics.jsonl" 2>/dev/null
 cp "$WORK/dense/metrics.jsonl" "$OUT/dense_metrics.jsonl" 2>/dev/null
 cp "$WORK/export/msa_config.json" "$OUT/" 2>/dev/null
@@ -78,13 +101,18 @@ def tokens_per_s(rs, skip=3):  # median after the first steps (compilation, auto
     return (statistics.median(v), len(v)) if v else (None, 0)
 
 msa, dense = rows("msa"), rows("dense")
-result = {"seq_len": 32768, "model": "Qwen3-0.6B shape, random weights"}
+result = {"seq_len": 32768, "model": "Qwen3-0.6B shape, random weights", "msa_steps": len(msa), "dense_steps": len(dense)}
 for name, rs in (("msa_warmup", [r for r in msa if not r["train/phase_sparse"]]),
                  ("msa_sparse", [r for r in msa if r["train/phase_sparse"]]), ("dense", dense)):
     result[name] = dict(zip(("tokens_per_s", "steps"), tokens_per_s(rs)))
     if rs:
         result[name]["max_allocated_gb"] = max(r["mem/max_allocated_gb"] or 0 for r in rs)
         result[name]["last_loss_lm"] = rs[-1]["loss/lm"]
+        n = max(1, min(10, len(rs) // 4))  # the LM loss (and in the warm-up the KL) over its first and last steps
+        for key in ("loss/lm", "loss/kl"):
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            if vals:
+                result[name][key.replace("/", "_") + "_first_last"] = [statistics.mean(vals[:n]), statistics.mean(vals[-n:])]
 text = (out / "export.log").read_text() if (out / "export.log").exists() else ""
 start = text.find("{\n")
 result["export"] = json.loads(text[start:text.rfind("}") + 1]) if start >= 0 else "failed: see export.log"
