@@ -82,6 +82,8 @@ def parse(argv=None):
     ap.add_argument("--items", type=int, default=2, help="items per (task, length, depth)")
     ap.add_argument("--rows", type=int, default=2, help="held-out rows per length for bits per byte")
     ap.add_argument("--generate", action="store_true", help="also score greedy exact match (decode steps)")
+    ap.add_argument("--eval-s", type=float, default=None,
+                    help="seconds a run's evals take, if known: the probe then skips timing them (a whole eval)")
     ap.add_argument("--save-s", type=float, default=8.0, help="planned seconds of a run's final checkpoint save")
     ap.add_argument("--min-steps", type=int, default=20)
     ap.add_argument("--max-steps", type=int, default=100000)
@@ -151,10 +153,11 @@ def probe_arm(args, env, tokenizer, arm: str, run_dir: Path) -> dict:
             times.append(time.perf_counter() - t0)
         out[f"{stage.phase}_step_s"] = statistics.median(times)
     t0 = time.perf_counter()
-    evaluate(run.model, tokenizer, cfg.eval, train_len=args.seq_len, phase=run.stage.phase,
-             image_cfg=cfg.data.image, heldout_every=cfg.data.corpus.heldout_every)
-    sync(env)
-    out["eval_s"] = time.perf_counter() - t0
+    if args.eval_s is None:
+        evaluate(run.model, tokenizer, cfg.eval, train_len=args.seq_len, phase=run.stage.phase,
+                 image_cfg=cfg.data.image, heldout_every=cfg.data.corpus.heldout_every)
+        sync(env)
+    out["eval_s"] = time.perf_counter() - t0 if args.eval_s is None else args.eval_s
     run.loader.close()
     del run
     free(env)
