@@ -11,6 +11,8 @@
 # again on the same machine (WORK kept) resumes it exactly and goes on with the next steps, so a run
 # longer than one device call spans several. WORK (default runs/hf_work: several GB, not under $OUT)
 # holds the checkpoint, the runs and the export; $OUT gets the logs and hf_gpu.json.
+# CPU_CHECK=1: a rehearsal on a machine without a GPU (a tiny checkpoint of the same family, 256-token rows,
+# small blocks, GRACE 30 s; with a small DEADLINE it exercises the cut and the resume).
 # DeepSpeed, Hydra and webdataset come from wheels in .whl/ (../shared/tools/device-wheels .whl), and
 # so must transformers, safetensors and the packages they import (docs/hf.md lists them).
 set -uo pipefail
@@ -26,18 +28,26 @@ fi
 python3 -c "import transformers, safetensors" || { echo "transformers/safetensors missing: add their wheels"; exit 2; }
 source "$(dirname "$0")/gpu_run.sh" gpus.txt
 W=${WARMUP_STEPS:-20} S=${SPARSE_STEPS:-180} D=${DENSE_STEPS:-15}
+GRACE=90  # seconds a run cut at the deadline has to save its checkpoint
 CK=$WORK/qwen3-0.6b-random
 COMMON=(model=hf "model.path=$CK" data.seq_len=32768 logging.wandb.mode=disabled logging.progress=false
         logging.stats_every=1000 parallel.activation_checkpointing=true checkpoint.keep_last=1)
+export HF_SHAPE=0.6b HF_SEQ=32768
+if [ "${CPU_CHECK:-0}" = 1 ]; then
+  GRACE=30 HF_SHAPE=tiny HF_SEQ=256 CK=$WORK/qwen3-tiny-random
+  COMMON=(model=hf "model.path=$CK" data.seq_len=256 data.image.max_patches=64 attention.block_size=32
+          attention.topk=4 attention.index_dim=32 logging.wandb.mode=disabled logging.progress=false
+          parallel.activation_checkpointing=true checkpoint.keep_last=1)
+fi
 
-step() {  # name, command...: skipped once done; stopped by SIGTERM (a checkpoint, 90 s to save it) at the deadline
+step() {  # name, command...: skipped once done; stopped by SIGTERM (then GRACE s to save) at the deadline
   local name=$1; shift
   if [ -e "$WORK/$name.done" ]; then echo "== $name: done in an earlier call"; return 0; fi
-  local left=$(( DEADLINE - (SECONDS - T0) - 90 ))
+  local left=$(( DEADLINE - (SECONDS - T0) - GRACE ))
   if [ "$left" -lt 30 ]; then echo "== $name: not started, $left s left before the deadline"; return 1; fi
   echo "== $name (limit ${left}s): $*"
   local t=$SECONDS
-  timeout -s TERM -k 90 "$left" "$@" >> "$OUT/$name.log" 2>&1
+  timeout -s TERM -k "$GRACE" "$left" "$@" >> "$OUT/$name.log" 2>&1
   local rc=$?
   echo "   rc=$rc in $((SECONDS - t))s$([ $rc = 124 ] && echo ': stopped at the deadline, run the script again to resume')"
   [ $rc = 0 ] && touch "$WORK/$name.done"
@@ -45,6 +55,7 @@ step() {  # name, command...: skipped once done; stopped by SIGTERM (a checkpoin
 }
 
 step checkpoint python3 - "$CK" <<'EOF'
+import os
 import sys
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -59,12 +70,15 @@ tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8192, show_progres
                         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
 PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>").save_pretrained(path)
-config = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                     num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                     rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=True,
-                     rms_norm_eps=1e-6, dtype=torch.bfloat16)
+shape = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+             num_attention_heads=16, num_key_value_heads=8, head_dim=128)  # Qwen3-0.6B's
+if os.environ["HF_SHAPE"] == "tiny":  # the CPU rehearsal
+    shape = dict(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+config = Qwen3Config(**shape, max_position_embeddings=40960, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                     tie_word_embeddings=True, rms_norm_eps=1e-6, dtype=torch.bfloat16)
 torch.manual_seed(0)
-with torch.device("cuda"):
+with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
 model.save_pretrained(path)
 print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters in {path}")
@@ -87,7 +101,7 @@ cp "$WORK/dense/metrics.jsonl" "$OUT/dense_metrics.jsonl" 2>/dev/null
 cp "$WORK/export/msa_config.json" "$OUT/" 2>/dev/null
 
 python3 - "$OUT" <<'EOF'
-import json, statistics, sys
+import json, os, statistics, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
@@ -101,7 +115,7 @@ def tokens_per_s(rs, skip=3):  # median after the first steps (compilation, auto
     return (statistics.median(v), len(v)) if v else (None, 0)
 
 msa, dense = rows("msa"), rows("dense")
-result = {"seq_len": 32768, "model": "Qwen3-0.6B shape, random weights", "msa_steps": len(msa), "dense_steps": len(dense)}
+result = {"seq_len": int(os.environ["HF_SEQ"]), "model": f"Qwen3 {os.environ['HF_SHAPE']} shape, random weights", "msa_steps": len(msa), "dense_steps": len(dense)}
 for name, rs in (("msa_warmup", [r for r in msa if not r["train/phase_sparse"]]),
                  ("msa_sparse", [r for r in msa if r["train/phase_sparse"]]), ("dense", dense)):
     result[name] = dict(zip(("tokens_per_s", "steps"), tokens_per_s(rs)))
