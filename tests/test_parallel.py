@@ -350,3 +350,18 @@ def test_sp_layout_change_keeps_adam_moments(tmp_path, zero):
     Adam moments load into the new layout and the run continues as if the layout had not changed."""
     _spawn(_moments_worker, 2, 1, zero, tmp_path, "save")
     _spawn(_moments_worker, 2, 2, zero, tmp_path, "load")
+
+
+def test_an_old_extension_build_lock_is_reported(tmp_path, monkeypatch):
+    """A run killed while DeepSpeed built an op leaves torch's build lock behind, and every later run waits
+    on it silently: init_distributed names the file (seen with the shm op of CPU runs)."""
+    from train.parallel.mesh import stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "cpu_adam" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    os.utime(old, (0, 1000))  # 1970: a build long dead
+    assert stale_build_locks() == [str(old)]
+    assert stale_build_locks(older_than_s=-1.0) == sorted([str(old), str(fresh)])

@@ -9,8 +9,11 @@ and returns a ``Mesh``: every rank and size, the groups, and the object DeepSpee
 from __future__ import annotations
 
 import datetime
+import glob
 import os
+import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,10 +71,26 @@ def init_distributed(cfg: ParallelConfig) -> DistEnv:
     else:
         device = torch.device("cpu")
     backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    for lock in stale_build_locks():
+        print(f"warning: {lock} is {(time.time() - os.path.getmtime(lock)) / 60:.0f} minutes old. DeepSpeed builds "
+              "its ops on first use under this lock, and every later run waits for it with no message; if no "
+              "other process is building that op (a run killed while building leaves the lock behind), delete "
+              "the file.", file=sys.stderr, flush=True)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
                                    verbose=False, init_method=init_method, rank=rank, world_size=world)
     return DistEnv(rank, world, local_rank, device)
+
+
+def stale_build_locks(older_than_s: float = 300.0) -> list[str]:
+    """Lock files of PyTorch's extension builds (``TORCH_EXTENSIONS_DIR``, else its default root) older
+    than ``older_than_s``: an op build takes a minute or two, a lock that old was most likely left by a
+    killed build, and torch's loader would wait on it for ever."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    locks = glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock"))
+    return sorted(p for p in locks if time.time() - os.path.getmtime(p) > older_than_s)
 
 
 @dataclass
