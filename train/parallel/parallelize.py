@@ -79,11 +79,12 @@ def checkpointed(block, x, *args):
 
 
 def recompute_pays(block, x) -> bool:
-    """Whether checkpointing ``block`` saves anything: not without autograd, nor when its main path takes
-    no gradient (a stage that trains only the index branch). Then the main path builds no graph, and the
-    index branch's small one (its projections, the KL's inputs) is kept rather than recomputed with the
-    whole block."""
-    return torch.is_grad_enabled() and block.main_path_learns(x)
+    """Whether checkpointing ``block`` (a ``Block``, or any function) saves anything: not without autograd,
+    nor when a block's main path takes no gradient (a stage that trains only the index branch). Then the
+    main path builds no graph, and the index branch's small one (its projections, the KL's inputs) is kept
+    rather than recomputed with the whole block."""
+    learns = getattr(block, "main_path_learns", None)
+    return torch.is_grad_enabled() and (learns is None or learns(x))
 
 
 # What selective checkpointing keeps: per token and layer a few KB (``o`` and its lse, ``block_idx``, the
