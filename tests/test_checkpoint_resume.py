@@ -23,8 +23,10 @@ from train import checkpoint as ckpt
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.n_layers=3", "model.dim=64", "data.seq_len=256", "data.batch_size=1", "attention.block_size=16",
          "attention.topk=2", "data.image.max_patches=64", "logging.progress=false", "logging.stats_every=2"]
-# dense warm-up, sparse, then a longer sequence: the stage change happens inside the run
-RECIPE = ["recipe.stages=[{name:warm,steps:2,phase:warmup},{name:sparse,steps:2},{name:long,steps:3,seq_len:512}]",
+# dense warm-up with the main weights frozen, sparse, then a longer sequence: the stage changes happen inside
+# the run
+RECIPE = ["recipe.stages=[{name:warm,steps:2,phase:warmup,freeze_main:true},{name:sparse,steps:2},"
+          "{name:long,steps:3,seq_len:512}]",
           "recipe.warmup_steps=0", "run.steps=7"]
 STEPS = 7
 
@@ -108,6 +110,50 @@ def test_resume_lands_in_the_right_stage(reference_run, tmp_path, corpus_dir):
     want, got = rows(reference_run)[6], rows(run_dir)[6]
     assert (got["step"], got["train/stage"], got["train/seq_len"]) == (6, 2, 512)
     assert (got["loss/lm"], got["loss/kl"], got["train/lr"]) == (want["loss/lm"], want["loss/kl"], want["train/lr"])
+
+
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_resume_inside_and_after_the_frozen_stage(reference_run, tmp_path, corpus_dir, monkeypatch, stop_after):
+    """A stop after step 0 (inside the frozen warm-up) or step 1 (its last), then a resume: every step's
+    losses and learning rate, and the last checkpoint's weights, are the uninterrupted run's. In the
+    frozen steps no main weight takes a gradient, in every later one all do; the frozen steps leave the
+    main weights bitwise as they were and the sparse step after them trains them."""
+    from train import loop
+    from train.checkpoint import consolidated_state
+
+    real_step = loop.train_step
+    seen = []
+
+    def step_then_signal(run, *args, **kwargs):
+        main = {p.requires_grad for n, p in run.model.named_parameters() if "_idx" not in n}
+        seen.append((run.stage.freeze_main, main))
+        out = real_step(run, *args, **kwargs)
+        if len(seen) == stop_after:
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(loop, "train_step", step_then_signal)
+    cfg = compose_train_config([*SMALL, *RECIPE, f"run_dir={tmp_path}", f"data.corpus_dir={corpus_dir}",
+                                "logging.wandb.mode=disabled", "checkpoint.keep_last=0"])
+    loop.train(cfg)
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == [ckpt.tag_for(stop_after)]
+    cfg.checkpoint.every = 1
+    loop.train(cfg)
+    assert [frozen for frozen, _ in seen] == [True, True, False, False, False, False, False]
+    assert all(main == {not frozen} for frozen, main in seen), seen
+    want, got = rows(reference_run), rows(tmp_path)
+    assert [r["step"] for r in got] == list(range(STEPS))
+    for a, b in zip(want, got):
+        assert (a["loss/lm"], a["loss/kl"], a["train/lr"]) == (b["loss/lm"], b["loss/kl"], b["train/lr"]), b["step"]
+    final = consolidated_state(ckpt.checkpoint_dir(tmp_path) / ckpt.tag_for(STEPS))
+    reference = consolidated_state(ckpt.checkpoint_dir(reference_run) / ckpt.tag_for(STEPS))
+    assert all(torch.equal(final[n], reference[n]) for n in reference)
+    if stop_after == 1:  # checkpoints after steps 0, 1 (the frozen ones) and 2 (sparse)
+        after = [consolidated_state(ckpt.checkpoint_dir(tmp_path) / ckpt.tag_for(s)) for s in (1, 2, 3)]
+        main = [n for n in final if "_idx" not in n]
+        assert all(torch.equal(after[0][n], after[1][n]) for n in main)
+        assert all(not torch.equal(after[0][n], after[1][n]) for n in final if "_idx" in n)
+        assert all(not torch.equal(after[1][n], after[2][n]) for n in main if not n.startswith("vision."))
 
 
 def test_wandb_offline_files_hold_the_metrics(reference_run):

@@ -142,3 +142,69 @@ def test_selective_takes_a_context_parallel_query_chunk():
     out = torch.autograd.grad(selective_checkpointed(dense_attention, q, k, v, cu).square().sum(), (q, k, v))
     for a, b in zip(ref, out):
         assert rel_rms(a, b) < 1e-6
+
+
+def _frozen_step(model: Decoder, batch: dict, phase: str, frozen: bool, calls: collections.Counter):
+    """One micro-batch of a stage with frozen main weights, as ``train_step`` builds its loss: the LM loss
+    detached, the KL back-propagated. ``frozen``: the main weights take no gradients (``train_main``);
+    else they keep them, as before. Returns the gradients and the calls of the MLP and attention cores."""
+    model.zero_grad(set_to_none=True)
+    model.train_main(not frozen)
+    calls.clear()
+    out = model(batch, phase=phase)
+    (out["lm_sum"].detach() / out["n_tokens"] + 0.5 * out["kl"]).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return grads, dict(calls)
+
+
+@pytest.fixture
+def core_calls(monkeypatch):
+    """Calls of the MLP and of the attention cores' main attention (dense in the dense layers and in
+    warm-up, sparse in the sparse phase; the reference's)."""
+    import msa.layer
+    import msa.reference
+    from train.model import SwiGLU
+
+    calls = collections.Counter()
+
+    def counting(name, run):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return run(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(SwiGLU, "forward", counting("mlp", SwiGLU.forward))
+    monkeypatch.setattr(msa.layer, "dense_attention", counting("attention", msa.layer.dense_attention))
+    monkeypatch.setattr(msa.reference, "sparse_attention", counting("attention", msa.reference.sparse_attention))
+    return calls
+
+
+@pytest.mark.usefixtures("restore_dist_env")
+@pytest.mark.parametrize("policy", ["none", "selective", "full"])
+@pytest.mark.parametrize("phase", ["warmup", "sparse"])
+def test_frozen_main_runs_forward_only_with_the_same_index_gradients(policy, phase, core_calls):
+    """Main weights frozen (``Decoder.train_main(False)``): the index branch's gradients are those of the
+    former frozen step (every weight taking gradients, the LM loss detached), no main weight gets a
+    gradient, and each block runs its MLP and attention once per micro-batch: the block runner does not
+    checkpoint a block whose main path takes no gradient, so nothing is recomputed in backward."""
+    batch = _batch()
+    n_layers = 3
+
+    def model():
+        m = _model("reference", n_layers=n_layers, n_dense_layers=1)
+        return m if policy == "none" else _checkpointed(m, policy)
+
+    before, calls_before = _frozen_step(model(), batch, phase, frozen=False, calls=core_calls)
+    frozen_model = model()
+    grads, calls = _frozen_step(frozen_model, batch, phase, frozen=True, calls=core_calls)
+    index = sorted(n for n in before if "_idx" in n)
+    assert index and sorted(grads) == index, sorted(grads)  # the index branch's gradients, nothing else
+    for name in index:
+        assert grads[name].abs().sum() > 0
+        err = rel_rms(before[name], grads[name])
+        assert err < 1e-6, f"{policy} {phase}, {name}: rel RMS {err:.2e}"
+    assert calls == {"mlp": n_layers, "attention": n_layers}, calls
+    if policy != "none":  # before: the checkpointed blocks ran again in backward
+        assert calls_before["mlp"] > n_layers, calls_before
+    frozen_model.train_main(True)  # a later stage: every weight takes gradients again
+    assert all(p.requires_grad for p in frozen_model.parameters())

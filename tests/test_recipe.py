@@ -1,6 +1,10 @@
-"""Recipe stages: resolution from config, lookup by step, and errors that name the key."""
+"""Recipe stages: resolution from config, lookup by step, errors that name the key, and a stage with
+frozen main weights through the DeepSpeed engine."""
+
+import itertools
 
 import pytest
+import torch
 
 from train.config import TrainConfig
 from train.recipe import RecipeConfig, StageConfig, build_recipe, describe, stage_at
@@ -80,3 +84,107 @@ def test_shipped_long_context_recipe_passes_every_stage_check():
     with pytest.raises(ValueError, match=r"recipe.stages\[5\].sp_size/recipe.stages\[5\].cp_size"):
         check_config(cfg, stages[-1], world_size=48, vocab_size=261)  # 48 ranks do not split into sp*cp=32
     assert len(build_recipe(compose_train_config(["recipe=long_context"]))) == 6
+
+
+FROZEN_RECIPE = ["model=tiny", "attention.impl=reference", "data.seq_len=256", "data.batch_size=1", "run.steps=5",
+                 "optim.grad_accum=2", "optim.lr=1e-2", "recipe.warmup_steps=0", "recipe.freeze_main_in_warmup=true",
+                 "recipe.stages=[{name:warm,steps:3,phase:warmup},{name:sparse,steps:2}]",
+                 "logging.wandb.mode=disabled"]
+
+
+def _weights(run, zero: int) -> dict:
+    """Every parameter's full value (gathered under ZeRO-3)."""
+    import deepspeed
+
+    params = dict(run.model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=zero == 3):
+        return {n: p.detach().clone() for n, p in params.items()}
+
+
+def _run_recipe(cfg, env, stages, batches, first: int = 0, before: bool = False, resume=None, save_dir=None,
+                mlp_calls=None):
+    """Steps ``first`` to the end of the recipe through the DeepSpeed engine (``train.loop``'s ``start``,
+    ``enter_stage`` and ``train_step``), from the checkpoint ``resume`` if given. ``before``: the main
+    weights keep taking gradients in the frozen stage (the former implementation). Returns the weights
+    after each step (and at ``first``); saves a checkpoint after each step into ``save_dir``."""
+    from train import checkpoint as ckpt
+    from train import loop
+
+    class Quiet:
+        def message(self, text):
+            pass
+
+    accum = cfg.optim.grad_accum
+    run = loop.start(cfg, env, stages, stage_at(stages, first), None,
+                     batches=itertools.islice(itertools.cycle(batches), first * accum, None))
+    if resume:
+        ckpt.load_checkpoint(run.engine, resume, rank=0, world_size=1)
+    zero = cfg.parallel.zero_stage
+    out = [_weights(run, zero)]
+    for step in range(first, cfg.run.steps):
+        loop.enter_stage(run, stage_at(stages, step), step, Quiet(), {})
+        if before:
+            run.model.train_main(True)
+        main_learns = {p.requires_grad for n, p in run.model.named_parameters() if "_idx" not in n}
+        assert main_learns == {before or not run.stage.freeze_main}, (step, main_learns)
+        calls = sum(mlp_calls.values()) if mlp_calls is not None else 0
+        loop.train_step(run)
+        if mlp_calls is not None and run.stage.freeze_main and not before:  # one forward per block, no recompute
+            assert sum(mlp_calls.values()) - calls == cfg.model.n_layers * accum
+        out.append(_weights(run, zero))
+        if save_dir is not None:
+            ckpt.save_checkpoint(run.engine, save_dir, step + 1, rank=0, world_size=1, keep_last=0)
+    return out
+
+
+@pytest.mark.usefixtures("restore_dist_env")
+@pytest.mark.parametrize("zero,policy", [(0, "selective"), (1, "full"), (2, "selective"), (3, "full")])
+def test_frozen_stage_through_deepspeed(zero, policy, tmp_path, monkeypatch):
+    """A frozen warm-up (3 steps of 2 micro-batches), then a sparse stage, through DeepSpeed's engine:
+    in the frozen steps the main weights take no gradients, stay bitwise as they were and each block
+    runs its MLP once per micro-batch; the index branch learns as it did when the main weights kept
+    taking gradients (ZeRO 1-3 bitwise; ZeRO-0's clipping norm then summed DeepSpeed's zero-filled main
+    gradients too: 1e-6). The sparse stage trains every weight (ZeRO 1-3: bitwise as before, the frozen
+    groups' optimizer state having stepped with zero gradients as before), and resuming from a checkpoint
+    inside the frozen stage or at its end gives the uninterrupted run's weights bitwise."""
+    import collections
+
+    from bench.parallel import synthetic_batch
+    from tests.utils import compose_train_config, rel_rms
+    from train import checkpoint as ckpt
+    from train.model import SwiGLU
+    from train.parallel import init_distributed
+
+    mlp_calls = collections.Counter()
+    real_mlp = SwiGLU.forward
+
+    def counted(self, x):
+        mlp_calls["mlp"] += 1
+        return real_mlp(self, x)
+
+    monkeypatch.setattr(SwiGLU, "forward", counted)
+    cfg = compose_train_config([*FROZEN_RECIPE, f"parallel.zero_stage={zero}", "parallel.activation_checkpointing=true",
+                                f"parallel.checkpoint_policy={policy}"])
+    env = init_distributed(cfg.parallel)
+    stages = build_recipe(cfg)
+    assert [s.freeze_main for s in stages] == [True, False]
+    batches = [synthetic_batch(256, cfg.model.vocab_size, seed, env.device) for seed in (1, 2, 3)]
+    now = _run_recipe(cfg, env, stages, batches, save_dir=tmp_path, mlp_calls=mlp_calls)
+    before = _run_recipe(cfg, env, stages, batches, before=True)
+    main = [n for n in now[0] if "_idx" not in n]
+    index = [n for n in now[0] if "_idx" in n]
+    for step in range(1, 4):  # the frozen stage
+        assert all(torch.equal(now[step][n], now[0][n]) for n in main), step
+        assert all(not torch.equal(now[step][n], now[step - 1][n]) for n in index), step
+        for n in index:
+            same = torch.equal(before[step][n], now[step][n]) if zero else rel_rms(before[step][n], now[step][n]) < 1e-6
+            assert same, (step, n)
+    # the sparse stage: every weight trains (the vision embedding has no image in these batches)
+    assert all(not torch.equal(now[5][n], now[3][n]) for n in main if not n.startswith("vision."))
+    if zero:
+        assert all(torch.equal(now[5][n], before[5][n]) for n in now[5])
+    for first in (1, 3):  # inside the frozen stage, and at its end
+        path = ckpt.checkpoint_dir(tmp_path) / ckpt.tag_for(first)
+        resumed = _run_recipe(cfg, env, stages, batches, first=first, resume=path)
+        assert all(torch.equal(resumed[0][n], now[first][n]) for n in now[first]), first
+        assert all(torch.equal(resumed[-1][n], now[-1][n]) for n in now[-1]), first

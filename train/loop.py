@@ -161,6 +161,9 @@ def start(cfg: TrainConfig, env: DistEnv, stages: list[Stage], stage: Stage, tok
     mesh = build_mesh(stage.sp_size, stage.cp_size, env, kv_replicas(stage.sp_size, cfg.model.n_kv_heads))
     parallelize(model, mesh, cfg.parallel)
     engine, scheduler = build_engine(model, cfg, stage, mesh, env)
+    # after the engine: its optimizer and gradient hooks cover every weight, so a later stage unfreezes
+    # the main weights without a new engine
+    model.train_main(not stage.freeze_main)
     if batches is not None:
         return Run(cfg, env, stages, stage, model, mesh, engine, scheduler, None, batches, tokenizer)
     if env.rank == 0:
@@ -208,6 +211,7 @@ def enter_stage(run: Run, upcoming: Stage, step: int, logger, resolved: dict) ->
         if run.env.rank == 0:
             write_deepspeed_json(deepspeed_config(run.cfg, upcoming, run.env.device), run.cfg.run_dir)
     run.model.set_rope(upcoming.rope_base, upcoming.rope_scaling)
+    run.model.train_main(not upcoming.freeze_main)
     run.stage = upcoming
     logger.message(f"step {step}: stage {upcoming.index} ({upcoming.name}), {upcoming.phase}, "
                    f"seq_len={upcoming.seq_len}")
@@ -221,9 +225,10 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def train_step(run: Run, stats_queries: int = 0, with_grad_norms: bool = False) -> dict:
     """One optimizer step over ``optim.grad_accum`` micro-batches. A non-finite loss on any rank skips
     the update on every rank: that micro-batch's backward is a zero loss (no NaN reaches the gradients)
-    and the step runs with learning rate 0, so the weights stay as they were. A stage with frozen main
-    weights back-propagates only the KL (the LM loss never reaches the index branch) and steps only the
-    index branch's groups."""
+    and the step runs with learning rate 0, so the weights stay as they were. In a stage with frozen main
+    weights they take no gradients (``Decoder.train_main``, set when the stage starts): the main path runs
+    forward only, only the KL is back-propagated (the LM loss never reaches the index branch) and only the
+    index branch's groups step (the others at learning rate 0)."""
     engine, mesh, stage, accum = run.engine, run.mesh, run.stage, run.cfg.optim.grad_accum
     lm_sum = kl_sum = 0.0
     n_tokens, bad, lengths, layer_kl, stats = 0, False, [], 0.0, None

@@ -100,6 +100,18 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.dim, hidden)
         self._mlp_call = None
 
+    def index_params(self) -> list[nn.Parameter]:
+        """The MSA index branch's weights (none in a dense block)."""
+        return self.attn.index_params() if isinstance(self.attn, MSAAttention) else []
+
+    def main_path_learns(self, x: torch.Tensor) -> bool:
+        """Whether the main path needs a backward: its input or a weight outside the index branch takes a
+        gradient. It does not in a stage that trains only the index branch (``Decoder.train_main``)."""
+        if x.requires_grad:
+            return True
+        index = {id(p) for p in self.index_params()}
+        return any(p.requires_grad for p in self.parameters() if id(p) not in index)
+
     def wrap_mlp(self, wrap) -> None:
         """Run the MLP as ``wrap(mlp)(x)`` (the MLP module and its parameter names stay as they are)."""
         self._mlp_call = wrap(self.mlp)
@@ -169,6 +181,16 @@ class Decoder(nn.Module):
     def msa_layers(self) -> list[int]:
         """Indices (in ``layers``) of the MSA blocks."""
         return [i for i, b in enumerate(self.layers) if isinstance(b.attn, MSAAttention)]
+
+    def train_main(self, on: bool) -> None:
+        """Whether the main weights (every parameter but the MSA index branches') take gradients. Off, the
+        main path runs without an autograd graph (nothing saved for a backward, nothing to recompute) and
+        only the index branches and their KL build one: they read ``x.detach()`` and ``q, k`` detached, so
+        their gradients are those of a step with every weight taking gradients and the LM loss detached."""
+        index = {id(p) for b in self.layers for p in b.index_params()}
+        for p in self.parameters():
+            if id(p) not in index:
+                p.requires_grad_(on)
 
     def set_block_runner(self, runner) -> None:
         """Run each block as ``runner(block, *args)`` instead of ``block(*args)`` (e.g. checkpointed)."""

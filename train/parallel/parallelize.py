@@ -5,7 +5,8 @@
 - ``Decoder.set_block_runner``: per-block activation checkpointing, ``parallel.checkpoint_policy``:
   ``full`` (DeepSpeed's: the block's whole forward runs again in backward) or ``selective`` (PyTorch's
   non-reentrant checkpoint keeping the outputs of the attention ops in ``SAVED_OPS``, so block selection,
-  sparse attention, the index KL and dense SDPA run once per step; the rest is recomputed).
+  sparse attention, the index KL and dense SDPA run once per step; the rest is recomputed). A block
+  whose main path takes no gradient (the main weights frozen: ``Decoder.train_main``) runs unwrapped.
 - ``parallel.compile_blocks``: ``torch.compile`` of each block with its sequence-wide attention core left
   eager (``EagerCore``), so the token-local work on either side of it (norms, projections with RoPE,
   residual adds, SwiGLU) becomes two fused graphs.
@@ -72,9 +73,18 @@ def checkpointed(block, x, *args):
     """One block under DeepSpeed activation checkpointing (inputs kept on CPU if configured)."""
     import deepspeed
 
-    if not torch.is_grad_enabled():
+    if not recompute_pays(block, x):
         return block(x, *args)
     return deepspeed.checkpointing.checkpoint(block, x, *args)
+
+
+def recompute_pays(block, x) -> bool:
+    """Whether checkpointing ``block`` (a ``Block``, or any function) saves anything: not without autograd,
+    nor when a block's main path takes no gradient (a stage that trains only the index branch). Then the
+    main path builds no graph, and the index branch's small one (its projections, the KL's inputs) is kept
+    rather than recomputed with the whole block."""
+    learns = getattr(block, "main_path_learns", None)
+    return torch.is_grad_enabled() and (learns is None or learns(x))
 
 
 # What selective checkpointing keeps: per token and layer a few KB (``o`` and its lse, ``block_idx``, the
@@ -96,11 +106,11 @@ def selective_checkpointed(block, x, *args):
     """One block under PyTorch's selective activation checkpointing: the outputs of ``SAVED_OPS`` are
     kept from the forward, everything else runs again in backward. The Triton path's ops are
     ``kernels/ops.py``'s; the reference's are plain torch code, so there it recomputes as ``full`` does."""
-    if not torch.is_grad_enabled():
+    if not recompute_pays(block, x):
         return block(x, *args)
     return checkpoint(block, x, *args, use_reentrant=False,
                       context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_attention))
 
 
-__all__ = ["parallelize", "tiled_mlp", "checkpointed", "selective_checkpointed", "SAVED_OPS", "compile_block",
-           "EagerCore"]
+__all__ = ["parallelize", "tiled_mlp", "checkpointed", "selective_checkpointed", "recompute_pays", "SAVED_OPS",
+           "compile_block", "EagerCore"]
