@@ -28,7 +28,7 @@ fi
 python3 -c "import transformers, safetensors" || { echo "transformers/safetensors missing: add their wheels"; exit 2; }
 source "$(dirname "$0")/gpu_run.sh" gpus.txt
 W=${WARMUP_STEPS:-20} S=${SPARSE_STEPS:-180} D=${DENSE_STEPS:-15}
-GRACE=90  # seconds a run cut at the deadline has to save its checkpoint
+GRACE=${GRACE:-90}  # seconds a run cut at the deadline has to save its checkpoint
 CK=$WORK/qwen3-0.6b-random
 COMMON=(model=hf "model.path=$CK" data.seq_len=32768 logging.wandb.mode=disabled logging.progress=false
         logging.stats_every=1000 parallel.activation_checkpointing=true checkpoint.keep_last=1)
