@@ -60,6 +60,7 @@ TASKS = ("passkey", "multikey", "vartrack", "image_needle")
 PROBE_STEPS = 4  # timed steps per phase, after COMPILE_STEPS that compile and autotune
 COMPILE_STEPS = 2
 MARGIN = 0.9  # the share of the time left that a plan fills (the rest absorbs timing noise)
+STOPPED = -15  # the exit status Pool.wait reports for a worker stopped at the deadline
 
 
 def parse(argv=None):
@@ -88,6 +89,12 @@ def parse(argv=None):
     ap.add_argument("--min-steps", type=int, default=20)
     ap.add_argument("--max-steps", type=int, default=100000)
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (one GPU)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="steps per run, fixed (no probe): runs resume from their checkpoints in --work, so one "
+                         "quality run can span several calls of this script")
+    ap.add_argument("--save-every", type=int, default=50, help="with --steps: a checkpoint every N steps")
+    ap.add_argument("--grace-s", type=float, default=60.0,
+                    help="at the budget's end, seconds a stopped worker has to save its checkpoint (SIGTERM)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # probe:ARM:I or run:ARM:SEED:STEPS
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for both arms (after --)")
     return ap.parse_args(argv)
@@ -100,7 +107,8 @@ def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool)
            f"model.rope_base={args.rope_base}", f"optim.lr={args.lr}", f"optim.warmup_steps={max(1, steps // 20)}",
            f"data.sources=[{{kind:shards,weight:{1 - args.mix}}},{synthetic}]", "data.num_workers=2",
            "logging.wandb.mode=disabled", "logging.progress=false", "logging.stats_every=10",
-           "checkpoint.every=0", "checkpoint.keep_last=1", f"run.steps={steps}", f"run.seed={seed}",
+           f"checkpoint.every={args.save_every if args.steps else 0}", "checkpoint.keep_last=1",
+           f"run.steps={steps}", f"run.seed={seed}",
            f"run_dir={run_dir}"]
     if arm == "dense":
         out.append("attention=dense")
@@ -197,14 +205,20 @@ def loss_curve(rows: list[dict]) -> list[list[float]]:
 
 
 def run_one(args, arm: str, seed: int, steps: int, work: Path) -> dict:
+    """Train one run with its evals after the last step; with ``--steps`` a run directory left by an
+    earlier call is resumed from its newest checkpoint (``checkpoint.resume=auto``), else started anew."""
     run_dir = work / f"{arm}-s{seed}"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if not args.steps:
+        shutil.rmtree(run_dir, ignore_errors=True)
     cfg = compose(overrides(args, arm, seed, steps, run_dir, evals=True))
     t0 = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    results = json.loads((run_dir / "eval" / f"step_{steps:08d}" / "results.json").read_text())
+    evals = run_dir / "eval" / f"step_{steps:08d}" / "results.json"
+    if not evals.exists():  # a stop signal ended the run early (its checkpoint saved): no result yet
+        raise SystemExit(f"{arm} seed {seed}: stopped after step {rows[-1]['step'] if rows else 0} of {steps}")
+    results = json.loads(evals.read_text())
     curve = loss_curve(rows)
     tail = [loss for _, loss in curve[-max(1, len(curve) // 10):]]
     recall = [r["msa/index_recall"] for r in rows if r.get("msa/index_recall") is not None]
@@ -387,14 +401,20 @@ class Pool:
 
     def wait(self, deadline: float) -> list[tuple[str, int]]:
         """The workers that ended, with their exit status, as soon as one has; past the deadline every
-        running worker is killed and reported with -9."""
+        running worker gets SIGTERM (a training run then saves a checkpoint and stops), ``--grace-s``
+        seconds later (with ``--steps``; else 5 s) SIGKILL, and all are reported with STOPPED."""
         while True:
             ended = [(spec, p.returncode) for spec, p in self.running.items() if p.poll() is not None]
             if not ended and time.perf_counter() > deadline:
                 for p in self.running.values():
-                    p.kill()
-                    p.wait()
-                ended = [(spec, -9) for spec in self.running]
+                    p.terminate()
+                for p in self.running.values():
+                    try:
+                        p.wait(timeout=max(1.0, deadline + grace(self.args) - time.perf_counter()))
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait()
+                ended = [(spec, STOPPED) for spec in self.running]
             if ended:
                 for spec, _ in ended:
                     del self.running[spec]
@@ -405,24 +425,36 @@ class Pool:
         return "\n".join(self.log(spec).read_text(errors="replace").splitlines()[-n:])
 
 
-def run_all(args, argv: list[str], specs: list[str], work: Path, deadline: float, on_result) -> list[str]:
-    """Runs the worker ``specs`` J at a time; ``on_result(spec, result)`` for each that finished; returns
-    the specs that failed or were stopped at the deadline (the last lines of their logs printed)."""
-    pool, queue, failed = Pool(args, argv), list(specs), []
+def grace(args) -> float:
+    """Seconds a worker stopped at the deadline has to save: only resumable runs (``--steps``) save."""
+    return args.grace_s if args.steps else 5.0
+
+
+def result_path(work: Path, spec: str) -> Path:
+    return work / f"{spec.replace(':', '-')}.json"
+
+
+def run_all(args, argv: list[str], specs: list[str], work: Path, deadline: float, on_result) -> dict:
+    """Runs the worker ``specs`` J at a time; ``on_result(spec, result)`` for each that finished. Returns
+    ``{"failed": [...], "stopped": [...], "not_started": [...]}``: the specs that failed (the last lines of
+    their logs printed), that the deadline stopped (with ``--steps`` the next call resumes them), and
+    that it left unstarted."""
+    pool, queue, out = Pool(args, argv), list(specs), {"failed": [], "stopped": [], "not_started": []}
     while queue or pool.running:
         while queue and len(pool.running) < args.jobs:
             pool.start(queue.pop(0))
         for spec, rc in pool.wait(deadline):
-            path = work / f"{spec.replace(':', '-')}.json"
-            if rc == 0 and path.exists():
-                on_result(spec, json.loads(path.read_text()))
+            if rc == 0 and result_path(work, spec).exists():
+                on_result(spec, json.loads(result_path(work, spec).read_text()))
                 continue
-            failed.append(spec)
-            print(f"failed {spec} (exit {rc}{', stopped at the deadline' if rc == -9 else ''}):\n"
-                  f"{pool.tail(spec)}", flush=True)
-            if rc == -9:
-                queue.clear()
-    return failed
+            if rc == STOPPED:
+                out["stopped"].append(spec)
+                out["not_started"], queue = out["not_started"] + queue, []
+                print(f"stopped {spec} at the deadline", flush=True)
+                continue
+            out["failed"].append(spec)
+            print(f"failed {spec} (exit {rc}):\n{pool.tail(spec)}", flush=True)
+    return out
 
 
 def probe_jobs(args, argv: list[str], work: Path, deadline: float) -> dict:
@@ -430,10 +462,10 @@ def probe_jobs(args, argv: list[str], work: Path, deadline: float) -> dict:
     each arm's timing the slowest of its probes."""
     n = min(args.jobs, len(ARMS) * len(args.seeds))
     got = {arm: [] for arm in ARMS}
-    failed = run_all(args, argv, [f"probe:{ARMS[i % 2]}:{i}" for i in range(n)], work, deadline,
-                     lambda spec, r: got[spec.split(":")[1]].append(r))
-    if failed or not all(got.values()):
-        raise SystemExit(f"probe failed: {failed}; logs in {args.out / 'logs'}")
+    ended = run_all(args, argv, [f"probe:{ARMS[i % 2]}:{i}" for i in range(n)], work, deadline,
+                    lambda spec, r: got[spec.split(":")[1]].append(r))
+    if any(ended.values()) or not all(got.values()):
+        raise SystemExit(f"probe did not finish: {ended}; logs in {args.out / 'logs'}")
     out = {arm: {k: max(r[k] for r in rs) for k in rs[0]} for arm, rs in got.items()}
     for arm in ARMS:
         print(f"probe {arm} (slowest of {len(got[arm])} at once): "
@@ -477,35 +509,46 @@ def main(argv=None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for stage in build_recipe(cfg):
         check_config(cfg, stage, 1, tokenizer.vocab_size, device)
-    env = init_distributed(cfg.parallel) if args.jobs <= 1 else None  # --jobs: only the workers use the GPU
+    # --jobs or --steps: only the worker processes use the GPU; else every run in this process
+    env = init_distributed(cfg.parallel) if args.jobs <= 1 and not args.steps else None
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     report = {"settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                            "choices": cfg.eval.choices},
               "gpu": gpu, "torch": torch.__version__, "commit": git_commit(), "command": " ".join(sys.argv),
               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "eval_lengths": [m * args.seq_len for m in args.multiples], "runs": [], "skipped": [], "failed": []}
+              "eval_lengths": [m * args.seq_len for m in args.multiples], "runs": [], "skipped": [],
+              "failed": [], "stopped": [], "not_started": []}
     ensure_corpus(cfg.data.corpus_dir, cfg.data.corpus)  # built once, before anything is timed
-    deadline = t_start + args.budget_s - 10.0  # 10 s: the report and plots
-    report["probe"] = probe(args, env, tokenizer, work) if env else probe_jobs(args, argv, work, deadline)
-    steps, estimate = plan(args, report["probe"], deadline - time.perf_counter())
+    deadline = t_start + args.budget_s - 10.0 - grace(args)  # 10 s: the report and plots
+    if args.steps:
+        steps, estimate, report["probe"] = args.steps, None, None
+    else:
+        report["probe"] = probe(args, env, tokenizer, work) if env else probe_jobs(args, argv, work, deadline)
+        steps, estimate = plan(args, report["probe"], deadline - time.perf_counter())
     report.update(steps=steps, tokens_per_step=args.batch * args.seq_len, tokens_per_run=steps * args.batch *
                   args.seq_len, estimate_s=estimate, startup_s=time.perf_counter() - t_start)
     print(f"plan: {steps} steps x {args.batch} x {args.seq_len} tokens = {report['tokens_per_run'] / 1e6:.2f} M "
-          f"tokens per run{f', {args.jobs} at once' if args.jobs > 1 else ''}; estimated run seconds "
-          f"{json.dumps({k: round(v) for k, v in estimate.items()})}", flush=True)
+          f"tokens per run{f', {args.jobs} at once' if args.jobs > 1 else ''}"
+          + (f"; estimated run seconds {json.dumps({k: round(v) for k, v in estimate.items()})}" if estimate
+             else "; resumable (--steps)"), flush=True)
     try:
         if env:
             run_serial(args, env, steps, work, report, t_start)
         else:
             specs = [f"run:{arm}:{seed}:{steps}" for seed in args.seeds for arm in ARMS]
-            report["failed"] = run_all(args, argv, specs, work, deadline, lambda spec, r: add_run(args, report, r))
+            for spec in [s for s in specs if result_path(work, s).exists()]:  # finished in an earlier call
+                add_run(args, report, json.loads(result_path(work, spec).read_text()))
+                specs.remove(spec)
+            report.update(run_all(args, argv, specs, work, deadline, lambda spec, r: add_run(args, report, r)))
     finally:
         report["total_s"] = time.perf_counter() - t_start
         write(report, args.out, plots=True)
-        if args.work is None:
+        if args.work is None and not (report["stopped"] or report["not_started"]):
             shutil.rmtree(work, ignore_errors=True)
+    left = report["stopped"] + report["not_started"]
     print(f"done in {report['total_s']:.0f} s: {len(report['runs'])} runs, {len(report['skipped'])} skipped, "
-          f"{len(report['failed'])} failed; {args.out}/quality.json")
+          f"{len(report['failed'])} failed, {len(left)} to finish"
+          + (f" (the same command again resumes them from {work})" if left else "") + f"; {args.out}/quality.json")
 
 
 if __name__ == "__main__":

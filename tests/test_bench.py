@@ -241,3 +241,27 @@ def test_quality_plan_fits_the_runs_serial_and_in_waves():
     assert plan(Namespace(**{**vars(args), "jobs": 6}), timing, 400.0)[0] == 660  # (360 - 30) / 0.5
     assert plan(Namespace(**{**vars(args), "jobs": 4}), timing, 400.0)[0] == 300  # 2 waves: (360 - 60) / 1.0
     assert plan(Namespace(**{**vars(args), "min_steps": 700, "jobs": 4}), timing, 400.0)[0] == 700
+
+
+def test_quality_runs_stopped_at_the_deadline_finish_in_the_next_call(tmp_path):
+    """--steps: the deadline stops the workers (reported, not failed), the work folder keeps them, and the
+    same command again runs what is left and reports every run with its whole loss curve."""
+    import json
+
+    from bench.quality import main
+
+    argv = ["--model", "tiny", "--seq-len", "128", "--batch", "1", "--seeds", "0", "--multiples", "1",
+            "--tasks", "passkey", "--depths", "0", "--items", "1", "--rows", "1", "--jobs", "2", "--steps", "4",
+            "--save-every", "2", "--grace-s", "5", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+            "--", "attention.block_size=16", "attention.topk=2", "data.image.max_patches=16"]
+    main(["--budget-s", "1", *argv])  # the deadline has passed when the workers start
+    first = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert first["runs"] == [] and first["failed"] == []
+    assert sorted(first["stopped"]) == ["run:dense:0:4", "run:msa:0:4"]
+    main(["--budget-s", "600", *argv])
+    second = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert second["stopped"] == second["failed"] == second["not_started"] == []
+    assert sorted(r["arm"] for r in second["runs"]) == ["dense", "msa"]
+    assert all([step for step, _ in r["loss_curve"]] == [0, 1, 2, 3] for r in second["runs"])
+    assert (tmp_path / "work" / "run-msa-0-4.json").exists()  # a third call would only read it
+    assert not (tmp_path / "work" / "msa-s0" / "checkpoints").exists()  # a finished run drops its checkpoints
