@@ -144,6 +144,44 @@ def test_selective_takes_a_context_parallel_query_chunk():
         assert rel_rms(a, b) < 1e-6
 
 
+def test_selective_recompute_may_run_ops_the_forward_did_not():
+    """ZeRO-3's parameter hooks run inside a checkpointed block, and what they run depends on the engine's
+    state: after DeepSpeed invalidates its trace in a backward (the first step after a frozen stage) the
+    recompute frees and gathers parameters that the forward found resident. Such ops run again without
+    being looked up in what the forward recorded, and the kept attention output is still reused: SDPA's
+    forward runs once, the gradients are those of no checkpointing."""
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from train.parallel.parallelize import SAVED_OPS, selective_checkpointed
+
+    released = []
+
+    def block(x):
+        if released:  # what ZeRO-3 runs in the recompute only: free_param's torch.empty(0), an all-gather's copy
+            torch.empty(0), torch.cat([x.detach(), x.detach()])
+        q = x * 2
+        return F.scaled_dot_product_attention(q, x, x, is_causal=True).sin()
+
+    class CountAttention(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func.name() in SAVED_OPS
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(1, 2, 24, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    (ref,) = torch.autograd.grad(block(x).square().sum(), x)
+    with CountAttention() as counted:
+        loss = selective_checkpointed(block, x).square().sum()
+        released.append(True)
+        (out,) = torch.autograd.grad(loss, x)
+    assert counted.calls == 1
+    assert rel_rms(ref, out) < 1e-6
+
+
 def _frozen_step(model: Decoder, batch: dict, phase: str, frozen: bool, calls: collections.Counter):
     """One micro-batch of a stage with frozen main weights, as ``train_step`` builds its loss: the LM loss
     detached, the KL back-propagated. ``frozen``: the main weights take no gradients (``train_main``);

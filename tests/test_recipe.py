@@ -138,7 +138,8 @@ def _run_recipe(cfg, env, stages, batches, first: int = 0, before: bool = False,
 
 
 @pytest.mark.usefixtures("restore_dist_env")
-@pytest.mark.parametrize("zero,policy", [(0, "selective"), (1, "full"), (2, "selective"), (3, "full")])
+@pytest.mark.parametrize("zero,policy", [(0, "selective"), (1, "full"), (2, "selective"), (3, "full"),
+                                         (3, "selective")])
 def test_frozen_stage_through_deepspeed(zero, policy, tmp_path, monkeypatch):
     """A frozen warm-up (3 steps of 2 micro-batches), then a sparse stage, through DeepSpeed's engine:
     in the frozen steps the main weights take no gradients, stay bitwise as they were and each block

@@ -5,8 +5,10 @@
 - ``Decoder.set_block_runner``: per-block activation checkpointing, ``parallel.checkpoint_policy``:
   ``full`` (DeepSpeed's: the block's whole forward runs again in backward) or ``selective`` (PyTorch's
   non-reentrant checkpoint keeping the outputs of the attention ops in ``SAVED_OPS``, so block selection,
-  sparse attention, the index KL and dense SDPA run once per step; the rest is recomputed). A block
-  whose main path takes no gradient (the main weights frozen: ``Decoder.train_main``) runs unwrapped.
+  sparse attention, the index KL and dense SDPA run once per step; the rest is recomputed; the two
+  dispatch modes that do this are ours, ``SaveAttention``/``ReuseAttention``, not
+  ``create_selective_checkpoint_contexts``: see there why). A block whose main path takes no gradient
+  (the main weights frozen: ``Decoder.train_main``) runs unwrapped.
 - ``parallel.compile_blocks``: ``torch.compile`` of each block with its sequence-wide attention core left
   eager (``EagerCore``), so the token-local work on either side of it (norms, projections with RoPE,
   residual adds, SwiGLU) becomes two fused graphs.
@@ -14,12 +16,15 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+from torch.utils.checkpoint import checkpoint
 
 from train.parallel.mesh import Mesh, ParallelConfig
 from train.parallel.sequence import ContextParallelCore, UlyssesCore
@@ -98,19 +103,87 @@ SAVED_OPS = frozenset({
 })
 
 
-def _keep_attention(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op.name() in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+class _Kept:
+    """A saved op's output, detached, with its version counter: an in-place change between the forward
+    and the recompute would hand the recompute a different tensor than the forward's."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t.detach()
+        self.version = t._version
+
+    def get(self) -> torch.Tensor:
+        if self.t._version != self.version:
+            raise RuntimeError("selective checkpoint: an attention output kept from the forward was modified in place")
+        return self.t
+
+
+class SaveAttention(TorchDispatchMode):
+    """The forward side of ``selective``: runs every op and keeps the outputs of ``SAVED_OPS``, per op in
+    call order, in ``kept``."""
+
+    def __init__(self, kept: dict):
+        super().__init__()
+        self.kept = kept
+
+    @classmethod
+    def ignore_compile_internals(cls):  # compiled blocks: the modes see the compiled graph's runtime only
+        return True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.name() in SAVED_OPS:
+            self.kept.setdefault(func, collections.deque()).append(tree_map_only(torch.Tensor, _Kept, out))
+        return out
+
+
+class ReuseAttention(TorchDispatchMode):
+    """The recompute side of ``selective``: a ``SAVED_OPS`` op returns the forward's output (in call
+    order), every other op runs again, whether or not the forward ran it.
+
+    That is the difference from ``torch.utils.checkpoint.create_selective_checkpoint_contexts``, whose
+    recompute looks every op up in what the forward recorded and fails on one the forward did not run
+    (or ran fewer times): "aten.empty.memory_format encountered during backward but not found in
+    storage". ZeRO-3's parameter hooks fire inside the checkpointed block (each submodule's pre- and
+    post-forward hooks gather and release its parameters), and what they run depends on the engine's
+    state, not the block: whether its parameter trace is complete, what was prefetched, which parameters
+    are resident. After a step whose module order differs from the recorded trace (the first step after
+    a frozen stage, whose backward skipped the main path) the trace is invalidated during the backward,
+    so the recompute releases every parameter of each submodule (``free_param``: ``torch.empty(0)``)
+    while the forward, under the complete trace, released none."""
+
+    def __init__(self, kept: dict):
+        super().__init__()
+        self.kept = kept
+
+    @classmethod
+    def ignore_compile_internals(cls):
+        return True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.name() not in SAVED_OPS:
+            return func(*args, **(kwargs or {}))
+        queue = self.kept.get(func)
+        if not queue:
+            raise RuntimeError(f"selective checkpoint: {func} runs more often in the recompute than in the forward "
+                               "(a second backward through the block, or a forward that depends on global state)")
+        return tree_map_only(_Kept, _Kept.get, queue.popleft())
+
+
+def keep_attention_contexts():
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint``: a ``SaveAttention`` for the forward and a
+    ``ReuseAttention`` for the recompute, sharing what is kept."""
+    kept: dict = {}
+    return SaveAttention(kept), ReuseAttention(kept)
 
 
 def selective_checkpointed(block, x, *args):
-    """One block under PyTorch's selective activation checkpointing: the outputs of ``SAVED_OPS`` are
-    kept from the forward, everything else runs again in backward. The Triton path's ops are
-    ``kernels/ops.py``'s; the reference's are plain torch code, so there it recomputes as ``full`` does."""
+    """One block under selective activation checkpointing: the outputs of ``SAVED_OPS`` are kept from the
+    forward, everything else runs again in backward. The Triton path's ops are ``kernels/ops.py``'s; the
+    reference's are plain torch code, so there it recomputes as ``full`` does."""
     if not recompute_pays(block, x):
         return block(x, *args)
-    return checkpoint(block, x, *args, use_reentrant=False,
-                      context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_attention))
+    return checkpoint(block, x, *args, use_reentrant=False, context_fn=keep_attention_contexts)
 
 
 __all__ = ["parallelize", "tiled_mlp", "checkpointed", "selective_checkpointed", "recompute_pays", "SAVED_OPS",
-           "compile_block", "EagerCore"]
+           "keep_attention_contexts", "SaveAttention", "ReuseAttention", "compile_block", "EagerCore"]
