@@ -5,7 +5,7 @@ tokens, for several seeds, and each run is evaluated at 1x, 2x, 4x and 8x its tr
     python3 -m bench.quality --budget-s 480 --out runs/quality          # model=small, 8K rows, seeds 0 1 2
     python3 -m bench.quality --model tiny --seq-len 512 --budget-s 300 --out /tmp/q -- attention.block_size=32
 
-Time-budgeted: a probe builds each arm, times its training steps (after a step that compiles) per
+Time-budgeted: a probe builds each arm, times its training steps (after steps that compile) per
 attention phase and runs the evals once on that model (timing them, and compiling what they need); the
 number of steps N is then the largest that fits every run (set-up + N steps + evals + the final
 checkpoint save, ``--save-s``) into what is left of ``--budget-s``, and every arm and seed trains
@@ -16,8 +16,12 @@ that would not fit is skipped and listed. ``--jobs J`` runs J of them at once, e
 the same GPU: a small model at 8K tokens is bound by kernel launches on the host, so several runs share
 one GPU at a higher total rate. The probe then runs J-fold concurrently too (its step times are those
 of a loaded GPU), and the plan fits every wave of J runs into the budget; the tokens/s of a run are not
-a speed measurement then, only its losses and evals are results. Both arms use the same RoPE base (``--rope-base``, the
-long_context recipe's base for 8K stages) in training and at every eval length.
+a speed measurement then, only its losses and evals are results. ``--eval-s`` gives the evals' time
+instead of probing it. ``--steps N`` fixes N (no probe) and makes the run resumable across calls: runs
+save every ``--save-every`` steps, the budget's end stops them with SIGTERM (``--grace-s`` to save), and
+the same command again reads the finished runs from ``--work`` and resumes the others. Both arms use the
+same RoPE base (``--rope-base``, the long_context recipe's base for 8K stages) in training and at every
+eval length.
 
 Data: the embedded corpus mixed with the synthetic retrieval source (``--mix`` of the tokens), so a small
 model can learn retrieval in a short run. Evals (train/eval): held-out bits per byte by position and
