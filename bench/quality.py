@@ -547,12 +547,14 @@ def main(argv=None) -> None:
     finally:
         report["total_s"] = time.perf_counter() - t_start
         write(report, args.out, plots=True)
-        if args.work is None and not (report["stopped"] or report["not_started"]):
+        left = report["stopped"] + report["not_started"]
+        if args.work is None and not (args.steps and left):
             shutil.rmtree(work, ignore_errors=True)
-    left = report["stopped"] + report["not_started"]
+    hint = ("the same command again resumes them from " + str(work) if args.steps else
+            "not resumable without --steps") if left else ""
     print(f"done in {report['total_s']:.0f} s: {len(report['runs'])} runs, {len(report['skipped'])} skipped, "
-          f"{len(report['failed'])} failed, {len(left)} to finish"
-          + (f" (the same command again resumes them from {work})" if left else "") + f"; {args.out}/quality.json")
+          f"{len(report['failed'])} failed, {len(left)} stopped or not started{f' ({hint})' if hint else ''}; "
+          f"{args.out}/quality.json")
 
 
 if __name__ == "__main__":
