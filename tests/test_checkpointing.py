@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from msa.layer import AttentionConfig
-from tests.utils import rel_rms
+from tests.utils import counting, rel_rms
 from train.model import Decoder, ModelConfig
 from train.parallel import Mesh, ParallelConfig, init_distributed, parallelize
 from train.vision import VisionConfig
@@ -24,16 +24,9 @@ OPS = [name for _, name in HOSTS]
 def launches(monkeypatch):
     """Counts of the kernels' forward host functions, called through their ops."""
     counts = collections.Counter()
-
-    def counting(name, run):
-        def counted(*args, **kwargs):
-            counts[name] += 1
-            return run(*args, **kwargs)
-        return counted
-
     for module_name, name in HOSTS:
         module = importlib.import_module(module_name)  # kernels.sparse_attention is also a function's name
-        monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
+        monkeypatch.setattr(module, name, counting(counts, name, getattr(module, name)))
     return counts
 
 
@@ -204,16 +197,10 @@ def core_calls(monkeypatch):
     from train.model import SwiGLU
 
     calls = collections.Counter()
-
-    def counting(name, run):
-        def counted(*args, **kwargs):
-            calls[name] += 1
-            return run(*args, **kwargs)
-        return counted
-
-    monkeypatch.setattr(SwiGLU, "forward", counting("mlp", SwiGLU.forward))
-    monkeypatch.setattr(msa.layer, "dense_attention", counting("attention", msa.layer.dense_attention))
-    monkeypatch.setattr(msa.reference, "sparse_attention", counting("attention", msa.reference.sparse_attention))
+    monkeypatch.setattr(SwiGLU, "forward", counting(calls, "mlp", SwiGLU.forward))
+    monkeypatch.setattr(msa.layer, "dense_attention", counting(calls, "attention", msa.layer.dense_attention))
+    monkeypatch.setattr(msa.reference, "sparse_attention",
+                        counting(calls, "attention", msa.reference.sparse_attention))
     return calls
 
 

@@ -151,19 +151,13 @@ def test_frozen_stage_through_deepspeed(zero, policy, tmp_path, monkeypatch):
     import collections
 
     from bench.parallel import synthetic_batch
-    from tests.utils import compose_train_config, rel_rms
+    from tests.utils import compose_train_config, counting, rel_rms
     from train import checkpoint as ckpt
     from train.model import SwiGLU
     from train.parallel import init_distributed
 
     mlp_calls = collections.Counter()
-    real_mlp = SwiGLU.forward
-
-    def counted(self, x):
-        mlp_calls["mlp"] += 1
-        return real_mlp(self, x)
-
-    monkeypatch.setattr(SwiGLU, "forward", counted)
+    monkeypatch.setattr(SwiGLU, "forward", counting(mlp_calls, "mlp", SwiGLU.forward))
     cfg = compose_train_config([*FROZEN_RECIPE, f"parallel.zero_stage={zero}", "parallel.activation_checkpointing=true",
                                 f"parallel.checkpoint_policy={policy}"])
     env = init_distributed(cfg.parallel)

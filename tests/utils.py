@@ -12,6 +12,14 @@ def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
     return ((ref64 - out64).pow(2).mean().sqrt() / denom).item()
 
 
+def counting(counts, name: str, fn):
+    """``fn`` that also adds one to ``counts[name]`` per call (for ``monkeypatch.setattr``)."""
+    def counted(*args, **kwargs):
+        counts[name] += 1
+        return fn(*args, **kwargs)
+    return counted
+
+
 def poison_empty(monkeypatch):
     """Make torch.empty / empty_like return NaN-filled (float) or -7-filled (int) tensors, so that an
     output element a kernel forgot to write fails the comparison."""
