@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from bench.meta import compose, git_commit
+from bench.timing import sync
 from train.config import check_config
 from train.data import build_tokenizer
 from train.data.build_corpus import ensure_corpus
@@ -127,11 +128,6 @@ def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool)
     return out + list(args.overrides)
 
 
-def sync(env) -> None:
-    if env.device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def free(env) -> None:
     gc.collect()
     if env.device.type == "cuda":
@@ -155,21 +151,22 @@ def probe_arm(args, env, tokenizer, arm: str, run_dir: Path) -> dict:
         t0 = time.perf_counter()
         for _ in range(COMPILE_STEPS):
             train_step(run)
-        sync(env)
+        sync(env.device)
         out[f"first_{stage.phase}_s"] = time.perf_counter() - t0
         times = []
         for _ in range(PROBE_STEPS):
             t0 = time.perf_counter()
             train_step(run)
-            sync(env)
+            sync(env.device)
             times.append(time.perf_counter() - t0)
         out[f"{stage.phase}_step_s"] = statistics.median(times)
-    t0 = time.perf_counter()
+    out["eval_s"] = args.eval_s
     if args.eval_s is None:
+        t0 = time.perf_counter()
         evaluate(run.model, tokenizer, cfg.eval, train_len=args.seq_len, phase=run.stage.phase,
                  image_cfg=cfg.data.image, heldout_every=cfg.data.corpus.heldout_every)
-        sync(env)
-    out["eval_s"] = time.perf_counter() - t0 if args.eval_s is None else args.eval_s
+        sync(env.device)
+        out["eval_s"] = time.perf_counter() - t0
     run.loader.close()
     del run
     free(env)
@@ -369,10 +366,15 @@ def write(report: dict, out: Path, plots: bool) -> None:
             fn(report, out / f"quality_{name}.png")
 
 
+def work_dir(args) -> Path:
+    """Run directories and worker results: ``--work``, else ``<out>/work`` (removed at the end)."""
+    return args.work or args.out / "work"
+
+
 def worker(args, spec: str) -> None:
     """One probe or run in its own process (``--jobs``): its result as JSON in the work folder."""
     kind, arm, *rest = spec.split(":")
-    work = args.work or args.out / "work"
+    work = work_dir(args)
     if kind == "probe":
         cfg = compose(overrides(args, arm, 0, 1, work / "check", evals=False))
         env, tokenizer = init_distributed(cfg.parallel), build_tokenizer(cfg.data.tokenizer)
@@ -380,7 +382,7 @@ def worker(args, spec: str) -> None:
     else:
         seed, steps = map(int, rest)
         result = run_one(args, arm, seed, steps, work)
-    (work / f"{spec.replace(':', '-')}.json").write_text(json.dumps(result))
+    result_path(work, spec).write_text(json.dumps(result))
 
 
 class Pool:
@@ -395,7 +397,7 @@ class Pool:
                     if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
     def log(self, spec: str) -> Path:
-        return self.logs / f"{spec.replace(':', '-')}.log"
+        return self.logs / f"{file_name(spec)}.log"
 
     def start(self, spec: str) -> None:
         with open(self.log(spec), "w") as log:
@@ -434,8 +436,13 @@ def grace(args) -> float:
     return args.grace_s if args.steps else 5.0
 
 
+def file_name(spec: str) -> str:
+    """A worker spec (``run:msa:0:900``) as a file name (``run-msa-0-900``)."""
+    return spec.replace(":", "-")
+
+
 def result_path(work: Path, spec: str) -> Path:
-    return work / f"{spec.replace(':', '-')}.json"
+    return work / f"{file_name(spec)}.json"
 
 
 def run_all(args, argv: list[str], specs: list[str], work: Path, deadline: float, on_result) -> dict:
@@ -506,7 +513,7 @@ def main(argv=None) -> None:
     if args.worker:
         return worker(args, args.worker)
     args.out.mkdir(parents=True, exist_ok=True)
-    work = args.work or args.out / "work"
+    work = work_dir(args)
     work.mkdir(parents=True, exist_ok=True)
     cfg = compose(overrides(args, "msa", 0, 100, work / "check", evals=True))  # fail now on a bad setting
     tokenizer = build_tokenizer(cfg.data.tokenizer)
