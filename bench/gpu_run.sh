@@ -1,9 +1,6 @@
-# Sourced by the bench/*_gpu.sh scripts: DeepSpeed, Hydra and webdataset from the wheels in .whl/ where the
-# machine lacks them, the GPUs into $OUT/$1 and a `run` that times one step.
-if [ -d .whl ] && ! python3 -c "import deepspeed, hydra, webdataset" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl
-  export PYTHONPATH=$PWD/.site${PYTHONPATH:+:$PYTHONPATH}
-fi
+# Sourced by the bench/*_gpu.sh scripts: the wheels (bench/gpu_wheels.sh), the GPUs into $OUT/$1 and a `run`
+# that times one step.
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_wheels.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/$1"
 run() {  # name, limit in seconds, command...: output to $OUT/<name>.log, exit status and time printed
   local name=$1 limit=$2; shift 2

@@ -8,10 +8,7 @@ T_START=$SECONDS
 DEADLINE=${DEADLINE:-555}
 
 setup() {
-  if [ -d .whl ] && ! python3 -c "import deepspeed, hydra, webdataset" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>"$LOG" 2>&1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  fi
+  source "$(dirname "${BASH_SOURCE[0]}")/gpu_wheels.sh" >>"$LOG" 2>&1
   if [ -z "${MSA_GIT_COMMIT:-}" ]; then
     MSA_GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
     echo "note: MSA_GIT_COMMIT not set; recording '$MSA_GIT_COMMIT'" | tee -a "$LOG"

@@ -22,12 +22,9 @@ WORK=${WORK:-runs/hf_work}
 mkdir -p "$OUT" "$WORK"
 T0=$SECONDS
 DEADLINE=${DEADLINE:-560}
-if [ -d .whl ] && ! python3 -c "import deepspeed, hydra, webdataset, transformers, safetensors" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl
-  export PYTHONPATH=$PWD/.site${PYTHONPATH:+:$PYTHONPATH}
-fi
-python3 -c "import transformers, safetensors" || { echo "transformers/safetensors missing: add their wheels"; exit 2; }
+NEEDS="deepspeed, hydra, webdataset, transformers, safetensors"
 source "$(dirname "$0")/gpu_run.sh" gpus.txt
+python3 -c "import transformers, safetensors" || { echo "transformers/safetensors missing: add their wheels"; exit 2; }
 W=${WARMUP_STEPS:-20} S=${SPARSE_STEPS:-180} D=${DENSE_STEPS:-15}
 GRACE=${GRACE:-90}  # seconds a run cut at the deadline has to save its checkpoint
 CK=$WORK/qwen3-0.6b-random

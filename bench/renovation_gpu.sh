@@ -1,7 +1,7 @@
 #!/bin/bash
 # The renovation's acceptance check (issue 11) and the selection-pattern cases (issue 12, items 18-19), in
 # one GPU call of at most ~9.5 minutes (DEADLINE=555 s; every stage has its own time limit).
-#   1. setup: DeepSpeed/Hydra/webdataset wheels from .whl/ into /tmp/site, GPU and versions;
+#   1. setup: DeepSpeed/Hydra/webdataset wheels from .whl/ into .site (bench/gpu_wheels.sh), GPU and versions;
 #   2. compare: bench/compare_kernels.py, this tree's kernels against 8eed98b's (.base/kernels): timings and
 #      bitwise equality of outputs and gradients, 128K and 32K, H x Hkv = 32x2, 32x4, 8x2, both dQ paths;
 #   3. tests: the GPU kernel tests (sparse attention, index top-k and KL, the float64 oracle);

@@ -2,7 +2,7 @@
 # Training-step throughput of MSA against dense attention (issue 15, item 1) in one GPU call of at most ~9.5
 # minutes (DEADLINE=555 s; every stage has its own time limit and bench/train_step.py its own --time-budget
 # inside it, so a stage ends by itself with what fitted and says what it skipped and why):
-#   1. setup: DeepSpeed/Hydra/webdataset wheels from .whl/ into /tmp/site, GPU and versions;
+#   1. setup: DeepSpeed/Hydra/webdataset wheels from .whl/ into .site (bench/gpu_wheels.sh), GPU and versions;
 #   2. small: one-document rows 16K, 32K, 128K, 512K, 1M and a packed 192K row, MSA first, then dense as far
 #      as the budget allows;
 #   3. base: one-document rows 16K, 128K, 512K and the packed 192K row, MSA then dense;
