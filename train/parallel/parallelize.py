@@ -117,9 +117,8 @@ class _Kept:
         return self.t
 
 
-class SaveAttention(TorchDispatchMode):
-    """The forward side of ``selective``: runs every op and keeps the outputs of ``SAVED_OPS``, per op in
-    call order, in ``kept``."""
+class _KeptOpsMode(TorchDispatchMode):
+    """A dispatch mode sharing ``kept`` (per ``SAVED_OPS`` op, its outputs in call order) with its twin."""
 
     def __init__(self, kept: dict):
         super().__init__()
@@ -129,6 +128,11 @@ class SaveAttention(TorchDispatchMode):
     def ignore_compile_internals(cls):  # compiled blocks: the modes see the compiled graph's runtime only
         return True
 
+
+class SaveAttention(_KeptOpsMode):
+    """The forward side of ``selective``: runs every op and keeps the outputs of ``SAVED_OPS``, per op in
+    call order, in ``kept``."""
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func.name() in SAVED_OPS:
@@ -136,7 +140,7 @@ class SaveAttention(TorchDispatchMode):
         return out
 
 
-class ReuseAttention(TorchDispatchMode):
+class ReuseAttention(_KeptOpsMode):
     """The recompute side of ``selective``: a ``SAVED_OPS`` op returns the forward's output (in call
     order), every other op runs again, whether or not the forward ran it.
 
@@ -150,14 +154,6 @@ class ReuseAttention(TorchDispatchMode):
     a frozen stage, whose backward skipped the main path) the trace is invalidated during the backward,
     so the recompute releases every parameter of each submodule (``free_param``: ``torch.empty(0)``)
     while the forward, under the complete trace, released none."""
-
-    def __init__(self, kept: dict):
-        super().__init__()
-        self.kept = kept
-
-    @classmethod
-    def ignore_compile_internals(cls):
-        return True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.name() not in SAVED_OPS:
