@@ -6,7 +6,8 @@
 # Run from the repository root on the GPU machine:
 #   OUT=runs/hf_gpu bash bench/hf_gpu.sh
 # WARMUP_STEPS, SPARSE_STEPS and DENSE_STEPS set the step counts (default 20, 180, 15); ARMS (default
-# "msa dense") which of the two training runs to make (the export follows the MSA run); DEADLINE (default
+# "msa dense") which of the two training runs to make and in which order (the export follows the MSA run);
+# CKPT_EVERY (default 100) the MSA run's periodic checkpoints; DEADLINE (default
 # 560) is the script's wall-time budget in seconds. The script resumes: when the budget runs out in the
 # middle of a training run, that run gets SIGTERM, saves its checkpoint and stops; the same command run
 # again on the same machine (WORK kept) resumes it exactly and goes on with the next steps, so a run
@@ -45,9 +46,20 @@ step() {  # name, command...: skipped once done; stopped by SIGTERM (then GRACE 
   if [ "$left" -lt 30 ]; then echo "== $name: not started, $left s left before the deadline"; return 1; fi
   echo "== $name (limit ${left}s): $*"
   local t=$SECONDS
-  timeout -s TERM -k "$GRACE" "$left" "$@" >> "$OUT/$name.log" 2>&1
+  PYTHONUNBUFFERED=1 timeout -s TERM -k "$GRACE" "$left" "$@" <&0 >> "$OUT/$name.log" 2>&1 &  # <&0: a here-document
+  local tpid=$!
+  # a run still going 5 s before its SIGKILL prints every thread's stack into its log (SIGUSR1)
+  ( sleep $(( left + GRACE - 5 )); pkill -USR1 -P "$tpid" ) > /dev/null 2>&1 &
+  local wpid=$!
+  wait "$tpid"
   local rc=$?
-  echo "   rc=$rc in $((SECONDS - t))s$([ $rc = 124 ] && echo ': stopped at the deadline, run the script again to resume')"
+  pkill -P "$wpid" > /dev/null 2>&1; kill "$wpid" 2> /dev/null
+  case $rc in
+    0) echo "   rc=0 in $((SECONDS - t))s" ;;
+    124) echo "   rc=124 in $((SECONDS - t))s: stopped at the deadline, run the script again to resume" ;;
+    137) echo "   rc=137 in $((SECONDS - t))s: killed $GRACE s after its SIGTERM (stacks in $OUT/$name.log)" ;;
+    *) echo "   rc=$rc in $((SECONDS - t))s: failed, see $OUT/$name.log" ;;
+  esac
   [ $rc = 0 ] && touch "$WORK/$name.done"
   return $rc
 }
@@ -83,16 +95,19 @@ print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters in {p
 EOF
 tail -n 2 "$OUT/checkpoint.log" 2>/dev/null
 
-ARMS=${ARMS:-msa dense}
-if [ -e "$WORK/checkpoint.done" ] && [[ " $ARMS " == *" msa "* ]]; then
-  step msa python3 -m train "${COMMON[@]}" recipe=msa_cpt "run.steps=$((W + S))" "recipe.stages.0.steps=$W" \
-    "recipe.stages.1.steps=$S" "run_dir=$WORK/msa"
-  tail -n 3 "$OUT/msa.log" 2>/dev/null
-fi
-if [ -e "$WORK/checkpoint.done" ] && [[ " $ARMS " == *" dense "* ]] && { [ -e "$WORK/msa.done" ] || [[ " $ARMS " != *" msa "* ]]; }; then
-  step dense python3 -m train "${COMMON[@]}" attention=dense optim.lr=2e-5 "run.steps=$D" "run_dir=$WORK/dense"
-  tail -n 3 "$OUT/dense.log" 2>/dev/null
-fi
+ARMS=${ARMS:-msa dense}  # in this order; an arm starts only when the one before it is done
+EVERY=${CKPT_EVERY:-100}  # the MSA run also saves every EVERY steps, whatever happens at the deadline
+for arm in $ARMS; do
+  [ -e "$WORK/checkpoint.done" ] || break
+  case $arm in
+    msa) step msa python3 -m train "${COMMON[@]}" recipe=msa_cpt "run.steps=$((W + S))" "recipe.stages.0.steps=$W" \
+           "recipe.stages.1.steps=$S" "checkpoint.every=$EVERY" "run_dir=$WORK/msa" ;;
+    dense) step dense python3 -m train "${COMMON[@]}" attention=dense optim.lr=2e-5 "run.steps=$D" "run_dir=$WORK/dense" ;;
+    *) echo "ARMS: unknown arm $arm (msa, dense)"; exit 2 ;;
+  esac
+  tail -n 3 "$OUT/$arm.log" 2>/dev/null
+  [ -e "$WORK/$arm.done" ] || break
+done
 if [ -e "$WORK/msa.done" ]; then
   step export python3 -m train.convert to-hf "run_dir=$WORK/msa" "out=$WORK/export"
   tail -n 12 "$OUT/export.log" 2>/dev/null

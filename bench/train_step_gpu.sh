@@ -5,10 +5,13 @@
 #   1. setup: DeepSpeed/Hydra/webdataset wheels from .whl/ into .site (bench/gpu_wheels.sh), GPU and versions;
 #   2. small: one-document rows 16K, 32K, 128K, 512K, 1M and a packed 192K row, MSA first, then dense as far
 #      as the budget allows;
-#   3. base: one-document rows 16K, 128K, 512K and the packed 192K row, MSA then dense;
-#   4. base_1m: one MSA step of model=base at 1M with the memory breakdown; after an out-of-memory, the
-#      same with the MLP tiled over 64K tokens (parallel.mlp_tile_tokens) if time is left.
-# Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration), sparse phase.
+#   3. base: one-document rows 16K, 32K, 128K and the packed 192K row, MSA then dense;
+#   4. base_1m: one MSA step of model=base at 1M with the memory breakdown, under full checkpointing
+#      (selective keeps each layer's attention output: +84 GB at 1M for base, more than the card holds);
+#      after an out-of-memory, the same with the MLP tiled over 64K tokens (parallel.mlp_tile_tokens) if
+#      time is left.
+# Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
+# selective, the default, except base_1m), sparse phase.
 # Run from the repository root:  MSA_GIT_COMMIT=<sha of this tree> bash bench/train_step_gpu.sh
 # Results in $OUT: train_step_small.json, train_step_base.json, train_step_base_1m.json (and
 # train_step_base_1m_tiled.json after an OOM), train_step.log.
@@ -20,7 +23,7 @@ source "$(dirname "$0")/gpu_stages.sh"
 AC=parallel.activation_checkpointing=true
 # CPU_CHECK=1: a rehearsal of this script on a machine without a GPU (tiny model, toy rows, same stages)
 SMALL=(--model small --lengths 16384 32768 131072 524288 1048576 --packed 196608 --time-budget 200)
-BASE=(--model base --lengths 16384 131072 524288 --packed 196608 --time-budget 165)
+BASE=(--model base --lengths 16384 32768 131072 --packed 196608 --time-budget 165)
 BIG=(--model base --lengths 1048576)
 if [ "${CPU_CHECK:-0}" = 1 ]; then
   SMALL=(--device cpu --model tiny --lengths 128 256 --packed 256 --time-budget 60)
@@ -33,12 +36,13 @@ TAIL=14 stage small 225 python3 -m bench.train_step "${SMALL[@]}" --dense-reserv
 TAIL=12 stage base 190 python3 -m bench.train_step "${BASE[@]}" --dense-reserve 50 --memory-breakdown \
   --json "$OUT/train_step_base.json" -- $AC
 budget=$(( $(left) - 25 ))
+FULL=parallel.checkpoint_policy=full
 TAIL=6 stage base_1m 600 python3 -m bench.train_step "${BIG[@]}" --attention msa --packed --time-budget "$budget" \
-  --memory-breakdown --json "$OUT/train_step_base_1m.json" -- $AC
+  --memory-breakdown --json "$OUT/train_step_base_1m.json" -- $AC $FULL
 if grep -q '"status": "OOM' "$OUT/train_step_base_1m.json" 2>/dev/null; then
   budget=$(( $(left) - 20 ))
   TAIL=6 stage base_1m_tiled 600 python3 -m bench.train_step "${BIG[@]}" --attention msa --packed \
-    --time-budget "$budget" --memory-breakdown --json "$OUT/train_step_base_1m_tiled.json" -- $AC \
+    --time-budget "$budget" --memory-breakdown --json "$OUT/train_step_base_1m_tiled.json" -- $AC $FULL \
     parallel.mlp_tile_tokens=65536
 fi
 ls -l "$OUT"

@@ -236,7 +236,7 @@ def in_process_cfg(tmp_path, corpus_dir, *extra):
                                  f"data.corpus_dir={corpus_dir}", "logging.wandb.mode=disabled", *extra])
 
 
-def test_sigterm_saves_and_exits(tmp_path, corpus_dir, monkeypatch):
+def test_sigterm_saves_and_exits(tmp_path, corpus_dir, monkeypatch, capfd):
     from train import loop
 
     real_step = loop.train_step
@@ -245,6 +245,8 @@ def test_sigterm_saves_and_exits(tmp_path, corpus_dir, monkeypatch):
     def step_then_signal(*args, **kwargs):
         out = real_step(*args, **kwargs)
         calls.append(1)
+        if len(calls) == 1:  # a hung run's stacks, on request
+            signal.raise_signal(signal.SIGUSR1)
         if len(calls) == 2:  # as SLURM would send it, then the launcher forwarding it again
             signal.raise_signal(signal.SIGTERM)
             signal.raise_signal(signal.SIGTERM)
@@ -255,6 +257,9 @@ def test_sigterm_saves_and_exits(tmp_path, corpus_dir, monkeypatch):
     assert len(calls) == 2  # stopped after the step that was running
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step_00000002"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers put back
+    err = capfd.readouterr().err
+    assert err.count("SIGTERM received") == 1  # reported at once, once
+    assert "in step_then_signal" in err  # SIGUSR1: the Python stack of every thread
 
 
 def test_non_finite_loss_skips_the_update_then_stops(tmp_path, corpus_dir, monkeypatch):

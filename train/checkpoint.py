@@ -23,6 +23,7 @@ from a source you trust, as you would any pickle.
 from __future__ import annotations
 
 import base64
+import faulthandler
 import json
 import os
 import random
@@ -238,13 +239,20 @@ class StopSignal:
     the atomic checkpoint survives that. A second SIGINT (Ctrl-C twice) stops at once, as by default.
     PyTorch's data-loader workers die on a SIGTERM sent to the whole process group (their own C handler,
     torch 2.11-2.13), and the loader's SIGCHLD handler would then raise in the middle of the save; the
-    save needs no more data, so the first stop signal turns that check off."""
+    save needs no more data, so the first stop signal turns that check off.
+    The first signal is reported on stderr at once (``os.write``: unbuffered, and safe where a handler
+    interrupts a ``print``), so a log shows that it arrived even if the process dies before the save.
+    While it trains, SIGUSR1 prints every thread's Python stack to stderr (``faulthandler``): for a run
+    that hangs, ``kill -USR1 <pid>`` shows where."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received: str | None = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        self._stacks = hasattr(signal, "SIGUSR1")  # not on Windows
+        if self._stacks:
+            faulthandler.register(signal.SIGUSR1, file=2, all_threads=True)
 
     def _handle(self, signum, frame):
         if self.received is not None and signum == signal.SIGINT:
@@ -253,11 +261,16 @@ class StopSignal:
             return
         if self.received is None:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            name = signal.Signals(signum).name
+            os.write(2, f"{name} received (pid {os.getpid()}): saving a checkpoint after this step\n".encode())
         self.received = self.received or signal.Signals(signum).name
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._stacks:
+            faulthandler.unregister(signal.SIGUSR1)
+            self._stacks = False
 
 
 # Settings a resumed run may change (an explicit override such as run.steps=... or optim.lr=...): what
