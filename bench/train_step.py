@@ -199,6 +199,18 @@ def timed(fn, device) -> tuple[float, dict]:
     return time.perf_counter() - t0, out
 
 
+UNEVEN = 1.2  # two timed steps further apart than this ratio get a third, whose median is then robust
+
+
+def one_more_step(times: list[float], cheap_s: float, left_s: float) -> bool:
+    """After the planned timed steps: a third where two ran (not one: the budget had no room) and either
+    both were cheap, or they disagree by more than ``UNEVEN`` (the median of two is their mean, which one
+    slow step, e.g. an allocator still growing, would pull away) and one more fits in ``left_s``."""
+    if len(times) < 2:
+        return False
+    return max(times) < cheap_s or (max(times) > UNEVEN * min(times) and 1.1 * max(times) < left_s)
+
+
 def measure_point(series: Series, env, lengths: list[int], packed: bool, args, deadline: float, progress) -> dict:
     """Warm-up, timed and profiled steps of one row; the point's record. Where the warm-up step shows
     that ``--steps`` timed steps would pass ``deadline`` (``time.perf_counter``), fewer run (at least
@@ -235,7 +247,7 @@ def measure_point(series: Series, env, lengths: list[int], packed: bool, args, d
         n_timed = max(1, fits)
     times = []
     for i in range(n_timed + 1):
-        if i == n_timed and (n_timed < 2 or max(times) >= args.cheap_s):
+        if i == n_timed and not one_more_step(times, args.cheap_s, deadline - time.perf_counter()):
             break
         times.append(timed(lambda: train_step(run), dev)[0])
     step_s = statistics.median(times)

@@ -12,7 +12,7 @@ from bench.profile_buckets import BUCKETS, classify, merged_us, summarize
 from bench.render_docs import render_train_step, replace_block, results_name
 from bench.step_time_old_new import summarize as summarize_old_new
 from bench.timing import measure, sdpa_backend, sdpa_backends_of
-from bench.train_step import make_batch, packed_lengths, project_step_s, storage_bytes
+from bench.train_step import make_batch, one_more_step, packed_lengths, project_step_s, storage_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,6 +145,15 @@ def test_step_time_projection():
     # one point: the larger of the token and pair scalings (quadratic here: x16 for 4x the tokens)
     est, _ = project_step_s(pts[:1], 4000, 4000 * 4001 / 2)
     assert est == pytest.approx(pts[0]["step_s"] * (4000 * 4001) / (1000 * 1001))
+
+
+def test_a_third_timed_step_where_cheap_or_where_two_disagree():
+    assert one_more_step([0.5, 0.6], cheap_s=2.0, left_s=0.0)  # cheap: always
+    assert not one_more_step([3.0, 3.1], cheap_s=2.0, left_s=100.0)  # even and dear: two are enough
+    # the H200 sweep's small 128K MSA point: 3.48 s then 1.32 s, a median of 2.40 s that neither step ran at
+    assert one_more_step([3.48, 1.32], cheap_s=2.0, left_s=10.0)
+    assert not one_more_step([3.48, 1.32], cheap_s=2.0, left_s=3.8)  # no room for 1.1 x 3.48 s
+    assert not one_more_step([1.32], cheap_s=2.0, left_s=100.0)  # one step: the budget allowed no more
 
 
 def test_storage_bytes_counts_views_once():

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -192,6 +193,24 @@ def test_sigkill_at_a_random_step_then_resume_matches(reference_run, tmp_path, c
             assert have[key] == want[key], f"seed {seed}, killed after step {kill_after}: step {want['step']} {key}"
     # W&B disabled: nothing of it in the run directory
     assert not (run_dir / "wandb").exists() and not (run_dir / "wandb_id").exists()
+
+
+def test_sigterm_to_the_whole_process_group_saves_and_exits(tmp_path, corpus_dir):
+    """As `timeout`, SLURM and most launchers send it: the trainer and its data-loader workers all get
+    SIGTERM; the workers die, the trainer reports the signal once, saves after its step and exits 0."""
+    run_dir = tmp_path / "stopped"
+    proc = subprocess.Popen(command(run_dir, corpus_dir, "logging.wandb.mode=disabled", "data.num_workers=2"),
+                            cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for_step(proc, run_dir, 1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert err.count("SIGTERM received") == 1, err[-3000:]
+    assert "race condition" not in err and "Traceback" not in err, err[-3000:]
+    saved = re.search(r"SIGTERM: saved a checkpoint after step (\d+)", out)
+    assert saved, out[-3000:]
+    assert ckpt.complete_checkpoints(run_dir)[-1].name == f"step_{int(saved.group(1)) + 1:08d}"
 
 
 def text_shards(root: Path, n: int = 4) -> str:

@@ -232,6 +232,10 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def _ignore(signum, frame) -> None:
+    pass
+
+
 class StopSignal:
     """SIGTERM/SIGINT ask the run to stop: the loop saves a checkpoint at the next step boundary and
     exits cleanly. Repeated SIGTERMs are expected (a launcher forwards the signal the whole process
@@ -239,7 +243,7 @@ class StopSignal:
     the atomic checkpoint survives that. A second SIGINT (Ctrl-C twice) stops at once, as by default.
     PyTorch's data-loader workers die on a SIGTERM sent to the whole process group (their own C handler,
     torch 2.11-2.13), and the loader's SIGCHLD handler would then raise in the middle of the save; the
-    save needs no more data, so the first stop signal turns that check off.
+    save needs no more data, so the first stop signal turns that check off (a handler that does nothing).
     The first signal is reported on stderr at once (``os.write``: unbuffered, and safe where a handler
     interrupts a ``print``), so a log shows that it arrived even if the process dies before the save.
     While it trains, SIGUSR1 prints every thread's Python stack to stderr (``faulthandler``): for a run
@@ -260,7 +264,8 @@ class StopSignal:
             signal.raise_signal(signum)
             return
         if self.received is None:
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, _ignore)  # not SIG_DFL: a SIGCHLD already pending then prints an
+            # "OSError: Signal 17 ignored due to race condition" (seen on the H200 as the workers died)
             name = signal.Signals(signum).name
             os.write(2, f"{name} received (pid {os.getpid()}): saving a checkpoint after this step\n".encode())
         self.received = self.received or signal.Signals(signum).name
