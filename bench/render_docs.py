@@ -30,16 +30,26 @@ def _num(x, fmt="{:,.0f}") -> str:
 
 
 def header(meta: dict) -> str:
+    overrides = " ".join(meta.get("overrides") or [])
     return (f"{meta.get('gpu')}, torch {meta.get('torch')}, Triton {meta.get('triton')}, DeepSpeed "
             f"{meta.get('deepspeed')}; commit `{meta.get('commit')}`; {meta.get('date_utc')}; command "
-            f"`{meta.get('command')}`" + (f" -- {' '.join(meta['overrides'])}" if meta.get("overrides") else ""))
+            f"`{meta.get('command')}`" + (f" -- {overrides}" if overrides and overrides not in str(meta.get("command")) else ""))
+
+
+COMMON_OVERRIDES = ("parallel.activation_checkpointing=true",)  # every run of bench/train_step_gpu.sh
+
+
+def label(meta: dict) -> str:
+    """The model, with the overrides that set a run apart from the others (e.g. a 1M run's checkpointing)."""
+    extra = [o.removeprefix("parallel.") for o in meta.get("overrides") or [] if o not in COMMON_OVERRIDES]
+    return meta["model"] + (f" ({', '.join(extra)})" if extra else "")
 
 
 def render_train_step(results: list[dict]) -> str:
     """Throughput, dense-vs-MSA, profile and memory tables of ``bench/train_step.py`` results."""
     out = []
     for res in results:
-        out += [f"**{res['meta']['model']}**: " + header(res["meta"]), ""]
+        out += [f"**{label(res['meta'])}**: " + header(res["meta"]), ""]
     out += ["| model | attention | row | tokens | step s (timed steps) | tokens/s | MFU | model TFLOP/s | peak GB |",
             "|---|---|---|---|---|---|---|---|---|"]
     for res in results:
@@ -47,7 +57,7 @@ def render_train_step(results: list[dict]) -> str:
             if p["status"] != "ok":
                 continue
             mem = p.get("memory", {})
-            out.append(f"| {res['meta']['model']} | {p['attention']} | {p['layout']}"
+            out.append(f"| {label(res['meta'])} | {p['attention']} | {p['layout']}"
                        f"{' (' + str(p['docs']) + ' docs)' if p['layout'] == 'packed' else ''} | {_k(p['seq_len'])} | "
                        f"{p['step_s']:.3f} ({', '.join(f'{t:.3f}' for t in p['step_s_all'])}) | "
                        f"{p['tokens_per_s']:,} | {_num(p.get('mfu'), '{:.1%}')} | {p['model_tflops']:.0f} | "
@@ -59,7 +69,7 @@ def render_train_step(results: list[dict]) -> str:
             d, m = got.get(("dense", layout, n)), got.get(("msa", layout, n))
             dv = d["tokens_per_s"] if d and d["status"] == "ok" else None
             mv = m["tokens_per_s"] if m and m["status"] == "ok" else None
-            out.append(f"| {res['meta']['model']} | {layout} | {_k(n)} | {_num(dv) or _why(d)} | {_num(mv) or _why(m)} "
+            out.append(f"| {label(res['meta'])} | {layout} | {_k(n)} | {_num(dv) or _why(d)} | {_num(mv) or _why(m)} "
                        f"| {f'{mv / dv:.2f}x' if dv and mv else ''} |")
     out += ["", "Profiled step, GPU time by kernel bucket (ms; `idle`: step wall time with no kernel running):", "",
             "| model | attention | row | tokens | step ms | msa | attention | gemm | elementwise | communication "
@@ -74,7 +84,7 @@ def render_train_step(results: list[dict]) -> str:
             largest = f"{top['name'][:50]} ({top['ms']:.0f})" if top else ""
             buckets = " | ".join(f"{ms[b]:.0f}" for b in ("msa", "attention", "gemm", "elementwise", "communication",
                                                          "other"))
-            out.append(f"| {res['meta']['model']} | {p['attention']} | {p['layout']} | {_k(p['seq_len'])} | "
+            out.append(f"| {label(res['meta'])} | {p['attention']} | {p['layout']} | {_k(p['seq_len'])} | "
                        f"{prof['wall_ms']:.0f} | {buckets} | {prof['idle_ms']:.0f} | {largest} |")
     out += ["", "Memory (GB): weights and optimizer state counted from the tensors that hold them; `other` = "
             "allocated after a step minus those two (gradient buffers); `transient` = the timed steps' peak minus "
@@ -87,12 +97,12 @@ def render_train_step(results: list[dict]) -> str:
             mem = p.get("memory")
             if not mem or "peak_gb" not in mem:
                 continue
-            out.append(f"| {res['meta']['model']} | {p['attention']} | {p['layout']} | {_k(p['seq_len'])} | "
+            out.append(f"| {label(res['meta'])} | {p['attention']} | {p['layout']} | {_k(p['seq_len'])} | "
                        + " | ".join(_num(mem.get(k), "{:.2f}") if not isinstance(mem.get(k), str) else mem[k][:40]
                                     for k in ("weights_gb", "optimizer_gb", "other_persistent_gb",
                                               "step_transient_gb", "peak_gb", "reserved_peak_gb", "msa_layer_gb",
                                               "checkpointed_inputs_gb_computed")) + " |")
-    stops = [(res["meta"]["model"], p) for res in results for p in res["points"] if p["status"] != "ok"]
+    stops = [(label(res["meta"]), p) for res in results for p in res["points"] if p["status"] != "ok"]
     if stops:
         out += ["", "Not measured, and why:", ""]
         out += [f"- {m} {p['attention']} {p['layout']} {_k(p['seq_len'])}: {p['status']}" for m, p in stops]

@@ -9,7 +9,7 @@
 #   4. base_1m: one MSA step of model=base at 1M with the memory breakdown, under full checkpointing
 #      (selective keeps each layer's attention output: +84 GB at 1M for base, more than the card holds);
 #      after an out-of-memory, the same with the MLP tiled over 64K tokens (parallel.mlp_tile_tokens) if
-#      time is left.
+#      time is left; both with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
 # selective, the default, except base_1m), sparse phase.
 # Run from the repository root:  MSA_GIT_COMMIT=<sha of this tree> bash bench/train_step_gpu.sh
@@ -37,6 +37,9 @@ TAIL=12 stage base 190 python3 -m bench.train_step "${BASE[@]}" --dense-reserve 
   --json "$OUT/train_step_base.json" -- $AC
 budget=$(( $(left) - 25 ))
 FULL=parallel.checkpoint_policy=full
+# the 1M runs allocate tensors of 8-16 GB: without expandable segments the first H200 attempt (commit
+# adf1909) ran out of memory with 30 GB reserved but unallocated (fragmentation)
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 TAIL=6 stage base_1m 600 python3 -m bench.train_step "${BIG[@]}" --attention msa --packed --time-budget "$budget" \
   --memory-breakdown --json "$OUT/train_step_base_1m.json" -- $AC $FULL
 if grep -q '"status": "OOM' "$OUT/train_step_base_1m.json" 2>/dev/null; then

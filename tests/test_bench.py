@@ -197,6 +197,9 @@ def test_train_step_tables_render_measured_points_and_reasons():
     assert "| small | one-doc | 128K | OOM | 87,381 |  |" in md
     assert "| small | one-doc | 32K | 65,536 | not in the run |  |" in md
     assert "- small dense one-doc 128K: OOM: x" in md
+    # a run with overrides of its own is told apart from the others of the same model
+    res["meta"]["overrides"] = ["parallel.activation_checkpointing=true", "parallel.checkpoint_policy=full"]
+    assert "- small (checkpoint_policy=full) dense one-doc 128K: OOM: x" in render_train_step([res])
 
 
 def test_result_files_get_their_docs_names():
