@@ -215,6 +215,7 @@ COLLECT = {  # file a GPU script writes to $OUT -> its name under docs/results (
     "train_step_base.json": "train_step_base_{gpu}.json",
     "train_step_base_1m.json": "train_step_base_1m_{gpu}.json",
     "train_step_base_1m_tiled.json": "train_step_base_1m_tiled_{gpu}.json",
+    "train_step_base_1m_offload.json": "train_step_base_1m_offload_{gpu}.json",
 }
 
 
