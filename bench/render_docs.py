@@ -31,9 +31,10 @@ def _num(x, fmt="{:,.0f}") -> str:
 
 def header(meta: dict) -> str:
     overrides = " ".join(meta.get("overrides") or [])
+    shown = overrides and overrides not in str(meta.get("command"))  # the command line may hold them already
     return (f"{meta.get('gpu')}, torch {meta.get('torch')}, Triton {meta.get('triton')}, DeepSpeed "
             f"{meta.get('deepspeed')}; commit `{meta.get('commit')}`; {meta.get('date_utc')}; command "
-            f"`{meta.get('command')}`" + (f" -- {overrides}" if overrides and overrides not in str(meta.get("command")) else ""))
+            f"`{meta.get('command')}`" + (f" -- {overrides}" if shown else ""))
 
 
 COMMON_OVERRIDES = ("parallel.activation_checkpointing=true",)  # every run of bench/train_step_gpu.sh

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 @dataclass(frozen=True)
@@ -63,21 +64,41 @@ def check_limits(*, head_dim: int | None = None, block_size: int | None = None, 
                          f"{', '.join(str(d) for d in LIMITS.dtypes)}; use one of them {_OR_REFERENCE}")
 
 
+# What one cu_seqlens tensor has already been found to be, for as long as it lives and is not written
+# to: every MSA layer of a step gets the same tensor three times (selection, attention, KL), and each
+# check or layout built again cost device->host reads (which stall the launch queue) and small launches.
+_CHECKED = WeakIdKeyDictionary()  # cu_seqlens -> (version, N) it passed check_cu_seqlens with
+_LAYOUTS = WeakIdKeyDictionary()  # cu_seqlens -> ((version, N, block_size, device), Layout)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place write counter; None where it keeps none (inference mode): no caching."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, N: int) -> None:
-    """Clear errors for a malformed ``cu_seqlens`` (one small device->host read)."""
+    """Clear errors for a malformed ``cu_seqlens``: one small device->host read, none for a tensor that
+    passed with the same ``N`` and has not been written to since."""
     if B != 1:
         raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got B={B}")
     if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cu_seqlens must be a 1-d int32 tensor [n_docs + 1], got "
                          f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    version = _version(cu_seqlens)
+    if version is not None and _CHECKED.get(cu_seqlens) == (version, N):
+        return
     cu = cu_seqlens.long()
-    if bool(cu[0] != 0) or bool(cu[-1] != N) or bool((cu[1:] < cu[:-1]).any()):
+    if bool((cu[0] != 0) | (cu[-1] != N) | (cu[1:] < cu[:-1]).any()):
         raise ValueError(f"cu_seqlens must rise from 0 to N={N}, got {cu.tolist()}")
+    if version is not None:
+        _CHECKED[cu_seqlens] = (version, N)
 
 
 def check_block_idx(block_idx: torch.Tensor, n_blocks: int) -> None:
-    lo, hi = torch.aminmax(block_idx)
-    lo, hi = int(lo), int(hi)
+    lo, hi = torch.stack(torch.aminmax(block_idx)).tolist()  # one device->host read
     if lo < -1 or hi >= n_blocks:
         raise ValueError(f"block_idx entries must lie in [-1, {n_blocks}), got {lo}..{hi}")
 
@@ -92,13 +113,25 @@ class Layout:
 
 
 def build_layout(N: int, block_size: int, cu_seqlens: torch.Tensor | None, device) -> Layout:
-    """The layout of ``N`` keys; ``cu_seqlens`` must have passed ``check_cu_seqlens``."""
+    """The layout of ``N`` keys; ``cu_seqlens`` must have passed ``check_cu_seqlens``. Built once per
+    ``cu_seqlens`` tensor (while it lives unwritten) and shape: the layers of a step share it."""
     n_blocks = -(-N // block_size)
     if cu_seqlens is None:
         vb_start = torch.arange(n_blocks, device=device, dtype=torch.int32) * block_size
         return Layout(torch.zeros(N, dtype=torch.int32, device=device),
                       torch.zeros(N, dtype=torch.long, device=device),
                       vb_start, (vb_start + block_size).clamp_max(N), n_blocks)
+    key = (_version(cu_seqlens), N, block_size, torch.device(device))
+    cached = _LAYOUTS.get(cu_seqlens)
+    if key[0] is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    layout = _packed_layout(N, block_size, cu_seqlens, key[3], n_blocks)
+    if key[0] is not None:
+        _LAYOUTS[cu_seqlens] = (key, layout)
+    return layout
+
+
+def _packed_layout(N: int, block_size: int, cu_seqlens: torch.Tensor, device, n_blocks: int) -> Layout:
     cu = cu_seqlens.to(device=device, dtype=torch.long)
     lengths = cu[1:] - cu[:-1]
     doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=N)

@@ -1,8 +1,9 @@
 """kernels/common.py's bookkeeping against plain torch."""
 
+import pytest
 import torch
 
-from kernels.common import _sort_entries
+from kernels.common import _sort_entries, build_layout, check_cu_seqlens
 
 
 def test_bucket_counts_equal_bincount():
@@ -15,3 +16,59 @@ def test_bucket_counts_equal_bincount():
         want = torch.bincount(key, minlength=n_buckets + 1)[:n_buckets]
         assert torch.equal(counts, want) and torch.equal(first, torch.cumsum(want, 0) - want)
         assert torch.equal(sorted_key, key[order]) and torch.equal(sorted_key, key.sort().values)
+
+
+def test_a_checked_cu_seqlens_is_checked_again_once_written_to():
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    check_cu_seqlens(cu, 1, 8)
+    check_cu_seqlens(cu, 1, 8)  # remembered: no device read
+    cu[1] = 9  # in place: the version counter moves, so the next check reads it again
+    with pytest.raises(ValueError, match="must rise from 0 to N=8"):
+        check_cu_seqlens(cu, 1, 8)
+    with pytest.raises(ValueError, match="must rise from 0 to N=9"):  # another N: checked anew
+        check_cu_seqlens(torch.tensor([0, 3, 8], dtype=torch.int32), 1, 9)
+
+
+def test_the_layout_is_built_once_per_cu_seqlens_and_shape():
+    cu = torch.tensor([0, 5, 40, 64], dtype=torch.int32)
+    first = build_layout(64, 16, cu, "cpu")
+    assert build_layout(64, 16, cu, "cpu") is first  # the layers of a step share it
+    assert build_layout(64, 32, cu, "cpu") is not first  # another block size
+    fresh = build_layout(64, 16, cu.clone(), "cpu")
+    for f in ("tok_start", "tok_vb", "vb_start", "vb_end"):
+        assert torch.equal(getattr(first, f), getattr(fresh, f))
+    cu[1] = 9  # written to: built again, from the new values
+    rebuilt = build_layout(64, 16, cu, "cpu")
+    assert rebuilt is not first and rebuilt.tok_start[8:10].tolist() == [0, 9]
+
+
+def test_host_reads_of_an_msa_layer():
+    """Device->host reads stall the launch queue. Per MSA layer the selection, attention and KL read one
+    value (the attention's grid sizes) plus the block-index bound check; checking ``cu_seqlens`` and
+    building its layout read once per step, for the first layer only."""
+    from torch.overrides import TorchFunctionMode
+
+    from msa.layer import AttentionConfig, MSAAttention
+    from msa.rope import Rotary
+
+    class HostReads(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("__bool__", "__int__", "__float__", "item", "tolist"):
+                HostReads.n += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    cfg = AttentionConfig(block_size=16, topk=2, index_dim=16, impl="triton")
+    layers = [MSAAttention(32, 2, 1, 16, 16, cfg) for _ in range(3)]
+    cu = torch.tensor([0, 40, 100, 128], dtype=torch.int32)
+    pos = torch.cat([torch.arange(40), torch.arange(60), torch.arange(28)])[None]
+    x, rot = torch.randn(1, 128, 32), Rotary(pos, 10000.0)
+    reads = []
+    for layer in layers:
+        HostReads.n = 0
+        with HostReads():
+            layer(x, rot, cu)
+        reads.append(HostReads.n)
+    assert reads == [4, 2, 2], reads  # was 13 per layer: three checks of cu_seqlens, three layouts
