@@ -232,6 +232,22 @@ def test_unsupported_feature_is_named(change, message, checkpoints, tmp_path):
         resolve_model_config(ModelConfig(path=str(path)), 0)
 
 
+def test_hugging_face_kernels_package_is_named_before_transformers_fails(checkpoints, monkeypatch):
+    """transformers >= 5.25 installs Hugging Face's `kernels`, whose import name is our kernels/'s:
+    transformers would then import ours and fail deep inside; the import stops first and names the fix."""
+    import importlib.metadata
+
+    from train import hf
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(hf.importlib.metadata, "version",
+                        lambda name: "0.19.1" if name == "kernels" else real(name))
+    with pytest.raises(ImportError, match=r"`kernels` package \(0.19.1\).*pip uninstall kernels"):
+        hf.read_hf_config(checkpoints["qwen3"])
+    monkeypatch.setattr(hf.importlib.metadata, "version", real)
+    assert hf.hub_kernels_clash() is None  # this environment: none installed
+
+
 def test_pickle_weights_are_refused(checkpoints, tmp_path):
     import shutil
 

@@ -24,6 +24,7 @@ from omegaconf import MISSING, OmegaConf
 
 from msa.layer import AttentionConfig
 from train.checkpoint import consolidated_state
+from train.hf import import_transformers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -95,7 +96,7 @@ def check_parity(report: dict, what: str) -> None:
 
 
 def to_hf(cfg: ToHFConfig) -> dict:
-    from transformers import AutoConfig
+    AutoConfig = import_transformers().AutoConfig
 
     from train.data.tokenizer import PretrainedTokenizer
     from train.hf import write_hf
@@ -126,7 +127,7 @@ def to_hf(cfg: ToHFConfig) -> dict:
     report = {"checkpoint": str(checkpoint), "step": step, "out": cfg.out, "dtype": str(dtype), "stage": stage.name,
               "msa_layers": model.msa_layers()}
     if cfg.check:
-        from transformers import AutoModelForCausalLM
+        AutoModelForCausalLM = import_transformers().AutoModelForCausalLM
 
         model.load_state_dict({k: v.float() for k, v in rounded.items()})  # what the files hold
         hf_model = AutoModelForCausalLM.from_pretrained(cfg.out, dtype=torch.float32, local_files_only=True)
@@ -164,7 +165,7 @@ def from_hf(cfg: FromHFConfig) -> dict:
                                "img_start": tokenizer.img_start, "img_end": tokenizer.img_end,
                                "img_patch": tokenizer.img_patch, "vocab_size": tokenizer.vocab_size}
     if cfg.check:
-        from transformers import AutoModelForCausalLM
+        AutoModelForCausalLM = import_transformers().AutoModelForCausalLM
 
         hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
         model.float()

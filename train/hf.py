@@ -16,6 +16,7 @@ architecture, the tokenizer (with the added markers), and beside them ``msa_inde
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import shutil
@@ -59,6 +60,31 @@ def hf_name(name: str) -> tuple[str, str]:
 # ---- config.json -> model.*
 
 
+def hub_kernels_clash() -> str | None:
+    """Why ``transformers`` cannot be imported here, or None. This project's MSA kernels are the import
+    package ``kernels``, and so is Hugging Face's ``kernels`` distribution (a dependency of transformers
+    >= 5.25): with both installed, transformers imports ours for its hub kernels and fails with an
+    ImportError from deep inside; this names the cause and the fix first."""
+    try:
+        version = importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return (f"Hugging Face's `kernels` package ({version}) is installed, and its import name is the one of this "
+            f"project's MSA kernels (kernels/): transformers would import ours and fail. Uninstall it "
+            f"(`pip uninstall kernels`) and keep transformers below 5.25, which requires it (pyproject.toml pins "
+            f"transformers<5.25)")
+
+
+def import_transformers():
+    """``transformers``, once ``hub_kernels_clash`` has found nothing in the way."""
+    clash = hub_kernels_clash()
+    if clash:
+        raise ImportError(clash)
+    import transformers
+
+    return transformers
+
+
 def read_hf_config(path: str | Path):
     """The checkpoint's config (transformers' class for its model_type), after the support checks."""
     path = Path(path)
@@ -67,9 +93,7 @@ def read_hf_config(path: str | Path):
                                 f"checkpoint directory")
     raw = json.loads((path / "config.json").read_text())
     check_supported(raw, path)
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    return import_transformers().AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 
 def check_supported(raw: dict, path: Path) -> None:
@@ -321,7 +345,7 @@ def write_hf(model: Decoder, state: dict[str, torch.Tensor], source: str | Path,
     (``copy_source_files``); ``rope`` is the last stage's RoPE; ``trained_len`` the longest sequence
     trained (``max_position_embeddings`` grows to it); ``tokenizer`` (a ``PretrainedTokenizer``, with
     the image markers it added) is saved beside them."""
-    from transformers import AutoConfig
+    AutoConfig = import_transformers().AutoConfig
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -373,6 +397,6 @@ def hf_logits(hf_model, input_ids: torch.Tensor, position_ids: torch.Tensor | No
                           for s, e in zip(bounds[:-1], bounds[1:])], dim=1)
 
 
-__all__ = ["FAMILIES", "hf_name", "read_hf_config", "check_supported", "rope_from_hf", "rope_to_hf", "model_fields",
-           "resolve_model_config", "copy_source_files", "weight_files", "load_weights", "split_state",
-           "save_safetensors", "msa_config", "write_hf", "our_logits", "hf_logits"]
+__all__ = ["FAMILIES", "hf_name", "hub_kernels_clash", "import_transformers", "read_hf_config", "check_supported",
+           "rope_from_hf", "rope_to_hf", "model_fields", "resolve_model_config", "copy_source_files", "weight_files",
+           "load_weights", "split_state", "save_safetensors", "msa_config", "write_hf", "our_logits", "hf_logits"]

@@ -93,7 +93,9 @@ class PretrainedTokenizer:
     follows ``vocab_size``, docs/hf.md)."""
 
     def __init__(self, path: str):
-        from transformers import AutoTokenizer
+        from train.hf import import_transformers
+
+        AutoTokenizer = import_transformers().AutoTokenizer
 
         if not Path(path).is_dir():
             raise FileNotFoundError(f"tokenizer directory {path!r} not found: set data.tokenizer.path (or model.path)")
