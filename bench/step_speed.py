@@ -15,8 +15,9 @@ the index KL, one SDPA call per document or one varlen call). Every point checkp
         msa_selective --profile-rows one:32768 --out runs/step_speed.jsonl -- <hydra overrides>
 
 ``tokens_per_s`` = row tokens over the median time of ``--steps`` steps after one warm-up step (which
-also compiles); ``peak_gb`` = ``torch.cuda.max_memory_allocated`` over the timed steps; ``loss`` = the
-first step's loss (``lm + kl_weight * kl``): it should agree across points of one row and phase.
+also compiles), one step more where two differ by more than 1.2x (``bench.timing.one_more_step``);
+``peak_gb`` = ``torch.cuda.max_memory_allocated`` over the timed steps; ``loss`` = the first step's loss
+(``lm + kl_weight * kl``): it should agree across points of one row and phase.
 Each point's JSON line is appended as soon as it is measured, so a stage cut by a time limit keeps what
 it finished; an error (out of memory, a compile failure) is recorded and the next point runs.
 """
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 
 from bench.meta import compose, git_commit
-from bench.timing import sync
+from bench.timing import one_more_step, sync
 from train.config import check_config
 from train.loop import start, train_step
 from train.parallel import init_distributed
@@ -124,12 +125,12 @@ def measure(cfg, env, stage, batch, steps: int, profile: bool) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(steps):
+    while len(times) < steps or (len(times) == steps and one_more_step(times, 0.0, float("inf"))):
         t0 = time.perf_counter()
         train_step(run)
         sync(env.device)
         times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
+    step_s = statistics.median(times)  # of three where two disagreed by more than timing.UNEVEN
     row = {"step_s": round(step_s, 4), "step_s_all": [round(t, 4) for t in times], "warmup_step_s": round(warmup_s, 2),
            "tokens_per_s": round(batch["input_ids"].numel() / step_s),
            "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,

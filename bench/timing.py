@@ -17,6 +17,18 @@ FAST_MS = 50.0  # below this a call is timed by do_bench's many repetitions
 MIN_CALLS = 3
 
 
+UNEVEN = 1.2  # two timed steps further apart than this ratio get a third, whose median is then robust
+
+
+def one_more_step(times: list[float], cheap_s: float, left_s: float) -> bool:
+    """After the planned timed steps: a third where two ran (not one: the budget had no room) and either
+    both were cheap, or they disagree by more than ``UNEVEN`` (the median of two is their mean, which one
+    slow step, e.g. an allocator still growing, would pull away) and one more fits in ``left_s``."""
+    if len(times) < 2:
+        return False
+    return max(times) < cheap_s or (max(times) > UNEVEN * min(times) and 1.1 * max(times) < left_s)
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

@@ -54,7 +54,7 @@ import torch
 
 from bench.meta import compose, git_commit
 from bench.profile_buckets import BUCKETS, profile_step
-from bench.timing import sync
+from bench.timing import one_more_step, sync
 
 
 def packed_lengths(total: int, seed: int, shortest: int = 256) -> list[int]:
@@ -197,18 +197,6 @@ def timed(fn, device) -> tuple[float, dict]:
     out = fn()
     sync(device)
     return time.perf_counter() - t0, out
-
-
-UNEVEN = 1.2  # two timed steps further apart than this ratio get a third, whose median is then robust
-
-
-def one_more_step(times: list[float], cheap_s: float, left_s: float) -> bool:
-    """After the planned timed steps: a third where two ran (not one: the budget had no room) and either
-    both were cheap, or they disagree by more than ``UNEVEN`` (the median of two is their mean, which one
-    slow step, e.g. an allocator still growing, would pull away) and one more fits in ``left_s``."""
-    if len(times) < 2:
-        return False
-    return max(times) < cheap_s or (max(times) > UNEVEN * min(times) and 1.1 * max(times) < left_s)
 
 
 def measure_point(series: Series, env, lengths: list[int], packed: bool, args, deadline: float, progress) -> dict:

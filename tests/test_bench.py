@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from bench.profile_buckets import BUCKETS, classify, merged_us, summarize
 from bench.render_docs import render_train_step, replace_block, results_name
 from bench.step_time_old_new import summarize as summarize_old_new
-from bench.timing import measure, sdpa_backend, sdpa_backends_of
-from bench.train_step import make_batch, one_more_step, packed_lengths, project_step_s, storage_bytes
+from bench.timing import measure, one_more_step, sdpa_backend, sdpa_backends_of
+from bench.train_step import make_batch, packed_lengths, project_step_s, storage_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
