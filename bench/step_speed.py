@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from bench.meta import compose, git_commit
-from bench.timing import one_more_step, sync
+from bench.timing import sync, timed_steps
 from train.config import check_config
 from train.loop import start, train_step
 from train.parallel import init_distributed
@@ -124,12 +124,13 @@ def measure(cfg, env, stage, batch, steps: int, profile: bool) -> dict:
     warmup_s = time.perf_counter() - t0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    while len(times) < steps or (len(times) == steps and one_more_step(times, 0.0, float("inf"))):
+    def step() -> float:
         t0 = time.perf_counter()
         train_step(run)
         sync(env.device)
-        times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    times = timed_steps(step, steps)
     step_s = statistics.median(times)  # of three where two disagreed by more than timing.UNEVEN
     row = {"step_s": round(step_s, 4), "step_s_all": [round(t, 4) for t in times], "warmup_step_s": round(warmup_s, 2),
            "tokens_per_s": round(batch["input_ids"].numel() / step_s),

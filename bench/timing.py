@@ -29,6 +29,15 @@ def one_more_step(times: list[float], cheap_s: float, left_s: float) -> bool:
     return max(times) < cheap_s or (max(times) > UNEVEN * min(times) and 1.1 * max(times) < left_s)
 
 
+def timed_steps(step, n: int, cheap_s: float = 0.0, deadline: float = float("inf")) -> list[float]:
+    """``n`` calls of ``step`` (returning its own seconds), then one more where ``one_more_step`` says so
+    with the time left before ``deadline`` (``time.perf_counter``)."""
+    times: list[float] = []
+    while len(times) < n or (len(times) == n and one_more_step(times, cheap_s, deadline - time.perf_counter())):
+        times.append(step())
+    return times
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

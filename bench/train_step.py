@@ -54,7 +54,7 @@ import torch
 
 from bench.meta import compose, git_commit
 from bench.profile_buckets import BUCKETS, profile_step
-from bench.timing import one_more_step, sync
+from bench.timing import sync, timed_steps
 
 
 def packed_lengths(total: int, seed: int, shortest: int = 256) -> list[int]:
@@ -233,11 +233,7 @@ def measure_point(series: Series, env, lengths: list[int], packed: bool, args, d
     fits = int((deadline - time.perf_counter()) / (1.1 * warm_s))
     if fits < n_timed:
         n_timed = max(1, fits)
-    times = []
-    for i in range(n_timed + 1):
-        if i == n_timed and not one_more_step(times, args.cheap_s, deadline - time.perf_counter()):
-            break
-        times.append(timed(lambda: train_step(run), dev)[0])
+    times = timed_steps(lambda: timed(lambda: train_step(run), dev)[0], n_timed, args.cheap_s, deadline)
     step_s = statistics.median(times)
     row = {"tokens": n, "docs": len(lengths), "status": "ok", "warmup_s": round(warm_s, 4),
            "step_s": round(step_s, 4), "step_s_all": [round(t, 4) for t in times], "tokens_per_s": round(n / step_s),

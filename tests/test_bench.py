@@ -2,6 +2,7 @@
 bench's rows, step-time projection and memory accounting, the old/new summary, and the docs blocks."""
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from bench.profile_buckets import BUCKETS, classify, merged_us, summarize
 from bench.render_docs import render_train_step, replace_block, results_name
 from bench.step_time_old_new import summarize as summarize_old_new
-from bench.timing import measure, one_more_step, sdpa_backend, sdpa_backends_of
+from bench.timing import measure, one_more_step, sdpa_backend, sdpa_backends_of, timed_steps
 from bench.train_step import make_batch, packed_lengths, project_step_s, storage_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +155,18 @@ def test_a_third_timed_step_where_cheap_or_where_two_disagree():
     assert one_more_step([3.48, 1.32], cheap_s=2.0, left_s=10.0)
     assert not one_more_step([3.48, 1.32], cheap_s=2.0, left_s=3.8)  # no room for 1.1 x 3.48 s
     assert not one_more_step([1.32], cheap_s=2.0, left_s=100.0)  # one step: the budget allowed no more
+
+
+def test_timed_steps_run_n_then_one_more_where_uneven():
+    def steps(*durations):
+        it = iter(durations)
+        return lambda: next(it)
+
+    assert timed_steps(steps(3.0, 3.1, 9.9), 2, cheap_s=2.0) == [3.0, 3.1]
+    assert timed_steps(steps(3.48, 1.32, 1.31), 2, cheap_s=2.0) == [3.48, 1.32, 1.31]
+    assert timed_steps(steps(3.48, 1.32, 1.31), 2, cheap_s=2.0, deadline=time.perf_counter() + 3.0) == [3.48, 1.32]
+    assert timed_steps(steps(0.5, 0.5, 0.5), 2, cheap_s=2.0) == [0.5, 0.5, 0.5]
+    assert timed_steps(steps(3.0, 1.0), 1) == [3.0]
 
 
 def test_storage_bytes_counts_views_once():

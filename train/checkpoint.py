@@ -263,12 +263,12 @@ class StopSignal:
             self.restore()
             signal.raise_signal(signum)
             return
-        if self.received is None:
-            signal.signal(signal.SIGCHLD, _ignore)  # not SIG_DFL: a SIGCHLD already pending then prints an
-            # "OSError: Signal 17 ignored due to race condition" (seen on the H200 as the workers died)
-            name = signal.Signals(signum).name
-            os.write(2, f"{name} received (pid {os.getpid()}): saving a checkpoint after this step\n".encode())
-        self.received = self.received or signal.Signals(signum).name
+        if self.received is not None:  # a repeat: already stopping
+            return
+        signal.signal(signal.SIGCHLD, _ignore)  # not SIG_DFL: a SIGCHLD already pending then prints an
+        # "OSError: Signal 17 ignored due to race condition" (seen on the H200 as the workers died)
+        self.received = signal.Signals(signum).name
+        os.write(2, f"{self.received} received (pid {os.getpid()}): saving a checkpoint after this step\n".encode())
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
