@@ -241,9 +241,10 @@ class StopSignal:
     exits cleanly. Repeated SIGTERMs are expected (a launcher forwards the signal the whole process
     group also got) and change nothing; launchers follow up with SIGKILL after their grace period, and
     the atomic checkpoint survives that. A second SIGINT (Ctrl-C twice) stops at once, as by default.
-    PyTorch's data-loader workers die on a SIGTERM sent to the whole process group (their own C handler,
-    torch 2.11-2.13), and the loader's SIGCHLD handler would then raise in the middle of the save; the
-    save needs no more data, so the first stop signal turns that check off (a handler that does nothing).
+    The data-loader workers ignore SIGTERM (``train.data.loader``), so one sent to the whole process group
+    leaves them serving the step in flight; should a worker die anyway, the loader's SIGCHLD handler would
+    raise in the middle of the save, which needs no more data, so the first stop signal turns that check
+    off (a handler that does nothing).
     The first signal is reported on stderr at once (``os.write``: unbuffered, and safe where a handler
     interrupts a ``print``), so a log shows that it arrived even if the process dies before the save.
     While it trains, SIGUSR1 prints every thread's Python stack to stderr (``faulthandler``): for a run

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 from collections import Counter
 
 import torch
@@ -142,6 +143,15 @@ class _Rows(IterableDataset):
                 yield row
 
 
+def _outlive_stop_signals(worker_id: int) -> None:
+    """A loader worker ignores SIGTERM: a stop signal sent to the whole process group (timeout, SLURM,
+    launchers) is the trainer's to act on. Killed by it, a worker could die in the middle of handing the
+    trainer a batch, which then failed with "Connection reset by peer" instead of finishing its step and
+    saving. The trainer stops its workers itself (``Loader.close``); one left over exits when it finds the
+    trainer gone (PyTorch's worker watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _identity(x):
     return x
 
@@ -200,6 +210,7 @@ class Loader:
         else:
             source = iter(DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
                                      collate_fn=_identity, prefetch_factor=max(1, self.cfg.prefetch),
+                                     worker_init_fn=_outlive_stop_signals,
                                      multiprocessing_context="fork" if os.name == "posix" else None))
         try:
             for row in source:
