@@ -217,6 +217,7 @@ COLLECT = {  # file a GPU script writes to $OUT -> its name under docs/results (
     "train_step_base_1m.json": "train_step_base_1m_{gpu}.json",
     "train_step_base_1m_tiled.json": "train_step_base_1m_tiled_{gpu}.json",
     "train_step_base_1m_offload.json": "train_step_base_1m_offload_{gpu}.json",
+    "train_step_small_1m.json": "train_step_small_1m_{gpu}.json",
 }
 
 

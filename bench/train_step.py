@@ -23,7 +23,8 @@ sparse attention and index KL forward+backward at the model's shapes, beyond the
 
 Budget: the MSA series runs first (lengths in increasing order, packed rows where their length falls),
 then dense; a point whose projected cost (engine build, warm-up and timed steps, the step time fitted
-as ``a*tokens + b*causal_pairs`` over the points measured so far, x1.15) does not fit in what is left
+as ``a*tokens + b*pairs`` over the points measured so far, x1.15; ``pairs``: the
+(query, key) pairs a layer attends, see ``attended_pairs``) does not fit in what is left
 of ``--time-budget`` (less ``--dense-reserve`` while MSA runs) is recorded as skipped, with the
 projection; where the warm-up step shows the timed steps would not fit, fewer run (at least one) and
 the record says so; an out-of-memory is recorded with the allocator's numbers and ends that series.
@@ -88,6 +89,28 @@ def make_batch(lengths: list[int], vocab: int, seed: int, packed: bool) -> dict:
 
 def causal_pairs(lengths) -> float:
     return float(sum(n * (n + 1) // 2 for n in lengths))
+
+
+def attended_pairs(lengths, window: int | None = None, dense_share: float = 1.0) -> float:
+    """(query, key) pairs one layer attends on average: every causal pair in ``dense_share`` of the
+    layers (dense attention: all of them), in the rest at most ``window`` keys per query (MSA: ``topk x
+    block_size``). What the step time grows with beyond the token count: MSA's selection scores every
+    visible block too, but at the index head's small dimension, so it counts with the tokens."""
+    causal = causal_pairs(lengths)
+    if window is None or dense_share >= 1:
+        return causal
+    W = window
+    capped = float(sum(n * (n + 1) // 2 if n <= W else W * (W + 1) // 2 + (n - W) * W for n in lengths))
+    return dense_share * causal + (1 - dense_share) * capped
+
+
+def series_pairs(cfg, lengths) -> float:
+    """``attended_pairs`` for a composed config (``attention.kind``, ``topk``, ``block_size``,
+    ``n_dense_layers`` and ``model.n_layers``)."""
+    a = cfg.attention
+    if a.kind != "msa":
+        return causal_pairs(lengths)
+    return attended_pairs(lengths, a.topk * a.block_size, a.n_dense_layers / cfg.model.n_layers)
 
 
 def project_step_s(points: list[dict], tokens: float, pairs: float) -> tuple[float | None, str]:
@@ -168,6 +191,7 @@ class Series:
     def __init__(self, kind: str, overrides: list[str]):
         self.kind, self.overrides = kind, overrides
         self.run = self.cfg = None
+        self.attn_cfg = compose([*overrides, f"attention={kind}"])  # for the step-time projection
         self.points: list[dict] = []  # measured: tokens, pairs, step_s
         self.stopped: str | None = None
         self.build_s = None
@@ -342,7 +366,7 @@ def run_bench(args) -> None:
         left = args.time_budget - (time.perf_counter() - t_start)
         if kind == "msa" and "dense" in series:
             left -= args.dense_reserve
-        est, how = project_step_s(s.points, n, causal_pairs(lengths))
+        est, how = project_step_s(s.points, n, series_pairs(s.attn_cfg, lengths))
         # warm-up and timed steps (a third where cheap); the profiled step runs only if time is left
         n_steps = None if est is None else 1 + args.steps + (1 if est < args.cheap_s else 0)
         cost = None if est is None else 1.15 * n_steps * est + (0 if s.run else (s.build_s or 0))
@@ -363,7 +387,7 @@ def run_bench(args) -> None:
             deadline = t_start + args.time_budget - (args.dense_reserve if kind == "msa" and "dense" in series else 0)
             point.update(measure_or_record(s, env, lengths, layout, args, max_len, deadline, progress))
             if point["status"] == "ok":
-                s.points.append({"tokens": n, "pairs": causal_pairs(lengths), "step_s": point["step_s"]})
+                s.points.append({"tokens": n, "pairs": series_pairs(s.attn_cfg, lengths), "step_s": point["step_s"]})
             elif point["status"].startswith("OOM"):
                 s.stopped = f"OOM at {n} tokens ({layout})"
         print(json.dumps({k: v for k, v in point.items() if k not in ("profile", "doc_lengths")}), flush=True)

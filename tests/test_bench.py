@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.meta import compose
 from bench.profile_buckets import BUCKETS, classify, merged_us, summarize
 from bench.render_docs import render_train_step, replace_block, results_name
 from bench.step_time_old_new import summarize as summarize_old_new
@@ -290,3 +291,19 @@ def test_quality_runs_stopped_at_the_deadline_finish_in_the_next_call(tmp_path):
     assert all([step for step, _ in r["loss_curve"]] == [0, 1, 2, 3] for r in second["runs"])
     assert (tmp_path / "work" / "run-msa-0-4.json").exists()  # a third call would only read it
     assert not (tmp_path / "work" / "msa-s0" / "checkpoints").exists()  # a finished run drops its checkpoints
+
+
+def test_attended_pairs_cap_msa_layers_at_the_window():
+    from bench.train_step import attended_pairs, causal_pairs, series_pairs
+
+    # by hand: a 6-token document with a 4-key window attends 1+2+3+4+4+4 = 18 pairs; 21 causal
+    assert attended_pairs([6], window=4, dense_share=0.0) == 18
+    assert attended_pairs([6, 3], window=4, dense_share=0.0) == 18 + 6
+    assert attended_pairs([6], window=4, dense_share=0.5) == (21 + 18) / 2
+    assert attended_pairs([6]) == causal_pairs([6]) == 21
+    cfg = compose(["model=small", "attention=msa"])
+    n, W = 1 << 20, cfg.attention.topk * cfg.attention.block_size
+    share = cfg.attention.n_dense_layers / cfg.model.n_layers
+    capped = W * (W + 1) / 2 + (n - W) * W
+    assert series_pairs(cfg, [n]) == pytest.approx(share * causal_pairs([n]) + (1 - share) * capped)
+    assert series_pairs(compose(["model=small", "attention=dense"]), [n]) == causal_pairs([n])
