@@ -73,8 +73,12 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
-def resolve_ops(impl: str):
-    """The module providing ``select_blocks``, ``sparse_attention`` and ``index_kl_loss``."""
+def resolve_ops(impl: str, device: torch.device | None = None):
+    """The module providing ``select_blocks``, ``sparse_attention`` and ``index_kl_loss``; for ``auto``
+    with a ``device``, the one that runs on it (a model kept on the CPU of a CUDA machine, e.g. for an
+    eval, takes the reference: compiled Triton kernels take CUDA tensors only)."""
+    if impl == "auto" and device is not None and device.type != "cuda":
+        return reference
     if resolve_impl(impl) == "triton":
         import kernels
 
@@ -121,11 +125,16 @@ class MSACore(nn.Module):
         super().__init__()
         self.block_size, self.topk = cfg.block_size, cfg.topk
         self.dense_varlen = cfg.dense_varlen
+        self.impl = cfg.impl
         self.ops = resolve_ops(cfg.impl)
+
+    def ops_for(self, device: torch.device):
+        """The ops for tensors on ``device`` (``attention.impl=auto`` follows the tensors)."""
+        return resolve_ops(self.impl, device) if self.impl == "auto" else self.ops
 
     def forward(self, q, k, v, cu_seqlens=None, index=None, phase: Phase = "sparse", stats_queries: int = 0,
                 teacher=None):
-        ops, Bk = self.ops, self.block_size
+        ops, Bk = self.ops_for(q.device), self.block_size
         q_idx, k_idx = index
         block_idx = None
         if phase == "sparse" or stats_queries:

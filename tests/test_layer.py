@@ -128,3 +128,18 @@ def test_bad_attention_config_names_the_key(change, key):
 def test_kv_heads_must_divide_heads():
     with pytest.raises(ValueError, match="model.n_kv_heads"):
         check_attention(AttentionConfig(), n_heads=6, n_kv_heads=4, head_dim=16, n_layers=2)
+
+
+def test_auto_impl_follows_the_tensors_device(monkeypatch):
+    """On a CUDA machine, ``attention.impl=auto`` runs a model kept on the CPU with the reference (the
+    compiled kernels take CUDA tensors only); on CUDA tensors it takes the kernels."""
+    import kernels
+    from msa import reference
+    from msa.layer import AttentionConfig, MSACore
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    core = MSACore(AttentionConfig(impl="auto"))
+    assert core.ops is kernels  # what a CUDA machine resolves at build time
+    assert core.ops_for(torch.device("cpu")) is reference
+    assert core.ops_for(torch.device("cuda", 0)) is kernels
+    assert MSACore(AttentionConfig(impl="triton")).ops_for(torch.device("cpu")) is kernels  # asked for: kept

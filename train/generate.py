@@ -104,8 +104,8 @@ def extend(model, cache: KVCache, batch: dict, phase: str = "sparse", stats_quer
         if index is not None:
             stats.append(out.stats)
             if select_last:
-                selected.append(core.ops.select_blocks(index[0][:, -select_last:], index[1], core.block_size,
-                                                       core.topk))
+                ops = core.ops_for(index[0].device)
+                selected.append(ops.select_blocks(index[0][:, -select_last:], index[1], core.block_size, core.topk))
     cache.length = n1
     return Extended(model.norm(x), stats, selected)
 
