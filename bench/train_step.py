@@ -24,7 +24,7 @@ sparse attention and index KL forward+backward at the model's shapes, beyond the
 Budget: the MSA series runs first (lengths in increasing order, packed rows where their length falls),
 then dense; a point whose projected cost (engine build, warm-up and timed steps, the step time fitted
 as ``a*tokens + b*pairs`` over the points measured so far, x1.15; ``pairs``: the
-(query, key) pairs a layer attends, see ``attended_pairs``) does not fit in what is left
+(query, key) pairs the layers attend, see ``series_pairs``) does not fit in what is left
 of ``--time-budget`` (less ``--dense-reserve`` while MSA runs) is recorded as skipped, with the
 projection; where the warm-up step shows the timed steps would not fit, fewer run (at least one) and
 the record says so; an out-of-memory is recorded with the allocator's numbers and ends that series.
@@ -91,26 +91,13 @@ def causal_pairs(lengths) -> float:
     return float(sum(n * (n + 1) // 2 for n in lengths))
 
 
-def attended_pairs(lengths, window: int | None = None, dense_share: float = 1.0) -> float:
-    """(query, key) pairs one layer attends on average: every causal pair in ``dense_share`` of the
-    layers (dense attention: all of them), in the rest at most ``window`` keys per query (MSA: ``topk x
-    block_size``). What the step time grows with beyond the token count: MSA's selection scores every
-    visible block too, but at the index head's small dimension, so it counts with the tokens."""
-    causal = causal_pairs(lengths)
-    if window is None or dense_share >= 1:
-        return causal
-    W = window
-    capped = float(sum(n * (n + 1) // 2 if n <= W else W * (W + 1) // 2 + (n - W) * W for n in lengths))
-    return dense_share * causal + (1 - dense_share) * capped
-
-
 def series_pairs(cfg, lengths) -> float:
-    """``attended_pairs`` for a composed config (``attention.kind``, ``topk``, ``block_size``,
-    ``n_dense_layers`` and ``model.n_layers``)."""
-    a = cfg.attention
-    if a.kind != "msa":
-        return causal_pairs(lengths)
-    return attended_pairs(lengths, a.topk * a.block_size, a.n_dense_layers / cfg.model.n_layers)
+    """What a series' step time grows with beyond its tokens: the (query, key) pairs its layers attend
+    (``train.metrics.main_pairs``, sparse phase). MSA's selection scores every visible block too, but at
+    the index head's small dimension, so it counts with the tokens."""
+    from train.metrics import main_pairs
+
+    return main_pairs(cfg.model, cfg.attention, np.array(lengths, dtype=np.int64), "sparse")
 
 
 def project_step_s(points: list[dict], tokens: float, pairs: float) -> tuple[float | None, str]:

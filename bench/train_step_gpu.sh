@@ -11,11 +11,20 @@
 #      after an out-of-memory, the same with the block inputs offloaded to host memory
 #      (parallel.checkpoint_offload: 48 GiB for base at 1M) and the MLP tiled over 64K tokens
 #      (parallel.mlp_tile_tokens) if time is left; both with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.
+# STAGES (default "small base base_1m") picks the stages; two more, for a second call:
+#   5. 1b: model=1b at 16K, 128K, 512K and the packed 192K row, MSA then dense (an out-of-memory ends a
+#      series and is recorded);
+#   6. dense_layer: what the dense first layer costs at long context, model=small MSA at 128K and 1M three
+#      ways, one process each: as configured (attention.n_dense_layers=1), with no dense layer
+#      (attention.n_dense_layers=0), and with the first layer a sliding window of 4096 keys
+#      (model.sliding_window=4096 model.sliding_layers=[0]).
+#   e.g.  STAGES="1b dense_layer" MSA_GIT_COMMIT=<sha> OUT=$OUT bash bench/train_step_gpu.sh
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
 # selective, the default, except base_1m), sparse phase.
 # Run from the repository root:  MSA_GIT_COMMIT=<sha of this tree> bash bench/train_step_gpu.sh
 # Results in $OUT: train_step_small.json, train_step_base.json, train_step_base_1m.json (and
-# train_step_base_1m_offload.json after an OOM), train_step.log.
+# train_step_base_1m_offload.json after an OOM), train_step_1b.json, train_step_small_dense{1,0,window}.json,
+# train_step.log.
 set -uo pipefail
 OUT=${OUT:-runs/train_step_gpu}
 LOG=$OUT/train_step.log
@@ -26,18 +35,51 @@ AC=parallel.activation_checkpointing=true
 SMALL=(--model small --lengths 16384 32768 131072 524288 1048576 --packed 196608 --time-budget 200)
 BASE=(--model base --lengths 16384 32768 131072 --packed 196608 --time-budget 165)
 BIG=(--model base --lengths 1048576)
+ONE_B=(--model 1b --lengths 16384 131072 524288 --packed 196608 --time-budget 230)
+LAYER=(--model small --lengths 131072 1048576 --packed --time-budget 100)
+WINDOW=4096
 if [ "${CPU_CHECK:-0}" = 1 ]; then
   SMALL=(--device cpu --model tiny --lengths 128 256 --packed 256 --time-budget 60)
   BASE=(--device cpu --model tiny --lengths 128 --packed --time-budget 30); BIG=(--device cpu --model tiny --lengths 512)
+  ONE_B=(--device cpu --model tiny --lengths 128 --time-budget 30)
+  LAYER=(--device cpu --model tiny --lengths 256 --packed --time-budget 30); WINDOW=64
   AC="$AC model.n_layers=2"
 fi
+STAGES=${STAGES:-small base base_1m}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+for s in $STAGES; do
+  case $s in small|base|base_1m|1b|dense_layer) ;; *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer)"; exit 2;; esac
+done
 setup
+if want small; then
 TAIL=14 stage small 225 python3 -m bench.train_step "${SMALL[@]}" --dense-reserve 35 --memory-breakdown \
   --json "$OUT/train_step_small.json" -- $AC
+fi
+if want base; then
 TAIL=12 stage base 190 python3 -m bench.train_step "${BASE[@]}" --dense-reserve 50 --memory-breakdown \
   --json "$OUT/train_step_base.json" -- $AC
-budget=$(( $(left) - 25 ))
+fi
+if want 1b; then
+TAIL=10 stage 1b 260 python3 -m bench.train_step "${ONE_B[@]}" --dense-reserve 80 --memory-breakdown \
+  --json "$OUT/train_step_1b.json" -- $AC
+fi
 FULL=parallel.checkpoint_policy=full
+if want dense_layer; then
+  # the 1M points allocate tensors of 8-16 GB (see base_1m below)
+  export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+  for v in dense1 dense0 window; do
+    case $v in
+      dense1) extra=() ;;
+      dense0) extra=(attention.n_dense_layers=0) ;;
+      window) extra=("model.sliding_window=$WINDOW" "model.sliding_layers=[0]") ;;
+    esac
+    TAIL=4 stage "layer_$v" 120 \
+      python3 -m bench.train_step "${LAYER[@]}" --attention msa --json "$OUT/train_step_small_$v.json" -- $AC \
+      "${extra[@]}"
+  done
+fi
+want base_1m || { ls -l "$OUT"; exit 0; }
+budget=$(( $(left) - 25 ))
 # the 1M runs allocate tensors of 8-16 GB: without expandable segments the first H200 attempt (commit
 # adf1909) ran out of memory with 30 GB reserved but unallocated (fragmentation)
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}

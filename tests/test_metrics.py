@@ -47,6 +47,28 @@ def test_step_flops_count_documents_not_rows():
     assert sparse["attn"] < M.step_flops(model, attn, 1000, np.array([8]), "sparse")["attn"]
 
 
+def test_step_flops_count_sliding_window_layers_over_their_window():
+    """A sliding-window layer attends the last ``window`` keys of each query, and stays dense in an MSA
+    model (before, it was counted over every causal pair, or as MSA: MFU read high)."""
+    assert M.attended_pairs(np.array([6]), window=4) == 1 + 2 + 3 + 4 + 4 + 4
+    assert M.attended_pairs(np.array([6, 3]), window=4) == 18 + 6
+    assert M.attended_pairs(np.array([3]), window=4) == M.attended_pairs(np.array([3]))
+    model = ModelConfig(vocab_size=100, dim=8, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=2, sliding_window=4,
+                        sliding_layers=[0, 2])
+    attn = AttentionConfig(block_size=2, topk=2, index_dim=4, n_dense_layers=1)
+    assert M.layer_kinds(model, attn) == (0, 2, 1)  # layer 0 windowed, 1 MSA, 2 windowed (stays dense)
+    lengths = np.array([6])
+    H, D, Hkv, Di = 4, 2, 2, 4
+    selected = M.attended_pairs(lengths, 2, 2)  # by hand: 1+2+3+4+3+4 = 17
+    assert selected == 17
+    flops = M.step_flops(model, attn, 0, lengths, "sparse")
+    assert flops["attn"] == 3 * 4 * H * D * (2 * 18 + 17)
+    assert flops["index"] == 2 * Hkv * Di * 21 + (2 * H * D + 6 * Hkv * Di) * 17  # one MSA layer
+    dense = M.step_flops(model, AttentionConfig(kind="dense"), 0, lengths, "sparse")
+    assert M.layer_kinds(model, AttentionConfig(kind="dense")) == (1, 2, 0)
+    assert dense["attn"] == 3 * 4 * H * D * (21 + 2 * 18) and dense["index"] == 0
+
+
 def test_peak_is_matched_by_exact_gpu_name(monkeypatch):
     cuda = torch.device("cuda")
     for name, peak in (("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),

@@ -90,14 +90,41 @@ def doc_lengths(batch: dict) -> np.ndarray:
     return np.diff(cu.cpu().numpy().astype(np.int64))
 
 
-def attended_pairs(lengths: np.ndarray, block_size: int | None = None, topk: int | None = None) -> float:
+def attended_pairs(lengths: np.ndarray, block_size: int | None = None, topk: int | None = None,
+                   window: int | None = None) -> float:
     """Causal (query, key) pairs of documents of ``lengths``; with ``block_size``/``topk``, only the keys
-    of the selected blocks: the query's own block up to it plus ``topk - 1`` full earlier blocks."""
+    of the selected blocks: the query's own block up to it plus ``topk - 1`` full earlier blocks; with
+    ``window``, only the last ``window`` keys of each query, its own included (a sliding-window layer)."""
     lengths = lengths[lengths > 0]
+    if window is not None:
+        W = np.minimum(lengths, window)
+        return float((W * (W + 1) // 2 + (lengths - W) * W).sum())
     if block_size is None:
         return float((lengths * (lengths + 1) // 2).sum())
     p = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths]) if len(lengths) else np.zeros(0, np.int64)
     return float((p % block_size + 1 + block_size * np.minimum(topk - 1, p // block_size)).sum())
+
+
+def layer_kinds(model_cfg, attn_cfg) -> tuple[int, int, int]:
+    """How many layers are dense over every causal pair, dense over a sliding window, and MSA (the
+    sliding-window layers of an imported checkpoint stay dense whatever ``attention.n_dense_layers``)."""
+    from train.model import sliding_layers
+
+    L = model_cfg.n_layers
+    window = sliding_layers(model_cfg)
+    msa = set() if attn_cfg.kind == "dense" else set(range(attn_cfg.n_dense_layers, L)) - window
+    return L - len(window) - len(msa), len(window), len(msa)
+
+
+def main_pairs(model_cfg, attn_cfg, lengths: np.ndarray, phase: str) -> float:
+    """(query, key) pairs the main attention of every layer attends in one forward, summed over layers:
+    dense layers every causal pair, sliding-window layers the last ``model.sliding_window`` keys, MSA
+    layers the selected keys (warm-up: every causal pair)."""
+    n_dense, n_window, n_msa = layer_kinds(model_cfg, attn_cfg)
+    causal = attended_pairs(lengths)
+    support = causal if phase == "warmup" else attended_pairs(lengths, attn_cfg.block_size, attn_cfg.topk)
+    windowed = attended_pairs(lengths, window=model_cfg.sliding_window) if n_window else 0.0
+    return n_dense * causal + n_window * windowed + n_msa * support
 
 
 def step_flops(model_cfg, attn_cfg, n_params: int, lengths: np.ndarray, phase: str) -> dict[str, float]:
@@ -105,17 +132,18 @@ def step_flops(model_cfg, attn_cfg, n_params: int, lengths: np.ndarray, phase: s
     checkpointing is not counted).
 
     - ``model``: 6 per weight per token (the tied LM head counted as a matmul) plus the main attention;
-    - ``attn``: the main attention alone, ``4 H D`` per attended (query, key) pair forward, dense
-      layers over every causal pair, MSA layers over the selected keys (warm-up: every causal pair);
+    - ``attn``: the main attention alone, ``4 H D`` per attended (query, key) pair forward (``main_pairs``:
+      dense layers over every causal pair, sliding-window layers over their window, MSA layers over the
+      selected keys, in warm-up every causal pair);
     - ``index``: MSA's extra work, not in ``model``: the block scoring ``2 Hkv Di`` per causal pair
       (forward only) and the index KL ``2 H D + 6 Hkv Di`` per support pair (teacher scores, student
       scores and their two gradients)."""
     tokens = float(lengths.sum())
     H, D, Hkv, Di = model_cfg.n_heads, model_cfg.head_dim, model_cfg.n_kv_heads, attn_cfg.index_dim
-    n_msa = 0 if attn_cfg.kind == "dense" else model_cfg.n_layers - attn_cfg.n_dense_layers
+    n_msa = layer_kinds(model_cfg, attn_cfg)[2]
     causal = attended_pairs(lengths)
     support = causal if phase == "warmup" else attended_pairs(lengths, attn_cfg.block_size, attn_cfg.topk)
-    attn = 3.0 * 4 * H * D * ((model_cfg.n_layers - n_msa) * causal + n_msa * support)
+    attn = 3.0 * 4 * H * D * main_pairs(model_cfg, attn_cfg, lengths, phase)
     head = model_cfg.vocab_size * model_cfg.dim if model_cfg.tie_embeddings else 0
     index = n_msa * (2.0 * Hkv * Di * causal + (2.0 * H * D + 6.0 * Hkv * Di) * support)
     return {"model": 6.0 * (n_params + head) * tokens + attn, "attn": attn, "index": index}
