@@ -66,7 +66,15 @@ def _work_item(k, v, work_bucket, work_start, work_end, vb_start, vb_end, i_w, t
     return e0, e1, i_b, i_r, o_k, m_k, b_k, b_v
 
 
-@triton.jit
+# Integer arguments whose value depends on the selection, not the shape: ``w0``, a query chunk's first work
+# item. Triton compiles a kernel once per pattern of its integer arguments (== 1, divisible by 16), so a
+# data-dependent one compiles a second variant whenever it first falls on a multiple of 16, mid-run. At 128K
+# tokens (two query chunks) that is the likely cause of the one step of 3.5-3.8 s among steps of 1.3 s that
+# three H200 runs showed (docs/scaling.md; not yet confirmed on the GPU).
+DATA_DEPENDENT = ["w0"]
+
+
+@triton.jit(do_not_specialize=DATA_DEPENDENT)
 def sparse_attention_fwd_kernel(
     q, k, v, entries, work_bucket, work_start, work_end, vb_start, vb_end, part_o, part_lse,
     scale2, N, NQ, NV, NC, q0, w0,
@@ -206,7 +214,7 @@ def _store_dq_part(part_dq, b_ds, b_k, b_ent, o_q, m_row, i_t, NQ, NC, q0,
     tl.store(part_dq + o_part[:, None] * D + o_d[None, :], b_dq.to(part_dq.dtype.element_ty), mask=m_row[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DATA_DEPENDENT)
 def sparse_attention_bwd_dq_kernel(
     q, k, v, do, lse, delta, entries, work_bucket, work_start, work_end, vb_start, vb_end, part_dq,
     scale2, N, NQ, NV, NC, q0, w0,
@@ -246,7 +254,7 @@ def sparse_attention_bwd_dq_reduce_kernel(
              mask=m_g[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DATA_DEPENDENT)
 def sparse_attention_bwd_dkdv_kernel(
     q, k, v, do, lse, delta, entries, work_bucket, work_start, work_end, vb_start, vb_end,
     part_dk, part_dv, part_dq, scale2, scale, N, NQ, NV, NC, q0, w0,

@@ -92,7 +92,7 @@ def test_step_flops_the_train_step_bench_reports_match_a_hand_count():
     from train.metrics import step_flops
 
     model = SimpleNamespace(n_heads=2, head_dim=4, n_kv_heads=1, n_layers=2, vocab_size=10, dim=6,
-                            tie_embeddings=True)
+                            tie_embeddings=True, sliding_window=0, sliding_layers=None)
     attn = SimpleNamespace(index_dim=8, kind="msa", n_dense_layers=1, block_size=2, topk=2)
     fl = step_flops(model, attn, 100, np.array([5]), "sparse")
     # causal pairs 15; support per position p (own block up to p, one earlier block): 1, 2, 3, 4, 3 = 13

@@ -2,6 +2,7 @@
 kernels cannot run with one message per rule, naming the config key to change and the reference
 alternative, before any kernel is launched."""
 
+import os
 import re
 
 import pytest
@@ -81,3 +82,23 @@ def test_index_kl_loss_raises_the_limits_messages():
                             (dict(index_dim=512), dict(Di=512))]:
         with pytest.raises(ValueError, match=re.escape(limits_message(**setting))):
             call(**kwargs)
+
+
+def test_selection_dependent_integers_are_not_specialized():
+    """``w0`` (a query chunk's first work item) follows the selection; if Triton specialized on it, a step
+    whose ``w0`` first falls on a multiple of 16 would compile a second variant of the kernel mid-run.
+    Checked on the compiled kernels' parameters (a subprocess without the interpreter: TRITON_INTERPRET
+    makes ``triton.jit`` ignore the option)."""
+    import subprocess
+    import sys
+
+    code = ("import importlib\n"
+            "s = importlib.import_module('kernels.sparse_attention')\n"
+            "for name in ('sparse_attention_fwd_kernel', 'sparse_attention_bwd_dq_kernel',"
+            " 'sparse_attention_bwd_dkdv_kernel'):\n"
+            "    k = getattr(s, name)\n"
+            "    print(name, sorted(p.name for p in k.params if p.do_not_specialize))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and all(line.endswith("['w0']") for line in lines), out
