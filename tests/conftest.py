@@ -20,7 +20,8 @@ def pytest_collection_modifyitems(config, items):
     # slow cases run when asked for by marker (pytest -m slow), as pyproject.toml's marker says
     skip_slow = pytest.mark.skip(reason="slow: covered by a faster test; run with -m slow")
     asked = "slow" in (config.getoption("-m") or "")
-    # the kernel modules' CPU cases call the Triton kernels on CPU tensors, which only the interpreter
+    # the kernel modules' CPU cases (and other tests marked `interpreter`) call the Triton kernels on CPU
+    # tensors, which only the interpreter
     # runs; a CUDA machine compiles the kernels instead (TRITON_INTERPRET is read at import), so there the
     # gpu cases, on CUDA tensors, are the kernel tests
     skip_interp = pytest.mark.skip(reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (a CPU-only machine); "
@@ -29,8 +30,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
-        if (HAS_CUDA and not interpreted and item.path.name.startswith("test_kernel_")
-                and "gpu" not in item.keywords):
+        if (HAS_CUDA and not interpreted and "gpu" not in item.keywords
+                and (item.path.name.startswith("test_kernel_") or "interpreter" in item.keywords)):
             item.add_marker(skip_interp)
         if "slow" in item.keywords and not asked:
             item.add_marker(skip_slow)

@@ -183,7 +183,8 @@ CASES = {
 }
 D, DI = 16, 8
 IMPLS = {"reference": ref, "kernels": kernels}
-PARAMS = [pytest.param(impl, name, id=f"{impl}-{name}")
+INTERP = {"kernels": [pytest.mark.interpreter]}  # the kernels on CPU tensors: the interpreter's cases
+PARAMS = [pytest.param(impl, name, id=f"{impl}-{name}", marks=INTERP.get(impl, []))
           for impl in IMPLS for name, case in CASES.items() if impl == "reference" or case[5] >= 16]
 
 _cache: dict = {}
@@ -261,7 +262,7 @@ def test_select_blocks(monkeypatch, impl, name):
     assert torch.equal(out, want), f"{(out != want).sum()} of {out.numel()} slots differ from the oracle"
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [pytest.param(impl, marks=INTERP.get(impl, [])) for impl in IMPLS])
 def test_select_blocks_exact_ties_go_to_the_lower_block(impl):
     """Integer scores (exact in fp32 and float64): many blocks tie exactly, the lower id must win."""
     N, bs, topk = 100, 16, 4
@@ -373,6 +374,7 @@ def fp8_select(q_idx, k_idx, block_size, topk, cu_seqlens, key_scale):
     return kernels.select_blocks(q_idx, k_idx, block_size, topk, cu_seqlens, fp8=True, fp8_key_scale=key_scale)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("key_scale", ["block", "token"])
 @pytest.mark.parametrize("B,N,Nq,Hkv,topk,cu", [
     (2, 90, 90, 2, 3, None),
