@@ -298,6 +298,10 @@ def main() -> None:
     ap.add_argument("--cheap-s", type=float, default=2.0, help="a third timed step where both took less")
     ap.add_argument("--time-budget", type=float, default=200.0, help="seconds for this whole run")
     ap.add_argument("--dense-reserve", type=float, default=40.0, help="seconds the MSA series leaves to dense")
+    ap.add_argument("--no-skip", action="store_true",
+                    help="run every point, even where the step-time projection says it will not fit (a long "
+                         "point projected from one short one is coarse); the warm-up step still limits the timed "
+                         "steps to what is left")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--profile-max-s", type=float, default=10.0, help="profile only points with shorter steps")
     ap.add_argument("--memory-breakdown", action="store_true", help="also one MSA layer's memory, measured alone")
@@ -359,7 +363,7 @@ def run_bench(args) -> None:
         cost = None if est is None else 1.15 * n_steps * est + (0 if s.run else (s.build_s or 0))
         if s.stopped:
             point["status"] = f"skipped ({s.stopped})"
-        elif cost is not None and cost > left:
+        elif cost is not None and cost > left and not args.no_skip:
             point["status"] = (f"skipped (projected {cost:.0f} s: {n_steps} steps of {est:.2f} s, {how}, x1.15; "
                                f"{max(left, 0):.0f} s left of --time-budget {args.time_budget:.0f} s"
                                + (f" less --dense-reserve {args.dense_reserve:.0f} s)" if kind == "msa"

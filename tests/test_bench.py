@@ -297,7 +297,7 @@ def test_quality_runs_stopped_at_the_deadline_finish_in_the_next_call(tmp_path):
 def test_series_pairs_count_what_the_layers_attend():
     """The step-time projection grows with the pairs the layers attend: MSA layers cap each query at its
     selected keys, so a 1M MSA row is not projected as 1M^2 from a shorter point (a lone 1M run was
-    skipped at a projected 114 s per step for a step measured at 18 s)."""
+    skipped at a projected 254 s per step for a step measured at 18 s)."""
     from bench.train_step import series_pairs
     from train.metrics import attended_pairs
 
@@ -308,3 +308,22 @@ def test_series_pairs_count_what_the_layers_attend():
     assert series_pairs(msa, [1 << 20]) == d * attended_pairs(n) + (L - d) * selected
     assert series_pairs(dense, [1 << 20]) == L * attended_pairs(n)
     assert series_pairs(msa, [1 << 20]) < series_pairs(dense, [1 << 20]) / 5
+
+
+def test_no_skip_runs_a_point_the_projection_would_skip(tmp_path):
+    """With a budget that the first point already uses up, the second is skipped by its projection;
+    ``--no-skip`` runs it (the tiny model on CPU, a few seconds a run)."""
+    import json
+    import subprocess
+    import sys
+
+    def points(*extra):
+        out = tmp_path / f"ts{len(extra)}.json"
+        subprocess.run([sys.executable, "-m", "bench.train_step", "--device", "cpu", "--model", "tiny", "--lengths",
+                        "64", "128", "--packed", "--attention", "msa", "--time-budget", "0.01", "--json", str(out),
+                        *extra, "--", "model.n_layers=2"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+        return [p["status"] for p in json.loads(out.read_text())["points"]]
+
+    skipped = points()
+    assert skipped[0] == "ok" and skipped[1].startswith("skipped (projected"), skipped
+    assert points("--no-skip") == ["ok", "ok"]
