@@ -116,15 +116,22 @@ def layer_kinds(model_cfg, attn_cfg) -> tuple[int, int, int]:
     return L - len(window) - len(msa), len(window), len(msa)
 
 
+def _pairs(model_cfg, attn_cfg, lengths: np.ndarray, phase: str) -> tuple[int, float, float, float]:
+    """``(n_msa, causal, support, main)``: the MSA layers, one layer's causal pairs and MSA support pairs
+    (warm-up: the causal ones), and ``main_pairs``."""
+    n_dense, n_window, n_msa = layer_kinds(model_cfg, attn_cfg)
+    causal = attended_pairs(lengths)
+    support = causal if phase == "warmup" or not n_msa else attended_pairs(lengths, attn_cfg.block_size,
+                                                                           attn_cfg.topk)
+    windowed = attended_pairs(lengths, window=model_cfg.sliding_window) if n_window else 0.0
+    return n_msa, causal, support, n_dense * causal + n_window * windowed + n_msa * support
+
+
 def main_pairs(model_cfg, attn_cfg, lengths: np.ndarray, phase: str) -> float:
     """(query, key) pairs the main attention of every layer attends in one forward, summed over layers:
     dense layers every causal pair, sliding-window layers the last ``model.sliding_window`` keys, MSA
     layers the selected keys (warm-up: every causal pair)."""
-    n_dense, n_window, n_msa = layer_kinds(model_cfg, attn_cfg)
-    causal = attended_pairs(lengths)
-    support = causal if phase == "warmup" else attended_pairs(lengths, attn_cfg.block_size, attn_cfg.topk)
-    windowed = attended_pairs(lengths, window=model_cfg.sliding_window) if n_window else 0.0
-    return n_dense * causal + n_window * windowed + n_msa * support
+    return _pairs(model_cfg, attn_cfg, lengths, phase)[3]
 
 
 def step_flops(model_cfg, attn_cfg, n_params: int, lengths: np.ndarray, phase: str) -> dict[str, float]:
@@ -140,10 +147,8 @@ def step_flops(model_cfg, attn_cfg, n_params: int, lengths: np.ndarray, phase: s
       scores and their two gradients)."""
     tokens = float(lengths.sum())
     H, D, Hkv, Di = model_cfg.n_heads, model_cfg.head_dim, model_cfg.n_kv_heads, attn_cfg.index_dim
-    n_msa = layer_kinds(model_cfg, attn_cfg)[2]
-    causal = attended_pairs(lengths)
-    support = causal if phase == "warmup" else attended_pairs(lengths, attn_cfg.block_size, attn_cfg.topk)
-    attn = 3.0 * 4 * H * D * main_pairs(model_cfg, attn_cfg, lengths, phase)
+    n_msa, causal, support, main = _pairs(model_cfg, attn_cfg, lengths, phase)
+    attn = 3.0 * 4 * H * D * main
     head = model_cfg.vocab_size * model_cfg.dim if model_cfg.tie_embeddings else 0
     index = n_msa * (2.0 * Hkv * Di * causal + (2.0 * H * D + 6.0 * Hkv * Di) * support)
     return {"model": 6.0 * (n_params + head) * tokens + attn, "attn": attn, "index": index}
