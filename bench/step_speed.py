@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from bench.meta import compose, git_commit
-from bench.timing import sync, timed_steps
+from bench.timing import sync, timed, timed_steps
 from train.config import check_config
 from train.loop import start, train_step
 from train.parallel import init_distributed
@@ -118,19 +118,11 @@ def measure(cfg, env, stage, batch, steps: int, profile: bool) -> dict:
         torch._dynamo.reset()  # a fresh compile per point: no recompile limit reached, no shapes made dynamic
     torch.manual_seed(cfg.run.seed)
     run = start(cfg, env, [stage], stage, None, batches=itertools.repeat(batch))
-    t0 = time.perf_counter()
-    first = train_step(run)  # warm-up: Triton and torch.compile compile, the allocator grows
-    sync(env.device)
-    warmup_s = time.perf_counter() - t0
+    # warm-up: Triton and torch.compile compile, the allocator grows
+    warmup_s, first = timed(lambda: train_step(run), env.device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    def step() -> float:
-        t0 = time.perf_counter()
-        train_step(run)
-        sync(env.device)
-        return time.perf_counter() - t0
-
-    times = timed_steps(step, steps)
+    times = timed_steps(lambda: timed(lambda: train_step(run), env.device)[0], steps)
     step_s = statistics.median(times)  # of three where two disagreed by more than timing.UNEVEN
     row = {"step_s": round(step_s, 4), "step_s_all": [round(t, 4) for t in times], "warmup_step_s": round(warmup_s, 2),
            "tokens_per_s": round(batch["input_ids"].numel() / step_s),

@@ -43,6 +43,15 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn, device):
+    """``(seconds, fn())``: one call of ``fn`` between two device synchronisations."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
 def _timed_ms(fn, device) -> float:
     if torch.device(device).type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -55,7 +55,7 @@ import torch
 
 from bench.meta import compose, git_commit
 from bench.profile_buckets import BUCKETS, profile_step
-from bench.timing import sync, timed_steps
+from bench.timing import timed, timed_steps
 
 
 def packed_lengths(total: int, seed: int, shortest: int = 256) -> list[int]:
@@ -85,10 +85,6 @@ def make_batch(lengths: list[int], vocab: int, seed: int, packed: bool) -> dict:
     if packed:
         batch["cu_seqlens"] = cu.to(torch.int32)
     return batch
-
-
-def causal_pairs(lengths) -> float:
-    return float(sum(n * (n + 1) // 2 for n in lengths))
 
 
 def series_pairs(cfg, lengths) -> float:
@@ -200,14 +196,6 @@ class Series:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def timed(fn, device) -> tuple[float, dict]:
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t0, out
 
 
 def measure_point(series: Series, env, lengths: list[int], packed: bool, args, deadline: float, progress) -> dict:
@@ -357,7 +345,8 @@ def run_bench(args) -> None:
         left = args.time_budget - (time.perf_counter() - t_start)
         if kind == "msa" and "dense" in series:
             left -= args.dense_reserve
-        est, how = project_step_s(s.points, n, series_pairs(s.attn_cfg, lengths))
+        pairs = series_pairs(s.attn_cfg, lengths)
+        est, how = project_step_s(s.points, n, pairs)
         # warm-up and timed steps (a third where cheap); the profiled step runs only if time is left
         n_steps = None if est is None else 1 + args.steps + (1 if est < args.cheap_s else 0)
         cost = None if est is None else 1.15 * n_steps * est + (0 if s.run else (s.build_s or 0))
@@ -378,7 +367,7 @@ def run_bench(args) -> None:
             deadline = t_start + args.time_budget - (args.dense_reserve if kind == "msa" and "dense" in series else 0)
             point.update(measure_or_record(s, env, lengths, layout, args, max_len, deadline, progress))
             if point["status"] == "ok":
-                s.points.append({"tokens": n, "pairs": series_pairs(s.attn_cfg, lengths), "step_s": point["step_s"]})
+                s.points.append({"tokens": n, "pairs": pairs, "step_s": point["step_s"]})
             elif point["status"].startswith("OOM"):
                 s.stopped = f"OOM at {n} tokens ({layout})"
         print(json.dumps({k: v for k, v in point.items() if k not in ("profile", "doc_lengths")}), flush=True)
