@@ -114,4 +114,110 @@ def profile_step(fn, device_type: str) -> dict:
     return summarize(kernels_of(prof, device_type), wall_ms)
 
 
-__all__ = ["BUCKETS", "classify", "merged_us", "summarize", "kernels_of", "profile_step"]
+_PY_FRAME = re.compile(r"^(?P<path>.+)\((?P<line>\d+)\): (?P<func>.+)$")
+
+
+def host_area(name: str, roots: tuple[str, ...] = ("kernels", "msa", "train", "bench")) -> tuple[str, str]:
+    """``(area, short name)`` of one event of a CPU profile taken with ``with_stack=True``: a torch op
+    (``aten::mm``, ``msa::select_blocks``, an autograd node: area ``op``), or a Python function
+    (``path(line): func``) of the project (``python:project``, the path from its folder in ``roots``), of an
+    installed package (``python:<package>``: triton, torch, deepspeed, ...) or of anything else
+    (``python:other``)."""
+    m = _PY_FRAME.match(name)
+    if not m:
+        return "op", name
+    path = m["path"].replace("\\", "/")  # relative to its sys.path entry where the profiler could tell
+    path = path.split("site-packages/", 1)[-1]
+    for r in roots:
+        at = path.find(f"{r}/")
+        if at == 0 or path[at - 1:at] == "/":
+            return "python:project", f"{path[at:]}({m['line']}): {m['func']}"
+    package = path.split("/", 1)[0] if "/" in path and not path.startswith("/") else "other"
+    return f"python:{package}", f"{path}({m['line']}): {m['func']}"
+
+
+def host_summary(events, wall_ms: float, top: int = 25) -> dict:
+    """Where a step's host (CPU) time goes, from a CPU profile's events (``(name, thread, self_us)``;
+    ``with_stack=True`` adds the Python functions as events, so a thread's self times add up to its busy
+    time): each thread's busy milliseconds against the step's wall time; the self time by area
+    (``host_area``: torch ops, the project's Python, each package's Python, Triton's kernel launches
+    among them); the ops and the Python functions with the most self time; and the time spent waiting
+    for the device (``aten::_local_scalar_dense``, the op behind ``.item()``/``.tolist()``, and explicit
+    synchronisations)."""
+    by_thread: dict[int, float] = {}
+    by_area: dict[str, float] = {}
+    by_name: dict[str, dict[str, list]] = {"op": {}, "python": {}}
+    wait = [0.0, 0]
+    for name, thread, self_us in events:
+        by_thread[thread] = by_thread.get(thread, 0.0) + self_us
+        area, short = host_area(name)
+        by_area[area] = by_area.get(area, 0.0) + self_us
+        e = by_name["op" if area == "op" else "python"].setdefault(short, [0.0, 0])
+        e[0] += self_us
+        e[1] += 1
+        if name in ("aten::_local_scalar_dense", "cudaDeviceSynchronize", "cudaStreamSynchronize"):
+            wait[0] += self_us
+            wait[1] += 1
+
+    def ranked(d):
+        rows = sorted(d.items(), key=lambda kv: -kv[1][0])[:top]
+        return [{"name": k[:160], "ms": round(v[0] / 1e3, 3), "calls": v[1]} for k, v in rows]
+
+    return {"wall_ms": round(wall_ms, 3),
+            "busy_ms_by_thread": [round(v / 1e3, 3) for v in sorted(by_thread.values(), reverse=True)],
+            "ms_by_area": {k: round(v / 1e3, 3) for k, v in sorted(by_area.items(), key=lambda kv: -kv[1])},
+            "n_ops": sum(v[1] for v in by_name["op"].values()),
+            "device_wait_ms": round(wait[0] / 1e3, 3), "device_waits": wait[1],
+            "top_ops": ranked(by_name["op"]), "top_python": ranked(by_name["python"])}
+
+
+def sync_sites(fn, top: int = 15) -> dict:
+    """Run ``fn`` once under ``torch.cuda.set_sync_debug_mode("warn")``: how many operations made the host
+    wait for the GPU, by the source line that asked (what keeps the host from running ahead)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            key = f"{w.filename.rsplit('/', 2)[-2:]}:{w.lineno}" if w.filename else "?"
+            sites[key] = sites.get(key, 0) + 1
+    rows = sorted(sites.items(), key=lambda kv: -kv[1])[:top]
+    return {"n_syncs": sum(sites.values()), "sites": [{"where": k, "count": n} for k, n in rows]}
+
+
+def host_profile(fn, device_type: str) -> dict:
+    """One run of ``fn`` under a CPU-only ``torch.profiler`` with Python stacks: ``host_summary`` of it
+    (on CUDA also ``sync_sites`` of a second run)."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device_type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    events = [(e.name, e.thread, e.self_cpu_time_total) for e in prof.events() if e.device_type.name == "CPU"]
+    out = host_summary(events, wall_ms)
+    if cuda:
+        out["syncs"] = sync_sites(fn)
+    return out
+
+
+__all__ = ["BUCKETS", "classify", "merged_us", "summarize", "kernels_of", "profile_step", "host_summary", "sync_sites",
+           "host_profile"]

@@ -14,8 +14,10 @@ Per point: one warm-up step, ``--steps`` timed steps (a third where the first tw
 FLOPs (6 per weight and token plus the main attention over the attended pairs, no recomputation) over
 the median step and the GPU's dense bf16 peak (``train.metrics.PEAK_TFLOPS``); then, where the step
 takes at most ``--profile-max-s`` and the budget has room, one more step under ``torch.profiler``
-sorted into buckets by kernel name (``bench/profile_buckets.py``). Memory, where the run can tell:
-weights (the module's parameters), optimizer state (the tensors the optimizer holds: fp32 master
+sorted into buckets by kernel name (``bench/profile_buckets.py``), and with ``--host-profile`` another
+under a CPU profile with Python stacks (``host_profile``: host time by op, by Python function and by
+package, and on CUDA the operations that made the host wait for the GPU, by source line). Memory,
+where the run can tell: weights (the module's parameters), optimizer state (the tensors the optimizer holds: fp32 master
 weights and Adam moments), the rest of what stays allocated after a step (gradient buffers), the
 step's transient peak above that (activations, recomputation, MSA buffers), and with
 ``--memory-breakdown`` one MSA layer's attention work measured alone (``msa_layer_gb``: selection,
@@ -54,7 +56,7 @@ import numpy as np
 import torch
 
 from bench.meta import compose, git_commit
-from bench.profile_buckets import BUCKETS, profile_step
+from bench.profile_buckets import BUCKETS, host_profile, profile_step
 from bench.timing import timed, timed_steps
 
 
@@ -266,6 +268,8 @@ def measure_point(series: Series, env, lengths: list[int], packed: bool, args, d
         row["profile_note"] = "not profiled: no time left in the budget for one more step"
     else:
         row["profile"] = profile_step(lambda: train_step(run), dev.type)
+        if args.host_profile and time.perf_counter() + 3 * step_s < deadline:
+            row["host_profile"] = host_profile(lambda: train_step(run), dev.type)
     return row
 
 
@@ -291,6 +295,8 @@ def main() -> None:
                          "point projected from one short one is coarse); the warm-up step still limits the timed "
                          "steps to what is left")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="where a point is profiled, also its host time (bench.profile_buckets.host_profile)")
     ap.add_argument("--profile-max-s", type=float, default=10.0, help="profile only points with shorter steps")
     ap.add_argument("--memory-breakdown", action="store_true", help="also one MSA layer's memory, measured alone")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -370,7 +376,8 @@ def run_bench(args) -> None:
                 s.points.append({"tokens": n, "pairs": pairs, "step_s": point["step_s"]})
             elif point["status"].startswith("OOM"):
                 s.stopped = f"OOM at {n} tokens ({layout})"
-        print(json.dumps({k: v for k, v in point.items() if k not in ("profile", "doc_lengths")}), flush=True)
+        brief = {k: v for k, v in point.items() if k not in ("profile", "host_profile", "doc_lengths")}
+        print(json.dumps(brief), flush=True)
         result["points"].append(point)
         if all(k != kind for k, _, _ in todo[i + 1:]):
             s.free()

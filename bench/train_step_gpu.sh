@@ -19,13 +19,15 @@
 #      (attention.n_dense_layers=0), and with the first layer a sliding window of 4096 keys
 #      (model.sliding_window=4096 model.sliding_layers=[0]).
 #   each fills most of a call: STAGES=dense_layer MSA_GIT_COMMIT=<sha> OUT=$OUT bash bench/train_step_gpu.sh,
-#   then STAGES=1b in the next call
+#   then STAGES=1b in the next call;
+#   7. host: where the host time of the host-bound short rows goes, model=small at 16K and 32K, MSA and dense,
+#      each point also under a CPU profile with Python stacks and the sync sites (--host-profile; ~2 min).
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
 # selective, the default, except base_1m), sparse phase.
 # Run from the repository root:  MSA_GIT_COMMIT=<sha of this tree> bash bench/train_step_gpu.sh
 # Results in $OUT: train_step_small.json, train_step_base.json, train_step_base_1m.json (and
 # train_step_base_1m_offload.json after an OOM), train_step_1b.json, train_step_small_dense{1,0,window}.json,
-# train_step.log.
+# train_step_small_host.json, train_step.log.
 set -uo pipefail
 OUT=${OUT:-runs/train_step_gpu}
 LOG=$OUT/train_step.log
@@ -39,20 +41,26 @@ BIG=(--model base --lengths 1048576)
 ONE_B=(--model 1b --lengths 16384 131072 524288 --packed 196608 --time-budget 230)
 # --no-skip: the 1M point's projection from the one 128K point is coarse (the dense layer's share grows 64x)
 LAYER=(--model small --lengths 131072 1048576 --packed --time-budget 100 --no-skip)
+HOST=(--model small --lengths 16384 32768 --packed --time-budget 100 --host-profile)
 WINDOW=4096
 if [ "${CPU_CHECK:-0}" = 1 ]; then
   SMALL=(--device cpu --model tiny --lengths 128 256 --packed 256 --time-budget 60)
   BASE=(--device cpu --model tiny --lengths 128 --packed --time-budget 30); BIG=(--device cpu --model tiny --lengths 512)
   ONE_B=(--device cpu --model tiny --lengths 128 --time-budget 30)
   LAYER=(--device cpu --model tiny --lengths 128 512 --packed --time-budget 30 --no-skip); WINDOW=64
+  HOST=(--device cpu --model tiny --lengths 128 --packed --time-budget 30 --host-profile)
   AC="$AC model.n_layers=2"
 fi
 STAGES=${STAGES:-small base base_1m}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 for s in $STAGES; do
-  case $s in small|base|base_1m|1b|dense_layer) ;; *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer)"; exit 2;; esac
+  case $s in small|base|base_1m|1b|dense_layer|host) ;;
+    *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer host)"; exit 2;; esac
 done
 setup
+if want host; then
+TAIL=6 stage host 130 python3 -m bench.train_step "${HOST[@]}" --json "$OUT/train_step_small_host.json" -- $AC
+fi
 if want small; then
 TAIL=14 stage small 225 python3 -m bench.train_step "${SMALL[@]}" --dense-reserve 35 --memory-breakdown \
   --json "$OUT/train_step_small.json" -- $AC

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.meta import compose
-from bench.profile_buckets import BUCKETS, classify, merged_us, summarize
+from bench.profile_buckets import BUCKETS, classify, host_area, host_profile, host_summary, merged_us, summarize
 from bench.render_docs import render_train_step, replace_block, results_name
 from bench.step_time_old_new import summarize as summarize_old_new
 from bench.timing import measure, one_more_step, sdpa_backend, sdpa_backends_of, timed_steps
@@ -103,6 +103,41 @@ def test_bucket_summary_adds_up_and_finds_idle_time():
     assert sorted(k["name"] for k in s["top"]["other"]) == ["Memset (Device)", "an_unknown_kernel"]
     assert s["top"]["gemm"] == [{"name": "nvjet_tst_64x8_64x16_4x1_v_bz_TNT", "ms": 0.4, "calls": 1}]
     assert merged_us([(0, 10), (2, 3), (5, 12), (20, 21)]) == 13
+
+
+def test_host_events_fall_in_their_area():
+    assert host_area("aten::mm") == ("op", "aten::mm")
+    assert host_area("msa::select_blocks") == ("op", "msa::select_blocks")
+    assert host_area("kernels/common.py(171): build_csr") == ("python:project", "kernels/common.py(171): build_csr")
+    assert host_area("/src/repo/msa/layer.py(9): forward")[0] == "python:project"
+    assert host_area("triton/runtime/jit.py(700): run") == ("python:triton", "triton/runtime/jit.py(700): run")
+    assert host_area("/x/site-packages/torch/nn/modules/module.py(1): _call_impl")[0] == "python:torch"
+    assert host_area("enum.py(1230): __hash__")[0] == "python:other"
+
+
+def test_host_summary_adds_up_by_hand():
+    events = [("aten::mm", 1, 100.0), ("aten::mm", 1, 50.0), ("aten::_local_scalar_dense", 1, 300.0),
+              ("kernels/common.py(171): build_csr", 1, 40.0), ("triton/runtime/jit.py(700): run", 2, 10.0),
+              ("triton/runtime/jit.py(700): run", 2, 5.0)]
+    h = host_summary(events, wall_ms=1.0)
+    assert h["busy_ms_by_thread"] == [0.49, 0.015]
+    assert h["ms_by_area"] == {"op": 0.45, "python:project": 0.04, "python:triton": 0.015}
+    assert h["n_ops"] == 3 and h["device_waits"] == 1 and h["device_wait_ms"] == 0.3
+    assert h["top_ops"][0] == {"name": "aten::_local_scalar_dense", "ms": 0.3, "calls": 1}
+    assert h["top_ops"][1] == {"name": "aten::mm", "ms": 0.15, "calls": 2}
+    assert h["top_python"][1] == {"name": "triton/runtime/jit.py(700): run", "ms": 0.015, "calls": 2}
+
+
+def test_host_profile_of_a_cpu_step_sees_its_python_and_ops():
+    w = torch.randn(64, 64, requires_grad=True)
+
+    def step():
+        (torch.randn(32, 64) @ w).square().sum().backward()
+
+    h = host_profile(step, "cpu")
+    assert h["n_ops"] > 0 and h["ms_by_area"]["op"] > 0
+    assert any(r["name"].startswith("tests/test_bench.py(") for r in h["top_python"])
+    assert "syncs" not in h  # the sync sites need CUDA
 
 
 def test_sdpa_backend_names_the_op_that_ran():
