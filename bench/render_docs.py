@@ -203,6 +203,8 @@ BLOCKS = {
     "renovation_step": ("step_time_old_new_*.json",
                         lambda ps: "\n\n".join(render_old_new(json.loads(Path(p).read_text())) for p in ps)),
     "selection_patterns": ("msa_patterns_*.json", lambda ps: "\n\n".join(render_patterns(p) for p in ps)),
+    "keep_step": ("keep_old_new_*.json",
+                  lambda ps: "\n\n".join(render_old_new(json.loads(Path(p).read_text())) for p in ps)),
 }
 
 
@@ -222,6 +224,9 @@ COLLECT = {  # file a GPU script writes to $OUT -> its name under docs/results (
     "train_step_small_dense1.json": "train_step_small_dense1_{gpu}.json",
     "train_step_small_dense0.json": "train_step_small_dense0_{gpu}.json",
     "train_step_small_window.json": "train_step_small_window_{gpu}.json",
+    "train_step_small_host.json": "host_profile_small_{gpu}.json",  # not a train_step table: its own section
+    # the selective-checkpointing change (msa.keep) against the commit before it, scaling.md section 1
+    **{f"step_time_old_new_{n}.json": f"keep_old_new_{n // 1024}k_{{gpu}}.json" for n in (16384, 32768, 131072)},
 }
 
 

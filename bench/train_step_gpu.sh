@@ -21,13 +21,16 @@
 #   each fills most of a call: STAGES=dense_layer MSA_GIT_COMMIT=<sha> OUT=$OUT bash bench/train_step_gpu.sh,
 #   then STAGES=1b in the next call;
 #   7. host: where the host time of the host-bound short rows goes, model=small at 16K and 32K, MSA and dense,
-#      each point also under a CPU profile with Python stacks and the sync sites (--host-profile; ~2 min).
+#      each point also under a CPU profile with Python stacks and the sync sites (--host-profile; ~2 min);
+#   8. old_new: one MSA training step of model=small, this tree against OLD_TREE (a `git archive` of commit
+#      OLD_COMMIT in an ignored folder, carried), side by side in alternating rounds
+#      (bench/step_time_old_new.py), at each of OLD_NEW_LENGTHS (default 16K, 32K, 128K; ~80 s each).
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
 # selective, the default, except base_1m), sparse phase.
 # Run from the repository root:  MSA_GIT_COMMIT=<sha of this tree> bash bench/train_step_gpu.sh
 # Results in $OUT: train_step_small.json, train_step_base.json, train_step_base_1m.json (and
 # train_step_base_1m_offload.json after an OOM), train_step_1b.json, train_step_small_dense{1,0,window}.json,
-# train_step_small_host.json, train_step.log.
+# train_step_small_host.json, step_time_old_new_<length>.json, train_step.log.
 set -uo pipefail
 OUT=${OUT:-runs/train_step_gpu}
 LOG=$OUT/train_step.log
@@ -42,6 +45,8 @@ ONE_B=(--model 1b --lengths 16384 131072 524288 --packed 196608 --time-budget 23
 # --no-skip: the 1M point's projection from the one 128K point is coarse (the dense layer's share grows 64x)
 LAYER=(--model small --lengths 131072 1048576 --packed --time-budget 100 --no-skip)
 HOST=(--model small --lengths 16384 32768 --packed --time-budget 100 --host-profile)
+OLD_NEW=(--model small --rounds 2 --steps 2)
+OLD_NEW_LENGTHS=${OLD_NEW_LENGTHS:-16384 32768 131072}
 WINDOW=4096
 if [ "${CPU_CHECK:-0}" = 1 ]; then
   SMALL=(--device cpu --model tiny --lengths 128 256 --packed 256 --time-budget 60)
@@ -49,15 +54,25 @@ if [ "${CPU_CHECK:-0}" = 1 ]; then
   ONE_B=(--device cpu --model tiny --lengths 128 --time-budget 30)
   LAYER=(--device cpu --model tiny --lengths 128 512 --packed --time-budget 30 --no-skip); WINDOW=64
   HOST=(--device cpu --model tiny --lengths 128 --packed --time-budget 30 --host-profile)
+  OLD_NEW=(--device cpu --model tiny --rounds 1 --steps 1); OLD_NEW_LENGTHS=${OLD_NEW_LENGTHS:-256}
   AC="$AC model.n_layers=2"
 fi
 STAGES=${STAGES:-small base base_1m}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 for s in $STAGES; do
-  case $s in small|base|base_1m|1b|dense_layer|host) ;;
-    *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer host)"; exit 2;; esac
+  case $s in small|base|base_1m|1b|dense_layer|host|old_new) ;;
+    *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer host old_new)"; exit 2;; esac
 done
+if want old_new && [ ! -d "${OLD_TREE:-}/train" ]; then
+  echo "STAGES=old_new needs OLD_TREE, a folder with the old tree (git archive <commit> | tar -x -C <folder>)"; exit 2
+fi
 setup
+if want old_new; then
+  for n in $OLD_NEW_LENGTHS; do
+    TAIL=8 stage "old_new_$n" 90 python3 bench/step_time_old_new.py --old "$OLD_TREE" --old-commit "${OLD_COMMIT:-?}" \
+      --new . "${OLD_NEW[@]}" --seq-len "$n" --json "$OUT/step_time_old_new_$n.json" -- $AC
+  done
+fi
 if want host; then
 TAIL=6 stage host 130 python3 -m bench.train_step "${HOST[@]}" --json "$OUT/train_step_small_host.json" -- $AC
 fi

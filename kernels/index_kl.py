@@ -33,6 +33,7 @@ import triton.language as tl
 
 from kernels.common import build_kl_csr, build_layout, check_cu_seqlens, check_limits
 from kernels.ops import index_kl_fwd_op
+from msa.keep import kept
 
 __all__ = ["index_kl_loss"]
 
@@ -254,8 +255,9 @@ class IndexKLLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse):
         grad = q_idx.requires_grad or k_idx.requires_grad
-        # the gradients too, in one op (msa::index_kl_fwd) whose outputs selective checkpointing keeps
-        loss, dq, dk = index_kl_fwd_op(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad)
+        # the gradients too, in one op (msa::index_kl_fwd) whose outputs selective checkpointing keeps (msa.keep)
+        loss, dq, dk = kept("msa::index_kl_fwd", lambda: index_kl_fwd_op(
+            q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad))
         ctx.save_for_backward(dq, dk)
         ctx.dtypes = (q_idx.dtype, k_idx.dtype)
         return loss

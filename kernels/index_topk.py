@@ -29,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import build_layout, check_cu_seqlens, check_limits
+from kernels.common import build_layout, check_cu_seqlens, check_limits, mark_valid_block_idx
 from kernels.ops import select_blocks_op
+from msa.keep import kept
 
 __all__ = ["select_blocks", "select_blocks_fwd", "doc_tiles"]
 
@@ -268,5 +269,7 @@ def select_blocks(q_idx: torch.Tensor, k_idx: torch.Tensor, block_size: int, top
     if fp8 and q_idx.is_cuda and torch.cuda.get_device_capability(q_idx.device) < (8, 9):
         raise ValueError("select_blocks(fp8=True) needs a GPU with fp8 matmuls (sm_89+); call it with "
                          "fp8=False here")
-    return select_blocks_op(q_idx.contiguous(), k_idx.contiguous(), block_size, topk, cu_seqlens, fp8,
-                            fp8_key_scale, gate_from)
+    # kept by selective checkpointing for the block's recompute (msa.keep)
+    block_idx = kept("msa::select_blocks", lambda: select_blocks_op(
+        q_idx.contiguous(), k_idx.contiguous(), block_size, topk, cu_seqlens, fp8, fp8_key_scale, gate_from))
+    return mark_valid_block_idx(block_idx, -(-N // block_size))

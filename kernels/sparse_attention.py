@@ -38,6 +38,7 @@ import triton.language as tl
 
 from kernels.common import build_csr, build_layout, check_block_idx, check_cu_seqlens, check_limits
 from kernels.ops import sparse_attention_fwd_args, sparse_attention_fwd_op
+from msa.keep import kept
 
 LOG2E = 1.4426950408889634
 
@@ -515,11 +516,17 @@ class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_idx, block_size, cu_seqlens, scale, dq_path, launch):
         q, k, v, block_idx = (x.contiguous() for x in (q, k, v, block_idx))
-        layout = build_layout(k.shape[1], block_size, cu_seqlens, q.device)
-        csr = reverse_index(q, block_idx, block_size, layout, dq_path, launch)
-        # through the dispatcher (msa::sparse_attention_fwd), where selective checkpointing can keep (o, lse)
-        o, lse = sparse_attention_fwd_op(q, k, v, block_idx, *sparse_attention_fwd_args(layout, csr, launch),
-                                         block_size, scale)
+
+        def run():
+            layout = build_layout(k.shape[1], block_size, cu_seqlens, q.device)
+            csr = reverse_index(q, block_idx, block_size, layout, dq_path, launch)
+            o, lse = sparse_attention_fwd_op(q, k, v, block_idx, *sparse_attention_fwd_args(layout, csr, launch),
+                                             block_size, scale)
+            return layout, csr, o, lse
+
+        # selective checkpointing keeps the reverse index (a sort and a device->host read to build) and
+        # (o, lse) for the block's recompute (msa.keep); the backward needs all four
+        layout, csr, o, lse = kept("msa::sparse_attention", run)
         ctx.save_for_backward(q, k, v, o, lse, block_idx)
         ctx.layout, ctx.csr, ctx.block_size, ctx.scale = layout, csr, block_size, scale
         ctx.dq_path, ctx.launch = dq_path, launch

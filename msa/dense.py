@@ -10,11 +10,14 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils._python_dispatch import _disable_current_modes
 
+from msa.keep import kept_aten_ops
+
 
 def _lower_right(nq: int, nk: int):
     """``causal_lower_right(nq, nk)`` built outside any dispatch mode: the ``CausalBias`` tensor subclass
-    cannot be created under one (selective checkpointing's: "Creating a new Tensor subclass CausalBias but
-    the raw Tensor object is already associated to a python object", torch 2.13); it holds no data."""
+    cannot be created under one (selective checkpointing's, ``msa.keep.kept_aten_ops``: "Creating a new
+    Tensor subclass CausalBias but the raw Tensor object is already associated to a python object", torch
+    2.13); it holds no data."""
     with _disable_current_modes():
         return causal_lower_right(nq, nk)
 
@@ -106,6 +109,12 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Nq, N = q.shape[1], k.shape[1]
     if Nq > N:
         raise ValueError(f"q has {Nq} positions but k only {N}: queries must be the last Nq <= N keys")
+    with kept_aten_ops():  # selective checkpointing keeps SDPA's outputs for the block's recompute
+        return _dense_attention(q, k, v, cu_seqlens, scale, window, varlen)
+
+
+def _dense_attention(q, k, v, cu_seqlens, scale, window, varlen):
+    Nq, N = q.shape[1], k.shape[1]
     gqa = q.shape[2] != k.shape[2]
     if cu_seqlens is None:
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))

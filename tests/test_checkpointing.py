@@ -96,6 +96,21 @@ def test_selective_keeps_the_kernels_outputs(launches):
         assert out[2] == dict.fromkeys(OPS, runs), (policy, out[2])
 
 
+def test_selective_builds_the_reverse_index_once_and_reads_no_block_idx_back(monkeypatch):
+    """The sparse attention's reverse index (a sort and a device->host read) is kept with its output:
+    built once per MSA layer and step under the selective policy, twice under full; the block ids that
+    select_blocks made are never read back to be checked."""
+    sparse = importlib.import_module("kernels.sparse_attention")  # kernels.sparse_attention is also a function
+    calls = collections.Counter()
+    monkeypatch.setattr(sparse, "build_csr", counting(calls, "build_csr", sparse.build_csr))
+    monkeypatch.setattr(torch, "aminmax", counting(calls, "aminmax", torch.aminmax))
+    batch = _batch()
+    for policy, runs in (("selective", 1), ("full", 2)):
+        calls.clear()
+        _step(_checkpointed(_model("triton", n_layers=3), policy), batch, "sparse", collections.Counter())
+        assert calls == {"build_csr": 2 * runs}, (policy, calls)  # two MSA layers
+
+
 @pytest.mark.parametrize("impl,phase", [("reference", "sparse"), ("reference", "warmup"), ("triton", "warmup")])
 def test_selective_gives_the_gradients_of_no_checkpointing(impl, phase, launches):
     """The reference (plain torch: everything recomputed) and the warm-up phase (dense attention kept,
@@ -143,9 +158,9 @@ def test_selective_recompute_may_run_ops_the_forward_did_not():
     recompute frees and gathers parameters that the forward found resident. Such ops run again without
     being looked up in what the forward recorded, and the kept attention output is still reused: SDPA's
     forward runs once, the gradients are those of no checkpointing."""
-    import torch.nn.functional as F
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from msa.dense import dense_attention
     from train.parallel.parallelize import SAVED_OPS, selective_checkpointed
 
     released = []
@@ -154,7 +169,7 @@ def test_selective_recompute_may_run_ops_the_forward_did_not():
         if released:  # what ZeRO-3 runs in the recompute only: free_param's torch.empty(0), an all-gather's copy
             torch.empty(0), torch.cat([x.detach(), x.detach()])
         q = x * 2
-        return F.scaled_dot_product_attention(q, x, x, is_causal=True).sin()
+        return dense_attention(q, x, x).sin()
 
     class CountAttention(TorchDispatchMode):
         def __init__(self):
@@ -165,7 +180,7 @@ def test_selective_recompute_may_run_ops_the_forward_did_not():
             self.calls += func.name() in SAVED_OPS
             return func(*args, **(kwargs or {}))
 
-    x = torch.randn(1, 2, 24, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    x = torch.randn(1, 24, 2, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
     (ref,) = torch.autograd.grad(block(x).square().sum(), x)
     with CountAttention() as counted:
         loss = selective_checkpointed(block, x).square().sum()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.common import _sort_entries, build_layout, check_cu_seqlens
+from kernels.common import _sort_entries, build_layout, check_block_idx, check_cu_seqlens, mark_valid_block_idx
 
 
 def test_bucket_counts_equal_bincount():
@@ -29,6 +29,20 @@ def test_a_checked_cu_seqlens_is_checked_again_once_written_to():
         check_cu_seqlens(torch.tensor([0, 3, 8], dtype=torch.int32), 1, 9)
 
 
+def test_block_idx_that_select_blocks_made_is_not_read_back_until_written_to():
+    block_idx = torch.tensor([[[[0, -1], [1, 0]]]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"in \[-1, 1\), got -1..1"):
+        check_block_idx(block_idx, 1)
+    mark_valid_block_idx(block_idx, 2)
+    check_block_idx(block_idx, 2)
+    block_idx[0, 0, 0, 0] = 5  # in place: the version moves, so it is read again
+    with pytest.raises(ValueError, match=r"in \[-1, 2\), got -1..5"):
+        check_block_idx(block_idx, 2)
+    mark_valid_block_idx(block_idx, 9)  # marked for 9 blocks: a check for 2 still reads it
+    with pytest.raises(ValueError, match="got -1..5"):
+        check_block_idx(block_idx, 2)
+
+
 def test_the_layout_is_built_once_per_cu_seqlens_and_shape():
     cu = torch.tensor([0, 5, 40, 64], dtype=torch.int32)
     first = build_layout(64, 16, cu, "cpu")
@@ -44,8 +58,9 @@ def test_the_layout_is_built_once_per_cu_seqlens_and_shape():
 
 def test_host_reads_of_an_msa_layer():
     """Device->host reads stall the launch queue. Per MSA layer the selection, attention and KL read one
-    value (the attention's grid sizes) plus the block-index bound check; checking ``cu_seqlens`` and
-    building its layout read once per step, for the first layer only."""
+    value (the attention's grid sizes; the block ids that select_blocks made are not read back to be
+    checked); checking ``cu_seqlens`` and building its layout read once per step, for the first layer
+    only."""
     from torch.overrides import TorchFunctionMode
 
     from msa.layer import AttentionConfig, MSAAttention
@@ -71,4 +86,4 @@ def test_host_reads_of_an_msa_layer():
         with HostReads():
             layer(x, rot, cu)
         reads.append(HostReads.n)
-    assert reads == [4, 2, 2], reads  # was 13 per layer: three checks of cu_seqlens, three layouts
+    assert reads == [3, 1, 1], reads  # was 13 per layer (three checks of cu_seqlens, three layouts), then 4, 2, 2
