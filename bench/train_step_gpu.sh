@@ -46,7 +46,7 @@ ONE_B=(--model 1b --lengths 16384 131072 524288 --packed 196608 --time-budget 23
 LAYER=(--model small --lengths 131072 1048576 --packed --time-budget 100 --no-skip)
 HOST=(--model small --lengths 16384 32768 --packed --time-budget 100 --host-profile)
 OLD_NEW=(--model small --rounds 2 --steps 2)
-OLD_NEW_LENGTHS=${OLD_NEW_LENGTHS:-16384 32768 131072}
+ON_LENGTHS="16384 32768 131072"
 WINDOW=4096
 if [ "${CPU_CHECK:-0}" = 1 ]; then
   SMALL=(--device cpu --model tiny --lengths 128 256 --packed 256 --time-budget 60)
@@ -54,9 +54,10 @@ if [ "${CPU_CHECK:-0}" = 1 ]; then
   ONE_B=(--device cpu --model tiny --lengths 128 --time-budget 30)
   LAYER=(--device cpu --model tiny --lengths 128 512 --packed --time-budget 30 --no-skip); WINDOW=64
   HOST=(--device cpu --model tiny --lengths 128 --packed --time-budget 30 --host-profile)
-  OLD_NEW=(--device cpu --model tiny --rounds 1 --steps 1); OLD_NEW_LENGTHS=${OLD_NEW_LENGTHS:-256}
+  OLD_NEW=(--device cpu --model tiny --rounds 1 --steps 1); ON_LENGTHS=256
   AC="$AC model.n_layers=2"
 fi
+OLD_NEW_LENGTHS=${OLD_NEW_LENGTHS:-$ON_LENGTHS}
 STAGES=${STAGES:-small base base_1m}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 for s in $STAGES; do
