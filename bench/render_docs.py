@@ -46,36 +46,43 @@ def label(meta: dict) -> str:
     return meta["model"] + (f" ({', '.join(extra)})" if extra else "")
 
 
+def labels(metas: list[dict]) -> list[str]:
+    """``label`` of each run, with its commit where two runs would read the same."""
+    plain = [label(m) for m in metas]
+    return [f"{n} @{m.get('commit')}" if plain.count(n) > 1 else n for n, m in zip(plain, metas)]
+
+
 def render_train_step(results: list[dict]) -> str:
     """Throughput, dense-vs-MSA, profile and memory tables of ``bench/train_step.py`` results."""
+    names = labels([r["meta"] for r in results])
     out = []
-    for res in results:
-        out += [f"**{label(res['meta'])}**: " + header(res["meta"]), ""]
+    for res, name in zip(results, names):
+        out += [f"**{name}**: " + header(res["meta"]), ""]
     out += ["| model | attention | row | tokens | step s (timed steps) | tokens/s | MFU | model TFLOP/s | peak GB |",
             "|---|---|---|---|---|---|---|---|---|"]
-    for res in results:
+    for res, name in zip(results, names):
         for p in res["points"]:
             if p["status"] != "ok":
                 continue
             mem = p.get("memory", {})
-            out.append(f"| {label(res['meta'])} | {p['attention']} | {p['layout']}"
+            out.append(f"| {name} | {p['attention']} | {p['layout']}"
                        f"{' (' + str(p['docs']) + ' docs)' if p['layout'] == 'packed' else ''} | {_k(p['seq_len'])} | "
                        f"{p['step_s']:.3f} ({', '.join(f'{t:.3f}' for t in p['step_s_all'])}) | "
                        f"{p['tokens_per_s']:,} | {_num(p.get('mfu'), '{:.1%}')} | {p['model_tflops']:.0f} | "
                        f"{_num(mem.get('peak_gb'), '{:.1f}')} |")
     out += ["", "| model | row | tokens | dense tokens/s | MSA tokens/s | MSA / dense |", "|---|---|---|---|---|---|"]
-    for res in results:
+    for res, name in zip(results, names):
         got = {(p["attention"], p["layout"], p["seq_len"]): p for p in res["points"]}
         for layout, n in dict.fromkeys((p["layout"], p["seq_len"]) for p in res["points"]):
             d, m = got.get(("dense", layout, n)), got.get(("msa", layout, n))
             dv = d["tokens_per_s"] if d and d["status"] == "ok" else None
             mv = m["tokens_per_s"] if m and m["status"] == "ok" else None
-            out.append(f"| {label(res['meta'])} | {layout} | {_k(n)} | {_num(dv) or _why(d)} | {_num(mv) or _why(m)} "
+            out.append(f"| {name} | {layout} | {_k(n)} | {_num(dv) or _why(d)} | {_num(mv) or _why(m)} "
                        f"| {f'{mv / dv:.2f}x' if dv and mv else ''} |")
     out += ["", "Profiled step, GPU time by kernel bucket (ms; `idle`: step wall time with no kernel running):", "",
             "| model | attention | row | tokens | step ms | msa | attention | gemm | elementwise | communication "
             "| other | idle | largest kernel |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for res in results:
+    for res, name in zip(results, names):
         for p in res["points"]:
             prof = p.get("profile")
             if not prof:
@@ -85,7 +92,7 @@ def render_train_step(results: list[dict]) -> str:
             largest = f"{top['name'][:50]} ({top['ms']:.0f})" if top else ""
             buckets = " | ".join(f"{ms[b]:.0f}" for b in ("msa", "attention", "gemm", "elementwise", "communication",
                                                          "other"))
-            out.append(f"| {label(res['meta'])} | {p['attention']} | {p['layout']} | {_k(p['seq_len'])} | "
+            out.append(f"| {name} | {p['attention']} | {p['layout']} | {_k(p['seq_len'])} | "
                        f"{prof['wall_ms']:.0f} | {buckets} | {prof['idle_ms']:.0f} | {largest} |")
     out += ["", "Memory (GB): weights and optimizer state counted from the tensors that hold them; `other` = "
             "allocated after a step minus those two (gradient buffers); `transient` = the timed steps' peak minus "
@@ -93,17 +100,17 @@ def render_train_step(results: list[dict]) -> str:
             "measured by itself; `block inputs` = layers x tokens x dim x 2 bytes (computed, not measured):", "",
             "| model | attention | row | tokens | weights | optimizer | other | transient | peak | reserved peak "
             "| MSA layer alone | block inputs |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for res in results:
+    for res, name in zip(results, names):
         for p in res["points"]:
             mem = p.get("memory")
             if not mem or "peak_gb" not in mem:
                 continue
-            out.append(f"| {label(res['meta'])} | {p['attention']} | {p['layout']} | {_k(p['seq_len'])} | "
+            out.append(f"| {name} | {p['attention']} | {p['layout']} | {_k(p['seq_len'])} | "
                        + " | ".join(_num(mem.get(k), "{:.2f}") if not isinstance(mem.get(k), str) else mem[k][:40]
                                     for k in ("weights_gb", "optimizer_gb", "other_persistent_gb",
                                               "step_transient_gb", "peak_gb", "reserved_peak_gb", "msa_layer_gb",
                                               "checkpointed_inputs_gb_computed")) + " |")
-    stops = [(label(res["meta"]), p) for res in results for p in res["points"] if p["status"] != "ok"]
+    stops = [(name, p) for res, name in zip(results, names) for p in res["points"] if p["status"] != "ok"]
     if stops:
         out += ["", "Not measured, and why:", ""]
         out += [f"- {m} {p['attention']} {p['layout']} {_k(p['seq_len'])}: {p['status']}" for m, p in stops]

@@ -95,7 +95,7 @@ if want dense_layer; then
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
   for v in dense1 dense0 window; do
     case $v in
-      dense1) extra=() ;;
+      dense1) extra=(attention.n_dense_layers=1) ;;  # the default, named so the tables tell the runs apart
       dense0) extra=(attention.n_dense_layers=0) ;;
       window) extra=("model.sliding_window=$WINDOW" "model.sliding_layers=[0]") ;;
     esac
