@@ -231,6 +231,7 @@ COLLECT = {  # file a GPU script writes to $OUT -> its name under docs/results (
     "train_step_small_dense1.json": "train_step_small_dense1_{gpu}.json",
     "train_step_small_dense0.json": "train_step_small_dense0_{gpu}.json",
     "train_step_small_window.json": "train_step_small_window_{gpu}.json",
+    "train_step_small_compiled.json": "train_step_small_compiled_{gpu}.json",
     "train_step_small_host.json": "host_profile_small_{gpu}.json",  # not a train_step table: its own section
     # the selective-checkpointing change (msa.keep) against the commit before it, scaling.md section 1
     **{f"step_time_old_new_{n}.json": f"keep_old_new_{n // 1024}k_{{gpu}}.json" for n in (16384, 32768, 131072)},
