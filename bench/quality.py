@@ -10,7 +10,9 @@ attention phase and runs the evals once on that model (timing them, and compilin
 number of steps N is then the largest that fits every run (set-up + N steps + evals + the final
 checkpoint save, ``--save-s``) into what is left of ``--budget-s``, and every arm and seed trains
 exactly N steps of the same batches (``run.seed`` fixes the data order; the MSA arm's first
-``--warmup-frac`` of them are the dense warm-up).
+``--warmup-frac`` of them are the dense warm-up). ``--final-len L`` ends both arms with a stage at rows
+of ``L`` tokens (``--final-frac`` of the steps, as many tokens per step where ``batch x seq_len`` is a
+multiple of ``L``), as the long-context recipe ends at its longest length; the probe times every stage.
 Runs go seed by seed, dense then MSA, so if time runs out the finished ones are complete pairs; a run
 that would not fit is skipped and listed. ``--jobs J`` runs J of them at once, each in its own process on
 the same GPU: a small model at 8K tokens is bound by kernel launches on the host, so several runs share
@@ -46,6 +48,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -56,7 +59,7 @@ from train.config import check_config
 from train.data import build_tokenizer
 from train.data.build_corpus import ensure_corpus
 from train.eval.runner import evaluate, flatten, fmt_tokens
-from train.loop import start, train, train_step
+from train.loop import enter_stage, start, train, train_step
 from train.parallel import init_distributed
 from train.recipe import build_recipe
 
@@ -82,6 +85,9 @@ def parse(argv=None):
     ap.add_argument("--warmup-frac", type=float, default=0.15, help="MSA arm: dense warm-up share of the steps")
     ap.add_argument("--rope-base", type=float, default=5e5)
     ap.add_argument("--mix", type=float, default=0.25, help="share of tokens from the synthetic retrieval source")
+    ap.add_argument("--final-len", type=int, default=0,
+                    help="both arms end with a stage at this row length (0: none), as many tokens per step")
+    ap.add_argument("--final-frac", type=float, default=0.2, help="with --final-len: its share of the steps")
     ap.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4, 8], help="eval lengths / training length")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS))
     ap.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.5, 1.0])
@@ -115,10 +121,8 @@ def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool)
            f"checkpoint.every={args.save_every if args.steps else 0}", "checkpoint.keep_last=1",
            f"run.steps={steps}", f"run.seed={seed}",
            f"run_dir={run_dir}"]
-    if arm == "dense":
-        out.append("attention=dense")
-    else:
-        out += ["attention=msa", f"recipe.warmup_steps={max(1, round(args.warmup_frac * steps))}"]
+    out.append(f"attention={arm}")
+    out += recipe_overrides(args, arm, steps)
     if evals:  # once, after the last step, inside the run (the model is still on the GPU)
         lengths = [m * args.seq_len for m in args.multiples]
         out += [f"eval.every={steps}", f"eval.lengths=[{','.join(map(str, lengths))}]",
@@ -126,6 +130,32 @@ def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool)
                 f"eval.items={args.items}", f"eval.rows={args.rows}", f"eval.generate={str(args.generate).lower()}",
                 f"eval.batch_tokens={max(lengths)}"]
     return out + list(args.overrides)
+
+
+def stage_plan(args, arm: str, steps: int) -> list[dict]:
+    """The stages of a run of ``steps``: the MSA arm's dense warm-up (``--warmup-frac``), then the main
+    stage at ``--seq-len``, and with ``--final-len`` a last stage (``--final-frac`` of the steps, both arms)
+    at that length with as many tokens per step (``batch x seq_len / final_len`` rows, at least 1)."""
+    final = max(1, round(args.final_frac * steps)) if args.final_len else 0
+    warm = max(1, round(args.warmup_frac * steps)) if arm == "msa" else 0
+    if warm + final >= steps:
+        raise SystemExit(f"{steps} steps leave no main stage after {warm} warm-up and {final} final steps: "
+                         "lower --warmup-frac or --final-frac, or train more steps")
+    stages = ([{"name": "warmup", "steps": warm, "phase": "warmup"}] if warm else []) + [
+        {"name": "main", "steps": steps - warm - final}]
+    if final:
+        rows = max(1, args.batch * args.seq_len // args.final_len)
+        stages.append({"name": "final", "steps": final, "seq_len": args.final_len, "batch_size": rows})
+    return stages
+
+
+def recipe_overrides(args, arm: str, steps: int) -> list[str]:
+    """``stage_plan`` as Hydra overrides: a warm-up length alone where that is all, else ``recipe.stages``."""
+    stages = stage_plan(args, arm, steps)
+    if not args.final_len:
+        return [f"recipe.warmup_steps={stages[0]['steps']}"] if arm == "msa" else []
+    entries = ",".join("{" + ",".join(f"{k}:{v}" for k, v in st.items()) + "}" for st in stages)
+    return ["recipe.warmup_steps=0", f"recipe.stages=[{entries}]"]
 
 
 def free(env) -> None:
@@ -146,20 +176,21 @@ def probe_arm(args, env, tokenizer, arm: str, run_dir: Path) -> dict:
     t0 = time.perf_counter()
     run = start(cfg, env, stages, stages[0], tokenizer)
     out = {"setup_s": time.perf_counter() - t0}
-    for stage in stages:  # dense: one stage; MSA: warm-up, then sparse
-        run.stage = stage
+    quiet = SimpleNamespace(message=lambda text: None)
+    for stage in stages:  # stage_plan's: the MSA arm's warm-up, the main stage, the final stage
+        enter_stage(run, stage, stage.start, quiet, {})
         t0 = time.perf_counter()
         for _ in range(COMPILE_STEPS):
             train_step(run)
         sync(env.device)
-        out[f"first_{stage.phase}_s"] = time.perf_counter() - t0
+        out[f"first_{stage.name}_s"] = time.perf_counter() - t0
         times = []
         for _ in range(PROBE_STEPS):
             t0 = time.perf_counter()
             train_step(run)
             sync(env.device)
             times.append(time.perf_counter() - t0)
-        out[f"{stage.phase}_step_s"] = statistics.median(times)
+        out[f"{stage.name}_step_s"] = statistics.median(times)
     out["eval_s"] = args.eval_s
     if args.eval_s is None:
         t0 = time.perf_counter()
@@ -187,9 +218,7 @@ def plan(args, timing: dict, left_s: float) -> tuple[int, dict]:
     """Steps per run so that every run fits ``left_s``, and the per-run estimate it used. One job: the
     runs one after the other. ``--jobs J``: waves of J runs at once, each wave as long as its slowest run
     (the timings come from a probe that loaded the GPU alike)."""
-    w = args.warmup_frac
-    step_s = {"dense": timing["dense"]["sparse_step_s"],
-              "msa": w * timing["msa"]["warmup_step_s"] + (1 - w) * timing["msa"]["sparse_step_s"]}
+    step_s = {arm: mean_step_s(args, arm, timing[arm]) for arm in ARMS}
     fixed = {arm: timing[arm]["setup_s"] + timing[arm]["eval_s"] + args.save_s for arm in ARMS}
     n_runs = len(args.seeds)
     if args.jobs <= 1:
@@ -199,6 +228,13 @@ def plan(args, timing: dict, left_s: float) -> tuple[int, dict]:
         steps = int((MARGIN * left_s - waves * max(fixed.values())) / (waves * max(step_s.values())))
     steps = max(args.min_steps, min(args.max_steps, steps))
     return steps, {arm: fixed[arm] + steps * step_s[arm] for arm in ARMS}
+
+
+def mean_step_s(args, arm: str, timing: dict, nominal: int = 1000) -> float:
+    """An arm's seconds per step over a whole run: its stages' probed step times (``<name>_step_s``)
+    weighted by their shares of the steps in ``stage_plan``."""
+    stages = stage_plan(args, arm, nominal)
+    return sum(st["steps"] * timing[f"{st['name']}_step_s"] for st in stages) / nominal
 
 
 def loss_curve(rows: list[dict]) -> list[list[float]]:

@@ -293,9 +293,10 @@ def test_quality_plan_fits_the_runs_serial_and_in_waves():
 
     from bench.quality import plan
 
-    timing = {"dense": {"setup_s": 5.0, "eval_s": 10.0, "sparse_step_s": 0.5},
-              "msa": {"setup_s": 5.0, "eval_s": 20.0, "warmup_step_s": 0.2, "sparse_step_s": 0.4}}
-    args = Namespace(warmup_frac=0.25, save_s=5.0, seeds=[0, 1, 2], jobs=1, min_steps=1, max_steps=10**6)
+    timing = {"dense": {"setup_s": 5.0, "eval_s": 10.0, "main_step_s": 0.5},
+              "msa": {"setup_s": 5.0, "eval_s": 20.0, "warmup_step_s": 0.2, "main_step_s": 0.4}}
+    args = Namespace(warmup_frac=0.25, final_len=0, final_frac=0.2, batch=2, seq_len=256, save_s=5.0,
+                     seeds=[0, 1, 2], jobs=1, min_steps=1, max_steps=10**6)
     # one after the other: 3 x (20 + 30) s fixed, 3 x (0.5 + 0.25 x 0.2 + 0.75 x 0.4) s per step
     steps, estimate = plan(args, timing, 400.0)
     assert steps == 98 and estimate == pytest.approx({"dense": 20 + 98 * 0.5, "msa": 30 + 98 * 0.35})
@@ -303,6 +304,33 @@ def test_quality_plan_fits_the_runs_serial_and_in_waves():
     assert plan(Namespace(**{**vars(args), "jobs": 6}), timing, 400.0)[0] == 660  # (360 - 30) / 0.5
     assert plan(Namespace(**{**vars(args), "jobs": 4}), timing, 400.0)[0] == 300  # 2 waves: (360 - 60) / 1.0
     assert plan(Namespace(**{**vars(args), "min_steps": 700, "jobs": 4}), timing, 400.0)[0] == 700
+
+
+def test_quality_final_stage_keeps_the_tokens_per_step_and_is_planned(tmp_path):
+    """--final-len: both arms end with a stage at that length, with as many tokens per step; the MSA arm
+    starts with its warm-up; the plan weighs each stage's probed step time by its share of the steps."""
+    from argparse import Namespace
+
+    from bench.meta import compose
+    from bench.quality import mean_step_s, overrides
+    from train.recipe import build_recipe
+
+    args = Namespace(model="tiny", seq_len=256, batch=4, rope_base=5e5, lr=1e-3, mix=0.25, tasks=["passkey"],
+                     warmup_frac=0.1, final_len=1024, final_frac=0.2, steps=None, save_every=50, overrides=[])
+    for arm, names in (("dense", ["main", "final"]), ("msa", ["warmup", "main", "final"])):
+        stages = build_recipe(compose(overrides(args, arm, 0, 50, tmp_path, evals=False)))
+        assert [st.name for st in stages] == names and stages[-1].end == 50
+        assert stages[-1].end - stages[-1].start == 10
+        assert (stages[-1].seq_len, stages[-1].batch_size) == (1024, 1)
+        assert all(st.seq_len * st.batch_size == 1024 for st in stages)
+        assert [st.phase for st in stages][-2:] == ["sparse", "sparse"]
+    timing = {"warmup_step_s": 1.0, "main_step_s": 2.0, "final_step_s": 4.0}
+    assert mean_step_s(args, "msa", timing) == pytest.approx(0.1 * 1 + 0.7 * 2 + 0.2 * 4)
+    no_final = Namespace(**{**vars(args), "final_len": 0})
+    plain = build_recipe(compose(overrides(no_final, "msa", 0, 50, tmp_path, False)))
+    assert [(st.phase, st.end, st.seq_len) for st in plain] == [("warmup", 5, 256), ("sparse", 50, 256)]
+    with pytest.raises(SystemExit, match="no main stage"):
+        overrides(Namespace(**{**vars(args), "final_frac": 0.95}), "msa", 0, 50, tmp_path, False)
 
 
 def test_quality_runs_stopped_at_the_deadline_finish_in_the_next_call(tmp_path):
