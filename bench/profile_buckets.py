@@ -197,7 +197,9 @@ def sync_sites(fn, top: int = 15) -> dict:
 
 def host_profile(fn, device_type: str) -> dict:
     """One run of ``fn`` under a CPU-only ``torch.profiler`` with Python stacks: ``host_summary`` of it
-    (on CUDA also ``sync_sites`` of a second run)."""
+    (on CUDA also ``sync_sites`` of a second run). The Python function events came with torch 2.13 on
+    the CPU; the H200 runs (torch 2.11, Python 3.12) recorded none, only the ops (``top_python`` empty,
+    every self time in area ``op``), for a reason not found yet."""
     import time
 
     import torch

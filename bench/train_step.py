@@ -16,10 +16,11 @@ the median step and the GPU's dense bf16 peak (``train.metrics.PEAK_TFLOPS``); t
 takes at most ``--profile-max-s`` and the budget has room, one more step under ``torch.profiler``
 sorted into buckets by kernel name (``bench/profile_buckets.py``), and with ``--host-profile`` another
 under a CPU profile with Python stacks (``host_profile``: host time by op, by Python function and by
-package, and on CUDA the operations that made the host wait for the GPU, by source line). Memory,
-where the run can tell: weights (the module's parameters), optimizer state (the tensors the optimizer holds: fp32 master
-weights and Adam moments), the rest of what stays allocated after a step (gradient buffers), the
-step's transient peak above that (activations, recomputation, MSA buffers), and with
+package where the profiler records those, and on CUDA the operations that made the host wait for the
+GPU, by source line). Memory, where the run can tell: weights (the module's parameters), optimizer
+state (the tensors the optimizer holds: fp32 master weights and Adam moments), the rest of what stays
+allocated after a step (gradient buffers), the step's transient peak above that (activations,
+recomputation, MSA buffers), and with
 ``--memory-breakdown`` one MSA layer's attention work measured alone (``msa_layer_gb``: selection,
 sparse attention and index KL forward+backward at the model's shapes, beyond their inputs).
 
