@@ -189,7 +189,7 @@ def sync_sites(fn, top: int = 15) -> dict:
     sites: dict[str, int] = {}
     for w in caught:
         if "synchroniz" in str(w.message):
-            key = f"{w.filename.rsplit('/', 2)[-2:]}:{w.lineno}" if w.filename else "?"
+            key = f"{'/'.join(w.filename.rsplit('/', 2)[-2:])}:{w.lineno}" if w.filename else "?"
             sites[key] = sites.get(key, 0) + 1
     rows = sorted(sites.items(), key=lambda kv: -kv[1])[:top]
     return {"n_syncs": sum(sites.values()), "sites": [{"where": k, "count": n} for k, n in rows]}

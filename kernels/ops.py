@@ -1,8 +1,8 @@
 """The kernels' forward launches as ``torch.library`` custom ops (``msa::select_blocks``,
 ``msa::sparse_attention_fwd``, ``msa::index_kl_fwd``), so that dispatch-level tools see each as one
-operator: selective activation checkpointing (``parallel.checkpoint_policy=selective``,
-``train/parallel/parallelize.py``) keeps their outputs instead of launching them again in backward, and
-the profiler lists them by name.
+operator: the profiler lists them by name, and the checkpointing tests count them
+(``train/parallel/parallelize.py``'s ``SAVED_OPS``). What selective checkpointing keeps is marked where
+they are called (``msa.keep.kept``), not by intercepting them.
 
 Each op runs a host function of its kernel module unchanged; the module's public function or its
 ``torch.autograd.Function`` calls the op, so the ops need no autograd formula of their own (they run

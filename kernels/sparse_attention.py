@@ -70,8 +70,8 @@ def _work_item(k, v, work_bucket, work_start, work_end, vb_start, vb_end, i_w, t
 # Integer arguments whose value depends on the selection, not the shape: ``w0``, a query chunk's first work
 # item. Triton compiles a kernel once per pattern of its integer arguments (== 1, divisible by 16), so a
 # data-dependent one compiles a second variant whenever it first falls on a multiple of 16, mid-run. At 128K
-# tokens (two query chunks) that is the likely cause of the one step of 3.5-3.8 s among steps of 1.3 s that
-# three H200 runs showed (docs/scaling.md; not yet confirmed on the GPU).
+# tokens (two query chunks) that gave one step of 3.5-3.8 s among steps of 1.3 s in three of three H200 runs;
+# with w0 unspecialized, five runs showed none (docs/scaling.md, third sweep).
 DATA_DEPENDENT = ["w0"]
 
 
