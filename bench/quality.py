@@ -276,6 +276,18 @@ def run_one(args, arm: str, seed: int, steps: int, work: Path) -> dict:
             "scalars": scalars, "eval": results}
 
 
+def progress(work: Path, spec: str) -> dict:
+    """How far a stopped run got, from its ``metrics.jsonl``: the last step logged, its loss curve and its
+    last logged index recall, in the report so that they come back even if the machine (and with it
+    the checkpoints that would resume the run) does not."""
+    _, arm, seed, _ = spec.split(":")
+    metrics = work / f"{arm}-s{seed}" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    recall = [r["msa/index_recall"] for r in rows if r.get("msa/index_recall") is not None]
+    return {"step": rows[-1]["step"] if rows else None, "loss_curve": loss_curve(rows),
+            "train/index_recall": recall[-1] if recall else None}
+
+
 def summarise(runs: list[dict]) -> dict:
     """Per arm and scalar: mean, standard deviation over seeds (n - 1), min, max, n (None values left out)."""
     out = {}
@@ -444,7 +456,10 @@ class Pool:
     def wait(self, deadline: float) -> list[tuple[str, int]]:
         """The workers that ended, with their exit status, as soon as one has; past the deadline every
         running worker gets SIGTERM (a training run then saves a checkpoint and stops), ``--grace-s``
-        seconds later (with ``--steps``; else 5 s) SIGKILL, and all are reported with STOPPED."""
+        seconds later (with ``--steps``; else 5 s) SIGKILL. A worker that still exited 0 in the grace (a run
+        in its evals finishes them and writes its result) is reported with 0, the others with STOPPED: a
+        finished run's result is collected in this call (it has dropped its checkpoints, so a next call on
+        another machine could only start it again)."""
         while True:
             ended = [(spec, p.returncode) for spec, p in self.running.items() if p.poll() is not None]
             if not ended and time.perf_counter() > deadline:
@@ -456,7 +471,7 @@ class Pool:
                     except subprocess.TimeoutExpired:
                         p.kill()
                         p.wait()
-                ended = [(spec, STOPPED) for spec in self.running]
+                ended = [(spec, 0 if p.returncode == 0 else STOPPED) for spec, p in self.running.items()]
             if ended:
                 for spec, _ in ended:
                     del self.running[spec]
@@ -589,6 +604,7 @@ def main(argv=None) -> None:
             report.update(run_all(args, argv, specs, work, deadline, lambda spec, r: add_run(args, report, r)))
     finally:
         report["total_s"] = time.perf_counter() - t_start
+        report["progress"] = {spec: progress(work, spec) for spec in report["stopped"] if spec.startswith("run:")}
         write(report, args.out, plots=True)
         left = report["stopped"] + report["not_started"]
         if args.work is None and not (args.steps and left):

@@ -348,6 +348,7 @@ def test_quality_runs_stopped_at_the_deadline_finish_in_the_next_call(tmp_path):
     first = json.loads((tmp_path / "out" / "quality.json").read_text())
     assert first["runs"] == [] and first["failed"] == []
     assert sorted(first["stopped"]) == ["run:dense:0:4", "run:msa:0:4"]
+    assert sorted(first["progress"]) == sorted(first["stopped"])  # how far each got, if anywhere
     main(["--budget-s", "600", *argv])
     second = json.loads((tmp_path / "out" / "quality.json").read_text())
     assert second["stopped"] == second["failed"] == second["not_started"] == []
@@ -355,6 +356,45 @@ def test_quality_runs_stopped_at_the_deadline_finish_in_the_next_call(tmp_path):
     assert all([step for step, _ in r["loss_curve"]] == [0, 1, 2, 3] for r in second["runs"])
     assert (tmp_path / "work" / "run-msa-0-4.json").exists()  # a third call would only read it
     assert not (tmp_path / "work" / "msa-s0" / "checkpoints").exists()  # a finished run drops its checkpoints
+
+
+def test_quality_pool_collects_a_worker_that_finishes_in_the_grace(tmp_path):
+    """Past the deadline every worker gets SIGTERM; one that still exits 0 within the grace (a run in its
+    evals, which then writes its result and drops its checkpoints) is reported finished, not stopped:
+    reported as stopped, its result was lost with the machine (the third call of a quality run)."""
+    import subprocess
+    import sys
+    import time
+    from argparse import Namespace
+
+    from bench.quality import STOPPED, Pool
+
+    args = Namespace(out=tmp_path, steps=4, grace_s=20.0)
+    pool = Pool(args, [])
+    finishes = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); time.sleep(60)"
+    saves_and_stops = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(1)); "
+                       "time.sleep(60)")
+    pool.running = {spec: subprocess.Popen([sys.executable, "-c", code]) for spec, code in
+                    (("run:msa:0:4", finishes), ("run:dense:0:4", saves_and_stops))}
+    time.sleep(2.0)  # both have set their handlers
+    ended = dict(pool.wait(deadline=time.perf_counter() - 1.0))
+    assert ended == {"run:msa:0:4": 0, "run:dense:0:4": STOPPED}
+
+
+def test_quality_progress_reads_how_far_a_stopped_run_got(tmp_path):
+    """The report keeps a stopped run's steps, loss curve and last index recall (checked by hand)."""
+    import json
+
+    from bench.quality import progress
+
+    run = tmp_path / "msa-s1"
+    run.mkdir()
+    rows = [{"step": 0, "loss/lm": 5.0}, {"step": 1, "loss/lm": 4.0, "msa/index_recall": 0.5},
+            {"step": 2, "loss/lm": 3.5, "msa/index_recall": 0.75}, {"step": 3, "eval/bpb/8K": 2.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert progress(tmp_path, "run:msa:1:900") == {"step": 3, "loss_curve": [[0, 5.0], [1, 4.0], [2, 3.5]],
+                                                   "train/index_recall": 0.75}
+    assert progress(tmp_path, "run:dense:2:900") == {"step": None, "loss_curve": [], "train/index_recall": None}
 
 
 def test_series_pairs_count_what_the_layers_attend():
