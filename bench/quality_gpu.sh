@@ -8,7 +8,8 @@
 # what the plan reserves for each run's evals, so the probe does not run them (EVAL_S= times them instead);
 # QUALITY_ARGS adds arguments, e.g. QUALITY_ARGS="--seeds 0 1 --generate". A run longer than one call:
 # QUALITY_ARGS="--steps N --save-every 100" fixes the step count (no probe), and the same command run again
-# on the same machine resumes every unfinished run from WORK (default runs/quality_work) until all are done.
+# on the same machine resumes every unfinished run from WORK (default runs/quality_work) until all are done;
+# make that call at once: the lent machine (and WORK with it) is given back 30 s after a call ends.
 # DeepSpeed, Hydra and webdataset come from wheels in .whl/ (../shared/tools/device-wheels .whl); W&B is
 # not needed (every run logs with logging.wandb.mode=disabled); matplotlib is on the GPU image.
 # $OUT gets gpus.txt, quality.log, quality.json, quality_{loss,bpb,retrieval,recall}.png and logs/ (a log per
