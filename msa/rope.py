@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 ROPE_TYPES = ("none", "linear", "dynamic", "yarn", "llama3")
+ROPE_IMPLS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -113,10 +114,14 @@ class Rotary:
     (heads and the index branch may rotate different widths) in float32.
     """
 
-    def __init__(self, positions: torch.Tensor, base: float, scaling: RopeScaling | None = None):
+    def __init__(self, positions: torch.Tensor, base: float, scaling: RopeScaling | None = None,
+                 impl: str = "auto"):
+        if impl not in ROPE_IMPLS:
+            raise ValueError(f"rope impl {impl!r}: use one of {', '.join(ROPE_IMPLS)} (model.rope_impl)")
         self.positions = positions
         self.base = float(base)
         self.scaling = scaling
+        self.impl = impl
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _table(self, rot_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,11 +158,23 @@ class Rotary:
                 self._table(rot_dim)
         return self
 
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether ``apply`` runs the Triton kernel (``kernels.rope``): ``triton`` always (CPU tensors only
+        under ``TRITON_INTERPRET=1``), ``auto`` on CUDA tensors outside ``torch.compile`` (which fuses the
+        PyTorch ops itself), ``torch`` never."""
+        if self.impl == "auto":
+            return x.is_cuda and not torch.compiler.is_compiling()
+        return self.impl == "triton"
+
     def apply(self, x: torch.Tensor, rot_dim: int) -> torch.Tensor:
         """Rotate the first ``rot_dim`` dims of ``x [B, N, heads, dim]`` (halves convention)."""
         if rot_dim == 0:
             return x
         cos, sin = self._table(rot_dim)
+        if self.fused(x):
+            from kernels.rope import rotary_apply
+
+            return rotary_apply(x, cos, sin, rot_dim)
         rot, rest = x[..., :rot_dim].float(), x[..., rot_dim:]
         x1, x2 = rot.chunk(2, dim=-1)
         rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

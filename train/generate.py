@@ -87,7 +87,8 @@ def extend(model, cache: KVCache, batch: dict, phase: str = "sparse", stats_quer
     if B != cache.batch or n1 > cache.max_len:
         raise ValueError(f"{B} rows of {m} tokens do not fit a cache of {cache.batch} rows at {n0}/{cache.max_len}")
     x = model.embed_inputs(batch)
-    rotary = Rotary(torch.arange(n0, n1, device=x.device).expand(B, m), model.rope_base, model.rope_scaling)
+    rotary = Rotary(torch.arange(n0, n1, device=x.device).expand(B, m), model.rope_base, model.rope_scaling,
+                    model.cfg.rope_impl)
     stats, selected = [], []
     for i, block in enumerate(model.layers):
         attn, core = block.attn, _core(block.attn)

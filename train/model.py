@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from msa.layer import PHASES, Attention, AttentionConfig, MSAAttention, Phase, check_attention
-from msa.rope import RopeScaling, Rotary, check_rope_scaling
+from msa.rope import ROPE_IMPLS, RopeScaling, Rotary, check_rope_scaling
 from train.vision import VisionConfig, build_vision
 
 
@@ -39,6 +39,7 @@ class ModelConfig:
     rope_dim: int = 16  # partial RoPE: rotary on the first rope_dim dims of each head
     rope_base: float = 10000.0  # a recipe stage may set its own
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # a recipe stage may set its own
+    rope_impl: str = "auto"  # auto: the fused Triton kernel (kernels/rope.py) on CUDA, else PyTorch | torch | triton
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     qk_norm: bool = True  # per-head RMS QK-norm (pretrained Llama/Mistral/Qwen2 have none)
@@ -64,6 +65,8 @@ def check_model(cfg: ModelConfig, attn: AttentionConfig) -> None:
     if bad:
         raise ValueError(f"model.sliding_layers={cfg.sliding_layers}: {bad} outside [0, model.n_layers={cfg.n_layers})")
     check_rope_scaling(cfg.rope_scaling)
+    if cfg.rope_impl not in ROPE_IMPLS:
+        raise ValueError(f"model.rope_impl={cfg.rope_impl!r}: use one of {', '.join(ROPE_IMPLS)}")
     check_attention(attn, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers)
 
 
@@ -231,7 +234,7 @@ class Decoder(nn.Module):
         if cu_seqlens is not None and x.shape[0] > 1:  # packed rows: one sequence of B*N tokens
             x, positions, labels = x.reshape(1, -1, x.shape[-1]), positions.reshape(1, -1), labels.reshape(1, -1)
         widths = {w for b in self.layers for w in (b.attn.rope_dim, getattr(b.attn, "index_rope_dim", 0))}
-        rotary = Rotary(positions, self.rope_base, self.rope_scaling).build(*widths)
+        rotary = Rotary(positions, self.rope_base, self.rope_scaling, self.cfg.rope_impl).build(*widths)
         kl, layer_kl, layer_stats = x.new_zeros((), dtype=torch.float32), [], []
         for block in self.layers:
             args = (x, rotary, cu_seqlens, phase, stats_queries)
