@@ -25,6 +25,9 @@
 #   8. old_new: one MSA training step of model=small, this tree against OLD_TREE (a `git archive` of commit
 #      OLD_COMMIT in an ignored folder, carried), side by side in alternating rounds
 #      (bench/step_time_old_new.py), at each of OLD_NEW_LENGTHS (default 16K, 32K, 128K; ~80 s each).
+#   9. rope: the fused RoPE kernel (kernels/rope.py) against the PyTorch path: bench/rope.py for small and
+#      base at 16K and 32K (device time, host time, kernels per forward+backward), its GPU tests, and one
+#      MSA step of small at 16K and 32K with model.rope_impl=torch, then =triton (~3 min).
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
 # selective, the default, except base_1m), sparse phase.
 # Run from the repository root:  MSA_GIT_COMMIT=<sha of this tree> bash bench/train_step_gpu.sh
@@ -61,8 +64,8 @@ OLD_NEW_LENGTHS=${OLD_NEW_LENGTHS:-$ON_LENGTHS}
 STAGES=${STAGES:-small base base_1m}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 for s in $STAGES; do
-  case $s in small|base|base_1m|1b|dense_layer|host|old_new) ;;
-    *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer host old_new)"; exit 2;; esac
+  case $s in small|base|base_1m|1b|dense_layer|host|old_new|rope) ;;
+    *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer host old_new rope)"; exit 2;; esac
 done
 if want old_new && [ ! -d "${OLD_TREE:-}/train" ]; then
   echo "STAGES=old_new needs OLD_TREE, a folder with the old tree (git archive <commit> | tar -x -C <folder>)"; exit 2
@@ -73,6 +76,20 @@ if want old_new; then
     TAIL=8 stage "old_new_$n" 90 python3 bench/step_time_old_new.py --old "$OLD_TREE" --old-commit "${OLD_COMMIT:-?}" \
       --new . "${OLD_NEW[@]}" --seq-len "$n" --json "$OUT/step_time_old_new_$n.json" -- $AC
   done
+fi
+if want rope; then
+  if [ "${CPU_CHECK:-0}" = 1 ]; then
+    echo "rope: needs a GPU (the kernel on CUDA tensors); skipped in the CPU rehearsal" | tee -a "$LOG"
+  else
+    for m in small base; do
+      TAIL=3 stage "rope_$m" 60 python3 -m bench.rope --model "$m" --seq-len 16384 32768 --json "$OUT/rope_$m.json"
+    done
+    TAIL=3 stage rope_tests 90 python3 -m pytest -q tests/test_kernel_rope.py -m gpu
+    for impl in torch triton; do
+      TAIL=4 stage "rope_step_$impl" 100 python3 -m bench.train_step --model small --lengths 16384 32768 \
+        --time-budget 80 --attention msa --json "$OUT/train_step_small_rope_$impl.json" -- $AC "model.rope_impl=$impl"
+    done
+  fi
 fi
 if want host; then
 TAIL=6 stage host 130 python3 -m bench.train_step "${HOST[@]}" --json "$OUT/train_step_small_host.json" -- $AC

@@ -115,7 +115,7 @@ class Rotary:
     """
 
     def __init__(self, positions: torch.Tensor, base: float, scaling: RopeScaling | None = None,
-                 impl: str = "auto"):
+                 impl: str = "torch"):
         if impl not in ROPE_IMPLS:
             raise ValueError(f"rope impl {impl!r}: use one of {', '.join(ROPE_IMPLS)} (model.rope_impl)")
         self.positions = positions

@@ -60,7 +60,7 @@ def test_rotary_impl_choice_and_errors():
     from kernels.rope import rotary_apply
 
     pos = positions(1, 8, "cpu")
-    assert not Rotary(pos, 1e4).fused(torch.zeros(1))  # auto: PyTorch for CPU tensors
+    assert not Rotary(pos, 1e4, None, "auto").fused(torch.zeros(1))  # auto: PyTorch for CPU tensors
     assert Rotary(pos, 1e4, None, "triton").fused(torch.zeros(1))
     assert not Rotary(pos, 1e4, None, "torch").fused(torch.zeros(1))
     with pytest.raises(ValueError, match="model.rope_impl"):
