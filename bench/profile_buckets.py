@@ -9,7 +9,8 @@ Buckets, checked in this order (the first match wins):
   ``kernels/`` runs through torch), and every name no rule knows;
 - ``gemm``: cuBLAS/cuBLASLt/CUTLASS matrix products (``*gemm*``, ``nvjet_*``, ``*xmma*``, ``gemv*``);
 - ``elementwise``: elementwise, reduction, normalisation, softmax/cross-entropy, indexing, embedding,
-  the optimizer's multi-tensor kernels, Inductor's ``triton_poi/red/per`` kernels.
+  the optimizer's multi-tensor kernels, Inductor's ``triton_poi/red/per`` kernels, and the fused RoPE of
+  ``kernels/rope.py`` (``rotary_kernel``: the same bucket as the PyTorch ops it replaces).
 On the CPU (no kernels) the same rules sort the aten ops (``aten::mm`` is a GEMM, and so on) by self time.
 """
 
@@ -30,7 +31,8 @@ _RULES = [
                                r"cunn_|nll_loss|cross_entropy|index|scatter|gather|copy|cat|fill|embedding|"
                                r"silu|sigmoid|gelu|where|pow|sum|mean|amax|max|min|arange|adam|unrolled|"
                                r"vectorized|distribution|clamp|compare|rsqrt|exp|mul|add|div|sub|neg|"
-                               r"masked|tanh|abs|sqrt|cumsum|lerp|foreach|zero|ones|empty_strided|to_copy", re.I)),
+                               r"masked|tanh|abs|sqrt|cumsum|lerp|foreach|zero|ones|empty_strided|to_copy|"
+                               r"rotary", re.I)),
 ]
 
 
