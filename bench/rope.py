@@ -9,6 +9,8 @@ For one layer of a model at one row length it rotates what an MSA layer rotates 
 Run on the GPU machine from the repository root, results as JSON to ``--json``:
 
     python3 -m bench.rope --model small --seq-len 16384 --json runs/rope_small_16k.json
+
+``--device cpu`` (with ``TRITON_INTERPRET=1``, short rows) checks the script, not the speed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bench.meta import run_meta
+from bench.timing import measure, sync
 
 SHAPES = {  # heads, KV heads, head dim, rotated dims, index dim (the conf/model presets, conf/attention/msa)
     "small": (8, 2, 128, 64, 64),
@@ -28,20 +31,20 @@ SHAPES = {  # heads, KV heads, head dim, rotated dims, index dim (the conf/model
 }
 
 
-def tensors(model: str, n: int, dense: bool, dtype=torch.bfloat16):
+def tensors(model: str, n: int, dense: bool, device: str = "cuda", dtype=torch.bfloat16):
     H, Hkv, D, R, Di = SHAPES[model]
-    out = [(torch.randn(1, n, H, D, device="cuda", dtype=dtype), R),
-           (torch.randn(1, n, Hkv, D, device="cuda", dtype=dtype), R)]
+    out = [(torch.randn(1, n, H, D, device=device, dtype=dtype), R),
+           (torch.randn(1, n, Hkv, D, device=device, dtype=dtype), R)]
     if not dense:
-        out += [(torch.randn(1, n, Hkv, Di, device="cuda", dtype=dtype), min(R, Di)),
-                (torch.randn(1, n, 1, Di, device="cuda", dtype=dtype), min(R, Di))]
+        out += [(torch.randn(1, n, Hkv, Di, device=device, dtype=dtype), min(R, Di)),
+                (torch.randn(1, n, 1, Di, device=device, dtype=dtype), min(R, Di))]
     return [(x.requires_grad_(True), r) for x, r in out]
 
 
 def step_fn(impl: str, n: int, xs):
     from msa.rope import Rotary
 
-    pos = torch.arange(n, device="cuda")[None]
+    pos = torch.arange(n, device=xs[0][0].device)[None]
     rot = Rotary(pos, 1e6, None, impl).build(*{r for _, r in xs})
     grads = [torch.randn_like(x) for x, _ in xs]
 
@@ -51,7 +54,10 @@ def step_fn(impl: str, n: int, xs):
     return step
 
 
-def kernels_per_step(step) -> int:
+def kernels_per_step(step, device: str) -> int | None:
+    """CUDA kernels launched by one call of ``step`` (None off CUDA)."""
+    if device != "cuda":
+        return None
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -60,39 +66,43 @@ def kernels_per_step(step) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def host_us(step, calls: int = 50) -> float:
-    torch.cuda.synchronize()
+def host_us(step, device: str, calls: int = 50) -> float:
+    """Microseconds of host time per call of ``step``, ``calls`` calls without a sync between them."""
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(calls):
         step()
     t = time.perf_counter() - t0
-    torch.cuda.synchronize()
+    sync(device)
     return t / calls * 1e6
 
 
 def main(argv=None) -> dict:
-    from triton.testing import do_bench
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(SHAPES), default="small")
     ap.add_argument("--seq-len", type=int, nargs="+", default=[16384])
     ap.add_argument("--dense", action="store_true", help="rotate q and k only (a dense layer)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--calls", type=int, default=50, help="calls per host-time measurement")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    # bf16 on the GPU (what training runs); the interpreter on CPU is exact only in fp32
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     points = []
     for n in args.seq_len:
-        xs = tensors(args.model, n, args.dense)
+        xs = tensors(args.model, n, args.dense, args.device, dtype)
         row = {"seq_len": n, "tensors": len(xs)}
         for impl in ("torch", "triton"):
             step = step_fn(impl, n, xs)
-            step()  # compile
-            row[impl] = {"device_ms": do_bench(step, warmup=10, rep=50), "host_us": host_us(step),
-                         "kernels": kernels_per_step(step)}
+            ms, how = measure(step, device=args.device)  # its warm-up call compiles the kernel
+            row[impl] = {"device_ms": ms, "how": how, "host_us": host_us(step, args.device, args.calls),
+                         "kernels": kernels_per_step(step, args.device)}
         row["device_speedup"] = row["torch"]["device_ms"] / row["triton"]["device_ms"]
         row["host_speedup"] = row["torch"]["host_us"] / row["triton"]["host_us"]
         print(json.dumps(row), flush=True)
         points.append(row)
-    out = {"meta": {**run_meta(), "model": args.model, "dense": args.dense}, "points": points}
+    out = {"meta": {**run_meta(), "model": args.model, "dense": args.dense, "device": args.device,
+                    "dtype": str(dtype)}, "points": points}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1))

@@ -106,6 +106,22 @@ def test_model_rope_impl_is_checked_and_gives_the_same_loss():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_bench_rope_runs_and_records_both_paths(tmp_path):
+    """bench/rope.py on CPU (the interpreter): both paths timed, host time per call, the meta a result needs."""
+    import json
+
+    from bench.rope import main
+
+    out = main(["--device", "cpu", "--seq-len", "24", "--calls", "2", "--json", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text()) == out
+    (row,) = out["points"]
+    assert row["seq_len"] == 24 and row["tensors"] == 4
+    for impl in ("torch", "triton"):
+        assert row[impl]["device_ms"] > 0 and row[impl]["host_us"] > 0 and row[impl]["kernels"] is None
+    assert row["device_speedup"] == row["torch"]["device_ms"] / row["triton"]["device_ms"]
+    assert {"gpu", "torch", "triton", "commit", "command", "date_utc"} <= set(out["meta"])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("B,N,HX,D,R,scaling", CASES + [(1, 4099, 8, 128, 64, None), (1, 4099, 2, 64, 64, None)])
