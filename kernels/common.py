@@ -69,6 +69,7 @@ def check_limits(*, head_dim: int | None = None, block_size: int | None = None, 
 # check or layout built again cost device->host reads (which stall the launch queue) and small launches.
 _CHECKED = WeakIdKeyDictionary()  # cu_seqlens -> (version, N) it passed check_cu_seqlens with
 _LAYOUTS = WeakIdKeyDictionary()  # cu_seqlens -> ((version, N, block_size, device), Layout)
+_ONE_DOC_LAYOUTS: dict = {}  # (N, block_size, device) -> Layout of one document per row (read only)
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -135,11 +136,16 @@ def build_layout(N: int, block_size: int, cu_seqlens: torch.Tensor | None, devic
     """The layout of ``N`` keys; ``cu_seqlens`` must have passed ``check_cu_seqlens``. Built once per
     ``cu_seqlens`` tensor (while it lives unwritten) and shape: the layers of a step share it."""
     n_blocks = -(-N // block_size)
-    if cu_seqlens is None:
-        vb_start = torch.arange(n_blocks, device=device, dtype=torch.int32) * block_size
-        return Layout(torch.zeros(N, dtype=torch.int32, device=device),
-                      torch.zeros(N, dtype=torch.long, device=device),
-                      vb_start, (vb_start + block_size).clamp_max(N), n_blocks)
+    if cu_seqlens is None:  # one document per row: the same layout for every layer and step of a shape
+        key = (N, block_size, torch.device(device))
+        if key not in _ONE_DOC_LAYOUTS:
+            if len(_ONE_DOC_LAYOUTS) >= 8:  # a few shapes (a recipe's stages, evals at several lengths)
+                _ONE_DOC_LAYOUTS.pop(next(iter(_ONE_DOC_LAYOUTS)))
+            vb_start = torch.arange(n_blocks, device=key[2], dtype=torch.int32) * block_size
+            _ONE_DOC_LAYOUTS[key] = Layout(torch.zeros(N, dtype=torch.int32, device=key[2]),
+                                           torch.zeros(N, dtype=torch.long, device=key[2]),
+                                           vb_start, (vb_start + block_size).clamp_max(N), n_blocks)
+        return _ONE_DOC_LAYOUTS[key]
     key = (_version(cu_seqlens), N, block_size, torch.device(device))
     cached = _LAYOUTS.get(cu_seqlens)
     if key[0] is not None and cached is not None and cached[0] == key:

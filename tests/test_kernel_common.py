@@ -56,6 +56,21 @@ def test_the_layout_is_built_once_per_cu_seqlens_and_shape():
     assert rebuilt is not first and rebuilt.tok_start[8:10].tolist() == [0, 9]
 
 
+def test_the_one_document_layout_is_built_once_per_shape_and_equals_one_packed_document():
+    """Rows without ``cu_seqlens`` share one layout per (length, block size, device) across layers and steps
+    (it was built again by every layer's forward and recompute); it equals a one-document ``cu_seqlens``'s."""
+    one = build_layout(70, 16, None, "cpu")
+    assert build_layout(70, 16, None, "cpu") is one
+    assert build_layout(70, 32, None, "cpu") is not one and build_layout(71, 16, None, "cpu") is not one
+    packed = build_layout(70, 16, torch.tensor([0, 70], dtype=torch.int32), "cpu")
+    for f in ("tok_start", "tok_vb", "vb_start", "vb_end"):
+        assert torch.equal(getattr(one, f), getattr(packed, f).to(getattr(one, f).dtype)), f
+    assert one.n_blocks == packed.n_blocks == 5
+    for n in range(100, 110):  # a bounded cache: old shapes make room
+        build_layout(n, 16, None, "cpu")
+    assert build_layout(70, 16, None, "cpu") is not one
+
+
 def test_host_reads_of_an_msa_layer():
     """Device->host reads stall the launch queue. Per MSA layer the selection, attention and KL read one
     value (the attention's grid sizes; the block ids that select_blocks made are not read back to be
