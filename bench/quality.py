@@ -23,7 +23,10 @@ instead of probing it. ``--steps N`` fixes N (no probe) and makes the run resuma
 save every ``--save-every`` steps, the budget's end stops them with SIGTERM (``--grace-s`` to save), and
 the same command again reads the finished runs from ``--work`` and resumes the others. Both arms use the
 same RoPE base (``--rope-base``, the long_context recipe's base for 8K stages) in training and at every
-eval length.
+eval length. ``--arms`` picks the arms (default ``dense msa``): ``msa_nodense`` is MSA with no dense first
+layer (``attention.n_dense_layers=0``), ``msa_window`` MSA with the first layer a sliding window of
+``--window`` keys (``model.sliding_window``, ``model.sliding_layers=[0]``): what the options that make
+the 1M step fastest (docs/scaling.md) cost in quality. Every MSA arm has the dense warm-up.
 
 Data: the embedded corpus mixed with the synthetic retrieval source (``--mix`` of the tokens), so a small
 model can learn retrieval in a short run. Evals (train/eval): held-out bits per byte by position and
@@ -63,7 +66,9 @@ from train.loop import enter_stage, start, train, train_step
 from train.parallel import init_distributed
 from train.recipe import build_recipe
 
-ARMS = ("dense", "msa")
+ARMS = ("dense", "msa")  # the default arms
+# every arm there is: its attention overrides (``--window`` sets msa_window's window)
+ARM_CHOICES = ("dense", "msa", "msa_nodense", "msa_window")
 TASKS = ("passkey", "multikey", "vartrack", "image_needle")
 PROBE_STEPS = 4  # timed steps per phase, after COMPILE_STEPS that compile and autotune
 COMPILE_STEPS = 2
@@ -78,6 +83,9 @@ def parse(argv=None):
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=None, help="run directories (default: <out>/work, removed)")
     ap.add_argument("--model", default="small")
+    ap.add_argument("--arms", nargs="+", choices=ARM_CHOICES, default=list(ARMS),
+                    help="arms to train (each with every seed); the first is the reference of the reports")
+    ap.add_argument("--window", type=int, default=1024, help="msa_window: the first layer's sliding window (keys)")
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=2, help="rows per step")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -108,7 +116,10 @@ def parse(argv=None):
                     help="at the budget's end, seconds a stopped worker has to save its checkpoint (SIGTERM)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # probe:ARM:I or run:ARM:SEED:STEPS
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for both arms (after --)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if len(set(args.arms)) != len(args.arms):
+        ap.error(f"--arms {' '.join(args.arms)}: each arm once")
+    return args
 
 
 def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool) -> list[str]:
@@ -121,7 +132,7 @@ def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool)
            f"checkpoint.every={args.save_every if args.steps else 0}", "checkpoint.keep_last=1",
            f"run.steps={steps}", f"run.seed={seed}",
            f"run_dir={run_dir}"]
-    out.append(f"attention={arm}")
+    out += arm_overrides(args, arm)
     out += recipe_overrides(args, arm, steps)
     if evals:  # once, after the last step, inside the run (the model is still on the GPU)
         lengths = [m * args.seq_len for m in args.multiples]
@@ -132,12 +143,31 @@ def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool)
     return out + list(args.overrides)
 
 
+def sparse(arm: str) -> bool:
+    """Whether an arm is MSA (a dense warm-up, then top-k)."""
+    return arm != "dense"
+
+
+def arm_overrides(args, arm: str) -> list[str]:
+    """The Hydra overrides that make an arm what it is (``ARM_CHOICES``)."""
+    if arm == "dense":
+        return ["attention=dense"]
+    out = ["attention=msa"]
+    if arm == "msa_nodense":
+        out.append("attention.n_dense_layers=0")
+    elif arm == "msa_window":
+        out += [f"model.sliding_window={args.window}", "model.sliding_layers=[0]"]
+    elif arm != "msa":
+        raise ValueError(f"unknown arm {arm!r}: one of {', '.join(ARM_CHOICES)}")
+    return out
+
+
 def stage_plan(args, arm: str, steps: int) -> list[dict]:
     """The stages of a run of ``steps``: the MSA arm's dense warm-up (``--warmup-frac``), then the main
     stage at ``--seq-len``, and with ``--final-len`` a last stage (``--final-frac`` of the steps, both arms)
     at that length with as many tokens per step (``batch x seq_len / final_len`` rows, at least 1)."""
     final = max(1, round(args.final_frac * steps)) if args.final_len else 0
-    warm = max(1, round(args.warmup_frac * steps)) if arm == "msa" else 0
+    warm = max(1, round(args.warmup_frac * steps)) if sparse(arm) else 0
     if warm + final >= steps:
         raise SystemExit(f"{steps} steps leave no main stage after {warm} warm-up and {final} final steps: "
                          "lower --warmup-frac or --final-frac, or train more steps")
@@ -150,10 +180,9 @@ def stage_plan(args, arm: str, steps: int) -> list[dict]:
 
 
 def recipe_overrides(args, arm: str, steps: int) -> list[str]:
-    """``stage_plan`` as Hydra overrides: a warm-up length alone where that is all, else ``recipe.stages``."""
+    """``stage_plan`` as Hydra overrides (``recipe.stages``), so the stages have the names the probe times them
+    by (the default recipe would call the main stage ``sparse``)."""
     stages = stage_plan(args, arm, steps)
-    if not args.final_len:
-        return [f"recipe.warmup_steps={stages[0]['steps']}"] if arm == "msa" else []
     entries = ",".join("{" + ",".join(f"{k}:{v}" for k, v in st.items()) + "}" for st in stages)
     return ["recipe.warmup_steps=0", f"recipe.stages=[{entries}]"]
 
@@ -208,7 +237,7 @@ def probe_arm(args, env, tokenizer, arm: str, run_dir: Path) -> dict:
 def probe(args, env, tokenizer, work: Path) -> dict:
     """Each arm's timings (probe_arm), one arm after the other."""
     out = {}
-    for arm in ARMS:
+    for arm in args.arms:
         out[arm] = probe_arm(args, env, tokenizer, arm, work / f"probe-{arm}")
         print(f"probe {arm}: {json.dumps({k: round(v, 3) for k, v in out[arm].items()})}", flush=True)
     return out
@@ -218,16 +247,16 @@ def plan(args, timing: dict, left_s: float) -> tuple[int, dict]:
     """Steps per run so that every run fits ``left_s``, and the per-run estimate it used. One job: the
     runs one after the other. ``--jobs J``: waves of J runs at once, each wave as long as its slowest run
     (the timings come from a probe that loaded the GPU alike)."""
-    step_s = {arm: mean_step_s(args, arm, timing[arm]) for arm in ARMS}
-    fixed = {arm: timing[arm]["setup_s"] + timing[arm]["eval_s"] + args.save_s for arm in ARMS}
+    step_s = {arm: mean_step_s(args, arm, timing[arm]) for arm in args.arms}
+    fixed = {arm: timing[arm]["setup_s"] + timing[arm]["eval_s"] + args.save_s for arm in args.arms}
     n_runs = len(args.seeds)
     if args.jobs <= 1:
         steps = int((left_s - n_runs * sum(fixed.values())) / (n_runs * sum(step_s.values())))
     else:
-        waves = -(-len(ARMS) * n_runs // args.jobs)
+        waves = -(-len(args.arms) * n_runs // args.jobs)
         steps = int((MARGIN * left_s - waves * max(fixed.values())) / (waves * max(step_s.values())))
     steps = max(args.min_steps, min(args.max_steps, steps))
-    return steps, {arm: fixed[arm] + steps * step_s[arm] for arm in ARMS}
+    return steps, {arm: fixed[arm] + steps * step_s[arm] for arm in args.arms}
 
 
 def mean_step_s(args, arm: str, timing: dict, nominal: int = 1000) -> float:
@@ -288,10 +317,15 @@ def progress(work: Path, spec: str) -> dict:
             "train/index_recall": recall[-1] if recall else None}
 
 
-def summarise(runs: list[dict]) -> dict:
+def report_arms(report: dict) -> list[str]:
+    """The arms of a report (reports written before ``--arms`` had dense and msa)."""
+    return list(report["settings"].get("arms", ARMS))
+
+
+def summarise(runs: list[dict], arms=ARMS) -> dict:
     """Per arm and scalar: mean, standard deviation over seeds (n - 1), min, max, n (None values left out)."""
     out = {}
-    for arm in ARMS:
+    for arm in arms:
         mine = [r["scalars"] for r in runs if r["arm"] == arm]
         keys = sorted({k for s in mine for k in s})
         stats = {}
@@ -316,7 +350,7 @@ def _figure(w, h):
 def plot_loss(report: dict, path: Path) -> None:
     fig = _figure(7, 4)
     ax = fig.subplots()
-    for arm in ARMS:
+    for arm in report_arms(report):
         curves = [r["loss_curve"] for r in report["runs"] if r["arm"] == arm]
         if not curves:
             continue
@@ -342,7 +376,7 @@ def plot_bpb(report: dict, path: Path) -> None:
     for ax, L in zip(axes, lengths):
         name = fmt_tokens(L)
         order = list(report["runs"][0]["eval"]["bpb"][str(L)]["buckets"])  # by position, as evaluated
-        for arm in ARMS:
+        for arm in report_arms(report):
             stats = report["summary"].get(arm, {})
             keys = [f"eval/bpb/{name}/{b}" for b in order if f"eval/bpb/{name}/{b}" in stats]
             if not keys:
@@ -359,10 +393,10 @@ def plot_bpb(report: dict, path: Path) -> None:
 
 def plot_retrieval(report: dict, path: Path) -> None:
     tasks, lengths, depths = report["settings"]["tasks"], report["eval_lengths"], report["settings"]["depths"]
-    fig = _figure(2.2 + 1.0 * len(lengths) * len(tasks), 1.5 + 1.3 * len(ARMS))
-    axes = np.atleast_2d(fig.subplots(len(ARMS), len(tasks), squeeze=False))
+    fig = _figure(2.2 + 1.0 * len(lengths) * len(tasks), 1.5 + 1.3 * len(report_arms(report)))
+    axes = np.atleast_2d(fig.subplots(len(report_arms(report)), len(tasks), squeeze=False))
     image = None
-    for i, arm in enumerate(ARMS):
+    for i, arm in enumerate(report_arms(report)):
         stats = report["summary"].get(arm, {})
         for j, task in enumerate(tasks):
             ax = axes[i, j]
@@ -382,7 +416,9 @@ def plot_retrieval(report: dict, path: Path) -> None:
 
 
 def plot_recall(report: dict, path: Path) -> None:
-    stats = report["summary"].get("msa", {})
+    """Index and needle recall of the first MSA arm of the report."""
+    arm = next((a for a in report_arms(report) if sparse(a)), "msa")
+    stats = report["summary"].get(arm, {})
     lengths = [fmt_tokens(L) for L in report["eval_lengths"]]
     fig = _figure(11, 3.5)
     left, right = fig.subplots(1, 2)
@@ -401,12 +437,12 @@ def plot_recall(report: dict, path: Path) -> None:
     right.set_xticks(range(len(lengths)), lengths)
     right.set(xlabel="eval length", ylabel="needle blocks selected by the question", ylim=(0, 1.05))
     right.legend(fontsize=7)
-    fig.suptitle("MSA indexer, mean over seeds", fontsize=10)
+    fig.suptitle(f"MSA indexer ({arm}), mean over seeds", fontsize=10)
     fig.savefig(path)
 
 
 def write(report: dict, out: Path, plots: bool) -> None:
-    report["summary"] = summarise(report["runs"])
+    report["summary"] = summarise(report["runs"], report_arms(report))
     (out / "quality.json").write_text(json.dumps(report, indent=1))
     if plots and report["runs"]:
         for name, fn in (("loss", plot_loss), ("bpb", plot_bpb), ("retrieval", plot_retrieval),
@@ -522,14 +558,14 @@ def run_all(args, argv: list[str], specs: list[str], work: Path, deadline: float
 def probe_jobs(args, argv: list[str], work: Path, deadline: float) -> dict:
     """The probe under the load of the runs: J probes at once (arms alternating, as the runs will be),
     each arm's timing the slowest of its probes."""
-    n = min(args.jobs, len(ARMS) * len(args.seeds))
-    got = {arm: [] for arm in ARMS}
-    ended = run_all(args, argv, [f"probe:{ARMS[i % 2]}:{i}" for i in range(n)], work, deadline,
+    n = min(args.jobs, len(args.arms) * len(args.seeds))
+    got = {arm: [] for arm in args.arms}
+    ended = run_all(args, argv, [f"probe:{args.arms[i % len(args.arms)]}:{i}" for i in range(n)], work, deadline,
                     lambda spec, r: got[spec.split(":")[1]].append(r))
     if any(ended.values()) or not all(got.values()):
         raise SystemExit(f"probe did not finish: {ended}; logs in {args.out / 'logs'}")
     out = {arm: {k: max(r[k] for r in rs) for k in rs[0]} for arm, rs in got.items()}
-    for arm in ARMS:
+    for arm in args.arms:
         print(f"probe {arm} (slowest of {len(got[arm])} at once): "
               f"{json.dumps({k: round(v, 3) for k, v in out[arm].items()})}", flush=True)
     return out
@@ -538,9 +574,9 @@ def probe_jobs(args, argv: list[str], work: Path, deadline: float) -> dict:
 def run_serial(args, env, steps: int, work: Path, report: dict, t_start: float) -> None:
     for seed in args.seeds:
         paired = True
-        for arm in ARMS:
+        for arm in args.arms:
             left = args.budget_s - (time.perf_counter() - t_start) - 10.0
-            need = sum(report["estimate_s"].values()) if arm == ARMS[0] else report["estimate_s"][arm]
+            need = sum(report["estimate_s"].values()) if arm == args.arms[0] else report["estimate_s"][arm]
             paired = paired and left >= need  # a seed starts only as a pair
             if not paired:
                 report["skipped"].append({"arm": arm, "seed": seed, "left_s": left, "needed_s": need})
@@ -566,11 +602,12 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     work = work_dir(args)
     work.mkdir(parents=True, exist_ok=True)
-    cfg = compose(overrides(args, "msa", 0, 100, work / "check", evals=True))  # fail now on a bad setting
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for stage in build_recipe(cfg):
-        check_config(cfg, stage, 1, tokenizer.vocab_size, device)
+    for arm in args.arms:  # fail now on a bad setting of any arm
+        cfg = compose(overrides(args, arm, 0, 100, work / "check", evals=True))
+        tokenizer = build_tokenizer(cfg.data.tokenizer)
+        for stage in build_recipe(cfg):
+            check_config(cfg, stage, 1, tokenizer.vocab_size, device)
     # --jobs or --steps: only the worker processes use the GPU; else every run in this process
     env = init_distributed(cfg.parallel) if args.jobs <= 1 and not args.steps else None
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -597,7 +634,7 @@ def main(argv=None) -> None:
         if env:
             run_serial(args, env, steps, work, report, t_start)
         else:
-            specs = [f"run:{arm}:{seed}:{steps}" for seed in args.seeds for arm in ARMS]
+            specs = [f"run:{arm}:{seed}:{steps}" for seed in args.seeds for arm in args.arms]
             for spec in [s for s in specs if result_path(work, s).exists()]:  # finished in an earlier call
                 add_run(args, report, json.loads(result_path(work, spec).read_text()))
                 specs.remove(spec)

@@ -298,7 +298,7 @@ def test_quality_plan_fits_the_runs_serial_and_in_waves():
     timing = {"dense": {"setup_s": 5.0, "eval_s": 10.0, "main_step_s": 0.5},
               "msa": {"setup_s": 5.0, "eval_s": 20.0, "warmup_step_s": 0.2, "main_step_s": 0.4}}
     args = Namespace(warmup_frac=0.25, final_len=0, final_frac=0.2, batch=2, seq_len=256, save_s=5.0,
-                     seeds=[0, 1, 2], jobs=1, min_steps=1, max_steps=10**6)
+                     seeds=[0, 1, 2], jobs=1, min_steps=1, max_steps=10**6, arms=["dense", "msa"])
     # one after the other: 3 x (20 + 30) s fixed, 3 x (0.5 + 0.25 x 0.2 + 0.75 x 0.4) s per step
     steps, estimate = plan(args, timing, 400.0)
     assert steps == 98 and estimate == pytest.approx({"dense": 20 + 98 * 0.5, "msa": 30 + 98 * 0.35})
@@ -333,6 +333,58 @@ def test_quality_final_stage_keeps_the_tokens_per_step_and_is_planned(tmp_path):
     assert [(st.phase, st.end, st.seq_len) for st in plain] == [("warmup", 5, 256), ("sparse", 50, 256)]
     with pytest.raises(SystemExit, match="no main stage"):
         overrides(Namespace(**{**vars(args), "final_frac": 0.95}), "msa", 0, 50, tmp_path, False)
+
+
+def test_quality_arms_are_what_they_say(tmp_path):
+    """--arms: each arm's config (no dense first layer, a sliding-window first layer), every MSA arm with the
+    dense warm-up, the summary and the plan over the arms asked for, each arm once."""
+    from argparse import Namespace
+
+    from bench.quality import overrides, parse, plan, summarise
+    from train.recipe import build_recipe
+
+    args = parse(["--out", str(tmp_path), "--model", "tiny", "--seq-len", "256", "--arms", "dense", "msa",
+                  "msa_nodense", "msa_window", "--window", "64", "--warmup-frac", "0.2"])
+    cfgs = {arm: compose(overrides(args, arm, 0, 50, tmp_path, False)) for arm in args.arms}
+    assert cfgs["dense"].attention.kind == "dense"
+    assert [cfgs[a].attention.kind for a in ("msa", "msa_nodense", "msa_window")] == ["msa"] * 3
+    assert cfgs["msa"].attention.n_dense_layers == cfgs["msa_window"].attention.n_dense_layers == 1
+    assert cfgs["msa_nodense"].attention.n_dense_layers == 0
+    assert (cfgs["msa_window"].model.sliding_window, cfgs["msa_window"].model.sliding_layers) == (64, [0])
+    assert cfgs["msa"].model.sliding_window == cfgs["msa_nodense"].model.sliding_window == 0
+    assert {a: build_recipe(c)[0].phase for a, c in cfgs.items()} == {
+        "dense": "sparse", "msa": "warmup", "msa_nodense": "warmup", "msa_window": "warmup"}
+    runs = [{"arm": a, "scalars": {"final_loss": x}} for a, x in
+            (("dense", 1.0), ("dense", 2.0), ("msa_window", 4.0))]
+    summary = summarise(runs, ["dense", "msa_window"])
+    assert summary["dense"]["final_loss"]["mean"] == 1.5 and summary["msa_window"]["final_loss"]["n"] == 1
+    timing = {a: {"setup_s": 5.0, "eval_s": 5.0, "warmup_step_s": 1.0, "main_step_s": 1.0} for a in args.arms}
+    three = Namespace(**{**vars(args), "arms": ["dense", "msa", "msa_window"], "seeds": [0], "jobs": 1,
+                         "save_s": 0.0})
+    assert plan(three, timing, 130.0)[0] == 33  # (130 - 3 x 10 s set-up and evals) / 3 arms / 1 s per step
+    with pytest.raises(SystemExit):
+        parse(["--out", str(tmp_path), "--arms", "msa", "msa"])
+
+
+def test_quality_probe_times_every_stage_and_the_runs_follow(tmp_path):
+    """The planned path (no --steps): the probe times each arm's stages by the names the plan weighs them by
+    (the default recipe's main stage is called ``sparse``; keyed by it, the plan failed), then every run
+    trains the planned steps; a window-first-layer MSA arm beside dense, the report names both."""
+    import json
+
+    from bench.quality import main
+
+    main(["--model", "tiny", "--seq-len", "128", "--batch", "1", "--seeds", "0", "--multiples", "1", "--tasks",
+          "passkey", "--depths", "0", "--items", "1", "--rows", "1", "--budget-s", "150", "--min-steps", "4",
+          "--max-steps", "6", "--arms", "dense", "msa_window", "--window", "32", "--out", str(tmp_path), "--",
+          "attention.block_size=16", "attention.topk=2", "data.image.max_patches=16"])
+    report = json.loads((tmp_path / "quality.json").read_text())
+    assert set(report["probe"]) == {"dense", "msa_window"}
+    assert {"main_step_s", "setup_s", "eval_s"} <= set(report["probe"]["dense"])
+    assert {"warmup_step_s", "main_step_s"} <= set(report["probe"]["msa_window"])
+    assert sorted(r["arm"] for r in report["runs"]) == ["dense", "msa_window"]
+    assert all(len(r["loss_curve"]) == report["steps"] for r in report["runs"])
+    assert set(report["summary"]) == {"dense", "msa_window"}
 
 
 def test_quality_runs_stopped_at_the_deadline_finish_in_the_next_call(tmp_path):
