@@ -577,7 +577,7 @@ def run_serial(args, env, steps: int, work: Path, report: dict, t_start: float) 
         for arm in args.arms:
             left = args.budget_s - (time.perf_counter() - t_start) - 10.0
             need = sum(report["estimate_s"].values()) if arm == args.arms[0] else report["estimate_s"][arm]
-            paired = paired and left >= need  # a seed starts only as a pair
+            paired = paired and left >= need  # a seed starts only with all its arms
             if not paired:
                 report["skipped"].append({"arm": arm, "seed": seed, "left_s": left, "needed_s": need})
                 print(f"skip {arm} seed {seed}: {left:.0f} s left, about {need:.0f} s needed", flush=True)
