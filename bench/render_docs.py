@@ -201,17 +201,20 @@ def _headline(paths: list[str]) -> str:
     return render_headline(json.loads(Path((rerun or paths)[-1]).read_text()))
 
 
+def _old_new_files(paths) -> str:
+    """``render_old_new`` of each ``bench/step_time_old_new.py`` JSON in ``paths``."""
+    return "\n\n".join(render_old_new(json.loads(Path(p).read_text())) for p in paths)
+
+
 BLOCKS = {
     "headline": ("msa_attention_*h200.json", _headline),
     "msa_attention": ("msa_attention_h200.json", lambda ps: render_patterns(ps[0])),
     "train_step": ("train_step_*.json", lambda ps: render_train_step([json.loads(Path(p).read_text()) for p in ps])),
     "renovation_compare": ("compare_kernels_renovation_*.json",
                            lambda ps: "\n\n".join(render_compare(json.loads(Path(p).read_text())) for p in ps)),
-    "renovation_step": ("step_time_old_new_*.json",
-                        lambda ps: "\n\n".join(render_old_new(json.loads(Path(p).read_text())) for p in ps)),
+    "renovation_step": ("step_time_old_new_*.json", _old_new_files),
     "selection_patterns": ("msa_patterns_*.json", lambda ps: "\n\n".join(render_patterns(p) for p in ps)),
-    "keep_step": ("keep_old_new_*.json",
-                  lambda ps: "\n\n".join(render_old_new(json.loads(Path(p).read_text())) for p in ps)),
+    "keep_step": ("keep_old_new_*.json", _old_new_files),
 }
 
 

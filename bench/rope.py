@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bench.meta import run_meta
+from bench.profile_buckets import profile_step
 from bench.timing import measure, sync
 
 SHAPES = {  # heads, KV heads, head dim, rotated dims, index dim (the conf/model presets, conf/attention/msa)
@@ -55,15 +56,8 @@ def step_fn(impl: str, n: int, xs):
 
 
 def kernels_per_step(step, device: str) -> int | None:
-    """CUDA kernels launched by one call of ``step`` (None off CUDA)."""
-    if device != "cuda":
-        return None
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    """CUDA kernels (and copies, memsets) launched by one call of ``step`` (None off CUDA)."""
+    return profile_step(step, device)["n_kernels"] if device == "cuda" else None
 
 
 def host_us(step, device: str, calls: int = 50) -> float:

@@ -46,6 +46,11 @@ def check_rope_scaling(s: RopeScaling, key: str = "model.rope_scaling") -> None:
         raise ValueError(f"{key}.high_freq_factor must exceed {key}.low_freq_factor")
 
 
+def check_rope_impl(impl: str) -> None:
+    if impl not in ROPE_IMPLS:
+        raise ValueError(f"model.rope_impl={impl!r}: use one of {', '.join(ROPE_IMPLS)}")
+
+
 def _plain(rot_dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
 
@@ -116,8 +121,7 @@ class Rotary:
 
     def __init__(self, positions: torch.Tensor, base: float, scaling: RopeScaling | None = None,
                  impl: str = "torch"):
-        if impl not in ROPE_IMPLS:
-            raise ValueError(f"rope impl {impl!r}: use one of {', '.join(ROPE_IMPLS)} (model.rope_impl)")
+        check_rope_impl(impl)
         self.positions = positions
         self.base = float(base)
         self.scaling = scaling

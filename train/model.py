@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from msa.layer import PHASES, Attention, AttentionConfig, MSAAttention, Phase, check_attention
-from msa.rope import ROPE_IMPLS, RopeScaling, Rotary, check_rope_scaling
+from msa.rope import RopeScaling, Rotary, check_rope_impl, check_rope_scaling
 from train.vision import VisionConfig, build_vision
 
 
@@ -67,8 +67,7 @@ def check_model(cfg: ModelConfig, attn: AttentionConfig) -> None:
     if bad:
         raise ValueError(f"model.sliding_layers={cfg.sliding_layers}: {bad} outside [0, model.n_layers={cfg.n_layers})")
     check_rope_scaling(cfg.rope_scaling)
-    if cfg.rope_impl not in ROPE_IMPLS:
-        raise ValueError(f"model.rope_impl={cfg.rope_impl!r}: use one of {', '.join(ROPE_IMPLS)}")
+    check_rope_impl(cfg.rope_impl)
     check_attention(attn, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers)
 
 
