@@ -47,9 +47,13 @@ def label(meta: dict) -> str:
 
 
 def labels(metas: list[dict]) -> list[str]:
-    """``label`` of each run, with its commit where two runs would read the same."""
+    """``label`` of each run, with its short commit where two runs would read the same, and the name of the
+    JSON its command wrote where that is not enough (two runs of one commit)."""
     plain = [label(m) for m in metas]
-    return [f"{n} @{m.get('commit')}" if plain.count(n) > 1 else n for n, m in zip(plain, metas)]
+    named = [f"{n} @{str(m.get('commit'))[:7]}" if plain.count(n) > 1 else n for n, m in zip(plain, metas)]
+    out = re.compile(r"--json\s+(\S+)")
+    return [f"{n} [{Path(out.search(m.get('command') or '')[1]).stem}]"
+            if named.count(n) > 1 and out.search(m.get("command") or "") else n for n, m in zip(named, metas)]
 
 
 def render_train_step(results: list[dict]) -> str:

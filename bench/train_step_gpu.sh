@@ -26,8 +26,9 @@
 #      OLD_COMMIT in an ignored folder, carried), side by side in alternating rounds
 #      (bench/step_time_old_new.py), at each of OLD_NEW_LENGTHS (default 16K, 32K, 128K; ~80 s each).
 #   9. rope: the fused RoPE kernel (kernels/rope.py) against the PyTorch path: bench/rope.py for small and
-#      base at 16K and 32K (device time, host time, kernels per forward+backward), its GPU tests, and one
-#      MSA step of small at 16K and 32K with model.rope_impl=torch, then =triton (~3 min).
+#      base at 16K and 32K (device time, host time, kernels per forward+backward), its GPU tests, and MSA and
+#      dense steps of small at 16K and 32K with model.rope_impl=torch, then =triton, twice (~5 min).
+# EXTRA_OVERRIDES adds Hydra overrides to every stage's steps, e.g. EXTRA_OVERRIDES=model.rope_impl=torch.
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
 # selective, the default, except base_1m), sparse phase.
 # Run from the repository root:  MSA_GIT_COMMIT=<sha of this tree> bash bench/train_step_gpu.sh
@@ -39,7 +40,7 @@ OUT=${OUT:-runs/train_step_gpu}
 LOG=$OUT/train_step.log
 DEADLINE=${DEADLINE:-555}
 source "$(dirname "$0")/gpu_stages.sh"
-AC=parallel.activation_checkpointing=true
+AC="parallel.activation_checkpointing=true ${EXTRA_OVERRIDES:-}"
 # CPU_CHECK=1: a rehearsal of this script on a machine without a GPU (tiny model, toy rows, same stages)
 SMALL=(--model small --lengths 16384 32768 131072 524288 1048576 --packed 196608 --time-budget 200)
 BASE=(--model base --lengths 16384 32768 131072 --packed 196608 --time-budget 165)
@@ -85,9 +86,14 @@ if want rope; then
       TAIL=3 stage "rope_$m" 60 python3 -m bench.rope --model "$m" --seq-len 16384 32768 --json "$OUT/rope_$m.json"
     done
     TAIL=3 stage rope_tests 90 python3 -m pytest -q tests/test_kernel_rope.py -m gpu
-    for impl in torch triton; do
-      TAIL=4 stage "rope_step_$impl" 100 python3 -m bench.train_step --model small --lengths 16384 32768 \
-        --time-budget 80 --attention msa --json "$OUT/train_step_small_rope_$impl.json" -- $AC "model.rope_impl=$impl"
+    # two rounds of torch then triton, MSA and dense each: a drift of the machine between processes shows
+    # as a difference between the rounds
+    for round in 1 2; do
+      for impl in torch triton; do
+        TAIL=6 stage "rope_step_${impl}_$round" 80 python3 -m bench.train_step --model small \
+          --lengths 16384 32768 --packed --steps 3 --time-budget 60 --dense-reserve 20 --attention msa dense \
+          --json "$OUT/train_step_small_rope_${impl}_$round.json" -- $AC "model.rope_impl=$impl"
+      done
     done
   fi
 fi

@@ -39,9 +39,9 @@ class ModelConfig:
     rope_dim: int = 16  # partial RoPE: rotary on the first rope_dim dims of each head
     rope_base: float = 10000.0  # a recipe stage may set its own
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # a recipe stage may set its own
-    # torch | auto (the fused Triton kernel of kernels/rope.py on CUDA, else PyTorch) | triton; torch until the
-    # kernel is measured on the GPU (docs/scaling.md, "Fused RoPE")
-    rope_impl: str = "torch"
+    # auto (the fused Triton kernel of kernels/rope.py on CUDA outside torch.compile, else PyTorch) | torch |
+    # triton; auto since it was measured on the GPU (docs/scaling.md, "Fused RoPE")
+    rope_impl: str = "auto"
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     qk_norm: bool = True  # per-head RMS QK-norm (pretrained Llama/Mistral/Qwen2 have none)
