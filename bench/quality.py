@@ -466,7 +466,10 @@ def worker(args, spec: str) -> None:
     else:
         seed, steps = map(int, rest)
         result = run_one(args, arm, seed, steps, work)
-    result_path(work, spec).write_text(json.dumps(result))
+    path = result_path(work, spec)  # the worker's last act (atomic): what follows is the interpreter's teardown
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
 
 
 class Pool:
@@ -484,6 +487,7 @@ class Pool:
         return self.logs / f"{file_name(spec)}.log"
 
     def start(self, spec: str) -> None:
+        result_path(work_dir(self.args), spec).unlink(missing_ok=True)  # what the worker writes marks it done
         with open(self.log(spec), "w") as log:
             self.running[spec] = subprocess.Popen(
                 [sys.executable, "-m", "bench.quality", "--worker", spec, *self.argv],
@@ -542,7 +546,9 @@ def run_all(args, argv: list[str], specs: list[str], work: Path, deadline: float
         while queue and len(pool.running) < args.jobs:
             pool.start(queue.pop(0))
         for spec, rc in pool.wait(deadline):
-            if rc == 0 and result_path(work, spec).exists():
+            if result_path(work, spec).exists():  # written last, so the run finished whatever the exit status
+                if rc != 0:  # the deadline's SIGTERM came in its teardown (seen: two MSA runs of the fifth run)
+                    print(f"{spec} finished (result written) but exited {rc} after it", flush=True)
                 on_result(spec, json.loads(result_path(work, spec).read_text()))
                 continue
             if rc == STOPPED:

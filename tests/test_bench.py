@@ -423,7 +423,7 @@ def test_quality_pool_collects_a_worker_that_finishes_in_the_grace(tmp_path):
 
     from bench.quality import STOPPED, Pool
 
-    args = Namespace(out=tmp_path, steps=4, grace_s=20.0)
+    args = Namespace(out=tmp_path, work=None, steps=4, grace_s=20.0)
     pool = Pool(args, [])
     finishes = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); time.sleep(60)"
     saves_and_stops = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(1)); "
@@ -433,6 +433,36 @@ def test_quality_pool_collects_a_worker_that_finishes_in_the_grace(tmp_path):
     time.sleep(2.0)  # both have set their handlers
     ended = dict(pool.wait(deadline=time.perf_counter() - 1.0))
     assert ended == {"run:msa:0:4": 0, "run:dense:0:4": STOPPED}
+
+
+def test_quality_run_all_collects_a_run_whose_teardown_the_deadline_killed(tmp_path, monkeypatch):
+    """A worker writes its result last; the deadline's SIGTERM may still kill it in its teardown (exit -15,
+    the fifth quality run's two MSA runs). Its result is collected in that call; a worker that wrote nothing
+    is stopped, and a stale result from an earlier worker of the same spec does not count for it."""
+    import subprocess
+    import sys
+    import time
+    from argparse import Namespace
+
+    from bench import quality
+
+    args = Namespace(out=tmp_path, work=tmp_path / "work", steps=4, grace_s=5.0, jobs=2)
+    args.work.mkdir()
+    quality.result_path(args.work, "run:dense:0:4").write_text('{"stale": true}')
+    popen = subprocess.Popen
+
+    def fake_worker(cmd, **kw):  # the real worker trains; this one writes its result (or not), then hangs
+        spec = cmd[cmd.index("--worker") + 1]
+        write = (f"open({str(quality.result_path(args.work, spec))!r}, 'w').write('{{\"arm\": \"msa\"}}'); "
+                 if spec.startswith("run:msa") else "")
+        return popen([sys.executable, "-c", f"import time; {write}time.sleep(60)"], **kw)
+
+    monkeypatch.setattr(quality.subprocess, "Popen", fake_worker)
+    got = []
+    out = quality.run_all(args, [], ["run:msa:0:4", "run:dense:0:4"], args.work, time.perf_counter() + 3.0,
+                          lambda spec, result: got.append((spec, result)))
+    assert got == [("run:msa:0:4", {"arm": "msa"})]
+    assert out == {"failed": [], "stopped": ["run:dense:0:4"], "not_started": []}
 
 
 def test_quality_progress_reads_how_far_a_stopped_run_got(tmp_path):
