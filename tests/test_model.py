@@ -65,3 +65,30 @@ def test_loss_counts_only_text_targets():
     batch = _batch(patches=4)
     out = model(batch)
     assert int(out["n_tokens"]) == int((batch["labels"] != -100).sum())
+
+
+def test_initial_weights_depend_on_the_seed_and_the_name_only():
+    """Each weight is drawn from its seed and name: a dense and an MSA model of one seed start from the same
+    shared weights, so in the dense warm-up (the index branch reads detached inputs) they compute the same
+    LM loss (the quality run's arms are paired); another seed gives other weights; the scales are
+    ``init_std`` and ``init_std / sqrt(2 L)`` for the residual outputs; biases start at zero."""
+    cfg = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, rope_dim=4,
+               vision=VisionConfig(kind="linear", patch_size=2))
+
+    def build(kind, seed, **kw):
+        torch.manual_seed(seed)
+        return build_model(ModelConfig(**cfg, **kw), AttentionConfig(kind=kind, impl="reference", block_size=8,
+                                                                     topk=2, index_dim=8, n_dense_layers=0))
+
+    dense, msa = build("dense", 0), build("msa", 0)
+    d, m = dict(dense.named_parameters()), dict(msa.named_parameters())
+    assert set(d) < set(m) and all(torch.equal(d[n], m[n]) for n in d)
+    batch = _batch(N=40)
+    torch.testing.assert_close(msa(batch, phase="warmup")["lm_sum"], dense(batch, phase="warmup")["lm_sum"])
+    other = dict(build("dense", 1).named_parameters())
+    assert not any(torch.equal(d[n], other[n]) for n in d if d[n].ndim == 2)
+    assert abs(d["layers.0.attn.wq.weight"].std().item() / 0.02 - 1) < 0.1
+    assert abs(d["layers.0.mlp.w_down.weight"].std().item() / (0.02 / 2) - 1) < 0.1  # 1 / sqrt(2 * 2 layers)
+    biased = dict(build("dense", 0, qkv_bias=True).named_parameters())
+    assert biased["layers.1.attn.wq.bias"].abs().sum() == 0
+    assert torch.equal(biased["layers.1.attn.wq.weight"], d["layers.1.attn.wq.weight"])

@@ -8,6 +8,7 @@ MLP) and ``Decoder.set_block_runner`` (activation checkpointing).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -171,13 +172,25 @@ class Decoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        std = self.cfg.init_std
+        """Normal weights, each matrix drawn from its own generator seeded by the run's seed
+        (``torch.initial_seed()``, set by ``run.seed``) and the parameter's name: a weight's initial value
+        does not depend on which other weights the model has. So a dense and an MSA model of one seed start
+        from the same shared weights (the index branch's matrices do not shift the draws of the layers after
+        them), and the quality run's arms differ only by what MSA changes."""
+        std, seed = self.cfg.init_std, torch.initial_seed()
         for name, p in self.named_parameters():
-            if p.ndim < 2:
+            if p.is_meta:
+                continue
+            if p.ndim < 2:  # norm weights keep their ones; biases (qkv_bias) start at zero, as in Qwen2
+                if name.endswith(".bias"):
+                    nn.init.zeros_(p)
                 continue
             # residual-branch outputs shrink with depth so the residual stream keeps its scale
             scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w_down.weight")) else 1
-            nn.init.normal_(p, std=std * scale)
+            digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen).mul_(std * scale))
 
     def blocks(self) -> list[Block]:
         return list(self.layers)
