@@ -10,6 +10,12 @@ at most ``topk`` blocks keeps all of them, so its recall is 1 by construction an
 the number. For a sampled query ``i`` of group ``r`` the recall is the teacher's mass in the selection,
 ``mean_h sum_{j in selected blocks} softmax_{j visible}(q[i,h] . k[j] / sqrt(D))``, computed exactly
 as ``mean_h exp(lse_selected - lse_visible)`` over key chunks (no ``N x N`` scores).
+
+The oracle recall is the most any selection of ``topk`` blocks (the query's own block among them, as
+``select_blocks`` forces it) could hold for the same queries: the own block's mass plus the ``topk - 1``
+largest other block masses of the group's head-mean teacher. ``index_recall / oracle_recall`` separates
+an indexer that misses the heavy blocks from a teacher whose mass is spread over more blocks than ``topk``
+(then no selection reaches a high recall).
 """
 
 from __future__ import annotations
@@ -20,15 +26,15 @@ import torch
 
 from msa import reference
 
-FIELDS = ("recall_mass", "recall_rows", "kept", "visible", "nontrivial", "rows")
+FIELDS = ("recall_mass", "recall_rows", "kept", "visible", "nontrivial", "rows", "oracle_mass")
 
 
 @dataclass
 class SelectionStats:
-    """``sums [6]`` float64, in ``FIELDS`` order: teacher mass in the selection summed over the sampled
+    """``sums [7]`` float64, in ``FIELDS`` order: teacher mass in the selection summed over the sampled
     non-trivial (query, group) pairs, how many were sampled; visible (query, group, key) triples kept by
     the selection, all visible triples; (query, group) pairs with more than ``topk`` visible blocks,
-    all (query, group) pairs."""
+    all (query, group) pairs; the teacher mass of the best ``topk`` blocks over the same sampled pairs."""
 
     sums: torch.Tensor
 
@@ -41,10 +47,12 @@ class SelectionStats:
         return SelectionStats(torch.stack([s.sums for s in stats]).sum(0))
 
     def ratios(self) -> dict[str, float | None]:
-        """``index_recall``, ``sparsity`` and ``nontrivial_share`` (None where nothing was counted)."""
+        """``index_recall``, ``oracle_recall``, ``sparsity`` and ``nontrivial_share`` (None where nothing
+        was counted)."""
         s = dict(zip(FIELDS, self.sums.tolist()))
         return {
             "index_recall": s["recall_mass"] / s["recall_rows"] if s["recall_rows"] else None,
+            "oracle_recall": s["oracle_mass"] / s["recall_rows"] if s["recall_rows"] else None,
             "sparsity": 1.0 - s["kept"] / s["visible"] if s["visible"] else None,
             "nontrivial_share": s["nontrivial"] / s["rows"] if s["rows"] else None,
         }
@@ -70,6 +78,7 @@ def selection_stats(q: torch.Tensor, k: torch.Tensor, block_idx: torch.Tensor, b
     visible = (pos_q + 1).sum() * Hkv
     nontrivial = pos_q // block_size + 1 > topk  # [B, Nq]
     mass = torch.zeros((), dtype=torch.float64, device=q.device)
+    oracle = torch.zeros((), dtype=torch.float64, device=q.device)
     sampled = 0
     for b in range(B):
         rows = nontrivial[b].nonzero().squeeze(1)
@@ -77,37 +86,61 @@ def selection_stats(q: torch.Tensor, k: torch.Tensor, block_idx: torch.Tensor, b
             rows = rows[torch.linspace(0, len(rows) - 1, n_recall, device=q.device).long()]
         if len(rows) == 0:
             continue
-        lse_all, lse_sel = _row_lse(q[b, rows], k[b], doc[b], pos[b], N - Nq + rows, idx[b][:, rows], block_size,
-                                    key_chunk)
+        at = N - Nq + rows
+        lse_all, lse_sel = _row_lse(q[b, rows], k[b], doc[b], pos[b], at, idx[b][:, rows], block_size, key_chunk)
         # [n, H] -> mean over each group's G heads, summed over rows and groups
         mass += torch.exp(lse_sel - lse_all).view(len(rows), Hkv, G).mean(-1).sum().double()
+        oracle += _row_oracle(q[b, rows], k[b], doc[b], pos[b], at, lse_all, block_size, topk, key_chunk).sum()
         sampled += len(rows) * Hkv
     sums = torch.stack([mass, torch.tensor(float(sampled), dtype=torch.float64, device=q.device),
                         kept.double(), visible.double(), nontrivial.sum().double() * Hkv,
-                        torch.tensor(float(B * Nq * Hkv), dtype=torch.float64, device=q.device)])
+                        torch.tensor(float(B * Nq * Hkv), dtype=torch.float64, device=q.device), oracle])
     return SelectionStats(sums)
+
+
+def _chunks(q, k, doc, pos, at, key_chunk):
+    """``(j, vis, s)`` per chunk of keys ``j``: ``vis [n, c]`` the keys each row ``q [n, H, D]`` (key
+    positions ``at [n]``) may see, ``s [n, H, c]`` the scores of every head against its group's keys."""
+    n, H, D = q.shape
+    N, Hkv = k.shape[0], k.shape[1]
+    head_group = torch.arange(H, device=q.device) // (H // Hkv)
+    for j0 in range(0, N, key_chunk):
+        j = torch.arange(j0, min(j0 + key_chunk, N), device=q.device)
+        vis = (doc[j][None] == doc[at][:, None]) & (pos[j][None] <= pos[at][:, None]) & (j[None] <= at[:, None])
+        yield j, vis, torch.einsum("nhd,chd->nhc", q.float(), k[j].float()[:, head_group]) * D ** -0.5
 
 
 def _row_lse(q, k, doc, pos, at, idx, block_size, key_chunk):
     """Log-normalisers of rows ``q [n, H, D]`` (key positions ``at [n]``) over their visible keys and
     over the visible keys of their group's selected blocks ``idx [Hkv, n, topk]``: ``[n, H]`` each."""
-    n, H, D = q.shape
-    N, Hkv = k.shape[0], k.shape[1]
-    G = H // Hkv
+    n, H, _ = q.shape
+    G = H // k.shape[1]
     lse_all = q.new_full((n, H), float("-inf"), dtype=torch.float32)
     lse_sel = lse_all.clone()
     head_group = torch.arange(H, device=q.device) // G
-    for j0 in range(0, N, key_chunk):
-        j = torch.arange(j0, min(j0 + key_chunk, N), device=q.device)
-        # [n, c] keys each row may see; [Hkv, n, c] those of them in the group's selected blocks
-        vis = (doc[j][None] == doc[at][:, None]) & (pos[j][None] <= pos[at][:, None]) & (j[None] <= at[:, None])
+    for j, vis, s in _chunks(q, k, doc, pos, at, key_chunk):
+        # [Hkv, n, c] the visible keys in the group's selected blocks
         chosen = (pos[j] // block_size == idx[..., None]).any(-2) & vis
-        # [n, H, c] scores of every head against its group's keys
-        s = torch.einsum("nhd,chd->nhc", q.float(), k[j].float()[:, head_group]) * D ** -0.5
         lse_all = torch.logaddexp(lse_all, s.masked_fill(~vis[:, None], float("-inf")).logsumexp(-1))
         sel = chosen.permute(1, 0, 2)[:, head_group]  # [n, H, c]
         lse_sel = torch.logaddexp(lse_sel, s.masked_fill(~sel, float("-inf")).logsumexp(-1))
     return lse_all, lse_sel
+
+
+def _row_oracle(q, k, doc, pos, at, lse_all, block_size, topk, key_chunk):
+    """``[n, Hkv]``: for each row and group the most teacher mass (head mean) any ``topk`` blocks hold,
+    the row's own block among them: the own block's mass plus the ``topk - 1`` largest others."""
+    n, H, _ = q.shape
+    Hkv = k.shape[1]
+    n_blocks = int(pos.max()) // block_size + 1
+    block_mass = q.new_zeros((n, H, n_blocks), dtype=torch.float32)
+    for j, vis, s in _chunks(q, k, doc, pos, at, key_chunk):
+        p = torch.exp(s - lse_all[..., None]).masked_fill(~vis[:, None], 0.0)
+        block_mass.index_add_(2, pos[j] // block_size, p)
+    group = block_mass.view(n, Hkv, H // Hkv, n_blocks).mean(2)  # [n, Hkv, blocks]
+    own = (pos[at] // block_size)[:, None, None].expand(n, Hkv, 1)
+    ranked = group.scatter(2, own, float("inf")).topk(min(topk, n_blocks), dim=2).indices
+    return group.gather(2, ranked).sum(2).double()
 
 
 __all__ = ["FIELDS", "SelectionStats", "selection_stats"]

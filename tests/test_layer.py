@@ -114,6 +114,47 @@ def test_selection_stats_against_a_hand_computation():
     assert short["index_recall"] is None and short["nontrivial_share"] == 0
 
 
+def _hand_oracle(q, k, Bk, topk, rows, cu=None):
+    """The best ``topk`` blocks' head-mean teacher mass (the own block among them), by trying every such
+    selection of every row and group; documents from ``cu`` (block ids inside each document)."""
+    import itertools
+
+    H, Hkv = q.shape[2], k.shape[2]
+    G = H // Hkv
+    starts = [0] if cu is None else cu.tolist()[:-1]
+    total = 0.0
+    for i in rows:
+        s0 = max(s for s in starts if s <= i)
+        keys = torch.arange(s0, i + 1)
+        blocks = (keys - s0) // Bk
+        own = (i - s0) // Bk
+        p = torch.stack([torch.softmax(q[0, i, h].double() @ k[0, keys, h // G].double().T * D ** -0.5, dim=0)
+                         for h in range(H)])  # [H, keys]
+        for r in range(Hkv):
+            mass = [p[r * G:(r + 1) * G, blocks == b].sum().item() / G for b in range(own + 1)]
+            others = [b for b in range(own + 1) if b != own]
+            total += max(mass[own] + sum(mass[b] for b in pick) for pick in itertools.combinations(others, topk - 1))
+    return total / (len(rows) * Hkv)
+
+
+def test_oracle_recall_against_a_hand_computation():
+    """The oracle recall is the best selection's mass (tried exhaustively), on one document and on packed
+    documents; it bounds the index recall of the indexer's selection."""
+    N, Bk, topk = 56, 8, 3
+    q, k = torch.randn(1, N, H, D), torch.randn(1, N, HKV, D)
+    block_idx = select_blocks(torch.randn(1, N, HKV, 8), torch.randn(1, N, 8), Bk, topk)
+    stats = selection_stats(q, k, block_idx, Bk, topk, n_recall=N, key_chunk=20).ratios()
+    nontrivial = [i for i in range(N) if i // Bk + 1 > topk]
+    assert stats["oracle_recall"] == pytest.approx(_hand_oracle(q, k, Bk, topk, nontrivial), abs=1e-6)
+    assert stats["index_recall"] < stats["oracle_recall"] < 1
+    cu = torch.tensor([0, 13, 50, N], dtype=torch.int32)  # the middle document alone has > topk blocks
+    packed = selection_stats(q, k, select_blocks(torch.randn(1, N, HKV, 8), torch.randn(1, N, 8), Bk, topk, cu),
+                             Bk, topk, cu, n_recall=N, key_chunk=16).ratios()
+    rows = [i for i in range(13, 50) if (i - 13) // Bk + 1 > topk]
+    assert packed["oracle_recall"] == pytest.approx(_hand_oracle(q, k, Bk, topk, rows, cu), abs=1e-6)
+    assert packed["index_recall"] <= packed["oracle_recall"]
+
+
 @pytest.mark.parametrize("change,key", [
     ({"topk": 0}, "attention.topk"),
     ({"block_size": 48}, "attention.block_size"),

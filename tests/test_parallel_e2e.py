@@ -72,8 +72,10 @@ def test_sp2_and_cp2_step_losses_equal_sp1(tmp_path):
             assert layer_keys and all(abs(r[k] - r0[k]) <= 5e-5 * abs(r0[k]) for k in layer_keys), (name, r, r0)
             if r0["msa/index_recall"] is not None:
                 assert 0 < r["msa/index_recall"] <= 1
+                assert r["msa/index_recall"] <= r["msa/oracle_recall"] + 1e-6 <= 1 + 1e-6
                 if name == "sp2":
                     assert abs(r["msa/index_recall"] - r0["msa/index_recall"]) < 1e-5
+                    assert abs(r["msa/oracle_recall"] - r0["msa/oracle_recall"]) < 1e-5
     for name, stage in (("sp1", 1), ("sp2", 2), ("cp2", 3)):  # the generated DeepSpeed JSON, saved
         ds = json.loads((tmp_path / name / "deepspeed.json").read_text())
         assert ds["zero_optimization"]["stage"] == stage and ds["gradient_clipping"] == 1.0

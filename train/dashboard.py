@@ -46,8 +46,8 @@ def layout(layers: int | None = None, dense_layers: int = 1) -> list[SectionSpec
             PanelSpec("Index KL (sum over MSA layers)", (M.LOSS_KL,), log_y=True),
         )),
         SectionSpec("MSA", (
-            PanelSpec("Index recall (teacher mass in selected blocks, queries with > topk blocks)",
-                      (M.INDEX_RECALL,)),
+            PanelSpec("Index recall (teacher mass in selected blocks, queries with > topk blocks) and its "
+                      "ceiling (the best topk blocks)", (M.INDEX_RECALL, M.ORACLE_RECALL)),
             PanelSpec("Sparsity (fraction of visible keys skipped)", (M.SPARSITY,)),
             PanelSpec("Share of queries with more than topk visible blocks", (M.NONTRIVIAL,)),
         )),
@@ -76,7 +76,8 @@ def layout(layers: int | None = None, dense_layers: int = 1) -> list[SectionSpec
         PanelSpec("Retrieval accuracy, log-likelihood choice (chance 1/eval.choices)", regex=f"^{e}.+/choice$"),
         PanelSpec("Retrieval exact match, greedy generation", regex=f"^{e}.+/exact$"),
         PanelSpec("Answer NLL per token (nats)", regex=f"^{e}.+/nll$"),
-        PanelSpec("Index recall on held-out rows, by eval length", regex=f"^{e}index_recall/.*"),
+        PanelSpec("Index recall on held-out rows, and its ceiling (the best topk blocks), by eval length",
+                  regex=f"^{e}(index|oracle)_recall/.*"),
         PanelSpec("Needle recall of the indexer (needle blocks the question selects)", regex=f"^{e}needle_recall/.*"),
     )))
     for title, prefix, key in (("Per-layer index KL", LAYER_KL_PREFIX, layer_kl_key),

@@ -110,8 +110,9 @@ def token_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 8
 def _recall_table(stats: list[SelectionStats], layer_ids: list[int]) -> dict:
     ratios = [s.ratios() for s in stats]
     total = SelectionStats.pooled(stats).ratios()
-    return {"all": total["index_recall"], "sparsity": total["sparsity"],
-            "layers": {str(i): r["index_recall"] for i, r in zip(layer_ids, ratios)}}
+    return {"all": total["index_recall"], "oracle": total["oracle_recall"], "sparsity": total["sparsity"],
+            "layers": {str(i): r["index_recall"] for i, r in zip(layer_ids, ratios)},
+            "oracle_layers": {str(i): r["oracle_recall"] for i, r in zip(layer_ids, ratios)}}
 
 
 @torch.no_grad()
@@ -262,6 +263,7 @@ def flatten(results: dict) -> dict[str, float | None]:
         out.update({M.eval_key("bpb", name, b): v for b, v in r["buckets"].items()})
         if "index_recall" in r:
             out[M.eval_key("index_recall", name)] = r["index_recall"]["all"]
+            out[M.eval_key("oracle_recall", name)] = r["index_recall"]["oracle"]
     for task, by_length in results["retrieval"].items():
         for length, r in by_length.items():
             name = fmt_tokens(int(length))
