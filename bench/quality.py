@@ -300,6 +300,8 @@ def run_one(args, arm: str, seed: int, steps: int, work: Path) -> dict:
     for length, r in results["bpb"].items():
         for layer, v in r.get("index_recall", {}).get("layers", {}).items():
             scalars[f"layer/index_recall/{fmt_tokens(int(length))}/{layer}"] = v
+        for layer, v in r.get("index_recall", {}).get("oracle_layers", {}).items():
+            scalars[f"layer/oracle_recall/{fmt_tokens(int(length))}/{layer}"] = v
     return {"arm": arm, "seed": seed, "steps": steps, "tokens": tokens, "wall_s": wall,
             "eval_s": results["seconds"], "train_s": wall - results["seconds"], "loss_curve": curve,
             "scalars": scalars, "eval": results}
@@ -335,6 +337,34 @@ def summarise(runs: list[dict], arms=ARMS) -> dict:
                 stats[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
                             "min": float(min(vals)), "max": float(max(vals)), "n": len(vals)}
         out[arm] = stats
+    return out
+
+
+def paired(runs: list[dict], arms=ARMS) -> dict:
+    """Each arm after the first against the first (dense), seed by seed: both see the same batches and,
+    since the initial weights depend only on the seed and the parameter's name, start from the same
+    shared weights. Per arm: the relative difference of the final loss per seed (``arm / first - 1``),
+    their mean and standard deviation (n - 1), and ``by_tenth``: the mean over seeds of the relative
+    difference of the mean LM loss in each tenth of the steps (where in training a gap opens)."""
+    ref, out = arms[0], {}
+    by_seed = {(r["arm"], r["seed"]): r for r in runs}
+    for arm in arms[1:]:
+        seeds = sorted(s for a, s in by_seed if a == arm and (ref, s) in by_seed)
+        if not seeds:
+            continue
+        diffs = {s: by_seed[arm, s]["scalars"]["final_loss"] / by_seed[ref, s]["scalars"]["final_loss"] - 1
+                 for s in seeds}
+        tenths = []
+        for s in seeds:
+            a, b = (dict(map(tuple, by_seed[x, s]["loss_curve"])) for x in (arm, ref))
+            steps = sorted(set(a) & set(b))
+            parts = np.array_split(np.array(steps), min(10, len(steps))) if steps else []
+            tenths.append([float(np.mean([a[i] for i in part]) / np.mean([b[i] for i in part]) - 1)
+                           for part in parts])
+        vals = list(diffs.values())
+        out[arm] = {"against": ref, "seeds": seeds, "final_loss_rel": diffs, "mean": float(np.mean(vals)),
+                    "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                    "by_tenth": [float(np.mean(col)) for col in zip(*tenths)]}
     return out
 
 
@@ -426,9 +456,12 @@ def plot_recall(report: dict, path: Path) -> None:
     width = 0.8 / max(1, len(lengths))
     for i, name in enumerate(lengths):
         ys = [stats.get(f"layer/index_recall/{name}/{layer}", {}).get("mean", np.nan) for layer in layers]
-        left.bar(np.arange(len(layers)) + i * width, ys, width, label=name)
+        bars = left.bar(np.arange(len(layers)) + i * width, ys, width, label=name)
+        ceiling = [stats.get(f"layer/oracle_recall/{name}/{layer}", {}).get("mean", np.nan) for layer in layers]
+        left.bar(np.arange(len(layers)) + i * width, ceiling, width, fill=False,  # outline: the best topk blocks
+                 edgecolor=bars.patches[0].get_facecolor() if bars.patches else None, linewidth=0.8)
     left.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, [str(x) for x in layers])
-    left.set(xlabel="MSA layer", ylabel="index recall (teacher mass in selection)", ylim=(0, 1.05))
+    left.set(xlabel="MSA layer", ylabel="index recall (outline: best topk blocks)", ylim=(0, 1.05))
     left.legend(title="eval length", fontsize=7)
     for task in report["settings"]["tasks"]:
         ys = [stats.get(f"eval/needle_recall/{task}/{name}", {}).get("mean", np.nan) for name in lengths]
@@ -443,6 +476,7 @@ def plot_recall(report: dict, path: Path) -> None:
 
 def write(report: dict, out: Path, plots: bool) -> None:
     report["summary"] = summarise(report["runs"], report_arms(report))
+    report["paired"] = paired(report["runs"], report_arms(report))
     (out / "quality.json").write_text(json.dumps(report, indent=1))
     if plots and report["runs"]:
         for name, fn in (("loss", plot_loss), ("bpb", plot_bpb), ("retrieval", plot_retrieval),
@@ -657,6 +691,10 @@ def main(argv=None) -> None:
     print(f"done in {report['total_s']:.0f} s: {len(report['runs'])} runs, {len(report['skipped'])} skipped, "
           f"{len(report['failed'])} failed, {len(left)} stopped or not started{f' ({hint})' if hint else ''}; "
           f"{args.out}/quality.json")
+    for arm, d in report.get("paired", {}).items():
+        print(f"{arm} against {d['against']}, paired over seeds {d['seeds']}: final loss {100 * d['mean']:+.2f}% "
+              f"(std {100 * d['std']:.2f}%); by tenth of the steps "
+              + " ".join(f"{100 * x:+.1f}" for x in d["by_tenth"]) + " %")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@
 #   9. rope: the fused RoPE kernel (kernels/rope.py) against the PyTorch path: bench/rope.py for small and
 #      base at 16K and 32K (device time, host time, kernels per forward+backward), its GPU tests, and MSA and
 #      dense steps of small at 16K and 32K with model.rope_impl=torch, then =triton, twice (~5 min).
+#  10. dense_1m: model=small at 1M, MSA then dense, one warm-up and one timed step each (dense: about 170 s a
+#      step by the fit over 16K-128K, so about 6 minutes in all), so the 1M ratio is measured side by side
+#      rather than extrapolated; it fills most of a call: STAGES=dense_1m MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
 # EXTRA_OVERRIDES adds Hydra overrides to every stage's steps, e.g. EXTRA_OVERRIDES=model.rope_impl=torch.
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
 # selective, the default, except base_1m), sparse phase.
@@ -50,6 +53,7 @@ ONE_B=(--model 1b --lengths 16384 131072 524288 --packed 196608 --time-budget 23
 LAYER=(--model small --lengths 131072 1048576 --packed --time-budget 100 --no-skip)
 HOST=(--model small --lengths 16384 32768 --packed --time-budget 100 --host-profile)
 OLD_NEW=(--model small --rounds 2 --steps 2)
+DENSE_1M=(--model small --lengths 1048576 --packed --steps 1 --no-skip --no-profile --time-budget 480 --dense-reserve 390)
 ON_LENGTHS="16384 32768 131072"
 WINDOW=4096
 if [ "${CPU_CHECK:-0}" = 1 ]; then
@@ -59,14 +63,15 @@ if [ "${CPU_CHECK:-0}" = 1 ]; then
   LAYER=(--device cpu --model tiny --lengths 128 512 --packed --time-budget 30 --no-skip); WINDOW=64
   HOST=(--device cpu --model tiny --lengths 128 --packed --time-budget 30 --host-profile)
   OLD_NEW=(--device cpu --model tiny --rounds 1 --steps 1); ON_LENGTHS=256
+  DENSE_1M=(--device cpu --model tiny --lengths 512 --packed --steps 1 --no-skip --no-profile --time-budget 60)
   AC="$AC model.n_layers=2"
 fi
 OLD_NEW_LENGTHS=${OLD_NEW_LENGTHS:-$ON_LENGTHS}
 STAGES=${STAGES:-small base base_1m}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 for s in $STAGES; do
-  case $s in small|base|base_1m|1b|dense_layer|host|old_new|rope) ;;
-    *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer host old_new rope)"; exit 2;; esac
+  case $s in small|base|base_1m|1b|dense_layer|host|old_new|rope|dense_1m) ;;
+    *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer host old_new rope dense_1m)"; exit 2;; esac
 done
 if want old_new && [ ! -d "${OLD_TREE:-}/train" ]; then
   echo "STAGES=old_new needs OLD_TREE, a folder with the old tree (git archive <commit> | tar -x -C <folder>)"; exit 2
@@ -126,6 +131,11 @@ if want dense_layer; then
       python3 -m bench.train_step "${LAYER[@]}" --attention msa --json "$OUT/train_step_small_$v.json" -- $AC \
       "${extra[@]}"
   done
+fi
+if want dense_1m; then
+  export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+  TAIL=6 stage dense_1m 500 python3 -m bench.train_step "${DENSE_1M[@]}" --attention msa dense \
+    --json "$OUT/train_step_small_1m_both.json" -- $AC
 fi
 want base_1m || { ls -l "$OUT"; exit 0; }
 budget=$(( $(left) - 25 ))

@@ -514,3 +514,26 @@ def test_no_skip_runs_a_point_the_projection_would_skip(tmp_path):
     skipped = points()
     assert skipped[0] == "ok" and skipped[1].startswith("skipped (projected"), skipped
     assert points("--no-skip") == ["ok", "ok"]
+
+
+def test_quality_paired_differences_by_hand():
+    """``paired``: per seed ``msa / dense - 1`` of the final loss, their mean and std, and the mean over
+    seeds of each tenth's relative difference of the mean loss (hand-computed on two seeds, 20 steps)."""
+    from bench.quality import paired
+
+    def run(arm, seed, final, curve):
+        return {"arm": arm, "seed": seed, "scalars": {"final_loss": final}, "loss_curve": curve}
+
+    flat = [[i, 2.0] for i in range(20)]
+    runs = [run("dense", 0, 2.0, flat), run("dense", 1, 4.0, [[i, 4.0] for i in range(20)]),
+            run("msa", 0, 2.2, [[i, 2.0 if i < 10 else 2.2] for i in range(20)]),
+            run("msa", 1, 3.6, [[i, 4.0 if i < 18 else 3.6] for i in range(20)]),
+            run("msa", 2, 9.9, flat)]  # no dense run of seed 2: left out
+    got = paired(runs, ["dense", "msa"])["msa"]
+    assert got["seeds"] == [0, 1] and got["against"] == "dense"
+    assert got["final_loss_rel"] == pytest.approx({0: 0.1, 1: -0.1})
+    assert got["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert got["std"] == pytest.approx(np.std([0.1, -0.1], ddof=1))
+    # tenths of 2 steps: seed 0 is +10% from the sixth tenth on, seed 1 -10% in the last tenth
+    assert got["by_tenth"] == pytest.approx([0.0] * 5 + [0.05] * 4 + [0.0])
+    assert paired(runs, ["dense"]) == {}
