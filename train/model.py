@@ -176,7 +176,7 @@ class Decoder(nn.Module):
         (``torch.initial_seed()``, set by ``run.seed``) and the parameter's name: a weight's initial value
         does not depend on which other weights the model has. So a dense and an MSA model of one seed start
         from the same shared weights (the index branch's matrices do not shift the draws of the layers after
-        them), and the quality run's arms differ only by what MSA changes."""
+        them): the quality run's two arms of a seed are paired from the first step."""
         std, seed = self.cfg.init_std, torch.initial_seed()
         for name, p in self.named_parameters():
             if p.is_meta:
