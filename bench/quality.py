@@ -67,8 +67,8 @@ from train.parallel import init_distributed
 from train.recipe import build_recipe
 
 ARMS = ("dense", "msa")  # the default arms
-# every arm there is: its attention overrides (``--window`` sets msa_window's window)
-ARM_CHOICES = ("dense", "msa", "msa_nodense", "msa_window")
+# every arm there is: its overrides (``--window`` sets msa_window's window, ``--kl-weight`` msa_kl's weight)
+ARM_CHOICES = ("dense", "msa", "msa_nodense", "msa_window", "msa_kl")
 TASKS = ("passkey", "multikey", "vartrack", "image_needle")
 PROBE_STEPS = 4  # timed steps per phase, after COMPILE_STEPS that compile and autotune
 COMPILE_STEPS = 2
@@ -86,6 +86,9 @@ def parse(argv=None):
     ap.add_argument("--arms", nargs="+", choices=ARM_CHOICES, default=list(ARMS),
                     help="arms to train (each with every seed); the first is the reference of the reports")
     ap.add_argument("--window", type=int, default=1024, help="msa_window: the first layer's sliding window (keys)")
+    ap.add_argument("--kl-weight", type=float, default=0.01,
+                    help="msa_kl: recipe.kl_weight (small: the index branch's gradients leave the clipped global "
+                         "norm, while AdamW's update of the index branch does not depend on their scale)")
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=2, help="rows per step")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -157,6 +160,8 @@ def arm_overrides(args, arm: str) -> list[str]:
         out.append("attention.n_dense_layers=0")
     elif arm == "msa_window":
         out += [f"model.sliding_window={args.window}", "model.sliding_layers=[0]"]
+    elif arm == "msa_kl":
+        out.append(f"recipe.kl_weight={args.kl_weight}")
     elif arm != "msa":
         raise ValueError(f"unknown arm {arm!r}: one of {', '.join(ARM_CHOICES)}")
     return out
