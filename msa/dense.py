@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils.weak import WeakIdKeyDictionary
 
 from msa.keep import kept_aten_ops
 
@@ -63,6 +64,27 @@ def document_lengths(cu_seqlens: torch.Tensor, N: int, Nq: int) -> tuple[list[in
     bounds, first = cu_seqlens.tolist(), N - Nq
     starts, ends = bounds[:-1], bounds[1:]
     return [max(0, e - max(s, first)) for s, e in zip(starts, ends)], [e - s for s, e in zip(starts, ends)]
+
+
+_LONGEST = WeakIdKeyDictionary()  # cu_seqlens -> (version, longest document)
+
+
+def longest_document(cu_seqlens: torch.Tensor | None, N: int) -> int:
+    """The longest document of a row of ``N`` keys (``N`` without ``cu_seqlens``): one device-to-host read
+    per ``cu_seqlens`` tensor, kept while nothing writes to it (every layer of a step shares the tensor)."""
+    if cu_seqlens is None:
+        return N
+    try:
+        version = cu_seqlens._version
+    except RuntimeError:  # inference mode keeps no write counter: read every time
+        version = None
+    hit = _LONGEST.get(cu_seqlens)
+    if version is not None and hit is not None and hit[0] == version:
+        return hit[1]
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if version is not None:
+        _LONGEST[cu_seqlens] = (version, longest)
+    return longest
 
 
 def varlen_args(q_len: list[int], k_len: list[int], device) -> tuple[int, torch.Tensor, torch.Tensor, int, int]:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from msa import reference
-from msa.dense import dense_attention
+from msa.dense import dense_attention, longest_document
 from msa.rope import Rotary
 from msa.stats import SelectionStats, selection_stats
 
@@ -117,6 +117,11 @@ class MSACore(nn.Module):
     selected support, its teacher normalised by the main forward's lse. With ``stats_queries > 0`` it
     also measures the selection (in warm-up: the one the sparse phase would use).
 
+    A sparse row whose documents all have at most ``topk`` blocks selects every visible block of every
+    query, so its sparse attention is the dense attention and its support the dense one: it runs the
+    warm-up's path (dense attention, the KL on the dense support), the same numbers without the top-k and
+    the sparse kernels (packed rows of short documents, and rows no longer than ``topk`` blocks).
+
     ``teacher(q, lse) -> (q, lse)`` supplies the teacher's heads when this core holds only some of a
     group's query heads (Ulysses beyond the KV-head count): the KL and the recall need all ``G`` heads
     of the group, the attention only its own."""
@@ -136,15 +141,16 @@ class MSACore(nn.Module):
                 teacher=None):
         ops, Bk = self.ops_for(q.device), self.block_size
         q_idx, k_idx = index
+        dense = phase == "warmup" or longest_document(cu_seqlens, k.shape[1]) <= self.topk * Bk
         block_idx = None
-        if phase == "sparse" or stats_queries:
+        if not dense or stats_queries:
             block_idx = ops.select_blocks(q_idx.detach(), k_idx.detach(), Bk, self.topk, cu_seqlens)
-        if phase == "warmup":
+        if dense:
             o, lse = dense_attention(q, k, v, cu_seqlens, varlen=self.dense_varlen), None
         else:
             o, lse = ops.sparse_attention(q, k, v, block_idx, Bk, cu_seqlens)
         q_t, lse_t = teacher(q.detach(), lse) if teacher is not None else (q.detach(), lse)
-        support = None if phase == "warmup" else block_idx
+        support = None if dense else block_idx
         kl = ops.index_kl_loss(q_t, k.detach(), q_idx, k_idx, support, Bk, cu_seqlens, lse=lse_t)
         stats = None
         if stats_queries:

@@ -74,8 +74,8 @@ def test_the_one_document_layout_is_built_once_per_shape_and_equals_one_packed_d
 def test_host_reads_of_an_msa_layer():
     """Device->host reads stall the launch queue. Per MSA layer the selection, attention and KL read one
     value (the attention's grid sizes; the block ids that select_blocks made are not read back to be
-    checked); checking ``cu_seqlens`` and building its layout read once per step, for the first layer
-    only."""
+    checked); checking ``cu_seqlens``, building its layout and finding its longest document (whether the
+    row takes the dense path) read once per step, for the first layer only."""
     from torch.overrides import TorchFunctionMode
 
     from msa.layer import AttentionConfig, MSAAttention
@@ -101,4 +101,4 @@ def test_host_reads_of_an_msa_layer():
         with HostReads():
             layer(x, rot, cu)
         reads.append(HostReads.n)
-    assert reads == [3, 1, 1], reads  # was 13 per layer (three checks of cu_seqlens, three layouts), then 4, 2, 2
+    assert reads == [4, 1, 1], reads  # was 13 per layer (three checks of cu_seqlens, three layouts), then 4, 2, 2

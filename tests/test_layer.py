@@ -184,3 +184,42 @@ def test_auto_impl_follows_the_tensors_device(monkeypatch):
     assert core.ops_for(torch.device("cpu")) is reference
     assert core.ops_for(torch.device("cuda", 0)) is kernels
     assert MSACore(AttentionConfig(impl="triton")).ops_for(torch.device("cpu")) is kernels  # asked for: kept
+
+
+@pytest.mark.parametrize("N,cu,dense_path", [
+    (48, None, True),  # one document of 3 blocks = topk
+    (70, torch.tensor([0, 20, 31, 64, 70], dtype=torch.int32), True),  # packed, every document <= 3 blocks
+    (70, torch.tensor([0, 60, 70], dtype=torch.int32), False),  # one document of 4 blocks
+])
+def test_rows_of_short_documents_take_the_dense_path_with_the_same_numbers(N, cu, dense_path, monkeypatch):
+    """When every document has at most ``topk`` blocks, each query selects all its visible blocks: the core
+    skips the top-k and the sparse kernel (dense attention, the KL on the dense support) and gives what the
+    sparse ops give, forward and every gradient. A longer document sends the row down the sparse path."""
+    from msa import layer as L
+    from msa import reference as R
+
+    Bk, topk = 16, 3
+    core = L.MSACore(AttentionConfig(impl="reference", block_size=Bk, topk=topk, index_dim=8))
+    torch.manual_seed(4)
+    q, k, v = torch.randn(1, N, H, D), torch.randn(1, N, HKV, D), torch.randn(1, N, HKV, D)
+    q_idx, k_idx, w = torch.randn(1, N, HKV, 8), torch.randn(1, N, 8), torch.randn(1, N, H, D)
+    leaves = [t.requires_grad_() for t in (q, k, v, q_idx, k_idx)]
+
+    block_idx = R.select_blocks(q_idx.detach(), k_idx.detach(), Bk, topk, cu)
+    o, lse = R.sparse_attention(q, k, v, block_idx, Bk, cu)
+    kl = R.index_kl_loss(q.detach(), k.detach(), q_idx, k_idx, block_idx, Bk, cu, lse=lse)
+    want = torch.autograd.grad((o * w).sum() + kl, leaves)
+
+    calls = []
+
+    def counted(name):
+        fn = getattr(R, name)
+        return lambda *a, **kw: calls.append(name) or fn(*a, **kw)
+
+    for name in ("select_blocks", "sparse_attention"):
+        monkeypatch.setattr(R, name, counted(name))
+    out = core(q, k, v, cu, (q_idx, k_idx), "sparse")
+    assert calls == ([] if dense_path else ["select_blocks", "sparse_attention"])
+    got = torch.autograd.grad((out.o * w).sum() + out.kl, leaves)
+    assert rel_rms(o, out.o) < 1e-5 and abs(out.kl.item() - kl.item()) < 1e-5 * abs(kl.item())
+    assert all(rel_rms(a, b) < 1e-5 for a, b in zip(want, got))
