@@ -196,19 +196,24 @@ def retrieval(model, tokenizer, spec: EvalSpec, task: str, length: int, stream, 
             if spec.generate:
                 done = decode(model, cache, hidden, new, stop_ids=(tokenizer.eod,), phase=phase)
                 generated = [tokenizer.decode(c.ids) for c in done]
+            trivial = -(-prompt_len // msa[0].block_size) <= msa[0].topk if msa else True
+            per_layer = [] if trivial else [  # with at most topk blocks every block is selected: nothing to measure
+                needle_recall(sel, [it.needle_spans for _, it in part], msa[0].block_size) for sel in out.selected]
+            for layer, vals in zip(model.msa_layers(), per_layer):
+                recalls[layer] += vals
+            item_recall = [float(np.mean(v)) for v in zip(*per_layer)] if per_layer else [None] * len(part)
             for b, (depth, it) in enumerate(part):
                 scores.append({"depth": depth, "choice": choice_correct(logliks[b].tolist()),
                                "nll": -float(logliks[b, 0]) / len(cands[b][0]),
-                               "exact": None if generated[b] is None else exact_match(it, generated[b])})
-            trivial = -(-prompt_len // msa[0].block_size) <= msa[0].topk if msa else True
-            for layer, sel in zip(model.msa_layers(), out.selected):
-                if not trivial:  # with at most topk blocks every block is selected: nothing to measure
-                    recalls[layer] += needle_recall(sel, [it.needle_spans for _, it in part], msa[0].block_size)
+                               "exact": None if generated[b] is None else exact_match(it, generated[b]),
+                               "needle": item_recall[b]})
     return summarise(scores, recalls, spec.depths)
 
 
 def summarise(scores: list[dict], recalls: dict[int, list[float]], depths: list[float]) -> dict:
-    """Accuracy (share of True) of ``choice`` and ``exact``, mean ``nll``, overall and per depth."""
+    """Accuracy (share of True) of ``choice`` and ``exact``, mean ``nll``, overall and per depth; the needle
+    recall over all items and layers, per layer, and over the items answered correctly (``choice``; each
+    item's recall the mean over layers): the issue's "needle recall where the model answers correctly"."""
 
     def agg(rows):
         exact = [r["exact"] for r in rows if r["exact"] is not None]
@@ -217,8 +222,11 @@ def summarise(scores: list[dict], recalls: dict[int, list[float]], depths: list[
 
     result = {**agg(scores), "depths": {str(d): agg([r for r in scores if r["depth"] == d]) for d in depths}}
     if recalls:
+        correct = [r["needle"] for r in scores if r["choice"] and r.get("needle") is not None]
         result["needle_recall"] = {"all": float(np.mean([v for vals in recalls.values() for v in vals])),
-                                   "layers": {str(k): float(np.mean(v)) for k, v in recalls.items()}}
+                                   "layers": {str(k): float(np.mean(v)) for k, v in recalls.items()},
+                                   "correct": float(np.mean(correct)) if correct else None,
+                                   "n_correct": len(correct)}
     return result
 
 
@@ -273,6 +281,7 @@ def flatten(results: dict) -> dict[str, float | None]:
                 out[M.eval_key(task, name, "exact")] = r["exact"]
             if results["msa_layers"]:
                 out[M.eval_key("needle_recall", task, name)] = r.get("needle_recall", {}).get("all")
+                out[M.eval_key("needle_recall", task, name, "correct")] = r.get("needle_recall", {}).get("correct")
     return out
 
 
