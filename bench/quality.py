@@ -35,7 +35,8 @@ task, length and depth, the indexer's needle recall; the same items for every ru
 
 Writes to ``--out``: ``quality.json`` (settings, probe, steps and tokens, each run's loss curve, final
 loss and eval results, and mean / std / min / max over seeds per arm; rewritten after every run) and
-``quality_loss.png``, ``quality_bpb.png``, ``quality_retrieval.png``, ``quality_recall.png``. Hydra
+``quality_loss.png``, ``quality_bpb.png``, ``quality_retrieval.png``, ``quality_recall.png``,
+``quality_paired.png``. Hydra
 overrides after ``--`` apply to both arms.
 """
 
@@ -369,7 +370,8 @@ def paired(runs: list[dict], arms=ARMS) -> dict:
         vals = list(diffs.values())
         out[arm] = {"against": ref, "seeds": seeds, "final_loss_rel": diffs, "mean": float(np.mean(vals)),
                     "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
-                    "by_tenth": [float(np.mean(col)) for col in zip(*tenths)]}
+                    "by_tenth": [float(np.mean(col)) for col in zip(*tenths)],
+                    "by_tenth_seeds": dict(zip(seeds, tenths))}
     return out
 
 
@@ -401,6 +403,28 @@ def plot_loss(report: dict, path: Path) -> None:
     ax.set_ylabel("LM loss (nats/token)")
     ax.legend()
     ax.set_title("training loss, band: min-max over seeds", fontsize=10)
+    fig.savefig(path)
+
+
+def plot_paired(report: dict, path: Path) -> None:
+    """``paired``: each arm's relative loss difference against the first arm per tenth of the steps, one
+    thin line per seed and the mean: where in training a gap opens."""
+    fig = _figure(7, 4)
+    ax = fig.subplots()
+    for arm, d in report["paired"].items():
+        for seed, ys in d["by_tenth_seeds"].items():
+            ax.plot(np.arange(len(ys)) * 10 + 5, 100 * np.array(ys), lw=0.8, alpha=0.5, label=f"{arm}, seed {seed}")
+        ax.plot(np.arange(len(d["by_tenth"])) * 10 + 5, 100 * np.array(d["by_tenth"]), lw=2.5, marker="o",
+                label=f"{arm}, mean")
+    ax.axhline(0.0, color="black", lw=0.8)
+    settings = report.get("settings", {})
+    if settings.get("warmup_frac"):
+        ax.axvline(100 * settings["warmup_frac"], color="gray", ls=":", lw=1.0, label="end of the dense warm-up")
+    if settings.get("final_len"):
+        ax.axvline(100 * (1 - settings["final_frac"]), color="gray", ls="--", lw=1.0, label="last stage starts")
+    ax.set(xlabel="share of the steps (%)", ylabel="LM loss against the reference arm (%)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"paired against {report_arms(report)[0]} (same seed and batches)", fontsize=10)
     fig.savefig(path)
 
 
@@ -487,6 +511,8 @@ def write(report: dict, out: Path, plots: bool) -> None:
         for name, fn in (("loss", plot_loss), ("bpb", plot_bpb), ("retrieval", plot_retrieval),
                          ("recall", plot_recall)):
             fn(report, out / f"quality_{name}.png")
+        if report["paired"]:
+            plot_paired(report, out / "quality_paired.png")
 
 
 def work_dir(args) -> Path:

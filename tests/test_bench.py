@@ -520,7 +520,7 @@ def test_no_skip_runs_a_point_the_projection_would_skip(tmp_path):
     assert points("--no-skip") == ["ok", "ok"]
 
 
-def test_quality_paired_differences_by_hand():
+def test_quality_paired_differences_by_hand(tmp_path):
     """``paired``: per seed ``msa / dense - 1`` of the final loss, their mean and std, and the mean over
     seeds of each tenth's relative difference of the mean loss (hand-computed on two seeds, 20 steps)."""
     from bench.quality import paired
@@ -540,4 +540,9 @@ def test_quality_paired_differences_by_hand():
     assert got["std"] == pytest.approx(np.std([0.1, -0.1], ddof=1))
     # tenths of 2 steps: seed 0 is +10% from the sixth tenth on, seed 1 -10% in the last tenth
     assert got["by_tenth"] == pytest.approx([0.0] * 5 + [0.05] * 4 + [0.0])
+    assert got["by_tenth_seeds"][1] == pytest.approx([0.0] * 9 + [-0.1])
     assert paired(runs, ["dense"]) == {}
+    from bench.quality import plot_paired
+
+    plot_paired({"paired": {"msa": got}, "settings": {"arms": ["dense", "msa"]}}, tmp_path / "paired.png")
+    assert (tmp_path / "paired.png").stat().st_size > 1000
