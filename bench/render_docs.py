@@ -51,9 +51,8 @@ def labels(metas: list[dict]) -> list[str]:
     JSON its command wrote where that is not enough (two runs of one commit)."""
     plain = [label(m) for m in metas]
     named = [f"{n} @{str(m.get('commit'))[:7]}" if plain.count(n) > 1 else n for n, m in zip(plain, metas)]
-    out = re.compile(r"--json\s+(\S+)")
-    return [f"{n} [{Path(out.search(m.get('command') or '')[1]).stem}]"
-            if named.count(n) > 1 and out.search(m.get("command") or "") else n for n, m in zip(named, metas)]
+    wrote = [re.search(r"--json\s+(\S+)", m.get("command") or "") for m in metas]
+    return [f"{n} [{Path(w[1]).stem}]" if named.count(n) > 1 and w else n for n, w in zip(named, wrote)]
 
 
 def render_train_step(results: list[dict]) -> str:

@@ -26,6 +26,8 @@ import torch
 import triton
 from torch.utils.weak import WeakIdKeyDictionary
 
+from msa.dense import tensor_version
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -72,14 +74,6 @@ _LAYOUTS = WeakIdKeyDictionary()  # cu_seqlens -> ((version, N, block_size, devi
 _ONE_DOC_LAYOUTS: dict = {}  # (N, block_size, device) -> Layout of one document per row (read only)
 
 
-def _version(t: torch.Tensor) -> int | None:
-    """The tensor's in-place write counter; None where it keeps none (inference mode): no caching."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
-
-
 def check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, N: int) -> None:
     """Clear errors for a malformed ``cu_seqlens``: one small device->host read, none for a tensor that
     passed with the same ``N`` and has not been written to since."""
@@ -88,7 +82,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, N: int) -> None:
     if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cu_seqlens must be a 1-d int32 tensor [n_docs + 1], got "
                          f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-    version = _version(cu_seqlens)
+    version = tensor_version(cu_seqlens)
     if version is not None and _CHECKED.get(cu_seqlens) == (version, N):
         return
     cu = cu_seqlens.long()
@@ -106,7 +100,7 @@ _VALID = WeakIdKeyDictionary()  # block_idx -> (version, n_blocks)
 def mark_valid_block_idx(block_idx: torch.Tensor, n_blocks: int) -> torch.Tensor:
     """Record that ``block_idx`` holds valid ids for ``n_blocks`` (``select_blocks``'s own output), so
     ``check_block_idx`` need not read it back while it is not written to."""
-    version = _version(block_idx)
+    version = tensor_version(block_idx)
     if version is not None:
         _VALID[block_idx] = (version, n_blocks)
     return block_idx
@@ -115,7 +109,7 @@ def mark_valid_block_idx(block_idx: torch.Tensor, n_blocks: int) -> torch.Tensor
 def check_block_idx(block_idx: torch.Tensor, n_blocks: int) -> None:
     """Clear errors for ids outside ``[-1, n_blocks)``: one device->host read, none for a tensor that
     ``mark_valid_block_idx`` recorded and nothing has written to since."""
-    version = _version(block_idx)
+    version = tensor_version(block_idx)
     if version is not None and _VALID.get(block_idx) == (version, n_blocks):
         return
     lo, hi = torch.stack(torch.aminmax(block_idx)).tolist()  # one device->host read
@@ -146,7 +140,7 @@ def build_layout(N: int, block_size: int, cu_seqlens: torch.Tensor | None, devic
                                            torch.zeros(N, dtype=torch.long, device=key[2]),
                                            vb_start, (vb_start + block_size).clamp_max(N), n_blocks)
         return _ONE_DOC_LAYOUTS[key]
-    key = (_version(cu_seqlens), N, block_size, torch.device(device))
+    key = (tensor_version(cu_seqlens), N, block_size, torch.device(device))
     cached = _LAYOUTS.get(cu_seqlens)
     if key[0] is not None and cached is not None and cached[0] == key:
         return cached[1]

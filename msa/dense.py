@@ -69,15 +69,21 @@ def document_lengths(cu_seqlens: torch.Tensor, N: int, Nq: int) -> tuple[list[in
 _LONGEST = WeakIdKeyDictionary()  # cu_seqlens -> (version, longest document)
 
 
+def tensor_version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place write counter; None where it keeps none (inference mode): no caching. What
+    the per-tensor caches here and in ``kernels.common`` key on."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 def longest_document(cu_seqlens: torch.Tensor | None, N: int) -> int:
     """The longest document of a row of ``N`` keys (``N`` without ``cu_seqlens``): one device-to-host read
     per ``cu_seqlens`` tensor, kept while nothing writes to it (every layer of a step shares the tensor)."""
     if cu_seqlens is None:
         return N
-    try:
-        version = cu_seqlens._version
-    except RuntimeError:  # inference mode keeps no write counter: read every time
-        version = None
+    version = tensor_version(cu_seqlens)
     hit = _LONGEST.get(cu_seqlens)
     if version is not None and hit is not None and hit[0] == version:
         return hit[1]

@@ -92,14 +92,20 @@ def _hand_recall(q, k, block_idx, Bk, rows):
     return total / (len(rows) * Hkv)
 
 
+def _one_document_stats(N, Bk, topk, key_chunk):
+    """Random ``q, k`` and an index selection on one document; its stats over every non-trivial query,
+    and those queries (more than ``topk`` visible blocks)."""
+    q, k = torch.randn(1, N, H, D), torch.randn(1, N, HKV, D)
+    block_idx = select_blocks(torch.randn(1, N, HKV, 8), torch.randn(1, N, 8), Bk, topk)
+    stats = selection_stats(q, k, block_idx, Bk, topk, n_recall=N, key_chunk=key_chunk).ratios()
+    return q, k, block_idx, stats, [i for i in range(N) if i // Bk + 1 > topk]
+
+
 def test_selection_stats_against_a_hand_computation():
     """Recall averages only queries with more than topk visible blocks (the others keep every block,
     recall 1 by construction); sparsity is the share of visible (query, group, key) triples skipped."""
     N, Bk, topk = 64, 8, 2
-    q, k = torch.randn(1, N, H, D), torch.randn(1, N, HKV, D)
-    block_idx = select_blocks(torch.randn(1, N, HKV, 8), torch.randn(1, N, 8), Bk, topk)
-    stats = selection_stats(q, k, block_idx, Bk, topk, n_recall=N, key_chunk=24).ratios()
-    nontrivial = [i for i in range(N) if i // Bk + 1 > topk]
+    q, k, block_idx, stats, nontrivial = _one_document_stats(N, Bk, topk, key_chunk=24)
     assert stats["index_recall"] == pytest.approx(_hand_recall(q, k, block_idx, Bk, nontrivial), abs=1e-6)
     assert stats["nontrivial_share"] == pytest.approx(len(nontrivial) / N)
     kept = sum(min(Bk, i - b * Bk + 1) for i in range(N) for r in range(HKV)
@@ -141,10 +147,7 @@ def test_oracle_recall_against_a_hand_computation():
     """The oracle recall is the best selection's mass (tried exhaustively), on one document and on packed
     documents; it bounds the index recall of the indexer's selection."""
     N, Bk, topk = 56, 8, 3
-    q, k = torch.randn(1, N, H, D), torch.randn(1, N, HKV, D)
-    block_idx = select_blocks(torch.randn(1, N, HKV, 8), torch.randn(1, N, 8), Bk, topk)
-    stats = selection_stats(q, k, block_idx, Bk, topk, n_recall=N, key_chunk=20).ratios()
-    nontrivial = [i for i in range(N) if i // Bk + 1 > topk]
+    q, k, _, stats, nontrivial = _one_document_stats(N, Bk, topk, key_chunk=20)
     assert stats["oracle_recall"] == pytest.approx(_hand_oracle(q, k, Bk, topk, nontrivial), abs=1e-6)
     assert stats["index_recall"] < stats["oracle_recall"] < 1
     cu = torch.tensor([0, 13, 50, N], dtype=torch.int32)  # the middle document alone has > topk blocks
