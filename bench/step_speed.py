@@ -7,7 +7,8 @@ attention forward running once per layer under ``parallel.checkpoint_policy=sele
 
 Rows: ``one:N`` (one document of N tokens), ``packed:N:L`` (documents of uniformly random length in
 [L/16, L) filling N tokens, seeded). Points (``POINTS``): ``dense`` (every layer dense), ``dense_varlen``,
-``msa_full`` (MSA, DeepSpeed's full checkpointing), ``msa_selective``, ``msa_selective_compile``,
+``msa_full`` (MSA, DeepSpeed's full checkpointing), ``msa_selective``, ``msa_selective_varlen`` (its
+dense path, on rows of short documents, with one varlen call), ``msa_selective_compile``,
 ``msa_full_compile``, ``warmup_loop`` / ``warmup_varlen`` (MSA in the warm-up phase: dense attention with
 the index KL, one SDPA call per document or one varlen call). Every point checkpoints activations.
 
@@ -51,6 +52,7 @@ POINTS = {  # name: (Hydra overrides, attention phase)
     "dense_varlen": (["attention=dense", "attention.dense_varlen=true"], "sparse"),
     "msa_full": ([], "sparse"),
     "msa_selective": (SELECTIVE, "sparse"),
+    "msa_selective_varlen": (SELECTIVE + ["attention.dense_varlen=true"], "sparse"),
     "msa_selective_compile": (SELECTIVE + COMPILE, "sparse"),
     "msa_full_compile": (COMPILE, "sparse"),
     "warmup_loop": ([], "warmup"),

@@ -7,7 +7,10 @@
 # Stages (STAGES): test (the gpu tests of the varlen path), small (32K and 128K one-document rows: MSA full
 # and selective checkpointing, dense; one profiled step each at 32K), packed (a 192K row of documents under
 # 6K tokens: the same plus dense varlen and the warm-up phase with and without varlen, each profiled),
-# compile (MSA selective with compiled blocks, 128K then 32K), base (the base model, with what is left).
+# compile (MSA selective with compiled blocks, 128K then 32K), base (the base model, with what is left);
+# short (not in the default list: a 192K row of documents under 2,048 tokens, where every query of small
+# sees at most topk blocks and MSA takes the dense path: dense, dense varlen, MSA with the loop and with
+# varlen, the warm-up with varlen, each profiled).
 # A CPU dry run at toy sizes (the model, rows and EXTRA Hydra overrides are the only differences):
 #   MODEL=tiny BASE=tiny ONE="one:256" PACKED="packed:512:128" EXTRA="model.n_layers=2" DEADLINE=2000 \
 #     bash bench/step_speed_gpu.sh
@@ -23,6 +26,7 @@ MODEL=${MODEL:-small}
 BASE=${BASE:-base}
 ONE=${ONE:-one:32768 one:131072}
 PACKED=${PACKED:-packed:196608:6144}
+SHORT=${SHORT:-packed:196608:2048}
 read -r -a ONE_ROWS <<< "$ONE"
 LONGEST_FIRST=$(printf '%s\n' "${ONE_ROWS[@]}" | tac | tr '\n' ' ')  # compile: the longest row first
 JSON=$OUT/step_speed.jsonl
@@ -37,6 +41,8 @@ for s in $STAGES; do
              --profile-rows "${ONE_ROWS[0]}" ;;
     packed) bench packed 120 --model "$MODEL" --rows "$PACKED" --points msa_full msa_selective dense \
               dense_varlen warmup_loop warmup_varlen --profile-rows "$PACKED" ;;
+    short) bench short 150 --model "$MODEL" --rows "$SHORT" --points dense dense_varlen msa_selective \
+             msa_selective_varlen warmup_varlen --profile-rows "$SHORT" ;;
     compile) bench compile 150 --model "$MODEL" --rows $LONGEST_FIRST --points msa_selective_compile ;;
     base) bench base "$DEADLINE" --model "$BASE" --rows "${ONE_ROWS[@]}" --points msa_full msa_selective dense ;;
     *) echo "unknown stage $s"; exit 2 ;;

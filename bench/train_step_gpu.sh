@@ -27,7 +27,8 @@
 #      (bench/step_time_old_new.py), at each of OLD_NEW_LENGTHS (default 16K, 32K, 128K; ~80 s each).
 #   9. rope: the fused RoPE kernel (kernels/rope.py) against the PyTorch path: bench/rope.py for small and
 #      base at 16K and 32K (device time, host time, kernels per forward+backward), its GPU tests, and MSA and
-#      dense steps of small at 16K and 32K with model.rope_impl=torch, then =triton, twice (~5 min).
+#      dense steps of small at 16K and 32K with model.rope_impl=torch, then =triton, twice (~5 min);
+#      rope_steps: those steps only (~4 min).
 #  10. dense_1m: model=small at 1M, MSA then dense, one warm-up and one timed step each (dense: about 170 s a
 #      step by the fit over 16K-128K, so about 6 minutes in all), so the 1M ratio is measured side by side
 #      rather than extrapolated; it fills most of a call: STAGES=dense_1m MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
@@ -70,8 +71,9 @@ OLD_NEW_LENGTHS=${OLD_NEW_LENGTHS:-$ON_LENGTHS}
 STAGES=${STAGES:-small base base_1m}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 for s in $STAGES; do
-  case $s in small|base|base_1m|1b|dense_layer|host|old_new|rope|dense_1m) ;;
-    *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer host old_new rope dense_1m)"; exit 2;; esac
+  case $s in small|base|base_1m|1b|dense_layer|host|old_new|rope|rope_steps|dense_1m) ;;
+    *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer host old_new rope rope_steps dense_1m)"
+       exit 2;; esac
 done
 if want old_new && [ ! -d "${OLD_TREE:-}/train" ]; then
   echo "STAGES=old_new needs OLD_TREE, a folder with the old tree (git archive <commit> | tar -x -C <folder>)"; exit 2
@@ -83,14 +85,16 @@ if want old_new; then
       --new . "${OLD_NEW[@]}" --seq-len "$n" --json "$OUT/step_time_old_new_$n.json" -- $AC
   done
 fi
-if want rope; then
+if want rope || want rope_steps; then
   if [ "${CPU_CHECK:-0}" = 1 ]; then
     echo "rope: needs a GPU (the kernel on CUDA tensors); skipped in the CPU rehearsal" | tee -a "$LOG"
   else
-    for m in small base; do
-      TAIL=3 stage "rope_$m" 60 python3 -m bench.rope --model "$m" --seq-len 16384 32768 --json "$OUT/rope_$m.json"
-    done
-    TAIL=3 stage rope_tests 90 python3 -m pytest -q tests/test_kernel_rope.py -m gpu
+    if want rope; then
+      for m in small base; do
+        TAIL=3 stage "rope_$m" 60 python3 -m bench.rope --model "$m" --seq-len 16384 32768 --json "$OUT/rope_$m.json"
+      done
+      TAIL=3 stage rope_tests 90 python3 -m pytest -q tests/test_kernel_rope.py -m gpu
+    fi
     # two rounds of torch then triton, MSA and dense each: a drift of the machine between processes shows
     # as a difference between the rounds
     for round in 1 2; do
