@@ -26,7 +26,10 @@ same RoPE base (``--rope-base``, the long_context recipe's base for 8K stages) i
 eval length. ``--arms`` picks the arms (default ``dense msa``): ``msa_nodense`` is MSA with no dense first
 layer (``attention.n_dense_layers=0``), ``msa_window`` MSA with the first layer a sliding window of
 ``--window`` keys (``model.sliding_window``, ``model.sliding_layers=[0]``): what the options that make
-the 1M step fastest (docs/scaling.md) cost in quality. Every MSA arm has the dense warm-up.
+the 1M step fastest (docs/scaling.md) cost in quality; ``msa_kl`` MSA with ``recipe.kl_weight`` set to
+``--kl-weight`` (the index branch's share of the clipped gradient norm); ``msa_wide`` MSA with
+``attention.topk`` set to ``--wide-topk`` (the ceiling of index recall with more blocks). Every MSA arm has
+the dense warm-up.
 
 Data: the embedded corpus mixed with the synthetic retrieval source (``--mix`` of the tokens), so a small
 model can learn retrieval in a short run. Evals (train/eval): held-out bits per byte by position and
@@ -68,8 +71,9 @@ from train.parallel import init_distributed
 from train.recipe import build_recipe
 
 ARMS = ("dense", "msa")  # the default arms
-# every arm there is: its overrides (``--window`` sets msa_window's window, ``--kl-weight`` msa_kl's weight)
-ARM_CHOICES = ("dense", "msa", "msa_nodense", "msa_window", "msa_kl")
+# every arm there is: its overrides (``--window`` sets msa_window's window, ``--kl-weight`` msa_kl's weight,
+# ``--wide-topk`` msa_wide's blocks per query)
+ARM_CHOICES = ("dense", "msa", "msa_nodense", "msa_window", "msa_kl", "msa_wide")
 TASKS = ("passkey", "multikey", "vartrack", "image_needle")
 PROBE_STEPS = 4  # timed steps per phase, after COMPILE_STEPS that compile and autotune
 COMPILE_STEPS = 2
@@ -90,6 +94,9 @@ def parse(argv=None):
     ap.add_argument("--kl-weight", type=float, default=0.01,
                     help="msa_kl: recipe.kl_weight (small: the index branch's gradients leave the clipped global "
                          "norm, while AdamW's update of the index branch does not depend on their scale)")
+    ap.add_argument("--wide-topk", type=int, default=32,
+                    help="msa_wide: attention.topk (more selected blocks: whether the teacher mass they can hold, "
+                         "eval/oracle_recall, reaches what the index recall target asks)")
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=2, help="rows per step")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -163,6 +170,8 @@ def arm_overrides(args, arm: str) -> list[str]:
         out += [f"model.sliding_window={args.window}", "model.sliding_layers=[0]"]
     elif arm == "msa_kl":
         out.append(f"recipe.kl_weight={args.kl_weight}")
+    elif arm == "msa_wide":
+        out.append(f"attention.topk={args.wide_topk}")
     elif arm != "msa":
         raise ValueError(f"unknown arm {arm!r}: one of {', '.join(ARM_CHOICES)}")
     return out
