@@ -10,7 +10,9 @@ Rows: ``one:N`` (one document of N tokens), ``packed:N:L`` (documents of uniform
 ``msa_full`` (MSA, DeepSpeed's full checkpointing), ``msa_selective``, ``msa_selective_varlen`` (its
 dense path, on rows of short documents, with one varlen call), ``msa_selective_compile``,
 ``msa_full_compile``, ``warmup_loop`` / ``warmup_varlen`` (MSA in the warm-up phase: dense attention with
-the index KL, one SDPA call per document or one varlen call). Every point checkpoints activations.
+the index KL, one SDPA call per document or one varlen call). Every point checkpoints activations, and each
+sets its dense path on packed rows itself (the points without ``varlen`` in their name one SDPA call per
+document, ``attention.dense_varlen=false``), so a point means the same whatever the default.
 
     python3 -m bench.step_speed --model small --rows one:32768 one:131072 --points dense msa_full \\
         msa_selective --profile-rows one:32768 --out runs/step_speed.jsonl -- <hydra overrides>
@@ -45,18 +47,20 @@ from train.parallel import init_distributed
 from train.recipe import build_recipe
 
 CHECKPOINTING = ["parallel.activation_checkpointing=true"]
+LOOP = ["attention.dense_varlen=false"]  # one SDPA call per document (the default until varlen was measured)
+VARLEN = ["attention.dense_varlen=true"]
 SELECTIVE = ["parallel.checkpoint_policy=selective"]
 COMPILE = ["parallel.compile_blocks=true"]
-POINTS = {  # name: (Hydra overrides, attention phase)
-    "dense": (["attention=dense"], "sparse"),
-    "dense_varlen": (["attention=dense", "attention.dense_varlen=true"], "sparse"),
-    "msa_full": ([], "sparse"),
-    "msa_selective": (SELECTIVE, "sparse"),
-    "msa_selective_varlen": (SELECTIVE + ["attention.dense_varlen=true"], "sparse"),
-    "msa_selective_compile": (SELECTIVE + COMPILE, "sparse"),
-    "msa_full_compile": (COMPILE, "sparse"),
-    "warmup_loop": ([], "warmup"),
-    "warmup_varlen": (["attention.dense_varlen=true"], "warmup"),
+POINTS = {  # name: (Hydra overrides, attention phase); each names its dense path, whatever the default
+    "dense": (["attention=dense"] + LOOP, "sparse"),
+    "dense_varlen": (["attention=dense"] + VARLEN, "sparse"),
+    "msa_full": (LOOP, "sparse"),
+    "msa_selective": (SELECTIVE + LOOP, "sparse"),
+    "msa_selective_varlen": (SELECTIVE + VARLEN, "sparse"),
+    "msa_selective_compile": (SELECTIVE + COMPILE + LOOP, "sparse"),
+    "msa_full_compile": (COMPILE + LOOP, "sparse"),
+    "warmup_loop": (LOOP, "warmup"),
+    "warmup_varlen": (VARLEN, "warmup"),
 }
 
 

@@ -117,8 +117,11 @@ def _flash_varlen(q, k, v, q_len, k_len, scale):
 
 
 def can_run_varlen(q: torch.Tensor) -> bool:
-    """FlashAttention's varlen kernel runs on CUDA in fp16/bf16."""
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    """FlashAttention-2's varlen kernel runs on CUDA GPUs of compute capability 8.0 and up, in fp16/bf16, for
+    head dims up to 256 in multiples of 8."""
+    D = q.shape[-1]
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and D <= 256 and D % 8 == 0
+            and torch.cuda.get_device_capability(q.device)[0] >= 8)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

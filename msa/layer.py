@@ -39,9 +39,10 @@ class AttentionConfig:
     topk: int = 16  # k: blocks kept per (query, GQA group), own block included
     index_dim: int = 64  # Di: index query/key head dim
     n_dense_layers: int = 1  # the first layers use ordinary dense GQA attention
-    # dense attention (dense layers, warm-up) on packed rows: one FlashAttention varlen call (CUDA, bf16/fp16)
-    # instead of one SDPA call per document; elsewhere the per-document calls (msa/dense.py)
-    dense_varlen: bool = False
+    # dense attention (dense layers, warm-up, MSA rows of short documents) on packed rows: one FlashAttention
+    # varlen call (CUDA sm80+, bf16/fp16, head dim <= 256) instead of one SDPA call per document; elsewhere,
+    # and with false, the per-document calls (msa/dense.py). On since measured (docs/scaling.md section 2)
+    dense_varlen: bool = True
 
 
 def check_attention(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_dim: int, n_layers: int) -> None:
