@@ -317,6 +317,8 @@ def run_one(args, arm: str, seed: int, steps: int, work: Path) -> dict:
             scalars[f"layer/index_recall/{fmt_tokens(int(length))}/{layer}"] = v
         for layer, v in r.get("index_recall", {}).get("oracle_layers", {}).items():
             scalars[f"layer/oracle_recall/{fmt_tokens(int(length))}/{layer}"] = v
+        for layer, v in r.get("index_recall", {}).get("oracle_2x_layers", {}).items():
+            scalars[f"layer/oracle_recall_2x/{fmt_tokens(int(length))}/{layer}"] = v
     return {"arm": arm, "seed": seed, "steps": steps, "tokens": tokens, "wall_s": wall,
             "eval_s": results["seconds"], "train_s": wall - results["seconds"], "loss_curve": curve,
             "scalars": scalars, "eval": results}
@@ -496,10 +498,14 @@ def plot_recall(report: dict, path: Path) -> None:
         ys = [stats.get(f"layer/index_recall/{name}/{layer}", {}).get("mean", np.nan) for layer in layers]
         bars = left.bar(np.arange(len(layers)) + i * width, ys, width, label=name)
         ceiling = [stats.get(f"layer/oracle_recall/{name}/{layer}", {}).get("mean", np.nan) for layer in layers]
+        color = bars.patches[0].get_facecolor() if bars.patches else None
         left.bar(np.arange(len(layers)) + i * width, ceiling, width, fill=False,  # outline: the best topk blocks
-                 edgecolor=bars.patches[0].get_facecolor() if bars.patches else None, linewidth=0.8)
+                 edgecolor=color, linewidth=0.8)
+        wide = [stats.get(f"layer/oracle_recall_2x/{name}/{layer}", {}).get("mean", np.nan) for layer in layers]
+        left.bar(np.arange(len(layers)) + i * width, wide, width, fill=False,  # dashed: the best 2 topk blocks
+                 edgecolor=color, linewidth=0.6, linestyle="--")
     left.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, [str(x) for x in layers])
-    left.set(xlabel="MSA layer", ylabel="index recall (outline: best topk blocks)", ylim=(0, 1.05))
+    left.set(xlabel="MSA layer", ylabel="index recall (outlines: best topk, dashed 2 topk blocks)", ylim=(0, 1.05))
     left.legend(title="eval length", fontsize=7)
     for task in report["settings"]["tasks"]:
         ys = [stats.get(f"eval/needle_recall/{task}/{name}", {}).get("mean", np.nan) for name in lengths]

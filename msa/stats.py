@@ -15,7 +15,8 @@ The oracle recall is the most any selection of ``topk`` blocks (the query's own 
 ``select_blocks`` forces it) could hold for the same queries: the own block's mass plus the ``topk - 1``
 largest other block masses of the group's head-mean teacher. ``index_recall / oracle_recall`` separates
 an indexer that misses the heavy blocks from a teacher whose mass is spread over more blocks than ``topk``
-(then no selection reaches a high recall).
+(then no selection reaches a high recall). ``oracle_recall_2x`` is the same for ``2 * topk`` blocks: what
+twice the selection could hold, so whether raising ``attention.topk`` would lift the ceiling.
 """
 
 from __future__ import annotations
@@ -26,15 +27,16 @@ import torch
 
 from msa import reference
 
-FIELDS = ("recall_mass", "recall_rows", "kept", "visible", "nontrivial", "rows", "oracle_mass")
+FIELDS = ("recall_mass", "recall_rows", "kept", "visible", "nontrivial", "rows", "oracle_mass", "oracle2_mass")
 
 
 @dataclass
 class SelectionStats:
-    """``sums [7]`` float64, in ``FIELDS`` order: teacher mass in the selection summed over the sampled
+    """``sums [8]`` float64, in ``FIELDS`` order: teacher mass in the selection summed over the sampled
     non-trivial (query, group) pairs, how many were sampled; visible (query, group, key) triples kept by
     the selection, all visible triples; (query, group) pairs with more than ``topk`` visible blocks,
-    all (query, group) pairs; the teacher mass of the best ``topk`` blocks over the same sampled pairs."""
+    all (query, group) pairs; the teacher mass of the best ``topk`` blocks over the same sampled pairs,
+    and of the best ``2 * topk`` blocks."""
 
     sums: torch.Tensor
 
@@ -47,12 +49,13 @@ class SelectionStats:
         return SelectionStats(torch.stack([s.sums for s in stats]).sum(0))
 
     def ratios(self) -> dict[str, float | None]:
-        """``index_recall``, ``oracle_recall``, ``sparsity`` and ``nontrivial_share`` (None where nothing
-        was counted)."""
+        """``index_recall``, ``oracle_recall``, ``oracle_recall_2x``, ``sparsity`` and ``nontrivial_share``
+        (None where nothing was counted)."""
         s = dict(zip(FIELDS, self.sums.tolist()))
         return {
             "index_recall": s["recall_mass"] / s["recall_rows"] if s["recall_rows"] else None,
             "oracle_recall": s["oracle_mass"] / s["recall_rows"] if s["recall_rows"] else None,
+            "oracle_recall_2x": s["oracle2_mass"] / s["recall_rows"] if s["recall_rows"] else None,
             "sparsity": 1.0 - s["kept"] / s["visible"] if s["visible"] else None,
             "nontrivial_share": s["nontrivial"] / s["rows"] if s["rows"] else None,
         }
@@ -78,7 +81,7 @@ def selection_stats(q: torch.Tensor, k: torch.Tensor, block_idx: torch.Tensor, b
     visible = (pos_q + 1).sum() * Hkv
     nontrivial = pos_q // block_size + 1 > topk  # [B, Nq]
     mass = torch.zeros((), dtype=torch.float64, device=q.device)
-    oracle = torch.zeros((), dtype=torch.float64, device=q.device)
+    oracle = torch.zeros(2, dtype=torch.float64, device=q.device)  # best topk, best 2 * topk blocks
     sampled = 0
     for b in range(B):
         rows = nontrivial[b].nonzero().squeeze(1)
@@ -90,11 +93,11 @@ def selection_stats(q: torch.Tensor, k: torch.Tensor, block_idx: torch.Tensor, b
         lse_all, lse_sel = _row_lse(q[b, rows], k[b], doc[b], pos[b], at, idx[b][:, rows], block_size, key_chunk)
         # [n, H] -> mean over each group's G heads, summed over rows and groups
         mass += torch.exp(lse_sel - lse_all).view(len(rows), Hkv, G).mean(-1).sum().double()
-        oracle += _row_oracle(q[b, rows], k[b], doc[b], pos[b], at, lse_all, block_size, topk, key_chunk).sum()
+        oracle += _row_oracle(q[b, rows], k[b], doc[b], pos[b], at, lse_all, block_size, topk, key_chunk).sum((0, 1))
         sampled += len(rows) * Hkv
     sums = torch.stack([mass, torch.tensor(float(sampled), dtype=torch.float64, device=q.device),
                         kept.double(), visible.double(), nontrivial.sum().double() * Hkv,
-                        torch.tensor(float(B * Nq * Hkv), dtype=torch.float64, device=q.device), oracle])
+                        torch.tensor(float(B * Nq * Hkv), dtype=torch.float64, device=q.device), *oracle])
     return SelectionStats(sums)
 
 
@@ -128,8 +131,9 @@ def _row_lse(q, k, doc, pos, at, idx, block_size, key_chunk):
 
 
 def _row_oracle(q, k, doc, pos, at, lse_all, block_size, topk, key_chunk):
-    """``[n, Hkv]``: for each row and group the most teacher mass (head mean) any ``topk`` blocks hold,
-    the row's own block among them: the own block's mass plus the ``topk - 1`` largest others."""
+    """``[n, Hkv, 2]``: for each row and group the most teacher mass (head mean) any ``topk`` blocks hold,
+    the row's own block among them (the own block's mass plus the ``topk - 1`` largest others), and the
+    same for ``2 * topk`` blocks."""
     n, H, _ = q.shape
     Hkv = k.shape[1]
     n_blocks = int(pos.max()) // block_size + 1
@@ -139,8 +143,10 @@ def _row_oracle(q, k, doc, pos, at, lse_all, block_size, topk, key_chunk):
         block_mass.index_add_(2, pos[j] // block_size, p)
     group = block_mass.view(n, Hkv, H // Hkv, n_blocks).mean(2)  # [n, Hkv, blocks]
     own = (pos[at] // block_size)[:, None, None].expand(n, Hkv, 1)
-    ranked = group.scatter(2, own, float("inf")).topk(min(topk, n_blocks), dim=2).indices
-    return group.gather(2, ranked).sum(2).double()
+    # the own block first (forced), then the others by mass, largest first
+    ranked = group.scatter(2, own, float("inf")).topk(min(2 * topk, n_blocks), dim=2).indices
+    best = group.gather(2, ranked).double()
+    return torch.stack([best[..., :topk].sum(2), best.sum(2)], dim=2)
 
 
 __all__ = ["FIELDS", "SelectionStats", "selection_stats"]

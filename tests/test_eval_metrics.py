@@ -110,4 +110,6 @@ def test_eval_forward_matches_the_training_loss_and_recall():
                                                                rel=1e-5)
     assert got["index_recall"]["oracle_layers"]["1"] == pytest.approx(
         (recall[0] + recall[1]).ratios()["oracle_recall"], rel=1e-5)
+    assert got["index_recall"]["oracle_2x_layers"]["1"] == pytest.approx(
+        (recall[0] + recall[1]).ratios()["oracle_recall_2x"], rel=1e-5)
     assert list(got["buckets"]) == ["0-64", "64-200"]

@@ -29,7 +29,8 @@ def expected_keys() -> set[str]:
     keys = {"eval/seconds"}
     for length in ("256", "384"):
         keys |= {f"eval/bpb/{length}", f"eval/bpb/{length}/0-128", f"eval/bpb/{length}/128-{length}",
-                 f"eval/index_recall/{length}", f"eval/oracle_recall/{length}"}
+                 f"eval/index_recall/{length}", f"eval/oracle_recall/{length}",
+                 f"eval/oracle_recall_2x/{length}"}
         for task in ("passkey", "image_needle"):
             keys |= {f"eval/{task}/{length}/{s}" for s in ("choice", "nll", "exact")}
             keys |= {f"eval/needle_recall/{task}/{length}", f"eval/needle_recall/{task}/{length}/correct"}

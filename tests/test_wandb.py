@@ -99,7 +99,7 @@ def test_dashboard_workspace_offline(capsys):
     assert not {"layer_kl/00", "layer_recall/00"} & metrics
     regexes = {p.config.metric_regex for s in sections for p in s.panels if p.config.use_metric_regex}
     assert regexes == {"^layer_kl/.*", "^layer_recall/.*", "^train/lr/.*", "^eval/bpb/[^/]+$", "^eval/bpb/[^/]+/.+",
-                       "^eval/.+/choice$", "^eval/.+/exact$", "^eval/.+/nll$", "^eval/(index|oracle)_recall/.*",
+                       "^eval/.+/choice$", "^eval/.+/exact$", "^eval/.+/nll$", "^eval/(index|oracle)_recall(_2x)?/.*",
                        "^eval/needle_recall/.*"}
     assert (model.entity, model.project) == ("ent", "proj")
 

@@ -47,7 +47,8 @@ def layout(layers: int | None = None, dense_layers: int = 1) -> list[SectionSpec
         )),
         SectionSpec("MSA", (
             PanelSpec("Index recall (teacher mass in selected blocks, queries with > topk blocks) and its "
-                      "ceiling (the best topk blocks)", (M.INDEX_RECALL, M.ORACLE_RECALL)),
+                      "ceilings (the best topk and 2 topk blocks)", (M.INDEX_RECALL, M.ORACLE_RECALL,
+                                                                     M.ORACLE_RECALL_2X)),
             PanelSpec("Sparsity (fraction of visible keys skipped)", (M.SPARSITY,)),
             PanelSpec("Share of queries with more than topk visible blocks", (M.NONTRIVIAL,)),
         )),
@@ -76,8 +77,8 @@ def layout(layers: int | None = None, dense_layers: int = 1) -> list[SectionSpec
         PanelSpec("Retrieval accuracy, log-likelihood choice (chance 1/eval.choices)", regex=f"^{e}.+/choice$"),
         PanelSpec("Retrieval exact match, greedy generation", regex=f"^{e}.+/exact$"),
         PanelSpec("Answer NLL per token (nats)", regex=f"^{e}.+/nll$"),
-        PanelSpec("Index recall on held-out rows, and its ceiling (the best topk blocks), by eval length",
-                  regex=f"^{e}(index|oracle)_recall/.*"),
+        PanelSpec("Index recall on held-out rows, and its ceilings (the best topk and 2 topk blocks), by eval "
+                  "length", regex=f"^{e}(index|oracle)_recall(_2x)?/.*"),
         PanelSpec("Needle recall of the indexer (needle blocks the question selects)", regex=f"^{e}needle_recall/.*"),
     )))
     for title, prefix, key in (("Per-layer index KL", LAYER_KL_PREFIX, layer_kl_key),

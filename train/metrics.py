@@ -27,6 +27,7 @@ from train.parallel.shard import shard_sum
 LOSS_LM, LOSS_KL = "loss/lm", "loss/kl"
 INDEX_RECALL, SPARSITY, NONTRIVIAL = "msa/index_recall", "msa/sparsity", "msa/nontrivial_share"
 ORACLE_RECALL = "msa/oracle_recall"  # the best topk blocks' teacher mass: index recall's ceiling
+ORACLE_RECALL_2X = "msa/oracle_recall_2x"  # the best 2 * topk blocks': the ceiling with twice the selection
 TOKENS_PER_S, STEP_S, MFU = "perf/tokens_per_s", "perf/step_s", "perf/mfu"
 ATTN_TFLOPS, INDEX_TFLOPS = "perf/attn_tflops", "perf/index_tflops"
 MAX_MEMORY = "mem/max_allocated_gb"
@@ -162,7 +163,8 @@ def layer_metrics(layer_ids: list[int], kl_sum: torch.Tensor, n_micro: int, stat
     queries with more than ``topk`` visible blocks. Each rank of a sequence holds a share of both (its
     GQA groups, its query chunks); they are summed over the shard group: a collective, so every rank
     calls this alike."""
-    out = {INDEX_RECALL: None, ORACLE_RECALL: None, SPARSITY: None, NONTRIVIAL: None}  # None: not measured
+    out = {INDEX_RECALL: None, ORACLE_RECALL: None, ORACLE_RECALL_2X: None, SPARSITY: None,
+           NONTRIVIAL: None}  # None: not measured
     if layer_ids:
         kl = shard_sum(kl_sum / max(n_micro, 1), mesh)
         out.update({layer_kl_key(i): float(v) for i, v in zip(layer_ids, kl)})
@@ -172,7 +174,7 @@ def layer_metrics(layer_ids: list[int], kl_sum: torch.Tensor, n_micro: int, stat
         out.update({layer_recall_key(i): s.ratios()["index_recall"] for i, s in zip(layer_ids, per_layer)})
         total = SelectionStats.pooled(per_layer).ratios()
         out.update({INDEX_RECALL: total["index_recall"], ORACLE_RECALL: total["oracle_recall"],
-                    SPARSITY: total["sparsity"],
+                    ORACLE_RECALL_2X: total["oracle_recall_2x"], SPARSITY: total["sparsity"],
                     NONTRIVIAL: total["nontrivial_share"]})
     return out
 

@@ -110,9 +110,11 @@ def token_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 8
 def _recall_table(stats: list[SelectionStats], layer_ids: list[int]) -> dict:
     ratios = [s.ratios() for s in stats]
     total = SelectionStats.pooled(stats).ratios()
-    return {"all": total["index_recall"], "oracle": total["oracle_recall"], "sparsity": total["sparsity"],
+    return {"all": total["index_recall"], "oracle": total["oracle_recall"], "oracle_2x": total["oracle_recall_2x"],
+            "sparsity": total["sparsity"],
             "layers": {str(i): r["index_recall"] for i, r in zip(layer_ids, ratios)},
-            "oracle_layers": {str(i): r["oracle_recall"] for i, r in zip(layer_ids, ratios)}}
+            "oracle_layers": {str(i): r["oracle_recall"] for i, r in zip(layer_ids, ratios)},
+            "oracle_2x_layers": {str(i): r["oracle_recall_2x"] for i, r in zip(layer_ids, ratios)}}
 
 
 @torch.no_grad()
@@ -272,6 +274,7 @@ def flatten(results: dict) -> dict[str, float | None]:
         if "index_recall" in r:
             out[M.eval_key("index_recall", name)] = r["index_recall"]["all"]
             out[M.eval_key("oracle_recall", name)] = r["index_recall"]["oracle"]
+            out[M.eval_key("oracle_recall_2x", name)] = r["index_recall"]["oracle_2x"]
     for task, by_length in results["retrieval"].items():
         for length, r in by_length.items():
             name = fmt_tokens(int(length))
