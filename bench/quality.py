@@ -40,7 +40,7 @@ Writes to ``--out``: ``quality.json`` (settings, probe, steps and tokens, each r
 loss and eval results, and mean / std / min / max over seeds per arm; rewritten after every run) and
 ``quality_loss.png``, ``quality_bpb.png``, ``quality_retrieval.png``, ``quality_recall.png``,
 ``quality_paired.png``. Hydra
-overrides after ``--`` apply to both arms.
+overrides after ``--`` apply to every arm, before the settings that make an arm what it is.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def parse(argv=None):
     ap.add_argument("--grace-s", type=float, default=60.0,
                     help="at the budget's end, seconds a stopped worker has to save its checkpoint (SIGTERM)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # probe:ARM:I or run:ARM:SEED:STEPS
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides for both arms (after --)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every arm (after --; an arm's own settings win)")
     args = ap.parse_args(argv)
     if len(set(args.arms)) != len(args.arms):
         ap.error(f"--arms {' '.join(args.arms)}: each arm once")
@@ -143,7 +143,6 @@ def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool)
            f"checkpoint.every={args.save_every if args.steps else 0}", "checkpoint.keep_last=1",
            f"run.steps={steps}", f"run.seed={seed}",
            f"run_dir={run_dir}"]
-    out += arm_overrides(args, arm)
     out += recipe_overrides(args, arm, steps)
     if evals:  # once, after the last step, inside the run (the model is still on the GPU)
         lengths = [m * args.seq_len for m in args.multiples]
@@ -151,7 +150,9 @@ def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool)
                 f"eval.tasks=[bpb,{','.join(args.tasks)}]", f"eval.depths=[{','.join(map(str, args.depths))}]",
                 f"eval.items={args.items}", f"eval.rows={args.rows}", f"eval.generate={str(args.generate).lower()}",
                 f"eval.batch_tokens={max(lengths)}"]
-    return out + list(args.overrides)
+    # the arm's own settings last: an override for every arm (e.g. attention.topk=...) does not undo what
+    # makes an arm what it is (msa_wide's topk, msa_kl's weight)
+    return out + list(args.overrides) + arm_overrides(args, arm)
 
 
 def sparse(arm: str) -> bool:
@@ -505,7 +506,7 @@ def plot_recall(report: dict, path: Path) -> None:
         left.bar(np.arange(len(layers)) + i * width, wide, width, fill=False,  # dashed: the best 2 topk blocks
                  edgecolor=color, linewidth=0.6, linestyle="--")
     left.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, [str(x) for x in layers])
-    left.set(xlabel="MSA layer", ylabel="index recall (outlines: best topk, dashed 2 topk blocks)", ylim=(0, 1.05))
+    left.set(xlabel="MSA layer", ylabel="index recall\n(outline: best topk, dashed: 2 topk)", ylim=(0, 1.05))
     left.legend(title="eval length", fontsize=7)
     for task in report["settings"]["tasks"]:
         ys = [stats.get(f"eval/needle_recall/{task}/{name}", {}).get("mean", np.nan) for name in lengths]

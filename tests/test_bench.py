@@ -345,12 +345,13 @@ def test_quality_arms_are_what_they_say(tmp_path):
 
     args = parse(["--out", str(tmp_path), "--model", "tiny", "--seq-len", "256", "--arms", "dense", "msa",
                   "msa_nodense", "msa_window", "msa_kl", "msa_wide", "--window", "64", "--kl-weight", "0.02",
-                  "--wide-topk", "6", "--warmup-frac", "0.2"])
+                  "--wide-topk", "6", "--warmup-frac", "0.2", "--", "attention.topk=3", "recipe.kl_weight=0.5"])
     cfgs = {arm: compose(overrides(args, arm, 0, 50, tmp_path, False)) for arm in args.arms}
-    assert [build_recipe(cfgs[a])[-1].kl_weight for a in ("msa", "msa_kl")] == [1.0, 0.02]
+    # an override for every arm applies to each, but not over what makes an arm what it is
+    assert [build_recipe(cfgs[a])[-1].kl_weight for a in ("msa", "msa_kl")] == [0.5, 0.02]
     assert cfgs["msa_kl"].attention == cfgs["msa"].attention and cfgs["msa_kl"].model == cfgs["msa"].model
     del cfgs["msa_kl"]
-    assert (cfgs["msa"].attention.topk, cfgs["msa_wide"].attention.topk) == (4, 6)
+    assert (cfgs["msa"].attention.topk, cfgs["msa_wide"].attention.topk) == (3, 6)
     assert cfgs["msa_wide"].model == cfgs["msa"].model
     assert build_recipe(cfgs.pop("msa_wide"))[0].phase == "warmup"
     assert cfgs["dense"].attention.kind == "dense"
