@@ -31,8 +31,8 @@ the 1M step fastest (docs/scaling.md) cost in quality; ``msa_kl`` MSA with ``rec
 ``attention.topk`` set to ``--wide-topk`` (the ceiling of index recall with more blocks). Every MSA arm has
 the dense warm-up.
 
-Data: the embedded corpus mixed with the synthetic retrieval source (``--mix`` of the tokens), so a small
-model can learn retrieval in a short run. Evals (train/eval): held-out bits per byte by position and
+Data: the embedded corpus mixed with the synthetic retrieval source (``--mix`` of the tokens; documents of
+``--synthetic-len`` tokens), so a small model can learn retrieval in a short run. Evals (train/eval): held-out bits per byte by position and
 index recall, retrieval accuracy (log-likelihood choice; ``--generate`` adds greedy exact match) per
 task, length and depth, the indexer's needle recall; the same items for every run.
 
@@ -104,6 +104,9 @@ def parse(argv=None):
     ap.add_argument("--warmup-frac", type=float, default=0.15, help="MSA arm: dense warm-up share of the steps")
     ap.add_argument("--rope-base", type=float, default=5e5)
     ap.add_argument("--mix", type=float, default=0.25, help="share of tokens from the synthetic retrieval source")
+    ap.add_argument("--synthetic-len", type=int, nargs=2, default=[1024, 0], metavar=("MIN", "MAX"),
+                    help="the synthetic documents' lengths in tokens, uniform in [MIN, MAX] (MAX 0: the row "
+                         "length); shorter documents give more questions per token")
     ap.add_argument("--final-len", type=int, default=0,
                     help="both arms end with a stage at this row length (0: none), as many tokens per step")
     ap.add_argument("--final-frac", type=float, default=0.2, help="with --final-len: its share of the steps")
@@ -134,8 +137,9 @@ def parse(argv=None):
 
 
 def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool) -> list[str]:
+    lo, hi = args.synthetic_len
     synthetic = (f"{{kind:synthetic,weight:{args.mix},tasks:[{','.join(args.tasks)}],"
-                 f"min_len:{min(1024, args.seq_len)},seed:{seed}}}")
+                 f"min_len:{min(lo, args.seq_len)},max_len:{hi},seed:{seed}}}")
     out = [f"model={args.model}", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch}",
            f"model.rope_base={args.rope_base}", f"optim.lr={args.lr}", f"optim.warmup_steps={max(1, steps // 20)}",
            f"data.sources=[{{kind:shards,weight:{1 - args.mix}}},{synthetic}]", "data.num_workers=2",

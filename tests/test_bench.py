@@ -345,8 +345,14 @@ def test_quality_arms_are_what_they_say(tmp_path):
 
     args = parse(["--out", str(tmp_path), "--model", "tiny", "--seq-len", "256", "--arms", "dense", "msa",
                   "msa_nodense", "msa_window", "msa_kl", "msa_wide", "--window", "64", "--kl-weight", "0.02",
-                  "--wide-topk", "6", "--warmup-frac", "0.2", "--", "attention.topk=3", "recipe.kl_weight=0.5"])
+                  "--wide-topk", "6", "--warmup-frac", "0.2", "--synthetic-len", "64", "200", "--",
+                  "attention.topk=3", "recipe.kl_weight=0.5"])
     cfgs = {arm: compose(overrides(args, arm, 0, 50, tmp_path, False)) for arm in args.arms}
+    synthetic = [s for s in cfgs["msa"].data.sources if s.kind == "synthetic"]
+    assert [(s.min_len, s.max_len) for s in synthetic] == [(64, 200)]
+    default = compose(overrides(parse(["--out", str(tmp_path), "--model", "tiny", "--seq-len", "256"]), "msa", 0, 50,
+                                tmp_path, False))
+    assert [(s.min_len, s.max_len) for s in default.data.sources if s.kind == "synthetic"] == [(256, 0)]
     # an override for every arm applies to each, but not over what makes an arm what it is
     assert [build_recipe(cfgs[a])[-1].kl_weight for a in ("msa", "msa_kl")] == [0.5, 0.02]
     assert cfgs["msa_kl"].attention == cfgs["msa"].attention and cfgs["msa_kl"].model == cfgs["msa"].model
