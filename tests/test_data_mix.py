@@ -94,6 +94,12 @@ def test_source_settings_are_checked():
             check_data(DataConfig(**{**base, "sources": [src]}), 1024, 1)
     with pytest.raises(ValueError, match="repeat"):
         check_data(DataConfig(**{**base, "sources": [SourceConfig(name="x"), SourceConfig(name="x")]}), 1024, 1)
+    # the message names what bounds min_len from above: the row, or max_len where it is set
+    for src, bound in ((SourceConfig(kind="synthetic", tasks=["multikey"], min_len=128), "the row is 1024"),
+                       (SourceConfig(kind="synthetic", tasks=["multikey"], min_len=128, max_len=256),
+                        r"data\.sources\[0\]\.max_len is 256")):
+        with pytest.raises(ValueError, match=bound):
+            check_data(DataConfig(**{**base, "sources": [src]}), 1024, 1)
 
 
 def test_a_longer_stage_continues_the_mixed_stream(tmp_path):

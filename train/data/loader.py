@@ -77,8 +77,9 @@ def check_source(src: SourceConfig, key: str, seq_len: int, seq_key: str, cfg: D
         tokenizer = build_tokenizer(cfg.tokenizer)
         need = max(fixed_tokens(t, tokenizer, cfg.image) for t in src.tasks) + 2  # + end of document, a filler
         if not need <= src.min_len <= max_len:
+            longest = f"{key}.max_len is {max_len}" if src.max_len else f"the row is {max_len}"
             raise ValueError(f"{key}.min_len={src.min_len} must lie in [{need}, {max_len}] (the longest question "
-                             f"of {list(src.tasks)} and its needles take {need - 2} tokens; the row is {max_len})")
+                             f"of {list(src.tasks)} and its needles take {need - 2} tokens; {longest})")
 
 
 def resolve_shards(cfg: DataConfig, shards=None) -> list[str]:
