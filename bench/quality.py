@@ -32,9 +32,10 @@ the 1M step fastest (docs/scaling.md) cost in quality; ``msa_kl`` MSA with ``rec
 the dense warm-up.
 
 Data: the embedded corpus mixed with the synthetic retrieval source (``--mix`` of the tokens; documents of
-``--synthetic-len`` tokens), so a small model can learn retrieval in a short run. Evals (train/eval): held-out bits per byte by position and
-index recall, retrieval accuracy (log-likelihood choice; ``--generate`` adds greedy exact match) per
-task, length and depth, the indexer's needle recall; the same items for every run.
+``--synthetic-len`` tokens), so a small model can learn retrieval in a short run. Evals (train/eval):
+held-out bits per byte by position and index recall, retrieval accuracy (log-likelihood choice;
+``--generate`` adds greedy exact match) per task, length and depth, the indexer's needle recall; the same
+items for every run.
 
 Writes to ``--out``: ``quality.json`` (settings, probe, steps and tokens, each run's loss curve, final
 loss and eval results, and mean / std / min / max over seeds per arm; rewritten after every run) and
