@@ -38,7 +38,7 @@ held-out bits per byte by position and index recall, retrieval accuracy (log-lik
 items for every run.
 
 Writes to ``--out``: ``quality.json`` (settings, probe, steps and tokens, each run's loss curve, final
-loss and eval results, and mean / std / min / max over seeds per arm; rewritten after every run) and
+loss, how much the gradient clip shrank its steps (``clip_stats``) and eval results, and mean / std / min / max over seeds per arm; rewritten after every run) and
 ``quality_loss.png``, ``quality_bpb.png``, ``quality_retrieval.png``, ``quality_recall.png``,
 ``quality_paired.png``. Hydra
 overrides after ``--`` apply to every arm, before the settings that make an arm what it is.
@@ -291,6 +291,24 @@ def loss_curve(rows: list[dict]) -> list[list[float]]:
     return [[r["step"], r["loss/lm"]] for r in rows if r.get("loss/lm") is not None]
 
 
+def clip_stats(rows: list[dict], clip: float, steps: int) -> dict:
+    """How much the global gradient clip shrank the steps, from the logged pre-clip norms: each logged
+    step's scale ``min(1, clip / opt/grad_norm)`` (every parameter's update, the trunk's included, is
+    scaled by it), averaged per tenth of ``steps`` (``clip_scale_by_tenth``, None for a tenth with no
+    logged norm) and overall (``train/clip_scale``), the share of logged steps clipped
+    (``train/clipped_share``) and the index branch's mean share of the squared norm
+    (``train/index_norm_share``, None without an index branch). ``clip <= 0``: no clipping, scale 1."""
+    norms = [(r["step"], r["opt/grad_norm"], r.get("opt/grad_norm_index")) for r in rows
+             if r.get("opt/grad_norm") is not None]
+    scale = [(step, min(1.0, clip / total) if clip > 0 and total > 0 else 1.0) for step, total, _ in norms]
+    tenths = [[s for step, s in scale if i * steps <= 10 * step < (i + 1) * steps] for i in range(10)]
+    shares = [(index / total) ** 2 for _, total, index in norms if index is not None and total > 0]
+    return {"clip_scale_by_tenth": [float(np.mean(t)) if t else None for t in tenths],
+            "train/clip_scale": float(np.mean([s for _, s in scale])) if scale else None,
+            "train/clipped_share": float(np.mean([s < 1.0 for _, s in scale])) if scale else None,
+            "train/index_norm_share": float(np.mean(shares)) if shares else None}
+
+
 def run_one(args, arm: str, seed: int, steps: int, work: Path) -> dict:
     """Train one run with its evals after the last step; with ``--steps`` a run directory left by an
     earlier call is resumed from its newest checkpoint (``checkpoint.resume=auto``), else started anew."""
@@ -311,7 +329,9 @@ def run_one(args, arm: str, seed: int, steps: int, work: Path) -> dict:
     recall = [r["msa/index_recall"] for r in rows if r.get("msa/index_recall") is not None]
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     tokens = steps * cfg.data.batch_size * cfg.data.seq_len
+    clipping = clip_stats(rows, cfg.optim.grad_clip, steps)
     scalars = {"final_loss": float(np.mean(tail)), "train/index_recall": recall[-1] if recall else None,
+               **{k: v for k, v in clipping.items() if k.startswith("train/")},
                **{k: v for k, v in flatten(results).items() if k != "eval/seconds"}}
     for task, by_length in results["retrieval"].items():
         for length, r in by_length.items():
@@ -327,7 +347,7 @@ def run_one(args, arm: str, seed: int, steps: int, work: Path) -> dict:
             scalars[f"layer/oracle_recall_2x/{fmt_tokens(int(length))}/{layer}"] = v
     return {"arm": arm, "seed": seed, "steps": steps, "tokens": tokens, "wall_s": wall,
             "eval_s": results["seconds"], "train_s": wall - results["seconds"], "loss_curve": curve,
-            "scalars": scalars, "eval": results}
+            "clip_scale_by_tenth": clipping["clip_scale_by_tenth"], "scalars": scalars, "eval": results}
 
 
 def progress(work: Path, spec: str) -> dict:

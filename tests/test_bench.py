@@ -557,3 +557,26 @@ def test_quality_paired_differences_by_hand(tmp_path):
 
     plot_paired({"paired": {"msa": got}, "settings": {"arms": ["dense", "msa"]}}, tmp_path / "paired.png")
     assert (tmp_path / "paired.png").stat().st_size > 1000
+
+
+def test_quality_clip_stats_by_hand():
+    """``clip_stats``: the clip's scale ``min(1, clip / norm)`` per logged step, by tenth of the steps and
+    overall, the share of steps clipped and the index branch's share of the squared norm, on numbers
+    worked out by hand (clip 1.0, 20 steps, norms logged at 5 of them; one without an index norm)."""
+    from bench.quality import clip_stats
+
+    rows = [{"step": 0, "opt/grad_norm": 4.0, "opt/grad_norm_index": 2.0},  # scale 0.25, share 0.25
+            {"step": 1, "opt/grad_norm": 2.0, "opt/grad_norm_index": 0.0},  # scale 0.5, share 0
+            {"step": 5, "opt/grad_norm": 0.5},  # not clipped, no index norm
+            {"step": 10, "loss/lm": 3.0},  # no norm logged: not counted
+            {"step": 19, "opt/grad_norm": 1.0, "opt/grad_norm_index": 0.6},  # exactly at the clip: scale 1
+            {"step": 18, "opt/grad_norm": 8.0, "opt/grad_norm_index": 4.0}]  # scale 0.125, share 0.25
+    got = clip_stats(rows, 1.0, 20)
+    assert got["clip_scale_by_tenth"] == [pytest.approx(0.375), None, 1.0, None, None, None, None, None, None,
+                                          pytest.approx(0.5625)]
+    assert got["train/clip_scale"] == pytest.approx((0.25 + 0.5 + 1.0 + 1.0 + 0.125) / 5)
+    assert got["train/clipped_share"] == pytest.approx(3 / 5)
+    assert got["train/index_norm_share"] == pytest.approx((0.25 + 0.0 + 0.36 + 0.25) / 4)
+    off = clip_stats(rows, 0.0, 20)  # optim.grad_clip=0: no clipping
+    assert off["train/clip_scale"] == 1.0 and off["train/clipped_share"] == 0.0
+    assert clip_stats([], 1.0, 20)["train/clip_scale"] is None
