@@ -38,10 +38,10 @@ held-out bits per byte by position and index recall, retrieval accuracy (log-lik
 items for every run.
 
 Writes to ``--out``: ``quality.json`` (settings, probe, steps and tokens, each run's loss curve, final
-loss, how much the gradient clip shrank its steps (``clip_stats``) and eval results, and mean / std / min / max over seeds per arm; rewritten after every run) and
-``quality_loss.png``, ``quality_bpb.png``, ``quality_retrieval.png``, ``quality_recall.png``,
-``quality_paired.png``. Hydra
-overrides after ``--`` apply to every arm, before the settings that make an arm what it is.
+loss, how much the gradient clip shrank its steps (``clip_stats``) and eval results, and mean / std / min /
+max over seeds per arm; rewritten after every run) and ``quality_loss.png``, ``quality_bpb.png``,
+``quality_retrieval.png``, ``quality_recall.png``, ``quality_paired.png``. Hydra overrides after ``--``
+apply to every arm, before the settings that make an arm what it is.
 """
 
 from __future__ import annotations
