@@ -338,13 +338,11 @@ def run_one(args, arm: str, seed: int, steps: int, work: Path) -> dict:
             for depth, d in r["depths"].items():
                 scalars[f"depth/{task}/{fmt_tokens(int(length))}/{depth}/choice"] = d["choice"]
                 scalars[f"depth/{task}/{fmt_tokens(int(length))}/{depth}/exact"] = d["exact"]
+    per_layer = {"layers": "index_recall", "oracle_layers": "oracle_recall", "oracle_2x_layers": "oracle_recall_2x"}
     for length, r in results["bpb"].items():
-        for layer, v in r.get("index_recall", {}).get("layers", {}).items():
-            scalars[f"layer/index_recall/{fmt_tokens(int(length))}/{layer}"] = v
-        for layer, v in r.get("index_recall", {}).get("oracle_layers", {}).items():
-            scalars[f"layer/oracle_recall/{fmt_tokens(int(length))}/{layer}"] = v
-        for layer, v in r.get("index_recall", {}).get("oracle_2x_layers", {}).items():
-            scalars[f"layer/oracle_recall_2x/{fmt_tokens(int(length))}/{layer}"] = v
+        for table, metric in per_layer.items():
+            for layer, v in r.get("index_recall", {}).get(table, {}).items():
+                scalars[f"layer/{metric}/{fmt_tokens(int(length))}/{layer}"] = v
     return {"arm": arm, "seed": seed, "steps": steps, "tokens": tokens, "wall_s": wall,
             "eval_s": results["seconds"], "train_s": wall - results["seconds"], "loss_curve": curve,
             "clip_scale_by_tenth": clipping["clip_scale_by_tenth"], "scalars": scalars, "eval": results}
