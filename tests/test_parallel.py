@@ -60,6 +60,10 @@ def _entry(rank, world, port, fn, args):
     init_distributed(ParallelConfig(dist_backend="gloo", timeout_s=120))
     try:
         fn(rank, world, *args)
+        # No rank leaves while another still talks to it: a peer's closed socket under a pending gloo op
+        # (ZeRO-3 here, rank 0 still writing its file while rank 1 had returned) aborts the process
+        # (SIGABRT, seen once in CI). After an error the others would only wait out the timeout here.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
