@@ -23,6 +23,8 @@ Cases:
 - ``index_kl``: ``kernels.index_kl_loss`` on the selected support with the main forward's ``lse``.
 - ``msa_whole``: ``select_blocks`` + ``sparse_attention`` (forward); in ``fwd+bwd`` mode also
   ``index_kl_loss`` forward+backward (the training step's attention work).
+- ``msa_whole_klbwd`` (``fwd+bwd``): the same work with the KL's teacher computed in the attention's
+  backward (``sparse_attention_kl``, ``attention.kl_in_backward``); same useful FLOPs as ``msa_whole``.
 
 Timing (``bench/timing.py``): one warm-up call, then ``triton.testing.do_bench`` (median) when a call
 takes < 50 ms, else the median of 3 calls timed with CUDA events; every row says which (``timing``).
@@ -65,7 +67,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.meta import git_commit  # noqa: E402
 from bench.selection import PATTERNS, flex_block_mask, pattern_blocks, support_sizes, tile_blocks  # noqa: E402
 from bench.timing import measure, measure_peaks, sdpa_backend  # noqa: E402
-from kernels import index_kl_loss, select_blocks, sparse_attention  # noqa: E402
+from kernels import index_kl_loss, select_blocks, sparse_attention, sparse_attention_kl  # noqa: E402
 
 H, D, DI, BK, TOPK = 32, 128, 128, 128, 16
 # (N, forward+backward too); at 1M the estimate rule leaves fwd+bwd to the cases fast enough for it
@@ -73,7 +75,7 @@ FULL_SIZES = [(8192, True), (32768, True), (131072, True), (524288, True), (1048
 QUICK_SIZES = [(4096, True), (8192, True)]
 TOY_SIZES = [(64, True), (128, True)]
 CASES = ("dense_sdpa", "msa_main", "flex_msa", "index_torch", "index_triton", "msa_whole", "index_triton[fp8]",
-         "msa_whole[fp8]", "index_kl")
+         "msa_whole[fp8]", "index_kl", "msa_whole_klbwd")
 SLOWDOWN_TARGET = 1.5  # issue 12, item 18: concentrated selections at most 1.5x the random one's time (128K)
 
 
@@ -267,6 +269,20 @@ def bench_shape(bench: Bench, s: Shapes, N: int, Hkv: int, backward: bool, args)
 
         r = fl["random"]
         bench.run("msa_whole", "fwd+bwd", N, Hkv, train_step, r["index"] + 3.5 * r["sparse"] + r["kl"], power=1.5)
+    if "msa_whole_klbwd" in want:
+        for t in grads:
+            t.requires_grad_(True)
+
+        def train_step_klbwd():
+            sel = select_blocks(q_idx.detach(), k_idx.detach(), s.BK, s.TOPK)
+            o, _, kl = sparse_attention_kl(q, k, v, q_idx, k_idx, sel, s.BK, sink=[])
+            torch.autograd.backward((o, kl), (do, torch.ones_like(kl)))
+            for t in grads + [q_idx, k_idx]:
+                t.grad = None
+
+        r = fl["random"]
+        bench.run("msa_whole_klbwd", "fwd+bwd", N, Hkv, train_step_klbwd, r["index"] + 3.5 * r["sparse"] + r["kl"],
+                  power=1.5)
 
 
 def bench_fp8(bench, s, N, Hkv, tensors, random_sel, fl, want):

@@ -10,9 +10,11 @@ Rows: ``one:N`` (one document of N tokens), ``packed:N:L`` (documents of uniform
 ``msa_full`` (MSA, DeepSpeed's full checkpointing), ``msa_selective``, ``msa_selective_varlen`` (its
 dense path, on rows of short documents, with one varlen call), ``msa_selective_compile``,
 ``msa_full_compile``, ``warmup_loop`` / ``warmup_varlen`` (MSA in the warm-up phase: dense attention with
-the index KL, one SDPA call per document or one varlen call). Every point checkpoints activations, and each
-sets its dense path on packed rows itself (the points without ``varlen`` in their name one SDPA call per
-document, ``attention.dense_varlen=false``), so a point means the same whatever the default.
+the index KL, one SDPA call per document or one varlen call), ``msa_selective_klbwd`` / ``msa_full_klbwd``
+(the KL's teacher computed in the attention backward, ``attention.kl_in_backward``). Every point
+checkpoints activations, and each sets its dense path on packed rows itself (the points without
+``varlen`` in their name one SDPA call per document, ``attention.dense_varlen=false``), so a point means
+the same whatever the default.
 
     python3 -m bench.step_speed --model small --rows one:32768 one:131072 --points dense msa_full \\
         msa_selective --profile-rows one:32768 --out runs/step_speed.jsonl -- <hydra overrides>
@@ -51,6 +53,7 @@ LOOP = ["attention.dense_varlen=false"]  # one SDPA call per document (the defau
 VARLEN = ["attention.dense_varlen=true"]
 SELECTIVE = ["parallel.checkpoint_policy=selective"]
 COMPILE = ["parallel.compile_blocks=true"]
+KL_BWD = ["attention.kl_in_backward=true"]  # the KL's teacher inside the attention backward
 POINTS = {  # name: (Hydra overrides, attention phase); each names its dense path, whatever the default
     "dense": (["attention=dense"] + LOOP, "sparse"),
     "dense_varlen": (["attention=dense"] + VARLEN, "sparse"),
@@ -61,6 +64,8 @@ POINTS = {  # name: (Hydra overrides, attention phase); each names its dense pat
     "msa_full_compile": (COMPILE + LOOP, "sparse"),
     "warmup_loop": (LOOP, "warmup"),
     "warmup_varlen": (VARLEN, "warmup"),
+    "msa_selective_klbwd": (SELECTIVE + LOOP + KL_BWD, "sparse"),
+    "msa_full_klbwd": (LOOP + KL_BWD, "sparse"),
 }
 
 

@@ -10,7 +10,10 @@
 # compile (MSA selective with compiled blocks, 128K then 32K), base (the base model, with what is left);
 # short (not in the default list: a 192K row of documents under 2,048 tokens, where every query of small
 # sees at most topk blocks and MSA takes the dense path: dense, dense varlen, MSA with the loop and with
-# varlen, the warm-up with varlen, each profiled).
+# varlen, the warm-up with varlen, each profiled); klbwd (not in the default list: the KL's teacher in the
+# attention backward against the separate KL, small at 32K and 128K with both checkpointing policies, dense
+# beside them, the 32K row profiled; then the attention-level pair msa_whole / msa_whole_klbwd of
+# bench/msa_attention.py at G = 4 and 16, and the gpu tests of the fused path first).
 # A CPU dry run at toy sizes (the model, rows and EXTRA Hydra overrides are the only differences):
 #   MODEL=tiny BASE=tiny ONE="one:256" PACKED="packed:512:128" EXTRA="model.n_layers=2" DEADLINE=2000 \
 #     bash bench/step_speed_gpu.sh
@@ -43,6 +46,11 @@ for s in $STAGES; do
               dense_varlen warmup_loop warmup_varlen --profile-rows "$PACKED" ;;
     short) bench short 150 --model "$MODEL" --rows "$SHORT" --points dense dense_varlen msa_selective \
              msa_selective_varlen warmup_varlen --profile-rows "$SHORT" ;;
+    klbwd) TAIL=3 stage klbwd_test 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_sparse_kl.py
+           bench klbwd 240 --model "$MODEL" --rows "${ONE_ROWS[@]}" --points msa_selective msa_selective_klbwd \
+             msa_full msa_full_klbwd dense --profile-rows "${ONE_ROWS[0]}"
+           TAIL=14 stage klbwd_attention 150 python3 bench/msa_attention.py --sizes 32768 131072 --hkv 2 8 \
+             --cases msa_whole msa_whole_klbwd --json "$OUT/msa_attention_klbwd.json" ;;
     compile) bench compile 150 --model "$MODEL" --rows $LONGEST_FIRST --points msa_selective_compile ;;
     base) bench base "$DEADLINE" --model "$BASE" --rows "${ONE_ROWS[@]}" --points msa_full msa_selective dense ;;
     *) echo "unknown stage $s"; exit 2 ;;

@@ -28,6 +28,6 @@ _fix_interpreter_scalar_index()
 
 from kernels.index_kl import index_kl_loss  # noqa: E402
 from kernels.index_topk import select_blocks  # noqa: E402
-from kernels.sparse_attention import sparse_attention  # noqa: E402
+from kernels.sparse_attention import deferred_kl_fits, sparse_attention, sparse_attention_kl  # noqa: E402
 
-__all__ = ["select_blocks", "sparse_attention", "index_kl_loss"]
+__all__ = ["select_blocks", "sparse_attention", "index_kl_loss", "sparse_attention_kl", "deferred_kl_fits"]

@@ -255,16 +255,59 @@ def sparse_attention_bwd_dq_reduce_kernel(
              mask=m_g[:, None])
 
 
+@triton.jit
+def _dot_kl(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _kl_tile(q_idx, b_ki, lse_s, dq_idx, b_p, o_q, m_row, o_k, m_k, i_b, i_r, scale_i, N, NQ, DI,
+             HKV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_DI: tl.constexpr, IEEE: tl.constexpr):
+    """The index KL on the backward tile (``KL``): the teacher of an entry is the mean of its G heads'
+    rows of ``P`` (exact: the final lse), the student ``softmax(q_idx . k_idx / sqrt(Di))`` on the same
+    support with the log-normaliser ``lse_s`` of the pre-pass. Per entry (its first head's row):
+    ``sum_j P_j log P_j - P_j S_j`` over this key tile (the tile's loss, returned) and ``dS = Q - P``;
+    its ``dS k_idx`` goes to ``dq_idx`` by fp32 atomic add, ``dS^T q_idx`` ``[BLOCK_N, BLOCK_DI]`` is
+    returned for the program's ``dk_idx``. G is a power of two (the caller checks), so whole entries
+    fill the tile."""
+    o_m = tl.arange(0, BLOCK_M)
+    o_di = tl.arange(0, BLOCK_DI)
+    m_di = o_di < DI
+    o_qi = ((i_b.to(tl.int64) * NQ + o_q) * HKV + i_r)[:, None] * DI + o_di[None, :]
+    b_qi = tl.load(q_idx + o_qi, mask=m_row[:, None] & m_di[None, :], other=0.0)
+    b_si = _dot_kl(b_qi, tl.trans(b_ki), IEEE) * scale_i
+    m_s = m_row[:, None] & m_k[None, :] & (o_k[None, :] <= (N - NQ + o_q)[:, None])
+    first = m_row & (o_m % G == 0)
+    b_pt = tl.sum(tl.reshape(b_p, (BLOCK_M // G, G, BLOCK_N)), 1) / G
+    b_pt = tl.reshape(tl.broadcast_to(tl.expand_dims(b_pt, 1), (BLOCK_M // G, G, BLOCK_N)), (BLOCK_M, BLOCK_N))
+    b_pt = tl.where(m_s, b_pt, 0.0)
+    b_plogp = tl.where(b_pt > 0, b_pt * tl.log(tl.where(b_pt > 0, b_pt, 1.0)), 0.0)
+    b_kl = tl.sum(tl.sum(tl.where(first[:, None], b_plogp - b_pt * tl.where(m_s, b_si, 0.0), 0.0), 1), 0)
+    b_ls = tl.load(lse_s + (i_b.to(tl.int64) * HKV + i_r) * NQ + o_q, mask=first, other=float("inf"))
+    b_ls = tl.where(b_ls > float("-inf"), b_ls, float("inf"))
+    b_ds = tl.where(m_s & first[:, None], tl.exp(b_si - b_ls[:, None]) - b_pt, 0.0) * scale_i
+    b_dq = _dot_kl(b_ds.to(b_ki.dtype), b_ki, IEEE)
+    tl.atomic_add(dq_idx + o_qi, b_dq, mask=first[:, None] & m_di[None, :])
+    return b_kl, _dot_kl(tl.trans(b_ds.to(b_qi.dtype)), b_qi, IEEE)
+
+
 @triton.jit(do_not_specialize=DATA_DEPENDENT)
 def sparse_attention_bwd_dkdv_kernel(
     q, k, v, do, lse, delta, entries, work_bucket, work_start, work_end, vb_start, vb_end,
     part_dk, part_dv, part_dq, scale2, scale, N, NQ, NV, NC, q0, w0,
+    q_idx, k_idx, lse_s, kl_part, dq_idx, dk_idx, scale_i, DI,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BK: tl.constexpr,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_DQ: tl.constexpr,
+    KL: tl.constexpr = False, BLOCK_DI: tl.constexpr = 16, IEEE: tl.constexpr = False,
 ):
     """dK/dV partials of work item ``w0 + program_id(0)``, key tile ``program_id(1)``; with ``WRITE_DQ``
     (``dq_path="dkdv"``) also each tile's ``dS K`` over this key tile to the dQ partials of the query
-    chunk ``q0 .. q0+NC``."""
+    chunk ``q0 .. q0+NC``; with ``KL`` the index KL on the same tiles (``_kl_tile``): the program's loss
+    partial to ``kl_part`` and its ``dk_idx`` by one fp32 atomic add."""
     i_w = w0 + tl.program_id(0)
     i_t = tl.program_id(1)
     e0, e1, i_b, i_r, o_k, m_k, b_k, b_v = _work_item(k, v, work_bucket, work_start, work_end, vb_start,
@@ -272,6 +315,13 @@ def sparse_attention_bwd_dkdv_kernel(
     o_d = tl.arange(0, D)
     b_dk = tl.zeros([BLOCK_N, D], tl.float32)
     b_dv = tl.zeros([BLOCK_N, D], tl.float32)
+    if KL:
+        o_di = tl.arange(0, BLOCK_DI)
+        o_ki = (i_b.to(tl.int64) * N + o_k)[:, None] * DI + o_di[None, :]
+        m_ki = m_k[:, None] & (o_di < DI)[None, :]
+        b_ki = tl.load(k_idx + o_ki, mask=m_ki, other=0.0)
+        b_dki = tl.zeros([BLOCK_N, BLOCK_DI], tl.float32)
+        b_kl = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
     for e in range(e0, e1, BLOCK_M // G):
         b_q, b_do, b_p, b_ds, b_ent, o_q, m_row = _bwd_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1,
                                                             i_b, i_r, scale2, N, NQ, H, G, TOPK, D, BLOCK_M)
@@ -280,9 +330,17 @@ def sparse_attention_bwd_dkdv_kernel(
         if WRITE_DQ:
             _store_dq_part(part_dq, b_ds, b_k, b_ent, o_q, m_row, i_t, NQ, NC, q0, G, TOPK, D, BLOCK_M,
                            BK // BLOCK_N)
+        if KL:
+            t_kl, t_dki = _kl_tile(q_idx, b_ki, lse_s, dq_idx, b_p, o_q, m_row, o_k, m_k, i_b, i_r, scale_i, N,
+                                   NQ, DI, HKV, G, BLOCK_M, BLOCK_N, BLOCK_DI, IEEE)
+            b_kl += t_kl
+            b_dki += t_dki
     o_part = (i_w.to(tl.int64) * BK + i_t * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * D + o_d[None, :]
     tl.store(part_dk + o_part, b_dk * scale)
     tl.store(part_dv + o_part, b_dv)
+    if KL:
+        tl.store(kl_part + i_w * tl.num_programs(1) + i_t, b_kl)
+        tl.atomic_add(dk_idx + o_ki, b_dki, mask=m_ki)
 
 
 @triton.jit
@@ -448,7 +506,11 @@ def sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, csr, lau
 
 
 def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, scale, csr, dq_path,
-                         launch=LAUNCH):
+                         launch=LAUNCH, index=None):
+    """``(dq, dk, dv)``; with ``index = (q_idx, k_idx, lse_s)`` (the student's log-normaliser over the
+    support, ``index_kl.student_lse``) also the index KL of the support, the dK/dV kernel computing it
+    on its tiles: ``(dq, dk, dv, (loss, dq_idx, dk_idx))``, the loss and its float32 gradients as
+    ``index_kl_loss`` defines them (``1 / (B * Nq * Hkv)`` included)."""
     B, NQ, H, D = q.shape
     N, Hkv, topk = k.shape[1], k.shape[2], block_idx.shape[-1]
     G = H // Hkv
@@ -466,6 +528,7 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
     part_dv = torch.empty_like(part_dk)
     kv_args = (csr.entries, csr.work_bucket, csr.work_start, csr.work_end, layout.vb_start, layout.vb_end)
     dq_reduce = _group(launch.dq_reduce, G)
+    kl = _kl_args(q, k, index, max(W, 1) * n_sub)
     if dq_path == "dkdv":
         # dK/dV and dQ from one kernel, chunk by chunk: dQ partials per (query, slot, key tile, head)
         for c, q0, nc, part_dq in _dq_chunks(q, csr, topk, n_sub):
@@ -473,14 +536,14 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
             if w1 > w0:
                 sparse_attention_bwd_dkdv_kernel[(w1 - w0, n_sub)](
                     q, k, v, do, lse, delta, *kv_args, part_dk, part_dv, part_dq, scale * LOG2E, scale, N, NQ, NV,
-                    nc, q0, w0, WRITE_DQ=True, **dkdv, **consts)
+                    nc, q0, w0, *kl.args, WRITE_DQ=True, **kl.meta, **dkdv, **consts)
             sparse_attention_bwd_dq_reduce_kernel[(nc, B * Hkv)](
                 part_dq, block_idx, layout.tok_start, dq, scale, N, NQ, nc, q0, NSUB=n_sub, **dq_reduce, **consts)
             del part_dq  # one chunk's partials at a time
     elif W:
         sparse_attention_bwd_dkdv_kernel[(W, n_sub)](
             q, k, v, do, lse, delta, *kv_args, part_dk, part_dv, part_dk, scale * LOG2E, scale, N, NQ, NV,
-            1, 0, 0, WRITE_DQ=False, **dkdv, **consts)
+            1, 0, 0, *kl.args, WRITE_DQ=False, **kl.meta, **dkdv, **consts)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     sparse_attention_bwd_dkdv_reduce_kernel[(B * Hkv * NV, n_sub)](
@@ -499,7 +562,42 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
             sparse_attention_bwd_dq_reduce_kernel[(nc, B * Hkv)](
                 part_dq, block_idx, layout.tok_start, dq, scale, N, NQ, nc, q0, NSUB=1, **dq_reduce, **consts)
             del part_dq  # one chunk's partials at a time
-    return dq, dk, dv
+    if index is None:
+        return dq, dk, dv
+    return dq, dk, dv, kl.result(B * NQ * Hkv)
+
+
+@dataclass
+class _KLArgs:
+    """The dK/dV kernel's index-KL arguments (``args``, ``meta``) and, after it ran, the loss and
+    gradients (``result``); without an index, placeholders and ``KL=False``."""
+
+    args: tuple
+    meta: dict
+    lse_s: torch.Tensor | None = None
+    kl_part: torch.Tensor | None = None
+    dq_idx: torch.Tensor | None = None
+    dk_idx: torch.Tensor | None = None
+
+    def result(self, rows: int):
+        norm = 1.0 / rows
+        loss = (torch.where(torch.isfinite(self.lse_s), self.lse_s, 0.0).sum() + self.kl_part.sum()) * norm
+        return loss, self.dq_idx.mul_(norm), self.dk_idx.mul_(norm)
+
+
+def _kl_args(q, k, index, n_programs) -> _KLArgs:
+    if index is None:
+        return _KLArgs((q, k, q, q, q, q, 1.0, 1), dict(KL=False))
+    q_idx, k_idx, lse_s = index
+    B, NQ, H, _ = q.shape
+    N, Hkv, DI = k.shape[1], k.shape[2], q_idx.shape[-1]
+    kl_part = torch.zeros(n_programs, dtype=torch.float32, device=q.device)
+    dq_idx = torch.zeros(B, NQ, Hkv, DI, dtype=torch.float32, device=q.device)
+    dk_idx = torch.zeros(B, N, DI, dtype=torch.float32, device=q.device)
+    meta = dict(KL=True, BLOCK_DI=max(16, triton.next_power_of_2(DI)),
+                IEEE=q.dtype == torch.float32 and q_idx.dtype == torch.float32)
+    return _KLArgs((q_idx, k_idx, lse_s, kl_part, dq_idx, dk_idx, DI ** -0.5, DI), meta, lse_s, kl_part,
+                   dq_idx, dk_idx)
 
 
 def _dq_chunks(q, csr, topk, n_sub):
@@ -514,7 +612,8 @@ def _dq_chunks(q, csr, topk, n_sub):
 
 class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, block_size, cu_seqlens, scale, dq_path, launch):
+    def forward(ctx, q, k, v, block_idx, block_size, cu_seqlens, scale, dq_path, launch, q_idx=None, k_idx=None,
+                sink=None):
         q, k, v, block_idx = (x.contiguous() for x in (q, k, v, block_idx))
 
         def run():
@@ -527,18 +626,38 @@ class SparseAttentionFunction(torch.autograd.Function):
         # selective checkpointing keeps the reverse index (a sort and a device->host read to build) and
         # (o, lse) for the block's recompute (msa.keep); the backward needs all four
         layout, csr, o, lse = kept("msa::sparse_attention", run)
-        ctx.save_for_backward(q, k, v, o, lse, block_idx)
+        ctx.save_for_backward(q, k, v, o, lse, block_idx, q_idx, k_idx)
         ctx.layout, ctx.csr, ctx.block_size, ctx.scale = layout, csr, block_size, scale
-        ctx.dq_path, ctx.launch = dq_path, launch
+        ctx.dq_path, ctx.launch, ctx.cu_seqlens, ctx.sink = dq_path, launch, cu_seqlens, sink
         ctx.mark_non_differentiable(lse)
-        return o, lse
+        if q_idx is None:
+            return o, lse
+        # the index KL is computed in backward: its value goes to ``sink``, this output only carries the
+        # gradient (the loss's weight on it) to the backward
+        return o, lse, q_idx.new_zeros((), dtype=torch.float32)
 
     @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, o, lse, block_idx = ctx.saved_tensors
-        dq, dk, dv = sparse_attention_bwd(q, k, v, o, lse, do.contiguous(), block_idx, ctx.block_size,
-                                          ctx.layout, ctx.scale, ctx.csr, ctx.dq_path, ctx.launch)
-        return dq, dk, dv, None, None, None, None, None, None
+    def backward(ctx, do, dlse, dkl=None):
+        q, k, v, o, lse, block_idx, q_idx, k_idx = ctx.saved_tensors
+        do = torch.zeros_like(o) if do is None else do.contiguous()
+        index = None
+        if q_idx is not None:
+            from kernels.index_kl import student_lse
+
+            index = (q_idx, k_idx, student_lse(q, k, q_idx, k_idx, block_idx, ctx.block_size, ctx.cu_seqlens))
+        grads = sparse_attention_bwd(q, k, v, o, lse, do, block_idx, ctx.block_size, ctx.layout, ctx.scale,
+                                     ctx.csr, ctx.dq_path, ctx.launch, index)
+        dq, dk, dv = grads[:3]
+        dq_idx = dk_idx = None
+        if index is not None:
+            loss, dq_idx, dk_idx = grads[3]
+            ctx.sink.append(loss)
+            # a non-finite KL (the caller skips that step) must not reach the index weights' gradients
+            weight = torch.zeros((), device=q.device) if dkl is None else dkl.float()
+            weight = torch.where(torch.isfinite(loss), weight, 0.0)
+            dq_idx = torch.nan_to_num(dq_idx * weight, 0.0, 0.0, 0.0).to(q_idx.dtype)
+            dk_idx = torch.nan_to_num(dk_idx * weight, 0.0, 0.0, 0.0).to(k_idx.dtype)
+        return dq, dk, dv, None, None, None, None, None, None, dq_idx, dk_idx, None
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
@@ -561,3 +680,40 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     check_block_idx(block_idx, -(-k.shape[1] // block_size))  # before the int32 cast can wrap
     return SparseAttentionFunction.apply(q, k, v, block_idx.to(torch.int32), block_size, cu_seqlens,
                                          scale, dq_path, launch)
+
+
+def deferred_kl_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether ``sparse_attention_kl`` takes these heads: G = H / Hkv a power of two (its tile sums
+    whole groups of G rows)."""
+    G = q.shape[2] // k.shape[2]
+    return G & (G - 1) == 0
+
+
+def sparse_attention_kl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor,
+                        k_idx: torch.Tensor, block_idx: torch.Tensor, block_size: int,
+                        cu_seqlens: torch.Tensor | None = None, *, sink: list, dq_path: str = "auto",
+                        launch: Launch = LAUNCH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sparse_attention`` and the index KL of its support with the teacher computed where the backward
+    already has the attention probabilities: no pass over ``q k^T`` of its own (``index_kl_loss`` makes
+    two). Returns ``(o, lse, kl)``: ``kl`` is a zero float32 scalar that only carries the gradient;
+    the backward appends the KL's value (``index_kl_loss(q, k, q_idx, k_idx, block_idx, ..., lse=lse)``,
+    a detached float32 scalar) to ``sink`` and gives ``q_idx``, ``k_idx`` its gradient times the
+    incoming one. So the value is known after backward only, and a forward without backward (eval)
+    has none: use ``sparse_attention`` and ``index_kl_loss`` there. The default softmax scale; G a power
+    of two (``deferred_kl_fits``); gradients of ``q_idx`` and ``k_idx`` accumulate in fp32 atomics
+    (reproducible up to summation order, as ``index_kl_loss``'s ``dk_idx``)."""
+    B, H, Hkv, D = _check_inputs(q, k, v, block_idx, block_size)
+    if not deferred_kl_fits(q, k):
+        raise ValueError(f"sparse_attention_kl needs H / Hkv a power of two, got {H} / {Hkv}")
+    DI = q_idx.shape[-1]
+    if q_idx.shape != (B, q.shape[1], Hkv, DI) or k_idx.shape != (B, k.shape[1], DI):
+        raise ValueError(f"q_idx must be [B, Nq, Hkv, Di] and k_idx [B, N, Di], got {tuple(q_idx.shape)} "
+                         f"and {tuple(k_idx.shape)}")
+    check_limits(index_dim=DI, dtype=q_idx.dtype)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, B, k.shape[1])
+    dq_path = resolve_dq_path(dq_path, H // Hkv)
+    check_block_idx(block_idx, -(-k.shape[1] // block_size))
+    return SparseAttentionFunction.apply(q, k, v, block_idx.to(torch.int32), block_size, cu_seqlens, D ** -0.5,
+                                         dq_path, launch, q_idx.contiguous(), k_idx.to(q_idx.dtype).contiguous(),
+                                         sink)

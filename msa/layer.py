@@ -14,6 +14,8 @@ every forward, not module state.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -43,6 +45,11 @@ class AttentionConfig:
     # varlen call (CUDA sm80+, bf16/fp16, head dim <= 256) instead of one SDPA call per document; elsewhere,
     # and with false, the per-document calls (msa/dense.py). On since measured (docs/scaling.md section 2)
     dense_varlen: bool = True
+    # sparse phase on the Triton path: the index KL's teacher is computed inside the attention backward,
+    # which already recomputes the probabilities, instead of a pass of its own over q k^T
+    # (kernels.sparse_attention.sparse_attention_kl); the KL's value is then known after backward. Off
+    # until measured on a GPU; without Ulysses/context parallelism and G a power of two, else ignored
+    kl_in_backward: bool = False
 
 
 def check_attention(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_dim: int, n_layers: int) -> None:
@@ -110,6 +117,21 @@ class DenseCore(nn.Module):
         return CoreOut(dense_attention(q, k, v, cu_seqlens, window=self.window, varlen=self.varlen))
 
 
+_RECOMPUTED_LATER = contextvars.ContextVar("msa_recomputed_later", default=False)
+
+
+@contextlib.contextmanager
+def recomputed_later():
+    """Marks a forward that runs without autograd and again, with it, in backward (DeepSpeed's activation
+    checkpointing): a core whose KL comes from the backward (``AttentionConfig.kl_in_backward``) skips
+    the KL there, the recompute's backward computes it."""
+    token = _RECOMPUTED_LATER.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTED_LATER.reset(token)
+
+
 class MSACore(nn.Module):
     """MSA's sequence-wide math: block selection, main attention, index distillation loss.
 
@@ -133,6 +155,17 @@ class MSACore(nn.Module):
         self.dense_varlen = cfg.dense_varlen
         self.impl = cfg.impl
         self.ops = resolve_ops(cfg.impl)
+        self.kl_in_backward = cfg.kl_in_backward  # parallelize() turns it off for wrapped (sharded) cores
+        self._backward_kl: list[torch.Tensor] = []  # what sparse_attention_kl's backward reported
+
+    def take_backward_kl(self) -> torch.Tensor | None:
+        """The KL the backward computed since the last call (summed), or None if none; clears it."""
+        values, self._backward_kl = self._backward_kl, []
+        return torch.stack(values).sum() if values else None
+
+    def _defers_kl(self, ops, q, k, teacher) -> bool:
+        return (self.kl_in_backward and teacher is None and hasattr(ops, "sparse_attention_kl")
+                and ops.deferred_kl_fits(q, k))
 
     def ops_for(self, device: torch.device):
         """The ops for tensors on ``device`` (``attention.impl=auto`` follows the tensors)."""
@@ -146,13 +179,22 @@ class MSACore(nn.Module):
         block_idx = None
         if not dense or stats_queries:
             block_idx = ops.select_blocks(q_idx.detach(), k_idx.detach(), Bk, self.topk, cu_seqlens)
+        kl = None
         if dense:
             o, lse = dense_attention(q, k, v, cu_seqlens, varlen=self.dense_varlen), None
+        elif self._defers_kl(ops, q, k, teacher) and torch.is_grad_enabled() and q.requires_grad \
+                and q_idx.requires_grad:
+            # zero here; the value reaches take_backward_kl() after backward
+            o, lse, kl = ops.sparse_attention_kl(q, k, v, q_idx, k_idx, block_idx, Bk, cu_seqlens,
+                                                 sink=self._backward_kl)
         else:
             o, lse = ops.sparse_attention(q, k, v, block_idx, Bk, cu_seqlens)
+            if _RECOMPUTED_LATER.get() and self._defers_kl(ops, q, k, teacher):
+                kl = q_idx.new_zeros((), dtype=torch.float32)
         q_t, lse_t = teacher(q.detach(), lse) if teacher is not None else (q.detach(), lse)
-        support = None if dense else block_idx
-        kl = ops.index_kl_loss(q_t, k.detach(), q_idx, k_idx, support, Bk, cu_seqlens, lse=lse_t)
+        if kl is None:
+            support = None if dense else block_idx
+            kl = ops.index_kl_loss(q_t, k.detach(), q_idx, k_idx, support, Bk, cu_seqlens, lse=lse_t)
         stats = None
         if stats_queries:
             stats = selection_stats(q_t, k.detach(), block_idx, Bk, self.topk, cu_seqlens, stats_queries)
@@ -238,5 +280,5 @@ class MSAAttention(Attention):
 
 __all__ = [
     "AttentionConfig", "check_attention", "resolve_impl", "Attention", "MSAAttention", "DenseCore", "MSACore",
-    "CoreOut", "PHASES", "Phase",
+    "CoreOut", "PHASES", "Phase", "recomputed_later",
 ]

@@ -67,3 +67,23 @@ def restore_dist_env():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+# the host functions behind kernels/ops.py's ops: what the ``launches`` fixture counts
+KERNEL_HOSTS = (("kernels.index_topk", "select_blocks_fwd"), ("kernels.sparse_attention", "sparse_attention_fwd"),
+                ("kernels.index_kl", "index_kl_fwd"))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts of the kernels' forward host functions (``KERNEL_HOSTS``), called through their ops."""
+    import collections
+    import importlib
+
+    from tests.utils import counting
+
+    counts = collections.Counter()
+    for module_name, name in KERNEL_HOSTS:
+        module = importlib.import_module(module_name)  # kernels.sparse_attention is also a function's name
+        monkeypatch.setattr(module, name, counting(counts, name, getattr(module, name)))
+    return counts

@@ -9,25 +9,13 @@ import pytest
 import torch
 
 from msa.layer import AttentionConfig
+from tests.conftest import KERNEL_HOSTS
 from tests.utils import counting, rel_rms
 from train.model import Decoder, ModelConfig
 from train.parallel import Mesh, ParallelConfig, init_distributed, parallelize
 from train.vision import VisionConfig
 
-# the host functions behind kernels/ops.py's ops: what a launch count counts
-HOSTS = (("kernels.index_topk", "select_blocks_fwd"), ("kernels.sparse_attention", "sparse_attention_fwd"),
-         ("kernels.index_kl", "index_kl_fwd"))
-OPS = [name for _, name in HOSTS]
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """Counts of the kernels' forward host functions, called through their ops."""
-    counts = collections.Counter()
-    for module_name, name in HOSTS:
-        module = importlib.import_module(module_name)  # kernels.sparse_attention is also a function's name
-        monkeypatch.setattr(module, name, counting(counts, name, getattr(module, name)))
-    return counts
+OPS = [name for _, name in KERNEL_HOSTS]
 
 
 def _model(impl: str, n_layers: int = 2, n_dense_layers: int = 1) -> Decoder:

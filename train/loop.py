@@ -244,6 +244,13 @@ def train_step(run: Run, stats_queries: int = 0, with_grad_norms: bool = False) 
         finite = bool(torch.isfinite(loss))
         bad = bad or not finite
         engine.backward(loss if finite else sum(p.sum() for p in run.model.parameters()) * 0.0)
+        deferred = run.model.take_backward_kl()  # attention.kl_in_backward: the KL's value comes now
+        if deferred is not None:
+            out["layer_kl"] = out["layer_kl"] + deferred
+            out["kl"] = out["kl"].detach() + deferred.sum()
+            # its gradients were zeroed where it was not finite (sparse_attention_kl); skip the step as for
+            # a non-finite forward loss
+            bad = bad or not bool(torch.isfinite(out["kl"]))
         last = micro == accum - 1
         norms = grad_norms(run) if last and with_grad_norms else {}
         if last and any_rank(bad):

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from msa.layer import PHASES, Attention, AttentionConfig, MSAAttention, Phase, check_attention
+from msa.layer import PHASES, Attention, AttentionConfig, MSAAttention, MSACore, Phase, check_attention
 from msa.rope import RopeScaling, Rotary, check_rope_impl, check_rope_scaling
 from train.vision import VisionConfig, build_vision
 
@@ -198,6 +198,18 @@ class Decoder(nn.Module):
     def msa_layers(self) -> list[int]:
         """Indices (in ``layers``) of the MSA blocks."""
         return [i for i, b in enumerate(self.layers) if isinstance(b.attn, MSAAttention)]
+
+    def take_backward_kl(self) -> torch.Tensor | None:
+        """Per MSA layer (``msa_layers`` order, as ``layer_kl``), the index KL its backward computed since
+        the last call (``attention.kl_in_backward``; 0 for a layer whose KL came from the forward), or
+        None when no layer reported one. The forward's ``kl`` counts such a layer as 0: add this after
+        backward for the value."""
+        cores = [m for m in self.modules() if isinstance(m, MSACore)]
+        values = [c.take_backward_kl() for c in cores]
+        if all(v is None for v in values):
+            return None
+        zero = next(v for v in values if v is not None).new_zeros(())
+        return torch.stack([zero if v is None else v for v in values])
 
     def train_main(self, on: bool) -> None:
         """Whether the main weights (every parameter but the MSA index branches') take gradients. Off, the

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from msa.keep import SAVED_OPS as ATEN_SAVED_OPS
 from msa.keep import keep_contexts
+from msa.layer import recomputed_later
 from train.parallel.mesh import Mesh, ParallelConfig
 from train.parallel.sequence import ContextParallelCore, UlyssesCore
 
@@ -32,6 +33,10 @@ from train.parallel.sequence import ContextParallelCore, UlyssesCore
 def parallelize(model, mesh: Mesh, cfg: ParallelConfig):
     """Wrap ``model`` (a ``Decoder``) in place for ``mesh`` and ``cfg``; returns it."""
     for block in model.blocks():
+        core = block.attn.core
+        if (mesh.cp_size > 1 or mesh.sp_size > 1) and hasattr(core, "kl_in_backward"):
+            # the wrappers scale the KL a core returns; a value reported from the backward would miss that
+            core.kl_in_backward = False
         if mesh.cp_size > 1:
             block.attn.wrap_core(lambda core: ContextParallelCore(core, mesh.cp_group))
         if mesh.sp_size > 1:
@@ -79,7 +84,8 @@ def checkpointed(block, x, *args):
 
     if not recompute_pays(block, x):
         return block(x, *args)
-    return deepspeed.checkpointing.checkpoint(block, x, *args)
+    with recomputed_later():  # this pass runs without autograd; backward runs the block again
+        return deepspeed.checkpointing.checkpoint(block, x, *args)
 
 
 def recompute_pays(block, x) -> bool:
