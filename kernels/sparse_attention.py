@@ -269,27 +269,32 @@ def _kl_tile(q_idx, b_ki, lse_s, dq_idx, b_p, o_q, m_row, o_k, m_k, i_b, i_r, sc
              BLOCK_DI: tl.constexpr, IEEE: tl.constexpr):
     """The index KL on the backward tile (``KL``): the teacher of an entry is the mean of its G heads'
     rows of ``P`` (exact: the final lse), the student ``softmax(q_idx . k_idx / sqrt(Di))`` on the same
-    support with the log-normaliser ``lse_s`` of the pre-pass. Per entry (its first head's row):
-    ``sum_j P_j log P_j - P_j S_j`` over this key tile (the tile's loss, returned) and ``dS = Q - P``;
-    its ``dS k_idx`` goes to ``dq_idx`` by fp32 atomic add, ``dS^T q_idx`` ``[BLOCK_N, BLOCK_DI]`` is
-    returned for the program's ``dk_idx``. G is a power of two (the caller checks), so whole entries
-    fill the tile."""
-    o_m = tl.arange(0, BLOCK_M)
+    support with the log-normaliser ``lse_s`` of the pre-pass. Per entry: ``sum_j P_j log P_j - P_j S_j``
+    over this key tile (the tile's loss, returned) and ``dS = Q - P``; its ``dS k_idx`` goes to ``dq_idx``
+    by fp32 atomic add, ``dS^T q_idx`` ``[BLOCK_N, BLOCK_DI]`` is returned for the program's ``dk_idx``.
+    G is a power of two (the caller checks), so whole entries fill the tile. With 16 or more entries a
+    tile the matmuls run on the entries; with fewer (G >= 8 at 64 rows: a matmul needs 16 rows) on the
+    tile's rows, each entry's first row carrying it and the other G - 1 zero."""
+    E: tl.constexpr = BLOCK_M // G
     o_di = tl.arange(0, BLOCK_DI)
     m_di = o_di < DI
+    b_pt = tl.sum(tl.reshape(b_p, (E, G, BLOCK_N)), 1) / G
+    if E >= 16:
+        o_q = tl.max(tl.reshape(o_q, (E, G)), 1)  # the G rows of an entry share its query
+        first = tl.max(tl.reshape(m_row.to(tl.int32), (E, G)), 1) > 0
+    else:
+        b_pt = tl.reshape(tl.broadcast_to(tl.expand_dims(b_pt, 1), (E, G, BLOCK_N)), (BLOCK_M, BLOCK_N))
+        first = m_row & (tl.arange(0, BLOCK_M) % G == 0)
     o_qi = ((i_b.to(tl.int64) * NQ + o_q) * HKV + i_r)[:, None] * DI + o_di[None, :]
-    b_qi = tl.load(q_idx + o_qi, mask=m_row[:, None] & m_di[None, :], other=0.0)
+    b_qi = tl.load(q_idx + o_qi, mask=first[:, None] & m_di[None, :], other=0.0)
     b_si = _dot_kl(b_qi, tl.trans(b_ki), IEEE) * scale_i
-    m_s = m_row[:, None] & m_k[None, :] & (o_k[None, :] <= (N - NQ + o_q)[:, None])
-    first = m_row & (o_m % G == 0)
-    b_pt = tl.sum(tl.reshape(b_p, (BLOCK_M // G, G, BLOCK_N)), 1) / G
-    b_pt = tl.reshape(tl.broadcast_to(tl.expand_dims(b_pt, 1), (BLOCK_M // G, G, BLOCK_N)), (BLOCK_M, BLOCK_N))
+    m_s = first[:, None] & m_k[None, :] & (o_k[None, :] <= (N - NQ + o_q)[:, None])
     b_pt = tl.where(m_s, b_pt, 0.0)
     b_plogp = tl.where(b_pt > 0, b_pt * tl.log(tl.where(b_pt > 0, b_pt, 1.0)), 0.0)
-    b_kl = tl.sum(tl.sum(tl.where(first[:, None], b_plogp - b_pt * tl.where(m_s, b_si, 0.0), 0.0), 1), 0)
+    b_kl = tl.sum(tl.sum(b_plogp - b_pt * tl.where(m_s, b_si, 0.0), 1), 0)
     b_ls = tl.load(lse_s + (i_b.to(tl.int64) * HKV + i_r) * NQ + o_q, mask=first, other=float("inf"))
     b_ls = tl.where(b_ls > float("-inf"), b_ls, float("inf"))
-    b_ds = tl.where(m_s & first[:, None], tl.exp(b_si - b_ls[:, None]) - b_pt, 0.0) * scale_i
+    b_ds = tl.where(m_s, tl.exp(b_si - b_ls[:, None]) - b_pt, 0.0) * scale_i
     b_dq = _dot_kl(b_ds.to(b_ki.dtype), b_ki, IEEE)
     tl.atomic_add(dq_idx + o_qi, b_dq, mask=first[:, None] & m_di[None, :])
     return b_kl, _dot_kl(tl.trans(b_ds.to(b_qi.dtype)), b_qi, IEEE)
