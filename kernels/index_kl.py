@@ -203,6 +203,7 @@ def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, gra
     bytes of ``dq_idx`` partials per slot chunk, warps, stages (defaults: the H200 sweep)."""
     B, NQ, H, D = q.shape
     N, Hkv, DI = k.shape[1], k.shape[2], q_idx.shape[-1]
+    G = H // Hkv
     dev = q.device
     doc_start = build_layout(N, block_size, cu_seqlens, dev).tok_start.long()  # [N]: each token's document start
     n_docs = 1 if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -214,9 +215,21 @@ def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, gra
     csrs = [build_kl_csr(c, N, doc_start, n_docs, block_size, block_m, chunks) for c in chunk_list]
 
     # pass 1: log-normalisers over the support, merged across slots and slot chunks
-    lse_s, lse_t = _normalisers(q, k, q_idx, k_idx, chunk_list, csrs, lse is None, args, scales, meta)
-    if lse is not None:
-        lse_t = lse.float().contiguous()
+    lse_s = torch.full((B, Hkv, NQ), float("-inf"), device=dev)
+    lse_t = None if lse is None else lse.float().contiguous()
+    lse_t_acc = torch.full((B, Hkv, NQ, G), float("-inf"), device=dev) if lse is None else None
+    for blocks, (ent, pkey, pc0, pnc) in zip(chunk_list, csrs):
+        S = blocks.shape[-1]
+        part_s = torch.full((B, Hkv, NQ, S), float("-inf"), device=dev)
+        part_t = torch.full((B, Hkv, NQ, S, G), float("-inf"), device=dev) if lse is None else part_s
+        index_kl_fwd_lse_kernel[(pkey.numel(),)](
+            q, k, q_idx, k_idx, ent, pkey, pc0, pnc, part_s, part_t, *args, S, D, DI, *scales,
+            TEACHER=lse is None, **meta)
+        lse_s = torch.logaddexp(lse_s, part_s.logsumexp(-1))
+        if lse is None:
+            lse_t_acc = torch.logaddexp(lse_t_acc, part_t.logsumexp(-2))
+    if lse is None:
+        lse_t = lse_t_acc.permute(0, 1, 3, 2).reshape(B, H, NQ).contiguous()
 
     # pass 2: loss partials and gradients (the lse_S term of each row is added here, once)
     loss = torch.where(torch.isfinite(lse_s), lse_s, 0.0).sum()
@@ -236,41 +249,6 @@ def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, gra
     if not grad:
         return loss * norm, None, None
     return loss * norm, dq.permute(0, 2, 1, 3).mul_(norm).contiguous(), dk.mul_(norm)
-
-
-def _normalisers(q, k, q_idx, k_idx, chunk_list, csrs, teacher, args, scales, meta):
-    """Pass 1 over the slot chunks: the student's ``lse_S [B, Hkv, NQ]`` and, with ``teacher``, the
-    teacher's ``lse [B, H, NQ]`` (else None), each merged across slots and chunks."""
-    B, NQ, H, D = q.shape
-    Hkv, DI, G, dev = q_idx.shape[2], q_idx.shape[-1], meta["G"], q.device
-    lse_s = torch.full((B, Hkv, NQ), float("-inf"), device=dev)
-    lse_t = torch.full((B, Hkv, NQ, G), float("-inf"), device=dev) if teacher else None
-    for blocks, (ent, pkey, pc0, pnc) in zip(chunk_list, csrs):
-        S = blocks.shape[-1]
-        part_s = torch.full((B, Hkv, NQ, S), float("-inf"), device=dev)
-        part_t = torch.full((B, Hkv, NQ, S, G), float("-inf"), device=dev) if teacher else part_s
-        index_kl_fwd_lse_kernel[(pkey.numel(),)](
-            q, k, q_idx, k_idx, ent, pkey, pc0, pnc, part_s, part_t, *args, S, D, DI, *scales,
-            TEACHER=teacher, **meta)
-        lse_s = torch.logaddexp(lse_s, part_s.logsumexp(-1))
-        if teacher:
-            lse_t = torch.logaddexp(lse_t, part_t.logsumexp(-2))
-    return lse_s, None if lse_t is None else lse_t.permute(0, 1, 3, 2).reshape(B, H, NQ).contiguous()
-
-
-def student_lse(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, block_m=128, chunks=8, num_warps=8,
-                num_stages=2):
-    """The student's log-normaliser ``lse_S [B, Hkv, Nq]`` (float32) over the support of ``block_idx``
-    (pass 1 without the teacher): what the fused KL of ``kernels.sparse_attention``'s backward needs
-    before it walks the support. ``q``, ``k`` only give the shapes; nothing of them is read."""
-    B, NQ, H, D = q.shape
-    N = k.shape[1]
-    layout = build_layout(N, block_size, cu_seqlens, q.device)
-    n_docs = 1 if cu_seqlens is None else cu_seqlens.numel() - 1
-    csr = build_kl_csr(block_idx, N, layout.tok_start.long(), n_docs, block_size, block_m, chunks)
-    meta = dict(_launch_args(q, k, q_idx, block_m), BK=block_size, num_warps=num_warps, num_stages=num_stages)
-    scales = (D ** -0.5, q_idx.shape[-1] ** -0.5)
-    return _normalisers(q, k, q_idx, k_idx, [block_idx], [csr], False, (N, NQ), scales, meta)[0]
 
 
 class IndexKLLoss(torch.autograd.Function):

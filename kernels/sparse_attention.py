@@ -300,6 +300,57 @@ def _kl_tile(q_idx, b_ki, lse_s, dq_idx, b_p, o_q, m_row, o_k, m_k, i_b, i_r, sc
     return b_kl, _dot_kl(tl.trans(b_ds.to(b_qi.dtype)), b_qi, IEEE)
 
 
+@triton.jit
+def student_lse_kernel(
+    q_idx, k_idx, entries, work_bucket, work_start, work_end, vb_start, vb_end, part_lse, scale_i, N, NQ, NV, DI,
+    HKV: tl.constexpr, TOPK: tl.constexpr, BK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_DI: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """The student's log-normaliser of each entry of work item ``program_id(0)`` over its block's visible
+    keys, to ``part_lse`` (indexed like ``block_idx``): the pre-pass of ``sparse_attention_kl``'s backward,
+    on the attention's own reverse index."""
+    i_w = tl.program_id(0)
+    i_u = tl.load(work_bucket + i_w)
+    e0 = tl.load(work_start + i_w)
+    e1 = tl.load(work_end + i_w)
+    i_br = i_u // NV
+    i_b = i_br // HKV
+    i_r = i_br % HKV
+    o_k = tl.load(vb_start + i_u % NV) + tl.arange(0, BK)
+    m_k = o_k < tl.load(vb_end + i_u % NV)
+    o_di = tl.arange(0, BLOCK_DI)
+    m_di = o_di < DI
+    b_ki = tl.load(k_idx + (i_b.to(tl.int64) * N + o_k)[:, None] * DI + o_di[None, :],
+                   mask=m_k[:, None] & m_di[None, :], other=0.0)
+    for e in range(e0, e1, BLOCK_E):
+        o_e = e + tl.arange(0, BLOCK_E)
+        m_e = o_e < e1
+        b_ent = tl.load(entries + o_e, mask=m_e, other=0).to(tl.int64)
+        o_q = (b_ent // TOPK) % NQ
+        b_qi = tl.load(q_idx + ((i_b.to(tl.int64) * NQ + o_q) * HKV + i_r)[:, None] * DI + o_di[None, :],
+                       mask=m_e[:, None] & m_di[None, :], other=0.0)
+        m_s = m_e[:, None] & m_k[None, :] & (o_k[None, :] <= (N - NQ + o_q)[:, None])
+        b_s = tl.where(m_s, _dot_kl(b_qi, tl.trans(b_ki), IEEE) * scale_i, float("-inf"))
+        b_mx = tl.max(b_s, 1)
+        b_mx = tl.where(b_mx > float("-inf"), b_mx, 0.0)
+        tl.store(part_lse + b_ent, b_mx + tl.log(tl.sum(tl.exp(b_s - b_mx[:, None]), 1)), mask=m_e)
+
+
+def student_lse(q_idx, k_idx, block_idx, block_size, layout, csr, block_e=64, num_warps=4):
+    """``lse_S [B, Hkv, Nq]`` float32: the student's log-normaliser over the support of ``block_idx``,
+    from per-entry partials on the attention's reverse index (no sort of its own, no host sync)."""
+    B, NQ, Hkv, DI = q_idx.shape
+    part = torch.full(block_idx.shape, float("-inf"), dtype=torch.float32, device=q_idx.device)
+    W = csr.chunk_work[-1]
+    if W:
+        student_lse_kernel[(W,)](
+            q_idx, k_idx, csr.entries, csr.work_bucket, csr.work_start, csr.work_end, layout.vb_start,
+            layout.vb_end, part, DI ** -0.5, k_idx.shape[1], NQ, layout.vb_start.numel(), DI, HKV=Hkv,
+            TOPK=block_idx.shape[-1], BK=block_size, BLOCK_E=block_e, BLOCK_DI=max(16, triton.next_power_of_2(DI)),
+            IEEE=q_idx.dtype == torch.float32, num_warps=num_warps)
+    return part.logsumexp(-1)
+
+
 @triton.jit(do_not_specialize=DATA_DEPENDENT)
 def sparse_attention_bwd_dkdv_kernel(
     q, k, v, do, lse, delta, entries, work_bucket, work_start, work_end, vb_start, vb_end,
@@ -513,7 +564,7 @@ def sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, csr, lau
 def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, scale, csr, dq_path,
                          launch=LAUNCH, index=None):
     """``(dq, dk, dv)``; with ``index = (q_idx, k_idx, lse_s)`` (the student's log-normaliser over the
-    support, ``index_kl.student_lse``) also the index KL of the support, the dK/dV kernel computing it
+    support, ``student_lse``) also the index KL of the support, the dK/dV kernel computing it
     on its tiles: ``(dq, dk, dv, (loss, dq_idx, dk_idx))``, the loss and its float32 gradients as
     ``index_kl_loss`` defines them (``1 / (B * Nq * Hkv)`` included)."""
     B, NQ, H, D = q.shape
@@ -633,7 +684,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         layout, csr, o, lse = kept("msa::sparse_attention", run)
         ctx.save_for_backward(q, k, v, o, lse, block_idx, q_idx, k_idx)
         ctx.layout, ctx.csr, ctx.block_size, ctx.scale = layout, csr, block_size, scale
-        ctx.dq_path, ctx.launch, ctx.cu_seqlens, ctx.sink = dq_path, launch, cu_seqlens, sink
+        ctx.dq_path, ctx.launch, ctx.sink = dq_path, launch, sink
         ctx.mark_non_differentiable(lse)
         if q_idx is None:
             return o, lse
@@ -647,9 +698,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         do = torch.zeros_like(o) if do is None else do.contiguous()
         index = None
         if q_idx is not None:
-            from kernels.index_kl import student_lse
-
-            index = (q_idx, k_idx, student_lse(q, k, q_idx, k_idx, block_idx, ctx.block_size, ctx.cu_seqlens))
+            index = (q_idx, k_idx, student_lse(q_idx, k_idx, block_idx, ctx.block_size, ctx.layout, ctx.csr))
         grads = sparse_attention_bwd(q, k, v, o, lse, do, block_idx, ctx.block_size, ctx.layout, ctx.scale,
                                      ctx.csr, ctx.dq_path, ctx.launch, index)
         dq, dk, dv = grads[:3]
