@@ -109,11 +109,23 @@ def varlen_args(q_len: list[int], k_len: list[int], device) -> tuple[int, torch.
 
 def _flash_varlen(q, k, v, q_len, k_len, scale):
     """One FlashAttention-2 varlen call (``aten::_flash_attention_forward``, GQA, bottom-right causal) over
-    the documents of a packed row, ``B == 1``."""
+    the documents of a packed row, ``B == 1`` -> ``(o, lse)``, ``lse [1, H, Nq]`` float32 (natural log)
+    or None where FlashAttention's layout is not one this knows."""
     k0, cu_q, cu_k, max_q, max_k = varlen_args(q_len, k_len, q.device)
-    o = torch.ops.aten._flash_attention_forward(q[0], k[0, k0:], v[0, k0:], cu_q, cu_k, max_q, max_k, 0.0, True,
-                                                False, scale=scale)[0]
-    return o.unsqueeze(0)
+    o, lse = torch.ops.aten._flash_attention_forward(q[0], k[0, k0:], v[0, k0:], cu_q, cu_k, max_q, max_k, 0.0,
+                                                     True, False, scale=scale)[:2]
+    return o.unsqueeze(0), _varlen_lse(lse.detach(), [n for n in q_len if n], q.shape[2])
+
+
+def _varlen_lse(lse: torch.Tensor, q_len: list[int], H: int) -> torch.Tensor | None:
+    """FlashAttention's varlen log-normaliser as ``[1, H, Nq]``: ``[H, total_q]`` (FlashAttention 2.5 and
+    later), or one padded row per document ``[n_docs, H, max_q]`` (before)."""
+    total = sum(q_len)
+    if lse.shape == (H, total):
+        return lse.float().unsqueeze(0)
+    if lse.dim() == 3 and lse.shape[:2] == (len(q_len), H) and lse.shape[2] >= max(q_len):
+        return torch.cat([lse[i, :, :n] for i, n in enumerate(q_len)], dim=1).float().unsqueeze(0)
+    return None
 
 
 def can_run_varlen(q: torch.Tensor) -> bool:
@@ -126,7 +138,7 @@ def can_run_varlen(q: torch.Tensor) -> bool:
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cu_seqlens: torch.Tensor | None = None, scale: float | None = None,
-                    window: int = 0, varlen: bool = False) -> torch.Tensor:
+                    window: int = 0, varlen: bool = False, return_lse: bool = False):
     """Causal attention of ``q [B, Nq, H, D]`` over ``k, v [B, N, Hkv, D]`` -> ``o [B, Nq, H, D]``.
 
     The queries are the last ``Nq <= N`` key positions (bottom-right aligned, as a context-parallel
@@ -136,12 +148,15 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     zero-padded copy per document), or, with ``varlen`` where ``can_run_varlen`` and no window applies,
     all documents go to one FlashAttention varlen call. ``window > 0``: query ``i`` sees only the keys
     ``i - window < j <= i`` (transformers' sliding window: ``window`` keys including its own).
+    ``return_lse``: ``(o, lse)``, with each query's log-normaliser ``lse [B, H, Nq]`` (float32, natural
+    log, no gradient) where the varlen call gives it for free, else None.
     """
     Nq, N = q.shape[1], k.shape[1]
     if Nq > N:
         raise ValueError(f"q has {Nq} positions but k only {N}: queries must be the last Nq <= N keys")
     with kept_aten_ops():  # selective checkpointing keeps SDPA's outputs for the block's recompute
-        return _dense_attention(q, k, v, cu_seqlens, scale, window, varlen)
+        o, lse = _dense_attention(q, k, v, cu_seqlens, scale, window, varlen)
+    return (o, lse) if return_lse else o
 
 
 def _dense_attention(q, k, v, cu_seqlens, scale, window, varlen):
@@ -149,11 +164,11 @@ def _dense_attention(q, k, v, cu_seqlens, scale, window, varlen):
     gqa = q.shape[2] != k.shape[2]
     if cu_seqlens is None:
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-        return _causal_sdpa(qt, kt, vt, scale, gqa, window).transpose(1, 2)
+        return _causal_sdpa(qt, kt, vt, scale, gqa, window).transpose(1, 2), None
     q_len, k_len = document_lengths(cu_seqlens, N, Nq)
     if varlen and can_run_varlen(q) and (not window or max(k_len) <= window):
         return _flash_varlen(q, k, v, q_len, k_len, scale)
     qs, ks, vs = q.split(q_len, dim=1), k.split(k_len, dim=1), v.split(k_len, dim=1)
     parts = [_causal_sdpa(qd.transpose(1, 2), kd.transpose(1, 2), vd.transpose(1, 2), scale, gqa, window)
              for qd, kd, vd, n in zip(qs, ks, vs, q_len) if n]
-    return torch.cat(parts, dim=2).transpose(1, 2)
+    return torch.cat(parts, dim=2).transpose(1, 2), None

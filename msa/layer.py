@@ -180,8 +180,8 @@ class MSACore(nn.Module):
         if not dense or stats_queries:
             block_idx = ops.select_blocks(q_idx.detach(), k_idx.detach(), Bk, self.topk, cu_seqlens)
         kl = None
-        if dense:
-            o, lse = dense_attention(q, k, v, cu_seqlens, varlen=self.dense_varlen), None
+        if dense:  # the KL's teacher normaliser from FlashAttention's varlen call where it ran, else its own
+            o, lse = dense_attention(q, k, v, cu_seqlens, varlen=self.dense_varlen, return_lse=True)
         elif self._defers_kl(ops, q, k, teacher) and torch.is_grad_enabled() and q.requires_grad \
                 and q_idx.requires_grad:
             # zero here; the value reaches take_backward_kl() after backward

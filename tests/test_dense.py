@@ -122,3 +122,42 @@ def test_varlen_matches_the_per_document_calls_on_gpu(N, Nq, cu):
     # the bound that matters is the relative one: varlen within 2x of the per-document calls' error
     assert all(e < 1e-2 for e in errors[True]), errors
     assert all(e <= 2 * max(e_loop, 1e-3) for e, e_loop in zip(errors[True], errors[False])), errors
+
+
+def test_varlen_lse_layouts():
+    """FlashAttention's varlen log-normaliser to ``[1, H, Nq]``: ``[H, total_q]`` as it is, one padded row per
+    document (older FlashAttention) cut to each document's queries, anything else refused (None: the
+    index KL then computes its own)."""
+    from msa.dense import _varlen_lse
+
+    q_len = [3, 1, 4]
+    want = torch.arange(8 * H, dtype=torch.float32).view(H, 8)
+    assert torch.equal(_varlen_lse(want, q_len, H), want[None])
+    padded = torch.full((3, H, 5), -7.0)
+    for i, (start, n) in enumerate(zip([0, 3, 4], q_len)):
+        padded[i, :, :n] = want[:, start:start + n]
+    assert torch.equal(_varlen_lse(padded, q_len, H), want[None])
+    assert _varlen_lse(want[:, :7], q_len, H) is None
+    assert _varlen_lse(padded[:2], q_len, H) is None
+
+
+def test_lse_is_none_off_the_varlen_path():
+    q, k, v, cu = _inputs(*CASES[1])
+    o, lse = dense_attention(q, k, v, cu, varlen=True, return_lse=True)
+    assert lse is None and torch.equal(o, dense_attention(q, k, v, cu))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,Nq,cu", CASES + [(8192, 8192, [0, 5000, 5001, 8000, 8192])])
+def test_varlen_lse_is_each_querys_log_normaliser_on_gpu(N, Nq, cu):
+    """The varlen call's lse (what the warm-up's index KL takes instead of computing its own) against the
+    float64 log-sum-exp of the visible keys' scores."""
+    q, k, v, cu = _inputs(N, Nq, cu, "cuda", torch.bfloat16)
+    _, lse = dense_attention(q, k, v, cu, varlen=True, return_lse=True)
+    assert lse is not None and lse.shape == (1, H, Nq) and lse.dtype == torch.float32
+    kk = k[0].double().repeat_interleave(H // HKV, dim=1)
+    s = torch.einsum("qhd,khd->hqk", q[0].double(), kk) * D ** -0.5
+    want = s.masked_fill(~visible_mask(N, Nq, cu, "cuda"), float("-inf")).logsumexp(-1)
+    rows = torch.isfinite(want)
+    assert torch.equal(rows, torch.isfinite(lse[0])), "rows with no visible key"
+    assert (lse[0][rows] - want[rows]).abs().max() < 1e-3
