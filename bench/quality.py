@@ -112,6 +112,9 @@ def parse(argv=None):
                     help="both arms end with a stage at this row length (0: none), as many tokens per step")
     ap.add_argument("--final-frac", type=float, default=0.2, help="with --final-len: its share of the steps")
     ap.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4, 8], help="eval lengths / training length")
+    ap.add_argument("--extra-lengths", type=int, nargs="+", default=[], metavar="N",
+                    help="eval lengths in tokens besides the multiples, e.g. the synthetic documents' length: "
+                         "retrieval there tells a task never learned from one not carried to longer rows")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS))
     ap.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     ap.add_argument("--items", type=int, default=2, help="items per (task, length, depth)")
@@ -150,7 +153,7 @@ def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool)
            f"run_dir={run_dir}"]
     out += recipe_overrides(args, arm, steps)
     if evals:  # once, after the last step, inside the run (the model is still on the GPU)
-        lengths = [m * args.seq_len for m in args.multiples]
+        lengths = eval_lengths(args)
         out += [f"eval.every={steps}", f"eval.lengths=[{','.join(map(str, lengths))}]",
                 f"eval.tasks=[bpb,{','.join(args.tasks)}]", f"eval.depths=[{','.join(map(str, args.depths))}]",
                 f"eval.items={args.items}", f"eval.rows={args.rows}", f"eval.generate={str(args.generate).lower()}",
@@ -158,6 +161,11 @@ def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool)
     # the arm's own settings last: an override for every arm (e.g. attention.topk=...) does not undo what
     # makes an arm what it is (msa_wide's topk, msa_kl's weight)
     return out + list(args.overrides) + arm_overrides(args, arm)
+
+
+def eval_lengths(args) -> list[int]:
+    """The eval lengths, ascending: the multiples of the training length and ``--extra-lengths``."""
+    return sorted({m * args.seq_len for m in args.multiples} | set(getattr(args, "extra_lengths", [])))
 
 
 def sparse(arm: str) -> bool:
@@ -725,7 +733,7 @@ def main(argv=None) -> None:
                            "choices": cfg.eval.choices},
               "gpu": gpu, "torch": torch.__version__, "commit": git_commit(), "command": " ".join(sys.argv),
               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "eval_lengths": [m * args.seq_len for m in args.multiples], "runs": [], "skipped": [],
+              "eval_lengths": eval_lengths(args), "runs": [], "skipped": [],
               "failed": [], "stopped": [], "not_started": []}
     ensure_corpus(cfg.data.corpus_dir, cfg.data.corpus)  # built once, before anything is timed
     deadline = t_start + args.budget_s - 10.0 - grace(args)  # 10 s: the report and plots

@@ -381,6 +381,18 @@ def test_quality_arms_are_what_they_say(tmp_path):
         parse(["--out", str(tmp_path), "--arms", "msa", "msa"])
 
 
+def test_quality_extra_eval_lengths(tmp_path):
+    """--extra-lengths: evals at those lengths too (e.g. the synthetic documents' own), in ascending order
+    with the multiples, once each, in the run's config."""
+    from bench.quality import eval_lengths, overrides, parse
+
+    args = parse(["--out", str(tmp_path), "--model", "tiny", "--seq-len", "256", "--multiples", "1", "2",
+                  "--extra-lengths", "512", "64"])
+    assert eval_lengths(args) == [64, 256, 512]
+    cfg = compose(overrides(args, "msa", 0, 50, tmp_path, evals=True))
+    assert list(cfg.eval.lengths) == [64, 256, 512]
+
+
 def test_quality_probe_times_every_stage_and_the_runs_follow(tmp_path):
     """The planned path (no --steps): the probe times each arm's stages by the names the plan weighs them by
     (the default recipe's main stage is called ``sparse``; keyed by it, the plan failed), then every run
