@@ -23,6 +23,11 @@ that recomputes P and dS; a reduce sums a query's valid slots in slot order. ``a
 for G >= 16 and ``kv`` below. No atomics anywhere, so the backward is deterministic. Launch settings
 are the ``Launch`` argument (defaults: the H200 sweeps); nothing is read from the environment.
 
+``sparse_attention_kl`` adds the index KL to the backward: the dK/dV kernel, which recomputes every
+probability with the final lse, also forms the teacher (each entry's G rows averaged), the student and
+the KL's gradients (``_kl_tile``); the student's log-normaliser comes from a pre-pass over the same
+reverse index (``student_lse_kernel``). Its ``q_idx``/``k_idx`` gradients use fp32 atomics.
+
 Measured on an H200 (torch 2.11, Triton 3.6) at 128K tokens, 32 heads, D=128, Bk=128, k=16: forward
 27 ms, forward+backward 91 ms (Hkv=2) and 109 ms (Hkv=4), against 907 ms for dense SDPA's
 forward+backward; numbers, method and the variants that lost in docs/kernels.md (sparse_attention).
