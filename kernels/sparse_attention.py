@@ -26,7 +26,7 @@ are the ``Launch`` argument (defaults: the H200 sweeps); nothing is read from th
 ``sparse_attention_kl`` adds the index KL to the backward: the dK/dV kernel, which recomputes every
 probability with the final lse, also forms the teacher (each entry's G rows averaged), the student and
 the KL's gradients (``_kl_tile``); the student's log-normaliser comes from a pre-pass over the same
-reverse index (``student_lse_kernel``). Its ``q_idx``/``k_idx`` gradients use fp32 atomics.
+reverse index (``sparse_attention_student_lse_kernel``). Its ``q_idx``/``k_idx`` gradients use fp32 atomics.
 
 Measured on an H200 (torch 2.11, Triton 3.6) at 128K tokens, 32 heads, D=128, Bk=128, k=16: forward
 27 ms, forward+backward 91 ms (Hkv=2) and 109 ms (Hkv=4), against 907 ms for dense SDPA's
@@ -280,15 +280,14 @@ def _kl_tile(q_idx, b_ki, lse_s, dq_idx, b_p, o_q, m_row, o_k, m_k, i_b, i_r, sc
     G is a power of two (the caller checks), so whole entries fill the tile. With 16 or more entries a
     tile the matmuls run on the entries; with fewer (G >= 8 at 64 rows: a matmul needs 16 rows) on the
     tile's rows, each entry's first row carrying it and the other G - 1 zero."""
-    E: tl.constexpr = BLOCK_M // G
     o_di = tl.arange(0, BLOCK_DI)
     m_di = o_di < DI
-    b_pt = tl.sum(tl.reshape(b_p, (E, G, BLOCK_N)), 1) / G
-    if E >= 16:
-        o_q = tl.max(tl.reshape(o_q, (E, G)), 1)  # the G rows of an entry share its query
-        first = tl.max(tl.reshape(m_row.to(tl.int32), (E, G)), 1) > 0
+    b_pt = tl.sum(tl.reshape(b_p, (BLOCK_M // G, G, BLOCK_N)), 1) / G
+    if BLOCK_M // G >= 16:
+        o_q = tl.max(tl.reshape(o_q, (BLOCK_M // G, G)), 1)  # the G rows of an entry share its query
+        first = tl.max(tl.reshape(m_row.to(tl.int32), (BLOCK_M // G, G)), 1) > 0
     else:
-        b_pt = tl.reshape(tl.broadcast_to(tl.expand_dims(b_pt, 1), (E, G, BLOCK_N)), (BLOCK_M, BLOCK_N))
+        b_pt = tl.reshape(tl.broadcast_to(tl.expand_dims(b_pt, 1), (BLOCK_M // G, G, BLOCK_N)), (BLOCK_M, BLOCK_N))
         first = m_row & (tl.arange(0, BLOCK_M) % G == 0)
     o_qi = ((i_b.to(tl.int64) * NQ + o_q) * HKV + i_r)[:, None] * DI + o_di[None, :]
     b_qi = tl.load(q_idx + o_qi, mask=first[:, None] & m_di[None, :], other=0.0)
@@ -306,7 +305,7 @@ def _kl_tile(q_idx, b_ki, lse_s, dq_idx, b_p, o_q, m_row, o_k, m_k, i_b, i_r, sc
 
 
 @triton.jit
-def student_lse_kernel(
+def sparse_attention_student_lse_kernel(
     q_idx, k_idx, entries, work_bucket, work_start, work_end, vb_start, vb_end, part_lse, scale_i, N, NQ, NV, DI,
     HKV: tl.constexpr, TOPK: tl.constexpr, BK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_DI: tl.constexpr,
     IEEE: tl.constexpr,
@@ -348,7 +347,7 @@ def student_lse(q_idx, k_idx, block_idx, block_size, layout, csr, block_e=64, nu
     part = torch.full(block_idx.shape, float("-inf"), dtype=torch.float32, device=q_idx.device)
     W = csr.chunk_work[-1]
     if W:
-        student_lse_kernel[(W,)](
+        sparse_attention_student_lse_kernel[(W,)](
             q_idx, k_idx, csr.entries, csr.work_bucket, csr.work_start, csr.work_end, layout.vb_start,
             layout.vb_end, part, DI ** -0.5, k_idx.shape[1], NQ, layout.vb_start.numel(), DI, HKV=Hkv,
             TOPK=block_idx.shape[-1], BK=block_size, BLOCK_E=block_e, BLOCK_DI=max(16, triton.next_power_of_2(DI)),
