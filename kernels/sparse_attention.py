@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from kernels.common import build_csr, build_layout, check_block_idx, check_cu_seqlens, check_limits
+from kernels.index_kl import _dot  # tl.dot, IEEE fp32 where asked (the KL's fp32 path)
 from kernels.ops import sparse_attention_fwd_args, sparse_attention_fwd_op
 from msa.keep import kept
 
@@ -56,10 +57,10 @@ def _load_kv(k, v, i_b, i_r, o_k, m_k, N, HKV: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _work_item(k, v, work_bucket, work_start, work_end, vb_start, vb_end, i_w, t0, N, NV,
-               HKV: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Work item ``i_w`` of the reverse CSR: its entries ``[e0, e1)``, batch, group, and the K/V tile of
-    ``BLOCK_N`` keys from key ``t0`` of its block (``o_k`` positions, ``m_k`` inside the block)."""
+def _work_keys(work_bucket, work_start, work_end, vb_start, vb_end, i_w, t0, NV,
+               HKV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Work item ``i_w`` of the reverse CSR: its entries ``[e0, e1)``, batch, group, and ``BLOCK_N`` key
+    positions from key ``t0`` of its block (``o_k``; ``m_k`` inside the block)."""
     i_u = tl.load(work_bucket + i_w)
     e0 = tl.load(work_start + i_w)
     e1 = tl.load(work_end + i_w)
@@ -68,6 +69,15 @@ def _work_item(k, v, work_bucket, work_start, work_end, vb_start, vb_end, i_w, t
     i_r = i_br % HKV
     o_k = tl.load(vb_start + i_u % NV) + t0 + tl.arange(0, BLOCK_N)
     m_k = o_k < tl.load(vb_end + i_u % NV)
+    return e0, e1, i_b, i_r, o_k, m_k
+
+
+@triton.jit
+def _work_item(k, v, work_bucket, work_start, work_end, vb_start, vb_end, i_w, t0, N, NV,
+               HKV: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``_work_keys`` and the item's K/V tile: ``e0, e1, i_b, i_r, o_k, m_k, b_k, b_v``."""
+    e0, e1, i_b, i_r, o_k, m_k = _work_keys(work_bucket, work_start, work_end, vb_start, vb_end, i_w, t0, NV,
+                                            HKV, BLOCK_N)
     b_k, b_v = _load_kv(k, v, i_b, i_r, o_k, m_k, N, HKV, D)
     return e0, e1, i_b, i_r, o_k, m_k, b_k, b_v
 
@@ -261,14 +271,6 @@ def sparse_attention_bwd_dq_reduce_kernel(
 
 
 @triton.jit
-def _dot_kl(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
 def _kl_tile(q_idx, b_ki, lse_s, dq_idx, b_p, o_q, m_row, o_k, m_k, i_b, i_r, scale_i, N, NQ, DI,
              HKV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_DI: tl.constexpr, IEEE: tl.constexpr):
@@ -291,7 +293,7 @@ def _kl_tile(q_idx, b_ki, lse_s, dq_idx, b_p, o_q, m_row, o_k, m_k, i_b, i_r, sc
         first = m_row & (tl.arange(0, BLOCK_M) % G == 0)
     o_qi = ((i_b.to(tl.int64) * NQ + o_q) * HKV + i_r)[:, None] * DI + o_di[None, :]
     b_qi = tl.load(q_idx + o_qi, mask=first[:, None] & m_di[None, :], other=0.0)
-    b_si = _dot_kl(b_qi, tl.trans(b_ki), IEEE) * scale_i
+    b_si = _dot(b_qi, tl.trans(b_ki), IEEE) * scale_i
     m_s = first[:, None] & m_k[None, :] & (o_k[None, :] <= (N - NQ + o_q)[:, None])
     b_pt = tl.where(m_s, b_pt, 0.0)
     b_plogp = tl.where(b_pt > 0, b_pt * tl.log(tl.where(b_pt > 0, b_pt, 1.0)), 0.0)
@@ -299,9 +301,9 @@ def _kl_tile(q_idx, b_ki, lse_s, dq_idx, b_p, o_q, m_row, o_k, m_k, i_b, i_r, sc
     b_ls = tl.load(lse_s + (i_b.to(tl.int64) * HKV + i_r) * NQ + o_q, mask=first, other=float("inf"))
     b_ls = tl.where(b_ls > float("-inf"), b_ls, float("inf"))
     b_ds = tl.where(m_s, tl.exp(b_si - b_ls[:, None]) - b_pt, 0.0) * scale_i
-    b_dq = _dot_kl(b_ds.to(b_ki.dtype), b_ki, IEEE)
+    b_dq = _dot(b_ds.to(b_ki.dtype), b_ki, IEEE)
     tl.atomic_add(dq_idx + o_qi, b_dq, mask=first[:, None] & m_di[None, :])
-    return b_kl, _dot_kl(tl.trans(b_ds.to(b_qi.dtype)), b_qi, IEEE)
+    return b_kl, _dot(tl.trans(b_ds.to(b_qi.dtype)), b_qi, IEEE)
 
 
 @triton.jit
@@ -313,15 +315,8 @@ def sparse_attention_student_lse_kernel(
     """The student's log-normaliser of each entry of work item ``program_id(0)`` over its block's visible
     keys, to ``part_lse`` (indexed like ``block_idx``): the pre-pass of ``sparse_attention_kl``'s backward,
     on the attention's own reverse index."""
-    i_w = tl.program_id(0)
-    i_u = tl.load(work_bucket + i_w)
-    e0 = tl.load(work_start + i_w)
-    e1 = tl.load(work_end + i_w)
-    i_br = i_u // NV
-    i_b = i_br // HKV
-    i_r = i_br % HKV
-    o_k = tl.load(vb_start + i_u % NV) + tl.arange(0, BK)
-    m_k = o_k < tl.load(vb_end + i_u % NV)
+    e0, e1, i_b, i_r, o_k, m_k = _work_keys(work_bucket, work_start, work_end, vb_start, vb_end, tl.program_id(0),
+                                            0, NV, HKV, BK)
     o_di = tl.arange(0, BLOCK_DI)
     m_di = o_di < DI
     b_ki = tl.load(k_idx + (i_b.to(tl.int64) * N + o_k)[:, None] * DI + o_di[None, :],
@@ -334,7 +329,7 @@ def sparse_attention_student_lse_kernel(
         b_qi = tl.load(q_idx + ((i_b.to(tl.int64) * NQ + o_q) * HKV + i_r)[:, None] * DI + o_di[None, :],
                        mask=m_e[:, None] & m_di[None, :], other=0.0)
         m_s = m_e[:, None] & m_k[None, :] & (o_k[None, :] <= (N - NQ + o_q)[:, None])
-        b_s = tl.where(m_s, _dot_kl(b_qi, tl.trans(b_ki), IEEE) * scale_i, float("-inf"))
+        b_s = tl.where(m_s, _dot(b_qi, tl.trans(b_ki), IEEE) * scale_i, float("-inf"))
         b_mx = tl.max(b_s, 1)
         b_mx = tl.where(b_mx > float("-inf"), b_mx, 0.0)
         tl.store(part_lse + b_ent, b_mx + tl.log(tl.sum(tl.exp(b_s - b_mx[:, None]), 1)), mask=m_e)
