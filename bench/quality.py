@@ -41,7 +41,9 @@ Writes to ``--out``: ``quality.json`` (settings, probe, steps and tokens, each r
 loss, how much the gradient clip shrank its steps (``clip_stats``) and eval results, and mean / std / min /
 max over seeds per arm; rewritten after every run) and ``quality_loss.png``, ``quality_bpb.png``,
 ``quality_retrieval.png``, ``quality_recall.png``, ``quality_paired.png``. Hydra overrides after ``--``
-apply to every arm, before the settings that make an arm what it is.
+apply to every arm, before the settings that make an arm what it is. ``--reference`` takes an earlier
+report's runs of one arm (trained with the same settings) as this report's first arm, so new arms are
+paired against them without training that arm again.
 """
 
 from __future__ import annotations
@@ -132,12 +134,51 @@ def parse(argv=None):
     ap.add_argument("--save-every", type=int, default=50, help="with --steps: a checkpoint every N steps")
     ap.add_argument("--grace-s", type=float, default=60.0,
                     help="at the budget's end, seconds a stopped worker has to save its checkpoint (SIGTERM)")
+    ap.add_argument("--reference", type=Path, default=None, metavar="QUALITY_JSON",
+                    help="an earlier run's quality.json whose --reference-arm runs (same training settings) "
+                         "become this report's first arm: new arms are paired against them without retraining")
+    ap.add_argument("--reference-arm", default="dense", choices=ARM_CHOICES)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # probe:ARM:I or run:ARM:SEED:STEPS
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every arm (after --; an arm's own settings win)")
     args = ap.parse_args(argv)
     if len(set(args.arms)) != len(args.arms):
         ap.error(f"--arms {' '.join(args.arms)}: each arm once")
+    if args.reference and args.reference_arm in args.arms:
+        ap.error(f"--reference-arm {args.reference_arm} comes from {args.reference}: leave it out of --arms")
+    if args.reference and not args.steps:
+        ap.error("--reference needs --steps: the reference's runs trained a fixed number of steps")
     return args
+
+
+# what makes two reports' runs of one seed comparable: the same model, data, schedule and steps, and what
+# the reference arm itself is made of
+TRAINING_SETTINGS = ("model", "seq_len", "batch", "lr", "warmup_frac", "rope_base", "mix", "synthetic_len",
+                     "final_len", "final_frac", "overrides")
+ARM_SETTINGS = {"msa_window": "window", "msa_kl": "kl_weight", "msa_wide": "wide_topk"}
+
+
+def add_reference(args, report: dict, reference: dict) -> None:
+    """Put ``reference``'s ``--reference-arm`` runs of this report's seeds first in ``report``: they trained
+    with the same settings (``TRAINING_SETTINGS``; a difference is refused, naming it), on the same batches
+    and from the same initial weights, so ``paired`` compares the new arms against them as if they had run
+    beside them (up to GPU nondeterminism between two processes)."""
+    defaults = vars(parse(["--out", "."]))  # a report from before a setting existed ran with its default
+    keys = TRAINING_SETTINGS + tuple(v for a, v in ARM_SETTINGS.items() if a == args.reference_arm)
+    mine = {k: vars(args)[k] for k in keys} | {"steps": args.steps}
+    theirs = {k: defaults[k] if reference["settings"].get(k) is None else reference["settings"][k] for k in keys}
+    theirs["steps"] = reference.get("steps")
+    differ = [k for k in mine if theirs[k] != mine[k]]
+    if differ:
+        raise SystemExit(f"--reference {args.reference}: its runs trained with other settings: "
+                         + ", ".join(f"{k}={theirs[k]!r} (here {mine[k]!r})" for k in differ))
+    runs = [r for r in reference["runs"] if r["arm"] == args.reference_arm and r["seed"] in args.seeds]
+    if not runs:
+        raise SystemExit(f"--reference {args.reference}: no {args.reference_arm} run of seeds {args.seeds}")
+    report["runs"] = [{**r, "reference": str(args.reference)} for r in runs] + report["runs"]
+    report["settings"]["arms"] = [args.reference_arm, *args.arms]
+    report["reference"] = {"path": str(args.reference), "arm": args.reference_arm,
+                           "commit": reference.get("commit"), "date_utc": reference.get("date_utc"),
+                           "seeds": sorted(r["seed"] for r in runs)}
 
 
 def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool) -> list[str]:
@@ -477,7 +518,10 @@ def plot_bpb(report: dict, path: Path) -> None:
     axes = np.atleast_1d(fig.subplots(1, len(lengths)))
     for ax, L in zip(axes, lengths):
         name = fmt_tokens(L)
-        order = list(report["runs"][0]["eval"]["bpb"][str(L)]["buckets"])  # by position, as evaluated
+        evaluated = [r["eval"]["bpb"][str(L)] for r in report["runs"] if str(L) in r.get("eval", {}).get("bpb", {})]
+        if not evaluated:  # a length only some arms were evaluated at (--reference)
+            continue
+        order = list(evaluated[0]["buckets"])  # by position, as evaluated
         for arm in report_arms(report):
             stats = report["summary"].get(arm, {})
             keys = [f"eval/bpb/{name}/{b}" for b in order if f"eval/bpb/{name}/{b}" in stats]
@@ -735,6 +779,8 @@ def main(argv=None) -> None:
               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "eval_lengths": eval_lengths(args), "runs": [], "skipped": [],
               "failed": [], "stopped": [], "not_started": []}
+    if args.reference:
+        add_reference(args, report, json.loads(args.reference.read_text()))
     ensure_corpus(cfg.data.corpus_dir, cfg.data.corpus)  # built once, before anything is timed
     deadline = t_start + args.budget_s - 10.0 - grace(args)  # 10 s: the report and plots
     if args.steps:

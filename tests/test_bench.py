@@ -393,6 +393,40 @@ def test_quality_extra_eval_lengths(tmp_path):
     assert list(cfg.eval.lengths) == [64, 256, 512]
 
 
+def test_quality_reference_pairs_new_arms_with_an_earlier_runs_arm(tmp_path):
+    """--reference: the sixth run's dense runs (docs/results) become the first arm of a report of new arms
+    with that run's settings, and the new arms are paired against them; other settings are refused, naming
+    the setting; the reference arm cannot also be trained."""
+    import json
+
+    from bench.quality import add_reference, paired, parse, write
+
+    run6 = ROOT / "docs" / "results" / "quality_h200_run6.json"
+    argv = ["--out", str(tmp_path), "--steps", "900", "--warmup-frac", "0.3", "--mix", "0.4", "--final-len",
+            "16384", "--final-frac", "0.15", "--arms", "msa_kl", "--extra-lengths", "2048", "--reference", str(run6)]
+    args = parse(argv)
+    report = {"settings": {**vars(args), "out": str(tmp_path), "reference": str(run6), "choices": 4},
+              "eval_lengths": [2048, 8192, 16384, 32768, 65536], "tokens_per_step": 16384, "runs": []}
+    add_reference(args, report, json.loads(run6.read_text()))
+    assert [(r["arm"], r["seed"]) for r in report["runs"]] == [("dense", 1), ("dense", 0), ("dense", 2)]
+    assert report["settings"]["arms"] == ["dense", "msa_kl"] and report["reference"]["seeds"] == [0, 1, 2]
+    # an msa_kl arm 1% below each dense run, step by step: paired at -1% on every seed and tenth
+    report["runs"] += [{**r, "arm": "msa_kl", "eval": {}, "loss_curve": [[i, 0.99 * x] for i, x in r["loss_curve"]],
+                        "scalars": {**r["scalars"], "final_loss": 0.99 * r["scalars"]["final_loss"]}}
+                       for r in report["runs"]]
+    d = paired(report["runs"], report["settings"]["arms"])["msa_kl"]
+    assert d["against"] == "dense" and d["mean"] == pytest.approx(-0.01) and d["std"] == pytest.approx(0, abs=1e-12)
+    assert d["by_tenth"] == pytest.approx([-0.01] * 10)
+    write(report, tmp_path, plots=True)  # the 2K evals exist for no run here: the plots leave them out
+    assert (tmp_path / "quality_paired.png").exists() and (tmp_path / "quality_bpb.png").exists()
+    with pytest.raises(SystemExit, match=r"lr=0\.001 \(here 0\.003\)"):
+        add_reference(parse(argv + ["--lr", "3e-3"]), report, json.loads(run6.read_text()))
+    with pytest.raises(SystemExit, match="steps=900 \\(here 800\\)"):
+        add_reference(parse(argv + ["--steps", "800"]), report, json.loads(run6.read_text()))
+    with pytest.raises(SystemExit):
+        parse(argv + ["--arms", "dense", "msa_kl"])
+
+
 def test_quality_probe_times_every_stage_and_the_runs_follow(tmp_path):
     """The planned path (no --steps): the probe times each arm's stages by the names the plan weighs them by
     (the default recipe's main stage is called ``sparse``; keyed by it, the plan failed), then every run
