@@ -165,6 +165,20 @@ def test_model_reports_the_forward_kl_and_gradients_under_every_policy(launches)
         assert model.take_backward_kl() is None, "read once"
 
 
+@pytest.mark.usefixtures("restore_dist_env")
+def test_sharded_cores_keep_the_kl_in_the_forward():
+    """Context/sequence parallel wrappers scale the KL their core returns: a sharded model runs the KL in the
+    forward, and says so once."""
+    from train.parallel import Mesh, ParallelConfig, init_distributed, parallelize
+
+    init_distributed(ParallelConfig())  # the wrapper asks its (here one-rank) group for its size
+    model = _model(True)
+    with pytest.warns(UserWarning, match="kl_in_backward has no effect"):
+        parallelize(model, Mesh(cp_size=2), ParallelConfig())
+    flags = [m.kl_in_backward for m in model.modules() if hasattr(m, "kl_in_backward")]
+    assert flags and not any(flags)
+
+
 def test_eval_forward_computes_the_kl_itself():
     """Without autograd (an eval) nothing would run the backward: the forward computes the KL as before."""
     from tests.test_checkpointing import _batch

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -34,8 +35,10 @@ def parallelize(model, mesh: Mesh, cfg: ParallelConfig):
     """Wrap ``model`` (a ``Decoder``) in place for ``mesh`` and ``cfg``; returns it."""
     for block in model.blocks():
         core = block.attn.core
-        if (mesh.cp_size > 1 or mesh.sp_size > 1) and hasattr(core, "kl_in_backward"):
+        if (mesh.cp_size > 1 or mesh.sp_size > 1) and getattr(core, "kl_in_backward", False):
             # the wrappers scale the KL a core returns; a value reported from the backward would miss that
+            warnings.warn("attention.kl_in_backward has no effect with parallel.sp_size or parallel.cp_size > 1: "
+                          "the index KL runs in the forward", stacklevel=2)
             core.kl_in_backward = False
         if mesh.cp_size > 1:
             block.attn.wrap_core(lambda core: ContextParallelCore(core, mesh.cp_group))
