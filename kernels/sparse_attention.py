@@ -668,7 +668,7 @@ def _dq_chunks(q, csr, topk, n_sub):
 class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_idx, block_size, cu_seqlens, scale, dq_path, launch, q_idx=None, k_idx=None,
-                sink=None):
+                sink=None, sink_scale=1.0):
         q, k, v, block_idx = (x.contiguous() for x in (q, k, v, block_idx))
 
         def run():
@@ -683,7 +683,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         layout, csr, o, lse = kept("msa::sparse_attention", run)
         ctx.save_for_backward(q, k, v, o, lse, block_idx, q_idx, k_idx)
         ctx.layout, ctx.csr, ctx.block_size, ctx.scale = layout, csr, block_size, scale
-        ctx.dq_path, ctx.launch, ctx.sink = dq_path, launch, sink
+        ctx.dq_path, ctx.launch, ctx.sink, ctx.sink_scale = dq_path, launch, sink, sink_scale
         ctx.mark_non_differentiable(lse)
         if q_idx is None:
             return o, lse
@@ -704,13 +704,13 @@ class SparseAttentionFunction(torch.autograd.Function):
         dq_idx = dk_idx = None
         if index is not None:
             loss, dq_idx, dk_idx = grads[3]
-            ctx.sink.append(loss)
+            ctx.sink.append(loss * ctx.sink_scale)
             # a non-finite KL (the caller skips that step) must not reach the index weights' gradients
             weight = torch.zeros((), device=q.device) if dkl is None else dkl.float()
             weight = torch.where(torch.isfinite(loss), weight, 0.0)
             dq_idx = torch.nan_to_num(dq_idx * weight, 0.0, 0.0, 0.0).to(q_idx.dtype)
             dk_idx = torch.nan_to_num(dk_idx * weight, 0.0, 0.0, 0.0).to(k_idx.dtype)
-        return dq, dk, dv, None, None, None, None, None, None, dq_idx, dk_idx, None
+        return dq, dk, dv, None, None, None, None, None, None, dq_idx, dk_idx, None, None
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
@@ -744,13 +744,14 @@ def deferred_kl_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def sparse_attention_kl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor,
                         k_idx: torch.Tensor, block_idx: torch.Tensor, block_size: int,
-                        cu_seqlens: torch.Tensor | None = None, *, sink: list, dq_path: str = "auto",
-                        launch: Launch = LAUNCH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        cu_seqlens: torch.Tensor | None = None, *, sink: list, sink_scale: float = 1.0,
+                        dq_path: str = "auto", launch: Launch = LAUNCH
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sparse_attention`` and the index KL of its support with the teacher computed where the backward
     already has the attention probabilities: no pass over ``q k^T`` of its own (``index_kl_loss`` makes
     two). Returns ``(o, lse, kl)``: ``kl`` is a zero float32 scalar that only carries the gradient;
     the backward appends the KL's value (``index_kl_loss(q, k, q_idx, k_idx, block_idx, ..., lse=lse)``,
-    a detached float32 scalar) to ``sink`` and gives ``q_idx``, ``k_idx`` its gradient times the
+    a detached float32 scalar, times ``sink_scale``) to ``sink`` and gives ``q_idx``, ``k_idx`` its gradient times the
     incoming one. So the value is known after backward only, and a forward without backward (eval)
     has none: use ``sparse_attention`` and ``index_kl_loss`` there. The default softmax scale; G a power
     of two (``deferred_kl_fits``); gradients of ``q_idx`` and ``k_idx`` accumulate in fp32 atomics
@@ -769,4 +770,4 @@ def sparse_attention_kl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx
     check_block_idx(block_idx, -(-k.shape[1] // block_size))
     return SparseAttentionFunction.apply(q, k, v, block_idx.to(torch.int32), block_size, cu_seqlens, D ** -0.5,
                                          dq_path, launch, q_idx.contiguous(), k_idx.to(q_idx.dtype).contiguous(),
-                                         sink)
+                                         sink, float(sink_scale))

@@ -48,7 +48,8 @@ class AttentionConfig:
     # sparse phase on the Triton path: the index KL's teacher is computed inside the attention backward,
     # which already recomputes the probabilities, instead of a pass of its own over q k^T
     # (kernels.sparse_attention.sparse_attention_kl); the KL's value is then known after backward. Off
-    # until measured on a GPU; without Ulysses/context parallelism and G a power of two, else ignored
+    # until measured on a GPU; applies where G is a power of two and a rank holds whole GQA groups (not
+    # with parallel.sp_size above model.n_kv_heads)
     kl_in_backward: bool = False
 
 
@@ -118,6 +119,19 @@ class DenseCore(nn.Module):
 
 
 _RECOMPUTED_LATER = contextvars.ContextVar("msa_recomputed_later", default=False)
+_KL_SCALE = contextvars.ContextVar("msa_kl_scale", default=1.0)
+
+
+@contextlib.contextmanager
+def kl_scaled(factor: float):
+    """Cores called inside scale the KL they report from the backward by ``factor`` (times any enclosing
+    one): what a sequence/context-parallel wrapper does to the KL its core returns, for the value that
+    ``AttentionConfig.kl_in_backward`` reports after backward (its gradient is scaled through autograd)."""
+    token = _KL_SCALE.set(_KL_SCALE.get() * factor)
+    try:
+        yield
+    finally:
+        _KL_SCALE.reset(token)
 
 
 @contextlib.contextmanager
@@ -155,7 +169,7 @@ class MSACore(nn.Module):
         self.dense_varlen = cfg.dense_varlen
         self.impl = cfg.impl
         self.ops = resolve_ops(cfg.impl)
-        self.kl_in_backward = cfg.kl_in_backward  # parallelize() turns it off for wrapped (sharded) cores
+        self.kl_in_backward = cfg.kl_in_backward
         self._backward_kl: list[torch.Tensor] = []  # what sparse_attention_kl's backward reported
 
     def take_backward_kl(self) -> torch.Tensor | None:
@@ -186,7 +200,7 @@ class MSACore(nn.Module):
                 and q_idx.requires_grad:
             # zero here; the value reaches take_backward_kl() after backward
             o, lse, kl = ops.sparse_attention_kl(q, k, v, q_idx, k_idx, block_idx, Bk, cu_seqlens,
-                                                 sink=self._backward_kl)
+                                                 sink=self._backward_kl, sink_scale=_KL_SCALE.get())
         else:
             o, lse = ops.sparse_attention(q, k, v, block_idx, Bk, cu_seqlens)
             if _RECOMPUTED_LATER.get() and self._defers_kl(ops, q, k, teacher):
@@ -280,5 +294,5 @@ class MSAAttention(Attention):
 
 __all__ = [
     "AttentionConfig", "check_attention", "resolve_impl", "Attention", "MSAAttention", "DenseCore", "MSACore",
-    "CoreOut", "PHASES", "Phase", "recomputed_later",
+    "CoreOut", "PHASES", "Phase", "recomputed_later", "kl_scaled",
 ]

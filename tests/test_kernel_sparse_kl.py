@@ -166,17 +166,20 @@ def test_model_reports_the_forward_kl_and_gradients_under_every_policy(launches)
 
 
 @pytest.mark.usefixtures("restore_dist_env")
-def test_sharded_cores_keep_the_kl_in_the_forward():
-    """Context/sequence parallel wrappers scale the KL their core returns: a sharded model runs the KL in the
-    forward, and says so once."""
+def test_replicated_kv_heads_keep_the_kl_in_the_forward():
+    """With more sequence ranks than KV heads a rank holds part of a group's query heads; the KL's teacher
+    needs them all (gathered from the other ranks), so the KL stays in the forward, and parallelize says so.
+    (The sharded cases that do take it: tests/test_parallel.py.)"""
+    import warnings
+
     from train.parallel import Mesh, ParallelConfig, init_distributed, parallelize
 
-    init_distributed(ParallelConfig())  # the wrapper asks its (here one-rank) group for its size
-    model = _model(True)
+    init_distributed(ParallelConfig())  # the wrappers ask their (here one-rank) groups for their size
     with pytest.warns(UserWarning, match="kl_in_backward has no effect"):
-        parallelize(model, Mesh(cp_size=2), ParallelConfig())
-    flags = [m.kl_in_backward for m in model.modules() if hasattr(m, "kl_in_backward")]
-    assert flags and not any(flags)
+        parallelize(_model(True), Mesh(sp_size=4, kv_replicas=2), ParallelConfig())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parallelize(_model(True), Mesh(cp_size=2), ParallelConfig())
 
 
 def test_eval_forward_computes_the_kl_itself():

@@ -104,9 +104,19 @@ def _layer_worker(rank, world, sp, cp):
     assert not errors, "\n".join(errors)
 
 
-def _triton_worker(rank, world, sp, cp):
-    errors = _layer_checks(rank, world, sp, cp, backend="triton", block_size=16, cases=(("msa", "sparse"),))
+def _triton_worker(rank, world, sp, cp, defer=False):
+    # 16-key blocks, 2 of them: the 37-token document takes the sparse path (3 would hold it whole: dense)
+    errors = _layer_checks(rank, world, sp, cp, backend="triton", block_size=16, topk=2, cases=(("msa", "sparse"),),
+                           defer=defer)
     assert not errors, "\n".join(errors)
+
+
+def _with_backward_kl(kl, module):
+    """``kl`` plus what ``module``'s MSA cores reported from their backward (``attention.kl_in_backward``)."""
+    from msa.layer import MSACore
+
+    taken = [c.take_backward_kl() for c in module.modules() if isinstance(c, MSACore)]
+    return kl.detach() + sum(t for t in taken if t is not None)
 
 
 def _env(rank, world):
@@ -114,7 +124,7 @@ def _env(rank, world):
 
 
 def _layer_checks(rank, world, sp, cp, backend="reference", block_size=8,
-                  cases=(("msa", "sparse"), ("msa", "warmup"), ("dense", "sparse"))):
+                  cases=(("msa", "sparse"), ("msa", "warmup"), ("dense", "sparse")), defer=False, topk=3):
     mesh = build_mesh(sp, cp, _env(rank, world), kv_replicas(sp, HKV))
     cu = torch.tensor(CU, dtype=torch.int32)
     T = CU[-1]
@@ -122,7 +132,7 @@ def _layer_checks(rank, world, sp, cp, backend="reference", block_size=8,
     pos = (torch.arange(T) - starts)[None]
     idx = local_token_index(T, sp, cp, mesh.sp_rank, mesh.cp_rank)
     errors = []
-    attn_cfg = AttentionConfig(impl=backend, block_size=block_size, topk=3, index_dim=16)
+    attn_cfg = AttentionConfig(impl=backend, block_size=block_size, topk=topk, index_dim=16, kl_in_backward=defer)
     for kind, phase in cases:
         make = (lambda: MSAAttention(DIM, H, HKV, D, ROPE, attn_cfg)) if kind == "msa" else \
             (lambda: Attention(DIM, H, HKV, D, ROPE))
@@ -140,9 +150,12 @@ def _layer_checks(rank, world, sp, cp, backend="reference", block_size=8,
         x_l = x.detach()[:, idx].requires_grad_()
         y_l, kl_l, stats_l = sharded(x_l, Rotary(pos[:, idx], 1e4), cu, phase, stats_queries)
         ((y_l * g[:, idx]).sum() + (3.0 * kl_l if kl_l is not None else 0)).backward()
-        tag = f"{kind}/{phase} rank {rank}: "
+        tag = f"{kind}/{phase} rank {rank}{' (KL in backward)' if defer else ''}: "
         _check(tag + "output", y.detach()[:, idx], y_l.detach(), errors)
         if kind == "msa":
+            kl, kl_l = _with_backward_kl(kl, layer), _with_backward_kl(kl_l, sharded)
+            if defer and not kl > 0:
+                errors.append(tag + f"the KL in backward reported {kl}")
             _check(tag + "kl", kl.detach(), shard_sum(kl_l, mesh), errors)
             _check(tag + "stats", stats.sums, shard_sum(stats_l.sums, mesh), errors)
         _check(tag + "x.grad", x.grad[:, idx], x_l.grad, errors)
@@ -254,6 +267,13 @@ def test_context_parallel_with_triton_kernels():
     """The Triton kernels (interpreted on CPU) take the CP query chunks against the gathered keys
     (queries the last Nq <= N keys) and give the single-process result."""
     _spawn(_triton_worker, 2, 1, 2)
+
+
+@pytest.mark.parametrize("sp,cp", [pytest.param(2, 1, id="sp2"), pytest.param(1, 2, id="cp2")])
+def test_kl_in_backward_under_sequence_and_context_parallelism(sp, cp):
+    """``attention.kl_in_backward`` with the Triton kernels: each rank's KL read after backward, summed over
+    the ranks, is the single process's (the wrappers' scaling reaches it), and every gradient matches."""
+    _spawn(_triton_worker, sp * cp, sp, cp, True)
 
 
 def test_zigzag_layout_covers_every_token_once():

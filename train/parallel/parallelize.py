@@ -34,12 +34,10 @@ from train.parallel.sequence import ContextParallelCore, UlyssesCore
 def parallelize(model, mesh: Mesh, cfg: ParallelConfig):
     """Wrap ``model`` (a ``Decoder``) in place for ``mesh`` and ``cfg``; returns it."""
     for block in model.blocks():
-        core = block.attn.core
-        if (mesh.cp_size > 1 or mesh.sp_size > 1) and getattr(core, "kl_in_backward", False):
-            # the wrappers scale the KL a core returns; a value reported from the backward would miss that
-            warnings.warn("attention.kl_in_backward has no effect with parallel.sp_size or parallel.cp_size > 1: "
+        if mesh.kv_replicas > 1 and getattr(block.attn.core, "kl_in_backward", False):
+            # a rank then holds part of a group's heads; the KL's teacher needs all of them (gathered)
+            warnings.warn("attention.kl_in_backward has no effect with parallel.sp_size above model.n_kv_heads: "
                           "the index KL runs in the forward", stacklevel=2)
-            core.kl_in_backward = False
         if mesh.cp_size > 1:
             block.attn.wrap_core(lambda core: ContextParallelCore(core, mesh.cp_group))
         if mesh.sp_size > 1:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from msa.layer import CoreOut
+from msa.layer import CoreOut, kl_scaled
 from train.parallel.shard import truncate_cu_seqlens, zigzag_ranges
 
 
@@ -99,7 +99,8 @@ class UlyssesCore(nn.Module):
         if index:
             index = (q_idx[0], gather_seq(index[1], self.group))
         teacher = self._group_heads if self.replicas > 1 else None
-        out = self.inner(q, k, v, cu_seqlens, index, phase, stats_queries, teacher)
+        with kl_scaled(1 / self.world):  # the share below, for a KL its core reports from the backward
+            out = self.inner(q, k, v, cu_seqlens, index, phase, stats_queries, teacher)
         # a rank's KL is the mean over its groups: Hkv/sp of them, or (replicated) one group of Hkv that
         # `replicas` ranks each compute; either way 1/sp of the sum over ranks
         kl = None if out.kl is None else out.kl / self.world
@@ -168,8 +169,9 @@ class ContextParallelCore(nn.Module):
         for half, (_, end) in enumerate(zigzag_ranges(n_total, self.world, self.rank)):
             rows = slice(half * (n_local // 2), (half + 1) * (n_local // 2))
             chunk_index = (index[0][:, rows], k_idx[:, :end]) if index else None
-            outs.append(self.inner(q[:, rows], k[:, :end], v[:, :end], truncate_cu_seqlens(cu_seqlens, end),
-                                   chunk_index, phase, stats_queries, teacher))
+            with kl_scaled((n_local // 2) / n_total):  # as the kl below, for one its core reports in backward
+                outs.append(self.inner(q[:, rows], k[:, :end], v[:, :end], truncate_cu_seqlens(cu_seqlens, end),
+                                       chunk_index, phase, stats_queries, teacher))
         o = torch.cat([out.o for out in outs], dim=1)
         kl = None
         if index:
