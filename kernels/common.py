@@ -1,4 +1,5 @@
-"""What the MSA kernels share, in plain torch on the inputs' device.
+"""What the MSA kernels share, in plain torch on the inputs' device (and ``work_keys``, the one piece
+inside kernels: how a kernel reads a work item of ``build_csr``'s index).
 
 - ``LIMITS`` and ``check_limits``: the one copy of each shape rule the Triton kernels impose. The
   kernels check their arguments with it, and so do ``msa/layer.py`` and the trainer at start-up, so a
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
 from msa.dense import tensor_version
@@ -255,3 +257,19 @@ def build_kl_csr(blocks: torch.Tensor, N: int, doc_start: torch.Tensor, n_docs: 
     c0 = chunk_start[k] + local * chunks
     nc = torch.clamp(n_chunk[k] - local * chunks, max=chunks)
     return ent[:-1], torch.where(ok, k, -1), c0.to(torch.int32), torch.where(ok, nc, 0).to(torch.int32)
+
+
+@triton.jit
+def work_keys(work_bucket, work_start, work_end, vb_start, vb_end, i_w, t0, NV,
+              HKV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Inside a kernel, work item ``i_w`` of ``build_csr``'s reverse CSR: its entries ``[e0, e1)``, batch,
+    group, and ``BLOCK_N`` key positions from key ``t0`` of its block (``o_k``; ``m_k`` inside the block)."""
+    i_u = tl.load(work_bucket + i_w)
+    e0 = tl.load(work_start + i_w)
+    e1 = tl.load(work_end + i_w)
+    i_br = i_u // NV
+    i_b = i_br // HKV
+    i_r = i_br % HKV
+    o_k = tl.load(vb_start + i_u % NV) + t0 + tl.arange(0, BLOCK_N)
+    m_k = o_k < tl.load(vb_end + i_u % NV)
+    return e0, e1, i_b, i_r, o_k, m_k

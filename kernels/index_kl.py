@@ -19,6 +19,10 @@ slots afterwards, no atomics) and ``dk_idx`` per program with one fp32 atomic ad
 (the loss is a scalar) and scaled by the incoming gradient in the backward; ``q`` and ``k`` get none.
 Nothing ``N x N`` is stored: the dense warm-up walks its blocks in slot chunks of the same kernels.
 
+The same module holds the KL's other form, computed in the sparse attention's backward
+(``kernels.sparse_attention.sparse_attention_kl``): ``kl_tile`` runs on the dK/dV kernel's tiles, after the
+student's log-normaliser from ``student_lse`` (a pre-pass over the attention's reverse index).
+
 Supports any G and Hkv, the head dims, index dims and block sizes of ``kernels.common.LIMITS``,
 bf16/fp16/fp32 inputs with fp32 accumulation, packed documents (``cu_seqlens``) and queries that are
 the last ``Nq`` of ``N`` keys. Launch settings are arguments of ``index_kl_fwd``. Measured on H200:
@@ -27,11 +31,13 @@ the last ``Nq`` of ``N`` keys. Launch settings are arguments of ``index_kl_fwd``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.common import build_kl_csr, build_layout, check_cu_seqlens, check_limits
+from kernels.common import build_kl_csr, build_layout, check_cu_seqlens, check_limits, work_keys
 from kernels.ops import index_kl_fwd_op
 from msa.keep import kept
 
@@ -249,6 +255,123 @@ def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, gra
     if not grad:
         return loss * norm, None, None
     return loss * norm, dq.permute(0, 2, 1, 3).mul_(norm).contiguous(), dk.mul_(norm)
+
+
+# ---- the KL computed in the sparse attention's backward (kernels.sparse_attention.sparse_attention_kl): its
+# dK/dV kernel calls kl_tile on its tiles, with the student's log-normaliser from student_lse
+
+
+@triton.jit
+def kl_tile(q_idx, b_ki, lse_s, dq_idx, b_p, o_q, m_row, o_k, m_k, i_b, i_r, scale_i, N, NQ, DI,
+             HKV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_DI: tl.constexpr, IEEE: tl.constexpr):
+    """The index KL on the backward tile (``KL``): the teacher of an entry is the mean of its G heads'
+    rows of ``P`` (exact: the final lse), the student ``softmax(q_idx . k_idx / sqrt(Di))`` on the same
+    support with the log-normaliser ``lse_s`` of the pre-pass. Per entry: ``sum_j P_j log P_j - P_j S_j``
+    over this key tile (the tile's loss, returned) and ``dS = Q - P``; its ``dS k_idx`` goes to ``dq_idx``
+    by fp32 atomic add, ``dS^T q_idx`` ``[BLOCK_N, BLOCK_DI]`` is returned for the program's ``dk_idx``.
+    G is a power of two (the caller checks), so whole entries fill the tile. With 16 or more entries a
+    tile the matmuls run on the entries; with fewer (G >= 8 at 64 rows: a matmul needs 16 rows) on the
+    tile's rows, each entry's first row carrying it and the other G - 1 zero."""
+    o_di = tl.arange(0, BLOCK_DI)
+    m_di = o_di < DI
+    b_pt = tl.sum(tl.reshape(b_p, (BLOCK_M // G, G, BLOCK_N)), 1) / G
+    if BLOCK_M // G >= 16:
+        o_q = tl.max(tl.reshape(o_q, (BLOCK_M // G, G)), 1)  # the G rows of an entry share its query
+        first = tl.max(tl.reshape(m_row.to(tl.int32), (BLOCK_M // G, G)), 1) > 0
+    else:
+        b_pt = tl.reshape(tl.broadcast_to(tl.expand_dims(b_pt, 1), (BLOCK_M // G, G, BLOCK_N)), (BLOCK_M, BLOCK_N))
+        first = m_row & (tl.arange(0, BLOCK_M) % G == 0)
+    o_qi = ((i_b.to(tl.int64) * NQ + o_q) * HKV + i_r)[:, None] * DI + o_di[None, :]
+    b_qi = tl.load(q_idx + o_qi, mask=first[:, None] & m_di[None, :], other=0.0)
+    b_si = _dot(b_qi, tl.trans(b_ki), IEEE) * scale_i
+    m_s = first[:, None] & m_k[None, :] & (o_k[None, :] <= (N - NQ + o_q)[:, None])
+    b_pt = tl.where(m_s, b_pt, 0.0)
+    b_plogp = tl.where(b_pt > 0, b_pt * tl.log(tl.where(b_pt > 0, b_pt, 1.0)), 0.0)
+    b_kl = tl.sum(tl.sum(b_plogp - b_pt * tl.where(m_s, b_si, 0.0), 1), 0)
+    b_ls = tl.load(lse_s + (i_b.to(tl.int64) * HKV + i_r) * NQ + o_q, mask=first, other=float("inf"))
+    b_ls = tl.where(b_ls > float("-inf"), b_ls, float("inf"))
+    b_ds = tl.where(m_s, tl.exp(b_si - b_ls[:, None]) - b_pt, 0.0) * scale_i
+    b_dq = _dot(b_ds.to(b_ki.dtype), b_ki, IEEE)
+    tl.atomic_add(dq_idx + o_qi, b_dq, mask=first[:, None] & m_di[None, :])
+    return b_kl, _dot(tl.trans(b_ds.to(b_qi.dtype)), b_qi, IEEE)
+
+
+@triton.jit
+def index_kl_student_lse_kernel(
+    q_idx, k_idx, entries, work_bucket, work_start, work_end, vb_start, vb_end, part_lse, scale_i, N, NQ, NV, DI,
+    HKV: tl.constexpr, TOPK: tl.constexpr, BK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_DI: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """The student's log-normaliser of each entry of work item ``program_id(0)`` over its block's visible
+    keys, to ``part_lse`` (indexed like ``block_idx``): the pre-pass of ``sparse_attention_kl``'s backward,
+    on the attention's own reverse index."""
+    e0, e1, i_b, i_r, o_k, m_k = work_keys(work_bucket, work_start, work_end, vb_start, vb_end, tl.program_id(0),
+                                            0, NV, HKV, BK)
+    o_di = tl.arange(0, BLOCK_DI)
+    m_di = o_di < DI
+    b_ki = tl.load(k_idx + (i_b.to(tl.int64) * N + o_k)[:, None] * DI + o_di[None, :],
+                   mask=m_k[:, None] & m_di[None, :], other=0.0)
+    for e in range(e0, e1, BLOCK_E):
+        o_e = e + tl.arange(0, BLOCK_E)
+        m_e = o_e < e1
+        b_ent = tl.load(entries + o_e, mask=m_e, other=0).to(tl.int64)
+        o_q = (b_ent // TOPK) % NQ
+        b_qi = tl.load(q_idx + ((i_b.to(tl.int64) * NQ + o_q) * HKV + i_r)[:, None] * DI + o_di[None, :],
+                       mask=m_e[:, None] & m_di[None, :], other=0.0)
+        m_s = m_e[:, None] & m_k[None, :] & (o_k[None, :] <= (N - NQ + o_q)[:, None])
+        b_s = tl.where(m_s, _dot(b_qi, tl.trans(b_ki), IEEE) * scale_i, float("-inf"))
+        b_mx = tl.max(b_s, 1)
+        b_mx = tl.where(b_mx > float("-inf"), b_mx, 0.0)
+        tl.store(part_lse + b_ent, b_mx + tl.log(tl.sum(tl.exp(b_s - b_mx[:, None]), 1)), mask=m_e)
+
+
+def student_lse(q_idx, k_idx, block_idx, block_size, layout, csr, block_e=64, num_warps=4):
+    """``lse_S [B, Hkv, Nq]`` float32: the student's log-normaliser over the support of ``block_idx``,
+    from per-entry partials on the attention's reverse index (no sort of its own, no host sync)."""
+    B, NQ, Hkv, DI = q_idx.shape
+    part = torch.full(block_idx.shape, float("-inf"), dtype=torch.float32, device=q_idx.device)
+    W = csr.chunk_work[-1]
+    if W:
+        index_kl_student_lse_kernel[(W,)](
+            q_idx, k_idx, csr.entries, csr.work_bucket, csr.work_start, csr.work_end, layout.vb_start,
+            layout.vb_end, part, DI ** -0.5, k_idx.shape[1], NQ, layout.vb_start.numel(), DI, HKV=Hkv,
+            TOPK=block_idx.shape[-1], BK=block_size, BLOCK_E=block_e, BLOCK_DI=max(16, triton.next_power_of_2(DI)),
+            IEEE=q_idx.dtype == torch.float32, num_warps=num_warps)
+    return part.logsumexp(-1)
+
+
+@dataclass
+class BackwardKLArgs:
+    """The dK/dV kernel's index-KL arguments (``args``, ``meta``) and, after it ran, the loss and
+    gradients (``result``); without an index, placeholders and ``KL=False``."""
+
+    args: tuple
+    meta: dict
+    lse_s: torch.Tensor | None = None
+    kl_part: torch.Tensor | None = None
+    dq_idx: torch.Tensor | None = None
+    dk_idx: torch.Tensor | None = None
+
+    def result(self, rows: int):
+        norm = 1.0 / rows
+        loss = (torch.where(torch.isfinite(self.lse_s), self.lse_s, 0.0).sum() + self.kl_part.sum()) * norm
+        return loss, self.dq_idx.mul_(norm), self.dk_idx.mul_(norm)
+
+
+def backward_kl_args(q, k, index, n_programs) -> BackwardKLArgs:
+    if index is None:
+        return BackwardKLArgs((q, k, q, q, q, q, 1.0, 1), dict(KL=False))
+    q_idx, k_idx, lse_s = index
+    B, NQ, H, _ = q.shape
+    N, Hkv, DI = k.shape[1], k.shape[2], q_idx.shape[-1]
+    kl_part = torch.zeros(n_programs, dtype=torch.float32, device=q.device)
+    dq_idx = torch.zeros(B, NQ, Hkv, DI, dtype=torch.float32, device=q.device)
+    dk_idx = torch.zeros(B, N, DI, dtype=torch.float32, device=q.device)
+    meta = dict(KL=True, BLOCK_DI=max(16, triton.next_power_of_2(DI)),
+                IEEE=q.dtype == torch.float32 and q_idx.dtype == torch.float32)
+    return BackwardKLArgs((q_idx, k_idx, lse_s, kl_part, dq_idx, dk_idx, DI ** -0.5, DI), meta, lse_s, kl_part,
+                   dq_idx, dk_idx)
 
 
 class IndexKLLoss(torch.autograd.Function):
