@@ -14,6 +14,13 @@ The backward's dQ paths (the ``dq_path`` argument: kv, dkdv) are timed side by s
 kernel in ``SWEEP`` (``SWEEP_KERNELS=dkdv_dq,...`` limits it; the names are fields of
 ``kernels.sparse_attention.Launch``) at ``SWEEP_N`` tokens (default 32768) and ``SWEEP_HKV`` KV heads
 (default 2), keeping the best of each for the next.
+
+``kl`` (alone: nothing else runs) times the index KL's two places side by side, at ``KL_N`` tokens (default
+32768) and each of ``KL_HKVS`` (default ``8,2``): separate (``sparse_attention`` then ``index_kl_loss`` on
+its lse, forward and backward) against in the attention's backward (``sparse_attention_kl``) under each
+dK/dV launch setting of ``KL_SWEEP``; each setting's KL value and index gradients are checked against the
+separate path's, and one step of each place is broken down by kernel. Results to
+``$OUT/tune_kl_backward.json``, rewritten after every point.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import json
 import math
 import os
 import sys
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.meta import run_meta  # noqa: E402
 from kernels.common import build_layout  # noqa: E402
+from kernels.index_kl import index_kl_loss  # noqa: E402
 
 # the module, not the function of that name that kernels/__init__.py exports
 sa = importlib.import_module("kernels.sparse_attention")
@@ -251,11 +260,96 @@ def sweep(N=32768, Hkv=HKV):
     return result, launch
 
 
+# the dK/dV settings the KL in backward is timed with (the first is the default of the dQ path's field)
+KL_SWEEP = [None, T(block_m=64, block_n=64, num_warps=8, num_stages=1), T(block_m=64, block_n=32, num_warps=4,
+            num_stages=1), T(block_m=64, block_n=32, num_warps=8, num_stages=1),
+            T(block_m=128, block_n=64, num_warps=8, num_stages=1), T(block_m=64, block_n=64, num_warps=8, num_stages=2),
+            T(block_m=128, block_n=32, num_warps=8, num_stages=1), T(block_m=32, block_n=64, num_warps=4, num_stages=1)]
+
+
+def kernel_breakdown(fn, n=3):
+    """Device ms per call of ``fn`` by kernel, the 10 largest."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    ev = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:10]
+    return {e.key[:60]: round(e.device_time_total / n / 1e3, 3) for e in ev}
+
+
+def kl_sweep(res, save, N=32768, hkvs=(8, 2)):
+    """The index KL separate against in the attention's backward, per dK/dV setting (module docstring)."""
+    for Hkv in hkvs:
+        res.setdefault("kl", []).append(kl_one(N, Hkv, save))
+        torch.cuda.empty_cache()
+
+
+def kl_one(N, Hkv, save, Di=128):
+    q, k, v = inputs(N, Hkv)
+    do = torch.randn_like(q)
+    g = torch.Generator(device=q.device).manual_seed(1)
+    q_idx = torch.randn(1, N, Hkv, Di, device=q.device, dtype=q.dtype, generator=g).requires_grad_()
+    k_idx = torch.randn(1, N, Di, device=q.device, dtype=q.dtype, generator=g).requires_grad_()
+    block_idx = make_block_idx(N, Hkv, TOPK, BK, device=q.device)
+    params = tuple(x.requires_grad_() for x in (q, k, v)) + (q_idx, k_idx)
+
+    def separate():
+        o, lse = sa.sparse_attention(*params[:3], block_idx, BK)
+        kl = index_kl_loss(q, k, q_idx, k_idx, block_idx, BK, lse=lse)
+        return torch.autograd.grad((o, kl), params, (do, torch.ones_like(kl))), kl.detach()
+
+    def fused(launch):
+        sink = []
+        o, _, kl = sa.sparse_attention_kl(*params, block_idx, BK, sink=sink, launch=launch)
+        return torch.autograd.grad((o, kl), params, (do, torch.ones_like(kl))), sink[0]
+
+    ref, ref_kl = separate()
+    G = H // Hkv
+    field = "dkdv_dq" if sa.resolve_dq_path("auto", G) == "dkdv" else "dkdv"
+    row = dict(N=N, Hkv=Hkv, G=G, field=field, separate_ms=ms(separate), separate_kernels=kernel_breakdown(separate),
+               fused=[])
+    print(f"KL N={N} Hkv={Hkv}: separate {row['separate_ms']:.2f} ms", flush=True)
+    for tiles in KL_SWEEP:
+        launch = sa.LAUNCH if tiles is None else dataclasses.replace(sa.LAUNCH, **{field: tiles})
+        point = dict(tiles=dataclasses.asdict(getattr(launch, field)))
+        try:
+            grads, kl = fused(launch)
+            point["kl_rel_err"] = abs(kl.item() - ref_kl.item()) / abs(ref_kl.item())
+            point["rel_err"] = {n: (a.float() - b.float()).norm().item() / b.float().norm().item()
+                                for n, a, b in zip(("dq", "dk", "dv", "dq_idx", "dk_idx"), grads, ref)}
+            point["ms"] = ms(partial(fused, launch))
+            if tiles is None:
+                point["kernels"] = kernel_breakdown(partial(fused, launch))
+        except Exception as e:  # a setting that does not compile (shared memory) is reported, not fatal
+            point["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        row["fused"].append(point)
+        print(f"   in backward {point['tiles']}: {point.get('ms', float('nan')):.2f} ms, KL rel err "
+              f"{point.get('kl_rel_err', float('nan')):.1e}, grads {point.get('rel_err', point.get('error'))}",
+              flush=True)
+        save(row)
+    for name, kern in [("separate", row["separate_kernels"]), ("in backward", row["fused"][0].get("kernels", {}))]:
+        print(f"   kernels, {name} (ms per step):", flush=True)
+        for key, t in kern.items():
+            print(f"      {t:8.3f}  {key}")
+    return row
+
+
 def main():
     out_dir = os.environ.get("OUT", "runs")
     os.makedirs(out_dir, exist_ok=True)
     res = run_meta()
     print(res, flush=True)
+    if sys.argv[1:] == ["kl"]:
+        def save(partial_row=None):  # every point as it comes: a killed call keeps what it measured
+            with open(os.path.join(out_dir, "tune_kl_backward.json"), "w") as f:
+                json.dump({**res, "kl": res.get("kl", []) + ([partial_row] if partial_row else [])}, f, indent=1,
+                          default=str)
+        kl_sweep(res, save, int(os.environ.get("KL_N", 32768)),
+                 [int(h) for h in os.environ.get("KL_HKVS", "8,2").split(",")])
+        save()
+        return
     res["full_selection_vs_dense"] = check_full_selection_equals_dense()
     if "sweep" in sys.argv[1:]:
         res["sweep"], best = sweep(int(os.environ.get("SWEEP_N", 32768)), int(os.environ.get("SWEEP_HKV", HKV)))
