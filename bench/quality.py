@@ -561,11 +561,14 @@ def plot_retrieval(report: dict, path: Path) -> None:
     fig.savefig(path)
 
 
-def plot_recall(report: dict, path: Path) -> None:
-    """Index and needle recall of the first MSA arm of the report."""
-    arm = next((a for a in report_arms(report) if sparse(a)), "msa")
+def plot_recall(report: dict, path: Path, arm: str | None = None) -> None:
+    """Index and needle recall of ``arm`` (default: the report's first MSA arm), at the lengths that have
+    them (none at a length of at most ``topk`` blocks)."""
+    arm = arm or next((a for a in report_arms(report) if sparse(a)), "msa")
     stats = report["summary"].get(arm, {})
-    lengths = [fmt_tokens(L) for L in report["eval_lengths"]]
+    measured = {part for k in stats if k.startswith(("eval/index_recall/", "eval/needle_recall/"))
+                for part in k.split("/")}
+    lengths = [name for name in map(fmt_tokens, report["eval_lengths"]) if name in measured]
     fig = _figure(11, 3.5)
     left, right = fig.subplots(1, 2)
     layers = sorted({int(k.rsplit("/", 1)[1]) for k in stats if k.startswith("layer/index_recall/")})
@@ -602,6 +605,8 @@ def write(report: dict, out: Path, plots: bool) -> None:
         for name, fn in (("loss", plot_loss), ("bpb", plot_bpb), ("retrieval", plot_retrieval),
                          ("recall", plot_recall)):
             fn(report, out / f"quality_{name}.png")
+        for arm in [a for a in report_arms(report) if sparse(a)][1:]:  # the first MSA arm's is quality_recall.png
+            plot_recall(report, out / f"quality_recall_{arm}.png", arm)
         if report["paired"]:
             plot_paired(report, out / "quality_paired.png")
 
