@@ -561,14 +561,19 @@ def plot_retrieval(report: dict, path: Path) -> None:
     fig.savefig(path)
 
 
+def recall_lengths(stats: dict, eval_lengths: list[int]) -> list[str]:
+    """The eval lengths (as ``fmt_tokens`` names) at which ``stats`` has an index or needle recall."""
+    measured = {part for k in stats if k.startswith(("eval/index_recall/", "eval/needle_recall/"))
+                for part in k.split("/")}
+    return [name for name in map(fmt_tokens, eval_lengths) if name in measured]
+
+
 def plot_recall(report: dict, path: Path, arm: str | None = None) -> None:
     """Index and needle recall of ``arm`` (default: the report's first MSA arm), at the lengths that have
     them (none at a length of at most ``topk`` blocks)."""
     arm = arm or next((a for a in report_arms(report) if sparse(a)), "msa")
     stats = report["summary"].get(arm, {})
-    measured = {part for k in stats if k.startswith(("eval/index_recall/", "eval/needle_recall/"))
-                for part in k.split("/")}
-    lengths = [name for name in map(fmt_tokens, report["eval_lengths"]) if name in measured]
+    lengths = recall_lengths(stats, report["eval_lengths"])
     fig = _figure(11, 3.5)
     left, right = fig.subplots(1, 2)
     layers = sorted({int(k.rsplit("/", 1)[1]) for k in stats if k.startswith("layer/index_recall/")})

@@ -393,6 +393,17 @@ def test_quality_extra_eval_lengths(tmp_path):
     assert list(cfg.eval.lengths) == [64, 256, 512]
 
 
+def test_quality_recall_plot_lengths_are_those_with_a_recall():
+    """A length with no recall (at most topk blocks: no non-trivial row) gets no empty slot in the recall
+    plot; the needle recall alone counts, and a bits-per-byte key does not."""
+    from bench.quality import recall_lengths
+
+    stats = {"eval/bpb/2K": {}, "eval/passkey/2K/choice": {}, "eval/index_recall/8K": {},
+             "eval/needle_recall/passkey/16K": {}, "eval/needle_recall/passkey/16K/correct": {}}
+    assert recall_lengths(stats, [2048, 8192, 16384, 32768]) == ["8K", "16K"]
+    assert recall_lengths({}, [2048]) == []
+
+
 def test_quality_reference_pairs_new_arms_with_an_earlier_runs_arm(tmp_path):
     """--reference: the sixth run's dense runs (docs/results) become the first arm of a report of new arms
     with that run's settings, and the new arms are paired against them; other settings are refused, naming
