@@ -261,10 +261,14 @@ def sweep(N=32768, Hkv=HKV):
 
 
 # the dK/dV settings the KL in backward is timed with (the first is the default of the dQ path's field)
-KL_SWEEP = [None, T(block_m=64, block_n=64, num_warps=8, num_stages=1), T(block_m=64, block_n=32, num_warps=4,
-            num_stages=1), T(block_m=64, block_n=32, num_warps=8, num_stages=1),
-            T(block_m=128, block_n=64, num_warps=8, num_stages=1), T(block_m=64, block_n=64, num_warps=8, num_stages=2),
-            T(block_m=128, block_n=32, num_warps=8, num_stages=1), T(block_m=32, block_n=64, num_warps=4, num_stages=1)]
+KL_SWEEP = [None,
+            T(block_m=64, block_n=64, num_warps=8, num_stages=1),
+            T(block_m=64, block_n=32, num_warps=4, num_stages=1),
+            T(block_m=64, block_n=32, num_warps=8, num_stages=1),
+            T(block_m=128, block_n=64, num_warps=8, num_stages=1),
+            T(block_m=64, block_n=64, num_warps=8, num_stages=2),
+            T(block_m=128, block_n=32, num_warps=8, num_stages=1),
+            T(block_m=32, block_n=64, num_warps=4, num_stages=1)]
 
 
 def kernel_breakdown(fn, n=3):
