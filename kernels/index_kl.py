@@ -176,7 +176,7 @@ def index_kl_fwd_kernel(
             b_dk += _dot(tl.trans(b_ds.to(b_qi.dtype)), b_qi, IEEE)
     if GRAD:
         tl.atomic_add(dk_idx + (i_b * N + o_j)[:, None] * DI + o_di[None, :], b_dk,
-                      mask=m_j[:, None] & m_di[None, :])
+                      mask=m_j[:, None] & m_di[None, :], sem="relaxed")
 
 
 def _slot_chunks(block_idx, B, Hkv, NQ, block_size, doc_start, DI, budget):
@@ -293,7 +293,8 @@ def kl_tile(q_idx, b_ki, lse_s, dq_idx, b_p, o_q, m_row, o_k, m_k, i_b, i_r, sca
     b_ls = tl.where(b_ls > float("-inf"), b_ls, float("inf"))
     b_ds = tl.where(m_s, tl.exp(b_si - b_ls[:, None]) - b_pt, 0.0) * scale_i
     b_dq = _dot(b_ds.to(b_ki.dtype), b_ki, IEEE)
-    tl.atomic_add(dq_idx + o_qi, b_dq, mask=first[:, None] & m_di[None, :])
+    # relaxed: a sum nothing reads before the kernel ends (Triton's default, acq_rel, fences every add)
+    tl.atomic_add(dq_idx + o_qi, b_dq, mask=first[:, None] & m_di[None, :], sem="relaxed")
     return b_kl, _dot(tl.trans(b_ds.to(b_qi.dtype)), b_qi, IEEE)
 
 

@@ -300,7 +300,7 @@ def sparse_attention_bwd_dkdv_kernel(
     tl.store(part_dv + o_part, b_dv)
     if KL:
         tl.store(kl_part + i_w * tl.num_programs(1) + i_t, b_kl)
-        tl.atomic_add(dk_idx + o_ki, b_dki, mask=m_ki)
+        tl.atomic_add(dk_idx + o_ki, b_dki, mask=m_ki, sem="relaxed")
 
 
 @triton.jit
