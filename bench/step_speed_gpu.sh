@@ -13,7 +13,8 @@
 # varlen, the warm-up with varlen, each profiled); klbwd (not in the default list: the KL's teacher in the
 # attention backward against the separate KL, small at 32K and 128K with both checkpointing policies, dense
 # beside them, the 32K row profiled; then the attention-level pair msa_whole / msa_whole_klbwd of
-# bench/msa_attention.py at G = 4 and 16, and the gpu tests of the fused path and the varlen lse first).
+# bench/msa_attention.py at G = 4 and 16; first the gpu tests of the fused path and the varlen lse, then
+# bench/tune_sparse_attention.py kl: both places of the KL per dK/dV launch setting, by kernel).
 # A CPU dry run at toy sizes (the model, rows and EXTRA Hydra overrides are the only differences):
 #   MODEL=tiny BASE=tiny ONE="one:256" PACKED="packed:512:128" EXTRA="model.n_layers=2" DEADLINE=2000 \
 #     bash bench/step_speed_gpu.sh
@@ -48,6 +49,7 @@ for s in $STAGES; do
              msa_selective_varlen warmup_varlen --profile-rows "$SHORT" ;;
     klbwd) TAIL=3 stage klbwd_test 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_sparse_kl.py \
              tests/test_dense.py
+           TAIL=40 stage klbwd_sweep 120 env OUT="$OUT" python3 bench/tune_sparse_attention.py kl
            bench klbwd 240 --model "$MODEL" --rows "${ONE_ROWS[@]}" --points msa_selective msa_selective_klbwd \
              msa_full msa_full_klbwd dense --profile-rows "${ONE_ROWS[0]}"
            TAIL=14 stage klbwd_attention 150 python3 bench/msa_attention.py --sizes 32768 131072 --hkv 2 8 \
