@@ -19,7 +19,8 @@ kernel in ``SWEEP`` (``SWEEP_KERNELS=dkdv_dq,...`` limits it; the names are fiel
 32768) and each of ``KL_HKVS`` (default ``8,2``): separate (``sparse_attention`` then ``index_kl_loss`` on
 its lse, forward and backward) against in the attention's backward (``sparse_attention_kl``) under each
 dK/dV launch setting of ``KL_SWEEP``; each setting's KL value and index gradients are checked against the
-separate path's, and one step of each place is broken down by kernel. Results to
+separate path's, one step of each place is broken down by kernel, and the dK/dV kernel's registers and
+spills are read from each compiled variant. Results to
 ``$OUT/tune_kl_backward.json``, rewritten after every point.
 """
 
@@ -283,6 +284,28 @@ def kernel_breakdown(fn, n=3):
     return {e.key[:60]: round(e.device_time_total / n / 1e3, 3) for e in ev}
 
 
+def compiled_kernels(fn) -> dict:
+    """The compiled variants of the Triton kernel ``fn`` so far, by id (empty where the Triton version or the
+    interpreter keeps no per-device cache)."""
+    out = {}
+    for cache in getattr(fn, "device_caches", {}).values():
+        for k in cache[0].values():
+            out[id(k)] = k
+    return out
+
+
+def resources(kernels) -> list[dict]:
+    """Registers per thread and spilled bytes of compiled kernels (after their first launch), with their
+    warps, stages and shared memory: spills in the dK/dV kernel would show here, no profiler needed."""
+    out = []
+    for k in kernels:
+        meta = getattr(k, "metadata", None)
+        out.append(dict(n_regs=getattr(k, "n_regs", None), n_spills=getattr(k, "n_spills", None),
+                        num_warps=getattr(meta, "num_warps", None), num_stages=getattr(meta, "num_stages", None),
+                        shared=getattr(meta, "shared", None)))
+    return out
+
+
 def kl_sweep(res, save, N=32768, hkvs=(8, 2)):
     """The index KL separate against in the attention's backward, per dK/dV setting (module docstring)."""
     for Hkv in hkvs:
@@ -309,17 +332,20 @@ def kl_one(N, Hkv, save, Di=128):
         o, _, kl = sa.sparse_attention_kl(*params, block_idx, BK, sink=sink, launch=launch)
         return torch.autograd.grad((o, kl), params, (do, torch.ones_like(kl))), sink[0]
 
+    dkdv = sa.sparse_attention_bwd_dkdv_kernel
     ref, ref_kl = separate()
     G = H // Hkv
     field = "dkdv_dq" if sa.resolve_dq_path("auto", G) == "dkdv" else "dkdv"
     row = dict(N=N, Hkv=Hkv, G=G, field=field, separate_ms=ms(separate), separate_kernels=kernel_breakdown(separate),
-               fused=[])
+               separate_dkdv_kernel=resources(compiled_kernels(dkdv).values()), fused=[])
     print(f"KL N={N} Hkv={Hkv}: separate {row['separate_ms']:.2f} ms", flush=True)
     for tiles in KL_SWEEP:
         launch = sa.LAUNCH if tiles is None else dataclasses.replace(sa.LAUNCH, **{field: tiles})
         point = dict(tiles=dataclasses.asdict(getattr(launch, field)))
+        before = compiled_kernels(dkdv)
         try:
             grads, kl = fused(launch)
+            point["dkdv_kernel"] = resources(k for i, k in compiled_kernels(dkdv).items() if i not in before)
             point["kl_rel_err"] = abs(kl.item() - ref_kl.item()) / abs(ref_kl.item())
             point["rel_err"] = {n: (a.float() - b.float()).norm().item() / b.float().norm().item()
                                 for n, a, b in zip(("dq", "dk", "dv", "dq_idx", "dk_idx"), grads, ref)}
@@ -330,8 +356,8 @@ def kl_one(N, Hkv, save, Di=128):
             point["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         row["fused"].append(point)
         print(f"   in backward {point['tiles']}: {point.get('ms', float('nan')):.2f} ms, KL rel err "
-              f"{point.get('kl_rel_err', float('nan')):.1e}, grads {point.get('rel_err', point.get('error'))}",
-              flush=True)
+              f"{point.get('kl_rel_err', float('nan')):.1e}, grads {point.get('rel_err', point.get('error'))}, "
+              f"dK/dV kernel {point.get('dkdv_kernel')}", flush=True)
         save(row)
     for name, kern in [("separate", row["separate_kernels"]), ("in backward", row["fused"][0].get("kernels", {}))]:
         print(f"   kernels, {name} (ms per step):", flush=True)
