@@ -49,7 +49,7 @@ for s in $STAGES; do
              msa_selective_varlen warmup_varlen --profile-rows "$SHORT" ;;
     klbwd) TAIL=3 stage klbwd_test 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_sparse_kl.py \
              tests/test_dense.py
-           TAIL=40 stage klbwd_sweep 120 env OUT="$OUT" python3 bench/tune_sparse_attention.py kl
+           TAIL=40 stage klbwd_sweep 150 env OUT="$OUT" python3 bench/tune_sparse_attention.py kl
            bench klbwd 240 --model "$MODEL" --rows "${ONE_ROWS[@]}" --points msa_selective msa_selective_klbwd \
              msa_full msa_full_klbwd dense --profile-rows "${ONE_ROWS[0]}"
            TAIL=14 stage klbwd_attention 150 python3 bench/msa_attention.py --sizes 32768 131072 --hkv 2 8 \
