@@ -344,20 +344,18 @@ def student_lse(q_idx, k_idx, block_idx, block_size, layout, csr, block_e=64, nu
 
 @dataclass
 class BackwardKLArgs:
-    """The dK/dV kernel's index-KL arguments (``args``, ``meta``) and, after it ran, the loss and
-    gradients (``result``); without an index, placeholders and ``KL=False``."""
+    """The dK/dV kernel's index-KL arguments (``args``: ``q_idx, k_idx, lse_s, kl_part, dq_idx, dk_idx,
+    scale_i, DI``; ``meta``: its constexprs) and, after it ran, the loss and gradients (``result``);
+    without an index, placeholders and ``KL=False``."""
 
     args: tuple
     meta: dict
-    lse_s: torch.Tensor | None = None
-    kl_part: torch.Tensor | None = None
-    dq_idx: torch.Tensor | None = None
-    dk_idx: torch.Tensor | None = None
 
     def result(self, rows: int):
+        lse_s, kl_part, dq_idx, dk_idx = self.args[2:6]
         norm = 1.0 / rows
-        loss = (torch.where(torch.isfinite(self.lse_s), self.lse_s, 0.0).sum() + self.kl_part.sum()) * norm
-        return loss, self.dq_idx.mul_(norm), self.dk_idx.mul_(norm)
+        loss = (torch.where(torch.isfinite(lse_s), lse_s, 0.0).sum() + kl_part.sum()) * norm
+        return loss, dq_idx.mul_(norm), dk_idx.mul_(norm)
 
 
 def backward_kl_args(q, k, index, n_programs) -> BackwardKLArgs:
@@ -371,8 +369,7 @@ def backward_kl_args(q, k, index, n_programs) -> BackwardKLArgs:
     dk_idx = torch.zeros(B, N, DI, dtype=torch.float32, device=q.device)
     meta = dict(KL=True, BLOCK_DI=max(16, triton.next_power_of_2(DI)),
                 IEEE=q.dtype == torch.float32 and q_idx.dtype == torch.float32)
-    return BackwardKLArgs((q_idx, k_idx, lse_s, kl_part, dq_idx, dk_idx, DI ** -0.5, DI), meta, lse_s, kl_part,
-                   dq_idx, dk_idx)
+    return BackwardKLArgs((q_idx, k_idx, lse_s, kl_part, dq_idx, dk_idx, DI ** -0.5, DI), meta)
 
 
 class IndexKLLoss(torch.autograd.Function):
