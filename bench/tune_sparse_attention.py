@@ -176,6 +176,18 @@ def time_one(N, Hkv):
     return r
 
 
+def kernel_breakdown(fn, n=3, top=10):
+    """Device ms per call of ``fn`` by kernel, the ``top`` largest (one warm-up call, then ``n`` profiled)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    ev = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:top]
+    return {e.key[:60]: e.device_time_total / n / 1e3 for e in ev}
+
+
 def profile_breakdown(N=32768):
     q, k, v = inputs(N)
     do = torch.randn_like(q)
@@ -183,14 +195,7 @@ def profile_breakdown(N=32768):
     out = {}
     for dq in DQ_PATHS:
         fn = fwd_bwd(lambda a, b, c, dq=dq: sa.sparse_attention(a, b, c, block_idx, BK, dq_path=dq)[0], q, k, v, do)
-        fn()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-        ev = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]
-        out[dq] = {e.key[:60]: e.device_time_total / 3e3 for e in ev}
+        out[dq] = kernel_breakdown(fn, top=12)
         print(f"kernel breakdown (ms per fwd+bwd, N={N}, dQ path {dq}):", flush=True)
         for name, t in out[dq].items():
             print(f"   {t:8.3f}  {name}")
@@ -273,18 +278,6 @@ KL_SWEEP = [None,
 # the best two of the first measurement again, with dk_idx added per tile (Launch.kl_dk_per_tile)
 KL_PER_TILE = [T(block_m=128, block_n=64, num_warps=8, num_stages=1),
                T(block_m=64, block_n=64, num_warps=4, num_stages=1)]
-
-
-def kernel_breakdown(fn, n=3):
-    """Device ms per call of ``fn`` by kernel, the 10 largest."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-    ev = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:10]
-    return {e.key[:60]: round(e.device_time_total / n / 1e3, 3) for e in ev}
 
 
 def compiled_kernels(fn) -> dict:
