@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.meta import run_meta  # noqa: E402
 from kernels.common import build_layout  # noqa: E402
 from kernels.index_kl import index_kl_loss  # noqa: E402
+from kernels.sparse_attention_bwd import sparse_attention_bwd_dkdv_kernel  # noqa: E402
 
 # the module, not the function of that name that kernels/__init__.py exports
 sa = importlib.import_module("kernels.sparse_attention")
@@ -328,7 +329,7 @@ def kl_one(N, Hkv, save, Di=128):
         o, _, kl = sa.sparse_attention_kl(*params, block_idx, BK, sink=sink, launch=launch)
         return torch.autograd.grad((o, kl), params, (do, torch.ones_like(kl))), sink[0]
 
-    dkdv = sa.sparse_attention_bwd_dkdv_kernel
+    dkdv = sparse_attention_bwd_dkdv_kernel
     ref, ref_kl = separate()
     G = H // Hkv
     field = "dkdv_dq" if sa.resolve_dq_path("auto", G) == "dkdv" else "dkdv"

@@ -1,0 +1,113 @@
+"""What the forward and the backward of ``kernels.sparse_attention`` share: their launch settings
+(``Tiles``, ``Launch``: the ``launch`` argument, re-exported by ``kernels.sparse_attention``) and the pieces
+of kernel code both run (a work item's K/V tile, where a query's slot partials start).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import triton
+import triton.language as tl
+
+from kernels.common import work_keys
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_kv(k, v, i_b, i_r, o_k, m_k, N, HKV: tl.constexpr, D: tl.constexpr):
+    """The K and V rows ``o_k`` (``m_k``: inside the sequence) of batch ``i_b``, KV head ``i_r``."""
+    o_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + tl.arange(0, D)[None, :]
+    return tl.load(k + o_kv, mask=m_k[:, None], other=0.0), tl.load(v + o_kv, mask=m_k[:, None], other=0.0)
+
+
+@triton.jit
+def _work_item(k, v, work_bucket, work_start, work_end, vb_start, vb_end, i_w, t0, N, NV,
+               HKV: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``work_keys`` and the item's K/V tile: ``e0, e1, i_b, i_r, o_k, m_k, b_k, b_v``."""
+    e0, e1, i_b, i_r, o_k, m_k = work_keys(work_bucket, work_start, work_end, vb_start, vb_end, i_w, t0, NV,
+                                            HKV, BLOCK_N)
+    b_k, b_v = _load_kv(k, v, i_b, i_r, o_k, m_k, N, HKV, D)
+    return e0, e1, i_b, i_r, o_k, m_k, b_k, b_v
+
+
+# Integer arguments whose value depends on the selection, not the shape: ``w0``, a query chunk's first work
+# item. Triton compiles a kernel once per pattern of its integer arguments (== 1, divisible by 16), so a
+# data-dependent one compiles a second variant whenever it first falls on a multiple of 16, mid-run. At 128K
+# tokens (two query chunks) that gave one step of 3.5-3.8 s among steps of 1.3 s in three of three H200 runs;
+# with w0 unspecialized, five runs showed none (docs/scaling.md, third sweep).
+DATA_DEPENDENT = ["w0"]
+
+
+@triton.jit
+def _query_slots(tok_start, N, NQ, NC, q0, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr,
+                 D: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Where the merge of one (query, group)'s slot partials starts (combine, dQ reduce): program
+    ``(query - q0, batch * Hkv + group)``, the query's position in its document and its first partial."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_q = q0 + i_c
+    i_n = N - NQ + i_q
+    o_g = tl.arange(0, BLOCK_G)
+    pos = i_n - tl.load(tok_start + i_n)
+    e0 = (i_bh.to(tl.int64) * NC + i_c) * TOPK
+    return i_bh, i_bh // HKV, i_bh % HKV, i_q, o_g, o_g < G, tl.arange(0, D), pos, e0
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One kernel's launch: rows per tile (gathered (query, head) rows; the delta kernel's queries), keys
+    per tile, warps, pipeline stages. Rows are raised to 16 (tensor cores) and to the next power of
+    two of G, keys clipped to the block size."""
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Launch settings of the sparse-attention kernels; the defaults won the H200 sweeps of
+    ``bench/tune_sparse_attention.py`` (docs/kernels.md has the numbers).
+
+    ``chunk``: entries per KV-outer work item (a hot block gets several). ``part_bytes``: memory for one
+    query chunk's forward or dQ partials (queries go in chunks that fit). ``dkdv_bytes``: memory for the
+    dK/dV partials, one per work item (work items grow past ``chunk`` where they would pass it).
+    ``kl_dk_per_tile``: with the KL in backward (``sparse_attention_kl``), each query tile adds its
+    ``dk_idx`` share at once instead of holding a ``[keys, Di]`` accumulator across the loop (fewer
+    registers, more atomic adds); off until measured faster."""
+
+    fwd: Tiles = Tiles(block_m=64)
+    combine: Tiles = Tiles()
+    delta: Tiles = Tiles(block_m=64)
+    dq: Tiles = Tiles(block_m=64)  # the KV-outer dQ kernel (dq_path "kv")
+    dq_reduce: Tiles = Tiles()
+    dkdv: Tiles = Tiles(block_m=64, block_n=64, num_stages=2)  # dK/dV alone (dq_path "kv")
+    dkdv_dq: Tiles = Tiles(block_m=64, block_n=64)  # dK/dV writing dQ partials too (dq_path "dkdv")
+    dkdv_reduce: Tiles = Tiles()
+    chunk: int = 256
+    part_bytes: int = 2**32
+    dkdv_bytes: int = 2**32
+    kl_dk_per_tile: bool = False
+
+
+LAUNCH = Launch()
+
+
+def _warps(t: Tiles) -> dict:
+    return dict(num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def _rows(t: Tiles, G: int) -> dict:
+    return dict(BLOCK_M=max(t.block_m, 16, triton.next_power_of_2(G)), **_warps(t))
+
+
+def _group(t: Tiles, G: int) -> dict:
+    return dict(BLOCK_G=max(16, triton.next_power_of_2(G)), **_warps(t))
+
+
+def _dkdv_tiles(launch: Launch, dq_path: str, G: int, block_size: int) -> dict:
+    t = launch.dkdv_dq if dq_path == "dkdv" else launch.dkdv
+    return dict(_rows(t, G), BLOCK_N=min(t.block_n, block_size))
