@@ -570,10 +570,13 @@ def recall_lengths(stats: dict, eval_lengths: list[int]) -> list[str]:
 
 def plot_recall(report: dict, path: Path, arm: str | None = None) -> None:
     """Index and needle recall of ``arm`` (default: the report's first MSA arm), at the lengths that have
-    them (none at a length of at most ``topk`` blocks)."""
+    them (none at a length of at most ``topk`` blocks); no file while the arm has no recall yet (the dense
+    runs finish first)."""
     arm = arm or next((a for a in report_arms(report) if sparse(a)), "msa")
     stats = report["summary"].get(arm, {})
     lengths = recall_lengths(stats, report["eval_lengths"])
+    if not lengths:
+        return
     fig = _figure(11, 3.5)
     left, right = fig.subplots(1, 2)
     layers = sorted({int(k.rsplit("/", 1)[1]) for k in stats if k.startswith("layer/index_recall/")})

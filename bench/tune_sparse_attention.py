@@ -303,6 +303,12 @@ def resources(kernels) -> list[dict]:
     return out
 
 
+def new_variants(fn, before: dict) -> list[dict]:
+    """``resources`` of the variants of ``fn`` compiled since ``compiled_kernels(fn)`` returned ``before``
+    (a setting that reuses a variant compiled earlier lists none)."""
+    return resources(k for i, k in compiled_kernels(fn).items() if i not in before)
+
+
 def kl_sweep(res, save, N=32768, hkvs=(8, 2)):
     """The index KL separate against in the attention's backward, per dK/dV setting (module docstring)."""
     for Hkv in hkvs:
@@ -330,11 +336,12 @@ def kl_one(N, Hkv, save, Di=128):
         return torch.autograd.grad((o, kl), params, (do, torch.ones_like(kl))), sink[0]
 
     dkdv = sparse_attention_bwd_dkdv_kernel
+    before = compiled_kernels(dkdv)
     ref, ref_kl = separate()
     G = H // Hkv
     field = "dkdv_dq" if sa.resolve_dq_path("auto", G) == "dkdv" else "dkdv"
     row = dict(N=N, Hkv=Hkv, G=G, field=field, separate_ms=ms(separate), separate_kernels=kernel_breakdown(separate),
-               separate_dkdv_kernel=resources(compiled_kernels(dkdv).values()), fused=[])
+               separate_dkdv_kernel=new_variants(dkdv, before), fused=[])
     print(f"KL N={N} Hkv={Hkv}: separate {row['separate_ms']:.2f} ms", flush=True)
     for tiles, per_tile in [(t, False) for t in KL_SWEEP] + [(t, True) for t in KL_PER_TILE]:
         launch = sa.LAUNCH if tiles is None else dataclasses.replace(sa.LAUNCH, **{field: tiles})
@@ -343,7 +350,7 @@ def kl_one(N, Hkv, save, Di=128):
         before = compiled_kernels(dkdv)
         try:
             grads, kl = fused(launch)
-            point["dkdv_kernel"] = resources(k for i, k in compiled_kernels(dkdv).items() if i not in before)
+            point["dkdv_kernel"] = new_variants(dkdv, before)
             point["kl_rel_err"] = abs(kl.item() - ref_kl.item()) / abs(ref_kl.item())
             point["rel_err"] = {n: (a.float() - b.float()).norm().item() / b.float().norm().item()
                                 for n, a, b in zip(("dq", "dk", "dv", "dq_idx", "dk_idx"), grads, ref)}

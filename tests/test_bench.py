@@ -404,6 +404,22 @@ def test_quality_recall_plot_lengths_are_those_with_a_recall():
     assert recall_lengths({}, [2048]) == []
 
 
+def test_quality_recall_plot_waits_for_a_recall(tmp_path):
+    """While only the dense runs have finished, the recall plot is not drawn (an empty figure and a
+    legend warning before); once the MSA arm has a recall, it is."""
+    from bench.quality import plot_recall
+
+    report = dict(summary={"dense": {"eval/bpb/8K": {"mean": 2.0}}}, eval_lengths=[8192],
+                  settings=dict(tasks=["passkey"], arms=["dense", "msa"]), runs=[])
+    plot_recall(report, tmp_path / "recall.png", "msa")
+    assert not (tmp_path / "recall.png").exists()
+    report["summary"]["msa"] = {"eval/index_recall/8K": {"mean": 0.9, "std": 0.0},
+                                "layer/index_recall/8K/1": {"mean": 0.9, "std": 0.0},
+                                "eval/needle_recall/passkey/8K": {"mean": 0.8, "std": 0.1}}
+    plot_recall(report, tmp_path / "recall.png", "msa")
+    assert (tmp_path / "recall.png").stat().st_size > 0
+
+
 def test_quality_reference_pairs_new_arms_with_an_earlier_runs_arm(tmp_path):
     """--reference: the sixth run's dense runs (docs/results) become the first arm of a report of new arms
     with that run's settings, and the new arms are paired against them; other settings are refused, naming
@@ -637,3 +653,19 @@ def test_quality_clip_stats_by_hand():
     off = clip_stats(rows, 0.0, 20)  # optim.grad_clip=0: no clipping
     assert off["train/clip_scale"] == 1.0 and off["train/clipped_share"] == 0.0
     assert clip_stats([], 1.0, 20)["train/clip_scale"] is None
+
+
+def test_kl_sweep_lists_only_the_kernel_variants_a_setting_compiled():
+    from types import SimpleNamespace
+
+    from bench.tune_sparse_attention import compiled_kernels, new_variants
+
+    def variant(regs, spills):
+        meta = SimpleNamespace(num_warps=4, num_stages=1, shared=1024)
+        return SimpleNamespace(n_regs=regs, n_spills=spills, metadata=meta)
+
+    fn = SimpleNamespace(device_caches={0: ({"a": variant(255, 16)}, None)})
+    before = compiled_kernels(fn)
+    assert new_variants(fn, before) == []  # nothing compiled since: no variant, not the earlier one
+    fn.device_caches[0][0]["b"] = variant(200, 0)
+    assert new_variants(fn, before) == [dict(n_regs=200, n_spills=0, num_warps=4, num_stages=1, shared=1024)]
