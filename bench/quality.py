@@ -592,8 +592,8 @@ def plot_recall(report: dict, path: Path, arm: str | None = None) -> None:
         left.bar(np.arange(len(layers)) + i * width, wide, width, fill=False,  # dashed: the best 2 topk blocks
                  edgecolor=color, linewidth=0.6, linestyle="--")
     left.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, [str(x) for x in layers])
-    left.set(xlabel="MSA layer", ylabel="index recall\n(outline: best topk, dashed: 2 topk)", ylim=(0, 1.05))
-    left.legend(title="eval length", fontsize=7)
+    left.set(xlabel="MSA layer", ylabel="index recall\n(outline: best topk, dashed: 2 topk)", ylim=(0, 1.3))
+    left.legend(title="eval length", fontsize=7, title_fontsize=7, loc="upper center", ncol=len(lengths))  # above the bars
     for task in report["settings"]["tasks"]:
         ys = [stats.get(f"eval/needle_recall/{task}/{name}", {}).get("mean", np.nan) for name in lengths]
         errs = [stats.get(f"eval/needle_recall/{task}/{name}", {}).get("std", 0.0) for name in lengths]
