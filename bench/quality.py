@@ -593,7 +593,8 @@ def plot_recall(report: dict, path: Path, arm: str | None = None) -> None:
                  edgecolor=color, linewidth=0.6, linestyle="--")
     left.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, [str(x) for x in layers])
     left.set(xlabel="MSA layer", ylabel="index recall\n(outline: best topk, dashed: 2 topk)", ylim=(0, 1.3))
-    left.legend(title="eval length", fontsize=7, title_fontsize=7, loc="upper center", ncol=len(lengths))  # above the bars
+    # the legend in a row above the bars (ylim 1.3), not over the first layers' bars
+    left.legend(title="eval length", fontsize=7, title_fontsize=7, loc="upper center", ncol=len(lengths))
     for task in report["settings"]["tasks"]:
         ys = [stats.get(f"eval/needle_recall/{task}/{name}", {}).get("mean", np.nan) for name in lengths]
         errs = [stats.get(f"eval/needle_recall/{task}/{name}", {}).get("std", 0.0) for name in lengths]

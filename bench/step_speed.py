@@ -52,20 +52,21 @@ CHECKPOINTING = ["parallel.activation_checkpointing=true"]
 LOOP = ["attention.dense_varlen=false"]  # one SDPA call per document (the default until varlen was measured)
 VARLEN = ["attention.dense_varlen=true"]
 SELECTIVE = ["parallel.checkpoint_policy=selective"]
+FULL = ["parallel.checkpoint_policy=full"]  # named, not the default: the default became selective (6d86724)
 COMPILE = ["parallel.compile_blocks=true"]
 KL_BWD = ["attention.kl_in_backward=true"]  # the KL's teacher inside the attention backward
 POINTS = {  # name: (Hydra overrides, attention phase); each names its dense path, whatever the default
     "dense": (["attention=dense"] + LOOP, "sparse"),
     "dense_varlen": (["attention=dense"] + VARLEN, "sparse"),
-    "msa_full": (LOOP, "sparse"),
+    "msa_full": (FULL + LOOP, "sparse"),
     "msa_selective": (SELECTIVE + LOOP, "sparse"),
     "msa_selective_varlen": (SELECTIVE + VARLEN, "sparse"),
     "msa_selective_compile": (SELECTIVE + COMPILE + LOOP, "sparse"),
-    "msa_full_compile": (COMPILE + LOOP, "sparse"),
+    "msa_full_compile": (FULL + COMPILE + LOOP, "sparse"),
     "warmup_loop": (LOOP, "warmup"),
     "warmup_varlen": (VARLEN, "warmup"),
     "msa_selective_klbwd": (SELECTIVE + LOOP + KL_BWD, "sparse"),
-    "msa_full_klbwd": (LOOP + KL_BWD, "sparse"),
+    "msa_full_klbwd": (FULL + LOOP + KL_BWD, "sparse"),
 }
 
 

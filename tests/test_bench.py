@@ -669,3 +669,15 @@ def test_kl_sweep_lists_only_the_kernel_variants_a_setting_compiled():
     assert new_variants(fn, before) == []  # nothing compiled since: no variant, not the earlier one
     fn.device_caches[0][0]["b"] = variant(200, 0)
     assert new_variants(fn, before) == [dict(n_regs=200, n_spills=0, num_warps=4, num_stages=1, shared=1024)]
+
+
+@pytest.mark.parametrize("point", ["msa_full", "msa_full_compile", "msa_full_klbwd", "msa_selective",
+                                   "msa_selective_varlen", "msa_selective_compile", "msa_selective_klbwd"])
+def test_step_speed_points_run_the_checkpointing_they_are_named_for(point):
+    """``msa_full`` relied on the default policy, which became ``selective``: every ``full`` point since
+    measured ``selective`` twice. Each point now names its policy, whatever the default."""
+    from bench.step_speed import point_config
+
+    cfg, _ = point_config("tiny", "one:512", point, [])
+    assert cfg.parallel.activation_checkpointing
+    assert cfg.parallel.checkpoint_policy == ("full" if "_full" in point else "selective")
