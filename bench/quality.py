@@ -430,12 +430,31 @@ def summarise(runs: list[dict], arms=ARMS) -> dict:
     return out
 
 
+def _tokens(name: str) -> int:
+    """``fmt_tokens``'s names back to numbers, for ordering: ``2K`` -> 2048, ``1M`` -> 2**20, ``384`` -> 384."""
+    scale = {"K": 2**10, "M": 2**20}.get(name[-1:], 1)
+    return int(name[:-1] if scale > 1 else name) * scale
+
+
+def share_by_length(scalars: dict) -> dict[str, float]:
+    """Per eval length: the mean over tasks of the answer's share of the candidates' probability
+    (``eval/<task>/<L>/share``), a retrieval score that moves before the accuracy leaves chance."""
+    by_length: dict[str, list[float]] = {}
+    for k, v in scalars.items():
+        parts = k.split("/")
+        if len(parts) == 4 and parts[0] == "eval" and parts[3] == "share" and v is not None:
+            by_length.setdefault(parts[2], []).append(v)
+    return {length: float(np.mean(vals)) for length, vals in by_length.items()}
+
+
 def paired(runs: list[dict], arms=ARMS) -> dict:
     """Each arm after the first against the first (dense), seed by seed: both see the same batches and,
     since the initial weights depend only on the seed and the parameter's name, start from the same
     shared weights. Per arm: the relative difference of the final loss per seed (``arm / first - 1``),
-    their mean and standard deviation (n - 1), and ``by_tenth``: the mean over seeds of the relative
-    difference of the mean LM loss in each tenth of the steps (where in training a gap opens)."""
+    their mean and standard deviation (n - 1), ``by_tenth``: the mean over seeds of the relative
+    difference of the mean LM loss in each tenth of the steps (where in training a gap opens), and
+    ``retrieval_share``: per eval length, the difference (``arm - first``) of ``share_by_length`` per seed,
+    its mean and standard deviation (the issue's "retrieval at 4x the training length at least dense's")."""
     ref, out = arms[0], {}
     by_seed = {(r["arm"], r["seed"]): r for r in runs}
     for arm in arms[1:]:
@@ -455,7 +474,15 @@ def paired(runs: list[dict], arms=ARMS) -> dict:
         out[arm] = {"against": ref, "seeds": seeds, "final_loss_rel": diffs, "mean": float(np.mean(vals)),
                     "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
                     "by_tenth": [float(np.mean(col)) for col in zip(*tenths)],
-                    "by_tenth_seeds": dict(zip(seeds, tenths))}
+                    "by_tenth_seeds": dict(zip(seeds, tenths)), "retrieval_share": {}}
+        shares = {(x, s): share_by_length(by_seed[x, s]["scalars"]) for x in (arm, ref) for s in seeds}
+        for length in sorted({n for sh in shares.values() for n in sh}, key=_tokens):
+            per_seed = {s: shares[arm, s][length] - shares[ref, s][length] for s in seeds
+                        if length in shares[arm, s] and length in shares[ref, s]}
+            if per_seed:
+                d = list(per_seed.values())
+                std = float(np.std(d, ddof=1)) if len(d) > 1 else 0.0
+                out[arm]["retrieval_share"][length] = {"seeds": per_seed, "mean": float(np.mean(d)), "std": std}
     return out
 
 
@@ -833,6 +860,9 @@ def main(argv=None) -> None:
         print(f"{arm} against {d['against']}, paired over seeds {d['seeds']}: final loss {100 * d['mean']:+.2f}% "
               f"(std {100 * d['std']:.2f}%); by tenth of the steps "
               + " ".join(f"{100 * x:+.1f}" for x in d["by_tenth"]) + " %")
+        if d.get("retrieval_share"):
+            print(f"{arm} against {d['against']}, answer share (mean over tasks), difference by eval length: "
+                  + ", ".join(f"{n} {r['mean']:+.3f} (std {r['std']:.3f})" for n, r in d["retrieval_share"].items()))
 
 
 if __name__ == "__main__":

@@ -681,3 +681,28 @@ def test_step_speed_points_run_the_checkpointing_they_are_named_for(point):
     cfg, _ = point_config("tiny", "one:512", point, [])
     assert cfg.parallel.activation_checkpointing
     assert cfg.parallel.checkpoint_policy == ("full" if "_full" in point else "selective")
+
+
+def test_quality_pairs_retrieval_share_by_length_by_hand():
+    """Per eval length, the mean over tasks of the answer's share, arm minus dense seed by seed: the
+    issue's retrieval comparison with the seed spread, on a score that moves before accuracy does."""
+    from bench.quality import paired, share_by_length
+
+    def run(arm, seed, shares):
+        scalars = {"final_loss": 1.0, "eval/bpb/2K": 2.0, "eval/passkey/2K/choice": 0.5}
+        for (task, length), v in shares.items():
+            scalars[f"eval/{task}/{length}/share"] = v
+        return dict(arm=arm, seed=seed, scalars=scalars, loss_curve=[[0, 1.0], [1, 1.0]])
+
+    dense0 = {("passkey", "2K"): 0.25, ("multikey", "2K"): 0.35, ("passkey", "64K"): 0.2, ("multikey", "64K"): None}
+    assert share_by_length(run("dense", 0, dense0)["scalars"]) == {"2K": pytest.approx(0.3), "64K": 0.2}
+    runs = [run("dense", 0, dense0),
+            run("msa", 0, {("passkey", "2K"): 0.45, ("multikey", "2K"): 0.35, ("passkey", "64K"): 0.3}),
+            run("dense", 1, {("passkey", "2K"): 0.3, ("passkey", "64K"): 0.25}),
+            run("msa", 1, {("passkey", "2K"): 0.2, ("passkey", "64K"): 0.25})]
+    out = paired(runs, ["dense", "msa"])["msa"]["retrieval_share"]
+    assert list(out) == ["2K", "64K"]  # by length, not by name
+    assert out["2K"]["seeds"] == {0: pytest.approx(0.1), 1: pytest.approx(-0.1)}  # 0.4 - 0.3, 0.2 - 0.3
+    assert out["2K"]["mean"] == pytest.approx(0.0) and out["2K"]["std"] == pytest.approx(2 ** 0.5 / 10)
+    assert out["64K"]["seeds"] == {0: pytest.approx(0.1), 1: pytest.approx(0.0)}
+    assert out["64K"]["mean"] == pytest.approx(0.05)

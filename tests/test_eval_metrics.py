@@ -47,12 +47,14 @@ def test_bucketed_bits_per_byte_by_hand():
 
 
 def test_accuracy_by_depth_by_hand():
-    scores = [{"depth": 0.0, "choice": True, "nll": 1.0, "exact": True, "needle": 0.9},
-              {"depth": 0.0, "choice": False, "nll": 3.0, "exact": False, "needle": 0.1},  # wrong: not counted
-              {"depth": 1.0, "choice": True, "nll": 2.0, "exact": False, "needle": 0.5},
-              {"depth": 1.0, "choice": True, "nll": 4.0, "exact": None, "needle": None}]  # not generated: not counted
+    scores = [{"depth": 0.0, "choice": True, "share": 0.9, "nll": 1.0, "exact": True, "needle": 0.9},
+              {"depth": 0.0, "choice": False, "share": 0.1, "nll": 3.0, "exact": False, "needle": 0.1},  # wrong
+              {"depth": 1.0, "choice": True, "share": 0.4, "nll": 2.0, "exact": False, "needle": 0.5},
+              {"depth": 1.0, "choice": True, "share": 0.6, "nll": 4.0, "exact": None, "needle": None}]  # not generated
     out = summarise(scores, {2: [0.5, 1.0], 3: [0.0]}, [0.0, 1.0])
     assert out["choice"] == 0.75 and out["nll"] == 2.5 and out["exact"] == pytest.approx(1 / 3)
+    assert out["share"] == pytest.approx(0.5) and out["depths"]["0.0"]["share"] == pytest.approx(0.5)
+    assert out["depths"]["1.0"]["share"] == pytest.approx(0.5)
     assert out["depths"]["0.0"]["choice"] == 0.5 and out["depths"]["1.0"]["choice"] == 1.0
     assert out["depths"]["1.0"]["exact"] == 0.0 and out["depths"]["1.0"]["items"] == 2
     assert out["needle_recall"] == {"all": pytest.approx(0.5), "layers": {"2": 0.75, "3": 0.0},

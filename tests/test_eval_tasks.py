@@ -1,6 +1,7 @@
 """The synthetic retrieval tasks (train/eval/tasks.py): a reader that answers from the prompt alone
 scores 100%, random answers score chance, items are reproducible and exactly as long as asked."""
 
+import math
 import re
 
 import numpy as np
@@ -14,6 +15,7 @@ from train.eval.tasks import (
     TASKS,
     TRAIN_DOMAIN,
     _renderer,
+    answer_share,
     choice_correct,
     eval_item,
     exact_match,
@@ -70,6 +72,8 @@ def test_a_reader_of_the_prompt_scores_every_item(heldout):
         assert exact_match(item, answer + ".\nmore text"), (item.task, answer, item.answer)
         logliks = [0.0 if c == answer else -1.0 for c in item.candidates]
         assert choice_correct(logliks), (item.task, answer, item.candidates)
+        sure = [0.0 if c == answer else float("-inf") for c in item.candidates]
+        assert answer_share(sure) == 1.0, (item.task, answer, item.candidates)
 
 
 def test_random_answers_score_chance(heldout):
@@ -81,6 +85,18 @@ def test_random_answers_score_chance(heldout):
     guesses = ["".join(rng.choice(list("0123456789 ,"), size=len(it.answer))) for it in pool]
     assert np.mean([exact_match(it, g) for it, g in zip(pool, guesses)]) == 0.0
     assert not choice_correct([0.0, 0.0, -1.0, -1.0]), "a tie with the answer is not a correct choice"
+    shares = [answer_share(rng.normal(size=len(it.candidates)).tolist()) for it in pool]
+    assert abs(np.mean(shares) - chance) < 4 * np.std(shares) / n**0.5, (np.mean(shares), chance)
+
+
+def test_answer_share_by_hand():
+    """The answer's share of the candidates' probability: softmax of the summed log-likelihoods, candidate 0."""
+    assert answer_share([math.log(0.5), math.log(0.25), math.log(0.25)]) == pytest.approx(0.5)
+    assert answer_share([math.log(0.1), math.log(0.3)]) == pytest.approx(0.25)  # 0.1 / (0.1 + 0.3)
+    assert answer_share([-2.0] * 4) == pytest.approx(0.25)  # indifferent: chance
+    assert answer_share([-1000.0, -1000.0 - math.log(3)]) == pytest.approx(0.75)  # no underflow
+    assert answer_share([float("-inf")] * 4) == 0.25  # nothing has probability: no NaN
+    assert answer_share([float("-inf"), 0.0]) == 0.0
 
 
 def test_items_are_reproducible_and_seeds_differ(heldout):

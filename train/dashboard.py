@@ -76,6 +76,7 @@ def layout(layers: int | None = None, dense_layers: int = 1) -> list[SectionSpec
         PanelSpec("Held-out bits per byte by token position", regex=f"^{e}bpb/[^/]+/.+"),
         PanelSpec("Retrieval accuracy, log-likelihood choice (chance 1/eval.choices)", regex=f"^{e}.+/choice$"),
         PanelSpec("Retrieval exact match, greedy generation", regex=f"^{e}.+/exact$"),
+        PanelSpec("Answer's share of the candidates' probability (chance 1/eval.choices)", regex=f"^{e}.+/share$"),
         PanelSpec("Answer NLL per token (nats)", regex=f"^{e}.+/nll$"),
         PanelSpec("Index recall on held-out rows, and its ceilings (the best topk and 2 topk blocks), by eval "
                   "length", regex=f"^{e}(index|oracle)_recall(_2x)?/.*"),

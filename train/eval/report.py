@@ -21,7 +21,7 @@ from train.eval.runner import fmt_tokens
 def tables(results: dict) -> dict[str, tuple[list[str], list[list]]]:
     """``name -> (columns, rows)``: retrieval by task, length and depth; bits per byte by position; recall
     by layer."""
-    retrieval = [[task, int(length), float(depth), d["choice"], d["exact"], d["nll"], d["items"]]
+    retrieval = [[task, int(length), float(depth), d["choice"], d["share"], d["exact"], d["nll"], d["items"]]
                  for task, by_length in results["retrieval"].items() for length, r in by_length.items()
                  for depth, d in r["depths"].items()]
     bpb = [[int(length), bucket, v] for length, r in results["bpb"].items() for bucket, v in r["buckets"].items()]
@@ -29,7 +29,8 @@ def tables(results: dict) -> dict[str, tuple[list[str], list[list]]]:
               for layer, v in r.get("index_recall", {}).get("layers", {}).items()]
     layers += [[f"needle_recall/{task}", int(length), int(layer), v] for task, by_length in results["retrieval"].items()
                for length, r in by_length.items() for layer, v in r.get("needle_recall", {}).get("layers", {}).items()]
-    out = {"eval/tables/retrieval": (["task", "length", "depth", "choice", "exact", "nll", "items"], retrieval),
+    columns = ["task", "length", "depth", "choice", "share", "exact", "nll", "items"]
+    out = {"eval/tables/retrieval": (columns, retrieval),
            "eval/tables/bpb": (["length", "positions", "bpb"], bpb)}
     if layers:
         out["eval/tables/layers"] = (["measure", "length", "layer", "recall"], layers)

@@ -8,7 +8,8 @@ sequence, so MSA selects blocks as in training. Per length:
   per byte = summed next-token NLL (nats) / (ln 2 x the target tokens' UTF-8 bytes), overall and per
   position bucket; MSA's selection stats on the same rows give the index recall (overall and per layer).
 - each retrieval task: ``items`` items per depth. The prompt is run once; each candidate answer is scored
-  by its summed log-probability after it (``choice``: the answer strictly above every alternative),
+  by its summed log-probability after it (``choice``: the answer strictly above every alternative;
+  ``share``: the answer's share of the candidates' probability, a continuous ``choice``),
   ``nll``: the answer's mean NLL per token; with ``spec.generate`` greedy decoding from the same cache
   gives ``exact`` (normalised output == answer). The MSA layers' blocks for the question's tokens give
   the needle recall: the share of the needle-holding blocks they select.
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from msa.stats import SelectionStats
 from train.data.text_stream import TextStream, encode
 from train.eval.config import BPB, EvalSpec
-from train.eval.tasks import choice_correct, eval_item, exact_match
+from train.eval.tasks import answer_share, choice_correct, eval_item, exact_match
 from train.generate import KVCache, Prompt, decode, extend, logits_of, patch_dim, prompt_batch
 
 LN2 = math.log(2.0)
@@ -206,6 +207,7 @@ def retrieval(model, tokenizer, spec: EvalSpec, task: str, length: int, stream, 
             item_recall = [float(np.mean(v)) for v in zip(*per_layer)] if per_layer else [None] * len(part)
             for b, (depth, it) in enumerate(part):
                 scores.append({"depth": depth, "choice": choice_correct(logliks[b].tolist()),
+                               "share": answer_share(logliks[b].tolist()),
                                "nll": -float(logliks[b, 0]) / len(cands[b][0]),
                                "exact": None if generated[b] is None else exact_match(it, generated[b]),
                                "needle": item_recall[b]})
@@ -219,7 +221,8 @@ def summarise(scores: list[dict], recalls: dict[int, list[float]], depths: list[
 
     def agg(rows):
         exact = [r["exact"] for r in rows if r["exact"] is not None]
-        return {"choice": float(np.mean([r["choice"] for r in rows])), "nll": float(np.mean([r["nll"] for r in rows])),
+        return {"choice": float(np.mean([r["choice"] for r in rows])),
+                "share": float(np.mean([r["share"] for r in rows])), "nll": float(np.mean([r["nll"] for r in rows])),
                 "exact": float(np.mean(exact)) if exact else None, "items": len(rows)}
 
     result = {**agg(scores), "depths": {str(d): agg([r for r in scores if r["depth"] == d]) for d in depths}}
@@ -279,6 +282,7 @@ def flatten(results: dict) -> dict[str, float | None]:
         for length, r in by_length.items():
             name = fmt_tokens(int(length))
             out[M.eval_key(task, name, "choice")] = r["choice"]
+            out[M.eval_key(task, name, "share")] = r["share"]
             out[M.eval_key(task, name, "nll")] = r["nll"]
             if r["exact"] is not None:
                 out[M.eval_key(task, name, "exact")] = r["exact"]

@@ -27,6 +27,7 @@ training document repeat an eval item; their haystacks differ too (held-out vs c
 from __future__ import annotations
 
 import functools
+import math
 import string
 from dataclasses import dataclass, field
 
@@ -251,6 +252,17 @@ def exact_match(item: Item, generated: str) -> bool:
     return normalise(generated) == item.answer
 
 
+def answer_share(logliks: list[float]) -> float:
+    """The answer's (candidate 0's) share of the candidates' summed probability, ``softmax(logliks)[0]``:
+    1 for a model sure of the answer, ``1/len(logliks)`` for one indifferent among the candidates. A
+    continuous version of ``choice_correct``: it moves while the accuracy still sits at chance."""
+    top = max(logliks)
+    if top == float("-inf"):
+        return 1.0 / len(logliks)
+    weights = [math.exp(v - top) for v in logliks]
+    return weights[0] / sum(weights)
+
+
 def choice_correct(logliks: list[float]) -> bool:
     """The answer (candidate 0) has a strictly higher log-likelihood than every alternative: a tie
     counts as wrong, so a model that cannot tell them apart scores no better than chance."""
@@ -258,4 +270,4 @@ def choice_correct(logliks: list[float]) -> bool:
 
 
 __all__ = ["TASKS", "EVAL_DOMAIN", "TRAIN_DOMAIN", "Item", "make_item", "eval_item", "fixed_tokens", "normalise",
-           "exact_match", "choice_correct"]
+           "exact_match", "choice_correct", "answer_share"]
