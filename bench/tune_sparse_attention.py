@@ -18,7 +18,7 @@ kernel in ``SWEEP`` (``SWEEP_KERNELS=dkdv_dq,...`` limits it; the names are fiel
 ``kl`` (alone: nothing else runs) times the index KL's two places side by side, at ``KL_N`` tokens (default
 32768) and each of ``KL_HKVS`` (default ``8,2``): separate (``sparse_attention`` then ``index_kl_loss`` on
 its lse, forward and backward) against in the attention's backward (``sparse_attention_kl``) under each
-dK/dV launch setting of ``KL_SWEEP`` (and of ``KL_PER_TILE`` with ``dk_idx`` added per tile). Each
+dK/dV launch setting of ``KL_SWEEP``. Each
 setting's KL value and index gradients are checked against the separate path's, one step of each place is
 broken down by kernel, and the dK/dV kernel's registers and spills are read from each compiled variant.
 Results to ``$OUT/tune_kl_backward.json``, rewritten after every point.
@@ -276,9 +276,6 @@ KL_SWEEP = [None,
             T(block_m=64, block_n=64, num_warps=8, num_stages=2),
             T(block_m=128, block_n=32, num_warps=8, num_stages=1),
             T(block_m=32, block_n=64, num_warps=4, num_stages=1)]
-# the best two of the first measurement again, with dk_idx added per tile (Launch.kl_dk_per_tile)
-KL_PER_TILE = [T(block_m=128, block_n=64, num_warps=8, num_stages=1),
-               T(block_m=64, block_n=64, num_warps=4, num_stages=1)]
 
 
 def compiled_kernels(fn) -> dict:
@@ -343,10 +340,9 @@ def kl_one(N, Hkv, save, Di=128):
     row = dict(N=N, Hkv=Hkv, G=G, field=field, separate_ms=ms(separate), separate_kernels=kernel_breakdown(separate),
                separate_dkdv_kernel=new_variants(dkdv, before), fused=[])
     print(f"KL N={N} Hkv={Hkv}: separate {row['separate_ms']:.2f} ms", flush=True)
-    for tiles, per_tile in [(t, False) for t in KL_SWEEP] + [(t, True) for t in KL_PER_TILE]:
+    for tiles in KL_SWEEP:
         launch = sa.LAUNCH if tiles is None else dataclasses.replace(sa.LAUNCH, **{field: tiles})
-        launch = dataclasses.replace(launch, kl_dk_per_tile=per_tile)
-        point = dict(tiles=dataclasses.asdict(getattr(launch, field)), kl_dk_per_tile=per_tile)
+        point = dict(tiles=dataclasses.asdict(getattr(launch, field)))
         before = compiled_kernels(dkdv)
         try:
             grads, kl = fused(launch)
@@ -360,7 +356,7 @@ def kl_one(N, Hkv, save, Di=128):
         except Exception as e:  # a setting that does not compile (shared memory) is reported, not fatal
             point["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         row["fused"].append(point)
-        print(f"   in backward {point['tiles']}{' dk_idx per tile' if per_tile else ''}: "
+        print(f"   in backward {point['tiles']}: "
               f"{point.get('ms', float('nan')):.2f} ms, KL rel err "
               f"{point.get('kl_rel_err', float('nan')):.1e}, grads {point.get('rel_err', point.get('error'))}, "
               f"dK/dV kernel {point.get('dkdv_kernel')}", flush=True)

@@ -127,13 +127,13 @@ def sparse_attention_bwd_dkdv_kernel(
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BK: tl.constexpr,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_DQ: tl.constexpr,
     KL: tl.constexpr = False, BLOCK_DI: tl.constexpr = 16, IEEE: tl.constexpr = False,
-    KL_DK_TILE: tl.constexpr = False,
 ):
     """dK/dV partials of work item ``w0 + program_id(0)``, key tile ``program_id(1)``; with ``WRITE_DQ``
     (``dq_path="dkdv"``) also each tile's ``dS K`` over this key tile to the dQ partials of the query
     chunk ``q0 .. q0+NC``; with ``KL`` the index KL on the same tiles (``kl_tile``): the program's loss
-    partial to ``kl_part`` and its ``dk_idx`` by one fp32 atomic add (``KL_DK_TILE``: one per tile, no
-    accumulator held across the loop)."""
+    partial to ``kl_part`` and its ``dk_idx`` by one fp32 atomic add. (Adding ``dk_idx`` per query tile
+    instead, with no accumulator held across the loop, spilled less and ran slower on the H200:
+    docs/kernels.md.)"""
     i_w = w0 + tl.program_id(0)
     i_t = tl.program_id(1)
     e0, e1, i_b, i_r, o_k, m_k, b_k, b_v = _work_item(k, v, work_bucket, work_start, work_end, vb_start,
@@ -160,17 +160,13 @@ def sparse_attention_bwd_dkdv_kernel(
             t_kl, t_dki = kl_tile(q_idx, b_ki, lse_s, dq_idx, b_p, o_q, m_row, o_k, m_k, i_b, i_r, scale_i, N,
                                    NQ, DI, HKV, G, BLOCK_M, BLOCK_N, BLOCK_DI, IEEE)
             b_kl += t_kl
-            if KL_DK_TILE:
-                tl.atomic_add(dk_idx + o_ki, t_dki, mask=m_ki, sem="relaxed")
-            else:
-                b_dki += t_dki
+            b_dki += t_dki
     o_part = (i_w.to(tl.int64) * BK + i_t * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * D + o_d[None, :]
     tl.store(part_dk + o_part, b_dk * scale)
     tl.store(part_dv + o_part, b_dv)
     if KL:
         tl.store(kl_part + i_w * tl.num_programs(1) + i_t, b_kl)
-        if not KL_DK_TILE:
-            tl.atomic_add(dk_idx + o_ki, b_dki, mask=m_ki, sem="relaxed")
+        tl.atomic_add(dk_idx + o_ki, b_dki, mask=m_ki, sem="relaxed")
 
 
 @triton.jit
@@ -236,7 +232,7 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
             if w1 > w0:
                 sparse_attention_bwd_dkdv_kernel[(w1 - w0, n_sub)](
                     q, k, v, do, lse, delta, *kv_args, part_dk, part_dv, part_dq, scale * LOG2E, scale, N, NQ, NV,
-                    nc, q0, w0, *kl.args, WRITE_DQ=True, KL_DK_TILE=launch.kl_dk_per_tile, **kl.meta, **dkdv,
+                    nc, q0, w0, *kl.args, WRITE_DQ=True, **kl.meta, **dkdv,
                     **consts)
             sparse_attention_bwd_dq_reduce_kernel[(nc, B * Hkv)](
                 part_dq, block_idx, layout.tok_start, dq, scale, N, NQ, nc, q0, NSUB=n_sub, **dq_reduce, **consts)
@@ -244,7 +240,7 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
     elif W:
         sparse_attention_bwd_dkdv_kernel[(W, n_sub)](
             q, k, v, do, lse, delta, *kv_args, part_dk, part_dv, part_dk, scale * LOG2E, scale, N, NQ, NV,
-            1, 0, 0, *kl.args, WRITE_DQ=False, KL_DK_TILE=launch.kl_dk_per_tile, **kl.meta, **dkdv, **consts)
+            1, 0, 0, *kl.args, WRITE_DQ=False, **kl.meta, **dkdv, **consts)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     sparse_attention_bwd_dkdv_reduce_kernel[(B * Hkv * NV, n_sub)](

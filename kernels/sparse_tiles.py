@@ -74,10 +74,7 @@ class Launch:
 
     ``chunk``: entries per KV-outer work item (a hot block gets several). ``part_bytes``: memory for one
     query chunk's forward or dQ partials (queries go in chunks that fit). ``dkdv_bytes``: memory for the
-    dK/dV partials, one per work item (work items grow past ``chunk`` where they would pass it).
-    ``kl_dk_per_tile``: with the KL in backward (``sparse_attention_kl``), each query tile adds its
-    ``dk_idx`` share at once instead of holding a ``[keys, Di]`` accumulator across the loop (fewer
-    registers, more atomic adds); off until measured faster."""
+    dK/dV partials, one per work item (work items grow past ``chunk`` where they would pass it)."""
 
     fwd: Tiles = Tiles(block_m=64)
     combine: Tiles = Tiles()
@@ -90,7 +87,6 @@ class Launch:
     chunk: int = 256
     part_bytes: int = 2**32
     dkdv_bytes: int = 2**32
-    kl_dk_per_tile: bool = False
 
 
 LAUNCH = Launch()

@@ -70,19 +70,17 @@ def test_matches_reference(monkeypatch, B, Nq, N, H, Hkv, Di, bs, topk, cu, dq_p
     _check(want, _fused(q, k, v, q_idx, k_idx, block_idx, bs, cu, do, 0.7, dq_path=dq_path), 1e-5)
 
 
-@pytest.mark.parametrize("dq_path,per_tile", [("kv", False), ("dkdv", False), ("kv", True), ("dkdv", True)])
-def test_random_slots_and_several_key_tiles_per_block(monkeypatch, dq_path, per_tile):
+@pytest.mark.parametrize("dq_path", ["kv", "dkdv"])
+def test_random_slots_and_several_key_tiles_per_block(monkeypatch, dq_path):
     """Empty (-1) slots, blocks chosen at random (not the index's top-k), and 16-key tiles of 32-key blocks:
-    a block's KL is split over two programs, each adding its share of ``dk_idx`` (``kl_dk_per_tile``: each
-    of its query tiles adds its own)."""
+    a block's KL is split over two programs, each adding its share of ``dk_idx``."""
     B, N, H, Hkv, bs, topk = 1, 150, 4, 2, 32, 3
     q, k, v, q_idx, k_idx = _inputs(B, N, N, H, Hkv, 16, 16)
     block_idx = random_block_idx(B, Hkv, N, topk, bs)
     do = torch.randn_like(q)
     want = _reference(q, k, v, q_idx, k_idx, block_idx, bs, None, do, 1.0)
     poison_empty(monkeypatch)
-    launch = replace(LAUNCH, dkdv=Tiles(block_m=16, block_n=16), dkdv_dq=Tiles(block_m=16, block_n=16),
-                     kl_dk_per_tile=per_tile)
+    launch = replace(LAUNCH, dkdv=Tiles(block_m=16, block_n=16), dkdv_dq=Tiles(block_m=16, block_n=16))
     _check(want, _fused(q, k, v, q_idx, k_idx, block_idx, bs, None, do, 1.0, dq_path=dq_path, launch=launch), 1e-5)
 
 
@@ -241,9 +239,8 @@ def test_train_step_logs_the_kl_and_trains_the_same_weights():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("G,dq_path,per_tile", [(4, "kv", False), (8, "kv", False), (16, "dkdv", False),
-                                                (4, "kv", True)])
-def test_gpu_bf16_matches_reference(G, dq_path, per_tile):
+@pytest.mark.parametrize("G,dq_path", [(4, "kv"), (8, "kv"), (16, "dkdv")])
+def test_gpu_bf16_matches_reference(G, dq_path):
     """bf16 on the GPU against the fp32 reference on the same values, with the tolerances of the separate
     kernels (``KL_GPU_TOL`` of tests/test_kernel_index.py; attention 5e-3 as in
     tests/test_kernel_sparse_attention.py)."""
@@ -254,8 +251,7 @@ def test_gpu_bf16_matches_reference(G, dq_path, per_tile):
     block_idx = ref.select_blocks(q_idx.detach().float(), k_idx.detach().float(), bs, topk)
     do = torch.randn_like(q)
     want = _reference(q, k, v, q_idx, k_idx, block_idx, bs, None, do, 1.0)
-    got = _fused(q, k, v, q_idx, k_idx, block_idx, bs, None, do, 1.0, dq_path=dq_path,
-                 launch=replace(LAUNCH, kl_dk_per_tile=per_tile))
+    got = _fused(q, k, v, q_idx, k_idx, block_idx, bs, None, do, 1.0, dq_path=dq_path)
     tol = {"o": 5e-3, "dq": 5e-3, "dk": 5e-3, "dv": 5e-3, "kl": KL_GPU_TOL["loss"], "dq_idx": KL_GPU_TOL["dq_idx"],
            "dk_idx": KL_GPU_TOL["dk_idx"]}
     errs = {n: rel_rms(w.float(), g.float()) for n, w, g in zip(NAMES, want, got)}
