@@ -267,12 +267,14 @@ def sweep(N=32768, Hkv=HKV):
     return result, launch
 
 
-# the dK/dV settings the KL in backward is timed with (the first is the default of the dQ path's field)
+# the dK/dV settings the KL in backward is timed with (the first is its default, Launch.dkdv_kl; then the
+# plain dK/dV kernel's defaults, which it ran with until measured)
 KL_SWEEP = [None,
+            T(block_m=64, block_n=64, num_warps=4, num_stages=2),
+            T(block_m=64, block_n=64, num_warps=4, num_stages=1),
             T(block_m=64, block_n=64, num_warps=8, num_stages=1),
             T(block_m=64, block_n=32, num_warps=4, num_stages=1),
             T(block_m=64, block_n=32, num_warps=8, num_stages=1),
-            T(block_m=128, block_n=64, num_warps=8, num_stages=1),
             T(block_m=64, block_n=64, num_warps=8, num_stages=2),
             T(block_m=128, block_n=32, num_warps=8, num_stages=1),
             T(block_m=32, block_n=64, num_warps=4, num_stages=1)]
@@ -336,9 +338,10 @@ def kl_one(N, Hkv, save, Di=128):
     before = compiled_kernels(dkdv)
     ref, ref_kl = separate()
     G = H // Hkv
-    field = "dkdv_dq" if sa.resolve_dq_path("auto", G) == "dkdv" else "dkdv"
-    row = dict(N=N, Hkv=Hkv, G=G, field=field, separate_ms=ms(separate), separate_kernels=kernel_breakdown(separate),
-               separate_dkdv_kernel=new_variants(dkdv, before), fused=[])
+    field = "dkdv_kl"  # sparse_attention_kl runs the dQ path's dK/dV kernel with these tiles
+    dq_path = sa.resolve_dq_path("auto", G)
+    row = dict(N=N, Hkv=Hkv, G=G, field=field, dq_path=dq_path, separate_ms=ms(separate),
+               separate_kernels=kernel_breakdown(separate), separate_dkdv_kernel=new_variants(dkdv, before), fused=[])
     print(f"KL N={N} Hkv={Hkv}: separate {row['separate_ms']:.2f} ms", flush=True)
     for tiles in KL_SWEEP:
         launch = sa.LAUNCH if tiles is None else dataclasses.replace(sa.LAUNCH, **{field: tiles})

@@ -58,6 +58,7 @@ from kernels.sparse_tiles import (
     _query_slots,
     _rows,
     _work_item,
+    with_kl_tiles,
 )
 from msa.keep import kept
 
@@ -301,7 +302,8 @@ def sparse_attention_kl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx
     incoming one. So the value is known after backward only, and a forward without backward (eval)
     has none: use ``sparse_attention`` and ``index_kl_loss`` there. The default softmax scale; G a power
     of two (``deferred_kl_fits``); gradients of ``q_idx`` and ``k_idx`` accumulate in fp32 atomics
-    (reproducible up to summation order, as ``index_kl_loss``'s ``dk_idx``)."""
+    (reproducible up to summation order, as ``index_kl_loss``'s ``dk_idx``). Its dK/dV kernel runs with
+    ``launch.dkdv_kl`` (``with_kl_tiles``), not the plain kernel's tiles."""
     B, H, Hkv, D = _check_inputs(q, k, v, block_idx, block_size)
     if not deferred_kl_fits(q, k):
         raise ValueError(f"sparse_attention_kl needs H / Hkv a power of two, got {H} / {Hkv}")
@@ -315,5 +317,5 @@ def sparse_attention_kl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx
     dq_path = resolve_dq_path(dq_path, H // Hkv)
     check_block_idx(block_idx, -(-k.shape[1] // block_size))
     return SparseAttentionFunction.apply(q, k, v, block_idx.to(torch.int32), block_size, cu_seqlens, D ** -0.5,
-                                         dq_path, launch, q_idx.contiguous(), k_idx.to(q_idx.dtype).contiguous(),
-                                         sink, float(sink_scale))
+                                         dq_path, with_kl_tiles(launch, dq_path), q_idx.contiguous(),
+                                         k_idx.to(q_idx.dtype).contiguous(), sink, float(sink_scale))

@@ -5,7 +5,7 @@ of kernel code both run (a work item's K/V tile, where a query's slot partials s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import triton
 import triton.language as tl
@@ -83,6 +83,10 @@ class Launch:
     dq_reduce: Tiles = Tiles()
     dkdv: Tiles = Tiles(block_m=64, block_n=64, num_stages=2)  # dK/dV alone (dq_path "kv")
     dkdv_dq: Tiles = Tiles(block_m=64, block_n=64)  # dK/dV writing dQ partials too (dq_path "dkdv")
+    # dK/dV with the index KL in it (sparse_attention_kl, either dQ path): the best of both H200 sweeps at
+    # G = 4 and 16 (fwd+bwd at 32K: 48.8 against 78.4 ms with the plain kernel's tiles at G = 4, 51.9
+    # against 69.3 ms at G = 16; docs/kernels.md)
+    dkdv_kl: Tiles = Tiles(block_m=128, block_n=64, num_warps=8)
     dkdv_reduce: Tiles = Tiles()
     chunk: int = 256
     part_bytes: int = 2**32
@@ -102,6 +106,12 @@ def _rows(t: Tiles, G: int) -> dict:
 
 def _group(t: Tiles, G: int) -> dict:
     return dict(BLOCK_G=max(16, triton.next_power_of_2(G)), **_warps(t))
+
+
+def with_kl_tiles(launch: Launch, dq_path: str) -> Launch:
+    """``launch`` with the dQ path's dK/dV field set to ``dkdv_kl``: what ``sparse_attention_kl`` runs
+    with, so its reverse index and its backward see the same key tiles."""
+    return replace(launch, **{"dkdv_dq" if dq_path == "dkdv" else "dkdv": launch.dkdv_kl})
 
 
 def _dkdv_tiles(launch: Launch, dq_path: str, G: int, block_size: int) -> dict:

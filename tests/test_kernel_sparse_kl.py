@@ -80,8 +80,28 @@ def test_random_slots_and_several_key_tiles_per_block(monkeypatch, dq_path):
     do = torch.randn_like(q)
     want = _reference(q, k, v, q_idx, k_idx, block_idx, bs, None, do, 1.0)
     poison_empty(monkeypatch)
-    launch = replace(LAUNCH, dkdv=Tiles(block_m=16, block_n=16), dkdv_dq=Tiles(block_m=16, block_n=16))
+    launch = replace(LAUNCH, dkdv_kl=Tiles(block_m=16, block_n=16))  # the KL's dK/dV tiles, either dQ path
     _check(want, _fused(q, k, v, q_idx, k_idx, block_idx, bs, None, do, 1.0, dq_path=dq_path, launch=launch), 1e-5)
+
+
+@pytest.mark.parametrize("dq_path,field", [("kv", "dkdv"), ("dkdv", "dkdv_dq")])
+def test_the_kl_runs_its_own_dkdv_tiles(monkeypatch, dq_path, field):
+    """``sparse_attention_kl`` hands the autograd function a launch whose dQ path's dK/dV field is
+    ``Launch.dkdv_kl`` (the tiles measured best with the KL in the kernel), so its reverse index and its
+    backward agree on the key tiles; ``sparse_attention`` keeps the plain ones."""
+    import importlib
+
+    sa = importlib.import_module("kernels.sparse_attention")  # the package re-exports a function of that name
+    seen = []
+    real = sa.SparseAttentionFunction.apply
+    monkeypatch.setattr(sa.SparseAttentionFunction, "apply", lambda *a: seen.append(a[8]) or real(*a))
+    q, k, v, q_idx, k_idx = _inputs(1, 70, 70, 4, 2, 16, 16)
+    block_idx = ref.select_blocks(q_idx.detach(), k_idx.detach(), 16, 2)
+    kl_tiles = Tiles(block_m=16, block_n=8, num_warps=2)
+    launch = replace(LAUNCH, dkdv_kl=kl_tiles)
+    sparse_attention_kl(q, k, v, q_idx, k_idx, block_idx, 16, sink=[], dq_path=dq_path, launch=launch)
+    sa.sparse_attention(q, k, v, block_idx, 16, dq_path=dq_path, launch=launch)
+    assert getattr(seen[0], field) == kl_tiles and getattr(seen[1], field) == getattr(LAUNCH, field)
 
 
 def test_index_gradients_follow_the_incoming_gradient():
