@@ -588,6 +588,33 @@ def plot_retrieval(report: dict, path: Path) -> None:
     fig.savefig(path)
 
 
+def plot_share(report: dict, path: Path) -> bool:
+    """Per task, the answer's share of the candidates' probability against eval length, a line per arm
+    (mean and standard deviation over seeds) and chance: retrieval that the accuracy heatmaps, at a few
+    items a cell, cannot tell from chance. False (no file) for a report without shares (before the
+    metric)."""
+    tasks, lengths = report["settings"]["tasks"], [fmt_tokens(L) for L in report["eval_lengths"]]
+    arms = [a for a in report_arms(report)
+            if any(f"eval/{t}/{n}/share" in report["summary"].get(a, {}) for t in tasks for n in lengths)]
+    if not arms:
+        return False
+    fig = _figure(2.8 * len(tasks), 3.0)
+    axes = np.atleast_1d(fig.subplots(1, len(tasks), sharey=True))
+    for ax, task in zip(axes, tasks):
+        for arm in arms:
+            stats = [report["summary"][arm].get(f"eval/{task}/{n}/share", {}) for n in lengths]
+            ax.errorbar(range(len(lengths)), [s.get("mean", np.nan) for s in stats],
+                        [s.get("std", 0.0) for s in stats], marker="o", capsize=3, label=arm)
+        ax.axhline(1 / report["settings"]["choices"], color="grey", linestyle=":", linewidth=1)
+        ax.set_xticks(range(len(lengths)), lengths, fontsize=7)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("eval length")
+    axes[0].set(ylabel="answer's share of the candidates'\nprobability (dotted: chance)", ylim=(0, 1))
+    axes[0].legend(fontsize=7)
+    fig.savefig(path)
+    return True
+
+
 def recall_lengths(stats: dict, eval_lengths: list[int]) -> list[str]:
     """The eval lengths (as ``fmt_tokens`` names) at which ``stats`` has an index or needle recall."""
     measured = {part for k in stats if k.startswith(("eval/index_recall/", "eval/needle_recall/"))
@@ -645,6 +672,7 @@ def write(report: dict, out: Path, plots: bool) -> None:
             plot_recall(report, out / f"quality_recall_{arm}.png", arm)
         if report["paired"]:
             plot_paired(report, out / "quality_paired.png")
+        plot_share(report, out / "quality_share.png")
 
 
 def work_dir(args) -> Path:

@@ -706,3 +706,17 @@ def test_quality_pairs_retrieval_share_by_length_by_hand():
     assert out["2K"]["mean"] == pytest.approx(0.0) and out["2K"]["std"] == pytest.approx(2 ** 0.5 / 10)
     assert out["64K"]["seeds"] == {0: pytest.approx(0.1), 1: pytest.approx(0.0)}
     assert out["64K"]["mean"] == pytest.approx(0.05)
+
+
+def test_quality_share_plot_draws_the_arms_that_have_shares(tmp_path):
+    """The answer-share plot: a line per arm with shares; none for a report written before the metric."""
+    from bench.quality import plot_share
+
+    settings = dict(tasks=["passkey", "multikey"], arms=["dense", "msa"], choices=4)
+    old = dict(settings=settings, eval_lengths=[8192], summary={"dense": {"eval/passkey/8K/choice": {"mean": 0.25}}})
+    assert not plot_share(old, tmp_path / "old.png") and not (tmp_path / "old.png").exists()
+    new = dict(settings=settings, eval_lengths=[8192, 16384],
+               summary={"dense": {"eval/passkey/8K/share": {"mean": 0.3, "std": 0.02}},
+                        "msa": {"eval/passkey/8K/share": {"mean": 0.4, "std": 0.05},
+                                "eval/multikey/16K/share": {"mean": 0.25, "std": 0.0}}})
+    assert plot_share(new, tmp_path / "share.png") and (tmp_path / "share.png").stat().st_size > 0
