@@ -110,6 +110,11 @@ def parse(argv=None):
     ap.add_argument("--synthetic-len", type=int, nargs=2, default=[1024, 0], metavar=("MIN", "MAX"),
                     help="the synthetic documents' lengths in tokens, uniform in [MIN, MAX] (MAX 0: the row "
                          "length); shorter documents give more questions per token")
+    ap.add_argument("--primer", type=float, default=0.0, metavar="SHARE",
+                    help="share of tokens from a second synthetic source of short passkey documents "
+                         "(--primer-len): dense copy signal, where a small model first learns to copy "
+                         "(docs/quality.md, the CPU check)")
+    ap.add_argument("--primer-len", type=int, nargs=2, default=[128, 192], metavar=("MIN", "MAX"))
     ap.add_argument("--final-len", type=int, default=0,
                     help="both arms end with a stage at this row length (0: none), as many tokens per step")
     ap.add_argument("--final-frac", type=float, default=0.2, help="with --final-len: its share of the steps")
@@ -147,13 +152,15 @@ def parse(argv=None):
         ap.error(f"--reference-arm {args.reference_arm} comes from {args.reference}: leave it out of --arms")
     if args.reference and not args.steps:
         ap.error("--reference needs --steps: the reference's runs trained a fixed number of steps")
+    if not (0 <= args.primer and args.mix + args.primer < 1):
+        ap.error(f"--mix {args.mix} + --primer {args.primer} must stay below 1: the rest is the corpus")
     return args
 
 
 # what makes two reports' runs of one seed comparable: the same model, data, schedule and steps, and what
 # the reference arm itself is made of
 TRAINING_SETTINGS = ("model", "seq_len", "batch", "lr", "warmup_frac", "rope_base", "mix", "synthetic_len",
-                     "final_len", "final_frac", "overrides")
+                     "primer", "primer_len", "final_len", "final_frac", "overrides")
 ARM_SETTINGS = {"msa_window": "window", "msa_kl": "kl_weight", "msa_wide": "wide_topk"}
 
 
@@ -185,9 +192,12 @@ def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool)
     lo, hi = args.synthetic_len
     synthetic = (f"{{kind:synthetic,weight:{args.mix},tasks:[{','.join(args.tasks)}],"
                  f"min_len:{min(lo, args.seq_len)},max_len:{hi},seed:{seed}}}")
+    if args.primer:  # its own seed: not the main source's draws with another task list
+        synthetic += (f",{{kind:synthetic,weight:{args.primer},tasks:[passkey],min_len:{args.primer_len[0]},"
+                      f"max_len:{args.primer_len[1]},seed:{1000 + seed}}}")
     out = [f"model={args.model}", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch}",
            f"model.rope_base={args.rope_base}", f"optim.lr={args.lr}", f"optim.warmup_steps={max(1, steps // 20)}",
-           f"data.sources=[{{kind:shards,weight:{1 - args.mix}}},{synthetic}]", "data.num_workers=2",
+           f"data.sources=[{{kind:shards,weight:{1 - args.mix - args.primer}}},{synthetic}]", "data.num_workers=2",
            "logging.wandb.mode=disabled", "logging.progress=false", "logging.stats_every=10",
            f"checkpoint.every={args.save_every if args.steps else 0}", "checkpoint.keep_last=1",
            f"run.steps={steps}", f"run.seed={seed}",

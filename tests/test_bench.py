@@ -381,6 +381,27 @@ def test_quality_arms_are_what_they_say(tmp_path):
         parse(["--out", str(tmp_path), "--arms", "msa", "msa"])
 
 
+def test_quality_primer_is_a_second_source_of_short_passkey_documents(tmp_path):
+    """--primer: a second synthetic source (passkey only, --primer-len, its own seed) whose share comes out
+    of the corpus; weights that leave no corpus are refused."""
+    from bench.quality import overrides, parse
+
+    args = parse(["--out", str(tmp_path), "--model", "tiny", "--seq-len", "256", "--mix", "0.3",
+                  "--primer", "0.1", "--primer-len", "110", "150", "--synthetic-len", "64", "200"])
+    cfg = compose(overrides(args, "msa", 2, 50, tmp_path, False))
+    kinds = [(s.kind, s.weight, list(s.tasks) if s.kind == "synthetic" else None) for s in cfg.data.sources]
+    assert kinds == [("shards", pytest.approx(0.6), None), ("synthetic", 0.3, list(args.tasks)),
+                     ("synthetic", 0.1, ["passkey"])]
+    main, primer = cfg.data.sources[1:]
+    assert (primer.min_len, primer.max_len) == (110, 150) and (main.min_len, main.max_len) == (64, 200)
+    assert primer.seed != main.seed  # not the main source's draws
+    plain = compose(overrides(parse(["--out", str(tmp_path), "--model", "tiny", "--seq-len", "256"]), "msa", 2, 50,
+                              tmp_path, False))
+    assert [s.kind for s in plain.data.sources] == ["shards", "synthetic"]  # no primer unless asked
+    with pytest.raises(SystemExit):
+        parse(["--out", str(tmp_path), "--mix", "0.6", "--primer", "0.4"])
+
+
 def test_quality_extra_eval_lengths(tmp_path):
     """--extra-lengths: evals at those lengths too (e.g. the synthetic documents' own), in ascending order
     with the multiples, once each, in the run's config."""
