@@ -192,12 +192,13 @@ def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool)
     lo, hi = args.synthetic_len
     synthetic = (f"{{kind:synthetic,weight:{args.mix},tasks:[{','.join(args.tasks)}],"
                  f"min_len:{min(lo, args.seq_len)},max_len:{hi},seed:{seed}}}")
-    if args.primer:  # its own seed: not the main source's draws with another task list
-        synthetic += (f",{{kind:synthetic,weight:{args.primer},tasks:[passkey],min_len:{args.primer_len[0]},"
+    primer = getattr(args, "primer", 0.0)  # a Namespace built by hand may predate it
+    if primer:  # its own seed: not the main source's draws with another task list
+        synthetic += (f",{{kind:synthetic,weight:{primer},tasks:[passkey],min_len:{args.primer_len[0]},"
                       f"max_len:{args.primer_len[1]},seed:{1000 + seed}}}")
     out = [f"model={args.model}", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch}",
            f"model.rope_base={args.rope_base}", f"optim.lr={args.lr}", f"optim.warmup_steps={max(1, steps // 20)}",
-           f"data.sources=[{{kind:shards,weight:{1 - args.mix - args.primer}}},{synthetic}]", "data.num_workers=2",
+           f"data.sources=[{{kind:shards,weight:{1 - args.mix - primer}}},{synthetic}]", "data.num_workers=2",
            "logging.wandb.mode=disabled", "logging.progress=false", "logging.stats_every=10",
            f"checkpoint.every={args.save_every if args.steps else 0}", "checkpoint.keep_last=1",
            f"run.steps={steps}", f"run.seed={seed}",
