@@ -192,13 +192,12 @@ def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool)
     lo, hi = args.synthetic_len
     synthetic = (f"{{kind:synthetic,weight:{args.mix},tasks:[{','.join(args.tasks)}],"
                  f"min_len:{min(lo, args.seq_len)},max_len:{hi},seed:{seed}}}")
-    primer = getattr(args, "primer", 0.0)  # a Namespace built by hand may predate it
-    if primer:  # its own seed: not the main source's draws with another task list
-        synthetic += (f",{{kind:synthetic,weight:{primer},tasks:[passkey],min_len:{args.primer_len[0]},"
+    if args.primer:  # its own seed: not the main source's draws with another task list
+        synthetic += (f",{{kind:synthetic,weight:{args.primer},tasks:[passkey],min_len:{args.primer_len[0]},"
                       f"max_len:{args.primer_len[1]},seed:{1000 + seed}}}")
     out = [f"model={args.model}", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch}",
            f"model.rope_base={args.rope_base}", f"optim.lr={args.lr}", f"optim.warmup_steps={max(1, steps // 20)}",
-           f"data.sources=[{{kind:shards,weight:{1 - args.mix - primer}}},{synthetic}]", "data.num_workers=2",
+           f"data.sources=[{{kind:shards,weight:{1 - args.mix - args.primer}}},{synthetic}]", "data.num_workers=2",
            "logging.wandb.mode=disabled", "logging.progress=false", "logging.stats_every=10",
            f"checkpoint.every={args.save_every if args.steps else 0}", "checkpoint.keep_last=1",
            f"run.steps={steps}", f"run.seed={seed}",
@@ -425,6 +424,11 @@ def report_arms(report: dict) -> list[str]:
     return list(report["settings"].get("arms", ARMS))
 
 
+def _std(vals) -> float:
+    """The sample standard deviation over seeds (n - 1); 0 for a single seed."""
+    return float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+
+
 def summarise(runs: list[dict], arms=ARMS) -> dict:
     """Per arm and scalar: mean, standard deviation over seeds (n - 1), min, max, n (None values left out)."""
     out = {}
@@ -435,7 +439,7 @@ def summarise(runs: list[dict], arms=ARMS) -> dict:
         for k in keys:
             vals = [s[k] for s in mine if s.get(k) is not None]
             if vals:
-                stats[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                stats[k] = {"mean": float(np.mean(vals)), "std": _std(vals),
                             "min": float(min(vals)), "max": float(max(vals)), "n": len(vals)}
         out[arm] = stats
     return out
@@ -483,7 +487,7 @@ def paired(runs: list[dict], arms=ARMS) -> dict:
                            for part in parts])
         vals = list(diffs.values())
         out[arm] = {"against": ref, "seeds": seeds, "final_loss_rel": diffs, "mean": float(np.mean(vals)),
-                    "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                    "std": _std(vals),
                     "by_tenth": [float(np.mean(col)) for col in zip(*tenths)],
                     "by_tenth_seeds": dict(zip(seeds, tenths)), "retrieval_share": {}}
         shares = {(x, s): share_by_length(by_seed[x, s]["scalars"]) for x in (arm, ref) for s in seeds}
@@ -492,8 +496,7 @@ def paired(runs: list[dict], arms=ARMS) -> dict:
                         if length in shares[arm, s] and length in shares[ref, s]}
             if per_seed:
                 d = list(per_seed.values())
-                std = float(np.std(d, ddof=1)) if len(d) > 1 else 0.0
-                out[arm]["retrieval_share"][length] = {"seeds": per_seed, "mean": float(np.mean(d)), "std": std}
+                out[arm]["retrieval_share"][length] = {"seeds": per_seed, "mean": float(np.mean(d)), "std": _std(d)}
     return out
 
 

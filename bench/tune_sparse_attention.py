@@ -18,9 +18,9 @@ kernel in ``SWEEP`` (``SWEEP_KERNELS=dkdv_dq,...`` limits it; the names are fiel
 ``kl`` (alone: nothing else runs) times the index KL's two places side by side, at ``KL_N`` tokens (default
 32768) and each of ``KL_HKVS`` (default ``8,2``): separate (``sparse_attention`` then ``index_kl_loss`` on
 its lse, forward and backward) against in the attention's backward (``sparse_attention_kl``) under each
-dK/dV launch setting of ``KL_SWEEP``. Each
-setting's KL value and index gradients are checked against the separate path's, one step of each place is
-broken down by kernel, and the dK/dV kernel's registers and spills are read from each compiled variant.
+dK/dV launch setting of ``KL_SWEEP``. Each setting's KL value and index gradients are checked against the
+separate path's, one step of each place is broken down by kernel, and the dK/dV kernel's registers and
+spills are read from each compiled variant.
 Results to ``$OUT/tune_kl_backward.json``, rewritten after every point.
 """
 

@@ -108,12 +108,17 @@ def _group(t: Tiles, G: int) -> dict:
     return dict(BLOCK_G=max(16, triton.next_power_of_2(G)), **_warps(t))
 
 
+def _dkdv_field(dq_path: str) -> str:
+    """The ``Launch`` field of the dQ path's dK/dV kernel."""
+    return "dkdv_dq" if dq_path == "dkdv" else "dkdv"
+
+
 def with_kl_tiles(launch: Launch, dq_path: str) -> Launch:
     """``launch`` with the dQ path's dK/dV field set to ``dkdv_kl``: what ``sparse_attention_kl`` runs
     with, so its reverse index and its backward see the same key tiles."""
-    return replace(launch, **{"dkdv_dq" if dq_path == "dkdv" else "dkdv": launch.dkdv_kl})
+    return replace(launch, **{_dkdv_field(dq_path): launch.dkdv_kl})
 
 
 def _dkdv_tiles(launch: Launch, dq_path: str, G: int, block_size: int) -> dict:
-    t = launch.dkdv_dq if dq_path == "dkdv" else launch.dkdv
+    t = getattr(launch, _dkdv_field(dq_path))
     return dict(_rows(t, G), BLOCK_N=min(t.block_n, block_size))

@@ -318,7 +318,7 @@ def test_quality_final_stage_keeps_the_tokens_per_step_and_is_planned(tmp_path):
     from train.recipe import build_recipe
 
     args = Namespace(model="tiny", seq_len=256, batch=4, rope_base=5e5, lr=1e-3, mix=0.25, tasks=["passkey"],
-                     synthetic_len=[1024, 0], warmup_frac=0.1, final_len=1024, final_frac=0.2, steps=None,
+                     synthetic_len=[1024, 0], primer=0.0, warmup_frac=0.1, final_len=1024, final_frac=0.2, steps=None,
                      save_every=50, overrides=[])
     for arm, names in (("dense", ["main", "final"]), ("msa", ["warmup", "main", "final"])):
         stages = build_recipe(compose(overrides(args, arm, 0, 50, tmp_path, evals=False)))
