@@ -313,3 +313,39 @@ def test_non_finite_loss_skips_the_update_then_stops(tmp_path, corpus_dir, monke
     # the weights after the skipped step 1 are those it started with; step 0 did change them
     assert all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2]))
     assert not all(torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))
+
+
+def test_data_curriculum_resumes_exactly_at_the_stage_change(tmp_path, corpus_dir, monkeypatch):
+    """recipe.stages[i].data_weights through the training loop: the first stage reads the synthetic source
+    alone, the next data.sources' shares; a stop at the change and a resume give the uninterrupted run's
+    losses, and each stage runs with its weights."""
+    from train import loop
+
+    overrides = [*SMALL, "attention.kind=dense", "data.num_workers=0", "logging.wandb.mode=disabled",
+                 "data.sources=[{kind:shards,weight:0.7},{kind:synthetic,weight:0.3,tasks:[passkey],"
+                 "min_len:120,max_len:200,seed:0}]",
+                 "recipe.stages=[{name:primer,steps:2,data_weights:[0,1]},{name:main,steps:2}]",
+                 "recipe.warmup_steps=0", "run.steps=4",
+                 f"data.corpus_dir={corpus_dir}", "checkpoint.keep_last=0"]
+    real_step = loop.train_step
+    seen = []
+
+    def step_then_signal(run, *args, **kwargs):
+        seen.append(list(run.loader.weights))
+        out = real_step(run, *args, **kwargs)
+        if len(seen) == 6:  # the second run (after the reference's 4 steps), at the stage change
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(loop, "train_step", step_then_signal)
+    loop.train(compose_train_config([*overrides, f"run_dir={tmp_path / 'ref'}"]))
+    assert seen == [[0.0, 1.0]] * 2 + [[0.7, 0.3]] * 2
+    stop = compose_train_config([*overrides, f"run_dir={tmp_path / 'stop'}"])
+    loop.train(stop)
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "stop")] == [ckpt.tag_for(2)]
+    loop.train(stop)
+    assert seen[4:] == [[0.0, 1.0]] * 2 + [[0.7, 0.3]] * 2
+    want, got = rows(tmp_path / "ref"), rows(tmp_path / "stop")
+    assert [r["step"] for r in got] == list(range(4))
+    assert [r["loss/lm"] for r in got] == [r["loss/lm"] for r in want]
+    assert want[0]["loss/lm"] != want[2]["loss/lm"]

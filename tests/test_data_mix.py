@@ -110,3 +110,74 @@ def test_a_longer_stage_continues_the_mixed_stream(tmp_path):
     longer = build_dataloader(cfg, TOK, seq_len=400, batch_size=1, seed=3)
     longer.load_state_dict(short.state_dict())
     assert next(iter(longer))["input_ids"].shape == (1, 400)
+
+
+def _source_of(key: str) -> str:
+    return key.split("/")[0] if "/" in key else key[0]
+
+
+def _pieces(loader, n_rows: int) -> list[tuple[str, str]]:
+    """(source, document key) of each piece of the next ``n_rows`` rows, in order."""
+    return [(_source_of(key), key) for row in take(loader.iter_rows(), n_rows) for key, *_ in row.pieces]
+
+
+def test_a_stage_with_new_weights_continues_every_source(tmp_path):
+    """A recipe stage's data_weights (as enter_stage builds its loader): the same sources in the new shares,
+    counted from the stage's start, and each source's documents continue where the last stage left them."""
+    cfg = sources_cfg(tmp_path)
+    make = lambda weights=None: build_dataloader(cfg, TOK, seq_len=200, batch_size=1, seed=4, weights=weights)
+    first = make()
+    before = _pieces(first, 30)
+    # a stage of the synthetic source alone: after the document in flight, nothing else
+    only_tasks = make([0, 0, 1])
+    only_tasks.load_state_dict(first.state_dict())
+    during = _pieces(only_tasks, 20)
+    assert during[0][0] == "tasks" or during[0][1] == before[-1][1]  # a document in flight continues
+    assert {src for src, _ in during[1:]} == {"tasks"}
+    # then a and b in equal shares, counted from this stage's start: with the counts of the earlier stages
+    # b (behind its share by 0.3 of the ~6K tokens so far) would take nearly every document at first
+    even = make([1, 1, 0])
+    even.load_state_dict(only_tasks.state_dict())
+    after = _pieces(even, 20)
+    tokens = Counter()  # per source, since the stage's start (the position's counts)
+    for w in even.state_dict()["workers"].values():
+        tokens.update(dict(zip(["a", "b", "tasks"], w["pos"]["tokens"])))
+    assert tokens["tasks"] == 0 and abs(tokens["a"] / (tokens["a"] + tokens["b"]) - 0.5) < 0.1, tokens
+    # every shard source continues its own stream: no document of a repeats or is skipped across the stages
+    pure_a = make([1, 0, 0])
+    stream = list(dict.fromkeys(key for _, key in _pieces(pure_a, 60)))
+    seen = list(dict.fromkeys(key for src, key in before + during + after if src == "a"))
+    assert seen == stream[:len(seen)] and len(seen) > 5
+
+
+def test_resume_inside_a_weighted_stage_is_exact(tmp_path):
+    cfg = sources_cfg(tmp_path, num_workers=2, haystack="b")
+    make = lambda: build_dataloader(cfg, TOK, seq_len=160, batch_size=2, seed=5, weights=[0.1, 0.1, 0.8])
+    full = make()
+    take(iter(full), 4)
+    state = full.state_dict()
+    assert state["weights"] == [0.1, 0.1, 0.8]
+    rest = take(iter(full), 5)
+    full.close()
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert_batches_equal(take(iter(resumed), 5), rest)
+    resumed.close()
+
+
+def test_states_saved_with_weights_in_sources_still_load(tmp_path):
+    """A checkpoint from before stages could set weights held each weight in its sources entry."""
+    cfg = sources_cfg(tmp_path)
+    make = lambda: build_dataloader(cfg, TOK, seq_len=200, batch_size=1, seed=6)
+    full = make()
+    take(iter(full), 3)
+    state = full.state_dict()
+    rest = _pieces(full, 5)
+    old = {k: v for k, v in state.items() if k != "weights"}
+    old["sources"] = [[name, kind, WEIGHTS[name], rest_] for name, kind, rest_ in state["sources"]]
+    resumed = make()
+    resumed.load_state_dict(old)
+    assert _pieces(resumed, 5) == rest
+    with pytest.raises(ValueError, match="3 data weights for 2"):
+        build_dataloader(DataConfig(**{**cfg.__dict__, "sources": cfg.sources[:2]}), TOK, seq_len=200,
+                         batch_size=1, weights=[1, 1, 1])

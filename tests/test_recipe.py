@@ -183,3 +183,23 @@ def test_frozen_stage_through_deepspeed(zero, policy, tmp_path, monkeypatch):
         resumed = _run_recipe(cfg, env, stages, batches, first=first, resume=path)
         assert all(torch.equal(resumed[0][n], now[first][n]) for n in now[first]), first
         assert all(torch.equal(resumed[-1][n], now[-1][n]) for n in now[-1]), first
+
+
+def test_stage_data_weights_resolve_and_are_checked():
+    from train.data.config import SourceConfig
+
+    stages = [StageConfig(name="primer", steps=2, data_weights=[0, 1]), StageConfig(name="main", steps=3)]
+    cfg = make_cfg(stages, steps=5)
+    with pytest.raises(ValueError, match=r"recipe.stages\[0\].data_weights needs data.sources"):
+        build_recipe(cfg)
+    cfg.data.sources = [SourceConfig(name="text"), SourceConfig(name="tasks", kind="synthetic", weight=0.3)]
+    primer, main = build_recipe(cfg)
+    assert primer.data_weights == (0.0, 1.0) and main.data_weights == ()  # (): data.sources' own weights
+    assert primer.data_epoch == main.data_epoch  # one stream, new shares
+    assert "[0] primer: steps 0-1 sparse seq_len=512 batch=2 sp=1 cp=1 rope_base=10000 kl_weight=1 " \
+           "data_weights=[0.0, 1.0]" in describe([primer, main], 5)
+    for weights, message in (([1], "has 1 weights for 2 data.sources"), ([1, -1], "finite and >= 0"),
+                             ([0, 0], "at least one > 0"), ([1, float("nan")], "finite")):
+        cfg.recipe.stages[0].data_weights = weights
+        with pytest.raises(ValueError, match=rf"recipe.stages\[0\].data_weights=.*{message}"):
+            build_recipe(cfg)

@@ -187,13 +187,13 @@ def build_stage_loader(cfg: TrainConfig, stage: Stage, tokenizer, env: DistEnv):
     group = stage.sp_size * stage.cp_size
     return build_dataloader(cfg.data, tokenizer, seq_len=stage.seq_len, batch_size=stage.batch_size,
                             dp_rank=env.rank // group, dp_world=env.world_size // group,
-                            seed=cfg.run.seed + stage.data_epoch)
+                            seed=cfg.run.seed + stage.data_epoch, weights=stage.data_weights or None)
 
 
 def enter_stage(run: Run, upcoming: Stage, step: int, logger, resolved: dict) -> bool:
     """Move to ``upcoming`` if it is a new stage. A new sp/cp layout needs new process groups: save and
     return False (the relaunched command continues there). A new sequence length or batch continues
-    the same document stream in the new shape."""
+    the same document stream in the new shape, and new data weights the same sources in new shares."""
     old = run.stage
     if upcoming is old:
         return True
@@ -202,7 +202,8 @@ def enter_stage(run: Run, upcoming: Stage, step: int, logger, resolved: dict) ->
         logger.message(f"step {step}: stage {upcoming.name} runs with sp_size={upcoming.sp_size}, cp_size="
                        f"{upcoming.cp_size}; checkpoint saved, relaunch the same command to continue")
         return False
-    if (upcoming.seq_len, upcoming.batch_size) != (old.seq_len, old.batch_size):
+    if (upcoming.seq_len, upcoming.batch_size, upcoming.data_weights) != (old.seq_len, old.batch_size,
+                                                                          old.data_weights):
         position = run.loader.state_dict()
         run.loader.close()
         run.loader = build_stage_loader(run.cfg, upcoming, run.tokenizer, run.env)

@@ -9,6 +9,9 @@ support) and optionally its sequence length, batch, ``sp/cp`` sizes, RoPE base a
 and whether the main weights are frozen; an unset value keeps the base config's (``data.seq_len``,
 ``data.batch_size``, ``parallel.sp_size/cp_size``, ``model.rope_base``, ``model.rope_scaling``,
 ``recipe.kl_weight``; frozen: ``recipe.freeze_main_in_warmup`` for warm-up stages, else not).
+With ``data.sources``, a stage may also set ``data_weights`` (one token share per source, 0 to leave one
+out): a data curriculum over one stream, e.g. short retrieval documents first. Each source continues
+where the last stage left it; the shares count from the stage's start.
 A frozen stage trains only the index branch (the LM loss is logged but not back-propagated, the other
 parameter groups run at learning rate 0): the warm-up of a pretrained model converted to MSA.
 Example (abridged from ``conf/recipe/long_context.yaml``)::
@@ -28,6 +31,7 @@ the new stage with its layout.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from msa.layer import PHASES
@@ -49,6 +53,9 @@ class StageConfig:
     rope_scaling: RopeScaling | None = None
     kl_weight: float | None = None
     freeze_main: bool | None = None  # only the index branch learns in this stage
+    # one token share per data.sources entry, in its order (0 leaves a source out of this stage); None:
+    # data.sources' own weights. The stage continues every source's stream where the last stage left it.
+    data_weights: list[float] | None = None
 
 
 @dataclass
@@ -81,6 +88,7 @@ class Stage:
     freeze_main: bool
     data_epoch: int  # first stage of the run of stages with this sp/cp layout: they share one data stream
     explicit: tuple[str, ...] = ()  # the settings this stage's entry sets itself
+    data_weights: tuple[float, ...] = ()  # () : data.sources' own weights
 
     def layout(self) -> tuple[int, int]:
         return self.sp_size, self.cp_size
@@ -126,6 +134,8 @@ def build_recipe(cfg) -> list[Stage]:
                       rope_base=float(values["rope_base"]), rope_scaling=values["rope_scaling"],
                       kl_weight=float(values["kl_weight"]), freeze_main=bool(frozen), data_epoch=i,
                       explicit=explicit + (("freeze_main",) if s.freeze_main is not None else ()))
+        if s.data_weights is not None:
+            stage = replace(stage, data_weights=_data_weights(cfg, s.data_weights, f"recipe.stages[{i}].data_weights"))
         if stages and stages[-1].layout() == stage.layout():
             stage = replace(stage, data_epoch=stages[-1].data_epoch)
         stages.append(stage)
@@ -134,6 +144,20 @@ def build_recipe(cfg) -> list[Stage]:
         raise ValueError(f"run.steps={cfg.run.steps} runs past the recipe's {start} steps: lower "
                          f"run.steps or lengthen recipe.stages (the last stage's steps)")
     return stages
+
+
+def _data_weights(cfg, weights, key: str) -> tuple[float, ...]:
+    sources = cfg.data.sources
+    if not sources:
+        raise ValueError(f"{key} needs data.sources (one weight per source); with data.shards alone there is "
+                         f"nothing to weigh: list the sources in data.sources, or drop {key}")
+    weights = [float(w) for w in weights]
+    if len(weights) != len(sources):
+        raise ValueError(f"{key}={weights} has {len(weights)} weights for {len(sources)} data.sources: give one "
+                         "per source, in data.sources' order (0 leaves a source out of the stage)")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"{key}={weights}: each weight must be finite and >= 0, and at least one > 0")
+    return tuple(weights)
 
 
 def stage_at(stages: list[Stage], step: int) -> Stage:
@@ -157,7 +181,8 @@ def describe(stages: list[Stage], total_steps: int) -> str:
         lines.append(f"  [{s.index}] {s.name}: steps {s.start}-{min(s.end, total_steps) - 1} {s.phase} "
                      f"seq_len={s.seq_len} batch={s.batch_size} sp={s.sp_size} cp={s.cp_size} "
                      f"rope_base={s.rope_base:g}{_scaling(s.rope_scaling)} kl_weight={s.kl_weight:g}"
-                     f"{' main weights frozen' if s.freeze_main else ''}")
+                     f"{' main weights frozen' if s.freeze_main else ''}"
+                     f"{f' data_weights={list(s.data_weights)}' if s.data_weights else ''}")
     return "recipe:\n" + "\n".join(lines)
 
 

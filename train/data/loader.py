@@ -103,8 +103,9 @@ class _Rows(IterableDataset):
     """Rows of the logical workers a torch DataLoader worker plays (one each; all of them in-process)."""
 
     def __init__(self, urls, tokenizer, cfg, *, seq_len, dp_rank, n_workers, dp_world, seed, states, first,
-                 sources=()):
+                 sources=(), weights=()):
         self.urls, self.tokenizer, self.cfg, self.sources = urls, tokenizer, cfg, list(sources)
+        self.weights = list(weights)
         self.seq_len, self.dp_rank, self.n_workers, self.dp_world = seq_len, dp_rank, n_workers, dp_world
         self.seed, self.states, self.first = seed, states, first
 
@@ -127,7 +128,7 @@ class _Rows(IterableDataset):
                 self.shard_reader(urls, index, self.seed + 7919 * i) if src.kind == "shards" else
                 SyntheticReader(src, name, self.tokenizer, self.cfg.image, self.seq_len, self.seed, index,
                                 self.cfg.corpus.heldout_every)
-                for i, (name, src, urls) in enumerate(self.sources)], [src.weight for _, src, _ in self.sources])
+                for i, (name, src, urls) in enumerate(self.sources)], self.weights)
         p = self.cfg.image.patch_size
         return Packer(reader, self.seq_len, self.tokenizer.pad, self.tokenizer.img_patch, 3 * p * p)
 
@@ -177,8 +178,10 @@ class Loader:
     exactly; `skipped` counts skipped input by reason."""
 
     def __init__(self, cfg: DataConfig, tokenizer, urls, *, seq_len, batch_size, dp_rank, dp_world, seed,
-                 sources=()):
+                 sources=(), weights=None):
         self.cfg, self.tokenizer, self.urls, self.sources = cfg, tokenizer, urls, list(sources)
+        # the token share of each source (a recipe stage's data_weights, else data.sources' weights)
+        self.weights = [float(w) for w in weights] if weights else [src.weight for _, src, _ in self.sources]
         self.seq_len, self.batch_size, self.dp_rank, self.dp_world = seq_len, batch_size, dp_rank, dp_world
         self.seed = seed
         self.n_workers = max(1, cfg.num_workers)
@@ -195,17 +198,18 @@ class Loader:
 
     def _sources_key(self) -> list | None:
         """What a mixed stream depends on (None without data.sources, as in states saved before them). A
-        synthetic source's ``max_len`` 0 stays 0: a later stage's longer rows continue its stream."""
+        synthetic source's ``max_len`` 0 stays 0: a later stage's longer rows continue its stream. The
+        weights are not in it: a stage may change them (``state_dict``'s ``weights``)."""
         if not self.sources:
             return None
-        return [[name, src.kind, src.weight, urls if urls is not None else
+        return [[name, src.kind, urls if urls is not None else
                  [list(src.tasks), src.min_len, src.max_len, src.seed, src.haystack]]
                 for name, src, urls in self.sources]
 
     def iter_rows(self):
         ds = _Rows(self.urls, self.tokenizer, self.cfg, seq_len=self.seq_len,
                    dp_rank=self.dp_rank, n_workers=self.n_workers, dp_world=self.dp_world, seed=self.seed,
-                   states=dict(self._states), first=self._next, sources=self.sources)
+                   states=dict(self._states), first=self._next, sources=self.sources, weights=self.weights)
         if self.cfg.num_workers == 0:
             source = iter(ds)
         else:
@@ -243,7 +247,8 @@ class Loader:
         return dict(total)
 
     def state_dict(self) -> dict:
-        return {**self._fingerprint(), "workers": {str(w): s for w, s in self._states.items()}, "next": self._next}
+        return {**self._fingerprint(), "workers": {str(w): s for w, s in self._states.items()}, "next": self._next,
+                "weights": self.weights if self.sources else None}
 
     def load_state_dict(self, state: dict):
         keys = {"dp_world": "the data-parallel size", "dp_rank": "the data-parallel rank",
@@ -251,6 +256,7 @@ class Loader:
                 "sources": "data.sources",
                 "vocab_size": "data.tokenizer", "image": "data.image.patch_size / data.image.max_patches"}
         now = self._fingerprint()
+        state, saved_weights = _split_weights(state)
         for key, cfg_key in keys.items():
             if state.get(key) != now[key]:
                 raise ValueError(
@@ -260,12 +266,33 @@ class Loader:
         self.close()
         self._states = {int(w): s for w, s in state["workers"].items()}
         self._next = state["next"]
+        if self.sources and _shares(saved_weights) != _shares(self.weights):
+            # new shares (a stage's data_weights): every source continues its stream; the counts that
+            # pick the next source start again from 0, so the new shares hold from here on
+            log.info("data: source weights %s -> %s; each source continues where it was", saved_weights,
+                     self.weights)
+            for s in self._states.values():
+                s["pos"] = {**s["pos"], "tokens": [0] * len(self.sources)}
+
+
+def _shares(weights) -> list[float] | None:
+    return None if weights is None else [w / sum(weights) for w in weights]
+
+
+def _split_weights(state: dict) -> tuple[dict, list[float] | None]:
+    """The saved state with ``sources`` in today's form, and the weights it was saved with. States saved
+    before stages could set weights hold each source's weight in its ``sources`` entry."""
+    sources, weights = state.get("sources"), state.get("weights")
+    if sources and len(sources[0]) == 4:
+        weights = [e[2] for e in sources]
+        state = {**state, "sources": [[e[0], e[1], e[3]] for e in sources]}
+    return state, weights
 
 
 def build_dataloader(cfg: DataConfig, tokenizer, *, seq_len=None, batch_size=None, dp_rank=0, dp_world=1,
-                     seed=0) -> Loader:
-    """The loader of one data-parallel rank; ``seq_len`` / ``batch_size`` default to cfg's (a recipe
-    stage passes its own)."""
+                     seed=0, weights=None) -> Loader:
+    """The loader of one data-parallel rank; ``seq_len`` / ``batch_size`` default to cfg's and ``weights``
+    (one per data.sources entry) to data.sources' own (a recipe stage passes its own)."""
     seq_len = seq_len or cfg.seq_len
     batch_size = batch_size or cfg.batch_size
     check_data(cfg, seq_len, batch_size)
@@ -274,9 +301,13 @@ def build_dataloader(cfg: DataConfig, tokenizer, *, seq_len=None, batch_size=Non
     sources = resolve_sources(cfg)
     urls = [] if sources else resolve_shards(cfg)
     if sources:
+        if weights is not None and len(weights) != len(sources):
+            raise ValueError(f"{len(weights)} data weights for {len(sources)} data.sources: give one per source")
+        ws = list(weights) if weights is not None else [src.weight for _, src, _ in sources]
         log.info("data: data-parallel rank %d of %d mixes %s", dp_rank, dp_world, ", ".join(
-            f"{name} (weight {src.weight:g}{'' if u is None else f', {len(u)} shards'})" for name, src, u in sources))
+            f"{name} (weight {w:g}{'' if u is None else f', {len(u)} shards'})"
+            for (name, _, u), w in zip(sources, ws)))
     else:
         log.info("data: data-parallel rank %d of %d reads %d shards", dp_rank, dp_world, len(urls))
     return Loader(cfg, tokenizer, urls, seq_len=seq_len, batch_size=batch_size, dp_rank=dp_rank,
-                  dp_world=dp_world, seed=seed, sources=sources)
+                  dp_world=dp_world, seed=seed, sources=sources, weights=weights)

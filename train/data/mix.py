@@ -1,10 +1,12 @@
 """Several weighted document sources in one stream (``data.sources``), and the synthetic retrieval source.
 
 ``MixedReader`` draws each next document from the source furthest behind its share of tokens: source
-``s`` is next when ``tokens_s / weight_s`` is the smallest (ties to the first listed). Over a stream the
-token shares then match the normalised weights to within one document, with no random draw to
-replay on resume: its position is the token counts, the source of the current document and each
-source's own position (the last document it gave), so a resume continues exactly.
+``s`` is next when ``tokens_s / weight_s`` is the smallest (ties to the first listed; a weight of 0
+leaves a source out). Over a stream the token shares then match the normalised weights to within one
+document, with no random draw to replay on resume: its position is the token counts, the source of the
+current document and each source's own position (the last document it gave), so a resume continues
+exactly. A recipe stage with other weights (``recipe.stages[i].data_weights``) continues each source's
+position with the counts set to 0 (``Loader.load_state_dict``): the shares count from the stage's start.
 
 ``SyntheticReader`` yields the retrieval tasks of ``train/eval/tasks.py`` as documents (task, length
 and depth drawn per document), from random streams of the training domain seeded by the source's
@@ -101,7 +103,7 @@ class MixedReader:
             r.skipped = self.skipped
 
     def _next_source(self, tokens: list[int]) -> int:
-        return min(range(len(self.readers)), key=lambda s: tokens[s] / self.weights[s])
+        return min((s for s, w in enumerate(self.weights) if w > 0), key=lambda s: tokens[s] / self.weights[s])
 
     def documents(self, pos: MixPosition | dict | None = None):
         pos = pos.to_dict() if isinstance(pos, MixPosition) else pos
