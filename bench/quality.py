@@ -115,6 +115,10 @@ def parse(argv=None):
                          "(--primer-len): dense copy signal, where a small model first learns to copy "
                          "(docs/quality.md, the CPU check)")
     ap.add_argument("--primer-len", type=int, nargs=2, default=[128, 192], metavar=("MIN", "MAX"))
+    ap.add_argument("--primer-first", type=float, default=0.0, metavar="FRAC",
+                    help="with --primer: the first FRAC of the steps read the primer alone (a stage whose "
+                         "data_weights leave the other sources out), before the mix; part of the MSA arm's "
+                         "dense warm-up, so at most --warmup-frac")
     ap.add_argument("--final-len", type=int, default=0,
                     help="both arms end with a stage at this row length (0: none), as many tokens per step")
     ap.add_argument("--final-frac", type=float, default=0.2, help="with --final-len: its share of the steps")
@@ -154,13 +158,18 @@ def parse(argv=None):
         ap.error("--reference needs --steps: the reference's runs trained a fixed number of steps")
     if not (0 <= args.primer and args.mix + args.primer < 1):
         ap.error(f"--mix {args.mix} + --primer {args.primer} must stay below 1: the rest is the corpus")
+    if args.primer_first and not args.primer:
+        ap.error("--primer-first needs --primer SHARE (the primer source it reads alone)")
+    if not 0 <= args.primer_first <= args.warmup_frac:
+        ap.error(f"--primer-first {args.primer_first} must lie in [0, --warmup-frac {args.warmup_frac}]: the primer "
+                 "stage is part of the MSA arm's dense warm-up")
     return args
 
 
 # what makes two reports' runs of one seed comparable: the same model, data, schedule and steps, and what
 # the reference arm itself is made of
 TRAINING_SETTINGS = ("model", "seq_len", "batch", "lr", "warmup_frac", "rope_base", "mix", "synthetic_len",
-                     "primer", "primer_len", "final_len", "final_frac", "overrides")
+                     "primer", "primer_len", "primer_first", "final_len", "final_frac", "overrides")
 ARM_SETTINGS = {"msa_window": "window", "msa_kl": "kl_weight", "msa_wide": "wide_topk"}
 
 
@@ -243,15 +252,21 @@ def arm_overrides(args, arm: str) -> list[str]:
 
 
 def stage_plan(args, arm: str, steps: int) -> list[dict]:
-    """The stages of a run of ``steps``: the MSA arm's dense warm-up (``--warmup-frac``), then the main
+    """The stages of a run of ``steps``: with ``--primer-first`` a first stage of the primer source alone
+    (both arms; the MSA arm's in its warm-up), the MSA arm's dense warm-up (``--warmup-frac``), then the main
     stage at ``--seq-len``, and with ``--final-len`` a last stage (``--final-frac`` of the steps, both arms)
     at that length with as many tokens per step (``batch x seq_len / final_len`` rows, at least 1)."""
     final = max(1, round(args.final_frac * steps)) if args.final_len else 0
-    warm = max(1, round(args.warmup_frac * steps)) if sparse(arm) else 0
+    primer = max(1, round(args.primer_first * steps)) if args.primer_first else 0
+    warm = max(1, round(args.warmup_frac * steps), primer) if sparse(arm) else primer
     if warm + final >= steps:
-        raise SystemExit(f"{steps} steps leave no main stage after {warm} warm-up and {final} final steps: "
+        raise SystemExit(f"{steps} steps leave no main stage after {warm} warm-up (or primer) and {final} final steps: "
                          "lower --warmup-frac or --final-frac, or train more steps")
-    stages = ([{"name": "warmup", "steps": warm, "phase": "warmup"}] if warm else []) + [
+    # --primer-first: the primer source alone (data_weights in data.sources' order: corpus, tasks, primer),
+    # the first steps of the MSA arm's warm-up
+    phase = {"phase": "warmup"} if sparse(arm) else {}
+    stages = ([{"name": "primer", "steps": primer, **phase, "data_weights": [0, 0, 1]}] if primer else []) + (
+        [{"name": "warmup", "steps": warm - primer, "phase": "warmup"}] if warm > primer and sparse(arm) else []) + [
         {"name": "main", "steps": steps - warm - final}]
     if final:
         rows = max(1, args.batch * args.seq_len // args.final_len)
@@ -263,7 +278,8 @@ def recipe_overrides(args, arm: str, steps: int) -> list[str]:
     """``stage_plan`` as Hydra overrides (``recipe.stages``), so the stages have the names the probe times them
     by (the default recipe would call the main stage ``sparse``)."""
     stages = stage_plan(args, arm, steps)
-    entries = ",".join("{" + ",".join(f"{k}:{v}" for k, v in st.items()) + "}" for st in stages)
+    value = lambda v: f"[{','.join(map(str, v))}]" if isinstance(v, list) else v
+    entries = ",".join("{" + ",".join(f"{k}:{value(v)}" for k, v in st.items()) + "}" for st in stages)
     return ["recipe.warmup_steps=0", f"recipe.stages=[{entries}]"]
 
 

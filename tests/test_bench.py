@@ -297,7 +297,7 @@ def test_quality_plan_fits_the_runs_serial_and_in_waves():
 
     timing = {"dense": {"setup_s": 5.0, "eval_s": 10.0, "main_step_s": 0.5},
               "msa": {"setup_s": 5.0, "eval_s": 20.0, "warmup_step_s": 0.2, "main_step_s": 0.4}}
-    args = Namespace(warmup_frac=0.25, final_len=0, final_frac=0.2, batch=2, seq_len=256, save_s=5.0,
+    args = Namespace(warmup_frac=0.25, final_len=0, final_frac=0.2, primer_first=0.0, batch=2, seq_len=256, save_s=5.0,
                      seeds=[0, 1, 2], jobs=1, min_steps=1, max_steps=10**6, arms=["dense", "msa"])
     # one after the other: 3 x (20 + 30) s fixed, 3 x (0.5 + 0.25 x 0.2 + 0.75 x 0.4) s per step
     steps, estimate = plan(args, timing, 400.0)
@@ -318,7 +318,8 @@ def test_quality_final_stage_keeps_the_tokens_per_step_and_is_planned(tmp_path):
     from train.recipe import build_recipe
 
     args = Namespace(model="tiny", seq_len=256, batch=4, rope_base=5e5, lr=1e-3, mix=0.25, tasks=["passkey"],
-                     synthetic_len=[1024, 0], primer=0.0, warmup_frac=0.1, final_len=1024, final_frac=0.2, steps=None,
+                     synthetic_len=[1024, 0], primer=0.0, primer_first=0.0, warmup_frac=0.1, final_len=1024,
+                     final_frac=0.2, steps=None,
                      save_every=50, overrides=[])
     for arm, names in (("dense", ["main", "final"]), ("msa", ["warmup", "main", "final"])):
         stages = build_recipe(compose(overrides(args, arm, 0, 50, tmp_path, evals=False)))
@@ -400,6 +401,27 @@ def test_quality_primer_is_a_second_source_of_short_passkey_documents(tmp_path):
     assert [s.kind for s in plain.data.sources] == ["shards", "synthetic"]  # no primer unless asked
     with pytest.raises(SystemExit):
         parse(["--out", str(tmp_path), "--mix", "0.6", "--primer", "0.4"])
+
+
+def test_quality_primer_first_is_a_stage_of_the_primer_alone(tmp_path):
+    """--primer-first: both arms start with a stage that reads only the primer source (its data_weights),
+    inside the MSA arm's dense warm-up; the plan times it as a stage of its own."""
+    from bench.quality import mean_step_s, overrides, parse
+    from train.recipe import build_recipe
+
+    args = parse(["--out", str(tmp_path), "--model", "tiny", "--seq-len", "256", "--mix", "0.3", "--primer", "0.1",
+                  "--primer-len", "110", "150", "--synthetic-len", "128", "256", "--primer-first", "0.1",
+                  "--warmup-frac", "0.3"])
+    for arm, plan_ in (("dense", [("primer", 5, "sparse"), ("main", 45, "sparse")]),
+                       ("msa", [("primer", 5, "warmup"), ("warmup", 10, "warmup"), ("main", 35, "sparse")])):
+        stages = build_recipe(compose(overrides(args, arm, 0, 50, tmp_path, False)))
+        assert [(st.name, st.end - st.start, st.phase) for st in stages] == plan_
+        assert stages[0].data_weights == (0.0, 0.0, 1.0) and all(not st.data_weights for st in stages[1:])
+    timing = {"primer_step_s": 1.0, "warmup_step_s": 2.0, "main_step_s": 4.0}
+    assert mean_step_s(args, "msa", timing, nominal=50) == pytest.approx((5 * 1 + 10 * 2 + 35 * 4) / 50)
+    for bad in (["--primer-first", "0.1"], ["--primer", "0.1", "--primer-first", "0.4", "--warmup-frac", "0.3"]):
+        with pytest.raises(SystemExit):
+            parse(["--out", str(tmp_path), *bad])
 
 
 def test_quality_extra_eval_lengths(tmp_path):
