@@ -115,3 +115,25 @@ def test_eval_forward_matches_the_training_loss_and_recall():
     assert got["index_recall"]["oracle_2x_layers"]["1"] == pytest.approx(
         (recall[0] + recall[1]).ratios()["oracle_recall_2x"], rel=1e-5)
     assert list(got["buckets"]) == ["0-64", "64-200"]
+
+
+def test_exact_match_reads_an_answer_that_ends_the_document(monkeypatch):
+    """Greedy exact match through the runner: a model that writes the answer and then the end-of-document id
+    (what the synthetic training documents teach) scores 1, one that writes a wrong answer 0."""
+    from dataclasses import replace
+
+    from train.eval import runner
+    from train.eval.tasks import eval_item
+    from train.generate import Completion
+
+    monkeypatch.setattr(runner, "eval_item", lambda *a, **k: replace(eval_item(*a, **k), answer="7"))
+    stream = TextStream(np.frombuffer(b"def f(x):\n    return x * 2  # twice\n" * 40, dtype=np.uint8), "t")
+    spec = EvalSpec(tasks=["passkey"], depths=[0.0, 1.0], items=2, generate=True)
+    for written, want in ((b"7", 1.0), (b"8", 0.0), (b" 7.\nmore", 1.0)):
+        ids = [*written, TOK.eod]
+        monkeypatch.setattr(runner, "decode", lambda model, cache, hidden, *a, ids=ids, **k: [
+            Completion(list(ids)) for _ in range(hidden.shape[0])])
+        got = runner.retrieval(tiny(), TOK, spec, "passkey", 256, stream, "sparse", None)
+        assert got["exact"] == want, (written, got)
+    assert runner.generated_text(TOK, [*b"52586", TOK.eod]) == "52586"
+    assert runner.generated_text(TOK, [*b"52586"]) == "52586"  # the step budget ran out first

@@ -172,6 +172,15 @@ def _candidate_logliks(model, cache: KVCache, first: torch.Tensor, candidates: l
     return out
 
 
+def generated_text(tokenizer, ids: list[int]) -> str:
+    """A greedy answer as text, without the end-of-document id that ends it. The synthetic training
+    documents end right after their answer, so a model that learned them stops there; decoded, that id
+    reads as the tokenizer's end marker, and no answer followed by it would match."""
+    if ids and ids[-1] == tokenizer.eod:
+        ids = ids[:-1]
+    return tokenizer.decode(ids)
+
+
 @torch.no_grad()
 def retrieval(model, tokenizer, spec: EvalSpec, task: str, length: int, stream, phase: str, image_cfg) -> dict:
     """Scores of ``task`` at ``length``: per depth and overall, plus the needle recall per MSA layer."""
@@ -198,7 +207,7 @@ def retrieval(model, tokenizer, spec: EvalSpec, task: str, length: int, stream, 
             generated = [None] * len(part)
             if spec.generate:
                 done = decode(model, cache, hidden, new, stop_ids=(tokenizer.eod,), phase=phase)
-                generated = [tokenizer.decode(c.ids) for c in done]
+                generated = [generated_text(tokenizer, c.ids) for c in done]
             trivial = -(-prompt_len // msa[0].block_size) <= msa[0].topk if msa else True
             per_layer = [] if trivial else [  # with at most topk blocks every block is selected: nothing to measure
                 needle_recall(sel, [it.needle_spans for _, it in part], msa[0].block_size) for sel in out.selected]
