@@ -266,7 +266,7 @@ def stage_plan(args, arm: str, steps: int) -> list[dict]:
     # the first steps of the MSA arm's warm-up
     phase = {"phase": "warmup"} if sparse(arm) else {}
     stages = ([{"name": "primer", "steps": primer, **phase, "data_weights": [0, 0, 1]}] if primer else []) + (
-        [{"name": "warmup", "steps": warm - primer, "phase": "warmup"}] if warm > primer and sparse(arm) else []) + [
+        [{"name": "warmup", "steps": warm - primer, "phase": "warmup"}] if warm > primer else []) + [
         {"name": "main", "steps": steps - warm - final}]
     if final:
         rows = max(1, args.batch * args.seq_len // args.final_len)

@@ -35,12 +35,16 @@ def sources_cfg(tmp_path, num_workers=0, haystack="default") -> DataConfig:
     ])
 
 
+def _source_of(key: str) -> str:
+    return key.split("/")[0] if "/" in key else key[0]
+
+
 def test_token_shares_follow_the_weights(tmp_path):
     loader = build_dataloader(sources_cfg(tmp_path), TOK, seq_len=200, batch_size=1, seed=1)
     tokens = Counter()
     for row in take(loader.iter_rows(), 200):
         for key, _, start, end in row.pieces:
-            tokens[key.split("/")[0] if "/" in key else key[0]] += end - start
+            tokens[_source_of(key)] += end - start
     total = sum(tokens.values())
     # the mixer draws by tokens: each share is off by at most about one document (<= 300 of ~38K tokens)
     for name, weight in WEIGHTS.items():
@@ -112,10 +116,6 @@ def test_a_longer_stage_continues_the_mixed_stream(tmp_path):
     longer = build_dataloader(cfg, TOK, seq_len=400, batch_size=1, seed=3)
     longer.load_state_dict(short.state_dict())
     assert next(iter(longer))["input_ids"].shape == (1, 400)
-
-
-def _source_of(key: str) -> str:
-    return key.split("/")[0] if "/" in key else key[0]
 
 
 def _pieces(loader, n_rows: int) -> list[tuple[str, str]]:

@@ -181,7 +181,10 @@ class Loader:
                  sources=(), weights=None):
         self.cfg, self.tokenizer, self.urls, self.sources = cfg, tokenizer, urls, list(sources)
         # the token share of each source (a recipe stage's data_weights, else data.sources' weights)
-        self.weights = [float(w) for w in weights] if weights else [src.weight for _, src, _ in self.sources]
+        if weights is not None and len(weights) != len(self.sources):
+            raise ValueError(f"{len(weights)} data weights for {len(self.sources)} data.sources: give one per source")
+        self.weights = ([float(w) for w in weights] if weights is not None else
+                        [src.weight for _, src, _ in self.sources])
         self.seq_len, self.batch_size, self.dp_rank, self.dp_world = seq_len, batch_size, dp_rank, dp_world
         self.seed = seed
         self.n_workers = max(1, cfg.num_workers)
@@ -300,14 +303,12 @@ def build_dataloader(cfg: DataConfig, tokenizer, *, seq_len=None, batch_size=Non
         raise ValueError(f"dp_rank={dp_rank} outside [0, dp_world={dp_world})")
     sources = resolve_sources(cfg)
     urls = [] if sources else resolve_shards(cfg)
+    loader = Loader(cfg, tokenizer, urls, seq_len=seq_len, batch_size=batch_size, dp_rank=dp_rank,
+                    dp_world=dp_world, seed=seed, sources=sources, weights=weights)
     if sources:
-        if weights is not None and len(weights) != len(sources):
-            raise ValueError(f"{len(weights)} data weights for {len(sources)} data.sources: give one per source")
-        ws = list(weights) if weights is not None else [src.weight for _, src, _ in sources]
         log.info("data: data-parallel rank %d of %d mixes %s", dp_rank, dp_world, ", ".join(
             f"{name} (weight {w:g}{'' if u is None else f', {len(u)} shards'})"
-            for (name, _, u), w in zip(sources, ws)))
+            for (name, _, u), w in zip(sources, loader.weights)))
     else:
         log.info("data: data-parallel rank %d of %d reads %d shards", dp_rank, dp_world, len(urls))
-    return Loader(cfg, tokenizer, urls, seq_len=seq_len, batch_size=batch_size, dp_rank=dp_rank,
-                  dp_world=dp_world, seed=seed, sources=sources, weights=weights)
+    return loader
