@@ -70,6 +70,7 @@ from train.data import build_tokenizer
 from train.data.build_corpus import ensure_corpus
 from train.eval.runner import evaluate, flatten, fmt_tokens
 from train.loop import enter_stage, start, train, train_step
+from train.metrics import LOSS_LM_SOURCE_PREFIX
 from train.parallel import init_distributed
 from train.recipe import build_recipe
 
@@ -199,14 +200,16 @@ def add_reference(args, report: dict, reference: dict) -> None:
 
 def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool) -> list[str]:
     lo, hi = args.synthetic_len
-    synthetic = (f"{{kind:synthetic,weight:{args.mix},tasks:[{','.join(args.tasks)}],"
+    synthetic = (f"{{name:tasks,kind:synthetic,weight:{args.mix},tasks:[{','.join(args.tasks)}],"
                  f"min_len:{min(lo, args.seq_len)},max_len:{hi},seed:{seed}}}")
     if args.primer:  # its own seed: not the main source's draws with another task list
-        synthetic += (f",{{kind:synthetic,weight:{args.primer},tasks:[passkey],min_len:{args.primer_len[0]},"
+        synthetic += (f",{{name:primer,kind:synthetic,weight:{args.primer},tasks:[passkey],"
+                      f"min_len:{args.primer_len[0]},"
                       f"max_len:{args.primer_len[1]},seed:{1000 + seed}}}")
     out = [f"model={args.model}", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch}",
            f"model.rope_base={args.rope_base}", f"optim.lr={args.lr}", f"optim.warmup_steps={max(1, steps // 20)}",
-           f"data.sources=[{{kind:shards,weight:{1 - args.mix - args.primer}}},{synthetic}]", "data.num_workers=2",
+           f"data.sources=[{{name:corpus,kind:shards,weight:{1 - args.mix - args.primer}}},{synthetic}]",
+           "data.num_workers=2",
            "logging.wandb.mode=disabled", "logging.progress=false", "logging.stats_every=10",
            f"checkpoint.every={args.save_every if args.steps else 0}", "checkpoint.keep_last=1",
            f"run.steps={steps}", f"run.seed={seed}",
@@ -366,6 +369,19 @@ def loss_curve(rows: list[dict]) -> list[list[float]]:
     return [[r["step"], r["loss/lm"]] for r in rows if r.get("loss/lm") is not None]
 
 
+def final_losses(rows: list[dict]) -> dict[str, float]:
+    """``final_loss``: the mean LM loss over the last tenth of the logged steps; ``final_loss/<source>``: each
+    data source's loss (``loss/lm/<source>``) over the same steps, those whose batches held it (a mean over
+    steps, not weighted by each step's tokens of the source)."""
+    logged = [r for r in rows if r.get("loss/lm") is not None]
+    tail = logged[-max(1, len(logged) // 10):]
+    out = {"final_loss": float(np.mean([r["loss/lm"] for r in tail]))}
+    names = sorted({k for r in tail for k in r if k.startswith(LOSS_LM_SOURCE_PREFIX)})
+    for key in names:
+        out["final_loss/" + key[len(LOSS_LM_SOURCE_PREFIX):]] = float(np.mean([r[key] for r in tail if key in r]))
+    return out
+
+
 def clip_stats(rows: list[dict], clip: float, steps: int) -> dict:
     """How much the global gradient clip shrank the steps, from the logged pre-clip norms: each logged
     step's scale ``min(1, clip / opt/grad_norm)`` (every parameter's update, the trunk's included, is
@@ -400,12 +416,11 @@ def run_one(args, arm: str, seed: int, steps: int, work: Path) -> dict:
         raise SystemExit(f"{arm} seed {seed}: stopped after step {rows[-1]['step'] if rows else 0} of {steps}")
     results = json.loads(evals.read_text())
     curve = loss_curve(rows)
-    tail = [loss for _, loss in curve[-max(1, len(curve) // 10):]]
     recall = [r["msa/index_recall"] for r in rows if r.get("msa/index_recall") is not None]
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     tokens = steps * cfg.data.batch_size * cfg.data.seq_len
     clipping = clip_stats(rows, cfg.optim.grad_clip, steps)
-    scalars = {"final_loss": float(np.mean(tail)), "train/index_recall": recall[-1] if recall else None,
+    scalars = {**final_losses(rows), "train/index_recall": recall[-1] if recall else None,
                **{k: v for k, v in clipping.items() if k.startswith("train/")},
                **{k: v for k, v in flatten(results).items() if k != "eval/seconds"}}
     for task, by_length in results["retrieval"].items():
@@ -849,8 +864,10 @@ def run_serial(args, env, steps: int, work: Path, report: dict, t_start: float) 
 
 def add_run(args, report: dict, r: dict) -> None:
     report["runs"].append(r)
-    print(f"{r['arm']} seed {r['seed']}: final loss {r['scalars']['final_loss']:.4f}, train {r['train_s']:.0f} s, "
-          f"eval {r['eval_s']:.0f} s", flush=True)
+    sources = "".join(f", {k.split('/', 1)[1]} {v:.4f}" for k, v in r["scalars"].items()
+                      if k.startswith("final_loss/"))
+    print(f"{r['arm']} seed {r['seed']}: final loss {r['scalars']['final_loss']:.4f}{sources}, "
+          f"train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s", flush=True)
     write(report, args.out, plots=True)  # a run cut short by a time limit leaves these behind
 
 

@@ -399,6 +399,7 @@ def test_quality_primer_is_a_second_source_of_short_passkey_documents(tmp_path):
     plain = compose(overrides(parse(["--out", str(tmp_path), "--model", "tiny", "--seq-len", "256"]), "msa", 2, 50,
                               tmp_path, False))
     assert [s.kind for s in plain.data.sources] == ["shards", "synthetic"]  # no primer unless asked
+    assert [s.name for s in cfg.data.sources] == ["corpus", "tasks", "primer"]  # as final_loss/<name> reads
     with pytest.raises(SystemExit):
         parse(["--out", str(tmp_path), "--mix", "0.6", "--primer", "0.4"])
 
@@ -610,6 +611,18 @@ def test_quality_progress_reads_how_far_a_stopped_run_got(tmp_path):
     assert progress(tmp_path, "run:msa:1:900") == {"step": 3, "loss_curve": [[0, 5.0], [1, 4.0], [2, 3.5]],
                                                    "train/index_recall": 0.75}
     assert progress(tmp_path, "run:dense:2:900") == {"step": None, "loss_curve": [], "train/index_recall": None}
+
+
+def test_quality_final_losses_by_source_by_hand():
+    """final_loss is the mean over the last tenth of the logged steps; final_loss/<source> the mean of that
+    source's loss over the same steps, those that logged it (20 steps: the last 2)."""
+    from bench.quality import final_losses
+
+    rows = [{"step": i, "loss/lm": 10.0 - i, "loss/lm/corpus": 11.0 - i} for i in range(18)]
+    rows += [{"step": 18, "loss/lm": 2.0, "loss/lm/corpus": 2.5, "loss/lm/primer": 0.5},
+             {"step": 19, "loss/lm": 1.0, "loss/lm/corpus": 1.5}, {"step": 20, "eval/bpb/8K": 2.0}]
+    assert final_losses(rows) == {"final_loss": 1.5, "final_loss/corpus": 2.0, "final_loss/primer": 0.5}
+    assert final_losses(rows[:3]) == {"final_loss": 8.0, "final_loss/corpus": 9.0}  # one source, the last step
 
 
 def test_series_pairs_count_what_the_layers_attend():

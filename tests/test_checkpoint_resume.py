@@ -349,3 +349,53 @@ def test_data_curriculum_resumes_exactly_at_the_stage_change(tmp_path, corpus_di
     assert [r["step"] for r in got] == list(range(4))
     assert [r["loss/lm"] for r in got] == [r["loss/lm"] for r in want]
     assert want[0]["loss/lm"] != want[2]["loss/lm"]
+    # the loss of each source (loss/lm/<name>), logged for the sources a step's rows hold: the primer stage
+    # reads the synthetic source alone; the main stage's 256-token rows start in a long corpus document
+    # (the shards come first after the stage resets the counts), so they hold the shards alone
+    by_source = [{k: v for k, v in r.items() if k.startswith("loss/lm/")} for r in want]
+    assert [list(b) for b in by_source] == [["loss/lm/synthetic1"]] * 2 + [["loss/lm/shards0"]] * 2
+    assert all(list(b.values()) == pytest.approx([r["loss/lm"]], rel=1e-5) for b, r in zip(by_source, want))
+    assert [{k: v for k, v in r.items() if k.startswith("loss/lm/")} for r in got] == by_source
+
+
+def test_loss_by_source_is_the_hand_computed_mean_over_micro_batches(tmp_path, corpus_dir, monkeypatch):
+    """loss/lm/<name> of a step with two micro-batches of mixed rows: each source's cross-entropy summed over
+    its targets in both micro-batches, over their count, computed here from the step's own batches and
+    weights with plain F.cross_entropy."""
+    import torch.nn.functional as F
+
+    from train import loop
+    from train.model import Decoder
+
+    cfg = in_process_cfg(tmp_path, corpus_dir, "attention.kind=dense", "data.num_workers=0", "data.batch_size=2",
+                         "optim.grad_accum=2", "run.steps=1", "checkpoint.keep_last=0",
+                         "data.sources=[{name:keys,kind:synthetic,weight:0.4,tasks:[passkey],min_len:110,"
+                         "max_len:160},{name:text,weight:0.6}]")
+    real_step, taken = loop.train_step, {}
+
+    def record(run, *args, **kwargs):
+        taken["weights"] = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        taken["cfg"] = run.cfg  # its model settings resolved (the tokenizer's vocabulary)
+        source, taken["batches"] = run.batches, []
+        run.batches = (taken["batches"].append(b) or b for b in source)
+        return real_step(run, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", record)
+    loop.train(cfg)
+    (logged,) = rows(tmp_path)
+    model = Decoder(taken["cfg"].model, taken["cfg"].attention)
+    model.load_state_dict(taken["weights"])
+    sums, counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2)
+    with torch.no_grad():
+        for batch in taken["batches"]:
+            h, labels, _ = model.hidden_states(batch, "sparse")
+            ce = F.cross_entropy(h.reshape(-1, h.shape[-1]) @ model.output_weight().t(), labels.reshape(-1),
+                                 ignore_index=-100, reduction="none")
+            src, keep = batch["source_ids"].reshape(-1), labels.reshape(-1) != -100
+            for s in range(2):
+                sums[s] += ce[keep & (src == s)].double().sum()
+                counts[s] += int((keep & (src == s)).sum())
+    assert len(taken["batches"]) == 2 and counts.min() > 0, counts
+    for s, name in enumerate(("keys", "text")):
+        assert logged[f"loss/lm/{name}"] == pytest.approx(float(sums[s] / counts[s]), rel=1e-4)
+    assert logged["loss/lm"] == pytest.approx(float(sums.sum() / counts.sum()), rel=1e-4)

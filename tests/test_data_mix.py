@@ -86,6 +86,28 @@ def test_synthetic_documents_stay_whole_and_shards_still_split(tmp_path):
     assert whole > 10 and split > 0
 
 
+def test_batches_say_which_source_each_token_came_from(tmp_path):
+    """``source_ids`` (for ``loss/lm/<name>``): each piece's tokens carry its source's index in data.sources,
+    padding -1, read from the document keys of the same rows; one source adds nothing."""
+    cfg = sources_cfg(tmp_path)
+    make = lambda: build_dataloader(cfg, TOK, seq_len=200, batch_size=2, seed=3)
+    rows, batches = take(make().iter_rows(), 40), take(iter(make()), 20)
+    names, seen = list(WEIGHTS), Counter()
+    for b, batch in enumerate(batches):
+        assert batch["n_sources"] == 3 and batch["source_ids"].shape == batch["input_ids"].shape
+        for i, row in enumerate(rows[2 * b:2 * b + 2]):
+            expected, at = [], 0
+            for key, _, start, end in row.pieces:
+                expected += [names.index(_source_of(key))] * (end - start)
+                at += end - start
+            expected += [-1] * (200 - at)
+            assert batch["source_ids"][i].tolist() == expected
+            seen.update(expected)
+    assert all(seen[s] for s in (-1, 0, 1, 2)), seen
+    one = DataConfig(**{**cfg.__dict__, "sources": cfg.sources[:1]})
+    assert "source_ids" not in next(iter(build_dataloader(one, TOK, seq_len=200, batch_size=2, seed=3)))
+
+
 def test_source_settings_are_checked():
     base = DataConfig(image=ImageConfig(max_patches=16)).__dict__
     bad = [

@@ -188,8 +188,9 @@ class _Block(torch.nn.Module):
         return self.attn(*args)
 
 
-def _tiny_batch(B=2, N=96):
-    """A packed batch with documents crossing shard edges and two images (one straddling shards)."""
+def _tiny_batch(B=2, N=96, sources=False):
+    """A packed batch with documents crossing shard edges and two images (one straddling shards); with
+    ``sources``, each document's data source (three, one document without: -1) as a mixed loader gives."""
     torch.manual_seed(1)
     lengths = [[30, 1, 40, 25], [96]]
     input_ids = torch.randint(0, 300, (B, N))
@@ -199,12 +200,17 @@ def _tiny_batch(B=2, N=96):
     slots = torch.cat([torch.arange(20, 26), N + torch.arange(44, 52)])  # 2x3 and 2x4 patch grids
     labels.view(-1)[slots] = -100
     labels.view(-1)[seg.cumsum(0)[1:] - 1] = -100
-    return {
+    batch = {
         "input_ids": input_ids, "labels": labels, "position_ids": position_ids,
         "cu_seqlens": seg.cumsum(0).to(torch.int32),
         "image_patches": torch.randn(len(slots), 3 * 4 * 4), "image_slots": slots,
         "image_sizes": torch.tensor([[2, 3], [2, 4]]),
     }
+    if sources:
+        doc_source = torch.tensor([2, 0, -1, 1, 0])
+        batch["source_ids"] = torch.repeat_interleave(doc_source, seg[1:]).reshape(B, N)
+        batch["n_sources"] = 3
+    return batch
 
 
 def _model_checks(rank, world, sp, cp, policy):
@@ -225,9 +231,9 @@ def _model_checks(rank, world, sp, cp, policy):
                       ce_chunk_tokens=40)
     cfg.vision.patch_size = 4
     attn = AttentionConfig(impl="reference", block_size=8, topk=3, index_dim=16, n_dense_layers=1)
-    batch = _tiny_batch()
     errors = []
     for phase in ("sparse", "warmup"):
+        batch = _tiny_batch(sources=phase == "warmup")  # the loss by source: summed over the shards as one
         model, twin = Decoder(cfg, attn), Decoder(cfg, attn)
         twin.load_state_dict(model.state_dict())
         sharded = parallelize(twin, mesh, par)
@@ -243,6 +249,11 @@ def _model_checks(rank, world, sp, cp, policy):
         _check(tag + "lm_sum", out["lm_sum"].detach(), shard_sum(out_l["lm_sum"], mesh), errors)
         _check(tag + "kl", out["kl"].detach(), shard_sum(out_l["kl"], mesh), errors)
         _check(tag + "layer_kl", out["layer_kl"], shard_sum(out_l["layer_kl"], mesh), errors)
+        if "source_ids" in batch:
+            _check(tag + "source_lm_sum", out["source_lm_sum"], shard_sum(out_l["source_lm_sum"], mesh), errors)
+            if not torch.equal(out["source_n_tokens"], shard_sum(out_l["source_n_tokens"], mesh)):
+                errors.append(f"{tag}source_n_tokens {out_l['source_n_tokens'].tolist()} summed != "
+                              f"{out['source_n_tokens'].tolist()}")
         _compare_grads(model, _sum_grads(sharded, mesh.shard_group), errors, tag)
     return errors
 

@@ -133,17 +133,32 @@ def _ce_sum(h, weight, labels):
     return F.cross_entropy((h @ weight.t()).float(), labels, ignore_index=-100, reduction="sum")
 
 
-def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+def _ce_tokens(h, weight, labels):
+    return F.cross_entropy((h @ weight.t()).float(), labels, ignore_index=-100, reduction="none")
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                          groups: torch.Tensor | None = None, n_groups: int = 0):
     """Summed cross-entropy of ``h [T, dim] @ weight.T`` against ``labels [T]`` (-100 ignored).
 
     Each chunk's logits are recomputed in backward (checkpointed), so at most ``chunk x vocab`` logits
-    exist at any time."""
+    exist at any time. With ``groups [T]`` (ints in ``[0, n_groups)``, -1 for none) it returns
+    ``(total, group_sums)``: the total as before and, detached, each group's share of it (``[n_groups]``)."""
     total = h.new_zeros((), dtype=torch.float32)
+    sums = None if groups is None else h.new_zeros(n_groups, dtype=torch.float32)
     for s in range(0, h.shape[0], chunk):
         lab = labels[s:s + chunk]
-        if (lab != -100).any():
+        if not (lab != -100).any():
+            continue
+        if groups is None:
             total = total + checkpoint(_ce_sum, h[s:s + chunk], weight, lab, use_reentrant=False)
-    return total
+            continue
+        tok = checkpoint(_ce_tokens, h[s:s + chunk], weight, lab, use_reentrant=False)
+        total = total + tok.sum()
+        g = groups[s:s + chunk]
+        keep = (lab != -100) & (g >= 0)
+        sums.index_add_(0, g[keep], tok.detach()[keep])
+    return total if groups is None else (total, sums)
 
 
 class Decoder(nn.Module):
@@ -151,7 +166,9 @@ class Decoder(nn.Module):
     packed batch and returns ``{"lm_sum", "n_tokens", "kl", "layer_kl", "layer_stats"}``: summed LM loss
     over text targets, their count, the sum over MSA layers of the index KL (each averaged over tokens
     and groups), the per-layer KL (detached, ``[n_msa_layers]``) and per-layer selection stats (a list,
-    None entries unless ``stats_queries > 0``)."""
+    None entries unless ``stats_queries > 0``). A batch with ``source_ids`` (several data sources) adds
+    ``source_lm_sum`` and ``source_n_tokens`` (``[n_sources]``, detached): the LM sum and target count
+    of each source."""
 
     def __init__(self, cfg: ModelConfig, attn_cfg: AttentionConfig):
         super().__init__()
@@ -278,10 +295,20 @@ class Decoder(nn.Module):
 
     def forward(self, batch: dict, phase: Phase = "sparse", stats_queries: int = 0) -> dict:
         h, labels, (kl, layer_kl, layer_stats) = self.hidden_states(batch, phase, stats_queries)
-        lm_sum = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight(), labels.reshape(-1),
-                                       self.cfg.ce_chunk_tokens)
-        return {"lm_sum": lm_sum, "n_tokens": (labels != -100).sum(), "kl": kl, "layer_kl": layer_kl,
-                "layer_stats": layer_stats}
+        labels = labels.reshape(-1)
+        sources = batch.get("source_ids")
+        if sources is None:
+            lm_sum = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight(), labels,
+                                           self.cfg.ce_chunk_tokens)
+        else:  # several data sources: each one's LM loss too (``loss/lm/<name>``)
+            sources, n = sources.reshape(-1), batch["n_sources"]
+            lm_sum, source_sum = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight(), labels,
+                                                       self.cfg.ce_chunk_tokens, sources, n)
+            counted = (labels != -100) & (sources >= 0)
+            extra = {"source_lm_sum": source_sum, "source_n_tokens": torch.bincount(sources[counted], minlength=n)}
+        out = {"lm_sum": lm_sum, "n_tokens": (labels != -100).sum(), "kl": kl, "layer_kl": layer_kl,
+               "layer_stats": layer_stats}
+        return out if sources is None else {**out, **extra}
 
     def num_params(self, exclude_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -10,6 +10,9 @@
   image_patches float32 [P, 3*p*p] in [-1, 1], (row, col, channel) order inside a patch
   image_slots   int64 [P]      flat index into B*N of each patch
   image_sizes   int64 [I, 2]   (rows, cols) patch grid of each image, in slot order
+With two or more data.sources, also (for the LM loss of each source, ``loss/lm/<name>``):
+  source_ids    int64 [B, N]   the data.sources entry of each token's document; -1 on padding
+  n_sources     int            how many data.sources entries there are
 Rows come round-robin from the workers (torch DataLoader workers); each row carries its reader's
 position, so `state_dict()` after any batch resumes exactly after it.
 """
@@ -158,11 +161,12 @@ def _identity(x):
     return x
 
 
-def collate(rows) -> dict:
+def collate(rows, n_sources: int = 0) -> dict:
+    """One batch of ``rows``; with ``n_sources`` > 1 it says which source each token came from."""
     N = len(rows[0].tokens)
     seg = torch.tensor([0] + [n for r in rows for n in r.seg_lens], dtype=torch.int64)
     patches = torch.cat([r.patches for r in rows])
-    return {
+    batch = {
         "input_ids": torch.stack([r.tokens for r in rows]).long(),
         "labels": torch.stack([r.labels for r in rows]).long(),
         "position_ids": torch.stack([r.positions for r in rows]).long(),
@@ -171,6 +175,18 @@ def collate(rows) -> dict:
         "image_slots": torch.cat([r.slots + b * N for b, r in enumerate(rows)]),
         "image_sizes": torch.tensor([g for r in rows for g in r.grids], dtype=torch.int64).reshape(-1, 2),
     }
+    if n_sources > 1:
+        batch["source_ids"] = torch.stack([_token_sources(r) for r in rows])
+        batch["n_sources"] = n_sources
+    return batch
+
+
+def _token_sources(row) -> torch.Tensor:
+    """``[N]``: each piece's source over its tokens (the pieces are the row's first segments), -1 after."""
+    ids = torch.full((len(row.tokens),), -1, dtype=torch.int64)
+    ids[:sum(row.seg_lens[:len(row.sources)])] = torch.repeat_interleave(
+        torch.tensor(row.sources, dtype=torch.int64), torch.tensor(row.seg_lens[:len(row.sources)]))
+    return ids
 
 
 class Loader:
@@ -234,7 +250,7 @@ class Loader:
         self.close()  # one live iteration at a time: a new one continues from the current state
         rows = self._it = self.iter_rows()
         while True:
-            yield collate([next(rows) for _ in range(self.batch_size)])
+            yield collate([next(rows) for _ in range(self.batch_size)], len(self.sources))
 
     def close(self):
         """Stop the worker processes (a later iteration starts them again from the current state)."""

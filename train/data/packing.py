@@ -30,6 +30,7 @@ class Row:
     slots: torch.Tensor  # int64 [P], indices into the row
     grids: list[tuple[int, int]]  # (rows, cols) of each image in the row, in slot order
     pieces: list[tuple[str, int, int, int]] = field(default_factory=list)  # (key, epoch, start, end)
+    sources: list[int] = field(default_factory=list)  # each piece's data.sources entry (0 without sources)
     state: dict = field(default_factory=dict)  # reader position after this row
 
 
@@ -71,7 +72,7 @@ class Packer:
 
     def _fill(self, docs, doc, pos, used):
         N = self.seq_len
-        toks, labs, poss, segs, patches, slots, grids, pieces = [], [], [], [], [], [], [], []
+        toks, labs, poss, segs, patches, slots, grids, pieces, sources = [], [], [], [], [], [], [], [], []
         fill = 0
         while fill < N:
             if used >= len(doc.tokens):
@@ -95,6 +96,7 @@ class Packer:
                     grids.append(grid)
             segs.append(len(piece))
             pieces.append((doc.key, pos.epoch, used, end))
+            sources.append(getattr(pos, "source", 0))  # a MixedReader's position names its source
             fill += len(piece)
             used = end
         if fill < N:
@@ -111,6 +113,7 @@ class Packer:
             slots=torch.from_numpy(np.concatenate(slots) if slots else np.zeros(0, np.int64)).long(),
             grids=grids,
             pieces=pieces,
+            sources=sources,
             doc=doc,
             pos=pos,
         )
