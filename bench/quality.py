@@ -70,7 +70,7 @@ from train.data import build_tokenizer
 from train.data.build_corpus import ensure_corpus
 from train.eval.runner import evaluate, flatten, fmt_tokens
 from train.loop import enter_stage, start, train, train_step
-from train.metrics import LOSS_LM_SOURCE_PREFIX
+from train.metrics import LOSS_ANSWER_PREFIX, LOSS_LM_SOURCE_PREFIX
 from train.parallel import init_distributed
 from train.recipe import build_recipe
 
@@ -371,14 +371,15 @@ def loss_curve(rows: list[dict]) -> list[list[float]]:
 
 def final_losses(rows: list[dict]) -> dict[str, float]:
     """``final_loss``: the mean LM loss over the last tenth of the logged steps; ``final_loss/<source>``: each
-    data source's loss (``loss/lm/<source>``) over the same steps, those whose batches held it (a mean over
+    data source's loss (``loss/lm/<source>``) and ``final_answer/<source>`` a synthetic source's loss on its
+    answer tokens (``loss/answer/<source>``), over the same steps, those whose batches held them (a mean over
     steps, not weighted by each step's tokens of the source)."""
     logged = [r for r in rows if r.get("loss/lm") is not None]
     tail = logged[-max(1, len(logged) // 10):]
     out = {"final_loss": float(np.mean([r["loss/lm"] for r in tail]))}
-    names = sorted({k for r in tail for k in r if k.startswith(LOSS_LM_SOURCE_PREFIX)})
-    for key in names:
-        out["final_loss/" + key[len(LOSS_LM_SOURCE_PREFIX):]] = float(np.mean([r[key] for r in tail if key in r]))
+    for prefix, name in ((LOSS_LM_SOURCE_PREFIX, "final_loss/"), (LOSS_ANSWER_PREFIX, "final_answer/")):
+        for key in sorted({k for r in tail for k in r if k.startswith(prefix)}):
+            out[name + key[len(prefix):]] = float(np.mean([r[key] for r in tail if key in r]))
     return out
 
 
@@ -864,8 +865,8 @@ def run_serial(args, env, steps: int, work: Path, report: dict, t_start: float) 
 
 def add_run(args, report: dict, r: dict) -> None:
     report["runs"].append(r)
-    sources = "".join(f", {k.split('/', 1)[1]} {v:.4f}" for k, v in r["scalars"].items()
-                      if k.startswith("final_loss/"))
+    sources = "".join(f", {k} {v:.4f}" for k, v in r["scalars"].items()
+                      if k.startswith(("final_loss/", "final_answer/")))
     print(f"{r['arm']} seed {r['seed']}: final loss {r['scalars']['final_loss']:.4f}{sources}, "
           f"train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s", flush=True)
     write(report, args.out, plots=True)  # a run cut short by a time limit leaves these behind

@@ -614,14 +614,16 @@ def test_quality_progress_reads_how_far_a_stopped_run_got(tmp_path):
 
 
 def test_quality_final_losses_by_source_by_hand():
-    """final_loss is the mean over the last tenth of the logged steps; final_loss/<source> the mean of that
-    source's loss over the same steps, those that logged it (20 steps: the last 2)."""
+    """final_loss is the mean over the last tenth of the logged steps; final_loss/<source> and
+    final_answer/<source> the mean of that source's loss and answer loss over the same steps, those that
+    logged it (20 steps: the last 2)."""
     from bench.quality import final_losses
 
     rows = [{"step": i, "loss/lm": 10.0 - i, "loss/lm/corpus": 11.0 - i} for i in range(18)]
-    rows += [{"step": 18, "loss/lm": 2.0, "loss/lm/corpus": 2.5, "loss/lm/primer": 0.5},
+    rows += [{"step": 18, "loss/lm": 2.0, "loss/lm/corpus": 2.5, "loss/lm/primer": 0.5, "loss/answer/primer": 0.25},
              {"step": 19, "loss/lm": 1.0, "loss/lm/corpus": 1.5}, {"step": 20, "eval/bpb/8K": 2.0}]
-    assert final_losses(rows) == {"final_loss": 1.5, "final_loss/corpus": 2.0, "final_loss/primer": 0.5}
+    assert final_losses(rows) == {"final_loss": 1.5, "final_loss/corpus": 2.0, "final_loss/primer": 0.5,
+                                  "final_answer/primer": 0.25}
     assert final_losses(rows[:3]) == {"final_loss": 8.0, "final_loss/corpus": 9.0}  # one source, the last step
 
 

@@ -361,10 +361,12 @@ def test_data_curriculum_resumes_exactly_at_the_stage_change(tmp_path, corpus_di
 def test_loss_by_source_is_the_hand_computed_mean_over_micro_batches(tmp_path, corpus_dir, monkeypatch):
     """loss/lm/<name> of a step with two micro-batches of mixed rows: each source's cross-entropy summed over
     its targets in both micro-batches, over their count, computed here from the step's own batches and
-    weights with plain F.cross_entropy."""
+    weights with plain F.cross_entropy; loss/answer/<name> the same over the targets that are answer tokens
+    of the synthetic source's items (the pass key after the question, found here from the labels)."""
     import torch.nn.functional as F
 
     from train import loop
+    from train.data import build_tokenizer
     from train.model import Decoder
 
     cfg = in_process_cfg(tmp_path, corpus_dir, "attention.kind=dense", "data.num_workers=0", "data.batch_size=2",
@@ -383,19 +385,28 @@ def test_loss_by_source_is_the_hand_computed_mean_over_micro_batches(tmp_path, c
     monkeypatch.setattr(loop, "train_step", record)
     loop.train(cfg)
     (logged,) = rows(tmp_path)
-    model = Decoder(taken["cfg"].model, taken["cfg"].attention)
+    model, tok = Decoder(taken["cfg"].model, taken["cfg"].attention), build_tokenizer(cfg.data.tokenizer)
     model.load_state_dict(taken["weights"])
-    sums, counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2)
+    sums, counts = torch.zeros(3, dtype=torch.float64), torch.zeros(3)  # keys, text, keys' answers
     with torch.no_grad():
         for batch in taken["batches"]:
             h, labels, _ = model.hidden_states(batch, "sparse")
-            ce = F.cross_entropy(h.reshape(-1, h.shape[-1]) @ model.output_weight().t(), labels.reshape(-1),
+            labels = labels.reshape(-1)
+            ce = F.cross_entropy(h.reshape(-1, h.shape[-1]) @ model.output_weight().t(), labels,
                                  ignore_index=-100, reduction="none")
-            src, keep = batch["source_ids"].reshape(-1), labels.reshape(-1) != -100
-            for s in range(2):
-                sums[s] += ce[keep & (src == s)].double().sum()
-                counts[s] += int((keep & (src == s)).sum())
+            group = (batch["loss_groups"].reshape(-1) % 2).clone()  # the source (groups s and 2 + s)
+            for i in (labels == tok.eod).nonzero().squeeze(1).tolist():  # a document's end: is it a pass key's?
+                text = tok.decode(labels[max(0, i - 60):i].tolist())
+                if group[i - 1] == 0 and "pass key is " in text:
+                    key = text.rsplit("pass key is ", 1)[1]
+                    group[i - len(tok.encode(key)):i] = 2  # the targets that spell the key
+            keep = labels != -100
+            for g in range(3):
+                sums[g] += ce[keep & (group == g)].double().sum()
+                counts[g] += int((keep & (group == g)).sum())
     assert len(taken["batches"]) == 2 and counts.min() > 0, counts
-    for s, name in enumerate(("keys", "text")):
-        assert logged[f"loss/lm/{name}"] == pytest.approx(float(sums[s] / counts[s]), rel=1e-4)
+    assert logged["loss/lm/keys"] == pytest.approx(float((sums[0] + sums[2]) / (counts[0] + counts[2])), rel=1e-4)
+    assert logged["loss/lm/text"] == pytest.approx(float(sums[1] / counts[1]), rel=1e-4)
+    assert logged["loss/answer/keys"] == pytest.approx(float(sums[2] / counts[2]), rel=1e-4)
+    assert "loss/answer/text" not in logged and logged["loss/answer/keys"] != logged["loss/lm/keys"]
     assert logged["loss/lm"] == pytest.approx(float(sums.sum() / counts.sum()), rel=1e-4)

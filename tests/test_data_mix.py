@@ -86,26 +86,41 @@ def test_synthetic_documents_stay_whole_and_shards_still_split(tmp_path):
     assert whole > 10 and split > 0
 
 
-def test_batches_say_which_source_each_token_came_from(tmp_path):
-    """``source_ids`` (for ``loss/lm/<name>``): each piece's tokens carry its source's index in data.sources,
-    padding -1, read from the document keys of the same rows; one source adds nothing."""
+def test_batches_say_which_source_and_answer_each_target_belongs_to(tmp_path):
+    """``loss_groups`` (for ``loss/lm/<name>`` and ``loss/answer/<name>``): each piece's tokens carry its
+    source's index in data.sources, padding -1, read from the document keys of the same rows; in a synthetic
+    document the targets of its answer carry 3 + the source instead: they are a run that ends where the
+    next target is the end of the document, and spell a number (a pass key's, written earlier in the
+    document). One source adds nothing."""
     cfg = sources_cfg(tmp_path)
     make = lambda: build_dataloader(cfg, TOK, seq_len=200, batch_size=2, seed=3)
     rows, batches = take(make().iter_rows(), 40), take(iter(make()), 20)
-    names, seen = list(WEIGHTS), Counter()
+    names, seen, answers = list(WEIGHTS), Counter(), 0
     for b, batch in enumerate(batches):
-        assert batch["n_sources"] == 3 and batch["source_ids"].shape == batch["input_ids"].shape
+        assert batch["n_loss_groups"] == 6 and batch["loss_groups"].shape == batch["input_ids"].shape
         for i, row in enumerate(rows[2 * b:2 * b + 2]):
-            expected, at = [], 0
+            groups, labels, at = batch["loss_groups"][i], batch["labels"][i], 0
             for key, _, start, end in row.pieces:
-                expected += [names.index(_source_of(key))] * (end - start)
+                source = names.index(_source_of(key))
+                mine = groups[at:at + end - start]
+                if source == 2:  # synthetic: whole documents, each with its answer
+                    ans = (mine == 5).nonzero().squeeze(1)
+                    assert len(ans) and set(mine.tolist()) == {2, 5}, key
+                    lo, hi = at + int(ans[0]), at + int(ans[-1]) + 1
+                    assert len(ans) == hi - lo and labels[hi] == TOK.eod, key  # one run, then the end
+                    answer = TOK.decode(labels[lo:hi].tolist())
+                    if "/passkey/" in key:  # the image needle's key is drawn in its image
+                        assert answer.strip() and answer in TOK.decode(row.tokens[at:lo].tolist()), (key, answer)
+                    assert answer.strip().isdigit(), (key, answer)
+                    answers += 1
+                else:
+                    assert set(mine.tolist()) == {source}, key
                 at += end - start
-            expected += [-1] * (200 - at)
-            assert batch["source_ids"][i].tolist() == expected
-            seen.update(expected)
-    assert all(seen[s] for s in (-1, 0, 1, 2)), seen
+            assert set(groups[at:].tolist()) <= {-1}
+            seen.update(groups.tolist())
+    assert all(seen[s] for s in (-1, 0, 1, 2, 5)) and answers > 5, (seen, answers)
     one = DataConfig(**{**cfg.__dict__, "sources": cfg.sources[:1]})
-    assert "source_ids" not in next(iter(build_dataloader(one, TOK, seq_len=200, batch_size=2, seed=3)))
+    assert "loss_groups" not in next(iter(build_dataloader(one, TOK, seq_len=200, batch_size=2, seed=3)))
 
 
 def test_source_settings_are_checked():

@@ -58,25 +58,25 @@ def test_cross_entropy_by_source_is_each_sources_share():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_decoder_reports_the_loss_of_each_source():
-    """A batch with ``source_ids`` gives each source's LM sum and target count; they add up to the
-    totals where every target has a source, and equal the plain forward's."""
+def test_decoder_reports_the_loss_of_each_group():
+    """A batch with ``loss_groups`` (the loader's, with several data sources) gives each group's LM sum and
+    target count; they add up to the totals where every target has a group, and equal the plain forward's."""
     torch.manual_seed(0)
     model = _model()
     batch = _batch(patches=4)
     plain = model(batch)
     sources = torch.zeros_like(batch["labels"])
     sources[0, 12:], sources[1] = 2, 1
-    out = model({**batch, "source_ids": sources, "n_sources": 3})
+    out = model({**batch, "loss_groups": sources, "n_loss_groups": 3})
     torch.testing.assert_close(out["lm_sum"], plain["lm_sum"], rtol=1e-5, atol=1e-5)
     targets = batch["labels"] != -100
-    assert out["source_n_tokens"].tolist() == [int(targets[sources == s].sum()) for s in range(3)]
-    torch.testing.assert_close(out["source_lm_sum"].sum(), plain["lm_sum"].detach(), rtol=1e-5, atol=1e-5)
+    assert out["group_n_tokens"].tolist() == [int(targets[sources == s].sum()) for s in range(3)]
+    torch.testing.assert_close(out["group_lm_sum"].sum(), plain["lm_sum"].detach(), rtol=1e-5, atol=1e-5)
     row1 = {k: v[1:] for k, v in batch.items() if k in ("input_ids", "labels", "position_ids")}
     row1 |= {"cu_seqlens": torch.tensor([0, 24], dtype=torch.int32), "image_patches": torch.zeros(0, 12),
              "image_slots": torch.zeros(0, dtype=torch.long), "image_sizes": torch.zeros(0, 2, dtype=torch.long)}
-    alone = model(row1)  # source 1 is row 1: its sum is that row's own loss (documents never see each other)
-    torch.testing.assert_close(out["source_lm_sum"][1], alone["lm_sum"].detach(), rtol=1e-5, atol=1e-5)
+    alone = model(row1)  # group 1 is row 1: its sum is that row's own loss (documents never see each other)
+    torch.testing.assert_close(out["group_lm_sum"][1], alone["lm_sum"].detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_image_patches_replace_their_slots():

@@ -208,8 +208,9 @@ def _tiny_batch(B=2, N=96, sources=False):
     }
     if sources:
         doc_source = torch.tensor([2, 0, -1, 1, 0])
-        batch["source_ids"] = torch.repeat_interleave(doc_source, seg[1:]).reshape(B, N)
-        batch["n_sources"] = 3
+        batch["loss_groups"] = torch.repeat_interleave(doc_source, seg[1:]).reshape(B, N)
+        batch["loss_groups"][0, 50:56] += 3  # answer targets of source 0 (the loader's groups S + s)
+        batch["n_loss_groups"] = 6
     return batch
 
 
@@ -249,11 +250,11 @@ def _model_checks(rank, world, sp, cp, policy):
         _check(tag + "lm_sum", out["lm_sum"].detach(), shard_sum(out_l["lm_sum"], mesh), errors)
         _check(tag + "kl", out["kl"].detach(), shard_sum(out_l["kl"], mesh), errors)
         _check(tag + "layer_kl", out["layer_kl"], shard_sum(out_l["layer_kl"], mesh), errors)
-        if "source_ids" in batch:
-            _check(tag + "source_lm_sum", out["source_lm_sum"], shard_sum(out_l["source_lm_sum"], mesh), errors)
-            if not torch.equal(out["source_n_tokens"], shard_sum(out_l["source_n_tokens"], mesh)):
-                errors.append(f"{tag}source_n_tokens {out_l['source_n_tokens'].tolist()} summed != "
-                              f"{out['source_n_tokens'].tolist()}")
+        if "loss_groups" in batch:
+            _check(tag + "group_lm_sum", out["group_lm_sum"], shard_sum(out_l["group_lm_sum"], mesh), errors)
+            if not torch.equal(out["group_n_tokens"], shard_sum(out_l["group_n_tokens"], mesh)):
+                errors.append(f"{tag}group_n_tokens {out_l['group_n_tokens'].tolist()} summed != "
+                              f"{out['group_n_tokens'].tolist()}")
         _compare_grads(model, _sum_grads(sharded, mesh.shard_group), errors, tag)
     return errors
 

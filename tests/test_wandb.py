@@ -98,7 +98,8 @@ def test_dashboard_workspace_offline(capsys):
     # layer 0 is dense (attention.n_dense_layers=1): it logs no index metrics, so it gets no panel
     assert not {"layer_kl/00", "layer_recall/00"} & metrics
     regexes = {p.config.metric_regex for s in sections for p in s.panels if p.config.use_metric_regex}
-    assert regexes == {"^loss/lm/.+", "^layer_kl/.*", "^layer_recall/.*", "^train/lr/.*", "^eval/bpb/[^/]+$", "^eval/bpb/[^/]+/.+",
+    assert regexes == {"^loss/lm/.+", "^loss/answer/.+", "^layer_kl/.*", "^layer_recall/.*", "^train/lr/.*",
+                       "^eval/bpb/[^/]+$", "^eval/bpb/[^/]+/.+",
                        "^eval/.+/choice$", "^eval/.+/exact$", "^eval/.+/nll$", "^eval/.+/share$",
                        "^eval/(index|oracle)_recall(_2x)?/.*",
                        "^eval/needle_recall/.*"}
@@ -106,5 +107,5 @@ def test_dashboard_workspace_offline(capsys):
 
     assert dashboard.main(["--entity", "ent", "--project", "proj", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "9 sections, 27 panels" in out.splitlines()[0]
+    assert "9 sections, 28 panels" in out.splitlines()[0]
     assert "[Per-layer index KL] (collapsed)" in out and "  MFU: perf/mfu" in out

@@ -44,6 +44,8 @@ def layout(layers: int | None = None, dense_layers: int = 1) -> list[SectionSpec
         SectionSpec("Loss", (
             PanelSpec("LM loss", (M.LOSS_LM,)),
             PanelSpec("LM loss by data source (data.sources)", regex=f"^{M.LOSS_LM_SOURCE_PREFIX}.+"),
+            PanelSpec("Answer loss of the synthetic sources (nats per answer token)",
+                      regex=f"^{M.LOSS_ANSWER_PREFIX}.+"),
             PanelSpec("Index KL (sum over MSA layers)", (M.LOSS_KL,), log_y=True),
         )),
         SectionSpec("MSA", (

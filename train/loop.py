@@ -233,7 +233,7 @@ def train_step(run: Run, stats_queries: int = 0, with_grad_norms: bool = False) 
     engine, mesh, stage, accum = run.engine, run.mesh, run.stage, run.cfg.optim.grad_accum
     lm_sum = kl_sum = 0.0
     n_tokens, bad, lengths, layer_kl, stats = 0, False, [], 0.0, None
-    source_sum = source_n = 0  # with several data sources: each one's LM sum and target count
+    group_sum = group_n = 0  # with several data sources: the LM sum and target count of each loss group
     for micro in range(accum):
         batch = to_device(next(run.batches), run.env.device)
         lengths.append(M.doc_lengths(batch))
@@ -266,17 +266,30 @@ def train_step(run: Run, stats_queries: int = 0, with_grad_norms: bool = False) 
         n_tokens += int(n_targets)
         kl_sum += shard_sum(out["kl"], mesh).item()
         layer_kl = layer_kl + out["layer_kl"]
-        if "source_lm_sum" in out:
-            source_sum = source_sum + shard_sum(out["source_lm_sum"], mesh)
-            source_n = source_n + shard_sum(out["source_n_tokens"], mesh)
+        if "group_lm_sum" in out:
+            group_sum = group_sum + shard_sum(out["group_lm_sum"], mesh)
+            group_n = group_n + shard_sum(out["group_n_tokens"], mesh)
         if stats_queries:
             stats = out["layer_stats"] if stats is None else [a + b for a, b in zip(stats, out["layer_stats"])]
     if with_grad_norms:
         norms[M.GRAD_NORM] = _float(engine.get_global_grad_norm())
-    source_lm = [] if isinstance(source_n, int) else [
-        float(s) / int(n) if n else None for s, n in zip(source_sum.tolist(), source_n.tolist())]
+    groups = None if isinstance(group_n, int) else (group_sum.tolist(), group_n.tolist())
     return {"lm": lm_sum / max(n_tokens, 1), "kl": kl_sum / accum, "bad": bad, "lengths": lengths,
-            "layer_kl": layer_kl, "layer_stats": stats, "norms": norms, "source_lm": source_lm}
+            "layer_kl": layer_kl, "layer_stats": stats, "norms": norms, "groups": groups}
+
+
+def source_losses(names: list[str], groups: tuple[list, list] | None) -> dict:
+    """``loss/lm/<name>`` of each source whose targets the step held (groups s and S + s of the loader's
+    ``loss_groups``) and ``loss/answer/<name>`` where they include answer tokens of synthetic items."""
+    if groups is None:
+        return {}
+    (sums, counts), S, out = groups, len(names), {}
+    for s, name in enumerate(names):
+        if counts[s] + counts[S + s]:
+            out[M.LOSS_LM_SOURCE_PREFIX + name] = (sums[s] + sums[S + s]) / (counts[s] + counts[S + s])
+        if counts[S + s]:
+            out[M.LOSS_ANSWER_PREFIX + name] = sums[S + s] / counts[S + s]
+    return out
 
 
 def grad_norms(run: Run) -> dict:
@@ -335,8 +348,7 @@ def step_metrics(run: Run, out: dict, step_s: float, lr: list[float], peak: floa
     lr = [0.0 if i in frozen else v for i, v in enumerate(lr)]
     return {
         M.LOSS_LM: out["lm"], M.LOSS_KL: out["kl"],
-        **{M.LOSS_LM_SOURCE_PREFIX + name: lm for (name, _, _), lm in zip(run.loader.sources, out["source_lm"])
-           if lm is not None},  # a source with no target in this step's batches logs nothing
+        **source_losses([name for name, _, _ in run.loader.sources], out["groups"]),
         M.TOKENS_PER_S: stage.batch_size * stage.seq_len * cfg.optim.grad_accum * dp_world / step_s,
         M.STEP_S: step_s,
         M.MFU: flops["model"] / step_s / env.world_size / (peak * 1e12) if peak else None,

@@ -26,6 +26,7 @@ from train.parallel.shard import shard_sum
 
 LOSS_LM, LOSS_KL = "loss/lm", "loss/kl"
 LOSS_LM_SOURCE_PREFIX = "loss/lm/"  # loss/lm/<name>: the LM loss of each data.sources entry (two or more)
+LOSS_ANSWER_PREFIX = "loss/answer/"  # loss/answer/<name>: a synthetic source's loss on its answer tokens
 INDEX_RECALL, SPARSITY, NONTRIVIAL = "msa/index_recall", "msa/sparsity", "msa/nontrivial_share"
 ORACLE_RECALL = "msa/oracle_recall"  # the best topk blocks' teacher mass: index recall's ceiling
 ORACLE_RECALL_2X = "msa/oracle_recall_2x"  # the best 2 * topk blocks': the ceiling with twice the selection

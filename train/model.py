@@ -166,9 +166,9 @@ class Decoder(nn.Module):
     packed batch and returns ``{"lm_sum", "n_tokens", "kl", "layer_kl", "layer_stats"}``: summed LM loss
     over text targets, their count, the sum over MSA layers of the index KL (each averaged over tokens
     and groups), the per-layer KL (detached, ``[n_msa_layers]``) and per-layer selection stats (a list,
-    None entries unless ``stats_queries > 0``). A batch with ``source_ids`` (several data sources) adds
-    ``source_lm_sum`` and ``source_n_tokens`` (``[n_sources]``, detached): the LM sum and target count
-    of each source."""
+    None entries unless ``stats_queries > 0``). A batch with ``loss_groups`` (several data sources: the
+    loader's ``collate``) adds ``group_lm_sum`` and ``group_n_tokens`` (``[n_loss_groups]``, detached): the
+    LM sum and target count of each group."""
 
     def __init__(self, cfg: ModelConfig, attn_cfg: AttentionConfig):
         super().__init__()
@@ -296,19 +296,19 @@ class Decoder(nn.Module):
     def forward(self, batch: dict, phase: Phase = "sparse", stats_queries: int = 0) -> dict:
         h, labels, (kl, layer_kl, layer_stats) = self.hidden_states(batch, phase, stats_queries)
         labels = labels.reshape(-1)
-        sources = batch.get("source_ids")
-        if sources is None:
+        groups = batch.get("loss_groups")
+        if groups is None:
             lm_sum = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight(), labels,
                                            self.cfg.ce_chunk_tokens)
-        else:  # several data sources: each one's LM loss too (``loss/lm/<name>``)
-            sources, n = sources.reshape(-1), batch["n_sources"]
-            lm_sum, source_sum = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight(), labels,
-                                                       self.cfg.ce_chunk_tokens, sources, n)
-            counted = (labels != -100) & (sources >= 0)
-            extra = {"source_lm_sum": source_sum, "source_n_tokens": torch.bincount(sources[counted], minlength=n)}
+        else:  # several data sources: each group's LM loss too (loss/lm/<name>, loss/answer/<name>)
+            groups, n = groups.reshape(-1), batch["n_loss_groups"]
+            lm_sum, group_sum = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight(), labels,
+                                                      self.cfg.ce_chunk_tokens, groups, n)
+            counted = (labels != -100) & (groups >= 0)
+            extra = {"group_lm_sum": group_sum, "group_n_tokens": torch.bincount(groups[counted], minlength=n)}
         out = {"lm_sum": lm_sum, "n_tokens": (labels != -100).sum(), "kl": kl, "layer_kl": layer_kl,
                "layer_stats": layer_stats}
-        return out if sources is None else {**out, **extra}
+        return out if groups is None else {**out, **extra}
 
     def num_params(self, exclude_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -10,9 +10,11 @@
   image_patches float32 [P, 3*p*p] in [-1, 1], (row, col, channel) order inside a patch
   image_slots   int64 [P]      flat index into B*N of each patch
   image_sizes   int64 [I, 2]   (rows, cols) patch grid of each image, in slot order
-With two or more data.sources, also (for the LM loss of each source, ``loss/lm/<name>``):
-  source_ids    int64 [B, N]   the data.sources entry of each token's document; -1 on padding
-  n_sources     int            how many data.sources entries there are
+With two or more data.sources, also (for the LM loss of each source, ``loss/lm/<name>``, and of the
+answers of its synthetic items, ``loss/answer/<name>``):
+  loss_groups   int64 [B, N]   s, the data.sources entry of the token's document, or S + s where the target
+                               is an answer token of a synthetic item (S sources); -1 on padding
+  n_loss_groups int            2 S
 Rows come round-robin from the workers (torch DataLoader workers); each row carries its reader's
 position, so `state_dict()` after any batch resumes exactly after it.
 """
@@ -162,7 +164,8 @@ def _identity(x):
 
 
 def collate(rows, n_sources: int = 0) -> dict:
-    """One batch of ``rows``; with ``n_sources`` > 1 it says which source each token came from."""
+    """One batch of ``rows``; with ``n_sources`` > 1 it says which source each target came from and which
+    targets are answers (``loss_groups``)."""
     N = len(rows[0].tokens)
     seg = torch.tensor([0] + [n for r in rows for n in r.seg_lens], dtype=torch.int64)
     patches = torch.cat([r.patches for r in rows])
@@ -176,16 +179,20 @@ def collate(rows, n_sources: int = 0) -> dict:
         "image_sizes": torch.tensor([g for r in rows for g in r.grids], dtype=torch.int64).reshape(-1, 2),
     }
     if n_sources > 1:
-        batch["source_ids"] = torch.stack([_token_sources(r) for r in rows])
-        batch["n_sources"] = n_sources
+        batch["loss_groups"] = torch.stack([_loss_groups(r, n_sources) for r in rows])
+        batch["n_loss_groups"] = 2 * n_sources
     return batch
 
 
-def _token_sources(row) -> torch.Tensor:
-    """``[N]``: each piece's source over its tokens (the pieces are the row's first segments), -1 after."""
+def _loss_groups(row, n_sources: int) -> torch.Tensor:
+    """``[N]``: each piece's source over its tokens (the pieces are the row's first segments), plus
+    ``n_sources`` over its answer targets; -1 after the pieces."""
+    n = len(row.sources)
     ids = torch.full((len(row.tokens),), -1, dtype=torch.int64)
-    ids[:sum(row.seg_lens[:len(row.sources)])] = torch.repeat_interleave(
-        torch.tensor(row.sources, dtype=torch.int64), torch.tensor(row.seg_lens[:len(row.sources)]))
+    ids[:sum(row.seg_lens[:n])] = torch.repeat_interleave(torch.tensor(row.sources, dtype=torch.int64),
+                                                          torch.tensor(row.seg_lens[:n]))
+    for lo, hi in row.answers:
+        ids[lo:hi] += n_sources
     return ids
 
 

@@ -64,7 +64,8 @@ class SyntheticReader:
         item = make_item(task, length - 1, float(rng.uniform()), rng, self.tokenizer, self.haystack(),
                          self.image_cfg)
         tokens = np.append(item.tokens, np.int32(self.tokenizer.eod)).astype(np.int32)
-        return Document(f"{self.name}/{task}/{self.reader}-{i}", tokens, item.images, whole=True)
+        return Document(f"{self.name}/{task}/{self.reader}-{i}", tokens, item.images, whole=True,
+                        answer=(item.prompt_len, len(item.tokens)))
 
     def documents(self, pos: SyntheticPosition | dict | None = None):
         i = pos["index"] if isinstance(pos, dict) else (pos.index if pos else 0)

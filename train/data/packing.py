@@ -31,6 +31,8 @@ class Row:
     grids: list[tuple[int, int]]  # (rows, cols) of each image in the row, in slot order
     pieces: list[tuple[str, int, int, int]] = field(default_factory=list)  # (key, epoch, start, end)
     sources: list[int] = field(default_factory=list)  # each piece's data.sources entry (0 without sources)
+    answers: list[tuple[int, int]] = field(default_factory=list)  # row positions [lo, hi) whose targets are
+    # a synthetic item's answer tokens
     state: dict = field(default_factory=dict)  # reader position after this row
 
 
@@ -72,7 +74,7 @@ class Packer:
 
     def _fill(self, docs, doc, pos, used):
         N = self.seq_len
-        toks, labs, poss, segs, patches, slots, grids, pieces, sources = [], [], [], [], [], [], [], [], []
+        toks, labs, poss, segs, patches, slots, grids, pieces, sources, answers = ([] for _ in range(10))
         fill = 0
         while fill < N:
             if used >= len(doc.tokens):
@@ -97,6 +99,10 @@ class Packer:
             segs.append(len(piece))
             pieces.append((doc.key, pos.epoch, used, end))
             sources.append(getattr(pos, "source", 0))  # a MixedReader's position names its source
+            if doc.answer is not None:  # position i's target is token i + 1; a piece's last position has none
+                lo, hi = max(doc.answer[0] - 1, used), min(doc.answer[1] - 1, end - 1)
+                if lo < hi:
+                    answers.append((fill + lo - used, fill + hi - used))
             fill += len(piece)
             used = end
         if fill < N:
@@ -114,6 +120,7 @@ class Packer:
             grids=grids,
             pieces=pieces,
             sources=sources,
+            answers=answers,
             doc=doc,
             pos=pos,
         )

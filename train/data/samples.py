@@ -50,6 +50,7 @@ class Document:
     images: list[tuple[int, np.ndarray, tuple[int, int]]] = field(default_factory=list)
     # (index in tokens of the image's first patch, patches uint8 [n, p*p*3], (rows, cols))
     whole: bool = False  # never split across rows when it fits in one (packing.py)
+    answer: tuple[int, int] | None = None  # a synthetic item's answer: its token range [start, end) in tokens
 
 
 def _text(value: bytes, member: str) -> str:

@@ -42,7 +42,7 @@ def truncate_cu_seqlens(cu_seqlens: torch.Tensor, end: int) -> torch.Tensor:
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
     """This rank's tokens of a packed batch (``input_ids``, ``labels``, ``position_ids`` and, with several
-    data sources, ``source_ids``); ``cu_seqlens`` stays global (rows without it become one document each);
+    data sources, ``loss_groups``); ``cu_seqlens`` stays global (rows without it become one document each);
     image patches stay whole (an image may straddle shards): ``image_keep`` picks the embeddings of this
     shard's patch slots and ``image_slots`` is re-indexed to the shard."""
     if mesh.shards == 1:
@@ -51,8 +51,8 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     device = batch["input_ids"].device
     idx = local_token_index(B * N, mesh.sp_size, mesh.cp_size, mesh.sp_rank, mesh.cp_rank).to(device)
     out = dict(batch)
-    for key in ("input_ids", "labels", "position_ids", "source_ids"):
-        if key in batch:  # source_ids: only with several data.sources
+    for key in ("input_ids", "labels", "position_ids", "loss_groups"):
+        if key in batch:  # loss_groups: only with several data.sources
             out[key] = batch[key].reshape(-1)[idx][None]
     if batch.get("cu_seqlens") is None:
         out["cu_seqlens"] = torch.arange(0, B * N + 1, N, dtype=torch.int32, device=device)
