@@ -369,6 +369,12 @@ def loss_curve(rows: list[dict]) -> list[list[float]]:
     return [[r["step"], r["loss/lm"]] for r in rows if r.get("loss/lm") is not None]
 
 
+def source_curves(rows: list[dict]) -> dict[str, list[list[float]]]:
+    """Each ``loss/lm/<source>`` and ``loss/answer/<source>`` against the step, over the steps that logged it."""
+    keys = sorted({k for r in rows for k in r if k.startswith((LOSS_LM_SOURCE_PREFIX, LOSS_ANSWER_PREFIX))})
+    return {k: [[r["step"], r[k]] for r in rows if r.get(k) is not None] for k in keys}
+
+
 def final_losses(rows: list[dict]) -> dict[str, float]:
     """``final_loss``: the mean LM loss over the last tenth of the logged steps; ``final_loss/<source>``: each
     data source's loss (``loss/lm/<source>``) and ``final_answer/<source>`` a synthetic source's loss on its
@@ -436,19 +442,20 @@ def run_one(args, arm: str, seed: int, steps: int, work: Path) -> dict:
                 scalars[f"layer/{metric}/{fmt_tokens(int(length))}/{layer}"] = v
     return {"arm": arm, "seed": seed, "steps": steps, "tokens": tokens, "wall_s": wall,
             "eval_s": results["seconds"], "train_s": wall - results["seconds"], "loss_curve": curve,
+            "source_curves": source_curves(rows),
             "clip_scale_by_tenth": clipping["clip_scale_by_tenth"], "scalars": scalars, "eval": results}
 
 
 def progress(work: Path, spec: str) -> dict:
-    """How far a stopped run got, from its ``metrics.jsonl``: the last step logged, its loss curve and its
-    last logged index recall, in the report so that they come back even if the machine (and with it
-    the checkpoints that would resume the run) does not."""
+    """How far a stopped run got, from its ``metrics.jsonl``: the last step logged, its loss curve, each
+    source's loss and answer loss curves and its last logged index recall, in the report so that they come
+    back even if the machine (and with it the checkpoints that would resume the run) does not."""
     _, arm, seed, _ = spec.split(":")
     metrics = work / f"{arm}-s{seed}" / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     recall = [r["msa/index_recall"] for r in rows if r.get("msa/index_recall") is not None]
     return {"step": rows[-1]["step"] if rows else None, "loss_curve": loss_curve(rows),
-            "train/index_recall": recall[-1] if recall else None}
+            "source_curves": source_curves(rows), "train/index_recall": recall[-1] if recall else None}
 
 
 def report_arms(report: dict) -> list[str]:
@@ -661,6 +668,52 @@ def plot_share(report: dict, path: Path) -> bool:
     return True
 
 
+def answer_curves(report: dict, bins: int = 30) -> dict[str, dict[str, dict]]:
+    """Per synthetic source and arm: the training loss on the answer tokens (``loss/answer/<source>``) in
+    ``bins`` equal spans of the steps, each run's mean over the steps of a span that logged it, then the
+    mean, min and max over the arm's runs (spans no run logged left out); ``step`` is each span's middle."""
+    out: dict[str, dict[str, dict]] = {}
+    logged = [(r["arm"], k, c) for r in report["runs"] for k, c in r.get("source_curves", {}).items()
+              if k.startswith(LOSS_ANSWER_PREFIX) and c]
+    if not logged:
+        return out
+    edges = np.linspace(0, report.get("steps") or 1 + max(c[-1][0] for _, _, c in logged), bins + 1)
+    for arm, key, curve in logged:
+        steps, values = np.array(curve, dtype=float).T
+        which = np.clip(np.searchsorted(edges, steps, side="right") - 1, 0, bins - 1)
+        means = [values[which == b].mean() if (which == b).any() else np.nan for b in range(bins)]
+        out.setdefault(key[len(LOSS_ANSWER_PREFIX):], {}).setdefault(arm, []).append(means)
+    for arms in out.values():
+        for arm, runs in arms.items():
+            y = np.array(runs)
+            keep = ~np.isnan(y).all(0)  # a span some run logged: the nan-aware statistics below see a value
+            arms[arm] = {"step": ((edges[:-1] + edges[1:]) / 2)[keep].tolist(), "n": len(runs),
+                         **{k: f(y[:, keep], 0).tolist() for k, f in (("mean", np.nanmean), ("min", np.nanmin),
+                                                                      ("max", np.nanmax))}}
+    return out
+
+
+def plot_answer(report: dict, path: Path) -> bool:
+    """Per synthetic source, the training loss on its answer tokens against the step, a line per arm (mean
+    over seeds, band min-max): whether and when the models learn to answer the items they train on. False
+    (no file) for a report whose runs did not log it (before the metric)."""
+    curves = answer_curves(report)
+    if not curves:
+        return False
+    fig = _figure(3.5 * len(curves), 3.2)
+    axes = np.atleast_1d(fig.subplots(1, len(curves), sharey=True))
+    for ax, (source, arms) in zip(axes, sorted(curves.items())):
+        for arm, c in arms.items():
+            ax.plot(c["step"], c["mean"], marker=".", label=f"{arm} (mean of {c['n']})")
+            ax.fill_between(c["step"], c["min"], c["max"], alpha=0.25)
+        ax.axhline(np.log(10), color="grey", linestyle=":", linewidth=1)
+        ax.set(xlabel="training step", title=f"source {source}")
+    axes[0].set(ylabel="loss on answer tokens (nats/token)\ndotted: a random digit, ln 10")
+    axes[0].legend(fontsize=7)
+    fig.savefig(path)
+    return True
+
+
 def recall_lengths(stats: dict, eval_lengths: list[int]) -> list[str]:
     """The eval lengths (as ``fmt_tokens`` names) at which ``stats`` has an index or needle recall."""
     measured = {part for k in stats if k.startswith(("eval/index_recall/", "eval/needle_recall/"))
@@ -719,6 +772,7 @@ def write(report: dict, out: Path, plots: bool) -> None:
         if report["paired"]:
             plot_paired(report, out / "quality_paired.png")
         plot_share(report, out / "quality_share.png")
+        plot_answer(report, out / "quality_answer.png")
 
 
 def work_dir(args) -> Path:

@@ -12,7 +12,7 @@
 # make that call at once: the lent machine (and WORK with it) is given back 30 s after a call ends.
 # DeepSpeed, Hydra and webdataset come from wheels in .whl/ (../shared/tools/device-wheels .whl); W&B is
 # not needed (every run logs with logging.wandb.mode=disabled); matplotlib is on the GPU image.
-# $OUT gets gpus.txt, quality.log, quality.json, quality_{loss,bpb,retrieval,recall,paired,share}.png and
+# $OUT gets gpus.txt, quality.log, quality.json, quality_{loss,bpb,retrieval,recall,paired,share,answer}.png and
 # logs/ (a log per worker process).
 set -uo pipefail
 OUT=${OUT:-runs/quality}

@@ -598,19 +598,25 @@ def test_quality_run_all_collects_a_run_whose_teardown_the_deadline_killed(tmp_p
 
 
 def test_quality_progress_reads_how_far_a_stopped_run_got(tmp_path):
-    """The report keeps a stopped run's steps, loss curve and last index recall (checked by hand)."""
+    """The report keeps a stopped run's steps, loss curve, source loss curves and last index recall (checked
+    by hand)."""
     import json
 
     from bench.quality import progress
 
     run = tmp_path / "msa-s1"
     run.mkdir()
-    rows = [{"step": 0, "loss/lm": 5.0}, {"step": 1, "loss/lm": 4.0, "msa/index_recall": 0.5},
-            {"step": 2, "loss/lm": 3.5, "msa/index_recall": 0.75}, {"step": 3, "eval/bpb/8K": 2.0}]
+    rows = [{"step": 0, "loss/lm": 5.0, "loss/lm/primer": 5.5, "loss/answer/primer": 2.3},
+            {"step": 1, "loss/lm": 4.0, "loss/lm/corpus": 4.0, "msa/index_recall": 0.5},
+            {"step": 2, "loss/lm": 3.5, "msa/index_recall": 0.75, "loss/lm/primer": 3.0, "loss/answer/primer": 0.1},
+            {"step": 3, "eval/bpb/8K": 2.0}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert progress(tmp_path, "run:msa:1:900") == {"step": 3, "loss_curve": [[0, 5.0], [1, 4.0], [2, 3.5]],
-                                                   "train/index_recall": 0.75}
-    assert progress(tmp_path, "run:dense:2:900") == {"step": None, "loss_curve": [], "train/index_recall": None}
+    assert progress(tmp_path, "run:msa:1:900") == {
+        "step": 3, "loss_curve": [[0, 5.0], [1, 4.0], [2, 3.5]], "train/index_recall": 0.75,
+        "source_curves": {"loss/answer/primer": [[0, 2.3], [2, 0.1]], "loss/lm/corpus": [[1, 4.0]],
+                          "loss/lm/primer": [[0, 5.5], [2, 3.0]]}}
+    assert progress(tmp_path, "run:dense:2:900") == {"step": None, "loss_curve": [], "source_curves": {},
+                                                     "train/index_recall": None}
 
 
 def test_quality_final_losses_by_source_by_hand():
@@ -764,6 +770,25 @@ def test_quality_pairs_retrieval_share_by_length_by_hand():
     assert out["2K"]["mean"] == pytest.approx(0.0) and out["2K"]["std"] == pytest.approx(2 ** 0.5 / 10)
     assert out["64K"]["seeds"] == {0: pytest.approx(0.1), 1: pytest.approx(0.0)}
     assert out["64K"]["mean"] == pytest.approx(0.05)
+
+
+def test_quality_answer_curves_by_hand(tmp_path):
+    """answer_curves: each run's mean answer loss per span of the steps, then mean / min / max over the arm's
+    runs (10 steps in 2 spans; a span no run logged is left out); the plot is drawn only when a run logged it."""
+    from bench.quality import answer_curves, plot_answer
+
+    runs = [{"arm": "dense", "source_curves": {"loss/answer/primer": [[0, 2.0], [2, 1.0], [6, 0.5]],
+                                               "loss/lm/primer": [[0, 9.0]]}},
+            {"arm": "dense", "source_curves": {"loss/answer/primer": [[1, 3.0], [9, 0.25]]}},
+            {"arm": "msa", "source_curves": {"loss/answer/primer": [[4, 2.5]], "loss/answer/tasks": []}}]
+    got = answer_curves({"steps": 10, "runs": runs}, bins=2)
+    assert got == {"primer": {"dense": {"step": [2.5, 7.5], "n": 2, "mean": [2.25, 0.375], "min": [1.5, 0.25],
+                                        "max": [3.0, 0.5]},
+                              "msa": {"step": [2.5], "n": 1, "mean": [2.5], "min": [2.5], "max": [2.5]}}}
+    assert plot_answer({"steps": 10, "runs": runs}, tmp_path / "answer.png")
+    assert (tmp_path / "answer.png").stat().st_size > 1000
+    assert not plot_answer({"steps": 10, "runs": [{"arm": "dense", "loss_curve": []}]}, tmp_path / "old.png")
+    assert not (tmp_path / "old.png").exists()
 
 
 def test_quality_share_plot_draws_the_arms_that_have_shares(tmp_path):
