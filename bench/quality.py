@@ -204,8 +204,7 @@ def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool)
                  f"min_len:{min(lo, args.seq_len)},max_len:{hi},seed:{seed}}}")
     if args.primer:  # its own seed: not the main source's draws with another task list
         synthetic += (f",{{name:primer,kind:synthetic,weight:{args.primer},tasks:[passkey],"
-                      f"min_len:{args.primer_len[0]},"
-                      f"max_len:{args.primer_len[1]},seed:{1000 + seed}}}")
+                      f"min_len:{args.primer_len[0]},max_len:{args.primer_len[1]},seed:{1000 + seed}}}")
     out = [f"model={args.model}", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch}",
            f"model.rope_base={args.rope_base}", f"optim.lr={args.lr}", f"optim.warmup_steps={max(1, steps // 20)}",
            f"data.sources=[{{name:corpus,kind:shards,weight:{1 - args.mix - args.primer}}},{synthetic}]",
@@ -370,9 +369,10 @@ def loss_curve(rows: list[dict]) -> list[list[float]]:
 
 
 def source_curves(rows: list[dict]) -> dict[str, list[list[float]]]:
-    """Each ``loss/lm/<source>`` and ``loss/answer/<source>`` against the step, over the steps that logged it."""
+    """Each ``loss/lm/<source>`` and ``loss/answer/<source>`` against the step, over the steps that logged it
+    (to 4 decimals: a curve per source and run, every step, in the report)."""
     keys = sorted({k for r in rows for k in r if k.startswith((LOSS_LM_SOURCE_PREFIX, LOSS_ANSWER_PREFIX))})
-    return {k: [[r["step"], r[k]] for r in rows if r.get(k) is not None] for k in keys}
+    return {k: [[r["step"], round(r[k], 4)] for r in rows if r.get(k) is not None] for k in keys}
 
 
 def final_losses(rows: list[dict]) -> dict[str, float]:
