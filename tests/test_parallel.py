@@ -209,7 +209,7 @@ def _tiny_batch(B=2, N=96, sources=False):
     if sources:
         doc_source = torch.tensor([2, 0, -1, 1, 0])
         batch["loss_groups"] = torch.repeat_interleave(doc_source, seg[1:]).reshape(B, N)
-        batch["loss_groups"][0, 50:56] += 3  # answer targets of source 0 (the loader's groups S + s)
+        batch["loss_groups"][1, 50:56] += 3  # answer targets in row 1's document, of source 0 (groups S + s)
         batch["n_loss_groups"] = 6
     return batch
 
