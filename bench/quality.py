@@ -31,8 +31,9 @@ the 1M step fastest (docs/scaling.md) cost in quality; ``msa_kl`` MSA with ``rec
 ``attention.topk`` set to ``--wide-topk`` (the ceiling of index recall with more blocks). Every MSA arm has
 the dense warm-up.
 
-Data: the embedded corpus mixed with the synthetic retrieval source (``--mix`` of the tokens; documents of
-``--synthetic-len`` tokens), so a small model can learn retrieval in a short run. Evals (train/eval):
+Data: the embedded corpus mixed with the synthetic retrieval tasks (``--mix`` of the tokens, a source per
+task in equal shares, so each logs its own answer loss; documents of ``--synthetic-len`` tokens), so a small
+model can learn retrieval in a short run. Evals (train/eval):
 held-out bits per byte by position and index recall, retrieval accuracy (log-likelihood choice;
 ``--generate`` adds greedy exact match) per task, length and depth, the indexer's needle recall; the same
 items for every run.
@@ -107,7 +108,8 @@ def parse(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup-frac", type=float, default=0.15, help="MSA arm: dense warm-up share of the steps")
     ap.add_argument("--rope-base", type=float, default=5e5)
-    ap.add_argument("--mix", type=float, default=0.25, help="share of tokens from the synthetic retrieval source")
+    ap.add_argument("--mix", type=float, default=0.25,
+                    help="share of tokens from the synthetic retrieval tasks (a source per task, equal shares)")
     ap.add_argument("--synthetic-len", type=int, nargs=2, default=[1024, 0], metavar=("MIN", "MAX"),
                     help="the synthetic documents' lengths in tokens, uniform in [MIN, MAX] (MAX 0: the row "
                          "length); shorter documents give more questions per token")
@@ -200,8 +202,11 @@ def add_reference(args, report: dict, reference: dict) -> None:
 
 def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool) -> list[str]:
     lo, hi = args.synthetic_len
-    synthetic = (f"{{name:tasks,kind:synthetic,weight:{args.mix},tasks:[{','.join(args.tasks)}],"
-                 f"min_len:{min(lo, args.seq_len)},max_len:{hi},seed:{seed}}}")
+    # a source per task, each named after it and with its share of --mix, so that each logs its own answer
+    # loss (loss/answer/<task>); each its own seed, so the tasks do not draw the same lengths and depths
+    synthetic = ",".join(f"{{name:{task},kind:synthetic,weight:{args.mix / len(args.tasks)},tasks:[{task}],"
+                         f"min_len:{min(lo, args.seq_len)},max_len:{hi},seed:{seed + 100 * k}}}"
+                         for k, task in enumerate(args.tasks))
     if args.primer:  # its own seed: not the main source's draws with another task list
         synthetic += (f",{{name:primer,kind:synthetic,weight:{args.primer},tasks:[passkey],"
                       f"min_len:{args.primer_len[0]},max_len:{args.primer_len[1]},seed:{1000 + seed}}}")
@@ -264,10 +269,11 @@ def stage_plan(args, arm: str, steps: int) -> list[dict]:
     if warm + final >= steps:
         raise SystemExit(f"{steps} steps leave no main stage after {warm} warm-up (or primer) and {final} final steps: "
                          "lower --warmup-frac or --final-frac, or train more steps")
-    # --primer-first: the primer source alone (data_weights in data.sources' order: corpus, tasks, primer),
-    # the first steps of the MSA arm's warm-up
+    # --primer-first: the primer source alone (data_weights in data.sources' order: the corpus, a source per
+    # task, the primer), the first steps of the MSA arm's warm-up
     phase = {"phase": "warmup"} if sparse(arm) else {}
-    stages = ([{"name": "primer", "steps": primer, **phase, "data_weights": [0, 0, 1]}] if primer else []) + (
+    alone = [0] * (1 + len(args.tasks)) + [1] if primer else []
+    stages = ([{"name": "primer", "steps": primer, **phase, "data_weights": alone}] if primer else []) + (
         [{"name": "warmup", "steps": warm - primer, "phase": "warmup"}] if warm > primer else []) + [
         {"name": "main", "steps": steps - warm - final}]
     if final:

@@ -351,10 +351,10 @@ def test_quality_arms_are_what_they_say(tmp_path):
                   "attention.topk=3", "recipe.kl_weight=0.5"])
     cfgs = {arm: compose(overrides(args, arm, 0, 50, tmp_path, False)) for arm in args.arms}
     synthetic = [s for s in cfgs["msa"].data.sources if s.kind == "synthetic"]
-    assert [(s.min_len, s.max_len) for s in synthetic] == [(64, 200)]
+    assert [(s.min_len, s.max_len) for s in synthetic] == [(64, 200)] * len(args.tasks)
     default = compose(overrides(parse(["--out", str(tmp_path), "--model", "tiny", "--seq-len", "256"]), "msa", 0, 50,
                                 tmp_path, False))
-    assert [(s.min_len, s.max_len) for s in default.data.sources if s.kind == "synthetic"] == [(256, 0)]
+    assert {(s.min_len, s.max_len) for s in default.data.sources if s.kind == "synthetic"} == {(256, 0)}
     # an override for every arm applies to each, but not over what makes an arm what it is
     assert [build_recipe(cfgs[a])[-1].kl_weight for a in ("msa", "msa_kl")] == [0.5, 0.02]
     assert cfgs["msa_kl"].attention == cfgs["msa"].attention and cfgs["msa_kl"].model == cfgs["msa"].model
@@ -390,16 +390,18 @@ def test_quality_primer_is_a_second_source_of_short_passkey_documents(tmp_path):
     args = parse(["--out", str(tmp_path), "--model", "tiny", "--seq-len", "256", "--mix", "0.3",
                   "--primer", "0.1", "--primer-len", "110", "150", "--synthetic-len", "64", "200"])
     cfg = compose(overrides(args, "msa", 2, 50, tmp_path, False))
-    kinds = [(s.kind, s.weight, list(s.tasks) if s.kind == "synthetic" else None) for s in cfg.data.sources]
-    assert kinds == [("shards", pytest.approx(0.6), None), ("synthetic", 0.3, list(args.tasks)),
-                     ("synthetic", 0.1, ["passkey"])]
-    main, primer = cfg.data.sources[1:]
-    assert (primer.min_len, primer.max_len) == (110, 150) and (main.min_len, main.max_len) == (64, 200)
-    assert primer.seed != main.seed  # not the main source's draws
+    kinds = [(s.name, s.kind, s.weight, list(s.tasks) if s.kind == "synthetic" else None) for s in cfg.data.sources]
+    n = len(args.tasks)  # a source per task, named after it (loss/answer/<task>), with its share of --mix
+    assert kinds == [("corpus", "shards", pytest.approx(0.6), None),
+                     *[(t, "synthetic", pytest.approx(0.3 / n), [t]) for t in args.tasks],
+                     ("primer", "synthetic", 0.1, ["passkey"])]
+    *tasks, primer = cfg.data.sources[1:]
+    assert (primer.min_len, primer.max_len) == (110, 150) and {(t.min_len, t.max_len) for t in tasks} == {(64, 200)}
+    seeds = [t.seed for t in tasks] + [primer.seed]
+    assert len(set(seeds)) == len(seeds)  # no source repeats another's draws
     plain = compose(overrides(parse(["--out", str(tmp_path), "--model", "tiny", "--seq-len", "256"]), "msa", 2, 50,
                               tmp_path, False))
-    assert [s.kind for s in plain.data.sources] == ["shards", "synthetic"]  # no primer unless asked
-    assert [s.name for s in cfg.data.sources] == ["corpus", "tasks", "primer"]  # as final_loss/<name> reads
+    assert [s.kind for s in plain.data.sources] == ["shards"] + ["synthetic"] * n  # no primer unless asked
     with pytest.raises(SystemExit):
         parse(["--out", str(tmp_path), "--mix", "0.6", "--primer", "0.4"])
 
@@ -417,7 +419,8 @@ def test_quality_primer_first_is_a_stage_of_the_primer_alone(tmp_path):
                        ("msa", [("primer", 5, "warmup"), ("warmup", 10, "warmup"), ("main", 35, "sparse")])):
         stages = build_recipe(compose(overrides(args, arm, 0, 50, tmp_path, False)))
         assert [(st.name, st.end - st.start, st.phase) for st in stages] == plan_
-        assert stages[0].data_weights == (0.0, 0.0, 1.0) and all(not st.data_weights for st in stages[1:])
+        alone = (0.0,) * (1 + len(args.tasks)) + (1.0,)  # the corpus and each task's source left out
+        assert stages[0].data_weights == alone and all(not st.data_weights for st in stages[1:])
     timing = {"primer_step_s": 1.0, "warmup_step_s": 2.0, "main_step_s": 4.0}
     assert mean_step_s(args, "msa", timing, nominal=50) == pytest.approx((5 * 1 + 10 * 2 + 35 * 4) / 50)
     for bad in (["--primer-first", "0.1"], ["--primer", "0.1", "--primer-first", "0.4", "--warmup-frac", "0.3"]):
