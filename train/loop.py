@@ -233,7 +233,7 @@ def train_step(run: Run, stats_queries: int = 0, with_grad_norms: bool = False) 
     engine, mesh, stage, accum = run.engine, run.mesh, run.stage, run.cfg.optim.grad_accum
     lm_sum = kl_sum = 0.0
     n_tokens, bad, lengths, layer_kl, stats = 0, False, [], 0.0, None
-    group_sum = group_n = 0  # with several data sources: the LM sum and target count of each loss group
+    group_sum = group_n = None  # with several data sources: the LM sum and target count of each loss group
     for micro in range(accum):
         batch = to_device(next(run.batches), run.env.device)
         lengths.append(M.doc_lengths(batch))
@@ -267,13 +267,13 @@ def train_step(run: Run, stats_queries: int = 0, with_grad_norms: bool = False) 
         kl_sum += shard_sum(out["kl"], mesh).item()
         layer_kl = layer_kl + out["layer_kl"]
         if "group_lm_sum" in out:
-            group_sum = group_sum + shard_sum(out["group_lm_sum"], mesh)
-            group_n = group_n + shard_sum(out["group_n_tokens"], mesh)
+            sums, counts = shard_sum(out["group_lm_sum"], mesh), shard_sum(out["group_n_tokens"], mesh)
+            group_sum, group_n = (sums, counts) if group_sum is None else (group_sum + sums, group_n + counts)
         if stats_queries:
             stats = out["layer_stats"] if stats is None else [a + b for a, b in zip(stats, out["layer_stats"])]
     if with_grad_norms:
         norms[M.GRAD_NORM] = _float(engine.get_global_grad_norm())
-    groups = None if isinstance(group_n, int) else (group_sum.tolist(), group_n.tolist())
+    groups = None if group_sum is None else (group_sum.tolist(), group_n.tolist())
     return {"lm": lm_sum / max(n_tokens, 1), "kl": kl_sum / accum, "bad": bad, "lengths": lengths,
             "layer_kl": layer_kl, "layer_stats": stats, "norms": norms, "groups": groups}
 
