@@ -8,8 +8,10 @@ them over the sequence/context ranks), input gradients on the rank's tokens. fp3
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -54,6 +56,8 @@ def _spawn(fn, world: int, *args):
 
 
 def _entry(rank, world, port, fn, args):
+    # A rank killed by a signal (the SIGABRT below) prints every thread's Python stack to stderr
+    faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -63,11 +67,17 @@ def _entry(rank, world, port, fn, args):
         # No rank leaves while another still talks to it: a peer's closed socket under a pending gloo op
         # (ZeRO-3 here, rank 0 still writing its file while rank 1 had returned) aborts the process
         # (SIGABRT, seen once in CI). After an error the others would only wait out the timeout here.
-        # With this barrier a SIGABRT ("terminate called without an active exception") was still seen
-        # once, in the ZeRO-3 save phase of test_sp_layout_change_keeps_adam_moments; its cause is unknown.
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # With the barrier a SIGABRT ("terminate called without an active exception") was still seen twice in
+    # CI, in the ZeRO-3 save phase of test_sp_layout_change_keeps_adam_moments, and not in 7 reruns of it.
+    # If it comes from interpreter shutdown (gloo's worker threads or DeepSpeed's objects torn down with
+    # the interpreter), leaving here skips it: every check has passed and the group is destroyed. If it
+    # comes back, faulthandler's stacks above say where.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _check(name, ref, out, errors):
