@@ -11,7 +11,9 @@ Rows: ``one:N`` (one document of N tokens), ``packed:N:L`` (documents of uniform
 dense path, on rows of short documents, with one varlen call), ``msa_selective_compile``,
 ``msa_full_compile``, ``warmup_loop`` / ``warmup_varlen`` (MSA in the warm-up phase: dense attention with
 the index KL, one SDPA call per document or one varlen call), ``msa_selective_klbwd`` / ``msa_full_klbwd``
-(the KL's teacher computed in the attention backward, ``attention.kl_in_backward``). Every point
+(the KL's teacher computed in the attention backward, ``attention.kl_in_backward``), ``dense_groups`` /
+``msa_selective_groups`` (``dense`` / ``msa_selective`` with the batch's ``loss_groups`` of
+``LOSS_SOURCES`` data sources: what logging each source's loss and answer loss costs). Every point
 checkpoints activations, and each sets its dense path on packed rows itself (the points without
 ``varlen`` in their name one SDPA call per document, ``attention.dense_varlen=false``), so a point means
 the same whatever the default.
@@ -67,11 +69,22 @@ POINTS = {  # name: (Hydra overrides, attention phase); each names its dense pat
     "warmup_varlen": (VARLEN, "warmup"),
     "msa_selective_klbwd": (SELECTIVE + LOOP + KL_BWD, "sparse"),
     "msa_full_klbwd": (FULL + LOOP + KL_BWD, "sparse"),
+    "dense_groups": (["attention=dense"] + LOOP, "sparse"),
+    "msa_selective_groups": (SELECTIVE + LOOP, "sparse"),
 }
+LOSS_SOURCES = 6  # the quality runs' count: the corpus, four tasks, the primer
+ANSWER_TOKENS = 8  # the last targets of each document count as its answer (a pass key is 5-7 digits)
 
 
-def make_row(spec: str, vocab: int, device) -> dict:
-    """The batch of a row spec (``one:N`` or ``packed:N:L``): one packed row with ``cu_seqlens``."""
+def grouped(point: str) -> bool:
+    """Whether the point's batch carries ``loss_groups`` (``*_groups``)."""
+    return point.endswith("_groups")
+
+
+def make_row(spec: str, vocab: int, device, sources: int = 0) -> dict:
+    """The batch of a row spec (``one:N`` or ``packed:N:L``): one packed row with ``cu_seqlens``. With
+    ``sources`` > 1, ``loss_groups`` as the loader's ``collate`` makes them: document ``d``'s targets in
+    group ``d % sources``, its last ``ANSWER_TOKENS`` targets in ``sources + d % sources`` (an answer)."""
     kind, *sizes = spec.split(":")
     N = int(sizes[0])
     if kind == "one":
@@ -92,7 +105,14 @@ def make_row(spec: str, vocab: int, device) -> dict:
     labels[0, cu[1:] - 1] = -100
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "cu_seqlens": cu.to(torch.int32)}
-    return {k: v.to(device) for k, v in batch.items()}
+    if sources > 1:
+        source = torch.arange(len(lengths)) % sources
+        groups = torch.repeat_interleave(source, torch.tensor(lengths))
+        for d, end in enumerate(cu[1:].tolist()):  # the target before the end of the document is the last one
+            groups[max(cu[d].item(), end - 1 - ANSWER_TOKENS):end - 1] += sources
+        batch["loss_groups"] = groups[None]
+    out = {k: v.to(device) for k, v in batch.items()}
+    return {**out, "n_loss_groups": 2 * sources} if sources > 1 else out
 
 
 def profiled_step(step, device_type: str, top: int = 40) -> dict:
@@ -173,7 +193,7 @@ def main() -> None:
         check_config(cfg, stage, env.world_size, cfg.model.vocab_size, env.device.type)
         row = {"model": args.model, "row": spec, "point": point, "phase": stage.phase}
         try:
-            batch = make_row(spec, cfg.model.vocab_size, env.device)
+            batch = make_row(spec, cfg.model.vocab_size, env.device, LOSS_SOURCES if grouped(point) else 0)
             row["docs"] = batch["cu_seqlens"].numel() - 1
             row.update(measure(cfg, env, stage, batch, args.steps, spec in args.profile_rows))
         except Exception as e:  # noqa: BLE001  (an OOM or a compile failure is a result; the next point runs)

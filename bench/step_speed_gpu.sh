@@ -14,7 +14,9 @@
 # attention backward against the separate KL, small at 32K and 128K with both checkpointing policies, dense
 # beside them, the 32K row profiled; then the attention-level pair msa_whole / msa_whole_klbwd of
 # bench/msa_attention.py at G = 4 and 16; first the gpu tests of the fused path and the varlen lse, then
-# bench/tune_sparse_attention.py kl: both places of the KL per dK/dV launch setting, by kernel).
+# bench/tune_sparse_attention.py kl: both places of the KL per dK/dV launch setting, by kernel); groups (not
+# in the default list: what the per-source losses cost, the `_groups` points against the same points without
+# them, small at 32K and on the 192K row of documents under 6K tokens, each point profiled).
 # A CPU dry run at toy sizes (the model, rows and EXTRA Hydra overrides are the only differences):
 #   MODEL=tiny BASE=tiny ONE="one:256" PACKED="packed:512:128" EXTRA="model.n_layers=2" DEADLINE=2000 \
 #     bash bench/step_speed_gpu.sh
@@ -54,6 +56,8 @@ for s in $STAGES; do
              msa_full msa_full_klbwd dense --profile-rows "${ONE_ROWS[0]}"
            TAIL=14 stage klbwd_attention 150 python3 bench/msa_attention.py --sizes 32768 131072 --hkv 2 8 \
              --cases msa_whole msa_whole_klbwd --json "$OUT/msa_attention_klbwd.json" ;;
+    groups) bench groups 200 --model "$MODEL" --rows "${ONE_ROWS[0]}" "$PACKED" --points msa_selective \
+              msa_selective_groups dense dense_groups --profile-rows "${ONE_ROWS[0]}" "$PACKED" ;;
     compile) bench compile 150 --model "$MODEL" --rows $LONGEST_FIRST --points msa_selective_compile ;;
     base) bench base "$DEADLINE" --model "$BASE" --rows "${ONE_ROWS[@]}" --points msa_full msa_selective dense ;;
     *) echo "unknown stage $s"; exit 2 ;;

@@ -806,3 +806,35 @@ def test_quality_share_plot_draws_the_arms_that_have_shares(tmp_path):
                         "msa": {"eval/passkey/8K/share": {"mean": 0.4, "std": 0.05},
                                 "eval/multikey/16K/share": {"mean": 0.25, "std": 0.0}}})
     assert plot_share(new, tmp_path / "share.png") and (tmp_path / "share.png").stat().st_size > 0
+
+
+def test_step_speed_grouped_rows_carry_the_loaders_loss_groups():
+    """The ``*_groups`` points time the per-source losses: their row holds ``loss_groups`` as ``collate``
+    makes them (document d in group d % S, its last answer targets in S + d % S), which leave the loss
+    unchanged and whose sums add up to it."""
+    from bench.step_speed import ANSWER_TOKENS, grouped, make_row, point_config
+    from train.model import Decoder
+
+    assert grouped("msa_selective_groups") and grouped("dense_groups") and not grouped("msa_selective")
+    cfg, _ = point_config("tiny", "packed:512:128", "msa_selective_groups", ["attention.impl=reference"])
+    plain = make_row("packed:512:128", cfg.model.vocab_size, torch.device("cpu"))
+    batch = make_row("packed:512:128", cfg.model.vocab_size, torch.device("cpu"), sources=3)
+    assert batch["n_loss_groups"] == 6 and batch["loss_groups"].shape == (1, 512)
+    cu = batch["cu_seqlens"].tolist()
+    assert len(cu) > 4  # several documents, so every source has some
+    groups = batch["loss_groups"][0]
+    for d in range(len(cu) - 1):
+        lo, hi = cu[d], cu[d + 1]
+        answer = list(range(max(lo, hi - 1 - ANSWER_TOKENS), hi - 1))
+        expected = torch.full((hi - lo,), d % 3)
+        expected[[i - lo for i in answer]] += 3
+        assert torch.equal(groups[lo:hi], expected), d
+    torch.manual_seed(0)
+    model = Decoder(cfg.model, cfg.attention)
+    with torch.no_grad():
+        out, ref = model(batch), model(plain)
+    assert torch.equal(out["lm_sum"], ref["lm_sum"])
+    assert out["group_lm_sum"].sum() == pytest.approx(ref["lm_sum"].item(), rel=1e-5)
+    assert out["group_n_tokens"].sum() == ref["n_tokens"]
+    answers = out["group_n_tokens"][3:].sum().item()
+    assert answers == sum(min(ANSWER_TOKENS, hi - lo - 1) for lo, hi in zip(cu, cu[1:]))
