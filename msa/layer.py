@@ -22,7 +22,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn as nn
 
-from msa import reference
+from msa import chunked_reference
 from msa.dense import dense_attention, longest_document
 from msa.rope import Rotary
 from msa.stats import SelectionStats, selection_stats
@@ -86,14 +86,15 @@ def resolve_impl(impl: str) -> str:
 def resolve_ops(impl: str, device: torch.device | None = None):
     """The module providing ``select_blocks``, ``sparse_attention`` and ``index_kl_loss``; for ``auto``
     with a ``device``, the one that runs on it (a model kept on the CPU of a CUDA machine, e.g. for an
-    eval, takes the reference: compiled Triton kernels take CUDA tensors only)."""
+    eval, takes the reference: compiled Triton kernels take CUDA tensors only). The reference runs a
+    packed row a group of whole documents at a time (``msa.chunked_reference``: the same numbers)."""
     if impl == "auto" and device is not None and device.type != "cuda":
-        return reference
+        return chunked_reference
     if resolve_impl(impl) == "triton":
         import kernels
 
         return kernels
-    return reference
+    return chunked_reference
 
 
 class CoreOut(NamedTuple):

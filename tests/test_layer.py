@@ -182,13 +182,13 @@ def test_auto_impl_follows_the_tensors_device(monkeypatch):
     """On a CUDA machine, ``attention.impl=auto`` runs a model kept on the CPU with the reference (the
     compiled kernels take CUDA tensors only); on CUDA tensors it takes the kernels."""
     import kernels
-    from msa import reference
+    from msa import chunked_reference
     from msa.layer import AttentionConfig, MSACore
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     core = MSACore(AttentionConfig(impl="auto"))
     assert core.ops is kernels  # what a CUDA machine resolves at build time
-    assert core.ops_for(torch.device("cpu")) is reference
+    assert core.ops_for(torch.device("cpu")) is chunked_reference
     assert core.ops_for(torch.device("cuda", 0)) is kernels
     assert MSACore(AttentionConfig(impl="triton")).ops_for(torch.device("cpu")) is kernels  # asked for: kept
 
