@@ -46,6 +46,8 @@ import torch
 from bench.meta import compose, git_commit
 from bench.timing import sync, timed, timed_steps
 from train.config import check_config
+from train.data.loader import collate
+from train.data.packing import Row
 from train.loop import start, train_step
 from train.parallel import init_distributed
 from train.recipe import build_recipe
@@ -105,12 +107,13 @@ def make_row(spec: str, vocab: int, device, sources: int = 0) -> dict:
     labels[0, cu[1:] - 1] = -100
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "cu_seqlens": cu.to(torch.int32)}
-    if sources > 1:
-        source = torch.arange(len(lengths)) % sources
-        groups = torch.repeat_interleave(source, torch.tensor(lengths))
-        for d, end in enumerate(cu[1:].tolist()):  # the target before the end of the document is the last one
-            groups[max(cu[d].item(), end - 1 - ANSWER_TOKENS):end - 1] += sources
-        batch["loss_groups"] = groups[None]
+    if sources > 1:  # the loader's own collate makes the groups from a row's pieces, sources and answers
+        bounds = cu.tolist()
+        row = Row(ids[0], labels[0], pos[0], lengths, torch.zeros(0, 0, dtype=torch.uint8),
+                  torch.zeros(0, dtype=torch.long), [], sources=[d % sources for d in range(len(lengths))],
+                  # the target before a document's end is its last one
+                  answers=[(max(lo, hi - 1 - ANSWER_TOKENS), hi - 1) for lo, hi in zip(bounds, bounds[1:])])
+        batch["loss_groups"] = collate([row], sources)["loss_groups"]
     out = {k: v.to(device) for k, v in batch.items()}
     return {**out, "n_loss_groups": 2 * sources} if sources > 1 else out
 
