@@ -44,8 +44,8 @@ def _split(B: int, Nq: int, N: int, cu_seqlens, chunk: int):
     return groups if len(groups) > 1 else None
 
 
-def _cu(cu_seqlens: torch.Tensor, group) -> torch.Tensor:
-    a, _, d0, d1 = group
+def _cu(cu_seqlens: torch.Tensor, a: int, d0: int, d1: int) -> torch.Tensor:
+    """The boundaries of documents ``d0`` to ``d1`` (exclusive), from their first token ``a``."""
     return cu_seqlens[d0:d1 + 1] - a
 
 
@@ -54,8 +54,9 @@ def select_blocks(q_idx, k_idx, block_size: int, topk: int, cu_seqlens=None, *, 
     groups = _split(q_idx.shape[0], q_idx.shape[1], k_idx.shape[1], cu_seqlens, chunk)
     if groups is None:
         return reference.select_blocks(q_idx, k_idx, block_size, topk, cu_seqlens)
-    return torch.cat([reference.select_blocks(q_idx[:, a:b], k_idx[:, a:b], block_size, topk, _cu(cu_seqlens, g))
-                      for g in groups for a, b in [g[:2]]], dim=2)
+    return torch.cat([reference.select_blocks(q_idx[:, a:b], k_idx[:, a:b], block_size, topk,
+                                              _cu(cu_seqlens, a, d0, d1))
+                      for a, b, d0, d1 in groups], dim=2)
 
 
 def sparse_attention(q, k, v, block_idx, block_size: int, cu_seqlens=None, scale=None, *, chunk: int = CHUNK):
@@ -64,7 +65,7 @@ def sparse_attention(q, k, v, block_idx, block_size: int, cu_seqlens=None, scale
     if groups is None:
         return reference.sparse_attention(q, k, v, block_idx, block_size, cu_seqlens, scale)
     outs = [reference.sparse_attention(q[:, a:b], k[:, a:b], v[:, a:b], block_idx[:, :, a:b], block_size,
-                                       _cu(cu_seqlens, g), scale) for g in groups for a, b in [g[:2]]]
+                                       _cu(cu_seqlens, a, d0, d1), scale) for a, b, d0, d1 in groups]
     return torch.cat([o for o, _ in outs], dim=1), torch.cat([lse for _, lse in outs], dim=2)
 
 
@@ -76,11 +77,10 @@ def index_kl_loss(q, k, q_idx, k_idx, block_idx, block_size: int, cu_seqlens=Non
     if groups is None:
         return reference.index_kl_loss(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse=lse)
     total = 0
-    for g in groups:
-        a, b = g[:2]
+    for a, b, d0, d1 in groups:
         kl = reference.index_kl_loss(q[:, a:b], k[:, a:b], q_idx[:, a:b], k_idx[:, a:b],
                                      None if block_idx is None else block_idx[:, :, a:b], block_size,
-                                     _cu(cu_seqlens, g), lse=None if lse is None else lse[:, :, a:b])
+                                     _cu(cu_seqlens, a, d0, d1), lse=None if lse is None else lse[:, :, a:b])
         total = total + kl * ((b - a) / N)
     return total
 
