@@ -34,7 +34,7 @@ import torch.distributed as dist
 from bench.meta import compose, git_commit
 from bench.timing import sync
 from train.config import check_config
-from train.loop import start, train_step
+from train.loop import close, start, train_step
 from train.parallel import init_distributed
 from train.recipe import build_recipe
 
@@ -71,42 +71,44 @@ def nccl_seconds(fn) -> tuple[float, float]:
 
 
 def measure(cfg, env, seq_len: int, steps: int) -> dict:
-    gc.collect()  # the previous length's engine
+    gc.collect()  # what the previous length left
     cuda = env.device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
-    leftover = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0  # from an earlier length, if any
+    leftover = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0  # from an earlier length: 0 expected
     stage = build_recipe(cfg)[-1]  # the sparse phase
     torch.manual_seed(cfg.run.seed)  # the same weights in every layout
     batch = synthetic_batch(seq_len, cfg.model.vocab_size, seed=seq_len, device=env.device)
     run = start(cfg, env, [stage], stage, None, batches=itertools.repeat(batch))
+    try:
+        def step():
+            return train_step(run)
 
-    def step():
-        return train_step(run)
-
-    first = step()  # warm-up: Triton compiles, allocator grows
-    sync(env.device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
+        first = step()  # warm-up: Triton compiles, allocator grows
         sync(env.device)
-        times.append(time.perf_counter() - t0)
-    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=env.device)
-    comm, wall = nccl_seconds(step) if env.world_size > 1 and cuda else (0.0, 0.0)
-    if env.world_size > 1:
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    step_s = statistics.median(times)
-    dp = env.world_size // (cfg.parallel.sp_size * cfg.parallel.cp_size)
-    tokens_per_s = seq_len * dp / step_s
-    return {"seq_len": seq_len, "sp": cfg.parallel.sp_size, "cp": cfg.parallel.cp_size, "gpus": env.world_size,
-            "step_s": round(step_s, 4), "step_s_all": [round(t, 4) for t in times],
-            "tokens_per_s": round(tokens_per_s), "tokens_per_s_per_gpu": round(tokens_per_s / env.world_size),
-            "peak_gb": round(float(peak), 2), "leftover_gb": round(leftover, 2),
-            "comm_share": round(comm / wall, 3) if wall else 0.0,
-            "loss": round(first["lm"] + stage.kl_weight * first["kl"], 5)}
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            sync(env.device)
+            times.append(time.perf_counter() - t0)
+        peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=env.device)
+        comm, wall = nccl_seconds(step) if env.world_size > 1 and cuda else (0.0, 0.0)
+        if env.world_size > 1:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        step_s = statistics.median(times)
+        dp = env.world_size // (cfg.parallel.sp_size * cfg.parallel.cp_size)
+        tokens_per_s = seq_len * dp / step_s
+        return {"seq_len": seq_len, "sp": cfg.parallel.sp_size, "cp": cfg.parallel.cp_size, "gpus": env.world_size,
+                "step_s": round(step_s, 4), "step_s_all": [round(t, 4) for t in times],
+                "tokens_per_s": round(tokens_per_s), "tokens_per_s_per_gpu": round(tokens_per_s / env.world_size),
+                "peak_gb": round(float(peak), 2), "leftover_gb": round(leftover, 2),
+                "comm_share": round(comm / wall, 3) if wall else 0.0,
+                "loss": round(first["lm"] + stage.kl_weight * first["kl"], 5)}
+    finally:
+        close(run)  # the engine: without it the next length would carry its memory
 
 
 def main() -> None:

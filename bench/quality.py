@@ -70,7 +70,7 @@ from train.config import check_config
 from train.data import build_tokenizer
 from train.data.build_corpus import ensure_corpus
 from train.eval.runner import evaluate, flatten, fmt_tokens
-from train.loop import enter_stage, start, train, train_step
+from train.loop import close, enter_stage, start, train, train_step
 from train.metrics import LOSS_ANSWER_PREFIX, LOSS_LM_SOURCE_PREFIX
 from train.parallel import init_distributed
 from train.recipe import build_recipe
@@ -331,7 +331,7 @@ def probe_arm(args, env, tokenizer, arm: str, run_dir: Path) -> dict:
                  image_cfg=cfg.data.image, heldout_every=cfg.data.corpus.heldout_every)
         sync(env.device)
         out["eval_s"] = time.perf_counter() - t0
-    run.loader.close()
+    close(run)  # the loader's workers and the engine (else its memory stays for the runs after the probe)
     del run
     free(env)
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -23,7 +23,10 @@ the same whatever the default.
 
 ``tokens_per_s`` = row tokens over the median time of ``--steps`` steps after one warm-up step (which
 also compiles), one step more where two differ by more than 1.2x (``bench.timing.one_more_step``);
-``peak_gb`` = ``torch.cuda.max_memory_allocated`` over the timed steps; ``loss`` = the first step's loss
+``peak_gb`` = ``torch.cuda.max_memory_allocated`` over the timed steps, ``start_gb`` = what was allocated
+before the point built its engine (0 expected: each point's engine is destroyed, ``train.loop.close``;
+before that fix every earlier point's weights and optimizer state stayed, about 1.8 GB each at ``small``);
+``loss`` = the first step's loss
 (``lm + kl_weight * kl``): it should agree across points of one row and phase.
 Each point's JSON line is appended as soon as it is measured, so a stage cut by a time limit keeps what
 it finished; an error (out of memory, a compile failure) is recorded and the next point runs.
@@ -48,7 +51,7 @@ from bench.timing import sync, timed, timed_steps
 from train.config import check_config
 from train.data.loader import collate
 from train.data.packing import Row
-from train.loop import start, train_step
+from train.loop import close, start, train_step
 from train.parallel import init_distributed
 from train.recipe import build_recipe
 
@@ -146,26 +149,31 @@ def profiled_step(step, device_type: str, top: int = 40) -> dict:
 
 def measure(cfg, env, stage, batch, steps: int, profile: bool) -> dict:
     cuda = env.device.type == "cuda"
-    gc.collect()  # the previous point's engine
+    gc.collect()  # what the previous point left
     if cuda:
         torch.cuda.empty_cache()
+    start_gb = torch.cuda.memory_allocated() / 2**30 if cuda else None  # 0 expected: no earlier engine
     if cfg.parallel.compile_blocks:
         torch._dynamo.reset()  # a fresh compile per point: no recompile limit reached, no shapes made dynamic
     torch.manual_seed(cfg.run.seed)
     run = start(cfg, env, [stage], stage, None, batches=itertools.repeat(batch))
-    # warm-up: Triton and torch.compile compile, the allocator grows
-    warmup_s, first = timed(lambda: train_step(run), env.device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times = timed_steps(lambda: timed(lambda: train_step(run), env.device)[0], steps)
-    step_s = statistics.median(times)  # of three where two disagreed by more than timing.UNEVEN
-    row = {"step_s": round(step_s, 4), "step_s_all": [round(t, 4) for t in times], "warmup_step_s": round(warmup_s, 2),
-           "tokens_per_s": round(batch["input_ids"].numel() / step_s),
-           "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-           "loss": round(first["lm"] + stage.kl_weight * first["kl"], 5)}
-    if profile:
-        row["profile"] = profiled_step(lambda: train_step(run), env.device.type)
-    return row
+    try:
+        # warm-up: Triton and torch.compile compile, the allocator grows
+        warmup_s, first = timed(lambda: train_step(run), env.device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = timed_steps(lambda: timed(lambda: train_step(run), env.device)[0], steps)
+        step_s = statistics.median(times)  # of three where two disagreed by more than timing.UNEVEN
+        row = {"step_s": round(step_s, 4), "step_s_all": [round(t, 4) for t in times],
+               "warmup_step_s": round(warmup_s, 2), "tokens_per_s": round(batch["input_ids"].numel() / step_s),
+               "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+               "start_gb": None if start_gb is None else round(start_gb, 2),
+               "loss": round(first["lm"] + stage.kl_weight * first["kl"], 5)}
+        if profile:
+            row["profile"] = profiled_step(lambda: train_step(run), env.device.type)
+        return row
+    finally:
+        close(run)  # the engine: without it the next point would carry its memory
 
 
 def point_config(model: str, spec: str, point: str, overrides: list[str]):

@@ -195,6 +195,10 @@ class Series:
         self.build_s = time.perf_counter() - t0
 
     def free(self):
+        from train.loop import close
+
+        if self.run is not None:
+            close(self.run)  # else the engine, its weights and optimizer state outlive it (train.loop.close)
         self.run = None
         gc.collect()
         if torch.cuda.is_available():

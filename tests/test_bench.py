@@ -269,12 +269,46 @@ def test_an_out_of_memory_point_is_recorded_and_frees_the_engine(monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(ts, "measure_point", oom)
+    destroyed = []
     series = ts.Series("msa", [])
-    series.run, series.build_s = object(), 1.0  # built: measure_or_record goes straight to the point
+    # built: measure_or_record goes straight to the point
+    series.run = SimpleNamespace(loader=None, engine=SimpleNamespace(destroy=lambda: destroyed.append(1)))
+    series.build_s = 1.0
     env = SimpleNamespace(device=torch.device("cpu"))
     row = ts.measure_or_record(series, env, [1024], "one-doc", None, 1024, 0.0, lambda partial: None)
     assert row["status"] == "OOM: CUDA out of memory. Tried to allocate 20.00 GiB"
     assert series.run is None and set(row["memory_at_oom"]) == {"peak_gb", "reserved_peak_gb"}
+    assert destroyed == [1]  # the engine itself, not only the reference to it
+
+
+def test_step_speed_points_do_not_keep_earlier_engines(monkeypatch):
+    """Each point's engine is destroyed when it is measured: before, every earlier point's model, gradients
+    and optimizer state stayed allocated and counted in the later points' peak memory."""
+    import gc
+    import weakref
+
+    import bench.step_speed as ss
+    from train.parallel import init_distributed
+    from train.recipe import build_recipe
+
+    built = []
+    real_start = ss.start
+
+    def start_and_watch(*args, **kwargs):
+        run = real_start(*args, **kwargs)
+        built.append(weakref.ref(run.model))
+        return run
+
+    monkeypatch.setattr(ss, "start", start_and_watch)
+    cfg, _ = ss.point_config("tiny", "one:256", "dense", [])
+    env = init_distributed(cfg.parallel)
+    stage = build_recipe(cfg)[0]
+    batch = ss.make_row("one:256", cfg.model.vocab_size, env.device, 0)
+    for _ in range(2):
+        row = ss.measure(cfg, env, stage, batch, 1, False)
+        gc.collect()
+        assert row["tokens_per_s"] > 0 and row["start_gb"] is None  # None: not on a GPU
+    assert len(built) == 2 and all(ref() is None for ref in built)
 
 
 def test_headline_table_renders_from_the_benchmark_json():

@@ -281,6 +281,29 @@ def test_sigterm_saves_and_exits(tmp_path, corpus_dir, monkeypatch, capfd):
     assert "in step_then_signal" in err  # SIGUSR1: the Python stack of every thread
 
 
+def test_train_releases_its_engine(tmp_path, corpus_dir, monkeypatch):
+    """After ``train`` returns, its model (and the engine's gradients and optimizer state with it) can be
+    collected: a second run in the same process (a Hydra multirun, a benchmark of several points) does not
+    carry the first one's memory. Without ``engine.destroy()`` in ``loop.close`` the model stays alive."""
+    import gc
+    import weakref
+
+    from train import loop
+
+    real_build = loop.build_model
+    built = []
+
+    def build_and_watch(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        built.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(loop, "build_model", build_and_watch)
+    loop.train(in_process_cfg(tmp_path, corpus_dir, "run.steps=2", "checkpoint.every=0"))
+    gc.collect()
+    assert len(built) == 1 and built[0]() is None
+
+
 def test_non_finite_loss_skips_the_update_then_stops(tmp_path, corpus_dir, monkeypatch):
     from train import loop
 

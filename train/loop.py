@@ -109,9 +109,22 @@ def train(cfg: TrainConfig) -> dict:
                 break
     finally:
         stop.restore()
-        run.loader.close()  # its worker processes, now rather than at garbage collection
+        close(run)
         logger.close()
     return metrics
+
+
+def close(run: Run) -> None:
+    """Release what ``run`` holds: the loader's worker processes (now rather than at garbage collection)
+    and the DeepSpeed engine. Without ``engine.destroy()`` the engine outlives every reference to it
+    (DeepSpeed 0.19.8; its hooks keep it reachable), and with it the model, gradients and optimizer state:
+    a second run in the same process (a Hydra multirun, a notebook, a benchmark of several points) would
+    hold both (`tests/test_checkpoint_resume.py::test_train_releases_its_engine`)."""
+    if run.loader is not None:
+        run.loader.close()
+    destroy = getattr(run.engine, "destroy", None)
+    if destroy is not None:
+        destroy()
 
 
 def open_run_dir(cfg: TrainConfig, env: DistEnv) -> tuple[dict, Path | None, dict]:
