@@ -98,7 +98,9 @@ def render_train_step(results: list[dict]) -> str:
             out.append(f"| {name} | {p['attention']} | {p['layout']} | {_k(p['seq_len'])} | "
                        f"{prof['wall_ms']:.0f} | {buckets} | {prof['idle_ms']:.0f} | {largest} |")
     out += ["", "Memory (GB): weights and optimizer state counted from the tensors that hold them; `other` = "
-            "allocated after a step minus those two (gradient buffers); `transient` = the timed steps' peak minus "
+            "allocated after a step minus those two (gradient buffers; in dense rows measured before `c532d27` "
+            "also the MSA series' engine, which was not freed: those rows' peaks are that much too high); "
+            "`transient` = the timed steps' peak minus "
             "that; `MSA layer alone` = one layer's selection, sparse attention and index KL forward+backward "
             "measured by itself; `block inputs` = layers x tokens x dim x 2 bytes (computed, not measured):", "",
             "| model | attention | row | tokens | weights | optimizer | other | transient | peak | reserved peak "
@@ -198,10 +200,17 @@ def render_patterns(path: str) -> str:
 
 
 # block name -> (glob under docs/results, renderer taking the list of matching paths)
+def headline_source(paths: list[str]) -> str:
+    """The headline rerun's JSON (``msa_attention_headline_<gpu>.json``) where there is one, else the full
+    benchmark run's (``msa_attention_<gpu>.json``); never a variant's (``msa_attention_klbwd_h200.json``)."""
+    names = {p: Path(p).name for p in paths}
+    rerun = [p for p in paths if re.fullmatch(r"msa_attention_headline_[a-z0-9]+\.json", names[p])]
+    full = [p for p in paths if re.fullmatch(r"msa_attention_[a-z0-9]+\.json", names[p])]
+    return (rerun or full)[-1]
+
+
 def _headline(paths: list[str]) -> str:
-    """From the headline rerun's JSON where there is one, else the full benchmark run's."""
-    rerun = [p for p in paths if "headline" in Path(p).name]
-    return render_headline(json.loads(Path((rerun or paths)[-1]).read_text()))
+    return render_headline(json.loads(Path(headline_source(paths)).read_text()))
 
 
 def _old_new_files(paths) -> str:

@@ -311,6 +311,16 @@ def test_step_speed_points_do_not_keep_earlier_engines(monkeypatch):
     assert len(built) == 2 and all(ref() is None for ref in built)
 
 
+def test_headline_comes_from_the_benchmark_run_not_a_variant():
+    """Variant runs (``msa_attention_klbwd_h200.json``) sort after ``msa_attention_h200.json``; taking the last
+    match rendered the README's headline from one of them (a table of empty dense columns)."""
+    from bench.render_docs import headline_source
+
+    paths = ["r/msa_attention_h200.json", "r/msa_attention_klbwd_8503373_h200.json", "r/msa_attention_klbwd_h200.json"]
+    assert headline_source(paths) == "r/msa_attention_h200.json"
+    assert headline_source([*paths, "r/msa_attention_headline_h200.json"]) == "r/msa_attention_headline_h200.json"
+
+
 def test_headline_table_renders_from_the_benchmark_json():
     import json
 
