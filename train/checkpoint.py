@@ -109,6 +109,38 @@ def consolidated_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
+def load_run_weights(model: torch.nn.Module, path: str | Path) -> tuple[Path, list[str]]:
+    """``checkpoint.init_from``: the model weights of another run's checkpoint (``path``: a checkpoint, or a
+    run directory and its newest complete checkpoint) copied into ``model``; the optimizer, schedule, step
+    and data position start fresh. The models must match, except for MSA's index branch: a dense source
+    leaves it at its fresh init (a dense model continued with MSA), and a dense model drops a source's.
+    Returns the checkpoint read and the parameters kept at their init."""
+    from train.hf import hf_name
+
+    def index(name: str) -> bool:
+        try:
+            return hf_name(name)[1] == "index"
+        except (KeyError, ValueError):
+            return False
+
+    checkpoint = find_checkpoint(path)
+    state = consolidated_state(checkpoint)
+    own = dict(model.named_parameters())
+    unexpected = [k for k in state if k not in own and not index(k)]
+    missing = [k for k in own if k not in state and not index(k)]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(p.shape)}" for k, p in own.items()
+              if k in state and state[k].shape != p.shape]
+    if unexpected or missing or shapes:
+        raise ValueError(f"checkpoint.init_from={str(path)!r} ({checkpoint}) does not match this model: missing "
+                         f"{missing[:4]}, unexpected {unexpected[:4]}, shapes {shapes[:4]}. Build the same model as "
+                         f"the source run (its config.yaml: model=..., model.*); only attention may differ")
+    with torch.no_grad():
+        for k, p in own.items():
+            if k in state:
+                p.copy_(state[k].to(p.dtype))
+    return checkpoint, sorted(k for k in own if k not in state)
+
+
 def rng_state() -> dict:
     """Every RNG the run draws from, as plain JSON values (nothing in a checkpoint we write can execute
     code when it is read)."""

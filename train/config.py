@@ -9,6 +9,7 @@ message naming the keys to change; the loop runs it for every stage before the f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -64,6 +65,10 @@ class CheckpointConfig:
     every: int = 0  # save every N steps (0: only at the end and on SIGTERM/SIGINT)
     keep_last: int = 3
     resume: str = "auto"  # auto: newest complete checkpoint in run_dir if any | never | a path
+    # start from another run's weights (its run dir: the newest complete checkpoint, or a checkpoint dir);
+    # optimizer, schedule, step and data start fresh; only attention may differ (a dense run continued with
+    # MSA keeps the index branch at its init). Read when the run starts, not when it resumes.
+    init_from: str = ""
 
 
 @dataclass
@@ -122,6 +127,15 @@ def check_run(cfg: RunConfig) -> None:
         raise ValueError(f"run.steps={cfg.steps} must be >= 1")
     if cfg.precision not in ("bf16", "fp32"):
         raise ValueError(f"run.precision={cfg.precision!r}: use bf16 or fp32")
+
+
+def check_checkpoint(cfg: CheckpointConfig, model_path: str) -> None:
+    if cfg.init_from and model_path:
+        raise ValueError(f"checkpoint.init_from={cfg.init_from!r} and model.path={model_path!r}: start from one "
+                         "(model.path: a Hugging Face checkpoint; checkpoint.init_from: a run of this trainer)")
+    if cfg.init_from and not Path(cfg.init_from).exists():
+        raise FileNotFoundError(f"checkpoint.init_from={cfg.init_from!r} does not exist: give a run directory "
+                                "or one of its checkpoints/step_* directories")
 
 
 def check_logging(cfg: LoggingConfig) -> None:
@@ -189,6 +203,7 @@ def check_config(cfg: TrainConfig, stage: Stage, world_size: int, vocab_size: in
     """Every start-up check for one stage; the first failure raises with the keys to change."""
     check_model(cfg.model, cfg.attention)
     check_run(cfg.run)
+    check_checkpoint(cfg.checkpoint, cfg.model.path)
     check_optim(cfg.optim)
     check_logging(cfg.logging)
     check_parallel(cfg, device_type)

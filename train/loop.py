@@ -21,6 +21,7 @@ from train.checkpoint import (
     check_resume_config,
     find_resume,
     load_checkpoint,
+    load_run_weights,
     read_meta,
     save_checkpoint,
 )
@@ -61,6 +62,7 @@ class Run:
     batches: object
     tokenizer: object
     bad_steps: int = 0
+    init_note: str = ""  # where the weights came from, when checkpoint.init_from gave them
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -72,11 +74,12 @@ def train(cfg: TrainConfig) -> dict:
     for stage in stages:  # every stage must be able to run: fail now, not hours in
         check_config(cfg, stage, env.world_size, tokenizer.vocab_size, env.device.type)
     resolved, resume, saved = open_run_dir(cfg, env)
-    run = start(cfg, env, stages, stage_at(stages, saved["step"]), tokenizer)
+    run = start(cfg, env, stages, stage_at(stages, saved["step"]), tokenizer, resuming=resume is not None)
     if resume:
         restore(run, resume)
     logger = M.MetricsLogger(cfg.logging, Path(cfg.run_dir), env.rank, cfg.run.steps, saved["step"], resolved)
-    logger.message(describe(stages, cfg.run.steps) + (f"\nresumed from {resume}" if resume else ""))
+    logger.message(describe(stages, cfg.run.steps) + (f"\nresumed from {resume}" if resume else "")
+                   + (f"\n{run.init_note}" if run.init_note else ""))
     peak, note = M.peak_tflops(env.device, cfg.logging.peak_tflops)
     logger.message(note)
     if saved["step"] >= cfg.run.steps:
@@ -161,7 +164,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start(cfg: TrainConfig, env: DistEnv, stages: list[Stage], stage: Stage, tokenizer, batches=None) -> Run:
+def start(cfg: TrainConfig, env: DistEnv, stages: list[Stage], stage: Stage, tokenizer, batches=None,
+          resuming: bool = False) -> Run:
     """Model, mesh, engine and loader for the stage the run starts (or resumes) in. Given ``batches``
     (an iterator of global batches, e.g. a benchmark's synthetic ones) it builds no loader."""
     seed_everything(cfg.run.seed)
@@ -170,6 +174,11 @@ def start(cfg: TrainConfig, env: DistEnv, stages: list[Stage], stage: Stage, tok
         from train.hf import load_weights
 
         load_weights(model, cfg.model.path)
+    note = ""
+    if cfg.checkpoint.init_from and not resuming:  # a resumed run's own checkpoint has the weights
+        source, kept = load_run_weights(model, cfg.checkpoint.init_from)
+        note = (f"weights from {source} (step {read_meta(source)['step']})"
+                + (f"; {len(kept)} parameters the source lacks keep their init ({kept[0]}, ...)" if kept else ""))
     model.set_rope(stage.rope_base, stage.rope_scaling)
     mesh = build_mesh(stage.sp_size, stage.cp_size, env, kv_replicas(stage.sp_size, cfg.model.n_kv_heads))
     parallelize(model, mesh, cfg.parallel)
@@ -178,11 +187,12 @@ def start(cfg: TrainConfig, env: DistEnv, stages: list[Stage], stage: Stage, tok
     # the main weights without a new engine
     model.train_main(not stage.freeze_main)
     if batches is not None:
-        return Run(cfg, env, stages, stage, model, mesh, engine, scheduler, None, batches, tokenizer)
+        return Run(cfg, env, stages, stage, model, mesh, engine, scheduler, None, batches, tokenizer, init_note=note)
     if env.rank == 0:
         write_deepspeed_json(deepspeed_config(cfg, stage, env.device), cfg.run_dir)
     loader = build_stage_loader(cfg, stage, tokenizer, env)
-    return Run(cfg, env, stages, stage, model, mesh, engine, scheduler, loader, iter(loader), tokenizer)
+    return Run(cfg, env, stages, stage, model, mesh, engine, scheduler, loader, iter(loader), tokenizer,
+               init_note=note)
 
 
 def restore(run: Run, path: Path) -> None:
