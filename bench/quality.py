@@ -144,6 +144,9 @@ def parse(argv=None):
                     help="steps per run, fixed (no probe): runs resume from their checkpoints in --work, so one "
                          "quality run can span several calls of this script")
     ap.add_argument("--save-every", type=int, default=50, help="with --steps: a checkpoint every N steps")
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep each finished run's last checkpoint in --work (else removed): a later run can "
+                         "start from its weights (checkpoint.init_from, bench/quality_fork_gpu.sh)")
     ap.add_argument("--grace-s", type=float, default=60.0,
                     help="at the budget's end, seconds a stopped worker has to save its checkpoint (SIGTERM)")
     ap.add_argument("--reference", type=Path, default=None, metavar="QUALITY_JSON",
@@ -430,7 +433,8 @@ def run_one(args, arm: str, seed: int, steps: int, work: Path) -> dict:
     results = json.loads(evals.read_text())
     curve = loss_curve(rows)
     recall = [r["msa/index_recall"] for r in rows if r.get("msa/index_recall") is not None]
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    if not args.keep_checkpoints:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     tokens = steps * cfg.data.batch_size * cfg.data.seq_len
     clipping = clip_stats(rows, cfg.optim.grad_clip, steps)
     scalars = {**final_losses(rows), "train/index_recall": recall[-1] if recall else None,

@@ -1,6 +1,7 @@
 """CPU tests of the benchmark helpers: kernel-name buckets, the SDPA backend record, the train-step
 bench's rows, step-time projection and memory accounting, the old/new summary, and the docs blocks."""
 
+import json
 import re
 import time
 from pathlib import Path
@@ -882,3 +883,63 @@ def test_step_speed_grouped_rows_carry_the_loaders_loss_groups():
     assert out["group_n_tokens"].sum() == ref["n_tokens"]
     answers = out["group_n_tokens"][3:].sum().item()
     assert answers == sum(min(ANSWER_TOKENS, hi - lo - 1) for lo, hi in zip(cu, cu[1:]))
+
+
+def test_quality_fork_picks_the_dense_run_that_retrieves_by_hand(tmp_path, capsys):
+    """bench.quality_fork: the pass key's choice averaged over the eval lengths from 2K up (512 left out),
+    dense runs only, the tie to the lower primer answer loss; none when the best is below --min-choice."""
+    from bench.quality_fork import main, pick, retrieval_score
+
+    def run(arm, seed, choices, primer):
+        scalars = {f"eval/passkey/{k}/choice": v for k, v in choices.items()}
+        scalars |= {"eval/passkey/512/choice": 1.0, "eval/multikey/8K/choice": 1.0, "final_answer/primer": primer,
+                    "depth/passkey/8K/0.0/choice": 1.0}
+        return {"arm": arm, "seed": seed, "scalars": scalars}
+
+    runs = [run("dense", 0, {"2K": 0.5, "8K": 0.25, "16K": 0.0}, 1.2),  # 0.25
+            run("dense", 1, {"2K": 1.0, "8K": 0.75, "16K": 0.5}, 0.4),  # 0.75
+            run("dense", 2, {"2K": 0.75, "8K": 0.75, "16K": 0.75}, 0.1),  # 0.75, lower primer loss
+            run("msa_wide", 3, {"2K": 1.0, "8K": 1.0, "16K": 1.0}, 0.0)]  # not a source: MSA
+    assert retrieval_score(runs[0]["scalars"]) == pytest.approx(0.25)
+    assert retrieval_score({"eval/passkey/512/choice": 1.0}) is None
+    chosen, rows = pick({"runs": runs}, tmp_path, 0.75)
+    assert chosen == tmp_path / "dense-s2" and [r["seed"] for r in rows] == [0, 1, 2]
+    assert pick({"runs": runs}, tmp_path, 0.8)[0] is None
+    report = tmp_path / "quality.json"
+    report.write_text(json.dumps({"runs": runs}))
+    assert main([str(report), "--work", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "dense-s2")
+    assert main([str(report), "--work", str(tmp_path), "--min-choice", "0.9"]) == 1
+    assert "no source: the best pass-key choice is 0.75" in capsys.readouterr().err
+
+
+def test_quality_fork_script_forks_both_arms_from_the_picked_source(tmp_path, corpus_dir):
+    """bench/quality_fork_gpu.sh end to end on CPU with toy settings (its header's dry run): the source phase
+    keeps its checkpoints, the pick names a source run, and both arms of the fork start from its weights
+    (the MSA arm with its index branch fresh); what the device would not return is moved out of $OUT."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    toy = ("--model tiny --seq-len 256 --batch 1 --save-every 4 --final-len 512 --multiples 1 2 --extra-lengths 128 "
+           "--items 1 --rows 1 --tasks passkey --depths 0 1 --eval-s 10")
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OUT": str(out),
+           "WORK": str(work), "BUDGET_S": "900", "MIN_CHOICE": "0", "MIN_TOKENS": "256", "SOURCE_SEEDS": "0 1",
+           "SOURCE_JOBS": "2", "SOURCE_STEPS": "8", "FORK_STEPS": "6",
+           "OVERRIDES": f"attention.block_size=16 data.corpus_dir={corpus_dir}",
+           "SOURCE_ARGS": toy, "FORK_ARGS": f"{toy} --jobs 2 --seeds 0 --wide-topk 4"}
+    done = subprocess.run(["bash", "bench/quality_fork_gpu.sh"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    source = Path((out / "pick.txt").read_text().strip())
+    assert source.parent == work / "source" and any((source / "checkpoints").iterdir())
+    fork = json.loads((out / "fork" / "quality.json").read_text())
+    assert sorted(r["arm"] for r in fork["runs"]) == ["dense", "msa_wide"] and not fork["failed"]
+    logs = {p.name: p.read_text() for p in (work / "extra" / "fork" / "logs").iterdir()}
+    loaded = f"weights from {source}/checkpoints/step_00000008 (step 8)"
+    assert len(logs) == 2 and all(loaded in text for text in logs.values())
+    assert "parameters the source lacks keep their init" in logs["run-msa_wide-0-6.log"]
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == [
+        "fork.log", "gpus.txt", "pick.txt", "quality.json", "quality.json", "source.log"]
