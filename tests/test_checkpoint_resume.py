@@ -304,6 +304,19 @@ def test_train_releases_its_engine(tmp_path, corpus_dir, monkeypatch):
     assert len(built) == 1 and built[0]() is None
 
 
+def test_close_warns_rather_than_hide_the_error_that_ended_the_run():
+    """``close`` runs in ``train``'s ``finally``: a failing ``engine.destroy()`` must not replace the error."""
+    from types import SimpleNamespace
+
+    from train.loop import close
+
+    def fail():
+        raise RuntimeError("NCCL communicator already aborted")
+
+    with pytest.warns(RuntimeWarning, match="releasing the DeepSpeed engine failed.*already aborted"):
+        close(SimpleNamespace(loader=None, engine=SimpleNamespace(destroy=fail)))
+
+
 def test_non_finite_loss_skips_the_update_then_stops(tmp_path, corpus_dir, monkeypatch):
     from train import loop
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -127,7 +128,11 @@ def close(run: Run) -> None:
         run.loader.close()
     destroy = getattr(run.engine, "destroy", None)
     if destroy is not None:
-        destroy()
+        try:
+            destroy()
+        except Exception as e:  # noqa: BLE001  (in a `finally`: never hide the error that ended the run)
+            warnings.warn(f"releasing the DeepSpeed engine failed ({type(e).__name__}: {e}); its memory stays "
+                          "allocated until the process exits", RuntimeWarning, stacklevel=2)
 
 
 def open_run_dir(cfg: TrainConfig, env: DistEnv) -> tuple[dict, Path | None, dict]:
