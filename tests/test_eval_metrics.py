@@ -59,6 +59,8 @@ def test_accuracy_by_depth_by_hand():
     assert out["depths"]["1.0"]["exact"] == 0.0 and out["depths"]["1.0"]["items"] == 2
     assert out["needle_recall"] == {"all": pytest.approx(0.5), "layers": {"2": 0.75, "3": 0.0},
                                     "correct": pytest.approx(0.7), "n_correct": 2}  # (0.9 + 0.5) / 2
+    # per depth, over the items with a recall: (0.9 + 0.1) / 2 at depth 0; depth 1's second item has none
+    assert out["depths"]["0.0"]["needle"] == pytest.approx(0.5) and out["depths"]["1.0"]["needle"] == 0.5
     wrong = summarise([{**s, "choice": False} for s in scores], {2: [0.5]}, [0.0, 1.0])["needle_recall"]
     assert wrong["correct"] is None and wrong["n_correct"] == 0  # nothing answered: no number, not 0
 

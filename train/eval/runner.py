@@ -226,13 +226,18 @@ def retrieval(model, tokenizer, spec: EvalSpec, task: str, length: int, stream, 
 def summarise(scores: list[dict], recalls: dict[int, list[float]], depths: list[float]) -> dict:
     """Accuracy (share of True) of ``choice`` and ``exact``, mean ``nll``, overall and per depth; the needle
     recall over all items and layers, per layer, and over the items answered correctly (``choice``; each
-    item's recall the mean over layers): the issue's "needle recall where the model answers correctly"."""
+    item's recall the mean over layers): the issue's "needle recall where the model answers correctly";
+    and per depth (``needle``, each item's recall the mean over layers): a needle next to the question
+    (depth 1) lies in or next to the question's own block, which every query selects whatever the index
+    scores, so the overall number has a floor that the far depths do not."""
 
     def agg(rows):
         exact = [r["exact"] for r in rows if r["exact"] is not None]
+        needle = [r["needle"] for r in rows if r.get("needle") is not None]
         return {"choice": float(np.mean([r["choice"] for r in rows])),
                 "share": float(np.mean([r["share"] for r in rows])), "nll": float(np.mean([r["nll"] for r in rows])),
-                "exact": float(np.mean(exact)) if exact else None, "items": len(rows)}
+                "exact": float(np.mean(exact)) if exact else None, "items": len(rows),
+                "needle": float(np.mean(needle)) if needle else None}
 
     result = {**agg(scores), "depths": {str(d): agg([r for r in scores if r["depth"] == d]) for d in depths}}
     if recalls:
@@ -298,6 +303,8 @@ def flatten(results: dict) -> dict[str, float | None]:
             if results["msa_layers"]:
                 out[M.eval_key("needle_recall", task, name)] = r.get("needle_recall", {}).get("all")
                 out[M.eval_key("needle_recall", task, name, "correct")] = r.get("needle_recall", {}).get("correct")
+                for depth, d in r["depths"].items():
+                    out[M.eval_key("needle_recall", task, name, "depth", depth)] = d.get("needle")
     return out
 
 
