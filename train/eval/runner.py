@@ -228,8 +228,9 @@ def summarise(scores: list[dict], recalls: dict[int, list[float]], depths: list[
     recall over all items and layers, per layer, and over the items answered correctly (``choice``; each
     item's recall the mean over layers): the issue's "needle recall where the model answers correctly";
     and per depth (``needle``, each item's recall the mean over layers): a needle next to the question
-    (depth 1) lies in or next to the question's own block, which every query selects whatever the index
-    scores, so the overall number has a floor that the far depths do not."""
+    (depth 1) can lie in the question's own block, which every query selects whatever the index scores
+    (with 128-token blocks a pass-key needle always does), so the overall number can have a floor that the
+    far depths do not."""
 
     def agg(rows):
         exact = [r["exact"] for r in rows if r["exact"] is not None]
