@@ -445,7 +445,6 @@ def run_one(args, arm: str, seed: int, steps: int, work: Path) -> dict:
             for depth, d in r["depths"].items():
                 scalars[f"depth/{task}/{fmt_tokens(int(length))}/{depth}/choice"] = d["choice"]
                 scalars[f"depth/{task}/{fmt_tokens(int(length))}/{depth}/exact"] = d["exact"]
-                scalars[f"depth/{task}/{fmt_tokens(int(length))}/{depth}/needle"] = d.get("needle")
     per_layer = {"layers": "index_recall", "oracle_layers": "oracle_recall", "oracle_2x_layers": "oracle_recall_2x"}
     for length, r in results["bpb"].items():
         for table, metric in per_layer.items():

@@ -15,6 +15,7 @@ from train.eval.runner import (
     bucket_bpb,
     buckets,
     fmt_tokens,
+    needle_hit,
     needle_recall,
     perplexity,
     summarise,
@@ -61,6 +62,14 @@ def test_accuracy_by_depth_by_hand():
                                     "correct": pytest.approx(0.7), "n_correct": 2}  # (0.9 + 0.5) / 2
     # per depth, over the items with a recall: (0.9 + 0.1) / 2 at depth 0; depth 1's second item has none
     assert out["depths"]["0.0"]["needle"] == pytest.approx(0.5) and out["depths"]["1.0"]["needle"] == 0.5
+    assert out["depths"]["0.0"]["needle_last"] is None and "hit" not in out["needle_recall"]  # not measured
+    # found at the question's last token: its own per-layer lists and per-item values
+    last = [{**s, "needle_last": v} for s, v in zip(scores, [1.0, 0.0, 0.5, None])]
+    got = summarise(last, {2: [0.5, 1.0], 3: [0.0]}, [0.0, 1.0], {2: [1.0, 1.0], 3: [0.25]})
+    assert got["needle_recall"]["hit"] == pytest.approx(0.75) and got["needle_recall"]["hit_layers"] == {
+        "2": 1.0, "3": 0.25}
+    assert got["needle_recall"]["hit_correct"] == pytest.approx(0.75)  # items 1 and 3: (1.0 + 0.5) / 2
+    assert got["depths"]["0.0"]["needle_last"] == 0.5 and got["depths"]["1.0"]["needle_last"] == 0.5
     wrong = summarise([{**s, "choice": False} for s in scores], {2: [0.5]}, [0.0, 1.0])["needle_recall"]
     assert wrong["correct"] is None and wrong["n_correct"] == 0  # nothing answered: no number, not 0
 
@@ -74,6 +83,10 @@ def test_needle_recall_by_hand():
     out = needle_recall(selected, [[(10, 26)], [(3, 5)]], 8)
     assert out[0] == pytest.approx((2 / 3 + 1 / 3 + 1 + 0) / 4)
     assert out[1] == pytest.approx((1 + 0 + 1 + 1) / 4)
+    # found: any block of each needle; row 0 with a second needle in block 5 (tokens 40..47)
+    hit = needle_hit(selected, [[(10, 26), (40, 48)], [(3, 5)]], 8)
+    assert hit[0] == pytest.approx(((1 + 1 + 1 + 0) + (0 + 1 + 0 + 0)) / 8)
+    assert hit[1] == pytest.approx((1 + 0 + 1 + 1) / 4)
 
 
 def test_eval_due_and_checks():

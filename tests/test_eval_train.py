@@ -34,7 +34,9 @@ def expected_keys() -> set[str]:
         for task in ("passkey", "image_needle"):
             keys |= {f"eval/{task}/{length}/{s}" for s in ("choice", "share", "nll", "exact")}
             keys |= {f"eval/needle_recall/{task}/{length}", f"eval/needle_recall/{task}/{length}/correct"}
-            keys |= {f"eval/needle_recall/{task}/{length}/depth/{d}" for d in ("0.0", "1.0")}
+            keys |= {f"eval/needle_recall/{task}/{length}/{last}depth/{d}" for d in ("0.0", "1.0")
+                     for last in ("", "hit/")}
+            keys |= {f"eval/needle_recall/{task}/{length}/hit", f"eval/needle_recall/{task}/{length}/hit/correct"}
     return keys
 
 

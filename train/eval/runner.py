@@ -98,6 +98,20 @@ def needle_recall(selected: torch.Tensor, spans: list[list[tuple[int, int]]], bl
     return out
 
 
+def needle_hit(selected: torch.Tensor, spans: list[list[tuple[int, int]]], block_size: int) -> list[float]:
+    """Per row of ``selected [B, Hkv, q, topk]``: the mean over groups, queries and needles of whether the
+    query selected at least one block of the needle. One block of a needle can hold all the answer needs (a
+    pass key's 60 tokens span up to three 32-token blocks and hold the key twice), so this asks whether the
+    needle was found, where ``needle_recall`` asks what share of its blocks were."""
+    out = []
+    for b, row_spans in enumerate(spans):
+        hits = [torch.isin(selected[b], torch.as_tensor(sorted({t // block_size for t in range(s, e)}),
+                                                        device=selected.device, dtype=selected.dtype)).any(-1)
+                for s, e in row_spans]
+        out.append(float(torch.stack(hits).double().mean()))
+    return out
+
+
 def token_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """Next-token NLL (nats, float32) ``[B, L]`` of ``targets [B, L]`` from ``hidden [B, L, dim]``, a chunk of
     positions at a time (never ``B x L x vocab`` logits at once)."""
@@ -190,7 +204,7 @@ def retrieval(model, tokenizer, spec: EvalSpec, task: str, length: int, stream, 
     groups: dict[int, list] = defaultdict(list)
     for depth, item in items:
         groups[item.prompt_len].append((depth, item))
-    scores, recalls = [], defaultdict(list)
+    scores, recalls, recalls_last = [], defaultdict(list), defaultdict(list)
     msa = [b.attn.core for b in model.layers if hasattr(b.attn, "index_dim")]
     per_batch = max(1, spec.batch_tokens // length)
     for prompt_len, group in groups.items():
@@ -209,36 +223,48 @@ def retrieval(model, tokenizer, spec: EvalSpec, task: str, length: int, stream, 
                 done = decode(model, cache, hidden, new, stop_ids=(tokenizer.eod,), phase=phase)
                 generated = [generated_text(tokenizer, c.ids) for c in done]
             trivial = -(-prompt_len // msa[0].block_size) <= msa[0].topk if msa else True
-            per_layer = [] if trivial else [  # with at most topk blocks every block is selected: nothing to measure
-                needle_recall(sel, [it.needle_spans for _, it in part], msa[0].block_size) for sel in out.selected]
-            for layer, vals in zip(model.msa_layers(), per_layer):
+            spans = [it.needle_spans for _, it in part]
+            # with at most topk blocks every block is selected: nothing to measure. The share of the needles'
+            # blocks over the question's tokens; whether each needle is found at the question's last token,
+            # the query whose output predicts the answer's first token
+            per_layer = [] if trivial else [needle_recall(sel, spans, msa[0].block_size) for sel in out.selected]
+            per_layer_last = [] if trivial else [needle_hit(sel[:, :, -1:], spans, msa[0].block_size)
+                                                 for sel in out.selected]
+            for layer, vals, last in zip(model.msa_layers(), per_layer, per_layer_last):
                 recalls[layer] += vals
+                recalls_last[layer] += last
             item_recall = [float(np.mean(v)) for v in zip(*per_layer)] if per_layer else [None] * len(part)
+            item_last = [float(np.mean(v)) for v in zip(*per_layer_last)] if per_layer else [None] * len(part)
             for b, (depth, it) in enumerate(part):
                 scores.append({"depth": depth, "choice": choice_correct(logliks[b].tolist()),
                                "share": answer_share(logliks[b].tolist()),
                                "nll": -float(logliks[b, 0]) / len(cands[b][0]),
                                "exact": None if generated[b] is None else exact_match(it, generated[b]),
-                               "needle": item_recall[b]})
-    return summarise(scores, recalls, spec.depths)
+                               "needle": item_recall[b], "needle_last": item_last[b]})
+    return summarise(scores, recalls, spec.depths, recalls_last)
 
 
-def summarise(scores: list[dict], recalls: dict[int, list[float]], depths: list[float]) -> dict:
+def summarise(scores: list[dict], recalls: dict[int, list[float]], depths: list[float],
+              recalls_last: dict[int, list[float]] | None = None) -> dict:
     """Accuracy (share of True) of ``choice`` and ``exact``, mean ``nll``, overall and per depth; the needle
     recall over all items and layers, per layer, and over the items answered correctly (``choice``; each
     item's recall the mean over layers): the issue's "needle recall where the model answers correctly";
     and per depth (``needle``, each item's recall the mean over layers): a needle next to the question
     (depth 1) can lie in the question's own block, which every query selects whatever the index scores
     (with 128-token blocks a pass-key needle always does), so the overall number can have a floor that the
-    far depths do not."""
+    far depths do not. ``hit`` (``needle_last`` per item, from ``recalls_last``): whether each needle has a
+    block selected at the question's last token, the query whose output predicts the answer
+    (``needle_hit``): the share of a needle's blocks can be low while the block the answer needs is found."""
 
     def agg(rows):
         exact = [r["exact"] for r in rows if r["exact"] is not None]
         needle = [r["needle"] for r in rows if r.get("needle") is not None]
+        last = [r["needle_last"] for r in rows if r.get("needle_last") is not None]
         return {"choice": float(np.mean([r["choice"] for r in rows])),
                 "share": float(np.mean([r["share"] for r in rows])), "nll": float(np.mean([r["nll"] for r in rows])),
                 "exact": float(np.mean(exact)) if exact else None, "items": len(rows),
-                "needle": float(np.mean(needle)) if needle else None}
+                "needle": float(np.mean(needle)) if needle else None,
+                "needle_last": float(np.mean(last)) if last else None}
 
     result = {**agg(scores), "depths": {str(d): agg([r for r in scores if r["depth"] == d]) for d in depths}}
     if recalls:
@@ -247,6 +273,12 @@ def summarise(scores: list[dict], recalls: dict[int, list[float]], depths: list[
                                    "layers": {str(k): float(np.mean(v)) for k, v in recalls.items()},
                                    "correct": float(np.mean(correct)) if correct else None,
                                    "n_correct": len(correct)}
+        if recalls_last:
+            last_correct = [r["needle_last"] for r in scores if r["choice"] and r.get("needle_last") is not None]
+            result["needle_recall"].update(
+                hit=float(np.mean([v for vals in recalls_last.values() for v in vals])),
+                hit_layers={str(k): float(np.mean(v)) for k, v in recalls_last.items()},
+                hit_correct=float(np.mean(last_correct)) if last_correct else None)
     return result
 
 
@@ -304,10 +336,14 @@ def flatten(results: dict) -> dict[str, float | None]:
             if results["msa_layers"]:
                 out[M.eval_key("needle_recall", task, name)] = r.get("needle_recall", {}).get("all")
                 out[M.eval_key("needle_recall", task, name, "correct")] = r.get("needle_recall", {}).get("correct")
+                out[M.eval_key("needle_recall", task, name, "hit")] = r.get("needle_recall", {}).get("hit")
+                out[M.eval_key("needle_recall", task, name, "hit", "correct")] = \
+                    r.get("needle_recall", {}).get("hit_correct")
                 for depth, d in r["depths"].items():
                     out[M.eval_key("needle_recall", task, name, "depth", depth)] = d.get("needle")
+                    out[M.eval_key("needle_recall", task, name, "hit", "depth", depth)] = d.get("needle_last")
     return out
 
 
 __all__ = ["evaluate", "flatten", "perplexity", "retrieval", "bits_per_byte", "bucket_bpb", "buckets",
-           "needle_recall", "token_bytes", "fmt_tokens", "summarise"]
+           "needle_recall", "needle_hit", "token_bytes", "fmt_tokens", "summarise"]
