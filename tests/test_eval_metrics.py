@@ -62,14 +62,14 @@ def test_accuracy_by_depth_by_hand():
                                     "correct": pytest.approx(0.7), "n_correct": 2}  # (0.9 + 0.5) / 2
     # per depth, over the items with a recall: (0.9 + 0.1) / 2 at depth 0; depth 1's second item has none
     assert out["depths"]["0.0"]["needle"] == pytest.approx(0.5) and out["depths"]["1.0"]["needle"] == 0.5
-    assert out["depths"]["0.0"]["needle_last"] is None and "hit" not in out["needle_recall"]  # not measured
+    assert out["depths"]["0.0"]["needle_hit"] is None and "hit" not in out["needle_recall"]  # not measured
     # found at the question's last token: its own per-layer lists and per-item values
-    last = [{**s, "needle_last": v} for s, v in zip(scores, [1.0, 0.0, 0.5, None])]
+    last = [{**s, "needle_hit": v} for s, v in zip(scores, [1.0, 0.0, 0.5, None])]
     got = summarise(last, {2: [0.5, 1.0], 3: [0.0]}, [0.0, 1.0], {2: [1.0, 1.0], 3: [0.25]})
     assert got["needle_recall"]["hit"] == pytest.approx(0.75) and got["needle_recall"]["hit_layers"] == {
         "2": 1.0, "3": 0.25}
     assert got["needle_recall"]["hit_correct"] == pytest.approx(0.75)  # items 1 and 3: (1.0 + 0.5) / 2
-    assert got["depths"]["0.0"]["needle_last"] == 0.5 and got["depths"]["1.0"]["needle_last"] == 0.5
+    assert got["depths"]["0.0"]["needle_hit"] == 0.5 and got["depths"]["1.0"]["needle_hit"] == 0.5
     wrong = summarise([{**s, "choice": False} for s in scores], {2: [0.5]}, [0.0, 1.0])["needle_recall"]
     assert wrong["correct"] is None and wrong["n_correct"] == 0  # nothing answered: no number, not 0
 

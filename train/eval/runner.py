@@ -204,7 +204,7 @@ def retrieval(model, tokenizer, spec: EvalSpec, task: str, length: int, stream, 
     groups: dict[int, list] = defaultdict(list)
     for depth, item in items:
         groups[item.prompt_len].append((depth, item))
-    scores, recalls, recalls_last = [], defaultdict(list), defaultdict(list)
+    scores, recalls, hits = [], defaultdict(list), defaultdict(list)
     msa = [b.attn.core for b in model.layers if hasattr(b.attn, "index_dim")]
     per_batch = max(1, spec.batch_tokens // length)
     for prompt_len, group in groups.items():
@@ -228,43 +228,43 @@ def retrieval(model, tokenizer, spec: EvalSpec, task: str, length: int, stream, 
             # blocks over the question's tokens; whether each needle is found at the question's last token,
             # the query whose output predicts the answer's first token
             per_layer = [] if trivial else [needle_recall(sel, spans, msa[0].block_size) for sel in out.selected]
-            per_layer_last = [] if trivial else [needle_hit(sel[:, :, -1:], spans, msa[0].block_size)
+            per_layer_hit = [] if trivial else [needle_hit(sel[:, :, -1:], spans, msa[0].block_size)
                                                  for sel in out.selected]
-            for layer, vals, last in zip(model.msa_layers(), per_layer, per_layer_last):
+            for layer, vals, hit in zip(model.msa_layers(), per_layer, per_layer_hit):
                 recalls[layer] += vals
-                recalls_last[layer] += last
+                hits[layer] += hit
             item_recall = [float(np.mean(v)) for v in zip(*per_layer)] if per_layer else [None] * len(part)
-            item_last = [float(np.mean(v)) for v in zip(*per_layer_last)] if per_layer else [None] * len(part)
+            item_hit = [float(np.mean(v)) for v in zip(*per_layer_hit)] if per_layer else [None] * len(part)
             for b, (depth, it) in enumerate(part):
                 scores.append({"depth": depth, "choice": choice_correct(logliks[b].tolist()),
                                "share": answer_share(logliks[b].tolist()),
                                "nll": -float(logliks[b, 0]) / len(cands[b][0]),
                                "exact": None if generated[b] is None else exact_match(it, generated[b]),
-                               "needle": item_recall[b], "needle_last": item_last[b]})
-    return summarise(scores, recalls, spec.depths, recalls_last)
+                               "needle": item_recall[b], "needle_hit": item_hit[b]})
+    return summarise(scores, recalls, spec.depths, hits)
 
 
 def summarise(scores: list[dict], recalls: dict[int, list[float]], depths: list[float],
-              recalls_last: dict[int, list[float]] | None = None) -> dict:
+              hits: dict[int, list[float]] | None = None) -> dict:
     """Accuracy (share of True) of ``choice`` and ``exact``, mean ``nll``, overall and per depth; the needle
     recall over all items and layers, per layer, and over the items answered correctly (``choice``; each
     item's recall the mean over layers): the issue's "needle recall where the model answers correctly";
     and per depth (``needle``, each item's recall the mean over layers): a needle next to the question
     (depth 1) can lie in the question's own block, which every query selects whatever the index scores
     (with 128-token blocks a pass-key needle always does), so the overall number can have a floor that the
-    far depths do not. ``hit`` (``needle_last`` per item, from ``recalls_last``): whether each needle has a
+    far depths do not. ``hit`` (``needle_hit`` per item, from ``hits``): whether each needle has a
     block selected at the question's last token, the query whose output predicts the answer
     (``needle_hit``): the share of a needle's blocks can be low while the block the answer needs is found."""
 
     def agg(rows):
         exact = [r["exact"] for r in rows if r["exact"] is not None]
         needle = [r["needle"] for r in rows if r.get("needle") is not None]
-        last = [r["needle_last"] for r in rows if r.get("needle_last") is not None]
+        hit = [r["needle_hit"] for r in rows if r.get("needle_hit") is not None]
         return {"choice": float(np.mean([r["choice"] for r in rows])),
                 "share": float(np.mean([r["share"] for r in rows])), "nll": float(np.mean([r["nll"] for r in rows])),
                 "exact": float(np.mean(exact)) if exact else None, "items": len(rows),
                 "needle": float(np.mean(needle)) if needle else None,
-                "needle_last": float(np.mean(last)) if last else None}
+                "needle_hit": float(np.mean(hit)) if hit else None}
 
     result = {**agg(scores), "depths": {str(d): agg([r for r in scores if r["depth"] == d]) for d in depths}}
     if recalls:
@@ -273,12 +273,12 @@ def summarise(scores: list[dict], recalls: dict[int, list[float]], depths: list[
                                    "layers": {str(k): float(np.mean(v)) for k, v in recalls.items()},
                                    "correct": float(np.mean(correct)) if correct else None,
                                    "n_correct": len(correct)}
-        if recalls_last:
-            last_correct = [r["needle_last"] for r in scores if r["choice"] and r.get("needle_last") is not None]
+        if hits:
+            hit_items = [r["needle_hit"] for r in scores if r["choice"] and r.get("needle_hit") is not None]
             result["needle_recall"].update(
-                hit=float(np.mean([v for vals in recalls_last.values() for v in vals])),
-                hit_layers={str(k): float(np.mean(v)) for k, v in recalls_last.items()},
-                hit_correct=float(np.mean(last_correct)) if last_correct else None)
+                hit=float(np.mean([v for vals in hits.values() for v in vals])),
+                hit_layers={str(k): float(np.mean(v)) for k, v in hits.items()},
+                hit_correct=float(np.mean(hit_items)) if hit_items else None)
     return result
 
 
@@ -341,7 +341,7 @@ def flatten(results: dict) -> dict[str, float | None]:
                     r.get("needle_recall", {}).get("hit_correct")
                 for depth, d in r["depths"].items():
                     out[M.eval_key("needle_recall", task, name, "depth", depth)] = d.get("needle")
-                    out[M.eval_key("needle_recall", task, name, "hit", "depth", depth)] = d.get("needle_last")
+                    out[M.eval_key("needle_recall", task, name, "hit", "depth", depth)] = d.get("needle_hit")
     return out
 
 
