@@ -199,7 +199,6 @@ def render_patterns(path: str) -> str:
     return render_markdown(path)
 
 
-# block name -> (glob under docs/results, renderer taking the list of matching paths)
 def headline_source(paths: list[str]) -> str:
     """The headline rerun's JSON (``msa_attention_headline_<gpu>.json``) where there is one, else the full
     benchmark run's (``msa_attention_<gpu>.json``); never a variant's (``msa_attention_klbwd_h200.json``)."""
@@ -218,6 +217,7 @@ def _old_new_files(paths) -> str:
     return "\n\n".join(render_old_new(json.loads(Path(p).read_text())) for p in paths)
 
 
+# block name -> (glob under docs/results, renderer taking the list of matching paths)
 BLOCKS = {
     "headline": ("msa_attention_*h200.json", _headline),
     "msa_attention": ("msa_attention_h200.json", lambda ps: render_patterns(ps[0])),
