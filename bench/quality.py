@@ -500,15 +500,21 @@ def _tokens(name: str) -> int:
     return int(name[:-1] if scale > 1 else name) * scale
 
 
-def share_by_length(scalars: dict) -> dict[str, float]:
-    """Per eval length: the mean over tasks of the answer's share of the candidates' probability
-    (``eval/<task>/<L>/share``), a retrieval score that moves before the accuracy leaves chance."""
+def eval_by_length(scalars: dict, metric: str, task: str | None = None) -> dict[str, list[float]]:
+    """The values of ``eval/<task>/<L>/<metric>`` per eval length L (every task, or only ``task``)."""
     by_length: dict[str, list[float]] = {}
     for k, v in scalars.items():
         parts = k.split("/")
-        if len(parts) == 4 and parts[0] == "eval" and parts[3] == "share" and v is not None:
+        if (len(parts) == 4 and parts[0] == "eval" and parts[3] == metric and v is not None
+                and task in (None, parts[1])):
             by_length.setdefault(parts[2], []).append(v)
-    return {length: float(np.mean(vals)) for length, vals in by_length.items()}
+    return by_length
+
+
+def share_by_length(scalars: dict) -> dict[str, float]:
+    """Per eval length: the mean over tasks of the answer's share of the candidates' probability
+    (``eval/<task>/<L>/share``), a retrieval score that moves before the accuracy leaves chance."""
+    return {length: float(np.mean(vals)) for length, vals in eval_by_length(scalars, "share").items()}
 
 
 def paired(runs: list[dict], arms=ARMS) -> dict:

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.quality import _tokens
+from bench.quality import _tokens, eval_by_length
 
 
 def retrieval_score(scalars: dict, min_tokens: int = 2048) -> float | None:
     """Mean of ``eval/passkey/<L>/choice`` over the lengths L >= ``min_tokens``; None without such an eval."""
-    vals = [v for k, v in scalars.items()
-            if k.startswith("eval/passkey/") and k.endswith("/choice") and v is not None
-            and len(k.split("/")) == 4 and _tokens(k.split("/")[2]) >= min_tokens]
+    vals = [v for length, vs in eval_by_length(scalars, "choice", "passkey").items()
+            if _tokens(length) >= min_tokens for v in vs]
     return float(np.mean(vals)) if vals else None
 
 
