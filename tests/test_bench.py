@@ -927,7 +927,7 @@ def test_quality_fork_script_forks_both_arms_from_the_picked_source(tmp_path, co
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OUT": str(out),
            "WORK": str(work), "BUDGET_S": "900", "MIN_CHOICE": "0", "MIN_TOKENS": "256", "SOURCE_SEEDS": "0 1",
-           "SOURCE_JOBS": "2", "SOURCE_STEPS": "8", "FORK_STEPS": "6",
+           "SOURCE_JOBS": "2", "SOURCE_STEPS": "8", "PRIMER_STEPS": "2", "FORK_STEPS": "6",
            "OVERRIDES": f"attention.block_size=16 data.corpus_dir={corpus_dir}",
            "SOURCE_ARGS": toy, "FORK_ARGS": f"{toy} --jobs 2 --seeds 0 --wide-topk 4"}
     done = subprocess.run(["bash", "bench/quality_fork_gpu.sh"], cwd=root, env=env, capture_output=True, text=True,
