@@ -5,9 +5,9 @@
 # Run from the repository root; the same command again, at once (the lent machine keeps runs/ only while it is
 # held), continues where the last call stopped. Three phases:
 # 1. source: dense runs of SOURCE_SEEDS (default 2 0 1 3, all at once), SOURCE_STEPS (1200) steps of the
-#    tenth run's recipe (the pass-key primer alone for the first PRIMER_STEPS (225) steps, then the mix, the last 15% on 16K
-#    rows), evals at 512, 2K, 8K and 16K; runs in $WORK/source. The tenth run's dense seed 2 formed copying
-#    with these settings; with 800 steps none of six seeds did (docs/quality.md, "Eleventh run").
+#    tenth run's recipe (the pass-key primer alone for the first PRIMER_STEPS (225) steps, then the mix, the
+#    last 15% on 16K rows), evals at 512, 2K, 8K and 16K; runs in $WORK/source. The tenth run's dense seed 2
+#    formed copying with these settings; with 800 steps none of six seeds did (docs/quality.md, "Eleventh run").
 # 2. pick (bench/quality_fork.py): the source run with the best pass-key choice at 2K-16K, at least MIN_CHOICE
 #    (0.75; over the eval lengths from MIN_TOKENS, 2048, up), into $OUT/pick.txt; when none reaches it the call
 #    stops there and says so.
