@@ -234,7 +234,7 @@ def retrieval(model, tokenizer, spec: EvalSpec, task: str, length: int, stream, 
                 recalls[layer] += vals
                 hits[layer] += hit
             item_recall = [float(np.mean(v)) for v in zip(*per_layer)] if per_layer else [None] * len(part)
-            item_hit = [float(np.mean(v)) for v in zip(*per_layer_hit)] if per_layer else [None] * len(part)
+            item_hit = [float(np.mean(v)) for v in zip(*per_layer_hit)] if per_layer_hit else [None] * len(part)
             for b, (depth, it) in enumerate(part):
                 scores.append({"depth": depth, "choice": choice_correct(logliks[b].tolist()),
                                "share": answer_share(logliks[b].tolist()),
