@@ -16,6 +16,7 @@ from train.eval.runner import (
     buckets,
     fmt_tokens,
     needle_hit,
+    needle_hit_groups,
     needle_recall,
     perplexity,
     summarise,
@@ -70,6 +71,12 @@ def test_accuracy_by_depth_by_hand():
         "2": 1.0, "3": 0.25}
     assert got["needle_recall"]["hit_correct"] == pytest.approx(0.75)  # items 1 and 3: (1.0 + 0.5) / 2
     assert got["depths"]["0.0"]["needle_hit"] == 0.5 and got["depths"]["1.0"]["needle_hit"] == 0.5
+    assert "hit_groups" not in got["needle_recall"]  # not given: not reported
+    # per layer and group, over items: layer 2's group 0 finds it (1.0 + 0.5) / 2, group 1 (0.5 + 0.0) / 2
+    grouped = summarise(last, {2: [0.5, 1.0], 3: [0.0]}, [0.0, 1.0], {2: [0.75, 0.25], 3: [0.5]},
+                        {2: [[1.0, 0.5], [0.5, 0.0]], 3: [[0.25, 0.75]]})["needle_recall"]
+    assert grouped["hit_groups"] == {"2": [0.75, 0.25], "3": [0.25, 0.75]}
+    assert grouped["hit_best_group"] == {"2": 0.75, "3": 0.75}
     wrong = summarise([{**s, "choice": False} for s in scores], {2: [0.5]}, [0.0, 1.0])["needle_recall"]
     assert wrong["correct"] is None and wrong["n_correct"] == 0  # nothing answered: no number, not 0
 
@@ -87,6 +94,9 @@ def test_needle_recall_by_hand():
     hit = needle_hit(selected, [[(10, 26), (40, 48)], [(3, 5)]], 8)
     assert hit[0] == pytest.approx(((1 + 1 + 1 + 0) + (0 + 1 + 0 + 0)) / 8)
     assert hit[1] == pytest.approx((1 + 0 + 1 + 1) / 4)
+    # per group: row 0's group 0 finds A at both queries and B at the second; group 1 finds A once, B never
+    groups = needle_hit_groups(selected, [[(10, 26), (40, 48)], [(3, 5)]], 8)
+    assert groups[0] == pytest.approx([3 / 4, 1 / 4]) and groups[1] == pytest.approx([1 / 2, 1.0])
 
 
 def test_eval_due_and_checks():

@@ -98,18 +98,25 @@ def needle_recall(selected: torch.Tensor, spans: list[list[tuple[int, int]]], bl
     return out
 
 
-def needle_hit(selected: torch.Tensor, spans: list[list[tuple[int, int]]], block_size: int) -> list[float]:
-    """Per row of ``selected [B, Hkv, q, topk]``: the mean over groups, queries and needles of whether the
-    query selected at least one block of the needle. One block of a needle can hold all the answer needs (a
-    pass key's 60 tokens span up to three 32-token blocks and hold the key twice), so this asks whether the
-    needle was found, where ``needle_recall`` asks what share of its blocks were."""
+def needle_hit_groups(selected: torch.Tensor, spans: list[list[tuple[int, int]]], block_size: int) -> list[list[float]]:
+    """Per row of ``selected [B, Hkv, q, topk]`` and per group: the mean over queries and needles of whether
+    the query selected at least one block of the needle. One block of a needle can hold all the answer needs
+    (a pass key's 60 tokens span up to three 32-token blocks and hold the key twice), so this asks whether
+    the needle was found, where ``needle_recall`` asks what share of its blocks were. A model needs one
+    head that finds the needle, and that head's group is the same on every item: per group, a layer whose
+    retrieving group always finds it reads 1.0 there, whatever the other groups select."""
     out = []
     for b, row_spans in enumerate(spans):
         hits = [torch.isin(selected[b], torch.as_tensor(sorted({t // block_size for t in range(s, e)}),
                                                         device=selected.device, dtype=selected.dtype)).any(-1)
-                for s, e in row_spans]
-        out.append(float(torch.stack(hits).double().mean()))
+                for s, e in row_spans]  # each [Hkv, q]
+        out.append(torch.stack(hits).double().mean(dim=(0, 2)).tolist())
     return out
+
+
+def needle_hit(selected: torch.Tensor, spans: list[list[tuple[int, int]]], block_size: int) -> list[float]:
+    """``needle_hit_groups`` averaged over the groups: per row, the mean over groups, queries and needles."""
+    return [float(np.mean(g)) for g in needle_hit_groups(selected, spans, block_size)]
 
 
 def token_nll(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
@@ -204,7 +211,7 @@ def retrieval(model, tokenizer, spec: EvalSpec, task: str, length: int, stream, 
     groups: dict[int, list] = defaultdict(list)
     for depth, item in items:
         groups[item.prompt_len].append((depth, item))
-    scores, recalls, hits = [], defaultdict(list), defaultdict(list)
+    scores, recalls, hits, hit_groups = [], defaultdict(list), defaultdict(list), defaultdict(list)
     msa = [b.attn.core for b in model.layers if hasattr(b.attn, "index_dim")]
     per_batch = max(1, spec.batch_tokens // length)
     for prompt_len, group in groups.items():
@@ -228,11 +235,13 @@ def retrieval(model, tokenizer, spec: EvalSpec, task: str, length: int, stream, 
             # blocks over the question's tokens; whether each needle is found at the question's last token,
             # the query whose output predicts the answer's first token
             per_layer = [] if trivial else [needle_recall(sel, spans, msa[0].block_size) for sel in out.selected]
-            per_layer_hit = [] if trivial else [needle_hit(sel[:, :, -1:], spans, msa[0].block_size)
-                                                 for sel in out.selected]
-            for layer, vals, hit in zip(model.msa_layers(), per_layer, per_layer_hit):
+            per_layer_groups = [] if trivial else [needle_hit_groups(sel[:, :, -1:], spans, msa[0].block_size)
+                                                    for sel in out.selected]
+            per_layer_hit = [[float(np.mean(g)) for g in rows] for rows in per_layer_groups]
+            for layer, vals, hit, by_group in zip(model.msa_layers(), per_layer, per_layer_hit, per_layer_groups):
                 recalls[layer] += vals
                 hits[layer] += hit
+                hit_groups[layer] += by_group
             item_recall = [float(np.mean(v)) for v in zip(*per_layer)] if per_layer else [None] * len(part)
             item_hit = [float(np.mean(v)) for v in zip(*per_layer_hit)] if per_layer_hit else [None] * len(part)
             for b, (depth, it) in enumerate(part):
@@ -241,11 +250,12 @@ def retrieval(model, tokenizer, spec: EvalSpec, task: str, length: int, stream, 
                                "nll": -float(logliks[b, 0]) / len(cands[b][0]),
                                "exact": None if generated[b] is None else exact_match(it, generated[b]),
                                "needle": item_recall[b], "needle_hit": item_hit[b]})
-    return summarise(scores, recalls, spec.depths, hits)
+    return summarise(scores, recalls, spec.depths, hits, hit_groups)
 
 
 def summarise(scores: list[dict], recalls: dict[int, list[float]], depths: list[float],
-              hits: dict[int, list[float]] | None = None) -> dict:
+              hits: dict[int, list[float]] | None = None,
+              hit_groups: dict[int, list[list[float]]] | None = None) -> dict:
     """Accuracy (share of True) of ``choice`` and ``exact``, mean ``nll``, overall and per depth; the needle
     recall over all items and layers, per layer, and over the items answered correctly (``choice``; each
     item's recall the mean over layers): the issue's "needle recall where the model answers correctly";
@@ -254,7 +264,9 @@ def summarise(scores: list[dict], recalls: dict[int, list[float]], depths: list[
     (with 128-token blocks a pass-key needle always does), so the overall number can have a floor that the
     far depths do not. ``hit`` (``needle_hit`` per item, from ``hits``): whether each needle has a
     block selected at the question's last token, the query whose output predicts the answer
-    (``needle_hit``): the share of a needle's blocks can be low while the block the answer needs is found."""
+    (``needle_hit``): the share of a needle's blocks can be low while the block the answer needs is found.
+    ``hit_groups`` (``needle_hit_groups`` per item): the same per layer and group (``hit_groups``), and its
+    best group per layer (``hit_best_group``): the layer's average can hide a group that always finds it."""
 
     def agg(rows):
         exact = [r["exact"] for r in rows if r["exact"] is not None]
@@ -279,6 +291,10 @@ def summarise(scores: list[dict], recalls: dict[int, list[float]], depths: list[
                 hit=float(np.mean([v for vals in hits.values() for v in vals])),
                 hit_layers={str(k): float(np.mean(v)) for k, v in hits.items()},
                 hit_correct=float(np.mean(hit_items)) if hit_items else None)
+        if hit_groups:
+            by_layer = {str(k): np.mean(np.asarray(v, dtype=float), axis=0).tolist() for k, v in hit_groups.items()}
+            result["needle_recall"].update(hit_groups=by_layer,
+                                           hit_best_group={k: max(v) for k, v in by_layer.items()})
     return result
 
 
@@ -346,4 +362,4 @@ def flatten(results: dict) -> dict[str, float | None]:
 
 
 __all__ = ["evaluate", "flatten", "perplexity", "retrieval", "bits_per_byte", "bucket_bpb", "buckets",
-           "needle_recall", "needle_hit", "token_bytes", "fmt_tokens", "summarise"]
+           "needle_recall", "needle_hit", "needle_hit_groups", "token_bytes", "fmt_tokens", "summarise"]
