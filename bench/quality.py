@@ -445,6 +445,10 @@ def run_one(args, arm: str, seed: int, steps: int, work: Path) -> dict:
             for depth, d in r["depths"].items():
                 scalars[f"depth/{task}/{fmt_tokens(int(length))}/{depth}/choice"] = d["choice"]
                 scalars[f"depth/{task}/{fmt_tokens(int(length))}/{depth}/exact"] = d["exact"]
+            # whether each MSA layer (and its best KV group) finds the needle at the answer's query
+            for table, metric in (("hit_layers", "needle_hit"), ("hit_best_group", "needle_hit_best_group")):
+                for layer, v in r.get("needle_recall", {}).get(table, {}).items():
+                    scalars[f"layer/{metric}/{task}/{fmt_tokens(int(length))}/{layer}"] = v
     per_layer = {"layers": "index_recall", "oracle_layers": "oracle_recall", "oracle_2x_layers": "oracle_recall_2x"}
     for length, r in results["bpb"].items():
         for table, metric in per_layer.items():

@@ -565,6 +565,13 @@ def test_quality_probe_times_every_stage_and_the_runs_follow(tmp_path):
     assert sorted(r["arm"] for r in report["runs"]) == ["dense", "msa_window"]
     assert all(len(r["loss_curve"]) == report["steps"] for r in report["runs"])
     assert set(report["summary"]) == {"dense", "msa_window"}
+    # per MSA layer: whether it finds the pass key at the answer's query, and its best KV group's share
+    msa = next(r for r in report["runs"] if r["arm"] == "msa_window")["scalars"]
+    hit = {k: v for k, v in msa.items() if k.startswith("layer/needle_hit")}
+    layers = {str(i) for i in range(1, 4)}  # tiny: a window layer 0, MSA layers 1-3
+    assert {k.rsplit("/", 1)[1] for k in hit} == layers and all(0.0 <= v <= 1.0 for v in hit.values())
+    for layer in layers:
+        assert msa[f"layer/needle_hit_best_group/passkey/128/{layer}"] >= msa[f"layer/needle_hit/passkey/128/{layer}"]
 
 
 def test_quality_runs_stopped_at_the_deadline_finish_in_the_next_call(tmp_path):
