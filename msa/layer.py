@@ -99,7 +99,7 @@ def resolve_ops(impl: str, device: torch.device | None = None):
 
 class CoreOut(NamedTuple):
     """What an attention core computed: ``o [B, Nq, H, D]``, the index KL (this shard's share; None
-    for dense attention) and the selection stats (None unless asked for)."""
+    for dense attention and when called with ``kl=False``) and the selection stats (None unless asked for)."""
 
     o: torch.Tensor
     kl: torch.Tensor | None = None
@@ -116,7 +116,7 @@ class DenseCore(nn.Module):
         self.window, self.varlen = window, varlen
 
     def forward(self, q, k, v, cu_seqlens=None, index=None, phase: Phase = "sparse", stats_queries: int = 0,
-                teacher=None):
+                teacher=None, kl: bool = True):
         return CoreOut(dense_attention(q, k, v, cu_seqlens, window=self.window, varlen=self.varlen))
 
 
@@ -188,27 +188,29 @@ class MSACore(nn.Module):
         return resolve_ops(self.impl, device) if self.impl == "auto" else self.ops
 
     def forward(self, q, k, v, cu_seqlens=None, index=None, phase: Phase = "sparse", stats_queries: int = 0,
-                teacher=None):
+                teacher=None, kl: bool = True):
+        """``kl=False`` (inference: generation and evals) skips the index distillation loss, ``CoreOut.kl``
+        None: its teacher pass costs as much as the attention and nothing reads it there."""
         ops, Bk = self.ops_for(q.device), self.block_size
         q_idx, k_idx = index
         dense = phase == "warmup" or longest_document(cu_seqlens, k.shape[1]) <= self.topk * Bk
         block_idx = None
         if not dense or stats_queries:
             block_idx = ops.select_blocks(q_idx.detach(), k_idx.detach(), Bk, self.topk, cu_seqlens)
-        kl = None
+        with_kl, kl = kl, None
         if dense:  # the KL's teacher normaliser from FlashAttention's varlen call where it ran, else its own
             o, lse = dense_attention(q, k, v, cu_seqlens, varlen=self.dense_varlen, return_lse=True)
-        elif self._defers_kl(ops, q, k, teacher) and torch.is_grad_enabled() and q.requires_grad \
+        elif with_kl and self._defers_kl(ops, q, k, teacher) and torch.is_grad_enabled() and q.requires_grad \
                 and q_idx.requires_grad:
             # zero here; the value reaches take_backward_kl() after backward
             o, lse, kl = ops.sparse_attention_kl(q, k, v, q_idx, k_idx, block_idx, Bk, cu_seqlens,
                                                  sink=self._backward_kl, sink_scale=_KL_SCALE.get())
         else:
             o, lse = ops.sparse_attention(q, k, v, block_idx, Bk, cu_seqlens)
-            if _RECOMPUTED_LATER.get() and self._defers_kl(ops, q, k, teacher):
+            if with_kl and _RECOMPUTED_LATER.get() and self._defers_kl(ops, q, k, teacher):
                 kl = q_idx.new_zeros((), dtype=torch.float32)
         q_t, lse_t = teacher(q.detach(), lse) if teacher is not None else (q.detach(), lse)
-        if kl is None:
+        if with_kl and kl is None:
             support = None if dense else block_idx
             kl = ops.index_kl_loss(q_t, k.detach(), q_idx, k_idx, support, Bk, cu_seqlens, lse=lse_t)
         stats = None

@@ -55,6 +55,20 @@ def test_cached_decoding_equals_full_forward(kind, phase):
         assert c.ids == full.argmax(-1).tolist()  # greedy: each id is the full forward's argmax
 
 
+@pytest.mark.parametrize("phase", ["sparse", "warmup"])
+def test_generation_skips_the_index_kl(monkeypatch, phase):
+    """Prefill and decode steps never compute the index distillation loss (nothing reads it there; its
+    teacher pass costs about what the attention does), while the training forward still does."""
+    import msa.chunked_reference as ops
+
+    model, calls, real = tiny_model("msa"), [], ops.index_kl_loss
+    monkeypatch.setattr(ops, "index_kl_loss", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    generate(model, [prompt(30, 1), prompt(30, 2)], 4, phase=phase)
+    assert calls == []
+    _, _, (kl, _, _) = model.hidden_states(prompt_batch([prompt(30, 1)], "cpu", 3 * PATCH ** 2), phase)
+    assert len(calls) == 1 and float(kl.detach()) > 0  # one MSA layer of two
+
+
 def test_extend_in_chunks_equals_one_prefill():
     """A prompt fed in three pieces leaves the same last hidden state and cache as one prefill."""
     model = tiny_model("msa")
