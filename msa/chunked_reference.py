@@ -8,10 +8,16 @@ on consecutive groups of whole documents of at most ``chunk`` tokens (a longer d
 the results gives the same selection, output, log-normaliser and KL, at the cost of the groups' squares.
 The KL, a mean over queries, is the groups' means weighted by their query counts.
 
+Rows without ``cu_seqlens`` (one document each) run in query chunks when their score tensors would
+pass ``max_scores`` entries: a chunk of queries sees the keys up to its last query, each query the same
+keys as in the whole row, so the results are the reference's; the KL weights each chunk's mean by its
+share of the queries. Held whole, an eval's 16 rows of 4K tokens on the `tiny` model took 20 GB of
+host memory (fp32 ``[B, H, Nq, N]`` scores, several of them live), past this machine's 24.
+
 ``attention.impl=reference`` (and ``auto`` on a CPU) trains through these; the tests compare them with
-``msa.reference`` itself, which stays the oracle. Rows that cannot be split (no ``cu_seqlens``, a batch
-of several rows, fewer queries than keys as under context parallelism, or one group) go to the reference
-unchanged.
+``msa.reference`` itself, which stays the oracle. Rows that cannot be split (packed rows of a batch of
+several rows, fewer queries than keys as under context parallelism, or one group; one-document rows
+under ``max_scores``) go to the reference unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from msa import reference
 
 CHUNK = 1024  # tokens per group of whole documents (a longer document is a group of its own)
+MAX_SCORES = 1 << 26  # score entries (B * heads * queries * keys) of one reference call on one-document rows
 
 
 def document_groups(cu_seqlens: torch.Tensor, chunk: int = CHUNK) -> list[tuple[int, int, int, int]]:
@@ -44,14 +51,30 @@ def _split(B: int, Nq: int, N: int, cu_seqlens, chunk: int):
     return groups if len(groups) > 1 else None
 
 
+def _query_chunks(B: int, H: int, Nq: int, N: int, cu_seqlens, max_scores: int):
+    """Query ranges ``(a, b)`` of one-document rows whose ``[B, H, Nq, N]`` scores pass ``max_scores``
+    entries, each under it (one query at least); None where the reference runs the rows whole."""
+    if cu_seqlens is not None or B * H * Nq * N <= max_scores:
+        return None
+    step = max(1, max_scores // (B * H * N))
+    return [(a, min(a + step, Nq)) for a in range(0, Nq, step)]
+
+
 def _cu(cu_seqlens: torch.Tensor, a: int, d0: int, d1: int) -> torch.Tensor:
     """The boundaries of documents ``d0`` to ``d1`` (exclusive), from their first token ``a``."""
     return cu_seqlens[d0:d1 + 1] - a
 
 
-def select_blocks(q_idx, k_idx, block_size: int, topk: int, cu_seqlens=None, *, chunk: int = CHUNK):
-    """``msa.reference.select_blocks``, a group of documents at a time."""
-    groups = _split(q_idx.shape[0], q_idx.shape[1], k_idx.shape[1], cu_seqlens, chunk)
+def select_blocks(q_idx, k_idx, block_size: int, topk: int, cu_seqlens=None, *, chunk: int = CHUNK,
+                  max_scores: int = MAX_SCORES):
+    """``msa.reference.select_blocks``, a group of documents (or of queries) at a time."""
+    B, Nq, Hkv, _ = q_idx.shape
+    N = k_idx.shape[1]
+    queries = _query_chunks(B, Hkv, Nq, N, cu_seqlens, max_scores)
+    if queries is not None:  # a query sees the keys up to itself: those up to its chunk's last query
+        return torch.cat([reference.select_blocks(q_idx[:, a:b], k_idx[:, :N - Nq + b], block_size, topk)
+                          for a, b in queries], dim=2)
+    groups = _split(B, Nq, N, cu_seqlens, chunk)
     if groups is None:
         return reference.select_blocks(q_idx, k_idx, block_size, topk, cu_seqlens)
     return torch.cat([reference.select_blocks(q_idx[:, a:b], k_idx[:, a:b], block_size, topk,
@@ -59,9 +82,17 @@ def select_blocks(q_idx, k_idx, block_size: int, topk: int, cu_seqlens=None, *, 
                       for a, b, d0, d1 in groups], dim=2)
 
 
-def sparse_attention(q, k, v, block_idx, block_size: int, cu_seqlens=None, scale=None, *, chunk: int = CHUNK):
-    """``msa.reference.sparse_attention``, a group of documents at a time."""
-    groups = _split(q.shape[0], q.shape[1], k.shape[1], cu_seqlens, chunk)
+def sparse_attention(q, k, v, block_idx, block_size: int, cu_seqlens=None, scale=None, *, chunk: int = CHUNK,
+                     max_scores: int = MAX_SCORES):
+    """``msa.reference.sparse_attention``, a group of documents (or of queries) at a time."""
+    B, Nq, H, _ = q.shape
+    N = k.shape[1]
+    queries = _query_chunks(B, H, Nq, N, cu_seqlens, max_scores)
+    if queries is not None:
+        outs = [reference.sparse_attention(q[:, a:b], k[:, :N - Nq + b], v[:, :N - Nq + b], block_idx[:, :, a:b],
+                                           block_size, None, scale) for a, b in queries]
+        return torch.cat([o for o, _ in outs], dim=1), torch.cat([lse for _, lse in outs], dim=2)
+    groups = _split(B, Nq, N, cu_seqlens, chunk)
     if groups is None:
         return reference.sparse_attention(q, k, v, block_idx, block_size, cu_seqlens, scale)
     outs = [reference.sparse_attention(q[:, a:b], k[:, a:b], v[:, a:b], block_idx[:, :, a:b], block_size,
@@ -70,10 +101,21 @@ def sparse_attention(q, k, v, block_idx, block_size: int, cu_seqlens=None, scale
 
 
 def index_kl_loss(q, k, q_idx, k_idx, block_idx, block_size: int, cu_seqlens=None, *, lse=None,
-                  chunk: int = CHUNK):
-    """``msa.reference.index_kl_loss``: each group's mean KL weighted by its share of the queries."""
+                  chunk: int = CHUNK, max_scores: int = MAX_SCORES):
+    """``msa.reference.index_kl_loss``: each group's (or query chunk's) mean KL weighted by its share of the
+    queries."""
+    B, Nq, H, _ = q.shape
     N = k.shape[1]
-    groups = _split(q.shape[0], q.shape[1], N, cu_seqlens, chunk)
+    queries = _query_chunks(B, H, Nq, N, cu_seqlens, max_scores)
+    if queries is not None:
+        total = 0
+        for a, b in queries:
+            kl = reference.index_kl_loss(q[:, a:b], k[:, :N - Nq + b], q_idx[:, a:b], k_idx[:, :N - Nq + b],
+                                         None if block_idx is None else block_idx[:, :, a:b], block_size,
+                                         lse=None if lse is None else lse[:, :, a:b])
+            total = total + kl * ((b - a) / Nq)
+        return total
+    groups = _split(B, Nq, N, cu_seqlens, chunk)
     if groups is None:
         return reference.index_kl_loss(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse=lse)
     total = 0
@@ -85,4 +127,4 @@ def index_kl_loss(q, k, q_idx, k_idx, block_idx, block_size: int, cu_seqlens=Non
     return total
 
 
-__all__ = ["CHUNK", "document_groups", "select_blocks", "sparse_attention", "index_kl_loss"]
+__all__ = ["CHUNK", "MAX_SCORES", "document_groups", "select_blocks", "sparse_attention", "index_kl_loss"]

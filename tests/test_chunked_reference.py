@@ -62,8 +62,8 @@ def test_groups_equal_the_whole_row(support):
 
 
 def test_rows_that_cannot_be_split_run_the_reference_whole(monkeypatch):
-    """No ``cu_seqlens``, one group, fewer queries than keys (context parallelism): one reference call,
-    with the row as given."""
+    """No ``cu_seqlens`` (scores under ``max_scores``), one group, fewer queries than keys (context
+    parallelism): one reference call, with the row as given."""
     calls = []
     real = reference.sparse_attention
     monkeypatch.setattr(reference, "sparse_attention",
@@ -79,6 +79,38 @@ def test_rows_that_cannot_be_split_run_the_reference_whole(monkeypatch):
     calls.clear()
     chunked.sparse_attention(q, k, v, chunked.select_blocks(q_idx, k_idx, BK, TOPK, cu, chunk=40), BK, cu, chunk=40)
     assert sum(calls) == CU[-1] and len(calls) > 1  # split: every token once
+
+
+@pytest.mark.parametrize("support", ["sparse", "dense"])
+@pytest.mark.parametrize("n_queries", [150, 61])
+def test_query_chunks_of_one_document_rows_equal_the_whole_rows(support, n_queries):
+    """Two one-document rows whose scores pass ``max_scores`` run in query chunks (37 queries: uneven,
+    the last one short), also when the queries are the last of the keys (context parallelism): the
+    reference's blocks, output, log-normaliser, KL and every gradient."""
+    def run(ops, **kw):
+        g = torch.Generator().manual_seed(3)
+        q, k, v, q_idx, k_idx = inputs = [torch.randn(2, 150, h, d, generator=g, dtype=torch.float64).squeeze(2)
+                                          .requires_grad_() for h, d in ((H, D), (HKV, D), (HKV, D), (HKV, DI),
+                                                                         (1, DI))]
+        qs, qis = q[:, 150 - n_queries:], q_idx[:, 150 - n_queries:]
+        block_idx = ops.select_blocks(qis.detach(), k_idx.detach(), BK, TOPK, **kw)
+        o, lse = ops.sparse_attention(qs, k, v, block_idx, BK, **kw)
+        kl = ops.index_kl_loss(qs.detach(), k.detach(), qis, k_idx, block_idx if support == "sparse" else None, BK,
+                               lse=lse if support == "sparse" else None, **kw)
+        (o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum().add(kl).backward()
+        return block_idx, o, lse, kl, [t.grad for t in inputs]
+
+    calls = []
+    real = reference.sparse_attention
+    ref = run(reference)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reference, "sparse_attention", lambda q, *a, **kw: calls.append(q.shape[1]) or real(q, *a, **kw))
+        out = run(chunked, max_scores=2 * H * 150 * 37)
+    assert calls == [37] * (n_queries // 37) + [n_queries % 37]  # every query once, in chunks
+    assert torch.equal(ref[0], out[0])
+    for name, a, b in [("o", ref[1], out[1]), ("lse", ref[2], out[2]), ("kl", ref[3], out[3])] + [
+            (f"grad {n}", a, b) for n, a, b in zip(("q", "k", "v", "q_idx", "k_idx"), ref[4], out[4])]:
+        assert rel_rms(a, b) < TOL, name
 
 
 def test_the_layer_trains_through_the_groups():
