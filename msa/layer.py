@@ -99,7 +99,7 @@ def resolve_ops(impl: str, device: torch.device | None = None):
 
 class CoreOut(NamedTuple):
     """What an attention core computed: ``o [B, Nq, H, D]``, the index KL (this shard's share; None
-    for dense attention and when called with ``kl=False``) and the selection stats (None unless asked for)."""
+    for dense attention and when called with ``with_kl=False``) and the selection stats (None unless asked for)."""
 
     o: torch.Tensor
     kl: torch.Tensor | None = None
@@ -116,7 +116,7 @@ class DenseCore(nn.Module):
         self.window, self.varlen = window, varlen
 
     def forward(self, q, k, v, cu_seqlens=None, index=None, phase: Phase = "sparse", stats_queries: int = 0,
-                teacher=None, kl: bool = True):
+                teacher=None, with_kl: bool = True):
         return CoreOut(dense_attention(q, k, v, cu_seqlens, window=self.window, varlen=self.varlen))
 
 
@@ -188,8 +188,8 @@ class MSACore(nn.Module):
         return resolve_ops(self.impl, device) if self.impl == "auto" else self.ops
 
     def forward(self, q, k, v, cu_seqlens=None, index=None, phase: Phase = "sparse", stats_queries: int = 0,
-                teacher=None, kl: bool = True):
-        """``kl=False`` (inference: generation and evals) skips the index distillation loss, ``CoreOut.kl``
+                teacher=None, with_kl: bool = True):
+        """``with_kl=False`` (inference: generation and evals) skips the index distillation loss, ``CoreOut.kl``
         None: its teacher pass costs as much as the attention and nothing reads it there."""
         ops, Bk = self.ops_for(q.device), self.block_size
         q_idx, k_idx = index
@@ -197,7 +197,7 @@ class MSACore(nn.Module):
         block_idx = None
         if not dense or stats_queries:
             block_idx = ops.select_blocks(q_idx.detach(), k_idx.detach(), Bk, self.topk, cu_seqlens)
-        with_kl, kl = kl, None
+        kl = None
         if dense:  # the KL's teacher normaliser from FlashAttention's varlen call where it ran, else its own
             o, lse = dense_attention(q, k, v, cu_seqlens, varlen=self.dense_varlen, return_lse=True)
         elif with_kl and self._defers_kl(ops, q, k, teacher) and torch.is_grad_enabled() and q.requires_grad \

@@ -99,7 +99,7 @@ def extend(model, cache: KVCache, batch: dict, phase: str = "sparse", stats_quer
         if index is not None:
             cache.k_idx[i][:, n0:n1] = index[1]
             index = (index[0], cache.k_idx[i][:, :n1])
-        out = core(q, cache.k[i][:, :n1], cache.v[i][:, :n1], None, index, phase, stats_queries, kl=False)
+        out = core(q, cache.k[i][:, :n1], cache.v[i][:, :n1], None, index, phase, stats_queries, with_kl=False)
         x = x + attn.wo(out.o.reshape(B, m, -1))  # the block's residual stream, as Block.forward
         x = x + block.mlp(block.mlp_norm(x))
         if index is not None:
