@@ -28,8 +28,9 @@ layer (``attention.n_dense_layers=0``), ``msa_window`` MSA with the first layer 
 ``--window`` keys (``model.sliding_window``, ``model.sliding_layers=[0]``): what the options that make
 the 1M step fastest (docs/scaling.md) cost in quality; ``msa_kl`` MSA with ``recipe.kl_weight`` set to
 ``--kl-weight`` (the index branch's share of the clipped gradient norm); ``msa_wide`` MSA with
-``attention.topk`` set to ``--wide-topk`` (the ceiling of index recall with more blocks). Every MSA arm has
-the dense warm-up.
+``attention.topk`` set to ``--wide-topk`` (the ceiling of index recall with more blocks); ``msa_fine`` MSA
+with ``attention.block_size`` = ``--fine-block`` and ``attention.topk`` = ``--fine-topk`` (by default 64 blocks of
+64 keys: the keys of ``msa_wide``'s 32 blocks of 128, in finer blocks). Every MSA arm has the dense warm-up.
 
 Data: the embedded corpus mixed with the synthetic retrieval tasks (``--mix`` of the tokens, a source per
 task in equal shares, so each logs its own answer loss; documents of ``--synthetic-len`` tokens), so a small
@@ -77,8 +78,8 @@ from train.recipe import build_recipe
 
 ARMS = ("dense", "msa")  # the default arms
 # every arm there is: its overrides (``--window`` sets msa_window's window, ``--kl-weight`` msa_kl's weight,
-# ``--wide-topk`` msa_wide's blocks per query)
-ARM_CHOICES = ("dense", "msa", "msa_nodense", "msa_window", "msa_kl", "msa_wide")
+# ``--wide-topk`` msa_wide's blocks per query, ``--fine-block`` and ``--fine-topk`` msa_fine's blocks)
+ARM_CHOICES = ("dense", "msa", "msa_nodense", "msa_window", "msa_kl", "msa_wide", "msa_fine")
 TASKS = ("passkey", "multikey", "vartrack", "image_needle")
 PROBE_STEPS = 4  # timed steps per phase, after COMPILE_STEPS that compile and autotune
 COMPILE_STEPS = 2
@@ -102,6 +103,10 @@ def parse(argv=None):
     ap.add_argument("--wide-topk", type=int, default=32,
                     help="msa_wide: attention.topk (more selected blocks: whether the teacher mass they can hold, "
                          "eval/oracle_recall, reaches what the index recall target asks)")
+    ap.add_argument("--fine-block", type=int, default=64,
+                    help="msa_fine: attention.block_size (finer blocks: whether the same number of selected keys "
+                         "holds more of the teacher's mass)")
+    ap.add_argument("--fine-topk", type=int, default=64, help="msa_fine: attention.topk")
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=2, help="rows per step")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -176,7 +181,8 @@ def parse(argv=None):
 # the reference arm itself is made of
 TRAINING_SETTINGS = ("model", "seq_len", "batch", "lr", "warmup_frac", "rope_base", "mix", "synthetic_len",
                      "primer", "primer_len", "primer_first", "final_len", "final_frac", "overrides")
-ARM_SETTINGS = {"msa_window": "window", "msa_kl": "kl_weight", "msa_wide": "wide_topk"}
+ARM_SETTINGS = {"msa_window": ("window",), "msa_kl": ("kl_weight",), "msa_wide": ("wide_topk",),
+                "msa_fine": ("fine_block", "fine_topk")}
 
 
 def add_reference(args, report: dict, reference: dict) -> None:
@@ -185,7 +191,7 @@ def add_reference(args, report: dict, reference: dict) -> None:
     and from the same initial weights, so ``paired`` compares the new arms against them as if they had run
     beside them (up to GPU nondeterminism between two processes)."""
     defaults = vars(parse(["--out", "."]))  # a report from before a setting existed ran with its default
-    keys = TRAINING_SETTINGS + tuple(v for a, v in ARM_SETTINGS.items() if a == args.reference_arm)
+    keys = TRAINING_SETTINGS + ARM_SETTINGS.get(args.reference_arm, ())
     mine = {k: vars(args)[k] for k in keys} | {"steps": args.steps}
     theirs = {k: defaults[k] if reference["settings"].get(k) is None else reference["settings"][k] for k in keys}
     theirs["steps"] = reference.get("steps")
@@ -256,6 +262,8 @@ def arm_overrides(args, arm: str) -> list[str]:
         out.append(f"recipe.kl_weight={args.kl_weight}")
     elif arm == "msa_wide":
         out.append(f"attention.topk={args.wide_topk}")
+    elif arm == "msa_fine":
+        out += [f"attention.block_size={args.fine_block}", f"attention.topk={args.fine_topk}"]
     elif arm != "msa":
         raise ValueError(f"unknown arm {arm!r}: one of {', '.join(ARM_CHOICES)}")
     return out

@@ -391,8 +391,9 @@ def test_quality_arms_are_what_they_say(tmp_path):
     from train.recipe import build_recipe
 
     args = parse(["--out", str(tmp_path), "--model", "tiny", "--seq-len", "256", "--arms", "dense", "msa",
-                  "msa_nodense", "msa_window", "msa_kl", "msa_wide", "--window", "64", "--kl-weight", "0.02",
-                  "--wide-topk", "6", "--warmup-frac", "0.2", "--synthetic-len", "64", "200", "--",
+                  "msa_nodense", "msa_window", "msa_kl", "msa_wide", "msa_fine", "--window", "64", "--kl-weight",
+                  "0.02", "--wide-topk", "6", "--fine-block", "16", "--fine-topk", "12", "--warmup-frac", "0.2",
+                  "--synthetic-len", "64", "200", "--",
                   "attention.topk=3", "recipe.kl_weight=0.5"])
     cfgs = {arm: compose(overrides(args, arm, 0, 50, tmp_path, False)) for arm in args.arms}
     synthetic = [s for s in cfgs["msa"].data.sources if s.kind == "synthetic"]
@@ -407,6 +408,9 @@ def test_quality_arms_are_what_they_say(tmp_path):
     assert (cfgs["msa"].attention.topk, cfgs["msa_wide"].attention.topk) == (3, 6)
     assert cfgs["msa_wide"].model == cfgs["msa"].model
     assert build_recipe(cfgs.pop("msa_wide"))[0].phase == "warmup"
+    fine = cfgs.pop("msa_fine")  # finer blocks, more of them: the keys of msa_wide's 6 blocks of 32
+    assert (fine.attention.block_size, fine.attention.topk, cfgs["msa"].attention.block_size) == (16, 12, 32)
+    assert fine.model == cfgs["msa"].model and build_recipe(fine)[0].phase == "warmup"
     assert cfgs["dense"].attention.kind == "dense"
     assert [cfgs[a].attention.kind for a in ("msa", "msa_nodense", "msa_window")] == ["msa"] * 3
     assert cfgs["msa"].attention.n_dense_layers == cfgs["msa_window"].attention.n_dense_layers == 1
