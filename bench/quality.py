@@ -83,6 +83,9 @@ ARM_CHOICES = ("dense", "msa", "msa_nodense", "msa_window", "msa_kl", "msa_wide"
 TASKS = ("passkey", "multikey", "vartrack", "image_needle")
 PROBE_STEPS = 4  # timed steps per phase, after COMPILE_STEPS that compile and autotune
 COMPILE_STEPS = 2
+# the schedule a probe's config is composed for: long enough that every stage of stage_plan has a step (its
+# own loop enters each stage and steps it COMPILE_STEPS + PROBE_STEPS times, whatever the schedule says)
+PROBE_RUN_STEPS = 4 * (COMPILE_STEPS + PROBE_STEPS)
 MARGIN = 0.9  # the share of the time left that a plan fills (the rest absorbs timing noise)
 STOPPED = -15  # the exit status Pool.wait reports for a worker stopped at the deadline
 
@@ -311,9 +314,8 @@ def free(env) -> None:
 def probe_arm(args, env, tokenizer, arm: str, run_dir: Path) -> dict:
     """Seconds per training step of one arm per attention phase (median of PROBE_STEPS after COMPILE_STEPS
     that compile and autotune), the set-up time of a run (model, engine, loader) and of its evals."""
-    steps = 4 * (COMPILE_STEPS + PROBE_STEPS)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = compose(overrides(args, arm, 0, steps, run_dir, evals=True))
+    cfg = compose(overrides(args, arm, 0, PROBE_RUN_STEPS, run_dir, evals=True))
     stages = build_recipe(cfg)
     for stage in stages:
         check_config(cfg, stage, env.world_size, tokenizer.vocab_size, env.device.type)
@@ -813,7 +815,8 @@ def worker(args, spec: str) -> None:
     kind, arm, *rest = spec.split(":")
     work = work_dir(args)
     if kind == "probe":
-        cfg = compose(overrides(args, arm, 0, 1, work / "check", evals=False))
+        # composed for the probe's schedule: one step leaves no main stage beside a final one (--final-len)
+        cfg = compose(overrides(args, arm, 0, PROBE_RUN_STEPS, work / "check", evals=False))
         env, tokenizer = init_distributed(cfg.parallel), build_tokenizer(cfg.data.tokenizer)
         result = probe_arm(args, env, tokenizer, arm, work / f"probe-{arm}-{rest[0]}")
     else:

@@ -382,6 +382,23 @@ def test_quality_final_stage_keeps_the_tokens_per_step_and_is_planned(tmp_path):
         overrides(Namespace(**{**vars(args), "final_frac": 0.95}), "msa", 0, 50, tmp_path, False)
 
 
+def test_quality_worker_probe_times_the_final_stage(tmp_path):
+    """The probe in its own process (--jobs, no --steps) with --final-len: it composed its config for one
+    step, which leaves no main stage beside a final one, and every probe failed (seen on the GPU); now it
+    times the warm-up, main and final stages."""
+    import json
+
+    from bench.quality import parse, result_path, worker
+
+    args = parse(["--model", "tiny", "--seq-len", "128", "--batch", "2", "--tasks", "passkey", "--depths", "0",
+                  "--items", "1", "--rows", "1", "--eval-s", "1", "--warmup-frac", "0.3", "--final-len", "256",
+                  "--final-frac", "0.15", "--out", str(tmp_path), "--work", str(tmp_path / "work"), "--",
+                  "attention.block_size=16", "attention.topk=2", "data.image.max_patches=16"])
+    worker(args, "probe:msa:0")
+    timing = json.loads(result_path(tmp_path / "work", "probe:msa:0").read_text())
+    assert {"warmup_step_s", "main_step_s", "final_step_s"} <= set(timing) and timing["eval_s"] == 1
+
+
 def test_quality_arms_are_what_they_say(tmp_path):
     """--arms: each arm's config (no dense first layer, a sliding-window first layer), every MSA arm with the
     dense warm-up, the summary and the plan over the arms asked for, each arm once."""
