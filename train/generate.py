@@ -70,11 +70,18 @@ class Extended(NamedTuple):
     selected: list
 
 
-def _core(attn):
-    if not isinstance(attn.core, (DenseCore, MSACore)):
+def own_core(attn):
+    """``attn``'s own attention core, through the ``EagerCore`` that ``parallel.compile_blocks`` puts around
+    it (the cached path calls the core directly, outside the compiled block)."""
+    from train.parallel.parallelize import EagerCore
+
+    core = attn.core
+    while isinstance(core, EagerCore):
+        core = core.inner
+    if not isinstance(core, (DenseCore, MSACore)):
         raise ValueError("generation and evals run the model's own attention cores, not sequence/context-parallel "
                          "wrappers: use parallel.sp_size=1 parallel.cp_size=1")
-    return attn.core
+    return core
 
 
 @torch.no_grad()
@@ -91,7 +98,7 @@ def extend(model, cache: KVCache, batch: dict, phase: str = "sparse", stats_quer
                     model.cfg.rope_impl)
     stats, selected = [], []
     for i, block in enumerate(model.layers):
-        attn, core = block.attn, _core(block.attn)
+        attn, core = block.attn, own_core(block.attn)
         h = block.attn_norm(x)
         q, k, v = attn.project(h, rotary)
         cache.k[i][:, n0:n1], cache.v[i][:, n0:n1] = k, v

@@ -29,7 +29,7 @@ from msa.stats import SelectionStats
 from train.data.text_stream import TextStream, encode
 from train.eval.config import BPB, EvalSpec
 from train.eval.tasks import answer_share, choice_correct, eval_item, exact_match
-from train.generate import KVCache, Prompt, decode, extend, logits_of, patch_dim, prompt_batch
+from train.generate import KVCache, Prompt, decode, extend, logits_of, own_core, patch_dim, prompt_batch
 
 LN2 = math.log(2.0)
 _STREAMS: dict = {}
@@ -212,7 +212,7 @@ def retrieval(model, tokenizer, spec: EvalSpec, task: str, length: int, stream, 
     for depth, item in items:
         groups[item.prompt_len].append((depth, item))
     scores, recalls, hits, hit_groups = [], defaultdict(list), defaultdict(list), defaultdict(list)
-    msa = [b.attn.core for b in model.layers if hasattr(b.attn, "index_dim")]
+    msa = [own_core(b.attn) for b in model.layers if hasattr(b.attn, "index_dim")]
     per_batch = max(1, spec.batch_tokens // length)
     for prompt_len, group in groups.items():
         for i in range(0, len(group), per_batch):

@@ -60,8 +60,8 @@ class EagerCore(nn.Module):
         self.inner = inner
 
     @torch.compiler.disable
-    def forward(self, *args):
-        return self.inner(*args)
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
 
 
 def compile_block(block, backend: str = "inductor") -> None:
