@@ -114,3 +114,29 @@ def test_batch_of_prompts_keeps_order_and_stops():
     stop = greedy[1].ids[4]
     stopped = generate(model, prompts[1:2], 12, stop_ids=(stop,))[0].ids
     assert stopped == greedy[1].ids[:greedy[1].ids.index(stop) + 1]
+
+
+def test_eval_rope_overrides_replace_the_checkpoints():
+    """``rope_base=`` and ``rope_scaling=`` of train.eval / train.generate (as Hydra composes them) replace
+    the checkpoint's RoPE, each alone keeping the other; a bad scaling names the key to fix."""
+    from tests.test_eval_docs import compose
+    from train.generate import set_eval_rope
+
+    model = tiny_model("msa")
+    base = model.rope_base
+    for module in ("train.eval", "train.generate"):
+        cfg = compose(module, ["checkpoint=x", "rope_scaling={type:yarn,factor:4,original_max_len:32}"])
+        set_eval_rope(model, cfg.rope_base, cfg.rope_scaling)
+        s = model.rope_scaling
+        assert (model.rope_base, s.type, s.factor, s.original_max_len) == (base, "yarn", 4.0, 32), module
+    set_eval_rope(model, 5e5, None)
+    assert (model.rope_base, model.rope_scaling.type) == (5e5, "yarn")
+    # the new frequencies reach the forward: another RoPE, other logits
+    batch = prompt_batch([prompt(30, 1)], "cpu", 3 * PATCH ** 2)
+    before = model.hidden_states(batch, "sparse")[0]
+    set_eval_rope(model, None, {"type": "none"})
+    assert model.rope_scaling.type == "none" and not torch.allclose(before, model.hidden_states(batch, "sparse")[0])
+    with pytest.raises(ValueError, match=r"rope_scaling=.*give a dict of .*original_max_len"):
+        set_eval_rope(model, None, {"type": "yarn", "factr": 4})
+    with pytest.raises(ValueError, match=r"rope_scaling\.original_max_len must be set"):
+        set_eval_rope(model, None, {"type": "yarn", "factor": 4})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,7 +26,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 
 from msa.layer import PHASES, DenseCore, MSACore
-from msa.rope import Rotary
+from msa.rope import RopeScaling, Rotary, check_rope_scaling
 from train.data.loader import collate
 from train.data.packing import IGNORE, Row
 
@@ -272,6 +272,7 @@ class GenerateConfig:
     stop_at_eod: bool = True  # stop a row at the end-of-document id
     phase: str | None = None  # warmup | sparse; default: the phase of the checkpoint's last stage
     rope_base: float | None = None  # default: the checkpoint's last stage's
+    rope_scaling: Any = None  # e.g. {type:yarn,factor:4,original_max_len:8192}; default: the stage's
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     impl: str = "auto"  # MSA ops: auto (Triton on CUDA) | triton | reference
     precision: str = "auto"  # auto (the run's on CUDA, fp32 on CPU) | bf16 | fp32
@@ -295,6 +296,21 @@ def make_prompt(text: str, image_files: list[str], tokenizer, image_cfg) -> Prom
     return Prompt(np.concatenate(parts).astype(np.int32), images)
 
 
+def set_eval_rope(model, base: float | None, scaling: dict | None) -> None:
+    """RoPE for generation or evals (``rope_base=``; ``rope_scaling=``, the keys of ``model.rope_scaling``):
+    each one given replaces the checkpoint's last stage's, e.g. a larger base or YaRN to read past the
+    trained length."""
+    if scaling is not None:
+        known = {f.name for f in fields(RopeScaling)}
+        if not isinstance(scaling, dict) or set(scaling) - known:
+            raise ValueError(f"rope_scaling={scaling!r}: give a dict of {', '.join(sorted(known))}, e.g. "
+                             "rope_scaling={type:yarn,factor:4,original_max_len:8192}")
+        scaling = RopeScaling(**scaling)
+        check_rope_scaling(scaling, "rope_scaling")
+    if base or scaling is not None:
+        model.set_rope(base or model.rope_base, model.rope_scaling if scaling is None else scaling)
+
+
 def check_phase(phase: str | None) -> None:
     if phase not in (None, *PHASES):
         raise ValueError(f"phase={phase!r}: use warmup or sparse (or leave it unset: the checkpoint's)")
@@ -304,8 +320,7 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
     check_phase(cfg.phase)
     loaded = load_model(cfg.checkpoint, cfg.device, cfg.impl, cfg.precision)
     model, tok = loaded.model, loaded.tokenizer
-    if cfg.rope_base:
-        model.set_rope(cfg.rope_base, model.rope_scaling)
+    set_eval_rope(model, cfg.rope_base, cfg.rope_scaling)
     texts = [cfg.prompt] if isinstance(cfg.prompt, str) else list(cfg.prompt)
     prompts = [make_prompt(t, cfg.images, tok, loaded.cfg.data.image) for t in texts]
     if any(len(p.ids) == 0 for p in prompts):

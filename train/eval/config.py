@@ -49,6 +49,7 @@ class EvalAppConfig(EvalSpec):
     generate: bool = True
     phase: str | None = None  # warmup | sparse; default: the phase of the checkpoint's last stage
     rope_base: float | None = None  # default: the checkpoint's last stage's
+    rope_scaling: Any = None  # e.g. {type:yarn,factor:4,original_max_len:8192}; default: the stage's
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     impl: str = "auto"  # MSA ops: auto (Triton on CUDA) | triton | reference
     precision: str = "auto"  # auto (the run's on CUDA, fp32 on CPU) | bf16 | fp32
