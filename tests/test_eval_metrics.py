@@ -14,6 +14,7 @@ from train.eval.runner import (
     bits_per_byte,
     bucket_bpb,
     buckets,
+    evaluate,
     fmt_tokens,
     needle_hit,
     needle_hit_groups,
@@ -162,3 +163,54 @@ def test_exact_match_reads_an_answer_that_ends_the_document(monkeypatch):
         assert got["exact"] == want, (written, got)
     assert runner.generated_text(TOK, [*b"52586", TOK.eod]) == "52586"
     assert runner.generated_text(TOK, [*b"52586"]) == "52586"  # the step budget ran out first
+
+
+def test_eval_rope_by_hand():
+    """eval.rope_base / eval.rope_scaling: each replaces the model's and keeps the other; factor auto is the
+    length over the training length (1 up to it), original_max_len defaults to the training length."""
+    from msa.rope import RopeScaling
+    from train.eval.config import eval_rope
+
+    model_rope = (1e4, RopeScaling(type="linear", factor=2.0))
+    assert eval_rope(EvalSpec(), model_rope, 512, 256) == model_rope
+    assert eval_rope(EvalSpec(rope_base=5e5), model_rope, 512, 256) == (5e5, model_rope[1])
+    auto = EvalSpec(rope_scaling={"type": "yarn", "factor": "auto"})
+    for length, factor in ((128, 1.0), (256, 1.0), (1024, 4.0), (640, 2.5)):
+        base, s = eval_rope(auto, model_rope, length, 256)
+        assert (base, s.type, s.factor, s.original_max_len) == (1e4, "yarn", factor, 256), length
+    _, s = eval_rope(EvalSpec(rope_scaling={"type": "yarn", "factor": "auto", "original_max_len": 100}), model_rope,
+                     1024, 256)
+    assert (s.factor, s.original_max_len) == (4.0, 100)
+    for bad, match in (({"type": "yarn", "factr": 2}, r"eval\.rope_scaling=.*give a dict of"),
+                       ({"type": "yarn", "factor": 2}, r"eval\.rope_scaling\.original_max_len must be set"),
+                       ({"type": "linear", "factor": "big"}, r"eval\.rope_scaling\.factor='big': give a number"),
+                       ({"type": "warp"}, r"eval\.rope_scaling\.type='warp'")):
+        with pytest.raises(ValueError, match=match):
+            check_eval(EvalSpec(rope_scaling=bad), 256)
+    with pytest.raises(ValueError, match=r"eval\.rope_base=-1\.0 must be > 0"):
+        check_eval(EvalSpec(rope_base=-1.0), 256)
+    with pytest.raises(ValueError, match=r"rope_scaling\.factor=auto needs an eval length"):
+        eval_rope(auto, model_rope, None, None)
+
+
+def test_evals_run_each_length_with_its_rope_and_restore_the_models():
+    """With factor auto, the eval at 2x the training length is the eval of the model with YaRN x2 set by
+    hand, the one at 1x that of the plain model; afterwards the model has its own RoPE back."""
+    from msa.rope import RopeScaling
+    from train.eval.runner import heldout_stream
+
+    model = tiny()
+    spec = EvalSpec(tasks=["bpb"], lengths=[128, 256], rows=2, buckets=[64],
+                    rope_scaling={"type": "yarn", "factor": "auto"})
+    got = evaluate(model, TOK, spec, train_len=128, phase="sparse", image_cfg=None, heldout_every=20)
+    stream = heldout_stream(spec.heldout, TOK, 20)
+    assert (model.rope_base, model.rope_scaling) == (10000.0, RopeScaling())
+    assert got["rope"]["256"]["scaling"]["factor"] == 2.0 and got["rope"]["128"]["scaling"]["factor"] == 1.0
+    plain = EvalSpec(tasks=["bpb"], rows=2, buckets=[64])
+    assert got["bpb"]["128"]["bpb"] == pytest.approx(perplexity(model, TOK, plain, 128, stream, "sparse")["bpb"],
+                                                     rel=1e-6)
+    no_scaling = perplexity(model, TOK, plain, 256, stream, "sparse")["bpb"]
+    model.set_rope(10000.0, RopeScaling(type="yarn", factor=2.0, original_max_len=128))
+    by_hand = perplexity(model, TOK, plain, 256, stream, "sparse")["bpb"]
+    assert got["bpb"]["256"]["bpb"] == pytest.approx(by_hand, rel=1e-6)
+    assert abs(by_hand - no_scaling) > 1e-4  # YaRN changed the eval at 2x

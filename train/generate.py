@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,7 +26,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 
 from msa.layer import PHASES, DenseCore, MSACore
-from msa.rope import RopeScaling, Rotary, check_rope_scaling
+from msa.rope import Rotary
 from train.data.loader import collate
 from train.data.packing import IGNORE, Row
 
@@ -297,18 +297,12 @@ def make_prompt(text: str, image_files: list[str], tokenizer, image_cfg) -> Prom
 
 
 def set_eval_rope(model, base: float | None, scaling: dict | None) -> None:
-    """RoPE for generation or evals (``rope_base=``; ``rope_scaling=``, the keys of ``model.rope_scaling``):
-    each one given replaces the checkpoint's last stage's, e.g. a larger base or YaRN to read past the
-    trained length."""
-    if scaling is not None:
-        known = {f.name for f in fields(RopeScaling)}
-        if not isinstance(scaling, dict) or set(scaling) - known:
-            raise ValueError(f"rope_scaling={scaling!r}: give a dict of {', '.join(sorted(known))}, e.g. "
-                             "rope_scaling={type:yarn,factor:4,original_max_len:8192}")
-        scaling = RopeScaling(**scaling)
-        check_rope_scaling(scaling, "rope_scaling")
-    if base or scaling is not None:
-        model.set_rope(base or model.rope_base, model.rope_scaling if scaling is None else scaling)
+    """``rope_base=`` and ``rope_scaling=`` of generation (as ``eval.rope_*`` work, without ``factor: auto``):
+    each one given replaces the checkpoint's last stage's, e.g. YaRN to read past the trained length."""
+    from train.eval.config import EvalSpec, eval_rope
+
+    model.set_rope(*eval_rope(EvalSpec(rope_base=base, rope_scaling=scaling), (model.rope_base, model.rope_scaling),
+                              None, None))
 
 
 def check_phase(phase: str | None) -> None:

@@ -16,14 +16,13 @@ from train.__main__ import CONFIG_DIR
 from train.eval.config import EvalAppConfig, check_eval
 from train.eval.report import write_report
 from train.eval.runner import evaluate, flatten
-from train.generate import check_phase, load_model, set_eval_rope
+from train.generate import check_phase, load_model
 
 
 def run_eval(cfg: EvalAppConfig) -> tuple[dict, Path]:
     """Evaluate the checkpoint; returns the results and the folder they were written to."""
     check_phase(cfg.phase)
     loaded = load_model(cfg.checkpoint, cfg.device, cfg.impl, cfg.precision)
-    set_eval_rope(loaded.model, cfg.rope_base, cfg.rope_scaling)
     data = loaded.cfg.data
     check_eval(cfg, loaded.stage.seq_len, "", loaded.tokenizer, data.image)
     results = evaluate(loaded.model, loaded.tokenizer, cfg, train_len=loaded.stage.seq_len,

@@ -3,11 +3,12 @@ of ``python -m train``) and on which checkpoint (``EvalAppConfig``, ``python -m 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from omegaconf import MISSING
 
+from msa.rope import RopeScaling, check_rope_scaling
 from train.eval.tasks import TASKS
 
 BPB = "bpb"
@@ -31,6 +32,10 @@ class EvalSpec:
     heldout: Any = "default"  # default: the standard-library files the embedded corpus leaves out; or shards
     recall_queries: int = 256  # queries per layer and row sampled for the index recall
     batch_tokens: int = 65536  # rows (items) of one length go through one forward up to this many tokens
+    rope_base: float | None = None  # RoPE base of the evals; default: the model's (its last stage's)
+    # the keys of model.rope_scaling, e.g. {type:yarn,factor:4,original_max_len:8192}; factor auto: each length
+    # over the training length (1 up to it), original_max_len default the training length; default: the model's
+    rope_scaling: Any = None
 
 
 @dataclass
@@ -48,8 +53,6 @@ class EvalAppConfig(EvalSpec):
     out: str | None = None  # default: <run dir>/eval/step_<N>
     generate: bool = True
     phase: str | None = None  # warmup | sparse; default: the phase of the checkpoint's last stage
-    rope_base: float | None = None  # default: the checkpoint's last stage's
-    rope_scaling: Any = None  # e.g. {type:yarn,factor:4,original_max_len:8192}; default: the stage's
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     impl: str = "auto"  # MSA ops: auto (Triton on CUDA) | triton | reference
     precision: str = "auto"  # auto (the run's on CUDA, fp32 on CPU) | bf16 | fp32
@@ -58,6 +61,37 @@ class EvalAppConfig(EvalSpec):
 def eval_due(every: int, step: int, total_steps: int) -> bool:
     """Whether the evals run after optimizer step ``step`` (0-based) of ``total_steps``."""
     return every > 0 and ((step + 1) % every == 0 or step + 1 == total_steps)
+
+
+def eval_rope(spec: EvalSpec, model_rope: tuple[float, RopeScaling], length: int | None, train_len: int | None,
+              key: str = "") -> tuple[float, RopeScaling]:
+    """The RoPE (base, scaling) an eval at ``length`` runs with: ``spec.rope_base`` and ``spec.rope_scaling``
+    where set, each replacing the model's (``model_rope``) and keeping the other. A scaling ``factor`` of
+    ``auto`` is ``length / train_len`` (at least 1: no stretch up to the trained length), and its
+    ``original_max_len`` defaults to ``train_len`` (``length`` None: auto is refused)."""
+    base, scaling = model_rope
+    given = spec.rope_scaling
+    if given is not None:
+        known = {f.name for f in fields(RopeScaling)}
+        if not isinstance(given, dict) or set(given) - known:
+            raise ValueError(f"{key}rope_scaling={given!r}: give a dict of {', '.join(sorted(known))}, e.g. "
+                             f"{key}rope_scaling={{type:yarn,factor:4,original_max_len:8192}}")
+        given = dict(given)
+        if given.get("factor") == "auto":
+            if length is None:
+                raise ValueError(f"{key}rope_scaling.factor=auto needs an eval length: give a number")
+            given["factor"] = max(1.0, length / train_len)
+            given.setdefault("original_max_len", train_len)
+        try:
+            scaling = RopeScaling(**given)
+            if not isinstance(scaling.factor, (int, float)):
+                raise ValueError(f"{key}rope_scaling.factor={scaling.factor!r}: give a number or auto")
+        except TypeError as e:
+            raise ValueError(f"{key}rope_scaling={spec.rope_scaling!r}: {e}") from None
+        check_rope_scaling(scaling, f"{key}rope_scaling")
+    if spec.rope_base is not None and spec.rope_base <= 0:
+        raise ValueError(f"{key}rope_base={spec.rope_base} must be > 0 (or unset: the model's)")
+    return (spec.rope_base or base), scaling
 
 
 def check_eval(cfg: EvalSpec, length: int, key: str = "eval", tokenizer=None, image_cfg=None) -> None:
@@ -80,6 +114,7 @@ def check_eval(cfg: EvalSpec, length: int, key: str = "eval", tokenizer=None, im
         raise ValueError(f"{key}choices={cfg.choices} must be >= 2")
     if list(cfg.buckets) != sorted(set(cfg.buckets)) or not all(b > 0 for b in cfg.buckets):
         raise ValueError(f"{key}buckets={list(cfg.buckets)}: give rising positive position edges")
+    eval_rope(cfg, (1e4, RopeScaling()), max(lengths), length, key)
     if tokenizer is not None:
         from train.eval.tasks import fixed_tokens
 
@@ -108,5 +143,5 @@ def check_train_eval(cfg: EvalConfig, stage, zero_stage: int, data_cfg) -> None:
     check_eval(cfg, stage.seq_len, "eval", build_tokenizer(data_cfg.tokenizer), data_cfg.image)
 
 
-__all__ = ["BPB", "ALL_TASKS", "EvalSpec", "EvalConfig", "EvalAppConfig", "eval_due", "check_eval",
+__all__ = ["BPB", "ALL_TASKS", "EvalSpec", "EvalConfig", "EvalAppConfig", "eval_due", "eval_rope", "check_eval",
            "check_train_eval"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from msa.stats import SelectionStats
 from train.data.text_stream import TextStream, encode
-from train.eval.config import BPB, EvalSpec
+from train.eval.config import BPB, EvalSpec, eval_rope
 from train.eval.tasks import answer_share, choice_correct, eval_item, exact_match
 from train.generate import KVCache, Prompt, decode, extend, logits_of, own_core, patch_dim, prompt_batch
 
@@ -305,13 +306,17 @@ def evaluate(model, tokenizer, spec: EvalSpec, *, train_len: int, phase: str, im
     t0 = time.perf_counter()
     stream = heldout_stream(spec.heldout, tokenizer, heldout_every)
     lengths = list(spec.lengths) or [train_len]
+    trained_rope = (model.rope_base, model.rope_scaling)
+    ropes = {length: eval_rope(spec, trained_rope, length, train_len) for length in lengths}
     results = {"step": step, "phase": phase, "train_len": train_len, "lengths": lengths,
-               "depths": list(spec.depths), "rope_base": model.rope_base, "msa_layers": model.msa_layers(),
-               "bpb": {}, "retrieval": {}}
+               "depths": list(spec.depths), "rope_base": ropes[lengths[0]][0],
+               "rope": {str(n): {"base": b, "scaling": asdict(sc)} for n, (b, sc) in ropes.items()},
+               "msa_layers": model.msa_layers(), "bpb": {}, "retrieval": {}}
     was_training = model.training
     model.eval()
     try:
         for length in lengths:
+            model.set_rope(*ropes[length])
             for task in spec.tasks:
                 t = time.perf_counter()
                 if task == BPB:
@@ -323,6 +328,7 @@ def evaluate(model, tokenizer, spec: EvalSpec, *, train_len: int, phase: str, im
                     log(f"eval {task} at {fmt_tokens(length)}: {time.perf_counter() - t:.1f} s")
     finally:
         model.train(was_training)
+        model.set_rope(*trained_rope)
     results["seconds"] = time.perf_counter() - t0
     return results
 
