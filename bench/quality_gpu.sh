@@ -4,7 +4,7 @@
 # Run from the repository root. BUDGET_S (default 535) is the script's own budget, start-up included;
 # LIMIT_S (default 570) kills it if it overruns (the results of finished runs are already written);
 # JOBS (default 6: every run of 3 seeds x 2 arms at once) runs that many in their own processes;
-# (on an 80 GB H100 six runs with 16K rows did not fit with msa_fine's 64 blocks: JOBS=5 there);
+# (on an 80 GB H100 six runs at 16K, three of them msa_fine with 64 blocks, did not fit: JOBS=5 there);
 # EVAL_S (default 110: a run's evals with these defaults took 77-96 s on an H200 with 6 runs at once) is
 # what the plan reserves for each run's evals, so the probe does not run them (EVAL_S= times them instead);
 # QUALITY_ARGS adds arguments, e.g. QUALITY_ARGS="--seeds 0 1 --generate". A run longer than one call:
