@@ -82,12 +82,9 @@ def eval_rope(spec: EvalSpec, model_rope: tuple[float, RopeScaling], length: int
                 raise ValueError(f"{key}rope_scaling.factor=auto needs an eval length: give a number")
             given["factor"] = max(1.0, length / train_len)
             given.setdefault("original_max_len", train_len)
-        try:
-            scaling = RopeScaling(**given)
-            if not isinstance(scaling.factor, (int, float)):
-                raise ValueError(f"{key}rope_scaling.factor={scaling.factor!r}: give a number or auto")
-        except TypeError as e:
-            raise ValueError(f"{key}rope_scaling={spec.rope_scaling!r}: {e}") from None
+        scaling = RopeScaling(**given)  # its keys are known (checked above)
+        if not isinstance(scaling.factor, (int, float)):
+            raise ValueError(f"{key}rope_scaling.factor={scaling.factor!r}: give a number or auto")
         check_rope_scaling(scaling, f"{key}rope_scaling")
     if spec.rope_base is not None and spec.rope_base <= 0:
         raise ValueError(f"{key}rope_base={spec.rope_base} must be > 0 (or unset: the model's)")
