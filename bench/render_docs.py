@@ -242,6 +242,7 @@ COLLECT = {  # file a GPU script writes to $OUT -> its name under docs/results (
     "train_step_base_1m_tiled.json": "train_step_base_1m_tiled_{gpu}.json",
     "train_step_base_1m_offload.json": "train_step_base_1m_offload_{gpu}.json",
     "train_step_small_1m.json": "train_step_small_1m_{gpu}.json",
+    "train_step_small_1m_both.json": "train_step_small_1m_both_{gpu}.json",  # STAGES=dense_1m
     "train_step_1b.json": "train_step_1b_{gpu}.json",
     "train_step_small_dense1.json": "train_step_small_dense1_{gpu}.json",
     "train_step_small_dense0.json": "train_step_small_dense0_{gpu}.json",

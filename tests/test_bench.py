@@ -261,6 +261,15 @@ def test_result_files_get_their_docs_names():
     assert results_name("notes.json", "NVIDIA H200") is None
 
 
+def test_every_train_step_json_of_the_gpu_script_is_collected():
+    """A stage whose JSON ``render_docs --collect`` does not know is left out of docs/results without a word
+    (the dense_1m stage's was, until its first GPU call): each fixed name the script writes has a docs name."""
+    script = (Path(__file__).resolve().parents[1] / "bench" / "train_step_gpu.sh").read_text()
+    names = set(re.findall(r'--json "\$OUT/(train_step_[A-Za-z0-9_]+\.json)"', script))
+    assert {"train_step_small.json", "train_step_small_1m_both.json"} <= names  # the pattern still reads the script
+    assert [n for n in sorted(names) if results_name(n, "NVIDIA H200") is None] == []
+
+
 def test_an_out_of_memory_point_is_recorded_and_frees_the_engine(monkeypatch):
     from types import SimpleNamespace
 
