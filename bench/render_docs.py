@@ -43,6 +43,8 @@ COMMON_OVERRIDES = ("parallel.activation_checkpointing=true",)  # every run of b
 def label(meta: dict) -> str:
     """The model, with the overrides that set a run apart from the others (e.g. a 1M run's checkpointing)."""
     extra = [o.removeprefix("parallel.") for o in meta.get("overrides") or [] if o not in COMMON_OVERRIDES]
+    if meta.get("msa_overrides"):  # bench.train_step --msa-overrides: the MSA series' own
+        extra.append(f"MSA with {', '.join(meta['msa_overrides'])}")
     return meta["model"] + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -243,6 +245,8 @@ COLLECT = {  # file a GPU script writes to $OUT -> its name under docs/results (
     "train_step_base_1m_offload.json": "train_step_base_1m_offload_{gpu}.json",
     "train_step_small_1m.json": "train_step_small_1m_{gpu}.json",
     "train_step_small_1m_both.json": "train_step_small_1m_both_{gpu}.json",  # STAGES=dense_1m
+    "train_step_small_1m_window_both.json": "train_step_small_1m_window_both_{gpu}.json",  # STAGES=first_layer_1m
+    "train_step_small_1m_dense0.json": "train_step_small_1m_dense0_{gpu}.json",
     "train_step_1b.json": "train_step_1b_{gpu}.json",
     "train_step_small_dense1.json": "train_step_small_dense1_{gpu}.json",
     "train_step_small_dense0.json": "train_step_small_dense0_{gpu}.json",

@@ -7,6 +7,8 @@ documents of mixed lengths with ``cu_seqlens`` (``packed_lengths``: log-uniform 
 half the row, drawn from a seed, the last one cut to fit). bf16, ZeRO-1, sparse phase, and whatever the
 overrides after ``--`` set (the GPU script passes ``parallel.activation_checkpointing=true``, the
 project's measured configuration). One engine per attention kind serves every length of its series.
+``--msa-overrides`` adds overrides to the MSA series alone (a sliding-window or no dense first layer), so
+that dense runs as configured in the same process and the ratio is side by side.
 
 Per point: one warm-up step, ``--steps`` timed steps (a third where the first two each take under
 ``--cheap-s``), the median; tokens/s = tokens per row / median step; peak memory = the largest
@@ -307,6 +309,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--render", nargs="*", default=None, help="print markdown tables of result JSONs and exit")
+    ap.add_argument("--msa-overrides", nargs="*", default=[], metavar="OVERRIDE",
+                    help="Hydra overrides for the MSA series only, e.g. a sliding-window first layer "
+                         "(model.sliding_window=4096 'model.sliding_layers=[0]'), so that dense runs as it is "
+                         "configured beside it in the same process")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. parallel.activation_checkpointing=true")
     args = ap.parse_args()
     if args.render is not None:
@@ -328,11 +334,12 @@ def meta_of(args, env) -> dict:
             "triton": triton.__version__, "deepspeed": deepspeed.__version__, "cuda": torch.version.cuda,
             "commit": git_commit(), "command": " ".join(["python3", "-m", "bench.train_step", *sys.argv[1:]]),
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": args.model,
-            "overrides": args.overrides, "time_budget_s": args.time_budget, "dense_reserve_s": args.dense_reserve,
-            "steps": args.steps, "host": os.uname().nodename}
+            "overrides": args.overrides, "msa_overrides": args.msa_overrides, "time_budget_s": args.time_budget,
+            "dense_reserve_s": args.dense_reserve, "steps": args.steps, "host": os.uname().nodename}
 
 
 def run_bench(args) -> None:
+    from train.metrics import layer_kinds
     from train.parallel import init_distributed
 
     t_start = time.perf_counter()
@@ -340,7 +347,7 @@ def run_bench(args) -> None:
             "run.precision=bf16", *args.overrides]
     env = init_distributed(compose(base).parallel)
     result = {"meta": meta_of(args, env), "points": []}
-    series = {kind: Series(kind, base) for kind in args.attention}
+    series = {kind: Series(kind, base + (args.msa_overrides if kind == "msa" else [])) for kind in args.attention}
     todo = plan(args)
     max_len = max(n for _, _, n in todo)
 
@@ -352,7 +359,8 @@ def run_bench(args) -> None:
     for i, (kind, layout, n) in enumerate(todo):
         s = series[kind]
         lengths = packed_lengths(n, seed=n) if layout == "packed" else [n]
-        point = {"attention": kind, "layout": layout, "seq_len": n}
+        point = {"attention": kind, "layout": layout, "seq_len": n,
+                 "layers": dict(zip(("dense", "window", "msa"), layer_kinds(s.attn_cfg.model, s.attn_cfg.attention)))}
         left = args.time_budget - (time.perf_counter() - t_start)
         if kind == "msa" and "dense" in series:
             left -= args.dense_reserve

@@ -32,6 +32,10 @@
 #  10. dense_1m: model=small at 1M, MSA then dense, one warm-up and one timed step each (dense: about 170 s a
 #      step by the fit over 16K-128K, so about 6 minutes in all), so the 1M ratio is measured side by side
 #      rather than extrapolated; it fills most of a call: STAGES=dense_1m MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
+#  11. first_layer_1m: the same at 1M with the MSA series' first layer a sliding window of 4096 keys
+#      (bench.train_step --msa-overrides), dense as configured, in one process (about 7.5 minutes on an H200),
+#      then, if about 100 s are left, MSA with no dense first layer alone (attention.n_dense_layers=0), so the
+#      two options' 1M ratios are measured in one call: STAGES=first_layer_1m MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
 # EXTRA_OVERRIDES adds Hydra overrides to every stage's steps, e.g. EXTRA_OVERRIDES=model.rope_impl=torch.
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
 # selective, the default, except base_1m), sparse phase.
@@ -71,8 +75,8 @@ OLD_NEW_LENGTHS=${OLD_NEW_LENGTHS:-$ON_LENGTHS}
 STAGES=${STAGES:-small base base_1m}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 for s in $STAGES; do
-  case $s in small|base|base_1m|1b|dense_layer|host|old_new|rope|rope_steps|dense_1m) ;;
-    *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer host old_new rope rope_steps dense_1m)"
+  case $s in small|base|base_1m|1b|dense_layer|host|old_new|rope|rope_steps|dense_1m|first_layer_1m) ;;
+    *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer host old_new rope rope_steps dense_1m first_layer_1m)"
        exit 2;; esac
 done
 if want old_new && [ ! -d "${OLD_TREE:-}/train" ]; then
@@ -140,6 +144,14 @@ if want dense_1m; then
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
   TAIL=6 stage dense_1m 500 python3 -m bench.train_step "${DENSE_1M[@]}" --attention msa dense \
     --json "$OUT/train_step_small_1m_both.json" -- $AC
+fi
+if want first_layer_1m; then
+  export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+  TAIL=6 stage first_layer_1m 500 python3 -m bench.train_step "${DENSE_1M[@]}" --attention msa dense \
+    --msa-overrides "model.sliding_window=$WINDOW" "model.sliding_layers=[0]" \
+    --json "$OUT/train_step_small_1m_window_both.json" -- $AC
+  TAIL=4 stage first_layer_1m_dense0 100 python3 -m bench.train_step "${DENSE_1M[@]}" --attention msa \
+    --time-budget 90 --json "$OUT/train_step_small_1m_dense0.json" -- $AC attention.n_dense_layers=0
 fi
 want base_1m || { ls -l "$OUT"; exit 0; }
 budget=$(( $(left) - 25 ))

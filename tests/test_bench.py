@@ -753,6 +753,39 @@ def test_no_skip_runs_a_point_the_projection_would_skip(tmp_path):
     assert points("--no-skip") == ["ok", "ok"]
 
 
+def test_msa_overrides_change_the_msa_series_only(tmp_path):
+    """``--msa-overrides`` (a window first layer, tiny model on CPU) reaches the MSA series and not the dense
+    one: the MSA series builds a window layer and its first step changes, dense's does not, and the label
+    says so."""
+    import json
+    import subprocess
+    import sys
+
+    from bench.render_docs import label
+
+    def run(*extra):
+        out = tmp_path / f"ts{len(extra)}.json"
+        subprocess.run([sys.executable, "-m", "bench.train_step", "--device", "cpu", "--model", "tiny", "--lengths",
+                        "256", "--packed", "--steps", "1", "--no-profile", "--no-skip", "--json", str(out), *extra,
+                        "--", "model.n_layers=2"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+        res = json.loads(out.read_text())
+        return res["meta"], {p["attention"]: p for p in res["points"]}
+
+    meta0, plain = run()
+    meta1, window = run("--msa-overrides", "model.sliding_window=32", "model.sliding_layers=[0]")
+    assert meta0["msa_overrides"] == [] and meta1["msa_overrides"] == ["model.sliding_window=32",
+                                                                       "model.sliding_layers=[0]"]
+    assert all(p["status"] == "ok" for p in [*plain.values(), *window.values()])
+    # the layers each series built (tiny: 2 layers, the first dense unless windowed)
+    assert plain["msa"]["layers"] == {"dense": 1, "window": 0, "msa": 1}
+    assert window["msa"]["layers"] == {"dense": 0, "window": 1, "msa": 1}
+    assert plain["dense"]["layers"] == window["dense"]["layers"] == {"dense": 2, "window": 0, "msa": 0}
+    # the same first step for dense; MSA's first layer attends 32 keys instead of up to 256
+    assert window["dense"]["loss_first"] == plain["dense"]["loss_first"]
+    assert window["msa"]["lm_first"] != plain["msa"]["lm_first"]
+    assert label(meta1).startswith("tiny (model.n_layers=2, MSA with model.sliding_window=32")
+
+
 def test_quality_paired_differences_by_hand(tmp_path):
     """``paired``: per seed ``msa / dense - 1`` of the final loss, their mean and std, and the mean over
     seeds of each tenth's relative difference of the mean loss (hand-computed on two seeds, 20 steps)."""
