@@ -192,16 +192,26 @@ def add_reference(args, report: dict, reference: dict) -> None:
     """Put ``reference``'s ``--reference-arm`` runs of this report's seeds first in ``report``: they trained
     with the same settings (``TRAINING_SETTINGS``; a difference is refused, naming it), on the same batches
     and from the same initial weights, so ``paired`` compares the new arms against them as if they had run
-    beside them (up to GPU nondeterminism between two processes)."""
+    beside them (up to GPU nondeterminism between two processes). Overrides after ``--`` may differ where the
+    reference arm's training config comes out the same: ``-- attention.topk=32`` gives ``msa_nodense`` and
+    ``msa_window`` 32 blocks, and leaves ``msa_wide`` (32 blocks of its own) as the reference trained it."""
     defaults = vars(parse(["--out", "."]))  # a report from before a setting existed ran with its default
     keys = TRAINING_SETTINGS + ARM_SETTINGS.get(args.reference_arm, ())
     mine = {k: vars(args)[k] for k in keys} | {"steps": args.steps}
     theirs = {k: defaults[k] if reference["settings"].get(k) is None else reference["settings"][k] for k in keys}
     theirs["steps"] = reference.get("steps")
-    differ = [k for k in mine if theirs[k] != mine[k]]
+    differ = [k for k in mine if theirs[k] != mine[k] and k != "overrides"]
     if differ:
         raise SystemExit(f"--reference {args.reference}: its runs trained with other settings: "
                          + ", ".join(f"{k}={theirs[k]!r} (here {mine[k]!r})" for k in differ))
+    if theirs["overrides"] != mine["overrides"]:
+        ref_args = argparse.Namespace(**{**vars(args), **{k: v for k, v in theirs.items() if k != "steps"}})
+        differ = config_diff(reference_config(ref_args, args.reference_arm, args.steps),
+                             reference_config(args, args.reference_arm, args.steps))
+        if differ:
+            raise SystemExit(f"--reference {args.reference}: with the overrides {mine['overrides']} (its runs: "
+                             f"{theirs['overrides']}) the {args.reference_arm} arm would train otherwise: "
+                             + ", ".join(f"{k}={a!r} (here {b!r})" for k, a, b in differ[:6]))
     runs = [r for r in reference["runs"] if r["arm"] == args.reference_arm and r["seed"] in args.seeds]
     if not runs:
         raise SystemExit(f"--reference {args.reference}: no {args.reference_arm} run of seeds {args.seeds}")
@@ -210,6 +220,25 @@ def add_reference(args, report: dict, reference: dict) -> None:
     report["reference"] = {"path": str(args.reference), "arm": args.reference_arm,
                            "commit": reference.get("commit"), "date_utc": reference.get("date_utc"),
                            "seeds": sorted(r["seed"] for r in runs)}
+
+
+def reference_config(args, arm: str, steps: int) -> dict:
+    """The training config one run of ``arm`` composes with ``args`` (seed 0, no evals), as nested dicts,
+    without what does not change training (its directory, how often it saves)."""
+    import dataclasses
+
+    cfg = dataclasses.asdict(compose(overrides(args, arm, 0, steps, Path("run"), evals=False)))
+    cfg.pop("run_dir", None)
+    cfg.get("checkpoint", {}).pop("every", None)
+    return cfg
+
+
+def config_diff(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, a's value, b's value)`` wherever two nested configs differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in config_diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [(prefix.rstrip("."), a, b)]
 
 
 def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool) -> list[str]:

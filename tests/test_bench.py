@@ -576,6 +576,57 @@ def test_quality_reference_pairs_new_arms_with_an_earlier_runs_arm(tmp_path):
         parse(argv + ["--arms", "dense", "msa_kl"])
 
 
+def test_quality_reference_takes_overrides_that_leave_its_arm_as_trained(tmp_path):
+    """--reference with overrides after ``--`` the reference did not have: accepted where the reference arm's
+    composed training config is unchanged (``msa_wide`` keeps its own 32 blocks whatever ``attention.topk``
+    says, so ``msa_nodense`` and ``msa_window`` can train with 32 beside the tenth run's runs), refused where it
+    changes, naming the config key."""
+    import json
+
+    from bench.quality import add_reference, parse
+
+    run10 = ROOT / "docs" / "results" / "quality_h200_run10.json"
+    ref = json.loads(run10.read_text())
+    argv = ["--out", str(tmp_path), "--steps", "1200", "--save-every", "100", "--warmup-frac", "0.3", "--mix", "0.3",
+            "--primer", "0.15", "--primer-first", "0.1875", "--final-len", "16384", "--final-frac", "0.15",
+            "--extra-lengths", "512", "2048", "--reference", str(run10), "--reference-arm", "msa_wide",
+            "--arms", "msa_nodense", "msa_window"]
+    report = {"settings": {}, "runs": []}
+    add_reference(parse(argv + ["--", "attention.topk=32"]), report, ref)
+    assert [r["arm"] for r in report["runs"]] == ["msa_wide"] * 3
+    with pytest.raises(SystemExit, match=r"attention\.block_size=128 \(here 64\)"):
+        add_reference(parse(argv + ["--", "attention.block_size=64"]), {"settings": {}, "runs": []}, ref)
+    with pytest.raises(SystemExit, match=r"optim\.weight_decay=0\.1 \(here 0\.0\)"):
+        add_reference(parse(argv + ["--", "optim.weight_decay=0.0"]), {"settings": {}, "runs": []}, ref)
+    # a setting that is not an override is still compared as a setting
+    with pytest.raises(SystemExit, match=r"mix=0\.3 \(here 0\.4\)"):
+        add_reference(parse(argv + ["--mix", "0.4", "--", "attention.topk=32"]), {"settings": {}, "runs": []}, ref)
+
+
+def test_every_quality_args_in_the_docs_parses_and_its_reference_fits():
+    """Each ``QUALITY_ARGS="..."`` the docs and GPU scripts show is accepted by ``bench.quality``'s parser, and one
+    with ``--reference`` by ``add_reference`` against the report it names (settings and overrides), so a
+    device call made from the docs does not stop at its first line. A placeholder word in capitals (``N``)
+    marks a synopsis and is skipped."""
+    import json
+    import shlex
+
+    from bench.quality import add_reference, parse
+
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "bench").glob("*.sh"))]
+    checked = 0
+    for path in files:
+        for m in re.finditer(r'QUALITY_ARGS="([^"]*)"', path.read_text()):
+            words = shlex.split(m[1])
+            if any(re.fullmatch(r"[A-Z]+", w) for w in words):
+                continue
+            args = parse(["--out", "unused", *words])
+            if args.reference:
+                add_reference(args, {"settings": {}, "runs": []}, json.loads((ROOT / args.reference).read_text()))
+            checked += 1
+    assert checked >= 10
+
+
 def test_quality_probe_times_every_stage_and_the_runs_follow(tmp_path):
     """The planned path (no --steps): the probe times each arm's stages by the names the plan weighs them by
     (the default recipe's main stage is called ``sparse``; keyed by it, the plan failed), then every run
