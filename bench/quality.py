@@ -233,12 +233,12 @@ def reference_config(args, arm: str, steps: int) -> dict:
     return cfg
 
 
-def config_diff(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
+def config_diff(a: dict, b: dict) -> list[tuple[str, object, object]]:
     """``(dotted key, a's value, b's value)`` wherever two nested configs differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b), key=str)
-                for d in config_diff(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [(prefix.rstrip("."), a, b)]
+    from train.checkpoint import flatten_config
+
+    a, b = flatten_config(a), flatten_config(b)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool) -> list[str]:

@@ -322,7 +322,7 @@ def check_resume_config(saved: dict | None, now: dict, path: Path) -> None:
     job pointed at another job's run directory), naming the keys that differ."""
     if saved is None:  # a checkpoint from before the config was recorded
         return
-    before, after = _flatten(saved), _flatten(now)
+    before, after = flatten_config(saved), flatten_config(now)
     keys = sorted(k for k in set(before) | set(after)
                   if k.split(".")[0] in MUST_MATCH and k not in MAY_DIFFER and before.get(k) != after.get(k))
     if keys:
@@ -332,12 +332,13 @@ def check_resume_config(saved: dict | None, now: dict, path: Path) -> None:
                          f"elsewhere, or set checkpoint.resume=never to start afresh in it")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten_config(tree: dict, prefix: str = "") -> dict:
+    """A nested config as ``{dotted key: value}`` (lists are values, not walked)."""
     out = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
+            out.update(flatten_config(value, name + "."))
         else:
             out[name] = value
     return out
