@@ -70,9 +70,10 @@ def render_train_step(results: list[dict]) -> str:
             if p["status"] != "ok":
                 continue
             mem = p.get("memory", {})
+            steps = "the warm-up step" if p.get("warmup_only") else ", ".join(f"{t:.3f}" for t in p["step_s_all"])
             out.append(f"| {name} | {p['attention']} | {p['layout']}"
                        f"{' (' + str(p['docs']) + ' docs)' if p['layout'] == 'packed' else ''} | {_k(p['seq_len'])} | "
-                       f"{p['step_s']:.3f} ({', '.join(f'{t:.3f}' for t in p['step_s_all'])}) | "
+                       f"{p['step_s']:.3f} ({steps}) | "
                        f"{p['tokens_per_s']:,} | {_num(p.get('mfu'), '{:.1%}')} | {p['model_tflops']:.0f} | "
                        f"{_num(mem.get('peak_gb'), '{:.1f}')} |")
     out += ["", "| model | row | tokens | dense tokens/s | MSA tokens/s | MSA / dense |", "|---|---|---|---|---|---|"]

@@ -11,7 +11,8 @@ project's measured configuration). One engine per attention kind serves every le
 that dense runs as configured in the same process and the ratio is side by side.
 
 Per point: one warm-up step, ``--steps`` timed steps (a third where the first two each take under
-``--cheap-s``), the median; tokens/s = tokens per row / median step; peak memory = the largest
+``--cheap-s``; with ``--time-warmup-above S`` a point whose warm-up step took over S seconds is timed by
+that step alone), the median; tokens/s = tokens per row / median step; peak memory = the largest
 ``torch.cuda.max_memory_allocated`` over the timed steps; MFU = ``train.metrics.step_flops``'s model
 FLOPs (6 per weight and token plus the main attention over the attended pairs, no recomputation) over
 the median step and the GPU's dense bf16 peak (``train.metrics.PEAK_TFLOPS``); then, where the step
@@ -235,19 +236,29 @@ def measure_point(series: Series, env, lengths: list[int], packed: bool, args, d
             memory["msa_layer_gb"] = f"OOM: {str(e).splitlines()[0][:200]}"
     progress({"status": f"running (warm-up step done in {warm_s:.1f} s)", "warmup_s": round(warm_s, 4),
               "memory": memory})
-    if cuda:
+    # a step of minutes (dense at 1M) is its own warm-up: its first step's compilation and autotuning are a
+    # negligible share (section 3k of docs/scaling.md: 181.3 s warm-up, 180.5 s timed), so it runs once
+    warm_only = args.time_warmup_above is not None and warm_s > args.time_warmup_above
+    if cuda and not warm_only:
         torch.cuda.reset_peak_memory_stats()
     n_timed = args.steps
     fits = int((deadline - time.perf_counter()) / (1.1 * warm_s))
     if fits < n_timed:
         n_timed = max(1, fits)
-    times = timed_steps(lambda: timed(lambda: train_step(run), dev)[0], n_timed, args.cheap_s, deadline)
+    if warm_only:
+        n_timed, times = 1, [warm_s]
+    else:
+        times = timed_steps(lambda: timed(lambda: train_step(run), dev)[0], n_timed, args.cheap_s, deadline)
     step_s = statistics.median(times)
     row = {"tokens": n, "docs": len(lengths), "status": "ok", "warmup_s": round(warm_s, 4),
            "step_s": round(step_s, 4), "step_s_all": [round(t, 4) for t in times], "tokens_per_s": round(n / step_s),
            "loss_first": round(first["lm"] + run.stage.kl_weight * first["kl"], 5),
            "lm_first": round(first["lm"], 5), "kl_first": round(first["kl"], 5)}
-    if n_timed < args.steps:
+    if warm_only:
+        row["steps_note"] = (f"timed by its warm-up step alone: it took {warm_s:.1f} s, over --time-warmup-above "
+                             f"{args.time_warmup_above:g}")
+        row["warmup_only"] = True
+    elif n_timed < args.steps:
         row["steps_note"] = (f"{n_timed} timed step(s), not {args.steps}: the warm-up step took {warm_s:.1f} s "
                              f"and the time budget had room for {fits}")
     if packed:
@@ -301,6 +312,10 @@ def main() -> None:
                     help="run every point, even where the step-time projection says it will not fit (a long "
                          "point projected from one short one is coarse); the warm-up step still limits the timed "
                          "steps to what is left")
+    ap.add_argument("--time-warmup-above", type=float, default=None, metavar="SECONDS",
+                    help="a point whose warm-up step takes longer is timed by that step alone (no timed steps "
+                         "after it; the record says so): for steps of minutes, where the first step's "
+                         "compilation and autotuning are a negligible share")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--host-profile", action="store_true",
                     help="where a point is profiled, also its host time (bench.profile_buckets.host_profile)")

@@ -33,8 +33,8 @@
 #      step by the fit over 16K-128K, so about 6 minutes in all), so the 1M ratio is measured side by side
 #      rather than extrapolated; it fills most of a call: STAGES=dense_1m MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
 #  11. first_layer_1m: the same at 1M with the MSA series' first layer a sliding window of 4096 keys
-#      (bench.train_step --msa-overrides), dense as configured, in one process (about 7.5 minutes on an H200),
-#      then, if about 100 s are left, MSA with no dense first layer alone (attention.n_dense_layers=0), so the
+#      (bench.train_step --msa-overrides), dense as configured, in one process (about 5 minutes on an H200:
+#      dense's step of about 181 s runs once, timed by itself, --time-warmup-above 100), then, if about 100 s are left, MSA with no dense first layer alone (attention.n_dense_layers=0), so the
 #      two options' 1M ratios are measured in one call: STAGES=first_layer_1m MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
 # EXTRA_OVERRIDES adds Hydra overrides to every stage's steps, e.g. EXTRA_OVERRIDES=model.rope_impl=torch.
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
@@ -148,7 +148,7 @@ fi
 if want first_layer_1m; then
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
   TAIL=6 stage first_layer_1m 500 python3 -m bench.train_step "${DENSE_1M[@]}" --attention msa dense \
-    --msa-overrides "model.sliding_window=$WINDOW" "model.sliding_layers=[0]" \
+    --time-warmup-above 100 --msa-overrides "model.sliding_window=$WINDOW" "model.sliding_layers=[0]" \
     --json "$OUT/train_step_small_1m_window_both.json" -- $AC
   TAIL=4 stage first_layer_1m_dense0 100 python3 -m bench.train_step "${DENSE_1M[@]}" --attention msa \
     --time-budget 90 --json "$OUT/train_step_small_1m_dense0.json" -- $AC attention.n_dense_layers=0

@@ -804,6 +804,32 @@ def test_no_skip_runs_a_point_the_projection_would_skip(tmp_path):
     assert points("--no-skip") == ["ok", "ok"]
 
 
+def test_time_warmup_above_times_a_long_point_by_its_warmup_step(tmp_path):
+    """``--time-warmup-above S``: a point whose warm-up step took over S seconds runs no timed step after it;
+    its step time is the warm-up step's and the record says so. Below S the timed steps run as before."""
+    import json
+    import subprocess
+    import sys
+
+    def point(*extra):
+        out = tmp_path / f"ts{len(extra)}.json"
+        subprocess.run([sys.executable, "-m", "bench.train_step", "--device", "cpu", "--model", "tiny", "--lengths",
+                        "128", "--packed", "--attention", "dense", "--steps", "2", "--cheap-s", "0", "--no-profile",
+                        "--no-skip", "--json", str(out), *extra, "--", "model.n_layers=2"],
+                       cwd=ROOT, check=True, capture_output=True, timeout=300)
+        return json.loads(out.read_text())["points"][0]
+
+    once = point("--time-warmup-above", "0")
+    assert once["status"] == "ok" and once["warmup_only"] is True
+    assert once["step_s_all"] == [once["warmup_s"]] and once["step_s"] == once["warmup_s"]
+    assert "timed by its warm-up step alone" in once["steps_note"]
+    from bench.render_docs import render_train_step
+    table = render_train_step([json.loads((tmp_path / "ts2.json").read_text())])
+    assert f"| {once['step_s']:.3f} (the warm-up step) |" in table
+    timed = point("--time-warmup-above", "1000")
+    assert "warmup_only" not in timed and "steps_note" not in timed and len(timed["step_s_all"]) == 2
+
+
 def test_msa_overrides_change_the_msa_series_only(tmp_path):
     """``--msa-overrides`` (a window first layer, tiny model on CPU) reaches the MSA series and not the dense
     one: the MSA series builds a window layer and its first step changes, dense's does not, and the label
