@@ -60,6 +60,9 @@ def test_accuracy_by_depth_by_hand():
     assert out["depths"]["1.0"]["share"] == pytest.approx(0.5)
     assert out["depths"]["0.0"]["choice"] == 0.5 and out["depths"]["1.0"]["choice"] == 1.0
     assert out["depths"]["1.0"]["exact"] == 0.0 and out["depths"]["1.0"]["items"] == 2
+    # the needles below depth 1 only: the two at depth 0, one right
+    assert out["far"]["choice"] == 0.5 and out["far"]["items"] == 2 and out["far"]["share"] == pytest.approx(0.5)
+    assert summarise(scores[2:], {}, [1.0])["far"] is None  # every needle next to the question
     assert out["needle_recall"] == {"all": pytest.approx(0.5), "layers": {"2": 0.75, "3": 0.0},
                                     "correct": pytest.approx(0.7), "n_correct": 2}  # (0.9 + 0.5) / 2
     # per depth, over the items with a recall: (0.9 + 0.1) / 2 at depth 0; depth 1's second item has none

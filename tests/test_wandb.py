@@ -100,12 +100,13 @@ def test_dashboard_workspace_offline(capsys):
     regexes = {p.config.metric_regex for s in sections for p in s.panels if p.config.use_metric_regex}
     assert regexes == {"^loss/lm/.+", "^loss/answer/.+", "^layer_kl/.*", "^layer_recall/.*", "^train/lr/.*",
                        "^eval/bpb/[^/]+$", "^eval/bpb/[^/]+/.+",
-                       "^eval/.+/choice$", "^eval/.+/exact$", "^eval/.+/nll$", "^eval/.+/share$",
+                       "^eval/.+/choice$", "^eval/.+/choice_far$", "^eval/.+/exact$", "^eval/.+/nll$",
+                       "^eval/.+/share$",
                        "^eval/(index|oracle)_recall(_2x)?/.*",
                        "^eval/needle_recall/.*"}
     assert (model.entity, model.project) == ("ent", "proj")
 
     assert dashboard.main(["--entity", "ent", "--project", "proj", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "9 sections, 28 panels" in out.splitlines()[0]
+    assert "9 sections, 29 panels" in out.splitlines()[0]
     assert "[Per-layer index KL] (collapsed)" in out and "  MFU: perf/mfu" in out

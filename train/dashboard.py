@@ -78,6 +78,8 @@ def layout(layers: int | None = None, dense_layers: int = 1) -> list[SectionSpec
         PanelSpec("Held-out bits per byte, by eval length", regex=f"^{e}bpb/[^/]+$"),
         PanelSpec("Held-out bits per byte by token position", regex=f"^{e}bpb/[^/]+/.+"),
         PanelSpec("Retrieval accuracy, log-likelihood choice (chance 1/eval.choices)", regex=f"^{e}.+/choice$"),
+        PanelSpec("Retrieval accuracy, needles below depth 1 only (not next to the question)",
+                  regex=f"^{e}.+/choice_far$"),
         PanelSpec("Retrieval exact match, greedy generation", regex=f"^{e}.+/exact$"),
         PanelSpec("Answer's share of the candidates' probability (chance 1/eval.choices)", regex=f"^{e}.+/share$"),
         PanelSpec("Answer NLL per token (nats)", regex=f"^{e}.+/nll$"),

@@ -257,7 +257,8 @@ def retrieval(model, tokenizer, spec: EvalSpec, task: str, length: int, stream, 
 def summarise(scores: list[dict], recalls: dict[int, list[float]], depths: list[float],
               hits: dict[int, list[float]] | None = None,
               hit_groups: dict[int, list[list[float]]] | None = None) -> dict:
-    """Accuracy (share of True) of ``choice`` and ``exact``, mean ``nll``, overall and per depth; the needle
+    """Accuracy (share of True) of ``choice`` and ``exact``, mean ``nll``, overall, per depth and over the
+    needles below depth 1 (``far``; ``None`` without such depths: ``eval/<task>/<L>/choice_far``); the needle
     recall over all items and layers, per layer, and over the items answered correctly (``choice``; each
     item's recall the mean over layers): the issue's "needle recall where the model answers correctly";
     and per depth (``needle``, each item's recall the mean over layers): a needle next to the question
@@ -280,6 +281,10 @@ def summarise(scores: list[dict], recalls: dict[int, list[float]], depths: list[
                 "needle_hit": float(np.mean(hit)) if hit else None}
 
     result = {**agg(scores), "depths": {str(d): agg([r for r in scores if r["depth"] == d]) for d in depths}}
+    # the needles not next to the question: at depth 1 a needle can sit inside a sliding window or the
+    # question's own block, so the mean over depths can read well with no far retrieval at all
+    far = [r for r in scores if r["depth"] < 1.0]
+    result["far"] = agg(far) if far else None
     if recalls:
         correct = [r["needle"] for r in scores if r["choice"] and r.get("needle") is not None]
         result["needle_recall"] = {"all": float(np.mean([v for vals in recalls.values() for v in vals])),
@@ -353,6 +358,8 @@ def flatten(results: dict) -> dict[str, float | None]:
             out[M.eval_key(task, name, "choice")] = r["choice"]
             out[M.eval_key(task, name, "share")] = r["share"]
             out[M.eval_key(task, name, "nll")] = r["nll"]
+            if r.get("far") is not None:
+                out[M.eval_key(task, name, "choice_far")] = r["far"]["choice"]
             if r["exact"] is not None:
                 out[M.eval_key(task, name, "exact")] = r["exact"]
             if results["msa_layers"]:
