@@ -1,5 +1,6 @@
 """Tokens/s against tokens per row from ``bench/train_step.py`` JSONs, one line per model and attention
-(one-document rows; packed rows as separate markers), log-scaled length axis. Runs where the results
+(and first-layer option: a sliding window or no dense layer; one-document rows; packed rows as separate
+markers), log-scaled length axis. Runs where the results
 are (matplotlib need not exist on the GPU machine):
 
     python3 -m bench.plot_scaling docs/results/train_step_*.json --out docs/scaling_tokens_per_s.png
@@ -12,14 +13,33 @@ import json
 from pathlib import Path
 
 
-def series(results: list[dict]) -> dict[tuple[str, str, str], list[tuple[int, float]]]:
-    """``(model, attention, layout) -> [(tokens, tokens_per_s), ...]`` of the measured points, by length."""
-    out: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
+def first_layer(meta: dict, point: dict) -> str:
+    """What a point's first layer is where it is not the model's dense layer: ``"window first layer"``
+    (``model.sliding_layers``), ``"no dense layer"`` (``attention.n_dense_layers=0`` in an MSA series), or
+    ``""``; from the layers the series built (``layers``), else from the run's overrides (older JSONs)."""
+    layers = point.get("layers")
+    if layers is not None:
+        if layers.get("window"):
+            return "window first layer"
+        return "no dense layer" if point["attention"] == "msa" and not layers.get("dense") else ""
+    overrides = list(meta.get("overrides", [])) + (list(meta.get("msa_overrides", []))
+                                                   if point["attention"] == "msa" else [])
+    if any(o.startswith("model.sliding_layers=") and o.split("=", 1)[1] not in ("[]", "null") for o in overrides):
+        return "window first layer"
+    if point["attention"] == "msa" and "attention.n_dense_layers=0" in overrides:
+        return "no dense layer"
+    return ""
+
+
+def series(results: list[dict]) -> dict[tuple[str, str, str, str], list[tuple[int, float]]]:
+    """``(model, attention, layout, first layer) -> [(tokens, tokens_per_s), ...]`` of the measured points,
+    by length; the first-layer options (``first_layer``) are series of their own."""
+    out: dict[tuple[str, str, str, str], list[tuple[int, float]]] = {}
     for res in results:
         for p in res["points"]:
             if p["status"] == "ok":
-                out.setdefault((res["meta"]["model"], p["attention"], p["layout"]), []).append(
-                    (p["seq_len"], p["tokens_per_s"]))
+                key = (res["meta"]["model"], p["attention"], p["layout"], first_layer(res["meta"], p))
+                out.setdefault(key, []).append((p["seq_len"], p["tokens_per_s"]))
     return {k: sorted(v) for k, v in out.items()}
 
 
@@ -31,13 +51,14 @@ def plot(results: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {}
-    for (model, kind, layout), pts in series(results).items():
-        color = colors.setdefault((model, kind), f"C{len(colors)}")
+    for (model, kind, layout, first), pts in series(results).items():
+        color = colors.setdefault((model, kind, first), f"C{len(colors)}")
         xs, ys = zip(*pts)
+        name = f"{model} {kind}" + (f", {first}" if first else "")
         if layout == "one-doc":
-            ax.plot(xs, ys, "o-" if kind == "msa" else "s--", color=color, label=f"{model} {kind}")
+            ax.plot(xs, ys, "o-" if kind == "msa" else "s--", color=color, label=name)
         else:
-            ax.plot(xs, ys, "*", ms=11, color=color, label=f"{model} {kind}, packed row")
+            ax.plot(xs, ys, "*", ms=11, color=color, label=f"{name}, packed row")
     ax.set_xscale("log", base=2)
     ticks = sorted({x for pts in series(results).values() for x, _ in pts})
     ax.set_xticks(ticks, [f"{t // 2**20}M" if t >= 2**20 else f"{t // 1024}K" if t >= 1024 else str(t)

@@ -1090,3 +1090,27 @@ def test_quality_fork_script_forks_both_arms_from_the_picked_source(tmp_path, co
     assert "parameters the source lacks keep their init" in logs["run-msa_wide-0-6.log"]
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == [
         "fork.log", "gpus.txt", "pick.txt", "quality.json", "quality.json", "source.log"]
+
+
+def test_plot_series_keep_the_first_layer_options_apart():
+    """A window first layer or no dense layer is a series of its own in the scaling plot, read from the
+    layers a series built or, in older JSONs, from the run's overrides; dense beside an MSA-only override
+    stays plain dense."""
+    from bench.plot_scaling import series
+
+    def point(kind, tps, layers=None):
+        p = {"status": "ok", "attention": kind, "layout": "one-doc", "seq_len": 1 << 20, "tokens_per_s": tps}
+        return p | ({"layers": layers} if layers else {})
+
+    new = {"meta": {"model": "small", "overrides": [], "msa_overrides": ["model.sliding_window=4096",
+                                                                         "model.sliding_layers=[0]"]},
+           "points": [point("msa", 9, {"dense": 0, "window": 1, "msa": 11}),
+                      point("dense", 1, {"dense": 12, "window": 0, "msa": 0})]}
+    old = {"meta": {"model": "small", "overrides": ["attention.n_dense_layers=0"]}, "points": [point("msa", 8)]}
+    old_window = {"meta": {"model": "small", "overrides": ["model.sliding_layers=[0]"]}, "points": [point("msa", 7)]}
+    plain = {"meta": {"model": "small", "overrides": []}, "points": [point("msa", 4)]}
+    got = series([new, old, old_window, plain])
+    assert got == {("small", "msa", "one-doc", "window first layer"): [(1 << 20, 7), (1 << 20, 9)],
+                   ("small", "dense", "one-doc", ""): [(1 << 20, 1)],
+                   ("small", "msa", "one-doc", "no dense layer"): [(1 << 20, 8)],
+                   ("small", "msa", "one-doc", ""): [(1 << 20, 4)]}
