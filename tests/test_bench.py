@@ -827,7 +827,8 @@ def test_time_warmup_above_times_a_long_point_by_its_warmup_step(tmp_path):
     table = render_train_step([json.loads((tmp_path / "ts2.json").read_text())])
     assert f"| {once['step_s']:.3f} (the warm-up step) |" in table
     timed = point("--time-warmup-above", "1000")
-    assert "warmup_only" not in timed and "steps_note" not in timed and len(timed["step_s_all"]) == 2
+    # two timed steps, or three where the two disagree by over 20% (bench.timing.one_more_step)
+    assert "warmup_only" not in timed and "steps_note" not in timed and len(timed["step_s_all"]) in (2, 3)
 
 
 def test_msa_overrides_change_the_msa_series_only(tmp_path):
