@@ -1115,3 +1115,55 @@ def test_plot_series_keep_the_first_layer_options_apart():
                    ("small", "dense", "one-doc", ""): [(1 << 20, 1)],
                    ("small", "msa", "one-doc", "no dense layer"): [(1 << 20, 8)],
                    ("small", "msa", "one-doc", ""): [(1 << 20, 4)]}
+
+
+def test_quality_table_by_hand():
+    """``bench.quality_table``: two reports (a run in both is taken from the first), seed cells with mean and
+    std (n - 1), the loss paired by seed against the first arm, and the far choice from the per-depth choices
+    where a report predates ``choice_far`` (hand-computed)."""
+    from bench.quality_table import choice_far, table
+
+    def run(arm, seed, loss, recall=None, depth_choices=None, far=None):
+        sc = {"final_loss": loss, "eval/bpb/8K": 1.5, "eval/passkey/8K/choice": 0.5}
+        if recall is not None:
+            sc |= {"eval/index_recall/8K": recall, "eval/needle_recall/passkey/8K/correct": recall}
+        for d, v in (depth_choices or {}).items():
+            sc[f"depth/passkey/8K/{d}/choice"] = v
+        if far is not None:
+            sc["eval/passkey/8K/choice_far"] = far
+        return {"arm": arm, "seed": seed, "scalars": sc}
+
+    later = {"settings": {"seq_len": 8192}, "runs": [
+        run("msa", 0, 1.1, 0.9, {"0.0": 0.0, "0.5": 0.5, "1.0": 1.0}),
+        run("msa", 1, 0.9, 0.8, {"0.0": 0.5, "0.5": 0.5, "1.0": 1.0})]}
+    earlier = {"runs": [run("dense", 0, 1.0, far=0.25), run("dense", 1, 1.0, far=0.75), run("msa", 0, 9.9)]}
+    assert choice_far(later["runs"][0]["scalars"], "passkey", "8K") == 0.25  # depths 0 and 0.5 only
+    assert choice_far(earlier["runs"][0]["scalars"], "passkey", "8K") == 0.25  # the logged value
+    lines = table([later, earlier], ["dense", "msa"]).splitlines()
+    assert lines[0] == "| seeds 0 / 1 | `dense` | `msa` |"
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in r.strip().strip("|").split("|")]
+                                              for r in lines[2:])}
+    assert rows["final LM loss"][1] == "1.1000 / 0.9000 (1.0000 ± 0.1414)"  # seed 0 from the first report
+    assert rows["final LM loss against dense, paired by seed"] == ["", "+10.00 / -10.00 (+0.00 ± 14.14)%"]
+    assert rows["index recall at 8K"] == ["", "0.900 / 0.800 (0.850 ± 0.071)"]
+    assert rows["passkey choice, needles below depth 1, 8K (mean over seeds)"] == ["0.50", "0.38"]
+    assert rows["needle recall at 8K, passkey, items answered right"] == ["", "0.900 / 0.800 (0.850 ± 0.071)"]
+
+
+def test_quality_table_of_the_sixteenth_run_matches_the_docs(capsys):
+    """The command ``docs/quality.md`` gives for the sixteenth run prints the numbers written there."""
+    from bench.quality_table import main
+
+    main(["docs/results/quality_h100_run16.json", "docs/results/quality_h200_run10.json",
+          "--arms", "dense", "msa_wide", "msa_window"])
+    out = capsys.readouterr().out
+    assert "| final LM loss against dense, paired by seed |  | -1.71 / +1.61 / +1.06 (+0.32 ± 1.78)% | " \
+           "-0.50 / +3.26 / +1.26 (+1.34 ± 1.88)% |" in out
+    assert ("| index recall at 16K |  | 0.851 / 0.867 / 0.852 (0.856 ± 0.009) | "
+            "0.870 / 0.862 / 0.856 (0.863 ± 0.007) |") in out
+    doc = (ROOT / "docs" / "quality.md").read_text()
+    assert "| pass-key choice over needles below depth 1 (`choice_far`), 32K / 64K | 0.38 / 0.17 | 0.17 / 0.12 | " \
+           "0.38 / 0.12 |" in doc
+    far = next(r for r in out.splitlines() if r.startswith("| passkey choice, needles below depth 1"))
+    assert [c.strip().split(" / ")[-2:] for c in far.strip("|").split("|")[1:]] == [
+        ["0.38", "0.17"], ["0.17", "0.12"], ["0.38", "0.12"]]
