@@ -554,10 +554,11 @@ def eval_by_length(scalars: dict, metric: str, task: str | None = None) -> dict[
     return by_length
 
 
-def share_by_length(scalars: dict) -> dict[str, float]:
+def share_by_length(scalars: dict, metric: str = "share") -> dict[str, float]:
     """Per eval length: the mean over tasks of the answer's share of the candidates' probability
-    (``eval/<task>/<L>/share``), a retrieval score that moves before the accuracy leaves chance."""
-    return {length: float(np.mean(vals)) for length, vals in eval_by_length(scalars, "share").items()}
+    (``eval/<task>/<L>/share``), a retrieval score that moves before the accuracy leaves chance;
+    ``metric="share_far"``: the same over the needles below depth 1 only."""
+    return {length: float(np.mean(vals)) for length, vals in eval_by_length(scalars, metric).items()}
 
 
 def paired(runs: list[dict], arms=ARMS) -> dict:
@@ -567,7 +568,10 @@ def paired(runs: list[dict], arms=ARMS) -> dict:
     their mean and standard deviation (n - 1), ``by_tenth``: the mean over seeds of the relative
     difference of the mean LM loss in each tenth of the steps (where in training a gap opens), and
     ``retrieval_share``: per eval length, the difference (``arm - first``) of ``share_by_length`` per seed,
-    its mean and standard deviation (the issue's "retrieval at 4x the training length at least dense's")."""
+    its mean and standard deviation (the issue's "retrieval at 4x the training length at least dense's"), and
+    ``retrieval_share_far``: the same over the needles below depth 1 (reports with ``share_far`` only): a
+    needle next to the question is found by a window layer or the question's own block, so the share over
+    all needles can differ with no far retrieval."""
     ref, out = arms[0], {}
     by_seed = {(r["arm"], r["seed"]): r for r in runs}
     for arm in arms[1:]:
@@ -588,13 +592,15 @@ def paired(runs: list[dict], arms=ARMS) -> dict:
                     "std": _std(vals),
                     "by_tenth": [float(np.mean(col)) for col in zip(*tenths)],
                     "by_tenth_seeds": dict(zip(seeds, tenths)), "retrieval_share": {}}
-        shares = {(x, s): share_by_length(by_seed[x, s]["scalars"]) for x in (arm, ref) for s in seeds}
-        for length in sorted({n for sh in shares.values() for n in sh}, key=_tokens):
-            per_seed = {s: shares[arm, s][length] - shares[ref, s][length] for s in seeds
-                        if length in shares[arm, s] and length in shares[ref, s]}
-            if per_seed:
-                d = list(per_seed.values())
-                out[arm]["retrieval_share"][length] = {"seeds": per_seed, "mean": float(np.mean(d)), "std": _std(d)}
+        for metric, key in (("share", "retrieval_share"), ("share_far", "retrieval_share_far")):
+            shares = {(x, s): share_by_length(by_seed[x, s]["scalars"], metric) for x in (arm, ref) for s in seeds}
+            for length in sorted({n for sh in shares.values() for n in sh}, key=_tokens):
+                per_seed = {s: shares[arm, s][length] - shares[ref, s][length] for s in seeds
+                            if length in shares[arm, s] and length in shares[ref, s]}
+                if per_seed:
+                    d = list(per_seed.values())
+                    out[arm].setdefault(key, {})[length] = {"seeds": per_seed, "mean": float(np.mean(d)),
+                                                            "std": _std(d)}
     return out
 
 
@@ -1050,9 +1056,10 @@ def main(argv=None) -> None:
         print(f"{arm} against {d['against']}, paired over seeds {d['seeds']}: final loss {100 * d['mean']:+.2f}% "
               f"(std {100 * d['std']:.2f}%); by tenth of the steps "
               + " ".join(f"{100 * x:+.1f}" for x in d["by_tenth"]) + " %")
-        if d.get("retrieval_share"):
-            print(f"{arm} against {d['against']}, answer share (mean over tasks), difference by eval length: "
-                  + ", ".join(f"{n} {r['mean']:+.3f} (std {r['std']:.3f})" for n, r in d["retrieval_share"].items()))
+        for key, what in (("retrieval_share", ""), ("retrieval_share_far", ", needles below depth 1")):
+            if d.get(key):
+                print(f"{arm} against {d['against']}, answer share (mean over tasks{what}), difference by eval "
+                      "length: " + ", ".join(f"{n} {r['mean']:+.3f} (std {r['std']:.3f})" for n, r in d[key].items()))
 
 
 if __name__ == "__main__":

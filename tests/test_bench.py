@@ -966,6 +966,12 @@ def test_quality_pairs_retrieval_share_by_length_by_hand():
     assert out["2K"]["mean"] == pytest.approx(0.0) and out["2K"]["std"] == pytest.approx(2 ** 0.5 / 10)
     assert out["64K"]["seeds"] == {0: pytest.approx(0.1), 1: pytest.approx(0.0)}
     assert out["64K"]["mean"] == pytest.approx(0.05)
+    assert "retrieval_share_far" not in paired(runs, ["dense", "msa"])["msa"]  # no share_far: not reported
+    # with the share over needles below depth 1 as well: its own differences
+    for r, v in zip(runs, (0.25, 0.5, 0.3, 0.2)):
+        r["scalars"]["eval/passkey/64K/share_far"] = v
+    far = paired(runs, ["dense", "msa"])["msa"]["retrieval_share_far"]
+    assert list(far) == ["64K"] and far["64K"]["seeds"] == {0: pytest.approx(0.25), 1: pytest.approx(-0.1)}
 
 
 def test_quality_answer_curves_by_hand(tmp_path):

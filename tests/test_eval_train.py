@@ -32,7 +32,8 @@ def expected_keys() -> set[str]:
                  f"eval/index_recall/{length}", f"eval/oracle_recall/{length}",
                  f"eval/oracle_recall_2x/{length}"}
         for task in ("passkey", "image_needle"):
-            keys |= {f"eval/{task}/{length}/{s}" for s in ("choice", "share", "nll", "exact", "choice_far")}
+            keys |= {f"eval/{task}/{length}/{s}" for s in ("choice", "share", "nll", "exact", "choice_far",
+                                                                  "share_far")}
             keys |= {f"eval/needle_recall/{task}/{length}", f"eval/needle_recall/{task}/{length}/correct"}
             keys |= {f"eval/needle_recall/{task}/{length}/{last}depth/{d}" for d in ("0.0", "1.0")
                      for last in ("", "hit/")}

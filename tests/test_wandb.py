@@ -100,7 +100,7 @@ def test_dashboard_workspace_offline(capsys):
     regexes = {p.config.metric_regex for s in sections for p in s.panels if p.config.use_metric_regex}
     assert regexes == {"^loss/lm/.+", "^loss/answer/.+", "^layer_kl/.*", "^layer_recall/.*", "^train/lr/.*",
                        "^eval/bpb/[^/]+$", "^eval/bpb/[^/]+/.+",
-                       "^eval/.+/choice$", "^eval/.+/choice_far$", "^eval/.+/exact$", "^eval/.+/nll$",
+                       "^eval/.+/choice$", "^eval/.+/(choice|share)_far$", "^eval/.+/exact$", "^eval/.+/nll$",
                        "^eval/.+/share$",
                        "^eval/(index|oracle)_recall(_2x)?/.*",
                        "^eval/needle_recall/.*"}

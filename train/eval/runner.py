@@ -258,7 +258,8 @@ def summarise(scores: list[dict], recalls: dict[int, list[float]], depths: list[
               hits: dict[int, list[float]] | None = None,
               hit_groups: dict[int, list[list[float]]] | None = None) -> dict:
     """Accuracy (share of True) of ``choice`` and ``exact``, mean ``nll``, overall, per depth and over the
-    needles below depth 1 (``far``; ``None`` without such depths: ``eval/<task>/<L>/choice_far``); the needle
+    needles below depth 1 (``far``; ``None`` without such depths: ``eval/<task>/<L>/choice_far``, ``share_far``);
+    the needle
     recall over all items and layers, per layer, and over the items answered correctly (``choice``; each
     item's recall the mean over layers): the issue's "needle recall where the model answers correctly";
     and per depth (``needle``, each item's recall the mean over layers): a needle next to the question
@@ -360,6 +361,7 @@ def flatten(results: dict) -> dict[str, float | None]:
             out[M.eval_key(task, name, "nll")] = r["nll"]
             if r.get("far") is not None:
                 out[M.eval_key(task, name, "choice_far")] = r["far"]["choice"]
+                out[M.eval_key(task, name, "share_far")] = r["far"]["share"]
             if r["exact"] is not None:
                 out[M.eval_key(task, name, "exact")] = r["exact"]
             if results["msa_layers"]:
