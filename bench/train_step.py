@@ -182,6 +182,7 @@ class Series:
         self.run = self.cfg = None
         self.attn_cfg = compose([*overrides, f"attention={kind}"])  # for the step-time projection
         self.points: list[dict] = []  # measured: tokens, pairs, step_s
+        self.one_doc: list[bool] = []  # per measured point: a one-document row
         self.stopped: str | None = None
         self.build_s = None
 
@@ -293,9 +294,31 @@ def measure_point(series: Series, env, lengths: list[int], packed: bool, args, d
 
 def plan(args) -> list[tuple[str, str, int]]:
     """(kind, layout, length) in run order: MSA first, then dense; lengths increasing, each packed row
-    where its length falls."""
-    items = sorted([(n, "one-doc") for n in args.lengths] + [(n, "packed") for n in args.packed])
-    return [(kind, layout, n) for kind in args.attention for n, layout in items]
+    where its length falls. Dense takes ``--dense-lengths`` where given."""
+    def items(lengths):
+        return sorted([(n, "one-doc") for n in lengths] + [(n, "packed") for n in args.packed])
+
+    dense_lengths = args.lengths if args.dense_lengths is None else args.dense_lengths
+    return [(kind, layout, n) for kind in args.attention
+            for n, layout in items(dense_lengths if kind == "dense" else args.lengths)]
+
+
+def extrapolate_dense(result: dict, dense_points: list[dict], dense_cfg) -> list[dict]:
+    """Dense step times at the one-document lengths where MSA ran and dense did not, from the dense points
+    measured (``project_step_s``: ``a*tokens + b*pairs`` fitted over the last three, here two or three
+    one-document rows), labelled as extrapolations: the issue allows dense at 1M extrapolated from 256K and
+    512K where a measured step does not fit the time."""
+    done = {p["seq_len"] for p in result["points"] if p["attention"] == "dense" and p["status"] == "ok"}
+    out = []
+    for p in result["points"]:
+        n = p["seq_len"]
+        if p["attention"] != "msa" or p["layout"] != "one-doc" or p["status"] != "ok" or n in done:
+            continue
+        est, how = project_step_s(dense_points, n, series_pairs(dense_cfg, [n]))
+        if est is not None:
+            out.append({"seq_len": n, "step_s": round(est, 3), "tokens_per_s": round(n / est), "how": how,
+                        "from": [q["tokens"] for q in dense_points[-3:]]})
+    return out
 
 
 def main() -> None:
@@ -303,6 +326,12 @@ def main() -> None:
     ap.add_argument("--model", default="small")
     ap.add_argument("--attention", nargs="+", default=["msa", "dense"], choices=["msa", "dense"])
     ap.add_argument("--lengths", type=int, nargs="*", default=[16384, 32768, 131072, 524288, 1048576])
+    ap.add_argument("--dense-lengths", type=int, nargs="*", default=None,
+                    help="dense's one-document lengths where they differ from --lengths (e.g. 262144 524288 "
+                         "beside MSA at 1048576, with --extrapolate-dense)")
+    ap.add_argument("--extrapolate-dense", action="store_true",
+                    help="record dense's step time at the MSA lengths dense did not run, fitted over its measured "
+                         "one-document points (a*tokens + b*pairs), as an extrapolation (dense_extrapolated)")
     ap.add_argument("--packed", type=int, nargs="*", default=[196608], help="packed-row lengths")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per point (a third where cheap)")
     ap.add_argument("--cheap-s", type=float, default=2.0, help="a third timed step where both took less")
@@ -402,6 +431,7 @@ def run_bench(args) -> None:
             point.update(measure_or_record(s, env, lengths, layout, args, max_len, deadline, progress))
             if point["status"] == "ok":
                 s.points.append({"tokens": n, "pairs": pairs, "step_s": point["step_s"]})
+                s.one_doc.append(layout == "one-doc")
             elif point["status"].startswith("OOM"):
                 s.stopped = f"OOM at {n} tokens ({layout})"
         brief = {k: v for k, v in point.items() if k not in ("profile", "host_profile", "doc_lengths")}
@@ -410,6 +440,12 @@ def run_bench(args) -> None:
         if all(k != kind for k, _, _ in todo[i + 1:]):
             s.free()
         save()
+    if args.extrapolate_dense and "dense" in series:
+        dense = series["dense"]
+        result["dense_extrapolated"] = extrapolate_dense(
+            result, [q for q, p in zip(dense.points, dense.one_doc) if p], dense.attn_cfg)
+        for e in result["dense_extrapolated"]:
+            print(f"dense at {e['seq_len']} extrapolated ({e['how']}, from {e['from']}): {e['step_s']:.1f} s a step")
     print_table(result["points"])
     save()
 

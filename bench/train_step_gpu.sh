@@ -36,6 +36,11 @@
 #      (bench.train_step --msa-overrides), dense as configured, in one process (about 5 minutes on an H200:
 #      dense's step of about 181 s runs once, timed by itself, --time-warmup-above 100), then, if about 100 s are left, MSA with no dense first layer alone (attention.n_dense_layers=0), so the
 #      two options' 1M ratios are measured in one call: STAGES=first_layer_1m MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
+#  12. base_1m_window: model=base at 1M, MSA with the first layer a sliding window of 4096 keys, and dense at 256K
+#      and 512K in the same process, dense at 1M extrapolated from those two and labelled so (--extrapolate-dense:
+#      base dense at 1M, about 460 s a step, does not fit a call beside MSA); checkpoint policy full for both,
+#      as base_1m (selective does not fit base at 1M). About 7 minutes on an H200 (not run yet):
+#      STAGES=base_1m_window MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
 # EXTRA_OVERRIDES adds Hydra overrides to every stage's steps, e.g. EXTRA_OVERRIDES=model.rope_impl=torch.
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
 # selective, the default, except base_1m), sparse phase.
@@ -59,6 +64,8 @@ LAYER=(--model small --lengths 131072 1048576 --packed --time-budget 100 --no-sk
 HOST=(--model small --lengths 16384 32768 --packed --time-budget 100 --host-profile)
 OLD_NEW=(--model small --rounds 2 --steps 2)
 DENSE_1M=(--model small --lengths 1048576 --packed --steps 1 --no-skip --no-profile --time-budget 480 --dense-reserve 390)
+BASE_1M_WINDOW=(--model base --lengths 1048576 --dense-lengths 262144 524288 --packed --steps 1 --no-skip --no-profile
+  --time-budget 500 --dense-reserve 330 --time-warmup-above 100 --extrapolate-dense)
 ON_LENGTHS="16384 32768 131072"
 WINDOW=4096
 if [ "${CPU_CHECK:-0}" = 1 ]; then
@@ -69,14 +76,17 @@ if [ "${CPU_CHECK:-0}" = 1 ]; then
   HOST=(--device cpu --model tiny --lengths 128 --packed --time-budget 30 --host-profile)
   OLD_NEW=(--device cpu --model tiny --rounds 1 --steps 1); ON_LENGTHS=256
   DENSE_1M=(--device cpu --model tiny --lengths 512 --packed --steps 1 --no-skip --no-profile --time-budget 60)
+  BASE_1M_WINDOW=(--device cpu --model tiny --lengths 512 --dense-lengths 128 256 --packed --steps 1 --no-skip
+    --no-profile --time-budget 60 --time-warmup-above 100 --extrapolate-dense)
   AC="$AC model.n_layers=2"
 fi
 OLD_NEW_LENGTHS=${OLD_NEW_LENGTHS:-$ON_LENGTHS}
 STAGES=${STAGES:-small base base_1m}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 for s in $STAGES; do
-  case $s in small|base|base_1m|1b|dense_layer|host|old_new|rope|rope_steps|dense_1m|first_layer_1m) ;;
-    *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer host old_new rope rope_steps dense_1m first_layer_1m)"
+  case $s in small|base|base_1m|1b|dense_layer|host|old_new|rope|rope_steps|dense_1m|first_layer_1m|base_1m_window) ;;
+    *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer host old_new rope rope_steps dense_1m" \
+         "first_layer_1m base_1m_window)"
        exit 2;; esac
 done
 if want old_new && [ ! -d "${OLD_TREE:-}/train" ]; then
@@ -152,6 +162,12 @@ if want first_layer_1m; then
     --json "$OUT/train_step_small_1m_window_both.json" -- $AC
   TAIL=4 stage first_layer_1m_dense0 100 python3 -m bench.train_step "${DENSE_1M[@]}" --attention msa \
     --time-budget 90 --json "$OUT/train_step_small_1m_dense0.json" -- $AC attention.n_dense_layers=0
+fi
+if want base_1m_window; then
+  export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+  TAIL=8 stage base_1m_window 520 python3 -m bench.train_step "${BASE_1M_WINDOW[@]}" --attention msa dense \
+    --msa-overrides "model.sliding_window=$WINDOW" "model.sliding_layers=[0]" \
+    --json "$OUT/train_step_base_1m_window.json" -- $AC $FULL
 fi
 want base_1m || { ls -l "$OUT"; exit 0; }
 budget=$(( $(left) - 25 ))

@@ -1173,3 +1173,40 @@ def test_quality_table_of_the_sixteenth_run_matches_the_docs(capsys):
     far = next(r for r in out.splitlines() if r.startswith("| passkey choice, needles below depth 1"))
     assert [c.strip().split(" / ")[-2:] for c in far.strip("|").split("|")[1:]] == [
         ["0.38", "0.17"], ["0.17", "0.12"], ["0.38", "0.12"]]
+
+
+def test_dense_lengths_and_extrapolated_dense_by_hand(tmp_path):
+    """``--dense-lengths`` gives dense its own rows; ``--extrapolate-dense`` records dense's step at the MSA
+    length it did not run, from its measured rows (``a*tokens + b*pairs`` through the two points, or the
+    proportional scaling where a term comes out negative: hand-solved here), and the ratio table labels it."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from bench.render_docs import render_train_step
+    from bench.train_step import Series, series_pairs
+
+    out = tmp_path / "ts.json"
+    subprocess.run([sys.executable, "-m", "bench.train_step", "--device", "cpu", "--model", "tiny", "--lengths", "512",
+                    "--dense-lengths", "128", "256", "--packed", "--attention", "msa", "dense", "--steps", "1",
+                    "--no-profile", "--no-skip", "--extrapolate-dense", "--json", str(out), "--", "model.n_layers=2"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    res = json.loads(out.read_text())
+    assert [(p["attention"], p["seq_len"], p["status"]) for p in res["points"]] == [
+        ("msa", 512, "ok"), ("dense", 128, "ok"), ("dense", 256, "ok")]
+    (e,) = res["dense_extrapolated"]
+    assert e["seq_len"] == 512 and e["from"] == [128, 256]
+    cfg = Series("dense", ["model=tiny", "model.n_layers=2", "recipe.warmup_steps=0"]).attn_cfg
+    (t1, s1), (t2, s2) = [(p["seq_len"], p["step_s"]) for p in res["points"][1:]]
+    p1, p2, p3 = (series_pairs(cfg, [n]) for n in (128, 256, 512))
+    a, b = np.linalg.solve([[t1, p1], [t2, p2]], [s1, s2])
+    if e["how"].startswith("fit"):
+        assert a >= 0 and b >= 0 and e["step_s"] == pytest.approx(a * 512 + b * p3, abs=1e-3)
+    else:  # a negative term: the latest point scaled by the larger of the two ratios
+        assert min(a, b) < 0 and e["step_s"] == pytest.approx(s2 * max(512 / 256, p3 / p2), abs=1e-3)
+    msa = res["points"][0]["tokens_per_s"]
+    row = next(r for r in render_train_step([res]).splitlines() if ") | one-doc | 512 |" in r)  # dense vs MSA
+    assert f"{e['tokens_per_s']:,} (extrapolated from 128, 256)" in row
+    assert f"{msa / e['tokens_per_s']:.2f}x (dense extrapolated)" in row
