@@ -259,8 +259,7 @@ def summarise(scores: list[dict], recalls: dict[int, list[float]], depths: list[
               hit_groups: dict[int, list[list[float]]] | None = None) -> dict:
     """Accuracy (share of True) of ``choice`` and ``exact``, mean ``nll``, overall, per depth and over the
     needles below depth 1 (``far``; ``None`` without such depths: ``eval/<task>/<L>/choice_far``, ``share_far``);
-    the needle
-    recall over all items and layers, per layer, and over the items answered correctly (``choice``; each
+    the needle recall over all items and layers, per layer, and over the items answered correctly (``choice``; each
     item's recall the mean over layers): the issue's "needle recall where the model answers correctly";
     and per depth (``needle``, each item's recall the mean over layers): a needle next to the question
     (depth 1) can lie in the question's own block, which every query selects whatever the index scores
