@@ -33,9 +33,10 @@
 #      step by the fit over 16K-128K, so about 6 minutes in all), so the 1M ratio is measured side by side
 #      rather than extrapolated; it fills most of a call: STAGES=dense_1m MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
 #  11. first_layer_1m: the same at 1M with the MSA series' first layer a sliding window of 4096 keys
-#      (bench.train_step --msa-overrides), dense as configured, in one process (about 5 minutes on an H200:
-#      dense's step of about 181 s runs once, timed by itself, --time-warmup-above 100), then, if about 100 s are left, MSA with no dense first layer alone (attention.n_dense_layers=0), so the
-#      two options' 1M ratios are measured in one call: STAGES=first_layer_1m MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
+#      (bench.train_step --msa-overrides), dense as configured, in one process (about 4.5 minutes on an H200:
+#      dense's step of about 185 s runs once, timed by itself, --time-warmup-above 100), then, if about 100 s
+#      are left, MSA with no dense first layer alone (attention.n_dense_layers=0), so the two options' 1M ratios
+#      are measured in one call (321 s in all): STAGES=first_layer_1m MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
 #  12. base_1m_window: model=base at 1M, MSA with the first layer a sliding window of 4096 keys, and dense at 256K
 #      and 512K in the same process, dense at 1M extrapolated from those two and labelled so (--extrapolate-dense:
 #      base dense at 1M, about 460 s a step, does not fit a call beside MSA); checkpoint policy full for both,
@@ -47,7 +48,8 @@
 # Run from the repository root:  MSA_GIT_COMMIT=<sha of this tree> bash bench/train_step_gpu.sh
 # Results in $OUT: train_step_small.json, train_step_base.json, train_step_base_1m.json (and
 # train_step_base_1m_offload.json after an OOM), train_step_1b.json, train_step_small_dense{1,0,window}.json,
-# train_step_small_host.json, step_time_old_new_<length>.json, train_step.log.
+# train_step_small_host.json, step_time_old_new_<length>.json, train_step_small_1m_both.json (dense_1m),
+# train_step_small_1m_{window_both,dense0}.json (first_layer_1m), train_step_base_1m_window.json, train_step.log.
 set -uo pipefail
 OUT=${OUT:-runs/train_step_gpu}
 LOG=$OUT/train_step.log
