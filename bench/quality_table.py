@@ -47,12 +47,10 @@ def choice_far(scalars: dict, task: str, length: str) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def _cell(vals: list[float | None], fmt: str, spread: bool = True) -> str:
+def _cell(vals: list[float | None], fmt: str) -> str:
     got = [v for v in vals if v is not None]
     if not got:
         return ""
-    if not spread:
-        return fmt.format(np.mean(got))
     seeds = " / ".join(fmt.format(v) if v is not None else "-" for v in vals)
     std = fmt.replace("+", "").format(_std(got))
     return f"{seeds} ({fmt.format(np.mean(got))} ± {std})" if len(got) > 1 else seeds
@@ -71,8 +69,8 @@ def table(reports: list[dict], arms: list[str] | None = None) -> str:
     train_len = reports[0].get("settings", {}).get("seq_len")
     rows: list[tuple[str, list[str]]] = []
 
-    def per_seed(name: str, get, fmt: str = "{:.3f}", spread: bool = True) -> None:
-        cells = [_cell([get(runs[a, s]) if (a, s) in runs else None for s in seeds], fmt, spread) for a in arms]
+    def per_seed(name: str, get, fmt: str = "{:.3f}") -> None:
+        cells = [_cell([get(runs[a, s]) if (a, s) in runs else None for s in seeds], fmt) for a in arms]
         if any(cells):
             rows.append((name, cells))
 
