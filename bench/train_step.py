@@ -181,8 +181,7 @@ class Series:
         self.kind, self.overrides = kind, overrides
         self.run = self.cfg = None
         self.attn_cfg = compose([*overrides, f"attention={kind}"])  # for the step-time projection
-        self.points: list[dict] = []  # measured: tokens, pairs, step_s
-        self.one_doc: list[bool] = []  # per measured point: a one-document row
+        self.points: list[dict] = []  # measured: tokens, pairs, step_s, layout
         self.stopped: str | None = None
         self.build_s = None
 
@@ -240,15 +239,13 @@ def measure_point(series: Series, env, lengths: list[int], packed: bool, args, d
     # a step of minutes (dense at 1M) is its own warm-up: its first step's compilation and autotuning are a
     # negligible share (section 3k of docs/scaling.md: 181.3 s warm-up, 180.5 s timed), so it runs once
     warm_only = args.time_warmup_above is not None and warm_s > args.time_warmup_above
-    if cuda and not warm_only:
-        torch.cuda.reset_peak_memory_stats()
-    n_timed = args.steps
-    fits = int((deadline - time.perf_counter()) / (1.1 * warm_s))
-    if fits < n_timed:
-        n_timed = max(1, fits)
     if warm_only:
         n_timed, times = 1, [warm_s]
     else:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        fits = int((deadline - time.perf_counter()) / (1.1 * warm_s))
+        n_timed = min(args.steps, max(1, fits))
         times = timed_steps(lambda: timed(lambda: train_step(run), dev)[0], n_timed, args.cheap_s, deadline)
     step_s = statistics.median(times)
     row = {"tokens": n, "docs": len(lengths), "status": "ok", "warmup_s": round(warm_s, 4),
@@ -430,8 +427,7 @@ def run_bench(args) -> None:
             deadline = t_start + args.time_budget - (args.dense_reserve if kind == "msa" and "dense" in series else 0)
             point.update(measure_or_record(s, env, lengths, layout, args, max_len, deadline, progress))
             if point["status"] == "ok":
-                s.points.append({"tokens": n, "pairs": pairs, "step_s": point["step_s"]})
-                s.one_doc.append(layout == "one-doc")
+                s.points.append({"tokens": n, "pairs": pairs, "step_s": point["step_s"], "layout": layout})
             elif point["status"].startswith("OOM"):
                 s.stopped = f"OOM at {n} tokens ({layout})"
         brief = {k: v for k, v in point.items() if k not in ("profile", "host_profile", "doc_lengths")}
@@ -443,7 +439,7 @@ def run_bench(args) -> None:
     if args.extrapolate_dense and "dense" in series:
         dense = series["dense"]
         result["dense_extrapolated"] = extrapolate_dense(
-            result, [q for q, p in zip(dense.points, dense.one_doc) if p], dense.attn_cfg)
+            result, [q for q in dense.points if q["layout"] == "one-doc"], dense.attn_cfg)
         for e in result["dense_extrapolated"]:
             print(f"dense at {e['seq_len']} extrapolated ({e['how']}, from {e['from']}): {e['step_s']:.1f} s a step")
     print_table(result["points"])
