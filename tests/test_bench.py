@@ -785,19 +785,26 @@ def test_series_pairs_count_what_the_layers_attend():
     assert series_pairs(msa, [1 << 20]) < series_pairs(dense, [1 << 20]) / 5
 
 
-def test_no_skip_runs_a_point_the_projection_would_skip(tmp_path):
-    """With a budget that the first point already uses up, the second is skipped by its projection;
-    ``--no-skip`` runs it (the tiny model on CPU, a few seconds a run)."""
+def train_step_cpu(out, *args: str) -> dict:
+    """``python -m bench.train_step`` on CPU with the tiny model cut to 2 layers (seconds a run), its JSON
+    written to ``out``: the result."""
     import json
     import subprocess
     import sys
 
+    subprocess.run([sys.executable, "-m", "bench.train_step", "--device", "cpu", "--model", "tiny", *args, "--json",
+                    str(out), "--", "model.n_layers=2"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return json.loads(out.read_text())
+
+
+def test_no_skip_runs_a_point_the_projection_would_skip(tmp_path):
+    """With a budget that the first point already uses up, the second is skipped by its projection;
+    ``--no-skip`` runs it (the tiny model on CPU, a few seconds a run)."""
+
     def points(*extra):
-        out = tmp_path / f"ts{len(extra)}.json"
-        subprocess.run([sys.executable, "-m", "bench.train_step", "--device", "cpu", "--model", "tiny", "--lengths",
-                        "64", "128", "--packed", "--attention", "msa", "--time-budget", "0.01", "--json", str(out),
-                        *extra, "--", "model.n_layers=2"], cwd=ROOT, check=True, capture_output=True, timeout=300)
-        return [p["status"] for p in json.loads(out.read_text())["points"]]
+        res = train_step_cpu(tmp_path / f"ts{len(extra)}.json", "--lengths", "64", "128", "--packed", "--attention",
+                             "msa", "--time-budget", "0.01", *extra)
+        return [p["status"] for p in res["points"]]
 
     skipped = points()
     assert skipped[0] == "ok" and skipped[1].startswith("skipped (projected"), skipped
@@ -808,16 +815,11 @@ def test_time_warmup_above_times_a_long_point_by_its_warmup_step(tmp_path):
     """``--time-warmup-above S``: a point whose warm-up step took over S seconds runs no timed step after it;
     its step time is the warm-up step's and the record says so. Below S the timed steps run as before."""
     import json
-    import subprocess
-    import sys
 
     def point(*extra):
-        out = tmp_path / f"ts{len(extra)}.json"
-        subprocess.run([sys.executable, "-m", "bench.train_step", "--device", "cpu", "--model", "tiny", "--lengths",
-                        "128", "--packed", "--attention", "dense", "--steps", "2", "--cheap-s", "0", "--no-profile",
-                        "--no-skip", "--json", str(out), *extra, "--", "model.n_layers=2"],
-                       cwd=ROOT, check=True, capture_output=True, timeout=300)
-        return json.loads(out.read_text())["points"][0]
+        res = train_step_cpu(tmp_path / f"ts{len(extra)}.json", "--lengths", "128", "--packed", "--attention",
+                             "dense", "--steps", "2", "--cheap-s", "0", "--no-profile", "--no-skip", *extra)
+        return res["points"][0]
 
     once = point("--time-warmup-above", "0")
     assert once["status"] == "ok" and once["warmup_only"] is True
@@ -835,18 +837,12 @@ def test_msa_overrides_change_the_msa_series_only(tmp_path):
     """``--msa-overrides`` (a window first layer, tiny model on CPU) reaches the MSA series and not the dense
     one: the MSA series builds a window layer and its first step changes, dense's does not, and the label
     says so."""
-    import json
-    import subprocess
-    import sys
 
     from bench.render_docs import label
 
     def run(*extra):
-        out = tmp_path / f"ts{len(extra)}.json"
-        subprocess.run([sys.executable, "-m", "bench.train_step", "--device", "cpu", "--model", "tiny", "--lengths",
-                        "256", "--packed", "--steps", "1", "--no-profile", "--no-skip", "--json", str(out), *extra,
-                        "--", "model.n_layers=2"], cwd=ROOT, check=True, capture_output=True, timeout=300)
-        res = json.loads(out.read_text())
+        res = train_step_cpu(tmp_path / f"ts{len(extra)}.json", "--lengths", "256", "--packed", "--steps", "1",
+                             "--no-profile", "--no-skip", *extra)
         return res["meta"], {p["attention"]: p for p in res["points"]}
 
     meta0, plain = run()
@@ -1179,21 +1175,15 @@ def test_dense_lengths_and_extrapolated_dense_by_hand(tmp_path):
     """``--dense-lengths`` gives dense its own rows; ``--extrapolate-dense`` records dense's step at the MSA
     length it did not run, from its measured rows (``a*tokens + b*pairs`` through the two points, or the
     proportional scaling where a term comes out negative: hand-solved here), and the ratio table labels it."""
-    import json
-    import subprocess
-    import sys
 
     import numpy as np
 
     from bench.render_docs import render_train_step
     from bench.train_step import Series, series_pairs
 
-    out = tmp_path / "ts.json"
-    subprocess.run([sys.executable, "-m", "bench.train_step", "--device", "cpu", "--model", "tiny", "--lengths", "512",
-                    "--dense-lengths", "128", "256", "--packed", "--attention", "msa", "dense", "--steps", "1",
-                    "--no-profile", "--no-skip", "--extrapolate-dense", "--json", str(out), "--", "model.n_layers=2"],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
-    res = json.loads(out.read_text())
+    res = train_step_cpu(tmp_path / "ts.json", "--lengths", "512", "--dense-lengths", "128", "256", "--packed",
+                         "--attention", "msa", "dense", "--steps", "1", "--no-profile", "--no-skip",
+                         "--extrapolate-dense")
     assert [(p["attention"], p["seq_len"], p["status"]) for p in res["points"]] == [
         ("msa", 512, "ok"), ("dense", 128, "ok"), ("dense", 256, "ok")]
     (e,) = res["dense_extrapolated"]
