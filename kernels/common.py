@@ -1,5 +1,6 @@
-"""What the MSA kernels share, in plain torch on the inputs' device (and ``work_keys``, the one piece
-inside kernels: how a kernel reads a work item of ``build_csr``'s index).
+"""What the MSA kernels share: checks and the token layout in plain torch on the inputs' device, the reverse
+indexes of a selection (torch's sort between small Triton kernels), and ``work_keys`` (how a kernel reads
+a work item of ``build_csr``'s index).
 
 - ``LIMITS`` and ``check_limits``: the one copy of each shape rule the Triton kernels impose. The
   kernels check their arguments with it, and so do ``msa/layer.py`` and the trainer at start-up, so a
@@ -10,9 +11,10 @@ inside kernels: how a kernel reads a work item of ``build_csr``'s index).
   tile every document with ``block_size`` keys from the document's start, so each token belongs to
   exactly one virtual block and the block id ``c`` of a query in the document starting at ``s`` names
   the virtual block ``vb_off(doc) + c``.
-- two reverse (block -> entries) CSR indexes of a ``block_idx``, one per consumer, on one sorting
-  core (``_sort_entries``): every (batch, group, query, slot) entry whose block holds a key the query
-  can see, grouped by key block with a stable sort (the queries of a block stay in ascending order).
+- two reverse (block -> entries) CSR indexes of a ``block_idx``, one per consumer, each one stable
+  ``torch.sort`` of the entries' keys between small Triton kernels (keys, per-bucket counts by binary
+  search, the work items or chunks): every (batch, group, query, slot) entry whose block holds a key the
+  query can see, grouped by key block (the queries of a block stay in ascending order).
   ``build_csr`` (sparse_attention) cuts each block's entries into work items of at most ``chunk``,
   per query chunk, so a hot block (a sink every query picks) is spread over many programs;
   ``build_kl_csr`` (index_kl) pads each block's entries to ``block_m``-row chunks and groups chunks
@@ -166,15 +168,59 @@ def _packed_layout(N: int, block_size: int, cu_seqlens: torch.Tensor, device, n_
                   vb_end.to(torch.int32), n_blocks)
 
 
-def _sort_entries(key: torch.Tensor, n_buckets: int) -> tuple[torch.Tensor, ...]:
-    """Entries grouped by bucket ``key`` (``n_buckets``: left out, sorted last) with one stable sort:
-    the sorted keys, the entry ids in that order, each bucket's entry count and its first position."""
-    key, order = torch.sort(key, stable=True)
-    # the buckets' first positions in the sorted keys, by binary search: torch.bincount over as many
-    # buckets (B * Hkv * N for the index KL) ran as a global-memory-atomics histogram, 74-195 ms of a
-    # packed 192K step of model=small on an H200 (bench/step_speed.py profile, 2026-12-03)
-    first = torch.searchsorted(key, torch.arange(n_buckets + 1, device=key.device, dtype=key.dtype))
-    return key, order, first[1:] - first[:-1], first[:-1]
+# The CSR builds below run as a handful of small Triton kernels around one torch.sort and one cumsum: in plain
+# torch they were about 50 elementwise launches each per MSA layer and step (index arithmetic, gathers, casts),
+# and a short row's step is bound by launches on the host (docs/scaling.md, section 3m).
+_BLOCK = 1024
+
+
+def _grid(n: int) -> tuple[int]:
+    return (max(1, triton.cdiv(n, _BLOCK)),)
+
+
+@triton.jit
+def _search(keys, n, target, n_iter, RIGHT: tl.constexpr):
+    """Per lane, the first position ``p`` in the ascending ``keys[0:n]`` with ``keys[p] >= target`` (``>``
+    with ``RIGHT``): ``torch.searchsorted``. ``n_iter`` = ``n.bit_length()`` halvings empty the interval."""
+    lo = tl.zeros_like(target)
+    hi = lo + n
+    for _ in range(n_iter):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        k = tl.load(keys + mid, mask=active, other=0)
+        if RIGHT:
+            right = k <= target
+        else:
+            right = k < target
+        lo = tl.where(active & right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    return lo
+
+
+@triton.jit
+def _bucket_stats_kernel(key, E, n_iter, n_buckets, out, PER: tl.constexpr, PER2: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    u = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = u < n_buckets
+    first = _search(key, E, u, n_iter, False)
+    count = _search(key, E, u + 1, n_iter, False) - first
+    pieces = (count + PER - 1) // PER
+    tl.store(out + u, first, mask=m)
+    tl.store(out + n_buckets + u, count, mask=m)
+    tl.store(out + 2 * n_buckets + u, pieces, mask=m)
+    tl.store(out + 3 * n_buckets + u, (pieces + PER2 - 1) // PER2, mask=m)
+
+
+def _bucket_stats(key: torch.Tensor, n_buckets: int, per: int = 1, per2: int = 1) -> torch.Tensor:
+    """``[4, n_buckets]`` int64 of the ascending int64 ``key`` (values above ``n_buckets - 1`` left out):
+    each bucket's first position and entry count (a binary search each, as ``torch.searchsorted``: a
+    ``torch.bincount`` over as many buckets, ``B * Hkv * N`` for the index KL, ran as a global-atomics
+    histogram, 74-195 ms of a packed 192K step of ``model=small`` on an H200), its count in pieces of
+    ``per`` (rounded up), and that in pieces of ``per2``."""
+    out = torch.empty(4, n_buckets, dtype=torch.long, device=key.device)
+    _bucket_stats_kernel[_grid(n_buckets)](key, key.numel(), key.numel().bit_length(), n_buckets, out,
+                                           PER=per, PER2=per2, BLOCK=_BLOCK)
+    return out
 
 
 @dataclass
@@ -189,6 +235,36 @@ class CSR:
     q_chunk: int  # queries per chunk
 
 
+@triton.jit
+def _csr_key_kernel(block_idx, tok_start, tok_vb, key, E, NQ, TOPK, q_off, q_chunk, NV, NB, block_size, left_out,
+                    BLOCK: tl.constexpr):
+    """The sort key of every entry of ``block_idx``: (query chunk, batch and group, virtual block), or
+    ``left_out`` for an empty slot or a block the query cannot see."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = e < E
+    idx = tl.load(block_idx + e, mask=m, other=-1).to(tl.int64)
+    i = (e // TOPK) % NQ
+    pos = q_off + i - tl.load(tok_start + q_off + i, mask=m, other=0)
+    k = (i // q_chunk) * NB + (e // (TOPK * NQ)) * NV + tl.load(tok_vb + q_off + i, mask=m, other=0) + idx
+    tl.store(key + e, tl.where((idx >= 0) & (idx * block_size <= pos), k, left_out), mask=m)
+
+
+@triton.jit
+def _csr_work_kernel(bucket_work, n_bw, n_iter, stats, n_buckets, W, chunk, NB, work_bucket, work_start, work_end,
+                     BLOCK: tl.constexpr):
+    """Work item ``w`` of bucket ``u`` (``bucket_work[u] <= w < bucket_work[u + 1]``): ``chunk`` of its entries."""
+    w = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = w < W
+    u = _search(bucket_work, n_bw, w, n_iter, True) - 1
+    u = tl.where(m, u, 0)
+    first = tl.load(stats + u, mask=m, other=0)
+    start = first + (w - tl.load(bucket_work + u, mask=m, other=0)) * chunk
+    end = tl.minimum(start + chunk, first + tl.load(stats + n_buckets + u, mask=m, other=0))
+    tl.store(work_bucket + w, (u % NB).to(tl.int32), mask=m)
+    tl.store(work_start + w, start.to(tl.int32), mask=m)
+    tl.store(work_end + w, end.to(tl.int32), mask=m)
+
+
 def build_csr(block_idx: torch.Tensor, layout: Layout, block_size: int, q_off: int, chunk: int,
               q_chunk: int) -> CSR:
     """sparse_attention's reverse CSR of ``block_idx [B, Hkv, NQ, topk]`` whose queries sit at key
@@ -200,27 +276,65 @@ def build_csr(block_idx: torch.Tensor, layout: Layout, block_size: int, q_off: i
     device = block_idx.device
     NB = B * Hkv * layout.vb_start.numel()
     n_chunks = max(1, -(-NQ // q_chunk))
-    if B * Hkv * NQ * topk >= 2**31:
-        raise ValueError(f"B*Hkv*NQ*topk = {B * Hkv * NQ * topk} entries overflow int32 indices")
-    pos = torch.arange(q_off, q_off + NQ, device=device) - layout.tok_start[q_off:q_off + NQ]
-    idx = block_idx.long()
-    valid = (idx >= 0) & (idx * block_size <= pos[:, None])
-    br = torch.arange(B * Hkv, device=device).view(B, Hkv, 1, 1) * layout.vb_start.numel()
-    qc = (torch.arange(NQ, device=device) // q_chunk)[:, None] * NB
-    key = torch.where(valid, qc + br + layout.tok_vb[q_off:q_off + NQ, None] + idx, n_chunks * NB).flatten()
-    _, order, counts, offsets = _sort_entries(key, n_chunks * NB)
-    splits = (counts + chunk - 1) // chunk
-    split_end = torch.cumsum(splits, 0)
-    bucket_work = torch.cat([split_end.new_zeros(1), split_end])
+    E = B * Hkv * NQ * topk
+    if E >= 2**31:
+        raise ValueError(f"B*Hkv*NQ*topk = {E} entries overflow int32 indices")
+    key = torch.empty(E, dtype=torch.long, device=device)
+    _csr_key_kernel[_grid(E)](block_idx.contiguous(), layout.tok_start, layout.tok_vb, key, E, NQ, topk, q_off,
+                              q_chunk, layout.vb_start.numel(), NB, block_size, n_chunks * NB, BLOCK=_BLOCK)
+    key, order = torch.sort(key, stable=True)
+    n_buckets = n_chunks * NB
+    stats = _bucket_stats(key, n_buckets, per=chunk)
+    bucket_work = torch.zeros(n_buckets + 1, dtype=torch.long, device=device)
+    torch.cumsum(stats[2], 0, out=bucket_work[1:])
     chunk_work = bucket_work[::NB].tolist()  # the one host sync: the grid sizes
     W = chunk_work[-1]
-    work_key = torch.repeat_interleave(torch.arange(n_chunks * NB, device=device), splits, output_size=W)
-    k_in = torch.arange(W, device=device) - bucket_work[work_key]
-    work_start = offsets[work_key] + k_in * chunk
-    work_end = torch.minimum(work_start + chunk, offsets[work_key] + counts[work_key])
-    i32 = torch.int32
-    return CSR(order.to(i32), (work_key % NB).to(i32), work_start.to(i32), work_end.to(i32),
-               bucket_work.to(i32), chunk_work, q_chunk)
+    work = torch.empty(3, W, dtype=torch.int32, device=device)
+    _csr_work_kernel[_grid(W)](bucket_work, n_buckets + 1, (n_buckets + 1).bit_length(), stats, n_buckets, W,
+                               chunk, NB, work[0], work[1], work[2], BLOCK=_BLOCK)
+    return CSR(order.to(torch.int32), work[0], work[1], work[2], bucket_work.to(torch.int32), chunk_work, q_chunk)
+
+
+@triton.jit
+def _kl_key_kernel(blocks, sb, sr, si, ss, doc_start, key, E, HKV, NQ, S, N, block_size, n_keys,
+                   BLOCK: tl.constexpr):
+    """The sort key of entry ``e = ((b*Hkv + r)*NQ + i)*S + s`` of ``blocks`` (any strides): its key
+    block's first token in batch and group ``b*Hkv + r``, or ``n_keys`` for an empty slot."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = e < E
+    i = (e // S) % NQ
+    br = e // (S * NQ)
+    blk = tl.load(blocks + (br // HKV) * sb + (br % HKV) * sr + i * si + (e % S) * ss, mask=m, other=-1).to(tl.int64)
+    first = tl.load(doc_start + N - NQ + i, mask=m, other=0) + blk * block_size
+    tl.store(key + e, tl.where(blk >= 0, br * N + first, n_keys), mask=m)
+
+
+@triton.jit
+def _kl_ent_kernel(key, order, stats, cums, n_keys, E, ent, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+    """Sorted entry ``p`` of key ``k`` goes to row ``p - first[k]`` of ``k``'s first chunk."""
+    p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    k = tl.load(key + p, mask=p < E, other=n_keys)
+    ok = k < n_keys
+    kc = tl.where(ok, k, 0)
+    chunk_start = tl.load(cums + kc, mask=ok, other=0) - tl.load(stats + 2 * n_keys + kc, mask=ok, other=0)
+    pos = chunk_start * BLOCK_M + p - tl.load(stats + kc, mask=ok, other=0)
+    tl.store(ent + pos, tl.load(order + p, mask=ok, other=0), mask=ok)
+
+
+@triton.jit
+def _kl_table_kernel(stats, cums, n_keys, n_iter, P, chunks, pkey, pc0, pnc, BLOCK: tl.constexpr):
+    """Program ``p`` takes piece ``p - (first piece of key k)`` of key ``k``: up to ``chunks`` of its chunks."""
+    p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = p < P
+    k = _search(cums + n_keys, n_keys, p, n_iter, True)
+    ok = k < n_keys
+    k = tl.minimum(k, n_keys - 1)
+    n_chunk = tl.load(stats + 2 * n_keys + k, mask=m, other=0)
+    local = p - (tl.load(cums + n_keys + k, mask=m, other=0) - tl.load(stats + 3 * n_keys + k, mask=m, other=0))
+    c0 = tl.load(cums + k, mask=m, other=0) - n_chunk + local * chunks
+    tl.store(pkey + p, tl.where(ok, k, -1), mask=m)
+    tl.store(pc0 + p, c0.to(tl.int32), mask=m)
+    tl.store(pnc + p, tl.where(ok, tl.minimum(n_chunk - local * chunks, chunks), 0).to(tl.int32), mask=m)
 
 
 def build_kl_csr(blocks: torch.Tensor, N: int, doc_start: torch.Tensor, n_docs: int, block_size: int,
@@ -233,30 +347,23 @@ def build_kl_csr(blocks: torch.Tensor, N: int, doc_start: torch.Tensor, n_docs: 
     with ``key = (b * Hkv + r) * N + first key token`` (-1: an idle program)."""
     B, Hkv, NQ, S = blocks.shape
     device = blocks.device
-    flat = blocks.reshape(-1).long()
-    E = flat.numel()
-    e = torch.arange(E, device=device)
+    E = blocks.numel()
     n_keys = B * Hkv * N
-    first = doc_start[N - NQ + (e // S) % NQ] + flat * block_size
-    key, order, counts, seg_start = _sort_entries(torch.where(flat >= 0, (e // (S * NQ)) * N + first, n_keys),
-                                                  n_keys)
-    n_chunk = (counts + block_m - 1) // block_m
-    chunk_start = n_chunk.cumsum(0) - n_chunk
+    key = torch.empty(E, dtype=torch.long, device=device)
+    _kl_key_kernel[_grid(E)](blocks, *blocks.stride(), doc_start, key, E, Hkv, NQ, S, N, block_size, n_keys,
+                             BLOCK=_BLOCK)
+    key, order = torch.sort(key, stable=True)
+    stats = _bucket_stats(key, n_keys, per=block_m, per2=chunks)  # first, count, chunks, pieces per key
+    cums = stats[2:].cumsum(1)  # [2, n_keys]: chunks and pieces up to each key, inclusive
     n_seg_max = B * Hkv * (triton.cdiv(N, block_size) + n_docs)
     c_max = E // block_m + n_seg_max
-    k_ = key.clamp(max=n_keys - 1)
-    pos = torch.where(key < n_keys, chunk_start[k_] * block_m + e - seg_start[k_], c_max * block_m)
-    ent = torch.full((c_max * block_m + 1,), -1, dtype=torch.long, device=device).scatter_(0, pos, order)
-    n_piece = (n_chunk + chunks - 1) // chunks
-    piece_cum = n_piece.cumsum(0)
-    p = torch.arange(c_max // chunks + n_seg_max + 1, device=device)
-    k = torch.searchsorted(piece_cum, p, right=True)
-    ok = k < n_keys
-    k = k.clamp(max=n_keys - 1)
-    local = p - (piece_cum[k] - n_piece[k])
-    c0 = chunk_start[k] + local * chunks
-    nc = torch.clamp(n_chunk[k] - local * chunks, max=chunks)
-    return ent[:-1], torch.where(ok, k, -1), c0.to(torch.int32), torch.where(ok, nc, 0).to(torch.int32)
+    ent = torch.full((c_max * block_m,), -1, dtype=torch.long, device=device)
+    _kl_ent_kernel[_grid(E)](key, order, stats, cums, n_keys, E, ent, BLOCK_M=block_m, BLOCK=_BLOCK)
+    P = c_max // chunks + n_seg_max + 1
+    table = torch.empty(P, dtype=torch.long, device=device)
+    c0, nc = torch.empty(2, P, dtype=torch.int32, device=device)
+    _kl_table_kernel[_grid(P)](stats, cums, n_keys, n_keys.bit_length(), P, chunks, table, c0, nc, BLOCK=_BLOCK)
+    return ent, table, c0, nc
 
 
 @triton.jit
