@@ -3,13 +3,14 @@ kernels around one ``torch.sort``) against the plain-torch builders they replace
 (``kernels/common.py`` at commit 96edf29): every output equal, element for element, on awkward shapes.
 """
 
+import itertools
 import sys
 
 import pytest
 import torch
 import triton
 
-from kernels.common import _bucket_stats, build_csr, build_kl_csr, build_layout
+from kernels.common import _bucket_stats, _key_dtype, build_csr, build_kl_csr, build_layout
 
 pytestmark = pytest.mark.interpreter
 
@@ -135,12 +136,19 @@ def test_bucket_stats_equal_bincount():
     torch.bincount's, empty buckets and the left-out key (``n_buckets``) included, and so do the counts in
     pieces of ``per`` and of ``per2``."""
     g = torch.Generator().manual_seed(0)
-    for n_buckets, n in ((1, 5), (7, 100), (1000, 300), (50, 0), (3, 2000)):
+    for (n_buckets, n), dtype in itertools.product(((1, 5), (7, 100), (1000, 300), (50, 0), (3, 2000)),
+                                                   (torch.int32, torch.long)):
         key = torch.randint(0, n_buckets + 1, (n,), generator=g).sort().values
-        first, count, pieces, pieces2 = _bucket_stats(key, n_buckets, per=4, per2=3)
+        first, count, pieces, pieces2 = _bucket_stats(key.to(dtype), n_buckets, per=4, per2=3)
         want = torch.bincount(key, minlength=n_buckets + 1)[:n_buckets]
         assert torch.equal(count, want) and torch.equal(first, torch.cumsum(want, 0) - want)
         assert torch.equal(pieces, (want + 3) // 4) and torch.equal(pieces2, (pieces + 2) // 3)
+
+
+def test_sort_keys_are_int32_where_they_fit():
+    """A CUDA radix sort makes a pass per 8 key bits: the builders sort int32 keys (4 passes) unless the
+    left-out key, their largest, needs int64."""
+    assert _key_dtype(2**31 - 1) == torch.int32 and _key_dtype(2**31) == torch.long
 
 
 _NO_LAUNCH = {"aten.view", "aten.slice", "aten.select", "aten.unbind", "aten.detach", "aten.alias", "aten.empty",
