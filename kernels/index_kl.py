@@ -220,41 +220,79 @@ def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, gra
     chunk_list = list(_slot_chunks(block_idx, B, Hkv, NQ, block_size, doc_start, DI, budget))
     csrs = [build_kl_csr(c, N, doc_start, n_docs, block_size, block_m, chunks) for c in chunk_list]
 
-    # pass 1: log-normalisers over the support, merged across slots and slot chunks
-    lse_s = torch.full((B, Hkv, NQ), float("-inf"), device=dev)
+    # pass 1: log-normalisers over the support, merged across slots and slot chunks (with the main forward's
+    # lse, the student's only: one small kernel per slot chunk merges its partials, and the last one also
+    # writes each program's sum of the finite lse_S terms into ``loss_buf``)
+    rows = B * Hkv * NQ
+    n_merge = triton.cdiv(rows, _MERGE_ROWS)
+    lse_s = torch.empty(B, Hkv, NQ, device=dev)
     lse_t = None if lse is None else lse.float().contiguous()
     lse_t_acc = torch.full((B, Hkv, NQ, G), float("-inf"), device=dev) if lse is None else None
-    for blocks, (ent, pkey, pc0, pnc) in zip(chunk_list, csrs):
+    n_loss = [n_merge] + [csr[0].numel() // block_m for csr in csrs]
+    loss_buf = torch.zeros(sum(n_loss), device=dev)
+    for c, (blocks, (ent, pkey, pc0, pnc)) in enumerate(zip(chunk_list, csrs)):
         S = blocks.shape[-1]
         part_s = torch.full((B, Hkv, NQ, S), float("-inf"), device=dev)
         part_t = torch.full((B, Hkv, NQ, S, G), float("-inf"), device=dev) if lse is None else part_s
         index_kl_fwd_lse_kernel[(pkey.numel(),)](
             q, k, q_idx, k_idx, ent, pkey, pc0, pnc, part_s, part_t, *args, S, D, DI, *scales,
             TEACHER=lse is None, **meta)
-        lse_s = torch.logaddexp(lse_s, part_s.logsumexp(-1))
+        _merge_lse_kernel[(n_merge,)](part_s, lse_s, loss_buf, rows, S, FIRST=c == 0, LAST=c == len(csrs) - 1,
+                                      BLOCK_R=_MERGE_ROWS, BLOCK_S=_MERGE_SLOTS)
         if lse is None:
             lse_t_acc = torch.logaddexp(lse_t_acc, part_t.logsumexp(-2))
     if lse is None:
         lse_t = lse_t_acc.permute(0, 1, 3, 2).reshape(B, H, NQ).contiguous()
 
-    # pass 2: loss partials and gradients (the lse_S term of each row is added here, once)
-    loss = torch.where(torch.isfinite(lse_s), lse_s, 0.0).sum()
-    dq = torch.zeros(B, Hkv, NQ, DI, device=dev) if grad else None
+    # pass 2: loss partials and gradients (the lse_S term of each row was added in pass 1, once)
+    dq = None
     dk = torch.zeros(B, N, DI, device=dev) if grad else None
-    for blocks, (ent, pkey, pc0, pnc) in zip(chunk_list, csrs):
+    for c, (blocks, (ent, pkey, pc0, pnc)) in enumerate(zip(chunk_list, csrs)):
         S = blocks.shape[-1]
-        loss_part = torch.zeros(ent.numel() // block_m, device=dev)
+        loss_part = loss_buf[sum(n_loss[:c + 1]):sum(n_loss[:c + 2])]
         dq_part = torch.zeros(B, Hkv, NQ, S, DI, device=dev) if grad else loss_part
         index_kl_fwd_kernel[(pkey.numel(),)](
             q, k, q_idx, k_idx, ent, pkey, pc0, pnc, lse_s, lse_t, loss_part, dq_part,
             dk if grad else loss_part, *args, S, D, DI, *scales, GRAD=grad, **meta)
-        loss = loss + loss_part.sum()
         if grad:
-            dq += dq_part.sum(3)
+            dq = dq_part.sum(3) if dq is None else dq.add_(dq_part.sum(3))
     norm = 1.0 / (B * NQ * Hkv)
+    loss = loss_buf.sum() * norm
     if not grad:
-        return loss * norm, None, None
-    return loss * norm, dq.permute(0, 2, 1, 3).mul_(norm).contiguous(), dk.mul_(norm)
+        return loss, None, None
+    return loss, dq.permute(0, 2, 1, 3).mul_(norm).contiguous(), dk.mul_(norm)
+
+
+_MERGE_ROWS, _MERGE_SLOTS = 256, 16
+
+
+@triton.jit
+def _merge_lse_kernel(part, lse, loss_part, n_rows, S, FIRST: tl.constexpr, LAST: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``lse[r] = logaddexp(lse[r], logsumexp(part[r, :S]))`` over ``BLOCK_R`` rows (``FIRST``: ``lse`` not yet
+    written, taken as -inf); with ``LAST``, also this program's sum of the finite ``lse`` values into
+    ``loss_part[program]``. All -inf stays -inf (a row without support)."""
+    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = o_r < n_rows
+    if FIRST:
+        b_m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        b_acc = tl.zeros((BLOCK_R,), tl.float32)
+    else:
+        b_m = tl.load(lse + o_r, mask=m_r, other=float("-inf"))
+        b_acc = tl.where(b_m > float("-inf"), 1.0, 0.0)
+    for s0 in range(0, S, BLOCK_S):
+        o_s = s0 + tl.arange(0, BLOCK_S)
+        b_x = tl.load(part + o_r.to(tl.int64)[:, None] * S + o_s[None, :], mask=m_r[:, None] & (o_s < S)[None, :],
+                      other=float("-inf"))
+        b_new = tl.maximum(b_m, tl.max(b_x, 1))
+        b_safe = tl.where(b_new > float("-inf"), b_new, 0.0)
+        b_acc = b_acc * tl.exp(b_m - b_safe) + tl.sum(tl.exp(b_x - b_safe[:, None]), 1)
+        b_m = b_new
+    b_lse = tl.where(b_acc > 0, b_m + tl.log(b_acc), float("-inf"))
+    tl.store(lse + o_r, b_lse, mask=m_r)
+    if LAST:
+        finite = m_r & (b_lse > float("-inf")) & (b_lse < float("inf"))
+        tl.store(loss_part + tl.program_id(0), tl.sum(tl.where(finite, b_lse, 0.0), 0))
 
 
 # ---- the KL computed in the sparse attention's backward (kernels.sparse_attention.sparse_attention_kl): its
