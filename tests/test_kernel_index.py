@@ -370,3 +370,22 @@ def test_index_kl_in_slot_chunks_matches_reference(phase):
         assert err < 1e-5, f"{name}: rel rms {err:.2e}, max abs {(w - g).abs().max():.2e}"
     assert torch.equal(index_kl_fwd(q, k, q_idx.detach(), k_idx.detach(), block_idx, bs, cu, lse, False,
                                     budget=budget)[0], loss), "the loss without gradients is the same sum"
+
+
+def test_doc_tiles_are_built_once_per_cu_seqlens_and_shape():
+    """Every MSA layer of a step selects over the same ``cu_seqlens``: its query tiles are built once, again
+    only for another shape or after the tensor is written to; rows without one share theirs by shape."""
+    from kernels.index_topk import _build_doc_tiles, doc_tiles
+
+    cu = torch.tensor([0, 5, 40, 64], dtype=torch.int32)
+    first = doc_tiles(64, 8, cu, "cpu")
+    assert doc_tiles(64, 8, cu, "cpu") is first
+    assert doc_tiles(64, 16, cu, "cpu") is not first and doc_tiles(70, 8, cu, "cpu") is not first
+    assert all(torch.equal(a, b) for a, b in zip(first, _build_doc_tiles(64, 8, cu.clone(), "cpu")))
+    assert first[0].tolist()[:4] == [0, 5, 13, 21]  # a tile starts at each document start
+    cu[1] = 9  # written to: built again, from the new values
+    again = doc_tiles(64, 8, cu, "cpu")
+    assert again is not first and again[0].tolist()[:3] == [0, 8, 9]
+    one = doc_tiles(64, 8, None, "cpu")
+    assert doc_tiles(64, 8, None, "cpu") is one and one[0].tolist() == list(range(0, 64, 8))
+    assert one[2].tolist() == [64] * 8 and one[1].tolist() == [0] * 8
