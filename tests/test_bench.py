@@ -1200,3 +1200,51 @@ def test_dense_lengths_and_extrapolated_dense_by_hand(tmp_path):
     row = next(r for r in render_train_step([res]).splitlines() if ") | one-doc | 512 |" in r)  # dense vs MSA
     assert f"{e['tokens_per_s']:,} (extrapolated from 128, 256)" in row
     assert f"{msa / e['tokens_per_s']:.2f}x (dense extrapolated)" in row
+
+
+@pytest.mark.interpreter
+def test_launch_count_counts_by_hand():
+    """``bench.launch_count.Launches``: an add and a mul launch one kernel each, a view and an allocation none,
+    the fused RoPE one Triton kernel, and the interpreter's own copies around it nothing."""
+    from bench.launch_count import Launches
+    from kernels.rope import rotary_apply
+
+    x, cos, sin = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 4), torch.randn(1, 4, 1, 4)
+    with Launches() as n:
+        y = (x + 1).view(-1) * 2
+        torch.empty(3)
+        rotary_apply(y.view(1, 4, 2, 8), cos, sin, 8)
+    assert n.aten == {"aten.add": 1, "aten.mul": 1} and n.triton == {"rotary_kernel": 1} and n.total == 3
+
+
+@pytest.mark.interpreter
+def test_launch_count_sees_inside_the_kernels_custom_ops():
+    """``select_blocks`` runs its host code inside the custom op ``msa::select_blocks``, below where a dispatch
+    mode sees ops: the count still has its launches (the document tiles of a new shape, three ops; none once
+    they are built) and its kernel."""
+    import sys
+
+    from bench.launch_count import Launches
+    from kernels import select_blocks
+
+    sys.modules["kernels.index_topk"]._ONE_DOC_TILES.clear()  # a new shape, whatever ran before
+    q_idx, k_idx = torch.randn(1, 37, 1, 16), torch.randn(1, 37, 16)
+    with Launches() as first:
+        select_blocks(q_idx, k_idx, 16, 2)
+    with Launches() as again:
+        select_blocks(q_idx, k_idx, 16, 2)
+    assert first.aten == {"aten.arange": 1, "aten.zeros_like": 1, "aten.full_like": 1}
+    assert again.aten == {} and first.triton == again.triton == {"select_blocks_fwd_kernel": 1}
+
+
+@pytest.mark.interpreter
+def test_launch_count_of_a_dense_step():
+    """Two dense layers under selective checkpointing run each layer's q and k RoPE three times (forward,
+    recompute, backward): 12 Triton launches; the aten ops are the rest."""
+    from bench.launch_count import DEFAULTS, count_step
+
+    res = count_step([*DEFAULTS, "model.n_layers=2", "parallel.activation_checkpointing=true", "attention=dense"],
+                     64, packed=False)
+    assert res["triton_kernels"] == {"rotary_kernel": 12} and res["msa_layers"] == 0
+    assert res["total"] == res["aten"] + 12 == sum(res["aten_ops"].values()) + 12
+    assert res["aten_ops"]["aten.mm"] > 0 and "aten.view" not in res["aten_ops"]

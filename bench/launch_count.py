@@ -1,0 +1,168 @@
+"""Kernel launches per training step of one MSA layer against one dense layer, counted on the CPU.
+
+A short row's MSA step is bound by the host, which pays for every kernel it launches (``docs/scaling.md``:
+at 16K tokens ``model=small`` spent about two thirds of a profiled step with no kernel running). This counts,
+for one forward and backward of a model under selective activation checkpointing (the trainer's default),
+the aten ops that launch a kernel on a GPU (views and allocations left out) and the Triton kernel launches,
+with the kernels' host code run by the Triton interpreter on the CPU (``TRITON_INTERPRET=1``, set here; the
+interpreter's own tensor copies are not counted). Two models of ``--layers`` layers run the same row:
+``attention=dense`` and MSA with one dense first layer, so what an MSA layer adds is the difference over
+its ``layers - 1`` MSA layers.
+
+It counts launches, not time: a count can drop while the step does not get faster (a fused kernel that runs
+slower, or host time spent elsewhere: Python in autograd functions, synchronisations). The step time is
+measured on a GPU (``bench/step_time_old_new.py``, ``bench/train_step.py --host-profile``). On the CPU the
+RMSNorms run as PyTorch's composite (five ops, one fused kernel on CUDA), and a CUDA sort runs one launch per
+8 key bits where this counts one: so the CPU count of a layer is not the GPU's, but the same code's
+difference between two commits is.
+
+    python -m bench.launch_count [--seq-len 512] [--packed] [--json out.json] [-- overrides]
+
+Overrides are Hydra keys of ``python -m train`` (default ``model=tiny`` with 8 query heads over 2 KV heads,
+head dim 16, blocks of 16 keys, top-4, the Triton kernels and their fused RoPE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+from torch._library.custom_ops import _maybe_get_opdef  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from bench.meta import compose, run_meta  # noqa: E402
+
+# aten ops that launch no kernel: views, and allocations (host work, no launch)
+NO_LAUNCH = frozenset({
+    "aten.view", "aten.slice", "aten.select", "aten.unsqueeze", "aten.squeeze", "aten.expand", "aten.permute",
+    "aten.transpose", "aten.t", "aten.unbind", "aten.split", "aten.split_with_sizes", "aten.as_strided",
+    "aten._reshape_alias", "aten._unsafe_view", "aten.unflatten", "aten.detach", "aten.alias", "aten.empty",
+    "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided", "aten.lift_fresh",
+})
+
+DEFAULTS = ["model=tiny", "model.n_heads=8", "model.n_kv_heads=2", "model.head_dim=16", "model.rope_dim=8",
+            "model.rope_impl=triton", "attention.impl=triton", "attention.block_size=16", "attention.topk=4",
+            "attention.index_dim=16", "attention.n_dense_layers=1", "parallel.checkpoint_policy=selective"]
+
+
+def _in_interpreter() -> bool:
+    f = sys._getframe(2)
+    while f is not None:
+        name = f.f_code.co_filename
+        if "triton" in name and "interpreter" in name:
+            return True
+        f = f.f_back
+    return False
+
+
+class Launches(TorchDispatchMode):
+    """Inside: ``aten`` counts the kernel-launching aten ops by name, ``triton`` the Triton kernels by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.aten, self.triton = collections.Counter(), collections.Counter()
+        self._patched, self._depth = None, 0
+
+    def __enter__(self):
+        from triton.runtime import interpreter
+
+        self._depth += 1  # entered again around a custom op's host code: patched once
+        if self._depth > 1:
+            return super().__enter__()
+        if not hasattr(interpreter, "GridExecutor"):
+            raise RuntimeError("bench.launch_count needs Triton's interpreter (triton.runtime.interpreter."
+                               "GridExecutor), which this Triton version does not have")
+        call, counter = interpreter.GridExecutor.__call__, self.triton
+
+        def counted(executor, *args, **kwargs):
+            counter[getattr(executor.fn, "__name__", str(executor.fn))] += 1
+            return call(executor, *args, **kwargs)
+
+        interpreter.GridExecutor.__call__, self._patched = counted, call
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        from triton.runtime import interpreter
+
+        self._depth -= 1
+        if self._depth == 0:
+            interpreter.GridExecutor.__call__ = self._patched
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        opdef = _maybe_get_opdef(func) if name.startswith("msa.") else None
+        if opdef is not None:  # the kernels' custom ops: count what their host code launches, not the op
+            with self:
+                return opdef._init_fn(*args, **(kwargs or {}))
+        if name not in NO_LAUNCH and not _in_interpreter():
+            self.aten[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.aten.values()) + sum(self.triton.values())
+
+
+def count_step(overrides: list[str], seq_len: int, packed: bool) -> dict:
+    """Launches of the second forward+backward (the first builds the caches a step reuses) of the model that
+    ``overrides`` configure, on one row of ``seq_len`` tokens (``packed``: documents of 1/8, 3/8 and 1/2)."""
+    from train.model import build_model
+    from train.parallel.parallelize import checkpointed, selective_checkpointed
+
+    cfg = compose(overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.attention)
+    if cfg.parallel.activation_checkpointing:
+        if cfg.parallel.checkpoint_policy != "selective":
+            raise ValueError("bench.launch_count runs parallel.checkpoint_policy=selective only (full checkpointing "
+                             f"goes through DeepSpeed's engine: {checkpointed.__name__})")
+        model.set_block_runner(selective_checkpointed)
+    ids = torch.randint(0, cfg.model.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(seq_len)[None]}
+    if packed:
+        cuts = [0, seq_len // 8, seq_len // 2, seq_len]
+        batch["cu_seqlens"] = torch.tensor(cuts, dtype=torch.int32)
+        batch["position_ids"] = torch.cat([torch.arange(b - a) for a, b in zip(cuts, cuts[1:])])[None]
+
+    def step():
+        out = model(batch)
+        (out["lm_sum"] / out["n_tokens"] + out["kl"]).backward()
+
+    step()
+    with Launches() as n:
+        step()
+    return {"aten": n.total - sum(n.triton.values()), "triton": sum(n.triton.values()), "total": n.total,
+            "aten_ops": dict(n.aten.most_common()), "triton_kernels": dict(n.triton.most_common()),
+            "n_layers": cfg.model.n_layers, "msa_layers": len(model.msa_layers())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--packed", action="store_true", help="three documents in the row (cu_seqlens)")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    base = [*DEFAULTS, "model.n_layers=2", "parallel.activation_checkpointing=true", *args.overrides]
+    msa = count_step([*base, "attention=msa"], args.seq_len, args.packed)
+    dense = count_step([*base, "attention=dense"], args.seq_len, args.packed)
+    per_layer = (msa["total"] - dense["total"]) / max(msa["msa_layers"], 1)
+    result = {"meta": {**run_meta(), "seq_len": args.seq_len, "packed": args.packed, "overrides": base},
+              "msa": msa, "dense": dense, "msa_layer_extra": per_layer}
+    print(f"launches per step ({msa['n_layers']} layers, {args.seq_len} tokens{', packed' if args.packed else ''}): "
+          f"MSA {msa['total']} ({msa['aten']} aten + {msa['triton']} Triton), dense {dense['total']}; "
+          f"an MSA layer adds {per_layer:.0f}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
