@@ -24,7 +24,9 @@
 #      each point also under a CPU profile with Python stacks and the sync sites (--host-profile; ~2 min);
 #   8. old_new: one MSA training step of model=small, this tree against OLD_TREE (a `git archive` of commit
 #      OLD_COMMIT in an ignored folder, carried), side by side in alternating rounds
-#      (bench/step_time_old_new.py), at each of OLD_NEW_LENGTHS (default 16K, 32K, 128K; ~80 s each).
+#      (bench/step_time_old_new.py), at each of OLD_NEW_LENGTHS (default 16K, 32K, 128K; ~80 s each), after
+#      the GPU tests of the reverse-index builders and the index kernels (tests/test_kernel_csr.py,
+#      tests/test_kernel_index.py).
 #   9. rope: the fused RoPE kernel (kernels/rope.py) against the PyTorch path: bench/rope.py for small and
 #      base at 16K and 32K (device time, host time, kernels per forward+backward), its GPU tests, and MSA and
 #      dense steps of small at 16K and 32K with model.rope_impl=torch, then =triton, twice (~5 min);
@@ -96,6 +98,10 @@ if want old_new && [ ! -d "${OLD_TREE:-}/train" ]; then
 fi
 setup
 if want old_new; then
+  if [ "${CPU_CHECK:-0}" != 1 ]; then  # the new tree's reverse-index builders compiled, against the torch ones
+    TAIL=3 stage csr_tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_csr.py \
+      tests/test_kernel_index.py
+  fi
   for n in $OLD_NEW_LENGTHS; do
     TAIL=8 stage "old_new_$n" 90 python3 bench/step_time_old_new.py --old "$OLD_TREE" --old-commit "${OLD_COMMIT:-?}" \
       --new . "${OLD_NEW[@]}" --seq-len "$n" --json "$OUT/step_time_old_new_$n.json" -- $AC

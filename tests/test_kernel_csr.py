@@ -13,6 +13,8 @@ import triton
 from kernels.common import _bucket_stats, _key_dtype, build_csr, build_kl_csr, build_layout
 
 pytestmark = pytest.mark.interpreter
+# under the interpreter on the CPU; compiled on a GPU (the builders run on the inputs' device)
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 
 
 def _sort_entries_torch(key, n_buckets):
@@ -95,14 +97,15 @@ CASES = [  # B, Hkv, N, NQ, topk, block_size, cu_seqlens, q_chunk, chunk
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
-def test_build_csr_equals_the_torch_builder(case):
+def test_build_csr_equals_the_torch_builder(case, device):
     B, Hkv, N, NQ, topk, bs, cu, q_chunk, chunk = case
     g = torch.Generator().manual_seed(N)
-    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
-    layout = build_layout(N, bs, cu, "cpu")
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
+    layout = build_layout(N, bs, cu, device)
     for hot in (False, True):
-        block_idx = _selection(g, B, Hkv, NQ, N, topk, bs, layout.tok_start.long(), hot)
+        block_idx = _selection(g, B, Hkv, NQ, N, topk, bs, layout.tok_start.long().cpu(), hot).to(device)
         got = build_csr(block_idx, layout, bs, N - NQ, chunk, q_chunk)
         want = build_csr_torch(block_idx, layout, bs, N - NQ, chunk, q_chunk)
         fields = (got.entries, got.work_bucket, got.work_start, got.work_end, got.bucket_work)
@@ -111,18 +114,20 @@ def test_build_csr_equals_the_torch_builder(case):
         assert got.chunk_work == want[5] and got.q_chunk == q_chunk
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
-def test_build_kl_csr_equals_the_torch_builder(case):
+def test_build_kl_csr_equals_the_torch_builder(case, device):
     """On a selection, on a strided slice of it (index_kl's slot chunks) and on an expanded one (the
     dense warm-up's every-visible-block lists)."""
     B, Hkv, N, NQ, topk, bs, cu, _, _ = case
     g = torch.Generator().manual_seed(N + 1)
-    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
-    doc_start = build_layout(N, bs, cu_t, "cpu").tok_start.long()
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
+    doc_start = build_layout(N, bs, cu_t, device).tok_start.long()
     n_docs = 1 if cu is None else len(cu) - 1
-    sel = _selection(g, B, Hkv, NQ, N, topk, bs, doc_start, hot=True)
-    own = (torch.arange(N - NQ, N) - doc_start[N - NQ:]) // bs
-    dense = torch.where(torch.arange(3)[None, :] <= own[:, None], torch.arange(3)[None, :], -1).to(torch.int32)
+    sel = _selection(g, B, Hkv, NQ, N, topk, bs, doc_start.cpu(), hot=True).to(device)
+    own = (torch.arange(N - NQ, N, device=device) - doc_start[N - NQ:]) // bs
+    b = torch.arange(3, device=device)[None, :]
+    dense = torch.where(b <= own[:, None], b, -1).to(torch.int32)
     for blocks in (sel, sel[..., 1:3], dense.expand(B, Hkv, NQ, 3)):
         for block_m, chunks in ((16, 2), (128, 8)):
             got = build_kl_csr(blocks, N, doc_start, n_docs, bs, block_m, chunks)
@@ -131,14 +136,15 @@ def test_build_kl_csr_equals_the_torch_builder(case):
                 assert a.dtype == b.dtype and torch.equal(a, b), (name, tuple(blocks.stride()), block_m)
 
 
-def test_bucket_stats_equal_bincount():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bucket_stats_equal_bincount(device):
     """Each bucket's first position and count come from a binary search over the sorted keys; they equal
     torch.bincount's, empty buckets and the left-out key (``n_buckets``) included, and so do the counts in
     pieces of ``per`` and of ``per2``."""
     g = torch.Generator().manual_seed(0)
     for (n_buckets, n), dtype in itertools.product(((1, 5), (7, 100), (1000, 300), (50, 0), (3, 2000)),
                                                    (torch.int32, torch.long)):
-        key = torch.randint(0, n_buckets + 1, (n,), generator=g).sort().values
+        key = torch.randint(0, n_buckets + 1, (n,), generator=g).sort().values.to(device)
         first, count, pieces, pieces2 = _bucket_stats(key.to(dtype), n_buckets, per=4, per2=3)
         want = torch.bincount(key, minlength=n_buckets + 1)[:n_buckets]
         assert torch.equal(count, want) and torch.equal(first, torch.cumsum(want, 0) - want)
