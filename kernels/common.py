@@ -355,7 +355,8 @@ def build_kl_csr(blocks: torch.Tensor, N: int, doc_start: torch.Tensor, n_docs: 
     device = blocks.device
     E = blocks.numel()
     n_keys = B * Hkv * N
-    key = torch.empty(E, dtype=_key_dtype(n_keys), device=device)
+    # a block id in range (below ceil(N / block_size)) keeps the key below n_keys + N (no visibility check here)
+    key = torch.empty(E, dtype=_key_dtype(n_keys + N), device=device)
     _kl_key_kernel[_grid(E)](blocks, *blocks.stride(), doc_start, key, E, Hkv, NQ, S, N, block_size, n_keys,
                              BLOCK=_BLOCK)
     key, order = torch.sort(key, stable=True)
