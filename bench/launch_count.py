@@ -52,22 +52,31 @@ DEFAULTS = ["model=tiny", "model.n_heads=8", "model.n_kv_heads=2", "model.head_d
             "attention.index_dim=16", "attention.n_dense_layers=1", "parallel.checkpoint_policy=selective"]
 
 
-def _in_interpreter() -> bool:
-    f = sys._getframe(2)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _caller() -> str | None:
+    """``None`` inside Triton's interpreter (its own tensor copies), else the innermost frame of this
+    project's code outside ``bench/`` as ``path:function`` (``?`` for ops autograd's engine runs: backward
+    formulas of torch's own ops)."""
+    f, site = sys._getframe(2), None
     while f is not None:
         name = f.f_code.co_filename
         if "triton" in name and "interpreter" in name:
-            return True
+            return None
+        if site is None and name.startswith(str(ROOT)) and "/.venv/" not in name and "/bench/" not in name:
+            site = f"{Path(name).relative_to(ROOT).as_posix()}:{f.f_code.co_name}"
         f = f.f_back
-    return False
+    return site or "?"
 
 
 class Launches(TorchDispatchMode):
-    """Inside: ``aten`` counts the kernel-launching aten ops by name, ``triton`` the Triton kernels by name."""
+    """Inside: ``aten`` counts the kernel-launching aten ops by name, ``triton`` the Triton kernels by name,
+    ``sites`` the aten ops by the project function that called them (``_caller``)."""
 
     def __init__(self):
         super().__init__()
-        self.aten, self.triton = collections.Counter(), collections.Counter()
+        self.aten, self.triton, self.sites = collections.Counter(), collections.Counter(), collections.Counter()
         self._patched, self._depth = None, 0
 
     def __enter__(self):
@@ -102,8 +111,11 @@ class Launches(TorchDispatchMode):
         if opdef is not None:  # the kernels' custom ops: count what their host code launches, not the op
             with self:
                 return opdef._init_fn(*args, **(kwargs or {}))
-        if name not in NO_LAUNCH and not _in_interpreter():
-            self.aten[name] += 1
+        if name not in NO_LAUNCH:
+            site = _caller()
+            if site is not None:
+                self.aten[name] += 1
+                self.sites[site] += 1
         return func(*args, **(kwargs or {}))
 
     @property
@@ -141,6 +153,7 @@ def count_step(overrides: list[str], seq_len: int, packed: bool) -> dict:
         step()
     return {"aten": n.total - sum(n.triton.values()), "triton": sum(n.triton.values()), "total": n.total,
             "aten_ops": dict(n.aten.most_common()), "triton_kernels": dict(n.triton.most_common()),
+            "aten_by_caller": dict(n.sites.most_common()),
             "n_layers": cfg.model.n_layers, "msa_layers": len(model.msa_layers())}
 
 

@@ -1215,6 +1215,7 @@ def test_launch_count_counts_by_hand():
         torch.empty(3)
         rotary_apply(y.view(1, 4, 2, 8), cos, sin, 8)
     assert n.aten == {"aten.add": 1, "aten.mul": 1} and n.triton == {"rotary_kernel": 1} and n.total == 3
+    assert n.sites == {"tests/test_bench.py:test_launch_count_counts_by_hand": 2}  # who launched them
 
 
 @pytest.mark.interpreter
@@ -1234,6 +1235,7 @@ def test_launch_count_sees_inside_the_kernels_custom_ops():
     with Launches() as again:
         select_blocks(q_idx, k_idx, 16, 2)
     assert first.aten == {"aten.arange": 1, "aten.zeros_like": 1, "aten.full_like": 1}
+    assert first.sites == {"kernels/index_topk.py:_build_doc_tiles": 3}
     assert again.aten == {} and first.triton == again.triton == {"select_blocks_fwd_kernel": 1}
 
 

@@ -4,12 +4,12 @@ kernels around one ``torch.sort``) against the plain-torch builders they replace
 """
 
 import itertools
-import sys
 
 import pytest
 import torch
 import triton
 
+from bench.launch_count import Launches
 from kernels.common import _bucket_stats, _key_dtype, build_csr, build_kl_csr, build_layout
 
 pytestmark = pytest.mark.interpreter
@@ -157,54 +157,27 @@ def test_sort_keys_are_int32_where_they_fit():
     assert _key_dtype(2**31 - 1) == torch.int32 and _key_dtype(2**31) == torch.long
 
 
-_NO_LAUNCH = {"aten.view", "aten.slice", "aten.select", "aten.unbind", "aten.detach", "aten.alias", "aten.empty",
-              "aten.empty_like", "aten.empty_strided", "aten.as_strided"}
-
-
-def _in_interpreter() -> bool:
-    """Whether the caller runs inside Triton's interpreter (which copies a kernel's tensors through torch ops
-    of its own: on a GPU the launch is one, not those)."""
-    f = sys._getframe(1)
-    while f is not None:
-        if "triton" in f.f_code.co_filename and "interpreter" in f.f_code.co_filename:
-            return True
-        f = f.f_back
-    return False
-
-
-def _torch_launches(fn, *args):
-    """The aten ops that ``fn(*args)`` dispatches which run a kernel on a GPU (views, allocations and the
-    interpreter's own copies left out)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    ops = []
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if str(func.overloadpacket) not in _NO_LAUNCH and not _in_interpreter():
-                ops.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        fn(*args)
-    return ops
-
-
 def test_the_builders_launch_a_handful_of_torch_kernels():
     """A short row's training step is bound by kernel launches on the host, and each MSA layer builds both
-    indexes in every step: in plain torch they dispatched 50 and 59 kernel-launching ops here; now only
-    the sorts, the cumsums, two fills and two int32 casts run through torch (the rest is three and four
-    Triton launches)."""
+    indexes in every step: in plain torch they dispatched 47 and 59 kernel-launching ops here
+    (``bench.launch_count``'s count); now only the sorts, the cumsums, two fills and two int32 casts run
+    through torch, and three and four Triton kernels the rest."""
     B, Hkv, N, NQ, topk, bs, cu, q_chunk, chunk = CASES[2]
     cu = torch.tensor(cu, dtype=torch.int32)
     layout = build_layout(N, bs, cu, "cpu")
     g = torch.Generator().manual_seed(0)
     block_idx = _selection(g, B, Hkv, NQ, N, topk, bs, layout.tok_start.long(), hot=True)
-    csr_ops = _torch_launches(build_csr, block_idx, layout, bs, N - NQ, chunk, q_chunk)
-    kl_ops = _torch_launches(build_kl_csr, block_idx, N, layout.tok_start.long(), len(cu) - 1, bs, 16, 2)
-    assert sorted(csr_ops) == sorted(["aten.sort", "aten.zeros", "aten.cumsum", "aten._to_copy", "aten._to_copy"]), \
-        csr_ops
-    assert sorted(kl_ops) == sorted(["aten.sort", "aten.cumsum", "aten.full"]), kl_ops
-    old_csr = _torch_launches(build_csr_torch, block_idx, layout, bs, N - NQ, chunk, q_chunk)
-    old_kl = _torch_launches(build_kl_csr_torch, block_idx, N, layout.tok_start.long(), len(cu) - 1, bs, 16, 2)
-    assert len(old_csr) == 50 and len(old_kl) == 59, (len(old_csr), len(old_kl))
+    doc_start = layout.tok_start.long()
+    with Launches() as csr:
+        build_csr(block_idx, layout, bs, N - NQ, chunk, q_chunk)
+    with Launches() as kl:
+        build_kl_csr(block_idx, N, doc_start, len(cu) - 1, bs, 16, 2)
+    assert csr.aten == {"aten.sort": 1, "aten.zeros": 1, "aten.cumsum": 1, "aten._to_copy": 2}, csr.aten
+    assert csr.triton == {"_csr_key_kernel": 1, "_bucket_stats_kernel": 1, "_csr_work_kernel": 1}, csr.triton
+    assert kl.aten == {"aten.sort": 1, "aten.cumsum": 1, "aten.full": 1}, kl.aten
+    assert kl.triton == {"_kl_key_kernel": 1, "_bucket_stats_kernel": 1, "_kl_ent_kernel": 1, "_kl_table_kernel": 1}
+    with Launches() as old_csr:
+        build_csr_torch(block_idx, layout, bs, N - NQ, chunk, q_chunk)
+    with Launches() as old_kl:
+        build_kl_csr_torch(block_idx, N, doc_start, len(cu) - 1, bs, 16, 2)
+    assert (old_csr.total, old_kl.total) == (47, 59)
