@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import sys
@@ -52,20 +53,27 @@ DEFAULTS = ["model=tiny", "model.n_heads=8", "model.n_kv_heads=2", "model.head_d
             "attention.index_dim=16", "attention.n_dense_layers=1", "parallel.checkpoint_policy=selective"]
 
 
-ROOT = Path(__file__).resolve().parents[1]
+@functools.cache
+def _tree() -> str:
+    """The source tree whose code is counted: where ``kernels`` is imported from (``PYTHONPATH`` may put
+    another checkout first, to count an older commit with this script)."""
+    import kernels
+
+    return str(Path(kernels.__file__).resolve().parents[1])
 
 
 def _caller() -> str | None:
-    """``None`` inside Triton's interpreter (its own tensor copies), else the innermost frame of this
-    project's code outside ``bench/`` as ``path:function`` (``?`` for ops autograd's engine runs: backward
+    """``None`` inside Triton's interpreter (its own tensor copies), else the innermost frame of the counted
+    tree's code outside ``bench/`` as ``path:function`` (``?`` for ops autograd's engine runs: backward
     formulas of torch's own ops)."""
+    root = _tree()
     f, site = sys._getframe(2), None
     while f is not None:
         name = f.f_code.co_filename
         if "triton" in name and "interpreter" in name:
             return None
-        if site is None and name.startswith(str(ROOT)) and "/.venv/" not in name and "/bench/" not in name:
-            site = f"{Path(name).relative_to(ROOT).as_posix()}:{f.f_code.co_name}"
+        if site is None and name.startswith(root) and "/.venv/" not in name and "/bench/" not in name:
+            site = f"{Path(name).relative_to(root).as_posix()}:{f.f_code.co_name}"
         f = f.f_back
     return site or "?"
 
