@@ -1,8 +1,10 @@
 """Where a training step's GPU time goes: kernels from ``torch.profiler`` sorted into buckets by name.
 
 Buckets, checked in this order (the first match wins):
-- ``msa``: the Triton kernels of ``kernels/`` (``select_blocks_*``, ``sparse_attention_*``, ``index_kl_*``
-  and the older ``index_topk_*`` names);
+- ``msa``: the Triton kernels of ``kernels/`` (``select_blocks_*``, ``sparse_attention_*``, ``index_kl_*``,
+  the older ``index_topk_*`` names, and the reverse-index builders ``*csr*``: Triton kernels since commit
+  ``7c345b5``, before which the same work ran as torch's sorts and index ops under ``other`` and
+  ``elementwise``);
 - ``communication``: NCCL kernels;
 - ``attention``: dense attention (PyTorch's flash and memory-efficient kernels, cuDNN SDPA, FlexAttention);
 - ``other``: copies, memsets, sorts, scans and top-k (the CSR builds and selection bookkeeping that
@@ -21,7 +23,7 @@ import re
 BUCKETS = ("msa", "attention", "gemm", "elementwise", "communication", "other")
 
 _RULES = [
-    ("msa", re.compile(r"(^|[^a-z0-9])(select_blocks|sparse_attention|index_kl|index_topk)\w*kernel")),
+    ("msa", re.compile(r"(^|[^a-z0-9])(select_blocks|sparse_attention|index_kl|index_topk|csr)\w*kernel")),
     ("communication", re.compile(r"nccl|all_?reduce|all_?gather|reduce_?scatter|all_?to_?all|sendrecv", re.I)),
     ("attention", re.compile(r"flash|fmha|sdpa|attention|flex_attention|_attn_", re.I)),
     ("other", re.compile(r"memcpy|memset|radix|sort|scan|topk|bincount|histogram|unique", re.I)),

@@ -204,7 +204,7 @@ def _search(keys, n, target, n_iter, RIGHT: tl.constexpr):
 
 
 @triton.jit
-def _bucket_stats_kernel(key, E, n_iter, n_buckets, out, PER: tl.constexpr, PER2: tl.constexpr,
+def _csr_bucket_stats_kernel(key, E, n_iter, n_buckets, out, PER: tl.constexpr, PER2: tl.constexpr,
                          BLOCK: tl.constexpr):
     u = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = u < n_buckets
@@ -224,7 +224,7 @@ def _bucket_stats(key: torch.Tensor, n_buckets: int, per: int = 1, per2: int = 1
     histogram, 74-195 ms of a packed 192K step of ``model=small`` on an H200), its count in pieces of
     ``per`` (rounded up), and that in pieces of ``per2``."""
     out = torch.empty(4, n_buckets, dtype=torch.long, device=key.device)
-    _bucket_stats_kernel[_grid(n_buckets)](key, key.numel(), key.numel().bit_length(), n_buckets, out,
+    _csr_bucket_stats_kernel[_grid(n_buckets)](key, key.numel(), key.numel().bit_length(), n_buckets, out,
                                            PER=per, PER2=per2, BLOCK=_BLOCK)
     return out
 
@@ -302,7 +302,7 @@ def build_csr(block_idx: torch.Tensor, layout: Layout, block_size: int, q_off: i
 
 
 @triton.jit
-def _kl_key_kernel(blocks, sb, sr, si, ss, doc_start, key, E, HKV, NQ, S, N, block_size, n_keys,
+def _kl_csr_key_kernel(blocks, sb, sr, si, ss, doc_start, key, E, HKV, NQ, S, N, block_size, n_keys,
                    BLOCK: tl.constexpr):
     """The sort key of entry ``e = ((b*Hkv + r)*NQ + i)*S + s`` of ``blocks`` (any strides): its key
     block's first token in batch and group ``b*Hkv + r``, or ``n_keys`` for an empty slot."""
@@ -316,7 +316,7 @@ def _kl_key_kernel(blocks, sb, sr, si, ss, doc_start, key, E, HKV, NQ, S, N, blo
 
 
 @triton.jit
-def _kl_ent_kernel(key, order, stats, cums, n_keys, E, ent, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+def _kl_csr_ent_kernel(key, order, stats, cums, n_keys, E, ent, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
     """Sorted entry ``p`` of key ``k`` goes to row ``p - first[k]`` of ``k``'s first chunk."""
     p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     k = tl.load(key + p, mask=p < E, other=n_keys)
@@ -328,7 +328,7 @@ def _kl_ent_kernel(key, order, stats, cums, n_keys, E, ent, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def _kl_table_kernel(stats, cums, n_keys, n_iter, P, chunks, pkey, pc0, pnc, BLOCK: tl.constexpr):
+def _kl_csr_table_kernel(stats, cums, n_keys, n_iter, P, chunks, pkey, pc0, pnc, BLOCK: tl.constexpr):
     """Program ``p`` takes piece ``p - (first piece of key k)`` of key ``k``: up to ``chunks`` of its chunks."""
     p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = p < P
@@ -357,7 +357,7 @@ def build_kl_csr(blocks: torch.Tensor, N: int, doc_start: torch.Tensor, n_docs: 
     n_keys = B * Hkv * N
     # a block id in range (below ceil(N / block_size)) keeps the key below n_keys + N (no visibility check here)
     key = torch.empty(E, dtype=_key_dtype(n_keys + N), device=device)
-    _kl_key_kernel[_grid(E)](blocks, *blocks.stride(), doc_start, key, E, Hkv, NQ, S, N, block_size, n_keys,
+    _kl_csr_key_kernel[_grid(E)](blocks, *blocks.stride(), doc_start, key, E, Hkv, NQ, S, N, block_size, n_keys,
                              BLOCK=_BLOCK)
     key, order = torch.sort(key, stable=True)
     stats = _bucket_stats(key, n_keys, per=block_m, per2=chunks)  # first, count, chunks, pieces per key
@@ -365,11 +365,11 @@ def build_kl_csr(blocks: torch.Tensor, N: int, doc_start: torch.Tensor, n_docs: 
     n_seg_max = B * Hkv * (triton.cdiv(N, block_size) + n_docs)
     c_max = E // block_m + n_seg_max
     ent = torch.full((c_max * block_m,), -1, dtype=torch.long, device=device)
-    _kl_ent_kernel[_grid(E)](key, order, stats, cums, n_keys, E, ent, BLOCK_M=block_m, BLOCK=_BLOCK)
+    _kl_csr_ent_kernel[_grid(E)](key, order, stats, cums, n_keys, E, ent, BLOCK_M=block_m, BLOCK=_BLOCK)
     P = c_max // chunks + n_seg_max + 1
     table = torch.empty(P, dtype=torch.long, device=device)
     c0, nc = torch.empty(2, P, dtype=torch.int32, device=device)
-    _kl_table_kernel[_grid(P)](stats, cums, n_keys, n_keys.bit_length(), P, chunks, table, c0, nc, BLOCK=_BLOCK)
+    _kl_csr_table_kernel[_grid(P)](stats, cums, n_keys, n_keys.bit_length(), P, chunks, table, c0, nc, BLOCK=_BLOCK)
     return ent, table, c0, nc
 
 

@@ -237,7 +237,7 @@ def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, gra
         index_kl_fwd_lse_kernel[(pkey.numel(),)](
             q, k, q_idx, k_idx, ent, pkey, pc0, pnc, part_s, part_t, *args, S, D, DI, *scales,
             TEACHER=lse is None, **meta)
-        _merge_lse_kernel[(n_merge,)](part_s, lse_s, loss_buf, rows, S, FIRST=c == 0, LAST=c == len(csrs) - 1,
+        index_kl_merge_lse_kernel[(n_merge,)](part_s, lse_s, loss_buf, rows, S, FIRST=c == 0, LAST=c == len(csrs) - 1,
                                       BLOCK_R=_MERGE_ROWS, BLOCK_S=_MERGE_SLOTS)
         if lse is None:
             lse_t_acc = torch.logaddexp(lse_t_acc, part_t.logsumexp(-2))
@@ -267,7 +267,7 @@ _MERGE_ROWS, _MERGE_SLOTS = 256, 16
 
 
 @triton.jit
-def _merge_lse_kernel(part, lse, loss_part, n_rows, S, FIRST: tl.constexpr, LAST: tl.constexpr,
+def index_kl_merge_lse_kernel(part, lse, loss_part, n_rows, S, FIRST: tl.constexpr, LAST: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     """``lse[r] = logaddexp(lse[r], logsumexp(part[r, :S]))`` over ``BLOCK_R`` rows (``FIRST``: ``lse`` not yet
     written, taken as -inf); with ``LAST``, also this program's sum of the finite ``lse`` values into

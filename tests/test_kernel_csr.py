@@ -173,9 +173,10 @@ def test_the_builders_launch_a_handful_of_torch_kernels():
     with Launches() as kl:
         build_kl_csr(block_idx, N, doc_start, len(cu) - 1, bs, 16, 2)
     assert csr.aten == {"aten.sort": 1, "aten.zeros": 1, "aten.cumsum": 1, "aten._to_copy": 2}, csr.aten
-    assert csr.triton == {"_csr_key_kernel": 1, "_bucket_stats_kernel": 1, "_csr_work_kernel": 1}, csr.triton
+    assert csr.triton == {"_csr_key_kernel": 1, "_csr_bucket_stats_kernel": 1, "_csr_work_kernel": 1}, csr.triton
     assert kl.aten == {"aten.sort": 1, "aten.cumsum": 1, "aten.full": 1}, kl.aten
-    assert kl.triton == {"_kl_key_kernel": 1, "_bucket_stats_kernel": 1, "_kl_ent_kernel": 1, "_kl_table_kernel": 1}
+    assert kl.triton == {"_kl_csr_key_kernel": 1, "_csr_bucket_stats_kernel": 1, "_kl_csr_ent_kernel": 1,
+                         "_kl_csr_table_kernel": 1}
     with Launches() as old_csr:
         build_csr_torch(block_idx, layout, bs, N - NQ, chunk, q_chunk)
     with Launches() as old_kl:
