@@ -169,8 +169,8 @@ def _packed_layout(N: int, block_size: int, cu_seqlens: torch.Tensor, device, n_
 
 
 # The CSR builds below run as a handful of small Triton kernels around one torch.sort and one cumsum: in plain
-# torch they were about 50 elementwise launches each per MSA layer and step (index arithmetic, gathers, casts),
-# and a short row's step is bound by launches on the host (docs/scaling.md, section 3m).
+# torch they were 47 and 59 kernel-launching ops per MSA layer and step (index arithmetic, gathers, casts), and
+# a short row's step is bound by launches on the host (docs/scaling.md, section 3m).
 _BLOCK = 1024
 
 
@@ -205,7 +205,7 @@ def _search(keys, n, target, n_iter, RIGHT: tl.constexpr):
 
 @triton.jit
 def _csr_bucket_stats_kernel(key, E, n_iter, n_buckets, out, PER: tl.constexpr, PER2: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                             BLOCK: tl.constexpr):
     u = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = u < n_buckets
     first = _search(key, E, u, n_iter, False)
@@ -225,7 +225,7 @@ def _bucket_stats(key: torch.Tensor, n_buckets: int, per: int = 1, per2: int = 1
     ``per`` (rounded up), and that in pieces of ``per2``."""
     out = torch.empty(4, n_buckets, dtype=torch.long, device=key.device)
     _csr_bucket_stats_kernel[_grid(n_buckets)](key, key.numel(), key.numel().bit_length(), n_buckets, out,
-                                           PER=per, PER2=per2, BLOCK=_BLOCK)
+                                               PER=per, PER2=per2, BLOCK=_BLOCK)
     return out
 
 
@@ -303,7 +303,7 @@ def build_csr(block_idx: torch.Tensor, layout: Layout, block_size: int, q_off: i
 
 @triton.jit
 def _kl_csr_key_kernel(blocks, sb, sr, si, ss, doc_start, key, E, HKV, NQ, S, N, block_size, n_keys,
-                   BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr):
     """The sort key of entry ``e = ((b*Hkv + r)*NQ + i)*S + s`` of ``blocks`` (any strides): its key
     block's first token in batch and group ``b*Hkv + r``, or ``n_keys`` for an empty slot."""
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -358,7 +358,7 @@ def build_kl_csr(blocks: torch.Tensor, N: int, doc_start: torch.Tensor, n_docs: 
     # a block id in range (below ceil(N / block_size)) keeps the key below n_keys + N (no visibility check here)
     key = torch.empty(E, dtype=_key_dtype(n_keys + N), device=device)
     _kl_csr_key_kernel[_grid(E)](blocks, *blocks.stride(), doc_start, key, E, Hkv, NQ, S, N, block_size, n_keys,
-                             BLOCK=_BLOCK)
+                                 BLOCK=_BLOCK)
     key, order = torch.sort(key, stable=True)
     stats = _bucket_stats(key, n_keys, per=block_m, per2=chunks)  # first, count, chunks, pieces per key
     cums = stats[2:].cumsum(1)  # [2, n_keys]: chunks and pieces up to each key, inclusive

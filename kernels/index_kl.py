@@ -179,6 +179,38 @@ def index_kl_fwd_kernel(
                       mask=m_j[:, None] & m_di[None, :], sem="relaxed")
 
 
+_MERGE_ROWS, _MERGE_SLOTS = 256, 16
+
+
+@triton.jit
+def index_kl_merge_lse_kernel(part, lse, loss_part, n_rows, S, FIRST: tl.constexpr, LAST: tl.constexpr,
+                              BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``lse[r] = logaddexp(lse[r], logsumexp(part[r, :S]))`` over ``BLOCK_R`` rows (``FIRST``: ``lse`` not yet
+    written, taken as -inf); with ``LAST``, also this program's sum of the finite ``lse`` values into
+    ``loss_part[program]``. All -inf stays -inf (a row without support)."""
+    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = o_r < n_rows
+    if FIRST:
+        b_m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        b_acc = tl.zeros((BLOCK_R,), tl.float32)
+    else:
+        b_m = tl.load(lse + o_r, mask=m_r, other=float("-inf"))
+        b_acc = tl.where(b_m > float("-inf"), 1.0, 0.0)
+    for s0 in range(0, S, BLOCK_S):
+        o_s = s0 + tl.arange(0, BLOCK_S)
+        b_x = tl.load(part + o_r.to(tl.int64)[:, None] * S + o_s[None, :], mask=m_r[:, None] & (o_s < S)[None, :],
+                      other=float("-inf"))
+        b_new = tl.maximum(b_m, tl.max(b_x, 1))
+        b_safe = tl.where(b_new > float("-inf"), b_new, 0.0)
+        b_acc = b_acc * tl.exp(b_m - b_safe) + tl.sum(tl.exp(b_x - b_safe[:, None]), 1)
+        b_m = b_new
+    b_lse = tl.where(b_acc > 0, b_m + tl.log(b_acc), float("-inf"))
+    tl.store(lse + o_r, b_lse, mask=m_r)
+    if LAST:
+        finite = m_r & (b_lse > float("-inf")) & (b_lse < float("inf"))
+        tl.store(loss_part + tl.program_id(0), tl.sum(tl.where(finite, b_lse, 0.0), 0))
+
+
 def _slot_chunks(block_idx, B, Hkv, NQ, block_size, doc_start, DI, budget):
     """Yield ``[B, Hkv, NQ, S]`` block lists whose per-entry ``dq_idx`` partials fit in ``budget`` bytes:
     slices of ``block_idx``, or for the dense warm-up (``block_idx=None``) every visible block."""
@@ -237,8 +269,8 @@ def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, gra
         index_kl_fwd_lse_kernel[(pkey.numel(),)](
             q, k, q_idx, k_idx, ent, pkey, pc0, pnc, part_s, part_t, *args, S, D, DI, *scales,
             TEACHER=lse is None, **meta)
-        index_kl_merge_lse_kernel[(n_merge,)](part_s, lse_s, loss_buf, rows, S, FIRST=c == 0, LAST=c == len(csrs) - 1,
-                                      BLOCK_R=_MERGE_ROWS, BLOCK_S=_MERGE_SLOTS)
+        index_kl_merge_lse_kernel[(n_merge,)](part_s, lse_s, loss_buf, rows, S, FIRST=c == 0,
+                                              LAST=c == len(csrs) - 1, BLOCK_R=_MERGE_ROWS, BLOCK_S=_MERGE_SLOTS)
         if lse is None:
             lse_t_acc = torch.logaddexp(lse_t_acc, part_t.logsumexp(-2))
     if lse is None:
@@ -261,38 +293,6 @@ def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, gra
     if not grad:
         return loss, None, None
     return loss, dq.permute(0, 2, 1, 3).mul_(norm).contiguous(), dk.mul_(norm)
-
-
-_MERGE_ROWS, _MERGE_SLOTS = 256, 16
-
-
-@triton.jit
-def index_kl_merge_lse_kernel(part, lse, loss_part, n_rows, S, FIRST: tl.constexpr, LAST: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    """``lse[r] = logaddexp(lse[r], logsumexp(part[r, :S]))`` over ``BLOCK_R`` rows (``FIRST``: ``lse`` not yet
-    written, taken as -inf); with ``LAST``, also this program's sum of the finite ``lse`` values into
-    ``loss_part[program]``. All -inf stays -inf (a row without support)."""
-    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_r = o_r < n_rows
-    if FIRST:
-        b_m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-        b_acc = tl.zeros((BLOCK_R,), tl.float32)
-    else:
-        b_m = tl.load(lse + o_r, mask=m_r, other=float("-inf"))
-        b_acc = tl.where(b_m > float("-inf"), 1.0, 0.0)
-    for s0 in range(0, S, BLOCK_S):
-        o_s = s0 + tl.arange(0, BLOCK_S)
-        b_x = tl.load(part + o_r.to(tl.int64)[:, None] * S + o_s[None, :], mask=m_r[:, None] & (o_s < S)[None, :],
-                      other=float("-inf"))
-        b_new = tl.maximum(b_m, tl.max(b_x, 1))
-        b_safe = tl.where(b_new > float("-inf"), b_new, 0.0)
-        b_acc = b_acc * tl.exp(b_m - b_safe) + tl.sum(tl.exp(b_x - b_safe[:, None]), 1)
-        b_m = b_new
-    b_lse = tl.where(b_acc > 0, b_m + tl.log(b_acc), float("-inf"))
-    tl.store(lse + o_r, b_lse, mask=m_r)
-    if LAST:
-        finite = m_r & (b_lse > float("-inf")) & (b_lse < float("inf"))
-        tl.store(loss_part + tl.program_id(0), tl.sum(tl.where(finite, b_lse, 0.0), 0))
 
 
 # ---- the KL computed in the sparse attention's backward (kernels.sparse_attention.sparse_attention_kl): its
