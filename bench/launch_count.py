@@ -135,15 +135,15 @@ def count_step(overrides: list[str], seq_len: int, packed: bool) -> dict:
     """Launches of the second forward+backward (the first builds the caches a step reuses) of the model that
     ``overrides`` configure, on one row of ``seq_len`` tokens (``packed``: documents of 1/8, 3/8 and 1/2)."""
     from train.model import build_model
-    from train.parallel.parallelize import checkpointed, selective_checkpointed
+    from train.parallel.parallelize import selective_checkpointed
 
     cfg = compose(overrides)
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.attention)
     if cfg.parallel.activation_checkpointing:
         if cfg.parallel.checkpoint_policy != "selective":
-            raise ValueError("bench.launch_count runs parallel.checkpoint_policy=selective only (full checkpointing "
-                             f"goes through DeepSpeed's engine: {checkpointed.__name__})")
+            raise ValueError("bench.launch_count runs parallel.checkpoint_policy=selective only: full checkpointing "
+                             "goes through DeepSpeed's engine, which this count does not build")
         model.set_block_runner(selective_checkpointed)
     ids = torch.randint(0, cfg.model.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(seq_len)[None]}
