@@ -126,8 +126,8 @@ def test_build_kl_csr_equals_the_torch_builder(case, device):
     n_docs = 1 if cu is None else len(cu) - 1
     sel = _selection(g, B, Hkv, NQ, N, topk, bs, doc_start.cpu(), hot=True).to(device)
     own = (torch.arange(N - NQ, N, device=device) - doc_start[N - NQ:]) // bs
-    b = torch.arange(3, device=device)[None, :]
-    dense = torch.where(b <= own[:, None], b, -1).to(torch.int32)
+    first3 = torch.arange(3, device=device)[None, :]
+    dense = torch.where(first3 <= own[:, None], first3, -1).to(torch.int32)
     for blocks in (sel, sel[..., 1:3], dense.expand(B, Hkv, NQ, 3)):
         for block_m, chunks in ((16, 2), (128, 8)):
             got = build_kl_csr(blocks, N, doc_start, n_docs, bs, block_m, chunks)
@@ -153,7 +153,7 @@ def test_bucket_stats_equal_bincount(device):
 
 def test_sort_keys_are_int32_where_they_fit():
     """A CUDA radix sort makes a pass per 8 key bits: the builders sort int32 keys (4 passes) unless the
-    left-out key, their largest, needs int64."""
+    largest key they can make needs int64."""
     assert _key_dtype(2**31 - 1) == torch.int32 and _key_dtype(2**31) == torch.long
 
 
