@@ -5,16 +5,17 @@ at 16K tokens ``model=small`` spent about two thirds of a profiled step with no 
 for one forward and backward of a model under selective activation checkpointing (the trainer's default),
 the aten ops that launch a kernel on a GPU (views and allocations left out) and the Triton kernel launches,
 with the kernels' host code run by the Triton interpreter on the CPU (``TRITON_INTERPRET=1``, set here; the
-interpreter's own tensor copies are not counted). Two models of ``--layers`` layers run the same row:
-``attention=dense`` and MSA with one dense first layer, so what an MSA layer adds is the difference over
-its ``layers - 1`` MSA layers.
+interpreter's own tensor copies are not counted). Two models of ``model.n_layers`` layers (2 unless an
+override says otherwise) run the same row: ``attention=dense`` and MSA with one dense first layer, so what
+an MSA layer adds is the difference over its MSA layers. The ops are also counted by the function of the
+counted tree that launched them (``aten_by_caller``; ``?`` for autograd's own backward formulas).
 
 It counts launches, not time: a count can drop while the step does not get faster (a fused kernel that runs
 slower, or host time spent elsewhere: Python in autograd functions, synchronisations). The step time is
 measured on a GPU (``bench/step_time_old_new.py``, ``bench/train_step.py --host-profile``). On the CPU the
 RMSNorms run as PyTorch's composite (five ops, one fused kernel on CUDA), and a CUDA sort runs one launch per
-8 key bits where this counts one: so the CPU count of a layer is not the GPU's, but the same code's
-difference between two commits is.
+8 key bits where this counts one: so the CPU count of a layer is not the GPU's, but the difference between
+two commits' counts carries over.
 
     python -m bench.launch_count [--seq-len 512] [--packed] [--json out.json] [-- overrides]
 
