@@ -4,11 +4,12 @@ A short row's MSA step is bound by the host, which pays for every kernel it laun
 at 16K tokens ``model=small`` spent about two thirds of a profiled step with no kernel running). This counts,
 for one forward and backward of a model under selective activation checkpointing (the trainer's default),
 the aten ops that launch a kernel on a GPU (views and allocations left out) and the Triton kernel launches,
-with the kernels' host code run by the Triton interpreter on the CPU (``TRITON_INTERPRET=1``, set here; the
-interpreter's own tensor copies are not counted). Two models of ``model.n_layers`` layers (2 unless an
-override says otherwise) run the same row: ``attention=dense`` and MSA with one dense first layer, so what
-an MSA layer adds is the difference over its MSA layers. The ops are also counted by the function of the
-counted tree that launched them (``aten_by_caller``; ``?`` for autograd's own backward formulas).
+with the kernels' host code run by the Triton interpreter on the CPU (``TRITON_INTERPRET=1``, which the
+command line sets; the interpreter's own tensor copies are not counted). Two models of ``model.n_layers``
+layers (2 unless an override says otherwise) run the same row: ``attention=dense`` and MSA with one dense
+first layer, so what an MSA layer adds is the difference over its MSA layers. The ops are also counted by
+the function of the counted tree that launched them (``aten_by_caller``; ``?`` for autograd's own backward
+formulas).
 
 It counts launches, not time: a count can drop while the step does not get faster (a fused kernel that runs
 slower, or host time spent elsewhere: Python in autograd functions, synchronisations). The step time is
@@ -33,13 +34,11 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+from torch._library.custom_ops import _maybe_get_opdef
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import torch  # noqa: E402
-from torch._library.custom_ops import _maybe_get_opdef  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from bench.meta import compose, run_meta  # noqa: E402
+from bench.meta import compose, run_meta
 
 # aten ops that launch no kernel: views, and allocations (host work, no launch)
 NO_LAUNCH = frozenset({
@@ -94,6 +93,10 @@ class Launches(TorchDispatchMode):
         self._depth += 1  # entered again around a custom op's host code: patched once
         if self._depth > 1:
             return super().__enter__()
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            self._depth = 0
+            raise RuntimeError("bench.launch_count counts Triton launches under the interpreter: set "
+                               "TRITON_INTERPRET=1 before triton is imported (python -m bench.launch_count does)")
         if not hasattr(interpreter, "GridExecutor"):
             raise RuntimeError("bench.launch_count needs Triton's interpreter (triton.runtime.interpreter."
                                "GridExecutor), which this Triton version does not have")
@@ -167,6 +170,12 @@ def count_step(overrides: list[str], seq_len: int, packed: bool) -> dict:
 
 
 def main() -> None:
+    # here, not at import: a test module that imports this on a GPU machine must not switch Triton to the
+    # interpreter for every kernel test after it (TRITON_INTERPRET is read when a kernel is first decorated)
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("bench.launch_count: triton was imported before TRITON_INTERPRET=1 could be set; run it as "
+                 "python -m bench.launch_count")
+    os.environ["TRITON_INTERPRET"] = "1"
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--packed", action="store_true", help="three documents in the row (cu_seqlens)")

@@ -1266,3 +1266,24 @@ def test_an_msa_layer_launches_at_most_108_kernels_more_than_a_dense_layer():
     dense = count_step([*base, "attention=dense"], 128, packed=False)
     assert msa["msa_layers"] == 1 and msa["triton_kernels"]["sparse_attention_fwd_kernel"] == 1  # the sparse path
     assert 50 <= msa["total"] - dense["total"] <= 108, (msa["total"], dense["total"])
+
+
+def test_launch_count_leaves_triton_alone_on_import(monkeypatch):
+    """Importing ``bench.launch_count`` (as ``tests/test_kernel_csr.py`` does) must not switch Triton to its
+    interpreter: on a GPU machine every kernel test after it would run interpreted. Only its command line sets
+    ``TRITON_INTERPRET``, and counting without it is a clear error."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import os, bench.launch_count; print(os.environ.get('TRITON_INTERPRET'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True,
+                         timeout=120).stdout
+    assert out.strip() == "None"
+    from bench.launch_count import Launches
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        with Launches():
+            pass
