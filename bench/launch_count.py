@@ -35,7 +35,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torch._library.custom_ops import _maybe_get_opdef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.meta import compose, run_meta
@@ -118,6 +117,8 @@ class Launches(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._library.custom_ops import _maybe_get_opdef  # private: imported where counting needs it
+
         name = str(func.overloadpacket)
         opdef = _maybe_get_opdef(func) if name.startswith("msa.") else None
         if opdef is not None:  # the kernels' custom ops: count what their host code launches, not the op
