@@ -139,6 +139,7 @@ class Launches(TorchDispatchMode):
 def count_step(overrides: list[str], seq_len: int, packed: bool) -> dict:
     """Launches of the second forward+backward (the first builds the caches a step reuses) of the model that
     ``overrides`` configure, on one row of ``seq_len`` tokens (``packed``: documents of 1/8, 3/8 and 1/2)."""
+    from bench.train_step import make_batch
     from train.model import build_model
     from train.parallel.parallelize import selective_checkpointed
 
@@ -150,12 +151,8 @@ def count_step(overrides: list[str], seq_len: int, packed: bool) -> dict:
             raise ValueError("bench.launch_count runs parallel.checkpoint_policy=selective only: full checkpointing "
                              "goes through DeepSpeed's engine, which this count does not build")
         model.set_block_runner(selective_checkpointed)
-    ids = torch.randint(0, cfg.model.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(seq_len)[None]}
-    if packed:
-        cuts = [0, seq_len // 8, seq_len // 2, seq_len]
-        batch["cu_seqlens"] = torch.tensor(cuts, dtype=torch.int32)
-        batch["position_ids"] = torch.cat([torch.arange(b - a) for a, b in zip(cuts, cuts[1:])])[None]
+    lengths = [seq_len // 8, seq_len // 2 - seq_len // 8, seq_len - seq_len // 2] if packed else [seq_len]
+    batch = make_batch(lengths, cfg.model.vocab_size, seed=0, packed=packed)
 
     def step():
         out = model(batch)
