@@ -74,7 +74,7 @@ def check_limits(*, head_dim: int | None = None, block_size: int | None = None, 
 # to: every MSA layer of a step gets the same tensor three times (selection, attention, KL), and each
 # check or layout built again cost device->host reads (which stall the launch queue) and small launches.
 _CHECKED = WeakIdKeyDictionary()  # cu_seqlens -> (version, N) it passed check_cu_seqlens with
-_LAYOUTS = WeakIdKeyDictionary()  # cu_seqlens -> ((version, N, block_size, device), Layout)
+_LAYOUTS = WeakIdKeyDictionary()  # cu_seqlens -> ((version, N, block_size, device), Layout): per_cu_seqlens
 _ONE_DOC_LAYOUTS: dict = {}  # (N, block_size, device) -> Layout of one document per row (read only)
 
 
@@ -130,28 +130,43 @@ class Layout:
     n_blocks: int  # ceil(N / block_size): the valid range of block ids, as in the reference
 
 
+def per_cu_seqlens(cache: WeakIdKeyDictionary, one_doc: dict, cu_seqlens: torch.Tensor | None, shape: tuple,
+                   device, build):
+    """``build(device)``, kept for reuse: per ``cu_seqlens`` tensor in ``cache`` while it lives unwritten (every
+    MSA layer of a step gets the same one) with the ``shape`` it was built for, and for rows without one
+    (``cu_seqlens`` None) per ``shape`` in ``one_doc``, a few shapes (a recipe's stages, evals at several
+    lengths). What is kept is shared: read it, do not write to it."""
+    device = torch.device(device)
+    if cu_seqlens is None:
+        key = (*shape, device)
+        if key not in one_doc:
+            if len(one_doc) >= 8:
+                one_doc.pop(next(iter(one_doc)))
+            one_doc[key] = build(device)
+        return one_doc[key]
+    key = (tensor_version(cu_seqlens), *shape, device)
+    cached = cache.get(cu_seqlens)
+    if key[0] is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    value = build(device)
+    if key[0] is not None:  # inference mode keeps no version counter: nothing to key on
+        cache[cu_seqlens] = (key, value)
+    return value
+
+
 def build_layout(N: int, block_size: int, cu_seqlens: torch.Tensor | None, device) -> Layout:
     """The layout of ``N`` keys; ``cu_seqlens`` must have passed ``check_cu_seqlens``. Built once per
     ``cu_seqlens`` tensor (while it lives unwritten) and shape: the layers of a step share it."""
     n_blocks = -(-N // block_size)
-    if cu_seqlens is None:  # one document per row: the same layout for every layer and step of a shape
-        key = (N, block_size, torch.device(device))
-        if key not in _ONE_DOC_LAYOUTS:
-            if len(_ONE_DOC_LAYOUTS) >= 8:  # a few shapes (a recipe's stages, evals at several lengths)
-                _ONE_DOC_LAYOUTS.pop(next(iter(_ONE_DOC_LAYOUTS)))
-            vb_start = torch.arange(n_blocks, device=key[2], dtype=torch.int32) * block_size
-            _ONE_DOC_LAYOUTS[key] = Layout(torch.zeros(N, dtype=torch.int32, device=key[2]),
-                                           torch.zeros(N, dtype=torch.long, device=key[2]),
-                                           vb_start, (vb_start + block_size).clamp_max(N), n_blocks)
-        return _ONE_DOC_LAYOUTS[key]
-    key = (tensor_version(cu_seqlens), N, block_size, torch.device(device))
-    cached = _LAYOUTS.get(cu_seqlens)
-    if key[0] is not None and cached is not None and cached[0] == key:
-        return cached[1]
-    layout = _packed_layout(N, block_size, cu_seqlens, key[3], n_blocks)
-    if key[0] is not None:
-        _LAYOUTS[cu_seqlens] = (key, layout)
-    return layout
+
+    def build(dev):
+        if cu_seqlens is not None:
+            return _packed_layout(N, block_size, cu_seqlens, dev, n_blocks)
+        vb_start = torch.arange(n_blocks, device=dev, dtype=torch.int32) * block_size
+        return Layout(torch.zeros(N, dtype=torch.int32, device=dev), torch.zeros(N, dtype=torch.long, device=dev),
+                      vb_start, (vb_start + block_size).clamp_max(N), n_blocks)
+
+    return per_cu_seqlens(_LAYOUTS, _ONE_DOC_LAYOUTS, cu_seqlens, (N, block_size), device, build)
 
 
 def _packed_layout(N: int, block_size: int, cu_seqlens: torch.Tensor, device, n_blocks: int) -> Layout:

@@ -30,9 +30,8 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
-from kernels.common import build_layout, check_cu_seqlens, check_limits, mark_valid_block_idx
+from kernels.common import build_layout, check_cu_seqlens, check_limits, mark_valid_block_idx, per_cu_seqlens
 from kernels.ops import select_blocks_op
-from msa.dense import tensor_version
 from msa.keep import kept
 
 __all__ = ["select_blocks", "select_blocks_fwd", "doc_tiles"]
@@ -157,7 +156,7 @@ def select_blocks_fwd_kernel(
 
 # Tiles of one cu_seqlens tensor, for as long as it lives unwritten (every MSA layer of a step selects over the
 # same one: building them was 14 small launches per layer on a packed row), and of one-document rows by shape.
-_TILES = WeakIdKeyDictionary()  # cu_seqlens -> ((version, N, tile, device), tiles)
+_TILES = WeakIdKeyDictionary()  # cu_seqlens -> ((version, N, tile, device), tiles): kernels.common.per_cu_seqlens
 _ONE_DOC_TILES: dict = {}  # (N, tile, device) -> tiles (read only)
 
 
@@ -168,21 +167,8 @@ def doc_tiles(N: int, tile: int, cu_seqlens: torch.Tensor | None, device) -> tup
     Returns int32 ``(q0, doc_start, doc_end)`` of length ``N // tile + n_docs`` (an upper bound on the
     number of tiles); unused tiles have ``q0 = -1``. ``tile`` must divide the block size so that every
     token of a tile shares its own block. The tensors are shared: read them, do not write to them."""
-    if cu_seqlens is None:
-        key = (N, tile, torch.device(device))
-        if key not in _ONE_DOC_TILES:
-            if len(_ONE_DOC_TILES) >= 8:  # a few shapes (a recipe's stages, evals at several lengths)
-                _ONE_DOC_TILES.pop(next(iter(_ONE_DOC_TILES)))
-            _ONE_DOC_TILES[key] = _build_doc_tiles(N, tile, None, key[2])
-        return _ONE_DOC_TILES[key]
-    key = (tensor_version(cu_seqlens), N, tile, torch.device(device))
-    cached = _TILES.get(cu_seqlens)
-    if key[0] is not None and cached is not None and cached[0] == key:
-        return cached[1]
-    tiles = _build_doc_tiles(N, tile, cu_seqlens, key[3])
-    if key[0] is not None:
-        _TILES[cu_seqlens] = (key, tiles)
-    return tiles
+    return per_cu_seqlens(_TILES, _ONE_DOC_TILES, cu_seqlens, (N, tile), device,
+                          lambda dev: _build_doc_tiles(N, tile, cu_seqlens, dev))
 
 
 def _build_doc_tiles(N: int, tile: int, cu_seqlens: torch.Tensor | None, device) -> tuple[torch.Tensor, ...]:
