@@ -312,9 +312,10 @@ def extrapolate_dense(result: dict, dense_points: list[dict], dense_cfg) -> list
         if p["attention"] != "msa" or p["layout"] != "one-doc" or p["status"] != "ok" or n in done:
             continue
         est, how = project_step_s(dense_points, n, series_pairs(dense_cfg, [n]))
-        if est is not None:
+        if est is not None:  # the points the projection used: the fit's, or the latest one it scaled
+            used = dense_points[-3:] if how.startswith("fit") else dense_points[-1:]
             out.append({"seq_len": n, "step_s": round(est, 3), "tokens_per_s": round(n / est), "how": how,
-                        "from": [q["tokens"] for q in dense_points[-3:]]})
+                        "from": [q["tokens"] for q in used]})
     return out
 
 

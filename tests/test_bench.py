@@ -5,6 +5,7 @@ import json
 import re
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -186,6 +187,28 @@ def test_step_time_projection():
     # one point: the larger of the token and pair scalings (quadratic here: x16 for 4x the tokens)
     est, _ = project_step_s(pts[:1], 4000, 4000 * 4001 / 2)
     assert est == pytest.approx(pts[0]["step_s"] * (4000 * 4001) / (1000 * 1001))
+
+
+def test_extrapolated_dense_names_the_points_it_used():
+    """``from`` lists the points the projection used: both for a fit, the latest alone where a negative term
+    sends it to the proportional scaling (it listed both there before, and the table read "from 256K, 512K")."""
+    from types import SimpleNamespace
+
+    from bench.train_step import extrapolate_dense
+
+    result = {"points": [{"attention": "msa", "layout": "one-doc", "seq_len": 4000, "status": "ok"}]}
+    cfg = SimpleNamespace(model="m", attention="a")
+
+    def pts(*step_s):
+        return [{"tokens": n, "pairs": n * n / 2, "step_s": t} for n, t in zip((1000, 2000), step_s)]
+
+    with patch("bench.train_step.series_pairs", return_value=4000 * 4000 / 2):
+        (fit,) = extrapolate_dense(result, pts(1.0, 3.0), cfg)  # a*n + b*n^2/2: a = 5e-4, b = 1e-6
+        (scaled,) = extrapolate_dense(result, pts(1.0, 1.5), cfg)  # b = -5e-7: scaled instead
+    assert fit["how"] == "fit over 2 points" and fit["from"] == [1000, 2000]
+    assert fit["step_s"] == pytest.approx(0.5e-3 * 4000 + 1e-6 * 4000 * 4000 / 2)
+    assert scaled["how"].startswith("scaled") and scaled["from"] == [2000]
+    assert scaled["step_s"] == pytest.approx(1.5 * 4)  # the pairs grow 4x from 2000 to 4000 tokens
 
 
 def test_a_third_timed_step_where_cheap_or_where_two_disagree():
@@ -1187,18 +1210,19 @@ def test_dense_lengths_and_extrapolated_dense_by_hand(tmp_path):
     assert [(p["attention"], p["seq_len"], p["status"]) for p in res["points"]] == [
         ("msa", 512, "ok"), ("dense", 128, "ok"), ("dense", 256, "ok")]
     (e,) = res["dense_extrapolated"]
-    assert e["seq_len"] == 512 and e["from"] == [128, 256]
+    fit = e["how"].startswith("fit")
+    assert e["seq_len"] == 512 and e["from"] == ([128, 256] if fit else [256])  # the points it used
     cfg = Series("dense", ["model=tiny", "model.n_layers=2", "recipe.warmup_steps=0"]).attn_cfg
     (t1, s1), (t2, s2) = [(p["seq_len"], p["step_s"]) for p in res["points"][1:]]
     p1, p2, p3 = (series_pairs(cfg, [n]) for n in (128, 256, 512))
     a, b = np.linalg.solve([[t1, p1], [t2, p2]], [s1, s2])
-    if e["how"].startswith("fit"):
+    if fit:
         assert a >= 0 and b >= 0 and e["step_s"] == pytest.approx(a * 512 + b * p3, abs=1e-3)
     else:  # a negative term: the latest point scaled by the larger of the two ratios
         assert min(a, b) < 0 and e["step_s"] == pytest.approx(s2 * max(512 / 256, p3 / p2), abs=1e-3)
     msa = res["points"][0]["tokens_per_s"]
     row = next(r for r in render_train_step([res]).splitlines() if ") | one-doc | 512 |" in r)  # dense vs MSA
-    assert f"{e['tokens_per_s']:,} (extrapolated from 128, 256)" in row
+    assert f"{e['tokens_per_s']:,} (extrapolated from {'128, 256' if fit else '256'})" in row
     assert f"{msa / e['tokens_per_s']:.2f}x (dense extrapolated)" in row
 
 
