@@ -136,16 +136,17 @@ class Launches(TorchDispatchMode):
         return sum(self.aten.values()) + sum(self.triton.values())
 
 
-def count_step(overrides: list[str], seq_len: int, packed: bool) -> dict:
-    """Launches of the second forward+backward (the first builds the caches a step reuses) of the model that
-    ``overrides`` configure, on one row of ``seq_len`` tokens (``packed``: documents of 1/8, 3/8 and 1/2)."""
+def training_step(overrides: list[str], seq_len: int, packed: bool, dtype: torch.dtype = torch.float32):
+    """``(step, model)``: ``step()`` runs one forward and backward of the model that ``overrides`` configure
+    (its weights in ``dtype``), under selective activation checkpointing where it is on, on one row of
+    ``seq_len`` tokens (``packed``: documents of 1/8, 3/8 and 1/2)."""
     from bench.train_step import make_batch
     from train.model import build_model
     from train.parallel.parallelize import selective_checkpointed
 
     cfg = compose(overrides)
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.attention)
+    model = build_model(cfg.model, cfg.attention).to(dtype)
     if cfg.parallel.activation_checkpointing:
         if cfg.parallel.checkpoint_policy != "selective":
             raise ValueError("bench.launch_count runs parallel.checkpoint_policy=selective only: full checkpointing "
@@ -158,13 +159,20 @@ def count_step(overrides: list[str], seq_len: int, packed: bool) -> dict:
         out = model(batch)
         (out["lm_sum"] / out["n_tokens"] + out["kl"]).backward()
 
+    return step, model
+
+
+def count_step(overrides: list[str], seq_len: int, packed: bool) -> dict:
+    """Launches of the second forward+backward (the first builds the caches a step reuses) of
+    ``training_step``."""
+    step, model = training_step(overrides, seq_len, packed)
     step()
     with Launches() as n:
         step()
     return {"aten": n.total - sum(n.triton.values()), "triton": sum(n.triton.values()), "total": n.total,
             "aten_ops": dict(n.aten.most_common()), "triton_kernels": dict(n.triton.most_common()),
             "aten_by_caller": dict(n.sites.most_common()),
-            "n_layers": cfg.model.n_layers, "msa_layers": len(model.msa_layers())}
+            "n_layers": len(model.layers), "msa_layers": len(model.msa_layers())}
 
 
 def main() -> None:

@@ -1,0 +1,131 @@
+"""bench.kernel_resources: the kernels compiled for sm_90 on a machine without a GPU, and the arithmetic it
+reports (occupancy, Triton's integer specialisation) against hand computations."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.kernel_resources import _int_class, arg_spec, occupancy, table
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=tiny", "model.n_heads=8", "model.n_kv_heads=2", "model.head_dim=16", "model.rope_dim=8",
+        "attention.block_size=16", "attention.topk=4", "attention.index_dim=16"]
+
+
+def _env() -> dict:
+    """This process's environment without TRITON_INTERPRET: the compile step must see the real JIT."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)}
+
+
+def test_occupancy_by_hand():
+    # sparse_attention_fwd_kernel for model=small, as Triton 3.9 compiles it for sm_90: 232 registers and
+    # 80 KB dynamic + 1 KB static shared memory, 4 warps. Registers: 232 x 32 rounded up to 256 per warp =
+    # 7,424, 65,536 // 7,424 = 8 warps = 2 programs; shared: 233,472 // (82,944 + 1,024) = 2.
+    o = occupancy(232, 82944, 4)
+    assert o["limits"] == {"warps": 16, "programs": 32, "registers": 2, "shared": 2}
+    assert (o["programs"], o["warps"], o["occupancy"], o["limited_by"]) == (2, 8, 0.125, "registers")
+    # 32 registers, no shared memory, 4 warps: 1,024 registers a warp, 64 warps by registers = 16 programs, as
+    # many as the 64-warp limit allows: the first equal limit is named
+    o = occupancy(32, 0, 4)
+    assert (o["programs"], o["occupancy"], o["limited_by"]) == (16, 1.0, "warps")
+    # 8 warps of 128 registers: 4,096 a warp, 16 warps = 2 programs; 40 KB shared: 5 programs
+    assert occupancy(128, 40960, 8)["limits"]["registers"] == 2
+    assert occupancy(128, 40960, 8)["limits"]["shared"] == 233472 // (40960 + 1024) == 5
+    # more shared memory than one program may have, or more than 255 registers: it does not launch
+    assert occupancy(64, 232449, 4)["programs"] == 0
+    assert occupancy(256, 0, 4)["programs"] == 0
+
+
+def test_integer_arguments_are_kept_as_triton_specialises_them():
+    assert [_int_class(v) for v in (1, 0, 16, 4096, 3, 17, -5)] == [1, 16, 16, 16, 3, 3, 3]
+    assert _int_class(2**31) == 2**32 + 16 and _int_class(2**31 + 1) == 2**32 + 3 and _int_class(-2**31) == 16
+    t = torch.zeros(8)
+    assert arg_spec(t) == {"tensor": "float32", "align16": True}
+    assert arg_spec(t[1:]) == {"tensor": "float32", "align16": False}
+    assert arg_spec(torch.zeros(8, dtype=torch.bfloat16)[8:]) == {"tensor": "bfloat16", "align16": True}
+    assert arg_spec(None) == {"value": None} and arg_spec(True) == {"value": True} and arg_spec(0.5) == {"float": 0.5}
+    with pytest.raises(TypeError, match="no spec"):
+        arg_spec("a string")
+
+
+def test_every_kernel_of_a_training_step_compiles_for_sm90(tmp_path):
+    """The whole path: the tiny model's step recorded under the interpreter, every kernel compiled for sm_90
+    (what CI cannot otherwise check: the interpreter runs a kernel's Python, not its compiled code)."""
+    out = tmp_path / "kr.json"
+    r = subprocess.run([sys.executable, "-m", "bench.kernel_resources", "--seq-len", "512", "--json", str(out),
+                        "--", *TINY], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    rows = res["kernels"]
+    assert all(row["ok"] for row in rows)
+    names = {row["kernel"] for row in rows}
+    assert {"select_blocks_fwd_kernel", "_csr_key_kernel", "_csr_bucket_stats_kernel", "_csr_work_kernel",
+            "sparse_attention_fwd_kernel", "sparse_attention_fwd_combine_kernel", "_kl_csr_key_kernel",
+            "_kl_csr_ent_kernel", "_kl_csr_table_kernel", "index_kl_fwd_lse_kernel", "index_kl_merge_lse_kernel",
+            "index_kl_fwd_kernel", "sparse_attention_bwd_dkdv_kernel", "sparse_attention_bwd_dq_kernel",
+            "rotary_kernel"} <= names
+    fwd = next(row for row in rows if row["kernel"] == "sparse_attention_fwd_kernel")
+    assert fwd["constexprs"] == {"BK": 16, "BLOCK_M": 64, "D": 16, "G": 4, "H": 8, "HKV": 2, "TOPK": 4}
+    assert fwd["registers"] > 0 and fwd["programs"] == occupancy(fwd["registers"], fwd["shared"], 4)["programs"]
+    assert res["meta"]["arch"] == "sm_90" and "| `sparse_attention_fwd_kernel` |" in r.stdout
+
+
+def test_a_kernel_the_interpreter_runs_and_sm90_rejects_is_reported(tmp_path):
+    """A loop-carried sum that starts as a Python int and becomes a float tensor: the interpreter runs it (this
+    test checks that too), Triton's compiler refuses a loop variable that changes type. The tool names the
+    kernel and the compiler's error and goes on, and the same loop with a typed start compiles."""
+    (tmp_path / "loop_kernels.py").write_text(textwrap.dedent('''
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def untyped_sum_kernel(x, y, n, BLOCK: tl.constexpr):
+            o = tl.arange(0, BLOCK)
+            acc = 0
+            for i in range(n):
+                acc += tl.load(x + i * BLOCK + o)
+            tl.store(y + o, acc)
+
+        @triton.jit
+        def typed_sum_kernel(x, y, n, BLOCK: tl.constexpr):
+            o = tl.arange(0, BLOCK)
+            acc = tl.zeros([BLOCK], tl.float32)
+            for i in range(n):
+                acc += tl.load(x + i * BLOCK + o)
+            tl.store(y + o, acc)
+    '''))
+    interpreted = textwrap.dedent('''
+        import torch
+        from loop_kernels import untyped_sum_kernel
+        x, y = torch.arange(48.0), torch.empty(16)
+        untyped_sum_kernel[(1,)](x, y, 3, BLOCK=16)
+        assert torch.equal(y, x.view(3, 16).sum(0)), y
+    ''')
+    compiled = textwrap.dedent('''
+        import json
+        from bench.kernel_resources import compile_launches
+        t = {"tensor": "float32", "align16": True}
+        launches = [{"module": "loop_kernels", "kernel": k, "count": 1, "args": [t, t, {"int": 3}],
+                     "kwargs": {"BLOCK": 16}} for k in ("untyped_sum_kernel", "typed_sum_kernel")]
+        print(json.dumps(compile_launches(launches)))
+    ''')
+    env = _env() | {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    r = subprocess.run([sys.executable, "-c", interpreted], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env=env | {"TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-c", compiled], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    bad, good = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not bad["ok"] and bad["kernel"] == "untyped_sum_kernel" and "acc" in bad["error"], bad
+    assert good["ok"] and good["registers"] > 0 and good["local"] == 0
+    rows = table([bad, good]).splitlines()[2:]  # the compiler's last line (the cause) in the table
+    assert "does not compile: AssertionError(\"Loop-carried variable acc has initial type int32" in rows[0]
+    assert f"| 4 / None | {good['registers']} | 0 |" in rows[1]
