@@ -16,7 +16,12 @@ import):
    thread and local (spill) bytes read from the cubin by ``cuobjdump`` (Triton's wheel carries it), its shared
    memory from Triton's metadata, and from those the programs one SM can hold (``occupancy``).
 
+``--from`` compiles the launches of an earlier JSON again without recording, ``--only`` and ``--set`` make a
+variant (other warps, stages or tile constexprs): registers and occupancy of a launch setting in seconds,
+before a GPU times it.
+
     python -m bench.kernel_resources [--seq-len 2304] [--arch 90] [--json out.json] [-- overrides]
+    python -m bench.kernel_resources --from out.json --only sparse_attention_fwd_kernel --set num_warps=8
 
 Default model: ``model=small`` cut to 2 layers (its head counts, head dim, block size, top-k and index dim
 fix every constexpr), at 2,304 tokens (18 blocks of 128, more than top-k 16, so the sparse path runs). It
@@ -191,7 +196,7 @@ def compile_launches(launches: list[dict], arch: int = 90) -> list[dict]:
     out = []
     try:
         for launch in launches:
-            row = {k: launch[k] for k in ("module", "kernel", "count")}
+            row = {k: launch[k] for k in ("module", "kernel", "count", "args", "kwargs")}  # the launch: --from
             row["constexprs"] = {k: v for k, v in launch["kwargs"].items() if k not in ("num_warps", "num_stages")}
             num_warps = launch["kwargs"].get("num_warps", 4)
             row["num_warps"], row["num_stages"] = num_warps, launch["kwargs"].get("num_stages")
@@ -216,6 +221,27 @@ def compile_launches(launches: list[dict], arch: int = 90) -> list[dict]:
     return out
 
 
+def variant(launches: list[dict], only: list[str] | None, changes: list[str]) -> list[dict]:
+    """``launches`` of the kernels named in ``only`` (all where None), each with the ``KEY=INT`` ``changes``
+    made to its constexprs or launch settings; a key the kernel does not take is an error that names them."""
+    if only is not None:
+        missing = set(only) - {x["kernel"] for x in launches}
+        if missing:
+            raise SystemExit(f"--only: no launch of {sorted(missing)}; recorded: "
+                             f"{sorted({x['kernel'] for x in launches})}")
+        launches = [x for x in launches if x["kernel"] in only]
+    out = []
+    for x in launches:
+        kwargs = dict(x["kwargs"])
+        for change in changes:
+            key, _, value = change.partition("=")
+            if key not in kwargs and key not in ("num_warps", "num_stages"):
+                raise SystemExit(f"--set {change}: {x['kernel']} takes {sorted(kwargs)} (and num_warps, num_stages)")
+            kwargs[key] = int(value)
+        out.append({**x, "kwargs": kwargs})
+    return out
+
+
 def table(rows: list[dict]) -> str:
     """A markdown table of ``compile_launches``' rows."""
     lines = ["| kernel | constexprs | warps / stages | registers | spilled bytes | shared KB | programs per SM "
@@ -237,6 +263,11 @@ def main() -> None:
     ap.add_argument("--packed", action="store_true", help="three documents in the row (cu_seqlens)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100, H200)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--from", dest="source", type=Path, default=None,
+                    help="compile the launches of an earlier --json instead of recording a step")
+    ap.add_argument("--only", nargs="+", default=None, metavar="KERNEL", help="compile these kernels only")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=INT",
+                    help="a variant: these constexprs or num_warps/num_stages changed in every launch compiled")
     ap.add_argument("--record-only", type=Path, default=None, help=argparse.SUPPRESS)  # the recording process
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -244,19 +275,24 @@ def main() -> None:
     if args.record_only is not None:
         args.record_only.write_text(json.dumps(record(overrides, args.seq_len, args.packed)))
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        rec = Path(tmp) / "launches.json"
-        cmd = [sys.executable, "-m", "bench.kernel_resources", "--seq-len", str(args.seq_len), "--record-only",
-               str(rec), *(["--packed"] if args.packed else []), "--", *args.overrides]
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        subprocess.run(cmd, check=True, env=env, cwd=Path(__file__).resolve().parents[1])
-        launches = json.loads(rec.read_text())
+    if args.source is not None:
+        earlier = json.loads(args.source.read_text())
+        launches, meta = earlier["kernels"], {**earlier["meta"], "from": str(args.source)}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            rec = Path(tmp) / "launches.json"
+            cmd = [sys.executable, "-m", "bench.kernel_resources", "--seq-len", str(args.seq_len), "--record-only",
+                   str(rec), *(["--packed"] if args.packed else []), "--", *args.overrides]
+            env = {**os.environ, "TRITON_INTERPRET": "1"}
+            subprocess.run(cmd, check=True, env=env, cwd=Path(__file__).resolve().parents[1])
+            launches = json.loads(rec.read_text())
+        meta = {"seq_len": args.seq_len, "packed": args.packed, "overrides": overrides}
+    launches = variant(launches, args.only, args.set)
     rows = compile_launches(launches, args.arch)
     print(table(rows))
     bad = [r["kernel"] for r in rows if not r["ok"]]
     if args.json:
-        meta = {**run_meta(), "arch": f"sm_{args.arch}", "seq_len": args.seq_len, "packed": args.packed,
-                "overrides": overrides}
+        meta = {**meta, **run_meta(), "arch": f"sm_{args.arch}", "only": args.only, "set": args.set}
         args.json.write_text(json.dumps({"meta": meta, "kernels": rows}, indent=1))
     if bad:
         sys.exit(f"bench.kernel_resources: {len(bad)} launch(es) do not compile for sm_{args.arch}: {', '.join(bad)}")
