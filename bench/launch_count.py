@@ -149,8 +149,8 @@ def training_step(overrides: list[str], seq_len: int, packed: bool, dtype: torch
     model = build_model(cfg.model, cfg.attention).to(dtype)
     if cfg.parallel.activation_checkpointing:
         if cfg.parallel.checkpoint_policy != "selective":
-            raise ValueError("bench.launch_count runs parallel.checkpoint_policy=selective only: full checkpointing "
-                             "goes through DeepSpeed's engine, which this count does not build")
+            raise ValueError("bench.launch_count and bench.kernel_resources run parallel.checkpoint_policy=selective "
+                             "only: full checkpointing goes through DeepSpeed's engine, which they do not build")
         model.set_block_runner(selective_checkpointed)
     lengths = [seq_len // 8, seq_len // 2 - seq_len // 8, seq_len - seq_len // 2] if packed else [seq_len]
     batch = make_batch(lengths, cfg.model.vocab_size, seed=0, packed=packed)
