@@ -25,7 +25,7 @@ before a GPU times it.
 
 Default model: ``model=small`` cut to 2 layers (its head counts, head dim, block size, top-k and index dim
 fix every constexpr), at 2,304 tokens (18 blocks of 128, more than top-k 16, so the sparse path runs). It
-takes about 5 minutes on 2 CPU cores, most of it the interpreter; ``model=tiny`` takes seconds.
+takes about 5 minutes on 2 CPU cores, most of it the interpreter; ``model=tiny`` under a minute.
 
 What it does not tell: the speed. It compiles with this machine's Triton, which may not be the GPU machine's
 (the H200 runs Triton 3.6), and a register count is not a time. Occupancy bounds latency hiding; whether a
