@@ -101,31 +101,22 @@ def record(overrides: list[str], seq_len: int, packed: bool = False) -> list[dic
     """The distinct Triton launches of one training forward and backward (``bench.launch_count.
     training_step`` in bf16) under the interpreter, each with its count."""
     import torch
-    from triton.runtime import interpreter
 
-    from bench.launch_count import training_step
+    from bench.launch_count import on_triton_launch, training_step
 
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("bench.kernel_resources records under the interpreter: run it as "
-                           "python -m bench.kernel_resources (which sets TRITON_INTERPRET=1 in the recording process)")
     seen: dict[str, dict] = {}
-    call = interpreter.GridExecutor.__call__
 
-    def recorded(executor, *args, **kwargs):
+    def record_launch(executor, args, kwargs):
         fn = executor.fn
         launch = {"module": fn.__module__, "kernel": fn.__name__, "args": [arg_spec(a) for a in args],
                   "kwargs": {k: arg_spec(v) if not isinstance(v, (bool, int, float, str)) else v
                              for k, v in sorted(kwargs.items())}}
         key = json.dumps(launch, sort_keys=True)
         seen.setdefault(key, {**launch, "count": 0})["count"] += 1
-        return call(executor, *args, **kwargs)
 
     step, _ = training_step(overrides, seq_len, packed, dtype=torch.bfloat16)
-    interpreter.GridExecutor.__call__ = recorded
-    try:
+    with on_triton_launch(record_launch, "bench.kernel_resources"):
         step()
-    finally:
-        interpreter.GridExecutor.__call__ = call
     return list(seen.values())
 
 

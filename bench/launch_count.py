@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import json
 import os
@@ -77,6 +78,31 @@ def _caller() -> str | None:
     return site or "?"
 
 
+@contextlib.contextmanager
+def on_triton_launch(hook, tool: str):
+    """Inside: ``hook(executor, args, kwargs)`` before every Triton launch, which the interpreter then runs
+    (``executor.fn``: the kernel's Python function). ``tool`` names the caller in the errors."""
+    from triton.runtime import interpreter
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{tool} sees Triton launches under the interpreter only: set TRITON_INTERPRET=1 before "
+                           f"triton is imported (python -m {tool} does)")
+    if not hasattr(interpreter, "GridExecutor"):
+        raise RuntimeError(f"{tool} needs Triton's interpreter (triton.runtime.interpreter.GridExecutor), which "
+                           "this Triton version does not have")
+    call = interpreter.GridExecutor.__call__
+
+    def hooked(executor, *args, **kwargs):
+        hook(executor, args, kwargs)
+        return call(executor, *args, **kwargs)
+
+    interpreter.GridExecutor.__call__ = hooked
+    try:
+        yield
+    finally:
+        interpreter.GridExecutor.__call__ = call
+
+
 class Launches(TorchDispatchMode):
     """Inside: ``aten`` counts the kernel-launching aten ops by name, ``triton`` the Triton kernels by name,
     ``sites`` the aten ops by the project function that called them (``_caller``)."""
@@ -84,36 +110,28 @@ class Launches(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.aten, self.triton, self.sites = collections.Counter(), collections.Counter(), collections.Counter()
-        self._patched, self._depth = None, 0
+        self._hooked, self._depth = None, 0
 
     def __enter__(self):
-        from triton.runtime import interpreter
+        self._depth += 1  # entered again around a custom op's host code: hooked once
+        if self._depth == 1:
+            counter = self.triton
 
-        self._depth += 1  # entered again around a custom op's host code: patched once
-        if self._depth > 1:
-            return super().__enter__()
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            self._depth = 0
-            raise RuntimeError("bench.launch_count counts Triton launches under the interpreter: set "
-                               "TRITON_INTERPRET=1 before triton is imported (python -m bench.launch_count does)")
-        if not hasattr(interpreter, "GridExecutor"):
-            raise RuntimeError("bench.launch_count needs Triton's interpreter (triton.runtime.interpreter."
-                               "GridExecutor), which this Triton version does not have")
-        call, counter = interpreter.GridExecutor.__call__, self.triton
+            def count(executor, args, kwargs):
+                counter[getattr(executor.fn, "__name__", str(executor.fn))] += 1
 
-        def counted(executor, *args, **kwargs):
-            counter[getattr(executor.fn, "__name__", str(executor.fn))] += 1
-            return call(executor, *args, **kwargs)
-
-        interpreter.GridExecutor.__call__, self._patched = counted, call
+            self._hooked = on_triton_launch(count, "bench.launch_count")
+            try:
+                self._hooked.__enter__()
+            except RuntimeError:
+                self._depth = 0
+                raise
         return super().__enter__()
 
     def __exit__(self, *exc):
-        from triton.runtime import interpreter
-
         self._depth -= 1
         if self._depth == 0:
-            interpreter.GridExecutor.__call__ = self._patched
+            self._hooked.__exit__(*exc)
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
