@@ -102,13 +102,13 @@ def series_pairs(cfg, lengths) -> float:
     return main_pairs(cfg.model, cfg.attention, np.array(lengths, dtype=np.int64), "sparse")
 
 
-def project_step_s(points: list[dict], tokens: float, pairs: float) -> tuple[float | None, str]:
+def project_step_s(points: list[dict], tokens: float, pairs: float) -> tuple[float | None, str, list[dict]]:
     """Step time at (``tokens``, ``pairs``) from measured points (``tokens``, ``pairs``, ``step_s``): a
     least-squares fit of ``a*tokens + b*pairs`` (a, b >= 0) over the last three; from one point (or a
     fit with a negative term) the larger of the two proportional scalings of the latest. None: nothing
-    measured yet."""
+    measured yet. Also how, and the points it used."""
     if not points:
-        return None, "no point measured yet"
+        return None, "no point measured yet", []
     last = points[-1]
     scaled = last["step_s"] * max(tokens / last["tokens"], pairs / last["pairs"])
     recent = points[-3:]
@@ -118,8 +118,8 @@ def project_step_s(points: list[dict], tokens: float, pairs: float) -> tuple[flo
         scale = X.max(0)
         (a, b), *_ = np.linalg.lstsq(X / scale, y, rcond=None)
         if a >= 0 and b >= 0:
-            return float(a * tokens / scale[0] + b * pairs / scale[1]), f"fit over {len(recent)} points"
-    return scaled, f"scaled from the point at {last['tokens']:.0f} tokens"
+            return float(a * tokens / scale[0] + b * pairs / scale[1]), f"fit over {len(recent)} points", recent
+    return scaled, f"scaled from the point at {last['tokens']:.0f} tokens", [last]
 
 
 def storage_bytes(tensors, skip: set | None = None) -> tuple[int, set]:
@@ -311,9 +311,8 @@ def extrapolate_dense(result: dict, dense_points: list[dict], dense_cfg) -> list
         n = p["seq_len"]
         if p["attention"] != "msa" or p["layout"] != "one-doc" or p["status"] != "ok" or n in done:
             continue
-        est, how = project_step_s(dense_points, n, series_pairs(dense_cfg, [n]))
-        if est is not None:  # the points the projection used: the fit's, or the latest one it scaled
-            used = dense_points[-3:] if how.startswith("fit") else dense_points[-1:]
+        est, how, used = project_step_s(dense_points, n, series_pairs(dense_cfg, [n]))
+        if est is not None:
             out.append({"seq_len": n, "step_s": round(est, 3), "tokens_per_s": round(n / est), "how": how,
                         "from": [q["tokens"] for q in used]})
     return out
@@ -407,7 +406,7 @@ def run_bench(args) -> None:
         if kind == "msa" and "dense" in series:
             left -= args.dense_reserve
         pairs = series_pairs(s.attn_cfg, lengths)
-        est, how = project_step_s(s.points, n, pairs)
+        est, how, _ = project_step_s(s.points, n, pairs)
         # warm-up and timed steps (a third where cheap); the profiled step runs only if time is left
         n_steps = None if est is None else 1 + args.steps + (1 if est < args.cheap_s else 0)
         cost = None if est is None else 1.15 * n_steps * est + (0 if s.run else (s.build_s or 0))

@@ -182,10 +182,11 @@ def test_step_time_projection():
     assert project_step_s([], 1000, 1e6)[0] is None
     pts = [{"tokens": n, "pairs": n * (n + 1) / 2, "step_s": 2e-3 * n + 1e-7 * n * (n + 1) / 2}
            for n in (1000, 4000, 16000)]
-    est, how = project_step_s(pts, 64000, 64000 * 64001 / 2)
-    assert how == "fit over 3 points" and est == pytest.approx(2e-3 * 64000 + 1e-7 * 64000 * 64001 / 2)
+    est, how, used = project_step_s(pts, 64000, 64000 * 64001 / 2)
+    assert used == pts and how == "fit over 3 points" and est == pytest.approx(2e-3 * 64000 + 1e-7 * 64000 * 64001 / 2)
     # one point: the larger of the token and pair scalings (quadratic here: x16 for 4x the tokens)
-    est, _ = project_step_s(pts[:1], 4000, 4000 * 4001 / 2)
+    est, _, used = project_step_s(pts[:1], 4000, 4000 * 4001 / 2)
+    assert used == pts[:1]
     assert est == pytest.approx(pts[0]["step_s"] * (4000 * 4001) / (1000 * 1001))
 
 
