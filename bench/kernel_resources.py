@@ -257,7 +257,7 @@ def main() -> None:
     ap.add_argument("--from", dest="source", type=Path, default=None,
                     help="compile the launches of an earlier --json instead of recording a step")
     ap.add_argument("--only", nargs="+", default=None, metavar="KERNEL", help="compile these kernels only")
-    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=INT",
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=INT",
                     help="a variant: these constexprs or num_warps/num_stages changed in every launch compiled")
     ap.add_argument("--record-only", type=Path, default=None, help=argparse.SUPPRESS)  # the recording process
     ap.add_argument("overrides", nargs="*")

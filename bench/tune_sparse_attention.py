@@ -224,6 +224,10 @@ SWEEP = {  # Launch field: Tiles to try
                 T(block_m=64, block_n=64, num_warps=8, num_stages=2),
                 T(block_m=128, block_n=64, num_warps=8, num_stages=1),
                 T(block_m=32, block_n=128, num_warps=8, num_stages=1)],
+    # the memory-bound sum of the dK/dV partials: 255 registers and 8 warps per SM at 4 warps and 64 keys
+    # (bench/kernel_resources.py, sm_90); 8 warps or 32-key tiles compile to 124 registers, 16 warps per SM
+    "dkdv_reduce": [T(block_n=64, num_warps=4), T(block_n=64, num_warps=8), T(block_n=32, num_warps=4),
+                    T(block_n=32, num_warps=8), T(block_n=128, num_warps=8)],
 }
 
 

@@ -243,10 +243,11 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
             1, 0, 0, *kl.args, WRITE_DQ=False, **kl.meta, **dkdv, **consts)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    sparse_attention_bwd_dkdv_reduce_kernel[(B * Hkv * NV, n_sub)](
+    # the reduce's key tile is its own (the partials are laid out per key, not per dK/dV tile)
+    red_n = min(launch.dkdv_reduce.block_n, block_size)
+    sparse_attention_bwd_dkdv_reduce_kernel[(B * Hkv * NV, block_size // red_n)](
         part_dk, part_dv, csr.bucket_work, layout.vb_start, layout.vb_end, dk, dv, N, NV, B * Hkv * NV,
-        len(csr.chunk_work) - 1, HKV=Hkv, BK=block_size, D=D, BLOCK_N=dkdv["BLOCK_N"],
-        **_warps(launch.dkdv_reduce))
+        len(csr.chunk_work) - 1, HKV=Hkv, BK=block_size, D=D, BLOCK_N=red_n, **_warps(launch.dkdv_reduce))
     del part_dk, part_dv  # up to 2 x dkdv_bytes, freed before the kv path allocates its dQ partials
     if dq_path == "kv":
         # KV-outer dQ chunk by chunk, as the forward

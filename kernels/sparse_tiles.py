@@ -87,7 +87,7 @@ class Launch:
     # G = 4 and 16 (fwd+bwd at 32K: 48.8 against 78.4 ms with the plain kernel's tiles at G = 4, 51.9
     # against 69.3 ms at G = 16; docs/kernels.md)
     dkdv_kl: Tiles = Tiles(block_m=128, block_n=64, num_warps=8)
-    dkdv_reduce: Tiles = Tiles()
+    dkdv_reduce: Tiles = Tiles()  # its block_n: keys per program, independent of the dK/dV kernel's tiles
     chunk: int = 256
     part_bytes: int = 2**32
     dkdv_bytes: int = 2**32

@@ -77,14 +77,15 @@ def test_every_kernel_of_a_training_step_compiles_for_sm90(tmp_path):
     assert fwd["registers"] > 0 and fwd["programs"] == occupancy(fwd["registers"], fwd["shared"], 4)["programs"]
     assert res["meta"]["arch"] == "sm_90" and "| `sparse_attention_fwd_kernel` |" in r.stdout
 
-    # a variant of the recorded launch, compiled again without recording: 8 warps share the same tile
+    # a variant of the recorded launch, compiled again without recording: 8 warps, 32-row tiles (two --set
+    # flags add up)
     out8 = tmp_path / "kr8.json"
     r = subprocess.run([sys.executable, "-m", "bench.kernel_resources", "--from", str(out), "--only",
-                        "sparse_attention_fwd_kernel", "--set", "num_warps=8", "--json", str(out8)],
-                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+                        "sparse_attention_fwd_kernel", "--set", "num_warps=8", "--set", "BLOCK_M=32", "--json",
+                        str(out8)], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     (fwd8,) = json.loads(out8.read_text())["kernels"]
-    assert fwd8["num_warps"] == 8 and fwd8["constexprs"] == fwd["constexprs"] and fwd8["ok"]
+    assert fwd8["num_warps"] == 8 and fwd8["constexprs"] == {**fwd["constexprs"], "BLOCK_M": 32} and fwd8["ok"]
     assert fwd8["programs"] == occupancy(fwd8["registers"], fwd8["shared"], 8)["programs"]
     r = subprocess.run([sys.executable, "-m", "bench.kernel_resources", "--from", str(out), "--only",
                         "sparse_attention_fwd_kernel", "--set", "BLOCK_Q=8"], capture_output=True, text=True,

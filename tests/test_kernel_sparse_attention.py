@@ -142,6 +142,19 @@ def test_dkdv_dq_path_with_several_key_tiles_per_block(monkeypatch):
     check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, "dkdv", launch)
 
 
+@pytest.mark.parametrize("dq", DQ_PATHS)
+@pytest.mark.parametrize("dkdv_n,reduce_n", [(16, 8), (16, 32), (32, 16)])
+def test_dkdv_reduce_tiles_its_own_keys(monkeypatch, dq, dkdv_n, reduce_n):
+    """The dK/dV reduce sums per-key partials in key tiles of its own (``Launch.dkdv_reduce.block_n``),
+    smaller or larger than the dK/dV kernel's; hot blocks split, so a key sums several work items."""
+    N, Nq, H, Hkv, D, block_size, topk = 150, 101, 4, 2, 16, 32, 3
+    field = "dkdv_dq" if dq == "dkdv" else "dkdv"
+    launch = replace(LAUNCH, chunk=12, **{field: replace(getattr(LAUNCH, field), block_n=dkdv_n)},
+                     dkdv_reduce=replace(LAUNCH.dkdv_reduce, block_n=reduce_n))
+    cu = torch.tensor([0, 60, 61, 150], dtype=torch.int32)
+    check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, dq, launch)
+
+
 def test_all_slots_empty_give_zero_and_minus_inf(monkeypatch):
     q, k, v = make_inputs(1, 40, 2, 1, 16)
     block_idx = torch.full((1, 1, 40, 2), -1, dtype=torch.int32)
