@@ -13,7 +13,8 @@ The backward's dQ paths (the ``dq_path`` argument: kv, dkdv) are timed side by s
 ``DQ_PATHS=kv`` picks some (default: both). ``sweep`` tries the launch settings (``Tiles``) of each
 kernel in ``SWEEP`` (``SWEEP_KERNELS=dkdv_dq,...`` limits it; the names are fields of
 ``kernels.sparse_attention.Launch``) at ``SWEEP_N`` tokens (default 32768) and ``SWEEP_HKV`` KV heads
-(default 2), keeping the best of each for the next.
+(default 2), keeping the best of each for the next; ``SWEEP_ONLY=1`` writes the sweep's JSON
+(``tune_sparse_attention_sweep.json``) and stops there.
 
 ``kl`` (alone: nothing else runs) times the index KL's two places side by side, at ``KL_N`` tokens (default
 32768) and each of ``KL_HKVS`` (default ``8,2``): separate (``sparse_attention`` then ``index_kl_loss`` on
@@ -393,6 +394,10 @@ def main():
     if "sweep" in sys.argv[1:]:
         res["sweep"], best = sweep(int(os.environ.get("SWEEP_N", 32768)), int(os.environ.get("SWEEP_HKV", HKV)))
         res["launch_after_sweep"] = dataclasses.asdict(best)
+        if os.environ.get("SWEEP_ONLY") == "1":  # the sweep's JSON now, without the timings that follow
+            with open(os.path.join(out_dir, "tune_sparse_attention_sweep.json"), "w") as f:
+                json.dump(res, f, indent=1, default=str)
+            return
     res["determinism"] = check_determinism()
     res["breakdown"] = profile_breakdown(int(os.environ.get("BREAKDOWN_N", 32768)))
     sizes = [int(s) for s in os.environ.get("SIZES", "8192,32768,131072").split(",")]
