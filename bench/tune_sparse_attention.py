@@ -206,8 +206,11 @@ def profile_breakdown(N=32768):
 
 T = sa.Tiles
 SWEEP = {  # Launch field: Tiles to try
+    # at G = 4 (sm_90, bench/kernel_resources.py) every variant but the last two holds 8 warps per SM: 32 rows
+    # in one stage hold 12 (162 registers, 73 KB shared), 16 rows 12 (bound by shared memory)
     "fwd": [T(block_m=64, num_warps=4, num_stages=1), T(block_m=128, num_warps=8, num_stages=1),
-            T(block_m=64, num_warps=4, num_stages=2), T(block_m=32, num_warps=4, num_stages=2)],
+            T(block_m=64, num_warps=4, num_stages=2), T(block_m=32, num_warps=4, num_stages=2),
+            T(block_m=32, num_warps=4, num_stages=1), T(block_m=16, num_warps=4, num_stages=1)],
     "dq": [T(block_m=64, num_warps=4, num_stages=1), T(block_m=64, num_warps=8, num_stages=1),
            T(block_m=128, num_warps=8, num_stages=1), T(block_m=64, num_warps=4, num_stages=2),
            T(block_m=32, num_warps=4, num_stages=2)],
@@ -217,7 +220,10 @@ SWEEP = {  # Launch field: Tiles to try
              T(block_m=64, block_n=32, num_warps=4, num_stages=2),
              T(block_m=32, block_n=64, num_warps=4, num_stages=2),
              T(block_m=32, block_n=128, num_warps=8, num_stages=1),
-             T(block_m=64, block_n=128, num_warps=8, num_stages=1)],
+             T(block_m=64, block_n=128, num_warps=8, num_stages=1),
+             # at G = 4 the only settings above 8 warps per SM: 12 (160 registers) and 16 (128 registers)
+             T(block_m=32, block_n=32, num_warps=4, num_stages=1),
+             T(block_m=16, block_n=32, num_warps=4, num_stages=1)],
     "dkdv_dq": [T(block_m=64, block_n=64, num_warps=4, num_stages=1),
                 T(block_m=64, block_n=64, num_warps=8, num_stages=1),
                 T(block_m=64, block_n=64, num_warps=4, num_stages=2),
