@@ -41,8 +41,8 @@
 #      are measured in one call (321 s in all): STAGES=first_layer_1m MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
 #  12. base_1m_window: model=base at 1M, MSA with the first layer a sliding window of 4096 keys, and dense at 256K
 #      and 512K in the same process, dense at 1M extrapolated from those two and labelled so (--extrapolate-dense:
-#      base dense at 1M, about 460 s a step, does not fit a call beside MSA); checkpoint policy full for both,
-#      as base_1m (selective does not fit base at 1M). About 7 minutes on an H200 (not run yet):
+#      base dense at 1M, about 620 s a step by that fit, does not fit a call); checkpoint policy full for both,
+#      as base_1m (selective does not fit base at 1M). 391 s on an H200 (docs/scaling.md 3n):
 #      STAGES=base_1m_window MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
 # EXTRA_OVERRIDES adds Hydra overrides to every stage's steps, e.g. EXTRA_OVERRIDES=model.rope_impl=torch.
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
