@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kernels.sparse_attention import LAUNCH, sparse_attention
+from kernels.sparse_tiles import _dkdv_field
 from msa import reference as ref
 from tests.utils import doc_starts, poison_empty, rel_rms, support_mask
 
@@ -132,25 +133,18 @@ def test_g_not_dividing_the_row_tile(monkeypatch, dq, H):
     check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, dq, launch)
 
 
-def test_dkdv_dq_path_with_several_key_tiles_per_block(monkeypatch):
-    """The ``dkdv`` dQ path writes one dQ partial per key tile of a block: 32-key blocks in 16-key tiles
-    (two partials per slot), G = 2, Nq < N, documents, hot blocks split and several query chunks."""
-    N, Nq, H, Hkv, D, block_size, topk = 150, 101, 4, 2, 16, 32, 3
-    launch = replace(LAUNCH, chunk=12, dkdv_dq=replace(LAUNCH.dkdv_dq, block_n=16),
-                     part_bytes=H * topk * 2 * D * 4 * 40)  # query chunks of 40
-    cu = torch.tensor([0, 60, 61, 150], dtype=torch.int32)
-    check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, "dkdv", launch)
-
-
 @pytest.mark.parametrize("dq", DQ_PATHS)
-@pytest.mark.parametrize("dkdv_n,reduce_n", [(16, 8), (16, 32), (32, 16)])
-def test_dkdv_reduce_tiles_its_own_keys(monkeypatch, dq, dkdv_n, reduce_n):
-    """The dK/dV reduce sums per-key partials in key tiles of its own (``Launch.dkdv_reduce.block_n``),
-    smaller or larger than the dK/dV kernel's; hot blocks split, so a key sums several work items."""
+@pytest.mark.parametrize("dkdv_n,reduce_n", [(16, 64), (16, 8), (16, 32), (32, 16)])
+def test_key_tiles_of_the_dkdv_kernel_and_its_reduce(monkeypatch, dq, dkdv_n, reduce_n):
+    """32-key blocks in key tiles of the dK/dV kernel (16: two per block, so on the ``dkdv`` dQ path two dQ
+    partials per slot) and of its reduce (``Launch.dkdv_reduce.block_n``: its own, smaller or larger than the
+    kernel's; 64 is clipped to the block), G = 2, Nq < N, documents, hot blocks split (a key sums several work
+    items) and several query chunks."""
     N, Nq, H, Hkv, D, block_size, topk = 150, 101, 4, 2, 16, 32, 3
-    field = "dkdv_dq" if dq == "dkdv" else "dkdv"
+    field = _dkdv_field(dq)
     launch = replace(LAUNCH, chunk=12, **{field: replace(getattr(LAUNCH, field), block_n=dkdv_n)},
-                     dkdv_reduce=replace(LAUNCH.dkdv_reduce, block_n=reduce_n))
+                     dkdv_reduce=replace(LAUNCH.dkdv_reduce, block_n=reduce_n),
+                     part_bytes=H * topk * 2 * D * 4 * 40)  # query chunks of 40 (dkdv path, 16-key tiles)
     cu = torch.tensor([0, 60, 61, 150], dtype=torch.int32)
     check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, dq, launch)
 
