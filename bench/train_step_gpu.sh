@@ -43,7 +43,8 @@
 #      and 512K in the same process, dense at 1M extrapolated from those two and labelled so (--extrapolate-dense:
 #      base dense at 1M, about 620 s a step by that fit, does not fit a call); checkpoint policy full for both,
 #      as base_1m (selective does not fit base at 1M). 391 s on an H200 (docs/scaling.md 3n):
-#      STAGES=base_1m_window MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
+#      STAGES=base_1m_window MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...; since 3o it first runs the GPU test of the
+#      full policy's kept selection and, where time is left, the MSA step with parallel.checkpoint_keep_selection=false
 # EXTRA_OVERRIDES adds Hydra overrides to every stage's steps, e.g. EXTRA_OVERRIDES=model.rope_impl=torch.
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
 # selective, the default, except base_1m), sparse phase.
@@ -51,7 +52,8 @@
 # Results in $OUT: train_step_small.json, train_step_base.json, train_step_base_1m.json (and
 # train_step_base_1m_offload.json after an OOM), train_step_1b.json, train_step_small_dense{1,0,window}.json,
 # train_step_small_host.json, step_time_old_new_<length>.json, train_step_small_1m_both.json (dense_1m),
-# train_step_small_1m_{window_both,dense0}.json (first_layer_1m), train_step_base_1m_window.json, train_step.log.
+# train_step_small_1m_{window_both,dense0}.json (first_layer_1m), train_step_base_1m_window{,_nokeep}.json,
+# train_step.log.
 set -uo pipefail
 OUT=${OUT:-runs/train_step_gpu}
 LOG=$OUT/train_step.log
@@ -82,7 +84,7 @@ if [ "${CPU_CHECK:-0}" = 1 ]; then
   DENSE_1M=(--device cpu --model tiny --lengths 512 --packed --steps 1 --no-skip --no-profile --time-budget 60)
   BASE_1M_WINDOW=(--device cpu --model tiny --lengths 512 --dense-lengths 128 256 --packed --steps 1 --no-skip
     --no-profile --time-budget 60 --time-warmup-above 100 --extrapolate-dense)
-  AC="$AC model.n_layers=2"
+  AC="$AC model.n_layers=2"; NOKEEP_MIN=${NOKEEP_MIN:-0}
 fi
 OLD_NEW_LENGTHS=${OLD_NEW_LENGTHS:-$ON_LENGTHS}
 STAGES=${STAGES:-small base base_1m}
@@ -173,9 +175,18 @@ if want first_layer_1m; then
 fi
 if want base_1m_window; then
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-  TAIL=8 stage base_1m_window 520 python3 -m bench.train_step "${BASE_1M_WINDOW[@]}" --attention msa dense \
-    --msa-overrides "model.sliding_window=$WINDOW" "model.sliding_layers=[0]" \
+  if [ "${CPU_CHECK:-0}" != 1 ]; then  # the full policy's kept selection through pinned host memory, on CUDA
+    TAIL=3 stage keep_test 75 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_checkpointing.py
+  fi
+  budget=$(( $(left) - 15 )); [ "$budget" -gt 500 ] && budget=500
+  TAIL=8 stage base_1m_window 520 python3 -m bench.train_step "${BASE_1M_WINDOW[@]}" --time-budget "$budget" \
+    --attention msa dense --msa-overrides "model.sliding_window=$WINDOW" "model.sliding_layers=[0]" \
     --json "$OUT/train_step_base_1m_window.json" -- $AC $FULL
+  # the same MSA step with the selection run again in the recompute (before 3o), where time is left for it
+  budget=$(( $(left) - 10 ))
+  [ "$budget" -gt "${NOKEEP_MIN:-150}" ] && TAIL=4 stage base_1m_window_nokeep 200 python3 -m bench.train_step "${BASE_1M_WINDOW[@]}" --time-budget "$budget" \
+    --attention msa --no-skip --json "$OUT/train_step_base_1m_window_nokeep.json" -- $AC $FULL \
+    "model.sliding_window=$WINDOW" "model.sliding_layers=[0]" parallel.checkpoint_keep_selection=false
 fi
 want base_1m || { ls -l "$OUT"; exit 0; }
 budget=$(( $(left) - 25 ))

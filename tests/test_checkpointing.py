@@ -49,14 +49,15 @@ def _step(model: Decoder, batch: dict, phase: str, launches=None):
     return loss.detach(), grads, ran
 
 
-def _checkpointed(model: Decoder, policy: str) -> Decoder:
+def _checkpointed(model: Decoder, policy: str, keep_selection: bool = True) -> Decoder:
     if policy == "full":
         import deepspeed
 
         init_distributed(ParallelConfig())  # DeepSpeed's checkpoint asks the process group for ranks
         deepspeed.checkpointing.configure(None, deepspeed_config={"train_micro_batch_size_per_gpu": 1,
                                                                   "gradient_accumulation_steps": 1})
-    return parallelize(model, Mesh(), ParallelConfig(activation_checkpointing=True, checkpoint_policy=policy))
+    return parallelize(model, Mesh(), ParallelConfig(activation_checkpointing=True, checkpoint_policy=policy,
+                                                     checkpoint_keep_selection=keep_selection))
 
 
 def _check_same(ref, out, what):
@@ -74,14 +75,42 @@ def _check_same(ref, out, what):
 def test_selective_keeps_the_kernels_outputs(launches):
     """Triton kernels (interpreted): the gradients of no checkpointing under both policies; the block
     selection, sparse forward and index-KL forward (with its gradients) run once per MSA layer under the
-    selective policy, as without checkpointing, and twice under full checkpointing."""
+    selective policy, as without checkpointing; full checkpointing runs the sparse forward and the KL twice
+    and the block selection once (kept from its first pass), or twice with
+    ``parallel.checkpoint_keep_selection=false``."""
     batch = _batch()
     ref = _step(_model("triton"), batch, "sparse", launches)
     assert ref[2] == dict.fromkeys(OPS, 1), ref[2]
-    for policy, runs in (("selective", 1), ("full", 2)):
-        out = _step(_checkpointed(_model("triton"), policy), batch, "sparse", launches)
-        _check_same(ref, out, policy)
-        assert out[2] == dict.fromkeys(OPS, runs), (policy, out[2])
+    twice = dict.fromkeys(OPS, 2)
+    for policy, keep, runs in (("selective", True, dict.fromkeys(OPS, 1)),
+                               ("full", True, {**twice, "select_blocks_fwd": 1}), ("full", False, twice)):
+        out = _step(_checkpointed(_model("triton"), policy, keep), batch, "sparse", launches)
+        _check_same(ref, out, f"{policy}, keep_selection={keep}")
+        assert out[2] == runs, (policy, keep, out[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("restore_dist_env")
+def test_full_keeps_the_selection_in_host_memory_on_a_gpu(launches):
+    """On CUDA the kept block selection waits in pinned host memory between the passes and comes back
+    asynchronously (on the CPU it stays where it is): the gradients of no checkpointing, one selection."""
+    import msa.keep
+
+    batch = {k: v.cuda() for k, v in _batch().items()}
+    ref = _step(_model("triton").cuda(), batch, "sparse", launches)
+    seen = []
+    real = msa.keep._Kept.__init__
+
+    def record(self, t, to_host=False):
+        real(self, t, to_host)
+        seen.append((t.device.type, self.t.device.type, self.t.is_pinned()))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(msa.keep._Kept, "__init__", record)
+        out = _step(_checkpointed(_model("triton").cuda(), "full"), batch, "sparse", launches)
+    _check_same(ref, out, "full on CUDA")
+    assert out[2] == {**dict.fromkeys(OPS, 2), "select_blocks_fwd": 1}, out[2]
+    assert seen == [("cuda", "cpu", True)], seen  # one MSA layer, its block_idx
 
 
 def test_selective_builds_the_reverse_index_once_and_reads_no_block_idx_back(monkeypatch):
@@ -118,6 +147,11 @@ def test_unknown_checkpoint_policy_names_the_key():
     cfg = compose_train_config(["parallel.checkpoint_policy=some"])
     with pytest.raises(ValueError, match="parallel.checkpoint_policy"):
         check_parallel(cfg, "cpu")
+    cfg = compose_train_config(["parallel.checkpoint_keep_selection=false"])  # the default policy: selective
+    with pytest.raises(ValueError, match="set checkpoint_policy=full or drop the override"):
+        check_parallel(cfg, "cpu")
+    check_parallel(compose_train_config(["parallel.checkpoint_keep_selection=false",
+                                         "parallel.checkpoint_policy=full"]), "cpu")
     cfg = compose_train_config(["parallel.checkpoint_policy=selective", "parallel.activation_checkpointing=true",
                                 "parallel.checkpoint_offload=true"])
     with pytest.raises(ValueError, match="parallel.checkpoint_policy=full"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msa.keep import active, keep_contexts, kept, kept_aten_ops
+from msa.keep import SDPA, active, keep_contexts, keeping, kept, kept_aten_ops
 
 
 def test_kept_runs_plainly_outside_a_checkpoint():
@@ -55,3 +55,27 @@ def test_sdpa_outputs_are_reused_and_autograd_still_reaches_the_inputs():
     assert torch.equal(o, o2) and o2.grad_fn is not None
     o2.sum().backward()
     assert q2.grad is not None and v2.grad is not None
+
+
+def test_keeping_stores_only_its_names_in_the_first_call_and_reuses_them_in_the_second():
+    """A reentrant checkpoint's function (DeepSpeed's, full policy) runs twice: the first call stores what
+    ``kept`` marks with a kept name, the second gets it back; other names and SDPA run both times; a
+    third call finds nothing left."""
+    calls = []
+
+    def block(x):
+        a = kept("select", lambda: calls.append("select") or x + 1)
+        b = kept("other", lambda: calls.append("other") or x + 2)
+        with kept_aten_ops():
+            calls.append("sdpa mode" if active() is not None and active().keeps(SDPA) else "sdpa plain")
+        return a, b
+
+    run = keeping(block, frozenset({"select"}))
+    x = torch.zeros(2)
+    first = run(x)
+    again = run(x + 10)  # the recompute gets the first call's selection, the others from its own input
+    assert torch.equal(again[0], first[0]) and torch.equal(again[1], x + 12)
+    assert calls == ["select", "other", "sdpa plain", "other", "sdpa plain"], calls
+    assert active() is None
+    with pytest.raises(RuntimeError, match="runs more often in the recompute"):
+        run(x)

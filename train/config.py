@@ -185,6 +185,9 @@ def check_parallel(cfg: TrainConfig, device_type: str) -> None:
         raise ValueError(f"parallel.mlp_tile_tokens={par.mlp_tile_tokens} must be >= 0 (0: no tiling)")
     if par.checkpoint_policy not in ("full", "selective"):
         raise ValueError(f"parallel.checkpoint_policy={par.checkpoint_policy!r}: use full or selective")
+    if not par.checkpoint_keep_selection and par.checkpoint_policy != "full":
+        raise ValueError("parallel.checkpoint_keep_selection=false applies to parallel.checkpoint_policy=full "
+                         "(selective keeps every attention result): set checkpoint_policy=full or drop the override")
     if par.checkpoint_offload and par.checkpoint_policy != "full":
         raise ValueError("parallel.checkpoint_offload=true is DeepSpeed's (parallel.checkpoint_policy=full): set "
                          "parallel.checkpoint_policy=full or parallel.checkpoint_offload=false")

@@ -32,6 +32,9 @@ class ParallelConfig:
     # full: DeepSpeed's, the whole block again | selective: keep the attention ops' outputs (select_blocks, sparse
     # attention, index KL, SDPA), recompute the rest (train/parallel/parallelize.py)
     checkpoint_policy: str = "selective"
+    # full only: the recompute reuses the forward's block selection (kept in pinned host memory) instead of
+    # running the top-k over every earlier key again; selective keeps it anyway
+    checkpoint_keep_selection: bool = True
     compile_blocks: bool = False  # torch.compile the token-local work of each block (attention core left eager)
     checkpoint_offload: bool = False  # keep the checkpointed block inputs in CPU memory (GPU only)
     mlp_tile_tokens: int = 0  # >0: DeepSpeed's TiledMLP over tiles of this many tokens (recomputed in backward)

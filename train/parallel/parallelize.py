@@ -3,7 +3,8 @@
 - ``Attention.wrap_core``: context-parallel, then Ulysses wrappers around every attention core;
 - ``Block.wrap_mlp``: DeepSpeed's TiledMLP over ``parallel.mlp_tile_tokens`` tokens at a time;
 - ``Decoder.set_block_runner``: per-block activation checkpointing, ``parallel.checkpoint_policy``:
-  ``full`` (DeepSpeed's: the block's whole forward runs again in backward) or ``selective`` (PyTorch's
+  ``full`` (DeepSpeed's: the block's whole forward runs again in backward, but for the block selection,
+  kept in host memory unless ``parallel.checkpoint_keep_selection=false``) or ``selective`` (PyTorch's
   non-reentrant checkpoint keeping what the attention marks with ``msa.keep``, so block selection with
   its reverse index, sparse attention, the index KL and dense SDPA run once per step; the rest is
   recomputed; see ``selective_checkpointed`` for why not ``create_selective_checkpoint_contexts``). A
@@ -25,7 +26,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from msa.keep import SAVED_OPS as ATEN_SAVED_OPS
-from msa.keep import keep_contexts
+from msa.keep import keep_contexts, keeping
 from msa.layer import recomputed_later
 from train.parallel.mesh import Mesh, ParallelConfig
 from train.parallel.sequence import ContextParallelCore, UlyssesCore
@@ -47,7 +48,8 @@ def parallelize(model, mesh: Mesh, cfg: ParallelConfig):
         if cfg.compile_blocks:
             compile_block(block)
     if cfg.activation_checkpointing:
-        model.set_block_runner(selective_checkpointed if cfg.checkpoint_policy == "selective" else checkpointed)
+        model.set_block_runner(selective_checkpointed if cfg.checkpoint_policy == "selective" else
+                               functools.partial(checkpointed, keep_selection=cfg.checkpoint_keep_selection))
     return model
 
 
@@ -79,14 +81,23 @@ def tiled_mlp(mlp, x: torch.Tensor, tile: int) -> torch.Tensor:
     return TiledMLP.apply(type(mlp).forward, mlp, x, n_tiles, list(mlp.parameters()))
 
 
-def checkpointed(block, x, *args):
-    """One block under DeepSpeed activation checkpointing (inputs kept on CPU if configured)."""
+# What full checkpointing keeps from its first pass: the block selection, a top-k over every earlier key
+# block (quadratic in the row: about 0.9 s per layer of ``base`` at 1M tokens on an H200, docs/kernels.md)
+# stored as 64 bytes per token and KV head (``topk`` int32 ids: 256 MB per layer at 1M), which waits in
+# pinned host memory, so the policy chosen for its small footprint holds no more device memory than before.
+FULL_KEEPS = frozenset({"msa::select_blocks"})
+
+
+def checkpointed(block, x, *args, keep_selection: bool = True):
+    """One block under DeepSpeed activation checkpointing (inputs kept on CPU if configured); with
+    ``keep_selection`` the recompute reuses the forward's block selection (``FULL_KEEPS``)."""
     import deepspeed
 
     if not recompute_pays(block, x):
         return block(x, *args)
+    run = keeping(block, FULL_KEEPS) if keep_selection else block
     with recomputed_later():  # this pass runs without autograd; backward runs the block again
-        return deepspeed.checkpointing.checkpoint(block, x, *args)
+        return deepspeed.checkpointing.checkpoint(run, x, *args)
 
 
 def recompute_pays(block, x) -> bool:
@@ -124,5 +135,5 @@ def selective_checkpointed(block, x, *args):
     return checkpoint(block, x, *args, use_reentrant=False, context_fn=keep_contexts)
 
 
-__all__ = ["parallelize", "tiled_mlp", "checkpointed", "selective_checkpointed", "recompute_pays", "SAVED_OPS",
-           "compile_block", "EagerCore"]
+__all__ = ["parallelize", "tiled_mlp", "checkpointed", "FULL_KEEPS", "selective_checkpointed", "recompute_pays",
+           "SAVED_OPS", "compile_block", "EagerCore"]
