@@ -256,6 +256,7 @@ COLLECT = {  # file a GPU script writes to $OUT -> its name under docs/results (
     "train_step_small_1m_window_both.json": "train_step_small_1m_window_both_{gpu}.json",  # STAGES=first_layer_1m
     "train_step_small_1m_dense0.json": "train_step_small_1m_dense0_{gpu}.json",
     "train_step_base_1m_window.json": "train_step_base_1m_window_{gpu}.json",  # STAGES=base_1m_window
+    "train_step_base_1m_window_nokeep.json": "train_step_base_1m_window_nokeep_{gpu}.json",  # its A/B (3o)
     "train_step_1b.json": "train_step_1b_{gpu}.json",
     "train_step_small_dense1.json": "train_step_small_dense1_{gpu}.json",
     "train_step_small_dense0.json": "train_step_small_dense0_{gpu}.json",
