@@ -45,6 +45,7 @@
 #      as base_1m (selective does not fit base at 1M). 391 s on an H200 (docs/scaling.md 3n):
 #      STAGES=base_1m_window MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...; since 3o it first runs the GPU test of the
 #      full policy's kept selection and, where time is left, the MSA step with parallel.checkpoint_keep_selection=false
+#      (MSA_ONLY=1: no dense points, for a short call: about 330 s)
 # EXTRA_OVERRIDES adds Hydra overrides to every stage's steps, e.g. EXTRA_OVERRIDES=model.rope_impl=torch.
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
 # selective, the default, except base_1m), sparse phase.
@@ -179,8 +180,10 @@ if want base_1m_window; then
     TAIL=3 stage keep_test 75 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_checkpointing.py
   fi
   budget=$(( $(left) - 15 )); [ "$budget" -gt 500 ] && budget=500
+  # MSA_ONLY=1: the MSA steps alone (with and without the kept selection), for a call too short for dense
+  attn=(msa dense); [ "${MSA_ONLY:-0}" = 1 ] && attn=(msa)
   TAIL=8 stage base_1m_window 520 python3 -m bench.train_step "${BASE_1M_WINDOW[@]}" --time-budget "$budget" \
-    --attention msa dense --msa-overrides "model.sliding_window=$WINDOW" "model.sliding_layers=[0]" \
+    --attention "${attn[@]}" --msa-overrides "model.sliding_window=$WINDOW" "model.sliding_layers=[0]" \
     --json "$OUT/train_step_base_1m_window.json" -- $AC $FULL
   # the same MSA step with the selection run again in the recompute (before 3o), where time is left for it
   budget=$(( $(left) - 10 ))
