@@ -187,8 +187,8 @@ if want base_1m_window; then
     --json "$OUT/train_step_base_1m_window.json" -- $AC $FULL
   # the same MSA step with the selection run again in the recompute (before 3o), where time is left for it
   budget=$(( $(left) - 10 ))
-  [ "$budget" -gt "${NOKEEP_MIN:-150}" ] && TAIL=4 stage base_1m_window_nokeep 200 python3 -m bench.train_step "${BASE_1M_WINDOW[@]}" --time-budget "$budget" \
-    --attention msa --no-skip --json "$OUT/train_step_base_1m_window_nokeep.json" -- $AC $FULL \
+  [ "$budget" -gt "${NOKEEP_MIN:-150}" ] && TAIL=4 stage base_1m_window_nokeep 200 \
+    python3 -m bench.train_step "${BASE_1M_WINDOW[@]}" --time-budget "$budget" --attention msa --no-skip --json "$OUT/train_step_base_1m_window_nokeep.json" -- $AC $FULL \
     "model.sliding_window=$WINDOW" "model.sliding_layers=[0]" parallel.checkpoint_keep_selection=false
 fi
 want base_1m || { ls -l "$OUT"; exit 0; }

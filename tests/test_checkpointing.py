@@ -91,7 +91,7 @@ def test_selective_keeps_the_kernels_outputs(launches):
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("restore_dist_env")
-def test_full_keeps_the_selection_in_host_memory_on_a_gpu(launches):
+def test_full_keeps_the_selection_in_host_memory_on_a_gpu(launches, monkeypatch):
     """On CUDA the kept block selection waits in pinned host memory between the passes and comes back
     asynchronously (on the CPU it stays where it is): the gradients of no checkpointing, one selection."""
     import msa.keep
@@ -105,9 +105,8 @@ def test_full_keeps_the_selection_in_host_memory_on_a_gpu(launches):
         real(self, t, to_host)
         seen.append((t.device.type, self.t.device.type, self.t.is_pinned()))
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(msa.keep._Kept, "__init__", record)
-        out = _step(_checkpointed(_model("triton").cuda(), "full"), batch, "sparse", launches)
+    monkeypatch.setattr(msa.keep._Kept, "__init__", record)
+    out = _step(_checkpointed(_model("triton").cuda(), "full"), batch, "sparse", launches)
     _check_same(ref, out, "full on CUDA")
     assert out[2] == {**dict.fromkeys(OPS, 2), "select_blocks_fwd": 1}, out[2]
     assert seen == [("cuda", "cpu", True)], seen  # one MSA layer, its block_idx
