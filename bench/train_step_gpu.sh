@@ -45,7 +45,8 @@
 #      as base_1m (selective does not fit base at 1M). 391 s on an H200 (docs/scaling.md 3n):
 #      STAGES=base_1m_window MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...; since 3o it first runs the GPU test of the
 #      full policy's kept selection and, where time is left, the MSA step with parallel.checkpoint_keep_selection=false
-#      (MSA_ONLY=1: no dense points, for a short call: about 330 s)
+#      (MSA_ONLY=1: no dense points, for a short call: 189 s on an H200 with the A/B left out by NOKEEP_MIN=400,
+#      docs/scaling.md 3o; about 330 s with it)
 # EXTRA_OVERRIDES adds Hydra overrides to every stage's steps, e.g. EXTRA_OVERRIDES=model.rope_impl=torch.
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
 # selective, the default, except base_1m), sparse phase.
