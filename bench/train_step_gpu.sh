@@ -73,7 +73,7 @@ HOST=(--model small --lengths 16384 32768 --packed --time-budget 100 --host-prof
 OLD_NEW=(--model small --rounds 2 --steps 2)
 DENSE_1M=(--model small --lengths 1048576 --packed --steps 1 --no-skip --no-profile --time-budget 480 --dense-reserve 390)
 BASE_1M_WINDOW=(--model base --lengths 1048576 --dense-lengths 262144 524288 --packed --steps 1 --no-skip --no-profile
-  --time-budget 500 --dense-reserve 330 --time-warmup-above 100 --extrapolate-dense)
+  --dense-reserve 330 --time-warmup-above 100 --extrapolate-dense)  # --time-budget: the stage's, from DEADLINE
 ON_LENGTHS="16384 32768 131072"
 WINDOW=4096
 if [ "${CPU_CHECK:-0}" = 1 ]; then
@@ -85,7 +85,7 @@ if [ "${CPU_CHECK:-0}" = 1 ]; then
   OLD_NEW=(--device cpu --model tiny --rounds 1 --steps 1); ON_LENGTHS=256
   DENSE_1M=(--device cpu --model tiny --lengths 512 --packed --steps 1 --no-skip --no-profile --time-budget 60)
   BASE_1M_WINDOW=(--device cpu --model tiny --lengths 512 --dense-lengths 128 256 --packed --steps 1 --no-skip
-    --no-profile --time-budget 60 --time-warmup-above 100 --extrapolate-dense)
+    --no-profile --time-warmup-above 100 --extrapolate-dense)
   AC="$AC model.n_layers=2"; NOKEEP_MIN=${NOKEEP_MIN:-0}
 fi
 OLD_NEW_LENGTHS=${OLD_NEW_LENGTHS:-$ON_LENGTHS}
@@ -189,7 +189,7 @@ if want base_1m_window; then
   # the same MSA step with the selection run again in the recompute (before 3o), where time is left for it
   budget=$(( $(left) - 10 ))
   [ "$budget" -gt "${NOKEEP_MIN:-150}" ] && TAIL=4 stage base_1m_window_nokeep 200 \
-    python3 -m bench.train_step "${BASE_1M_WINDOW[@]}" --time-budget "$budget" --attention msa --no-skip --json "$OUT/train_step_base_1m_window_nokeep.json" -- $AC $FULL \
+    python3 -m bench.train_step "${BASE_1M_WINDOW[@]}" --time-budget "$budget" --attention msa --json "$OUT/train_step_base_1m_window_nokeep.json" -- $AC $FULL \
     "model.sliding_window=$WINDOW" "model.sliding_layers=[0]" parallel.checkpoint_keep_selection=false
 fi
 want base_1m || { ls -l "$OUT"; exit 0; }
