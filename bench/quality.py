@@ -174,9 +174,11 @@ def parse(argv=None):
         ap.error(f"--mix {args.mix} + --primer {args.primer} must stay below 1: the rest is the corpus")
     if args.primer_first and not args.primer:
         ap.error("--primer-first needs --primer SHARE (the primer source it reads alone)")
-    if not 0 <= args.primer_first <= args.warmup_frac:
-        ap.error(f"--primer-first {args.primer_first} must lie in [0, --warmup-frac {args.warmup_frac}]: the primer "
-                 "stage is part of the MSA arm's dense warm-up")
+    if not 0 <= args.primer_first < 1:
+        ap.error(f"--primer-first {args.primer_first} must lie in [0, 1): a share of the steps")
+    if any(sparse(a) for a in args.arms) and args.primer_first > args.warmup_frac:
+        ap.error(f"--primer-first {args.primer_first} must be at most --warmup-frac {args.warmup_frac}: the primer "
+                 "stage is part of the MSA arm's dense warm-up (a run of --arms dense alone has no warm-up to fit)")
     return args
 
 

@@ -522,9 +522,15 @@ def test_quality_primer_first_is_a_stage_of_the_primer_alone(tmp_path):
         assert stages[0].data_weights == alone and all(not st.data_weights for st in stages[1:])
     timing = {"primer_step_s": 1.0, "warmup_step_s": 2.0, "main_step_s": 4.0}
     assert mean_step_s(args, "msa", timing, nominal=50) == pytest.approx((5 * 1 + 10 * 2 + 35 * 4) / 50)
-    for bad in (["--primer-first", "0.1"], ["--primer", "0.1", "--primer-first", "0.4", "--warmup-frac", "0.3"]):
+    for bad in (["--primer-first", "0.1"], ["--primer", "0.1", "--primer-first", "0.4", "--warmup-frac", "0.3"],
+                ["--primer", "0.1", "--primer-first", "1", "--arms", "dense"]):
         with pytest.raises(SystemExit):
             parse(["--out", str(tmp_path), *bad])
+    # a dense-only run (the fork's source, docs/quality.md eighteenth run) has no warm-up for the primer to fit
+    dense = parse(["--out", str(tmp_path), "--model", "tiny", "--seq-len", "256", "--primer", "0.1", "--primer-first",
+                   "0.5", "--warmup-frac", "0.3", "--arms", "dense"])
+    stages = build_recipe(compose(overrides(dense, "dense", 0, 50, tmp_path, False)))
+    assert [(st.name, st.end - st.start) for st in stages] == [("primer", 25), ("main", 25)]
 
 
 def test_quality_extra_eval_lengths(tmp_path):
@@ -1101,9 +1107,9 @@ def test_quality_fork_script_forks_both_arms_from_the_picked_source(tmp_path, co
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OUT": str(out),
            "WORK": str(work), "BUDGET_S": "900", "MIN_CHOICE": "0", "MIN_TOKENS": "256", "SOURCE_SEEDS": "0 1",
-           "SOURCE_JOBS": "2", "SOURCE_STEPS": "8", "PRIMER_STEPS": "2", "FORK_STEPS": "6",
+           "SOURCE_JOBS": "2", "SOURCE_STEPS": "8", "PRIMER_STEPS": "2", "FORK_STEPS": "6", "FORK_JOBS": "2",
            "OVERRIDES": f"attention.block_size=16 data.corpus_dir={corpus_dir}",
-           "SOURCE_ARGS": toy, "FORK_ARGS": f"{toy} --jobs 2 --seeds 0 --wide-topk 4"}
+           "SOURCE_ARGS": toy, "FORK_ARGS": f"{toy} --seeds 0 --wide-topk 4"}
     done = subprocess.run(["bash", "bench/quality_fork_gpu.sh"], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
