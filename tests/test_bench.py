@@ -1108,6 +1108,7 @@ def test_quality_fork_script_forks_both_arms_from_the_picked_source(tmp_path, co
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OUT": str(out),
            "WORK": str(work), "BUDGET_S": "900", "MIN_CHOICE": "0", "MIN_TOKENS": "256", "SOURCE_SEEDS": "0 1",
            "SOURCE_JOBS": "2", "SOURCE_STEPS": "8", "PRIMER_STEPS": "2", "FORK_STEPS": "6", "FORK_JOBS": "2",
+           "PLAIN_LENGTHS": "512 1024",
            "OVERRIDES": f"attention.block_size=16 data.corpus_dir={corpus_dir}",
            "SOURCE_ARGS": toy, "FORK_ARGS": f"{toy} --seeds 0 --wide-topk 4"}
     done = subprocess.run(["bash", "bench/quality_fork_gpu.sh"], cwd=root, env=env, capture_output=True, text=True,
@@ -1121,8 +1122,18 @@ def test_quality_fork_script_forks_both_arms_from_the_picked_source(tmp_path, co
     loaded = f"weights from {source}/checkpoints/step_00000008 (step 8)"
     assert len(logs) == 2 and all(loaded in text for text in logs.values())
     assert "parameters the source lacks keep their init" in logs["run-msa_wide-0-6.log"]
+    # the plain phase: the fork's runs again through train.eval, the same items and RoPE at the training
+    # length (512: the fork's own evals, to the printed digits) and the model's own RoPE beyond it
+    plain = json.loads((out / "fork" / "plain.json").read_text())
+    assert not plain["failed"] and sorted(plain["runs"]) == ["dense-s0", "msa_wide-s0"]
+    for r in fork["runs"]:
+        got = plain["runs"][f"{r['arm']}-s{r['seed']}"]
+        assert got["choice"]["512"] == r["scalars"]["eval/passkey/512/choice"] and got["step"] == 6
+        assert got["nll"]["512"] == pytest.approx(r["scalars"]["eval/passkey/512/nll"], rel=1e-5)
+        assert got["rope"]["1024"]["scaling"]["type"] == "none" and got["items"]["1024"] == 2
+    assert "| msa_wide | " in (out / "plain.log").read_text()
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == [
-        "fork.log", "gpus.txt", "pick.txt", "quality.json", "quality.json", "source.log"]
+        "fork.log", "gpus.txt", "pick.txt", "plain.json", "plain.log", "quality.json", "quality.json", "source.log"]
 
 
 def test_plot_series_keep_the_first_layer_options_apart():
