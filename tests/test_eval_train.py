@@ -116,6 +116,30 @@ def test_eval_app_reproduces_the_last_in_training_eval(trained):
     assert "eval/passkey/384/choice" in proc.stdout
 
 
+def test_eval_app_defaults_leave_out_the_tasks_a_short_model_cannot_fit(trained, tmp_path):
+    """The default task list on a 256-token run (as the README's): the tasks whose needles and question need
+    more tokens are left out, named with what they need, and the rest run; a task named in tasks= that does
+    not fit is still an error that names the fix."""
+    from train.eval.tasks import fixed_tokens
+    from train.generate import load_model
+
+    loaded = load_model(str(trained), "cpu", "reference", "fp32")
+    need = {t: fixed_tokens(t, loaded.tokenizer, loaded.cfg.data.image, 4) for t in
+            ("passkey", "multikey", "multivalue", "vartrack", "image_needle")}
+    fits = {t for t, n in need.items() if n <= 256}
+    assert fits == {"passkey", "image_needle"}  # this tokenizer's needs, so the test below means something
+    out = tmp_path / "eval"
+    proc = run(["train.eval", f"checkpoint={trained}", "generate=false", "items=1", "rows=1", "depths=[0]",
+                "buckets=[128]", f"out={out}"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    left = ", ".join(f"{t} ({need[t]})" for t in ("multikey", "multivalue", "vartrack"))
+    assert f"tasks: left out {left}:" in proc.stdout and "shortest eval length 256" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["retrieval"]) == fits and results["lengths"] == [256] and "256" in results["bpb"]
+    proc = run(["train.eval", f"checkpoint={trained}", "tasks=[multikey]", f"out={tmp_path / 'named'}"])
+    assert proc.returncode != 0 and "multikey needs at least" in proc.stderr + proc.stdout
+
+
 def test_generate_completes_a_prompt_from_the_checkpoint(trained, tmp_path):
     from train.generate import GenerateConfig, run_generate
 

@@ -13,7 +13,7 @@ import hydra
 from omegaconf import OmegaConf
 
 from train.__main__ import CONFIG_DIR
-from train.eval.config import EvalAppConfig, check_eval
+from train.eval.config import EvalAppConfig, check_eval, fit_default_tasks
 from train.eval.report import write_report
 from train.eval.runner import evaluate, flatten
 from train.generate import check_phase, load_model
@@ -24,6 +24,11 @@ def run_eval(cfg: EvalAppConfig) -> tuple[dict, Path]:
     check_phase(cfg.phase)
     loaded = load_model(cfg.checkpoint, cfg.device, cfg.impl, cfg.precision)
     data = loaded.cfg.data
+    check_eval(cfg, loaded.stage.seq_len, "")  # the settings themselves, before the tasks are sized
+    left_out = fit_default_tasks(cfg, loaded.stage.seq_len, loaded.tokenizer, data.image)
+    if left_out:
+        print(f"tasks: left out {', '.join(left_out)}: the tokens each needs at least, more than the shortest eval "
+              f"length {min(list(cfg.lengths) or [loaded.stage.seq_len])}; give longer lengths=[...] to run them")
     check_eval(cfg, loaded.stage.seq_len, "", loaded.tokenizer, data.image)
     results = evaluate(loaded.model, loaded.tokenizer, cfg, train_len=loaded.stage.seq_len,
                        phase=cfg.phase or loaded.stage.phase, image_cfg=data.image,

@@ -122,6 +122,22 @@ def check_eval(cfg: EvalSpec, length: int, key: str = "eval", tokenizer=None, im
                                  f"{min(lengths)}: raise {key}lengths or drop {task} from {key}tasks")
 
 
+def fit_default_tasks(cfg: EvalSpec, length: int, tokenizer, image_cfg=None) -> list[str]:
+    """With ``tasks`` at its default (every task), leave out of ``cfg.tasks`` the retrieval tasks whose needles
+    and question do not fit the shortest eval length (``length``, the training length, when ``lengths`` is
+    empty), so the defaults work on a short model (the README's run trains at 256 tokens, multikey needs about
+    400). Returns what was left out, as ``"<task> (<tokens needed>)"``; tasks named in ``tasks`` stay as given,
+    and ``check_eval`` refuses one that does not fit."""
+    if list(cfg.tasks) != list(ALL_TASKS):
+        return []
+    from train.eval.tasks import fixed_tokens
+
+    shortest = min(list(cfg.lengths) or [length])
+    need = {t: 0 if t == BPB else fixed_tokens(t, tokenizer, image_cfg, cfg.choices) for t in cfg.tasks}
+    cfg.tasks = [t for t in cfg.tasks if need[t] <= shortest]
+    return [f"{t} ({need[t]})" for t in need if need[t] > shortest]
+
+
 def check_train_eval(cfg: EvalConfig, stage, zero_stage: int, data_cfg) -> None:
     """``eval.*`` of a training run, for one recipe stage (``data_cfg``: the run's DataConfig)."""
     if cfg.every < 0:
@@ -141,4 +157,4 @@ def check_train_eval(cfg: EvalConfig, stage, zero_stage: int, data_cfg) -> None:
 
 
 __all__ = ["BPB", "ALL_TASKS", "EvalSpec", "EvalConfig", "EvalAppConfig", "eval_due", "eval_rope", "check_eval",
-           "check_train_eval"]
+           "fit_default_tasks", "check_train_eval"]
