@@ -140,6 +140,19 @@ def test_eval_app_defaults_leave_out_the_tasks_a_short_model_cannot_fit(trained,
     assert proc.returncode != 0 and "multikey needs at least" in proc.stderr + proc.stdout
 
 
+def test_training_evals_with_the_default_tasks_leave_out_what_cannot_fit(tmp_path):
+    """eval.every on a 256-token run with the default task list: the run says which tasks it leaves out and
+    logs the others' eval/... keys (it used to stop at start-up on multikey)."""
+    proc = run(["train", *CORPUS, *MODEL, "run.steps=2", "eval.every=2", "eval.generate=false", "eval.items=1",
+                "eval.rows=1", "eval.depths=[0]", "eval.buckets=[128]", f"run_dir={tmp_path / 'run'}",
+                f"data.corpus_dir={tmp_path / 'corpus'}", "logging.progress=false", "logging.wandb.mode=disabled"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "eval.tasks: left out multikey (" in proc.stdout and "vartrack (" in proc.stdout
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"eval/bpb/256", "eval/passkey/256/choice", "eval/image_needle/256/choice"} <= set(last)
+    assert not any(k.startswith(("eval/multikey", "eval/multivalue", "eval/vartrack")) for k in last)
+
+
 def test_generate_completes_a_prompt_from_the_checkpoint(trained, tmp_path):
     from train.generate import GenerateConfig, run_generate
 

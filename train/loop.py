@@ -28,7 +28,7 @@ from train.checkpoint import (
 )
 from train.config import TrainConfig, check_config
 from train.data import build_dataloader, build_tokenizer
-from train.eval.config import eval_due
+from train.eval.config import eval_due, fit_default_tasks
 from train.model import build_model
 from train.optim import INDEX_PREFIX
 from train.parallel import (
@@ -72,6 +72,9 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     cfg = from_pretrained(cfg, tokenizer.vocab_size, env.rank)
     stages = build_recipe(cfg)
+    # evals with the default task list on a short run: leave out the tasks that cannot fit (said below)
+    eval_left_out = fit_default_tasks(cfg.eval, min(s.seq_len for s in stages), tokenizer,
+                                      cfg.data.image) if cfg.eval.every else []
     for stage in stages:  # every stage must be able to run: fail now, not hours in
         check_config(cfg, stage, env.world_size, tokenizer.vocab_size, env.device.type)
     resolved, resume, saved = open_run_dir(cfg, env)
@@ -83,6 +86,9 @@ def train(cfg: TrainConfig) -> dict:
                    + (f"\n{run.init_note}" if run.init_note else ""))
     peak, note = M.peak_tflops(env.device, cfg.logging.peak_tflops)
     logger.message(note)
+    if eval_left_out:
+        logger.message(f"eval.tasks: left out {', '.join(eval_left_out)}: the tokens each needs at least, more "
+                       f"than the shortest eval length; give longer eval.lengths=[...] to run them")
     if saved["step"] >= cfg.run.steps:
         logger.message(f"nothing to do: the checkpoint is at step {saved['step']}, run.steps={cfg.run.steps}")
     stop, metrics = StopSignal(), {}
