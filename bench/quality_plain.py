@@ -7,8 +7,9 @@ key at ``--lengths``, with the same items as the run's own evals (its ``eval.ite
 
 The in-training evals of the fork stretch RoPE past the training length (YaRN, ``eval.rope_scaling``); this
 reads the same runs without the stretch, so one fork says what the stretch does. Each run's results go to
-``<run>/eval/plain/results.json`` (a run that has them is not evaluated again: the same command resumes);
-``--out`` gets one JSON of every run, and stdout a table of the pass key's choice by arm and length.
+``<run>/eval/<--name>/results.json`` (``plain``; a run that has them at every length is not evaluated again:
+the same command resumes; other ``--eval-overrides`` want another ``--name``); ``--out`` gets one JSON of every
+run, and stdout a table of the pass key's choice by arm and length.
 """
 
 from __future__ import annotations
@@ -33,16 +34,26 @@ def runs_in(work: Path) -> list[Path]:
                   if p.is_dir() and (p / "config.yaml").exists() and any((p / "checkpoints").glob("step_*")))
 
 
-def eval_command(run: Path, lengths: list[int], extra: list[str]) -> list[str]:
+def eval_command(run: Path, lengths: list[int], extra: list[str], name: str = "plain") -> list[str]:
     """``python -m train.eval`` for ``run`` on the pass key at ``lengths``, with the items of its own evals."""
     ev = OmegaConf.load(run / "config.yaml").eval
     depths = ",".join(str(float(d)) for d in ev.depths)
     return [sys.executable, "-m", "train.eval", f"checkpoint={run}", f"tasks=[{TASK}]",
             f"lengths=[{','.join(map(str, lengths))}]", f"items={ev['items']}", f"depths=[{depths}]",
-            f"seed={ev.seed}", f"choices={ev.choices}", "generate=false", f"out={run / 'eval' / 'plain'}", *extra]
+            f"seed={ev.seed}", f"choices={ev.choices}", "generate=false", f"out={run / 'eval' / name}", *extra]
 
 
-def evaluate_runs(runs: list[Path], lengths: list[int], extra: list[str], jobs: int, budget_s: float) -> dict:
+def results_of(run: Path, lengths: list[int], name: str) -> dict | None:
+    """The run's results under ``name`` when they hold every length, else None (to evaluate)."""
+    path = run / "eval" / name / "results.json"
+    if not path.exists():
+        return None
+    res = json.loads(path.read_text())
+    return res if set(map(str, lengths)) <= set(res["retrieval"].get(TASK, {})) else None
+
+
+def evaluate_runs(runs: list[Path], lengths: list[int], extra: list[str], jobs: int, budget_s: float,
+                  name: str = "plain") -> dict:
     """Run the evals not yet made, ``jobs`` at once, each stopped at the budget; the runs' failures by name."""
     deadline = time.monotonic() + budget_s
     failed = {}
@@ -52,11 +63,11 @@ def evaluate_runs(runs: list[Path], lengths: list[int], extra: list[str], jobs: 
         if left < 5:
             failed[run.name] = "not started: the budget was spent"
             return
-        log = run / "eval" / "plain.log"
+        log = run / "eval" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         try:
             with log.open("w") as f:
-                done = subprocess.run(eval_command(run, lengths, extra), stdout=f, stderr=subprocess.STDOUT,
+                done = subprocess.run(eval_command(run, lengths, extra, name), stdout=f, stderr=subprocess.STDOUT,
                                       timeout=left)
         except subprocess.TimeoutExpired:
             failed[run.name] = f"stopped at the budget ({budget_s:.0f} s)"
@@ -64,21 +75,20 @@ def evaluate_runs(runs: list[Path], lengths: list[int], extra: list[str], jobs: 
         if done.returncode:
             failed[run.name] = f"train.eval exited {done.returncode}: {log}"
 
-    todo = [r for r in runs if not (r / "eval" / "plain" / "results.json").exists()]
+    todo = [r for r in runs if results_of(r, lengths, name) is None]
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         list(pool.map(one, todo))
     return failed
 
 
-def collect(runs: list[Path], lengths: list[int]) -> dict:
+def collect(runs: list[Path], lengths: list[int], name: str = "plain") -> dict:
     """Per run: the pass key's choice, over all needles and below depth 1, the answer's NLL per token, and the
     RoPE each length ran with."""
     out = {}
     for run in runs:
-        path = run / "eval" / "plain" / "results.json"
-        if not path.exists():
+        res = results_of(run, lengths, name)
+        if res is None:
             continue
-        res = json.loads(path.read_text())
         by_len = res["retrieval"][TASK]
         arm, _, seed = run.name.rpartition("-s")
         out[run.name] = {"arm": arm, "seed": int(seed), "step": res["step"], "rope": res["rope"],
@@ -111,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="the JSON of every run's results")
     ap.add_argument("--jobs", type=int, default=3, help="evals at once, each in its own process")
     ap.add_argument("--budget-s", type=float, default=600.0)
+    ap.add_argument("--name", default="plain", help="the runs' eval subfolder for these results")
     ap.add_argument("--eval-overrides", nargs="*", default=[],
                     help="more train.eval overrides, e.g. rope_scaling={type:yarn,factor:auto} (default: none, the "
                          "model's own RoPE)")
@@ -119,8 +130,8 @@ def main(argv=None) -> int:
     if not runs:
         print(f"no run with a kept checkpoint in {args.work}: train with --keep-checkpoints", file=sys.stderr)
         return 1
-    failed = evaluate_runs(runs, args.lengths, args.eval_overrides, args.jobs, args.budget_s)
-    collected = collect(runs, args.lengths)
+    failed = evaluate_runs(runs, args.lengths, args.eval_overrides, args.jobs, args.budget_s, args.name)
+    collected = collect(runs, args.lengths, args.name)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"lengths": args.lengths, "task": TASK, "eval_overrides": args.eval_overrides,
                                     "runs": collected, "failed": failed}, indent=1))

@@ -1093,6 +1093,24 @@ def test_quality_fork_picks_the_dense_run_that_retrieves_by_hand(tmp_path, capsy
     assert "no source: the best pass-key choice is 0.75" in capsys.readouterr().err
 
 
+def test_quality_plain_reuses_results_only_at_every_length_under_its_name(tmp_path):
+    """bench.quality_plain resumes: a run's results under --name that hold every length are read, not made
+    again; a missing length, or another name (other eval overrides), evaluates the run again."""
+    from bench.quality_plain import collect, results_of
+
+    run = tmp_path / "msa_wide-s2"
+    (run / "eval" / "plain").mkdir(parents=True)
+    cell = {"choice": 0.75, "nll": 1.5, "items": 12, "far": {"choice": 0.5}}
+    (run / "eval" / "plain" / "results.json").write_text(json.dumps(
+        {"step": 600, "rope": {}, "retrieval": {"passkey": {"32768": cell, "65536": cell}}}))
+    assert results_of(run, [32768, 65536], "plain") is not None
+    assert results_of(run, [32768, 131072], "plain") is None and results_of(run, [32768], "yarn") is None
+    got = collect([run], [65536])["msa_wide-s2"]
+    assert (got["arm"], got["seed"], got["choice"], got["choice_far"]) == ("msa_wide", 2, {"65536": 0.75},
+                                                                          {"65536": 0.5})
+    assert collect([run], [131072]) == {}
+
+
 def test_quality_fork_script_forks_both_arms_from_the_picked_source(tmp_path, corpus_dir):
     """bench/quality_fork_gpu.sh end to end on CPU with toy settings (its header's dry run): the source phase
     keeps its checkpoints, the pick names a source run, and both arms of the fork start from its weights
