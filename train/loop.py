@@ -74,7 +74,7 @@ def train(cfg: TrainConfig) -> dict:
     stages = build_recipe(cfg)
     # evals with the default task list on a short run: leave out the tasks that cannot fit (said below)
     eval_left_out = fit_default_tasks(cfg.eval, min(s.seq_len for s in stages), tokenizer,
-                                      cfg.data.image) if cfg.eval.every else []
+                                      cfg.data.image) if cfg.eval.every else None
     for stage in stages:  # every stage must be able to run: fail now, not hours in
         check_config(cfg, stage, env.world_size, tokenizer.vocab_size, env.device.type)
     resolved, resume, saved = open_run_dir(cfg, env)
@@ -87,8 +87,7 @@ def train(cfg: TrainConfig) -> dict:
     peak, note = M.peak_tflops(env.device, cfg.logging.peak_tflops)
     logger.message(note)
     if eval_left_out:
-        logger.message(f"eval.tasks: left out {', '.join(eval_left_out)}: the tokens each needs at least, more "
-                       f"than the shortest eval length; give longer eval.lengths=[...] to run them")
+        logger.message(eval_left_out)
     if saved["step"] >= cfg.run.steps:
         logger.message(f"nothing to do: the checkpoint is at step {saved['step']}, run.steps={cfg.run.steps}")
     stop, metrics = StopSignal(), {}

@@ -25,10 +25,9 @@ def run_eval(cfg: EvalAppConfig) -> tuple[dict, Path]:
     loaded = load_model(cfg.checkpoint, cfg.device, cfg.impl, cfg.precision)
     data = loaded.cfg.data
     check_eval(cfg, loaded.stage.seq_len, "")  # the settings themselves, before the tasks are sized
-    left_out = fit_default_tasks(cfg, loaded.stage.seq_len, loaded.tokenizer, data.image)
+    left_out = fit_default_tasks(cfg, loaded.stage.seq_len, loaded.tokenizer, data.image, "")
     if left_out:
-        print(f"tasks: left out {', '.join(left_out)}: the tokens each needs at least, more than the shortest eval "
-              f"length {min(list(cfg.lengths) or [loaded.stage.seq_len])}; give longer lengths=[...] to run them")
+        print(left_out)
     check_eval(cfg, loaded.stage.seq_len, "", loaded.tokenizer, data.image)
     results = evaluate(loaded.model, loaded.tokenizer, cfg, train_len=loaded.stage.seq_len,
                        phase=cfg.phase or loaded.stage.phase, image_cfg=data.image,

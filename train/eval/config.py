@@ -122,20 +122,24 @@ def check_eval(cfg: EvalSpec, length: int, key: str = "eval", tokenizer=None, im
                                  f"{min(lengths)}: raise {key}lengths or drop {task} from {key}tasks")
 
 
-def fit_default_tasks(cfg: EvalSpec, length: int, tokenizer, image_cfg=None) -> list[str]:
+def fit_default_tasks(cfg: EvalSpec, length: int, tokenizer, image_cfg=None, key: str = "eval") -> str | None:
     """With ``tasks`` at its default (every task), leave out of ``cfg.tasks`` the retrieval tasks whose needles
     and question do not fit the shortest eval length (``length``, the training length, when ``lengths`` is
     empty), so the defaults work on a short model (the README's run trains at 256 tokens, multikey needs about
-    400). Returns what was left out, as ``"<task> (<tokens needed>)"``; tasks named in ``tasks`` stay as given,
-    and ``check_eval`` refuses one that does not fit."""
+    400). Returns a note naming what was left out and the tokens each needs (None when nothing was), with the
+    keys of section ``key`` as ``check_eval`` names them; tasks named in ``tasks`` stay as given, and
+    ``check_eval`` refuses one that does not fit."""
     if list(cfg.tasks) != list(ALL_TASKS) or cfg.choices < 2:  # bad choices: check_eval names the fix
-        return []
+        return None
     from train.eval.tasks import fixed_tokens
 
+    key = f"{key}." if key else ""
     shortest = min(list(cfg.lengths) or [length])
     need = {t: 0 if t == BPB else fixed_tokens(t, tokenizer, image_cfg, cfg.choices) for t in cfg.tasks}
     cfg.tasks = [t for t in cfg.tasks if need[t] <= shortest]
-    return [f"{t} ({need[t]})" for t in need if need[t] > shortest]
+    left_out = [f"{t} ({need[t]})" for t in need if need[t] > shortest]
+    return (f"{key}tasks: left out {', '.join(left_out)}: the tokens each needs at least, more than the shortest "
+            f"eval length {shortest}; give longer {key}lengths=[...] to run them") if left_out else None
 
 
 def check_train_eval(cfg: EvalConfig, stage, zero_stage: int, data_cfg) -> None:
