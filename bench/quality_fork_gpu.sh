@@ -87,11 +87,12 @@ if [ "$(left)" -lt 150 ]; then
   echo "fork: $(left) s left in this call; the same command again starts it"
   exit 0
 fi
+fork_jobs=${FORK_JOBS:-3}  # the fork's runs and the plain phase's evals at once
 plain_lengths=${PLAIN_LENGTHS-32768 65536}
 keep=${plain_lengths:+--keep-checkpoints}  # the plain phase evaluates the fork's checkpoints again
 # shellcheck disable=SC2086
 run fork $(($(left) + 35)) python3 -m bench.quality --budget-s "$(left)" --out "$OUT/fork" --work "$WORK/fork" \
-  --jobs "${FORK_JOBS:-3}" --items 4 --eval-s 110 --arms dense msa_wide --seeds 0 1 2 --steps "${FORK_STEPS:-600}" \
+  --jobs "$fork_jobs" --items 4 --eval-s 110 --arms dense msa_wide --seeds 0 1 2 --steps "${FORK_STEPS:-600}" \
   --save-every 100 --warmup-frac 0.3 --mix 0.3 --primer 0.15 --final-len 16384 --final-frac 0.15 $keep \
   --extra-lengths 512 2048 ${FORK_ARGS:-} -- ${OVERRIDES:-} "checkpoint.init_from=$(cat "$OUT/pick.txt")"
 grep -E "^(plan|skip|failed|stopped|dense|msa|done|Traceback|[A-Za-z]+Error)" "$OUT/fork.log"
@@ -106,5 +107,5 @@ if [ "$(left)" -lt 60 ]; then
 fi
 # shellcheck disable=SC2086
 run plain $(($(left) + 35)) python3 -m bench.quality_plain --work "$WORK/fork" --lengths $plain_lengths \
-  --out "$OUT/fork/plain.json" --jobs "${FORK_JOBS:-3}" --budget-s "$(left)"
+  --out "$OUT/fork/plain.json" --jobs "$fork_jobs" --budget-s "$(left)"
 cat "$OUT/plain.log"
