@@ -258,6 +258,8 @@ COLLECT = {  # file a GPU script writes to $OUT -> its name under docs/results (
     "train_step_base_1m_window.json": "train_step_base_1m_window_{gpu}.json",  # STAGES=base_1m_window
     "train_step_base_1m_window_nokeep.json": "train_step_base_1m_window_nokeep_{gpu}.json",  # its A/B (3o)
     "train_step_1b.json": "train_step_1b_{gpu}.json",
+    # STAGES=1b_long: how far up one GPU takes 1b
+    **{f"train_step_1b_{n}.json": f"train_step_1b_{n}_{{gpu}}.json" for n in ("512k", "512k_offload", "1m_offload")},
     "train_step_small_dense1.json": "train_step_small_dense1_{gpu}.json",
     "train_step_small_dense0.json": "train_step_small_dense0_{gpu}.json",
     "train_step_small_window.json": "train_step_small_window_{gpu}.json",

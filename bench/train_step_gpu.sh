@@ -47,6 +47,12 @@
 #      full policy's kept selection and, where time is left, the MSA step with parallel.checkpoint_keep_selection=false
 #      (MSA_ONLY=1: no dense points, for a short call: 189 s on an H200 with the A/B left out by NOKEEP_MIN=400,
 #      docs/scaling.md 3o; about 330 s with it)
+#  13. 1b_long: how far up one GPU takes model=1b (issue 15, item 3), MSA alone, the first layer a sliding window
+#      of 4096 keys and checkpoint policy full, as base_1m_window: one warm-up and one timed step at 512K with
+#      the memory breakdown, again with the block inputs in host memory (parallel.checkpoint_offload) if it runs
+#      out of memory; then 1M with the block inputs offloaded and the MLP tiled over 64K tokens (an
+#      out-of-memory is recorded: the estimate in docs/scaling.md is 132 GB, too tight for an H200):
+#      STAGES=1b_long MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
 # EXTRA_OVERRIDES adds Hydra overrides to every stage's steps, e.g. EXTRA_OVERRIDES=model.rope_impl=torch.
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
 # selective, the default, except base_1m), sparse phase.
@@ -55,7 +61,7 @@
 # train_step_base_1m_offload.json after an OOM), train_step_1b.json, train_step_small_dense{1,0,window}.json,
 # train_step_small_host.json, step_time_old_new_<length>.json, train_step_small_1m_both.json (dense_1m),
 # train_step_small_1m_{window_both,dense0}.json (first_layer_1m), train_step_base_1m_window{,_nokeep}.json,
-# train_step.log.
+# train_step_1b_{512k,512k_offload,1m_offload}.json (1b_long), train_step.log.
 set -uo pipefail
 OUT=${OUT:-runs/train_step_gpu}
 LOG=$OUT/train_step.log
@@ -74,6 +80,9 @@ OLD_NEW=(--model small --rounds 2 --steps 2)
 DENSE_1M=(--model small --lengths 1048576 --packed --steps 1 --no-skip --no-profile --time-budget 480 --dense-reserve 390)
 BASE_1M_WINDOW=(--model base --lengths 1048576 --dense-lengths 262144 524288 --packed --steps 1 --no-skip --no-profile
   --dense-reserve 330 --time-warmup-above 100 --extrapolate-dense)  # --time-budget: the stage's, from DEADLINE
+ONE_B_LONG=(--model 1b --attention msa --packed --steps 1 --no-skip --no-profile --memory-breakdown)
+LONG_1B=(524288 1048576)
+OFFLOAD=(parallel.checkpoint_offload=true parallel.mlp_tile_tokens=65536)
 ON_LENGTHS="16384 32768 131072"
 WINDOW=4096
 if [ "${CPU_CHECK:-0}" = 1 ]; then
@@ -86,15 +95,18 @@ if [ "${CPU_CHECK:-0}" = 1 ]; then
   DENSE_1M=(--device cpu --model tiny --lengths 512 --packed --steps 1 --no-skip --no-profile --time-budget 60)
   BASE_1M_WINDOW=(--device cpu --model tiny --lengths 512 --dense-lengths 128 256 --packed --steps 1 --no-skip
     --no-profile --time-warmup-above 100 --extrapolate-dense)
+  ONE_B_LONG=(--device cpu --model tiny --attention msa --packed --steps 1 --no-skip --no-profile --memory-breakdown)
+  LONG_1B=(512 1024)
+  OFFLOAD=(parallel.mlp_tile_tokens=256)  # checkpoint_offload needs a GPU (check_parallel says so)
   AC="$AC model.n_layers=2"; NOKEEP_MIN=${NOKEEP_MIN:-0}
 fi
 OLD_NEW_LENGTHS=${OLD_NEW_LENGTHS:-$ON_LENGTHS}
 STAGES=${STAGES:-small base base_1m}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 for s in $STAGES; do
-  case $s in small|base|base_1m|1b|dense_layer|host|old_new|rope|rope_steps|dense_1m|first_layer_1m|base_1m_window) ;;
+  case $s in small|base|base_1m|1b|dense_layer|host|old_new|rope|rope_steps|dense_1m|first_layer_1m|base_1m_window|1b_long) ;;
     *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer host old_new rope rope_steps dense_1m" \
-         "first_layer_1m base_1m_window)"
+         "first_layer_1m base_1m_window 1b_long)"
        exit 2;; esac
 done
 if want old_new && [ ! -d "${OLD_TREE:-}/train" ]; then
@@ -192,6 +204,21 @@ if want base_1m_window; then
     python3 -m bench.train_step "${BASE_1M_WINDOW[@]}" --time-budget "$budget" --attention msa --json "$OUT/train_step_base_1m_window_nokeep.json" -- $AC $FULL \
     "model.sliding_window=$WINDOW" "model.sliding_layers=[0]" parallel.checkpoint_keep_selection=false
 fi
+if want 1b_long; then
+  export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+  win=("model.sliding_window=$WINDOW" "model.sliding_layers=[0]")
+  budget=$(( $(left) - 15 ))
+  TAIL=6 stage 1b_512k 300 python3 -m bench.train_step "${ONE_B_LONG[@]}" --lengths "${LONG_1B[0]}" \
+    --time-budget "$budget" --json "$OUT/train_step_1b_512k.json" -- $AC $FULL "${win[@]}"
+  if grep -q '"status": "OOM' "$OUT/train_step_1b_512k.json" 2>/dev/null; then
+    budget=$(( $(left) - 15 ))
+    TAIL=6 stage 1b_512k_offload 300 python3 -m bench.train_step "${ONE_B_LONG[@]}" --lengths "${LONG_1B[0]}" \
+      --time-budget "$budget" --json "$OUT/train_step_1b_512k_offload.json" -- $AC $FULL "${win[@]}" "${OFFLOAD[@]}"
+  fi
+  budget=$(( $(left) - 10 ))
+  TAIL=6 stage 1b_1m_offload 400 python3 -m bench.train_step "${ONE_B_LONG[@]}" --lengths "${LONG_1B[1]}" \
+    --time-budget "$budget" --json "$OUT/train_step_1b_1m_offload.json" -- $AC $FULL "${win[@]}" "${OFFLOAD[@]}"
+fi
 want base_1m || { ls -l "$OUT"; exit 0; }
 budget=$(( $(left) - 25 ))
 # the 1M runs allocate tensors of 8-16 GB: without expandable segments the first H200 attempt (commit
@@ -202,7 +229,6 @@ TAIL=6 stage base_1m 600 python3 -m bench.train_step "${BIG[@]}" --attention msa
 if grep -q '"status": "OOM' "$OUT/train_step_base_1m.json" 2>/dev/null; then
   budget=$(( $(left) - 20 ))
   TAIL=6 stage base_1m_offload 600 python3 -m bench.train_step "${BIG[@]}" --attention msa --packed \
-    --time-budget "$budget" --memory-breakdown --json "$OUT/train_step_base_1m_offload.json" -- $AC $FULL \
-    parallel.checkpoint_offload=true parallel.mlp_tile_tokens=65536
+    --time-budget "$budget" --memory-breakdown --json "$OUT/train_step_base_1m_offload.json" -- $AC $FULL "${OFFLOAD[@]}"
 fi
 ls -l "$OUT"

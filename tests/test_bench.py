@@ -294,6 +294,31 @@ def test_every_train_step_json_of_the_gpu_script_is_collected():
     assert [n for n in sorted(names) if results_name(n, "NVIDIA H200") is None] == []
 
 
+def test_the_1b_long_stage_runs_its_two_points_with_their_overrides(tmp_path):
+    """``STAGES=1b_long`` of bench/train_step_gpu.sh rehearsed on CPU (``CPU_CHECK=1``: the tiny model, toy rows):
+    both points run and record the settings they ran under, the window first layer and the full policy, the
+    longer one with its MLP tiled (the block-input offload needs a GPU, so the rehearsal leaves it out: a CPU run
+    of it stops at check_parallel, as the first rehearsal of this stage did)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OUT": str(tmp_path),
+           "CPU_CHECK": "1", "STAGES": "1b_long", "MSA_GIT_COMMIT": "test"}
+    done = subprocess.run(["bash", "bench/train_step_gpu.sh"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for name, tokens, extra in (("512k", 512, []), ("1m_offload", 1024, ["parallel.mlp_tile_tokens=256"])):
+        res = json.loads((tmp_path / f"train_step_1b_{name}.json").read_text())
+        assert [(p["seq_len"], p["attention"], p["status"]) for p in res["points"]] == [(tokens, "msa", "ok")]
+        assert res["points"][0]["layers"] == {"dense": 0, "window": 1, "msa": 1}
+        assert res["meta"]["overrides"][-3 - len(extra):] == ["parallel.checkpoint_policy=full",
+                                                               "model.sliding_window=64",
+                                                               "model.sliding_layers=[0]", *extra]
+    assert not (tmp_path / "train_step_1b_512k_offload.json").exists()  # only after an out-of-memory
+
+
 def test_an_out_of_memory_point_is_recorded_and_frees_the_engine(monkeypatch):
     from types import SimpleNamespace
 
