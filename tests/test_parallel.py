@@ -136,7 +136,8 @@ def _env(rank, world):
 
 
 def _layer_checks(rank, world, sp, cp, backend="reference", block_size=8,
-                  cases=(("msa", "sparse"), ("msa", "warmup"), ("dense", "sparse")), defer=False, topk=3):
+                  cases=(("msa", "sparse"), ("msa", "warmup"), ("dense", "sparse"), ("window", "sparse")), defer=False,
+                  topk=3):
     mesh = build_mesh(sp, cp, _env(rank, world), kv_replicas(sp, HKV))
     cu = torch.tensor(CU, dtype=torch.int32)
     T = CU[-1]
@@ -146,8 +147,10 @@ def _layer_checks(rank, world, sp, cp, backend="reference", block_size=8,
     errors = []
     attn_cfg = AttentionConfig(impl=backend, block_size=block_size, topk=topk, index_dim=16, kl_in_backward=defer)
     for kind, phase in cases:
+        # window: a sliding-window layer (the long-context option for the first layer), 12 keys, shorter than
+        # four of the five documents, so under CP a rank's second query chunk sees only part of its keys
         make = (lambda: MSAAttention(DIM, H, HKV, D, ROPE, attn_cfg)) if kind == "msa" else \
-            (lambda: Attention(DIM, H, HKV, D, ROPE))
+            (lambda: Attention(DIM, H, HKV, D, ROPE, window=12 if kind == "window" else 0))
         layer, twin = make(), make()
         torch.manual_seed(0)
         layer.apply(_reinit)
