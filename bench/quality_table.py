@@ -13,8 +13,16 @@ initial weights); index recall, its ceiling and bits per byte by eval length; pe
 choice by length, mean over seeds, over all needles and over the needles below depth 1 (``choice_far``:
 a needle at depth 1 sits next to the question, where a window layer or MSA's own block finds it, so the
 mean over depths can read well with no far retrieval); the needle recall over the items answered right at
-the training length; the primer's answer loss at the end (below about 0.1: the run learned to copy).
+the training length; per task, whether the answer's query selects the needle (``hit``), seed by seed at every
+length: the mean over layers over the items answered right, and the best KV group of the best layer over all
+items; the primer's answer loss at the end (below about 0.1: the run learned to copy).
 A run that appears in two reports is taken from the first one given.
+
+``--plain PLAIN_JSON`` (``bench/quality_plain.py``: the same runs evaluated again with the model's own RoPE)
+adds the pass-key choice at each of its lengths, all needles and those below depth 1, seed by seed:
+
+    python -m bench.quality_table docs/results/quality_h100_run19_fork.json --arms dense msa_window \\
+        --plain docs/results/quality_h100_run19_plain.json
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.quality import _std, _tokens
+from train.eval.runner import fmt_tokens as _fmt
 
 
 def collect(reports: list[dict]) -> dict[tuple[str, int], dict]:
@@ -56,7 +65,20 @@ def _cell(vals: list[float | None], fmt: str) -> str:
     return f"{seeds} ({fmt.format(np.mean(got))} ± {std})" if len(got) > 1 else seeds
 
 
-def table(reports: list[dict], arms: list[str] | None = None) -> str:
+def by_length(scalars: dict, lengths: list[str], key, fmt: str = "{:.2f}") -> str | None:
+    """One seed's values of ``key(length)`` joined over ``lengths`` (``-`` where missing); None if all are."""
+    vals = [key(scalars, n) for n in lengths]
+    return " / ".join("-" if v is None else fmt.format(v) for v in vals) if any(v is not None for v in vals) else None
+
+
+def best_group(scalars: dict, task: str, length: str) -> float | None:
+    """The best KV group of the best layer: the largest ``layer/needle_hit_best_group/<task>/<L>/<layer>``."""
+    vals = [v for k, v in scalars.items() if k.startswith(f"layer/needle_hit_best_group/{task}/{length}/")
+            and v is not None]
+    return max(vals) if vals else None
+
+
+def table(reports: list[dict], arms: list[str] | None = None, plain: dict | None = None) -> str:
     runs = collect(reports)
     arms = arms or list(dict.fromkeys(a for a, _ in runs))
     seeds = sorted({s for a, s in runs if a in arms})
@@ -107,6 +129,25 @@ def table(reports: list[dict], arms: list[str] | None = None) -> str:
         for task in tasks:
             per_seed(f"needle recall at {n}, {task}, items answered right",
                      lambda sc, task=task, n=n: sc.get(f"eval/needle_recall/{task}/{n}/correct"))
+    for task in tasks:  # the lengths where some run has the metric, in order
+        for name, key in ((f"`hit`, {task}: the needle selected at the answer's query, items answered right, "
+                           "mean over layers", lambda sc, n, t=task: sc.get(f"eval/needle_recall/{t}/{n}/hit/correct")),
+                          (f"`hit`, {task}: the best KV group of the best layer, all items",
+                           lambda sc, n, t=task: best_group(sc, t, n))):
+            have = [n for n in lengths if any(key(sc, n) is not None for sc in runs.values())]
+            cells = ["; ".join(x for x in (by_length(runs[a, s], have, key) if (a, s) in runs else None
+                                           for s in seeds) if x) for a in arms]
+            if any(cells):
+                rows.append((f"{name}, {' / '.join(have)}, seed by seed", cells))
+    if plain:
+        for L in plain["lengths"]:
+            for field, label in (("choice", "all needles"), ("choice_far", "needles below depth 1")):
+                def own(sc_run, L=L, field=field):
+                    return sc_run.get(field, {}).get(str(L))
+                cells = [_cell([own(plain["runs"].get(f"{a}-s{s}", {})) for s in seeds], "{:.2f}") for a in arms]
+                if any(cells):
+                    rows.append((f"{plain.get('task', 'passkey')} choice at {_fmt(L)} with the model's own RoPE "
+                                 f"(no stretch), {label}", cells))
     per_seed("primer answer loss at the end (copying: below about 0.1)", lambda sc: sc.get("final_answer/primer"))
     out = [f"| seeds {' / '.join(map(str, seeds))} | " + " | ".join(f"`{a}`" for a in arms) + " |",
            "|---|" + "---|" * len(arms)]
@@ -119,8 +160,10 @@ def main(argv=None) -> None:
     ap.add_argument("reports", nargs="+", type=Path, help="quality.json files; a run in two is taken from the first")
     ap.add_argument("--arms", nargs="+", default=None, help="columns in this order (default: as found); the "
                     "first is the one the others are paired against")
+    ap.add_argument("--plain", type=Path, default=None, help="bench/quality_plain.py's JSON for these runs")
     args = ap.parse_args(argv)
-    print(table([json.loads(p.read_text()) for p in args.reports], args.arms))
+    plain = json.loads(args.plain.read_text()) if args.plain else None
+    print(table([json.loads(p.read_text()) for p in args.reports], args.arms, plain))
 
 
 if __name__ == "__main__":

@@ -1236,6 +1236,59 @@ def test_quality_table_by_hand():
     assert rows["needle recall at 8K, passkey, items answered right"] == ["", "0.900 / 0.800 (0.850 ± 0.071)"]
 
 
+def test_quality_table_hit_and_plain_rows_by_hand():
+    """The ``hit`` rows (seed by seed over the lengths where some run has them: the layer mean over the items
+    answered right, and the largest best-group value over the layers) and ``--plain``'s rows (the model's own
+    RoPE), hand-computed."""
+    from bench.quality_table import table
+
+    def run(arm, seed, hit16, groups16):
+        sc = {"final_loss": 1.0, "eval/bpb/8K": 1.5, "eval/bpb/16K": 1.4, "eval/passkey/8K/choice": 1.0,
+              "eval/needle_recall/passkey/8K/hit/correct": None,
+              "eval/needle_recall/passkey/16K/hit/correct": hit16}
+        sc |= {f"layer/needle_hit_best_group/passkey/16K/{layer}": v for layer, v in enumerate(groups16, 1)}
+        return {"arm": arm, "seed": seed, "scalars": sc}
+
+    report = {"settings": {"seq_len": 8192}, "runs": [
+        {"arm": "dense", "seed": 0, "scalars": {"final_loss": 1.0, "eval/bpb/8K": 1.5, "eval/passkey/8K/choice": 1.0}},
+        run("msa", 0, 0.5, [0.25, 0.75, None]), run("msa", 1, 0.25, [1.0, 0.5])]}
+    plain = {"lengths": [32768], "task": "passkey", "runs": {
+        "dense-s0": {"choice": {"32768": 0.5}, "choice_far": {"32768": 0.25}},
+        "msa-s0": {"choice": {"32768": 1.0}, "choice_far": {"32768": 1.0}},
+        "msa-s1": {"choice": {"32768": 0.75}, "choice_far": {"32768": 0.5}}}}
+    lines = table([report], ["dense", "msa"], plain).splitlines()
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in r.strip().strip("|").split("|")]
+                                              for r in lines[2:])}
+    mean = "`hit`, passkey: the needle selected at the answer's query, items answered right, mean over layers"
+    assert rows[f"{mean}, 16K, seed by seed"] == ["", "0.50; 0.25"]  # 8K: no run has it
+    best = "`hit`, passkey: the best KV group of the best layer, all items"
+    assert rows[f"{best}, 16K, seed by seed"] == ["", "0.75; 1.00"]
+    own = "passkey choice at 32K with the model's own RoPE (no stretch)"
+    assert rows[f"{own}, all needles"] == ["0.50 / -", "1.00 / 0.75 (0.88 ± 0.18)"]  # dense has no seed 1
+    assert rows[f"{own}, needles below depth 1"] == ["0.25 / -", "1.00 / 0.50 (0.75 ± 0.35)"]
+    assert not any("own RoPE" in r for r in table([report], ["dense", "msa"]).splitlines())
+
+
+def test_quality_table_of_the_nineteenth_run_matches_the_docs(capsys):
+    """The command ``docs/quality.md`` gives for the nineteenth run prints the numbers written there: the loss
+    pairing, the ``hit`` rows and the plain eval's."""
+    from bench.quality_table import main
+
+    main(["docs/results/quality_h100_run19_fork.json", "--arms", "dense", "msa_window",
+          "--plain", "docs/results/quality_h100_run19_plain.json"])
+    out = capsys.readouterr().out
+    doc = (ROOT / "docs" / "quality.md").read_text()
+    assert "| final LM loss against dense, paired by seed |  | -0.43 / +0.03 / -0.59 (-0.33 ± 0.32)% |" in out
+    assert "-0.43 / +0.03 / -0.59% (**-0.33% ± 0.32%**)" in doc
+    for row in ("0.91 / 0.59 / 0.52 / 0.41; 0.91 / 0.56 / 0.49 / 0.53; 0.92 / 0.66 / 0.47 / 0.44",
+                "1.00 / 1.00 / 1.00 / 1.00; 1.00 / 1.00 / 1.00 / 0.75; 1.00 / 1.00 / 1.00 / 0.83"):
+        assert row in out and row in doc
+    assert "| passkey choice at 32K with the model's own RoPE (no stretch), all needles | 0.50 / 0.58 / 0.33 " \
+           "(0.47 ± 0.13) | 1.00 / 1.00 / 1.00 (1.00 ± 0.00) |" in out
+    assert "| **at 32K, the model's own RoPE** (`plain.json`) | 0.50 / 0.58 / 0.33 (**0.47**, 17 of 36) | " \
+           "1.00 / 1.00 / 1.00 (**1.00**, 36 of 36) |" in doc
+
+
 def test_quality_table_of_the_sixteenth_run_matches_the_docs(capsys):
     """The command ``docs/quality.md`` gives for the sixteenth run prints the numbers written there."""
     from bench.quality_table import main

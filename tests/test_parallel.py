@@ -12,6 +12,7 @@ import faulthandler
 import os
 import socket
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -149,8 +150,8 @@ def _layer_checks(rank, world, sp, cp, backend="reference", block_size=8,
     for kind, phase in cases:
         # window: a sliding-window layer (the long-context option for the first layer), 12 keys, shorter than
         # four of the five documents, so under CP a rank's second query chunk sees only part of its keys
-        make = (lambda: MSAAttention(DIM, H, HKV, D, ROPE, attn_cfg)) if kind == "msa" else \
-            (lambda: Attention(DIM, H, HKV, D, ROPE, window=12 if kind == "window" else 0))
+        make = partial(MSAAttention, DIM, H, HKV, D, ROPE, attn_cfg) if kind == "msa" else \
+            partial(Attention, DIM, H, HKV, D, ROPE, window=12 if kind == "window" else 0)
         layer, twin = make(), make()
         torch.manual_seed(0)
         layer.apply(_reinit)
