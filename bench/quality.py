@@ -122,10 +122,13 @@ def parse(argv=None):
                     help="the synthetic documents' lengths in tokens, uniform in [MIN, MAX] (MAX 0: the row "
                          "length); shorter documents give more questions per token")
     ap.add_argument("--primer", type=float, default=0.0, metavar="SHARE",
-                    help="share of tokens from a second synthetic source of short passkey documents "
+                    help="share of tokens from a second synthetic source of short documents of --primer-tasks "
                          "(--primer-len): dense copy signal, where a small model first learns to copy "
                          "(docs/quality.md, the CPU check)")
     ap.add_argument("--primer-len", type=int, nargs=2, default=[128, 192], metavar=("MIN", "MAX"))
+    ap.add_argument("--primer-tasks", nargs="+", default=["passkey"], choices=list(TASKS), metavar="TASK",
+                    help="the primer's tasks (default passkey, the one the GPU sources learned to copy from it; "
+                         "multikey documents need --primer-len of about 400 tokens and more, the data check says)")
     ap.add_argument("--primer-first", type=float, default=0.0, metavar="FRAC",
                     help="with --primer: the first FRAC of the steps read the primer alone (a stage whose "
                          "data_weights leave the other sources out), before the mix; part of the MSA arm's "
@@ -185,7 +188,7 @@ def parse(argv=None):
 # what makes two reports' runs of one seed comparable: the same model, data, schedule and steps, and what
 # the reference arm itself is made of
 TRAINING_SETTINGS = ("model", "seq_len", "batch", "lr", "warmup_frac", "rope_base", "mix", "synthetic_len",
-                     "primer", "primer_len", "primer_first", "final_len", "final_frac", "overrides")
+                     "primer", "primer_len", "primer_tasks", "primer_first", "final_len", "final_frac", "overrides")
 ARM_SETTINGS = {"msa_window": ("window",), "msa_kl": ("kl_weight",), "msa_wide": ("wide_topk",),
                 "msa_fine": ("fine_block", "fine_topk")}
 
@@ -251,7 +254,7 @@ def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool)
                          f"min_len:{min(lo, args.seq_len)},max_len:{hi},seed:{seed + 100 * k}}}"
                          for k, task in enumerate(args.tasks))
     if args.primer:  # its own seed: not the main source's draws with another task list
-        synthetic += (f",{{name:primer,kind:synthetic,weight:{args.primer},tasks:[passkey],"
+        synthetic += (f",{{name:primer,kind:synthetic,weight:{args.primer},tasks:[{','.join(args.primer_tasks)}],"
                       f"min_len:{args.primer_len[0]},max_len:{args.primer_len[1]},seed:{1000 + seed}}}")
     out = [f"model={args.model}", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch}",
            f"model.rope_base={args.rope_base}", f"optim.lr={args.lr}", f"optim.warmup_steps={max(1, steps // 20)}",

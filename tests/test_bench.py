@@ -530,6 +530,29 @@ def test_quality_primer_is_a_second_source_of_short_passkey_documents(tmp_path):
         parse(["--out", str(tmp_path), "--mix", "0.6", "--primer", "0.4"])
 
 
+def test_quality_primer_tasks_name_the_primer_documents(tmp_path):
+    """--primer-tasks: the primer source holds those tasks (a source for lookup among distractors, not only
+    copying); a primer too short for one of them is refused by the data check, which names the length needed."""
+    from bench.quality import overrides, parse
+    from train.data.loader import check_data
+
+    def primer(extra):
+        args = parse(["--out", str(tmp_path), "--model", "tiny", "--seq-len", "1024", "--mix", "0.3",
+                      "--primer", "0.1", *extra])
+        cfg = compose(overrides(args, "dense", 0, 50, tmp_path, False))
+        return cfg, next(s for s in cfg.data.sources if s.name == "primer")
+
+    cfg, src = primer(["--primer-tasks", "passkey", "multikey", "--primer-len", "448", "640"])
+    assert list(src.tasks) == ["passkey", "multikey"] and (src.min_len, src.max_len) == (448, 640)
+    check_data(cfg.data, cfg.data.seq_len, cfg.data.batch_size)
+    assert list(primer([])[1].tasks) == ["passkey"]  # the default, as every earlier run had it
+    cfg, _ = primer(["--primer-tasks", "multikey"])  # the default 128-192 tokens cannot hold a multikey question
+    with pytest.raises(ValueError, match=r"data.sources\[\d\].min_len=128 must lie in \[\d+, 192\]"):
+        check_data(cfg.data, cfg.data.seq_len, cfg.data.batch_size)
+    with pytest.raises(SystemExit):
+        parse(["--out", str(tmp_path), "--primer", "0.1", "--primer-tasks", "sudoku"])
+
+
 def test_quality_primer_first_is_a_stage_of_the_primer_alone(tmp_path):
     """--primer-first: both arms start with a stage that reads only the primer source (its data_weights),
     inside the MSA arm's dense warm-up; the plan times it as a stage of its own."""
