@@ -140,11 +140,11 @@ def table(reports: list[dict], arms: list[str] | None = None, plain: dict | None
             if any(cells):
                 rows.append((f"{name}, {' / '.join(have)}, seed by seed", cells))
     if plain:
+        by_run = {(r["arm"], r["seed"]): r for r in plain["runs"].values()}
         for L in plain["lengths"]:
             for field, label in (("choice", "all needles"), ("choice_far", "needles below depth 1")):
-                def own(sc_run, L=L, field=field):
-                    return sc_run.get(field, {}).get(str(L))
-                cells = [_cell([own(plain["runs"].get(f"{a}-s{s}", {})) for s in seeds], "{:.2f}") for a in arms]
+                cells = [_cell([by_run[a, s][field].get(str(L)) if (a, s) in by_run else None for s in seeds],
+                               "{:.2f}") for a in arms]
                 if any(cells):
                     rows.append((f"{plain.get('task', 'passkey')} choice at {_fmt(L)} with the model's own RoPE "
                                  f"(no stretch), {label}", cells))

@@ -1276,9 +1276,9 @@ def test_quality_table_hit_and_plain_rows_by_hand():
         {"arm": "dense", "seed": 0, "scalars": {"final_loss": 1.0, "eval/bpb/8K": 1.5, "eval/passkey/8K/choice": 1.0}},
         run("msa", 0, 0.5, [0.25, 0.75, None]), run("msa", 1, 0.25, [1.0, 0.5])]}
     plain = {"lengths": [32768], "task": "passkey", "runs": {
-        "dense-s0": {"choice": {"32768": 0.5}, "choice_far": {"32768": 0.25}},
-        "msa-s0": {"choice": {"32768": 1.0}, "choice_far": {"32768": 1.0}},
-        "msa-s1": {"choice": {"32768": 0.75}, "choice_far": {"32768": 0.5}}}}
+        "dense-s0": {"arm": "dense", "seed": 0, "choice": {"32768": 0.5}, "choice_far": {"32768": 0.25}},
+        "msa-s0": {"arm": "msa", "seed": 0, "choice": {"32768": 1.0}, "choice_far": {"32768": 1.0}},
+        "msa-s1": {"arm": "msa", "seed": 1, "choice": {"32768": 0.75}, "choice_far": {"32768": 0.5}}}}
     lines = table([report], ["dense", "msa"], plain).splitlines()
     rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in r.strip().strip("|").split("|")]
                                               for r in lines[2:])}
