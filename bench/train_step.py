@@ -54,6 +54,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -347,6 +348,9 @@ def main() -> None:
                     help="where a point is profiled, also its host time (bench.profile_buckets.host_profile)")
     ap.add_argument("--profile-max-s", type=float, default=10.0, help="profile only points with shorter steps")
     ap.add_argument("--memory-breakdown", action="store_true", help="also one MSA layer's memory, measured alone")
+    ap.add_argument("--oom-history", action="store_true",
+                    help="record the Python stack of every live CUDA allocation, so that an out-of-memory's record "
+                         "says where its largest live tensors were allocated (a little host time per allocation)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--render", nargs="*", default=None, help="print markdown tables of result JSONs and exit")
@@ -387,6 +391,8 @@ def run_bench(args) -> None:
     base = [f"model={args.model}", "logging.wandb.mode=disabled", "data.batch_size=1", "recipe.warmup_steps=0",
             "run.precision=bf16", *args.overrides]
     env = init_distributed(compose(base).parallel)
+    if args.oom_history and env.device.type == "cuda":
+        torch.cuda.memory._record_memory_history(enabled="state", context="state", stacks="python")
     result = {"meta": meta_of(args, env), "points": []}
     series = {kind: Series(kind, base + (args.msa_overrides if kind == "msa" else [])) for kind in args.attention}
     todo = plan(args)
@@ -447,21 +453,61 @@ def run_bench(args) -> None:
 
 
 def measure_or_record(s: Series, env, lengths, layout, args, max_len, deadline, progress) -> dict:
-    """``measure_point``, building the engine first if needed; an OOM becomes a record (after the
-    exception's frames are gone, so its tensors can be freed)."""
-    error = None
+    """``measure_point``, building the engine first if needed; an OOM becomes a record: the message, where in
+    this repository it was raised, the allocator's peaks and the largest live tensors, read before the
+    engine is freed (after the exception's frames are gone, so its tensors can be freed too)."""
     try:
         if s.run is None:
             s.build(env, max_len)
         row = measure_point(s, env, lengths, layout == "packed", args, deadline, progress)
         return {**row, "build_s": round(s.build_s, 2)}
     except torch.cuda.OutOfMemoryError as e:
-        error = f"OOM: {str(e).splitlines()[0][:400]}"
-    stats = torch.cuda.memory_stats() if env.device.type == "cuda" else {}
+        # read while the failed step's frames, and so its tensors, are still alive
+        record = {"status": f"OOM: {str(e).splitlines()[0][:400]}",
+                  "oom_where": project_frames(traceback.extract_tb(e.__traceback__)),
+                  "memory_at_oom": oom_memory(env.device.type == "cuda")}
     s.free()  # the engine and what the failed step held
-    return {"status": error, "memory_at_oom": {
-        "peak_gb": round(stats.get("allocated_bytes.all.peak", 0) / 2**30, 3),
-        "reserved_peak_gb": round(stats.get("reserved_bytes.all.peak", 0) / 2**30, 3)}}
+    return record
+
+
+def oom_memory(cuda: bool) -> dict:
+    """The allocator's peaks and the largest tensors alive at an out-of-memory (GiB)."""
+    if not cuda:
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {"peak_gb": round(stats.get("allocated_bytes.all.peak", 0) / 2**30, 3),
+            "reserved_peak_gb": round(stats.get("reserved_bytes.all.peak", 0) / 2**30, 3),
+            "largest_live": largest_live_blocks(torch.cuda.memory_snapshot())}
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def project_frames(frames, n: int = 6) -> list[str]:
+    """The innermost ``n`` frames of a traceback (``traceback.extract_tb``) or an allocation's recorded
+    stack (dicts of ``filename``, ``line``, ``name``, innermost first) that lie in this repository, as
+    ``path:line in function``, innermost last: where an out-of-memory was raised, or where a tensor was
+    allocated."""
+    out = []
+    for f in frames:
+        name, line, fn = (f["filename"], f["line"], f["name"]) if isinstance(f, dict) else (f.filename, f.lineno,
+                                                                                               f.name)
+        try:
+            rel = Path(name).resolve().relative_to(REPO)
+        except ValueError:
+            continue
+        out.append(f"{rel}:{line} in {fn}")
+    return out[-n:]
+
+
+def largest_live_blocks(segments: list[dict], n: int = 8) -> list[dict]:
+    """The ``n`` largest allocated blocks of ``torch.cuda.memory_snapshot()``'s segments (GiB), each with
+    where in this repository it was allocated when the allocator recorded stacks (``--oom-history``)."""
+    blocks = [b for seg in segments for b in seg.get("blocks", []) if b.get("state") == "active_allocated"]
+    blocks.sort(key=lambda b: -b["size"])
+    # a recorded stack is innermost first; project_frames wants a traceback's order
+    return [{"gib": round(b["size"] / 2**30, 3), "where": project_frames(list(reversed(b.get("frames", []))), 3)}
+            for b in blocks[:n]]
 
 
 def print_table(points: list[dict]) -> None:

@@ -216,7 +216,8 @@ if want 1b_long; then
       --time-budget "$budget" --json "$OUT/train_step_1b_512k_offload.json" -- $AC $FULL "${win[@]}" "${OFFLOAD[@]}"
   fi
   budget=$(( $(left) - 10 ))
-  TAIL=6 stage 1b_1m_offload 400 python3 -m bench.train_step "${ONE_B_LONG[@]}" --lengths "${LONG_1B[1]}" \
+  # --oom-history: an H100 ran out of memory here asking 30.71 GiB more (commit 00b037a); the record says where
+  TAIL=6 stage 1b_1m_offload 400 python3 -m bench.train_step "${ONE_B_LONG[@]}" --lengths "${LONG_1B[1]}" --oom-history \
     --time-budget "$budget" --json "$OUT/train_step_1b_1m_offload.json" -- $AC $FULL "${win[@]}" "${OFFLOAD[@]}"
 fi
 want base_1m || { ls -l "$OUT"; exit 0; }

@@ -336,8 +336,28 @@ def test_an_out_of_memory_point_is_recorded_and_frees_the_engine(monkeypatch):
     env = SimpleNamespace(device=torch.device("cpu"))
     row = ts.measure_or_record(series, env, [1024], "one-doc", None, 1024, 0.0, lambda partial: None)
     assert row["status"] == "OOM: CUDA out of memory. Tried to allocate 20.00 GiB"
-    assert series.run is None and set(row["memory_at_oom"]) == {"peak_gb", "reserved_peak_gb"}
+    assert series.run is None and row["memory_at_oom"] == {}  # no CUDA allocator to read on the CPU
     assert destroyed == [1]  # the engine itself, not only the reference to it
+    # where it was raised: the innermost frames in this repository, the raising one last
+    assert row["oom_where"][-1].startswith("tests/test_bench.py:") and row["oom_where"][-1].endswith(" in oom")
+    assert row["oom_where"][-2].startswith("bench/train_step.py:")
+    assert row["oom_where"][-2].endswith(" in measure_or_record")
+
+
+def test_largest_live_blocks_of_an_allocator_snapshot():
+    import bench.train_step as ts
+
+    repo = ts.REPO
+    frames = [{"filename": str(repo / "kernels/index_kl.py"), "line": 285, "name": "index_kl_fwd"},  # innermost
+              {"filename": "/usr/lib/python3/site-packages/torch/autograd/function.py", "line": 1, "name": "apply"},
+              {"filename": str(repo / "msa/layer.py"), "line": 40, "name": "forward"}]
+    segments = [{"blocks": [{"state": "active_allocated", "size": 3 * 2**30, "frames": frames},
+                            {"state": "inactive", "size": 40 * 2**30},  # free space of a segment: not live
+                            {"state": "active_allocated", "size": 2**29}]},
+                {"blocks": [{"state": "active_allocated", "size": 2**31}]}]
+    live = ts.largest_live_blocks(segments, n=2)
+    assert live == [{"gib": 3.0, "where": ["msa/layer.py:40 in forward", "kernels/index_kl.py:285 in index_kl_fwd"]},
+                    {"gib": 2.0, "where": []}]
 
 
 def test_step_speed_points_do_not_keep_earlier_engines(monkeypatch):
