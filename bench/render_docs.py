@@ -49,9 +49,12 @@ def label(meta: dict) -> str:
 
 
 def labels(metas: list[dict]) -> list[str]:
-    """``label`` of each run, with its short commit where two runs would read the same, and the name of the
-    JSON its command wrote where that is not enough (two runs of one commit)."""
-    plain = [label(m) for m in metas]
+    """``label`` of each run, with its card where the runs used more than one kind (``on H100`` after the
+    label of each run not on the most common card), its short commit where two runs would read the same, and
+    the name of the JSON its command wrote where that is not enough (two runs of one commit)."""
+    cards = [gpu_slug(m.get("gpu", "")) for m in metas]
+    usual = max(set(cards), key=cards.count) if cards else None
+    plain = [label(m) + (f" on {c.upper()}" if c != usual else "") for m, c in zip(metas, cards)]
     named = [f"{n} @{str(m.get('commit'))[:7]}" if plain.count(n) > 1 else n for n, m in zip(plain, metas)]
     wrote = [re.search(r"--json\s+(\S+)", m.get("command") or "") for m in metas]
     return [f"{n} [{Path(w[1]).stem}]" if named.count(n) > 1 and w else n for n, w in zip(named, wrote)]
@@ -273,9 +276,13 @@ COLLECT = {  # file a GPU script writes to $OUT -> its name under docs/results (
 def results_name(filename: str, gpu: str) -> str | None:
     """The docs/results name of a GPU script's output file (None: not a result file), ``gpu`` as the JSON
     names it (``NVIDIA H200`` -> ``h200``)."""
-    slug = gpu.lower().replace("nvidia", "").split()[0] if gpu.strip() else "gpu"
     pattern = COLLECT.get(filename)
-    return pattern.format(gpu=slug) if pattern else None
+    return pattern.format(gpu=gpu_slug(gpu)) if pattern else None
+
+
+def gpu_slug(gpu: str) -> str:
+    """A card's short name as result files carry it (``NVIDIA H100 80GB HBM3`` -> ``h100``)."""
+    return gpu.lower().replace("nvidia", "").split()[0] if gpu.strip() else "gpu"
 
 
 def collect(folder: Path, results: Path = RESULTS) -> list[Path]:

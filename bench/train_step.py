@@ -496,6 +496,8 @@ def project_frames(frames, n: int = 6) -> list[str]:
             rel = Path(name).resolve().relative_to(REPO)
         except ValueError:
             continue
+        if rel.parts[0].startswith("."):  # packages installed inside the checkout (.site on the GPU, .venv)
+            continue
         out.append(f"{rel}:{line} in {fn}")
     return out[-n:]
 

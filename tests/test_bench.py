@@ -279,6 +279,16 @@ def test_train_step_tables_render_measured_points_and_reasons():
     assert "- small (checkpoint_policy=full) dense one-doc 128K: OOM: x" in render_train_step([res])
 
 
+def test_runs_on_another_card_are_labelled_with_it():
+    from bench.render_docs import labels
+
+    metas = [{"model": "base", "gpu": "NVIDIA H200", "commit": "aaaaaaa1"},
+             {"model": "base", "gpu": "NVIDIA H200", "commit": "bbbbbbb2"},
+             {"model": "base", "gpu": "NVIDIA H100 80GB HBM3", "commit": "ccccccc3"}]
+    assert labels(metas) == ["base @aaaaaaa", "base @bbbbbbb", "base on H100"]
+    assert labels(metas[:1]) == ["base"]  # one card: nothing to tell apart
+
+
 def test_result_files_get_their_docs_names():
     assert results_name("compare_kernels.json", "NVIDIA H200") == "compare_kernels_renovation_h200.json"
     assert results_name("train_step_base_1m.json", "NVIDIA H100 80GB HBM3") == "train_step_base_1m_h100.json"
@@ -350,6 +360,7 @@ def test_largest_live_blocks_of_an_allocator_snapshot():
     repo = ts.REPO
     frames = [{"filename": str(repo / "kernels/index_kl.py"), "line": 285, "name": "index_kl_fwd"},  # innermost
               {"filename": "/usr/lib/python3/site-packages/torch/autograd/function.py", "line": 1, "name": "apply"},
+              {"filename": str(repo / ".site/deepspeed/checkpointing.py"), "line": 9, "name": "forward"},
               {"filename": str(repo / "msa/layer.py"), "line": 40, "name": "forward"}]
     segments = [{"blocks": [{"state": "active_allocated", "size": 3 * 2**30, "frames": frames},
                             {"state": "inactive", "size": 40 * 2**30},  # free space of a segment: not live
