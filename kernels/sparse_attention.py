@@ -167,22 +167,32 @@ def resolve_dq_path(dq_path: str, G: int) -> str:
 
 
 def reverse_index(q, block_idx, block_size, layout, dq_path, launch):
-    """The reverse CSR; query chunks sized so the KV-outer partials (forward, dQ) fit ``part_bytes``, work
-    items of ``chunk`` entries, or more where the backward's fp32 dK/dV partials (one per work item, at
-    most ``entries/chunk + buckets`` of them) would pass ``dkdv_bytes`` (at 1M tokens, not at 128K)."""
+    """The reverse CSR of ``block_idx`` for ``q``'s queries, its work items and query chunks as
+    ``csr_sizes`` sets them."""
     B, NQ, H, D = q.shape
-    part = torch.float32 if q.dtype == torch.float32 else q.dtype
+    chunk, q_chunk = csr_sizes(B, NQ, H, block_idx.shape[1], D, block_idx.shape[-1], block_size,
+                               layout.vb_start.numel(), q.dtype, dq_path, launch)
+    return build_csr(block_idx, layout, block_size, layout.tok_start.numel() - NQ, chunk, q_chunk)
+
+
+def csr_sizes(B, NQ, H, Hkv, D, topk, block_size, n_vblocks, dtype, dq_path, launch) -> tuple[int, int]:
+    """``(chunk, q_chunk)`` of the reverse CSR: query chunks sized so the KV-outer partials (forward, dQ) fit
+    ``part_bytes``; work items of ``chunk`` entries, or more where ``entries/chunk + buckets`` would pass the
+    work items that ``dkdv_bytes`` holds (at 1M tokens, not at 128K). That does not bound the backward's fp32
+    dK/dV partials, one per work item: each query chunk has up to ``buckets`` items of its own, so their
+    number grows with chunks x buckets; the backward takes them a group of chunks at a time (``dkdv_groups``)."""
+    part = torch.float32 if dtype == torch.float32 else dtype
     # the forward's o/lse partials, or the dkdv dQ path's partials (one per key tile of a block)
-    G = H // block_idx.shape[1]
+    G = H // Hkv
     n_sub = 1
     if dq_path == "dkdv":
         n_sub = block_size // _dkdv_tiles(launch, dq_path, G, block_size)["BLOCK_N"]
-    per_query = B * H * block_idx.shape[-1] * max(D * part.itemsize + 4, n_sub * D * part.itemsize)
+    per_query = B * H * topk * max(D * part.itemsize + 4, n_sub * D * part.itemsize)
     q_chunk = max(1, min(NQ, launch.part_bytes // per_query))
-    NB = B * block_idx.shape[1] * layout.vb_start.numel()
+    NB = B * Hkv * n_vblocks
     max_work = max(2 * NB, launch.dkdv_bytes // (block_size * D * 8))
-    chunk = max(launch.chunk, -(-block_idx.numel() // (max_work - NB)))
-    return build_csr(block_idx, layout, block_size, layout.tok_start.numel() - NQ, chunk, q_chunk)
+    chunk = max(launch.chunk, -(-(B * Hkv * NQ * topk) // (max_work - NB)))
+    return chunk, q_chunk
 
 
 def sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, csr, launch=LAUNCH):

@@ -6,6 +6,8 @@ that sum the partials in a fixed order.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -122,13 +124,14 @@ def sparse_attention_bwd_dq_reduce_kernel(
 @triton.jit(do_not_specialize=DATA_DEPENDENT)
 def sparse_attention_bwd_dkdv_kernel(
     q, k, v, do, lse, delta, entries, work_bucket, work_start, work_end, vb_start, vb_end,
-    part_dk, part_dv, part_dq, scale2, scale, N, NQ, NV, NC, q0, w0,
+    part_dk, part_dv, part_dq, scale2, scale, N, NQ, NV, NC, q0, w0, p0,
     q_idx, k_idx, lse_s, kl_part, dq_idx, dk_idx, scale_i, DI,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BK: tl.constexpr,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_DQ: tl.constexpr,
     KL: tl.constexpr = False, BLOCK_DI: tl.constexpr = 16, IEEE: tl.constexpr = False,
 ):
-    """dK/dV partials of work item ``w0 + program_id(0)``, key tile ``program_id(1)``; with ``WRITE_DQ``
+    """dK/dV partials of work item ``w0 + program_id(0)`` (at row ``w - p0`` of the partials: they hold one group
+    of query chunks, ``dkdv_groups``), key tile ``program_id(1)``; with ``WRITE_DQ``
     (``dq_path="dkdv"``) also each tile's ``dS K`` over this key tile to the dQ partials of the query
     chunk ``q0 .. q0+NC``; with ``KL`` the index KL on the same tiles (``kl_tile``): the program's loss
     partial to ``kl_part`` and its ``dk_idx`` by one fp32 atomic add. (Adding ``dk_idx`` per query tile
@@ -161,7 +164,7 @@ def sparse_attention_bwd_dkdv_kernel(
                                    NQ, DI, HKV, G, BLOCK_M, BLOCK_N, BLOCK_DI, IEEE)
             b_kl += t_kl
             b_dki += t_dki
-    o_part = (i_w.to(tl.int64) * BK + i_t * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * D + o_d[None, :]
+    o_part = ((i_w - p0).to(tl.int64) * BK + i_t * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * D + o_d[None, :]
     tl.store(part_dk + o_part, b_dk * scale)
     tl.store(part_dv + o_part, b_dv)
     if KL:
@@ -171,10 +174,12 @@ def sparse_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def sparse_attention_bwd_dkdv_reduce_kernel(
-    part_dk, part_dv, bucket_work, vb_start, vb_end, dk, dv, N, NV, NB, n_chunks,
-    HKV: tl.constexpr, BK: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    part_dk, part_dv, bucket_work, vb_start, vb_end, dk, dv, N, NV, NB, c0, c1, p0,
+    HKV: tl.constexpr, BK: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ACCUM: tl.constexpr = False,
 ):
-    """dK/dV of one key tile: the sum, in a fixed order, of its work items' partials."""
+    """dK/dV of one key tile: the sum, in a fixed order, of its work items' partials in query chunks
+    ``c0 .. c1`` (held from work item ``p0`` on); with ``ACCUM`` added to what ``dk, dv`` hold (fp32 sums over
+    groups of chunks)."""
     i_u = tl.program_id(0)
     i_t = tl.program_id(1)
     i_br = i_u // NV
@@ -186,17 +191,21 @@ def sparse_attention_bwd_dkdv_reduce_kernel(
     o_t = i_t * BLOCK_N + tl.arange(0, BLOCK_N)
     o_k = k0 + tl.arange(0, BLOCK_N)
     m_k = o_k < k1
-    b_dk = tl.zeros([BLOCK_N, D], tl.float32)
-    b_dv = tl.zeros([BLOCK_N, D], tl.float32)
-    for c in range(n_chunks):
+    o_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
+    if ACCUM:
+        b_dk = tl.load(dk + o_kv, mask=m_k[:, None], other=0.0)
+        b_dv = tl.load(dv + o_kv, mask=m_k[:, None], other=0.0)
+    else:
+        b_dk = tl.zeros([BLOCK_N, D], tl.float32)
+        b_dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for c in range(c0, c1):
         w0 = tl.load(bucket_work + c * NB + i_u)
         w1 = tl.load(bucket_work + c * NB + i_u + 1)
-        o_w = (w0.to(tl.int64) * BK + o_t)[:, None] * D + o_d[None, :]
+        o_w = ((w0 - p0).to(tl.int64) * BK + o_t)[:, None] * D + o_d[None, :]
         for _ in range(w0, w1):
             b_dk += tl.load(part_dk + o_w)
             b_dv += tl.load(part_dv + o_w)
             o_w += BK * D
-    o_kv = ((i_b.to(tl.int64) * N + o_k) * HKV + i_r)[:, None] * D + o_d[None, :]
     tl.store(dk + o_kv, b_dk.to(dk.dtype.element_ty), mask=m_k[:, None])
     tl.store(dv + o_kv, b_dv.to(dv.dtype.element_ty), mask=m_k[:, None])
 
@@ -220,35 +229,50 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
     W = csr.chunk_work[-1]
     dkdv = _dkdv_tiles(launch, dq_path, G, block_size)
     n_sub = block_size // dkdv["BLOCK_N"]
-    part_dk = torch.empty(max(W, 1) * block_size, D, dtype=torch.float32, device=q.device)
+    # fp32 dK/dV partials, a [block_size, D] tile per work item, for one group of query chunks at a time. All
+    # chunks at once grow with the square of the row (each chunk has a work item per key block it sees): `1b`
+    # at 1M has 0.5M of them, 2 x 30.7 GiB, which ran an H100 out of memory. A group keeps both buffers within
+    # dkdv_bytes together (one query chunk over it is a group of its own).
+    groups = dkdv_groups(csr.chunk_work, launch.dkdv_bytes // (block_size * D * 8))
+    items = max(max(csr.chunk_work[c1] - csr.chunk_work[c0] for c0, c1 in groups), 1)
+    part_dk = torch.empty(items * block_size, D, dtype=torch.float32, device=q.device)
     part_dv = torch.empty_like(part_dk)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    # several groups: each group's reduce adds to fp32 sums (the first one writes them)
+    dk_sum, dv_sum = (dk, dv) if len(groups) == 1 else (torch.empty_like(k, dtype=torch.float32),
+                                                        torch.empty_like(v, dtype=torch.float32))
     kv_args = (csr.entries, csr.work_bucket, csr.work_start, csr.work_end, layout.vb_start, layout.vb_end)
     dq_reduce = _group(launch.dq_reduce, G)
     kl = backward_kl_args(q, k, index, max(W, 1) * n_sub)
-    if dq_path == "dkdv":
-        # dK/dV and dQ from one kernel, chunk by chunk: dQ partials per (query, slot, key tile, head)
-        for c, q0, nc, part_dq in _dq_chunks(q, csr, topk, n_sub):
-            w0, w1 = csr.chunk_work[c], csr.chunk_work[c + 1]
-            if w1 > w0:
-                sparse_attention_bwd_dkdv_kernel[(w1 - w0, n_sub)](
-                    q, k, v, do, lse, delta, *kv_args, part_dk, part_dv, part_dq, scale * LOG2E, scale, N, NQ, NV,
-                    nc, q0, w0, *kl.args, WRITE_DQ=True, **kl.meta, **dkdv,
-                    **consts)
-            sparse_attention_bwd_dq_reduce_kernel[(nc, B * Hkv)](
-                part_dq, block_idx, layout.tok_start, dq, scale, N, NQ, nc, q0, NSUB=n_sub, **dq_reduce, **consts)
-            del part_dq  # one chunk's partials at a time
-    elif W:
-        sparse_attention_bwd_dkdv_kernel[(W, n_sub)](
-            q, k, v, do, lse, delta, *kv_args, part_dk, part_dv, part_dk, scale * LOG2E, scale, N, NQ, NV,
-            1, 0, 0, *kl.args, WRITE_DQ=False, **kl.meta, **dkdv, **consts)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq_chunks = _dq_chunks(q, csr, topk, n_sub)
     # the reduce's key tile is its own (the partials are laid out per key, not per dK/dV tile)
     red_n = min(launch.dkdv_reduce.block_n, block_size)
-    sparse_attention_bwd_dkdv_reduce_kernel[(B * Hkv * NV, block_size // red_n)](
-        part_dk, part_dv, csr.bucket_work, layout.vb_start, layout.vb_end, dk, dv, N, NV, B * Hkv * NV,
-        len(csr.chunk_work) - 1, HKV=Hkv, BK=block_size, D=D, BLOCK_N=red_n, **_warps(launch.dkdv_reduce))
-    del part_dk, part_dv  # up to 2 x dkdv_bytes, freed before the kv path allocates its dQ partials
+    for g, (c0, c1) in enumerate(groups):
+        p0 = csr.chunk_work[c0]
+        if dq_path == "dkdv":
+            # dK/dV and dQ from one kernel, chunk by chunk: dQ partials per (query, slot, key tile, head)
+            for c, q0, nc, part_dq in itertools.islice(dq_chunks, c1 - c0):
+                w0, w1 = csr.chunk_work[c], csr.chunk_work[c + 1]
+                if w1 > w0:
+                    sparse_attention_bwd_dkdv_kernel[(w1 - w0, n_sub)](
+                        q, k, v, do, lse, delta, *kv_args, part_dk, part_dv, part_dq, scale * LOG2E, scale, N, NQ,
+                        NV, nc, q0, w0, p0, *kl.args, WRITE_DQ=True, **kl.meta, **dkdv, **consts)
+                sparse_attention_bwd_dq_reduce_kernel[(nc, B * Hkv)](
+                    part_dq, block_idx, layout.tok_start, dq, scale, N, NQ, nc, q0, NSUB=n_sub, **dq_reduce,
+                    **consts)
+                del part_dq  # one chunk's partials at a time
+        elif csr.chunk_work[c1] > p0:
+            sparse_attention_bwd_dkdv_kernel[(csr.chunk_work[c1] - p0, n_sub)](
+                q, k, v, do, lse, delta, *kv_args, part_dk, part_dv, part_dk, scale * LOG2E, scale, N, NQ, NV,
+                1, 0, p0, p0, *kl.args, WRITE_DQ=False, **kl.meta, **dkdv, **consts)
+        sparse_attention_bwd_dkdv_reduce_kernel[(B * Hkv * NV, block_size // red_n)](
+            part_dk, part_dv, csr.bucket_work, layout.vb_start, layout.vb_end, dk_sum, dv_sum, N, NV, B * Hkv * NV,
+            c0, c1, p0, HKV=Hkv, BK=block_size, D=D, BLOCK_N=red_n, ACCUM=g > 0, **_warps(launch.dkdv_reduce))
+    del part_dk, part_dv  # freed before the kv path allocates its dQ partials
+    if dk_sum is not dk:
+        dk.copy_(dk_sum)
+        dv.copy_(dv_sum)
+        del dk_sum, dv_sum
     if dq_path == "kv":
         # KV-outer dQ chunk by chunk, as the forward
         for c, q0, nc, part_dq in _dq_chunks(q, csr, topk, 1):
@@ -263,6 +287,20 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
     if index is None:
         return dq, dk, dv
     return dq, dk, dv, kl.result(B * NQ * Hkv)
+
+
+def dkdv_groups(chunk_work: list[int], max_items: int) -> list[tuple[int, int]]:
+    """Consecutive query chunks ``[c0, c1)`` whose dK/dV work items (``chunk_work``: chunk ``c`` has items
+    ``chunk_work[c] .. chunk_work[c+1]``) number at most ``max_items`` together; a chunk with more is a group
+    of its own. Every chunk is in exactly one group, in order."""
+    groups, c0 = [], 0
+    n = len(chunk_work) - 1
+    for c in range(1, n + 1):
+        if chunk_work[c] - chunk_work[c0] > max_items and c - 1 > c0:
+            groups.append((c0, c - 1))
+            c0 = c - 1
+    groups.append((c0, max(n, c0 + 1)))
+    return groups
 
 
 def _dq_chunks(q, csr, topk, n_sub):

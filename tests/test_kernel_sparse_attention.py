@@ -149,6 +149,41 @@ def test_key_tiles_of_the_dkdv_kernel_and_its_reduce(monkeypatch, dq, dkdv_n, re
     check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, dq, launch)
 
 
+def test_dkdv_groups_cover_every_chunk_in_order_within_the_budget():
+    from kernels.sparse_attention_bwd import dkdv_groups
+
+    assert dkdv_groups([0, 10, 20, 30], 15) == [(0, 1), (1, 2), (2, 3)]
+    assert dkdv_groups([0, 10, 20, 30], 20) == [(0, 2), (2, 3)]
+    assert dkdv_groups([0, 10, 20, 30], 30) == [(0, 3)]
+    assert dkdv_groups([0, 40, 50, 55], 15) == [(0, 1), (1, 3)]  # a chunk over the budget is a group alone
+    assert dkdv_groups([0, 0], 1) == [(0, 1)]  # no work: one group, the reduce still writes zeros
+
+
+@pytest.mark.parametrize("dq", DQ_PATHS)
+def test_dkdv_partials_a_group_of_query_chunks_at_a_time(monkeypatch, dq):
+    """Query chunks whose fp32 dK/dV partials pass ``dkdv_bytes`` together: the backward takes them a group at
+    a time, the later groups' reduces adding to fp32 sums, and equals the reference; every group's partials
+    but a single chunk's stay within the budget. (All chunks at once ran `1b` at 1M out of memory.)"""
+    import kernels.sparse_attention_bwd as bwd
+
+    N, Nq, H, Hkv, D, block_size, topk = 170, 150, 4, 2, 16, 16, 3
+    # query chunks of 15-20 queries on either path; dK/dV partials for 12 work items at a time
+    launch = replace(LAUNCH, chunk=8, part_bytes=H * topk * 2 * D * 4 * 15, dkdv_bytes=block_size * D * 8 * 12)
+    seen, real = [], bwd.dkdv_groups
+
+    def spy(chunk_work, max_items):
+        seen.append((list(chunk_work), max_items, real(chunk_work, max_items)))
+        return seen[-1][2]
+
+    monkeypatch.setattr(bwd, "dkdv_groups", spy)
+    cu = torch.tensor([0, 70, 71, 170], dtype=torch.int32)
+    check_packed(monkeypatch, N, Nq, H, Hkv, D, block_size, topk, cu, dq, launch)
+    chunk_work, max_items, groups = seen[-1]
+    assert max_items == 12 and len(chunk_work) > 4 and len(groups) >= 3, (chunk_work, groups)
+    assert [c for g in groups for c in range(*g)] == list(range(len(chunk_work) - 1))
+    assert all(chunk_work[c1] - chunk_work[c0] <= max_items or c1 - c0 == 1 for c0, c1 in groups)
+
+
 def test_all_slots_empty_give_zero_and_minus_inf(monkeypatch):
     q, k, v = make_inputs(1, 40, 2, 1, 16)
     block_idx = torch.full((1, 1, 40, 2), -1, dtype=torch.int32)
