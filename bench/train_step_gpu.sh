@@ -51,7 +51,8 @@
 #      of 4096 keys and checkpoint policy full, as base_1m_window: one warm-up and one timed step at 512K with
 #      the memory breakdown, again with the block inputs in host memory (parallel.checkpoint_offload) if it runs
 #      out of memory; then 1M with the block inputs offloaded and the MLP tiled over 64K tokens (an
-#      out-of-memory is recorded: the estimate in docs/scaling.md is 132 GB, too tight for an H200):
+#      out-of-memory is recorded, with where it was raised; on an H100 at 00b037a: 512K ran offloaded, 1M ran out in
+#      the sparse backward's dK/dV partials, since taken a group of query chunks at a time, docs/scaling.md 3q):
 #      STAGES=1b_long MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
 # EXTRA_OVERRIDES adds Hydra overrides to every stage's steps, e.g. EXTRA_OVERRIDES=model.rope_impl=torch.
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
@@ -216,7 +217,7 @@ if want 1b_long; then
       --time-budget "$budget" --json "$OUT/train_step_1b_512k_offload.json" -- $AC $FULL "${win[@]}" "${OFFLOAD[@]}"
   fi
   budget=$(( $(left) - 10 ))
-  # --oom-history: an H100 ran out of memory here asking 30.71 GiB more (commit 00b037a); the record says where
+  # --oom-history: where the largest live tensors were allocated, if it runs out of memory (an H100 did at 00b037a)
   TAIL=6 stage 1b_1m_offload 400 python3 -m bench.train_step "${ONE_B_LONG[@]}" --lengths "${LONG_1B[1]}" --oom-history \
     --time-budget "$budget" --json "$OUT/train_step_1b_1m_offload.json" -- $AC $FULL "${win[@]}" "${OFFLOAD[@]}"
 fi

@@ -1479,3 +1479,18 @@ def test_launch_count_leaves_triton_alone_on_import(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         with Launches():
             pass
+
+
+def test_dkdv_partials_count_the_work_items_build_csr_makes():
+    """bench.dkdv_partials counts the backward's work items in numpy; on a small row they are build_csr's."""
+    from bench.dkdv_partials import chunk_work, synthetic_block_idx
+    from kernels.common import build_csr, build_layout
+
+    N, Hkv, topk, bs = 300, 2, 5, 16
+    block_idx = synthetic_block_idx(N, Hkv, topk, bs, seed=3)
+    own = np.arange(N) // bs
+    assert (block_idx[:, :, 0] == own).all() and (block_idx[:, :, 1] == 0).all() and (block_idx <= own[:, None]).all()
+    layout = build_layout(N, bs, None, torch.device("cpu"))
+    for chunk, q_chunk in ((4, 64), (256, 300), (1, 7)):
+        csr = build_csr(torch.from_numpy(block_idx)[None].int(), layout, bs, 0, chunk, q_chunk)
+        assert chunk_work(block_idx, bs, chunk, q_chunk) == csr.chunk_work
