@@ -121,7 +121,7 @@ def sparse_attention_bwd_dq_reduce_kernel(
              mask=m_g[:, None])
 
 
-@triton.jit(do_not_specialize=DATA_DEPENDENT)
+@triton.jit(do_not_specialize=[*DATA_DEPENDENT, "p0"])  # p0: a group's first work item, as data-dependent as w0
 def sparse_attention_bwd_dkdv_kernel(
     q, k, v, do, lse, delta, entries, work_bucket, work_start, work_end, vb_start, vb_end,
     part_dk, part_dv, part_dq, scale2, scale, N, NQ, NV, NC, q0, w0, p0,
@@ -172,7 +172,7 @@ def sparse_attention_bwd_dkdv_kernel(
         tl.atomic_add(dk_idx + o_ki, b_dki, mask=m_ki, sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["c0", "c1", "p0"])  # a group's chunks and first work item: one variant for all
 def sparse_attention_bwd_dkdv_reduce_kernel(
     part_dk, part_dv, bucket_work, vb_start, vb_end, dk, dv, N, NV, NB, c0, c1, p0,
     HKV: tl.constexpr, BK: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ACCUM: tl.constexpr = False,

@@ -86,7 +86,8 @@ def test_index_kl_loss_raises_the_limits_messages():
 
 def test_selection_dependent_integers_are_not_specialized():
     """``w0`` (a query chunk's first work item) follows the selection; if Triton specialized on it, a step
-    whose ``w0`` first falls on a multiple of 16 would compile a second variant of the kernel mid-run.
+    whose ``w0`` first falls on a multiple of 16 would compile a second variant of the kernel mid-run. So do
+    ``p0`` (a group of query chunks' first work item, ``dkdv_groups``) and the group's chunk range ``c0, c1``.
     Checked on the compiled kernels' parameters (a subprocess without the interpreter: TRITON_INTERPRET
     makes ``triton.jit`` ignore the option)."""
     import subprocess
@@ -95,10 +96,13 @@ def test_selection_dependent_integers_are_not_specialized():
     code = ("import importlib\n"
             "for mod, name in (('sparse_attention', 'sparse_attention_fwd_kernel'),"
             " ('sparse_attention_bwd', 'sparse_attention_bwd_dq_kernel'),"
-            " ('sparse_attention_bwd', 'sparse_attention_bwd_dkdv_kernel')):\n"
+            " ('sparse_attention_bwd', 'sparse_attention_bwd_dkdv_kernel'),"
+            " ('sparse_attention_bwd', 'sparse_attention_bwd_dkdv_reduce_kernel')):\n"
             "    k = getattr(importlib.import_module('kernels.' + mod), name)\n"
             "    print(name, sorted(p.name for p in k.params if p.do_not_specialize))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    lines = out.strip().splitlines()
-    assert len(lines) == 3 and all(line.endswith("['w0']") for line in lines), out
+    assert out.strip().splitlines() == [
+        "sparse_attention_fwd_kernel ['w0']", "sparse_attention_bwd_dq_kernel ['w0']",
+        "sparse_attention_bwd_dkdv_kernel ['p0', 'w0']",
+        "sparse_attention_bwd_dkdv_reduce_kernel ['c0', 'c1', 'p0']"], out
