@@ -8,8 +8,8 @@ reverse CSR. A work item is up to ``chunk`` entries (query, slot) of one key blo
 work item per key block its queries selected, and the count grows with chunks x key blocks. This script
 counts them for a synthetic selection like the training step's at initialisation, where the blocks a query
 picks are close to uniform over what it sees: each query's own block, block 0, and ``topk - 2`` blocks drawn
-uniformly from its visible ones (with replacement, so a few more distinct pairs than a real top-k, which
-never repeats a block). It runs the real ``csr_sizes`` and ``dkdv_groups``; only the counting per bucket
+uniformly from its visible ones (with replacement: a query may repeat a block, which a real top-k never
+does; at 1M tokens that is rare). It runs the real ``csr_sizes`` and ``dkdv_groups``; only the counting per bucket
 (``kernels.common.build_csr`` on the GPU) is numpy here. One-document rows, batch 1.
 
     python -m bench.dkdv_partials --model 1b --seq-len 1048576
