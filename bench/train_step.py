@@ -63,6 +63,7 @@ import torch
 from bench.meta import compose, git_commit
 from bench.profile_buckets import BUCKETS, host_profile, profile_step
 from bench.timing import timed, timed_steps
+from train.oom import project_frames
 
 
 def packed_lengths(total: int, seed: int, shortest: int = 256) -> list[int]:
@@ -478,28 +479,6 @@ def oom_memory(cuda: bool) -> dict:
     return {"peak_gb": round(stats.get("allocated_bytes.all.peak", 0) / 2**30, 3),
             "reserved_peak_gb": round(stats.get("reserved_bytes.all.peak", 0) / 2**30, 3),
             "largest_live": largest_live_blocks(torch.cuda.memory_snapshot())}
-
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def project_frames(frames, n: int = 6) -> list[str]:
-    """The innermost ``n`` frames of a traceback (``traceback.extract_tb``) or an allocation's recorded
-    stack (dicts of ``filename``, ``line``, ``name``, innermost first) that lie in this repository, as
-    ``path:line in function``, innermost last: where an out-of-memory was raised, or where a tensor was
-    allocated."""
-    out = []
-    for f in frames:
-        name, line, fn = (f["filename"], f["line"], f["name"]) if isinstance(f, dict) else (f.filename, f.lineno,
-                                                                                               f.name)
-        try:
-            rel = Path(name).resolve().relative_to(REPO)
-        except ValueError:
-            continue
-        if rel.parts[0].startswith("."):  # packages installed inside the checkout (.site on the GPU, .venv)
-            continue
-        out.append(f"{rel}:{line} in {fn}")
-    return out[-n:]
 
 
 def largest_live_blocks(segments: list[dict], n: int = 8) -> list[dict]:

@@ -356,8 +356,9 @@ def test_an_out_of_memory_point_is_recorded_and_frees_the_engine(monkeypatch):
 
 def test_largest_live_blocks_of_an_allocator_snapshot():
     import bench.train_step as ts
+    from train.oom import REPO
 
-    repo = ts.REPO
+    repo = REPO
     frames = [{"filename": str(repo / "kernels/index_kl.py"), "line": 285, "name": "index_kl_fwd"},  # innermost
               {"filename": "/usr/lib/python3/site-packages/torch/autograd/function.py", "line": 1, "name": "apply"},
               {"filename": str(repo / ".site/deepspeed/checkpointing.py"), "line": 9, "name": "forward"},

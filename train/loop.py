@@ -30,6 +30,7 @@ from train.config import TrainConfig, check_config
 from train.data import build_dataloader, build_tokenizer
 from train.eval.config import eval_due, fit_default_tasks
 from train.model import build_model
+from train.oom import device_memory, oom_message
 from train.optim import INDEX_PREFIX
 from train.parallel import (
     DistEnv,
@@ -100,7 +101,12 @@ def train(cfg: TrainConfig) -> dict:
             stats_queries = cfg.logging.recall_queries if logged and step % cfg.logging.stats_every == 0 else 0
             lr = run.scheduler.get_last_lr()  # per group: what this step trains with (engine.step advances it)
             t0 = time.perf_counter()
-            out = train_step(run, stats_queries, with_grad_norms=logged)
+            try:
+                out = train_step(run, stats_queries, with_grad_norms=logged)
+            except torch.cuda.OutOfMemoryError as e:  # say what the row held and what would fit it
+                n_params = sum(p.numel() for p in run.model.parameters())
+                raise torch.cuda.OutOfMemoryError(oom_message(cfg, run.stage, env.world_size, n_params, e, step,
+                                                              device_memory(env.device))) from e
             if env.device.type == "cuda":
                 torch.cuda.synchronize()
             step_s = time.perf_counter() - t0
