@@ -184,6 +184,31 @@ def test_dkdv_partials_a_group_of_query_chunks_at_a_time(monkeypatch, dq):
     assert all(chunk_work[c1] - chunk_work[c0] <= max_items or c1 - c0 == 1 for c0, c1 in groups)
 
 
+def grouped_and_not(q, k, v, block_idx, block_size, dq_path, launch, items):
+    """Gradients with the dK/dV partials in one group and in groups of ``items`` work items, the CSR the same:
+    ``launch.chunk`` at least the entries per item that a small ``dkdv_bytes`` would raise it to."""
+    do = torch.randn_like(q)
+    grads = []
+    for budget in (launch.dkdv_bytes, block_size * q.shape[-1] * 8 * items):
+        o, _ = sparse_attention(q, k, v, block_idx, block_size, dq_path=dq_path,
+                                launch=replace(launch, dkdv_bytes=budget))
+        grads.append(torch.autograd.grad(o, (q, k, v), do))
+    return grads
+
+
+@pytest.mark.parametrize("dq", DQ_PATHS)
+def test_grouped_dkdv_partials_sum_in_the_same_order(dq):
+    """The fp32 sums across groups add the same partials in the same order as one group: dK, dV (and dQ) are
+    bitwise those of the backward that held every chunk's partials at once."""
+    N, H, Hkv, D, block_size, topk = 160, 4, 2, 16, 16, 3
+    q, k, v = make_inputs(1, N, H, Hkv, D)
+    block_idx = random_block_idx(1, Hkv, N, topk, block_size)
+    launch = replace(LAUNCH, chunk=64, part_bytes=H * topk * 2 * D * 4 * 20)  # query chunks of 20
+    one, grouped = grouped_and_not(q, k, v, block_idx, block_size, dq, launch, items=10)
+    for a, b in zip(one, grouped):
+        assert torch.equal(a, b)
+
+
 def test_all_slots_empty_give_zero_and_minus_inf(monkeypatch):
     q, k, v = make_inputs(1, 40, 2, 1, 16)
     block_idx = torch.full((1, 1, 40, 2), -1, dtype=torch.int32)
@@ -273,6 +298,20 @@ def test_gpu_backward_is_deterministic(dq):
         o, _ = sparse_attention(q, k, v, block_idx, block_size, dq_path=dq)
         grads.append(torch.autograd.grad(o, (q, k, v), do))
     for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dq", DQ_PATHS)
+def test_gpu_grouped_dkdv_partials_equal_one_group(dq):
+    """The compiled kernels, bf16, `1b`'s heads: the dK/dV partials in groups of up to 64 work items (query
+    chunks of 512 on the dkdv path, 1,008 on the kv path) give bitwise the gradients of one group."""
+    B, N, H, Hkv, D, block_size, topk = 1, 8192, 32, 2, 128, 128, 16
+    q, k, v = make_inputs(B, N, H, Hkv, D, torch.bfloat16, "cuda")
+    block_idx = random_block_idx(B, Hkv, N, topk, block_size, device="cuda", drop=0.0)
+    launch = replace(LAUNCH, chunk=8192, part_bytes=H * topk * 2 * D * 2 * 512)
+    one, grouped = grouped_and_not(q, k, v, block_idx, block_size, dq, launch, items=64)
+    for a, b in zip(one, grouped):
         assert torch.equal(a, b)
 
 
