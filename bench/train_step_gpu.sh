@@ -52,7 +52,8 @@
 #      the memory breakdown, again with the block inputs in host memory (parallel.checkpoint_offload) if it runs
 #      out of memory; then 1M with the block inputs offloaded and the MLP tiled over 64K tokens (an
 #      out-of-memory is recorded, with where it was raised; on an H100 at 00b037a: 512K ran offloaded, 1M ran out in
-#      the sparse backward's dK/dV partials, since taken a group of query chunks at a time, docs/scaling.md 3q):
+#      the sparse backward's dK/dV partials, since taken a group of query chunks at a time, docs/scaling.md 3q;
+#      the GPU test of those groups runs first):
 #      STAGES=1b_long MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
 # EXTRA_OVERRIDES adds Hydra overrides to every stage's steps, e.g. EXTRA_OVERRIDES=model.rope_impl=torch.
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
@@ -207,6 +208,10 @@ if want base_1m_window; then
 fi
 if want 1b_long; then
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+  if [ "${CPU_CHECK:-0}" != 1 ]; then  # the grouped dK/dV partials compiled, against one group (bitwise)
+    TAIL=3 stage grouped_test 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_sparse_attention.py \
+      -k grouped
+  fi
   win=("model.sliding_window=$WINDOW" "model.sliding_layers=[0]")
   budget=$(( $(left) - 15 ))
   TAIL=6 stage 1b_512k 300 python3 -m bench.train_step "${ONE_B_LONG[@]}" --lengths "${LONG_1B[0]}" \
