@@ -74,7 +74,9 @@ class Launch:
 
     ``chunk``: entries per KV-outer work item (a hot block gets several). ``part_bytes``: memory for one
     query chunk's forward or dQ partials (queries go in chunks that fit). ``dkdv_bytes``: memory for the
-    dK/dV partials, one per work item (work items grow past ``chunk`` where they would pass it)."""
+    fp32 dK/dV partials together, one tile each per work item: the backward takes the query chunks in groups
+    whose items fit (``dkdv_groups``; a chunk with more is a group alone), and work items grow past ``chunk``
+    where all items would pass it (a rule from before the groups, kept: the 1M steps were measured with it)."""
 
     fwd: Tiles = Tiles(block_m=64)
     combine: Tiles = Tiles()
