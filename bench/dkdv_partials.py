@@ -59,6 +59,7 @@ def count(model: str, N: int, overrides: list[str] | None = None) -> dict:
     from bench.meta import compose
     from kernels.sparse_attention import LAUNCH, csr_sizes, resolve_dq_path
     from kernels.sparse_attention_bwd import dkdv_groups
+    from kernels.sparse_tiles import dkdv_items
 
     cfg = compose([f"model={model}", *(overrides or [])])
     H, Hkv, D = cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.head_dim
@@ -68,7 +69,7 @@ def count(model: str, N: int, overrides: list[str] | None = None) -> dict:
     chunk, q_chunk = csr_sizes(1, N, H, Hkv, D, topk, bs, nb, torch.bfloat16, dq_path, LAUNCH)
     cw = chunk_work(synthetic_block_idx(N, Hkv, topk, bs), bs, chunk, q_chunk)
     tile = bs * D * 4  # one fp32 [block_size, D] partial
-    groups = dkdv_groups(cw, LAUNCH.dkdv_bytes // (2 * tile))
+    groups = dkdv_groups(cw, dkdv_items(LAUNCH, bs, D))
     largest = max(cw[c1] - cw[c0] for c0, c1 in groups)
     sums = 2 * N * Hkv * D * 4 if len(groups) > 1 else 0  # fp32 dK, dV sums across groups
     return {"model": model, "seq_len": N, "heads": H, "kv_heads": Hkv, "head_dim": D, "topk": topk,

@@ -58,6 +58,7 @@ from kernels.sparse_tiles import (
     _query_slots,
     _rows,
     _work_item,
+    dkdv_items,
     with_kl_tiles,
 )
 from msa.keep import kept
@@ -190,7 +191,7 @@ def csr_sizes(B, NQ, H, Hkv, D, topk, block_size, n_vblocks, dtype, dq_path, lau
     per_query = B * H * topk * max(D * part.itemsize + 4, n_sub * D * part.itemsize)
     q_chunk = max(1, min(NQ, launch.part_bytes // per_query))
     NB = B * Hkv * n_vblocks
-    max_work = max(2 * NB, launch.dkdv_bytes // (block_size * D * 8))
+    max_work = max(2 * NB, dkdv_items(launch, block_size, D))
     chunk = max(launch.chunk, -(-(B * Hkv * NQ * topk) // (max_work - NB)))
     return chunk, q_chunk
 

@@ -23,6 +23,7 @@ from kernels.sparse_tiles import (
     _rows,
     _warps,
     _work_item,
+    dkdv_items,
 )
 
 
@@ -233,7 +234,7 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
     # chunks at once grow with the square of the row (each chunk has a work item per key block it sees): `1b`
     # at 1M has 0.5M of them, 2 x 30.7 GiB, which ran an H100 out of memory. A group keeps both buffers within
     # dkdv_bytes together (one query chunk over it is a group of its own).
-    groups = dkdv_groups(csr.chunk_work, launch.dkdv_bytes // (block_size * D * 8))
+    groups = dkdv_groups(csr.chunk_work, dkdv_items(launch, block_size, D))
     items = max(max(csr.chunk_work[c1] - csr.chunk_work[c0] for c0, c1 in groups), 1)
     part_dk = torch.empty(items * block_size, D, dtype=torch.float32, device=q.device)
     part_dv = torch.empty_like(part_dk)

@@ -121,6 +121,12 @@ def with_kl_tiles(launch: Launch, dq_path: str) -> Launch:
     return replace(launch, **{_dkdv_field(dq_path): launch.dkdv_kl})
 
 
+def dkdv_items(launch: Launch, block_size: int, D: int) -> int:
+    """Work items whose fp32 dK and dV partials (a ``[block_size, D]`` tile of each per item) fit
+    ``launch.dkdv_bytes`` together."""
+    return launch.dkdv_bytes // (block_size * D * 8)
+
+
 def _dkdv_tiles(launch: Launch, dq_path: str, G: int, block_size: int) -> dict:
     t = getattr(launch, _dkdv_field(dq_path))
     return dict(_rows(t, G), BLOCK_N=min(t.block_n, block_size))
