@@ -17,6 +17,13 @@ largest other block masses of the group's head-mean teacher. ``index_recall / or
 an indexer that misses the heavy blocks from a teacher whose mass is spread over more blocks than ``topk``
 (then no selection reaches a high recall). ``oracle_recall_2x`` is the same for ``2 * topk`` blocks: what
 twice the selection could hold, so whether raising ``attention.topk`` would lift the ceiling.
+
+The tile union measures how local the selection is, for the kernels' design: split each group's queries
+into tiles of ``tile_rows // G`` consecutive queries (``tile_rows`` gathered (query, head) rows, the forward
+kernel's tile) and count the distinct blocks the tile's queries select together. ``tile_union`` is the
+(query, block) pairs a kernel over each tile's union of blocks would compute (queries in the tile x blocks
+in its union), per (query, block) pair selected: 1 when a tile's queries select the same blocks, up to the
+tile's query count when they share none. It counts whole blocks, as a block-tiled kernel computes them.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import torch
 
 from msa import reference
 
-FIELDS = ("recall_mass", "recall_rows", "kept", "visible", "nontrivial", "rows", "oracle_mass", "oracle2_mass")
+FIELDS = ("recall_mass", "recall_rows", "kept", "visible", "nontrivial", "rows", "oracle_mass", "oracle2_mass",
+          "tile_work", "selected")
 
 
 @dataclass
@@ -36,7 +44,8 @@ class SelectionStats:
     non-trivial (query, group) pairs, how many were sampled; visible (query, group, key) triples kept by
     the selection, all visible triples; (query, group) pairs with more than ``topk`` visible blocks,
     all (query, group) pairs; the teacher mass of the best ``topk`` blocks over the same sampled pairs,
-    and of the best ``2 * topk`` blocks."""
+    and of the best ``2 * topk`` blocks; (query, block) pairs of a kernel over each query tile's union of
+    selected blocks, and (query, group, block) entries selected."""
 
     sums: torch.Tensor
 
@@ -49,8 +58,8 @@ class SelectionStats:
         return SelectionStats(torch.stack([s.sums for s in stats]).sum(0))
 
     def ratios(self) -> dict[str, float | None]:
-        """``index_recall``, ``oracle_recall``, ``oracle_recall_2x``, ``sparsity`` and ``nontrivial_share``
-        (None where nothing was counted)."""
+        """``index_recall``, ``oracle_recall``, ``oracle_recall_2x``, ``sparsity``, ``nontrivial_share`` and
+        ``tile_union`` (None where nothing was counted)."""
         s = dict(zip(FIELDS, self.sums.tolist()))
         return {
             "index_recall": s["recall_mass"] / s["recall_rows"] if s["recall_rows"] else None,
@@ -58,18 +67,19 @@ class SelectionStats:
             "oracle_recall_2x": s["oracle2_mass"] / s["recall_rows"] if s["recall_rows"] else None,
             "sparsity": 1.0 - s["kept"] / s["visible"] if s["visible"] else None,
             "nontrivial_share": s["nontrivial"] / s["rows"] if s["rows"] else None,
+            "tile_union": s["tile_work"] / s["selected"] if s["selected"] else None,
         }
 
 
 @torch.no_grad()
 def selection_stats(q: torch.Tensor, k: torch.Tensor, block_idx: torch.Tensor, block_size: int, topk: int,
                     cu_seqlens: torch.Tensor | None = None, n_recall: int = 256,
-                    key_chunk: int = 8192) -> SelectionStats:
+                    key_chunk: int = 8192, tile_rows: int = 64) -> SelectionStats:
     """Stats of the selection ``block_idx [B, Hkv, Nq, topk]`` for ``q [B, Nq, H, D]`` against
     ``k [B, N, Hkv, D]`` (the queries are the last ``Nq <= N`` positions).
 
     Recall is measured on up to ``n_recall`` evenly spaced non-trivial queries (per batch row and
-    group); sparsity counts every query."""
+    group); sparsity and the tile union count every query."""
     B, Nq, H, D = q.shape
     N, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -97,7 +107,8 @@ def selection_stats(q: torch.Tensor, k: torch.Tensor, block_idx: torch.Tensor, b
         sampled += len(rows) * Hkv
     sums = torch.stack([mass, torch.tensor(float(sampled), dtype=torch.float64, device=q.device),
                         kept.double(), visible.double(), nontrivial.sum().double() * Hkv,
-                        torch.tensor(float(B * Nq * Hkv), dtype=torch.float64, device=q.device), *oracle])
+                        torch.tensor(float(B * Nq * Hkv), dtype=torch.float64, device=q.device), *oracle,
+                        *_tile_union(block_idx, max(1, tile_rows // G))])
     return SelectionStats(sums)
 
 
@@ -147,6 +158,29 @@ def _row_oracle(q, k, doc, pos, at, lse_all, block_size, topk, key_chunk):
     ranked = group.scatter(2, own, float("inf")).topk(min(2 * topk, n_blocks), dim=2).indices
     best = group.gather(2, ranked).double()
     return torch.stack([best[..., :topk].sum(2), best.sum(2)], dim=2)
+
+
+def _tile_union(idx: torch.Tensor, T: int, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tile_work, selected)`` of ``idx [B, Hkv, Nq, topk]`` (-1: no block) in tiles of ``T`` queries:
+    the sum over tiles of (queries in the tile x distinct blocks its queries select), and the selected
+    entries. Takes about ``chunk`` queries at a time (a 1M-token row's selection sorted at once would
+    need gigabytes)."""
+    B, Hkv, Nq, topk = idx.shape
+    work = torch.zeros((), dtype=torch.float64, device=idx.device)
+    step = max(T, chunk // T * T)
+    for q0 in range(0, Nq, step):
+        part = idx[:, :, q0:q0 + step]
+        n = part.shape[2]
+        n_tiles = -(-n // T)
+        pad = part.new_full((B, Hkv, n_tiles * T - n, topk), -1)
+        tiles = torch.cat([part, pad], 2).reshape(B, Hkv, n_tiles, T * topk).sort(-1).values
+        first = torch.ones_like(tiles, dtype=torch.bool)
+        first[..., 1:] = tiles[..., 1:] != tiles[..., :-1]
+        union = ((tiles >= 0) & first).sum(-1)  # [B, Hkv, n_tiles]
+        queries = torch.full((n_tiles,), T, device=idx.device)
+        queries[-1] = n - (n_tiles - 1) * T
+        work += (union * queries).sum().double()
+    return work, (idx >= 0).sum().double()
 
 
 __all__ = ["FIELDS", "SelectionStats", "selection_stats"]

@@ -143,6 +143,8 @@ def test_eval_forward_matches_the_training_loss_and_recall():
         (recall[0] + recall[1]).ratios()["oracle_recall"], rel=1e-5)
     assert got["index_recall"]["oracle_2x_layers"]["1"] == pytest.approx(
         (recall[0] + recall[1]).ratios()["oracle_recall_2x"], rel=1e-5)
+    assert got["index_recall"]["tile_union"] == pytest.approx((recall[0] + recall[1]).ratios()["tile_union"],
+                                                              rel=1e-9)
     assert list(got["buckets"]) == ["0-64", "64-200"]
 
 

@@ -162,6 +162,42 @@ def test_oracle_recall_against_a_hand_computation():
     assert packed["index_recall"] <= packed["oracle_recall"]
 
 
+def _hand_tile_union(block_idx, T):
+    """Queries x distinct blocks per tile of ``T`` consecutive queries, summed, per selected entry: by sets."""
+    work = selected = 0
+    B, Hkv, Nq, _ = block_idx.shape
+    for b in range(B):
+        for r in range(Hkv):
+            for t0 in range(0, Nq, T):
+                rows = block_idx[b, r, t0:t0 + T].tolist()
+                work += len(rows) * len({j for row in rows for j in row if j >= 0})
+                selected += sum(j >= 0 for row in rows for j in row)
+    return work / selected
+
+
+@pytest.mark.parametrize("tile_rows,chunk", [(64, 65536), (8, 65536), (8, 12), (1, 65536)])
+def test_tile_union_against_sets(tile_rows, chunk):
+    """The tile union: (queries x union blocks) per selected entry, tiles of tile_rows / G queries, the last
+    tile short; chunked the same (chunks cut at tile boundaries)."""
+    import msa.stats as S
+    N, Bk, topk = 61, 4, 3
+    torch.manual_seed(0)
+    q, k = torch.randn(2, N, H, D), torch.randn(2, N, HKV, D)
+    block_idx = select_blocks(torch.randn(2, N, HKV, 8), torch.randn(2, N, 8), Bk, topk)
+    T = max(1, tile_rows // (H // HKV))
+    got = selection_stats(q, k, block_idx, Bk, topk, n_recall=4, tile_rows=tile_rows).ratios()["tile_union"]
+    assert got == pytest.approx(_hand_tile_union(block_idx, T), rel=1e-12)
+    work, sel = S._tile_union(block_idx, T, chunk=chunk)
+    assert float(work / sel) == pytest.approx(got, rel=1e-12)
+    # one query per tile: the union is its own selection; every query of a tile the same: the per-query count
+    assert selection_stats(q, k, block_idx, Bk, topk, n_recall=4, tile_rows=1).ratios()["tile_union"] == 1
+    same = block_idx[:, :, -1:].expand_as(block_idx).contiguous()
+    assert float(S._tile_union(same, 8)[0] / S._tile_union(same, 8)[1]) == 1
+    # tiles whose queries share no block: the tile's query count
+    disjoint = torch.arange(2 * HKV * 8 * 2).view(2, HKV, 8, 2)
+    assert float(S._tile_union(disjoint, 4)[0] / S._tile_union(disjoint, 4)[1]) == 4
+
+
 @pytest.mark.parametrize("change,key", [
     ({"topk": 0}, "attention.topk"),
     ({"block_size": 48}, "attention.block_size"),

@@ -84,9 +84,10 @@ def test_peak_is_matched_by_exact_gpu_name(monkeypatch):
 
 def test_layer_metrics_average_micro_batches_and_pool_stats():
     mesh = Mesh()
-    # two layers; stats sums (recall_mass, recall_rows, kept, visible, nontrivial, rows, oracle_mass, oracle2_mass)
-    a = SelectionStats(torch.tensor([3.0, 4.0, 50.0, 100.0, 4.0, 10.0, 3.5, 3.9], dtype=torch.float64))
-    b = SelectionStats(torch.tensor([1.0, 4.0, 30.0, 100.0, 4.0, 10.0, 2.5, 3.0], dtype=torch.float64))
+    # two layers; stats sums (recall_mass, recall_rows, kept, visible, nontrivial, rows, oracle_mass, oracle2_mass,
+    # tile_work, selected)
+    a = SelectionStats(torch.tensor([3.0, 4.0, 50.0, 100.0, 4.0, 10.0, 3.5, 3.9, 30.0, 20.0], dtype=torch.float64))
+    b = SelectionStats(torch.tensor([1.0, 4.0, 30.0, 100.0, 4.0, 10.0, 2.5, 3.0, 50.0, 20.0], dtype=torch.float64))
     out = M.layer_metrics([1, 2], torch.tensor([0.4, 0.8]), 2, [a, b], mesh)
     assert out["layer_kl/01"] == pytest.approx(0.2) and out["layer_kl/02"] == pytest.approx(0.4)
     assert out["layer_recall/01"] == pytest.approx(0.75) and out["layer_recall/02"] == pytest.approx(0.25)
@@ -94,8 +95,10 @@ def test_layer_metrics_average_micro_batches_and_pool_stats():
     assert out[M.ORACLE_RECALL] == pytest.approx(6 / 8)
     assert out[M.ORACLE_RECALL_2X] == pytest.approx(6.9 / 8)
     assert out[M.SPARSITY] == pytest.approx(1 - 80 / 200) and out[M.NONTRIVIAL] == pytest.approx(0.4)
+    assert out[M.TILE_UNION] == pytest.approx(80 / 40)  # pooled: (30 + 50) / (20 + 20), not a mean of 1.5, 2.5
     none = M.layer_metrics([1, 2], torch.tensor([0.4, 0.8]), 1, [None, None], mesh)
     assert none[M.INDEX_RECALL] is None and none[M.ORACLE_RECALL] is None and "layer_recall/01" not in none
+    assert none[M.TILE_UNION] is None
 
 
 @pytest.mark.parametrize("env,mode,source", [({}, "offline", "logging.wandb.mode"),

@@ -54,6 +54,8 @@ def layout(layers: int | None = None, dense_layers: int = 1) -> list[SectionSpec
                                                                      M.ORACLE_RECALL_2X)),
             PanelSpec("Sparsity (fraction of visible keys skipped)", (M.SPARSITY,)),
             PanelSpec("Share of queries with more than topk visible blocks", (M.NONTRIVIAL,)),
+            PanelSpec("Tile union (a kernel over each query tile's blocks: pairs computed per pair selected)",
+                      (M.TILE_UNION,)),
         )),
         SectionSpec("Throughput", (
             PanelSpec("Tokens/s", (M.TOKENS_PER_S,)),

@@ -30,6 +30,7 @@ LOSS_ANSWER_PREFIX = "loss/answer/"  # loss/answer/<name>: a synthetic source's 
 INDEX_RECALL, SPARSITY, NONTRIVIAL = "msa/index_recall", "msa/sparsity", "msa/nontrivial_share"
 ORACLE_RECALL = "msa/oracle_recall"  # the best topk blocks' teacher mass: index recall's ceiling
 ORACLE_RECALL_2X = "msa/oracle_recall_2x"  # the best 2 * topk blocks': the ceiling with twice the selection
+TILE_UNION = "msa/tile_union"  # a query-tile kernel's (query, block) pairs over the union, per pair selected
 TOKENS_PER_S, STEP_S, MFU = "perf/tokens_per_s", "perf/step_s", "perf/mfu"
 ATTN_TFLOPS, INDEX_TFLOPS = "perf/attn_tflops", "perf/index_tflops"
 MAX_MEMORY = "mem/max_allocated_gb"
@@ -161,12 +162,12 @@ def step_flops(model_cfg, attn_cfg, n_params: int, lengths: np.ndarray, phase: s
 def layer_metrics(layer_ids: list[int], kl_sum: torch.Tensor, n_micro: int, stats: list[SelectionStats | None],
                   mesh) -> dict[str, float]:
     """Per-layer index KL (``layer_kl_sum [n_msa]``, summed over ``n_micro`` micro-batches: averaged
-    here) and, where ``stats`` were taken, per-layer and overall index recall, sparsity and the share of
-    queries with more than ``topk`` visible blocks. Each rank of a sequence holds a share of both (its
-    GQA groups, its query chunks); they are summed over the shard group: a collective, so every rank
-    calls this alike."""
+    here) and, where ``stats`` were taken, per-layer and overall index recall, sparsity, the share of
+    queries with more than ``topk`` visible blocks and the tile union. Each rank of a sequence holds a
+    share of both (its GQA groups, its query chunks); they are summed over the shard group: a collective,
+    so every rank calls this alike."""
     out = {INDEX_RECALL: None, ORACLE_RECALL: None, ORACLE_RECALL_2X: None, SPARSITY: None,
-           NONTRIVIAL: None}  # None: not measured
+           NONTRIVIAL: None, TILE_UNION: None}  # None: not measured
     if layer_ids:
         kl = shard_sum(kl_sum / max(n_micro, 1), mesh)
         out.update({layer_kl_key(i): float(v) for i, v in zip(layer_ids, kl)})
@@ -177,7 +178,7 @@ def layer_metrics(layer_ids: list[int], kl_sum: torch.Tensor, n_micro: int, stat
         total = SelectionStats.pooled(per_layer).ratios()
         out.update({INDEX_RECALL: total["index_recall"], ORACLE_RECALL: total["oracle_recall"],
                     ORACLE_RECALL_2X: total["oracle_recall_2x"], SPARSITY: total["sparsity"],
-                    NONTRIVIAL: total["nontrivial_share"]})
+                    NONTRIVIAL: total["nontrivial_share"], TILE_UNION: total["tile_union"]})
     return out
 
 

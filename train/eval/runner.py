@@ -134,7 +134,7 @@ def _recall_table(stats: list[SelectionStats], layer_ids: list[int]) -> dict:
     ratios = [s.ratios() for s in stats]
     total = SelectionStats.pooled(stats).ratios()
     return {"all": total["index_recall"], "oracle": total["oracle_recall"], "oracle_2x": total["oracle_recall_2x"],
-            "sparsity": total["sparsity"],
+            "sparsity": total["sparsity"], "tile_union": total["tile_union"],
             "layers": {str(i): r["index_recall"] for i, r in zip(layer_ids, ratios)},
             "oracle_layers": {str(i): r["oracle_recall"] for i, r in zip(layer_ids, ratios)},
             "oracle_2x_layers": {str(i): r["oracle_recall_2x"] for i, r in zip(layer_ids, ratios)}}
