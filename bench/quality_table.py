@@ -9,7 +9,7 @@ arm's runs; give the reference report too for arms it trained that the later one
 One column per arm, one row per metric; a cell lists the seeds' values and their mean and standard deviation
 over seeds (n - 1). Rows: the final LM loss and, for every arm after the first, its final loss against the
 first arm's, seed by seed (``arm / first - 1``; the pairing the issue asks for: the same seed, batches and
-initial weights); index recall, its ceiling and bits per byte by eval length; per task the log-likelihood
+initial weights); index recall, its ceiling, the tile union and bits per byte by eval length; per task the log-likelihood
 choice by length, mean over seeds, over all needles and over the needles below depth 1 (``choice_far``:
 a needle at depth 1 sits next to the question, where a window layer or MSA's own block finds it, so the
 mean over depths can read well with no far retrieval); the needle recall over the items answered right at
@@ -108,6 +108,8 @@ def table(reports: list[dict], arms: list[str] | None = None, plain: dict | None
         per_seed(f"index recall at {n}", lambda sc, n=n: sc.get(f"eval/index_recall/{n}"))
     for n in lengths:
         per_seed(f"its ceiling at {n} (oracle_recall)", lambda sc, n=n: sc.get(f"eval/oracle_recall/{n}"))
+    for n in lengths:  # reports from before c4f50fc have none: no row
+        per_seed(f"tile union at {n}", lambda sc, n=n: sc.get(f"eval/tile_union/{n}"), "{:.2f}")
     for n in lengths:
         per_seed(f"bits per byte at {n}", lambda sc, n=n: sc.get(f"eval/bpb/{n}"))
     for task in tasks:

@@ -30,7 +30,7 @@ def expected_keys() -> set[str]:
     for length in ("256", "384"):
         keys |= {f"eval/bpb/{length}", f"eval/bpb/{length}/0-128", f"eval/bpb/{length}/128-{length}",
                  f"eval/index_recall/{length}", f"eval/oracle_recall/{length}",
-                 f"eval/oracle_recall_2x/{length}"}
+                 f"eval/oracle_recall_2x/{length}", f"eval/tile_union/{length}"}
         for task in ("passkey", "image_needle"):
             keys |= {f"eval/{task}/{length}/{s}" for s in ("choice", "share", "nll", "exact", "choice_far",
                                                                   "share_far")}

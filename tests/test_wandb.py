@@ -103,10 +103,10 @@ def test_dashboard_workspace_offline(capsys):
                        "^eval/.+/choice$", "^eval/.+/(choice|share)_far$", "^eval/.+/exact$", "^eval/.+/nll$",
                        "^eval/.+/share$",
                        "^eval/(index|oracle)_recall(_2x)?/.*",
-                       "^eval/needle_recall/.*"}
+                       "^eval/needle_recall/.*", "^eval/tile_union/.*"}
     assert (model.entity, model.project) == ("ent", "proj")
 
     assert dashboard.main(["--entity", "ent", "--project", "proj", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "9 sections, 29 panels" in out.splitlines()[0]
+    assert "9 sections, 31 panels" in out.splitlines()[0]
     assert "[Per-layer index KL] (collapsed)" in out and "  MFU: perf/mfu" in out

@@ -88,6 +88,8 @@ def layout(layers: int | None = None, dense_layers: int = 1) -> list[SectionSpec
         PanelSpec("Index recall on held-out rows, and its ceilings (the best topk and 2 topk blocks), by eval "
                   "length", regex=f"^{e}(index|oracle)_recall(_2x)?/.*"),
         PanelSpec("Needle recall of the indexer (needle blocks the question selects)", regex=f"^{e}needle_recall/.*"),
+        PanelSpec("Tile union by eval length (a query-tile kernel's pairs per pair selected)",
+                  regex=f"^{e}tile_union/.*"),
     )))
     for title, prefix, key in (("Per-layer index KL", LAYER_KL_PREFIX, layer_kl_key),
                                ("Per-layer index recall", LAYER_RECALL_PREFIX, layer_recall_key)):

@@ -352,6 +352,7 @@ def flatten(results: dict) -> dict[str, float | None]:
             out[M.eval_key("index_recall", name)] = r["index_recall"]["all"]
             out[M.eval_key("oracle_recall", name)] = r["index_recall"]["oracle"]
             out[M.eval_key("oracle_recall_2x", name)] = r["index_recall"]["oracle_2x"]
+            out[M.eval_key("tile_union", name)] = r["index_recall"].get("tile_union")  # absent before c4f50fc
     for task, by_length in results["retrieval"].items():
         for length, r in by_length.items():
             name = fmt_tokens(int(length))
