@@ -9,8 +9,8 @@ arm's runs; give the reference report too for arms it trained that the later one
 One column per arm, one row per metric; a cell lists the seeds' values and their mean and standard deviation
 over seeds (n - 1). Rows: the final LM loss and, for every arm after the first, its final loss against the
 first arm's, seed by seed (``arm / first - 1``; the pairing the issue asks for: the same seed, batches and
-initial weights); index recall, its ceiling, the tile union and bits per byte by eval length; per task the log-likelihood
-choice by length, mean over seeds, over all needles and over the needles below depth 1 (``choice_far``:
+initial weights); index recall, its ceiling, the tile union and bits per byte by eval length; per task the
+log-likelihood choice by length, mean over seeds, over all needles and over the needles below depth 1 (``choice_far``:
 a needle at depth 1 sits next to the question, where a window layer or MSA's own block finds it, so the
 mean over depths can read well with no far retrieval); the needle recall over the items answered right at
 the training length; per task, whether the answer's query selects the needle (``hit``), seed by seed at every
