@@ -10,7 +10,7 @@ DEADLINE=${DEADLINE:-555}
 setup() {
   source "$(dirname "${BASH_SOURCE[0]}")/gpu_wheels.sh" >>"$LOG" 2>&1
   if [ -z "${MSA_GIT_COMMIT:-}" ]; then
-    MSA_GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+    MSA_GIT_COMMIT=$(python3 -m bench.meta --commit)
     echo "note: MSA_GIT_COMMIT not set; recording '$MSA_GIT_COMMIT'" | tee -a "$LOG"
   fi
   export MSA_GIT_COMMIT

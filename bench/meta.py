@@ -23,17 +23,20 @@ def compose(overrides: list[str]):
         return to_train_config(hydra_compose("train", overrides=overrides))
 
 
-def git_commit() -> str:
+def git_commit(root: Path | None = None) -> str:
     """``MSA_GIT_COMMIT`` where the caller sets it (a tree copied to a GPU machine, whose .git may be absent
-    or stale), else the checkout's HEAD, else ``unknown``."""
+    or stale), else the checkout's HEAD with ``-dirty`` appended where the tree differs from it (a stale
+    .git under newer files reads so, instead of passing for the commit), else ``unknown``."""
     if os.environ.get("MSA_GIT_COMMIT"):
         return os.environ["MSA_GIT_COMMIT"]
+    cwd = root or Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parents[1], timeout=10).stdout.strip()
+                             cwd=cwd, timeout=10).stdout.strip()
+        clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=cwd, timeout=30).returncode == 0
     except (OSError, subprocess.SubprocessError):
-        out = ""
-    return out if len(out) == 40 else "unknown"
+        return "unknown"
+    return (out if clean else out + "-dirty") if len(out) == 40 else "unknown"
 
 
 def run_meta() -> dict:
@@ -45,3 +48,9 @@ def run_meta() -> dict:
     return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
             "commit": git_commit(), "command": " ".join(["python3"] + sys.argv),
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+if __name__ == "__main__":  # python -m bench.meta --commit: what the GPU scripts record when not told
+    if sys.argv[1:] != ["--commit"]:
+        sys.exit("usage: python -m bench.meta --commit")
+    print(git_commit())

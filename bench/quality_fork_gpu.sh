@@ -37,7 +37,7 @@ OUT=${OUT:-runs/quality_fork}
 WORK=${WORK:-runs/quality_fork_work}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
-export MSA_GIT_COMMIT=${MSA_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+export MSA_GIT_COMMIT=${MSA_GIT_COMMIT:-$(python3 -m bench.meta --commit)}
 source "$(dirname "$0")/gpu_run.sh" gpus.txt
 t0=$SECONDS
 BUDGET_S=${BUDGET_S:-535}

@@ -19,7 +19,7 @@ set -uo pipefail
 OUT=${OUT:-runs/quality}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-export MSA_GIT_COMMIT=${MSA_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+export MSA_GIT_COMMIT=${MSA_GIT_COMMIT:-$(python3 -m bench.meta --commit)}
 source "$(dirname "$0")/gpu_run.sh" gpus.txt
 EVAL_S=${EVAL_S-110}
 EVAL_ARGS=()

@@ -1495,3 +1495,26 @@ def test_dkdv_partials_count_the_work_items_build_csr_makes():
     for chunk, q_chunk in ((4, 64), (256, 300), (1, 7)):
         csr = build_csr(torch.from_numpy(block_idx)[None].int(), layout, bs, 0, chunk, q_chunk)
         assert chunk_work(block_idx, bs, chunk, q_chunk) == csr.chunk_work
+
+
+def test_git_commit_marks_a_tree_that_differs_from_its_head(tmp_path, monkeypatch):
+    """A GPU machine's copy can carry a .git from an older commit under newer files: the recorded commit then
+    says -dirty instead of passing for the tree that ran; MSA_GIT_COMMIT, where set, wins."""
+    import subprocess
+
+    from bench.meta import git_commit
+
+    monkeypatch.delenv("MSA_GIT_COMMIT", raising=False)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run(git + ["add", "a.py"], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-qm", "a"], cwd=tmp_path, check=True)
+    subprocess.run(git + ["tag", "v1"], cwd=tmp_path, check=True)  # a tag does not replace the sha
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert git_commit(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == head + "-dirty"
+    assert git_commit(tmp_path / "a.py") == "unknown"  # not a folder git runs in
+    monkeypatch.setenv("MSA_GIT_COMMIT", "abc")
+    assert git_commit(tmp_path) == "abc"
