@@ -193,6 +193,10 @@ def test_tile_union_against_sets(tile_rows, chunk):
     assert selection_stats(q, k, block_idx, Bk, topk, n_recall=4, tile_rows=1).ratios()["tile_union"] == 1
     same = block_idx[:, :, -1:].expand_as(block_idx).contiguous()
     assert float(S._tile_union(same, 8)[0] / S._tile_union(same, 8)[1]) == 1
+    # query chunks (context parallelism's) of a multiple of T queries give the whole row's tiles and sum
+    whole = S._tile_union(block_idx, 4)
+    parts = [S._tile_union(block_idx[:, :, a:b], 4) for a, b in ((0, 12), (12, 40), (40, N))]
+    assert all(float(sum(p[i] for p in parts)) == float(whole[i]) for i in range(2))
     # tiles whose queries share no block: the tile's query count
     disjoint = torch.arange(2 * HKV * 8 * 2).view(2, HKV, 8, 2)
     assert float(S._tile_union(disjoint, 4)[0] / S._tile_union(disjoint, 4)[1]) == 4

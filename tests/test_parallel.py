@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from msa.layer import Attention, AttentionConfig, MSAAttention
 from msa.rope import Rotary
+from msa.stats import FIELDS as STATS_FIELDS
 from tests.utils import check_every_stage, compose_train_config, rel_rms
 from train.config import check_config
 from train.model import Decoder, ModelConfig
@@ -173,7 +174,15 @@ def _layer_checks(rank, world, sp, cp, backend="reference", block_size=8,
             if defer and not kl > 0:
                 errors.append(tag + f"the KL in backward reported {kl}")
             _check(tag + "kl", kl.detach(), shard_sum(kl_l, mesh), errors)
-            _check(tag + "stats", stats.sums, shard_sum(stats_l.sums, mesh), errors)
+            # the tile union's tiles start at each query chunk's first query, as a kernel's would: under CP they
+            # are the single process's tiles only where a chunk holds a multiple of 64 / G queries (here 24, tiles of
+            # 32); every other field is a sum over queries and must add up
+            summed = shard_sum(stats_l.sums, mesh)
+            same = [i for i, f in enumerate(STATS_FIELDS) if cp == 1 or f != "tile_work"]
+            _check(tag + "stats", stats.sums[same], summed[same], errors)
+            tile_work, selected = (summed[STATS_FIELDS.index(f)] for f in ("tile_work", "selected"))
+            if not selected <= tile_work <= selected * 64 // (H // HKV):
+                errors.append(tag + f"tile_work {tile_work} outside [selected, selected x queries per tile]")
         _check(tag + "x.grad", x.grad[:, idx], x_l.grad, errors)
         _compare_grads(layer, _sum_grads(sharded.attn, mesh.shard_group), errors, tag)
     return errors
