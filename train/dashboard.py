@@ -40,7 +40,12 @@ def layout(layers: int | None = None, dense_layers: int = 1) -> list[SectionSpec
     """The dashboard as plain data: sections of panels, each naming the metrics it plots. Per-layer
     panels (``layers`` given) start at the first MSA layer: the ``dense_layers`` before it log no
     index metrics."""
-    sections = [
+    return [*_training_sections(), _eval_section(), *_layer_sections(layers, dense_layers)]
+
+
+def _training_sections() -> list[SectionSpec]:
+    """The metrics every logged training step (or every ``logging.stats_every``-th) writes."""
+    return [
         SectionSpec("Loss", (
             PanelSpec("LM loss", (M.LOSS_LM,)),
             PanelSpec("LM loss by data source (data.sources)", regex=f"^{M.LOSS_LM_SOURCE_PREFIX}.+"),
@@ -75,8 +80,12 @@ def layout(layers: int | None = None, dense_layers: int = 1) -> list[SectionSpec
             PanelSpec("Skipped samples / bad steps", (M.SKIPPED, M.BAD_STEPS)),
         )),
     ]
+
+
+def _eval_section() -> SectionSpec:
+    """The ``eval/...`` metrics of periodic and standalone evals."""
     e = M.EVAL_PREFIX  # eval/<task>/<length>[/<score>]: lines per length and task, by regex (docs/evals.md)
-    sections.append(SectionSpec("Evals", (
+    return SectionSpec("Evals", (
         PanelSpec("Held-out bits per byte, by eval length", regex=f"^{e}bpb/[^/]+$"),
         PanelSpec("Held-out bits per byte by token position", regex=f"^{e}bpb/[^/]+/.+"),
         PanelSpec("Retrieval accuracy, log-likelihood choice (chance 1/eval.choices)", regex=f"^{e}.+/choice$"),
@@ -90,7 +99,12 @@ def layout(layers: int | None = None, dense_layers: int = 1) -> list[SectionSpec
         PanelSpec("Needle recall of the indexer (needle blocks the question selects)", regex=f"^{e}needle_recall/.*"),
         PanelSpec("Tile union by eval length (a query-tile kernel's pairs per pair selected)",
                   regex=f"^{e}tile_union/.*"),
-    )))
+    ))
+
+
+def _layer_sections(layers: int | None, dense_layers: int) -> list[SectionSpec]:
+    """Per-layer index KL and recall: one panel of all layers, and one per MSA layer where ``layers`` is given."""
+    sections = []
     for title, prefix, key in (("Per-layer index KL", LAYER_KL_PREFIX, layer_kl_key),
                                ("Per-layer index recall", LAYER_RECALL_PREFIX, layer_recall_key)):
         panels = [PanelSpec(f"{title}: all layers", regex=f"^{prefix}.*", log_y=prefix == LAYER_KL_PREFIX)]
