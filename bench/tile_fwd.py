@@ -1,0 +1,259 @@
+"""The MSA forward two ways on one GPU, side by side: KV-outer (``kernels.sparse_attention``: reverse index,
+partials, combine) against query-tile-outer (``kernels.sparse_tile``: each tile of queries over the union of
+its blocks), with dense SDPA and FlexAttention on the same selection as baselines, in one process.
+
+Which wins depends on how local the selection is: ``tile_union`` (``msa/stats.py``), the (query, block) pairs
+the tile kernel computes per pair selected. Selections:
+- ``pool<r>``: per tile of ``64 // G`` queries a pool of ``round(r * topk)`` blocks (the tile's own block and
+  random visible others); every query takes its own block and ``topk - 1`` of the pool, so the tile union is
+  about ``r``. Trained ``small`` measured 1.2-1.9 (``docs/scaling.md`` 3r), an untrained index 2.7.
+- ``random``: ``select_blocks`` on random index inputs with a sink (``bench/msa_attention.py``'s): the least
+  local selection, the KV-outer kernel's best case.
+Every case's ``tile_union`` is measured on its selection, and the tile kernel's output is compared with the
+KV-outer one's (``rel_rms_vs_kv``).
+
+Timed (``bench/timing.py``: warm-up, then do_bench's median): ``kv`` = the whole KV-outer forward (reverse
+index, kernel, combine) and ``kv_kernels`` = its kernel and combine given the index; ``tile`` = the union
+build and the kernel, ``tile_kernel`` = the kernel alone; ``dense_sdpa`` (causal, GQA); ``flex`` =
+FlexAttention with ``bench/selection.py``'s block mask (up to ``--flex-max-n``). Useful FLOPs: ``4 D G``
+per visible key of the support (``bench/msa_attention.py``'s count). ``--sweep`` first tries the tile
+kernel's launch settings on the first shape's ``pool`` selection and keeps the fastest.
+
+    python3 -m bench.tile_fwd --json $OUT/tile_fwd.json            # on the GPU
+    python -m bench.tile_fwd --device cpu --json /tmp/tile_fwd.json  # toy shapes in the interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from functools import partial
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+
+from bench.meta import run_meta  # noqa: E402
+from bench.selection import flex_block_mask  # noqa: E402
+from bench.timing import measure  # noqa: E402
+from kernels import select_blocks  # noqa: E402
+from kernels.common import build_layout  # noqa: E402
+from kernels.sparse_attention import LAUNCH, reverse_index, sparse_attention, sparse_attention_fwd  # noqa: E402
+from kernels.sparse_tile import TILE_FWD, sparse_attention_tile_fwd, tile_queries, tile_union  # noqa: E402
+from kernels.sparse_tiles import Tiles  # noqa: E402
+from msa.stats import _tile_union  # noqa: E402
+
+
+def pool_selection(N: int, Hkv: int, topk: int, block_size: int, T: int, ratio: float, device, seed: int = 0):
+    """``block_idx [1, Hkv, N, topk]``: per tile of ``T`` queries a pool of the own block and up to
+    ``round(ratio * topk) - 1`` random visible blocks before it; each query its own block and ``topk - 1``
+    random ones of the pool (all of them where the pool is smaller), ``-1`` in unused slots."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    nb = -(-N // block_size)
+    n_t = -(-N // T)
+    own_t = (torch.arange(n_t, device=device) * T) // block_size  # the tile's first query's block
+    others = max(0, round(ratio * topk) - 1)
+    # a pool per (group, tile): the `others` highest random scores among the visible earlier blocks
+    score = torch.rand(Hkv, n_t, nb, device=device, generator=g)
+    score = score.masked_fill(torch.arange(nb, device=device)[None, None] >= own_t[None, :, None], -1.0)
+    pool_score, pool = score.topk(min(others, nb), -1)
+    pool = torch.where(pool_score >= 0, pool, -1)  # [Hkv, n_t, P]
+    pool = pool.repeat_interleave(T, 1)[:, :N]  # [Hkv, N, P]
+    pick = torch.rand(pool.shape, device=device, generator=g).masked_fill(pool < 0, -1.0)
+    order = pick.argsort(-1, descending=True)[..., :topk - 1]
+    chosen = pool.gather(-1, order)
+    own = (torch.arange(N, device=device) // block_size)[None, :, None].expand(Hkv, N, 1)
+    # a query past the tile's first block (a tile across a block edge) keeps the earlier block as a pooled one
+    idx = torch.cat([own, chosen], -1)
+    if idx.shape[-1] < topk:
+        idx = torch.cat([idx, idx.new_full((Hkv, N, topk - idx.shape[-1]), -1)], -1)
+    dup = (idx[..., 1:] == idx[..., :1]) & (idx[..., 1:] >= 0)
+    idx[..., 1:] = torch.where(dup, -1, idx[..., 1:])
+    return idx[None].to(torch.int32).contiguous()
+
+
+def random_selection(N: int, Hkv: int, topk: int, block_size: int, device, dtype):
+    from bench.msa_attention import index_inputs
+
+    q_idx, k_idx = index_inputs(N, Hkv, device, 64, block_size, dtype)
+    return select_blocks(q_idx, k_idx, block_size, topk)
+
+
+def support(block_idx: torch.Tensor, block_size: int) -> int:
+    from bench.selection import support_sizes
+
+    return support_sizes(block_idx, block_size)
+
+
+def _dense(q, k, v):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                          enable_gqa=True).transpose(1, 2)
+
+
+def rel_rms(a, b) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def sweep(q, k, v, sel, bk, layout, device, variants) -> tuple[Tiles, list[dict]]:
+    rows, best = [], None
+    for t in variants:
+        T = tile_queries(t, q.shape[2] // k.shape[2])
+        un = tile_union(sel, layout.tok_start, k.shape[1], bk, T)
+        try:
+            ms, _ = measure(partial(sparse_attention_tile_fwd, q, k, v, sel, bk, layout.tok_start, q.shape[-1] ** -0.5,
+                                    t, un), device=device)
+        except Exception as ex:  # a variant that does not compile (shared memory) is recorded
+            rows.append({"tiles": vars(t), "status": f"{type(ex).__name__}: {str(ex).splitlines()[0][:120]}"})
+            continue
+        rows.append({"tiles": vars(t), "ms": ms, "status": "ok"})
+        print(f"  sweep {t}: {ms:.3f} ms", flush=True)
+        if best is None or ms < best[1]:
+            best = (t, ms)
+    return (best[0] if best else TILE_FWD), rows
+
+
+def bench_case(res, N, H, Hkv, sel_name, sel, a, tiles, q, k, v, device):
+    bk = a.block_size
+    G = H // Hkv
+    layout = build_layout(N, bk, None, q.device)
+    scale = q.shape[-1] ** -0.5
+    sup = support(sel, bk)
+    work, selected = _tile_union(sel, max(1, 64 // G))
+    T = tile_queries(tiles, G)
+    work_t, _ = _tile_union(sel, T)
+    flops = 4 * q.shape[-1] * G * sup
+    row = {"N": N, "H": H, "Hkv": Hkv, "G": G, "selection": sel_name, "support": sup,
+           "tile_union": (work / selected).item(), "tile_union_kernel_tiles": (work_t / selected).item(),
+           "tile_queries": T, "tiles": vars(tiles), "useful_tflop": flops / 1e12}
+    with torch.no_grad():
+        o_kv, lse_kv = sparse_attention(q, k, v, sel, bk)
+        o_t, lse_t = sparse_attention_tile_fwd(q, k, v, sel, bk, layout.tok_start, scale, tiles)
+        fin = torch.isfinite(lse_kv)
+        row["rel_rms_vs_kv"] = rel_rms(o_t, o_kv)
+        row["lse_max_diff_vs_kv"] = (lse_t - lse_kv)[fin].abs().max().item()
+        row["lse_empty_rows_agree"] = bool(torch.equal(fin, torch.isfinite(lse_t)))
+        del o_kv, lse_kv, o_t, lse_t
+        csr = reverse_index(q, sel, bk, layout, "auto", LAUNCH)
+        un = tile_union(sel, layout.tok_start, N, bk, T)
+        fns = {
+            "kv": partial(sparse_attention, q, k, v, sel, bk),
+            "kv_kernels": partial(sparse_attention_fwd, q, k, v, sel, bk, layout, scale, csr),
+            "tile": partial(sparse_attention_tile_fwd, q, k, v, sel, bk, layout.tok_start, scale, tiles),
+            "tile_kernel": partial(sparse_attention_tile_fwd, q, k, v, sel, bk, layout.tok_start, scale, tiles, un),
+        }
+        if (N, H, Hkv) not in res["_dense"]:  # once per shape: the selection does not change it
+            fns["dense_sdpa"] = partial(_dense, q, k, v)
+        for name, fn in fns.items():
+            ms, how = measure(fn, device=device)
+            row[f"{name}_ms"] = ms
+            row[f"{name}_timing"] = how
+            if name != "dense_sdpa":
+                row[f"{name}_tflops"] = flops / ms / 1e9
+        if "dense_sdpa_ms" in row:
+            res["_dense"][(N, H, Hkv)] = {"dense_sdpa_ms": row["dense_sdpa_ms"]}
+        else:
+            row["dense_sdpa_ms"] = res["_dense"][(N, H, Hkv)]["dense_sdpa_ms"]
+        fns.clear()
+        del csr, un
+        if N <= a.flex_max_n:
+            try:
+                from torch.nn.attention.flex_attention import flex_attention
+
+                mask = flex_block_mask(sel, bk, G, 128)
+                flex = torch.compile(flex_attention, dynamic=False) if device == "cuda" else flex_attention
+                ff = lambda: flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+                                  enable_gqa=True)
+                row["flex_ms"], row["flex_timing"] = measure(ff, device=device)
+                row["flex_tflops"] = flops / row["flex_ms"] / 1e9
+                row["flex_rel_rms_vs_kv"] = rel_rms(ff().transpose(1, 2), sparse_attention(q, k, v, sel, bk)[0])
+            except Exception as ex:  # a baseline that cannot run here is recorded, not fatal
+                row["flex_status"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:160]}"
+        else:
+            row["flex_status"] = f"skipped (N > --flex-max-n={a.flex_max_n})"
+    row["tile_speedup_vs_kv"] = row["kv_ms"] / row["tile_ms"]
+    row["tile_kernel_speedup_vs_kv_kernels"] = row["kv_kernels_ms"] / row["tile_kernel_ms"]
+    row["tile_speedup_vs_dense"] = row["dense_sdpa_ms"] / row["tile_ms"]
+    print(f"N={N} H={H}/{Hkv} {sel_name}: tile_union {row['tile_union']:.2f} kv {row['kv_ms']:.2f} "
+          f"(kernels {row['kv_kernels_ms']:.2f}) tile {row['tile_ms']:.2f} (kernel {row['tile_kernel_ms']:.2f}) "
+          f"dense {row['dense_sdpa_ms']:.2f} flex {row.get('flex_ms', float('nan')):.2f} ms; "
+          f"rel_rms {row['rel_rms_vs_kv']:.1e}", flush=True)
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--heads", nargs="+", default=["8:2", "32:2"], help="H:Hkv pairs (small's 8:2, 1b's 32:2)")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[1.4, 2.7], help="pool selections' tile unions")
+    ap.add_argument("--random", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--sweep", action="store_true", help="try the tile kernel's launch settings first")
+    ap.add_argument("--flex-max-n", type=int, default=32768)
+    ap.add_argument("--time-budget", type=float, default=400.0)
+    ap.add_argument("--json", required=True)
+    a = ap.parse_args(argv)
+    cuda = a.device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    D, a.block_size, topk = (128, 128, 16) if cuda else (32, 16, 4)
+    if not cuda:
+        a.lengths = [n for n in a.lengths if n <= 512] or [256]
+        a.heads = ["4:1"]
+    deadline = time.perf_counter() + a.time_budget
+    res = {**run_meta(), "shapes": {"D": D, "block_size": a.block_size, "topk": topk, "dtype": str(dtype)},
+           "rows": [], "skipped": [], "_dense": {}}
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        res["gpu_sms"] = props.multi_processor_count
+    tiles = TILE_FWD
+
+    def save():
+        out = {k: v for k, v in res.items() if k != "_dense"}
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json + ".tmp", "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(a.json + ".tmp", a.json)
+
+    for N in a.lengths:
+        for hh in a.heads:
+            H, Hkv = map(int, hh.split(":"))
+            G = H // Hkv
+            torch.manual_seed(0)
+            q = torch.randn(1, N, H, D, device=a.device, dtype=dtype)
+            k = torch.randn(1, N, Hkv, D, device=a.device, dtype=dtype)
+            v = torch.randn(1, N, Hkv, D, device=a.device, dtype=dtype)
+            sels = [(f"pool{r:g}", partial(pool_selection, N, Hkv, topk, a.block_size, max(1, 64 // G), r, a.device))
+                    for r in a.ratios]
+            if a.random:
+                sels.append(("random", partial(random_selection, N, Hkv, topk, a.block_size, a.device, dtype)))
+            if a.sweep and "sweep" not in res:
+                variants = [Tiles(block_m=m, num_warps=w, num_stages=s) for m in (64, 128) for w in (4, 8)
+                            for s in (1, 2, 3)] if cuda else [Tiles(block_m=16, num_stages=1)]
+                layout = build_layout(N, a.block_size, None, q.device)
+                tiles, res["sweep"] = sweep(q, k, v, sels[0][1](), a.block_size, layout, a.device, variants)
+                res["sweep_case"] = {"N": N, "H": H, "Hkv": Hkv, "selection": sels[0][0], "best": vars(tiles)}
+                save()
+            for name, make in sels:
+                if time.perf_counter() > deadline:
+                    res["skipped"].append({"N": N, "H": H, "Hkv": Hkv, "selection": name, "why": "time budget"})
+                    continue
+                try:
+                    res["rows"].append(bench_case(res, N, H, Hkv, name, make(), a, tiles, q, k, v, a.device))
+                except torch.cuda.OutOfMemoryError as ex:
+                    res["skipped"].append({"N": N, "H": H, "Hkv": Hkv, "selection": name, "why": f"OOM: {ex}"[:200]})
+                save()
+                if cuda:
+                    torch.cuda.empty_cache()
+            del q, k, v
+    save()
+    return res
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,140 @@
+"""MSA main-branch forward, query-tile-outer: each program holds a tile of consecutive queries of one KV
+group and runs a flash-attention loop over the union of the key blocks those queries selected.
+
+The KV-outer forward (``kernels/sparse_attention.py``) computes exactly the selected (query, block) pairs,
+but it gathers query rows per entry, writes a partial output per (query, slot) and merges them in a combine
+kernel. With a trained indexer neighbouring queries select mostly the same blocks (``msa/tile_union``,
+``docs/run_management.md``: 1.2-1.9 after training, against up to the tile's query count for unrelated
+selections). Then a tile can load its query rows once, stream the union's K/V blocks through an online
+softmax and write ``o`` and ``lse`` directly: no reverse index, no partials, no combine. Each row keeps
+only its own blocks (a membership test of the block against the row's ``topk`` selected blocks) and the
+keys it may see (causal, its document). The cost is the extra pairs: ``tile_union`` times the selected ones.
+
+Same contract as ``kernels.sparse_attention.sparse_attention_fwd``: ``q [B, Nq, H, D]``, ``k, v [B, N, Hkv,
+D]`` (the queries are the last ``Nq`` of the ``N`` keys), ``block_idx [B, Hkv, Nq, topk]`` int32 with block
+ids relative to the query's document (``layout.tok_start``), ``-1`` for unused slots, no duplicates ->
+``o [B, Nq, H, D]`` and ``lse [B, H, Nq]`` float32 (natural log; an empty support gives ``o = 0``,
+``lse = -inf``). Blocks are named here by their first key's absolute position, so the queries of a tile
+that spans two packed documents share one union without mixing the documents' blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.sparse_tiles import LOG2E, Tiles
+
+__all__ = ["TILE_FWD", "tile_queries", "tile_union", "sparse_attention_tile_fwd"]
+
+# rows (query, head) per tile and the kernel's warps and stages; the H200/H100 sweep of bench/tile_fwd.py
+TILE_FWD = Tiles(block_m=64, num_warps=4, num_stages=2)  # block_n: unused (a block is one tile)
+_NONE = 2**31 - 1  # sorts after every key position
+
+
+def tile_queries(tiles: Tiles, G: int) -> int:
+    """Queries per tile: ``block_m // G`` (whole queries, at least one)."""
+    return max(1, tiles.block_m // G)
+
+
+def tile_union(block_idx: torch.Tensor, tok_start: torch.Tensor, N: int, block_size: int, T: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(starts, union, count)`` for tiles of ``T`` queries: ``starts [B, Hkv, Nq, topk]`` int32, the first
+    key of each selected block that the query can see (``_NONE`` elsewhere); ``union [B, Hkv, n_tiles,
+    T * topk]`` int32, per tile the distinct starts in ascending order, padded with ``_NONE``; ``count [B,
+    Hkv, n_tiles]`` int32, how many there are."""
+    B, Hkv, NQ, topk = block_idx.shape
+    dev = block_idx.device
+    doc0 = tok_start[N - NQ:].to(torch.int64)  # the queries' documents' first keys
+    pos = torch.arange(N - NQ, N, device=dev) - doc0  # the queries' positions in their documents
+    blk = block_idx.to(torch.int64)
+    seen = (blk >= 0) & (blk * block_size <= pos[:, None])
+    starts = torch.where(seen, doc0[:, None] + blk * block_size, _NONE).to(torch.int32)
+    n_tiles = -(-NQ // T)
+    pad = starts.new_full((B, Hkv, n_tiles * T - NQ, topk), _NONE)
+    u = torch.cat([starts, pad], 2).view(B, Hkv, n_tiles, T * topk).sort(-1).values
+    repeat = torch.zeros_like(u, dtype=torch.bool)
+    repeat[..., 1:] = u[..., 1:] == u[..., :-1]
+    u = torch.where(repeat, _NONE, u).sort(-1).values
+    count = (u != _NONE).sum(-1, dtype=torch.int32)
+    return starts, u, count
+
+
+@triton.jit
+def sparse_attention_tile_fwd_kernel(
+    q, k, v, starts, union, count, o, lse, scale2, N, NQ, NT,
+    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
+    BK: tl.constexpr, D: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Program ``(tile, batch * Hkv + group)``: the tile's ``T`` queries x ``G`` heads over its union."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HKV
+    i_r = i_bh % HKV
+    o_m = tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, D)
+    o_s = tl.arange(0, TOPK_P)
+    o_k = tl.arange(0, BK)
+    i_q = i_t * T + o_m // G
+    m_row = (o_m < T * G) & (i_q < NQ)
+    i_q = tl.where(m_row, i_q, 0)
+    row = (i_b.to(tl.int64) * NQ + i_q) * H + i_r * G + o_m % G
+    b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.0)
+    # each row's own selected blocks: the membership test of a union block
+    p_s = starts + ((i_bh.to(tl.int64) * NQ + i_q) * TOPK)[:, None] + o_s[None, :]
+    b_sel = tl.load(p_s, mask=m_row[:, None] & (o_s < TOPK)[None, :], other=-1)
+    at = N - NQ + i_q  # the rows' key positions
+    n_u = tl.load(count + i_bh * NT + i_t)
+    p_u = union + (i_bh.to(tl.int64) * NT + i_t) * (T * TOPK)
+    b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_M], tl.float32)
+    b_acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for i_u in range(n_u):
+        u = tl.load(p_u + i_u)
+        kpos = u + o_k
+        m_k = kpos < N
+        p_kv = ((i_b.to(tl.int64) * N + kpos) * HKV + i_r) * D
+        b_k = tl.load(k + p_kv[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_v = tl.load(v + p_kv[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
+        member = tl.max((b_sel == u).to(tl.int32), 1) > 0
+        m_s = member[:, None] & (kpos[None, :] <= at[:, None])
+        b_s = tl.where(m_s, b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+        b_p = tl.exp2(b_s - b_ms[:, None])
+        b_alpha = tl.exp2(b_m - b_ms)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_m = b_mn
+    nonempty = b_l > 0
+    b_acc = b_acc / tl.where(nonempty, b_l, 1.0)[:, None]
+    b_lse = tl.where(nonempty, (b_m + tl.log2(tl.where(nonempty, b_l, 1.0))) * 0.6931471805599453,
+                     float("-inf"))
+    tl.store(o + row[:, None] * D + o_d[None, :], b_acc.to(o.dtype.element_ty), mask=m_row[:, None])
+    i_h = i_r * G + o_m % G
+    tl.store(lse + (i_b.to(tl.int64) * H + i_h) * NQ + i_q, b_lse, mask=m_row)
+
+
+def sparse_attention_tile_fwd(q, k, v, block_idx, block_size, tok_start, scale, tiles: Tiles = TILE_FWD,
+                              union=None):
+    """``(o, lse)`` of the tile-outer forward; ``tok_start`` is the layout's (``kernels.common.build_layout``),
+    ``scale`` the softmax scale, ``union`` what ``tile_union`` gives for these tiles (built here if None: the
+    benchmark times the kernel alone with it). The inputs are checked by the caller, as
+    ``sparse_attention_fwd``'s are."""
+    B, NQ, H, D = q.shape
+    N, Hkv, topk = k.shape[1], k.shape[2], block_idx.shape[-1]
+    G = H // Hkv
+    T = tile_queries(tiles, G)
+    if union is None:
+        union = tile_union(block_idx, tok_start, N, block_size, T)
+    starts, union, count = union
+    NT = union.shape[2]
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, NQ, dtype=torch.float32, device=q.device)
+    sparse_attention_tile_fwd_kernel[(NT, B * Hkv)](
+        q, k, v, starts, union, count, o, lse, scale * LOG2E, N, NQ, NT,
+        H=H, HKV=Hkv, G=G, TOPK=topk, TOPK_P=triton.next_power_of_2(topk), BK=block_size, D=D, T=T,
+        BLOCK_M=max(16, triton.next_power_of_2(T * G)), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return o, lse

@@ -1,0 +1,106 @@
+"""kernels.sparse_tile (the query-tile-outer forward) against msa.reference.sparse_attention: o and lse.
+
+CPU: the Triton interpreter on small fp32 shapes, with unwritten outputs NaN-poisoned; tiles of a few queries
+so that the unions, the tiles across documents and a last partial tile are all exercised. GPU (marked): bf16 at
+real sizes, against the reference and against the KV-outer forward.
+"""
+
+import pytest
+import torch
+
+from kernels.common import build_layout
+from kernels.sparse_tile import sparse_attention_tile_fwd, tile_union
+from kernels.sparse_tiles import Tiles
+from msa import reference as ref
+from tests.test_kernel_sparse_attention import CPU_CASES, make_inputs, random_block_idx
+from tests.utils import poison_empty, rel_rms
+
+
+def run_tile(q, k, v, block_idx, block_size, cu=None, block_m=16):
+    layout = build_layout(k.shape[1], block_size, cu, q.device)
+    return sparse_attention_tile_fwd(q, k, v, block_idx, block_size, layout.tok_start, q.shape[-1] ** -0.5,
+                                     Tiles(block_m=block_m, num_stages=1))
+
+
+def check(q, k, v, block_idx, block_size, cu=None, block_m=16, tol=1e-5):
+    with torch.no_grad():
+        o_ref, lse_ref = ref.sparse_attention(q.float(), k.float(), v.float(), block_idx, block_size, cu)
+        o, lse = run_tile(q, k, v, block_idx, block_size, cu, block_m)
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any(), "an unwritten output"
+    empty = torch.isinf(lse_ref)
+    assert torch.equal(empty, torch.isinf(lse)), "lse: the -inf (empty support) rows differ"
+    assert torch.equal(o.transpose(1, 2)[empty], torch.zeros_like(o.transpose(1, 2)[empty]))
+    assert rel_rms(o_ref, o.float()) < tol
+    assert rel_rms(lse_ref[~empty], lse[~empty]) < tol
+
+
+@pytest.mark.parametrize("B,N,H,Hkv,D,block_size,topk", CPU_CASES)
+def test_matches_reference(monkeypatch, B, N, H, Hkv, D, block_size, topk):
+    q, k, v = make_inputs(B, N, H, Hkv, D)
+    block_idx = random_block_idx(B, Hkv, N, topk, block_size)
+    poison_empty(monkeypatch)
+    check(q, k, v, block_idx, block_size)
+
+
+@pytest.mark.parametrize("H,block_m", [(4, 16), (6, 16), (10, 16), (4, 64)])
+def test_packed_documents_and_queries_that_are_the_last_positions(monkeypatch, H, block_m):
+    """Tiles that span documents (block ids relative to each query's document), one-token documents, Nq < N
+    (context parallelism's layout), G = 2, 3, 5 (whole queries per tile: 8, 5, 3 of 16 rows), one tile of 32
+    queries (block_m 64)."""
+    N, Nq, Hkv, D, block_size, topk = 111, 70, 2, 16, 16, 4
+    cu = torch.tensor([0, 1, 30, 31, 70, 71, 111], dtype=torch.int32)
+    q, k, v = make_inputs(1, N, H, Hkv, D, Nq=Nq)
+    block_idx = random_block_idx(1, Hkv, N, topk, block_size, cu, Nq=Nq)
+    poison_empty(monkeypatch)
+    check(q, k, v, block_idx, block_size, cu, block_m)
+
+
+def test_all_slots_empty_give_zero_and_minus_inf(monkeypatch):
+    q, k, v = make_inputs(1, 40, 2, 1, 16)
+    block_idx = torch.full((1, 1, 40, 2), -1, dtype=torch.int32)
+    block_idx[0, 0, 20:, 0] = 1  # queries 20.. see block 1 ([16, 32)); 0..19 see nothing
+    block_idx[0, 0, 5, 1] = 2  # a block past query 5's position: not visible, so still empty
+    poison_empty(monkeypatch)
+    with torch.no_grad():
+        o, lse = run_tile(q, k, v, block_idx, 16)
+    assert torch.equal(o[0, :20], torch.zeros_like(o[0, :20]))
+    assert torch.isneginf(lse[0, :, :20]).all() and torch.isfinite(lse[0, :, 20:]).all()
+
+
+def test_tile_union_counts_distinct_visible_blocks():
+    """By hand: two documents [0, 5) and [5, 12), blocks of 4 keys, tiles of 3 queries."""
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    layout = build_layout(12, 4, cu, "cpu")
+    idx = torch.full((1, 1, 12, 2), -1, dtype=torch.int32)
+    idx[0, 0, 3] = torch.tensor([0, -1])  # doc 0, key 0
+    idx[0, 0, 4] = torch.tensor([1, 0])  # doc 0, keys 4 and 0
+    idx[0, 0, 5] = torch.tensor([0, 1])  # doc 1 position 0: block 1 (key 9) not visible yet; key 5
+    idx[0, 0, 9] = torch.tensor([1, 0])  # doc 1 position 4: keys 9 and 5
+    idx[0, 0, 11] = torch.tensor([1, -1])  # key 9
+    starts, union, count = tile_union(idx, layout.tok_start, 12, 4, T=3)
+    none = 2**31 - 1
+    assert starts[0, 0, 5].tolist() == [5, none]
+    assert starts[0, 0, 4].tolist() == [4, 0]
+    assert count[0, 0].tolist() == [0, 3, 0, 2]  # queries 0-2: {}, 3-5: {0, 4, 5}, 6-8: {}, 9-11: {5, 9}
+    assert union[0, 0, 1, :3].tolist() == [0, 4, 5] and union[0, 0, 3, :2].tolist() == [5, 9]
+    assert (union[0, 0, 1, 3:] == none).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("G", [4, 16])
+def test_gpu_bf16_matches_reference_and_the_kv_outer_forward(G):
+    from kernels.sparse_attention import sparse_attention
+
+    B, N, Hkv, D, block_size, topk = 1, 4000, 2, 128, 128, 16
+    q, k, v = make_inputs(B, N, G * Hkv, Hkv, D, torch.bfloat16, "cuda")
+    block_idx = random_block_idx(B, Hkv, N, topk, block_size, device="cuda")
+    with torch.no_grad():
+        o_ref, lse_ref = ref.sparse_attention(q.float(), k.float(), v.float(), block_idx, block_size)
+        o_kv, lse_kv = sparse_attention(q, k, v, block_idx, block_size)
+        o, lse = sparse_attention_tile_fwd(q, k, v, block_idx, block_size,
+                                           build_layout(N, block_size, None, "cuda").tok_start, D ** -0.5)
+    finite = torch.isfinite(lse_ref)
+    assert torch.equal(finite, torch.isfinite(lse))
+    err, err_kv = rel_rms(o_ref, o.float()), rel_rms(o_ref, o_kv.float())
+    assert err < 5e-3 and err <= 1.5 * err_kv, (err, err_kv)
+    assert (lse - lse_ref)[finite].abs().max() < 1e-4
