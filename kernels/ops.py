@@ -1,7 +1,7 @@
 """The kernels' forward launches as ``torch.library`` custom ops (``msa::select_blocks``,
-``msa::sparse_attention_fwd``, ``msa::index_kl_fwd``), so that dispatch-level tools see each as one
-operator: the profiler lists them by name, and the checkpointing tests count them
-(``train/parallel/parallelize.py``'s ``SAVED_OPS``). What selective checkpointing keeps is marked where
+``msa::sparse_attention_fwd``, ``msa::sparse_attention_tile_fwd``, ``msa::index_kl_fwd``), so that
+dispatch-level tools see each as one operator: the profiler lists them by name, and the checkpointing tests
+count them (``train/parallel/parallelize.py``'s ``SAVED_OPS``). What selective checkpointing keeps is marked where
 they are called (``msa.keep.kept``), not by intercepting them.
 
 Each op runs a host function of its kernel module unchanged; the module's public function or its
@@ -19,7 +19,8 @@ import dataclasses
 import torch
 from torch import Tensor
 
-__all__ = ["select_blocks_op", "sparse_attention_fwd_op", "sparse_attention_fwd_args", "index_kl_fwd_op"]
+__all__ = ["select_blocks_op", "sparse_attention_fwd_op", "sparse_attention_fwd_args", "sparse_attention_tile_fwd_op",
+           "index_kl_fwd_op"]
 
 
 @torch.library.custom_op("msa::select_blocks", mutates_args=())
@@ -68,6 +69,22 @@ def sparse_attention_fwd_args(layout, csr, launch) -> tuple[list[Tensor], list[i
     index += [getattr(csr, f.name) for f in dataclasses.fields(csr) if f.name not in ("chunk_work", "q_chunk")]
     sizes = [layout.n_blocks, csr.q_chunk, *csr.chunk_work]
     return index, sizes, [*dataclasses.astuple(launch.fwd), *dataclasses.astuple(launch.combine)]
+
+
+@torch.library.custom_op("msa::sparse_attention_tile_fwd", mutates_args=())
+def sparse_attention_tile_fwd_op(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, tok_start: Tensor,
+                                 tiles: list[int], block_size: int, scale: float) -> tuple[Tensor, Tensor]:
+    """``kernels.sparse_tile.sparse_attention_tile_fwd`` -> ``(o, lse)``; ``tiles`` its ``Tiles`` as a list."""
+    from kernels.sparse_tile import sparse_attention_tile_fwd
+    from kernels.sparse_tiles import Tiles
+
+    return sparse_attention_tile_fwd(q, k, v, block_idx, block_size, tok_start, scale, Tiles(*tiles))
+
+
+@sparse_attention_tile_fwd_op.register_fake
+def _(q, k, v, block_idx, tok_start, tiles, block_size, scale):
+    B, NQ, H, _ = q.shape
+    return torch.empty_like(q), q.new_empty(B, H, NQ, dtype=torch.float32)
 
 
 @torch.library.custom_op("msa::index_kl_fwd", mutates_args=())

@@ -39,13 +39,15 @@ forward+backward; numbers, method and the variants that lost in docs/kernels.md 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels.common import build_csr, build_layout, check_block_idx, check_cu_seqlens, check_limits
 from kernels.index_kl import student_lse
-from kernels.ops import sparse_attention_fwd_args, sparse_attention_fwd_op
+from kernels.ops import sparse_attention_fwd_args, sparse_attention_fwd_op, sparse_attention_tile_fwd_op
 from kernels.sparse_attention_bwd import sparse_attention_bwd
 from kernels.sparse_tiles import (
     DATA_DEPENDENT,
@@ -58,6 +60,7 @@ from kernels.sparse_tiles import (
     _query_slots,
     _rows,
     _work_item,
+    check_fwd_path,
     dkdv_items,
     with_kl_tiles,
 )
@@ -157,6 +160,13 @@ def _check_inputs(q, k, v, block_idx, block_size):
     return B, H, Hkv, D
 
 
+def _with_fwd_path(launch: Launch, fwd_path: str | None) -> Launch:
+    if fwd_path is not None:
+        launch = dataclasses.replace(launch, fwd_path=fwd_path)
+    check_fwd_path(launch.fwd_path)
+    return launch
+
+
 def resolve_dq_path(dq_path: str, G: int) -> str:
     """``auto``: ``dkdv`` for G >= 16, ``kv`` below, as measured on the H200 (docs/kernels.md: 128K
     forward+backward 90.8 vs 93.8 ms at G = 16, 127.8 vs 108.7 ms at G = 8)."""
@@ -231,9 +241,13 @@ class SparseAttentionFunction(torch.autograd.Function):
 
         def run():
             layout = build_layout(k.shape[1], block_size, cu_seqlens, q.device)
-            csr = reverse_index(q, block_idx, block_size, layout, dq_path, launch)
-            o, lse = sparse_attention_fwd_op(q, k, v, block_idx, *sparse_attention_fwd_args(layout, csr, launch),
-                                             block_size, scale)
+            csr = reverse_index(q, block_idx, block_size, layout, dq_path, launch)  # the backward's, either way
+            if launch.fwd_path == "tile":
+                o, lse = sparse_attention_tile_fwd_op(q, k, v, block_idx, layout.tok_start,
+                                                      list(dataclasses.astuple(launch.tile_fwd)), block_size, scale)
+            else:
+                o, lse = sparse_attention_fwd_op(q, k, v, block_idx, *sparse_attention_fwd_args(layout, csr, launch),
+                                                 block_size, scale)
             return layout, csr, o, lse
 
         # selective checkpointing keeps the reverse index (a sort and a device->host read to build) and
@@ -273,20 +287,23 @@ class SparseAttentionFunction(torch.autograd.Function):
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
                      block_size: int, cu_seqlens: torch.Tensor | None = None, scale: float | None = None, *,
-                     dq_path: str = "auto", launch: Launch = LAUNCH) -> tuple[torch.Tensor, torch.Tensor]:
+                     dq_path: str = "auto", fwd_path: str | None = None, launch: Launch = LAUNCH
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention of each query over the visible tokens of its group's selected blocks.
 
     ``q [B, Nq, H, D]``, ``k, v [B, N, Hkv, D]`` (``Nq <= N``: the queries are the last ``Nq``
     positions), ``block_idx`` int32 ``[B, Hkv, Nq, topk]``, ``cu_seqlens`` int32 ``[n_docs + 1]`` over
     the keys (``B == 1``) -> ``o [B, Nq, H, D]`` (dtype of ``q``) and ``lse [B, H, Nq]`` float32
     (natural log, no gradient). ``scale`` defaults to ``1/sqrt(D)``. ``dq_path`` picks the backward's dQ
-    kernels: ``"auto"`` (``"dkdv"`` for G >= 16, else ``"kv"``), ``"kv"`` or ``"dkdv"``; ``launch`` holds
-    the kernels' launch settings (``Launch``; the default is the measured one).
+    kernels: ``"auto"`` (``"dkdv"`` for G >= 16, else ``"kv"``), ``"kv"`` or ``"dkdv"``; ``fwd_path`` the
+    forward's (``"kv"``: KV-outer, or ``"tile"``: ``kernels/sparse_tile.py``; None: ``launch.fwd_path``);
+    ``launch`` holds the kernels' launch settings (``Launch``; the default is the measured one).
     """
     B, H, Hkv, D = _check_inputs(q, k, v, block_idx, block_size)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, k.shape[1])
     dq_path = resolve_dq_path(dq_path, H // Hkv)
+    launch = _with_fwd_path(launch, fwd_path)
     scale = D ** -0.5 if scale is None else float(scale)
     check_block_idx(block_idx, -(-k.shape[1] // block_size))  # before the int32 cast can wrap
     return SparseAttentionFunction.apply(q, k, v, block_idx.to(torch.int32), block_size, cu_seqlens,
@@ -303,7 +320,7 @@ def deferred_kl_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
 def sparse_attention_kl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor,
                         k_idx: torch.Tensor, block_idx: torch.Tensor, block_size: int,
                         cu_seqlens: torch.Tensor | None = None, *, sink: list, sink_scale: float = 1.0,
-                        dq_path: str = "auto", launch: Launch = LAUNCH
+                        dq_path: str = "auto", fwd_path: str | None = None, launch: Launch = LAUNCH
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sparse_attention`` and the index KL of its support with the teacher computed where the backward
     already has the attention probabilities: no pass over ``q k^T`` of its own (``index_kl_loss`` makes
@@ -326,6 +343,7 @@ def sparse_attention_kl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, k.shape[1])
     dq_path = resolve_dq_path(dq_path, H // Hkv)
+    launch = _with_fwd_path(launch, fwd_path)
     check_block_idx(block_idx, -(-k.shape[1] // block_size))
     return SparseAttentionFunction.apply(q, k, v, block_idx.to(torch.int32), block_size, cu_seqlens, D ** -0.5,
                                          dq_path, with_kl_tiles(launch, dq_path), q_idx.contiguous(),

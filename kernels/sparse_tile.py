@@ -24,12 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.sparse_tiles import LOG2E, Tiles
+from kernels.sparse_tiles import LAUNCH, LOG2E, Tiles
 
 __all__ = ["TILE_FWD", "tile_queries", "tile_union", "sparse_attention_tile_fwd"]
 
-# rows (query, head) per tile and the kernel's warps and stages; the H200/H100 sweep of bench/tile_fwd.py
-TILE_FWD = Tiles(block_m=64, num_warps=4, num_stages=2)  # block_n: unused (a block is one tile)
+TILE_FWD = LAUNCH.tile_fwd  # rows (query, head) per tile, warps, stages: bench/tile_fwd.py --sweep tries others
 _NONE = 2**31 - 1  # sorts after every key position
 
 

@@ -72,6 +72,8 @@ class Launch:
     """Launch settings of the sparse-attention kernels; the defaults won the H200 sweeps of
     ``bench/tune_sparse_attention.py`` (docs/kernels.md has the numbers).
 
+    ``fwd_path``: which forward runs (``FWD_PATHS``), ``tile_fwd`` the tile forward's launch (its ``block_m``
+    (query, head) rows per tile, whole queries; ``block_n`` unused: a key block is one tile).
     ``chunk``: entries per KV-outer work item (a hot block gets several). ``part_bytes``: memory for one
     query chunk's forward or dQ partials (queries go in chunks that fit). ``dkdv_bytes``: memory for the
     fp32 dK/dV partials together, one tile each per work item: the backward takes the query chunks in groups
@@ -93,9 +95,19 @@ class Launch:
     chunk: int = 256
     part_bytes: int = 2**32
     dkdv_bytes: int = 2**32
+    # the forward: "kv" (KV-outer over the reverse index, partials, combine) or "tile" (kernels/sparse_tile.py:
+    # each tile of queries over the union of its blocks); the backward is KV-outer either way
+    fwd_path: str = "kv"
+    tile_fwd: Tiles = Tiles(block_m=64, num_warps=4, num_stages=2)  # the tile forward's rows, warps, stages
 
 
 LAUNCH = Launch()
+FWD_PATHS = ("kv", "tile")
+
+
+def check_fwd_path(fwd_path: str) -> None:
+    if fwd_path not in FWD_PATHS:
+        raise ValueError(f"fwd_path must be one of {FWD_PATHS}, got {fwd_path!r} (attention.fwd_path)")
 
 
 def _warps(t: Tiles) -> dict:

@@ -52,6 +52,10 @@ class AttentionConfig:
     # (docs/kernels.md); applies where G is a power of two and a rank holds whole GQA groups (not with
     # parallel.sp_size above model.n_kv_heads)
     kl_in_backward: bool = False
+    # the sparse forward on the Triton path: kv (KV-outer: reverse index, partial outputs, combine) or tile (each
+    # tile of consecutive queries over the union of the blocks they selected, kernels/sparse_tile.py; pays
+    # where neighbouring queries share blocks, msa/tile_union); the backward is the same either way
+    fwd_path: str = "kv"
 
 
 def check_attention(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_dim: int, n_layers: int) -> None:
@@ -60,6 +64,8 @@ def check_attention(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_di
         raise ValueError(f"attention.kind={cfg.kind!r}: use msa or dense")
     if cfg.impl not in ("auto", "triton", "reference"):
         raise ValueError(f"attention.impl={cfg.impl!r}: use auto, triton or reference")
+    if cfg.fwd_path not in ("kv", "tile"):
+        raise ValueError(f"attention.fwd_path={cfg.fwd_path!r}: use kv or tile")
     if cfg.topk < 1:
         raise ValueError(f"attention.topk={cfg.topk} must be >= 1 (blocks kept per query and group)")
     if cfg.block_size < 1 or cfg.block_size & (cfg.block_size - 1):
@@ -172,6 +178,8 @@ class MSACore(nn.Module):
         self.impl = cfg.impl
         self.ops = resolve_ops(cfg.impl)
         self.kl_in_backward = cfg.kl_in_backward
+        # a kernel choice: the reference (impl=reference, or auto without CUDA) has one forward
+        self._fwd = {} if cfg.fwd_path == "kv" else {"fwd_path": cfg.fwd_path}
         self._backward_kl: list[torch.Tensor] = []  # what sparse_attention_kl's backward reported
 
     def take_backward_kl(self) -> torch.Tensor | None:
@@ -204,9 +212,10 @@ class MSACore(nn.Module):
                 and q_idx.requires_grad:
             # zero here; the value reaches take_backward_kl() after backward
             o, lse, kl = ops.sparse_attention_kl(q, k, v, q_idx, k_idx, block_idx, Bk, cu_seqlens,
-                                                 sink=self._backward_kl, sink_scale=_KL_SCALE.get())
+                                                 sink=self._backward_kl, sink_scale=_KL_SCALE.get(), **self._fwd)
         else:
-            o, lse = ops.sparse_attention(q, k, v, block_idx, Bk, cu_seqlens)
+            o, lse = ops.sparse_attention(q, k, v, block_idx, Bk, cu_seqlens,
+                                          **(self._fwd if hasattr(ops, "sparse_attention_kl") else {}))
             if with_kl and _RECOMPUTED_LATER.get() and self._defers_kl(ops, q, k, teacher):
                 kl = q_idx.new_zeros((), dtype=torch.float32)
         q_t, lse_t = teacher(q.detach(), lse) if teacher is not None else (q.detach(), lse)

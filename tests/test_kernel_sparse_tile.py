@@ -104,3 +104,52 @@ def test_gpu_bf16_matches_reference_and_the_kv_outer_forward(G):
     err, err_kv = rel_rms(o_ref, o.float()), rel_rms(o_ref, o_kv.float())
     assert err < 5e-3 and err <= 1.5 * err_kv, (err, err_kv)
     assert (lse - lse_ref)[finite].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dq", ["kv", "dkdv"])
+def test_sparse_attention_with_the_tile_forward_matches_reference(monkeypatch, dq):
+    """``sparse_attention(..., fwd_path="tile")``: the tile forward's o and lse feed the KV-outer backward;
+    output and every gradient equal the reference's, packed documents and Nq < N."""
+    from kernels.sparse_attention import sparse_attention
+    from tests.test_kernel_sparse_attention import assert_close
+
+    N, Nq, H, Hkv, D, block_size, topk = 111, 70, 4, 2, 16, 16, 4
+    cu = torch.tensor([0, 1, 30, 31, 70, 71, 111], dtype=torch.int32)
+    q, k, v = make_inputs(1, N, H, Hkv, D, Nq=Nq)
+    block_idx = random_block_idx(1, Hkv, N, topk, block_size, cu, Nq=Nq)
+    do = torch.randn_like(q)
+    q32, k32, v32 = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o_ref, lse_ref = ref.sparse_attention(q32, k32, v32, block_idx, block_size, cu)
+    refs = (o_ref, lse_ref, *torch.autograd.grad(o_ref, (q32, k32, v32), do))
+    poison_empty(monkeypatch)
+    o, lse = sparse_attention(q, k, v, block_idx, block_size, cu, dq_path=dq, fwd_path="tile")
+    assert_close(refs, (o, lse, *torch.autograd.grad(o, (q, k, v), do)), 1e-5)
+    with pytest.raises(ValueError, match="fwd_path"):
+        sparse_attention(q, k, v, block_idx, block_size, cu, fwd_path="query")
+
+
+@pytest.mark.usefixtures("restore_dist_env")
+def test_model_with_the_tile_forward_under_selective_checkpointing(monkeypatch):
+    """``attention.fwd_path=tile`` in a model (Triton, interpreted): the loss and gradients of the KV-outer
+    forward; under selective checkpointing the tile forward runs once per MSA layer (kept for the recompute,
+    as ``parallel.SAVED_OPS`` says) and the KV-outer forward never."""
+    import collections
+    import importlib
+
+    from tests.test_checkpointing import _batch, _check_same, _checkpointed, _model, _step
+    from tests.utils import counting
+
+    calls = collections.Counter()
+    for module_name, name in (("kernels.sparse_tile", "sparse_attention_tile_fwd"),
+                              ("kernels.sparse_attention", "sparse_attention_fwd")):
+        module = importlib.import_module(module_name)  # kernels.sparse_attention is also a function's name
+        monkeypatch.setattr(module, name, counting(calls, name, getattr(module, name)))
+    batch = _batch()
+    ref = _step(_model("triton", n_layers=3), batch, "sparse")
+    assert calls == {"sparse_attention_fwd": 2}
+    calls.clear()
+    out = _step(_checkpointed(_model("triton", n_layers=3, fwd_path="tile"), "selective"), batch, "sparse")
+    assert calls == {"sparse_attention_tile_fwd": 2}
+    (loss, grads, _), (loss_t, grads_t, _) = ref, out
+    assert abs(loss - loss_t) < 1e-6 * abs(loss)  # another summation order than the KV-outer forward's
+    _check_same((loss, grads, None), (loss, grads_t, None), "tile forward, selective")

@@ -113,8 +113,10 @@ def recompute_pays(block, x) -> bool:
 # and the reverse index built from it, the index KL's gradients) against a whole sequence-wide pass each
 # (top-k over every earlier key, sparse attention, the KL's two passes, dense SDPA). Everything else (norms,
 # projections, RoPE, MLP) is recomputed. The kernels' forward ops (``msa::select_blocks``,
-# ``msa::sparse_attention_fwd``, ``msa::index_kl_fwd``) and these aten ops run once per step.
-SAVED_OPS = frozenset({"msa::select_blocks", "msa::sparse_attention_fwd", "msa::index_kl_fwd", *ATEN_SAVED_OPS})
+# ``msa::sparse_attention_fwd`` or ``msa::sparse_attention_tile_fwd``, ``msa::index_kl_fwd``) and these aten
+# ops run once per step.
+SAVED_OPS = frozenset({"msa::select_blocks", "msa::sparse_attention_fwd", "msa::sparse_attention_tile_fwd",
+                       "msa::index_kl_fwd", *ATEN_SAVED_OPS})
 
 
 def selective_checkpointed(block, x, *args):
