@@ -72,17 +72,18 @@ def sparse_attention_fwd_args(layout, csr, launch) -> tuple[list[Tensor], list[i
 
 
 @torch.library.custom_op("msa::sparse_attention_tile_fwd", mutates_args=())
-def sparse_attention_tile_fwd_op(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, tok_start: Tensor,
+def sparse_attention_tile_fwd_op(q: Tensor, k: Tensor, v: Tensor, starts: Tensor, union: Tensor, count: Tensor,
                                  tiles: list[int], block_size: int, scale: float) -> tuple[Tensor, Tensor]:
-    """``kernels.sparse_tile.sparse_attention_tile_fwd`` -> ``(o, lse)``; ``tiles`` its ``Tiles`` as a list."""
+    """``kernels.sparse_tile.sparse_attention_tile_fwd`` -> ``(o, lse)``, given the tiles' union
+    (``kernels.sparse_tile.tile_union``); ``tiles`` its ``Tiles`` as a list."""
     from kernels.sparse_tile import sparse_attention_tile_fwd
     from kernels.sparse_tiles import Tiles
 
-    return sparse_attention_tile_fwd(q, k, v, block_idx, block_size, tok_start, scale, Tiles(*tiles))
+    return sparse_attention_tile_fwd(q, k, v, starts, block_size, None, scale, Tiles(*tiles), (starts, union, count))
 
 
 @sparse_attention_tile_fwd_op.register_fake
-def _(q, k, v, block_idx, tok_start, tiles, block_size, scale):
+def _(q, k, v, starts, union, count, tiles, block_size, scale):
     B, NQ, H, _ = q.shape
     return torch.empty_like(q), q.new_empty(B, H, NQ, dtype=torch.float32)
 

@@ -49,6 +49,7 @@ from kernels.common import build_csr, build_layout, check_block_idx, check_cu_se
 from kernels.index_kl import student_lse
 from kernels.ops import sparse_attention_fwd_args, sparse_attention_fwd_op, sparse_attention_tile_fwd_op
 from kernels.sparse_attention_bwd import sparse_attention_bwd
+from kernels.sparse_tile import tile_pays, tile_queries, tile_union
 from kernels.sparse_tiles import (
     DATA_DEPENDENT,
     LAUNCH,
@@ -242,9 +243,14 @@ class SparseAttentionFunction(torch.autograd.Function):
         def run():
             layout = build_layout(k.shape[1], block_size, cu_seqlens, q.device)
             csr = reverse_index(q, block_idx, block_size, layout, dq_path, launch)  # the backward's, either way
-            if launch.fwd_path == "tile":
-                o, lse = sparse_attention_tile_fwd_op(q, k, v, block_idx, layout.tok_start,
-                                                      list(dataclasses.astuple(launch.tile_fwd)), block_size, scale)
+            union, tile = None, launch.fwd_path == "tile"
+            if launch.fwd_path != "kv":
+                T = tile_queries(launch.tile_fwd, q.shape[2] // k.shape[2])
+                union = tile_union(block_idx, layout.tok_start, k.shape[1], block_size, T)
+                tile = tile or tile_pays(q.shape[2] // k.shape[2], union[0], union[2], T)
+            if tile:
+                o, lse = sparse_attention_tile_fwd_op(q, k, v, *union, list(dataclasses.astuple(launch.tile_fwd)),
+                                                      block_size, scale)
             else:
                 o, lse = sparse_attention_fwd_op(q, k, v, block_idx, *sparse_attention_fwd_args(layout, csr, launch),
                                                  block_size, scale)
@@ -296,7 +302,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     the keys (``B == 1``) -> ``o [B, Nq, H, D]`` (dtype of ``q``) and ``lse [B, H, Nq]`` float32
     (natural log, no gradient). ``scale`` defaults to ``1/sqrt(D)``. ``dq_path`` picks the backward's dQ
     kernels: ``"auto"`` (``"dkdv"`` for G >= 16, else ``"kv"``), ``"kv"`` or ``"dkdv"``; ``fwd_path`` the
-    forward's (``"kv"``: KV-outer, or ``"tile"``: ``kernels/sparse_tile.py``; None: ``launch.fwd_path``);
+    forward's (``"kv"``: KV-outer; ``"tile"``: ``kernels/sparse_tile.py``; ``"auto"``: the tile forward where the
+    selection's tile union is under ``kernels.sparse_tile.TILE_PAYS_BELOW``; None: ``launch.fwd_path``);
     ``launch`` holds the kernels' launch settings (``Launch``; the default is the measured one).
     """
     B, H, Hkv, D = _check_inputs(q, k, v, block_idx, block_size)

@@ -20,13 +20,15 @@ that spans two packed documents share one union without mixing the documents' bl
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels.sparse_tiles import LAUNCH, LOG2E, Tiles
 
-__all__ = ["TILE_FWD", "tile_queries", "tile_union", "sparse_attention_tile_fwd"]
+__all__ = ["TILE_FWD", "TILE_PAYS_BELOW", "tile_queries", "tile_union", "tile_pays", "sparse_attention_tile_fwd"]
 
 TILE_FWD = LAUNCH.tile_fwd  # rows (query, head) per tile, warps, stages: bench/tile_fwd.py --sweep tries others
 _NONE = 2**31 - 1  # sorts after every key position
@@ -35,6 +37,22 @@ _NONE = 2**31 - 1  # sorts after every key position
 def tile_queries(tiles: Tiles, G: int) -> int:
     """Queries per tile: ``block_m // G`` (whole queries, at least one)."""
     return max(1, tiles.block_m // G)
+
+
+# The tile union below which the tile forward beats the KV-outer one, by G: the break-even points of
+# bench/tile_fwd.py on an H100 (docs/kernels.md), the lower of 32K's and 128K's (2.8 and 2.3 at G = 4, 2.0 and
+# 1.7 at G = 16), a little under them; between, linear in log2 G
+TILE_PAYS_BELOW = {4: 2.2, 16: 1.65}
+
+
+def tile_pays(G: int, starts: torch.Tensor, count: torch.Tensor, T: int) -> bool:
+    """Whether ``fwd_path="auto"`` takes the tile forward: the selection's tile union (queries x union blocks per
+    visible pair selected; the last tile counted whole) under ``TILE_PAYS_BELOW`` at this G. One device->host
+    read."""
+    work, selected = torch.stack([count.sum(dtype=torch.int64) * T, (starts != _NONE).sum()]).tolist()
+    lo, hi = TILE_PAYS_BELOW[4], TILE_PAYS_BELOW[16]
+    below = lo + (hi - lo) * min(max((math.log2(G) - 2) / 2, 0.0), 1.0)
+    return selected > 0 and work < below * selected
 
 
 def tile_union(block_idx: torch.Tensor, tok_start: torch.Tensor, N: int, block_size: int, T: int

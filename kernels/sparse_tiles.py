@@ -95,14 +95,16 @@ class Launch:
     chunk: int = 256
     part_bytes: int = 2**32
     dkdv_bytes: int = 2**32
-    # the forward: "kv" (KV-outer over the reverse index, partials, combine) or "tile" (kernels/sparse_tile.py:
-    # each tile of queries over the union of its blocks); the backward is KV-outer either way
+    # the forward: "kv" (KV-outer over the reverse index, partials, combine), "tile" (kernels/sparse_tile.py:
+    # each tile of queries over the union of its blocks) or "auto" (tile where the selection is local enough to
+    # pay, kernels.sparse_tile.tile_pays); the backward is KV-outer in every case
     fwd_path: str = "kv"
-    tile_fwd: Tiles = Tiles(block_m=64, num_warps=4, num_stages=2)  # the tile forward's rows, warps, stages
+    # the tile forward's rows, warps, stages: the best of bench/tile_fwd.py's sweep on an H100 (docs/kernels.md)
+    tile_fwd: Tiles = Tiles(block_m=64, num_warps=4, num_stages=1)
 
 
 LAUNCH = Launch()
-FWD_PATHS = ("kv", "tile")
+FWD_PATHS = ("kv", "tile", "auto")
 
 
 def check_fwd_path(fwd_path: str) -> None:

@@ -52,9 +52,10 @@ class AttentionConfig:
     # (docs/kernels.md); applies where G is a power of two and a rank holds whole GQA groups (not with
     # parallel.sp_size above model.n_kv_heads)
     kl_in_backward: bool = False
-    # the sparse forward on the Triton path: kv (KV-outer: reverse index, partial outputs, combine) or tile (each
+    # the sparse forward on the Triton path: kv (KV-outer: reverse index, partial outputs, combine), tile (each
     # tile of consecutive queries over the union of the blocks they selected, kernels/sparse_tile.py; pays
-    # where neighbouring queries share blocks, msa/tile_union); the backward is the same either way
+    # where neighbouring queries share blocks, msa/tile_union) or auto (tile where the layer's selection is
+    # local enough, kernels.sparse_tile.tile_pays; one device->host read per layer); the backward is the same
     fwd_path: str = "kv"
 
 
@@ -64,8 +65,8 @@ def check_attention(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_di
         raise ValueError(f"attention.kind={cfg.kind!r}: use msa or dense")
     if cfg.impl not in ("auto", "triton", "reference"):
         raise ValueError(f"attention.impl={cfg.impl!r}: use auto, triton or reference")
-    if cfg.fwd_path not in ("kv", "tile"):
-        raise ValueError(f"attention.fwd_path={cfg.fwd_path!r}: use kv or tile")
+    if cfg.fwd_path not in ("kv", "tile", "auto"):
+        raise ValueError(f"attention.fwd_path={cfg.fwd_path!r}: use kv, tile or auto")
     if cfg.topk < 1:
         raise ValueError(f"attention.topk={cfg.topk} must be >= 1 (blocks kept per query and group)")
     if cfg.block_size < 1 or cfg.block_size & (cfg.block_size - 1):

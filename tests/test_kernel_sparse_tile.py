@@ -5,6 +5,8 @@ so that the unions, the tiles across documents and a last partial tile are all e
 real sizes, against the reference and against the KV-outer forward.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -153,3 +155,48 @@ def test_model_with_the_tile_forward_under_selective_checkpointing(monkeypatch):
     (loss, grads, _), (loss_t, grads_t, _) = ref, out
     assert abs(loss - loss_t) < 1e-6 * abs(loss)  # another summation order than the KV-outer forward's
     _check_same((loss, grads, None), (loss, grads_t, None), "tile forward, selective")
+
+
+def test_auto_takes_the_tile_forward_where_the_selection_is_local(monkeypatch):
+    """``fwd_path="auto"``: a local selection (each query its own block and the ones before it; tile union
+    1.0 in tiles of 4 queries) runs the tile forward, an unrelated one per query (tile union 2.4) the KV-outer
+    forward; both give the reference's output."""
+    import collections
+    import importlib
+
+    from bench.selection import pattern_blocks
+    from kernels.sparse_attention import LAUNCH, sparse_attention
+    from kernels.sparse_tile import tile_pays
+    from tests.utils import counting
+
+    calls = collections.Counter()
+    for module_name, name in (("kernels.sparse_tile", "sparse_attention_tile_fwd"),
+                              ("kernels.sparse_attention", "sparse_attention_fwd")):
+        module = importlib.import_module(module_name)
+        monkeypatch.setattr(module, name, counting(calls, name, getattr(module, name)))
+    N, H, Hkv, D, block_size, topk = 512, 8, 2, 16, 16, 4  # G = 4: tiles of 16 // 4 = 4 queries
+    launch = replace(LAUNCH, tile_fwd=Tiles(block_m=16, num_stages=1))
+    q, k, v = make_inputs(1, N, H, Hkv, D)
+    for pattern, want in (("local", "sparse_attention_tile_fwd"), ("random", "sparse_attention_fwd")):
+        g = torch.Generator().manual_seed(0)
+        if pattern == "local":
+            block_idx = pattern_blocks("local", N, Hkv, block_size, topk)
+        else:
+            score = torch.rand(1, Hkv, N, -(-N // block_size), generator=g)
+            visible = torch.arange(score.shape[-1]) * block_size <= torch.arange(N)[:, None]
+            block_idx = score.masked_fill(~visible, -1).topk(topk, -1).indices
+            block_idx = torch.where(score.gather(-1, block_idx) >= 0, block_idx, -1).int()
+        calls.clear()
+        with torch.no_grad():
+            o, _ = sparse_attention(q, k, v, block_idx, block_size, fwd_path="auto", launch=launch)
+            o_ref, _ = ref.sparse_attention(q, k, v, block_idx, block_size)
+        assert calls == {want: 1}, (pattern, calls)
+        assert rel_rms(o_ref, o) < 1e-5
+    # the rule by hand: 40 queries with 2 visible blocks each and 10 with a third (90 pairs), in 10 tiles of 4
+    starts = torch.zeros(1, 1, 40, 4, dtype=torch.int32)
+    starts[..., 2:] = 2**31 - 1  # unused slots
+    starts[0, 0, :10, 2] = 0
+    count = torch.full((1, 1, 10), 6, dtype=torch.int32)  # unions of 6 blocks: 240 / 90 = 2.67
+    assert not tile_pays(4, starts, count, 4)
+    count[:] = 4  # 160 / 90 = 1.78: under 2.2 at G = 4, over 1.65 at G = 16
+    assert tile_pays(4, starts, count, 4) and not tile_pays(16, starts, count, 4)
