@@ -12,6 +12,12 @@ the tile kernel computes per pair selected. Selections:
 Every case's ``tile_union`` is measured on its selection, and the tile kernel's output is compared with the
 KV-outer one's (``rel_rms_vs_kv``).
 
+With ``--backward`` (default) also forward+backward: KV-outer as configured, the tile forward with the default dQ,
+the tile forward with the tile dQ (``dq_path="tile"``), and dense SDPA.
+
+With ``--backward`` (the default) also forward+backward: KV-outer as configured, the tile forward with the
+default dQ path, the tile forward with the tile dQ (``dq_path="tile"``), and dense SDPA.
+
 Timed (``bench/timing.py``: warm-up, then do_bench's median): ``kv`` = the whole KV-outer forward (reverse
 index, kernel, combine) and ``kv_kernels`` = its kernel and combine given the index; ``tile`` = the union
 build and the kernel, ``tile_kernel`` = the kernel alone; ``dense_sdpa`` (causal, GQA); ``flex`` =
@@ -30,6 +36,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -177,6 +184,8 @@ def bench_case(res, N, H, Hkv, sel_name, sel, a, tiles, q, k, v, device):
                 row["flex_status"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:160]}"
         else:
             row["flex_status"] = f"skipped (N > --flex-max-n={a.flex_max_n})"
+    if a.backward:
+        bench_backward(row, q, k, v, sel, bk, device, tiles)
     row["tile_speedup_vs_kv"] = row["kv_ms"] / row["tile_ms"]
     row["tile_kernel_speedup_vs_kv_kernels"] = row["kv_kernels_ms"] / row["tile_kernel_ms"]
     row["tile_speedup_vs_dense"] = row["dense_sdpa_ms"] / row["tile_ms"]
@@ -187,6 +196,43 @@ def bench_case(res, N, H, Hkv, sel_name, sel, a, tiles, q, k, v, device):
     return row
 
 
+def bench_backward(row, q, k, v, sel, bk, device, tiles):
+    """Forward+backward of ``sparse_attention`` three ways (``kv``: KV-outer forward and the default dQ path;
+    ``tile_fwd``: the tile forward, the default dQ; ``tile``: the tile forward and the tile dQ, the same
+    tiles) and dense SDPA's, with the dQ of the tile path compared with the default one's."""
+    from kernels.sparse_attention import LAUNCH, sparse_attention
+
+    launch = replace(LAUNCH, tile_fwd=tiles)
+    do = torch.randn_like(q)
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+
+    def step(fn):
+        def run():
+            o = fn()
+            o.backward(do)
+            q.grad = k.grad = v.grad = None
+        return run
+
+    ways = {"kv": dict(fwd_path="kv", dq_path="auto"), "tile_fwd": dict(fwd_path="tile", dq_path="auto"),
+            "tile": dict(fwd_path="tile", dq_path="tile")}
+    grads = {}
+    for name, kw in ways.items():
+        fn = partial(lambda kw: sparse_attention(q, k, v, sel, bk, launch=launch, **kw)[0], kw)
+        o = fn()
+        grads[name] = torch.autograd.grad(o, (q, k, v), do)
+        row[f"fb_{name}_ms"], row[f"fb_{name}_timing"] = measure(step(fn), device=device)
+    if "fb_dense_sdpa_ms" not in row:
+        row["fb_dense_sdpa_ms"], _ = measure(step(partial(_dense, q, k, v)), device=device)
+    row["fb_tile_dq_rel_rms_vs_kv"] = rel_rms(grads["tile"][0], grads["kv"][0])
+    row["fb_tile_dk_rel_rms_vs_kv"] = rel_rms(grads["tile"][1], grads["kv"][1])  # same kernel, lse rounded apart
+    row["fb_tile_speedup_vs_kv"] = row["fb_kv_ms"] / row["fb_tile_ms"]
+    print(f"  fwd+bwd: kv {row['fb_kv_ms']:.2f} tile_fwd {row['fb_tile_fwd_ms']:.2f} tile {row['fb_tile_ms']:.2f} "
+          f"dense {row['fb_dense_sdpa_ms']:.2f} ms; dq rel_rms {row['fb_tile_dq_rel_rms_vs_kv']:.1e}", flush=True)
+    q.requires_grad_(False)
+    k.requires_grad_(False)
+    v.requires_grad_(False)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -195,6 +241,8 @@ def main(argv=None):
     ap.add_argument("--ratios", type=float, nargs="+", default=[1.4, 2.7], help="pool selections' tile unions")
     ap.add_argument("--random", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--sweep", action="store_true", help="try the tile kernel's launch settings first")
+    ap.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True,
+                    help="forward+backward too: the KV-outer paths, the tile forward, the tile forward and dQ")
     ap.add_argument("--flex-max-n", type=int, default=32768)
     ap.add_argument("--time-budget", type=float, default=400.0)
     ap.add_argument("--json", required=True)

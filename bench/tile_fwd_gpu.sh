@@ -7,6 +7,7 @@
 # Run from the repository root (device machine):
 #   MSA_GIT_COMMIT=<sha> OUT=$OUT bash bench/tile_fwd_gpu.sh
 # CPU_CHECK=1: a rehearsal without a GPU (toy shapes in the interpreter, about 2 minutes).
+# SKIP_STEPS=1 leaves the training steps out, SWEEP=0 the launch sweep.
 # Results in $OUT: tile_fwd.json, train_step_small_fwd_{kv,tile}.json, tile_fwd.log.
 set -uo pipefail
 OUT=${OUT:-runs/tile_fwd}
@@ -22,12 +23,14 @@ if [ "${CPU_CHECK:-0}" = 1 ]; then
 else
   setup
   TAIL=4 stage tile_tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_sparse_tile.py
-  ARGS=(--lengths ${LENGTHS:-32768 131072} --sweep)
+  ARGS=(--lengths ${LENGTHS:-32768 131072})
+  [ "${SWEEP:-1}" = 1 ] && ARGS+=(--sweep)
   STEP=(--model small --lengths ${STEP_LENGTHS:-32768 131072} --no-profile)
 fi
 STEPS_S=${STEPS_S:-170}  # what the two step runs are left
 TAIL=40 stage tile_fwd $(( $(left) - STEPS_S )) python3 -m bench.tile_fwd "${ARGS[@]}" \
   --time-budget $(( $(left) - STEPS_S - 40 )) --json "$OUT/tile_fwd.json"
+if [ "${SKIP_STEPS:-0}" = 1 ]; then ls -l "$OUT"; exit 0; fi
 TAIL=8 stage step_kv $(( $(left) * 6 / 10 )) python3 -m bench.train_step "${STEP[@]}" --attention msa dense \
   --time-budget $(( $(left) * 6 / 10 - 10 )) --json "$OUT/train_step_small_fwd_kv.json" -- "${AC[@]}"
 TAIL=8 stage step_tile $(( $(left) - 5 )) python3 -m bench.train_step "${STEP[@]}" --attention msa \

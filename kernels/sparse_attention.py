@@ -173,8 +173,8 @@ def resolve_dq_path(dq_path: str, G: int) -> str:
     forward+backward 90.8 vs 93.8 ms at G = 16, 127.8 vs 108.7 ms at G = 8)."""
     if dq_path == "auto":
         return "dkdv" if G >= 16 else "kv"
-    if dq_path not in ("kv", "dkdv"):
-        raise ValueError(f"dq_path must be 'auto', 'kv' or 'dkdv', got {dq_path!r}")
+    if dq_path not in ("kv", "dkdv", "tile"):
+        raise ValueError(f"dq_path must be 'auto', 'kv', 'dkdv' or 'tile', got {dq_path!r}")
     return dq_path
 
 

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels.index_kl import backward_kl_args, kl_tile
+from kernels.sparse_tile import sparse_attention_tile_dq, tile_queries, tile_union
 from kernels.sparse_tiles import (
     DATA_DEPENDENT,
     LAUNCH,
@@ -274,6 +275,10 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
         dk.copy_(dk_sum)
         dv.copy_(dv_sum)
         del dk_sum, dv_sum
+    if dq_path == "tile":  # each tile of queries over the union of its blocks (kernels/sparse_tile.py)
+        T = tile_queries(launch.tile_fwd, G)
+        union = tile_union(block_idx, layout.tok_start, N, block_size, T)
+        dq = sparse_attention_tile_dq(q, k, v, do, lse, delta, block_size, scale, union, launch.tile_fwd)
     if dq_path == "kv":
         # KV-outer dQ chunk by chunk, as the forward
         for c, q0, nc, part_dq in _dq_chunks(q, csr, topk, 1):

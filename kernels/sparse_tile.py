@@ -28,7 +28,8 @@ import triton.language as tl
 
 from kernels.sparse_tiles import LAUNCH, LOG2E, Tiles
 
-__all__ = ["TILE_FWD", "TILE_PAYS_BELOW", "tile_queries", "tile_union", "tile_pays", "sparse_attention_tile_fwd"]
+__all__ = ["TILE_FWD", "TILE_PAYS_BELOW", "tile_queries", "tile_union", "tile_pays", "sparse_attention_tile_fwd",
+           "sparse_attention_tile_dq"]
 
 TILE_FWD = LAUNCH.tile_fwd  # rows (query, head) per tile, warps, stages: bench/tile_fwd.py --sweep tries others
 _NONE = 2**31 - 1  # sorts after every key position
@@ -132,6 +133,74 @@ def sparse_attention_tile_fwd_kernel(
     tl.store(o + row[:, None] * D + o_d[None, :], b_acc.to(o.dtype.element_ty), mask=m_row[:, None])
     i_h = i_r * G + o_m % G
     tl.store(lse + (i_b.to(tl.int64) * H + i_h) * NQ + i_q, b_lse, mask=m_row)
+
+
+@triton.jit
+def sparse_attention_tile_dq_kernel(
+    q, k, v, do, lse, delta, starts, union, count, dq, scale2, scale, N, NQ, NT,
+    H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
+    BK: tl.constexpr, D: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dQ of the tile ``(program 0, batch * Hkv + group)`` over its union, as the forward walks it: ``P`` from the
+    final lse, ``dS = P (dO V^T - delta)``, ``dQ = scale * dS K`` summed in the union's order; no partials."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HKV
+    i_r = i_bh % HKV
+    o_m = tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, D)
+    o_s = tl.arange(0, TOPK_P)
+    o_k = tl.arange(0, BK)
+    i_q = i_t * T + o_m // G
+    m_row = (o_m < T * G) & (i_q < NQ)
+    i_q = tl.where(m_row, i_q, 0)
+    i_h = i_r * G + o_m % G
+    row = (i_b.to(tl.int64) * NQ + i_q) * H + i_h
+    b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.0)
+    b_do = tl.load(do + row[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.0)
+    o_row = (i_b.to(tl.int64) * H + i_h) * NQ + i_q
+    # an empty row's lse is -inf: its P is 0 wherever its mask holds nothing, and it has no member block
+    b_lse = tl.load(lse + o_row, mask=m_row, other=0.0) * 1.4426950408889634
+    b_lse = tl.where(b_lse == float("-inf"), 0.0, b_lse)
+    b_delta = tl.load(delta + o_row, mask=m_row, other=0.0)
+    p_s = starts + ((i_bh.to(tl.int64) * NQ + i_q) * TOPK)[:, None] + o_s[None, :]
+    b_sel = tl.load(p_s, mask=m_row[:, None] & (o_s < TOPK)[None, :], other=-1)
+    at = N - NQ + i_q
+    n_u = tl.load(count + i_bh * NT + i_t)
+    p_u = union + (i_bh.to(tl.int64) * NT + i_t) * (T * TOPK)
+    b_dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for i_u in range(n_u):
+        u = tl.load(p_u + i_u)
+        kpos = u + o_k
+        m_k = kpos < N
+        p_kv = ((i_b.to(tl.int64) * N + kpos) * HKV + i_r) * D
+        b_k = tl.load(k + p_kv[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_v = tl.load(v + p_kv[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
+        member = tl.max((b_sel == u).to(tl.int32), 1) > 0
+        m_s = member[:, None] & (kpos[None, :] <= at[:, None])
+        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v))
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+    tl.store(dq + row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_row[:, None])
+
+
+def sparse_attention_tile_dq(q, k, v, do, lse, delta, block_size, scale, union, tiles: Tiles = TILE_FWD):
+    """dQ over the tiles' ``union`` (``tile_union`` for ``tile_queries(tiles, G)``), ``delta = rowsum(dO O)``
+    ``[B, H, Nq]`` fp32 as the KV-outer backward computes it."""
+    B, NQ, H, D = q.shape
+    N, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    T = tile_queries(tiles, G)
+    starts, un, count = union
+    topk = starts.shape[-1]
+    dq = torch.empty_like(q)
+    sparse_attention_tile_dq_kernel[(un.shape[2], B * Hkv)](
+        q, k, v, do, lse, delta, starts, un, count, dq, scale * LOG2E, scale, N, NQ, un.shape[2],
+        H=H, HKV=Hkv, G=G, TOPK=topk, TOPK_P=triton.next_power_of_2(topk), BK=block_size, D=D, T=T,
+        BLOCK_M=max(16, triton.next_power_of_2(T * G)), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return dq
 
 
 def sparse_attention_tile_fwd(q, k, v, block_idx, block_size, tok_start, scale, tiles: Tiles = TILE_FWD,

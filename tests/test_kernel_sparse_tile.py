@@ -67,6 +67,13 @@ def test_all_slots_empty_give_zero_and_minus_inf(monkeypatch):
         o, lse = run_tile(q, k, v, block_idx, 16)
     assert torch.equal(o[0, :20], torch.zeros_like(o[0, :20]))
     assert torch.isneginf(lse[0, :, :20]).all() and torch.isfinite(lse[0, :, 20:]).all()
+    from kernels.sparse_attention import LAUNCH, sparse_attention
+
+    q.requires_grad_(True)
+    o, _ = sparse_attention(q, k, v, block_idx, 16, fwd_path="tile", dq_path="tile",
+                            launch=replace(LAUNCH, tile_fwd=Tiles(block_m=16, num_stages=1)))
+    (dq,) = torch.autograd.grad(o, q, torch.randn_like(o))
+    assert torch.equal(dq[0, :20], torch.zeros_like(dq[0, :20])) and torch.isfinite(dq).all()
 
 
 def test_tile_union_counts_distinct_visible_blocks():
@@ -106,13 +113,25 @@ def test_gpu_bf16_matches_reference_and_the_kv_outer_forward(G):
     err, err_kv = rel_rms(o_ref, o.float()), rel_rms(o_ref, o_kv.float())
     assert err < 5e-3 and err <= 1.5 * err_kv, (err, err_kv)
     assert (lse - lse_ref)[finite].abs().max() < 1e-4
+    # the tile dQ, against the reference's dQ and the KV-outer one's error
+    do = torch.randn_like(q)
+    q32 = q.detach().float().requires_grad_()
+    o32, _ = ref.sparse_attention(q32, k.float(), v.float(), block_idx, block_size)
+    (dq_ref,) = torch.autograd.grad(o32, q32, do.float())
+    errs = {}
+    for path in ("auto", "tile"):
+        qq = q.detach().clone().requires_grad_()
+        o_p, _ = sparse_attention(qq, k, v, block_idx, block_size, dq_path=path, fwd_path="tile")
+        (dq_p,) = torch.autograd.grad(o_p, qq, do)
+        errs[path] = rel_rms(dq_ref, dq_p.float())
+    assert errs["tile"] < 5e-3 and errs["tile"] <= 1.5 * errs["auto"], errs
 
 
-@pytest.mark.parametrize("dq", ["kv", "dkdv"])
-def test_sparse_attention_with_the_tile_forward_matches_reference(monkeypatch, dq):
-    """``sparse_attention(..., fwd_path="tile")``: the tile forward's o and lse feed the KV-outer backward;
-    output and every gradient equal the reference's, packed documents and Nq < N."""
-    from kernels.sparse_attention import sparse_attention
+@pytest.mark.parametrize("fwd,dq", [("tile", "kv"), ("tile", "dkdv"), ("tile", "tile"), ("kv", "tile")])
+def test_sparse_attention_with_the_tile_kernels_matches_reference(monkeypatch, fwd, dq):
+    """``sparse_attention(..., fwd_path=, dq_path=)`` with the tile forward, the tile dQ or both: output and every
+    gradient equal the reference's, packed documents and Nq < N."""
+    from kernels.sparse_attention import LAUNCH, sparse_attention
     from tests.test_kernel_sparse_attention import assert_close
 
     N, Nq, H, Hkv, D, block_size, topk = 111, 70, 4, 2, 16, 16, 4
@@ -124,7 +143,8 @@ def test_sparse_attention_with_the_tile_forward_matches_reference(monkeypatch, d
     o_ref, lse_ref = ref.sparse_attention(q32, k32, v32, block_idx, block_size, cu)
     refs = (o_ref, lse_ref, *torch.autograd.grad(o_ref, (q32, k32, v32), do))
     poison_empty(monkeypatch)
-    o, lse = sparse_attention(q, k, v, block_idx, block_size, cu, dq_path=dq, fwd_path="tile")
+    o, lse = sparse_attention(q, k, v, block_idx, block_size, cu, dq_path=dq, fwd_path=fwd,
+                              launch=replace(LAUNCH, tile_fwd=Tiles(block_m=16, num_stages=1)))
     assert_close(refs, (o, lse, *torch.autograd.grad(o, (q, k, v), do)), 1e-5)
     with pytest.raises(ValueError, match="fwd_path"):
         sparse_attention(q, k, v, block_idx, block_size, cu, fwd_path="query")
