@@ -1,7 +1,10 @@
 """Two training runs that differ only in ``attention.fwd_path``, compared from their ``metrics.jsonl``: the
 sparse phase's step time (steps that computed selection stats left out: those do extra work), the LM loss
-step by step (the forwards differ only in summation order, so the losses should agree to rounding), and the
-selection's tile union, which decides what ``auto`` runs.
+step by step, and the selection's tile union, which decides what ``auto`` runs. The forwards differ only in
+summation order, but two runs of the same code on a GPU already differ (nondeterministic kernels such as
+FlashAttention's backward): the warm-up steps, the same code in both runs, give that floor, and a sparse-phase
+difference is read against it. It does not tell a small error in the forward from that noise: the kernel
+tests do.
 
     python3 -m bench.fwd_path_compare kv=runs/a/metrics.jsonl auto=runs/b/metrics.jsonl --json out.json
 """
@@ -31,16 +34,21 @@ def summarize(rows: list[dict], skip: int = 5) -> dict:
 
 
 def compare(a: list[dict], b: list[dict], skip: int = 5) -> dict:
-    """``b`` against ``a``: the speed-up of ``b``'s median sparse step, and the largest relative difference
-    of the LM loss over the steps both logged."""
+    """``b`` against ``a``: the speed-up of ``b``'s median sparse step, and the largest relative difference of
+    the LM loss over the steps both logged, in the dense warm-up (the same code in both runs: what run-to-run
+    nondeterminism alone gives, the floor) and in the sparse phase (where the forwards differ)."""
     sa, sb = summarize(a, skip), summarize(b, skip)
-    la = {r["step"]: r["loss/lm"] for r in a if "loss/lm" in r}
-    lb = {r["step"]: r["loss/lm"] for r in b if "loss/lm" in r}
+    la = {r["step"]: r for r in a if "loss/lm" in r}
+    lb = {r["step"]: r for r in b if "loss/lm" in r}
     both = sorted(la.keys() & lb.keys())
-    diff = max((abs(la[s] - lb[s]) / abs(la[s]) for s in both), default=None)
+
+    def worst(sparse: bool):
+        steps = [s for s in both if bool(la[s].get("train/phase_sparse")) == sparse]
+        return max((abs(la[s]["loss/lm"] - lb[s]["loss/lm"]) / abs(la[s]["loss/lm"]) for s in steps), default=None)
+
     speedup = sa["step_s_median"] / sb["step_s_median"] if sa["step_s_median"] and sb["step_s_median"] else None
     return {"a": sa, "b": sb, "speedup_b_over_a": speedup, "loss_steps_compared": len(both),
-            "loss_max_rel_diff": diff}
+            "loss_max_rel_diff_warmup": worst(False), "loss_max_rel_diff_sparse": worst(True)}
 
 
 def main(argv=None) -> int:
@@ -57,7 +65,8 @@ def main(argv=None) -> int:
     s = out["speedup_b_over_a"]
     print(f"{na}: {out['a']['step_s_median']} s, {nb}: {out['b']['step_s_median']} s a sparse step "
           f"({'-' if s is None else f'{s:.3f}x'}); tile union {out['a']['tile_union_last']} / "
-          f"{out['b']['tile_union_last']}; LM loss max rel diff {out['loss_max_rel_diff']}")
+          f"{out['b']['tile_union_last']}; LM loss max rel diff {out['loss_max_rel_diff_sparse']} sparse, "
+          f"{out['loss_max_rel_diff_warmup']} in the warm-up (the same code: the runs' own nondeterminism)")
     return 0
 
 

@@ -4,9 +4,11 @@
 # selection is local enough, kernels/sparse_tile.py), compared by bench/fwd_path_compare.py: the sparse phase's
 # median step time, the LM loss step by step, the tile union. Run from the repository root (device machine):
 #   MSA_GIT_COMMIT=<sha> OUT=$OUT bash bench/fwd_path_gpu.sh
-# Knobs: LEN (65536), STEPS (150), WARMUP (30), STATS_EVERY (25), PATHS ("kv auto"), EXTRA (more Hydra
+# Knobs: LEN (65536), STEPS (150), WARMUP (30), STATS_EVERY (25), PATHS ("kv auto"; "kv kv" measures how far two
+# runs of the same code drift apart, the floor for the loss comparison), EXTRA (more Hydra
 # overrides), CPU_CHECK=1 (a rehearsal without a GPU: tiny model, 256-token rows, 8 steps, the kernels in the
-# Triton interpreter). Results in $OUT: fwd_path_<path>_metrics.jsonl, fwd_path.json, fwd_path.log.
+# Triton interpreter). Results in $OUT: fwd_path_<path>_metrics.jsonl (the second of "kv kv": kv2), fwd_path.json,
+# fwd_path.log.
 set -uo pipefail
 OUT=${OUT:-runs/fwd_path}
 LOG=$OUT/fwd_path.log
@@ -23,16 +25,20 @@ else
   setup
 fi
 n=${#PATHS[@]}
+NAMES=()
 for p in "${PATHS[@]}"; do
+  name=$p
+  [ "${#NAMES[@]}" -gt 0 ] && [ "${NAMES[0]}" = "$p" ] && name=${p}2  # PATHS="kv kv": the runs' own spread
+  NAMES+=("$name")
   RUN=$(mktemp -d)/run
-  TAIL=3 stage "train_$p" $(( $(left) / n - 5 )) python3 -m train "${MODEL[@]}" "run.steps=$STEPS" \
+  TAIL=3 stage "train_$name" $(( $(left) / n - 5 )) python3 -m train "${MODEL[@]}" "run.steps=$STEPS" \
     "recipe.warmup_steps=${WARMUP:-30}" "logging.stats_every=${STATS_EVERY:-25}" logging.progress=false \
     logging.wandb.mode=disabled "run_dir=$RUN" "attention.fwd_path=$p" ${EXTRA:-}
-  cp "$RUN/metrics.jsonl" "$OUT/fwd_path_${p}_metrics.jsonl"
+  cp "$RUN/metrics.jsonl" "$OUT/fwd_path_${name}_metrics.jsonl"
   n=$((n - 1))
 done
 META=$(python3 -c "import json, sys; from bench.meta import run_meta; m = run_meta(); m['command'] = sys.argv[1]; print(json.dumps(m))" \
   "LEN=${LEN:-65536} STEPS=$STEPS WARMUP=${WARMUP:-30} STATS_EVERY=${STATS_EVERY:-25} EXTRA=${EXTRA:-} bash bench/fwd_path_gpu.sh")
-python3 -m bench.fwd_path_compare "${PATHS[0]}=$OUT/fwd_path_${PATHS[0]}_metrics.jsonl" \
-  "${PATHS[1]}=$OUT/fwd_path_${PATHS[1]}_metrics.jsonl" --json "$OUT/fwd_path.json" --meta "$META" 2>&1 | tee -a "$LOG"
+python3 -m bench.fwd_path_compare "${NAMES[0]}=$OUT/fwd_path_${NAMES[0]}_metrics.jsonl" \
+  "${NAMES[1]}=$OUT/fwd_path_${NAMES[1]}_metrics.jsonl" --json "$OUT/fwd_path.json" --meta "$META" 2>&1 | tee -a "$LOG"
 ls -l "$OUT"

@@ -28,6 +28,7 @@ else
   STEP=(--model small --lengths ${STEP_LENGTHS:-32768 131072} --no-profile)
 fi
 STEPS_S=${STEPS_S:-170}  # what the two step runs are left
+[ "${SKIP_STEPS:-0}" = 1 ] && STEPS_S=0
 TAIL=40 stage tile_fwd $(( $(left) - STEPS_S )) python3 -m bench.tile_fwd "${ARGS[@]}" \
   --time-budget $(( $(left) - STEPS_S - 40 )) --json "$OUT/tile_fwd.json"
 if [ "${SKIP_STEPS:-0}" = 1 ]; then ls -l "$OUT"; exit 0; fi

@@ -1518,3 +1518,42 @@ def test_git_commit_marks_a_tree_that_differs_from_its_head(tmp_path, monkeypatc
     assert git_commit(tmp_path / "a.py") == "unknown"  # not a folder git runs in
     monkeypatch.setenv("MSA_GIT_COMMIT", "abc")
     assert git_commit(tmp_path) == "abc"
+
+
+def test_pool_selection_has_the_tile_union_it_asks_for():
+    """bench/tile_fwd.py's pool selections: valid (own block first, visible, no repeats, -1 padding) and their
+    measured tile union near the asked ratio once queries see enough blocks."""
+    from bench.tile_fwd import pool_selection
+    from msa.stats import _tile_union
+
+    N, Hkv, topk, bk, T = 4096, 2, 8, 16, 16
+    for ratio in (1.4, 2.5):
+        idx = pool_selection(N, Hkv, topk, bk, T, ratio, "cpu")
+        pos = torch.arange(N)
+        assert torch.equal(idx[..., 0], (pos // bk).int().expand(1, Hkv, N))
+        valid = idx >= 0
+        assert (idx[valid] * bk <= pos[None, None, :, None].expand_as(idx)[valid]).all()
+        s = idx.sort(-1).values
+        assert not ((s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)).any()
+        late = idx[:, :, N // 2:]  # every query sees at least 128 blocks: the pool is full
+        work, selected = _tile_union(late, T)
+        assert abs((work / selected).item() - ratio) < 0.1, (ratio, (work / selected).item())
+
+
+def test_fwd_path_comparison_by_hand():
+    """bench/fwd_path_compare.py: the median of the sparse steps without stats after the first `skip`, and the
+    loss differences split at the phase switch."""
+    from bench.fwd_path_compare import compare
+
+    def run(losses, times, sparse_from=2, stats=(4,)):
+        return [{"step": i, "train/phase_sparse": int(i >= sparse_from), "loss/lm": loss, "perf/step_s": t,
+                 **({"msa/tile_union": 1.5} if i in stats else {})} for i, (loss, t) in enumerate(zip(losses, times))]
+
+    a = run([4.0, 3.0, 2.0, 2.0, 2.0, 2.0], [9, 9, 5, 1.0, 7, 2.0])
+    b = run([4.0, 3.3, 2.0, 2.1, 2.0, 1.9], [9, 9, 5, 0.5, 7, 1.0])
+    out = compare(a, b, skip=1)  # sparse steps 2..5; skip step 2; step 4 has stats: steps 3 and 5 timed
+    assert out["a"]["step_s_median"] == 1.5 and out["b"]["step_s_median"] == 0.75
+    assert out["speedup_b_over_a"] == 2.0
+    assert out["loss_max_rel_diff_warmup"] == pytest.approx(0.1)  # step 1: 0.3 / 3
+    assert out["loss_max_rel_diff_sparse"] == pytest.approx(0.05)  # steps 3 and 5: 0.1 / 2
+    assert out["a"]["tile_union_last"] == 1.5 and out["loss_steps_compared"] == 6
