@@ -194,7 +194,7 @@ def test_auto_takes_the_tile_forward_where_the_selection_is_local(monkeypatch):
                               ("kernels.sparse_attention", "sparse_attention_fwd")):
         module = importlib.import_module(module_name)
         monkeypatch.setattr(module, name, counting(calls, name, getattr(module, name)))
-    N, H, Hkv, D, block_size, topk = 512, 8, 2, 16, 16, 4  # G = 4: tiles of 16 // 4 = 4 queries
+    N, H, Hkv, D, block_size, topk = 512, 4, 1, 16, 16, 4  # G = 4: tiles of 16 // 4 = 4 queries
     launch = replace(LAUNCH, tile_fwd=Tiles(block_m=16, num_stages=1))
     q, k, v = make_inputs(1, N, H, Hkv, D)
     for pattern, want in (("local", "sparse_attention_tile_fwd"), ("random", "sparse_attention_fwd")):
