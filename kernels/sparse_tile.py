@@ -80,45 +80,60 @@ def tile_union(block_idx: torch.Tensor, tok_start: torch.Tensor, N: int, block_s
 
 
 @triton.jit
+def _tile_rows(q, starts, union, count, N, NQ, NT, H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+               TOPK: tl.constexpr, TOPK_P: tl.constexpr, D: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program ``(tile, batch * Hkv + group)``'s rows (query ``m // G`` of the tile, head ``m % G``): ``i_b, i_r,
+    i_q, i_h, m_row``, each row's offset into ``[B, Nq, H]``, its q, its selected blocks' starts (the membership
+    test of a union block), its key position, and the tile's union: its length and where it starts."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    o_m = tl.arange(0, BLOCK_M)
+    o_s = tl.arange(0, TOPK_P)
+    o_d = tl.arange(0, D)
+    i_q = i_t * T + o_m // G
+    m_row = (o_m < T * G) & (i_q < NQ)
+    i_q = tl.where(m_row, i_q, 0)
+    i_b = i_bh // HKV
+    i_r = i_bh % HKV
+    i_h = i_r * G + o_m % G
+    row = (i_b.to(tl.int64) * NQ + i_q) * H + i_h
+    b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.0)
+    p_s = starts + ((i_bh.to(tl.int64) * NQ + i_q) * TOPK)[:, None] + o_s[None, :]
+    b_sel = tl.load(p_s, mask=m_row[:, None] & (o_s < TOPK)[None, :], other=-1)
+    n_u = tl.load(count + i_bh * NT + i_t)
+    p_u = union + (i_bh.to(tl.int64) * NT + i_t) * (T * TOPK)
+    return i_b, i_r, i_q, i_h, m_row, row, b_q, b_sel, N - NQ + i_q, n_u, p_u
+
+
+@triton.jit
+def _tile_block(k, v, u, b_sel, at, i_b, i_r, N, HKV: tl.constexpr, BK: tl.constexpr, D: tl.constexpr):
+    """The union block starting at key ``u``: its K and V tiles and which (row, key) pairs count (the row
+    selected the block and may see the key)."""
+    o_d = tl.arange(0, D)
+    kpos = u + tl.arange(0, BK)
+    m_k = kpos < N
+    p_kv = ((i_b.to(tl.int64) * N + kpos) * HKV + i_r) * D
+    b_k = tl.load(k + p_kv[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
+    b_v = tl.load(v + p_kv[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
+    member = tl.max((b_sel == u).to(tl.int32), 1) > 0
+    return b_k, b_v, member[:, None] & (kpos[None, :] <= at[:, None])
+
+
+@triton.jit
 def sparse_attention_tile_fwd_kernel(
     q, k, v, starts, union, count, o, lse, scale2, N, NQ, NT,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
     BK: tl.constexpr, D: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Program ``(tile, batch * Hkv + group)``: the tile's ``T`` queries x ``G`` heads over its union."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // HKV
-    i_r = i_bh % HKV
-    o_m = tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, D)
-    o_s = tl.arange(0, TOPK_P)
-    o_k = tl.arange(0, BK)
-    i_q = i_t * T + o_m // G
-    m_row = (o_m < T * G) & (i_q < NQ)
-    i_q = tl.where(m_row, i_q, 0)
-    row = (i_b.to(tl.int64) * NQ + i_q) * H + i_r * G + o_m % G
-    b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.0)
-    # each row's own selected blocks: the membership test of a union block
-    p_s = starts + ((i_bh.to(tl.int64) * NQ + i_q) * TOPK)[:, None] + o_s[None, :]
-    b_sel = tl.load(p_s, mask=m_row[:, None] & (o_s < TOPK)[None, :], other=-1)
-    at = N - NQ + i_q  # the rows' key positions
-    n_u = tl.load(count + i_bh * NT + i_t)
-    p_u = union + (i_bh.to(tl.int64) * NT + i_t) * (T * TOPK)
+    i_b, i_r, i_q, i_h, m_row, row, b_q, b_sel, at, n_u, p_u = _tile_rows(
+        q, starts, union, count, N, NQ, NT, H, HKV, G, TOPK, TOPK_P, D, T, BLOCK_M)
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, D], tl.float32)
     for i_u in range(n_u):
-        u = tl.load(p_u + i_u)
-        kpos = u + o_k
-        m_k = kpos < N
-        p_kv = ((i_b.to(tl.int64) * N + kpos) * HKV + i_r) * D
-        b_k = tl.load(k + p_kv[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
-        b_v = tl.load(v + p_kv[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
-        member = tl.max((b_sel == u).to(tl.int32), 1) > 0
-        m_s = member[:, None] & (kpos[None, :] <= at[:, None])
-        b_s = tl.where(m_s, b_s, float("-inf"))
+        b_k, b_v, m_s = _tile_block(k, v, tl.load(p_u + i_u), b_sel, at, i_b, i_r, N, HKV, BK, D)
+        b_s = tl.where(m_s, tl.dot(b_q, tl.trans(b_k)) * scale2, float("-inf"))
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
         b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
         b_p = tl.exp2(b_s - b_ms[:, None])
@@ -130,8 +145,8 @@ def sparse_attention_tile_fwd_kernel(
     b_acc = b_acc / tl.where(nonempty, b_l, 1.0)[:, None]
     b_lse = tl.where(nonempty, (b_m + tl.log2(tl.where(nonempty, b_l, 1.0))) * 0.6931471805599453,
                      float("-inf"))
+    o_d = tl.arange(0, D)
     tl.store(o + row[:, None] * D + o_d[None, :], b_acc.to(o.dtype.element_ty), mask=m_row[:, None])
-    i_h = i_r * G + o_m % G
     tl.store(lse + (i_b.to(tl.int64) * H + i_h) * NQ + i_q, b_lse, mask=m_row)
 
 
@@ -143,45 +158,20 @@ def sparse_attention_tile_dq_kernel(
 ):
     """dQ of the tile ``(program 0, batch * Hkv + group)`` over its union, as the forward walks it: ``P`` from the
     final lse, ``dS = P (dO V^T - delta)``, ``dQ = scale * dS K`` summed in the union's order; no partials."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // HKV
-    i_r = i_bh % HKV
-    o_m = tl.arange(0, BLOCK_M)
+    i_b, i_r, i_q, i_h, m_row, row, b_q, b_sel, at, n_u, p_u = _tile_rows(
+        q, starts, union, count, N, NQ, NT, H, HKV, G, TOPK, TOPK_P, D, T, BLOCK_M)
     o_d = tl.arange(0, D)
-    o_s = tl.arange(0, TOPK_P)
-    o_k = tl.arange(0, BK)
-    i_q = i_t * T + o_m // G
-    m_row = (o_m < T * G) & (i_q < NQ)
-    i_q = tl.where(m_row, i_q, 0)
-    i_h = i_r * G + o_m % G
-    row = (i_b.to(tl.int64) * NQ + i_q) * H + i_h
-    b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.0)
     b_do = tl.load(do + row[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.0)
     o_row = (i_b.to(tl.int64) * H + i_h) * NQ + i_q
-    # an empty row's lse is -inf: its P is 0 wherever its mask holds nothing, and it has no member block
+    # an empty row's lse is -inf; it has no member block, so its P is 0 everywhere
     b_lse = tl.load(lse + o_row, mask=m_row, other=0.0) * 1.4426950408889634
     b_lse = tl.where(b_lse == float("-inf"), 0.0, b_lse)
     b_delta = tl.load(delta + o_row, mask=m_row, other=0.0)
-    p_s = starts + ((i_bh.to(tl.int64) * NQ + i_q) * TOPK)[:, None] + o_s[None, :]
-    b_sel = tl.load(p_s, mask=m_row[:, None] & (o_s < TOPK)[None, :], other=-1)
-    at = N - NQ + i_q
-    n_u = tl.load(count + i_bh * NT + i_t)
-    p_u = union + (i_bh.to(tl.int64) * NT + i_t) * (T * TOPK)
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
     for i_u in range(n_u):
-        u = tl.load(p_u + i_u)
-        kpos = u + o_k
-        m_k = kpos < N
-        p_kv = ((i_b.to(tl.int64) * N + kpos) * HKV + i_r) * D
-        b_k = tl.load(k + p_kv[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
-        b_v = tl.load(v + p_kv[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale2
-        member = tl.max((b_sel == u).to(tl.int32), 1) > 0
-        m_s = member[:, None] & (kpos[None, :] <= at[:, None])
-        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v))
-        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_k, b_v, m_s = _tile_block(k, v, tl.load(p_u + i_u), b_sel, at, i_b, i_r, N, HKV, BK, D)
+        b_p = tl.where(m_s, tl.exp2(tl.dot(b_q, tl.trans(b_k)) * scale2 - b_lse[:, None]), 0.0)
+        b_ds = b_p * (tl.dot(b_do, tl.trans(b_v)) - b_delta[:, None])
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
     tl.store(dq + row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_row[:, None])
 
