@@ -301,7 +301,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     positions), ``block_idx`` int32 ``[B, Hkv, Nq, topk]``, ``cu_seqlens`` int32 ``[n_docs + 1]`` over
     the keys (``B == 1``) -> ``o [B, Nq, H, D]`` (dtype of ``q``) and ``lse [B, H, Nq]`` float32
     (natural log, no gradient). ``scale`` defaults to ``1/sqrt(D)``. ``dq_path`` picks the backward's dQ
-    kernels: ``"auto"`` (``"dkdv"`` for G >= 16, else ``"kv"``), ``"kv"`` or ``"dkdv"``; ``fwd_path`` the
+    kernels: ``"auto"`` (``"dkdv"`` for G >= 16, else ``"kv"``), ``"kv"``, ``"dkdv"`` or ``"tile"``
+    (``kernels/sparse_tile.py``: each tile of queries over the union of its blocks, no partials); ``fwd_path`` the
     forward's (``"kv"``: KV-outer; ``"tile"``: ``kernels/sparse_tile.py``; ``"auto"``: the tile forward where the
     selection's tile union is under ``kernels.sparse_tile.TILE_PAYS_BELOW``; None: ``launch.fwd_path``);
     ``launch`` holds the kernels' launch settings (``Launch``; the default is the measured one).

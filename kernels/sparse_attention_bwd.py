@@ -275,7 +275,8 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
         dk.copy_(dk_sum)
         dv.copy_(dv_sum)
         del dk_sum, dv_sum
-    if dq_path == "tile":  # each tile of queries over the union of its blocks (kernels/sparse_tile.py)
+    if dq_path == "tile":  # each tile of queries over the union of its blocks (kernels/sparse_tile.py); the union
+        # is built again here (two sorts of the selection): the forward's is not kept
         T = tile_queries(launch.tile_fwd, G)
         union = tile_union(block_idx, layout.tok_start, N, block_size, T)
         dq = sparse_attention_tile_dq(q, k, v, do, lse, delta, block_size, scale, union, launch.tile_fwd)

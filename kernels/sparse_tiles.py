@@ -97,9 +97,10 @@ class Launch:
     dkdv_bytes: int = 2**32
     # the forward: "kv" (KV-outer over the reverse index, partials, combine), "tile" (kernels/sparse_tile.py:
     # each tile of queries over the union of its blocks) or "auto" (tile where the selection is local enough to
-    # pay, kernels.sparse_tile.tile_pays); the backward is KV-outer in every case
+    # pay, kernels.sparse_tile.tile_pays); the backward's dK/dV are KV-outer in every case, its dQ as dq_path says
     fwd_path: str = "kv"
-    # the tile forward's rows, warps, stages: the best of bench/tile_fwd.py's sweep on an H100 (docs/kernels.md)
+    # the tile forward's (and the tile dQ's) rows, warps, stages: the best of bench/tile_fwd.py's forward sweep on
+    # an H100 (docs/kernels.md)
     tile_fwd: Tiles = Tiles(block_m=64, num_warps=4, num_stages=1)
 
 
