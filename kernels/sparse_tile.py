@@ -1,4 +1,4 @@
-"""MSA main-branch forward, query-tile-outer: each program holds a tile of consecutive queries of one KV
+"""MSA main-branch forward and dQ, query-tile-outer: each program holds a tile of consecutive queries of one KV
 group and runs a flash-attention loop over the union of the key blocks those queries selected.
 
 The KV-outer forward (``kernels/sparse_attention.py``) computes exactly the selected (query, block) pairs,
@@ -9,6 +9,7 @@ selections). Then a tile can load its query rows once, stream the union's K/V bl
 softmax and write ``o`` and ``lse`` directly: no reverse index, no partials, no combine. Each row keeps
 only its own blocks (a membership test of the block against the row's ``topk`` selected blocks) and the
 keys it may see (causal, its document). The cost is the extra pairs: ``tile_union`` times the selected ones.
+The dQ kernel walks the same unions with ``P`` from the final lse (``dq_path="tile"``); dK/dV stay KV-outer.
 
 Same contract as ``kernels.sparse_attention.sparse_attention_fwd``: ``q [B, Nq, H, D]``, ``k, v [B, N, Hkv,
 D]`` (the queries are the last ``Nq`` of the ``N`` keys), ``block_idx [B, Hkv, Nq, topk]`` int32 with block
@@ -42,7 +43,8 @@ def tile_queries(tiles: Tiles, G: int) -> int:
 
 # The tile union below which the tile forward beats the KV-outer one, by G: the break-even points of
 # bench/tile_fwd.py on an H100 (docs/kernels.md), the lower of 32K's and 128K's (2.8 and 2.3 at G = 4, 2.0 and
-# 1.7 at G = 16), a little under them; between, linear in log2 G
+# 1.7 at G = 16), a little under them; between, linear in log2 G, and the end values below G = 4 and above 16
+# (not measured there)
 TILE_PAYS_BELOW = {4: 2.2, 16: 1.65}
 
 
