@@ -6,9 +6,11 @@ query keeps its own block, as the contract's selection does, in slot 0):
   selection: ``topk - 1`` hot blocks that every query of the sequence reads);
 - ``local``: its own block and the ``topk - 1`` blocks before it;
 - ``sink_local``: its own block, block 0 (the sink) and the ``topk - 2`` blocks before its own.
-A query with fewer than ``topk`` visible blocks takes all of them (then the three agree). Valid entries
-come first without duplicates, unused slots are ``-1``: the layout of ``select_blocks``. ``random`` (the
-selection of ``select_blocks`` on random index inputs) is made by ``bench/msa_attention.py``.
+A query with fewer than ``topk`` visible blocks takes all of them (then the three agree). ``pool_selection``
+draws selections of a chosen tile union (``msa/stats.py``): each tile of queries picks from one pool of
+blocks. Valid entries come first without duplicates, unused slots are ``-1``: the layout of
+``select_blocks``. ``random`` (the selection of ``select_blocks`` on random index inputs) is made by
+``bench/msa_attention.py``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,34 @@ def pattern_blocks(name: str, N: int, Hkv: int, block_size: int, topk: int, devi
     else:
         raise ValueError(f"unknown selection pattern {name!r}: use one of {PATTERNS}")
     return sel.to(torch.int32)[None, None].expand(1, Hkv, N, topk).contiguous()
+
+
+def pool_selection(N: int, Hkv: int, topk: int, block_size: int, T: int, ratio: float, device, seed: int = 0):
+    """``block_idx [1, Hkv, N, topk]``: per tile of ``T`` queries a pool of the own block and up to
+    ``round(ratio * topk) - 1`` random visible blocks before it; each query its own block and ``topk - 1``
+    random ones of the pool (all of them where the pool is smaller), ``-1`` in unused slots."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    nb = -(-N // block_size)
+    n_t = -(-N // T)
+    own_t = (torch.arange(n_t, device=device) * T) // block_size  # the tile's first query's block
+    others = max(0, round(ratio * topk) - 1)
+    # a pool per (group, tile): the `others` highest random scores among the visible earlier blocks
+    score = torch.rand(Hkv, n_t, nb, device=device, generator=g)
+    score = score.masked_fill(torch.arange(nb, device=device)[None, None] >= own_t[None, :, None], -1.0)
+    pool_score, pool = score.topk(min(others, nb), -1)
+    pool = torch.where(pool_score >= 0, pool, -1)  # [Hkv, n_t, P]
+    pool = pool.repeat_interleave(T, 1)[:, :N]  # [Hkv, N, P]
+    pick = torch.rand(pool.shape, device=device, generator=g).masked_fill(pool < 0, -1.0)
+    order = pick.argsort(-1, descending=True)[..., :topk - 1]
+    chosen = pool.gather(-1, order)
+    own = (torch.arange(N, device=device) // block_size)[None, :, None].expand(Hkv, N, 1)
+    # a query past the tile's first block (a tile across a block edge) keeps the earlier block as a pooled one
+    idx = torch.cat([own, chosen], -1)
+    if idx.shape[-1] < topk:
+        idx = torch.cat([idx, idx.new_full((Hkv, N, topk - idx.shape[-1]), -1)], -1)
+    dup = (idx[..., 1:] == idx[..., :1]) & (idx[..., 1:] >= 0)
+    idx[..., 1:] = torch.where(dup, -1, idx[..., 1:])
+    return idx[None].to(torch.int32).contiguous()
 
 
 def support_sizes(block_idx: torch.Tensor, block_size: int) -> int:
@@ -101,4 +131,4 @@ def flex_block_mask(block_idx: torch.Tensor, block_size: int, G: int, q_tile: in
                                     seq_lengths=(N, N))
 
 
-__all__ = ["PATTERNS", "pattern_blocks", "support_sizes", "tile_blocks", "flex_block_mask"]
+__all__ = ["PATTERNS", "pattern_blocks", "pool_selection", "support_sizes", "tile_blocks", "flex_block_mask"]

@@ -4,9 +4,10 @@ its blocks), with dense SDPA and FlexAttention on the same selection as baseline
 
 Which wins depends on how local the selection is: ``tile_union`` (``msa/stats.py``), the (query, block) pairs
 the tile kernel computes per pair selected. Selections:
-- ``pool<r>``: per tile of ``64 // G`` queries a pool of ``round(r * topk)`` blocks (the tile's own block and
-  random visible others); every query takes its own block and ``topk - 1`` of the pool, so the tile union is
-  about ``r``. Trained ``small`` measured 1.2-1.9 (``docs/scaling.md`` 3r), an untrained index 2.7.
+- ``pool<r>`` (``bench/selection.py``'s ``pool_selection``): per tile of ``64 // G`` queries a pool of
+  ``round(r * topk)`` blocks (the tile's own block and random visible others); every query takes its own block
+  and ``topk - 1`` of the pool, so the tile union is about ``r``. Trained ``small`` measured 1.2-1.9
+  (``docs/scaling.md`` 3r), an untrained index 2.7.
 - ``random``: ``select_blocks`` on random index inputs with a sink (``bench/msa_attention.py``'s): the least
   local selection, the KV-outer kernel's best case.
 Every case's ``tile_union`` is measured on its selection, and the tile kernel's output is compared with the
@@ -44,10 +45,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch.nn.functional as F  # noqa: E402
-
+from bench.compare_kernels import rel_rms  # noqa: E402
 from bench.meta import run_meta  # noqa: E402
-from bench.selection import flex_block_mask  # noqa: E402
+from bench.msa_attention import _dense, index_inputs  # noqa: E402
+from bench.selection import flex_block_mask, pool_selection, support_sizes  # noqa: E402
 from bench.timing import measure  # noqa: E402
 from kernels import select_blocks  # noqa: E402
 from kernels.common import build_layout  # noqa: E402
@@ -57,55 +58,9 @@ from kernels.sparse_tiles import Tiles  # noqa: E402
 from msa.stats import _tile_union  # noqa: E402
 
 
-def pool_selection(N: int, Hkv: int, topk: int, block_size: int, T: int, ratio: float, device, seed: int = 0):
-    """``block_idx [1, Hkv, N, topk]``: per tile of ``T`` queries a pool of the own block and up to
-    ``round(ratio * topk) - 1`` random visible blocks before it; each query its own block and ``topk - 1``
-    random ones of the pool (all of them where the pool is smaller), ``-1`` in unused slots."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    nb = -(-N // block_size)
-    n_t = -(-N // T)
-    own_t = (torch.arange(n_t, device=device) * T) // block_size  # the tile's first query's block
-    others = max(0, round(ratio * topk) - 1)
-    # a pool per (group, tile): the `others` highest random scores among the visible earlier blocks
-    score = torch.rand(Hkv, n_t, nb, device=device, generator=g)
-    score = score.masked_fill(torch.arange(nb, device=device)[None, None] >= own_t[None, :, None], -1.0)
-    pool_score, pool = score.topk(min(others, nb), -1)
-    pool = torch.where(pool_score >= 0, pool, -1)  # [Hkv, n_t, P]
-    pool = pool.repeat_interleave(T, 1)[:, :N]  # [Hkv, N, P]
-    pick = torch.rand(pool.shape, device=device, generator=g).masked_fill(pool < 0, -1.0)
-    order = pick.argsort(-1, descending=True)[..., :topk - 1]
-    chosen = pool.gather(-1, order)
-    own = (torch.arange(N, device=device) // block_size)[None, :, None].expand(Hkv, N, 1)
-    # a query past the tile's first block (a tile across a block edge) keeps the earlier block as a pooled one
-    idx = torch.cat([own, chosen], -1)
-    if idx.shape[-1] < topk:
-        idx = torch.cat([idx, idx.new_full((Hkv, N, topk - idx.shape[-1]), -1)], -1)
-    dup = (idx[..., 1:] == idx[..., :1]) & (idx[..., 1:] >= 0)
-    idx[..., 1:] = torch.where(dup, -1, idx[..., 1:])
-    return idx[None].to(torch.int32).contiguous()
-
-
 def random_selection(N: int, Hkv: int, topk: int, block_size: int, device, dtype):
-    from bench.msa_attention import index_inputs
-
     q_idx, k_idx = index_inputs(N, Hkv, device, 64, block_size, dtype)
     return select_blocks(q_idx, k_idx, block_size, topk)
-
-
-def support(block_idx: torch.Tensor, block_size: int) -> int:
-    from bench.selection import support_sizes
-
-    return support_sizes(block_idx, block_size)
-
-
-def _dense(q, k, v):
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                          enable_gqa=True).transpose(1, 2)
-
-
-def rel_rms(a, b) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 def sweep(q, k, v, sel, bk, layout, device, variants) -> tuple[Tiles, list[dict]]:
@@ -131,7 +86,7 @@ def bench_case(res, N, H, Hkv, sel_name, sel, a, tiles, q, k, v, device):
     G = H // Hkv
     layout = build_layout(N, bk, None, q.device)
     scale = q.shape[-1] ** -0.5
-    sup = support(sel, bk)
+    sup = support_sizes(sel, bk)
     work, selected = _tile_union(sel, max(1, 64 // G))
     T = tile_queries(tiles, G)
     work_t, _ = _tile_union(sel, T)
@@ -143,7 +98,7 @@ def bench_case(res, N, H, Hkv, sel_name, sel, a, tiles, q, k, v, device):
         o_kv, lse_kv = sparse_attention(q, k, v, sel, bk)
         o_t, lse_t = sparse_attention_tile_fwd(q, k, v, sel, bk, layout.tok_start, scale, tiles)
         fin = torch.isfinite(lse_kv)
-        row["rel_rms_vs_kv"] = rel_rms(o_t, o_kv)
+        row["rel_rms_vs_kv"] = rel_rms(o_kv, o_t)
         row["lse_max_diff_vs_kv"] = (lse_t - lse_kv)[fin].abs().max().item()
         row["lse_empty_rows_agree"] = bool(torch.equal(fin, torch.isfinite(lse_t)))
         del o_kv, lse_kv, o_t, lse_t
@@ -155,7 +110,8 @@ def bench_case(res, N, H, Hkv, sel_name, sel, a, tiles, q, k, v, device):
             "tile": partial(sparse_attention_tile_fwd, q, k, v, sel, bk, layout.tok_start, scale, tiles),
             "tile_kernel": partial(sparse_attention_tile_fwd, q, k, v, sel, bk, layout.tok_start, scale, tiles, un),
         }
-        if (N, H, Hkv) not in res["_dense"]:  # once per shape: the selection does not change it
+        dense = res["_dense"].setdefault((N, H, Hkv), {})  # once per shape: the selection does not change it
+        if "dense_sdpa_ms" not in dense:
             fns["dense_sdpa"] = partial(_dense, q, k, v)
         for name, fn in fns.items():
             ms, how = measure(fn, device=device)
@@ -163,10 +119,8 @@ def bench_case(res, N, H, Hkv, sel_name, sel, a, tiles, q, k, v, device):
             row[f"{name}_timing"] = how
             if name != "dense_sdpa":
                 row[f"{name}_tflops"] = flops / ms / 1e9
-        if "dense_sdpa_ms" in row:
-            res["_dense"][(N, H, Hkv)] = {"dense_sdpa_ms": row["dense_sdpa_ms"]}
-        else:
-            row["dense_sdpa_ms"] = res["_dense"][(N, H, Hkv)]["dense_sdpa_ms"]
+        dense.setdefault("dense_sdpa_ms", row.get("dense_sdpa_ms"))
+        row["dense_sdpa_ms"] = dense["dense_sdpa_ms"]
         fns.clear()
         del csr, un
         if N <= a.flex_max_n:
@@ -179,13 +133,13 @@ def bench_case(res, N, H, Hkv, sel_name, sel, a, tiles, q, k, v, device):
                                   enable_gqa=True)
                 row["flex_ms"], row["flex_timing"] = measure(ff, device=device)
                 row["flex_tflops"] = flops / row["flex_ms"] / 1e9
-                row["flex_rel_rms_vs_kv"] = rel_rms(ff().transpose(1, 2), sparse_attention(q, k, v, sel, bk)[0])
+                row["flex_rel_rms_vs_kv"] = rel_rms(sparse_attention(q, k, v, sel, bk)[0], ff().transpose(1, 2))
             except Exception as ex:  # a baseline that cannot run here is recorded, not fatal
                 row["flex_status"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:160]}"
         else:
             row["flex_status"] = f"skipped (N > --flex-max-n={a.flex_max_n})"
     if a.backward:
-        bench_backward(row, q, k, v, sel, bk, device, tiles)
+        bench_backward(row, q, k, v, sel, bk, device, tiles, dense)
     row["tile_speedup_vs_kv"] = row["kv_ms"] / row["tile_ms"]
     row["tile_kernel_speedup_vs_kv_kernels"] = row["kv_kernels_ms"] / row["tile_kernel_ms"]
     row["tile_speedup_vs_dense"] = row["dense_sdpa_ms"] / row["tile_ms"]
@@ -196,10 +150,11 @@ def bench_case(res, N, H, Hkv, sel_name, sel, a, tiles, q, k, v, device):
     return row
 
 
-def bench_backward(row, q, k, v, sel, bk, device, tiles):
+def bench_backward(row, q, k, v, sel, bk, device, tiles, dense: dict):
     """Forward+backward of ``sparse_attention`` three ways (``kv``: KV-outer forward and the default dQ path;
     ``tile_fwd``: the tile forward, the default dQ; ``tile``: the tile forward and the tile dQ, the same
-    tiles) and dense SDPA's, with the dQ of the tile path compared with the default one's."""
+    tiles) and dense SDPA's (once per shape: ``dense`` keeps it), with the dQ of the tile path compared with the
+    default one's."""
     from kernels.sparse_attention import LAUNCH, sparse_attention
 
     launch = replace(LAUNCH, tile_fwd=tiles)
@@ -221,10 +176,11 @@ def bench_backward(row, q, k, v, sel, bk, device, tiles):
         o = fn()
         grads[name] = torch.autograd.grad(o, (q, k, v), do)
         row[f"fb_{name}_ms"], row[f"fb_{name}_timing"] = measure(step(fn), device=device)
-    if "fb_dense_sdpa_ms" not in row:
-        row["fb_dense_sdpa_ms"], _ = measure(step(partial(_dense, q, k, v)), device=device)
-    row["fb_tile_dq_rel_rms_vs_kv"] = rel_rms(grads["tile"][0], grads["kv"][0])
-    row["fb_tile_dk_rel_rms_vs_kv"] = rel_rms(grads["tile"][1], grads["kv"][1])  # same kernel, lse rounded apart
+    if "fb_dense_sdpa_ms" not in dense:
+        dense["fb_dense_sdpa_ms"], _ = measure(step(partial(_dense, q, k, v)), device=device)
+    row["fb_dense_sdpa_ms"] = dense["fb_dense_sdpa_ms"]
+    row["fb_tile_dq_rel_rms_vs_kv"] = rel_rms(grads["kv"][0], grads["tile"][0])
+    row["fb_tile_dk_rel_rms_vs_kv"] = rel_rms(grads["kv"][1], grads["tile"][1])  # same kernel, lse rounded apart
     row["fb_tile_speedup_vs_kv"] = row["fb_kv_ms"] / row["fb_tile_ms"]
     print(f"  fwd+bwd: kv {row['fb_kv_ms']:.2f} tile_fwd {row['fb_tile_fwd_ms']:.2f} tile {row['fb_tile_ms']:.2f} "
           f"dense {row['fb_dense_sdpa_ms']:.2f} ms; dq rel_rms {row['fb_tile_dq_rel_rms_vs_kv']:.1e}", flush=True)

@@ -1521,9 +1521,9 @@ def test_git_commit_marks_a_tree_that_differs_from_its_head(tmp_path, monkeypatc
 
 
 def test_pool_selection_has_the_tile_union_it_asks_for():
-    """bench/tile_fwd.py's pool selections: valid (own block first, visible, no repeats, -1 padding) and their
-    measured tile union near the asked ratio once queries see enough blocks."""
-    from bench.tile_fwd import pool_selection
+    """bench/selection.py's pool selections (bench/tile_fwd.py's): valid (own block first, visible, no repeats,
+    -1 padding) and their measured tile union near the asked ratio once queries see enough blocks."""
+    from bench.selection import pool_selection
     from msa.stats import _tile_union
 
     N, Hkv, topk, bk, T = 4096, 2, 8, 16, 16
