@@ -279,7 +279,7 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
         # is built again here (two sorts of the selection): the forward's is not kept
         T = tile_queries(launch.tile_fwd, G)
         union = tile_union(block_idx, layout.tok_start, N, block_size, T)
-        dq = sparse_attention_tile_dq(q, k, v, do, lse, delta, block_size, scale, union, launch.tile_fwd)
+        sparse_attention_tile_dq(q, k, v, do, lse, delta, block_size, scale, union, launch.tile_fwd, dq)
     if dq_path == "kv":
         # KV-outer dQ chunk by chunk, as the forward
         for c, q0, nc, part_dq in _dq_chunks(q, csr, topk, 1):

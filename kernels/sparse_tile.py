@@ -178,16 +178,17 @@ def sparse_attention_tile_dq_kernel(
     tl.store(dq + row[:, None] * D + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_row[:, None])
 
 
-def sparse_attention_tile_dq(q, k, v, do, lse, delta, block_size, scale, union, tiles: Tiles = TILE_FWD):
+def sparse_attention_tile_dq(q, k, v, do, lse, delta, block_size, scale, union, tiles: Tiles = TILE_FWD, dq=None):
     """dQ over the tiles' ``union`` (``tile_union`` for ``tile_queries(tiles, G)``), ``delta = rowsum(dO O)``
-    ``[B, H, Nq]`` fp32 as the KV-outer backward computes it."""
+    ``[B, H, Nq]`` fp32 as the KV-outer backward computes it; written to ``dq`` where given (the backward's own
+    buffer), else to a new tensor."""
     B, NQ, H, D = q.shape
     N, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
     T = tile_queries(tiles, G)
     starts, un, count = union
     topk = starts.shape[-1]
-    dq = torch.empty_like(q)
+    dq = torch.empty_like(q) if dq is None else dq
     sparse_attention_tile_dq_kernel[(un.shape[2], B * Hkv)](
         q, k, v, do, lse, delta, starts, un, count, dq, scale * LOG2E, scale, N, NQ, un.shape[2],
         H=H, HKV=Hkv, G=G, TOPK=topk, TOPK_P=triton.next_power_of_2(topk), BK=block_size, D=D, T=T,
