@@ -65,8 +65,10 @@ def check_attention(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_di
         raise ValueError(f"attention.kind={cfg.kind!r}: use msa or dense")
     if cfg.impl not in ("auto", "triton", "reference"):
         raise ValueError(f"attention.impl={cfg.impl!r}: use auto, triton or reference")
-    if cfg.fwd_path not in ("kv", "tile", "auto"):
-        raise ValueError(f"attention.fwd_path={cfg.fwd_path!r}: use kv, tile or auto")
+    from kernels.sparse_tiles import FWD_PATHS  # the kernels' own list (the import costs no measurable time)
+
+    if cfg.fwd_path not in FWD_PATHS:
+        raise ValueError(f"attention.fwd_path={cfg.fwd_path!r}: use one of {', '.join(FWD_PATHS)}")
     if cfg.topk < 1:
         raise ValueError(f"attention.topk={cfg.topk} must be >= 1 (blocks kept per query and group)")
     if cfg.block_size < 1 or cfg.block_size & (cfg.block_size - 1):

@@ -207,6 +207,7 @@ def test_tile_union_against_sets(tile_rows, chunk):
     ({"block_size": 48}, "attention.block_size"),
     ({"impl": "cuda"}, "attention.impl"),
     ({"kind": "sparse"}, "attention.kind"),
+    ({"fwd_path": "query"}, "attention.fwd_path"),
 ])
 def test_bad_attention_config_names_the_key(change, key):
     with pytest.raises(ValueError, match=key):
