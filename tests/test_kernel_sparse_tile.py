@@ -179,8 +179,8 @@ def test_model_with_the_tile_forward_under_selective_checkpointing(monkeypatch):
 
 def test_auto_takes_the_tile_forward_where_the_selection_is_local(monkeypatch):
     """``fwd_path="auto"``: a local selection (each query its own block and the ones before it; tile union
-    1.0 in tiles of 4 queries) runs the tile forward, an unrelated one per query (tile union 2.4) the KV-outer
-    forward; both give the reference's output."""
+    1.0 in tiles of 4 queries) runs the tile forward, an unrelated one per query (tile union about 2.6) the
+    KV-outer forward; both give the reference's output."""
     import collections
     import importlib
 
@@ -198,14 +198,10 @@ def test_auto_takes_the_tile_forward_where_the_selection_is_local(monkeypatch):
     launch = replace(LAUNCH, tile_fwd=Tiles(block_m=16, num_stages=1))
     q, k, v = make_inputs(1, N, H, Hkv, D)
     for pattern, want in (("local", "sparse_attention_tile_fwd"), ("random", "sparse_attention_fwd")):
-        g = torch.Generator().manual_seed(0)
         if pattern == "local":
             block_idx = pattern_blocks("local", N, Hkv, block_size, topk)
-        else:
-            score = torch.rand(1, Hkv, N, -(-N // block_size), generator=g)
-            visible = torch.arange(score.shape[-1]) * block_size <= torch.arange(N)[:, None]
-            block_idx = score.masked_fill(~visible, -1).topk(topk, -1).indices
-            block_idx = torch.where(score.gather(-1, block_idx) >= 0, block_idx, -1).int()
+        else:  # tile union 2.54-2.65 over seeds 0-4
+            block_idx = random_block_idx(1, Hkv, N, topk, block_size, drop=0.0)
         calls.clear()
         with torch.no_grad():
             o, _ = sparse_attention(q, k, v, block_idx, block_size, fwd_path="auto", launch=launch)
