@@ -79,7 +79,7 @@ def sparse_attention_tile_fwd_op(q: Tensor, k: Tensor, v: Tensor, starts: Tensor
     from kernels.sparse_tile import sparse_attention_tile_fwd
     from kernels.sparse_tiles import Tiles
 
-    return sparse_attention_tile_fwd(q, k, v, starts, block_size, None, scale, Tiles(*tiles), (starts, union, count))
+    return sparse_attention_tile_fwd(q, k, v, None, block_size, None, scale, Tiles(*tiles), (starts, union, count))
 
 
 @sparse_attention_tile_fwd_op.register_fake
