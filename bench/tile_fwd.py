@@ -13,11 +13,12 @@ the tile kernel computes per pair selected. Selections:
 Every case's ``tile_union`` is measured on its selection, and the tile kernel's output is compared with the
 KV-outer one's (``rel_rms_vs_kv``).
 
-With ``--backward`` (default) also forward+backward: KV-outer as configured, the tile forward with the default dQ,
-the tile forward with the tile dQ (``dq_path="tile"``), and dense SDPA.
-
 With ``--backward`` (the default) also forward+backward: KV-outer as configured, the tile forward with the
 default dQ path, the tile forward with the tile dQ (``dq_path="tile"``), and dense SDPA.
+
+With ``--kl`` (the default) also the index KL with its gradients, as training runs it (the teacher's lse from the
+forward, ``Di = 64``): ``kl_kv`` (``kernels.index_kl``, KV-outer) against ``kl_tile`` (``kernels/index_kl_tile.py``,
+its union build included), their loss and gradients compared; ``--sweep`` tries the tile KL's launch too.
 
 Timed (``bench/timing.py``: warm-up, then do_bench's median): ``kv`` = the whole KV-outer forward (reverse
 index, kernel, combine) and ``kv_kernels`` = its kernel and combine given the index; ``tile`` = the union
@@ -52,6 +53,8 @@ from bench.selection import flex_block_mask, pool_selection, support_sizes  # no
 from bench.timing import measure  # noqa: E402
 from kernels import select_blocks  # noqa: E402
 from kernels.common import build_layout  # noqa: E402
+from kernels.index_kl import index_kl_fwd  # noqa: E402
+from kernels.index_kl_tile import KL_TILE, index_kl_tile_fwd  # noqa: E402
 from kernels.sparse_attention import LAUNCH, reverse_index, sparse_attention, sparse_attention_fwd  # noqa: E402
 from kernels.sparse_tile import TILE_FWD, sparse_attention_tile_fwd, tile_queries, tile_union  # noqa: E402
 from kernels.sparse_tiles import Tiles  # noqa: E402
@@ -81,7 +84,55 @@ def sweep(q, k, v, sel, bk, layout, device, variants) -> tuple[Tiles, list[dict]
     return (best[0] if best else TILE_FWD), rows
 
 
-def bench_case(res, N, H, Hkv, sel_name, sel, a, tiles, q, k, v, device):
+def kl_inputs(q, k, sel, bk, di=64):
+    """Index inputs for the KL (random, as the forward's ``q``), the forward's lse on ``sel``, the layout."""
+    N, Hkv = k.shape[1], k.shape[2]
+    q_idx = torch.randn(1, N, Hkv, di, device=q.device, dtype=q.dtype)
+    k_idx = torch.randn(1, N, di, device=q.device, dtype=q.dtype)
+    with torch.no_grad():
+        lse = sparse_attention(q, k, k, sel, bk)[1]
+    return q_idx, k_idx, lse, build_layout(N, bk, None, q.device)
+
+
+def sweep_kl(q, k, sel, bk, device, variants) -> tuple[Tiles, list[dict]]:
+    q_idx, k_idx, lse, layout = kl_inputs(q, k, sel, bk)
+    rows, best = [], None
+    for t in variants:
+        try:
+            ms, _ = measure(partial(index_kl_tile_fwd, q, k, q_idx, k_idx, sel, bk, layout.tok_start, lse, True, t),
+                            device=device)
+        except Exception as ex:  # a variant that does not compile (shared memory) is recorded
+            rows.append({"tiles": vars(t), "status": f"{type(ex).__name__}: {str(ex).splitlines()[0][:120]}"})
+            continue
+        rows.append({"tiles": vars(t), "ms": ms, "status": "ok"})
+        print(f"  kl sweep {t}: {ms:.3f} ms", flush=True)
+        if best is None or ms < best[1]:
+            best = (t, ms)
+    return (best[0] if best else KL_TILE), rows
+
+
+def bench_kl(row, q, k, sel, bk, device, kl_tiles):
+    """The index KL and its gradients two ways (``kl_kv``, ``kl_tile``), timed, and how far apart they are."""
+    q_idx, k_idx, lse, layout = kl_inputs(q, k, sel, bk)
+    G, di = q.shape[2] // k.shape[2], q_idx.shape[-1]
+    fns = {"kl_kv": partial(index_kl_fwd, q, k, q_idx, k_idx, sel, bk, None, lse, True),
+           "kl_tile": partial(index_kl_tile_fwd, q, k, q_idx, k_idx, sel, bk, layout.tok_start, lse, True, kl_tiles)}
+    out = {name: fn() for name, fn in fns.items()}
+    for i, what in enumerate(("loss", "dq_idx", "dk_idx")):
+        row[f"kl_{what}_rel_rms_tile_vs_kv"] = rel_rms(out["kl_kv"][i], out["kl_tile"][i])
+    del out
+    flops = row["support"] * (2 * q.shape[-1] * G + 6 * di)  # the teacher's q k^T per head; the student's 3 products
+    for name, fn in fns.items():
+        row[f"{name}_ms"], row[f"{name}_timing"] = measure(fn, device=device)
+        row[f"{name}_tflops"] = flops / row[f"{name}_ms"] / 1e9
+    row["kl_tiles"] = vars(kl_tiles)
+    row["kl_tile_speedup_vs_kv"] = row["kl_kv_ms"] / row["kl_tile_ms"]
+    print(f"  kl: kv {row['kl_kv_ms']:.2f} tile {row['kl_tile_ms']:.2f} ms; rel_rms loss "
+          f"{row['kl_loss_rel_rms_tile_vs_kv']:.1e} dq_idx {row['kl_dq_idx_rel_rms_tile_vs_kv']:.1e} dk_idx "
+          f"{row['kl_dk_idx_rel_rms_tile_vs_kv']:.1e}", flush=True)
+
+
+def bench_case(res, N, H, Hkv, sel_name, sel, a, tiles, q, k, v, device, kl_tiles=KL_TILE):
     bk = a.block_size
     G = H // Hkv
     layout = build_layout(N, bk, None, q.device)
@@ -140,6 +191,8 @@ def bench_case(res, N, H, Hkv, sel_name, sel, a, tiles, q, k, v, device):
             row["flex_status"] = f"skipped (N > --flex-max-n={a.flex_max_n})"
     if a.backward:
         bench_backward(row, q, k, v, sel, bk, device, tiles, dense)
+    if a.kl:
+        bench_kl(row, q, k, sel, bk, device, kl_tiles)
     row["tile_speedup_vs_kv"] = row["kv_ms"] / row["tile_ms"]
     row["tile_kernel_speedup_vs_kv_kernels"] = row["kv_kernels_ms"] / row["tile_kernel_ms"]
     row["tile_speedup_vs_dense"] = row["dense_sdpa_ms"] / row["tile_ms"]
@@ -199,6 +252,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="try the tile kernel's launch settings first")
     ap.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True,
                     help="forward+backward too: the KV-outer paths, the tile forward, the tile forward and dQ")
+    ap.add_argument("--kl", action=argparse.BooleanOptionalAction, default=True,
+                    help="the index KL with its gradients too: KV-outer against tile")
     ap.add_argument("--flex-max-n", type=int, default=32768)
     ap.add_argument("--time-budget", type=float, default=400.0)
     ap.add_argument("--json", required=True)
@@ -215,7 +270,7 @@ def main(argv=None):
     if cuda:
         props = torch.cuda.get_device_properties(0)
         res["gpu_sms"] = props.multi_processor_count
-    tiles = TILE_FWD
+    tiles, kl_tiles = TILE_FWD, KL_TILE
 
     def save():
         out = {k: v for k, v in res.items() if k != "_dense"}
@@ -242,13 +297,19 @@ def main(argv=None):
                 layout = build_layout(N, a.block_size, None, q.device)
                 tiles, res["sweep"] = sweep(q, k, v, sels[0][1](), a.block_size, layout, a.device, variants)
                 res["sweep_case"] = {"N": N, "H": H, "Hkv": Hkv, "selection": sels[0][0], "best": vars(tiles)}
+                if a.kl:
+                    kl_variants = [Tiles(block_m=m, num_warps=w, num_stages=s) for m in (32, 64, 128) for w in (4, 8)
+                                   for s in (1, 2)] if cuda else [Tiles(block_m=16, num_stages=1)]
+                    kl_tiles, res["kl_sweep"] = sweep_kl(q, k, sels[0][1](), a.block_size, a.device, kl_variants)
+                    res["sweep_case"]["kl_best"] = vars(kl_tiles)
                 save()
             for name, make in sels:
                 if time.perf_counter() > deadline:
                     res["skipped"].append({"N": N, "H": H, "Hkv": Hkv, "selection": name, "why": "time budget"})
                     continue
                 try:
-                    res["rows"].append(bench_case(res, N, H, Hkv, name, make(), a, tiles, q, k, v, a.device))
+                    res["rows"].append(bench_case(res, N, H, Hkv, name, make(), a, tiles, q, k, v, a.device,
+                                                  kl_tiles))
                 except torch.cuda.OutOfMemoryError as ex:
                     res["skipped"].append({"N": N, "H": H, "Hkv": Hkv, "selection": name, "why": f"OOM: {ex}"[:200]})
                 save()

@@ -3,11 +3,13 @@
 # reference and the KV-outer forward), then bench/tile_fwd.py with the launch sweep: KV-outer against
 # tile-outer, dense SDPA and FlexAttention on the same selections, small's heads (8 over 2) and 1b's (32 over
 # 2), at LENGTHS (32768 131072); then training steps of `small` at STEP_LENGTHS (32768 131072), MSA with the KV-outer
-# forward and dense in one process, MSA with attention.fwd_path=tile in the next (same GPU, same call).
+# forward and dense in one process, MSA with STEP_TILE's overrides (attention.fwd_path=tile) in the next (same GPU,
+# same call). The index KL two ways too (bench/tile_fwd.py --kl: kernels/index_kl.py against index_kl_tile.py).
 # Run from the repository root (device machine):
 #   MSA_GIT_COMMIT=<sha> OUT=$OUT bash bench/tile_fwd_gpu.sh
 # CPU_CHECK=1: a rehearsal without a GPU (toy shapes in the interpreter, about 2 minutes).
-# SKIP_STEPS=1 leaves the training steps out, SWEEP=0 the launch sweep.
+# SKIP_STEPS=1 leaves the training steps out, SWEEP=0 the launch sweep; TILE_ARGS adds bench/tile_fwd.py arguments
+# (e.g. "--ratios 1.4 --no-random"), STEP_TILE sets the second step run's overrides (e.g. attention.kl_path=tile).
 # Results in $OUT: tile_fwd.json, train_step_small_fwd_{kv,tile}.json, tile_fwd.log.
 set -uo pipefail
 OUT=${OUT:-runs/tile_fwd}
@@ -22,8 +24,9 @@ if [ "${CPU_CHECK:-0}" = 1 ]; then
   export TRITON_INTERPRET=1  # the kernels on CPU tensors
 else
   setup
-  TAIL=4 stage tile_tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_sparse_tile.py
-  ARGS=(--lengths ${LENGTHS:-32768 131072})
+  TAIL=4 stage tile_tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_sparse_tile.py \
+    tests/test_kernel_kl_tile.py
+  ARGS=(--lengths ${LENGTHS:-32768 131072} ${TILE_ARGS:-})
   [ "${SWEEP:-1}" = 1 ] && ARGS+=(--sweep)
   STEP=(--model small --lengths ${STEP_LENGTHS:-32768 131072} --no-profile)
 fi
@@ -35,5 +38,5 @@ if [ "${SKIP_STEPS:-0}" = 1 ]; then ls -l "$OUT"; exit 0; fi
 TAIL=8 stage step_kv $(( $(left) * 6 / 10 )) python3 -m bench.train_step "${STEP[@]}" --attention msa dense \
   --time-budget $(( $(left) * 6 / 10 - 10 )) --json "$OUT/train_step_small_fwd_kv.json" -- "${AC[@]}"
 TAIL=8 stage step_tile $(( $(left) - 5 )) python3 -m bench.train_step "${STEP[@]}" --attention msa \
-  --time-budget $(( $(left) - 15 )) --json "$OUT/train_step_small_fwd_tile.json" -- "${AC[@]}" attention.fwd_path=tile
+  --time-budget $(( $(left) - 15 )) --json "$OUT/train_step_small_fwd_tile.json" -- "${AC[@]}" ${STEP_TILE:-attention.fwd_path=tile}
 ls -l "$OUT"

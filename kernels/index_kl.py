@@ -38,10 +38,18 @@ import triton
 import triton.language as tl
 
 from kernels.common import build_kl_csr, build_layout, check_cu_seqlens, check_limits, work_keys
+from kernels.index_kl_tile import index_kl_tile_fwd
 from kernels.ops import index_kl_fwd_op
 from msa.keep import kept
 
-__all__ = ["index_kl_loss"]
+__all__ = ["index_kl_loss", "KL_PATHS"]
+
+KL_PATHS = ("kv", "tile")  # attention.kl_path: the KV-outer form here, or kernels/index_kl_tile.py
+
+
+def check_kl_path(path: str) -> None:
+    if path not in KL_PATHS:
+        raise ValueError(f"kl_path must be one of {KL_PATHS}, got {path!r} (attention.kl_path)")
 
 
 @triton.jit
@@ -235,15 +243,21 @@ def _launch_args(q, k, q_idx, block_m):
 
 
 def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad,
-                 block_m=128, chunks=8, budget=4 << 30, num_warps=8, num_stages=2):
+                 block_m=128, chunks=8, budget=4 << 30, num_warps=8, num_stages=2, path="kv"):
     """Loss (float32 scalar) and, with ``grad``, float32 ``dq_idx [B, Nq, Hkv, Di]``, ``dk_idx [B, N, Di]``.
     Launch settings: ``block_m`` gathered queries per chunk, ``chunks`` chunks per program, ``budget``
-    bytes of ``dq_idx`` partials per slot chunk, warps, stages (defaults: the H200 sweep)."""
+    bytes of ``dq_idx`` partials per slot chunk, warps, stages (defaults: the H200 sweep). ``path="tile"``
+    runs the query-tile-outer form (``kernels/index_kl_tile.py``) where it applies: the sparse phase with the
+    teacher's ``lse`` given; elsewhere, and with ``"kv"``, this KV-outer one."""
     B, NQ, H, D = q.shape
     N, Hkv, DI = k.shape[1], k.shape[2], q_idx.shape[-1]
     G = H // Hkv
     dev = q.device
-    doc_start = build_layout(N, block_size, cu_seqlens, dev).tok_start.long()  # [N]: each token's document start
+    check_kl_path(path)
+    layout = build_layout(N, block_size, cu_seqlens, dev)
+    if path == "tile" and block_idx is not None and lse is not None:
+        return index_kl_tile_fwd(q, k, q_idx, k_idx, block_idx, block_size, layout.tok_start, lse, grad)
+    doc_start = layout.tok_start.long()  # [N]: each token's document start
     n_docs = 1 if cu_seqlens is None else cu_seqlens.numel() - 1
     args = (N, NQ)
     scales = (D ** -0.5, DI ** -0.5)
@@ -412,11 +426,11 @@ def backward_kl_args(q, k, index, n_programs) -> BackwardKLArgs:
 
 class IndexKLLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse):
+    def forward(ctx, q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, path):
         grad = q_idx.requires_grad or k_idx.requires_grad
         # the gradients too, in one op (msa::index_kl_fwd) whose outputs selective checkpointing keeps (msa.keep)
         loss, dq, dk = kept("msa::index_kl_fwd", lambda: index_kl_fwd_op(
-            q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad))
+            q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad, path))
         ctx.save_for_backward(dq, dk)
         ctx.dtypes = (q_idx.dtype, k_idx.dtype)
         return loss
@@ -425,12 +439,13 @@ class IndexKLLoss(torch.autograd.Function):
     def backward(ctx, d_loss):
         dq, dk = ctx.saved_tensors
         return (None, None, (dq * d_loss).to(ctx.dtypes[0]), (dk * d_loss).to(ctx.dtypes[1]),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def index_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
                   block_idx: torch.Tensor | None, block_size: int,
-                  cu_seqlens: torch.Tensor | None = None, *, lse: torch.Tensor | None = None) -> torch.Tensor:
+                  cu_seqlens: torch.Tensor | None = None, *, lse: torch.Tensor | None = None,
+                  kl_path: str = "kv") -> torch.Tensor:
     """Index distillation loss ``1/(B*Nq*Hkv) * sum_{b,i,r} KL(P[r,i,:] || Q[r,i,:])``, float32 scalar.
 
     ``q [B, Nq, H, D]``, ``k [B, N, Hkv, D]`` (teacher, no gradient), ``q_idx [B, Nq, Hkv, Di]``,
@@ -438,8 +453,11 @@ def index_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: 
     but for context parallelism). ``block_idx`` int32 ``[B, Hkv, Nq, topk]`` or None for the dense
     warm-up support. ``lse [B, H, Nq]``: the teacher's log-normaliser on that same support (what
     ``sparse_attention`` returns for this ``block_idx``); None computes it here. ``cu_seqlens`` is over
-    the keys (``B == 1``).
+    the keys (``B == 1``). ``kl_path``: ``"kv"`` (KV-outer, this module) or ``"tile"`` (each tile of queries
+    over the union of its blocks, ``kernels/index_kl_tile.py``; the sparse phase with ``lse`` given, else
+    ``"kv"``).
     """
+    check_kl_path(kl_path)
     B, NQ, H, D = q.shape
     if k.ndim != 4 or k.shape[0] != B or k.shape[1] < NQ or k.shape[-1] != D or H % k.shape[2]:
         raise ValueError(f"k must be [B, N >= Nq, Hkv, D] with Hkv dividing H, q is {tuple(q.shape)}, "
@@ -460,4 +478,4 @@ def index_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: 
     q, k = q.detach().contiguous(), k.detach().contiguous()
     return IndexKLLoss.apply(q, k, q_idx.contiguous(), k_idx.to(q_idx.dtype).contiguous(),
                              None if block_idx is None else block_idx.contiguous(), block_size,
-                             cu_seqlens, None if lse is None else lse.detach())
+                             cu_seqlens, None if lse is None else lse.detach(), kl_path)

@@ -91,19 +91,19 @@ def _(q, k, v, starts, union, count, tiles, block_size, scale):
 @torch.library.custom_op("msa::index_kl_fwd", mutates_args=())
 def index_kl_fwd_op(q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor, block_idx: Tensor | None,
                     block_size: int, cu_seqlens: Tensor | None, lse: Tensor | None,
-                    grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+                    grad: bool, path: str = "kv") -> tuple[Tensor, Tensor, Tensor]:
     """``kernels.index_kl.index_kl_fwd`` with its default launch settings -> ``(loss, dq_idx, dk_idx)``;
-    without ``grad`` the two gradients are empty tensors."""
+    without ``grad`` the two gradients are empty tensors. ``path``: its ``path`` (``"kv"`` or ``"tile"``)."""
     from kernels.index_kl import index_kl_fwd
 
-    loss, dq, dk = index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad)
+    loss, dq, dk = index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad, path=path)
     if not grad:  # two tensors: an op's outputs may not alias each other
         dq, dk = loss.new_empty(0), loss.new_empty(0)
     return loss, dq, dk
 
 
 @index_kl_fwd_op.register_fake
-def _(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad):
+def _(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad, path="kv"):
     loss = q.new_empty((), dtype=torch.float32)
     if not grad:
         return loss, loss.new_empty(0), loss.new_empty(0)

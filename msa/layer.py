@@ -57,6 +57,10 @@ class AttentionConfig:
     # where neighbouring queries share blocks, msa/tile_union) or auto (tile where the layer's selection is
     # local enough, kernels.sparse_tile.tile_pays; one device->host read per layer); the backward is the same
     fwd_path: str = "kv"
+    # the index KL on the Triton path's sparse phase: kv (KV-outer over its own reverse index, kernels/index_kl.py)
+    # or tile (each tile of consecutive queries over the union of their blocks, kernels/index_kl_tile.py: no
+    # dq_idx partials, no gathers; dk_idx by one atomic add per tile and union block)
+    kl_path: str = "kv"
 
 
 def check_attention(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_dim: int, n_layers: int) -> None:
@@ -69,6 +73,10 @@ def check_attention(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_di
 
     if cfg.fwd_path not in FWD_PATHS:
         raise ValueError(f"attention.fwd_path={cfg.fwd_path!r}: use one of {', '.join(FWD_PATHS)}")
+    from kernels.index_kl import KL_PATHS
+
+    if cfg.kl_path not in KL_PATHS:
+        raise ValueError(f"attention.kl_path={cfg.kl_path!r}: use one of {', '.join(KL_PATHS)}")
     if cfg.topk < 1:
         raise ValueError(f"attention.topk={cfg.topk} must be >= 1 (blocks kept per query and group)")
     if cfg.block_size < 1 or cfg.block_size & (cfg.block_size - 1):
@@ -183,6 +191,7 @@ class MSACore(nn.Module):
         self.kl_in_backward = cfg.kl_in_backward
         # a kernel choice: the reference (impl=reference, or auto without CUDA) has one forward
         self._fwd = {} if cfg.fwd_path == "kv" else {"fwd_path": cfg.fwd_path}
+        self._kl = {} if cfg.kl_path == "kv" else {"kl_path": cfg.kl_path}
         self._backward_kl: list[torch.Tensor] = []  # what sparse_attention_kl's backward reported
 
     def take_backward_kl(self) -> torch.Tensor | None:
@@ -224,7 +233,8 @@ class MSACore(nn.Module):
         q_t, lse_t = teacher(q.detach(), lse) if teacher is not None else (q.detach(), lse)
         if with_kl and kl is None:
             support = None if dense else block_idx
-            kl = ops.index_kl_loss(q_t, k.detach(), q_idx, k_idx, support, Bk, cu_seqlens, lse=lse_t)
+            kl = ops.index_kl_loss(q_t, k.detach(), q_idx, k_idx, support, Bk, cu_seqlens, lse=lse_t,
+                                   **(self._kl if hasattr(ops, "sparse_attention_kl") else {}))
         stats = None
         if stats_queries:
             stats = selection_stats(q_t, k.detach(), block_idx, Bk, self.topk, cu_seqlens, stats_queries)

@@ -208,6 +208,7 @@ def test_tile_union_against_sets(tile_rows, chunk):
     ({"impl": "cuda"}, "attention.impl"),
     ({"kind": "sparse"}, "attention.kind"),
     ({"fwd_path": "query"}, "attention.fwd_path"),
+    ({"kl_path": "query"}, "attention.kl_path"),
 ])
 def test_bad_attention_config_names_the_key(change, key):
     with pytest.raises(ValueError, match=key):
