@@ -126,8 +126,11 @@ def bench_kl(row, q, k, sel, bk, device, kl_tiles):
         row[f"{name}_ms"], row[f"{name}_timing"] = measure(fn, device=device)
         row[f"{name}_tflops"] = flops / row[f"{name}_ms"] / 1e9
     row["kl_tiles"] = vars(kl_tiles)
+    work, selected = _tile_union(sel, kl_tiles.block_m)
+    row["kl_tile_union"] = (work / selected).item()  # at the KL's tiles (block_m queries), not the forward's
     row["kl_tile_speedup_vs_kv"] = row["kl_kv_ms"] / row["kl_tile_ms"]
-    print(f"  kl: kv {row['kl_kv_ms']:.2f} tile {row['kl_tile_ms']:.2f} ms; rel_rms loss "
+    print(f"  kl (tile union {row['kl_tile_union']:.2f}): kv {row['kl_kv_ms']:.2f} tile {row['kl_tile_ms']:.2f} ms; "
+          f"rel_rms loss "
           f"{row['kl_loss_rel_rms_tile_vs_kv']:.1e} dq_idx {row['kl_dq_idx_rel_rms_tile_vs_kv']:.1e} dk_idx "
           f"{row['kl_dk_idx_rel_rms_tile_vs_kv']:.1e}", flush=True)
 

@@ -18,13 +18,13 @@ from train.vision import VisionConfig
 OPS = [name for _, name in KERNEL_HOSTS]
 
 
-def _model(impl: str, n_layers: int = 2, n_dense_layers: int = 1, fwd_path: str = "kv") -> Decoder:
+def _model(impl: str, n_layers: int = 2, n_dense_layers: int = 1, **attention) -> Decoder:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, head_dim=16, rope_dim=8,
                       vision=VisionConfig(kind="linear", patch_size=2))
     # dense layers first, then MSA; 16-key blocks and topk 2, so the 36-token document's last block chooses
     return Decoder(cfg, AttentionConfig(impl=impl, block_size=16, topk=2, index_dim=16,
-                                        n_dense_layers=n_dense_layers, fwd_path=fwd_path))
+                                        n_dense_layers=n_dense_layers, **attention))
 
 
 def _batch(N: int = 48) -> dict:
