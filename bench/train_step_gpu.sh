@@ -54,7 +54,9 @@
 #      out-of-memory is recorded, with where it was raised; on an H100 at 00b037a: 512K ran offloaded, 1M ran out in
 #      the sparse backward's dK/dV partials, since taken a group of query chunks at a time, docs/scaling.md 3q;
 #      the GPU test of those groups runs first):
-#      STAGES=1b_long MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
+#      STAGES=1b_long MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...; SKIP_512K=1 leaves the 512K point out,
+#      LONG_1B_OVERRIDES adds overrides to both points (e.g. "attention.dq_path=tile attention.kl_path=tile": no
+#      dQ or dq_idx partials, for an 80 GB card)
 # EXTRA_OVERRIDES adds Hydra overrides to every stage's steps, e.g. EXTRA_OVERRIDES=model.rope_impl=torch.
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
 # selective, the default, except base_1m), sparse phase.
@@ -213,9 +215,10 @@ if want 1b_long; then
       -k grouped
   fi
   win=("model.sliding_window=$WINDOW" "model.sliding_layers=[0]")
+  win+=(${LONG_1B_OVERRIDES:-})
   budget=$(( $(left) - 15 ))
-  TAIL=6 stage 1b_512k 300 python3 -m bench.train_step "${ONE_B_LONG[@]}" --lengths "${LONG_1B[0]}" \
-    --time-budget "$budget" --json "$OUT/train_step_1b_512k.json" -- $AC $FULL "${win[@]}"
+  [ "${SKIP_512K:-0}" = 1 ] || TAIL=6 stage 1b_512k 300 python3 -m bench.train_step "${ONE_B_LONG[@]}" \
+    --lengths "${LONG_1B[0]}" --time-budget "$budget" --json "$OUT/train_step_1b_512k.json" -- $AC $FULL "${win[@]}"
   if grep -q '"status": "OOM' "$OUT/train_step_1b_512k.json" 2>/dev/null; then
     budget=$(( $(left) - 15 ))
     TAIL=6 stage 1b_512k_offload 300 python3 -m bench.train_step "${ONE_B_LONG[@]}" --lengths "${LONG_1B[0]}" \

@@ -52,6 +52,7 @@ from kernels.sparse_attention_bwd import sparse_attention_bwd
 from kernels.sparse_tile import tile_pays, tile_queries, tile_union
 from kernels.sparse_tiles import (
     DATA_DEPENDENT,
+    DQ_PATHS,
     LAUNCH,
     LOG2E,
     Launch,
@@ -173,8 +174,8 @@ def resolve_dq_path(dq_path: str, G: int) -> str:
     forward+backward 90.8 vs 93.8 ms at G = 16, 127.8 vs 108.7 ms at G = 8)."""
     if dq_path == "auto":
         return "dkdv" if G >= 16 else "kv"
-    if dq_path not in ("kv", "dkdv", "tile"):
-        raise ValueError(f"dq_path must be 'auto', 'kv', 'dkdv' or 'tile', got {dq_path!r}")
+    if dq_path not in DQ_PATHS:
+        raise ValueError(f"dq_path must be one of {DQ_PATHS}, got {dq_path!r} (attention.dq_path)")
     return dq_path
 
 

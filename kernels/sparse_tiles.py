@@ -106,6 +106,7 @@ class Launch:
 
 LAUNCH = Launch()
 FWD_PATHS = ("kv", "tile", "auto")
+DQ_PATHS = ("auto", "kv", "dkdv", "tile")  # the backward's dQ (kernels.sparse_attention.resolve_dq_path)
 
 
 def check_fwd_path(fwd_path: str) -> None:

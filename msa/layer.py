@@ -61,6 +61,10 @@ class AttentionConfig:
     # or tile (each tile of consecutive queries over the union of their blocks, kernels/index_kl_tile.py: no
     # dq_idx partials, no gathers; dk_idx by one atomic add per tile and union block)
     kl_path: str = "kv"
+    # the sparse backward's dQ on the Triton path: auto (dkdv at G >= 16, else kv, as measured), kv (KV-outer dQ
+    # kernel, partials and reduce), dkdv (written by the dK/dV kernel as partials) or tile (each tile of queries
+    # over the union of its blocks, kernels/sparse_tile.py: no dQ partials at all, the least memory)
+    dq_path: str = "auto"
 
 
 def check_attention(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_dim: int, n_layers: int) -> None:
@@ -74,9 +78,12 @@ def check_attention(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_di
     if cfg.fwd_path not in FWD_PATHS:
         raise ValueError(f"attention.fwd_path={cfg.fwd_path!r}: use one of {', '.join(FWD_PATHS)}")
     from kernels.index_kl import KL_PATHS
+    from kernels.sparse_tiles import DQ_PATHS
 
     if cfg.kl_path not in KL_PATHS:
         raise ValueError(f"attention.kl_path={cfg.kl_path!r}: use one of {', '.join(KL_PATHS)}")
+    if cfg.dq_path not in DQ_PATHS:
+        raise ValueError(f"attention.dq_path={cfg.dq_path!r}: use one of {', '.join(DQ_PATHS)}")
     if cfg.topk < 1:
         raise ValueError(f"attention.topk={cfg.topk} must be >= 1 (blocks kept per query and group)")
     if cfg.block_size < 1 or cfg.block_size & (cfg.block_size - 1):
@@ -189,8 +196,11 @@ class MSACore(nn.Module):
         self.impl = cfg.impl
         self.ops = resolve_ops(cfg.impl)
         self.kl_in_backward = cfg.kl_in_backward
-        # a kernel choice: the reference (impl=reference, or auto without CUDA) has one forward
+        # kernel choices (the forward's and the backward's dQ; the KL's): the reference (impl=reference, or auto
+        # without CUDA) has one of each
         self._fwd = {} if cfg.fwd_path == "kv" else {"fwd_path": cfg.fwd_path}
+        if cfg.dq_path != "auto":
+            self._fwd["dq_path"] = cfg.dq_path
         self._kl = {} if cfg.kl_path == "kv" else {"kl_path": cfg.kl_path}
         self._backward_kl: list[torch.Tensor] = []  # what sparse_attention_kl's backward reported
 

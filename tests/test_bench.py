@@ -315,7 +315,8 @@ def test_the_1b_long_stage_runs_its_two_points_with_their_overrides(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OUT": str(tmp_path),
-           "CPU_CHECK": "1", "STAGES": "1b_long", "MSA_GIT_COMMIT": "test"}
+           "CPU_CHECK": "1", "STAGES": "1b_long", "MSA_GIT_COMMIT": "test",
+           "LONG_1B_OVERRIDES": "attention.dq_path=tile attention.kl_path=tile"}
     done = subprocess.run(["bash", "bench/train_step_gpu.sh"], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -323,9 +324,10 @@ def test_the_1b_long_stage_runs_its_two_points_with_their_overrides(tmp_path):
         res = json.loads((tmp_path / f"train_step_1b_{name}.json").read_text())
         assert [(p["seq_len"], p["attention"], p["status"]) for p in res["points"]] == [(tokens, "msa", "ok")]
         assert res["points"][0]["layers"] == {"dense": 0, "window": 1, "msa": 1}
-        assert res["meta"]["overrides"][-3 - len(extra):] == ["parallel.checkpoint_policy=full",
-                                                               "model.sliding_window=64",
-                                                               "model.sliding_layers=[0]", *extra]
+        assert res["meta"]["overrides"][-5 - len(extra):] == ["parallel.checkpoint_policy=full",
+                                                               "model.sliding_window=64", "model.sliding_layers=[0]",
+                                                               "attention.dq_path=tile", "attention.kl_path=tile",
+                                                               *extra]
     assert not (tmp_path / "train_step_1b_512k_offload.json").exists()  # only after an out-of-memory
 
 

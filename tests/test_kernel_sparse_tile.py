@@ -152,10 +152,11 @@ def test_sparse_attention_with_the_tile_kernels_matches_reference(monkeypatch, f
 
 @pytest.mark.usefixtures("restore_dist_env")
 def test_model_with_the_tile_forward_under_selective_checkpointing(monkeypatch):
-    """``attention.fwd_path=tile attention.kl_path=tile`` in a model (Triton, interpreted): the loss and gradients
-    (the index weights' from the KL) of the KV-outer forms; under selective checkpointing the tile forward and the
-    tile KL run once per MSA layer (kept for the recompute, as ``parallel.SAVED_OPS`` says) and the KV-outer ones
-    (the forward; the KL's reverse index) never."""
+    """``attention.fwd_path=tile attention.kl_path=tile attention.dq_path=tile`` in a model (Triton, interpreted):
+    the loss and gradients (the index weights' from the KL) of the KV-outer forms; under selective checkpointing
+    the tile forward and the tile KL run once per MSA layer (kept for the recompute, as ``parallel.SAVED_OPS``
+    says), the tile dQ once per MSA layer's backward, and the KV-outer ones (the forward; the KL's reverse index)
+    never."""
     import collections
     import importlib
 
@@ -165,16 +166,17 @@ def test_model_with_the_tile_forward_under_selective_checkpointing(monkeypatch):
     calls = collections.Counter()
     for module_name, name in (("kernels.sparse_tile", "sparse_attention_tile_fwd"),
                               ("kernels.sparse_attention", "sparse_attention_fwd"),
-                              ("kernels.index_kl", "index_kl_tile_fwd"), ("kernels.index_kl", "build_kl_csr")):
+                              ("kernels.index_kl", "index_kl_tile_fwd"), ("kernels.index_kl", "build_kl_csr"),
+                              ("kernels.sparse_attention_bwd", "sparse_attention_tile_dq")):
         module = importlib.import_module(module_name)  # kernels.sparse_attention is also a function's name
         monkeypatch.setattr(module, name, counting(calls, name, getattr(module, name)))
     batch = _batch()
     ref = _step(_model("triton", n_layers=3), batch, "sparse")
     assert calls == {"sparse_attention_fwd": 2, "build_kl_csr": 2}
     calls.clear()
-    out = _step(_checkpointed(_model("triton", n_layers=3, fwd_path="tile", kl_path="tile"), "selective"), batch,
-                "sparse")
-    assert calls == {"sparse_attention_tile_fwd": 2, "index_kl_tile_fwd": 2}
+    model = _model("triton", n_layers=3, fwd_path="tile", kl_path="tile", dq_path="tile")
+    out = _step(_checkpointed(model, "selective"), batch, "sparse")
+    assert calls == {"sparse_attention_tile_fwd": 2, "index_kl_tile_fwd": 2, "sparse_attention_tile_dq": 2}
     (loss, grads, _), (loss_t, grads_t, _) = ref, out
     assert abs(loss - loss_t) < 1e-6 * abs(loss)  # another summation order than the KV-outer forward's
     _check_same((loss, grads, None), (loss, grads_t, None), "tile forward, selective")

@@ -209,6 +209,7 @@ def test_tile_union_against_sets(tile_rows, chunk):
     ({"kind": "sparse"}, "attention.kind"),
     ({"fwd_path": "query"}, "attention.fwd_path"),
     ({"kl_path": "query"}, "attention.kl_path"),
+    ({"dq_path": "query"}, "attention.dq_path"),
 ])
 def test_bad_attention_config_names_the_key(change, key):
     with pytest.raises(ValueError, match=key):
