@@ -18,7 +18,8 @@ default dQ path, the tile forward with the tile dQ (``dq_path="tile"``), and den
 
 With ``--kl`` (the default) also the index KL with its gradients, as training runs it (the teacher's lse from the
 forward, ``Di = 64``): ``kl_kv`` (``kernels.index_kl``, KV-outer) against ``kl_tile`` (``kernels/index_kl_tile.py``,
-its union build included), their loss and gradients compared; ``--sweep`` tries the tile KL's launch too.
+its union build included), their loss and gradients compared; ``--sweep`` tries the tile KL's launch too
+(``--kl-sweep``: the KL's alone).
 
 Timed (``bench/timing.py``: warm-up, then do_bench's median): ``kv`` = the whole KV-outer forward (reverse
 index, kernel, combine) and ``kv_kernels`` = its kernel and combine given the index; ``tile`` = the union
@@ -252,7 +253,8 @@ def main(argv=None):
     ap.add_argument("--heads", nargs="+", default=["8:2", "32:2"], help="H:Hkv pairs (small's 8:2, 1b's 32:2)")
     ap.add_argument("--ratios", type=float, nargs="+", default=[1.4, 2.7], help="pool selections' tile unions")
     ap.add_argument("--random", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--sweep", action="store_true", help="try the tile kernel's launch settings first")
+    ap.add_argument("--sweep", action="store_true", help="try the tile kernels' launch settings first")
+    ap.add_argument("--kl-sweep", action="store_true", help="try the tile KL's launch first (not the forward's)")
     ap.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True,
                     help="forward+backward too: the KV-outer paths, the tile forward, the tile forward and dQ")
     ap.add_argument("--kl", action=argparse.BooleanOptionalAction, default=True,
@@ -294,17 +296,20 @@ def main(argv=None):
                     for r in a.ratios]
             if a.random:
                 sels.append(("random", partial(random_selection, N, Hkv, topk, a.block_size, a.device, dtype)))
+            if (a.sweep or a.kl_sweep) and "sweep_case" not in res:
+                res["sweep_case"] = {"N": N, "H": H, "Hkv": Hkv, "selection": sels[0][0]}
             if a.sweep and "sweep" not in res:
                 variants = [Tiles(block_m=m, num_warps=w, num_stages=s) for m in (64, 128) for w in (4, 8)
                             for s in (1, 2, 3)] if cuda else [Tiles(block_m=16, num_stages=1)]
                 layout = build_layout(N, a.block_size, None, q.device)
                 tiles, res["sweep"] = sweep(q, k, v, sels[0][1](), a.block_size, layout, a.device, variants)
-                res["sweep_case"] = {"N": N, "H": H, "Hkv": Hkv, "selection": sels[0][0], "best": vars(tiles)}
-                if a.kl:
-                    kl_variants = [Tiles(block_m=m, num_warps=w, num_stages=s) for m in (32, 64, 128) for w in (4, 8)
-                                   for s in (1, 2)] if cuda else [Tiles(block_m=16, num_stages=1)]
-                    kl_tiles, res["kl_sweep"] = sweep_kl(q, k, sels[0][1](), a.block_size, a.device, kl_variants)
-                    res["sweep_case"]["kl_best"] = vars(kl_tiles)
+                res["sweep_case"]["best"] = vars(tiles)
+                save()
+            if (a.sweep or a.kl_sweep) and a.kl and "kl_sweep" not in res:
+                kl_variants = [Tiles(block_m=m, num_warps=w, num_stages=s) for m in (32, 64, 128) for w in (4, 8)
+                               for s in (1, 2)] if cuda else [Tiles(block_m=16, num_stages=1)]
+                kl_tiles, res["kl_sweep"] = sweep_kl(q, k, sels[0][1](), a.block_size, a.device, kl_variants)
+                res["sweep_case"]["kl_best"] = vars(kl_tiles)
                 save()
             for name, make in sels:
                 if time.perf_counter() > deadline:
