@@ -67,22 +67,29 @@ def random_selection(N: int, Hkv: int, topk: int, block_size: int, device, dtype
     return select_blocks(q_idx, k_idx, block_size, topk)
 
 
-def sweep(q, k, v, sel, bk, layout, device, variants) -> tuple[Tiles, list[dict]]:
+def sweep(make, variants, default: Tiles, device, label: str) -> tuple[Tiles, list[dict]]:
+    """Time ``make(tiles)()`` for each launch variant; ``(the fastest, one row per variant)``, ``default`` where
+    none ran."""
     rows, best = [], None
     for t in variants:
-        T = tile_queries(t, q.shape[2] // k.shape[2])
-        un = tile_union(sel, layout.tok_start, k.shape[1], bk, T)
         try:
-            ms, _ = measure(partial(sparse_attention_tile_fwd, q, k, v, sel, bk, layout.tok_start, q.shape[-1] ** -0.5,
-                                    t, un), device=device)
+            ms, _ = measure(make(t), device=device)
         except Exception as ex:  # a variant that does not compile (shared memory) is recorded
             rows.append({"tiles": vars(t), "status": f"{type(ex).__name__}: {str(ex).splitlines()[0][:120]}"})
             continue
         rows.append({"tiles": vars(t), "ms": ms, "status": "ok"})
-        print(f"  sweep {t}: {ms:.3f} ms", flush=True)
+        print(f"  {label} sweep {t}: {ms:.3f} ms", flush=True)
         if best is None or ms < best[1]:
             best = (t, ms)
-    return (best[0] if best else TILE_FWD), rows
+    return (best[0] if best else default), rows
+
+
+def sweep_fwd(q, k, v, sel, bk, layout, device, variants) -> tuple[Tiles, list[dict]]:
+    """The tile forward's kernel (its union built outside the timing) at each variant."""
+    def make(t):
+        un = tile_union(sel, layout.tok_start, k.shape[1], bk, tile_queries(t, q.shape[2] // k.shape[2]))
+        return partial(sparse_attention_tile_fwd, q, k, v, sel, bk, layout.tok_start, q.shape[-1] ** -0.5, t, un)
+    return sweep(make, variants, TILE_FWD, device, "fwd")
 
 
 def kl_inputs(q, k, sel, bk, di=64):
@@ -96,20 +103,10 @@ def kl_inputs(q, k, sel, bk, di=64):
 
 
 def sweep_kl(q, k, sel, bk, device, variants) -> tuple[Tiles, list[dict]]:
+    """The tile KL with its gradients (its union build included) at each variant."""
     q_idx, k_idx, lse, layout = kl_inputs(q, k, sel, bk)
-    rows, best = [], None
-    for t in variants:
-        try:
-            ms, _ = measure(partial(index_kl_tile_fwd, q, k, q_idx, k_idx, sel, bk, layout.tok_start, lse, True, t),
-                            device=device)
-        except Exception as ex:  # a variant that does not compile (shared memory) is recorded
-            rows.append({"tiles": vars(t), "status": f"{type(ex).__name__}: {str(ex).splitlines()[0][:120]}"})
-            continue
-        rows.append({"tiles": vars(t), "ms": ms, "status": "ok"})
-        print(f"  kl sweep {t}: {ms:.3f} ms", flush=True)
-        if best is None or ms < best[1]:
-            best = (t, ms)
-    return (best[0] if best else KL_TILE), rows
+    return sweep(lambda t: partial(index_kl_tile_fwd, q, k, q_idx, k_idx, sel, bk, layout.tok_start, lse, True, t),
+                 variants, KL_TILE, device, "kl")
 
 
 def bench_kl(row, q, k, sel, bk, device, kl_tiles):
@@ -302,7 +299,7 @@ def main(argv=None):
                 variants = [Tiles(block_m=m, num_warps=w, num_stages=s) for m in (64, 128) for w in (4, 8)
                             for s in (1, 2, 3)] if cuda else [Tiles(block_m=16, num_stages=1)]
                 layout = build_layout(N, a.block_size, None, q.device)
-                tiles, res["sweep"] = sweep(q, k, v, sels[0][1](), a.block_size, layout, a.device, variants)
+                tiles, res["sweep"] = sweep_fwd(q, k, v, sels[0][1](), a.block_size, layout, a.device, variants)
                 res["sweep_case"]["best"] = vars(tiles)
                 save()
             if (a.sweep or a.kl_sweep) and a.kl and "kl_sweep" not in res:

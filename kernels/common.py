@@ -200,6 +200,16 @@ def _key_dtype(largest: int) -> torch.dtype:
 
 
 @triton.jit
+def dot_ieee(a, b, IEEE: tl.constexpr):
+    """``tl.dot``, in full fp32 precision where ``IEEE`` (fp32 inputs: the CPU tests' exact comparisons), else the
+    tensor cores' default (tf32 for fp32, bf16/fp16 products with fp32 accumulation)."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _search(keys, n, target, n_iter, RIGHT: tl.constexpr):
     """Per lane, the first position ``p`` in the ascending ``keys[0:n]`` with ``keys[p] >= target`` (``>``
     with ``RIGHT``): ``torch.searchsorted``. ``n_iter`` = ``n.bit_length()`` halvings empty the interval."""

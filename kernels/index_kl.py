@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import build_kl_csr, build_layout, check_cu_seqlens, check_limits, work_keys
+from kernels.common import build_kl_csr, build_layout, check_cu_seqlens, check_limits, dot_ieee, work_keys
 from kernels.index_kl_tile import index_kl_tile_fwd
 from kernels.ops import index_kl_fwd_op
 from msa.keep import kept
@@ -62,14 +62,6 @@ def _entry_rows(entries, c, NQ, S, BLOCK_M: tl.constexpr):
     o_row = o_e // S
     o_q = o_row % NQ
     return o_e, m_e, o_row, o_q
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
@@ -113,14 +105,14 @@ def index_kl_fwd_lse_kernel(
                        mask=m_e[:, None] & (o_di < DI)[None, :], other=0.0)
         # [BLOCK_M, BK]
         m_s = m_e[:, None] & (o_j[None, :] <= (N - NQ + o_q)[:, None])
-        b_s = tl.where(m_s, _dot(b_qi, tl.trans(b_ki), IEEE) * scale_s, float("-inf"))
+        b_s = tl.where(m_s, dot_ieee(b_qi, tl.trans(b_ki), IEEE) * scale_s, float("-inf"))
         tl.store(lse_s + o_e, _row_lse(b_s), mask=m_e)
         if TEACHER:
             for g in range(G):
                 i_h = i_r * G + g
                 b_q = tl.load(q + ((i_b * NQ + o_q) * (HKV * G) + i_h)[:, None] * D + o_d[None, :],
                               mask=m_e[:, None] & (o_d < D)[None, :], other=0.0)
-                b_st = tl.where(m_s, _dot(b_q, tl.trans(b_k), IEEE) * scale_t, float("-inf"))
+                b_st = tl.where(m_s, dot_ieee(b_q, tl.trans(b_k), IEEE) * scale_t, float("-inf"))
                 tl.store(lse_t + o_e * G + g, _row_lse(b_st), mask=m_e)
 
 
@@ -161,7 +153,7 @@ def index_kl_fwd_kernel(
                        mask=m_e[:, None] & m_di[None, :], other=0.0)
         # [BLOCK_M, BK]
         m_s = m_e[:, None] & (o_j[None, :] <= (N - NQ + o_q)[:, None])
-        b_s = _dot(b_qi, tl.trans(b_ki), IEEE) * scale_s
+        b_s = dot_ieee(b_qi, tl.trans(b_ki), IEEE) * scale_s
         b_p = tl.zeros((BLOCK_M, BK), tl.float32)
         for g in range(G):
             i_h = i_r * G + g
@@ -170,7 +162,7 @@ def index_kl_fwd_kernel(
             b_lt = tl.load(lse_t + (i_b * HKV * G + i_h) * NQ + o_q, mask=m_e, other=float("inf"))
             # an empty teacher row (lse = -inf) contributes nothing
             b_lt = tl.where(b_lt > float("-inf"), b_lt, float("inf"))
-            b_p += tl.exp(_dot(b_q, tl.trans(b_k), IEEE) * scale_t - b_lt[:, None])
+            b_p += tl.exp(dot_ieee(b_q, tl.trans(b_k), IEEE) * scale_t - b_lt[:, None])
         b_p = tl.where(m_s, b_p / G, 0.0)
         b_plogp = tl.where(b_p > 0, b_p * tl.log(tl.where(b_p > 0, b_p, 1.0)), 0.0)
         tl.store(loss + c, tl.sum(tl.sum(b_plogp - b_p * tl.where(m_s, b_s, 0.0), 1), 0))
@@ -179,9 +171,9 @@ def index_kl_fwd_kernel(
             b_ls = tl.where(b_ls > float("-inf"), b_ls, float("inf"))
             b_ds = tl.where(m_s, tl.exp(b_s - b_ls[:, None]) - b_p, 0.0) * scale_s
             # [BLOCK_M, BLOCK_DI]: this entry's share of dq_idx, summed over slots on the host
-            b_dq = _dot(b_ds.to(b_ki.dtype), b_ki, IEEE)
+            b_dq = dot_ieee(b_ds.to(b_ki.dtype), b_ki, IEEE)
             tl.store(dq_idx + o_e[:, None] * DI + o_di[None, :], b_dq, mask=m_e[:, None] & m_di[None, :])
-            b_dk += _dot(tl.trans(b_ds.to(b_qi.dtype)), b_qi, IEEE)
+            b_dk += dot_ieee(tl.trans(b_ds.to(b_qi.dtype)), b_qi, IEEE)
     if GRAD:
         tl.atomic_add(dk_idx + (i_b * N + o_j)[:, None] * DI + o_di[None, :], b_dk,
                       mask=m_j[:, None] & m_di[None, :], sem="relaxed")
@@ -336,7 +328,7 @@ def kl_tile(q_idx, b_ki, lse_s, dq_idx, b_p, o_q, m_row, o_k, m_k, i_b, i_r, sca
         first = m_row & (tl.arange(0, BLOCK_M) % G == 0)
     o_qi = ((i_b.to(tl.int64) * NQ + o_q) * HKV + i_r)[:, None] * DI + o_di[None, :]
     b_qi = tl.load(q_idx + o_qi, mask=first[:, None] & m_di[None, :], other=0.0)
-    b_si = _dot(b_qi, tl.trans(b_ki), IEEE) * scale_i
+    b_si = dot_ieee(b_qi, tl.trans(b_ki), IEEE) * scale_i
     m_s = first[:, None] & m_k[None, :] & (o_k[None, :] <= (N - NQ + o_q)[:, None])
     b_pt = tl.where(m_s, b_pt, 0.0)
     b_plogp = tl.where(b_pt > 0, b_pt * tl.log(tl.where(b_pt > 0, b_pt, 1.0)), 0.0)
@@ -344,10 +336,10 @@ def kl_tile(q_idx, b_ki, lse_s, dq_idx, b_p, o_q, m_row, o_k, m_k, i_b, i_r, sca
     b_ls = tl.load(lse_s + (i_b.to(tl.int64) * HKV + i_r) * NQ + o_q, mask=first, other=float("inf"))
     b_ls = tl.where(b_ls > float("-inf"), b_ls, float("inf"))
     b_ds = tl.where(m_s, tl.exp(b_si - b_ls[:, None]) - b_pt, 0.0) * scale_i
-    b_dq = _dot(b_ds.to(b_ki.dtype), b_ki, IEEE)
+    b_dq = dot_ieee(b_ds.to(b_ki.dtype), b_ki, IEEE)
     # relaxed: a sum nothing reads before the kernel ends (Triton's default, acq_rel, fences every add)
     tl.atomic_add(dq_idx + o_qi, b_dq, mask=first[:, None] & m_di[None, :], sem="relaxed")
-    return b_kl, _dot(tl.trans(b_ds.to(b_qi.dtype)), b_qi, IEEE)
+    return b_kl, dot_ieee(tl.trans(b_ds.to(b_qi.dtype)), b_qi, IEEE)
 
 
 @triton.jit
@@ -373,7 +365,7 @@ def index_kl_student_lse_kernel(
         b_qi = tl.load(q_idx + ((i_b.to(tl.int64) * NQ + o_q) * HKV + i_r)[:, None] * DI + o_di[None, :],
                        mask=m_e[:, None] & m_di[None, :], other=0.0)
         m_s = m_e[:, None] & m_k[None, :] & (o_k[None, :] <= (N - NQ + o_q)[:, None])
-        b_s = tl.where(m_s, _dot(b_qi, tl.trans(b_ki), IEEE) * scale_i, float("-inf"))
+        b_s = tl.where(m_s, dot_ieee(b_qi, tl.trans(b_ki), IEEE) * scale_i, float("-inf"))
         b_mx = tl.max(b_s, 1)
         b_mx = tl.where(b_mx > float("-inf"), b_mx, 0.0)
         tl.store(part_lse + b_ent, b_mx + tl.log(tl.sum(tl.exp(b_s - b_mx[:, None]), 1)), mask=m_e)

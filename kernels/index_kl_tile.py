@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.common import dot_ieee
 from kernels.sparse_tile import tile_union
 from kernels.sparse_tiles import LOG2E, Tiles
 
@@ -28,14 +29,6 @@ __all__ = ["KL_TILE", "index_kl_tile_fwd"]
 
 # queries per tile, warps, stages; a first choice (bench/tile_fwd.py --kl times it against the KV-outer form)
 KL_TILE = Tiles(block_m=64, num_warps=4, num_stages=1)
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
@@ -88,7 +81,7 @@ def index_kl_tile_lse_kernel(
     b_l = tl.zeros([T], tl.float32)
     for i_u in range(n_u):
         kpos, m_k, b_ki, m_s = _kl_block(k_idx, tl.load(p_u + i_u), b_sel, at, i_b, N, DI, BK, BLOCK_DI)
-        b_s = tl.where(m_s, _dot(b_qi, tl.trans(b_ki), IEEE) * scale_s2, float("-inf"))
+        b_s = tl.where(m_s, dot_ieee(b_qi, tl.trans(b_ki), IEEE) * scale_s2, float("-inf"))
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
         b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
         b_l = b_l * tl.exp2(b_m - b_ms) + tl.sum(tl.exp2(b_s - b_ms[:, None]), 1)
@@ -122,7 +115,7 @@ def index_kl_tile_kernel(
         kpos, m_k, b_ki, m_s = _kl_block(k_idx, tl.load(p_u + i_u), b_sel, at, i_b, N, DI, BK, BLOCK_DI)
         b_k = tl.load(k + ((i_b.to(tl.int64) * N + kpos) * HKV + i_r)[:, None] * D + o_d[None, :],
                       mask=m_k[:, None], other=0.0)
-        b_s = _dot(b_qi, tl.trans(b_ki), IEEE) * scale_s
+        b_s = dot_ieee(b_qi, tl.trans(b_ki), IEEE) * scale_s
         b_p = tl.zeros([T, BK], tl.float32)
         for g in range(G):
             i_h = i_r * G + g
@@ -131,14 +124,14 @@ def index_kl_tile_kernel(
             b_lt = tl.load(lse_t + (i_b.to(tl.int64) * H + i_h) * NQ + i_q, mask=m_q, other=float("inf"))
             # an empty teacher row (lse = -inf) contributes nothing
             b_lt = tl.where(b_lt > float("-inf"), b_lt * 1.4426950408889634, float("inf"))
-            b_p += tl.exp2(_dot(b_q, tl.trans(b_k), IEEE) * scale_t2 - b_lt[:, None])
+            b_p += tl.exp2(dot_ieee(b_q, tl.trans(b_k), IEEE) * scale_t2 - b_lt[:, None])
         b_p = tl.where(m_s, b_p / G, 0.0)
         b_plogp = tl.where(b_p > 0, b_p * tl.log(tl.where(b_p > 0, b_p, 1.0)), 0.0)
         b_loss += tl.sum(b_plogp - b_p * tl.where(m_s, b_s, 0.0), 1)
         if GRAD:
             b_ds = tl.where(m_s, tl.exp(b_s - b_ls[:, None]) - b_p, 0.0) * scale_s
-            b_dq += _dot(b_ds.to(b_ki.dtype), b_ki, IEEE)
-            b_dk = _dot(tl.trans(b_ds.to(b_qi.dtype)), b_qi, IEEE)
+            b_dq += dot_ieee(b_ds.to(b_ki.dtype), b_ki, IEEE)
+            b_dk = dot_ieee(tl.trans(b_ds.to(b_qi.dtype)), b_qi, IEEE)
             tl.atomic_add(dk_idx + (i_b.to(tl.int64) * N + kpos)[:, None] * DI + o_di[None, :], b_dk,
                           mask=m_k[:, None] & m_di[None, :], sem="relaxed")
     tl.store(loss + tl.program_id(1) * NT + tl.program_id(0), tl.sum(tl.where(m_q, b_loss, 0.0), 0))
