@@ -8,8 +8,9 @@
 # Run from the repository root (device machine):
 #   MSA_GIT_COMMIT=<sha> OUT=$OUT bash bench/tile_fwd_gpu.sh
 # CPU_CHECK=1: a rehearsal without a GPU (toy shapes in the interpreter, about 2 minutes).
-# SKIP_STEPS=1 leaves the training steps out, SWEEP=0 the launch sweep (SWEEP=kl: the tile KL's alone); TILE_ARGS adds bench/tile_fwd.py arguments
-# (e.g. "--ratios 1.4 --no-random"), STEP_TILE sets the second step run's overrides (e.g. attention.kl_path=tile).
+# SKIP_STEPS=1 leaves the training steps out, SWEEP=0 the launch sweep (SWEEP=kl: the tile KL's alone);
+# TILE_ARGS adds bench/tile_fwd.py arguments (e.g. "--ratios 1.4 --no-random"), STEP_TILE sets the second step
+# run's overrides (e.g. attention.kl_path=tile).
 # Results in $OUT: tile_fwd.json, train_step_small_fwd_{kv,tile}.json, tile_fwd.log.
 set -uo pipefail
 OUT=${OUT:-runs/tile_fwd}

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels.common import dot_ieee
-from kernels.sparse_tile import tile_union
+from kernels.sparse_tile import tile_selection, tile_support, tile_union
 from kernels.sparse_tiles import LOG2E, Tiles
 
 __all__ = ["KL_TILE", "index_kl_tile_fwd"]
@@ -46,11 +46,7 @@ def _kl_rows(q_idx, starts, union, count, N, NQ, NT, DI, HKV: tl.constexpr, TOPK
     o_di = tl.arange(0, BLOCK_DI)
     b_qi = tl.load(q_idx + ((i_b.to(tl.int64) * NQ + i_q) * HKV + i_r)[:, None] * DI + o_di[None, :],
                    mask=m_q[:, None] & (o_di < DI)[None, :], other=0.0)
-    o_s = tl.arange(0, TOPK_P)
-    b_sel = tl.load(starts + ((i_bh.to(tl.int64) * NQ + i_q) * TOPK)[:, None] + o_s[None, :],
-                    mask=m_q[:, None] & (o_s < TOPK)[None, :], other=-1)
-    n_u = tl.load(count + i_bh * NT + i_t)
-    p_u = union + (i_bh.to(tl.int64) * NT + i_t) * (T * TOPK)
+    b_sel, n_u, p_u = tile_selection(starts, union, count, i_t, i_bh, i_q, m_q, NQ, NT, TOPK, TOPK_P, T)
     return i_b, i_r, i_q, m_q, b_qi, b_sel, N - NQ + i_q, n_u, p_u
 
 
@@ -63,8 +59,7 @@ def _kl_block(k_idx, u, b_sel, at, i_b, N, DI, BK: tl.constexpr, BLOCK_DI: tl.co
     o_di = tl.arange(0, BLOCK_DI)
     b_ki = tl.load(k_idx + (i_b.to(tl.int64) * N + kpos)[:, None] * DI + o_di[None, :],
                    mask=m_k[:, None] & (o_di < DI)[None, :], other=0.0)
-    member = tl.max((b_sel == u).to(tl.int32), 1) > 0
-    return kpos, m_k, b_ki, member[:, None] & (kpos[None, :] <= at[:, None])
+    return kpos, m_k, b_ki, tile_support(b_sel, u, kpos, at)
 
 
 @triton.jit

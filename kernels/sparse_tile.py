@@ -82,6 +82,27 @@ def tile_union(block_idx: torch.Tensor, tok_start: torch.Tensor, N: int, block_s
 
 
 @triton.jit
+def tile_selection(starts, union, count, i_t, i_bh, i_q, m, NQ, NT, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
+                   T: tl.constexpr):
+    """Tile ``i_t`` of group ``i_bh``: the selected blocks' starts of its rows (query ``i_q`` each, ``m`` the rows
+    that exist; ``-1`` elsewhere), the length of its union and where the union starts (``tile_union``'s layout)."""
+    o_s = tl.arange(0, TOPK_P)
+    b_sel = tl.load(starts + ((i_bh.to(tl.int64) * NQ + i_q) * TOPK)[:, None] + o_s[None, :],
+                    mask=m[:, None] & (o_s < TOPK)[None, :], other=-1)
+    n_u = tl.load(count + i_bh * NT + i_t)
+    return b_sel, n_u, union + (i_bh.to(tl.int64) * NT + i_t) * (T * TOPK)
+
+
+@triton.jit
+def tile_support(b_sel, u, kpos, at):
+    """Which (row, key) pairs of the union block starting at key ``u`` (keys ``kpos``) are in a row's support: the
+    row selected the block (a membership test against its starts ``b_sel``) and may see the key (``at``: the
+    row's own position)."""
+    member = tl.max((b_sel == u).to(tl.int32), 1) > 0
+    return member[:, None] & (kpos[None, :] <= at[:, None])
+
+
+@triton.jit
 def _tile_rows(q, starts, union, count, N, NQ, NT, H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
                TOPK: tl.constexpr, TOPK_P: tl.constexpr, D: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr):
     """Program ``(tile, batch * Hkv + group)``'s rows (query ``m // G`` of the tile, head ``m % G``): ``i_b, i_r,
@@ -90,7 +111,6 @@ def _tile_rows(q, starts, union, count, N, NQ, NT, H: tl.constexpr, HKV: tl.cons
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1)
     o_m = tl.arange(0, BLOCK_M)
-    o_s = tl.arange(0, TOPK_P)
     o_d = tl.arange(0, D)
     i_q = i_t * T + o_m // G
     m_row = (o_m < T * G) & (i_q < NQ)
@@ -100,10 +120,7 @@ def _tile_rows(q, starts, union, count, N, NQ, NT, H: tl.constexpr, HKV: tl.cons
     i_h = i_r * G + o_m % G
     row = (i_b.to(tl.int64) * NQ + i_q) * H + i_h
     b_q = tl.load(q + row[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.0)
-    p_s = starts + ((i_bh.to(tl.int64) * NQ + i_q) * TOPK)[:, None] + o_s[None, :]
-    b_sel = tl.load(p_s, mask=m_row[:, None] & (o_s < TOPK)[None, :], other=-1)
-    n_u = tl.load(count + i_bh * NT + i_t)
-    p_u = union + (i_bh.to(tl.int64) * NT + i_t) * (T * TOPK)
+    b_sel, n_u, p_u = tile_selection(starts, union, count, i_t, i_bh, i_q, m_row, NQ, NT, TOPK, TOPK_P, T)
     return i_b, i_r, i_q, i_h, m_row, row, b_q, b_sel, N - NQ + i_q, n_u, p_u
 
 
@@ -117,8 +134,7 @@ def _tile_block(k, v, u, b_sel, at, i_b, i_r, N, HKV: tl.constexpr, BK: tl.const
     p_kv = ((i_b.to(tl.int64) * N + kpos) * HKV + i_r) * D
     b_k = tl.load(k + p_kv[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
     b_v = tl.load(v + p_kv[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
-    member = tl.max((b_sel == u).to(tl.int32), 1) > 0
-    return b_k, b_v, member[:, None] & (kpos[None, :] <= at[:, None])
+    return b_k, b_v, tile_support(b_sel, u, kpos, at)
 
 
 @triton.jit

@@ -73,13 +73,12 @@ def check_attention(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_di
         raise ValueError(f"attention.kind={cfg.kind!r}: use msa or dense")
     if cfg.impl not in ("auto", "triton", "reference"):
         raise ValueError(f"attention.impl={cfg.impl!r}: use auto, triton or reference")
-    from kernels.sparse_tiles import FWD_PATHS  # the kernels' own list (the import costs no measurable time)
+    # the kernels' own lists (the import costs no measurable time)
+    from kernels.index_kl import KL_PATHS
+    from kernels.sparse_tiles import DQ_PATHS, FWD_PATHS
 
     if cfg.fwd_path not in FWD_PATHS:
         raise ValueError(f"attention.fwd_path={cfg.fwd_path!r}: use one of {', '.join(FWD_PATHS)}")
-    from kernels.index_kl import KL_PATHS
-    from kernels.sparse_tiles import DQ_PATHS
-
     if cfg.kl_path not in KL_PATHS:
         raise ValueError(f"attention.kl_path={cfg.kl_path!r}: use one of {', '.join(KL_PATHS)}")
     if cfg.dq_path not in DQ_PATHS:

@@ -20,10 +20,6 @@ from tests.test_kernel_sparse_attention import random_block_idx
 from tests.utils import poison_empty, rel_rms
 
 
-def _want(q, k, q_idx, k_idx, block_idx, bs, cu):
-    return _kl_and_grads(ref.index_kl_loss, q, k, q_idx, k_idx, block_idx, bs, cu)
-
-
 @pytest.mark.parametrize("B,Nq,N,H,Hkv,topk,cu", [
     (2, 63, 63, 2, 1, 3, None),                           # G = 2, two rows, a last partial tile
     (1, 90, 120, 6, 2, 5, [0, 1, 1, 50, 51, 52, 90, 90, 120]),  # G = 3, 1-token and empty documents, Nq < N
@@ -36,7 +32,7 @@ def test_matches_reference(monkeypatch, B, Nq, N, H, Hkv, topk, cu):
     cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     block_idx = random_block_idx(B, Hkv, N, topk, bs, cu, Nq=Nq)
     lse = ref.sparse_attention(q, k, v, block_idx, bs, cu)[1]
-    want = _want(q, k, q_idx, k_idx, block_idx, bs, cu)
+    want = _kl_and_grads(ref.index_kl_loss, q, k, q_idx, k_idx, block_idx, bs, cu)
     tok_start = build_layout(N, bs, cu, "cpu").tok_start
     poison_empty(monkeypatch)
     got = index_kl_tile_fwd(q, k, q_idx.detach(), k_idx.detach(), block_idx, bs, tok_start, lse, True,
