@@ -208,8 +208,14 @@ class MSACore(nn.Module):
         values, self._backward_kl = self._backward_kl, []
         return torch.stack(values).sum() if values else None
 
+    @staticmethod
+    def _kernels(ops) -> bool:
+        """Whether ``ops`` are the Triton kernels: they take the path choices and the deferred KL, the
+        reference neither."""
+        return hasattr(ops, "sparse_attention_kl")
+
     def _defers_kl(self, ops, q, k, teacher) -> bool:
-        return (self.kl_in_backward and teacher is None and hasattr(ops, "sparse_attention_kl")
+        return (self.kl_in_backward and teacher is None and self._kernels(ops)
                 and ops.deferred_kl_fits(q, k))
 
     def ops_for(self, device: torch.device):
@@ -236,14 +242,14 @@ class MSACore(nn.Module):
                                                  sink=self._backward_kl, sink_scale=_KL_SCALE.get(), **self._fwd)
         else:
             o, lse = ops.sparse_attention(q, k, v, block_idx, Bk, cu_seqlens,
-                                          **(self._fwd if hasattr(ops, "sparse_attention_kl") else {}))
+                                          **(self._fwd if self._kernels(ops) else {}))
             if with_kl and _RECOMPUTED_LATER.get() and self._defers_kl(ops, q, k, teacher):
                 kl = q_idx.new_zeros((), dtype=torch.float32)
         q_t, lse_t = teacher(q.detach(), lse) if teacher is not None else (q.detach(), lse)
         if with_kl and kl is None:
             support = None if dense else block_idx
             kl = ops.index_kl_loss(q_t, k.detach(), q_idx, k_idx, support, Bk, cu_seqlens, lse=lse_t,
-                                   **(self._kl if hasattr(ops, "sparse_attention_kl") else {}))
+                                   **(self._kl if self._kernels(ops) else {}))
         stats = None
         if stats_queries:
             stats = selection_stats(q_t, k.detach(), block_idx, Bk, self.topk, cu_seqlens, stats_queries)
