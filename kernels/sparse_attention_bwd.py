@@ -224,7 +224,10 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
     NV = layout.vb_start.numel()
     consts = dict(H=H, HKV=Hkv, G=G, TOPK=topk, BK=block_size, D=D)
     delta = torch.empty_like(lse)  # [B, H, Nq]: rowsum(dO * O)
-    dq = torch.empty_like(q)
+    # dQ's output is needed by the dK/dV loop only on the dkdv path; the others allocate it after the loop, when
+    # the dK/dV partials are freed: the two never coexist (at 1M tokens and 32 heads, an 8 GiB dQ beside 4 GiB of
+    # partials and 2 GiB of fp32 sums)
+    dq = torch.empty_like(q) if dq_path == "dkdv" else None
     BLOCK_Q = launch.delta.block_m
     sparse_attention_bwd_delta_kernel[(triton.cdiv(NQ, BLOCK_Q), B * H)](
         o, do, delta, NQ, H=H, D=D, BLOCK_Q=BLOCK_Q, **_warps(launch.delta))
@@ -239,10 +242,10 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
     items = max(max(csr.chunk_work[c1] - csr.chunk_work[c0] for c0, c1 in groups), 1)
     part_dk = torch.empty(items * block_size, D, dtype=torch.float32, device=q.device)
     part_dv = torch.empty_like(part_dk)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    # several groups: each group's reduce adds to fp32 sums (the first one writes them)
-    dk_sum, dv_sum = (dk, dv) if len(groups) == 1 else (torch.empty_like(k, dtype=torch.float32),
-                                                        torch.empty_like(v, dtype=torch.float32))
+    # one group: its reduce writes dK/dV; several: each group's reduce adds to fp32 sums (the first one writes
+    # them), cast to dK/dV once the partials are freed
+    sum_dtype = k.dtype if len(groups) == 1 else torch.float32
+    dk_sum, dv_sum = torch.empty_like(k, dtype=sum_dtype), torch.empty_like(v, dtype=sum_dtype)
     kv_args = (csr.entries, csr.work_bucket, csr.work_start, csr.work_end, layout.vb_start, layout.vb_end)
     dq_reduce = _group(launch.dq_reduce, G)
     kl = backward_kl_args(q, k, index, max(W, 1) * n_sub)
@@ -270,11 +273,11 @@ def sparse_attention_bwd(q, k, v, o, lse, do, block_idx, block_size, layout, sca
         sparse_attention_bwd_dkdv_reduce_kernel[(B * Hkv * NV, block_size // red_n)](
             part_dk, part_dv, csr.bucket_work, layout.vb_start, layout.vb_end, dk_sum, dv_sum, N, NV, B * Hkv * NV,
             c0, c1, p0, HKV=Hkv, BK=block_size, D=D, BLOCK_N=red_n, ACCUM=g > 0, **_warps(launch.dkdv_reduce))
-    del part_dk, part_dv  # freed before the kv path allocates its dQ partials
-    if dk_sum is not dk:
-        dk.copy_(dk_sum)
-        dv.copy_(dv_sum)
-        del dk_sum, dv_sum
+    del part_dk, part_dv  # freed before dQ and the kv path's dQ partials are allocated
+    dk, dv = dk_sum.to(k.dtype), dv_sum.to(v.dtype)
+    del dk_sum, dv_sum
+    if dq is None:
+        dq = torch.empty_like(q)
     if dq_path == "tile":  # each tile of queries over the union of its blocks (kernels/sparse_tile.py); the union
         # is built again here (two sorts of the selection): the forward's is not kept
         T = tile_queries(launch.tile_fwd, G)
