@@ -171,7 +171,8 @@ def _with_fwd_path(launch: Launch, fwd_path: str | None) -> Launch:
 
 def resolve_dq_path(dq_path: str, G: int) -> str:
     """``auto``: ``dkdv`` for G >= 16, ``kv`` below, as measured on the H200 (docs/kernels.md: 128K
-    forward+backward 90.8 vs 93.8 ms at G = 16, 127.8 vs 108.7 ms at G = 8)."""
+    forward+backward 90.8 vs 93.8 ms at G = 16, 127.8 vs 108.7 ms at G = 8). Where the forward then runs the
+    tile kernel, ``sparse_attention`` takes the tile dQ instead (``sparse_attention_kl`` keeps this one)."""
     if dq_path == "auto":
         return "dkdv" if G >= 16 else "kv"
     if dq_path not in DQ_PATHS:
@@ -238,31 +239,34 @@ def sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, csr, lau
 class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_idx, block_size, cu_seqlens, scale, dq_path, launch, q_idx=None, k_idx=None,
-                sink=None, sink_scale=1.0):
+                sink=None, sink_scale=1.0, dq_follows=False):
         q, k, v, block_idx = (x.contiguous() for x in (q, k, v, block_idx))
 
         def run():
             layout = build_layout(k.shape[1], block_size, cu_seqlens, q.device)
-            csr = reverse_index(q, block_idx, block_size, layout, dq_path, launch)  # the backward's, either way
             union, tile = None, launch.fwd_path == "tile"
             if launch.fwd_path != "kv":
                 T = tile_queries(launch.tile_fwd, q.shape[2] // k.shape[2])
                 union = tile_union(block_idx, layout.tok_start, k.shape[1], block_size, T)
                 tile = tile or tile_pays(q.shape[2] // k.shape[2], union[0], union[2], T)
+            # dq_path "auto" follows the forward to the tile dQ (docs/kernels.md: where the tile forward pays, the
+            # tile dQ takes another 5-11% off the forward+backward)
+            bwd_dq = "tile" if tile and dq_follows else dq_path
+            csr = reverse_index(q, block_idx, block_size, layout, bwd_dq, launch)  # the backward's, either way
             if tile:
                 o, lse = sparse_attention_tile_fwd_op(q, k, v, *union, list(dataclasses.astuple(launch.tile_fwd)),
                                                       block_size, scale)
             else:
                 o, lse = sparse_attention_fwd_op(q, k, v, block_idx, *sparse_attention_fwd_args(layout, csr, launch),
                                                  block_size, scale)
-            return layout, csr, o, lse
+            return layout, csr, o, lse, bwd_dq
 
         # selective checkpointing keeps the reverse index (a sort and a device->host read to build) and
-        # (o, lse) for the block's recompute (msa.keep); the backward needs all four
-        layout, csr, o, lse = kept("msa::sparse_attention", run)
+        # (o, lse) for the block's recompute (msa.keep); the backward needs all four, and the dQ path chosen
+        layout, csr, o, lse, bwd_dq = kept("msa::sparse_attention", run)
         ctx.save_for_backward(q, k, v, o, lse, block_idx, q_idx, k_idx)
         ctx.layout, ctx.csr, ctx.block_size, ctx.scale = layout, csr, block_size, scale
-        ctx.dq_path, ctx.launch, ctx.sink, ctx.sink_scale = dq_path, launch, sink, sink_scale
+        ctx.dq_path, ctx.launch, ctx.sink, ctx.sink_scale = bwd_dq, launch, sink, sink_scale
         ctx.mark_non_differentiable(lse)
         if q_idx is None:
             return o, lse
@@ -289,7 +293,7 @@ class SparseAttentionFunction(torch.autograd.Function):
             weight = torch.where(torch.isfinite(loss), weight, 0.0)
             dq_idx = torch.nan_to_num(dq_idx * weight, 0.0, 0.0, 0.0).to(q_idx.dtype)
             dk_idx = torch.nan_to_num(dk_idx * weight, 0.0, 0.0, 0.0).to(k_idx.dtype)
-        return dq, dk, dv, None, None, None, None, None, None, dq_idx, dk_idx, None, None
+        return dq, dk, dv, None, None, None, None, None, None, dq_idx, dk_idx, None, None, None
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
@@ -302,8 +306,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     positions), ``block_idx`` int32 ``[B, Hkv, Nq, topk]``, ``cu_seqlens`` int32 ``[n_docs + 1]`` over
     the keys (``B == 1``) -> ``o [B, Nq, H, D]`` (dtype of ``q``) and ``lse [B, H, Nq]`` float32
     (natural log, no gradient). ``scale`` defaults to ``1/sqrt(D)``. ``dq_path`` picks the backward's dQ
-    kernels: ``"auto"`` (``"dkdv"`` for G >= 16, else ``"kv"``), ``"kv"``, ``"dkdv"`` or ``"tile"``
-    (``kernels/sparse_tile.py``: each tile of queries over the union of its blocks, no partials); ``fwd_path`` the
+    kernels: ``"auto"`` (``"tile"`` where the tile forward ran, else ``"dkdv"`` for G >= 16 and ``"kv"`` below),
+    ``"kv"``, ``"dkdv"`` or ``"tile"`` (``kernels/sparse_tile.py``: each tile of queries over the union of its
+    blocks, no partials); ``fwd_path`` the
     forward's (``"kv"``: KV-outer; ``"tile"``: ``kernels/sparse_tile.py``; ``"auto"``: the tile forward where the
     selection's tile union is under ``kernels.sparse_tile.TILE_PAYS_BELOW``; None: ``launch.fwd_path``);
     ``launch`` holds the kernels' launch settings (``Launch``; the default is the measured one).
@@ -311,12 +316,13 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     B, H, Hkv, D = _check_inputs(q, k, v, block_idx, block_size)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, k.shape[1])
+    follows = dq_path == "auto"
     dq_path = resolve_dq_path(dq_path, H // Hkv)
     launch = _with_fwd_path(launch, fwd_path)
     scale = D ** -0.5 if scale is None else float(scale)
     check_block_idx(block_idx, -(-k.shape[1] // block_size))  # before the int32 cast can wrap
     return SparseAttentionFunction.apply(q, k, v, block_idx.to(torch.int32), block_size, cu_seqlens,
-                                         scale, dq_path, launch)
+                                         scale, dq_path, launch, None, None, None, 1.0, follows)
 
 
 def deferred_kl_fits(q: torch.Tensor, k: torch.Tensor) -> bool:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kernels.common import build_layout
+from kernels.sparse_attention import resolve_dq_path
 from kernels.sparse_tile import sparse_attention_tile_fwd, tile_union
 from kernels.sparse_tiles import Tiles
 from msa import reference as ref
@@ -119,12 +120,12 @@ def test_gpu_bf16_matches_reference_and_the_kv_outer_forward(G):
     o32, _ = ref.sparse_attention(q32, k.float(), v.float(), block_idx, block_size)
     (dq_ref,) = torch.autograd.grad(o32, q32, do.float())
     errs = {}
-    for path in ("auto", "tile"):
+    for path in (resolve_dq_path("auto", G), "tile"):  # the KV-outer dQ that auto takes by G, and the tile one
         qq = q.detach().clone().requires_grad_()
         o_p, _ = sparse_attention(qq, k, v, block_idx, block_size, dq_path=path, fwd_path="tile")
         (dq_p,) = torch.autograd.grad(o_p, qq, do)
         errs[path] = rel_rms(dq_ref, dq_p.float())
-    assert errs["tile"] < 5e-3 and errs["tile"] <= 1.5 * errs["auto"], errs
+    assert errs["tile"] < 5e-3 and errs["tile"] <= 1.5 * errs[resolve_dq_path("auto", G)], errs
 
 
 @pytest.mark.parametrize("fwd,dq", [("tile", "kv"), ("tile", "dkdv"), ("tile", "tile"), ("kv", "tile")])
@@ -184,8 +185,9 @@ def test_model_with_the_tile_forward_under_selective_checkpointing(monkeypatch):
 
 def test_auto_takes_the_tile_forward_where_the_selection_is_local(monkeypatch):
     """``fwd_path="auto"``: a local selection (each query its own block and the ones before it; tile union
-    1.0 in tiles of 4 queries) runs the tile forward, an unrelated one per query (tile union about 2.6) the
-    KV-outer forward; both give the reference's output."""
+    1.0 in tiles of 4 queries) runs the tile forward and, ``dq_path="auto"``, the tile dQ; an unrelated one per
+    query (tile union about 2.6) the KV-outer forward and dQ; both give the reference's output and gradients.
+    A dQ path asked for by name is kept whichever forward ran."""
     import collections
     import importlib
 
@@ -196,23 +198,38 @@ def test_auto_takes_the_tile_forward_where_the_selection_is_local(monkeypatch):
 
     calls = collections.Counter()
     for module_name, name in (("kernels.sparse_tile", "sparse_attention_tile_fwd"),
-                              ("kernels.sparse_attention", "sparse_attention_fwd")):
+                              ("kernels.sparse_attention", "sparse_attention_fwd"),
+                              ("kernels.sparse_attention_bwd", "sparse_attention_tile_dq")):
         module = importlib.import_module(module_name)
         monkeypatch.setattr(module, name, counting(calls, name, getattr(module, name)))
+    sa = importlib.import_module("kernels.sparse_attention")
+    bwd = sa.sparse_attention_bwd
+
+    def backward(*args):  # the dQ path the backward was given (its 12th argument)
+        calls[f"dq={args[11]}"] += 1
+        return bwd(*args)
+
+    monkeypatch.setattr(sa, "sparse_attention_bwd", backward)
     N, H, Hkv, D, block_size, topk = 512, 4, 1, 16, 16, 4  # G = 4: tiles of 16 // 4 = 4 queries
     launch = replace(LAUNCH, tile_fwd=Tiles(block_m=16, num_stages=1))
     q, k, v = make_inputs(1, N, H, Hkv, D)
-    for pattern, want in (("local", "sparse_attention_tile_fwd"), ("random", "sparse_attention_fwd")):
+    do = torch.randn_like(q)
+    tile, kv = "sparse_attention_tile_fwd", "sparse_attention_fwd"
+    for pattern, dq_path, want in (("local", "auto", {tile, "dq=tile", "sparse_attention_tile_dq"}),
+                                   ("random", "auto", {kv, "dq=kv"}), ("local", "kv", {tile, "dq=kv"})):
         if pattern == "local":
             block_idx = pattern_blocks("local", N, Hkv, block_size, topk)
         else:  # tile union 2.54-2.65 over seeds 0-4
             block_idx = random_block_idx(1, Hkv, N, topk, block_size, drop=0.0)
         calls.clear()
-        with torch.no_grad():
-            o, _ = sparse_attention(q, k, v, block_idx, block_size, fwd_path="auto", launch=launch)
-            o_ref, _ = ref.sparse_attention(q, k, v, block_idx, block_size)
-        assert calls == {want: 1}, (pattern, calls)
-        assert rel_rms(o_ref, o) < 1e-5
+        qq = q.detach().clone().requires_grad_()
+        o, _ = sparse_attention(qq, k, v, block_idx, block_size, fwd_path="auto", dq_path=dq_path, launch=launch)
+        (dq,) = torch.autograd.grad(o, qq, do)
+        q32 = q.detach().clone().requires_grad_()
+        o_ref, _ = ref.sparse_attention(q32, k, v, block_idx, block_size)
+        (dq_ref,) = torch.autograd.grad(o_ref, q32, do)
+        assert set(calls) == want and calls[tile] + calls[kv] == 1, (pattern, dq_path, calls)
+        assert rel_rms(o_ref, o) < 1e-5 and rel_rms(dq_ref, dq) < 1e-5
     # the rule by hand: 40 queries with 2 visible blocks each and 10 with a third (90 pairs), in 10 tiles of 4
     starts = torch.zeros(1, 1, 40, 4, dtype=torch.int32)
     starts[..., 2:] = 2**31 - 1  # unused slots
