@@ -55,13 +55,15 @@ class AttentionConfig:
     # the sparse forward on the Triton path: kv (KV-outer: reverse index, partial outputs, combine), tile (each
     # tile of consecutive queries over the union of the blocks they selected, kernels/sparse_tile.py; pays
     # where neighbouring queries share blocks, msa/tile_union) or auto (tile where the layer's selection is
-    # local enough, kernels.sparse_tile.tile_pays; one device->host read per layer); the backward is the same
+    # local enough, kernels.sparse_tile.tile_pays; one device->host read per layer); dq_path=auto follows it
     fwd_path: str = "kv"
     # the index KL on the Triton path's sparse phase: kv (KV-outer over its own reverse index, kernels/index_kl.py)
     # or tile (each tile of consecutive queries over the union of their blocks, kernels/index_kl_tile.py: no
-    # dq_idx partials, no gathers; dk_idx by one atomic add per tile and union block)
+    # dq_idx partials, no gathers; dk_idx by one atomic add per tile and union block; measured 0.08-0.79x the
+    # KV-outer form's speed, docs/kernels.md: for where memory binds)
     kl_path: str = "kv"
-    # the sparse backward's dQ on the Triton path: auto (dkdv at G >= 16, else kv, as measured), kv (KV-outer dQ
+    # the sparse backward's dQ on the Triton path: auto (tile where the tile forward ran, else dkdv at G >= 16 and
+    # kv below, as measured), kv (KV-outer dQ
     # kernel, partials and reduce), dkdv (written by the dK/dV kernel as partials) or tile (each tile of queries
     # over the union of its blocks, kernels/sparse_tile.py: no dQ partials at all, the least memory)
     dq_path: str = "auto"
