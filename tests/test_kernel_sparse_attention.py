@@ -209,6 +209,28 @@ def test_grouped_dkdv_partials_sum_in_the_same_order(dq):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dq", ["kv", "tile"])
+def test_dq_is_made_once_the_dkdv_partials_are_freed(monkeypatch, dq):
+    """On the kv and tile dQ paths the backward makes dQ after the dK/dV loop, when its fp32 partials are freed
+    (the dkdv path writes dQ inside the loop): at 1M tokens and 32 heads an 8 GiB dQ beside 4 GiB of partials and
+    2 GiB of sums ran `1b` out of memory on an 80 GB card (docs/scaling.md 3t). Several groups, as at 1M."""
+    from tests.utils import LiveEmpties
+
+    N, H, Hkv, D, block_size, topk = 160, 4, 2, 16, 16, 3
+    q, k, v = make_inputs(1, N, H, Hkv, D)
+    block_idx = random_block_idx(1, Hkv, N, topk, block_size)
+    launch = replace(LAUNCH, chunk=64, part_bytes=H * topk * 2 * D * 4 * 20, dkdv_bytes=block_size * D * 8 * 10)
+    o, _ = sparse_attention(q, k, v, block_idx, block_size, dq_path=dq, launch=launch)
+    live = LiveEmpties(monkeypatch)  # the backward's allocations only
+    torch.autograd.grad(o, (q, k, v), torch.randn_like(q))
+    made = [(s, d) for _, s, d in live.made]
+    part = next(s for s, d in made if len(s) == 2)  # the dK/dV partials come first, dQ's (kv) after them
+    assert made.count((part, torch.float32)) == 2 and (tuple(k.shape), torch.float32) in made, made  # and sums
+    # neither is alive when the other is made
+    assert (part, torch.float32) not in live.when(q.shape, q.dtype), made
+    assert (tuple(q.shape), q.dtype) not in live.when(part, torch.float32), made
+
+
 def test_all_slots_empty_give_zero_and_minus_inf(monkeypatch):
     q, k, v = make_inputs(1, 40, 2, 1, 16)
     block_idx = torch.full((1, 1, 40, 2), -1, dtype=torch.int32)

@@ -36,6 +36,31 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
 
 
+class LiveEmpties:
+    """Tensors made by ``torch.empty`` / ``torch.empty_like`` while patched in, and which of them are still
+    referenced: ``when(shape, dtype)`` is the ``(shape, dtype)`` of every one alive when the first tensor of that
+    shape and dtype was made (what an allocation order puts side by side in memory)."""
+
+    def __init__(self, monkeypatch):
+        import weakref
+
+        self.made, self.snapshots = [], {}
+        real_empty, real_empty_like = torch.empty, torch.empty_like
+
+        def track(t):
+            key = (tuple(t.shape), t.dtype)
+            if key not in self.snapshots:
+                self.snapshots[key] = [(s, d) for ref, s, d in self.made if ref() is not None]
+            self.made.append((weakref.ref(t), *key))
+            return t
+
+        monkeypatch.setattr(torch, "empty", lambda *a, **k: track(real_empty(*a, **k)))
+        monkeypatch.setattr(torch, "empty_like", lambda *a, **k: track(real_empty_like(*a, **k)))
+
+    def when(self, shape, dtype) -> list[tuple[tuple, torch.dtype]]:
+        return self.snapshots[(tuple(shape), dtype)]
+
+
 def compose_train_config(overrides: list[str]):
     """The typed TrainConfig that `python -m train <overrides>` would run with."""
     from hydra import compose, initialize_config_dir
