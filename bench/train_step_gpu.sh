@@ -53,7 +53,8 @@
 #      out of memory; then 1M with the block inputs offloaded and the MLP tiled over 64K tokens (an
 #      out-of-memory is recorded, with where it was raised; on an H100 at 00b037a: 512K ran offloaded, 1M ran out in
 #      the sparse backward's dK/dV partials, since taken a group of query chunks at a time, docs/scaling.md 3q;
-#      the GPU test of those groups runs first):
+#      the GPU test of those groups runs first; at 4ea91cc with the overrides below, 0.5 GiB short in the sparse
+#      backward, docs/scaling.md 3t):
 #      STAGES=1b_long MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...; SKIP_512K=1 leaves the 512K point out,
 #      LONG_1B_OVERRIDES adds overrides to both points (e.g. "attention.dq_path=tile attention.kl_path=tile": no
 #      dQ or dq_idx partials, for an 80 GB card)
