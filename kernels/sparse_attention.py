@@ -172,7 +172,8 @@ def _with_fwd_path(launch: Launch, fwd_path: str | None) -> Launch:
 def resolve_dq_path(dq_path: str, G: int) -> str:
     """``auto``: ``dkdv`` for G >= 16, ``kv`` below, as measured on the H200 (docs/kernels.md: 128K
     forward+backward 90.8 vs 93.8 ms at G = 16, 127.8 vs 108.7 ms at G = 8). Where the forward then runs the
-    tile kernel, ``sparse_attention`` takes the tile dQ instead (``sparse_attention_kl`` keeps this one)."""
+    tile kernel, ``sparse_attention``'s ``auto`` takes the tile dQ instead (``sparse_attention_kl`` resolves
+    before its forward, so keeps this one)."""
     if dq_path == "auto":
         return "dkdv" if G >= 16 else "kv"
     if dq_path not in DQ_PATHS:
@@ -239,7 +240,7 @@ def sparse_attention_fwd(q, k, v, block_idx, block_size, layout, scale, csr, lau
 class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_idx, block_size, cu_seqlens, scale, dq_path, launch, q_idx=None, k_idx=None,
-                sink=None, sink_scale=1.0, dq_follows=False):
+                sink=None, sink_scale=1.0):
         q, k, v, block_idx = (x.contiguous() for x in (q, k, v, block_idx))
 
         def run():
@@ -250,8 +251,8 @@ class SparseAttentionFunction(torch.autograd.Function):
                 union = tile_union(block_idx, layout.tok_start, k.shape[1], block_size, T)
                 tile = tile or tile_pays(q.shape[2] // k.shape[2], union[0], union[2], T)
             # dq_path "auto" follows the forward to the tile dQ (docs/kernels.md: where the tile forward pays, the
-            # tile dQ takes another 5-11% off the forward+backward)
-            bwd_dq = "tile" if tile and dq_follows else dq_path
+            # tile dQ takes another 5-11% off the forward+backward), else picks by G
+            bwd_dq = "tile" if tile and dq_path == "auto" else resolve_dq_path(dq_path, q.shape[2] // k.shape[2])
             csr = reverse_index(q, block_idx, block_size, layout, bwd_dq, launch)  # the backward's, either way
             if tile:
                 o, lse = sparse_attention_tile_fwd_op(q, k, v, *union, list(dataclasses.astuple(launch.tile_fwd)),
@@ -293,7 +294,7 @@ class SparseAttentionFunction(torch.autograd.Function):
             weight = torch.where(torch.isfinite(loss), weight, 0.0)
             dq_idx = torch.nan_to_num(dq_idx * weight, 0.0, 0.0, 0.0).to(q_idx.dtype)
             dk_idx = torch.nan_to_num(dk_idx * weight, 0.0, 0.0, 0.0).to(k_idx.dtype)
-        return dq, dk, dv, None, None, None, None, None, None, dq_idx, dk_idx, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, dq_idx, dk_idx, None, None
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
@@ -316,13 +317,13 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     B, H, Hkv, D = _check_inputs(q, k, v, block_idx, block_size)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, k.shape[1])
-    follows = dq_path == "auto"
-    dq_path = resolve_dq_path(dq_path, H // Hkv)
+    resolve_dq_path(dq_path, H // Hkv)  # a bad name fails here; "auto" is resolved in the forward, after the tile
+    # forward's choice
     launch = _with_fwd_path(launch, fwd_path)
     scale = D ** -0.5 if scale is None else float(scale)
     check_block_idx(block_idx, -(-k.shape[1] // block_size))  # before the int32 cast can wrap
     return SparseAttentionFunction.apply(q, k, v, block_idx.to(torch.int32), block_size, cu_seqlens,
-                                         scale, dq_path, launch, None, None, None, 1.0, follows)
+                                         scale, dq_path, launch)
 
 
 def deferred_kl_fits(q: torch.Tensor, k: torch.Tensor) -> bool:

@@ -63,9 +63,9 @@ class AttentionConfig:
     # KV-outer form's speed, docs/kernels.md: for where memory binds)
     kl_path: str = "kv"
     # the sparse backward's dQ on the Triton path: auto (tile where the tile forward ran, else dkdv at G >= 16 and
-    # kv below, as measured), kv (KV-outer dQ
-    # kernel, partials and reduce), dkdv (written by the dK/dV kernel as partials) or tile (each tile of queries
-    # over the union of its blocks, kernels/sparse_tile.py: no dQ partials at all, the least memory)
+    # kv below, as measured), kv (KV-outer dQ kernel, partials and reduce), dkdv (written by the dK/dV kernel as
+    # partials) or tile (each tile of queries over the union of its blocks, kernels/sparse_tile.py: no dQ partials
+    # at all, the least memory)
     dq_path: str = "auto"
 
 
