@@ -20,11 +20,16 @@ def counting(counts, name: str, fn):
     return counted
 
 
+def _patch_empties(monkeypatch, after) -> None:
+    """``torch.empty`` / ``torch.empty_like`` return ``after(tensor)`` while patched in."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: after(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: after(real_empty_like(*a, **k)))
+
+
 def poison_empty(monkeypatch):
     """Make torch.empty / empty_like return NaN-filled (float) or -7-filled (int) tensors, so that an
     output element a kernel forgot to write fails the comparison."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
     def fill(t):
         if t.is_floating_point():
             t.fill_(float("nan"))
@@ -32,8 +37,7 @@ def poison_empty(monkeypatch):
             t.fill_(-7)
         return t
 
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+    _patch_empties(monkeypatch, fill)
 
 
 class LiveEmpties:
@@ -45,7 +49,6 @@ class LiveEmpties:
         import weakref
 
         self.made, self.snapshots = [], {}
-        real_empty, real_empty_like = torch.empty, torch.empty_like
 
         def track(t):
             key = (tuple(t.shape), t.dtype)
@@ -54,8 +57,7 @@ class LiveEmpties:
             self.made.append((weakref.ref(t), *key))
             return t
 
-        monkeypatch.setattr(torch, "empty", lambda *a, **k: track(real_empty(*a, **k)))
-        monkeypatch.setattr(torch, "empty_like", lambda *a, **k: track(real_empty_like(*a, **k)))
+        _patch_empties(monkeypatch, track)
 
     def when(self, shape, dtype) -> list[tuple[tuple, torch.dtype]]:
         return self.snapshots[(tuple(shape), dtype)]
