@@ -205,3 +205,36 @@ def test_states_saved_with_weights_in_sources_still_load(tmp_path):
     with pytest.raises(ValueError, match="3 data weights for 2"):
         build_dataloader(DataConfig(**{**cfg.__dict__, "sources": cfg.sources[:2]}), TOK, seq_len=200,
                          batch_size=1, weights=[1, 1, 1])
+
+
+def test_synthetic_choices_set_the_keys_per_document_and_the_shortest_one():
+    """``choices`` of a synthetic source: a multikey document holds that many magic-number sentences (the
+    asked key's and the distractors'), so 2 makes items short enough for a primer; the min_len check follows
+    it, and fewer than 2 is refused."""
+    from train.data.mix import SyntheticReader
+    from train.eval.tasks import fixed_tokens
+
+    base = DataConfig(image=ImageConfig(max_patches=16)).__dict__
+    short = {c: fixed_tokens("multikey", TOK, ImageConfig(), c) + 2 for c in (2, 4)}
+    assert short[2] < short[4]
+    for choices in (2, 3, 4):
+        src = SourceConfig(kind="synthetic", tasks=["multikey"], min_len=short[4], max_len=short[4] + 40,
+                           choices=choices)
+        check_data(DataConfig(**{**base, "sources": [src]}), 1024, 1)
+        reader = SyntheticReader(src, "mk", TOK, ImageConfig(max_patches=16), 1024, seed=0, reader=0,
+                                 heldout_every=20)
+        for i in range(3):
+            doc = reader.document(i)
+            text = TOK.decode(doc.tokens[:-1].tolist())
+            assert text.count("One of the special magic numbers for ") == choices, text
+            asked = text.rsplit("The special magic number for ", 1)[1].split(" ", 1)[0]
+            value = TOK.decode(doc.tokens[doc.answer[0]:doc.answer[1]].tolist())
+            assert f"One of the special magic numbers for {asked} is: {value}." in text
+            assert short[4] <= len(doc.tokens) <= short[4] + 40
+    # min_len between the two shortest: fits 2 keys, not the default 4
+    mid = SourceConfig(kind="synthetic", tasks=["multikey"], min_len=short[2], max_len=short[4] - 1, choices=2)
+    check_data(DataConfig(**{**base, "sources": [mid]}), 1024, 1)
+    with pytest.raises(ValueError, match=rf"data\.sources\[0\]\.min_len={short[2]} must lie in \[{short[4]}, "):
+        check_data(DataConfig(**{**base, "sources": [SourceConfig(**{**mid.__dict__, "choices": 4})]}), 1024, 1)
+    with pytest.raises(ValueError, match=r"data\.sources\[0\]\.choices=1 must be >= 2"):
+        check_data(DataConfig(**{**base, "sources": [SourceConfig(**{**mid.__dict__, "choices": 1})]}), 1024, 1)

@@ -40,6 +40,9 @@ class SourceConfig:
     min_len: int = 256  # kind=synthetic: document lengths in tokens, uniform in [min_len, max_len]
     max_len: int = 0  # 0: the row length (a synthetic document is never split across rows)
     seed: int = 0  # kind=synthetic: its own stream (never an eval item's: train/eval/tasks.py)
+    # kind=synthetic: candidates per item, which for multikey and multivalue is also how many keys a document
+    # holds (the asked one and choices - 1 distractors); 2 makes shorter, easier items, e.g. for a primer
+    choices: int = 4
     haystack: Any = "default"  # kind=synthetic: filler text; default: the corpus' standard-library files
 
 

@@ -74,13 +74,16 @@ def check_source(src: SourceConfig, key: str, seq_len: int, seq_key: str, cfg: D
     unknown = [t for t in src.tasks if t not in TASKS]
     if not src.tasks or unknown:
         raise ValueError(f"{key}.tasks={list(src.tasks)}: name one or more of {', '.join(TASKS)}")
+    if src.choices < 2:
+        raise ValueError(f"{key}.choices={src.choices} must be >= 2 (the answer and at least one distractor)")
     max_len = src.max_len or seq_len
     if max_len > seq_len:
         raise ValueError(f"{key}.max_len={src.max_len} exceeds {seq_key}={seq_len}: a synthetic document must fit "
                          f"in a row")
     if cfg.tokenizer.kind == "bytes":  # other tokenizers are checked when a document is made
         tokenizer = build_tokenizer(cfg.tokenizer)
-        need = max(fixed_tokens(t, tokenizer, cfg.image) for t in src.tasks) + 2  # + end of document, a filler
+        # + the end of document and one filler token
+        need = max(fixed_tokens(t, tokenizer, cfg.image, src.choices) for t in src.tasks) + 2
         if not need <= src.min_len <= max_len:
             longest = f"{key}.max_len is {max_len}" if src.max_len else f"the row is {max_len}"
             raise ValueError(f"{key}.min_len={src.min_len} must lie in [{need}, {max_len}] (the longest question "

@@ -62,7 +62,7 @@ class SyntheticReader:
         task = self.cfg.tasks[int(rng.integers(len(self.cfg.tasks)))]
         length = int(rng.integers(self.cfg.min_len, self.max_len + 1))
         item = make_item(task, length - 1, float(rng.uniform()), rng, self.tokenizer, self.haystack(),
-                         self.image_cfg)
+                         self.image_cfg, self.cfg.choices)
         tokens = np.append(item.tokens, np.int32(self.tokenizer.eod)).astype(np.int32)
         return Document(f"{self.name}/{task}/{self.reader}-{i}", tokens, item.images, whole=True,
                         answer=(item.prompt_len, len(item.tokens)))
