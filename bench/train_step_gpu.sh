@@ -57,7 +57,8 @@
 #      backward, docs/scaling.md 3t):
 #      STAGES=1b_long MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...; SKIP_512K=1 leaves the 512K point out,
 #      LONG_1B_OVERRIDES adds overrides to both points (e.g. "attention.dq_path=tile attention.kl_path=tile": no
-#      dQ or dq_idx partials, for an 80 GB card)
+#      dQ or dq_idx partials, for an 80 GB card); LONG_1B_1M_ARGS adds bench.train_step arguments to the 1M point
+#      (e.g. "--time-warmup-above 100": one step, timed by itself, where a call has no room for two)
 # EXTRA_OVERRIDES adds Hydra overrides to every stage's steps, e.g. EXTRA_OVERRIDES=model.rope_impl=torch.
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
 # selective, the default, except base_1m), sparse phase.
@@ -228,7 +229,7 @@ if want 1b_long; then
   budget=$(( $(left) - 10 ))
   # --oom-history: where the largest live tensors were allocated, if it runs out of memory (an H100 did at 00b037a)
   TAIL=6 stage 1b_1m_offload 400 python3 -m bench.train_step "${ONE_B_LONG[@]}" --lengths "${LONG_1B[1]}" --oom-history \
-    --time-budget "$budget" --json "$OUT/train_step_1b_1m_offload.json" -- $AC $FULL "${win[@]}" "${OFFLOAD[@]}"
+    ${LONG_1B_1M_ARGS:-} --time-budget "$budget" --json "$OUT/train_step_1b_1m_offload.json" -- $AC $FULL "${win[@]}" "${OFFLOAD[@]}"
 fi
 want base_1m || { ls -l "$OUT"; exit 0; }
 budget=$(( $(left) - 25 ))

@@ -316,13 +316,16 @@ def test_the_1b_long_stage_runs_its_two_points_with_their_overrides(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OUT": str(tmp_path),
            "CPU_CHECK": "1", "STAGES": "1b_long", "MSA_GIT_COMMIT": "test",
-           "LONG_1B_OVERRIDES": "attention.dq_path=tile attention.kl_path=tile"}
+           "LONG_1B_OVERRIDES": "attention.dq_path=tile attention.kl_path=tile",
+           "LONG_1B_1M_ARGS": "--time-warmup-above 0"}
     done = subprocess.run(["bash", "bench/train_step_gpu.sh"], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for name, tokens, extra in (("512k", 512, []), ("1m_offload", 1024, ["parallel.mlp_tile_tokens=256"])):
         res = json.loads((tmp_path / f"train_step_1b_{name}.json").read_text())
         assert [(p["seq_len"], p["attention"], p["status"]) for p in res["points"]] == [(tokens, "msa", "ok")]
+        # LONG_1B_1M_ARGS reaches the 1M point alone: one step, timed by itself
+        assert ("timed by its warm-up step alone" in res["points"][0].get("steps_note", "")) == (name != "512k")
         assert res["points"][0]["layers"] == {"dense": 0, "window": 1, "msa": 1}
         assert res["meta"]["overrides"][-5 - len(extra):] == ["parallel.checkpoint_policy=full",
                                                                "model.sliding_window=64", "model.sliding_layers=[0]",
