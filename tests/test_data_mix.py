@@ -69,6 +69,11 @@ def test_resume_is_exact_with_several_sources(tmp_path, weights):
     other = DataConfig(**{**cfg.__dict__, "sources": [*cfg.sources[:2], SourceConfig(kind="synthetic", seed=8)]})
     with pytest.raises(ValueError, match=r"data\.sources"):
         build_dataloader(other, TOK, seq_len=160, batch_size=2, seed=5).load_state_dict(state)
+    # another choices makes other documents: refused too (the default 4 is left out of the saved key)
+    fewer = SourceConfig(**{**cfg.sources[2].__dict__, "choices": 2})
+    other = DataConfig(**{**cfg.__dict__, "sources": [*cfg.sources[:2], fewer]})
+    with pytest.raises(ValueError, match=r"data\.sources"):
+        build_dataloader(other, TOK, seq_len=160, batch_size=2, seed=5).load_state_dict(state)
 
 
 def test_synthetic_documents_stay_whole_and_shards_still_split(tmp_path):

@@ -227,12 +227,14 @@ class Loader:
 
     def _sources_key(self) -> list | None:
         """What a mixed stream depends on (None without data.sources, as in states saved before them). A
-        synthetic source's ``max_len`` 0 stays 0: a later stage's longer rows continue its stream. The
-        weights are not in it: a stage may change them (``state_dict``'s ``weights``)."""
+        synthetic source's ``max_len`` 0 stays 0: a later stage's longer rows continue its stream; its
+        ``choices`` is in it only where it is not the default 4, so states saved before the setting still load.
+        The weights are not in it: a stage may change them (``state_dict``'s ``weights``)."""
         if not self.sources:
             return None
         return [[name, src.kind, urls if urls is not None else
-                 [list(src.tasks), src.min_len, src.max_len, src.seed, src.haystack]]
+                 [list(src.tasks), src.min_len, src.max_len, src.seed, src.haystack]
+                 + ([src.choices] if src.choices != 4 else [])]
                 for name, src, urls in self.sources]
 
     def iter_rows(self):
