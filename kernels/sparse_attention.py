@@ -317,8 +317,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_id
     B, H, Hkv, D = _check_inputs(q, k, v, block_idx, block_size)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, k.shape[1])
-    resolve_dq_path(dq_path, H // Hkv)  # a bad name fails here; "auto" is resolved in the forward, after the tile
-    # forward's choice
+    # a bad name fails here; "auto" is resolved in the forward, after the tile forward's choice
+    resolve_dq_path(dq_path, H // Hkv)
     launch = _with_fwd_path(launch, fwd_path)
     scale = D ** -0.5 if scale is None else float(scale)
     check_block_idx(block_idx, -(-k.shape[1] // block_size))  # before the int32 cast can wrap
