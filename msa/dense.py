@@ -45,7 +45,15 @@ def _window_sdpa(q, k, v, scale, gqa, window):
         k_chunk, v_chunk = (torch.cat(p[piece[lo]:piece[hi]], dim=2) for p in (k_pieces, v_pieces))
         parts.append(F.scaled_dot_product_attention(q_chunk, k_chunk, v_chunk, attn_mask=mask, scale=scale,
                                                     enable_gqa=gqa))
-    return torch.cat(parts, dim=2)
+    return _join_heads_last(parts)
+
+
+def _join_heads_last(parts):
+    """``torch.cat(parts, dim=2)`` of ``[B, H, n, D]`` parts, laid out as ``[B, N, H, D]`` (a transposed view of
+    it is returned): the caller transposes back, and the output projection's ``reshape`` is then a view. Joined
+    along dim 2, the result's transpose is not contiguous, and the reshape copied all of it (8 GiB for ``1b`` at
+    1M tokens, next to the joined tensor and the parts that SDPA keeps for backward)."""
+    return torch.cat([p.transpose(1, 2) for p in parts], dim=1).transpose(1, 2)
 
 
 def _causal_sdpa(q, k, v, scale, gqa, window=0):
@@ -107,14 +115,27 @@ def varlen_args(q_len: list[int], k_len: list[int], device) -> tuple[int, torch.
             max(nq for nq, _ in docs), max(nk for _, nk in docs))
 
 
-def _flash_varlen(q, k, v, q_len, k_len, scale):
+def _flash_varlen(q, k, v, q_len, k_len, scale, window: int = 0):
     """One FlashAttention-2 varlen call (``aten::_flash_attention_forward``, GQA, bottom-right causal) over
-    the documents of a packed row, ``B == 1`` -> ``(o, lse)``, ``lse [1, H, Nq]`` float32 (natural log)
-    or None where FlashAttention's layout is not one this knows."""
+    the documents of a packed row (or the one document of a row), ``B == 1`` -> ``(o, lse)``, ``lse [1, H, Nq]``
+    float32 (natural log) or None where FlashAttention's layout is not one this knows. ``window``: each query
+    sees its last ``window`` keys, its own included (FlashAttention's ``window_size_left = window - 1``)."""
     k0, cu_q, cu_k, max_q, max_k = varlen_args(q_len, k_len, q.device)
+    opts = {"window_size_left": window - 1, "window_size_right": 0} if window else {}
     o, lse = torch.ops.aten._flash_attention_forward(q[0], k[0, k0:], v[0, k0:], cu_q, cu_k, max_q, max_k, 0.0,
-                                                     True, False, scale=scale)[:2]
+                                                     True, False, scale=scale, **opts)[:2]
     return o.unsqueeze(0), _varlen_lse(lse.detach(), [n for n in q_len if n], q.shape[2])
+
+
+def _flash_has_window() -> bool:
+    """Whether this torch's ``aten::_flash_attention_forward`` takes a sliding window (and its backward, which
+    autograd calls with the same arguments)."""
+    schema = str(torch.ops.aten._flash_attention_forward.default._schema)
+    return "window_size_left" in schema and "window_size_left" in str(
+        torch.ops.aten._flash_attention_backward.default._schema)
+
+
+FLASH_WINDOW = _flash_has_window()
 
 
 def _varlen_lse(lse: torch.Tensor, q_len: list[int], H: int) -> torch.Tensor | None:
@@ -145,9 +166,11 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     rank's query chunk against the gathered keys before it). With ``cu_seqlens`` over the keys
     (``B == 1``) each document attends only to itself, without an ``N x N`` mask: SDPA runs once per
     document on views split off the packed tensors (so backward writes each gradient once, not one
-    zero-padded copy per document), or, with ``varlen`` where ``can_run_varlen`` and no window applies,
-    all documents go to one FlashAttention varlen call. ``window > 0``: query ``i`` sees only the keys
-    ``i - window < j <= i`` (transformers' sliding window: ``window`` keys including its own).
+    zero-padded copy per document), or, with ``varlen`` where ``can_run_varlen``, all documents go to one
+    FlashAttention varlen call. ``window > 0``: query ``i`` sees only the keys ``i - window < j <= i``
+    (transformers' sliding window: ``window`` keys including its own); with ``varlen`` where
+    ``can_run_varlen`` and this torch's FlashAttention takes a window (``FLASH_WINDOW``), in one call with
+    FlashAttention's window, rows without ``cu_seqlens`` included; else in query chunks of masked SDPA.
     ``return_lse``: ``(o, lse)``, with each query's log-normaliser ``lse [B, H, Nq]`` (float32, natural
     log, no gradient) where the varlen call gives it for free, else None.
     """
@@ -162,13 +185,21 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _dense_attention(q, k, v, cu_seqlens, scale, window, varlen):
     Nq, N = q.shape[1], k.shape[1]
     gqa = q.shape[2] != k.shape[2]
+    flash_window = bool(window) and varlen and FLASH_WINDOW and can_run_varlen(q)
     if cu_seqlens is None:
+        if flash_window and N > window:  # one call with FlashAttention's own window, not chunks of masked SDPA
+            B = q.shape[0]  # the rows as documents of one packed row
+            o, lse = _flash_varlen(*(t.reshape(1, -1, *t.shape[2:]) for t in (q, k, v)), [Nq] * B, [N] * B, scale,
+                                   window)
+            return o.view(B, Nq, *o.shape[2:]), None if lse is None else lse[0].unflatten(1, (B, Nq)).transpose(0, 1)
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         return _causal_sdpa(qt, kt, vt, scale, gqa, window).transpose(1, 2), None
     q_len, k_len = document_lengths(cu_seqlens, N, Nq)
     if varlen and can_run_varlen(q) and (not window or max(k_len) <= window):
         return _flash_varlen(q, k, v, q_len, k_len, scale)
+    if flash_window:
+        return _flash_varlen(q, k, v, q_len, k_len, scale, window)
     qs, ks, vs = q.split(q_len, dim=1), k.split(k_len, dim=1), v.split(k_len, dim=1)
     parts = [_causal_sdpa(qd.transpose(1, 2), kd.transpose(1, 2), vd.transpose(1, 2), scale, gqa, window)
              for qd, kd, vd, n in zip(qs, ks, vs, q_len) if n]
-    return torch.cat(parts, dim=2).transpose(1, 2), None
+    return _join_heads_last(parts).transpose(1, 2), None

@@ -79,6 +79,19 @@ def test_backward_writes_each_gradient_once():
         assert rel_rms(g_ref, g) < 1e-6, name
 
 
+@pytest.mark.parametrize("packed,window", [(True, 0), (True, 20), (False, 100)])
+def test_output_is_laid_out_as_the_output_projection_reads_it(packed, window):
+    """The per-document calls and the sliding window's query chunks join their parts into a contiguous
+    ``[B, Nq, H, D]``, so the layer's ``reshape`` to ``[B, Nq, H * D]`` is a view: joined along the heads-first
+    layout it was a full copy (8 GiB for ``1b`` at 1M tokens, where that copy ran the backward's recompute of the
+    window layer out of memory on an 80 GB card). The values are checked against a masked softmax above."""
+    N, Nq, cu = (70, 29, [0, 1, 33, 33, 70]) if packed else (1100, 900, None)
+    q, k, v, cu_t = _inputs(N, Nq, cu or [0, N])
+    o = dense_attention(q, k, v, cu_t if packed else None, window=window)
+    assert o.shape == (1, Nq, H, D) and o.is_contiguous()
+    assert o.reshape(1, Nq, H * D).data_ptr() == o.data_ptr()
+
+
 @pytest.mark.parametrize("N,Nq,cu", CASES)
 def test_varlen_arguments_describe_the_documents(N, Nq, cu):
     """``varlen_args`` as the varlen kernel reads them (each document's queries are the last of its keys,
@@ -122,6 +135,40 @@ def test_varlen_matches_the_per_document_calls_on_gpu(N, Nq, cu):
     # the bound that matters is the relative one: varlen within 2x of the per-document calls' error
     assert all(e < 1e-2 for e in errors[True]), errors
     assert all(e <= 2 * max(e_loop, 1e-3) for e, e_loop in zip(errors[True], errors[False])), errors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,N,Nq,cu,window", [(2, 1100, 900, None, 100), (1, 8192, 8192, None, 4096),
+                                               (1, 8192, 8192, [0, 5000, 5001, 8000, 8192], 1000),
+                                               (1, 96, 48, [0, 30, 31, 77, 96], 20)])
+def test_flash_window_matches_the_chunked_sdpa_on_gpu(B, N, Nq, cu, window):
+    """A sliding window through FlashAttention's own window (one call; rows without ``cu_seqlens`` and several
+    rows included) against the query chunks of masked SDPA: bf16 output and gradients against the fp32 chunked
+    path, within 2x of the bf16 chunked path's own error, and laid out as the output projection reads it."""
+    from msa.dense import FLASH_WINDOW
+
+    assert FLASH_WINDOW, "this torch's FlashAttention takes no window: the chunked path runs on the GPU too"
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(B, n, h, D, generator=g) for n, h in ((Nq, H), (N, HKV), (N, HKV))]
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
+    ref_in = [t.cuda().requires_grad_() for t in base]
+    ins = [t.cuda().bfloat16().requires_grad_() for t in base]
+    do = torch.randn(B, Nq, H, D, device="cuda")
+    ref = dense_attention(*ref_in, cu_t, window=window)
+    ref_grads = torch.autograd.grad(ref, ref_in, do)
+    errors = {}
+    for varlen in (False, True):
+        o = dense_attention(*ins, cu_t, window=window, varlen=varlen)
+        assert o.shape == (B, Nq, H, D) and o.is_contiguous()
+        grads = torch.autograd.grad(o, ins, do.bfloat16())
+        errors[varlen] = [rel_rms(ref, o)] + [rel_rms(r, gr) for r, gr in zip(ref_grads, grads)]
+    assert all(e < 1e-2 for e in errors[True]), errors
+    assert all(e <= 2 * max(e_loop, 1e-3) for e, e_loop in zip(errors[True], errors[False])), errors
+
+
+def test_a_window_falls_back_to_the_chunks_off_gpu():
+    q, k, v, _ = _inputs(1100, 900, [0, 1100])
+    assert torch.equal(dense_attention(q, k, v, window=100, varlen=True), dense_attention(q, k, v, window=100))
 
 
 def test_varlen_lse_layouts():
