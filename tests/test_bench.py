@@ -1562,3 +1562,19 @@ def test_fwd_path_comparison_by_hand():
     assert out["loss_max_rel_diff_warmup"] == pytest.approx(0.1)  # step 1: 0.3 / 3
     assert out["loss_max_rel_diff_sparse"] == pytest.approx(0.05)  # steps 3 and 5: 0.1 / 2
     assert out["a"]["tile_union_last"] == 1.5 and out["loss_steps_compared"] == 6
+
+
+def test_window_bench_counts_the_keys_by_hand_and_runs_on_cpu(tmp_path):
+    """``bench.window``'s FLOP count from the visible keys (a row of 5 under a window of 2: 1 + 2 + 2 + 2 + 2), and
+    one CPU row where ``flash`` falls back to the chunks (equal outputs) and dense causal runs beside them."""
+    from bench.window import main, visible_keys
+
+    assert visible_keys(5, 2) == 9 and visible_keys(3, 8) == 6 and visible_keys(4, 1) == 4
+    res = main(["--lengths", "300", "--heads", "4", "2", "--head-dim", "8", "--window", "64", "--flex-max-n", "0",
+                "--json", str(tmp_path / "w.json")])
+    row = json.loads((tmp_path / "w.json").read_text())["rows"][0]
+    assert row == res["rows"][0] and res["meta"]["flash_runs"] is False
+    assert row["visible_keys_per_head"] == visible_keys(300, 64)
+    assert row["fwd_bwd_tflop"] == 3.5 * 4 * 8 * 4 * visible_keys(300, 64) / 1e12
+    assert row["flash_rel_rms_o_vs_chunks"] == 0.0 and row["flash_rel_rms_dq_vs_chunks"] == 0.0
+    assert all(row[f"{w}_ms"] > 0 for w in ("chunks", "flash", "causal")) and "flex_ms" not in row
