@@ -27,9 +27,10 @@ from kernels.sparse_tiles import LOG2E, Tiles
 
 __all__ = ["KL_TILE", "index_kl_tile_fwd"]
 
-# queries per tile, warps, stages: the best of bench/tile_fwd.py's KL sweep on an H100 at 4ea91cc (32K, 8/2 heads,
-# a trained-like selection: 4.05 ms, against 7.2-7.9 at 64 queries and 10.4-54.5 at 128; docs/kernels.md)
-KL_TILE = Tiles(block_m=32, num_warps=4, num_stages=1)
+# queries per tile, warps, stages: the best of bench/tile_fwd.py's KL sweep on an H100 at 043ed09 (32K, 8/2 heads,
+# a trained-like selection: 3.13 ms, against 4.10 at 32 queries, 7.2-7.9 at 64 and 10.5-55.1 at 128), and faster
+# than 32 queries at every shape of that run (docs/kernels.md)
+KL_TILE = Tiles(block_m=16, num_warps=4, num_stages=1)
 
 
 @triton.jit
