@@ -129,6 +129,9 @@ def parse(argv=None):
     ap.add_argument("--primer-tasks", nargs="+", default=["passkey"], choices=list(TASKS), metavar="TASK",
                     help="the primer's tasks (default passkey, the one the GPU sources learned to copy from it; "
                          "multikey documents need --primer-len of about 400 tokens and more, the data check says)")
+    ap.add_argument("--primer-choices", type=int, default=4, metavar="K",
+                    help="the primer source's candidates per item, and keys per multikey or multivalue document "
+                         "(data.sources[i].choices; 2: two-key multikey documents from about 280 tokens)")
     ap.add_argument("--primer-first", type=float, default=0.0, metavar="FRAC",
                     help="with --primer: the first FRAC of the steps read the primer alone (a stage whose "
                          "data_weights leave the other sources out), before the mix; part of the MSA arm's "
@@ -188,7 +191,8 @@ def parse(argv=None):
 # what makes two reports' runs of one seed comparable: the same model, data, schedule and steps, and what
 # the reference arm itself is made of
 TRAINING_SETTINGS = ("model", "seq_len", "batch", "lr", "warmup_frac", "rope_base", "mix", "synthetic_len",
-                     "primer", "primer_len", "primer_tasks", "primer_first", "final_len", "final_frac", "overrides")
+                     "primer", "primer_len", "primer_tasks", "primer_choices", "primer_first", "final_len",
+                     "final_frac", "overrides")
 ARM_SETTINGS = {"msa_window": ("window",), "msa_kl": ("kl_weight",), "msa_wide": ("wide_topk",),
                 "msa_fine": ("fine_block", "fine_topk")}
 
@@ -255,7 +259,8 @@ def overrides(args, arm: str, seed: int, steps: int, run_dir: Path, evals: bool)
                          for k, task in enumerate(args.tasks))
     if args.primer:  # its own seed: not the main source's draws with another task list
         synthetic += (f",{{name:primer,kind:synthetic,weight:{args.primer},tasks:[{','.join(args.primer_tasks)}],"
-                      f"min_len:{args.primer_len[0]},max_len:{args.primer_len[1]},seed:{1000 + seed}}}")
+                      f"min_len:{args.primer_len[0]},max_len:{args.primer_len[1]},seed:{1000 + seed}"
+                      + (f",choices:{args.primer_choices}" if args.primer_choices != 4 else "") + "}")
     out = [f"model={args.model}", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch}",
            f"model.rope_base={args.rope_base}", f"optim.lr={args.lr}", f"optim.warmup_steps={max(1, steps // 20)}",
            f"data.sources=[{{name:corpus,kind:shards,weight:{1 - args.mix - args.primer}}},{synthetic}]",

@@ -569,7 +569,8 @@ def test_quality_primer_is_a_second_source_of_short_passkey_documents(tmp_path):
 
 def test_quality_primer_tasks_name_the_primer_documents(tmp_path):
     """--primer-tasks: the primer source holds those tasks (a source for lookup among distractors, not only
-    copying); a primer too short for one of them is refused by the data check, which names the length needed."""
+    copying); a primer too short for one of them is refused by the data check, which names the length needed.
+    --primer-choices: the primer's candidates and keys per multikey document (two keys fit shorter documents)."""
     from bench.quality import overrides, parse
     from train.data.loader import check_data
 
@@ -583,6 +584,13 @@ def test_quality_primer_tasks_name_the_primer_documents(tmp_path):
     assert list(src.tasks) == ["passkey", "multikey"] and (src.min_len, src.max_len) == (448, 640)
     check_data(cfg.data, cfg.data.seq_len, cfg.data.batch_size)
     assert list(primer([])[1].tasks) == ["passkey"]  # the default, as every earlier run had it
+    assert primer([])[1].choices == 4
+    cfg, src = primer(["--primer-tasks", "multikey", "--primer-len", "288", "352", "--primer-choices", "2"])
+    assert src.choices == 2 and all(s.choices == 4 for s in cfg.data.sources if s.name != "primer")
+    check_data(cfg.data, cfg.data.seq_len, cfg.data.batch_size)  # two keys fit 288 tokens, four do not (below)
+    cfg, _ = primer(["--primer-tasks", "multikey", "--primer-len", "288", "352"])
+    with pytest.raises(ValueError, match=r"min_len=288"):
+        check_data(cfg.data, cfg.data.seq_len, cfg.data.batch_size)
     cfg, _ = primer(["--primer-tasks", "multikey"])  # the default 128-192 tokens cannot hold a multikey question
     with pytest.raises(ValueError, match=r"data.sources\[\d\].min_len=128 must lie in \[\d+, 192\]"):
         check_data(cfg.data, cfg.data.seq_len, cfg.data.batch_size)
