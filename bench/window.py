@@ -1,6 +1,7 @@
 """A sliding-window layer's attention, forward + backward, the two ways ``msa.dense.dense_attention`` runs it:
 ``chunks`` = query chunks of masked SDPA (``varlen=False``; the only way before FlashAttention's own window
-was used), ``flash`` = one FlashAttention call with its window (``varlen=True``, where ``FLASH_WINDOW``).
+was used), ``flash`` = FlashAttention with its window (``varlen=True``, where ``FLASH_WINDOW``): one call, or
+for a row whose fp32 dq accumulator would pass ``FLASH_WINDOW_ACCUM_BYTES``, query chunks of such calls.
 Baselines in the same process: ``causal`` = dense causal SDPA over the whole row (what the layer costs
 without a window), and ``flex`` = FlexAttention with a sliding-window block mask (up to ``--flex-max-n``).
 
@@ -8,7 +9,7 @@ Per length: milliseconds (``bench.timing.measure``), the peak memory a call adds
 rel RMS of ``flash``'s and ``flex``'s outputs and ``dq`` against ``chunks``. Useful FLOPs of a window: ``4 D``
 per (query, head, visible key) forward, 2.5x that backward.
 
-    python -m bench.window --lengths 131072 1048576 --heads 8 2 --window 4096 --json /tmp/window.json
+    python -m bench.window --lengths 32768 131072 1048576 --heads 8 2 --window 4096 --json /tmp/window.json
 """
 
 from __future__ import annotations
@@ -96,11 +97,12 @@ def bench_length(N: int, H: int, Hkv: int, D: int, window: int, device, dtype, f
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[131072, 1048576])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 1048576])
     ap.add_argument("--heads", type=int, nargs=2, default=[8, 2], metavar=("H", "HKV"))
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--window", type=int, default=4096)
-    ap.add_argument("--flex-max-n", type=int, default=131072)
+    # create_block_mask built a dense N x N mask first: 128 GiB asked at 128K on an H100 (f6510d5)
+    ap.add_argument("--flex-max-n", type=int, default=32768)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -136,6 +136,72 @@ def _flash_has_window() -> bool:
 
 
 FLASH_WINDOW = _flash_has_window()
+# FlashAttention-2's backward accumulates dq in fp32 over the whole call (16 GiB for ``1b``'s 32 heads at 1M tokens:
+# the H100 ran out of memory there, docs/scaling.md 3u); a window row whose accumulator would pass this goes in query
+# chunks that each stay under it (``_WindowChunks``)
+FLASH_WINDOW_ACCUM_BYTES = 1 << 30
+
+
+def _flash_chunk_fwd(q, k, v, scale, window):
+    """One window call on a chunk: ``q [n, H, D]`` the last ``n`` of ``k, v [m, Hkv, D]`` -> ``(o, state)``."""
+    cu_q, cu_k = (torch.tensor([0, n], dtype=torch.int32, device=q.device) for n in (q.shape[0], k.shape[0]))
+    o, lse, rng, unused = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, q.shape[0], k.shape[0], 0.0, True, False, scale=scale, window_size_left=window - 1,
+        window_size_right=0)[:4]
+    return o, (lse, rng, unused, cu_q, cu_k)
+
+
+def _flash_chunk_bwd(do, q, k, v, o, state, scale, window):
+    lse, rng, unused, cu_q, cu_k = state
+    return torch.ops.aten._flash_attention_backward(
+        do, q, k, v, o, lse, cu_q, cu_k, q.shape[0], k.shape[0], 0.0, True, rng, unused, scale=scale,
+        window_size_left=window - 1, window_size_right=0)
+
+
+class _WindowChunks(torch.autograd.Function):
+    """A sliding window over one row, ``q [Nq, H, D]`` the last ``Nq`` of ``k, v [N, Hkv, D]``, in query chunks of
+    ``chunk``, each against its own keys (the ``window - 1`` before its first query on): the output is written
+    into one ``[Nq, H, D]`` tensor, which is all it keeps besides the inputs and each chunk's state (its
+    log-normaliser), and backward runs the chunks one at a time, so the kernel's transient buffers (FlashAttention's
+    fp32 dq accumulator) are a chunk's. dK and dV sum the chunks' shares in fp32 (a key in two chunks' spans gets
+    two). ``ops``: the chunk kernel, ``(fwd, bwd)`` as ``_flash_chunk_fwd``/``_flash_chunk_bwd``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window, scale, chunk, ops):
+        Nq, N = q.shape[0], k.shape[0]
+        first, o, states, spans = N - Nq, torch.empty_like(q), [], []
+        for a in range(0, Nq, chunk):
+            b = min(a + chunk, Nq)
+            lo, hi = max(0, first + a - window + 1), first + b
+            oc, state = ops[0](q[a:b], k[lo:hi], v[lo:hi], scale, window)
+            o[a:b] = oc
+            del oc
+            states.append(state)
+            spans.append((a, b, lo, hi))
+        ctx.save_for_backward(q, k, v, o)
+        ctx.states, ctx.spans, ctx.window, ctx.scale, ctx.ops = states, spans, window, scale, ops
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o = ctx.saved_tensors
+        do = do.contiguous()
+        dq = torch.empty_like(q)
+        dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))
+        for (a, b, lo, hi), state in zip(ctx.spans, ctx.states):
+            dqc, dkc, dvc = ctx.ops[1](do[a:b], q[a:b], k[lo:hi], v[lo:hi], o[a:b], state, ctx.scale, ctx.window)
+            dq[a:b] = dqc
+            dk[lo:hi] += dkc
+            dv[lo:hi] += dvc
+            del dqc, dkc, dvc
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def window_chunk(H: int, D: int, accum_bytes: int | None = None) -> int:
+    """Queries per chunk of a window row whose fp32 dq accumulator (``queries x H x D x 4`` bytes) stays under
+    ``accum_bytes`` (``FLASH_WINDOW_ACCUM_BYTES``): a multiple of 256, at least 256."""
+    limit = FLASH_WINDOW_ACCUM_BYTES if accum_bytes is None else accum_bytes
+    return max(256, limit // (H * D * 4) // 256 * 256)
 
 
 def _varlen_lse(lse: torch.Tensor, q_len: list[int], H: int) -> torch.Tensor | None:
@@ -170,7 +236,9 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     FlashAttention varlen call. ``window > 0``: query ``i`` sees only the keys ``i - window < j <= i``
     (transformers' sliding window: ``window`` keys including its own); with ``varlen`` where
     ``can_run_varlen`` and this torch's FlashAttention takes a window (``FLASH_WINDOW``), in one call with
-    FlashAttention's window, rows without ``cu_seqlens`` included; else in query chunks of masked SDPA.
+    FlashAttention's window, rows without ``cu_seqlens`` included, or for a row too long for one call's fp32 dq
+    accumulator (``FLASH_WINDOW_ACCUM_BYTES``) in query chunks of such calls (``_WindowChunks``); else in query
+    chunks of masked SDPA.
     ``return_lse``: ``(o, lse)``, with each query's log-normaliser ``lse [B, H, Nq]`` (float32, natural
     log, no gradient) where the varlen call gives it for free, else None.
     """
@@ -187,7 +255,12 @@ def _dense_attention(q, k, v, cu_seqlens, scale, window, varlen):
     gqa = q.shape[2] != k.shape[2]
     flash_window = bool(window) and varlen and FLASH_WINDOW and can_run_varlen(q)
     if cu_seqlens is None:
-        if flash_window and N > window:  # one call with FlashAttention's own window, not chunks of masked SDPA
+        chunk = window_chunk(q.shape[2], q.shape[3])
+        if flash_window and N > window and q.shape[0] == 1 and Nq > chunk:  # a long row: query chunks
+            scale = q.shape[-1] ** -0.5 if scale is None else scale
+            o = _WindowChunks.apply(q[0], k[0], v[0], window, scale, chunk, (_flash_chunk_fwd, _flash_chunk_bwd))
+            return o.unsqueeze(0), None
+        if flash_window and N > window and q.shape[0] * Nq <= chunk:  # one call with FlashAttention's own window
             B = q.shape[0]  # the rows as documents of one packed row
             o, lse = _flash_varlen(*(t.reshape(1, -1, *t.shape[2:]) for t in (q, k, v)), [Nq] * B, [N] * B, scale,
                                    window)
@@ -197,7 +270,7 @@ def _dense_attention(q, k, v, cu_seqlens, scale, window, varlen):
     q_len, k_len = document_lengths(cu_seqlens, N, Nq)
     if varlen and can_run_varlen(q) and (not window or max(k_len) <= window):
         return _flash_varlen(q, k, v, q_len, k_len, scale)
-    if flash_window:
+    if flash_window and Nq <= window_chunk(q.shape[2], q.shape[3]):
         return _flash_varlen(q, k, v, q_len, k_len, scale, window)
     qs, ks, vs = q.split(q_len, dim=1), k.split(k_len, dim=1), v.split(k_len, dim=1)
     parts = [_causal_sdpa(qd.transpose(1, 2), kd.transpose(1, 2), vd.transpose(1, 2), scale, gqa, window)

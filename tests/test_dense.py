@@ -138,16 +138,23 @@ def test_varlen_matches_the_per_document_calls_on_gpu(N, Nq, cu):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,N,Nq,cu,window", [(2, 1100, 900, None, 100), (1, 8192, 8192, None, 4096),
-                                               (1, 8192, 8192, [0, 5000, 5001, 8000, 8192], 1000),
-                                               (1, 96, 48, [0, 30, 31, 77, 96], 20)])
-def test_flash_window_matches_the_chunked_sdpa_on_gpu(B, N, Nq, cu, window):
-    """A sliding window through FlashAttention's own window (one call; rows without ``cu_seqlens`` and several
-    rows included) against the query chunks of masked SDPA: bf16 output and gradients against the fp32 chunked
-    path, within 2x of the bf16 chunked path's own error, and laid out as the output projection reads it."""
+@pytest.mark.parametrize("B,N,Nq,cu,window,chunked", [
+    (2, 1100, 900, None, 100, False), (1, 8192, 8192, None, 4096, False),
+    (1, 8192, 8192, [0, 5000, 5001, 8000, 8192], 1000, False), (1, 96, 48, [0, 30, 31, 77, 96], 20, False),
+    (1, 1100, 900, None, 100, True), (1, 8192, 8192, None, 700, True), (1, 8192, 6000, None, 4096, True)])
+def test_flash_window_matches_the_chunked_sdpa_on_gpu(B, N, Nq, cu, window, chunked, monkeypatch):
+    """A sliding window through FlashAttention's own window (one call, rows without ``cu_seqlens`` and several
+    rows included; ``chunked``: in query chunks of 256, ``_WindowChunks``, as a row whose fp32 dq accumulator
+    passes ``FLASH_WINDOW_ACCUM_BYTES`` runs) against the query chunks of masked SDPA: bf16 output and gradients
+    against the fp32 chunked path, within 2x of the bf16 chunked path's own error, and laid out as the output
+    projection reads it."""
+    import msa.dense
     from msa.dense import FLASH_WINDOW
 
     assert FLASH_WINDOW, "this torch's FlashAttention takes no window: the chunked path runs on the GPU too"
+    if chunked:
+        monkeypatch.setattr(msa.dense, "FLASH_WINDOW_ACCUM_BYTES", 256 * H * D * 4)
+        assert msa.dense.window_chunk(H, D) == 256 < Nq
     g = torch.Generator().manual_seed(0)
     base = [torch.randn(B, n, h, D, generator=g) for n, h in ((Nq, H), (N, HKV), (N, HKV))]
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
@@ -164,6 +171,59 @@ def test_flash_window_matches_the_chunked_sdpa_on_gpu(B, N, Nq, cu, window):
         errors[varlen] = [rel_rms(ref, o)] + [rel_rms(r, gr) for r, gr in zip(ref_grads, grads)]
     assert all(e < 1e-2 for e in errors[True]), errors
     assert all(e <= 2 * max(e_loop, 1e-3) for e, e_loop in zip(errors[True], errors[False])), errors
+
+
+def _reference_chunk_ops():
+    """A window chunk kernel in float64 (the masked softmax of ``_masked_attention``, bottom-right aligned), its
+    backward by autograd: the chunk op ``_WindowChunks`` runs, where FlashAttention's cannot (the CPU)."""
+
+    def attend(q, k, v, scale, window):
+        n, m = q.shape[0], k.shape[0]
+        i, j = torch.arange(m - n, m)[:, None], torch.arange(m)[None, :]
+        kk, vv = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        s = torch.einsum("qhd,khd->hqk", q, kk) * scale
+        p = s.masked_fill(~((j <= i) & (i - j < window)), float("-inf")).softmax(-1)
+        return torch.einsum("hqk,khd->qhd", p, vv)
+
+    def fwd(q, k, v, scale, window):
+        return attend(q.double(), k.double(), v.double(), scale, window).to(q.dtype), None
+
+    def bwd(do, q, k, v, o, state, scale, window):
+        with torch.enable_grad():
+            ins = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            grads = torch.autograd.grad(attend(*ins, scale, window), ins, do.double())
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("N,Nq,window,chunk", [(1100, 900, 100, 256), (1100, 1100, 300, 256), (600, 600, 700, 256),
+                                               (700, 300, 50, 1024)])
+def test_window_chunks_equal_the_whole_row(N, Nq, window, chunk):
+    """``_WindowChunks``' bookkeeping (chunk bounds, each chunk's keys from ``window - 1`` before its first query,
+    the output written once, dK/dV summed over chunks whose key spans overlap) with a float64 chunk kernel, against
+    the chunked SDPA path (itself checked against a masked softmax above): several chunks, one chunk, a window
+    longer than the row, the last Nq of N queries."""
+    from msa.dense import _WindowChunks
+
+    q, k, v, _ = _inputs(N, Nq, [0, N])
+    ref = dense_attention(q, k, v, window=window)
+    o = _WindowChunks.apply(q[0], k[0], v[0], window, D ** -0.5, chunk, _reference_chunk_ops())
+    assert o.shape == (Nq, H, D) and rel_rms(ref[0], o) < 1e-6
+    do = torch.randn_like(o)
+    for name, g, g_ref in zip("qkv", torch.autograd.grad(o, (q, k, v), do),
+                              torch.autograd.grad(ref, (q, k, v), do[None])):
+        assert rel_rms(g_ref, g) < 1e-6, name
+
+
+def test_window_chunk_keeps_the_fp32_accumulator_under_its_bound():
+    """Queries per chunk by hand: 1 GiB / (32 heads x 128 x 4 bytes) = 65,536 for ``1b``, 262,144 for ``small``'s 8
+    heads; multiples of 256, never under 256."""
+    from msa.dense import window_chunk
+
+    assert window_chunk(32, 128) == 65536 and window_chunk(8, 128) == 262144
+    assert window_chunk(32, 128, 50 * 2 ** 20) == 3072  # 3,200 queries fit, rounded down to a multiple of 256
+    assert window_chunk(32, 128, 1000) == 256
 
 
 def test_a_window_falls_back_to_the_chunks_off_gpu():
