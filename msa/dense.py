@@ -258,10 +258,11 @@ def _dense_attention(q, k, v, cu_seqlens, scale, window, varlen):
         chunk = window_chunk(q.shape[2], q.shape[3])
         if flash_window and N > window and q.shape[0] == 1 and Nq > chunk:  # a long row: query chunks
             scale = q.shape[-1] ** -0.5 if scale is None else scale
-            o = _WindowChunks.apply(q[0], k[0], v[0], window, scale, chunk, (_flash_chunk_fwd, _flash_chunk_bwd))
+            q1, k1, v1 = (t[0].contiguous() for t in (q, k, v))
+            o = _WindowChunks.apply(q1, k1, v1, window, scale, chunk, (_flash_chunk_fwd, _flash_chunk_bwd))
             return o.unsqueeze(0), None
         if flash_window and N > window and q.shape[0] * Nq <= chunk:  # one call with FlashAttention's own window
-            B = q.shape[0]  # the rows as documents of one packed row
+            B = q.shape[0]  # the rows as documents of one packed row (more rows than one call holds: SDPA below)
             o, lse = _flash_varlen(*(t.reshape(1, -1, *t.shape[2:]) for t in (q, k, v)), [Nq] * B, [N] * B, scale,
                                    window)
             return o.view(B, Nq, *o.shape[2:]), None if lse is None else lse[0].unflatten(1, (B, Nq)).transpose(0, 1)
