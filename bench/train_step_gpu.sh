@@ -55,8 +55,9 @@
 #      the sparse backward's dK/dV partials, since taken a group of query chunks at a time, docs/scaling.md 3q;
 #      the GPU test of those groups runs first; at 4ea91cc with the overrides below, 0.5 GiB short in the sparse
 #      backward, docs/scaling.md 3t; at 043ed09, past every MSA layer's backward, out of memory in the window
-#      layer's recompute, whose SDPA chunks' output was copied for the output projection, docs/scaling.md 3u;
-#      the GPU test of the window layer in one FlashAttention call runs first too):
+#      layer's recompute, whose SDPA chunks' output was copied for the output projection; at f6510d5, with the
+#      window in one FlashAttention call, out of memory in its fp32 dq accumulator, since taken in query chunks,
+#      docs/scaling.md 3u; the GPU tests of the window in FlashAttention, one call and chunks, run first too):
 #      STAGES=1b_long MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...; SKIP_512K=1 leaves the 512K point out,
 #      LONG_1B_OVERRIDES adds overrides to both points (e.g. "attention.dq_path=tile attention.kl_path=tile": no
 #      dQ or dq_idx partials, for an 80 GB card); LONG_1B_1M_ARGS adds bench.train_step arguments to the 1M point
@@ -215,7 +216,7 @@ fi
 if want 1b_long; then
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
   if [ "${CPU_CHECK:-0}" != 1 ]; then  # the grouped dK/dV partials compiled, against one group (bitwise), and
-    # the window layer in one FlashAttention call against its query chunks of masked SDPA
+    # the window layer in FlashAttention (one call, and query chunks of calls) against query chunks of masked SDPA
     TAIL=3 stage grouped_test 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_sparse_attention.py \
       tests/test_dense.py -k "grouped or flash_window"
   fi
