@@ -216,6 +216,30 @@ def test_window_chunks_equal_the_whole_row(N, Nq, window, chunk):
         assert rel_rms(g_ref, g) < 1e-6, name
 
 
+def test_a_long_window_row_is_routed_to_the_chunks(monkeypatch):
+    """``dense_attention``'s routing with FlashAttention's window available (set up here, with the float64 chunk
+    kernel in its place): a row whose fp32 dq accumulator passes the bound runs ``_WindowChunks`` in chunks of
+    ``window_chunk`` queries, and gives the masked-SDPA chunks' output and gradients."""
+    import msa.dense
+
+    fwd, bwd = _reference_chunk_ops()
+    calls = []
+    monkeypatch.setattr(msa.dense, "FLASH_WINDOW", True)
+    monkeypatch.setattr(msa.dense, "can_run_varlen", lambda q: True)
+    monkeypatch.setattr(msa.dense, "FLASH_WINDOW_ACCUM_BYTES", 256 * H * D * 4)
+    monkeypatch.setattr(msa.dense, "_flash_chunk_fwd", lambda *a: calls.append(a[0].shape[0]) or fwd(*a))
+    monkeypatch.setattr(msa.dense, "_flash_chunk_bwd", bwd)
+    q, k, v, _ = _inputs(1100, 900, [0, 1100])
+    o = dense_attention(q, k, v, window=100, varlen=True)
+    assert calls == [256, 256, 256, 132]
+    monkeypatch.setattr(msa.dense, "FLASH_WINDOW", False)
+    ref = dense_attention(q, k, v, window=100, varlen=True)
+    assert rel_rms(ref, o) < 1e-6
+    do = torch.randn_like(o)
+    for name, g, g_ref in zip("qkv", torch.autograd.grad(o, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
+        assert rel_rms(g_ref, g) < 1e-6, name
+
+
 def test_window_chunk_keeps_the_fp32_accumulator_under_its_bound():
     """Queries per chunk by hand: 1 GiB / (32 heads x 128 x 4 bytes) = 65,536 for ``1b``, 262,144 for ``small``'s 8
     heads; multiples of 256, never under 256."""
