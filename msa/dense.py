@@ -121,10 +121,14 @@ def _flash_varlen(q, k, v, q_len, k_len, scale, window: int = 0):
     float32 (natural log) or None where FlashAttention's layout is not one this knows. ``window``: each query
     sees its last ``window`` keys, its own included (FlashAttention's ``window_size_left = window - 1``)."""
     k0, cu_q, cu_k, max_q, max_k = varlen_args(q_len, k_len, q.device)
-    opts = {"window_size_left": window - 1, "window_size_right": 0} if window else {}
     o, lse = torch.ops.aten._flash_attention_forward(q[0], k[0, k0:], v[0, k0:], cu_q, cu_k, max_q, max_k, 0.0,
-                                                     True, False, scale=scale, **opts)[:2]
+                                                     True, False, scale=scale, **_window_args(window))[:2]
     return o.unsqueeze(0), _varlen_lse(lse.detach(), [n for n in q_len if n], q.shape[2])
+
+
+def _window_args(window: int) -> dict:
+    """FlashAttention's arguments for a causal window of ``window`` keys, the query's own included (none for 0)."""
+    return {"window_size_left": window - 1, "window_size_right": 0} if window else {}
 
 
 def _flash_has_window() -> bool:
@@ -144,18 +148,16 @@ FLASH_WINDOW_ACCUM_BYTES = 1 << 30
 
 def _flash_chunk_fwd(q, k, v, scale, window):
     """One window call on a chunk: ``q [n, H, D]`` the last ``n`` of ``k, v [m, Hkv, D]`` -> ``(o, state)``."""
-    cu_q, cu_k = (torch.tensor([0, n], dtype=torch.int32, device=q.device) for n in (q.shape[0], k.shape[0]))
-    o, lse, rng, unused = torch.ops.aten._flash_attention_forward(
-        q, k, v, cu_q, cu_k, q.shape[0], k.shape[0], 0.0, True, False, scale=scale, window_size_left=window - 1,
-        window_size_right=0)[:4]
+    _, cu_q, cu_k, n, m = varlen_args([q.shape[0]], [k.shape[0]], q.device)
+    o, lse, rng, unused = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, n, m, 0.0, True, False,
+                                                                  scale=scale, **_window_args(window))[:4]
     return o, (lse, rng, unused, cu_q, cu_k)
 
 
 def _flash_chunk_bwd(do, q, k, v, o, state, scale, window):
     lse, rng, unused, cu_q, cu_k = state
-    return torch.ops.aten._flash_attention_backward(
-        do, q, k, v, o, lse, cu_q, cu_k, q.shape[0], k.shape[0], 0.0, True, rng, unused, scale=scale,
-        window_size_left=window - 1, window_size_right=0)
+    return torch.ops.aten._flash_attention_backward(do, q, k, v, o, lse, cu_q, cu_k, q.shape[0], k.shape[0], 0.0, True,
+                                                    rng, unused, scale=scale, **_window_args(window))
 
 
 class _WindowChunks(torch.autograd.Function):
@@ -255,17 +257,18 @@ def _dense_attention(q, k, v, cu_seqlens, scale, window, varlen):
     gqa = q.shape[2] != k.shape[2]
     flash_window = bool(window) and varlen and FLASH_WINDOW and can_run_varlen(q)
     if cu_seqlens is None:
-        chunk = window_chunk(q.shape[2], q.shape[3])
-        if flash_window and N > window and q.shape[0] == 1 and Nq > chunk:  # a long row: query chunks
-            scale = q.shape[-1] ** -0.5 if scale is None else scale
-            q1, k1, v1 = (t[0].contiguous() for t in (q, k, v))
-            o = _WindowChunks.apply(q1, k1, v1, window, scale, chunk, (_flash_chunk_fwd, _flash_chunk_bwd))
-            return o.unsqueeze(0), None
-        if flash_window and N > window and q.shape[0] * Nq <= chunk:  # one call with FlashAttention's own window
-            B = q.shape[0]  # the rows as documents of one packed row (more rows than one call holds: SDPA below)
-            o, lse = _flash_varlen(*(t.reshape(1, -1, *t.shape[2:]) for t in (q, k, v)), [Nq] * B, [N] * B, scale,
-                                   window)
-            return o.view(B, Nq, *o.shape[2:]), None if lse is None else lse[0].unflatten(1, (B, Nq)).transpose(0, 1)
+        B, chunk = q.shape[0], window_chunk(q.shape[2], q.shape[3])
+        if flash_window and N > window:
+            if B == 1 and Nq > chunk:  # a long row: query chunks
+                scale = q.shape[-1] ** -0.5 if scale is None else scale
+                q1, k1, v1 = (t[0].contiguous() for t in (q, k, v))
+                o = _WindowChunks.apply(q1, k1, v1, window, scale, chunk, (_flash_chunk_fwd, _flash_chunk_bwd))
+                return o.unsqueeze(0), None
+            if B * Nq <= chunk:  # one call, the rows as documents of one packed row (more rows: SDPA below)
+                o, lse = _flash_varlen(*(t.reshape(1, -1, *t.shape[2:]) for t in (q, k, v)), [Nq] * B, [N] * B,
+                                       scale, window)
+                lse = None if lse is None else lse[0].unflatten(1, (B, Nq)).transpose(0, 1)
+                return o.view(B, Nq, *o.shape[2:]), lse
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         return _causal_sdpa(qt, kt, vt, scale, gqa, window).transpose(1, 2), None
     q_len, k_len = document_lengths(cu_seqlens, N, Nq)

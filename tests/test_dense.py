@@ -21,11 +21,11 @@ def _masked_attention(q, k, v, mask):
     return torch.einsum("hqk,khd->qhd", p, vv)
 
 
-def _inputs(N, Nq, cu, device="cpu", dtype=torch.float32):
+def _inputs(N, Nq, cu, device="cpu", dtype=torch.float32, B=1):
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, n, h, D, generator=g).to(device, dtype).requires_grad_()
+    q, k, v = (torch.randn(B, n, h, D, generator=g).to(device, dtype).requires_grad_()
                for n, h in ((Nq, H), (N, HKV), (N, HKV)))
-    return q, k, v, torch.tensor(cu, dtype=torch.int32, device=device)
+    return q, k, v, None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
 
 
 def _window_mask(N, Nq, window):
@@ -69,7 +69,7 @@ def test_backward_writes_each_gradient_once():
     assert "SliceBackward0" not in names
     assert names.count("SplitWithSizesBackward0") == 3
     N, Nq, W = 1100, 900, 100  # 4 query chunks of 256 with overlapping key spans
-    q, k, v, _ = _inputs(N, Nq, [0, N])
+    q, k, v, _ = _inputs(N, Nq, None)
     o = dense_attention(q, k, v, window=W)
     assert "SliceBackward0" not in _backward_nodes(o)
     ref = _masked_attention(q[0], k[0], v[0], visible_mask(N, Nq, None) & _window_mask(N, Nq, W))[None]
@@ -86,8 +86,8 @@ def test_output_is_laid_out_as_the_output_projection_reads_it(packed, window):
     layout it was a full copy (8 GiB for ``1b`` at 1M tokens, where that copy ran the backward's recompute of the
     window layer out of memory on an 80 GB card). The values are checked against a masked softmax above."""
     N, Nq, cu = (70, 29, [0, 1, 33, 33, 70]) if packed else (1100, 900, None)
-    q, k, v, cu_t = _inputs(N, Nq, cu or [0, N])
-    o = dense_attention(q, k, v, cu_t if packed else None, window=window)
+    q, k, v, cu_t = _inputs(N, Nq, cu)
+    o = dense_attention(q, k, v, cu_t, window=window)
     assert o.shape == (1, Nq, H, D) and o.is_contiguous()
     assert o.reshape(1, Nq, H * D).data_ptr() == o.data_ptr()
 
@@ -155,11 +155,8 @@ def test_flash_window_matches_the_chunked_sdpa_on_gpu(B, N, Nq, cu, window, chun
     if chunked:
         monkeypatch.setattr(msa.dense, "FLASH_WINDOW_ACCUM_BYTES", 256 * H * D * 4)
         assert msa.dense.window_chunk(H, D) == 256 < Nq
-    g = torch.Generator().manual_seed(0)
-    base = [torch.randn(B, n, h, D, generator=g) for n, h in ((Nq, H), (N, HKV), (N, HKV))]
-    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
-    ref_in = [t.cuda().requires_grad_() for t in base]
-    ins = [t.cuda().bfloat16().requires_grad_() for t in base]
+    *ref_in, cu_t = _inputs(N, Nq, cu, "cuda", torch.float32, B)
+    *ins, _ = _inputs(N, Nq, cu, "cuda", torch.bfloat16, B)
     do = torch.randn(B, Nq, H, D, device="cuda")
     ref = dense_attention(*ref_in, cu_t, window=window)
     ref_grads = torch.autograd.grad(ref, ref_in, do)
@@ -178,15 +175,12 @@ def _reference_chunk_ops():
     backward by autograd: the chunk op ``_WindowChunks`` runs, where FlashAttention's cannot (the CPU)."""
 
     def attend(q, k, v, scale, window):
+        assert scale == D ** -0.5  # _masked_attention's
         n, m = q.shape[0], k.shape[0]
-        i, j = torch.arange(m - n, m)[:, None], torch.arange(m)[None, :]
-        kk, vv = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-        s = torch.einsum("qhd,khd->hqk", q, kk) * scale
-        p = s.masked_fill(~((j <= i) & (i - j < window)), float("-inf")).softmax(-1)
-        return torch.einsum("hqk,khd->qhd", p, vv)
+        return _masked_attention(q, k, v, visible_mask(m, n, None) & _window_mask(m, n, window))
 
     def fwd(q, k, v, scale, window):
-        return attend(q.double(), k.double(), v.double(), scale, window).to(q.dtype), None
+        return attend(q, k, v, scale, window).to(q.dtype), None
 
     def bwd(do, q, k, v, o, state, scale, window):
         with torch.enable_grad():
@@ -206,7 +200,7 @@ def test_window_chunks_equal_the_whole_row(N, Nq, window, chunk):
     longer than the row, the last Nq of N queries."""
     from msa.dense import _WindowChunks
 
-    q, k, v, _ = _inputs(N, Nq, [0, N])
+    q, k, v, _ = _inputs(N, Nq, None)
     ref = dense_attention(q, k, v, window=window)
     o = _WindowChunks.apply(q[0], k[0], v[0], window, D ** -0.5, chunk, _reference_chunk_ops())
     assert o.shape == (Nq, H, D) and rel_rms(ref[0], o) < 1e-6
@@ -229,7 +223,7 @@ def test_a_long_window_row_is_routed_to_the_chunks(monkeypatch):
     monkeypatch.setattr(msa.dense, "FLASH_WINDOW_ACCUM_BYTES", 256 * H * D * 4)
     monkeypatch.setattr(msa.dense, "_flash_chunk_fwd", lambda *a: calls.append(a[0].shape[0]) or fwd(*a))
     monkeypatch.setattr(msa.dense, "_flash_chunk_bwd", bwd)
-    q, k, v, _ = _inputs(1100, 900, [0, 1100])
+    q, k, v, _ = _inputs(1100, 900, None)
     o = dense_attention(q, k, v, window=100, varlen=True)
     assert calls == [256, 256, 256, 132]
     monkeypatch.setattr(msa.dense, "FLASH_WINDOW", False)
@@ -251,7 +245,7 @@ def test_window_chunk_keeps_the_fp32_accumulator_under_its_bound():
 
 
 def test_a_window_falls_back_to_the_chunks_off_gpu():
-    q, k, v, _ = _inputs(1100, 900, [0, 1100])
+    q, k, v, _ = _inputs(1100, 900, None)
     assert torch.equal(dense_attention(q, k, v, window=100, varlen=True), dense_attention(q, k, v, window=100))
 
 
