@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,12 +28,7 @@ from bench.compare_kernels import rel_rms  # noqa: E402
 from bench.meta import run_meta  # noqa: E402
 from bench.timing import measure  # noqa: E402
 from msa.dense import FLASH_WINDOW, can_run_varlen, dense_attention  # noqa: E402
-
-
-def visible_keys(N: int, window: int) -> int:
-    """Keys all queries of a row of ``N`` see under a causal window of ``window`` keys (their own included)."""
-    w = min(window, N)
-    return w * (w + 1) // 2 + (N - w) * w
+from train.metrics import attended_pairs  # noqa: E402
 
 
 def _flex_window(q, k, v, window):
@@ -52,7 +48,7 @@ def bench_length(N: int, H: int, Hkv: int, D: int, window: int, device, dtype, f
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(1, N, h, D, generator=g).to(device, dtype).requires_grad_() for h in (H, Hkv, Hkv))
     do = torch.randn(1, N, H, D, generator=g).to(device, dtype)
-    keys = visible_keys(N, window)
+    keys = int(attended_pairs(np.array([N]), window=window))  # (query, key) pairs a head attends
     row = {"N": N, "H": H, "Hkv": Hkv, "D": D, "window": window, "visible_keys_per_head": keys,
            "fwd_bwd_tflop": 3.5 * 4 * D * H * keys / 1e12}
     ways = {"chunks": lambda: dense_attention(q, k, v, window=window),

@@ -1575,7 +1575,11 @@ def test_fwd_path_comparison_by_hand():
 def test_window_bench_counts_the_keys_by_hand_and_runs_on_cpu(tmp_path):
     """``bench.window``'s FLOP count from the visible keys (a row of 5 under a window of 2: 1 + 2 + 2 + 2 + 2), and
     one CPU row where ``flash`` falls back to the chunks (equal outputs) and dense causal runs beside them."""
-    from bench.window import main, visible_keys
+    from bench.window import main
+    from train.metrics import attended_pairs
+
+    def visible_keys(N, window):
+        return attended_pairs(np.array([N]), window=window)
 
     assert visible_keys(5, 2) == 9 and visible_keys(3, 8) == 6 and visible_keys(4, 1) == 4
     res = main(["--lengths", "300", "--heads", "4", "2", "--head-dim", "8", "--window", "64", "--flex-max-n", "0",
