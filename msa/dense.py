@@ -101,15 +101,28 @@ def longest_document(cu_seqlens: torch.Tensor | None, N: int) -> int:
     return longest
 
 
+def to_device_async(values: list[int], device) -> torch.Tensor:
+    """``values`` as an int32 tensor on ``device``; to a GPU through pinned memory with a non-blocking copy, so
+    the host does not wait for the GPU's queue to drain (the caching host allocator keeps the pinned buffer
+    until the copy has run)."""
+    t = torch.tensor(values, dtype=torch.int32)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def varlen_args(q_len: list[int], k_len: list[int], device) -> tuple[int, torch.Tensor, torch.Tensor, int, int]:
     """What one varlen kernel call takes for the documents that have queries: the first key it reads (the
     documents before it have no query), ``cu_seq_q``, ``cu_seq_k`` (int32) and the longest query and key
-    runs. Each document's queries are the last of its keys (bottom-right causal alignment)."""
+    runs. Each document's queries are the last of its keys (bottom-right causal alignment). On a GPU the two
+    offset tensors go up from pinned memory without waiting: a plain ``torch.tensor(..., device="cuda")``
+    synchronises the host with the GPU, which stalls a host-bound step (the window layer's FlashAttention call
+    did so twice a step)."""
     docs = [(nq, nk) for nq, nk in zip(q_len, k_len) if nq]
     k0 = sum(k_len) - sum(nk for _, nk in docs)
 
     def cumulative(lengths):
-        return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+        return to_device_async([0, *itertools.accumulate(lengths)], device)
 
     return (k0, cumulative(nq for nq, _ in docs), cumulative(nk for _, nk in docs),
             max(nq for nq, _ in docs), max(nk for _, nk in docs))

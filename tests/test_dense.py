@@ -170,6 +170,38 @@ def test_flash_window_matches_the_chunked_sdpa_on_gpu(B, N, Nq, cu, window, chun
     assert all(e <= 2 * max(e_loop, 1e-3) for e, e_loop in zip(errors[True], errors[False])), errors
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,chunked", [(1, False), (2, False), (1, True)])
+def test_flash_window_never_waits_for_the_gpu(B, chunked, monkeypatch):
+    """A window row without ``cu_seqlens`` (one call, several rows, query chunks) runs forward and backward with
+    no host-GPU synchronisation (``torch.cuda.set_sync_debug_mode("error")`` raises at one): its offsets go up
+    from pinned memory (``msa.dense.to_device_async``). A synchronising copy there stalled a host-bound step:
+    the window layer cost a 32K step of ``small`` more than the dense layer it replaces (docs/scaling.md 3v)."""
+    import msa.dense
+
+    if chunked:
+        monkeypatch.setattr(msa.dense, "FLASH_WINDOW_ACCUM_BYTES", 256 * H * D * 4)
+    *ins, _ = _inputs(2048, 2048, None, "cuda", torch.bfloat16, B)
+    do = torch.randn(B, 2048, H, D, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o = dense_attention(*ins, window=300, varlen=True)
+        grads = torch.autograd.grad(o, ins, do)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_offsets_reach_the_device_as_given():
+    """``to_device_async``'s values and dtype (on the CPU a plain copy; the GPU's pinned path is timed by the
+    test above and its values by every varlen test on a GPU)."""
+    from msa.dense import to_device_async
+
+    t = to_device_async([0, 3, 2**31 - 1], "cpu")
+    assert t.dtype == torch.int32 and t.tolist() == [0, 3, 2**31 - 1]
+
+
 def _reference_chunk_ops():
     """A window chunk kernel in float64 (the masked softmax of ``_masked_attention``, bottom-right aligned), its
     backward by autograd: the chunk op ``_WindowChunks`` runs, where FlashAttention's cannot (the CPU)."""
