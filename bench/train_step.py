@@ -227,6 +227,9 @@ def measure_point(series: Series, env, lengths: list[int], packed: bool, args, d
     start_gb = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
     warm_s, first = timed(lambda: train_step(run), dev)
     memory = persistent_memory(run)
+    # the warm-up's allocator peaks, read before msa_layer_gb resets them: a step timed by its warm-up alone reports
+    # these (before 2026-12-07 it reported msa_layer_gb's peaks as the step's)
+    warm_stats = torch.cuda.memory_stats() if cuda else {}
     if cuda:
         memory.update(start_gb=round(start_gb, 3), after_step_gb=round(torch.cuda.memory_allocated() / 2**30, 3),
                       warmup_peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 3))
@@ -271,8 +274,8 @@ def measure_point(series: Series, env, lengths: list[int], packed: bool, args, d
                peak_tflops=peak)
     mem = row["memory"] = memory
     if cuda:
-        stats = torch.cuda.memory_stats()
-        mem.update(peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        stats = warm_stats if warm_only else torch.cuda.memory_stats()
+        mem.update(peak_gb=round(stats.get("allocated_bytes.all.peak", 0) / 2**30, 3),
                    reserved_peak_gb=round(stats.get("reserved_bytes.all.peak", 0) / 2**30, 3),
                    alloc_retries=stats.get("num_alloc_retries", 0),
                    checkpointed_inputs_gb_computed=round(cfg.model.n_layers * n * cfg.model.dim * 2 / 2**30, 3))
