@@ -38,7 +38,9 @@
 #      (bench.train_step --msa-overrides), dense as configured, in one process (about 4.5 minutes on an H200:
 #      dense's step of about 185 s runs once, timed by itself, --time-warmup-above 100), then, if about 100 s
 #      are left, MSA with no dense first layer alone (attention.n_dense_layers=0), so the two options' 1M ratios
-#      are measured in one call (321 s in all): STAGES=first_layer_1m MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
+#      are measured in one call (321 s in all): STAGES=first_layer_1m MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...;
+#      on a card under 100 GB, dense_1m and first_layer_1m run both series with full checkpointing and the MLP
+#      tiled (FIT_1M below; an H100 ran out of memory without them; 334 s on an H100, docs/scaling.md 3v)
 #  12. base_1m_window: model=base at 1M, MSA with the first layer a sliding window of 4096 keys, and dense at 256K
 #      and 512K in the same process, dense at 1M extrapolated from those two and labelled so (--extrapolate-dense:
 #      base dense at 1M, about 620 s a step by that fit, does not fit a call); checkpoint policy full for both,
@@ -110,6 +112,15 @@ if [ "${CPU_CHECK:-0}" = 1 ]; then
   AC="$AC model.n_layers=2"; NOKEEP_MIN=${NOKEEP_MIN:-0}
 fi
 OLD_NEW_LENGTHS=${OLD_NEW_LENGTHS:-$ON_LENGTHS}
+# small at 1M on a card under 100 GB (an 80 GB H100): selective checkpointing runs out of memory for MSA and dense,
+# and under full MSA still does, in the MLP's hidden tensors (three of 5.4 GiB); full with the MLP tiled over 64K
+# tokens fits both series (docs/scaling.md 3v). Both series get the same overrides, so the ratio stays like for like.
+FIT_1M=()
+if [ "${CPU_CHECK:-0}" != 1 ] && [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" \
+     -lt 100000 ]; then
+  FIT_1M=(parallel.checkpoint_policy=full parallel.mlp_tile_tokens=65536)
+  echo "a card under 100 GB: the small 1M stages run with ${FIT_1M[*]}" | tee -a "$LOG"
+fi
 STAGES=${STAGES:-small base base_1m}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 for s in $STAGES; do
@@ -186,15 +197,16 @@ fi
 if want dense_1m; then
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
   TAIL=6 stage dense_1m 500 python3 -m bench.train_step "${DENSE_1M[@]}" --attention msa dense \
-    --json "$OUT/train_step_small_1m_both.json" -- $AC
+    --json "$OUT/train_step_small_1m_both.json" -- $AC ${FIT_1M[@]+"${FIT_1M[@]}"}
 fi
 if want first_layer_1m; then
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
   TAIL=6 stage first_layer_1m 500 python3 -m bench.train_step "${DENSE_1M[@]}" --attention msa dense \
     --time-warmup-above 100 --msa-overrides "model.sliding_window=$WINDOW" "model.sliding_layers=[0]" \
-    --json "$OUT/train_step_small_1m_window_both.json" -- $AC
+    --json "$OUT/train_step_small_1m_window_both.json" -- $AC ${FIT_1M[@]+"${FIT_1M[@]}"}
   TAIL=4 stage first_layer_1m_dense0 100 python3 -m bench.train_step "${DENSE_1M[@]}" --attention msa \
-    --time-budget 90 --json "$OUT/train_step_small_1m_dense0.json" -- $AC attention.n_dense_layers=0
+    --time-budget 90 --json "$OUT/train_step_small_1m_dense0.json" -- $AC ${FIT_1M[@]+"${FIT_1M[@]}"} \
+    attention.n_dense_layers=0
 fi
 if want base_1m_window; then
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
