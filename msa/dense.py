@@ -101,11 +101,11 @@ def longest_document(cu_seqlens: torch.Tensor | None, N: int) -> int:
     return longest
 
 
-def to_device_async(values: list[int], device) -> torch.Tensor:
-    """``values`` as an int32 tensor on ``device``; to a GPU through pinned memory with a non-blocking copy, so
-    the host does not wait for the GPU's queue to drain (the caching host allocator keeps the pinned buffer
-    until the copy has run)."""
-    t = torch.tensor(values, dtype=torch.int32)
+def to_device_async(values: list[int] | torch.Tensor, device, dtype=torch.int32) -> torch.Tensor:
+    """``values`` (a list, or a host tensor, kept in its own dtype) as a tensor on ``device``; to a GPU through
+    pinned memory with a non-blocking copy, so the host does not wait for the GPU's queue to drain (the caching
+    host allocator keeps the pinned buffer until the copy has run)."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     if torch.device(device).type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from msa.dense import to_device_async
+
 ROPE_TYPES = ("none", "linear", "dynamic", "yarn", "llama3")
 ROPE_IMPLS = ("auto", "torch", "triton")
 
@@ -135,7 +137,7 @@ class Rotary:
                 inv, scale = self._dynamic(rot_dim)  # [B, N, rot_dim/2]: each document its own base
             else:
                 inv, scale = inv_freq(rot_dim, self.base, self.scaling)
-                inv = inv.to(pos.device)
+                inv = to_device_async(inv, pos.device)  # no host sync (a plain .to() waits for the GPU)
             angles = pos.float()[..., None] * inv  # [B, N, rot_dim/2]
             self._tables[rot_dim] = ((angles.cos() * scale)[:, :, None], (angles.sin() * scale)[:, :, None])
         return self._tables[rot_dim]

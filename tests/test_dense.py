@@ -200,6 +200,8 @@ def test_offsets_reach_the_device_as_given():
 
     t = to_device_async([0, 3, 2**31 - 1], "cpu")
     assert t.dtype == torch.int32 and t.tolist() == [0, 3, 2**31 - 1]
+    f = to_device_async(torch.tensor([0.5, 1e-6]), "cpu")  # a host tensor keeps its dtype
+    assert f.dtype == torch.float32 and f.tolist() == torch.tensor([0.5, 1e-6]).tolist()
 
 
 def _reference_chunk_ops():

@@ -1,5 +1,6 @@
 """The decoder: chunked cross-entropy, image slots, gradients every data-parallel rank agrees on."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +32,7 @@ def test_chunked_cross_entropy_equals_full():
     h, w = torch.randn(50, 16, requires_grad=True), torch.randn(30, 16, requires_grad=True)
     labels = torch.randint(0, 30, (50,))
     labels[::7] = -100
+    labels[8:16] = -100  # a chunk with no target
     chunked = chunked_cross_entropy(h, w, labels, chunk=8)
     full = F.cross_entropy(h @ w.t(), labels, ignore_index=-100, reduction="sum")
     assert torch.allclose(chunked, full, rtol=1e-5)
@@ -46,6 +48,7 @@ def test_cross_entropy_by_source_is_each_sources_share():
     h, w = torch.randn(50, 16, requires_grad=True), torch.randn(30, 16, requires_grad=True)
     labels = torch.randint(0, 30, (50,))
     labels[::7] = -100
+    labels[8:16] = -100  # a chunk with no target
     groups = torch.randint(-1, 3, (50,))
     total, sums = chunked_cross_entropy(h, w, labels, chunk=8, groups=groups, n_groups=4)
     per_token = F.cross_entropy(h @ w.t(), labels, ignore_index=-100, reduction="none")
@@ -131,3 +134,30 @@ def test_initial_weights_depend_on_the_seed_and_the_name_only():
     biased = dict(build("dense", 0, qkv_bias=True).named_parameters())
     assert biased["layers.1.attn.wq.bias"].abs().sum() == 0
     assert torch.equal(biased["layers.1.attn.wq.weight"], d["layers.1.attn.wq.weight"])
+
+
+@pytest.mark.gpu
+def test_loss_and_rotary_tables_never_wait_for_the_gpu():
+    """The chunked loss (with and without source groups, a chunk with no target included) forward and backward, and
+    the rotary tables, run with no host-GPU synchronisation (``torch.cuda.set_sync_debug_mode("error")`` raises at
+    one): each was a sync a step (four chunks' ``any()``, the groups' boolean index, the frequencies' copy), which
+    stalls a host-bound short-row step (docs/scaling.md 3v)."""
+    from msa.rope import Rotary
+
+    h = torch.randn(64, 16, device="cuda", requires_grad=True)
+    w = torch.randn(30, 16, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 30, (64,), device="cuda")
+    labels[8:16] = -100
+    groups = torch.randint(-1, 3, (64,), device="cuda")
+    positions = torch.arange(64, device="cuda")[None]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        plain = chunked_cross_entropy(h, w, labels, chunk=8)
+        total, sums = chunked_cross_entropy(h, w, labels, chunk=8, groups=groups, n_groups=4)
+        grads = torch.autograd.grad(plain + total, (h, w))
+        cos, sin = Rotary(positions, 1e4).build(32)._tables[32]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(plain, total)
+    assert all(torch.isfinite(g).all() for g in grads) and cos.shape[-1] == 16 and sin.is_cuda

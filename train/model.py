@@ -146,10 +146,10 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.T
     ``(total, group_sums)``: the total as before and, detached, each group's share of it (``[n_groups]``)."""
     total = h.new_zeros((), dtype=torch.float32)
     sums = None if groups is None else h.new_zeros(n_groups, dtype=torch.float32)
+    # no step here reads a value back to the host: a chunk whose targets are all ignored adds 0 (cross-entropy's
+    # sum over no target), and the groups' sums add through a mask, not by boolean indexing (a host sync each)
     for s in range(0, h.shape[0], chunk):
         lab = labels[s:s + chunk]
-        if not (lab != -100).any():
-            continue
         if groups is None:
             total = total + checkpoint(_ce_sum, h[s:s + chunk], weight, lab, use_reentrant=False)
             continue
@@ -157,7 +157,7 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.T
         total = total + tok.sum()
         g = groups[s:s + chunk]
         keep = (lab != -100) & (g >= 0)
-        sums.index_add_(0, g[keep], tok.detach()[keep])
+        sums.index_add_(0, g.clamp_min(0), torch.where(keep, tok.detach(), 0.0))
     return total if groups is None else (total, sums)
 
 
