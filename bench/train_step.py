@@ -274,10 +274,7 @@ def measure_point(series: Series, env, lengths: list[int], packed: bool, args, d
                peak_tflops=peak)
     mem = row["memory"] = memory
     if cuda:
-        stats = warm_stats if warm_only else torch.cuda.memory_stats()
-        mem.update(peak_gb=round(stats.get("allocated_bytes.all.peak", 0) / 2**30, 3),
-                   reserved_peak_gb=round(stats.get("reserved_bytes.all.peak", 0) / 2**30, 3),
-                   alloc_retries=stats.get("num_alloc_retries", 0),
+        mem.update(step_peaks(warm_stats, torch.cuda.memory_stats(), warm_only),
                    checkpointed_inputs_gb_computed=round(cfg.model.n_layers * n * cfg.model.dim * 2 / 2**30, 3))
         mem["other_persistent_gb"] = round(mem["after_step_gb"] - mem["weights_gb"] - mem["optimizer_gb"], 3)
         mem["step_transient_gb"] = round(mem["peak_gb"] - mem["after_step_gb"], 3)
@@ -474,13 +471,26 @@ def measure_or_record(s: Series, env, lengths, layout, args, max_len, deadline, 
     return record
 
 
+def allocator_peaks(stats: dict) -> dict:
+    """``torch.cuda.memory_stats()``'s allocated and reserved peaks (GiB) and its retry count."""
+    return {"peak_gb": round(stats.get("allocated_bytes.all.peak", 0) / 2**30, 3),
+            "reserved_peak_gb": round(stats.get("reserved_bytes.all.peak", 0) / 2**30, 3),
+            "alloc_retries": stats.get("num_alloc_retries", 0)}
+
+
+def step_peaks(warm_stats: dict, now_stats: dict, warm_only: bool) -> dict:
+    """A point's step peaks: those of its timed steps (``now_stats``: the peaks were reset before them), or, for
+    a step timed by its warm-up alone, the warm-up's (``warm_stats``, read before ``msa_layer_gb`` reset the peaks
+    for its own measurement, whose peaks ``now_stats`` then holds)."""
+    return allocator_peaks(warm_stats if warm_only else now_stats)
+
+
 def oom_memory(cuda: bool) -> dict:
     """The allocator's peaks and the largest tensors alive at an out-of-memory (GiB)."""
     if not cuda:
         return {}
-    stats = torch.cuda.memory_stats()
-    return {"peak_gb": round(stats.get("allocated_bytes.all.peak", 0) / 2**30, 3),
-            "reserved_peak_gb": round(stats.get("reserved_bytes.all.peak", 0) / 2**30, 3),
+    peaks = allocator_peaks(torch.cuda.memory_stats())
+    return {"peak_gb": peaks["peak_gb"], "reserved_peak_gb": peaks["reserved_peak_gb"],
             "largest_live": largest_live_blocks(torch.cuda.memory_snapshot())}
 
 

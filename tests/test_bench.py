@@ -1590,3 +1590,19 @@ def test_window_bench_counts_the_keys_by_hand_and_runs_on_cpu(tmp_path):
     assert row["fwd_bwd_tflop"] == 3.5 * 4 * 8 * 4 * visible_keys(300, 64) / 1e12
     assert row["flash_rel_rms_o_vs_chunks"] == 0.0 and row["flash_rel_rms_dq_vs_chunks"] == 0.0
     assert all(row[f"{w}_ms"] > 0 for w in ("chunks", "flash", "causal")) and "flex_ms" not in row
+
+
+def test_a_step_timed_by_its_warm_up_reports_the_warm_ups_peaks():
+    """``step_peaks``: a point timed by its warm-up alone reports the warm-up's allocator peaks, not those of the
+    one-layer measurement after it (``msa_layer_gb`` resets the peaks); a point with timed steps reports theirs.
+    The numbers are the 1M ``1b`` step's on an H100 (docs/scaling.md 3v), which read 57.7 GiB for a 76.3 GiB step."""
+    from bench.train_step import step_peaks
+
+    gib = 2**30
+    warm = {"allocated_bytes.all.peak": int(76.299 * gib), "reserved_bytes.all.peak": int(77.0 * gib),
+            "num_alloc_retries": 35}
+    after_layer = {"allocated_bytes.all.peak": int(57.663 * gib), "reserved_bytes.all.peak": int(75.777 * gib),
+                   "num_alloc_retries": 35}
+    assert step_peaks(warm, after_layer, warm_only=True) == {"peak_gb": 76.299, "reserved_peak_gb": 77.0,
+                                                             "alloc_retries": 35}
+    assert step_peaks(warm, after_layer, warm_only=False)["peak_gb"] == 57.663
