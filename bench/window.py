@@ -63,17 +63,16 @@ def bench_length(N: int, H: int, Hkv: int, D: int, window: int, device, dtype, f
         row["flex_status"] = f"skipped (N > --flex-max-n={flex_max_n})"
     outs = {}
     for name, fwd in ways.items():
-        def step(fwd=fwd):
+        def step(fwd=fwd):  # forward + backward: the output and dq
             o = fwd()
-            return torch.autograd.grad(o, (q, k, v), do)
+            return o, torch.autograd.grad(o, (q, k, v), do)[0]
 
         try:
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            o = fwd()
-            dq = torch.autograd.grad(o, (q, k, v), do)[0]
+            o, dq = step()
             if device == "cuda":
                 torch.cuda.synchronize()
                 row[f"{name}_peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 30

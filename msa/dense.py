@@ -269,8 +269,9 @@ def _dense_attention(q, k, v, cu_seqlens, scale, window, varlen):
     Nq, N = q.shape[1], k.shape[1]
     gqa = q.shape[2] != k.shape[2]
     flash_window = bool(window) and varlen and FLASH_WINDOW and can_run_varlen(q)
+    chunk = window_chunk(q.shape[2], q.shape[3])  # the most queries one FlashAttention window call takes
     if cu_seqlens is None:
-        B, chunk = q.shape[0], window_chunk(q.shape[2], q.shape[3])
+        B = q.shape[0]
         if flash_window and N > window:
             if B == 1 and Nq > chunk:  # a long row: query chunks
                 scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -287,7 +288,7 @@ def _dense_attention(q, k, v, cu_seqlens, scale, window, varlen):
     q_len, k_len = document_lengths(cu_seqlens, N, Nq)
     if varlen and can_run_varlen(q) and (not window or max(k_len) <= window):
         return _flash_varlen(q, k, v, q_len, k_len, scale)
-    if flash_window and Nq <= window_chunk(q.shape[2], q.shape[3]):
+    if flash_window and Nq <= chunk:
         return _flash_varlen(q, k, v, q_len, k_len, scale, window)
     qs, ks, vs = q.split(q_len, dim=1), k.split(k_len, dim=1), v.split(k_len, dim=1)
     parts = [_causal_sdpa(qd.transpose(1, 2), kd.transpose(1, 2), vd.transpose(1, 2), scale, gqa, window)

@@ -194,8 +194,8 @@ def test_flash_window_never_waits_for_the_gpu(B, chunked, monkeypatch):
 
 
 def test_offsets_reach_the_device_as_given():
-    """``to_device_async``'s values and dtype (on the CPU a plain copy; the GPU's pinned path is timed by the
-    test above and its values by every varlen test on a GPU)."""
+    """``to_device_async``'s values and dtype (on the CPU a plain copy; the GPU's pinned path is checked for
+    synchronisation by the test above and for its values by every varlen test on a GPU)."""
     from msa.dense import to_device_async
 
     t = to_device_async([0, 3, 2**31 - 1], "cpu")
