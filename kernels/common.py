@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
-from msa.dense import tensor_version
+from msa.dense import host_bounds, tensor_version
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,9 @@ _ONE_DOC_LAYOUTS: dict = {}  # (N, block_size, device) -> Layout of one document
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, N: int) -> None:
-    """Clear errors for a malformed ``cu_seqlens``: one small device->host read, none for a tensor that
-    passed with the same ``N`` and has not been written to since."""
+    """Clear errors for a malformed ``cu_seqlens``: from its values on the host (``host_bounds``: one
+    device->host read per tensor, shared), none for a tensor that passed with the same ``N`` and has not been
+    written to since."""
     if B != 1:
         raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got B={B}")
     if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -89,9 +90,9 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, N: int) -> None:
     version = tensor_version(cu_seqlens)
     if version is not None and _CHECKED.get(cu_seqlens) == (version, N):
         return
-    cu = cu_seqlens.long()
-    if bool((cu[0] != 0) | (cu[-1] != N) | (cu[1:] < cu[:-1]).any()):
-        raise ValueError(f"cu_seqlens must rise from 0 to N={N}, got {cu.tolist()}")
+    bounds = host_bounds(cu_seqlens)  # the step's one read of it, shared with the layout and dense layers
+    if bounds[0] != 0 or bounds[-1] != N or any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to N={N}, got {bounds}")
     if version is not None:
         _CHECKED[cu_seqlens] = (version, N)
 
@@ -175,7 +176,8 @@ def _packed_layout(N: int, block_size: int, cu_seqlens: torch.Tensor, device, n_
     doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=N)
     doc_nvb = (lengths + block_size - 1) // block_size
     doc_vb_off = torch.cumsum(doc_nvb, 0) - doc_nvb
-    NV = int(doc_nvb.sum())
+    bounds = host_bounds(cu_seqlens)
+    NV = sum(-(-(e - s) // block_size) for s, e in zip(bounds[:-1], bounds[1:]))
     vb_doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), doc_nvb, output_size=NV)
     vb_start = cu[vb_doc] + (torch.arange(NV, device=device) - doc_vb_off[vb_doc]) * block_size
     vb_end = torch.minimum(vb_start + block_size, cu[vb_doc + 1])

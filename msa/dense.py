@@ -68,13 +68,13 @@ def _causal_sdpa(q, k, v, scale, gqa, window=0):
 
 def document_lengths(cu_seqlens: torch.Tensor, N: int, Nq: int) -> tuple[list[int], list[int]]:
     """Per document of ``cu_seqlens`` (over ``N`` keys): its queries (of the last ``Nq`` positions) and its
-    keys. One device-to-host read."""
-    bounds, first = cu_seqlens.tolist(), N - Nq
+    keys. One device-to-host read per ``cu_seqlens`` tensor (``host_bounds``)."""
+    bounds, first = host_bounds(cu_seqlens), N - Nq
     starts, ends = bounds[:-1], bounds[1:]
     return [max(0, e - max(s, first)) for s, e in zip(starts, ends)], [e - s for s, e in zip(starts, ends)]
 
 
-_LONGEST = WeakIdKeyDictionary()  # cu_seqlens -> (version, longest document)
+_BOUNDS = WeakIdKeyDictionary()  # cu_seqlens -> (version, its values as a list)
 
 
 def tensor_version(t: torch.Tensor) -> int | None:
@@ -86,19 +86,43 @@ def tensor_version(t: torch.Tensor) -> int | None:
         return None
 
 
-def longest_document(cu_seqlens: torch.Tensor | None, N: int) -> int:
-    """The longest document of a row of ``N`` keys (``N`` without ``cu_seqlens``): one device-to-host read
-    per ``cu_seqlens`` tensor, kept while nothing writes to it (every layer of a step shares the tensor)."""
-    if cu_seqlens is None:
-        return N
+def host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
+    """``cu_seqlens.tolist()``, read from the device once per tensor and kept while nothing writes to it: every
+    layer of a step, and the recompute under checkpointing, share the tensor, so a step with a dense layer per
+    document reads it once instead of once per layer and pass (each read waits for the GPU's queue)."""
     version = tensor_version(cu_seqlens)
-    hit = _LONGEST.get(cu_seqlens)
+    hit = _BOUNDS.get(cu_seqlens)
     if version is not None and hit is not None and hit[0] == version:
         return hit[1]
-    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    bounds = _read_bounds(cu_seqlens)
     if version is not None:
-        _LONGEST[cu_seqlens] = (version, longest)
-    return longest
+        _BOUNDS[cu_seqlens] = (version, bounds)
+    return bounds
+
+
+def _read_bounds(cu_seqlens: torch.Tensor) -> list[int]:
+    """The device-to-host read itself (one place, so a test can count the reads)."""
+    return cu_seqlens.tolist()
+
+
+def remember_bounds(cu_seqlens: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """Record ``bounds`` as ``cu_seqlens``'s values, for a device copy of a host tensor whose values the caller
+    has read (the training loop's batch): ``host_bounds`` then reads nothing back. Kept while nothing writes to
+    ``cu_seqlens``, as any ``host_bounds`` entry."""
+    if cu_seqlens.ndim != 1 or len(bounds) != cu_seqlens.numel():
+        raise ValueError(f"{len(bounds)} bounds for a cu_seqlens of shape {tuple(cu_seqlens.shape)}")
+    version = tensor_version(cu_seqlens)
+    if version is not None:
+        _BOUNDS[cu_seqlens] = (version, [int(b) for b in bounds])
+    return cu_seqlens
+
+
+def longest_document(cu_seqlens: torch.Tensor | None, N: int) -> int:
+    """The longest document of a row of ``N`` keys (``N`` without ``cu_seqlens``), from ``host_bounds``."""
+    if cu_seqlens is None:
+        return N
+    bounds = host_bounds(cu_seqlens)
+    return max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
 
 
 def to_device_async(values: list[int] | torch.Tensor, device, dtype=torch.int32) -> torch.Tensor:

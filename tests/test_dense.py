@@ -193,6 +193,28 @@ def test_flash_window_never_waits_for_the_gpu(B, chunked, monkeypatch):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("varlen", [False, True])
+def test_packed_rows_with_known_bounds_never_wait_for_the_gpu(varlen):
+    """A packed row whose ``cu_seqlens`` values the caller holds (``remember_bounds``, as the training loop does
+    from its host batch) runs forward and backward, per document or in one varlen call, with no host-GPU
+    synchronisation: each layer read ``cu_seqlens`` back, 24 times a step of ``small`` (docs/scaling.md 3w)."""
+    from msa.dense import remember_bounds
+
+    bounds = [0, 700, 701, 1500, 2048]
+    *ins, cu = _inputs(2048, 2048, bounds, "cuda", torch.bfloat16)
+    remember_bounds(cu, bounds)
+    do = torch.randn(1, 2048, H, D, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o = dense_attention(*ins, cu, varlen=varlen)
+        grads = torch.autograd.grad(o, ins, do)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 def test_offsets_reach_the_device_as_given():
     """``to_device_async``'s values and dtype (on the CPU a plain copy; the GPU's pinned path is checked for
     synchronisation by the test above and for its values by every varlen test on a GPU)."""
@@ -320,3 +342,26 @@ def test_varlen_lse_is_each_querys_log_normaliser_on_gpu(N, Nq, cu):
     rows = torch.isfinite(want)
     assert torch.equal(rows, torch.isfinite(lse[0])), "rows with no visible key"
     assert (lse[0][rows] - want[rows]).abs().max() < 1e-3
+
+
+def test_document_bounds_are_read_once_per_tensor_until_written_to(monkeypatch):
+    """``host_bounds`` reads a ``cu_seqlens`` back once and keeps it while nothing writes to it; bounds the
+    caller already holds (``remember_bounds``, the training loop's host batch) are never read; inference mode
+    keeps no version counter, so nothing is kept there."""
+    import msa.dense
+    from msa.dense import host_bounds, longest_document, remember_bounds
+
+    reads = []
+    monkeypatch.setattr(msa.dense, "_read_bounds", lambda cu: reads.append(1) or cu.tolist())
+    cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+    assert document_lengths(cu, 12, 4) == ([0, 0, 4], [5, 0, 7])
+    assert longest_document(cu, 12) == 7 and len(reads) == 1
+    cu[2] = 6  # in place: the version counter moves, so it is read again
+    assert longest_document(cu, 12) == 6 and host_bounds(cu) == [0, 5, 6, 12] and len(reads) == 2
+    held = remember_bounds(torch.tensor([0, 3, 12], dtype=torch.int32), [0, 3, 12])
+    assert document_lengths(held, 12, 12) == ([3, 9], [3, 9]) and len(reads) == 2
+    with pytest.raises(ValueError, match="3 bounds for a cu_seqlens of shape"):
+        remember_bounds(torch.tensor([0, 12]), [0, 3, 12])
+    with torch.inference_mode():
+        t = torch.tensor([0, 4, 12])
+        assert longest_document(t, 12) == longest_document(t, 12) == 8 and len(reads) == 4

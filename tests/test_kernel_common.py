@@ -63,7 +63,8 @@ def test_host_reads_of_an_msa_layer():
     """Device->host reads stall the launch queue. Per MSA layer the selection, attention and KL read one
     value (the attention's grid sizes; the block ids that select_blocks made are not read back to be
     checked); checking ``cu_seqlens``, building its layout and finding its longest document (whether the
-    row takes the dense path) read once per step, for the first layer only."""
+    row takes the dense path) share one read of it per step, in the first layer only (none where the training
+    loop remembered the host batch's bounds)."""
     from torch.overrides import TorchFunctionMode
 
     from msa.layer import AttentionConfig, MSAAttention
@@ -89,4 +90,54 @@ def test_host_reads_of_an_msa_layer():
         with HostReads():
             layer(x, rot, cu)
         reads.append(HostReads.n)
-    assert reads == [4, 1, 1], reads  # was 13 per layer (three checks of cu_seqlens, three layouts), then 4, 2, 2
+    assert reads == [2, 1, 1], reads  # was 13 per layer (three checks of cu_seqlens, three layouts), then 4, 2, 2,
+    # then 4, 1, 1 (the check, the layout's block count and the longest document each read cu_seqlens)
+
+
+def test_a_packed_step_reads_its_document_bounds_once(monkeypatch):
+    """The check, the layout (its virtual blocks counted on the host) and the dense layers' document lengths share
+    one device-to-host read of ``cu_seqlens`` (``msa.dense.host_bounds``); an empty document and one shorter than a
+    block get the virtual blocks a hand count gives."""
+    import msa.dense
+    from msa.dense import document_lengths, longest_document
+
+    reads = []
+    monkeypatch.setattr(msa.dense, "_read_bounds", lambda cu: reads.append(1) or cu.tolist())
+    cu = torch.tensor([0, 5, 5, 40, 64], dtype=torch.int32)  # documents of 5, 0, 35 and 24 tokens
+    check_cu_seqlens(cu, 1, 64)
+    layout = build_layout(64, 16, cu, "cpu")
+    assert layout.vb_start.tolist() == [0, 5, 21, 37, 40, 56]  # 1 + 0 + 3 + 2 blocks of at most 16 keys
+    assert layout.vb_end.tolist() == [5, 21, 37, 40, 56, 64]
+    assert longest_document(cu, 64) == 35
+    assert document_lengths(cu, 64, 30) == ([0, 0, 6, 24], [5, 0, 35, 24])  # the last 30 queries
+    assert len(reads) == 1
+
+
+@pytest.mark.usefixtures("restore_dist_env")
+def test_a_training_step_takes_the_document_bounds_from_the_host_batch(monkeypatch):
+    """``train_step`` hands the layers the host batch's ``cu_seqlens`` values (``remember_bounds``), so a packed
+    step (a dense first layer per document, then MSA, forward and backward) reads none back from the device;
+    without that, the same step reads them."""
+    import itertools
+
+    import msa.dense
+    from tests.utils import compose_train_config
+    from train import loop
+    from train.parallel import init_distributed
+    from train.recipe import build_recipe
+
+    reads = []
+    monkeypatch.setattr(msa.dense, "_read_bounds", lambda cu: reads.append(1) or cu.tolist())
+    cfg = compose_train_config(["model=tiny", "model.n_layers=2", "attention.impl=reference", "attention.block_size=16",
+                                "attention.topk=2", "data.seq_len=96", "logging.wandb.mode=disabled"])
+    ids = torch.randint(0, cfg.model.vocab_size, (1, 96), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": torch.roll(ids, -1, 1), "cu_seqlens": torch.tensor([0, 70, 96]).int(),
+             "position_ids": torch.cat([torch.arange(70), torch.arange(26)])[None]}
+    stage = build_recipe(cfg)[-1]
+    run = loop.start(cfg, init_distributed(cfg.parallel), [stage], stage, None, batches=itertools.repeat(batch))
+    assert stage.phase == "sparse" and not loop.train_step(run)["bad"]
+    assert reads == []
+    monkeypatch.setattr(loop, "remember_bounds", lambda cu, bounds: cu)
+    batch["cu_seqlens"] = batch["cu_seqlens"].clone()  # a tensor nothing has read yet
+    loop.train_step(run)
+    assert len(reads) == 1

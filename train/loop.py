@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from msa.dense import remember_bounds
 from train import metrics as M
 from train.checkpoint import (
     StopSignal,
@@ -274,8 +275,12 @@ def train_step(run: Run, stats_queries: int = 0, with_grad_norms: bool = False) 
     n_tokens, bad, lengths, layer_kl, stats = 0, False, [], 0.0, None
     group_sum = group_n = None  # with several data sources: the LM sum and target count of each loss group
     for micro in range(accum):
-        batch = to_device(next(run.batches), run.env.device)
-        lengths.append(M.doc_lengths(batch))
+        host = next(run.batches)
+        lengths.append(M.doc_lengths(host))
+        batch = to_device(host, run.env.device)
+        if torch.is_tensor(host.get("cu_seqlens")) and host["cu_seqlens"].device.type == "cpu":
+            # the layers need the document bounds on the host: from the host batch, not read back from the GPU
+            remember_bounds(batch["cu_seqlens"], host["cu_seqlens"].tolist())
         out = engine(shard_batch(batch, mesh), phase=stage.phase, stats_queries=stats_queries)
         # with sequence/context shards each rank's loss is its share: LM over the whole sequence's
         # target count, KL as the cores scale it; DeepSpeed sums the shares' gradients
