@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
-from msa.dense import host_bounds, tensor_version
+from msa.host import host_bounds, tensor_version
 
 
 @dataclass(frozen=True)

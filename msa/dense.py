@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils.weak import WeakIdKeyDictionary
 
+from msa.host import host_bounds, to_device_async
 from msa.keep import kept_aten_ops
 
 
@@ -74,65 +74,12 @@ def document_lengths(cu_seqlens: torch.Tensor, N: int, Nq: int) -> tuple[list[in
     return [max(0, e - max(s, first)) for s, e in zip(starts, ends)], [e - s for s, e in zip(starts, ends)]
 
 
-_BOUNDS = WeakIdKeyDictionary()  # cu_seqlens -> (version, its values as a list)
-
-
-def tensor_version(t: torch.Tensor) -> int | None:
-    """The tensor's in-place write counter; None where it keeps none (inference mode): no caching. What
-    the per-tensor caches here and in ``kernels.common`` key on."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
-
-
-def host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
-    """``cu_seqlens.tolist()``, read from the device once per tensor and kept while nothing writes to it: every
-    layer of a step, and the recompute under checkpointing, share the tensor, so a step with a dense layer per
-    document reads it once instead of once per layer and pass (each read waits for the GPU's queue)."""
-    version = tensor_version(cu_seqlens)
-    hit = _BOUNDS.get(cu_seqlens)
-    if version is not None and hit is not None and hit[0] == version:
-        return hit[1]
-    bounds = _read_bounds(cu_seqlens)
-    if version is not None:
-        _BOUNDS[cu_seqlens] = (version, bounds)
-    return bounds
-
-
-def _read_bounds(cu_seqlens: torch.Tensor) -> list[int]:
-    """The device-to-host read itself (one place, so a test can count the reads)."""
-    return cu_seqlens.tolist()
-
-
-def remember_bounds(cu_seqlens: torch.Tensor, bounds: list[int]) -> torch.Tensor:
-    """Record ``bounds`` as ``cu_seqlens``'s values, for a device copy of a host tensor whose values the caller
-    has read (the training loop's batch): ``host_bounds`` then reads nothing back. Kept while nothing writes to
-    ``cu_seqlens``, as any ``host_bounds`` entry."""
-    if cu_seqlens.ndim != 1 or len(bounds) != cu_seqlens.numel():
-        raise ValueError(f"{len(bounds)} bounds for a cu_seqlens of shape {tuple(cu_seqlens.shape)}")
-    version = tensor_version(cu_seqlens)
-    if version is not None:
-        _BOUNDS[cu_seqlens] = (version, [int(b) for b in bounds])
-    return cu_seqlens
-
-
 def longest_document(cu_seqlens: torch.Tensor | None, N: int) -> int:
     """The longest document of a row of ``N`` keys (``N`` without ``cu_seqlens``), from ``host_bounds``."""
     if cu_seqlens is None:
         return N
     bounds = host_bounds(cu_seqlens)
     return max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
-
-
-def to_device_async(values: list[int] | torch.Tensor, device, dtype=torch.int32) -> torch.Tensor:
-    """``values`` (a list, or a host tensor, kept in its own dtype) as a tensor on ``device``; to a GPU through
-    pinned memory with a non-blocking copy, so the host does not wait for the GPU's queue to drain (the caching
-    host allocator keeps the pinned buffer until the copy has run)."""
-    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def varlen_args(q_len: list[int], k_len: list[int], device) -> tuple[int, torch.Tensor, torch.Tensor, int, int]:

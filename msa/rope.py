@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from msa.dense import to_device_async
+from msa.host import to_device_async
 
 ROPE_TYPES = ("none", "linear", "dynamic", "yarn", "llama3")
 ROPE_IMPLS = ("auto", "torch", "triton")

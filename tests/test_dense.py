@@ -175,7 +175,7 @@ def test_flash_window_matches_the_chunked_sdpa_on_gpu(B, N, Nq, cu, window, chun
 def test_flash_window_never_waits_for_the_gpu(B, chunked, monkeypatch):
     """A window row without ``cu_seqlens`` (one call, several rows, query chunks) runs forward and backward with
     no host-GPU synchronisation (``torch.cuda.set_sync_debug_mode("error")`` raises at one): its offsets go up
-    from pinned memory (``msa.dense.to_device_async``). A synchronising copy there stalled a host-bound step:
+    from pinned memory (``msa.host.to_device_async``). A synchronising copy there stalled a host-bound step:
     the window layer cost a 32K step of ``small`` more than the dense layer it replaces (docs/scaling.md 3v)."""
     import msa.dense
 
@@ -199,7 +199,7 @@ def test_packed_rows_with_known_bounds_never_wait_for_the_gpu(varlen):
     """A packed row whose ``cu_seqlens`` values the caller holds (``remember_bounds``, as the training loop does
     from its host batch) runs forward and backward, per document or in one varlen call, with no host-GPU
     synchronisation: each layer read ``cu_seqlens`` back, 24 times a step of ``small`` (docs/scaling.md 3w)."""
-    from msa.dense import remember_bounds
+    from msa.host import remember_bounds
 
     bounds = [0, 700, 701, 1500, 2048]
     *ins, cu = _inputs(2048, 2048, bounds, "cuda", torch.bfloat16)
@@ -218,7 +218,7 @@ def test_packed_rows_with_known_bounds_never_wait_for_the_gpu(varlen):
 def test_offsets_reach_the_device_as_given():
     """``to_device_async``'s values and dtype (on the CPU a plain copy; the GPU's pinned path is checked for
     synchronisation by the test above and for its values by every varlen test on a GPU)."""
-    from msa.dense import to_device_async
+    from msa.host import to_device_async
 
     t = to_device_async([0, 3, 2**31 - 1], "cpu")
     assert t.dtype == torch.int32 and t.tolist() == [0, 3, 2**31 - 1]
@@ -348,11 +348,12 @@ def test_document_bounds_are_read_once_per_tensor_until_written_to(monkeypatch):
     """``host_bounds`` reads a ``cu_seqlens`` back once and keeps it while nothing writes to it; bounds the
     caller already holds (``remember_bounds``, the training loop's host batch) are never read; inference mode
     keeps no version counter, so nothing is kept there."""
-    import msa.dense
-    from msa.dense import host_bounds, longest_document, remember_bounds
+    import msa.host
+    from msa.dense import longest_document
+    from msa.host import host_bounds, remember_bounds
 
     reads = []
-    monkeypatch.setattr(msa.dense, "_read_bounds", lambda cu: reads.append(1) or cu.tolist())
+    monkeypatch.setattr(msa.host, "_read_bounds", lambda cu: reads.append(1) or cu.tolist())
     cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
     assert document_lengths(cu, 12, 4) == ([0, 0, 4], [5, 0, 7])
     assert longest_document(cu, 12) == 7 and len(reads) == 1

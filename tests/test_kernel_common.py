@@ -96,13 +96,13 @@ def test_host_reads_of_an_msa_layer():
 
 def test_a_packed_step_reads_its_document_bounds_once(monkeypatch):
     """The check, the layout (its virtual blocks counted on the host) and the dense layers' document lengths share
-    one device-to-host read of ``cu_seqlens`` (``msa.dense.host_bounds``); an empty document and one shorter than a
+    one device-to-host read of ``cu_seqlens`` (``msa.host.host_bounds``); an empty document and one shorter than a
     block get the virtual blocks a hand count gives."""
-    import msa.dense
+    import msa.host
     from msa.dense import document_lengths, longest_document
 
     reads = []
-    monkeypatch.setattr(msa.dense, "_read_bounds", lambda cu: reads.append(1) or cu.tolist())
+    monkeypatch.setattr(msa.host, "_read_bounds", lambda cu: reads.append(1) or cu.tolist())
     cu = torch.tensor([0, 5, 5, 40, 64], dtype=torch.int32)  # documents of 5, 0, 35 and 24 tokens
     check_cu_seqlens(cu, 1, 64)
     layout = build_layout(64, 16, cu, "cpu")
@@ -120,14 +120,14 @@ def test_a_training_step_takes_the_document_bounds_from_the_host_batch(monkeypat
     without that, the same step reads them."""
     import itertools
 
-    import msa.dense
+    import msa.host
     from tests.utils import compose_train_config
     from train import loop
     from train.parallel import init_distributed
     from train.recipe import build_recipe
 
     reads = []
-    monkeypatch.setattr(msa.dense, "_read_bounds", lambda cu: reads.append(1) or cu.tolist())
+    monkeypatch.setattr(msa.host, "_read_bounds", lambda cu: reads.append(1) or cu.tolist())
     cfg = compose_train_config(["model=tiny", "model.n_layers=2", "attention.impl=reference", "attention.block_size=16",
                                 "attention.topk=2", "data.seq_len=96", "logging.wandb.mode=disabled"])
     ids = torch.randint(0, cfg.model.vocab_size, (1, 96), generator=torch.Generator().manual_seed(0))

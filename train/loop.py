@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from msa.dense import remember_bounds
+from msa.host import remember_bounds
 from train import metrics as M
 from train.checkpoint import (
     StopSignal,
