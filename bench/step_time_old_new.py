@@ -3,11 +3,12 @@
 Each tree runs in its own worker process (``PYTHONPATH`` = that tree first, so ``train``, ``msa`` and
 ``kernels`` are its own), builds the model and DeepSpeed engine with the same config and seed, and
 steps the same synthetic one-document row (``input_ids`` from a seeded generator, labels shifted,
-no ``cu_seqlens``), sparse MSA phase. After one warm-up step in each worker, the parent asks them in
-turn, ``--rounds`` times (old, new, old, new, ...), for ``--steps`` timed steps each, so drift of the
-machine shows up in both. It records per tree the first step's loss (LM and KL: same weights, same row,
-so they agree within bf16 rounding if the trees compute the same thing), every timed step, the
-medians per round and overall, and peak memory.
+no ``cu_seqlens``; with ``--doc-len`` packed documents of that length instead), sparse MSA phase.
+After one warm-up step in each worker, the parent asks them in turn, ``--rounds`` times (old, new,
+old, new, ...), for ``--steps`` timed steps each, so drift of the machine shows up in both. It
+records per tree the first step's loss (LM and KL: same weights, same row, so they agree within
+bf16 rounding if the trees compute the same thing), every timed step, the medians per round and
+overall, and peak memory.
 
 The two trees' APIs differ: commit 8eed98b and before (``train.loop.train_step(engine, model, batches,
 cfg, stage, env, layer_stats)``, ``train.parallel.build_engine(model, cfg, env)``, ``model.set_phase``,
@@ -38,14 +39,21 @@ MARK = "@@"  # protocol lines from a worker start with this; everything else it 
 
 # ----------------------------------------------------------------------------- worker (runs in either tree)
 
-def _batch(seq_len: int, vocab: int, seed: int) -> dict:
+def _batch(seq_len: int, vocab: int, seed: int, doc_len: int = 0) -> dict:
+    """One row of ``seq_len`` seeded tokens: one document, or with ``doc_len`` packed documents of ``doc_len``
+    tokens (the last one shorter) with their ``cu_seqlens`` and positions restarting at each."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (1, seq_len), generator=g)
     labels = torch.roll(ids, -1, 1)
-    labels[0, -1] = -100
-    return {"input_ids": ids, "labels": labels, "position_ids": torch.arange(seq_len)[None]}
+    if not doc_len or doc_len >= seq_len:
+        labels[0, -1] = -100
+        return {"input_ids": ids, "labels": labels, "position_ids": torch.arange(seq_len)[None]}
+    cu = torch.tensor([*range(0, seq_len, doc_len), seq_len], dtype=torch.int32)
+    labels[0, cu[1:].long() - 1] = -100  # no target across a document's end
+    pos = torch.arange(seq_len) - cu[:-1].long().repeat_interleave(torch.diff(cu).long())
+    return {"input_ids": ids, "labels": labels, "position_ids": pos[None], "cu_seqlens": cu}
 
 
 def _compose(tree: Path, overrides: list[str]):
@@ -121,7 +129,7 @@ def worker(args) -> None:
 
     api = "new" if hasattr(train.loop, "start") else "old"
     make = _new_stepper if api == "new" else _old_stepper
-    step, device = make(tree, args, lambda vocab: _batch(args.seq_len, vocab, args.seed))
+    step, device = make(tree, args, lambda vocab: _batch(args.seq_len, vocab, args.seed, args.doc_len))
     cuda = device.type == "cuda"
 
     def timed():
@@ -163,7 +171,7 @@ class Worker:
         env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])
         cmd = [sys.executable, "-u", str(Path(__file__).resolve()), "--worker", "--tree", str(tree),
                "--model", args.model, "--seq-len", str(args.seq_len), "--seed", str(args.seed),
-               "--precision", args.precision, "--", *args.overrides]
+               "--doc-len", str(args.doc_len), "--precision", args.precision, "--", *args.overrides]
         self.proc = subprocess.Popen(cmd, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, bufsize=1)
 
@@ -232,8 +240,8 @@ def parent(args) -> None:
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                     "torch": torch.__version__, "commit": git_commit(), "old_tree": str(trees["old"]),
                     "old_commit": args.old_commit, "model": args.model, "seq_len": args.seq_len,
-                    "seed": args.seed, "precision": args.precision, "overrides": args.overrides,
-                    "rounds": args.rounds, "steps": args.steps},
+                    "doc_len": args.doc_len, "seed": args.seed, "precision": args.precision,
+                    "overrides": args.overrides, "rounds": args.rounds, "steps": args.steps},
            "ready": {}, "rounds": []}
 
     def save():
@@ -267,7 +275,8 @@ def parent(args) -> None:
 def render(res: dict) -> str:
     """Markdown of a result: one row per tree, then the verdict numbers."""
     m, s = res["meta"], res.get("summary") or summarize(res)
-    lines = [f"{m['gpu']}, torch {m['torch']}; model {m['model']}, {m['seq_len']} tokens (one document), "
+    row = f"documents of {m['doc_len']}" if m.get("doc_len") else "one document"
+    lines = [f"{m['gpu']}, torch {m['torch']}; model {m['model']}, {m['seq_len']} tokens ({row}), "
              f"{m['precision']}, overrides `{' '.join(m['overrides'])}`; new tree at `{m['commit']}`, old tree "
              f"`{m.get('old_commit') or m['old_tree']}`; {m['date_utc']}; command `{m['command']}`", "",
              "| tree | first-step loss (LM + KL) | warm-up step s | timed steps s, by round | median s | peak GB |",
@@ -302,6 +311,8 @@ def main() -> None:
     ap.add_argument("--model", default="small")
     ap.add_argument("--seq-len", type=int, default=131072)
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic row")
+    ap.add_argument("--doc-len", type=int, default=0,
+                    help="packed documents of this many tokens (cu_seqlens); 0: one document")
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per tree per round")

@@ -253,6 +253,19 @@ def test_old_new_summary():
     assert s["loss_first"]["rel_diff"] == pytest.approx(0.0005)
 
 
+def test_old_new_packed_row():
+    """``--doc-len``: documents of that length (the last shorter), positions restarting at each, no target across a
+    document's end; the same tokens as the one-document row of the seed."""
+    from bench.step_time_old_new import _batch
+
+    one, packed = _batch(10, 50, 0), _batch(10, 50, 0, doc_len=4)
+    assert "cu_seqlens" not in one and torch.equal(one["input_ids"], packed["input_ids"])
+    assert packed["cu_seqlens"].tolist() == [0, 4, 8, 10] and packed["cu_seqlens"].dtype == torch.int32
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 0, 1]]
+    assert [i for i, t in enumerate(packed["labels"][0].tolist()) if t == -100] == [3, 7, 9]
+    assert torch.equal(packed["labels"][0, :3], one["labels"][0, :3])
+
+
 def test_docs_blocks_are_replaced_between_their_markers():
     text = "a\n<!-- begin: t -->\nold\n<!-- end: t -->\nb\n"
     new, found = replace_block(text, "t", "| x |\n")
