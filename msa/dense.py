@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils._python_dispatch import _disable_current_modes
 
-from msa.host import host_bounds, to_device_async
+from msa.host import host_bounds, host_longest, to_device_async
 from msa.keep import kept_aten_ops
 
 
@@ -75,11 +75,8 @@ def document_lengths(cu_seqlens: torch.Tensor, N: int, Nq: int) -> tuple[list[in
 
 
 def longest_document(cu_seqlens: torch.Tensor | None, N: int) -> int:
-    """The longest document of a row of ``N`` keys (``N`` without ``cu_seqlens``), from ``host_bounds``."""
-    if cu_seqlens is None:
-        return N
-    bounds = host_bounds(cu_seqlens)
-    return max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
+    """The longest document of a row of ``N`` keys (``N`` without ``cu_seqlens``), kept with its ``host_bounds``."""
+    return N if cu_seqlens is None else host_longest(cu_seqlens)
 
 
 def varlen_args(q_len: list[int], k_len: list[int], device) -> tuple[int, torch.Tensor, torch.Tensor, int, int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-_BOUNDS = WeakIdKeyDictionary()  # cu_seqlens -> (version, its values as a list)
+_BOUNDS = WeakIdKeyDictionary()  # cu_seqlens -> (version, its values as a list, its longest document)
 
 
 def tensor_version(t: torch.Tensor) -> int | None:
@@ -26,14 +26,27 @@ def host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
     layer of a step, and the recompute under checkpointing, share the tensor, so a step with a dense layer per
     document reads it once instead of once per layer and pass (each read waits for the GPU's queue). The list is
     shared: read it, do not write to it."""
+    return _entry(cu_seqlens)[0]
+
+
+def host_longest(cu_seqlens: torch.Tensor) -> int:
+    """The longest document of ``cu_seqlens``, found once with its ``host_bounds`` (every MSA layer asks)."""
+    return _entry(cu_seqlens)[1]
+
+
+def _entry(cu_seqlens: torch.Tensor) -> tuple[list[int], int]:
     version = tensor_version(cu_seqlens)
     hit = _BOUNDS.get(cu_seqlens)
     if version is not None and hit is not None and hit[0] == version:
-        return hit[1]
-    bounds = _read_bounds(cu_seqlens)
+        return hit[1:]
+    return _keep(cu_seqlens, version, _read_bounds(cu_seqlens))
+
+
+def _keep(cu_seqlens: torch.Tensor, version: int | None, bounds: list[int]) -> tuple[list[int], int]:
+    entry = (bounds, max((e - s for s, e in zip(bounds[:-1], bounds[1:])), default=0))
     if version is not None:
-        _BOUNDS[cu_seqlens] = (version, bounds)
-    return bounds
+        _BOUNDS[cu_seqlens] = (version, *entry)
+    return entry
 
 
 def _read_bounds(cu_seqlens: torch.Tensor) -> list[int]:
@@ -47,9 +60,7 @@ def remember_bounds(cu_seqlens: torch.Tensor, bounds: list[int]) -> torch.Tensor
     ``cu_seqlens``, as any ``host_bounds`` entry."""
     if cu_seqlens.ndim != 1 or len(bounds) != cu_seqlens.numel():
         raise ValueError(f"{len(bounds)} bounds for a cu_seqlens of shape {tuple(cu_seqlens.shape)}")
-    version = tensor_version(cu_seqlens)
-    if version is not None:
-        _BOUNDS[cu_seqlens] = (version, [int(b) for b in bounds])
+    _keep(cu_seqlens, tensor_version(cu_seqlens), [int(b) for b in bounds])
     return cu_seqlens
 
 
