@@ -113,6 +113,28 @@ def test_a_packed_step_reads_its_document_bounds_once(monkeypatch):
     assert len(reads) == 1
 
 
+def test_sharded_rows_without_cu_seqlens_get_bounds_the_host_knows(monkeypatch):
+    """Under sequence or context sharding ``shard_batch`` makes each unpacked row a document of a new
+    ``cu_seqlens``; it records the values it built, so the layers' check, layout and longest document read none
+    back from the device."""
+    import msa.host
+    from msa.dense import longest_document
+    from train.parallel.mesh import Mesh
+    from train.parallel.shard import shard_batch
+
+    reads = []
+    monkeypatch.setattr(msa.host, "_read_bounds", lambda cu: reads.append(1) or cu.tolist())
+    ids = torch.arange(2 * 32).reshape(2, 32)
+    out = shard_batch({"input_ids": ids, "labels": ids, "position_ids": torch.arange(32).repeat(2, 1)},
+                      Mesh(sp_size=2))
+    cu = out["cu_seqlens"]
+    assert cu.tolist() == [0, 32, 64]
+    check_cu_seqlens(cu, 1, 64)
+    build_layout(64, 16, cu, "cpu")
+    assert longest_document(cu, 64) == 32
+    assert reads == []
+
+
 @pytest.mark.usefixtures("restore_dist_env")
 def test_a_training_step_takes_the_document_bounds_from_the_host_batch(monkeypatch):
     """``train_step`` hands the layers the host batch's ``cu_seqlens`` values (``remember_bounds``), so a packed
