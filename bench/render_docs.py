@@ -45,6 +45,8 @@ def label(meta: dict) -> str:
     extra = [o.removeprefix("parallel.") for o in meta.get("overrides") or [] if o not in COMMON_OVERRIDES]
     if meta.get("msa_overrides"):  # bench.train_step --msa-overrides: the MSA series' own
         extra.append(f"MSA with {', '.join(meta['msa_overrides'])}")
+    if meta.get("rows", 1) > 1:  # bench.train_step --rows: rows per micro-batch, each one document of the row's length
+        extra.append(f"{meta['rows']} rows a step")
     return meta["model"] + (f" ({', '.join(extra)})" if extra else "")
 
 

@@ -79,16 +79,19 @@ def packed_lengths(total: int, seed: int, shortest: int = 256) -> list[int]:
     return out
 
 
-def make_batch(lengths: list[int], vocab: int, seed: int, packed: bool) -> dict:
-    """One row of ``sum(lengths)`` random tokens (CPU tensors); ``cu_seqlens`` only when ``packed``. The
-    last token of each document has no target."""
+def make_batch(lengths: list[int], vocab: int, seed: int, packed: bool, rows: int = 1) -> dict:
+    """``rows`` rows of ``sum(lengths)`` random tokens each (CPU tensors; every row the same documents, its own
+    tokens); ``cu_seqlens`` only when ``packed`` (the loop packs one row per micro-batch, so ``packed`` needs
+    ``rows=1``). The last token of each document has no target."""
+    if packed and rows != 1:
+        raise ValueError("a packed row carries its own cu_seqlens: run packed rows with --rows 1")
     g = torch.Generator().manual_seed(seed)
     n = sum(lengths)
-    ids = torch.randint(0, vocab, (1, n), generator=g)
+    ids = torch.randint(0, vocab, (rows, n), generator=g)
     labels = torch.roll(ids, -1, 1)
     cu = torch.tensor([0, *lengths]).cumsum(0)
-    labels[0, cu[1:] - 1] = -100
-    pos = torch.cat([torch.arange(m) for m in lengths])[None]
+    labels[:, cu[1:] - 1] = -100
+    pos = torch.cat([torch.arange(m) for m in lengths])[None].expand(rows, n).contiguous()
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
     if packed:
         batch["cu_seqlens"] = cu.to(torch.int32)
@@ -219,9 +222,9 @@ def measure_point(series: Series, env, lengths: list[int], packed: bool, args, d
 
     run, cfg, dev = series.run, series.cfg, env.device
     cuda = dev.type == "cuda"
-    batch = make_batch(lengths, cfg.model.vocab_size, seed=sum(lengths), packed=packed)
+    batch = make_batch(lengths, cfg.model.vocab_size, seed=sum(lengths), packed=packed, rows=args.rows)
     run.batches = itertools.repeat(batch)
-    n = sum(lengths)
+    n = sum(lengths) * args.rows  # tokens per step
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start_gb = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
@@ -253,7 +256,8 @@ def measure_point(series: Series, env, lengths: list[int], packed: bool, args, d
         n_timed = min(args.steps, max(1, fits))
         times = timed_steps(lambda: timed(lambda: train_step(run), dev)[0], n_timed, args.cheap_s, deadline)
     step_s = statistics.median(times)
-    row = {"tokens": n, "docs": len(lengths), "status": "ok", "warmup_s": round(warm_s, 4),
+    row = {"tokens": n, "rows": args.rows, "docs": len(lengths) * args.rows, "status": "ok",
+           "warmup_s": round(warm_s, 4),
            "step_s": round(step_s, 4), "step_s_all": [round(t, 4) for t in times], "tokens_per_s": round(n / step_s),
            "loss_first": round(first["lm"] + run.stage.kl_weight * first["kl"], 5),
            "lm_first": round(first["lm"], 5), "kl_first": round(first["kl"], 5)}
@@ -266,9 +270,11 @@ def measure_point(series: Series, env, lengths: list[int], packed: bool, args, d
                              f"and the time budget had room for {fits}")
     if packed:
         row["doc_lengths"] = lengths
-    flops = step_flops(cfg.model, cfg.attention, run.model.num_params(), np.array(lengths), run.stage.phase)
+    flops = step_flops(cfg.model, cfg.attention, run.model.num_params(), np.array(lengths * args.rows),
+                       run.stage.phase)
     peak = PEAK_TFLOPS.get(torch.cuda.get_device_name()) if cuda else None
-    row.update(model_tflop=round(flops["model"] / 1e12, 3), attn_tflop=round(flops["attn"] / 1e12, 3),
+    row.update(model_flop=float(flops["model"]), model_tflop=round(flops["model"] / 1e12, 3),
+               attn_tflop=round(flops["attn"] / 1e12, 3),
                index_tflop=round(flops["index"] / 1e12, 3), model_tflops=round(flops["model"] / step_s / 1e12, 2),
                mfu=round(flops["model"] / step_s / (peak * 1e12), 4) if peak else None,
                peak_tflops=peak)
@@ -332,6 +338,9 @@ def main() -> None:
                     help="record dense's step time at the MSA lengths dense did not run, fitted over its measured "
                          "one-document points (a*tokens + b*pairs), as an extrapolation (dense_extrapolated)")
     ap.add_argument("--packed", type=int, nargs="*", default=[196608], help="packed-row lengths")
+    ap.add_argument("--rows", type=int, default=1,
+                    help="rows per micro-batch (data.batch_size), each one document of the point's length "
+                         "(one-doc points only; packed rows need 1): tokens per step = rows x length")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per point (a third where cheap)")
     ap.add_argument("--cheap-s", type=float, default=2.0, help="a third timed step where both took less")
     ap.add_argument("--time-budget", type=float, default=200.0, help="seconds for this whole run")
@@ -366,6 +375,9 @@ def main() -> None:
 
         print(render_train_step([json.loads(Path(p).read_text()) for p in args.render]))
         return
+    if args.rows < 1 or (args.rows > 1 and args.packed):
+        ap.error(f"--rows {args.rows}: rows per micro-batch must be >= 1, and above 1 only for one-document rows "
+                 "(pass --packed with no length: a packed row carries its own cu_seqlens)")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/train_step.py needs a CUDA GPU (or --device cpu)")
     run_bench(args)
@@ -381,7 +393,8 @@ def meta_of(args, env) -> dict:
             "commit": git_commit(), "command": " ".join(["python3", "-m", "bench.train_step", *sys.argv[1:]]),
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": args.model,
             "overrides": args.overrides, "msa_overrides": args.msa_overrides, "time_budget_s": args.time_budget,
-            "dense_reserve_s": args.dense_reserve, "steps": args.steps, "host": os.uname().nodename}
+            "dense_reserve_s": args.dense_reserve, "steps": args.steps, "rows": args.rows,
+            "host": os.uname().nodename}
 
 
 def run_bench(args) -> None:
@@ -389,8 +402,8 @@ def run_bench(args) -> None:
     from train.parallel import init_distributed
 
     t_start = time.perf_counter()
-    base = [f"model={args.model}", "logging.wandb.mode=disabled", "data.batch_size=1", "recipe.warmup_steps=0",
-            "run.precision=bf16", *args.overrides]
+    base = [f"model={args.model}", "logging.wandb.mode=disabled", f"data.batch_size={args.rows}",
+            "recipe.warmup_steps=0", "run.precision=bf16", *args.overrides]
     env = init_distributed(compose(base).parallel)
     if args.oom_history and env.device.type == "cuda":
         torch.cuda.memory._record_memory_history(enabled="state", context="state", stacks="python")
@@ -412,8 +425,8 @@ def run_bench(args) -> None:
         left = args.time_budget - (time.perf_counter() - t_start)
         if kind == "msa" and "dense" in series:
             left -= args.dense_reserve
-        pairs = series_pairs(s.attn_cfg, lengths)
-        est, how, _ = project_step_s(s.points, n, pairs)
+        pairs = series_pairs(s.attn_cfg, lengths * args.rows)
+        est, how, _ = project_step_s(s.points, n * args.rows, pairs)
         # warm-up and timed steps (a third where cheap); the profiled step runs only if time is left
         n_steps = None if est is None else 1 + args.steps + (1 if est < args.cheap_s else 0)
         cost = None if est is None else 1.15 * n_steps * est + (0 if s.run else (s.build_s or 0))
@@ -434,7 +447,7 @@ def run_bench(args) -> None:
             deadline = t_start + args.time_budget - (args.dense_reserve if kind == "msa" and "dense" in series else 0)
             point.update(measure_or_record(s, env, lengths, layout, args, max_len, deadline, progress))
             if point["status"] == "ok":
-                s.points.append({"tokens": n, "pairs": pairs, "step_s": point["step_s"], "layout": layout})
+                s.points.append({"tokens": n * args.rows, "pairs": pairs, "step_s": point["step_s"], "layout": layout})
             elif point["status"].startswith("OOM"):
                 s.stopped = f"OOM at {n} tokens ({layout})"
         brief = {k: v for k, v in point.items() if k not in ("profile", "host_profile", "doc_lengths")}

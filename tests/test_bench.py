@@ -1619,3 +1619,35 @@ def test_a_step_timed_by_its_warm_up_reports_the_warm_ups_peaks():
     assert step_peaks(warm, after_layer, warm_only=True) == {"peak_gb": 76.299, "reserved_peak_gb": 77.0,
                                                              "alloc_retries": 35}
     assert step_peaks(warm, after_layer, warm_only=False)["peak_gb"] == 57.663
+
+
+def test_rows_puts_several_one_document_rows_in_a_step(tmp_path):
+    """``--rows 2``: each step trains two rows of the point's length (their own tokens, the same document
+    layout), so tokens, documents and model FLOPs per step are twice one row's, the first loss is the mean over
+    other tokens, and the label says so; packed rows with ``--rows`` above 1 are refused with the fix."""
+    import subprocess
+    import sys
+
+    from bench.render_docs import label
+
+    two = make_batch([100], vocab=50, seed=3, packed=False, rows=2)
+    one = make_batch([100], vocab=50, seed=3, packed=False)
+    assert two["input_ids"].shape == (2, 100) and not torch.equal(two["input_ids"][0], two["input_ids"][1])
+    assert torch.equal(two["input_ids"][:1], one["input_ids"]) and (two["labels"][:, -1] == -100).all()
+    assert torch.equal(two["position_ids"], torch.arange(100).expand(2, 100))
+
+    def point(*extra):
+        res = train_step_cpu(tmp_path / f"r{len(extra)}.json", "--lengths", "128", "--packed", "--attention", "msa",
+                             "--steps", "1", "--no-profile", "--no-skip", *extra)
+        return res["meta"], res["points"][0]
+
+    meta1, p1 = point()
+    meta2, p2 = point("--rows", "2")
+    assert p1["status"] == p2["status"] == "ok"
+    assert (p1["tokens"], p2["tokens"], p1["rows"], p2["rows"], p2["docs"]) == (128, 256, 1, 2, 2)
+    assert p2["model_flop"] == pytest.approx(2 * p1["model_flop"], rel=1e-9)
+    assert p2["lm_first"] != p1["lm_first"]
+    assert label(meta2) == "tiny (model.n_layers=2, 2 rows a step)" and label(meta1) == "tiny (model.n_layers=2)"
+    bad = subprocess.run([sys.executable, "-m", "bench.train_step", "--device", "cpu", "--rows", "2", "--packed",
+                          "4096"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--rows 2" in bad.stderr and "--packed with no length" in bad.stderr

@@ -389,3 +389,43 @@ def test_doc_tiles_are_built_once_per_cu_seqlens_and_shape():
     one = doc_tiles(64, 8, None, "cpu")
     assert doc_tiles(64, 8, None, "cpu") is one and one[0].tolist() == list(range(0, 64, 8))
     assert one[2].tolist() == [64] * 8 and one[1].tolist() == [0] * 8
+
+
+@pytest.mark.parametrize("phase", ["sparse", "sparse+lse", "dense+lse"])
+def test_index_kl_split_keys_matches_reference(phase):
+    """``split_keys``: pass 2 takes each 32-key block in two halves of 16 (awkward shapes: packed documents,
+    queries the last 90 of 120 keys, a partial last block); the loss and both gradients as the reference's,
+    and the loss as the unsplit pass's up to the order of its fp32 sums."""
+    from kernels.index_kl import index_kl_fwd
+
+    B, Nq, N, H, Hkv, Di, bs, topk = 1, 90, 120, 4, 2, 16, 32, 2
+    q, k, v, q_idx, k_idx = _kl_inputs(B, Nq, N, H, Hkv, 16, Di)
+    cu = _cu(CU_120)
+    block_idx = ref.select_blocks(q_idx.detach(), k_idx.detach(), bs, topk, cu) if "sparse" in phase else None
+    lse = ref.sparse_attention(q, k, v, block_idx, bs, cu)[1] if "lse" in phase else None
+    want = _kl_and_grads(ref.index_kl_loss, q, k, q_idx, k_idx, block_idx, bs, cu)
+    got = index_kl_fwd(q, k, q_idx.detach(), k_idx.detach(), block_idx, bs, cu, lse, True, split_keys=True)
+    whole = index_kl_fwd(q, k, q_idx.detach(), k_idx.detach(), block_idx, bs, cu, lse, True)
+    for name, w, g, h in zip(("loss", "dq_idx", "dk_idx"), want, got, whole):
+        assert rel_rms(w, g) < 1e-5, f"{name}: rel rms {rel_rms(w, g):.2e}"
+        assert rel_rms(h, g) < 1e-6, f"{name} against the unsplit pass: rel rms {rel_rms(h, g):.2e}"
+
+
+@pytest.mark.gpu
+def test_index_kl_split_keys_gpu_bf16():
+    """The split pass 2 compiled, at ``small``'s group size (G = 4, D = 128, Di = 64, 128-key blocks) and a
+    partial last block: loss and gradients as the reference's within the bf16 tolerances, and as the unsplit
+    pass's up to fp32 summation order (dk_idx's atomics reorder sums already)."""
+    from kernels import sparse_attention
+    from kernels.index_kl import index_kl_fwd
+
+    B, N, H, Hkv, D, Di, bs, topk = 1, 4096 + 77, 8, 2, 128, 64, 128, 8
+    q, k, v, q_idx, k_idx = _kl_inputs(B, N, N, H, Hkv, D, Di, "cuda", torch.bfloat16)
+    block_idx = select_blocks(q_idx.detach(), k_idx.detach(), bs, topk)
+    lse = sparse_attention(q, k, v, block_idx, bs)[1]
+    want = _kl_and_grads(ref.index_kl_loss, q.float(), k.float(), q_idx, k_idx, block_idx, bs)
+    split = index_kl_fwd(q, k, q_idx.detach(), k_idx.detach(), block_idx, bs, None, lse, True, split_keys=True)
+    whole = index_kl_fwd(q, k, q_idx.detach(), k_idx.detach(), block_idx, bs, None, lse, True)
+    for name, w, g, h in zip(("loss", "dq_idx", "dk_idx"), want, split, whole):
+        assert rel_rms(w.float(), g.float()) < KL_GPU_TOL[name], f"{name}: rel rms {rel_rms(w.float(), g.float()):.2e}"
+        assert rel_rms(h.float(), g.float()) < 1e-5, f"{name} against the unsplit pass"
