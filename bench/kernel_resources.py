@@ -13,8 +13,11 @@ import):
    launch: the kernel, its arguments as Triton specialises them (a tensor's dtype and 16-byte alignment; an
    integer's class: 1, a multiple of 16, other, 64-bit), its constexprs, warps and stages.
 2. ``compile``: each distinct launch compiled for ``sm_<arch>`` (default 90: H100 and H200), its registers per
-   thread and local (spill) bytes read from the cubin by ``cuobjdump`` (Triton's wheel carries it), its shared
-   memory from Triton's metadata, and from those the programs one SM can hold (``occupancy``).
+   thread read from the cubin by ``cuobjdump`` (Triton's wheel carries it), its spills (bytes of spill stores
+   and loads per thread) from ``ptxas -v`` on the kernel's PTX, its shared memory from Triton's metadata, and
+   from those the programs one SM can hold (``occupancy``). Spilled registers live in the stack frame, which
+   ``cuobjdump`` reports as ``STACK``; its ``LOCAL`` (explicit local arrays) stays 0 for a kernel that spills
+   (before 2026-12-07 this script reported ``LOCAL`` as the spills and so read 0 for every kernel).
 
 ``--from`` compiles the launches of an earlier JSON again without recording, ``--only`` and ``--set`` make a
 variant (other warps, stages or tile constexprs): registers and occupancy of a launch setting in seconds,
@@ -173,6 +176,37 @@ def cubin_resources(cubin: bytes) -> dict:
     return {"registers": regs, "stack": stack, "static_shared": shared, "local": local}
 
 
+SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def parse_spills(ptxas_log: str) -> dict:
+    """Stack frame and spill bytes per thread from ``ptxas -v``'s report of one kernel."""
+    m = SPILLS.search(ptxas_log)
+    if m is None:
+        raise RuntimeError(f"ptxas -v printed no spill line:\n{ptxas_log[-2000:]}")
+    frame, stores, loads = map(int, m.groups())
+    return {"stack_frame": frame, "spill_stores": stores, "spill_loads": loads}
+
+
+def ptxas_spills(ptx: str, arch: int) -> dict:
+    """``parse_spills`` of the ptxas that Triton assembles ``sm_<arch>`` with (its wheel's), run on ``ptx``."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(arch).path
+    except ImportError:  # a Triton without get_ptxas: its one bundled ptxas
+        ptxas = _tool("ptxas")
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        done = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", str(src), "-o", str(Path(tmp) / "k.o")],
+                              capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ptxas failed:\n{done.stderr[-2000:]}")
+    return parse_spills(done.stdout + done.stderr)
+
+
 def compile_launches(launches: list[dict], arch: int = 90) -> list[dict]:
     """Each launch of ``record`` compiled for ``sm_<arch>`` without a GPU: ``ok`` and the error, or the
     registers, spills, shared memory and occupancy (``occupancy``) of the compiled kernel."""
@@ -197,7 +231,7 @@ def compile_launches(launches: list[dict], arch: int = 90) -> list[dict]:
             kwargs = {k: _make_arg(v) if isinstance(v, dict) else v for k, v in launch["kwargs"].items()}
             try:
                 kernel = jit.warmup(*args, grid=(1,), **kwargs)
-                res = cubin_resources(kernel.asm["cubin"])
+                res = cubin_resources(kernel.asm["cubin"]) | ptxas_spills(kernel.asm["ptx"], arch)
             except Exception as e:  # noqa: BLE001 -- a kernel that does not compile is the finding
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip()[:2000]}")
                 out.append(row)
@@ -235,8 +269,8 @@ def variant(launches: list[dict], only: list[str] | None, changes: list[str]) ->
 
 def table(rows: list[dict]) -> str:
     """A markdown table of ``compile_launches``' rows."""
-    lines = ["| kernel | constexprs | warps / stages | registers | spilled bytes | shared KB | programs per SM "
-             "(limited by) | warps per SM |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | constexprs | warps / stages | registers | spill stores / loads, bytes | shared KB "
+             "| programs per SM (limited by) | warps per SM |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cx = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
         if not r["ok"]:
@@ -244,7 +278,8 @@ def table(rows: list[dict]) -> str:
                          f"{r['error'].strip().splitlines()[-1][:160]} | | | | |")
             continue
         lines.append(f"| `{r['kernel']}` | {cx} | {r['num_warps']} / {r['num_stages']} | {r['registers']} | "
-                     f"{r['local']} | {r['shared'] / 1024:.1f} | {r['programs']} ({r['limited_by']}) | {r['warps']} |")
+                     f"{r['spill_stores']} / {r['spill_loads']} | {r['shared'] / 1024:.1f} | {r['programs']} "
+                     f"({r['limited_by']}) | {r['warps']} |")
     return "\n".join(lines)
 
 

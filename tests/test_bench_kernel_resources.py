@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.kernel_resources import _int_class, arg_spec, occupancy, table
+from bench.kernel_resources import _int_class, arg_spec, occupancy, parse_spills, table
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny", "model.n_heads=8", "model.n_kv_heads=2", "model.head_dim=16", "model.rope_dim=8",
@@ -140,7 +140,44 @@ def test_a_kernel_the_interpreter_runs_and_sm90_rejects_is_reported(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     bad, good = json.loads(r.stdout.strip().splitlines()[-1])
     assert not bad["ok"] and bad["kernel"] == "untyped_sum_kernel" and "acc" in bad["error"], bad
-    assert good["ok"] and good["registers"] > 0 and good["local"] == 0
+    assert good["ok"] and good["registers"] > 0 and good["spill_stores"] == good["spill_loads"] == 0
     rows = table([bad, good]).splitlines()[2:]  # the compiler's last line (the cause) in the table
     assert "does not compile: AssertionError(\"Loop-carried variable acc has initial type int32" in rows[0]
-    assert f"| 4 / None | {good['registers']} | 0 |" in rows[1]
+    assert f"| 4 / None | {good['registers']} | 0 / 0 |" in rows[1]
+
+
+def test_spills_are_read_from_ptxas_and_a_kernel_that_spills_reports_them(tmp_path):
+    """The spill count is ptxas's (``cuobjdump``'s ``LOCAL`` reads 0 for a kernel that spills: it reported no
+    spills for the index KL's pass 2, which spills 868 bytes a thread). ``parse_spills`` against ptxas's own
+    words; compiled for sm_90, a 128 x 128 fp32 product held by one warp (512 values a thread, over the 255
+    registers one thread has) spills, and a 16 x 16 one does not."""
+    line = "    896 bytes stack frame, 940 bytes spill stores, 1196 bytes spill loads"
+    assert parse_spills(f"ptxas info    : Function properties for k\n{line}\n") == {
+        "stack_frame": 896, "spill_stores": 940, "spill_loads": 1196}
+    with pytest.raises(RuntimeError, match="no spill line"):
+        parse_spills("ptxas info    : Used 32 registers")
+    (tmp_path / "dot_kernels.py").write_text(textwrap.dedent('''
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def square_kernel(x, y, BLOCK: tl.constexpr):
+            o = tl.arange(0, BLOCK)
+            a = tl.load(x + o[:, None] * BLOCK + o[None, :])
+            tl.store(y + o[:, None] * BLOCK + o[None, :], tl.dot(a, a))
+    '''))
+    compiled = textwrap.dedent('''
+        import json
+        from bench.kernel_resources import compile_launches
+        t = {"tensor": "float16", "align16": True}
+        launches = [{"module": "dot_kernels", "kernel": "square_kernel", "count": 1, "args": [t, t],
+                     "kwargs": {"BLOCK": b, "num_warps": 1}} for b in (128, 16)]
+        print(json.dumps(compile_launches(launches)))
+    ''')
+    env = _env() | {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    r = subprocess.run([sys.executable, "-c", compiled], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    big, small = json.loads(r.stdout.strip().splitlines()[-1])
+    assert big["ok"] and big["spill_stores"] > 0 and big["spill_loads"] > 0 and big["stack_frame"] > 0, big
+    assert big["local"] == 0  # what the table reported as spills before
+    assert small["ok"] and small["spill_stores"] == small["spill_loads"] == 0, small
