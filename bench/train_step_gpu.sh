@@ -68,9 +68,6 @@
 #      (bench.train_step --rows), MSA then dense in one process per row count, so each ratio is side by side at the
 #      same tokens per step: whether MSA's host-bound short rows catch up when a step carries more rows (~5 min):
 #      STAGES=rows MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
-#  15. kl_split: the index KL's pass 2 with each 128-key block in two halves (index_kl_fwd split_keys, which
-#      spills less when compiled for sm_90) against the whole block, at small's shapes (8 heads, 2 KV heads,
-#      index dim 64) at 32K and 128K (bench/tune_index_kl.py), after the index KL's GPU tests (~2 min)
 # EXTRA_OVERRIDES adds Hydra overrides to every stage's steps, e.g. EXTRA_OVERRIDES=model.rope_impl=torch.
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
 # selective, the default, except base_1m), sparse phase.
@@ -80,7 +77,7 @@
 # train_step_small_host.json, step_time_old_new_<length>.json, train_step_small_1m_both.json (dense_1m),
 # train_step_small_1m_{window_both,dense0}.json (first_layer_1m), train_step_base_1m_window{,_nokeep}.json,
 # train_step_1b_{512k,512k_offload,1m_offload}.json (1b_long), train_step_small_rows{1,2,4}.json (rows),
-# tune_index_kl_small.json (kl_split), train_step.log.
+# train_step.log.
 set -uo pipefail
 OUT=${OUT:-runs/train_step_gpu}
 LOG=$OUT/train_step.log
@@ -104,7 +101,6 @@ LONG_1B=(524288 1048576)
 OFFLOAD=(parallel.checkpoint_offload=true parallel.mlp_tile_tokens=65536)
 ON_LENGTHS="16384 32768 131072"
 ROWS_ARGS=(--model small --lengths 16384 32768 --packed --time-budget 110 --dense-reserve 45)
-KL_SMALL=(--heads 8 --hkv 2 --index-dim 64 --sizes 32768 131072 --only 0 1 2 3)
 WINDOW=4096
 if [ "${CPU_CHECK:-0}" = 1 ]; then
   SMALL=(--device cpu --model tiny --lengths 128 256 --packed 256 --time-budget 60)
@@ -135,9 +131,9 @@ fi
 STAGES=${STAGES:-small base base_1m}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 for s in $STAGES; do
-  case $s in small|base|base_1m|1b|dense_layer|host|old_new|rope|rope_steps|dense_1m|first_layer_1m|base_1m_window|1b_long|rows|kl_split) ;;
+  case $s in small|base|base_1m|1b|dense_layer|host|old_new|rope|rope_steps|dense_1m|first_layer_1m|base_1m_window|1b_long|rows) ;;
     *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer host old_new rope rope_steps dense_1m" \
-         "first_layer_1m base_1m_window 1b_long rows kl_split)"
+         "first_layer_1m base_1m_window 1b_long rows)"
        exit 2;; esac
 done
 if want old_new && [ ! -d "${OLD_TREE:-}/train" ]; then
@@ -173,14 +169,6 @@ if want rope || want rope_steps; then
           --json "$OUT/train_step_small_rope_${impl}_$round.json" -- $AC "model.rope_impl=$impl"
       done
     done
-  fi
-fi
-if want kl_split; then
-  if [ "${CPU_CHECK:-0}" = 1 ]; then
-    echo "kl_split: needs a GPU (kernel timings); skipped in the CPU rehearsal" | tee -a "$LOG"
-  else
-    TAIL=3 stage kl_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_index.py -k index_kl
-    TAIL=12 stage kl_split 150 python3 bench/tune_index_kl.py "${KL_SMALL[@]}" --json "$OUT/tune_index_kl_small.json"
   fi
 fi
 if want rows; then

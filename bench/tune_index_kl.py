@@ -29,9 +29,6 @@ from kernels.index_kl import index_kl_fwd  # noqa: E402
 
 VARIANTS = [  # keyword arguments of index_kl_fwd; {} is its default (128-row chunks, 8 a program, 8 warps, 2 stages)
     {},
-    {"split_keys": True},
-    {"split_keys": True, "block_m": 64},
-    {"split_keys": True, "num_stages": 1},
     {"num_stages": 3},
     {"num_stages": 1},
     {"chunks": 2},

@@ -125,105 +125,58 @@ def _row_lse(b_s):
 
 
 @triton.jit
-def _key_tile(key, j0, k, k_idx, N, D, DI, HKV: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DI: tl.constexpr):
-    """Keys ``j0 .. j0 + BN`` of a program's block: positions, mask, and the ``k`` and ``k_idx`` tiles."""
-    i_b = key // N // HKV
-    i_r = key // N % HKV
-    o_j = key % N + j0 + tl.arange(0, BN)
-    m_j = o_j < N
-    o_d = tl.arange(0, BLOCK_D)
-    o_di = tl.arange(0, BLOCK_DI)
-    b_k = tl.load(k + ((i_b * N + o_j) * HKV + i_r)[:, None] * D + o_d[None, :],
-                  mask=m_j[:, None] & (o_d < D)[None, :], other=0.0)
-    b_ki = tl.load(k_idx + (i_b * N + o_j)[:, None] * DI + o_di[None, :],
-                   mask=m_j[:, None] & (o_di < DI)[None, :], other=0.0)
-    return o_j, m_j, b_k, b_ki
-
-
-@triton.jit
-def _kl_keys(q, lse_s, lse_t, b_qi, b_k, b_ki, o_j, o_row, o_q, m_e, i_b, i_r, N, NQ, D, scale_t, scale_s,
-             HKV: tl.constexpr, G: tl.constexpr, GRAD: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    """One chunk of gathered queries against one key tile: the loss terms ``sum P log P - sum P S`` (a scalar)
-    and, with ``GRAD``, ``dS = (Q - P) * scale`` as ``dq_idx``'s share ``dS k_idx`` and ``dk_idx``'s
-    ``dS^T q_idx`` (zeros without)."""
-    o_d = tl.arange(0, BLOCK_D)
-    m_s = m_e[:, None] & (o_j[None, :] <= (N - NQ + o_q)[:, None])
-    b_s = dot_ieee(b_qi, tl.trans(b_ki), IEEE) * scale_s
-    b_p = tl.zeros(b_s.shape, tl.float32)
-    for g in range(G):
-        i_h = i_r * G + g
-        b_q = tl.load(q + ((i_b * NQ + o_q) * (HKV * G) + i_h)[:, None] * D + o_d[None, :],
-                      mask=m_e[:, None] & (o_d < D)[None, :], other=0.0)
-        b_lt = tl.load(lse_t + (i_b * HKV * G + i_h) * NQ + o_q, mask=m_e, other=float("inf"))
-        # an empty teacher row (lse = -inf) contributes nothing
-        b_lt = tl.where(b_lt > float("-inf"), b_lt, float("inf"))
-        b_p += tl.exp(dot_ieee(b_q, tl.trans(b_k), IEEE) * scale_t - b_lt[:, None])
-    b_p = tl.where(m_s, b_p / G, 0.0)
-    # P > 0 only on the support, so S is read there alone
-    loss = tl.sum(tl.sum(tl.where(b_p > 0, b_p * (tl.log(tl.where(b_p > 0, b_p, 1.0)) - b_s), 0.0), 1), 0)
-    b_dq = tl.zeros((b_qi.shape[0], b_ki.shape[1]), tl.float32)
-    b_dk = tl.zeros((b_ki.shape[0], b_qi.shape[1]), tl.float32)
-    if GRAD:
-        b_ls = tl.load(lse_s + o_row, mask=m_e, other=float("inf"))
-        b_ls = tl.where(b_ls > float("-inf"), b_ls, float("inf"))
-        b_ds = tl.where(m_s, tl.exp(b_s - b_ls[:, None]) - b_p, 0.0) * scale_s
-        b_dq = dot_ieee(b_ds.to(b_ki.dtype), b_ki, IEEE)
-        b_dk = dot_ieee(tl.trans(b_ds.to(b_qi.dtype)), b_qi, IEEE)
-    return loss, b_dq, b_dk
-
-
-@triton.jit
 def index_kl_fwd_kernel(
     q, k, q_idx, k_idx, entries, prog_key, prog_c0, prog_nc, lse_s, lse_t,
     loss, dq_idx, dk_idx,
     N, NQ, S, D, DI, scale_t, scale_s,
     HKV: tl.constexpr, G: tl.constexpr, GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    BK: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, IEEE: tl.constexpr,
+    BK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Pass 2 over one key block: per-chunk loss partials; with ``GRAD`` per-entry ``dq_idx`` partials
-    and an atomic add of the block's ``dk_idx``. ``BN``: the block's keys taken as one tile (``BN = BK``) or
-    as two halves (``BN = BK / 2``: the per-chunk tiles are half as large, so at 128-key blocks the kernel
-    keeps them in registers where whole blocks spill; each chunk's queries are read once per half)."""
+    and one atomic add of the block's ``dk_idx``."""
     i_p = tl.program_id(0)
     key = tl.load(prog_key + i_p).to(tl.int64)
     if key < 0:
         return
-    i_b = key // N // HKV
-    i_r = key // N % HKV
+    i_b, i_r, o_j, m_j, b_ki = _key_block(key, k_idx, N, DI, HKV, BK, BLOCK_DI)
     o_di = tl.arange(0, BLOCK_DI)
+    o_d = tl.arange(0, BLOCK_D)
     m_di = o_di < DI
-    tl.static_assert(BN == BK or 2 * BN == BK, "BN is the block (BK) or half of it")
-    o_j0, m_j0, b_k0, b_ki0 = _key_tile(key, 0, k, k_idx, N, D, DI, HKV, BN, BLOCK_D, BLOCK_DI)
-    b_dk0 = tl.zeros((BN, BLOCK_DI), tl.float32)
-    if BN < BK:
-        o_j1, m_j1, b_k1, b_ki1 = _key_tile(key, BN, k, k_idx, N, D, DI, HKV, BN, BLOCK_D, BLOCK_DI)
-        b_dk1 = tl.zeros((BN, BLOCK_DI), tl.float32)
+    b_k = tl.load(k + ((i_b * N + o_j) * HKV + i_r)[:, None] * D + o_d[None, :],
+                  mask=m_j[:, None] & (o_d < D)[None, :], other=0.0)
+    b_dk = tl.zeros((BK, BLOCK_DI), tl.float32)
     c0 = tl.load(prog_c0 + i_p)
     nc = tl.load(prog_nc + i_p)
     for c in range(c0, c0 + nc):
         o_e, m_e, o_row, o_q = _entry_rows(entries, c, NQ, S, BLOCK_M)
         b_qi = tl.load(q_idx + ((i_b * NQ + o_q) * HKV + i_r)[:, None] * DI + o_di[None, :],
                        mask=m_e[:, None] & m_di[None, :], other=0.0)
-        part, b_dq, b_dk = _kl_keys(q, lse_s, lse_t, b_qi, b_k0, b_ki0, o_j0, o_row, o_q, m_e, i_b, i_r, N, NQ, D,
-                                    scale_t, scale_s, HKV, G, GRAD, BLOCK_D, IEEE)
-        b_dk0 += b_dk
-        if BN < BK:
-            part1, b_dq1, b_dk = _kl_keys(q, lse_s, lse_t, b_qi, b_k1, b_ki1, o_j1, o_row, o_q, m_e, i_b, i_r, N,
-                                          NQ, D, scale_t, scale_s, HKV, G, GRAD, BLOCK_D, IEEE)
-            part += part1
-            b_dq += b_dq1
-            b_dk1 += b_dk
-        tl.store(loss + c, part)
+        # [BLOCK_M, BK]
+        m_s = m_e[:, None] & (o_j[None, :] <= (N - NQ + o_q)[:, None])
+        b_s = dot_ieee(b_qi, tl.trans(b_ki), IEEE) * scale_s
+        b_p = tl.zeros((BLOCK_M, BK), tl.float32)
+        for g in range(G):
+            i_h = i_r * G + g
+            b_q = tl.load(q + ((i_b * NQ + o_q) * (HKV * G) + i_h)[:, None] * D + o_d[None, :],
+                          mask=m_e[:, None] & (o_d < D)[None, :], other=0.0)
+            b_lt = tl.load(lse_t + (i_b * HKV * G + i_h) * NQ + o_q, mask=m_e, other=float("inf"))
+            # an empty teacher row (lse = -inf) contributes nothing
+            b_lt = tl.where(b_lt > float("-inf"), b_lt, float("inf"))
+            b_p += tl.exp(dot_ieee(b_q, tl.trans(b_k), IEEE) * scale_t - b_lt[:, None])
+        b_p = tl.where(m_s, b_p / G, 0.0)
+        b_plogp = tl.where(b_p > 0, b_p * tl.log(tl.where(b_p > 0, b_p, 1.0)), 0.0)
+        tl.store(loss + c, tl.sum(tl.sum(b_plogp - b_p * tl.where(m_s, b_s, 0.0), 1), 0))
         if GRAD:
+            b_ls = tl.load(lse_s + o_row, mask=m_e, other=float("inf"))
+            b_ls = tl.where(b_ls > float("-inf"), b_ls, float("inf"))
+            b_ds = tl.where(m_s, tl.exp(b_s - b_ls[:, None]) - b_p, 0.0) * scale_s
             # [BLOCK_M, BLOCK_DI]: this entry's share of dq_idx, summed over slots on the host
+            b_dq = dot_ieee(b_ds.to(b_ki.dtype), b_ki, IEEE)
             tl.store(dq_idx + o_e[:, None] * DI + o_di[None, :], b_dq, mask=m_e[:, None] & m_di[None, :])
+            b_dk += dot_ieee(tl.trans(b_ds.to(b_qi.dtype)), b_qi, IEEE)
     if GRAD:
-        tl.atomic_add(dk_idx + (i_b * N + o_j0)[:, None] * DI + o_di[None, :], b_dk0,
-                      mask=m_j0[:, None] & m_di[None, :], sem="relaxed")
-        if BN < BK:
-            tl.atomic_add(dk_idx + (i_b * N + o_j1)[:, None] * DI + o_di[None, :], b_dk1,
-                          mask=m_j1[:, None] & m_di[None, :], sem="relaxed")
+        tl.atomic_add(dk_idx + (i_b * N + o_j)[:, None] * DI + o_di[None, :], b_dk,
+                      mask=m_j[:, None] & m_di[None, :], sem="relaxed")
 
 
 _MERGE_ROWS, _MERGE_SLOTS = 256, 16
@@ -282,11 +235,10 @@ def _launch_args(q, k, q_idx, block_m):
 
 
 def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad,
-                 block_m=128, chunks=8, budget=4 << 30, num_warps=8, num_stages=2, path="kv", split_keys=False):
+                 block_m=128, chunks=8, budget=4 << 30, num_warps=8, num_stages=2, path="kv"):
     """Loss (float32 scalar) and, with ``grad``, float32 ``dq_idx [B, Nq, Hkv, Di]``, ``dk_idx [B, N, Di]``.
     Launch settings: ``block_m`` gathered queries per chunk, ``chunks`` chunks per program, ``budget``
-    bytes of ``dq_idx`` partials per slot chunk, warps, stages (defaults: the H200 sweep), ``split_keys``: pass 2
-    takes each key block in two halves (blocks of 32 keys and more). ``path="tile"``
+    bytes of ``dq_idx`` partials per slot chunk, warps, stages (defaults: the H200 sweep). ``path="tile"``
     runs the query-tile-outer form (``kernels/index_kl_tile.py``) where it applies: the sparse phase with the
     teacher's ``lse`` given; elsewhere, and with ``"kv"``, this KV-outer one."""
     B, NQ, H, D = q.shape
@@ -339,8 +291,7 @@ def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, gra
         dq_part = torch.zeros(B, Hkv, NQ, S, DI, device=dev) if grad else loss_part
         index_kl_fwd_kernel[(pkey.numel(),)](
             q, k, q_idx, k_idx, ent, pkey, pc0, pnc, lse_s, lse_t, loss_part, dq_part,
-            dk if grad else loss_part, *args, S, D, DI, *scales, GRAD=grad,
-            BN=block_size // 2 if split_keys and block_size >= 32 else block_size, **meta)
+            dk if grad else loss_part, *args, S, D, DI, *scales, GRAD=grad, **meta)
         if grad:
             dq = dq_part.sum(3) if dq is None else dq.add_(dq_part.sum(3))
     norm = 1.0 / (B * NQ * Hkv)
