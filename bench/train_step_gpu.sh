@@ -64,7 +64,7 @@
 #      LONG_1B_OVERRIDES adds overrides to both points (e.g. "attention.dq_path=tile attention.kl_path=tile": no
 #      dQ or dq_idx partials, for an 80 GB card); LONG_1B_1M_ARGS adds bench.train_step arguments to the 1M point
 #      (e.g. "--time-warmup-above 100": one step, timed by itself, where a call has no room for two)
-#  14. rows: model=small at 16K and 32K with ROWS (default "1 2 4") one-document rows per micro-batch
+#  14. rows: model=$ROWS_MODEL (default small) at 16K and 32K with ROWS (default "1 2 4") one-document rows per micro-batch
 #      (bench.train_step --rows), MSA then dense in one process per row count, so each ratio is side by side at the
 #      same tokens per step: whether MSA's host-bound short rows catch up when a step carries more rows (~5 min):
 #      STAGES=rows MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
@@ -76,7 +76,7 @@
 # train_step_base_1m_offload.json after an OOM), train_step_1b.json, train_step_small_dense{1,0,window}.json,
 # train_step_small_host.json, step_time_old_new_<length>.json, train_step_small_1m_both.json (dense_1m),
 # train_step_small_1m_{window_both,dense0}.json (first_layer_1m), train_step_base_1m_window{,_nokeep}.json,
-# train_step_1b_{512k,512k_offload,1m_offload}.json (1b_long), train_step_small_rows{1,2,4}.json (rows),
+# train_step_1b_{512k,512k_offload,1m_offload}.json (1b_long), train_step_<ROWS_MODEL>_rows{1,2,4}.json (rows),
 # train_step.log.
 set -uo pipefail
 OUT=${OUT:-runs/train_step_gpu}
@@ -100,7 +100,8 @@ ONE_B_LONG=(--model 1b --attention msa --packed --steps 1 --no-skip --no-profile
 LONG_1B=(524288 1048576)
 OFFLOAD=(parallel.checkpoint_offload=true parallel.mlp_tile_tokens=65536)
 ON_LENGTHS="16384 32768 131072"
-ROWS_ARGS=(--model small --lengths 16384 32768 --packed --time-budget 110 --dense-reserve 45)
+ROWS_MODEL=${ROWS_MODEL:-small}
+ROWS_ARGS=(--model "$ROWS_MODEL" --lengths 16384 32768 --packed --time-budget 110 --dense-reserve 45)
 WINDOW=4096
 if [ "${CPU_CHECK:-0}" = 1 ]; then
   SMALL=(--device cpu --model tiny --lengths 128 256 --packed 256 --time-budget 60)
@@ -174,7 +175,7 @@ fi
 if want rows; then
   for r in ${ROWS:-1 2 4}; do
     TAIL=4 stage "rows_$r" 130 python3 -m bench.train_step "${ROWS_ARGS[@]}" --rows "$r" \
-      --json "$OUT/train_step_small_rows$r.json" -- $AC
+      --json "$OUT/train_step_${ROWS_MODEL}_rows$r.json" -- $AC
   done
 fi
 if want host; then
