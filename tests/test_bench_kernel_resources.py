@@ -148,7 +148,7 @@ def test_a_kernel_the_interpreter_runs_and_sm90_rejects_is_reported(tmp_path):
 
 def test_spills_are_read_from_ptxas_and_a_kernel_that_spills_reports_them(tmp_path):
     """The spill count is ptxas's (``cuobjdump``'s ``LOCAL`` reads 0 for a kernel that spills: it reported no
-    spills for the index KL's pass 2, which spills 868 bytes a thread). ``parse_spills`` against ptxas's own
+    spills for the index KL's pass 2, which spills 940 bytes a thread). ``parse_spills`` against ptxas's own
     words; compiled for sm_90, a 128 x 128 fp32 product held by one warp (512 values a thread, over the 255
     registers one thread has) spills, and a 16 x 16 one does not."""
     line = "    896 bytes stack frame, 940 bytes spill stores, 1196 bytes spill loads"
