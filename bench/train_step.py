@@ -8,7 +8,9 @@ half the row, drawn from a seed, the last one cut to fit). bf16, ZeRO-1, sparse 
 overrides after ``--`` set (the GPU script passes ``parallel.activation_checkpointing=true``, the
 project's measured configuration). One engine per attention kind serves every length of its series.
 ``--msa-overrides`` adds overrides to the MSA series alone (a sliding-window or no dense first layer), so
-that dense runs as configured in the same process and the ratio is side by side.
+that dense runs as configured in the same process and the ratio is side by side. ``--rows R`` puts R
+one-document rows in each step (``data.batch_size=R``; tokens and FLOPs per step R times one row's), to tell
+host-bound short rows from GPU-bound ones (``docs/scaling.md`` 3y).
 
 Per point: one warm-up step, ``--steps`` timed steps (a third where the first two each take under
 ``--cheap-s``; with ``--time-warmup-above S`` a point whose warm-up step took over S seconds is timed by
