@@ -389,4 +389,3 @@ def test_doc_tiles_are_built_once_per_cu_seqlens_and_shape():
     one = doc_tiles(64, 8, None, "cpu")
     assert doc_tiles(64, 8, None, "cpu") is one and one[0].tolist() == list(range(0, 64, 8))
     assert one[2].tolist() == [64] * 8 and one[1].tolist() == [0] * 8
-
