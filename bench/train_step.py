@@ -449,7 +449,8 @@ def run_bench(args) -> None:
             deadline = t_start + args.time_budget - (args.dense_reserve if kind == "msa" and "dense" in series else 0)
             point.update(measure_or_record(s, env, lengths, layout, args, max_len, deadline, progress))
             if point["status"] == "ok":
-                s.points.append({"tokens": n * args.rows, "pairs": pairs, "step_s": point["step_s"], "layout": layout})
+                s.points.append({"tokens": point["tokens"], "pairs": pairs, "step_s": point["step_s"],
+                                 "layout": layout})
             elif point["status"].startswith("OOM"):
                 s.stopped = f"OOM at {n} tokens ({layout})"
         brief = {k: v for k, v in point.items() if k not in ("profile", "host_profile", "doc_lengths")}

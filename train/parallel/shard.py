@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from msa.host import remember_bounds
+from msa.host import remember_bounds, to_device_async
 from train.parallel.mesh import Mesh
 
 
@@ -56,8 +56,8 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
         if key in batch:  # loss_groups: only with several data.sources
             out[key] = batch[key].reshape(-1)[idx][None]
     if batch.get("cu_seqlens") is None:  # values known here: the layers need not read them back (msa.host)
-        out["cu_seqlens"] = remember_bounds(torch.arange(0, B * N + 1, N, dtype=torch.int32, device=device),
-                                            list(range(0, B * N + 1, N)))
+        bounds = list(range(0, B * N + 1, N))
+        out["cu_seqlens"] = remember_bounds(to_device_async(bounds, device), bounds)
     slots = batch.get("image_slots")
     if slots is not None:
         local = torch.full((B * N,), -1, dtype=torch.long, device=device)
