@@ -17,6 +17,7 @@ source "$(dirname "$0")/gpu_run.sh" gpu.txt
 for stage in $STAGES; do
   case $stage in
     test) run test "${LIM[0]}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_sparse_attention.py \
+            tests/test_kernel_sparse_kl.py \
             tests/test_kernel_index.py tests/test_kernel_csr.py
           tail -n 3 "$OUT/test.log" ;;
     tune) run tune "${LIM[1]}" env ${TUNE_ENV:-} python3 bench/tune_sparse_attention.py sweep

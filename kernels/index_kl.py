@@ -37,7 +37,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import build_kl_csr, build_layout, check_cu_seqlens, check_limits, dot_ieee, work_keys
+from kernels.common import (
+    build_kl_csr,
+    build_layout,
+    check_cu_seqlens,
+    check_limits,
+    dot_ieee,
+    entry_query_slot,
+    work_keys,
+)
 from kernels.index_kl_tile import index_kl_tile_fwd
 from kernels.ops import index_kl_fwd_op
 from msa.keep import kept
@@ -53,15 +61,16 @@ def check_kl_path(path: str) -> None:
 
 
 @triton.jit
-def _entry_rows(entries, c, NQ, S, BLOCK_M: tl.constexpr):
-    """Decode chunk ``c``'s entries (flat indices into ``[B, Hkv, NQ, S]``; -1 padding, ``m_e`` false)
-    into their offsets ``o_e``, rows ``(b * Hkv + r) * NQ + i`` and queries ``i``."""
+def _entry_rows(entries, c, br, NQ, S, BLOCK_M: tl.constexpr):
+    """Decode chunk ``c``'s entries (flat indices into ``[B, Hkv, NQ, S]``, all of batch and group ``br``; -1
+    padding, ``m_e`` false) into their offsets ``o_e``, rows ``br * NQ + i`` and queries ``i``. The entry less
+    ``br * NQ * S`` fits 32 bits (``NQ * S < 2^31``, checked by ``index_kl_fwd``), so the division by the runtime
+    ``S`` is a 32-bit one: a 64-bit division is a subroutine call per row on the GPU (docs/kernels.md)."""
     o_e = tl.load(entries + c * BLOCK_M + tl.arange(0, BLOCK_M))
     m_e = o_e >= 0
-    o_e = tl.where(m_e, o_e, 0)
-    o_row = o_e // S
-    o_q = o_row % NQ
-    return o_e, m_e, o_row, o_q
+    o_e = tl.where(m_e, o_e, br * NQ * S)
+    o_q = (o_e - br * NQ * S).to(tl.int32) // S
+    return o_e, m_e, br * NQ + o_q, o_q
 
 
 @triton.jit
@@ -100,7 +109,7 @@ def index_kl_fwd_lse_kernel(
     c0 = tl.load(prog_c0 + i_p)
     nc = tl.load(prog_nc + i_p)
     for c in range(c0, c0 + nc):
-        o_e, m_e, o_row, o_q = _entry_rows(entries, c, NQ, S, BLOCK_M)
+        o_e, m_e, o_row, o_q = _entry_rows(entries, c, i_b * HKV + i_r, NQ, S, BLOCK_M)
         b_qi = tl.load(q_idx + ((i_b * NQ + o_q) * HKV + i_r)[:, None] * DI + o_di[None, :],
                        mask=m_e[:, None] & (o_di < DI)[None, :], other=0.0)
         # [BLOCK_M, BK]
@@ -148,7 +157,7 @@ def index_kl_fwd_kernel(
     c0 = tl.load(prog_c0 + i_p)
     nc = tl.load(prog_nc + i_p)
     for c in range(c0, c0 + nc):
-        o_e, m_e, o_row, o_q = _entry_rows(entries, c, NQ, S, BLOCK_M)
+        o_e, m_e, o_row, o_q = _entry_rows(entries, c, i_b * HKV + i_r, NQ, S, BLOCK_M)
         b_qi = tl.load(q_idx + ((i_b * NQ + o_q) * HKV + i_r)[:, None] * DI + o_di[None, :],
                        mask=m_e[:, None] & m_di[None, :], other=0.0)
         # [BLOCK_M, BK]
@@ -256,6 +265,9 @@ def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, gra
     meta = dict(_launch_args(q, k, q_idx, block_m), BK=block_size, num_warps=num_warps,
                 num_stages=num_stages)
     chunk_list = list(_slot_chunks(block_idx, B, Hkv, NQ, block_size, doc_start, DI, budget))
+    if chunk_list and NQ * max(c.shape[-1] for c in chunk_list) >= 2**31:  # the kernels decode entries in 32 bits
+        raise ValueError(f"index_kl_fwd: {NQ} queries x {max(c.shape[-1] for c in chunk_list)} slots a chunk reach "
+                         f"2^31; pass a smaller budget ({budget} bytes) so the slot chunks shrink")
     csrs = [build_kl_csr(c, N, doc_start, n_docs, block_size, block_m, chunks) for c in chunk_list]
 
     # pass 1: log-normalisers over the support, merged across slots and slot chunks (with the main forward's
@@ -360,15 +372,15 @@ def index_kl_student_lse_kernel(
     for e in range(e0, e1, BLOCK_E):
         o_e = e + tl.arange(0, BLOCK_E)
         m_e = o_e < e1
-        b_ent = tl.load(entries + o_e, mask=m_e, other=0).to(tl.int64)
-        o_q = (b_ent // TOPK) % NQ
+        o_q, o_slot = entry_query_slot(entries, o_e, m_e, i_b * HKV + i_r, NQ, TOPK)
         b_qi = tl.load(q_idx + ((i_b.to(tl.int64) * NQ + o_q) * HKV + i_r)[:, None] * DI + o_di[None, :],
                        mask=m_e[:, None] & m_di[None, :], other=0.0)
         m_s = m_e[:, None] & m_k[None, :] & (o_k[None, :] <= (N - NQ + o_q)[:, None])
         b_s = tl.where(m_s, dot_ieee(b_qi, tl.trans(b_ki), IEEE) * scale_i, float("-inf"))
         b_mx = tl.max(b_s, 1)
         b_mx = tl.where(b_mx > float("-inf"), b_mx, 0.0)
-        tl.store(part_lse + b_ent, b_mx + tl.log(tl.sum(tl.exp(b_s - b_mx[:, None]), 1)), mask=m_e)
+        b_lse = b_mx + tl.log(tl.sum(tl.exp(b_s - b_mx[:, None]), 1))
+        tl.store(part_lse + ((i_b * HKV + i_r) * NQ + o_q).to(tl.int64) * TOPK + o_slot, b_lse, mask=m_e)
 
 
 def student_lse(q_idx, k_idx, block_idx, block_size, layout, csr, block_e=64, num_warps=4):

@@ -45,7 +45,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import build_csr, build_layout, check_block_idx, check_cu_seqlens, check_limits
+from kernels.common import (
+    build_csr,
+    build_layout,
+    check_block_idx,
+    check_cu_seqlens,
+    check_limits,
+    entry_query_slot,
+)
 from kernels.index_kl import student_lse
 from kernels.ops import sparse_attention_fwd_args, sparse_attention_fwd_op, sparse_attention_tile_fwd_op
 from kernels.sparse_attention_bwd import sparse_attention_bwd
@@ -90,8 +97,7 @@ def sparse_attention_fwd_kernel(
     for e in range(e0, e1, BLOCK_M // G):
         # rows past the last whole entry (G not dividing BLOCK_M) belong to the next tile
         m_row = (e + o_mq < e1) & (o_m < (BLOCK_M // G) * G)
-        b_ent = tl.load(entries + e + o_mq, mask=m_row, other=0).to(tl.int64)
-        o_q = (b_ent // TOPK) % NQ
+        o_q, o_slot = entry_query_slot(entries, e + o_mq, m_row, i_b * HKV + i_r, NQ, TOPK)
         p_q = q + (((i_b.to(tl.int64) * NQ + o_q) * H + o_h)[:, None] * D + o_d[None, :])
         b_q = tl.load(p_q, mask=m_row[:, None], other=0.0)
         # [BLOCK_M, BK]
@@ -103,7 +109,7 @@ def sparse_attention_fwd_kernel(
         b_p = tl.exp2(b_s - b_mx[:, None])
         b_l = tl.sum(b_p, 1)
         b_o = tl.dot(b_p.to(b_v.dtype), b_v) / tl.where(b_l > 0, b_l, 1.0)[:, None]
-        o_part = (((b_ent // (NQ * TOPK)) * NC + o_q - q0) * TOPK + b_ent % TOPK) * G + o_m % G
+        o_part = (((i_b * HKV + i_r) * NC + o_q - q0) * TOPK + o_slot).to(tl.int64) * G + o_m % G
         tl.store(part_o + o_part[:, None] * D + o_d[None, :], b_o.to(part_o.dtype.element_ty),
                  mask=m_row[:, None])
         tl.store(part_lse + o_part, b_mx + tl.log2(tl.where(b_l > 0, b_l, 1.0)), mask=m_row)

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.common import entry_query_slot
 from kernels.index_kl import backward_kl_args, kl_tile
 from kernels.sparse_tile import sparse_attention_tile_dq, tile_queries, tile_union
 from kernels.sparse_tiles import (
@@ -43,18 +44,18 @@ def sparse_attention_bwd_delta_kernel(o, do, delta, NQ, H: tl.constexpr, D: tl.c
 
 @triton.jit
 def _bwd_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1, i_b, i_r, scale2, N, NQ,
-              H: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
+              H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, D: tl.constexpr,
+              BLOCK_M: tl.constexpr):
     """The KV-outer backward's tile: rows ``(entry e + m // G, head m % G)`` of a work item ending at
     ``e1`` against the keys ``o_k`` (``m_k`` in the block): gathered q and dO, ``P`` and
-    ``dS = P * (dP - delta)`` ``[BLOCK_M, keys]``, each row's entry and query, and the row mask."""
+    ``dS = P * (dP - delta)`` ``[BLOCK_M, keys]``, each row's slot and query, and the row mask."""
     o_d = tl.arange(0, D)
     o_m = tl.arange(0, BLOCK_M)
     o_mq = o_m // G
     o_h = i_r * G + o_m % G
     # rows past the last whole entry (G not dividing BLOCK_M) belong to the next tile
     m_row = (e + o_mq < e1) & (o_m < (BLOCK_M // G) * G)
-    b_ent = tl.load(entries + e + o_mq, mask=m_row, other=0).to(tl.int64)
-    o_q = (b_ent // TOPK) % NQ
+    o_q, o_slot = entry_query_slot(entries, e + o_mq, m_row, i_b * HKV + i_r, NQ, TOPK)
     o_qd = ((i_b.to(tl.int64) * NQ + o_q) * H + o_h)[:, None] * D + o_d[None, :]
     b_q = tl.load(q + o_qd, mask=m_row[:, None], other=0.0)
     b_do = tl.load(do + o_qd, mask=m_row[:, None], other=0.0)
@@ -66,20 +67,20 @@ def _bwd_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1, i_b, i_r, s
     b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
     b_dp = tl.dot(b_do, tl.trans(b_v))
     b_ds = b_p * (b_dp - b_delta[:, None])
-    return b_q, b_do, b_p, b_ds, b_ent, o_q, m_row
+    return b_q, b_do, b_p, b_ds, o_slot, o_q, m_row
 
 
 @triton.jit
-def _store_dq_part(part_dq, b_ds, b_k, b_ent, o_q, m_row, i_t, NQ, NC, q0,
+def _store_dq_part(part_dq, b_ds, b_k, bh, o_slot, o_q, m_row, i_t, NC, q0,
                    G: tl.constexpr, TOPK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                    NSUB: tl.constexpr):
-    """``dS K`` (without the softmax scale) of each (entry, head) row of the tile over the keys of
-    ``b_k`` (key tile ``i_t`` of ``NSUB`` in the block), to the chunk's
+    """``dS K`` (without the softmax scale) of each (entry, head) row of the tile (batch and group ``bh``) over the
+    keys of ``b_k`` (key tile ``i_t`` of ``NSUB`` in the block), to the chunk's
     ``part_dq [B*Hkv*NC*topk*NSUB*G, D]`` (laid out like the forward's ``part_o``, key tiles inside a slot)."""
     o_d = tl.arange(0, D)
     o_m = tl.arange(0, BLOCK_M)
     b_dq = tl.dot(b_ds.to(b_k.dtype), b_k)
-    o_part = ((((b_ent // (NQ * TOPK)) * NC + o_q - q0) * TOPK + b_ent % TOPK) * NSUB + i_t) * G + o_m % G
+    o_part = (((bh * NC + o_q - q0) * TOPK + o_slot) * NSUB + i_t).to(tl.int64) * G + o_m % G
     tl.store(part_dq + o_part[:, None] * D + o_d[None, :], b_dq.to(part_dq.dtype.element_ty), mask=m_row[:, None])
 
 
@@ -95,9 +96,9 @@ def sparse_attention_bwd_dq_kernel(
     e0, e1, i_b, i_r, o_k, m_k, b_k, b_v = _work_item(k, v, work_bucket, work_start, work_end, vb_start,
                                                       vb_end, w0 + tl.program_id(0), 0, N, NV, HKV, D, BK)
     for e in range(e0, e1, BLOCK_M // G):
-        _, _, _, b_ds, b_ent, o_q, m_row = _bwd_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1, i_b,
-                                                     i_r, scale2, N, NQ, H, G, TOPK, D, BLOCK_M)
-        _store_dq_part(part_dq, b_ds, b_k, b_ent, o_q, m_row, 0, NQ, NC, q0, G, TOPK, D, BLOCK_M, 1)
+        _, _, _, b_ds, o_slot, o_q, m_row = _bwd_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1, i_b,
+                                                      i_r, scale2, N, NQ, H, HKV, G, TOPK, D, BLOCK_M)
+        _store_dq_part(part_dq, b_ds, b_k, i_b * HKV + i_r, o_slot, o_q, m_row, 0, NC, q0, G, TOPK, D, BLOCK_M, 1)
 
 
 @triton.jit
@@ -154,13 +155,13 @@ def sparse_attention_bwd_dkdv_kernel(
         b_dki = tl.zeros([BLOCK_N, BLOCK_DI], tl.float32)
         b_kl = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
     for e in range(e0, e1, BLOCK_M // G):
-        b_q, b_do, b_p, b_ds, b_ent, o_q, m_row = _bwd_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1,
-                                                            i_b, i_r, scale2, N, NQ, H, G, TOPK, D, BLOCK_M)
+        b_q, b_do, b_p, b_ds, o_slot, o_q, m_row = _bwd_tile(q, do, lse, delta, entries, b_k, b_v, o_k, m_k, e, e1,
+                                                             i_b, i_r, scale2, N, NQ, H, HKV, G, TOPK, D, BLOCK_M)
         b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
         b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
         if WRITE_DQ:
-            _store_dq_part(part_dq, b_ds, b_k, b_ent, o_q, m_row, i_t, NQ, NC, q0, G, TOPK, D, BLOCK_M,
-                           BK // BLOCK_N)
+            _store_dq_part(part_dq, b_ds, b_k, i_b * HKV + i_r, o_slot, o_q, m_row, i_t, NC, q0, G, TOPK, D,
+                           BLOCK_M, BK // BLOCK_N)
         if KL:
             t_kl, t_dki = kl_tile(q_idx, b_ki, lse_s, dq_idx, b_p, o_q, m_row, o_k, m_k, i_b, i_r, scale_i, N,
                                    NQ, DI, HKV, G, BLOCK_M, BLOCK_N, BLOCK_DI, IEEE)
