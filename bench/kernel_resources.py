@@ -176,6 +176,22 @@ def cubin_resources(cubin: bytes) -> dict:
     return {"registers": regs, "stack": stack, "static_shared": shared, "local": local}
 
 
+def sass_calls(cubin: bytes) -> dict:
+    """Instructions and subroutine calls (``CALL``) in a cubin's SASS, by ``cuobjdump -sass``. A call in a
+    Triton kernel is a helper the compiler could not inline, mostly 64-bit integer division or remainder by a
+    value known only at run time: about 80 instructions, with 64-bit integer-float conversions, each time. The
+    MSA kernels decoded every tile row that way until 2026-12-07 (docs/kernels.md)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    if not ops:
+        raise RuntimeError(f"cuobjdump -sass printed no instructions:\n{sass[-2000:]}")
+    return {"sass_instructions": len(ops), "calls": sum(op.startswith("CALL") for op in ops)}
+
+
 SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
@@ -231,7 +247,8 @@ def compile_launches(launches: list[dict], arch: int = 90) -> list[dict]:
             kwargs = {k: _make_arg(v) if isinstance(v, dict) else v for k, v in launch["kwargs"].items()}
             try:
                 kernel = jit.warmup(*args, grid=(1,), **kwargs)
-                res = cubin_resources(kernel.asm["cubin"]) | ptxas_spills(kernel.asm["ptx"], arch)
+                res = (cubin_resources(kernel.asm["cubin"]) | ptxas_spills(kernel.asm["ptx"], arch)
+                       | sass_calls(kernel.asm["cubin"]))
             except Exception as e:  # noqa: BLE001 -- a kernel that does not compile is the finding
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e).strip()[:2000]}")
                 out.append(row)
@@ -270,16 +287,17 @@ def variant(launches: list[dict], only: list[str] | None, changes: list[str]) ->
 def table(rows: list[dict]) -> str:
     """A markdown table of ``compile_launches``' rows."""
     lines = ["| kernel | constexprs | warps / stages | registers | spill stores / loads, bytes | shared KB "
-             "| programs per SM (limited by) | warps per SM |", "|---|---|---|---|---|---|---|---|"]
+             "| programs per SM (limited by) | warps per SM | SASS instructions, calls |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cx = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
         if not r["ok"]:
             lines.append(f"| `{r['kernel']}` | {cx} | {r['num_warps']} / {r['num_stages']} | does not compile: "
-                         f"{r['error'].strip().splitlines()[-1][:160]} | | | | |")
+                         f"{r['error'].strip().splitlines()[-1][:160]} | | | | | |")
             continue
         lines.append(f"| `{r['kernel']}` | {cx} | {r['num_warps']} / {r['num_stages']} | {r['registers']} | "
                      f"{r['spill_stores']} / {r['spill_loads']} | {r['shared'] / 1024:.1f} | {r['programs']} "
-                     f"({r['limited_by']}) | {r['warps']} |")
+                     f"({r['limited_by']}) | {r['warps']} | {r.get('sass_instructions', '')}, {r.get('calls', '')} |")
     return "\n".join(lines)
 
 

@@ -76,6 +76,13 @@ def test_every_kernel_of_a_training_step_compiles_for_sm90(tmp_path):
     assert fwd["constexprs"] == {"BK": 16, "BLOCK_M": 64, "D": 16, "G": 4, "H": 8, "HKV": 2, "TOPK": 4}
     assert fwd["registers"] > 0 and fwd["programs"] == occupancy(fwd["registers"], fwd["shared"], 4)["programs"]
     assert res["meta"]["arch"] == "sm_90" and "| `sparse_attention_fwd_kernel` |" in r.stdout
+    # the tile loops decode their rows without a 64-bit division subroutine (until 2026-12-07 each called one
+    # per row: 20 calls in the forward); the index KL keeps one, its program's key decoded once
+    by_name = {row["kernel"]: row for row in rows}
+    for name in ("sparse_attention_fwd_kernel", "sparse_attention_bwd_dq_kernel", "sparse_attention_bwd_dkdv_kernel"):
+        assert by_name[name]["calls"] == 0 and by_name[name]["sass_instructions"] > 500, by_name[name]
+    for name in ("index_kl_fwd_kernel", "index_kl_fwd_lse_kernel"):
+        assert by_name[name]["calls"] <= 1, by_name[name]
 
     # a variant of the recorded launch, compiled again without recording: 8 warps, 32-row tiles (two --set
     # flags add up)
@@ -181,3 +188,36 @@ def test_spills_are_read_from_ptxas_and_a_kernel_that_spills_reports_them(tmp_pa
     assert big["ok"] and big["spill_stores"] > 0 and big["spill_loads"] > 0 and big["stack_frame"] > 0, big
     assert big["local"] == 0  # what the table reported as spills before
     assert small["ok"] and small["spill_stores"] == small["spill_loads"] == 0, small
+
+
+def test_calls_count_the_subroutines_a_64_bit_division_compiles_to(tmp_path):
+    """``calls`` against a hand check: ``x // n`` with ``n`` known at run time compiles for sm_90 to a call of
+    the 64-bit division helper where ``x`` is int64, and to inline code (no call) where it is int32; a
+    division by a constexpr is inline either way."""
+    (tmp_path / "div_kernels.py").write_text(textwrap.dedent('''
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def div_kernel(x, y, n, WIDE: tl.constexpr, CONST: tl.constexpr):
+            o = tl.arange(0, 128)
+            a = tl.load(x + o)
+            if WIDE:
+                a = a.to(tl.int64)
+            tl.store(y + o, (a // 7 if CONST else a // n).to(tl.int32))
+    '''))
+    compiled = textwrap.dedent('''
+        import json
+        from bench.kernel_resources import compile_launches
+        t = {"tensor": "int32", "align16": True}
+        launches = [{"module": "div_kernels", "kernel": "div_kernel", "count": 1, "args": [t, t, {"int": 3}],
+                     "kwargs": {"WIDE": w, "CONST": c, "num_warps": 4}} for w, c in ((1, 0), (0, 0), (1, 1))]
+        print(json.dumps(compile_launches(launches)))
+    ''')
+    env = _env() | {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    r = subprocess.run([sys.executable, "-c", compiled], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    wide, narrow, const = json.loads(r.stdout.strip().splitlines()[-1])
+    assert wide["ok"] and wide["calls"] >= 1, wide
+    assert narrow["ok"] and narrow["calls"] == 0 and const["ok"] and const["calls"] == 0, (narrow, const)
+    assert 0 < narrow["sass_instructions"] < wide["sass_instructions"]
