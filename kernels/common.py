@@ -23,12 +23,14 @@ a work item of ``build_csr``'s index).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
+from triton.language.extra import libdevice
 
 from msa.host import host_bounds, tensor_version
 
@@ -209,6 +211,30 @@ def dot_ieee(a, b, IEEE: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+# ``p log p`` of the index KL's teacher, computed per (entry, key) for the loss value only (the gradients do not use
+# it). Compiled, the log is the hardware's approximate one (``lg2.approx`` times ln 2, relative error about 1e-7):
+# ``tl.log`` compiles to libdevice's exact ``logf``, about 25 instructions, and the KL's pass 2 spent about 1,300
+# instructions a thread per chunk of 128 entries on it (docs/kernels.md). The interpreter has no libdevice, so it
+# keeps ``tl.log`` (the TRITON_INTERPRET switch is read at import, as Triton reads it). Below ``PLOGP_FLOOR`` a term
+# is 0 in both (under 7e-29 each; the approximate log flushes subnormals to zero).
+PLOGP_FLOOR: tl.constexpr = tl.constexpr(1e-30)
+if os.environ.get("TRITON_INTERPRET") == "1":
+    @triton.jit
+    def _log(x):
+        return tl.log(x)
+else:
+    @triton.jit
+    def _log(x):
+        return libdevice.fast_logf(x)
+
+
+@triton.jit
+def plogp(p):
+    """``p * log(p)`` of an fp32 tile, 0 where ``p <= PLOGP_FLOOR`` (and where p is 0: the limit)."""
+    keep = p > PLOGP_FLOOR
+    return tl.where(keep, p * _log(tl.where(keep, p, 1.0)), 0.0)
 
 
 @triton.jit

@@ -44,6 +44,7 @@ from kernels.common import (
     check_limits,
     dot_ieee,
     entry_query_slot,
+    plogp,
     work_keys,
 )
 from kernels.index_kl_tile import index_kl_tile_fwd
@@ -173,7 +174,7 @@ def index_kl_fwd_kernel(
             b_lt = tl.where(b_lt > float("-inf"), b_lt, float("inf"))
             b_p += tl.exp(dot_ieee(b_q, tl.trans(b_k), IEEE) * scale_t - b_lt[:, None])
         b_p = tl.where(m_s, b_p / G, 0.0)
-        b_plogp = tl.where(b_p > 0, b_p * tl.log(tl.where(b_p > 0, b_p, 1.0)), 0.0)
+        b_plogp = plogp(b_p)
         tl.store(loss + c, tl.sum(tl.sum(b_plogp - b_p * tl.where(m_s, b_s, 0.0), 1), 0))
         if GRAD:
             b_ls = tl.load(lse_s + o_row, mask=m_e, other=float("inf"))
@@ -343,7 +344,7 @@ def kl_tile(q_idx, b_ki, lse_s, dq_idx, b_p, o_q, m_row, o_k, m_k, i_b, i_r, sca
     b_si = dot_ieee(b_qi, tl.trans(b_ki), IEEE) * scale_i
     m_s = first[:, None] & m_k[None, :] & (o_k[None, :] <= (N - NQ + o_q)[:, None])
     b_pt = tl.where(m_s, b_pt, 0.0)
-    b_plogp = tl.where(b_pt > 0, b_pt * tl.log(tl.where(b_pt > 0, b_pt, 1.0)), 0.0)
+    b_plogp = plogp(b_pt)
     b_kl = tl.sum(tl.sum(b_plogp - b_pt * tl.where(m_s, b_si, 0.0), 1), 0)
     b_ls = tl.load(lse_s + (i_b.to(tl.int64) * HKV + i_r) * NQ + o_q, mask=first, other=float("inf"))
     b_ls = tl.where(b_ls > float("-inf"), b_ls, float("inf"))

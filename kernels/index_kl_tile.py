@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import dot_ieee
+from kernels.common import dot_ieee, plogp
 from kernels.sparse_tile import tile_selection, tile_support, tile_union
 from kernels.sparse_tiles import LOG2E, Tiles
 
@@ -123,7 +123,7 @@ def index_kl_tile_kernel(
             b_lt = tl.where(b_lt > float("-inf"), b_lt * 1.4426950408889634, float("inf"))
             b_p += tl.exp2(dot_ieee(b_q, tl.trans(b_k), IEEE) * scale_t2 - b_lt[:, None])
         b_p = tl.where(m_s, b_p / G, 0.0)
-        b_plogp = tl.where(b_p > 0, b_p * tl.log(tl.where(b_p > 0, b_p, 1.0)), 0.0)
+        b_plogp = plogp(b_p)
         b_loss += tl.sum(b_plogp - b_p * tl.where(m_s, b_s, 0.0), 1)
         if GRAD:
             b_ds = tl.where(m_s, tl.exp(b_s - b_ls[:, None]) - b_p, 0.0) * scale_s
