@@ -53,6 +53,7 @@ from msa.keep import kept
 
 __all__ = ["index_kl_loss", "KL_PATHS"]
 
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 KL_PATHS = ("kv", "tile")  # attention.kl_path: the KV-outer form here, or kernels/index_kl_tile.py
 
 
@@ -131,7 +132,7 @@ def _row_lse(b_s):
     """Row log-sum-exp of a tile; ``-inf`` for a row with no finite entry (never NaN)."""
     b_mx = tl.max(b_s, 1)
     b_mx_safe = tl.where(b_mx > float("-inf"), b_mx, 0.0)
-    return b_mx_safe + tl.log(tl.sum(tl.exp(b_s - b_mx_safe[:, None]), 1))
+    return b_mx_safe + tl.log(tl.sum(tl.exp2(b_s * LOG2E - (b_mx_safe * LOG2E)[:, None]), 1))
 
 
 @triton.jit
@@ -155,6 +156,9 @@ def index_kl_fwd_kernel(
     b_k = tl.load(k + ((i_b * N + o_j) * HKV + i_r)[:, None] * D + o_d[None, :],
                   mask=m_j[:, None] & (o_d < D)[None, :], other=0.0)
     b_dk = tl.zeros((BK, BLOCK_DI), tl.float32)
+    # exponentials as exp2 with log2(e) folded into the scales: tl.exp adds a multiply and a subnormal fix-up
+    # per element (8 instructions), and pass 2 takes G + 1 of them per (entry, key)
+    scale_t2 = scale_t * LOG2E
     c0 = tl.load(prog_c0 + i_p)
     nc = tl.load(prog_nc + i_p)
     for c in range(c0, c0 + nc):
@@ -171,15 +175,15 @@ def index_kl_fwd_kernel(
                           mask=m_e[:, None] & (o_d < D)[None, :], other=0.0)
             b_lt = tl.load(lse_t + (i_b * HKV * G + i_h) * NQ + o_q, mask=m_e, other=float("inf"))
             # an empty teacher row (lse = -inf) contributes nothing
-            b_lt = tl.where(b_lt > float("-inf"), b_lt, float("inf"))
-            b_p += tl.exp(dot_ieee(b_q, tl.trans(b_k), IEEE) * scale_t - b_lt[:, None])
+            b_lt = tl.where(b_lt > float("-inf"), b_lt, float("inf")) * LOG2E
+            b_p += tl.exp2(dot_ieee(b_q, tl.trans(b_k), IEEE) * scale_t2 - b_lt[:, None])
         b_p = tl.where(m_s, b_p / G, 0.0)
         b_plogp = plogp(b_p)
         tl.store(loss + c, tl.sum(tl.sum(b_plogp - b_p * tl.where(m_s, b_s, 0.0), 1), 0))
         if GRAD:
             b_ls = tl.load(lse_s + o_row, mask=m_e, other=float("inf"))
-            b_ls = tl.where(b_ls > float("-inf"), b_ls, float("inf"))
-            b_ds = tl.where(m_s, tl.exp(b_s - b_ls[:, None]) - b_p, 0.0) * scale_s
+            b_ls = tl.where(b_ls > float("-inf"), b_ls, float("inf")) * LOG2E
+            b_ds = tl.where(m_s, tl.exp2(b_s * LOG2E - b_ls[:, None]) - b_p, 0.0) * scale_s
             # [BLOCK_M, BLOCK_DI]: this entry's share of dq_idx, summed over slots on the host
             b_dq = dot_ieee(b_ds.to(b_ki.dtype), b_ki, IEEE)
             tl.store(dq_idx + o_e[:, None] * DI + o_di[None, :], b_dq, mask=m_e[:, None] & m_di[None, :])
