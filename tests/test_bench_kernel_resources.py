@@ -80,7 +80,7 @@ def test_every_kernel_of_a_training_step_compiles_for_sm90(tmp_path):
     # per row: 20 calls in the forward); the index KL keeps one, its program's key decoded once
     by_name = {row["kernel"]: row for row in rows}
     for name in ("sparse_attention_fwd_kernel", "sparse_attention_bwd_dq_kernel", "sparse_attention_bwd_dkdv_kernel"):
-        assert by_name[name]["calls"] == 0 and by_name[name]["sass_instructions"] > 500, by_name[name]
+        assert by_name[name]["calls"] == 0 and by_name[name]["sass_instructions"] > 200, by_name[name]
     for name in ("index_kl_fwd_kernel", "index_kl_fwd_lse_kernel"):
         assert by_name[name]["calls"] <= 1, by_name[name]
 
