@@ -161,14 +161,18 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def cubin_resources(cubin: bytes) -> dict:
-    """Registers per thread, local memory per thread (spills) and static shared memory of a cubin's one
-    kernel, by ``cuobjdump --dump-resource-usage``."""
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """``cuobjdump <flag>``'s report on a cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
+        return subprocess.run([_tool("cuobjdump"), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def cubin_resources(cubin: bytes) -> dict:
+    """Registers per thread, local memory per thread (spills) and static shared memory of a cubin's one
+    kernel, by ``cuobjdump --dump-resource-usage``."""
+    out = _cuobjdump(cubin, "--dump-resource-usage")
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
     if m is None:
         raise RuntimeError(f"cuobjdump printed no resource line:\n{out}")
@@ -181,11 +185,7 @@ def sass_calls(cubin: bytes) -> dict:
     Triton kernel is a helper the compiler could not inline, mostly 64-bit integer division or remainder by a
     value known only at run time: about 80 instructions, with 64-bit integer-float conversions, each time. The
     MSA kernels decoded every tile row that way until 2026-12-07 (docs/kernels.md)."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
+    sass = _cuobjdump(cubin, "-sass")
     ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
     if not ops:
         raise RuntimeError(f"cuobjdump -sass printed no instructions:\n{sass[-2000:]}")
