@@ -431,7 +431,7 @@ def entry_query_slot(entries, o_e, m_e, bh, NQ, TOPK: tl.constexpr):
     """Query and slot (int32) of the reverse CSR's entries ``o_e`` (``m_e``: valid; others give 0, 0), all of one
     batch and group ``bh = b * Hkv + r``. An entry is the flat index ``(bh * NQ + query) * TOPK + slot`` into
     ``block_idx``, below 2^31. With ``bh`` known no division by the runtime ``NQ`` is needed: on the GPU a 64-bit
-    division is a subroutine of about 100 instructions, which the tile loops called per row (docs/kernels.md)."""
+    division is a subroutine of about 80 instructions, which the tile loops called per row (docs/kernels.md)."""
     b_ent = tl.load(entries + o_e, mask=m_e, other=0)
     o_row = b_ent // TOPK
     return tl.where(m_e, o_row - bh * NQ, 0), tl.where(m_e, b_ent - o_row * TOPK, 0)
