@@ -270,6 +270,8 @@ COLLECT = {  # file a GPU script writes to $OUT -> its name under docs/results (
     "train_step_small_window.json": "train_step_small_window_{gpu}.json",
     "train_step_small_compiled.json": "train_step_small_compiled_{gpu}.json",
     "train_step_small_host.json": "host_profile_small_{gpu}.json",  # not a train_step table: its own section
+    # STAGES=kl_stride: the strided index KL (attention.kl_query_stride), one JSON per stride
+    **{f"train_step_small_kl_stride{s}.json": f"train_step_small_kl_stride{s}_{{gpu}}.json" for s in (1, 2, 4, 8)},
     # the selective-checkpointing change (msa.keep) against the commit before it, scaling.md section 1
     **{f"step_time_old_new_{n}.json": f"keep_old_new_{n // 1024}k_{{gpu}}.json" for n in (16384, 32768, 131072)},
 }

@@ -68,6 +68,9 @@
 #      (bench.train_step --rows), MSA then dense in one process per row count, so each ratio is side by side at the
 #      same tokens per step: whether MSA's host-bound short rows catch up when a step carries more rows (~5 min):
 #      STAGES=rows MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
+#  15. kl_stride: the strided index KL (attention.kl_query_stride, msa/layer.py): model=small at 16K, 32K and 128K,
+#      one process per stride in KL_STRIDES (default "4 1"), each MSA with that stride then dense, so each ratio is
+#      side by side and the strides compare through dense (~5 min): STAGES=kl_stride MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
 # EXTRA_OVERRIDES adds Hydra overrides to every stage's steps, e.g. EXTRA_OVERRIDES=model.rope_impl=torch.
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
 # selective, the default, except base_1m), sparse phase.
@@ -77,7 +80,7 @@
 # train_step_small_host.json, step_time_old_new_<length>.json, train_step_small_1m_both.json (dense_1m),
 # train_step_small_1m_{window_both,dense0}.json (first_layer_1m), train_step_base_1m_window{,_nokeep}.json,
 # train_step_1b_{512k,512k_offload,1m_offload}.json (1b_long), train_step_<ROWS_MODEL>_rows{1,2,4}.json (rows),
-# train_step.log.
+# train_step_small_kl_stride{4,1}.json (kl_stride), train_step.log.
 set -uo pipefail
 OUT=${OUT:-runs/train_step_gpu}
 LOG=$OUT/train_step.log
@@ -102,6 +105,7 @@ OFFLOAD=(parallel.checkpoint_offload=true parallel.mlp_tile_tokens=65536)
 ON_LENGTHS="16384 32768 131072"
 ROWS_MODEL=${ROWS_MODEL:-small}
 ROWS_ARGS=(--model "$ROWS_MODEL" --lengths 16384 32768 --packed --time-budget 110 --dense-reserve 45)
+KL_STRIDE_ARGS=(--model small --lengths 16384 32768 131072 --packed --time-budget 140 --dense-reserve 60)
 WINDOW=4096
 if [ "${CPU_CHECK:-0}" = 1 ]; then
   SMALL=(--device cpu --model tiny --lengths 128 256 --packed 256 --time-budget 60)
@@ -111,6 +115,7 @@ if [ "${CPU_CHECK:-0}" = 1 ]; then
   HOST=(--device cpu --model tiny --lengths 128 --packed --time-budget 30 --host-profile)
   OLD_NEW=(--device cpu --model tiny --rounds 1 --steps 1); ON_LENGTHS=256
   ROWS_ARGS=(--device cpu --model tiny --lengths 128 256 --packed --time-budget 30 --dense-reserve 10)
+  KL_STRIDE_ARGS=(--device cpu --model tiny --lengths 256 --packed --time-budget 30 --dense-reserve 10)
   DENSE_1M=(--device cpu --model tiny --lengths 512 --packed --steps 1 --no-skip --no-profile --time-budget 60)
   BASE_1M_WINDOW=(--device cpu --model tiny --lengths 512 --dense-lengths 128 256 --packed --steps 1 --no-skip
     --no-profile --time-warmup-above 100 --extrapolate-dense)
@@ -132,9 +137,9 @@ fi
 STAGES=${STAGES:-small base base_1m}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 for s in $STAGES; do
-  case $s in small|base|base_1m|1b|dense_layer|host|old_new|rope|rope_steps|dense_1m|first_layer_1m|base_1m_window|1b_long|rows) ;;
+  case $s in small|base|base_1m|1b|dense_layer|host|old_new|rope|rope_steps|dense_1m|first_layer_1m|base_1m_window|1b_long|rows|kl_stride) ;;
     *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer host old_new rope rope_steps dense_1m" \
-         "first_layer_1m base_1m_window 1b_long rows)"
+         "first_layer_1m base_1m_window 1b_long rows kl_stride)"
        exit 2;; esac
 done
 if want old_new && [ ! -d "${OLD_TREE:-}/train" ]; then
@@ -177,6 +182,12 @@ if want rows; then
   for r in ${ROWS:-1 2 4}; do
     TAIL=4 stage "rows_$r" 130 python3 -m bench.train_step "${ROWS_ARGS[@]}" --rows "$r" \
       --json "$OUT/train_step_${ROWS_MODEL}_rows$r.json" -- $AC
+  done
+fi
+if want kl_stride; then
+  for st in ${KL_STRIDES:-4 1}; do
+    TAIL=6 stage "kl_stride_$st" 160 python3 -m bench.train_step "${KL_STRIDE_ARGS[@]}" \
+      --msa-overrides "attention.kl_query_stride=$st" --json "$OUT/train_step_small_kl_stride$st.json" -- $AC
   done
 fi
 if want host; then

@@ -50,6 +50,7 @@ from kernels.common import (
 from kernels.index_kl_tile import index_kl_tile_fwd
 from kernels.ops import index_kl_fwd_op
 from msa.keep import kept
+from msa.reference import kl_rows
 
 __all__ = ["index_kl_loss", "KL_PATHS"]
 
@@ -225,15 +226,20 @@ def index_kl_merge_lse_kernel(part, lse, loss_part, n_rows, S, FIRST: tl.constex
         tl.store(loss_part + tl.program_id(0), tl.sum(tl.where(finite, b_lse, 0.0), 0))
 
 
-def _slot_chunks(block_idx, B, Hkv, NQ, block_size, doc_start, DI, budget):
+def _slot_chunks(block_idx, B, Hkv, NQ, block_size, doc_start, DI, budget, rows=None):
     """Yield ``[B, Hkv, NQ, S]`` block lists whose per-entry ``dq_idx`` partials fit in ``budget`` bytes:
-    slices of ``block_idx``, or for the dense warm-up (``block_idx=None``) every visible block."""
+    slices of ``block_idx``, or for the dense warm-up (``block_idx=None``) every visible block. ``rows``
+    (``[NQ]`` bool, a strided loss's queries): the other queries' slots empty (-1), so no work is made for them."""
     S = max(1, budget // (B * Hkv * NQ * DI * 4))
     if block_idx is not None:
+        if rows is not None:
+            block_idx = block_idx.masked_fill(~rows[:, None], -1)
         yield from torch.split(block_idx, S, dim=-1)
         return
     N = doc_start.numel()
     own = (torch.arange(N - NQ, N, device=doc_start.device) - doc_start[N - NQ:]) // block_size  # [NQ]
+    if rows is not None:
+        own = torch.where(rows, own, -1)
     n_blocks = int(own.max()) + 1 if NQ else 0
     for b0 in range(0, n_blocks, S):
         b = torch.arange(b0, min(b0 + S, n_blocks), device=doc_start.device, dtype=torch.int32)
@@ -249,27 +255,35 @@ def _launch_args(q, k, q_idx, block_m):
 
 
 def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad,
-                 block_m=128, chunks=8, budget=4 << 30, num_warps=8, num_stages=2, path="kv"):
+                 block_m=128, chunks=8, budget=4 << 30, num_warps=8, num_stages=2, path="kv",
+                 query_stride=1, query_offset=0):
     """Loss (float32 scalar) and, with ``grad``, float32 ``dq_idx [B, Nq, Hkv, Di]``, ``dk_idx [B, N, Di]``.
     Launch settings: ``block_m`` gathered queries per chunk, ``chunks`` chunks per program, ``budget``
     bytes of ``dq_idx`` partials per slot chunk, warps, stages (defaults: the H200 sweep). ``path="tile"``
     runs the query-tile-outer form (``kernels/index_kl_tile.py``) where it applies: the sparse phase with the
-    teacher's ``lse`` given; elsewhere, and with ``"kv"``, this KV-outer one."""
+    teacher's ``lse`` given; elsewhere, and with ``"kv"``, this KV-outer one. ``query_stride > 1``: the
+    strided loss of ``msa.reference.index_kl_loss``, the other queries' slots emptied before the reverse index
+    is built, so both passes do ``query_stride`` times less work."""
     B, NQ, H, D = q.shape
     N, Hkv, DI = k.shape[1], k.shape[2], q_idx.shape[-1]
     G = H // Hkv
     dev = q.device
     check_kl_path(path)
+    rows = None if query_stride == 1 else kl_rows(N, NQ, query_stride, query_offset, dev)
     layout = build_layout(N, block_size, cu_seqlens, dev)
     if path == "tile" and block_idx is not None and lse is not None:
-        return index_kl_tile_fwd(q, k, q_idx, k_idx, block_idx, block_size, layout.tok_start, lse, grad)
+        if rows is None:
+            return index_kl_tile_fwd(q, k, q_idx, k_idx, block_idx, block_size, layout.tok_start, lse, grad)
+        loss, dq, dk = index_kl_tile_fwd(q, k, q_idx, k_idx, block_idx.masked_fill(~rows[:, None], -1), block_size,
+                                         layout.tok_start, lse, grad)
+        return loss * query_stride, *(t if t is None else t.mul_(query_stride) for t in (dq, dk))
     doc_start = layout.tok_start.long()  # [N]: each token's document start
     n_docs = 1 if cu_seqlens is None else cu_seqlens.numel() - 1
     args = (N, NQ)
     scales = (D ** -0.5, DI ** -0.5)
     meta = dict(_launch_args(q, k, q_idx, block_m), BK=block_size, num_warps=num_warps,
                 num_stages=num_stages)
-    chunk_list = list(_slot_chunks(block_idx, B, Hkv, NQ, block_size, doc_start, DI, budget))
+    chunk_list = list(_slot_chunks(block_idx, B, Hkv, NQ, block_size, doc_start, DI, budget, rows))
     if chunk_list and NQ * max(c.shape[-1] for c in chunk_list) >= 2**31:  # the kernels decode entries in 32 bits
         raise ValueError(f"index_kl_fwd: {NQ} queries x {max(c.shape[-1] for c in chunk_list)} slots a chunk reach "
                          f"2^31; pass a smaller budget ({budget} bytes) so the slot chunks shrink")
@@ -311,7 +325,7 @@ def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, gra
             dk if grad else loss_part, *args, S, D, DI, *scales, GRAD=grad, **meta)
         if grad:
             dq = dq_part.sum(3) if dq is None else dq.add_(dq_part.sum(3))
-    norm = 1.0 / (B * NQ * Hkv)
+    norm = query_stride / (B * NQ * Hkv)
     loss = loss_buf.sum() * norm
     if not grad:
         return loss, None, None
@@ -435,11 +449,11 @@ def backward_kl_args(q, k, index, n_programs) -> BackwardKLArgs:
 
 class IndexKLLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, path):
+    def forward(ctx, q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, path, query_stride, query_offset):
         grad = q_idx.requires_grad or k_idx.requires_grad
         # the gradients too, in one op (msa::index_kl_fwd) whose outputs selective checkpointing keeps (msa.keep)
         loss, dq, dk = kept("msa::index_kl_fwd", lambda: index_kl_fwd_op(
-            q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad, path))
+            q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad, path, query_stride, query_offset))
         ctx.save_for_backward(dq, dk)
         ctx.dtypes = (q_idx.dtype, k_idx.dtype)
         return loss
@@ -448,13 +462,13 @@ class IndexKLLoss(torch.autograd.Function):
     def backward(ctx, d_loss):
         dq, dk = ctx.saved_tensors
         return (None, None, (dq * d_loss).to(ctx.dtypes[0]), (dk * d_loss).to(ctx.dtypes[1]),
-                None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def index_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
                   block_idx: torch.Tensor | None, block_size: int,
                   cu_seqlens: torch.Tensor | None = None, *, lse: torch.Tensor | None = None,
-                  kl_path: str = "kv") -> torch.Tensor:
+                  kl_path: str = "kv", query_stride: int = 1, query_offset: int = 0) -> torch.Tensor:
     """Index distillation loss ``1/(B*Nq*Hkv) * sum_{b,i,r} KL(P[r,i,:] || Q[r,i,:])``, float32 scalar.
 
     ``q [B, Nq, H, D]``, ``k [B, N, Hkv, D]`` (teacher, no gradient), ``q_idx [B, Nq, Hkv, Di]``,
@@ -464,9 +478,12 @@ def index_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: 
     ``sparse_attention`` returns for this ``block_idx``); None computes it here. ``cu_seqlens`` is over
     the keys (``B == 1``). ``kl_path``: ``"kv"`` (KV-outer, this module) or ``"tile"`` (each tile of queries
     over the union of its blocks, ``kernels/index_kl_tile.py``; the sparse phase with ``lse`` given, else
-    ``"kv"``).
+    ``"kv"``). ``query_stride``, ``query_offset``: the strided loss of ``msa.reference.index_kl_loss`` (the
+    rows of one query in ``query_stride``, times ``query_stride``).
     """
     check_kl_path(kl_path)
+    if query_stride < 1:
+        raise ValueError(f"query_stride must be >= 1, got {query_stride} (attention.kl_query_stride)")
     B, NQ, H, D = q.shape
     if k.ndim != 4 or k.shape[0] != B or k.shape[1] < NQ or k.shape[-1] != D or H % k.shape[2]:
         raise ValueError(f"k must be [B, N >= Nq, Hkv, D] with Hkv dividing H, q is {tuple(q.shape)}, "
@@ -487,4 +504,5 @@ def index_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: 
     q, k = q.detach().contiguous(), k.detach().contiguous()
     return IndexKLLoss.apply(q, k, q_idx.contiguous(), k_idx.to(q_idx.dtype).contiguous(),
                              None if block_idx is None else block_idx.contiguous(), block_size,
-                             cu_seqlens, None if lse is None else lse.detach(), kl_path)
+                             cu_seqlens, None if lse is None else lse.detach(), kl_path, int(query_stride),
+                             int(query_offset) % int(query_stride))

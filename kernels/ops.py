@@ -91,19 +91,22 @@ def _(q, k, v, starts, union, count, tiles, block_size, scale):
 @torch.library.custom_op("msa::index_kl_fwd", mutates_args=())
 def index_kl_fwd_op(q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor, block_idx: Tensor | None,
                     block_size: int, cu_seqlens: Tensor | None, lse: Tensor | None,
-                    grad: bool, path: str = "kv") -> tuple[Tensor, Tensor, Tensor]:
+                    grad: bool, path: str = "kv", query_stride: int = 1,
+                    query_offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """``kernels.index_kl.index_kl_fwd`` with its default launch settings -> ``(loss, dq_idx, dk_idx)``;
-    without ``grad`` the two gradients are empty tensors. ``path``: its ``path`` (``"kv"`` or ``"tile"``)."""
+    without ``grad`` the two gradients are empty tensors. ``path``: its ``path`` (``"kv"`` or ``"tile"``);
+    ``query_stride``, ``query_offset``: its strided loss."""
     from kernels.index_kl import index_kl_fwd
 
-    loss, dq, dk = index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad, path=path)
+    loss, dq, dk = index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad, path=path,
+                                query_stride=query_stride, query_offset=query_offset)
     if not grad:  # two tensors: an op's outputs may not alias each other
         dq, dk = loss.new_empty(0), loss.new_empty(0)
     return loss, dq, dk
 
 
 @index_kl_fwd_op.register_fake
-def _(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad, path="kv"):
+def _(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, grad, path="kv", query_stride=1, query_offset=0):
     loss = q.new_empty((), dtype=torch.float32)
     if not grad:
         return loss, loss.new_empty(0), loss.new_empty(0)

@@ -67,6 +67,11 @@ class AttentionConfig:
     # partials) or tile (each tile of queries over the union of its blocks, kernels/sparse_tile.py: no dQ partials
     # at all, the least memory)
     dq_path: str = "auto"
+    # the index KL over one query in kl_query_stride (those at positions p with p % stride == the step's number %
+    # stride, a new set each step), times the stride: the KL's products and its reverse index shrink by the stride,
+    # and over `stride` steps every query counts once, so the loss and its gradient are the full KL's in
+    # expectation. 1 (the default): every query, the paper's loss. Not with kl_in_backward
+    kl_query_stride: int = 1
 
 
 def check_attention(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_dim: int, n_layers: int) -> None:
@@ -87,6 +92,12 @@ def check_attention(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_di
         raise ValueError(f"attention.dq_path={cfg.dq_path!r}: use one of {', '.join(DQ_PATHS)}")
     if cfg.topk < 1:
         raise ValueError(f"attention.topk={cfg.topk} must be >= 1 (blocks kept per query and group)")
+    if not isinstance(cfg.kl_query_stride, int) or cfg.kl_query_stride < 1:
+        raise ValueError(f"attention.kl_query_stride={cfg.kl_query_stride!r} must be an integer >= 1 (1: the KL "
+                         "over every query)")
+    if cfg.kl_query_stride > 1 and cfg.kl_in_backward:
+        raise ValueError(f"attention.kl_query_stride={cfg.kl_query_stride} needs attention.kl_in_backward=false: "
+                         "the KL computed in the attention's backward counts every query")
     if cfg.block_size < 1 or cfg.block_size & (cfg.block_size - 1):
         raise ValueError(f"attention.block_size={cfg.block_size} must be a power of two (e.g. 64, 128)")
     if cfg.index_dim < 2 or cfg.index_dim % 2:
@@ -204,6 +215,12 @@ class MSACore(nn.Module):
             self._fwd["dq_path"] = cfg.dq_path
         self._kl = {} if cfg.kl_path == "kv" else {"kl_path": cfg.kl_path}
         self._backward_kl: list[torch.Tensor] = []  # what sparse_attention_kl's backward reported
+        # attention.kl_query_stride, and the step's offset (set_kl_offset: the training step's number)
+        self.kl_stride, self.kl_offset = cfg.kl_query_stride, 0
+
+    def set_kl_offset(self, step: int) -> None:
+        """A strided KL counts the queries at positions ``p % stride == step % stride`` this step."""
+        self.kl_offset = step % self.kl_stride
 
     def take_backward_kl(self) -> torch.Tensor | None:
         """The KL the backward computed since the last call (summed), or None if none; clears it."""
@@ -250,8 +267,9 @@ class MSACore(nn.Module):
         q_t, lse_t = teacher(q.detach(), lse) if teacher is not None else (q.detach(), lse)
         if with_kl and kl is None:
             support = None if dense else block_idx
+            strided = {} if self.kl_stride == 1 else dict(query_stride=self.kl_stride, query_offset=self.kl_offset)
             kl = ops.index_kl_loss(q_t, k.detach(), q_idx, k_idx, support, Bk, cu_seqlens, lse=lse_t,
-                                   **(self._kl if self._kernels(ops) else {}))
+                                   **(self._kl if self._kernels(ops) else {}), **strided)
         stats = None
         if stats_queries:
             stats = selection_stats(q_t, k.detach(), block_idx, Bk, self.topk, cu_seqlens, stats_queries)

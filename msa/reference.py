@@ -26,7 +26,7 @@ import math
 
 import torch
 
-__all__ = ["select_blocks", "sparse_attention", "index_kl_loss", "index_recall", "doc_layout"]
+__all__ = ["select_blocks", "sparse_attention", "index_kl_loss", "index_recall", "doc_layout", "kl_rows"]
 
 
 def doc_layout(B: int, N: int, cu_seqlens: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,9 +176,18 @@ def _teacher(q, k, allowed, scale, lse=None):
     return p.view(B, Hkv, G, Nq, N).mean(2)
 
 
+def kl_rows(N: int, Nq: int, stride: int, offset: int, device=None) -> torch.Tensor:
+    """``[Nq]`` bool: the queries (the last ``Nq`` of ``N`` positions) whose KL rows a strided index loss
+    counts, those at positions ``p`` with ``p % stride == offset % stride``."""
+    if stride < 1:
+        raise ValueError(f"the KL's query stride must be >= 1, got {stride} (attention.kl_query_stride)")
+    return torch.arange(N - Nq, N, device=device) % stride == offset % stride
+
+
 def index_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
                   block_idx: torch.Tensor | None, block_size: int,
-                  cu_seqlens: torch.Tensor | None = None, *, lse: torch.Tensor | None = None) -> torch.Tensor:
+                  cu_seqlens: torch.Tensor | None = None, *, lse: torch.Tensor | None = None,
+                  query_stride: int = 1, query_offset: int = 0) -> torch.Tensor:
     """Index distillation loss ``1/(B*N*Hkv) * sum_{b,i,r} KL(P[r,i,:] || Q[r,i,:])``.
 
     Support ``T``: the visible tokens of the blocks in ``block_idx`` (sparse phase) or, with
@@ -187,16 +196,22 @@ def index_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: 
     Gradients reach only ``q_idx`` and ``k_idx``. Returns a float32 scalar (``N``: the query count).
     ``lse [B, H, Nq]``, the main forward's log-normaliser on the same support, may stand in for the
     teacher's own (the sparse phase needs no second pass over the keys).
+
+    ``query_stride = s > 1`` counts the rows of the queries at positions ``p % s == query_offset % s``
+    only (``kl_rows``), times ``s``: ``s`` times fewer teacher products, and over the ``s`` offsets the mean
+    of the losses and of their gradients is the full loss's (``attention.kl_query_stride``).
     """
     B, Nq, N, H, Hkv, D = _check(q, k)
     Di = q_idx.shape[-1]
     allowed = _support(B, Nq, N, Hkv, block_idx, block_size, cu_seqlens, q.device)
+    if query_stride != 1:
+        allowed = allowed & kl_rows(N, Nq, query_stride, query_offset, q.device)[:, None]
     p = _teacher(q.detach(), k.detach(), allowed, D ** -0.5, lse)
     s = torch.einsum("bird,bjd->brij", q_idx.float(), k_idx.float()) / math.sqrt(Di)
     logq, _ = _masked_log_softmax(s, allowed)
     cross = torch.where(allowed, p * logq, torch.zeros_like(logq))
     kl = torch.special.xlogy(p, p) - cross
-    return kl.sum() / (B * Nq * Hkv)
+    return kl.sum() * query_stride / (B * Nq * Hkv)
 
 
 @torch.no_grad()

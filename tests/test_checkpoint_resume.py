@@ -281,6 +281,39 @@ def test_sigterm_saves_and_exits(tmp_path, corpus_dir, monkeypatch, capfd):
     assert "in step_then_signal" in err  # SIGUSR1: the Python stack of every thread
 
 
+def test_strided_kl_counts_each_steps_queries_across_a_resume(tmp_path, corpus_dir, monkeypatch):
+    """``attention.kl_query_stride=3``: step ``s`` counts the queries at positions ``s % 3`` mod 3 in every MSA
+    layer, from the step's number, so a run stopped after two steps and resumed takes the same queries as an
+    uninterrupted one (the KL of each step too: its value differs from offset to offset)."""
+    from msa.layer import MSACore
+    from train import loop
+
+    real_step = loop.train_step
+    offsets = []
+
+    def step_and_record(run, *args, **kwargs):
+        out = real_step(run, *args, **kwargs)
+        offsets.append({m.kl_offset for m in run.model.modules() if isinstance(m, MSACore)})
+        if len(offsets) == 2 and stop:
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(loop, "train_step", step_and_record)
+    extra = ["attention.kl_query_stride=3", "checkpoint.keep_last=0", "checkpoint.every=1"]
+    stop = False
+    loop.train(in_process_cfg(tmp_path / "whole", corpus_dir, *extra))
+    assert offsets == [{0}, {1}, {2}, {0}]
+    offsets.clear()
+    stop = True
+    loop.train(in_process_cfg(tmp_path / "resumed", corpus_dir, *extra))
+    stop = False
+    loop.train(in_process_cfg(tmp_path / "resumed", corpus_dir, *extra))
+    assert offsets == [{0}, {1}, {2}, {0}]
+    want, got = rows(tmp_path / "whole"), rows(tmp_path / "resumed")
+    assert [(r["loss/lm"], r["loss/kl"]) for r in got] == [(r["loss/lm"], r["loss/kl"]) for r in want]
+    assert len({r["loss/kl"] for r in want}) == 4
+
+
 def test_train_releases_its_engine(tmp_path, corpus_dir, monkeypatch):
     """After ``train`` returns, its model (and the engine's gradients and optimizer state with it) can be
     collected: a second run in the same process (a Hydra multirun, a benchmark of several points) does not

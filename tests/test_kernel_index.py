@@ -287,6 +287,48 @@ def test_index_kl_matches_reference(monkeypatch, B, Nq, N, H, Hkv, bs, topk, cu,
 CU_120 = [0, 1, 1, 50, 51, 52, 90, 90, 120]  # 1-token and empty documents over 120 keys
 
 
+@pytest.mark.parametrize("phase,path,cu,Nq,stride,offset", [
+    ("sparse+lse", "kv", CU_120, 120, 3, 1),
+    ("sparse+lse", "tile", CU_120, 120, 3, 2),  # the tile form: the other queries' slots emptied too
+    ("sparse", "kv", None, 90, 4, 5),           # last Nq queries (positions from 30), an offset past the stride
+    ("dense", "kv", CU_120, 90, 2, 0),          # the warm-up's every visible block
+    ("dense+lse", "kv", None, 120, 5, 3),
+])
+def test_strided_index_kl_matches_reference(monkeypatch, phase, path, cu, Nq, stride, offset):
+    """``query_stride``: the rows of the queries at positions ``p % stride == offset % stride`` only, times the
+    stride, as ``msa.reference`` computes it; and the reference's mean over the offsets is the full loss (the
+    estimate is unbiased over steps), its gradients too."""
+    B, N, H, Hkv, bs, topk = 1, 120, 4, 2, 16, 5
+    q, k, v, q_idx, k_idx = _kl_inputs(B, Nq, N, H, Hkv, 16, 16)
+    cu = _cu(cu)
+    block_idx = ref.select_blocks(q_idx.detach(), k_idx.detach(), bs, topk, cu) if "sparse" in phase else None
+    lse = ref.sparse_attention(q, k, v, block_idx, bs, cu)[1] if "lse" in phase else None
+    strided = dict(query_stride=stride, query_offset=offset)
+    want = _kl_and_grads(ref.index_kl_loss, q, k, q_idx, k_idx, block_idx, bs, cu, **strided)
+    poison_empty(monkeypatch)
+    got = _kl_and_grads(index_kl_loss, q, k, q_idx, k_idx, block_idx, bs, cu, lse=lse, kl_path=path, **strided)
+    for name, w, g in zip(("loss", "dq_idx", "dk_idx"), want, got):
+        err = rel_rms(w, g)
+        assert err < 1e-5, f"{name}: rel rms {err:.2e}, max abs {(w - g).abs().max():.2e}"
+    rows = ref.kl_rows(N, Nq, stride, offset)
+    assert 0 < rows.sum() < Nq and rows.sum() >= Nq // stride
+    assert not got[1][:, ~rows].any() and got[1][:, rows].abs().sum(-1).gt(0).float().mean() > 0.5, \
+        "dq_idx only on the counted queries (most of them with some: a query that sees one key has none)"
+    full = _kl_and_grads(ref.index_kl_loss, q, k, q_idx, k_idx, block_idx, bs, cu)
+    each = [_kl_and_grads(ref.index_kl_loss, q, k, q_idx, k_idx, block_idx, bs, cu, query_stride=stride,
+                          query_offset=o) for o in range(stride)]
+    for i, name in enumerate(("loss", "dq_idx", "dk_idx")):
+        err = rel_rms(full[i], sum(e[i] for e in each) / stride)
+        assert err < 1e-6, f"the offsets' mean of the strided {name} is not the full one: rel rms {err:.2e}"
+
+
+
+def _all_blocks(B, Hkv, Nq, N, bs):
+    """Every block of the row in every slot: with documents' visibility applied by the support, the dense one."""
+    n = math.ceil(N / bs)
+    return torch.arange(n, dtype=torch.int32).expand(B, Hkv, Nq, n).contiguous()
+
+
 @pytest.mark.parametrize("H,Hkv,topk,cu,phase", [
     (6, 2, 5, CU_120, "sparse"),      # G = 3: not a power of two
     (6, 2, 5, None, "sparse+lse"),

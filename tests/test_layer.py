@@ -60,6 +60,33 @@ def test_sparse_with_small_topk_differs_from_dense():
 
 
 @pytest.mark.parametrize("phase", ["warmup", "sparse"])
+def test_strided_kl_layer_averages_to_the_full_kl(phase):
+    """``attention.kl_query_stride=3`` in the layer: each offset's KL (``MSACore.set_kl_offset``) differs from the
+    full one, and their mean, with the index branch's gradients, is the full KL's; the output is untouched."""
+    full, _ = _layers()
+    strided = MSAAttention(DIM, H, HKV, D, ROPE, AttentionConfig(impl="reference", block_size=16, topk=2,
+                                                                 index_dim=8, kl_query_stride=3))
+    strided.load_state_dict(full.state_dict())
+    cu = torch.tensor([0, 1, 33, 70], dtype=torch.int32)
+
+    def kl_and_grads(layer, offset=0):
+        layer.zero_grad()
+        layer.core.set_kl_offset(offset)
+        torch.manual_seed(4)
+        _, y, kl = _run(layer, cu_seqlens=cu, phase=phase)
+        kl.backward()
+        return y.detach(), kl.detach(), [p.grad.clone() for p in layer.index_params()]
+
+    y, kl, grads = kl_and_grads(full)
+    each = [kl_and_grads(strided, o) for o in (3, 4, 5)]  # offsets are taken mod the stride
+    assert all(torch.equal(y, e[0]) for e in each)
+    assert all(abs(e[1] - kl) > 1e-3 * kl for e in each)
+    assert rel_rms(kl, sum(e[1] for e in each) / 3) < 1e-6
+    for i, g in enumerate(grads):
+        assert rel_rms(g, sum(e[2][i] for e in each) / 3) < 1e-5
+
+
+@pytest.mark.parametrize("phase", ["warmup", "sparse"])
 def test_gradient_routing(phase):
     msa, _ = _layers()
     x, y, kl = _run(msa, phase=phase)
@@ -210,6 +237,8 @@ def test_tile_union_against_sets(tile_rows, chunk):
     ({"fwd_path": "query"}, "attention.fwd_path"),
     ({"kl_path": "query"}, "attention.kl_path"),
     ({"dq_path": "query"}, "attention.dq_path"),
+    ({"kl_query_stride": 0}, "attention.kl_query_stride"),
+    ({"kl_query_stride": 2, "kl_in_backward": True}, "attention.kl_in_backward"),
 ])
 def test_bad_attention_config_names_the_key(change, key):
     with pytest.raises(ValueError, match=key):

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from msa.layer import Attention, AttentionConfig, MSAAttention
+from msa.layer import Attention, AttentionConfig, MSAAttention, MSACore
 from msa.rope import Rotary
 from msa.stats import FIELDS as STATS_FIELDS
 from tests.utils import check_every_stage, compose_train_config, rel_rms
@@ -118,6 +118,11 @@ def _layer_worker(rank, world, sp, cp):
     assert not errors, "\n".join(errors)
 
 
+def _strided_kl_worker(rank, world, sp, cp):
+    errors = _layer_checks(rank, world, sp, cp, cases=(("msa", "sparse"), ("msa", "warmup")), kl_stride=5)
+    assert not errors, "\n".join(errors)
+
+
 def _triton_worker(rank, world, sp, cp, defer=False):
     # 16-key blocks, 2 of them: the 37-token document takes the sparse path (3 would hold it whole: dense)
     errors = _layer_checks(rank, world, sp, cp, backend="triton", block_size=16, topk=2, cases=(("msa", "sparse"),),
@@ -127,8 +132,6 @@ def _triton_worker(rank, world, sp, cp, defer=False):
 
 def _with_backward_kl(kl, module):
     """``kl`` plus what ``module``'s MSA cores reported from their backward (``attention.kl_in_backward``)."""
-    from msa.layer import MSACore
-
     taken = [c.take_backward_kl() for c in module.modules() if isinstance(c, MSACore)]
     return kl.detach() + sum(t for t in taken if t is not None)
 
@@ -139,7 +142,7 @@ def _env(rank, world):
 
 def _layer_checks(rank, world, sp, cp, backend="reference", block_size=8,
                   cases=(("msa", "sparse"), ("msa", "warmup"), ("dense", "sparse"), ("window", "sparse")), defer=False,
-                  topk=3):
+                  topk=3, kl_stride=1):
     mesh = build_mesh(sp, cp, _env(rank, world), kv_replicas(sp, HKV))
     cu = torch.tensor(CU, dtype=torch.int32)
     T = CU[-1]
@@ -147,7 +150,8 @@ def _layer_checks(rank, world, sp, cp, backend="reference", block_size=8,
     pos = (torch.arange(T) - starts)[None]
     idx = local_token_index(T, sp, cp, mesh.sp_rank, mesh.cp_rank)
     errors = []
-    attn_cfg = AttentionConfig(impl=backend, block_size=block_size, topk=topk, index_dim=16, kl_in_backward=defer)
+    attn_cfg = AttentionConfig(impl=backend, block_size=block_size, topk=topk, index_dim=16, kl_in_backward=defer,
+                               kl_query_stride=kl_stride)
     for kind, phase in cases:
         # window: a sliding-window layer (the long-context option for the first layer), 12 keys, shorter than
         # four of the five documents, so under CP a rank's second query chunk sees only part of its keys
@@ -158,6 +162,9 @@ def _layer_checks(rank, world, sp, cp, backend="reference", block_size=8,
         layer.apply(_reinit)
         twin.load_state_dict(layer.state_dict())
         sharded = parallelize(_Holder(twin), mesh, ParallelConfig(sp_size=sp, cp_size=cp)).layers[0]
+        for core in (m for m in (*layer.modules(), *sharded.modules()) if isinstance(m, MSACore)):
+            core.set_kl_offset(kl_stride + 1)  # a strided KL: the queries at positions 1 mod the stride (5: the
+            # zig-zag chunks start at multiples of 24, so a rank that counted its own positions would count others)
         x = torch.randn(1, T, DIM, requires_grad=True)
         g = torch.randn(1, T, DIM)
         stats_queries = T if kind == "msa" else 0  # every non-trivial query: the shards' sums must add up
@@ -304,6 +311,13 @@ def test_context_parallel_with_triton_kernels():
     """The Triton kernels (interpreted on CPU) take the CP query chunks against the gathered keys
     (queries the last Nq <= N keys) and give the single-process result."""
     _spawn(_triton_worker, 2, 1, 2)
+
+
+@pytest.mark.parametrize("sp,cp", [pytest.param(2, 1, id="sp2"), pytest.param(1, 2, id="cp2")])
+def test_strided_kl_under_sequence_and_context_parallelism(sp, cp):
+    """``attention.kl_query_stride``: the strided KL counts the same queries, by their position in the whole
+    row, on every layout: each rank's share summed is the single process's KL, and every gradient matches."""
+    _spawn(_strided_kl_worker, sp * cp, sp, cp)
 
 
 @pytest.mark.parametrize("sp,cp", [pytest.param(2, 1, id="sp2"), pytest.param(1, 2, id="cp2")])

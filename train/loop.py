@@ -103,7 +103,7 @@ def train(cfg: TrainConfig) -> dict:
             lr = run.scheduler.get_last_lr()  # per group: what this step trains with (engine.step advances it)
             t0 = time.perf_counter()
             try:
-                out = train_step(run, stats_queries, with_grad_norms=logged)
+                out = train_step(run, stats_queries, with_grad_norms=logged, step=step)
             except torch.cuda.OutOfMemoryError as e:  # say what the row held and what would fit it
                 n_params = sum(p.numel() for p in run.model.parameters())
                 raise torch.cuda.OutOfMemoryError(oom_message(cfg, run.stage, env.world_size, n_params, e, step,
@@ -263,14 +263,17 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def train_step(run: Run, stats_queries: int = 0, with_grad_norms: bool = False) -> dict:
+def train_step(run: Run, stats_queries: int = 0, with_grad_norms: bool = False, step: int | None = None) -> dict:
     """One optimizer step over ``optim.grad_accum`` micro-batches. A non-finite loss on any rank skips
     the update on every rank: that micro-batch's backward is a zero loss (no NaN reaches the gradients)
     and the step runs with learning rate 0, so the weights stay as they were. In a stage with frozen main
     weights they take no gradients (``Decoder.train_main``, set when the stage starts): the main path runs
     forward only, only the KL is back-propagated (the LM loss never reaches the index branch) and only the
-    index branch's groups step (the others at learning rate 0)."""
+    index branch's groups step (the others at learning rate 0). ``step``: the step's number, which picks the
+    queries of a strided index KL (``attention.kl_query_stride``; None leaves them as they were)."""
     engine, mesh, stage, accum = run.engine, run.mesh, run.stage, run.cfg.optim.grad_accum
+    if step is not None:
+        run.model.set_kl_offset(step)
     lm_sum = kl_sum = 0.0
     n_tokens, bad, lengths, layer_kl, stats = 0, False, [], 0.0, None
     group_sum = group_n = None  # with several data sources: the LM sum and target count of each loss group

@@ -228,6 +228,12 @@ class Decoder(nn.Module):
         zero = next(v for v in values if v is not None).new_zeros(())
         return torch.stack([zero if v is None else v for v in values])
 
+    def set_kl_offset(self, step: int) -> None:
+        """The queries a strided index KL (``attention.kl_query_stride``) counts at training step ``step``."""
+        for m in self.modules():
+            if isinstance(m, MSACore):
+                m.set_kl_offset(step)
+
     def train_main(self, on: bool) -> None:
         """Whether the main weights (every parameter but the MSA index branches') take gradients. Off, the
         main path runs without an autograd graph (nothing saved for a backward, nothing to recompute) and
