@@ -107,27 +107,26 @@ def index_kl_loss(q, k, q_idx, k_idx, block_idx, block_size: int, cu_seqlens=Non
     start at the row's), a document group's are shifted by the group's first token."""
     B, Nq, H, _ = q.shape
     N = k.shape[1]
-    stride = dict(query_stride=query_stride)
     queries = _query_chunks(B, H, Nq, N, cu_seqlens, max_scores)
     if queries is not None:
         total = 0
         for a, b in queries:
             kl = reference.index_kl_loss(q[:, a:b], k[:, :N - Nq + b], q_idx[:, a:b], k_idx[:, :N - Nq + b],
                                          None if block_idx is None else block_idx[:, :, a:b], block_size,
-                                         lse=None if lse is None else lse[:, :, a:b], query_offset=query_offset,
-                                         **stride)
+                                         lse=None if lse is None else lse[:, :, a:b], query_stride=query_stride,
+                                         query_offset=query_offset)
             total = total + kl * ((b - a) / Nq)
         return total
     groups = _split(B, Nq, N, cu_seqlens, chunk)
     if groups is None:
         return reference.index_kl_loss(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse=lse,
-                                       query_offset=query_offset, **stride)
+                                       query_stride=query_stride, query_offset=query_offset)
     total = 0
     for a, b, d0, d1 in groups:
         kl = reference.index_kl_loss(q[:, a:b], k[:, a:b], q_idx[:, a:b], k_idx[:, a:b],
                                      None if block_idx is None else block_idx[:, :, a:b], block_size,
                                      _cu(cu_seqlens, a, d0, d1), lse=None if lse is None else lse[:, :, a:b],
-                                     query_offset=query_offset - a, **stride)
+                                     query_stride=query_stride, query_offset=query_offset - a)
         total = total + kl * ((b - a) / N)
     return total
 

@@ -36,23 +36,30 @@ def _inputs(seed=0, N=CU[-1]):
     return [t.requires_grad_() for t in (q, k, v, q_idx, k_idx)]
 
 
-def _run(ops, cu, support: str, **kw):
+STRIDED = dict(query_stride=5, query_offset=7)  # the KL over the queries at positions 2 mod 5
+
+
+def _run(ops, cu, support: str, kl_kw=None, **kw):
     q, k, v, q_idx, k_idx = inputs = _inputs()
     block_idx = ops.select_blocks(q_idx.detach(), k_idx.detach(), BK, TOPK, cu, **kw)
     o, lse = ops.sparse_attention(q, k, v, block_idx, BK, cu, **kw)
     kl = ops.index_kl_loss(q.detach(), k.detach(), q_idx, k_idx, block_idx if support == "sparse" else None, BK,
-                           cu, lse=lse if support == "sparse" else None, **kw)
+                           cu, lse=lse if support == "sparse" else None, **kw, **(kl_kw or {}))
     g = torch.Generator().manual_seed(1)
     (o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum().add(kl).backward()
     return block_idx, o, lse, kl, [t.grad for t in inputs]
 
 
+@pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("support", ["sparse", "dense"])
-def test_groups_equal_the_whole_row(support):
+def test_groups_equal_the_whole_row(support, strided):
+    """Also with a strided KL (``query_stride``): a group counts the queries at their positions in the row, not
+    in the group (the groups start at 13, 51, ...: not multiples of 5)."""
     cu = torch.tensor(CU, dtype=torch.int32)
     assert len(chunked.document_groups(cu, 40)) >= 4  # several groups, or the test would compare a row to itself
-    ref = _run(reference, cu, support)
-    out = _run(chunked, cu, support, chunk=40)
+    kl_kw = STRIDED if strided else None
+    ref = _run(reference, cu, support, kl_kw)
+    out = _run(chunked, cu, support, kl_kw, chunk=40)
     assert torch.equal(ref[0], out[0])  # the same blocks
     for name, a, b in [("o", ref[1], out[1]), ("kl", ref[3], out[3])] + [
             (f"grad {n}", a, b) for n, a, b in zip(("q", "k", "v", "q_idx", "k_idx"), ref[4], out[4])]:
@@ -82,8 +89,8 @@ def test_rows_that_cannot_be_split_run_the_reference_whole(monkeypatch):
 
 
 @pytest.mark.parametrize("support", ["sparse", "dense"])
-@pytest.mark.parametrize("n_queries", [150, 61])
-def test_query_chunks_of_one_document_rows_equal_the_whole_rows(support, n_queries):
+@pytest.mark.parametrize("n_queries,strided", [(150, False), (61, False), (61, True)])
+def test_query_chunks_of_one_document_rows_equal_the_whole_rows(support, n_queries, strided):
     """Two one-document rows whose scores pass ``max_scores`` run in query chunks (37 queries: uneven,
     the last one short), also when the queries are the last of the keys (context parallelism): the
     reference's blocks, output, log-normaliser, KL and every gradient."""
@@ -96,7 +103,7 @@ def test_query_chunks_of_one_document_rows_equal_the_whole_rows(support, n_queri
         block_idx = ops.select_blocks(qis.detach(), k_idx.detach(), BK, TOPK, **kw)
         o, lse = ops.sparse_attention(qs, k, v, block_idx, BK, **kw)
         kl = ops.index_kl_loss(qs.detach(), k.detach(), qis, k_idx, block_idx if support == "sparse" else None, BK,
-                               lse=lse if support == "sparse" else None, **kw)
+                               lse=lse if support == "sparse" else None, **kw, **(STRIDED if strided else {}))
         (o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum().add(kl).backward()
         return block_idx, o, lse, kl, [t.grad for t in inputs]
 
