@@ -228,12 +228,10 @@ def index_kl_merge_lse_kernel(part, lse, loss_part, n_rows, S, FIRST: tl.constex
 
 def _slot_chunks(block_idx, B, Hkv, NQ, block_size, doc_start, DI, budget, rows=None):
     """Yield ``[B, Hkv, NQ, S]`` block lists whose per-entry ``dq_idx`` partials fit in ``budget`` bytes:
-    slices of ``block_idx``, or for the dense warm-up (``block_idx=None``) every visible block. ``rows``
-    (``[NQ]`` bool, a strided loss's queries): the other queries' slots empty (-1), so no work is made for them."""
+    slices of ``block_idx``, or for the dense warm-up (``block_idx=None``) every visible block of the queries in
+    ``rows`` (``[NQ]`` bool, a strided loss's queries; None: every query)."""
     S = max(1, budget // (B * Hkv * NQ * DI * 4))
     if block_idx is not None:
-        if rows is not None:
-            block_idx = block_idx.masked_fill(~rows[:, None], -1)
         yield from torch.split(block_idx, S, dim=-1)
         return
     N = doc_start.numel()
@@ -270,12 +268,13 @@ def index_kl_fwd(q, k, q_idx, k_idx, block_idx, block_size, cu_seqlens, lse, gra
     dev = q.device
     check_kl_path(path)
     rows = None if query_stride == 1 else kl_rows(N, NQ, query_stride, query_offset, dev)
+    if rows is not None and block_idx is not None:  # the other queries' slots empty: no entries, no work
+        block_idx = block_idx.masked_fill(~rows[:, None], -1)
     layout = build_layout(N, block_size, cu_seqlens, dev)
     if path == "tile" and block_idx is not None and lse is not None:
-        if rows is None:
-            return index_kl_tile_fwd(q, k, q_idx, k_idx, block_idx, block_size, layout.tok_start, lse, grad)
-        loss, dq, dk = index_kl_tile_fwd(q, k, q_idx, k_idx, block_idx.masked_fill(~rows[:, None], -1), block_size,
-                                         layout.tok_start, lse, grad)
+        loss, dq, dk = index_kl_tile_fwd(q, k, q_idx, k_idx, block_idx, block_size, layout.tok_start, lse, grad)
+        if query_stride == 1:
+            return loss, dq, dk
         return loss * query_stride, *(t if t is None else t.mul_(query_stride) for t in (dq, dk))
     doc_start = layout.tok_start.long()  # [N]: each token's document start
     n_docs = 1 if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -482,8 +481,6 @@ def index_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: 
     rows of one query in ``query_stride``, times ``query_stride``).
     """
     check_kl_path(kl_path)
-    if query_stride < 1:
-        raise ValueError(f"query_stride must be >= 1, got {query_stride} (attention.kl_query_stride)")
     B, NQ, H, D = q.shape
     if k.ndim != 4 or k.shape[0] != B or k.shape[1] < NQ or k.shape[-1] != D or H % k.shape[2]:
         raise ValueError(f"k must be [B, N >= Nq, Hkv, D] with Hkv dividing H, q is {tuple(q.shape)}, "
@@ -505,4 +502,4 @@ def index_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: 
     return IndexKLLoss.apply(q, k, q_idx.contiguous(), k_idx.to(q_idx.dtype).contiguous(),
                              None if block_idx is None else block_idx.contiguous(), block_size,
                              cu_seqlens, None if lse is None else lse.detach(), kl_path, int(query_stride),
-                             int(query_offset) % int(query_stride))
+                             int(query_offset))

@@ -267,9 +267,9 @@ class MSACore(nn.Module):
         q_t, lse_t = teacher(q.detach(), lse) if teacher is not None else (q.detach(), lse)
         if with_kl and kl is None:
             support = None if dense else block_idx
-            strided = {} if self.kl_stride == 1 else dict(query_stride=self.kl_stride, query_offset=self.kl_offset)
             kl = ops.index_kl_loss(q_t, k.detach(), q_idx, k_idx, support, Bk, cu_seqlens, lse=lse_t,
-                                   **(self._kl if self._kernels(ops) else {}), **strided)
+                                   query_stride=self.kl_stride, query_offset=self.kl_offset,
+                                   **(self._kl if self._kernels(ops) else {}))
         stats = None
         if stats_queries:
             stats = selection_stats(q_t, k.detach(), block_idx, Bk, self.topk, cu_seqlens, stats_queries)
