@@ -71,6 +71,10 @@
 #  15. kl_stride: the strided index KL (attention.kl_query_stride, msa/layer.py): model=small at 16K, 32K and 128K,
 #      one process per stride in KL_STRIDES (default "4 1"), each MSA with that stride then dense, so each ratio is
 #      side by side and the strides compare through dense (~5 min): STAGES=kl_stride MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
+#  16. ncu: Nsight Compute on the MSA kernels of one attention step of model=small at 128K (bench/ncu_msa.py: block
+#      selection, the sparse attention's forward and backward, the index KL with strides 1 and 4; NCU_LEN sets the
+#      length): speed of light, pipes, warp stalls, occupancy per kernel, into $OUT/ncu_msa.txt (~2 min); it can
+#      follow kl_stride in one call: STAGES="kl_stride ncu" MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
 # EXTRA_OVERRIDES adds Hydra overrides to every stage's steps, e.g. EXTRA_OVERRIDES=model.rope_impl=torch.
 # Every run: bf16, ZeRO-1, activation checkpointing (the project's measured configuration; policy
 # selective, the default, except base_1m), sparse phase.
@@ -80,7 +84,7 @@
 # train_step_small_host.json, step_time_old_new_<length>.json, train_step_small_1m_both.json (dense_1m),
 # train_step_small_1m_{window_both,dense0}.json (first_layer_1m), train_step_base_1m_window{,_nokeep}.json,
 # train_step_1b_{512k,512k_offload,1m_offload}.json (1b_long), train_step_<ROWS_MODEL>_rows{1,2,4}.json (rows),
-# train_step_small_kl_stride{4,1}.json (kl_stride), train_step.log.
+# train_step_small_kl_stride{4,1}.json (kl_stride), ncu_msa.txt (ncu), train_step.log.
 set -uo pipefail
 OUT=${OUT:-runs/train_step_gpu}
 LOG=$OUT/train_step.log
@@ -137,9 +141,9 @@ fi
 STAGES=${STAGES:-small base base_1m}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 for s in $STAGES; do
-  case $s in small|base|base_1m|1b|dense_layer|host|old_new|rope|rope_steps|dense_1m|first_layer_1m|base_1m_window|1b_long|rows|kl_stride) ;;
+  case $s in small|base|base_1m|1b|dense_layer|host|old_new|rope|rope_steps|dense_1m|first_layer_1m|base_1m_window|1b_long|rows|kl_stride|ncu) ;;
     *) echo "STAGES: unknown stage '$s' (small base base_1m 1b dense_layer host old_new rope rope_steps dense_1m" \
-         "first_layer_1m base_1m_window 1b_long rows kl_stride)"
+         "first_layer_1m base_1m_window 1b_long rows kl_stride ncu)"
        exit 2;; esac
 done
 if want old_new && [ ! -d "${OLD_TREE:-}/train" ]; then
@@ -189,6 +193,19 @@ if want kl_stride; then
     TAIL=6 stage "kl_stride_$st" 160 python3 -m bench.train_step "${KL_STRIDE_ARGS[@]}" \
       --msa-overrides "attention.kl_query_stride=$st" --json "$OUT/train_step_small_kl_stride$st.json" -- $AC
   done
+fi
+if want ncu; then
+  if [ "${CPU_CHECK:-0}" = 1 ] || ! command -v ncu >/dev/null; then
+    echo "ncu: needs a GPU and Nsight Compute (ncu on the PATH); skipped" | tee -a "$LOG"
+  else
+    # only this project's Triton kernels (the reverse-index builders included), each once: the range holds one call
+    # of every kernel after a warm-up; --clock-control none leaves the card's clocks as they are
+    TAIL=4 stage ncu 240 ncu --profile-from-start off --clock-control none \
+      --kernel-name "regex:^(select_blocks|sparse_attention|index_kl|_csr|_kl_csr)" \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+      --log-file "$OUT/ncu_msa.txt" python3 bench/ncu_msa.py --model small --seq-len "${NCU_LEN:-131072}"
+  fi
 fi
 if want host; then
 TAIL=6 stage host 130 python3 -m bench.train_step "${HOST[@]}" --json "$OUT/train_step_small_host.json" -- $AC
