@@ -243,3 +243,34 @@ def test_synthetic_choices_set_the_keys_per_document_and_the_shortest_one():
         check_data(DataConfig(**{**base, "sources": [SourceConfig(**{**mid.__dict__, "choices": 4})]}), 1024, 1)
     with pytest.raises(ValueError, match=r"data\.sources\[0\]\.choices=1 must be >= 2"):
         check_data(DataConfig(**{**base, "sources": [SourceConfig(**{**mid.__dict__, "choices": 1})]}), 1024, 1)
+
+
+def test_the_synthetic_source_draws_the_training_only_drill_and_the_evals_refuse_it():
+    """``tasks: [multikey_drill]`` is a synthetic source's (``TRAIN_TASKS``), with min_len bounded by the drill's
+    own needles and question; its documents answer the other keys before the asked one. The eval tasks stay
+    ``TASKS``: an eval config naming the drill is refused."""
+    from train.data.mix import SyntheticReader
+    from train.eval.config import EvalSpec, check_eval
+    from train.eval.tasks import DRILL_KEYS, TASKS, TRAIN_TASKS, fixed_tokens
+
+    assert "multikey_drill" in TRAIN_TASKS and "multikey_drill" not in TASKS and set(TASKS) < set(TRAIN_TASKS)
+    base = DataConfig(image=ImageConfig(max_patches=16)).__dict__
+    need = fixed_tokens("multikey_drill", TOK, ImageConfig(), 4) + 2
+    src = SourceConfig(kind="synthetic", tasks=["multikey_drill"], min_len=need, max_len=need + 60, choices=4)
+    check_data(DataConfig(**{**base, "sources": [src]}), 1024, 1)
+    reader = SyntheticReader(src, "drill", TOK, ImageConfig(max_patches=16), 1024, seed=0, reader=0, heldout_every=20)
+    for i in range(3):
+        doc = reader.document(i)
+        text = TOK.decode(doc.tokens[:-1].tolist())
+        assert doc.key.startswith("drill/multikey_drill/") and need <= len(doc.tokens) <= need + 60
+        assert text.count("One of the special magic numbers for ") == DRILL_KEYS
+        assert text.count(" mentioned in the provided text is ") == DRILL_KEYS  # the other keys' lines, the question
+        asked = text.rsplit("The special magic number for ", 1)[1].split(" ", 1)[0]
+        value = TOK.decode(doc.tokens[doc.answer[0]:doc.answer[1]].tolist())
+        assert f"One of the special magic numbers for {asked} is: {value}." in text
+    with pytest.raises(ValueError, match=rf"data\.sources\[0\]\.min_len={need - 1} must lie in \[{need}, "):
+        check_data(DataConfig(**{**base, "sources": [SourceConfig(**{**src.__dict__, "min_len": need - 1})]}), 1024, 1)
+    with pytest.raises(ValueError, match=r"data\.sources\[0\]\.tasks=\['drill'\]: name one or more of .*drill"):
+        check_data(DataConfig(**{**base, "sources": [SourceConfig(kind="synthetic", tasks=["drill"])]}), 1024, 1)
+    with pytest.raises(ValueError, match=r"eval\.tasks=\['multikey_drill'\]: name one or more of"):
+        check_eval(EvalSpec(tasks=["multikey_drill"], lengths=[1024]), 1024)

@@ -12,6 +12,7 @@ from train.data.images import decode_image
 from train.data.text_stream import TextStream
 from train.data.tokenizer import ByteTokenizer
 from train.eval.tasks import (
+    DRILL_KEYS,
     TASKS,
     TRAIN_DOMAIN,
     _renderer,
@@ -125,3 +126,44 @@ def test_items_fit_exactly_and_needles_sit_at_their_depth(heldout, task):
                 assert item.tokens[start - 1] == TOK.img_start
     with pytest.raises(ValueError, match="too short"):
         eval_item(task, need - 1, 0, 0.5, 0, 0, TOK, heldout, IMAGE)
+
+
+def drill(heldout, length, seed, n_choices=4, depth=0.5):
+    return make_item("multikey_drill", length, depth, np.random.default_rng([TRAIN_DOMAIN, seed]), TOK, heldout,
+                     IMAGE, n_choices)
+
+
+@pytest.mark.parametrize("n_choices", [2, 4, 6])
+def test_multikey_drill_answers_every_other_key_then_asks_the_first(heldout, n_choices):
+    """``multikey_drill`` (training only): exactly as long as asked, the same for the same rng seed; its
+    question part answers each key but the asked one with that key's own value, once, then asks the asked
+    key in multikey's wording; the answer is the asked key's value, the candidates (answer first) the
+    values of the first n_choices keys, all of one byte length."""
+    need = fixed_tokens("multikey_drill", TOK, IMAGE, n_choices)
+    n_keys = max(n_choices, DRILL_KEYS)
+    for seed in range(6):
+        for length in (need, need + 1, need + 150):
+            item = drill(heldout, length, seed, n_choices)
+            again = drill(heldout, length, seed, n_choices)
+            assert len(item.tokens) == length and np.array_equal(item.tokens, again.tokens)
+            assert TOK.decode(item.answer_ids) == item.answer == item.candidates[0]
+            assert len(item.candidates) == n_choices and len(set(item.candidates)) == n_choices
+            assert len({len(c) for c in item.candidates}) == 1
+            text = TOK.decode(item.prompt)
+            context, question = text[:-item.question_len], text[-item.question_len:]
+            needles = dict(re.findall(r"One of the special magic numbers for (\w+) is: (\d{7})\.", context))
+            assert len(needles) == n_keys and set(item.candidates) <= set(needles.values())
+            lines = re.findall(r"The special magic number for (\w+) mentioned in the provided text is (\d{7})\.\n",
+                               question)
+            asked = re.fullmatch(r"\n(?:.*\n)*What is the special magic number for (\w+) mentioned in the provided "
+                                 r"text\? The special magic number for \1 mentioned in the provided text is ",
+                                 question).group(1)
+            assert needles[asked] == item.answer
+            assert len(lines) == n_keys - 1 and {k for k, _ in lines} == set(needles) - {asked}
+            assert all(needles[k] == v for k, v in lines)
+            assert item.question_len == len(TOK.encode(question))
+    orders = {tuple(re.findall(r"text is \d+\.\n", TOK.decode(drill(heldout, need, s, n_choices).prompt)))
+              for s in range(6)}
+    assert len(orders) > 1, "the answer lines are in a random order"
+    with pytest.raises(ValueError, match="too short"):
+        drill(heldout, need - 1, 0, n_choices)

@@ -69,11 +69,11 @@ def check_source(src: SourceConfig, key: str, seq_len: int, seq_key: str, cfg: D
     if src.kind == "shards":
         return
     from train.data.tokenizer import build_tokenizer
-    from train.eval.tasks import TASKS, fixed_tokens
+    from train.eval.tasks import TRAIN_TASKS, fixed_tokens
 
-    unknown = [t for t in src.tasks if t not in TASKS]
+    unknown = [t for t in src.tasks if t not in TRAIN_TASKS]  # the eval tasks and the training-only drills
     if not src.tasks or unknown:
-        raise ValueError(f"{key}.tasks={list(src.tasks)}: name one or more of {', '.join(TASKS)}")
+        raise ValueError(f"{key}.tasks={list(src.tasks)}: name one or more of {', '.join(TRAIN_TASKS)}")
     if src.choices < 2:
         raise ValueError(f"{key}.choices={src.choices} must be >= 2 (the answer and at least one distractor)")
     max_len = src.max_len or seq_len

@@ -14,6 +14,17 @@ passkey test of Mohtashami and Jaggi 2023):
   depth, the rest later) and a distractor chain; asked which variables hold the value.
 - ``image_needle``: a 4-digit number rendered into an image placed at the depth; asked at the end.
 
+``TASKS`` are the eval tasks (evaluated by default). ``TRAIN_TASKS`` adds tasks that only the synthetic
+training source (``train/data/mix.py``) draws:
+
+- ``multikey_drill``: ``multikey``'s needles for ``max(n_choices, DRILL_KEYS)`` keys, and a question part
+  that first answers every key but the asked one, in a random order, one line each, then asks the first
+  key in ``multikey``'s wording. Every row so gives as many key -> value lookups as it has keys, each among
+  all of them, the last in the eval's wording; copying the latest number never pays. Dense lookup
+  supervision of this kind is what associative-recall work (Zoology's MQAR, Arora et al. 2023) finds
+  attention models learn key -> value lookup from quickly, where one lookup a document (``multikey``) left
+  ``tiny`` copying a number without choosing it by its key (docs/quality.md).
+
 Depth 0 puts the first needle the answer needs at the start of the haystack, 1 at its end (just before
 the question). Keys and values have fixed lengths, so every candidate answer of an item has the same
 byte length. Each item lists candidates for a log-likelihood choice (the answer first): other numbers
@@ -38,7 +49,9 @@ from train.data.config import ImageConfig
 from train.data.images import decode_image
 from train.data.text_stream import TextStream, encode
 
-TASKS = ("passkey", "multikey", "multivalue", "vartrack", "image_needle")
+TASKS = ("passkey", "multikey", "multivalue", "vartrack", "image_needle")  # the eval tasks
+TRAIN_TASKS = (*TASKS, "multikey_drill")  # what the synthetic training source draws
+DRILL_KEYS = 4  # multikey_drill: keys a document (at least n_choices); 4 fit rows of about 700-900 bytes
 EVAL_DOMAIN, TRAIN_DOMAIN = 0x5EA1, 0x7EA1
 N_VALUES, N_HOPS = 4, 4  # multivalue: values of the asked key; vartrack: assignments after the first
 
@@ -124,9 +137,27 @@ def draw_multikey(rng, depth: float, n_choices: int) -> Draw:
     values = _numbers(rng, 7, n_choices)
     needles = [Needle(depth, _magic(keys[0], values[0]))]
     needles += [Needle(float(rng.uniform()), _magic(k, v), needed=False) for k, v in zip(keys[1:], values[1:])]
-    question = (f"What is the special magic number for {keys[0]} mentioned in the provided text? "
-                f"The special magic number for {keys[0]} mentioned in the provided text is ")
-    return Draw(needles, question, str(values[0]), [str(v) for v in values])
+    return Draw(needles, _multikey_question(keys[0]), str(values[0]), [str(v) for v in values])
+
+
+def _multikey_question(key: str) -> str:
+    return (f"What is the special magic number for {key} mentioned in the provided text? "
+            f"The special magic number for {key} mentioned in the provided text is ")
+
+
+def draw_multikey_drill(rng, depth: float, n_choices: int) -> Draw:
+    """Training only: ``multikey`` with ``max(n_choices, DRILL_KEYS)`` keys whose question part answers
+    every key but the first (the asked one), in a random order, before asking the first in ``multikey``'s
+    wording; candidates are the values of the first ``n_choices`` keys. Each answer line ends in the phrase
+    that precedes the eval's answer, so all of a row's lookups are read the way the eval asks its one."""
+    n = max(n_choices, DRILL_KEYS)
+    keys = _names(rng, n, string.ascii_lowercase, 8)
+    values = _numbers(rng, 7, n)
+    needles = [Needle(depth, _magic(keys[0], values[0]))]
+    needles += [Needle(float(rng.uniform()), _magic(k, v), needed=False) for k, v in zip(keys[1:], values[1:])]
+    lines = "".join(f"The special magic number for {keys[i]} mentioned in the provided text is {values[i]}.\n"
+                    for i in (1 + rng.permutation(n - 1)).tolist())
+    return Draw(needles, lines + _multikey_question(keys[0]), str(values[0]), [str(v) for v in values[:n_choices]])
 
 
 def draw_multivalue(rng, depth: float, n_choices: int) -> Draw:
@@ -175,7 +206,7 @@ def draw_image_needle(rng, depth: float, n_choices: int) -> Draw:
 
 
 DRAWS = {"passkey": draw_passkey, "multikey": draw_multikey, "multivalue": draw_multivalue,
-         "vartrack": draw_vartrack, "image_needle": draw_image_needle}
+         "vartrack": draw_vartrack, "image_needle": draw_image_needle, "multikey_drill": draw_multikey_drill}
 
 
 @functools.lru_cache(maxsize=1)
@@ -199,7 +230,7 @@ def make_item(task: str, length: int, depth: float, rng: np.random.Generator, to
               image_cfg: ImageConfig, n_choices: int = 4) -> Item:
     """An item of ``task`` of exactly ``length`` tokens with its first needed needle at ``depth``."""
     if task not in DRAWS:
-        raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {task!r}: use one of {', '.join(TRAIN_TASKS)}")
     if n_choices < 2:
         raise ValueError(f"n_choices={n_choices}: a choice needs at least 2 candidates")
     draw = DRAWS[task](rng, float(depth), n_choices)
@@ -269,5 +300,5 @@ def choice_correct(logliks: list[float]) -> bool:
     return all(logliks[0] > other for other in logliks[1:])
 
 
-__all__ = ["TASKS", "EVAL_DOMAIN", "TRAIN_DOMAIN", "Item", "make_item", "eval_item", "fixed_tokens", "normalise",
-           "exact_match", "choice_correct", "answer_share"]
+__all__ = ["TASKS", "TRAIN_TASKS", "DRILL_KEYS", "EVAL_DOMAIN", "TRAIN_DOMAIN", "Item", "make_item", "eval_item",
+           "fixed_tokens", "normalise", "exact_match", "choice_correct", "answer_share"]
