@@ -81,6 +81,8 @@ ARMS = ("dense", "msa")  # the default arms
 # ``--wide-topk`` msa_wide's blocks per query, ``--fine-block`` and ``--fine-topk`` msa_fine's blocks)
 ARM_CHOICES = ("dense", "msa", "msa_nodense", "msa_window", "msa_kl", "msa_wide", "msa_fine")
 TASKS = ("passkey", "multikey", "vartrack", "image_needle")
+# the primer may also hold the training-only drill (train/eval/tasks.py TRAIN_TASKS): K lookups a document
+PRIMER_TASKS = (*TASKS, "multikey_drill")
 PROBE_STEPS = 4  # timed steps per phase, after COMPILE_STEPS that compile and autotune
 COMPILE_STEPS = 2
 # the schedule a probe's config is composed for: long enough that every stage of stage_plan has a step (its
@@ -126,9 +128,10 @@ def parse(argv=None):
                          "(--primer-len): dense copy signal, where a small model first learns to copy "
                          "(docs/quality.md, the CPU check)")
     ap.add_argument("--primer-len", type=int, nargs=2, default=[128, 192], metavar=("MIN", "MAX"))
-    ap.add_argument("--primer-tasks", nargs="+", default=["passkey"], choices=list(TASKS), metavar="TASK",
+    ap.add_argument("--primer-tasks", nargs="+", default=["passkey"], choices=list(PRIMER_TASKS), metavar="TASK",
                     help="the primer's tasks (default passkey, the one the GPU sources learned to copy from it; "
-                         "multikey documents need --primer-len of about 400 tokens and more, the data check says)")
+                         "multikey documents need --primer-len of about 400 tokens and more, the data check says; "
+                         "multikey_drill, training only, answers every other key before the asked one: about 650)")
     ap.add_argument("--primer-choices", type=int, default=4, metavar="K",
                     help="the primer source's candidates per item, and keys per multikey or multivalue document "
                          "(data.sources[i].choices; 2: two-key multikey documents from about 280 tokens)")

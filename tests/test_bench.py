@@ -609,6 +609,11 @@ def test_quality_primer_tasks_name_the_primer_documents(tmp_path):
         check_data(cfg.data, cfg.data.seq_len, cfg.data.batch_size)
     with pytest.raises(SystemExit):
         parse(["--out", str(tmp_path), "--primer", "0.1", "--primer-tasks", "sudoku"])
+    # the training-only drill (K lookups a document) as the primer; the evals keep the eval tasks
+    cfg, src = primer(["--primer-tasks", "multikey_drill", "--primer-len", "656", "896"])
+    assert list(src.tasks) == ["multikey_drill"] and (src.min_len, src.max_len) == (656, 896)
+    check_data(cfg.data, cfg.data.seq_len, cfg.data.batch_size)
+    assert "multikey_drill" not in cfg.eval.tasks
 
 
 def test_quality_primer_first_is_a_stage_of_the_primer_alone(tmp_path):
