@@ -109,7 +109,8 @@ OFFLOAD=(parallel.checkpoint_offload=true parallel.mlp_tile_tokens=65536)
 ON_LENGTHS="16384 32768 131072"
 ROWS_MODEL=${ROWS_MODEL:-small}
 ROWS_ARGS=(--model "$ROWS_MODEL" --lengths 16384 32768 --packed --time-budget 110 --dense-reserve 45)
-KL_STRIDE_ARGS=(--model small --lengths 16384 32768 131072 --packed --time-budget 140 --dense-reserve 60)
+# shave a short call with KL_STRIDE_LENGTHS="16384 32768"
+KL_STRIDE_ARGS=(--model small --lengths ${KL_STRIDE_LENGTHS:-16384 32768 131072} --packed --time-budget 140 --dense-reserve 60)
 WINDOW=4096
 if [ "${CPU_CHECK:-0}" = 1 ]; then
   SMALL=(--device cpu --model tiny --lengths 128 256 --packed 256 --time-budget 60)
