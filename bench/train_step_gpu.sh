@@ -67,7 +67,8 @@
 #  14. rows: model=$ROWS_MODEL (default small) at 16K and 32K with ROWS (default "1 2 4") one-document rows per micro-batch
 #      (bench.train_step --rows), MSA then dense in one process per row count, so each ratio is side by side at the
 #      same tokens per step: whether MSA's host-bound short rows catch up when a step carries more rows (~5 min):
-#      STAGES=rows MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
+#      STAGES=rows MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...; ROWS_KL_STRIDES (default 1) repeats it per MSA
+#      attention.kl_query_stride, e.g. ROWS="8" ROWS_KL_STRIDES="4 1": the GPU-bound ratio with each stride
 #  15. kl_stride: the strided index KL (attention.kl_query_stride, msa/layer.py): model=small at 16K, 32K and 128K,
 #      one process per stride in KL_STRIDES (default "4 1"), each MSA with that stride then dense, so each ratio is
 #      side by side and the strides compare through dense (~5 min): STAGES=kl_stride MSA_GIT_COMMIT=<sha> OUT=$OUT bash ...
@@ -184,9 +185,12 @@ if want rope || want rope_steps; then
   fi
 fi
 if want rows; then
-  for r in ${ROWS:-1 2 4}; do
-    TAIL=4 stage "rows_$r" 130 python3 -m bench.train_step "${ROWS_ARGS[@]}" --rows "$r" \
-      --json "$OUT/train_step_${ROWS_MODEL}_rows$r.json" -- $AC
+  for st in ${ROWS_KL_STRIDES:-1}; do  # MSA's attention.kl_query_stride; a file name says it where it is not 1
+    sfx=$([ "$st" = 1 ] || echo "_kl$st")
+    for r in ${ROWS:-1 2 4}; do
+      TAIL=4 stage "rows_$r$sfx" 130 python3 -m bench.train_step "${ROWS_ARGS[@]}" --rows "$r" \
+        --msa-overrides "attention.kl_query_stride=$st" --json "$OUT/train_step_${ROWS_MODEL}_rows$r$sfx.json" -- $AC
+    done
   done
 fi
 if want kl_stride; then
