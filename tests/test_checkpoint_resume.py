@@ -285,7 +285,6 @@ def test_strided_kl_counts_each_steps_queries_across_a_resume(tmp_path, corpus_d
     """``attention.kl_query_stride=3``: step ``s`` counts the queries at positions ``s % 3`` mod 3 in every MSA
     layer, from the step's number, so a run stopped after two steps and resumed takes the same queries as an
     uninterrupted one (the KL of each step too: its value differs from offset to offset)."""
-    from msa.layer import MSACore
     from train import loop
 
     real_step = loop.train_step
@@ -293,7 +292,7 @@ def test_strided_kl_counts_each_steps_queries_across_a_resume(tmp_path, corpus_d
 
     def step_and_record(run, *args, **kwargs):
         out = real_step(run, *args, **kwargs)
-        offsets.append({m.kl_offset for m in run.model.modules() if isinstance(m, MSACore)})
+        offsets.append({core.kl_offset for core in run.model.msa_cores()})
         if len(offsets) == 2 and stop:
             signal.raise_signal(signal.SIGTERM)
         return out

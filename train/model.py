@@ -216,13 +216,16 @@ class Decoder(nn.Module):
         """Indices (in ``layers``) of the MSA blocks."""
         return [i for i, b in enumerate(self.layers) if isinstance(b.attn, MSAAttention)]
 
+    def msa_cores(self) -> list[MSACore]:
+        """The MSA layers' attention cores, in ``msa_layers`` order."""
+        return [m for m in self.modules() if isinstance(m, MSACore)]
+
     def take_backward_kl(self) -> torch.Tensor | None:
         """Per MSA layer (``msa_layers`` order, as ``layer_kl``), the index KL its backward computed since
         the last call (``attention.kl_in_backward``; 0 for a layer whose KL came from the forward), or
         None when no layer reported one. The forward's ``kl`` counts such a layer as 0: add this after
         backward for the value."""
-        cores = [m for m in self.modules() if isinstance(m, MSACore)]
-        values = [c.take_backward_kl() for c in cores]
+        values = [c.take_backward_kl() for c in self.msa_cores()]
         if all(v is None for v in values):
             return None
         zero = next(v for v in values if v is not None).new_zeros(())
@@ -230,9 +233,8 @@ class Decoder(nn.Module):
 
     def set_kl_offset(self, step: int) -> None:
         """The queries a strided index KL (``attention.kl_query_stride``) counts at training step ``step``."""
-        for m in self.modules():
-            if isinstance(m, MSACore):
-                m.set_kl_offset(step)
+        for core in self.msa_cores():
+            core.set_kl_offset(step)
 
     def train_main(self, on: bool) -> None:
         """Whether the main weights (every parameter but the MSA index branches') take gradients. Off, the
