@@ -108,10 +108,15 @@ def table(reports: list[dict], arms: list[str] | None = None, plain: dict | None
         per_seed(f"index recall at {n}", lambda sc, n=n: sc.get(f"eval/index_recall/{n}"))
     for n in lengths:
         per_seed(f"its ceiling at {n} (oracle_recall)", lambda sc, n=n: sc.get(f"eval/oracle_recall/{n}"))
+    for n in lengths:  # windows inside one held-out document (reports before eval.doc_rows have none: no row)
+        per_seed(f"index recall at {n}, inside one document", lambda sc, n=n: sc.get(f"eval/index_recall_doc/{n}"))
+        per_seed(f"its ceiling at {n}, inside one document", lambda sc, n=n: sc.get(f"eval/oracle_recall_doc/{n}"))
     for n in lengths:  # reports from before c4f50fc have none: no row
         per_seed(f"tile union at {n}", lambda sc, n=n: sc.get(f"eval/tile_union/{n}"), "{:.2f}")
     for n in lengths:
         per_seed(f"bits per byte at {n}", lambda sc, n=n: sc.get(f"eval/bpb/{n}"))
+    for n in lengths:
+        per_seed(f"bits per byte at {n}, inside one document", lambda sc, n=n: sc.get(f"eval/bpb_doc/{n}"))
     for task in tasks:
         head = " / ".join(lengths)
         for metric, label in (("choice", "all needles"), ("far", "needles below depth 1")):

@@ -148,6 +148,62 @@ def test_eval_forward_matches_the_training_loss_and_recall():
     assert list(got["buckets"]) == ["0-64", "64-200"]
 
 
+def test_document_windows_lie_inside_one_long_enough_document():
+    """Documents of 50, 300, 120 and 260 ids: windows of 201 ids go to the two documents that hold them (the
+    longer first, in turn), spread over each; none where no document holds the window."""
+    parts = [np.full(n, i, dtype=np.int32) for i, n in enumerate((50, 300, 120, 260))]
+    stream = TextStream.from_parts(parts, "t")
+    assert stream.doc_starts.tolist() == [0, 50, 350, 470] and stream.doc_lengths().tolist() == [50, 300, 120, 260]
+    assert stream.document_windows(201, 1).tolist() == [50]
+    # 3 windows: two in the 300-id document (its start and its end), one in the 260-id one
+    assert stream.document_windows(201, 3).tolist() == [50, 50 + 99, 470]
+    for count in (1, 2, 5):
+        for s in stream.document_windows(201, count):
+            window = stream.window(int(s), 201)
+            assert len(set(window.tolist())) == 1, (count, s)  # one document's ids only
+    assert stream.document_windows(301, 2).tolist() == []
+    assert TextStream(np.arange(10), "one").doc_starts.tolist() == [0]  # no parts given: one document
+    with pytest.raises(ValueError, match="document starts must rise from 0"):
+        TextStream(np.arange(10), "bad", np.array([0, 5, 5]))
+
+
+def test_document_windows_eval_by_hand():
+    """``doc``: bits per byte and index recall on windows inside single documents equal the training path on
+    the same windows; a length no document holds is skipped with the reason, and ``flatten`` writes the
+    ``_doc`` keys only where windows ran."""
+    from train.eval.runner import flatten
+
+    model = tiny()
+    text = b"def f(x):\n    return x * 2  # twice\n"
+    parts = [np.frombuffer(text * n, dtype=np.uint8).astype(np.int32) for n in (3, 9, 2, 7)]
+    stream = TextStream.from_parts(parts, "t")
+    spec = EvalSpec(rows=1, doc_rows=2, buckets=[64], recall_queries=64, batch_tokens=200)
+    got = perplexity(model, TOK, spec, 200, stream, "sparse")
+    doc = got["doc"]
+    assert doc["documents"] == 2 and doc["rows"] == 2  # 9 and 7 copies of 36 bytes hold 201 ids
+    lm, recall = 0.0, None
+    for s in doc["starts"]:
+        d = np.searchsorted(stream.doc_starts, s, side="right") - 1
+        assert s + 201 <= stream.doc_starts[d] + stream.doc_lengths()[d]
+        ids = torch.as_tensor(stream.window(s, 201), dtype=torch.long)[None]
+        batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": torch.arange(200)[None]}
+        with torch.no_grad():
+            out = model(batch, "sparse", stats_queries=64)
+        lm += float(out["lm_sum"])
+        recall = out["layer_stats"][0] if recall is None else recall + out["layer_stats"][0]
+    assert doc["bpb"] == pytest.approx(lm / math.log(2) / 400, rel=1e-5)
+    assert doc["index_recall"]["layers"]["1"] == pytest.approx(recall.ratios()["index_recall"], rel=1e-5)
+    assert doc["index_recall"]["oracle"] == pytest.approx(recall.ratios()["oracle_recall"], rel=1e-5)
+    results = {"seconds": 1.0, "bpb": {"200": got}, "retrieval": {}, "msa_layers": [1]}
+    keys = flatten(results)
+    assert keys["eval/bpb_doc/200"] == doc["bpb"] and keys["eval/index_recall_doc/200"] == doc["index_recall"]["all"]
+    assert keys["eval/bpb_doc/200/64-200"] == doc["buckets"]["64-200"]
+    long = perplexity(model, TOK, EvalSpec(rows=1, doc_rows=2, buckets=[64]), 400, stream, "sparse")
+    assert "no document of t holds 401 tokens (the longest 324)" in long["doc"]["skipped"]
+    assert not any("_doc" in k for k in flatten({**results, "bpb": {"400": long}}))
+    assert "doc" not in perplexity(model, TOK, EvalSpec(rows=1, doc_rows=0, buckets=[64]), 200, stream, "sparse")
+
+
 def test_exact_match_reads_an_answer_that_ends_the_document(monkeypatch):
     """Greedy exact match through the runner: a model that writes the answer and then the end-of-document id
     (what the synthetic training documents teach) scores 1, one that writes a wrong answer 0."""

@@ -30,7 +30,11 @@ def expected_keys() -> set[str]:
     for length in ("256", "384"):
         keys |= {f"eval/bpb/{length}", f"eval/bpb/{length}/0-128", f"eval/bpb/{length}/128-{length}",
                  f"eval/index_recall/{length}", f"eval/oracle_recall/{length}",
-                 f"eval/oracle_recall_2x/{length}", f"eval/tile_union/{length}"}
+                 f"eval/oracle_recall_2x/{length}", f"eval/tile_union/{length}",
+                 # eval.doc_rows (default 2): the windows inside one held-out file
+                 f"eval/bpb_doc/{length}", f"eval/bpb_doc/{length}/0-128", f"eval/bpb_doc/{length}/128-{length}",
+                 f"eval/index_recall_doc/{length}", f"eval/oracle_recall_doc/{length}",
+                 f"eval/oracle_recall_2x_doc/{length}"}
         for task in ("passkey", "image_needle"):
             keys |= {f"eval/{task}/{length}/{s}" for s in ("choice", "share", "nll", "exact", "choice_far",
                                                                   "share_far")}
@@ -83,8 +87,8 @@ def test_periodic_evals_reach_metrics_jsonl_wandb_and_plots(trained):
         assert all((folder / n).stat().st_size > 1000 for n in names if n.endswith(".png"))
     tables = json.loads((trained / "eval" / "step_00000004" / "tables.json").read_text())
     assert len(tables["eval/tables/retrieval"]["rows"]) == 2 * 2 * 2  # tasks x lengths x depths
-    assert {r[0] for r in tables["eval/tables/layers"]["rows"]} == {"index_recall", "needle_recall/passkey",
-                                                                   "needle_recall/image_needle"}
+    assert {r[0] for r in tables["eval/tables/layers"]["rows"]} == {
+        "index_recall", "index_recall_doc", "needle_recall/passkey", "needle_recall/image_needle"}
     (path,) = find_run_files(trained)
     history = read_run(path).history
     logged: dict[int, set] = {}

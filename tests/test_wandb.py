@@ -99,14 +99,14 @@ def test_dashboard_workspace_offline(capsys):
     assert not {"layer_kl/00", "layer_recall/00"} & metrics
     regexes = {p.config.metric_regex for s in sections for p in s.panels if p.config.use_metric_regex}
     assert regexes == {"^loss/lm/.+", "^loss/answer/.+", "^layer_kl/.*", "^layer_recall/.*", "^train/lr/.*",
-                       "^eval/bpb/[^/]+$", "^eval/bpb/[^/]+/.+",
+                       "^eval/bpb(_doc)?/[^/]+$", "^eval/bpb/[^/]+/.+", "^eval/bpb_doc/[^/]+/.+",
                        "^eval/.+/choice$", "^eval/.+/(choice|share)_far$", "^eval/.+/exact$", "^eval/.+/nll$",
                        "^eval/.+/share$",
-                       "^eval/(index|oracle)_recall(_2x)?/.*",
+                       "^eval/(index|oracle)_recall(_2x)?(_doc)?/.*",
                        "^eval/needle_recall/.*", "^eval/tile_union/.*"}
     assert (model.entity, model.project) == ("ent", "proj")
 
     assert dashboard.main(["--entity", "ent", "--project", "proj", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "9 sections, 31 panels" in out.splitlines()[0]
+    assert "9 sections, 32 panels" in out.splitlines()[0]
     assert "[Per-layer index KL] (collapsed)" in out and "  MFU: perf/mfu" in out

@@ -86,8 +86,11 @@ def _eval_section() -> SectionSpec:
     """The ``eval/...`` metrics of periodic and standalone evals."""
     e = M.EVAL_PREFIX  # eval/<task>/<length>[/<score>]: lines per length and task, by regex (docs/evals.md)
     return SectionSpec("Evals", (
-        PanelSpec("Held-out bits per byte, by eval length", regex=f"^{e}bpb/[^/]+$"),
+        PanelSpec("Held-out bits per byte, by eval length (bpb_doc: windows inside one document)",
+                  regex=f"^{e}bpb(_doc)?/[^/]+$"),
         PanelSpec("Held-out bits per byte by token position", regex=f"^{e}bpb/[^/]+/.+"),
+        PanelSpec("Held-out bits per byte by token position, windows inside one document",
+                  regex=f"^{e}bpb_doc/[^/]+/.+"),
         PanelSpec("Retrieval accuracy, log-likelihood choice (chance 1/eval.choices)", regex=f"^{e}.+/choice$"),
         PanelSpec("Retrieval accuracy and answer share, needles below depth 1 only (not next to the question)",
                   regex=f"^{e}.+/(choice|share)_far$"),
@@ -95,7 +98,7 @@ def _eval_section() -> SectionSpec:
         PanelSpec("Answer's share of the candidates' probability (chance 1/eval.choices)", regex=f"^{e}.+/share$"),
         PanelSpec("Answer NLL per token (nats)", regex=f"^{e}.+/nll$"),
         PanelSpec("Index recall on held-out rows, and its ceilings (the best topk and 2 topk blocks), by eval "
-                  "length", regex=f"^{e}(index|oracle)_recall(_2x)?/.*"),
+                  "length (_doc: windows inside one document)", regex=f"^{e}(index|oracle)_recall(_2x)?(_doc)?/.*"),
         PanelSpec("Needle recall of the indexer (needle blocks the question selects)", regex=f"^{e}needle_recall/.*"),
         PanelSpec("Tile union by eval length (a query-tile kernel's pairs per pair selected)",
                   regex=f"^{e}tile_union/.*"),

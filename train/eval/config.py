@@ -24,7 +24,10 @@ class EvalSpec:
     lengths: list[int] = field(default_factory=list)  # tokens; empty: the training length
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # first needle's place
     items: int = 4  # items per (task, length, depth)
-    rows: int = 4  # held-out rows per length for bits per byte and index recall
+    rows: int = 4  # held-out rows per length for bits per byte and index recall: windows of the whole stream
+    # held-out rows per length inside single held-out documents, as training rows segment text (each document its
+    # own attention segment): eval/bpb_doc/..., eval/index_recall_doc/...; 0: none
+    doc_rows: int = 2
     buckets: list[int] = field(default_factory=lambda: [1024, 4096, 16384, 65536, 262144])  # position edges
     choices: int = 4  # candidate answers for the log-likelihood choice (chance: 1/choices)
     generate: bool = False  # also score exact match of greedy generation (decode steps: slower)
@@ -107,6 +110,8 @@ def check_eval(cfg: EvalSpec, length: int, key: str = "eval", tokenizer=None, im
     for name in ("items", "rows", "recall_queries", "batch_tokens"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{key}{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.doc_rows < 0:
+        raise ValueError(f"{key}doc_rows={cfg.doc_rows} must be >= 0 (0: no windows inside single documents)")
     if cfg.choices < 2:
         raise ValueError(f"{key}choices={cfg.choices} must be >= 2")
     if list(cfg.buckets) != sorted(set(cfg.buckets)) or not all(b > 0 for b in cfg.buckets):

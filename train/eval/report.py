@@ -3,9 +3,10 @@ W&B as ``eval/tables/...``, the plots as ``eval/plots/...``).
 
 - ``retrieval_<score>.png``: for each task, accuracy by length (columns) and depth (rows), a heatmap with
   the numbers written in; ``<score>`` is ``choice`` (log-likelihood) and, when generated, ``exact``;
-- ``bpb_by_position.png``: bits per byte by position bucket, one line per eval length;
-- ``layer_recall.png``: per MSA layer, the index recall on held-out rows (per length) and the needle
-  recall of each task (mean over lengths).
+- ``bpb_by_position.png``: bits per byte by position bucket, one line per eval length (dashed: the windows
+  inside single documents);
+- ``layer_recall.png``: per MSA layer, the index recall on held-out rows (per length; and on the windows
+  inside single documents) and the needle recall of each task (mean over lengths).
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ def tables(results: dict) -> dict[str, tuple[list[str], list[list]]]:
     retrieval = [[task, int(length), float(depth), d["choice"], d["share"], d["exact"], d["nll"], d["items"]]
                  for task, by_length in results["retrieval"].items() for length, r in by_length.items()
                  for depth, d in r["depths"].items()]
-    bpb = [[int(length), bucket, v] for length, r in results["bpb"].items() for bucket, v in r["buckets"].items()]
-    layers = [["index_recall", int(length), int(layer), v] for length, r in results["bpb"].items()
-              for layer, v in r.get("index_recall", {}).get("layers", {}).items()]
+    windows = [(length, "stream", r) for length, r in results["bpb"].items()]
+    windows += [(length, "document", r["doc"]) for length, r in results["bpb"].items() if "bpb" in r.get("doc", {})]
+    bpb = [[int(length), bucket, v, kind] for length, kind, r in windows for bucket, v in r["buckets"].items()]
+    layers = [["index_recall" if kind == "stream" else "index_recall_doc", int(length), int(layer), v]
+              for length, kind, r in windows for layer, v in r.get("index_recall", {}).get("layers", {}).items()]
     layers += [[f"needle_recall/{task}", int(length), int(layer), v] for task, by_length in results["retrieval"].items()
                for length, r in by_length.items() for layer, v in r.get("needle_recall", {}).get("layers", {}).items()]
     columns = ["task", "length", "depth", "choice", "share", "exact", "nll", "items"]
     out = {"eval/tables/retrieval": (columns, retrieval),
-           "eval/tables/bpb": (["length", "positions", "bpb"], bpb)}
+           "eval/tables/bpb": (["length", "positions", "bpb", "windows"], bpb)}
     if layers:
         out["eval/tables/layers"] = (["measure", "length", "layer", "recall"], layers)
     return out
@@ -75,11 +78,15 @@ def plot_bpb(results: dict, path: Path) -> bool:
     ax = fig.subplots()
     for length, r in results["bpb"].items():
         names = list(r["buckets"])
-        ax.plot(range(len(names)), [r["buckets"][n] for n in names], marker="o", label=fmt_tokens(int(length)))
+        line, = ax.plot(range(len(names)), [r["buckets"][n] for n in names], marker="o", label=fmt_tokens(int(length)))
         ax.set_xticks(range(len(names)), names)  # the longest length has every bucket: its ticks stay
+        doc = r.get("doc", {})
+        if "buckets" in doc:
+            ax.plot(range(len(names)), [doc["buckets"][n] for n in names], marker="s", linestyle="--",
+                    color=line.get_color(), label=f"{fmt_tokens(int(length))}, in one document")
     ax.set_xlabel("token positions")
     ax.set_ylabel("bits per byte")
-    ax.legend(title="length")
+    ax.legend(title="length (dashed: windows inside one document)", fontsize=7)
     ax.set_title(f"held-out bits per byte by position, step {results['step']}", fontsize=10)
     fig.savefig(path)
     return True
@@ -89,6 +96,8 @@ def plot_layers(results: dict, path: Path) -> bool:
     layers = results["msa_layers"]
     series = {f"index, {fmt_tokens(int(L))}": r["index_recall"]["layers"] for L, r in results["bpb"].items()
               if "index_recall" in r}
+    series |= {f"index in one document, {fmt_tokens(int(L))}": r["doc"]["index_recall"]["layers"]
+               for L, r in results["bpb"].items() if "index_recall" in r.get("doc", {})}
     for task, by_length in results["retrieval"].items():
         per = [r["needle_recall"]["layers"] for r in by_length.values() if "needle_recall" in r]
         if per:

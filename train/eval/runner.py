@@ -142,13 +142,28 @@ def _recall_table(stats: list[SelectionStats], layer_ids: list[int]) -> dict:
 
 @torch.no_grad()
 def perplexity(model, tokenizer, spec: EvalSpec, length: int, stream, phase: str) -> dict:
-    """Bits per byte (overall, by position) and index recall on ``spec.rows`` held-out windows."""
+    """Bits per byte (overall, by position) and index recall on ``spec.rows`` held-out windows of the stream,
+    and under ``doc`` the same on ``spec.doc_rows`` windows inside single held-out documents
+    (``TextStream.document_windows``), or why there are none."""
     if len(stream) < length + 1:
         raise ValueError(f"eval.lengths: {length} needs {length + 1} held-out tokens, {stream.name} has "
                          f"{len(stream)}: lower the length or give eval.heldout more text")
+    starts = np.linspace(0, len(stream) - length - 1, spec.rows).round().astype(int)
+    result = _heldout_windows(model, tokenizer, spec, length, stream, phase, starts)
+    if spec.doc_rows > 0:
+        doc_starts = stream.document_windows(length + 1, spec.doc_rows)
+        if len(doc_starts):
+            result["doc"] = _heldout_windows(model, tokenizer, spec, length, stream, phase, doc_starts)
+            result["doc"]["documents"] = int((stream.doc_lengths() >= length + 1).sum())
+        else:
+            result["doc"] = {"skipped": f"no document of {stream.name} holds {length + 1} tokens (the longest "
+                                        f"{int(stream.doc_lengths().max())}): no windows inside one document"}
+    return result
+
+
+def _heldout_windows(model, tokenizer, spec: EvalSpec, length: int, stream, phase: str, starts) -> dict:
     device = next(model.parameters()).device
     table = torch.as_tensor(token_bytes(tokenizer), device=device)
-    starts = np.linspace(0, len(stream) - length - 1, spec.rows).round().astype(int)
     per_batch = max(1, spec.batch_tokens // length)
     nll, nbytes, stats = [], [], None
     for i in range(0, len(starts), per_batch):
@@ -162,7 +177,8 @@ def perplexity(model, tokenizer, spec: EvalSpec, length: int, stream, phase: str
             stats = out.stats if stats is None else [a + b for a, b in zip(stats, out.stats)]
     nll, nbytes = np.concatenate(nll), np.concatenate(nbytes)
     result = {"bpb": bits_per_byte(nll, nbytes), "buckets": bucket_bpb(nll, nbytes, spec.buckets),
-              "rows": len(starts), "tokens": int(nll.size), "bytes": int(nbytes.sum())}
+              "rows": len(starts), "starts": [int(s) for s in starts], "tokens": int(nll.size),
+              "bytes": int(nbytes.sum())}
     if stats:
         result["index_recall"] = _recall_table(stats, model.msa_layers())
     return result
@@ -353,6 +369,14 @@ def flatten(results: dict) -> dict[str, float | None]:
             out[M.eval_key("oracle_recall", name)] = r["index_recall"]["oracle"]
             out[M.eval_key("oracle_recall_2x", name)] = r["index_recall"]["oracle_2x"]
             out[M.eval_key("tile_union", name)] = r["index_recall"].get("tile_union")  # absent before c4f50fc
+        doc = r.get("doc", {})
+        if "bpb" in doc:  # windows inside one document: the keys above with a _doc suffix
+            out[M.eval_key("bpb_doc", name)] = doc["bpb"]
+            out.update({M.eval_key("bpb_doc", name, b): v for b, v in doc["buckets"].items()})
+            if "index_recall" in doc:
+                out[M.eval_key("index_recall_doc", name)] = doc["index_recall"]["all"]
+                out[M.eval_key("oracle_recall_doc", name)] = doc["index_recall"]["oracle"]
+                out[M.eval_key("oracle_recall_2x_doc", name)] = doc["index_recall"]["oracle_2x"]
     for task, by_length in results["retrieval"].items():
         for length, r in by_length.items():
             name = fmt_tokens(int(length))
