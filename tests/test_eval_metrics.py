@@ -167,6 +167,22 @@ def test_document_windows_lie_inside_one_long_enough_document():
         TextStream(np.arange(10), "bad", np.array([0, 5, 5]))
 
 
+def test_shard_streams_keep_each_documents_bounds(tmp_path):
+    """``eval.heldout=<shards>``: each text document of the shards (its newline after it) is one document of the
+    stream, in shard order, so rows inside one document never cross two of them."""
+    from tests.run_helpers import write_text_shards
+
+    write_text_shards(tmp_path / "shards", 2, docs_per_shard=3)
+    stream = TextStream.shards(str(tmp_path / "shards" / "part-{0..1}.tar"), TOK)
+    text = bytes(stream.tokens.astype(np.uint8)).decode()
+    docs = [f"shard {s} document {i}: {'the quick brown fox jumps over the lazy dog ' * 12}\n" for s in range(2)
+            for i in range(3)]
+    assert text == "".join(docs)
+    assert stream.doc_starts.tolist() == np.cumsum([0, *map(len, docs[:-1])]).tolist()
+    (start,) = stream.document_windows(len(docs[0]), 1)
+    assert bytes(stream.window(int(start), len(docs[0])).astype(np.uint8)).decode() in docs
+
+
 def test_document_windows_eval_by_hand():
     """``doc``: bits per byte and index recall on windows inside single documents equal the training path on
     the same windows; a length no document holds is skipped with the reason, and ``flatten`` writes the
