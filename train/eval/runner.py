@@ -342,6 +342,9 @@ def evaluate(model, tokenizer, spec: EvalSpec, *, train_len: int, phase: str, im
                 t = time.perf_counter()
                 if task == BPB:
                     results["bpb"][str(length)] = perplexity(model, tokenizer, spec, length, stream, phase)
+                    skipped = results["bpb"][str(length)].get("doc", {}).get("skipped")
+                    if skipped and log:
+                        log(f"eval {task} at {fmt_tokens(length)}: {skipped}")
                 else:
                     results["retrieval"].setdefault(task, {})[str(length)] = retrieval(
                         model, tokenizer, spec, task, length, stream, phase, image_cfg)
