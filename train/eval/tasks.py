@@ -140,9 +140,13 @@ def draw_multikey(rng, depth: float, n_choices: int) -> Draw:
     return Draw(needles, _multikey_question(keys[0]), str(values[0]), [str(v) for v in values])
 
 
+def _multikey_answer_phrase(key: str) -> str:
+    """What precedes a multikey answer: the eval's question ends in it, and each of the drill's answer lines."""
+    return f"The special magic number for {key} mentioned in the provided text is "
+
+
 def _multikey_question(key: str) -> str:
-    return (f"What is the special magic number for {key} mentioned in the provided text? "
-            f"The special magic number for {key} mentioned in the provided text is ")
+    return f"What is the special magic number for {key} mentioned in the provided text? " + _multikey_answer_phrase(key)
 
 
 def draw_multikey_drill(rng, depth: float, n_choices: int) -> Draw:
@@ -155,8 +159,7 @@ def draw_multikey_drill(rng, depth: float, n_choices: int) -> Draw:
     values = _numbers(rng, 7, n)
     needles = [Needle(depth, _magic(keys[0], values[0]))]
     needles += [Needle(float(rng.uniform()), _magic(k, v), needed=False) for k, v in zip(keys[1:], values[1:])]
-    lines = "".join(f"The special magic number for {keys[i]} mentioned in the provided text is {values[i]}.\n"
-                    for i in (1 + rng.permutation(n - 1)).tolist())
+    lines = "".join(f"{_multikey_answer_phrase(keys[i])}{values[i]}.\n" for i in (1 + rng.permutation(n - 1)).tolist())
     return Draw(needles, lines + _multikey_question(keys[0]), str(values[0]), [str(v) for v in values[:n_choices]])
 
 
