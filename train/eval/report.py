@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.eval.runner import fmt_tokens
+from train.eval.runner import fmt_tokens, heldout_rows
 
 
 def tables(results: dict) -> dict[str, tuple[list[str], list[list]]]:
@@ -25,11 +25,10 @@ def tables(results: dict) -> dict[str, tuple[list[str], list[list]]]:
     retrieval = [[task, int(length), float(depth), d["choice"], d["share"], d["exact"], d["nll"], d["items"]]
                  for task, by_length in results["retrieval"].items() for length, r in by_length.items()
                  for depth, d in r["depths"].items()]
-    windows = [(length, "stream", r) for length, r in results["bpb"].items()]
-    windows += [(length, "document", r["doc"]) for length, r in results["bpb"].items() if "bpb" in r.get("doc", {})]
-    bpb = [[int(length), bucket, v, kind] for length, kind, r in windows for bucket, v in r["buckets"].items()]
+    rows = heldout_rows(results)
+    bpb = [[int(length), bucket, v, kind] for length, kind, r in rows for bucket, v in r["buckets"].items()]
     layers = [["index_recall" if kind == "stream" else "index_recall_doc", int(length), int(layer), v]
-              for length, kind, r in windows for layer, v in r.get("index_recall", {}).get("layers", {}).items()]
+              for length, kind, r in rows for layer, v in r.get("index_recall", {}).get("layers", {}).items()]
     layers += [[f"needle_recall/{task}", int(length), int(layer), v] for task, by_length in results["retrieval"].items()
                for length, r in by_length.items() for layer, v in r.get("needle_recall", {}).get("layers", {}).items()]
     columns = ["task", "length", "depth", "choice", "share", "exact", "nll", "items"]
@@ -76,14 +75,15 @@ def plot_bpb(results: dict, path: Path) -> bool:
         return False
     fig = _figure(6, 3.5)
     ax = fig.subplots()
-    for length, r in results["bpb"].items():
+    colors = {}  # a length's document rows take its stream line's colour
+    for length, kind, r in heldout_rows(results):
         names = list(r["buckets"])
-        line, = ax.plot(range(len(names)), [r["buckets"][n] for n in names], marker="o", label=fmt_tokens(int(length)))
-        ax.set_xticks(range(len(names)), names)  # the longest length has every bucket: its ticks stay
-        doc = r.get("doc", {})
-        if "buckets" in doc:
-            ax.plot(range(len(names)), [doc["buckets"][n] for n in names], marker="s", linestyle="--",
-                    color=line.get_color(), label=f"{fmt_tokens(int(length))}, in one document")
+        style = {"marker": "o"} if kind == "stream" else {"marker": "s", "linestyle": "--", "color": colors[length]}
+        label = fmt_tokens(int(length)) + ("" if kind == "stream" else ", in one document")
+        line, = ax.plot(range(len(names)), [r["buckets"][n] for n in names], label=label, **style)
+        colors[length] = line.get_color()
+        if kind == "stream":
+            ax.set_xticks(range(len(names)), names)  # the longest length has every bucket: its ticks stay
     ax.set_xlabel("token positions")
     ax.set_ylabel("bits per byte")
     ax.legend(title="length (dashed: windows inside one document)", fontsize=7)
@@ -94,10 +94,9 @@ def plot_bpb(results: dict, path: Path) -> bool:
 
 def plot_layers(results: dict, path: Path) -> bool:
     layers = results["msa_layers"]
-    series = {f"index, {fmt_tokens(int(L))}": r["index_recall"]["layers"] for L, r in results["bpb"].items()
-              if "index_recall" in r}
-    series |= {f"index in one document, {fmt_tokens(int(L))}": r["doc"]["index_recall"]["layers"]
-               for L, r in results["bpb"].items() if "index_recall" in r.get("doc", {})}
+    where = {"stream": "", "document": " in one document"}
+    series = {f"index{where[kind]}, {fmt_tokens(int(L))}": r["index_recall"]["layers"]
+              for L, kind, r in heldout_rows(results) if "index_recall" in r}
     for task, by_length in results["retrieval"].items():
         per = [r["needle_recall"]["layers"] for r in by_length.values() if "needle_recall" in r]
         if per:

@@ -357,26 +357,30 @@ def evaluate(model, tokenizer, spec: EvalSpec, *, train_len: int, phase: str, im
     return results
 
 
+def heldout_rows(results: dict) -> list[tuple[str, str, dict]]:
+    """``(length, kind, result)`` of every ``bpb`` measurement in ``results``: ``stream`` for the rows of the
+    whole held-out stream, then ``document`` for the rows inside one document where they ran (not skipped)."""
+    rows = [(length, "stream", r) for length, r in results["bpb"].items()]
+    return rows + [(length, "document", r["doc"]) for length, r in results["bpb"].items() if "bpb" in r.get("doc", {})]
+
+
 def flatten(results: dict) -> dict[str, float | None]:
     """The scalar ``eval/...`` metrics of ``results`` (per-depth and per-layer numbers stay in the JSON,
     the plots and the W&B tables)."""
     from train import metrics as M
 
     out = {M.EVAL_SECONDS: results["seconds"]}
-    for length, by_kind in results["bpb"].items():
+    for length, kind, r in heldout_rows(results):
         name = fmt_tokens(int(length))
-        # the stream's rows, then the rows inside one document (their keys end in _doc; absent where skipped)
-        for suffix, r in (("", by_kind), ("_doc", by_kind.get("doc", {}))):
-            if "bpb" not in r:
-                continue
-            out[M.eval_key(f"bpb{suffix}", name)] = r["bpb"]
-            out.update({M.eval_key(f"bpb{suffix}", name, b): v for b, v in r["buckets"].items()})
-            if "index_recall" in r:
-                out[M.eval_key(f"index_recall{suffix}", name)] = r["index_recall"]["all"]
-                out[M.eval_key(f"oracle_recall{suffix}", name)] = r["index_recall"]["oracle"]
-                out[M.eval_key(f"oracle_recall_2x{suffix}", name)] = r["index_recall"]["oracle_2x"]
-                if not suffix:  # a kernel-design statistic, kept for the stream's rows; absent before c4f50fc
-                    out[M.eval_key("tile_union", name)] = r["index_recall"].get("tile_union")
+        suffix = "" if kind == "stream" else "_doc"  # the rows inside one document: the same keys, ending in _doc
+        out[M.eval_key(f"bpb{suffix}", name)] = r["bpb"]
+        out.update({M.eval_key(f"bpb{suffix}", name, b): v for b, v in r["buckets"].items()})
+        if "index_recall" in r:
+            out[M.eval_key(f"index_recall{suffix}", name)] = r["index_recall"]["all"]
+            out[M.eval_key(f"oracle_recall{suffix}", name)] = r["index_recall"]["oracle"]
+            out[M.eval_key(f"oracle_recall_2x{suffix}", name)] = r["index_recall"]["oracle_2x"]
+            if not suffix:  # a kernel-design statistic, kept for the stream's rows; absent before c4f50fc
+                out[M.eval_key("tile_union", name)] = r["index_recall"].get("tile_union")
     for task, by_length in results["retrieval"].items():
         for length, r in by_length.items():
             name = fmt_tokens(int(length))
@@ -400,5 +404,5 @@ def flatten(results: dict) -> dict[str, float | None]:
     return out
 
 
-__all__ = ["evaluate", "flatten", "perplexity", "retrieval", "bits_per_byte", "bucket_bpb", "buckets",
+__all__ = ["evaluate", "flatten", "heldout_rows", "perplexity", "retrieval", "bits_per_byte", "bucket_bpb", "buckets",
            "needle_recall", "needle_hit", "needle_hit_groups", "token_bytes", "fmt_tokens", "summarise"]
